@@ -1,0 +1,451 @@
+"""A fast, deterministic, OpenAI-compatible upstream for llmsvc's tests and benchmarks.
+
+It stands in for a paid provider, so it speaks OpenAI's chat-completions wire format
+byte for byte, while costing almost no CPU (with no pacing delay a whole stream is
+prebuilt and sent in one write) so it does not distort benchmark numbers.
+
+Reply content is deterministic: ``max_tokens`` (default 16) tokens, token ``i`` being
+``f"t{i} "``. Request headers steer behaviour per request:
+
+* ``X-Upstream-Token-Delay-Ms: <ms>`` -- pause before each streamed token.
+* ``X-Upstream-Fail: status:<code>`` -- answer that HTTP status with an OpenAI error.
+* ``X-Upstream-Fail: after:<n>`` -- stream ``n`` tokens, then drop the connection.
+
+Run ``python scripts/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
+ready and serves until SIGTERM/SIGINT. In-process: ``up = await serve(...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import signal
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+try:
+    import uvloop
+except ImportError:  # pragma: no cover - uvloop is optional (e.g. on Windows)
+    uvloop = None  # type: ignore[assignment]
+
+DEFAULT_MODELS: tuple[str, ...] = ("gpt-test",)
+DEFAULT_MAX_TOKENS = 16
+DELAY_HEADER = "X-Upstream-Token-Delay-Ms"
+FAIL_HEADER = "X-Upstream-Fail"
+
+_ID_PREFIX = os.urandom(6).hex()
+_ID_COUNTER = itertools.count()
+_DONE = b"data: [DONE]\n\n"
+# Token numbers as bytes, precomputed: streams are assembled with one join (see below).
+_NUMS: list[bytes] = [b"%d" % i for i in range(8192)]
+
+
+def token(i: int) -> str:
+    """Return the i-th (0-based) reply token, so tests can compute expected output.
+
+    ``_StreamBuilder`` hard-codes this shape (``t<i><space>``) in its byte templates.
+    """
+    return f"t{i} "
+
+
+def expected_content(n: int) -> str:
+    """Return the full reply content for ``n`` tokens."""
+    return "".join(token(i) for i in range(n))
+
+
+def count_prompt_tokens(messages: Sequence[Any]) -> int:
+    """Count whitespace-separated words in string message contents (a cheap tokenizer)."""
+    return sum(
+        len(m["content"].split())
+        for m in messages
+        if isinstance(m, dict) and isinstance(m.get("content"), str)
+    )
+
+
+class _BadRequest(Exception):
+    """A request OpenAI would reject; carries the OpenAI error fields."""
+
+    def __init__(
+        self, message: str, param: str | None = None, code: str | None = None, status: int = 400
+    ) -> None:
+        super().__init__(message)
+        self.message, self.param, self.code, self.status = message, param, code, status
+
+
+def error_response(
+    status: int, message: str, param: str | None = None, code: str | None = None
+) -> web.Response:
+    """Build an OpenAI-shaped error response, the shape the SDK maps to exceptions."""
+    if status == 429:
+        etype = "requests"
+        code = code or "rate_limit_exceeded"
+    elif status >= 500:
+        etype = "server_error"
+    else:
+        etype = "invalid_request_error"
+    body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
+    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+
+
+def _new_id() -> str:
+    """Return a unique, cheap ``chatcmpl-`` id (random per process, then a counter)."""
+    return f"chatcmpl-{_ID_PREFIX}{next(_ID_COUNTER):012d}"
+
+
+def _parse_fail(value: str | None) -> tuple[int | None, int | None]:
+    """Parse ``X-Upstream-Fail`` into (status, after_n)."""
+    if not value:
+        return None, None
+    kind, _, arg = value.strip().partition(":")
+    try:
+        n = int(arg)
+    except ValueError:
+        n = -1
+    if kind == "status" and 400 <= n <= 599:
+        return n, None
+    if kind == "after" and n >= 0:
+        return None, n
+    raise _BadRequest(f"Invalid {FAIL_HEADER} header: {value!r}.")
+
+
+def _parse_delay(value: str | None, default: float) -> float:
+    """Parse the per-request token delay header (milliseconds) into seconds."""
+    if value is None:
+        return default / 1000.0
+    try:
+        ms = float(value)
+    except ValueError:
+        ms = -1.0
+    if not ms >= 0:  # also rejects NaN
+        raise _BadRequest(f"Invalid {DELAY_HEADER} header: {value!r}.")
+    return ms / 1000.0
+
+
+def _parse_body(raw: bytes) -> tuple[dict[str, Any], int, bool]:
+    """Validate a chat-completions body; return (body, n_tokens, max_tokens_given)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _BadRequest(
+            "We could not parse the JSON body of your request. The OpenAI API expects a "
+            "JSON payload, but what was sent was not valid JSON."
+        ) from None
+    if not isinstance(body, dict):
+        raise _BadRequest("Invalid request body: expected a JSON object.")
+    model = body.get("model")
+    if model is None:
+        raise _BadRequest("you must provide a model parameter")
+    if not isinstance(model, str):
+        raise _BadRequest(
+            "Invalid type for 'model': expected a string.", param="model", code="invalid_type"
+        )
+    messages = body.get("messages")
+    if messages is None:
+        raise _BadRequest(
+            "Missing required parameter: 'messages'.",
+            param="messages",
+            code="missing_required_parameter",
+        )
+    if not isinstance(messages, list):
+        raise _BadRequest(
+            "Invalid type for 'messages': expected an array.",
+            param="messages",
+            code="invalid_type",
+        )
+    if not messages:
+        raise _BadRequest(
+            "Invalid 'messages': empty array. Expected an array with minimum length 1, "
+            "but got an empty array instead.",
+            param="messages",
+            code="empty_array",
+        )
+    for name in ("max_tokens", "max_completion_tokens"):
+        limit = body.get(name)
+        if limit is None:
+            continue
+        if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+            raise _BadRequest(
+                f"Invalid '{name}': expected a non-negative integer.",
+                param=name,
+                code="invalid_value",
+            )
+        return body, limit, True
+    return body, DEFAULT_MAX_TOKENS, False
+
+
+class _StreamBuilder:
+    """Builds SSE events by byte concatenation, matching orjson/OpenAI compact layout.
+
+    Every chunk shares the same prefix; only the choice differs, so templating avoids a
+    JSON encode per token (the upstream must stay cheap under benchmark load).
+    """
+
+    def __init__(self, cid: str, created: int, model: str, include_usage: bool) -> None:
+        self.head = (
+            b'data: {"id":'
+            + orjson.dumps(cid)
+            + b',"object":"chat.completion.chunk","created":'
+            + str(created).encode()
+            + b',"model":'
+            + orjson.dumps(model)
+            + b',"system_fingerprint":null,"choices":['
+        )
+        self.tail = b"]" + (b',"usage":null' if include_usage else b"") + b"}\n\n"
+        self.tok_pre = self.head + b'{"index":0,"delta":{"content":"t'
+        self.tok_post = b' "},"logprobs":null,"finish_reason":null}' + self.tail
+
+    def _choice(self, delta: bytes, finish: bytes = b"null") -> bytes:
+        return (
+            self.head
+            + b'{"index":0,"delta":'
+            + delta
+            + b',"logprobs":null,"finish_reason":'
+            + finish
+            + b"}"
+            + self.tail
+        )
+
+    def role(self) -> bytes:
+        return self._choice(b'{"role":"assistant","content":""}')
+
+    def content(self, i: int) -> bytes:
+        return self.tok_pre + b"%d" % i + self.tok_post
+
+    def contents(self, n: int) -> list[bytes]:
+        """Parts whose concatenation is the events for tokens 0..n-1.
+
+        Interleaving shared separators with cached numbers lets the caller do a single
+        ``b"".join`` over the whole stream: ~10x cheaper than building each event.
+        """
+        if n <= 0:
+            return []
+        nums = _NUMS[:n] if n <= len(_NUMS) else [b"%d" % i for i in range(n)]
+        parts = [self.tok_post + self.tok_pre] * (2 * n + 1)
+        parts[1::2] = nums
+        parts[0] = self.tok_pre
+        parts[-1] = self.tok_post
+        return parts
+
+    def finish(self, reason: str) -> bytes:
+        return self._choice(b"{}", orjson.dumps(reason))
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return self.head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
+
+
+class Upstream:
+    """The fake provider: holds config and the aiohttp app; one instance per server."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        token_delay_ms: float = 0.0,
+        models: Sequence[str] = DEFAULT_MODELS,
+    ) -> None:
+        self.api_key = api_key
+        self.token_delay_ms = token_delay_ms
+        self.models = tuple(models)
+        self._auth = f"Bearer {api_key}" if api_key else None
+        self._models_body = orjson.dumps(
+            {
+                "object": "list",
+                "data": [
+                    {"id": m, "object": "model", "created": 0, "owned_by": "upstream"}
+                    for m in self.models
+                ],
+            }
+        )
+        self.app = web.Application(client_max_size=64 * 1024 * 1024)
+        self.app.router.add_get("/v1/models", self.handle_models)
+        self.app.router.add_post("/v1/chat/completions", self.handle_chat)
+        self._runner: web.AppRunner | None = None
+        self.host = ""
+        self.port = 0
+
+    @property
+    def base_url(self) -> str:
+        """The OpenAI SDK ``base_url`` for this server."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> Upstream:
+        """Bind and start serving; ``port=0`` picks a free port (see ``self.port``)."""
+        # access_log=None: logging every request would cost more CPU than serving it.
+        runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.25)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=2048)
+        await site.start()
+        self._runner = runner
+        self.host = host
+        self.port = int(runner.addresses[0][1])
+        return self
+
+    async def close(self) -> None:
+        """Stop serving; in-flight streams get a short grace period, then are cut."""
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+
+    async def __aenter__(self) -> Upstream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def _check_auth(self, request: web.Request) -> web.Response | None:
+        if self._auth is None or request.headers.get("Authorization") == self._auth:
+            return None
+        return error_response(
+            401,
+            "Incorrect API key provided. You can find your API key at "
+            "https://platform.openai.com/account/api-keys.",
+            code="invalid_api_key",
+        )
+
+    async def handle_models(self, request: web.Request) -> web.StreamResponse:
+        """``GET /v1/models``: the configured model list."""
+        if (denied := self._check_auth(request)) is not None:
+            return denied
+        return web.Response(body=self._models_body, content_type="application/json")
+
+    async def handle_chat(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/chat/completions``: deterministic completion, streamed or not."""
+        if (denied := self._check_auth(request)) is not None:
+            return denied
+        try:
+            fail_status, fail_after = _parse_fail(request.headers.get(FAIL_HEADER))
+            delay = _parse_delay(request.headers.get(DELAY_HEADER), self.token_delay_ms)
+            body, n, limited = _parse_body(await request.read())
+        except _BadRequest as e:
+            return error_response(e.status, e.message, e.param, e.code)
+        if fail_status is not None:
+            return error_response(
+                fail_status,
+                "The server had an error while processing your request. Sorry about that!",
+            )
+        prompt_tokens = count_prompt_tokens(body["messages"])
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": n,
+            "total_tokens": prompt_tokens + n,
+        }
+        finish = "length" if limited else "stop"
+        cid, created, model = _new_id(), int(time.time()), body["model"]
+        headers = {"x-request-id": f"req_{cid[9:]}"}
+
+        if not body.get("stream"):
+            if fail_after is not None:
+                return await _drop(request, web.Response())
+            payload = {
+                "id": cid,
+                "object": "chat.completion",
+                "created": created,
+                "model": model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": expected_content(n)},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": usage,
+                "system_fingerprint": None,
+            }
+            return web.Response(
+                body=orjson.dumps(payload), content_type="application/json", headers=headers
+            )
+
+        opts = body.get("stream_options")
+        include_usage = isinstance(opts, dict) and opts.get("include_usage") is True
+        sb = _StreamBuilder(cid, created, model, include_usage)
+        resp = web.StreamResponse(headers={**headers, "Cache-Control": "no-cache"})
+        resp.content_type = "text/event-stream"
+        resp.charset = "utf-8"
+        await resp.prepare(request)  # headers are buffered and coalesced with the body
+        n_sent = n if fail_after is None else min(n, fail_after)
+        try:
+            if delay <= 0:
+                # Prebuild everything: one write, near-zero CPU per request.
+                events = [sb.role(), *sb.contents(n_sent)]
+                if fail_after is not None:
+                    await resp.write(b"".join(events))
+                    return await _drop(request, resp)
+            else:
+                await resp.write(sb.role())
+                for i in range(n_sent):
+                    await asyncio.sleep(delay)
+                    await resp.write(sb.content(i))
+                if fail_after is not None:
+                    return await _drop(request, resp)
+                events = []
+            events.append(sb.finish(finish))
+            if include_usage:
+                events.append(sb.usage(usage))
+            events.append(_DONE)
+            await resp.write_eof(b"".join(events))  # with headers if unsent: one write
+        except ConnectionError:
+            pass  # the client went away mid-stream (e.g. a cancelled request)
+        return resp
+
+
+async def _drop(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:
+    """Close the connection mid-response (no [DONE], no chunk terminator).
+
+    ``close`` (not ``abort``) so bytes already written still reach the client; the
+    body is left incomplete, which clients see as a broken stream. aiohttp's own
+    write_eof then fails on the closed transport and is swallowed as a disconnect.
+    """
+    if request.transport is not None:
+        request.transport.close()
+    return resp
+
+
+async def serve(
+    host: str = "127.0.0.1",
+    port: int = 0,
+    api_key: str | None = None,
+    token_delay_ms: float = 0.0,
+    models: Sequence[str] = DEFAULT_MODELS,
+) -> Upstream:
+    """Start an upstream in the running loop; ``await up.close()`` (or ``async with``)."""
+    return await Upstream(api_key, token_delay_ms, models).start(host, port)
+
+
+async def _amain(args: argparse.Namespace) -> int:
+    up = await serve(args.host, args.port, args.api_key, args.token_delay_ms, args.model)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"LISTENING {up.port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await up.close()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; uses uvloop when installed."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--token-delay-ms", type=float, default=0.0, help="default token delay")
+    p.add_argument("--model", action="append", default=None, help="model to list (repeatable)")
+    args = p.parse_args(argv)
+    args.model = tuple(args.model) if args.model else DEFAULT_MODELS
+    if uvloop is not None:
+        return uvloop.run(_amain(args))
+    return asyncio.run(_amain(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
