@@ -1,0 +1,152 @@
+"""Settings: the only place that reads the environment or a config file.
+
+Sources, strongest first: `LLMSVC_*` environment variables, then the TOML
+file named by `LLMSVC_CONFIG`, then the embedded defaults (SQLite and the WAL
+under `$XDG_STATE_HOME/llmsvc`, HTTP on 127.0.0.1:8080, the mock provider).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from llmsvc.errors import ConfigError
+
+MiB = 1024 * 1024
+
+
+def state_dir() -> Path:
+    """The XDG state folder for llmsvc's embedded database and WAL."""
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "llmsvc"
+
+
+class ProviderConfig(BaseModel):
+    """One upstream: its kind, where it is, its key and the models it serves."""
+
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    kind: Literal["mock", "openai"]
+    base_url: str = ""
+    api_key: SecretStr | None = None
+    models: list[str] = Field(min_length=1)
+    token_delay_ms: float = Field(default=0.0, ge=0, description="mock only: pause per token")
+    timeout_seconds: float = Field(default=600.0, gt=0)
+
+    @model_validator(mode="after")
+    def _needs_base_url(self) -> ProviderConfig:
+        if self.kind != "mock" and not self.base_url.startswith(("http://", "https://")):
+            raise ValueError(f"provider {self.name!r}: base_url must be an http(s) URL")
+        return self
+
+
+class Settings(BaseSettings):
+    """Every setting llmsvc has, validated at load."""
+
+    model_config = SettingsConfigDict(env_prefix="LLMSVC_", extra="forbid")
+
+    database_url: str = ""
+    wal_dir: Path = Path()
+    wal_sync: Literal["write", "fsync"] = "write"
+    wal_fsync_interval_ms: int = Field(default=100, ge=1, le=60_000)
+    wal_segment_max_bytes: int = Field(default=100 * MiB, ge=64 * 1024)
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    flush_interval_ms: int = Field(default=50, ge=1, le=60_000)
+    flush_batch_records: int = Field(default=50_000, ge=1)
+    max_body_bytes: int = Field(default=4 * MiB, ge=1024)
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    providers: list[ProviderConfig] = Field(default_factory=list)
+
+    @field_validator("database_url")
+    @classmethod
+    def _async_driver(cls, url: str) -> str:
+        """Accept the plain URLs operators type and pick the async driver for them."""
+        if not url:
+            return f"sqlite+aiosqlite:///{state_dir() / 'llmsvc.db'}"
+        scheme, sep, rest = url.partition("://")
+        if not sep:
+            raise ValueError("must be a URL such as sqlite:///path.db or postgresql://host/db")
+        drivers = {
+            "sqlite": "sqlite+aiosqlite",
+            "sqlite+aiosqlite": "sqlite+aiosqlite",
+            "postgres": "postgresql+asyncpg",
+            "postgresql": "postgresql+asyncpg",
+            "postgresql+asyncpg": "postgresql+asyncpg",
+        }
+        if scheme not in drivers:
+            raise ValueError(f"unsupported scheme {scheme!r}: use sqlite:// or postgresql://")
+        return f"{drivers[scheme]}://{rest}"
+
+    @field_validator("wal_dir")
+    @classmethod
+    def _default_wal_dir(cls, path: Path) -> Path:
+        return state_dir() / "wal" if path == Path() else path
+
+    @model_validator(mode="after")
+    def _default_provider(self) -> Settings:
+        """With no provider configured, serve the model `mock` so a new user can try it."""
+        if not self.providers:
+            self.providers = [ProviderConfig(name="mock", kind="mock", models=["mock"])]
+        names = [p.name for p in self.providers]
+        if len(set(names)) != len(names):
+            raise ValueError("providers: names must be unique")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
+        config_file = os.environ.get("LLMSVC_CONFIG")
+        if config_file:
+            sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
+        return sources
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    def redacted_database_url(self) -> str:
+        """The database URL with any password masked, for logs and messages."""
+        scheme, _, rest = self.database_url.partition("://")
+        creds, at, host = rest.rpartition("@")
+        if not at or ":" not in creds:
+            return self.database_url
+        return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Load and validate settings, turning every failure into one ConfigError paragraph."""
+    config_file = os.environ.get("LLMSVC_CONFIG")
+    if config_file and not Path(config_file).is_file():
+        raise ConfigError(f"LLMSVC_CONFIG names {config_file!r}, which is not a readable file.")
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(_describe(err) for err in exc.errors())
+        raise ConfigError(f"invalid configuration: {problems}.") from None
+    except (OSError, ValueError) as exc:  # unreadable or malformed TOML, bad env JSON
+        raise ConfigError(f"invalid configuration: {exc}.") from None
+
+
+def _describe(err: Any) -> str:
+    """One problem as `field: what is wrong`, never echoing the value (it may be a key)."""
+    where = ".".join(str(part) for part in err["loc"]) or "settings"
+    return f"{where}: {err['msg']}"

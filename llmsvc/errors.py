@@ -1,0 +1,80 @@
+"""The exception hierarchy: one root, one family per concern.
+
+This module imports nothing from the package so every layer can raise these.
+HTTP mapping lives in `llmsvc.gateway.errors`, nowhere else.
+"""
+
+
+class LlmsvcError(Exception):
+    """Root of every error llmsvc raises on purpose."""
+
+
+class ConfigError(LlmsvcError):
+    """The configuration is invalid; the message names the setting."""
+
+
+class WalError(LlmsvcError):
+    """The write-ahead log cannot be used as asked."""
+
+
+class WalLocked(WalError):
+    """Another daemon holds the WAL directory's lock."""
+
+
+class WalFatal(WalError):
+    """A write or fsync failed: the page cache can no longer be trusted."""
+
+
+class StoreError(LlmsvcError):
+    """The SQL store failed or is unreachable."""
+
+
+class ProviderError(LlmsvcError):
+    """An upstream provider call failed.
+
+    `retryable` says whether another try could succeed; the gateway, not the
+    adapter, decides what to do with it.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, status: int | None = None, code: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code or "upstream_error"
+
+
+class ProviderUnavailable(ProviderError):
+    """The provider could not be reached or failed transiently (connect, 429, 5xx)."""
+
+    retryable = True
+
+
+class ClientError(LlmsvcError):
+    """The client's request is wrong; the message says what to fix."""
+
+    status = 400
+    code = "invalid_request"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class BodyTooLarge(ClientError):
+    status = 413
+    code = "request_too_large"
+
+
+class UnknownModel(ClientError):
+    status = 404
+    code = "model_not_found"
+
+
+class NotFound(ClientError):
+    status = 404
+    code = "not_found"
+
+
+class ServiceUnavailable(LlmsvcError):
+    """The daemon cannot take the request now (draining, WAL unwritable)."""
