@@ -1,0 +1,37 @@
+"""The write-ahead log: every record is journaled here before a client sees it.
+
+On-disk format (version 1)
+--------------------------
+`wal_dir` holds segment files named by the LSN of their first record in 16
+hex digits (`0000000000000001.wal`), plus `instance_id` (this daemon's UUID,
+created once) and `LOCK` (an flock held by the running daemon).
+
+A segment starts with a 36-byte header::
+
+    magic "LWAL" | version u16 | flags u16 | instance id (16 bytes) | first LSN u64 | crc32c u32
+
+followed by frames, little-endian::
+
+    payload length u32 | crc32c(type byte + payload) u32 | type u8 | payload
+
+LSNs number records from 1 across segments; a record's LSN is its segment's
+first LSN plus its index in the segment, so a missing segment shows as a gap
+in the names. Token records (type 3) carry `attempt id (16) | seq u32 |
+timestamp µs i64 | UTF-8 text`; the others carry a JSON object.
+
+Guarantees
+----------
+`wal_sync = "write"` (default): a record is acknowledged once write(2) has
+handed it to the kernel; a syncer thread fdatasyncs every
+`wal_fsync_interval_ms`. Survives a daemon crash (kill -9, OOM); a power loss
+can lose at most the last interval.
+
+`wal_sync = "fsync"`: a record is acknowledged after the fdatasync of its
+batch (group commit: one fdatasync serves every stream waiting). Survives
+power loss.
+
+A failed write or fsync is fatal: the daemon exits non-zero and recovers from
+the log on restart. Reading stops at the first frame that fails its checks;
+an unfinished write at the end of the newest segment is copied to
+`<segment>.broken` and cut off at boot.
+"""

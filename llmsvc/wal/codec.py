@@ -1,0 +1,105 @@
+"""Records to bytes and back; no files here.
+
+A frame is `length u32 | crc32c u32 | type u8 | payload`, little-endian, where
+the CRC covers type and payload. Token records, the hot path, have a fixed
+binary payload; the rarer lifecycle records carry JSON.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+import orjson
+from crc32c import crc32c
+
+FRAME = struct.Struct("<IIB")
+MAX_PAYLOAD = 64 * 1024 * 1024
+TOKEN_HEAD = struct.Struct("<16sIq")
+
+
+class RecordType(IntEnum):
+    REQUEST_START = 1
+    ATTEMPT_START = 2
+    TOKEN = 3
+    ATTEMPT_END = 4
+    REQUEST_END = 5
+
+
+_SEED = {t: crc32c(bytes([t])) for t in RecordType}
+_TOKEN_SEED = _SEED[RecordType.TOKEN]
+
+
+def encode(rtype: RecordType, payload: bytes) -> bytes:
+    return FRAME.pack(len(payload), crc32c(payload, _SEED[rtype]), rtype) + payload
+
+
+def encode_json(rtype: RecordType, body: dict[str, Any]) -> bytes:
+    return encode(rtype, orjson.dumps(body))
+
+
+def encode_token(attempt_id: bytes, seq: int, ts_us: int, text: str) -> bytes:
+    """The per-token record: 16-byte attempt id, seq, timestamp in µs, UTF-8 text."""
+    payload = TOKEN_HEAD.pack(attempt_id, seq, ts_us) + text.encode()
+    return FRAME.pack(len(payload), crc32c(payload, _TOKEN_SEED), RecordType.TOKEN) + payload
+
+
+def decode_token(payload: bytes) -> tuple[bytes, int, int, str]:
+    attempt_id, seq, ts_us = TOKEN_HEAD.unpack_from(payload)
+    return attempt_id, seq, ts_us, payload[TOKEN_HEAD.size :].decode()
+
+
+def decode_json(payload: bytes) -> dict[str, Any]:
+    body: dict[str, Any] = orjson.loads(payload)
+    return body
+
+
+class Stop(IntEnum):
+    """Why decoding stopped."""
+
+    END = 0  # consumed every byte
+    PARTIAL = 1  # the buffer ends inside a frame
+    ZEROS = 2  # only zero bytes follow: an unfinished (torn) write
+    CORRUPT = 3  # a frame fails its checks
+
+
+@dataclass(slots=True)
+class Decoded:
+    """The valid frames of a buffer, where they end and why decoding stopped there."""
+
+    records: list[tuple[int, bytes]]
+    end: int
+    stop: Stop
+
+
+def decode(buf: bytes, start: int = 0) -> Decoded:
+    """Decode (type, payload) frames from `start` until the buffer or its validity ends.
+
+    Never raises on bad input: damage is reported by `stop` and `end`, and no
+    record after the first bad frame is returned.
+    """
+    records: list[tuple[int, bytes]] = []
+    offset, size = start, len(buf)
+    unpack, head, seeds = FRAME.unpack_from, FRAME.size, _SEED
+    while offset < size:
+        if size - offset < head:
+            return Decoded(records, offset, _tail(buf, offset, Stop.PARTIAL))
+        length, crc, rtype = unpack(buf, offset)
+        if length > MAX_PAYLOAD or rtype not in seeds:
+            return Decoded(records, offset, _tail(buf, offset, Stop.CORRUPT))
+        end = offset + head + length
+        if end > size:
+            return Decoded(records, offset, _tail(buf, offset, Stop.PARTIAL))
+        payload = buf[offset + head : end]
+        if crc32c(payload, seeds[rtype]) != crc:
+            return Decoded(records, offset, _tail(buf, offset, Stop.CORRUPT))
+        records.append((rtype, payload))
+        offset = end
+    return Decoded(records, offset, Stop.END)
+
+
+def _tail(buf: bytes, offset: int, stop: Stop) -> Stop:
+    """Zero bytes from here to the end mean an unfinished write, not damage."""
+    return Stop.ZEROS if not buf[offset:].strip(b"\0") else stop

@@ -1,0 +1,148 @@
+"""Reading the log in LSN order: a boot-time scan and the flusher's tailing reader.
+
+Both stop at the first frame that fails its checks; nothing after it is ever
+returned. The tailing reader reads the live segment only up to the end the
+writer has published, so a half-written batch is never mistaken for damage.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiofiles
+
+from llmsvc.wal.codec import FRAME, Stop, decode
+from llmsvc.wal.errors import Corruption
+from llmsvc.wal.segment import HEADER_SIZE, Segment, check_header, list_segments
+
+CHUNK_BYTES = 8 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Position:
+    """Where the next record is: its segment (by first LSN), byte offset and LSN."""
+
+    segment: int
+    offset: int
+    lsn: int
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """A segment's valid prefix: how many records, where they end, and what follows."""
+
+    segment: Segment
+    records: int
+    end: int
+    size: int
+    stop: Stop
+
+
+def scan_segment(segment: Segment, instance_id: uuid.UUID) -> Scan:
+    """Count a segment's valid records, reading it in chunks (used at boot)."""
+    with segment.path.open("rb") as f:
+        check_header(segment, f.read(HEADER_SIZE), instance_id)
+        records, offset, carry = 0, HEADER_SIZE, b""
+        while True:
+            chunk = f.read(CHUNK_BYTES)
+            buf = carry + chunk
+            decoded = decode(buf)
+            records += len(decoded.records)
+            if decoded.stop is not Stop.PARTIAL or not chunk:
+                end = offset + decoded.end
+                size = f.seek(0, 2)
+                return Scan(segment, records, end, size, decoded.stop)
+            offset += decoded.end
+            carry = buf[decoded.end :]
+
+
+class WalReader:
+    """Tails the segments from a position; the flusher's only way into the log."""
+
+    def __init__(self, wal_dir: Path, instance_id: uuid.UUID) -> None:
+        self.wal_dir = wal_dir
+        self.instance_id = instance_id
+        self.position = Position(0, 0, 1)
+        self._file: Any = None
+        self._segment: Segment | None = None
+
+    async def seek(self, lsn: int) -> None:
+        """Position the reader at `lsn`, the next record wanted."""
+        candidates = [s for s in list_segments(self.wal_dir) if s.first_lsn <= lsn]
+        if not candidates:
+            await self._enter(None, lsn)
+            return
+        await self._enter(candidates[-1], candidates[-1].first_lsn)
+        while self.position.lsn < lsn:
+            if not await self.read(None, lsn - self.position.lsn):
+                raise Corruption(candidates[-1].path, 0, f"LSN {lsn} is not in the log")
+
+    async def read(self, end: Position | None, max_records: int) -> list[tuple[int, bytes]]:
+        """Return up to `max_records` records after the position and advance past them.
+
+        `end` is the writer's published end; None means every segment is closed.
+        A closed segment is read to its end, then the next one is entered.
+        """
+        chunk = CHUNK_BYTES
+        while True:
+            if self._segment is None:
+                nxt = self._segment_at(self.position.lsn)
+                if nxt is None:
+                    return []
+                await self._enter(nxt, self.position.lsn)
+            pos = self.position
+            live = end is not None and end.segment == pos.segment
+            want = min(chunk, end.offset - pos.offset) if live else chunk  # type: ignore[union-attr]
+            if want <= 0:
+                return []
+            await self._file.seek(pos.offset)
+            data = await self._file.read(want)
+            decoded = decode(data)
+            records = decoded.records[:max_records]
+            used = sum(FRAME.size + len(payload) for _, payload in records)
+            self.position = Position(pos.segment, pos.offset + used, pos.lsn + len(records))
+            at_eof = len(data) < want
+            if records:
+                whole = len(records) == len(decoded.records) and decoded.stop is Stop.END
+                if at_eof and whole and not live:
+                    await self._close()  # a closed segment read to its end
+                return records
+            if decoded.stop is Stop.PARTIAL and not at_eof:
+                chunk = FRAME.size + FRAME.unpack_from(data, decoded.end)[0]  # one large record
+                continue
+            if decoded.stop is not Stop.END:
+                where = self._segment.path if self._segment else self.wal_dir
+                raise Corruption(where, self.position.offset, decoded.stop.name)
+            if live or self._segment_at(self.position.lsn) in (None, self._segment):
+                return []  # the newest segment, read to its end
+            await self._close()
+
+    def _segment_at(self, lsn: int) -> Segment | None:
+        """The segment that starts at `lsn`; a later one instead means a missing segment."""
+        later = [s for s in list_segments(self.wal_dir) if s.first_lsn >= lsn]
+        if not later:
+            return None
+        if later[0].first_lsn != lsn:
+            raise Corruption(later[0].path, 0, f"segment for LSN {lsn} is missing")
+        return later[0]
+
+    async def _enter(self, segment: Segment | None, lsn: int) -> None:
+        await self._close()
+        if segment is None:
+            self.position = Position(0, 0, lsn)
+            return
+        self._file = await aiofiles.open(segment.path, "rb")
+        self._segment = segment
+        check_header(segment, await self._file.read(HEADER_SIZE), self.instance_id)
+        self.position = Position(segment.first_lsn, HEADER_SIZE, lsn)
+
+    async def _close(self) -> None:
+        if self._file is not None:
+            await self._file.close()
+        self._file, self._segment = None, None
+
+    async def close(self) -> None:
+        await self._close()

@@ -1,0 +1,212 @@
+"""The WAL writer: one thread owns the live segment and commits appends in groups.
+
+Appends from the event loop go into a shared buffer; the writer thread swaps
+the buffer out, writes it with one write(2) (and one fdatasync in `fsync`
+mode), then wakes every waiter of that batch with one call into the loop. The
+loop never blocks on the disk, and the cost of a syscall is shared by every
+stream that appended meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+from llmsvc.errors import WalFatal
+from llmsvc.wal.codec import Stop
+from llmsvc.wal.reader import Position, scan_segment
+from llmsvc.wal.repair import repair_tail
+from llmsvc.wal.segment import HEADER_SIZE, Segment, create_segment, list_segments
+
+log = logging.getLogger(__name__)
+
+
+class WalWriter:
+    """Group-committing appender for one WAL directory.
+
+    `append` is called on the event loop thread only. With sync `write` a
+    batch is acknowledged once write(2) returned and a syncer thread fsyncs
+    every `fsync_interval` seconds; with `fsync` it is acknowledged after its
+    fdatasync.
+    """
+
+    def __init__(
+        self,
+        wal_dir: Path,
+        instance_id: uuid.UUID,
+        *,
+        sync: str = "write",
+        fsync_interval: float = 0.1,
+        segment_max_bytes: int = 100 * 1024 * 1024,
+    ) -> None:
+        self.wal_dir = wal_dir
+        self.instance_id = instance_id
+        self.sync = sync
+        self.fsync_interval = fsync_interval
+        self.segment_max_bytes = segment_max_bytes
+        self.end = Position(0, 0, 1)  # published to the loop after each batch
+        self.appended_lsn = 0
+        self._cond = threading.Condition()
+        self._buf = bytearray()
+        self._count = 0
+        self._fut: asyncio.Future[int] | None = None
+        self._closing = False
+        self._failed: WalFatal | None = None
+        self._fd_lock = threading.Lock()
+        self._stop_syncer = threading.Event()
+        self._fd = -1
+        self._segment = Segment(Path(), 0)
+        self._offset = 0
+        self._lsn = 0
+        self._written_bytes = 0
+        self._synced_bytes = 0
+        self._threads: list[threading.Thread] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_fatal: Callable[[WalFatal], None] = lambda exc: None
+
+    def open(self, loop: asyncio.AbstractEventLoop, on_fatal: Callable[[WalFatal], None]) -> None:
+        """Recover the newest segment's end (cutting a torn tail) and start the threads."""
+        self._loop, self._on_fatal = loop, on_fatal
+        segments = list_segments(self.wal_dir)
+        if segments:
+            scan = scan_segment(segments[-1], self.instance_id)
+            if scan.stop is not Stop.END:
+                repair_tail(scan)
+            self._segment, self._offset = segments[-1], scan.end
+            self._lsn = segments[-1].first_lsn + scan.records - 1
+        else:
+            self._segment, self._offset = (
+                create_segment(self.wal_dir, self.instance_id, 1),
+                HEADER_SIZE,
+            )
+        self._fd = os.open(self._segment.path, os.O_WRONLY | os.O_APPEND)
+        self.appended_lsn = self._lsn
+        self.end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
+        self._start("wal-writer", self._run)
+        if self.sync == "write":
+            self._start("wal-syncer", self._sync_loop)
+        log.info(
+            "wal opened dir=%s segment=%s next_lsn=%d",
+            self.wal_dir,
+            self._segment.path.name,
+            self._lsn + 1,
+        )
+
+    def append(self, *frames: bytes) -> asyncio.Future[int]:
+        """Queue encoded frames; the future resolves to the last LSN once they are journaled.
+
+        Every append of one batch shares one future: await it through
+        `asyncio.shield` so one cancelled waiter cannot cancel the others.
+        """
+        with self._cond:
+            if self._failed is not None:
+                raise self._failed
+            for frame in frames:
+                self._buf += frame
+            self._count += len(frames)
+            self.appended_lsn += len(frames)
+            fut = self._fut
+            if fut is None:
+                fut = self._fut = self._loop.create_future()  # type: ignore[union-attr]
+                self._cond.notify()
+        return fut
+
+    async def close(self) -> None:
+        """Write what is queued, fsync, and stop the threads."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._stop_syncer.set()
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+        if self._fd >= 0:
+            if self._failed is None:
+                os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+        log.info("wal closed next_lsn=%d", self._lsn + 1)
+
+    def _start(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._count and not self._closing:
+                    self._cond.wait()
+                if not self._count:
+                    return
+                buf, fut, count = self._buf, self._fut, self._count
+                self._buf, self._fut, self._count = bytearray(), None, 0
+            try:
+                self._write(buf)
+                self._lsn += count
+                end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
+                if self._offset >= self.segment_max_bytes:
+                    end = self._rotate()
+            except OSError as exc:
+                self._fail(exc, fut)
+                return
+            self._loop.call_soon_threadsafe(self._resolve, fut, end)  # type: ignore[union-attr]
+
+    def _write(self, buf: bytearray) -> None:
+        view = memoryview(buf)
+        while view:
+            n = os.write(self._fd, view)
+            view = view[n:]
+        self._offset += len(buf)
+        self._written_bytes += len(buf)
+        if self.sync == "fsync":
+            os.fdatasync(self._fd)
+
+    def _rotate(self) -> Position:
+        """Seal the full segment (fdatasync) and continue in a new one."""
+        with self._fd_lock:
+            os.fdatasync(self._fd)
+            os.close(self._fd)
+            self._segment = create_segment(self.wal_dir, self.instance_id, self._lsn + 1)
+            self._fd = os.open(self._segment.path, os.O_WRONLY | os.O_APPEND)
+            self._offset = HEADER_SIZE
+        log.info("wal rotated segment=%s", self._segment.path.name)
+        return Position(self._segment.first_lsn, self._offset, self._lsn + 1)
+
+    def _sync_loop(self) -> None:
+        """In `write` mode, bound what a power loss can take to one interval."""
+        while not self._stop_syncer.wait(self.fsync_interval):
+            written = self._written_bytes
+            if written == self._synced_bytes:
+                continue
+            try:
+                with self._fd_lock:
+                    os.fdatasync(self._fd)
+            except OSError as exc:
+                self._fail(exc, None)
+                return
+            self._synced_bytes = written
+
+    def _fail(self, exc: OSError, fut: asyncio.Future[int] | None) -> None:
+        """A failed write or fsync is fatal: the page cache can no longer be trusted."""
+        fatal = WalFatal(f"wal: {exc.strerror or exc} on {self._segment.path.name}")
+        with self._cond:
+            self._failed = fatal
+            pending, self._fut = self._fut, None
+        log.critical("wal write or fsync failed error=%s: exiting to recover from the log", fatal)
+        self._loop.call_soon_threadsafe(self._fail_on_loop, fatal, [fut, pending])  # type: ignore[union-attr]
+
+    def _fail_on_loop(self, fatal: WalFatal, futures: list[asyncio.Future[int] | None]) -> None:
+        for fut in futures:
+            if fut is not None and not fut.done():
+                fut.set_exception(fatal)
+        self._on_fatal(fatal)
+
+    def _resolve(self, fut: asyncio.Future[int] | None, end: Position) -> None:
+        self.end = end
+        if fut is not None and not fut.done():
+            fut.set_result(end.lsn - 1)
