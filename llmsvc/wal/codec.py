@@ -46,9 +46,10 @@ def encode_token(attempt_id: bytes, seq: int, ts_us: int, text: str) -> bytes:
     return FRAME.pack(len(payload), crc32c(payload, _TOKEN_SEED), RecordType.TOKEN) + payload
 
 
-def decode_token(payload: bytes) -> tuple[bytes, int, int, str]:
+def decode_token(payload: bytes) -> tuple[bytes, int, str, int]:
+    """(attempt id, seq, text, timestamp µs): the order of the token log's columns."""
     attempt_id, seq, ts_us = TOKEN_HEAD.unpack_from(payload)
-    return attempt_id, seq, ts_us, payload[TOKEN_HEAD.size :].decode()
+    return attempt_id, seq, payload[TOKEN_HEAD.size :].decode(), ts_us
 
 
 def decode_json(payload: bytes) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import aiofiles
 
 from llmsvc.wal.codec import FRAME, Stop, decode
 from llmsvc.wal.errors import Corruption
-from llmsvc.wal.segment import HEADER_SIZE, Segment, check_header, list_segments
+from llmsvc.wal.segment import HEADER_SIZE, Segment, check_header, list_segments, segment_name
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -51,7 +51,7 @@ def scan_segment(segment: Segment, instance_id: uuid.UUID) -> Scan:
             buf = carry + chunk
             decoded = decode(buf)
             records += len(decoded.records)
-            if decoded.stop is not Stop.PARTIAL or not chunk:
+            if decoded.stop in (Stop.END, Stop.CORRUPT) or not chunk:
                 end = offset + decoded.end
                 size = f.seek(0, 2)
                 return Scan(segment, records, end, size, decoded.stop)
@@ -106,11 +106,8 @@ class WalReader:
             self.position = Position(pos.segment, pos.offset + used, pos.lsn + len(records))
             at_eof = len(data) < want
             if records:
-                whole = len(records) == len(decoded.records) and decoded.stop is Stop.END
-                if at_eof and whole and not live:
-                    await self._close()  # a closed segment read to its end
                 return records
-            if decoded.stop is Stop.PARTIAL and not at_eof:
+            if decoded.stop is Stop.PARTIAL and not at_eof and want == chunk:
                 chunk = FRAME.size + FRAME.unpack_from(data, decoded.end)[0]  # one large record
                 continue
             if decoded.stop is not Stop.END:
@@ -126,7 +123,8 @@ class WalReader:
         if not later:
             return None
         if later[0].first_lsn != lsn:
-            raise Corruption(later[0].path, 0, f"segment for LSN {lsn} is missing")
+            missing = self.wal_dir / segment_name(lsn)
+            raise Corruption(missing, 0, f"missing; the next segment is {later[0].path.name}")
         return later[0]
 
     async def _enter(self, segment: Segment | None, lsn: int) -> None:
