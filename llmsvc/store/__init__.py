@@ -1,0 +1,1 @@
+"""The SQL store: schema, queries, and the flusher that moves the WAL into it."""

@@ -1,0 +1,101 @@
+"""Reads of the store: what operators ask (`status`, `show`) and what boot needs."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
+
+
+async def recent_requests(engine: AsyncEngine, limit: int) -> list[dict[str, Any]]:
+    """The newest requests, newest first, with their total token counts."""
+    query = (
+        sa.select(
+            llm_requests.c.id,
+            llm_requests.c.created_at,
+            llm_requests.c.model,
+            llm_requests.c.provider,
+            llm_requests.c.stream,
+            llm_requests.c.status,
+            llm_requests.c.prompt_tokens,
+            llm_requests.c.completion_tokens,
+            llm_requests.c.ended_at,
+        )
+        .order_by(llm_requests.c.created_at.desc())
+        .limit(limit)
+    )
+    async with engine.connect() as conn:
+        return [dict(row._mapping) for row in await conn.execute(query)]
+
+
+@dataclass
+class RequestDetail:
+    request: dict[str, Any]
+    attempts: list[dict[str, Any]]
+    texts: dict[uuid.UUID, str]  # each attempt's tokens, assembled in seq order
+
+
+async def request_detail(engine: AsyncEngine, request_id: uuid.UUID) -> RequestDetail | None:
+    async with engine.connect() as conn:
+        row = (
+            await conn.execute(sa.select(llm_requests).where(llm_requests.c.id == request_id))
+        ).first()
+        if row is None:
+            return None
+        attempts = [
+            dict(a._mapping)
+            for a in await conn.execute(
+                sa.select(llm_attempts)
+                .where(llm_attempts.c.request_id == request_id)
+                .order_by(llm_attempts.c.attempt_no)
+            )
+        ]
+        texts: dict[uuid.UUID, str] = {}
+        for attempt in attempts:
+            tokens = await conn.scalars(
+                sa.select(llm_token_log.c.text)
+                .where(llm_token_log.c.attempt_id == attempt["id"])
+                .order_by(llm_token_log.c.seq)
+            )
+            texts[attempt["id"]] = "".join(tokens)
+    return RequestDetail(dict(row._mapping), attempts, texts)
+
+
+@dataclass
+class OpenWork:
+    """A request (and its attempts) that a previous run started and never ended."""
+
+    request_id: uuid.UUID
+    attempts: dict[uuid.UUID, int]  # attempt id -> tokens stored
+
+
+async def open_work(engine: AsyncEngine, instance_id: uuid.UUID) -> list[OpenWork]:
+    """Requests of this instance still `streaming`, for marking `interrupted` at boot.
+
+    Only this instance's: other daemons sharing the database own theirs.
+    """
+    async with engine.connect() as conn:
+        request_ids = list(
+            await conn.scalars(
+                sa.select(llm_requests.c.id).where(
+                    llm_requests.c.instance_id == instance_id,
+                    llm_requests.c.status == "streaming",
+                )
+            )
+        )
+        found = []
+        for request_id in request_ids:
+            counts = await conn.execute(
+                sa.select(llm_attempts.c.id, sa.func.count(llm_token_log.c.seq))
+                .outerjoin(llm_token_log, llm_token_log.c.attempt_id == llm_attempts.c.id)
+                .where(llm_attempts.c.request_id == request_id)
+                .where(llm_attempts.c.status == "streaming")
+                .group_by(llm_attempts.c.id)
+            )
+            found.append(OpenWork(request_id, {aid: int(n) for aid, n in counts}))
+    return found

@@ -1,0 +1,89 @@
+"""Table definitions as the code sees them; Alembic migrations create and change them.
+
+Keep this file and the newest migration in step: `tests/store/test_schema.py`
+compares them on SQLite and PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
+
+metadata = sa.MetaData()
+
+Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+Timestamp = sa.DateTime(timezone=True)
+
+REQUEST_STATUSES = ("streaming", "completed", "failed", "interrupted")
+
+llm_requests = sa.Table(
+    "llm_requests",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("instance_id", sa.Uuid, nullable=False),
+    sa.Column("correlation_id", sa.Uuid, nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("stream", sa.Boolean, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("messages", Json, nullable=False),
+    sa.Column("params", Json, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("ended_at", Timestamp),
+    sa.Column("prompt_tokens", sa.Integer),
+    sa.Column("completion_tokens", sa.Integer),
+    sa.Column("cost", sa.Float),
+    sa.Column("provider", sa.String(100)),
+    sa.Column("error", sa.Text),
+)
+
+llm_attempts = sa.Table(
+    "llm_attempts",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("request_id", sa.Uuid, sa.ForeignKey("llm_requests.id"), nullable=False),
+    sa.Column("attempt_no", sa.Integer, nullable=False),
+    sa.Column("provider", sa.String(100), nullable=False),
+    sa.Column("model", sa.String(200), nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("first_token_at", Timestamp),
+    sa.Column("ended_at", Timestamp),
+    sa.Column("http_status", sa.Integer),
+    sa.Column("error_code", sa.String(100)),
+    sa.Column("error_message", sa.Text),
+    sa.Column("prompt_tokens", sa.Integer),
+    sa.Column("completion_tokens", sa.Integer),
+    sa.Column("token_count", sa.Integer),
+)
+
+llm_token_log = sa.Table(
+    "llm_token_log",
+    metadata,
+    sa.Column("attempt_id", sa.Uuid, primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("text", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+
+provider_status = sa.Table(
+    "provider_status",
+    metadata,
+    sa.Column("provider", sa.String(100), primary_key=True),
+    sa.Column("enabled", sa.Boolean, nullable=False),
+    sa.Column("circuit_state", sa.String(16), nullable=False),
+    sa.Column("failure_count", sa.Integer, nullable=False),
+    sa.Column("last_error", sa.Text),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+wal_checkpoints = sa.Table(
+    "wal_checkpoints",
+    metadata,
+    sa.Column("instance_id", sa.Uuid, primary_key=True),
+    sa.Column("lsn", sa.BigInteger, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+sa.Index("ix_llm_requests_created_at", llm_requests.c.created_at)
+sa.Index("ix_llm_requests_status", llm_requests.c.status)
+sa.Index("ix_llm_attempts_request_id", llm_attempts.c.request_id)
