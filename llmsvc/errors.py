@@ -76,5 +76,10 @@ class NotFound(ClientError):
     code = "not_found"
 
 
+class MethodNotAllowed(ClientError):
+    status = 405
+    code = "method_not_allowed"
+
+
 class ServiceUnavailable(LlmsvcError):
     """The daemon cannot take the request now (draining, WAL unwritable)."""

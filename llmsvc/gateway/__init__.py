@@ -1,0 +1,1 @@
+"""The HTTP side: OpenAI wire format in, journal, provider, SSE out."""

@@ -1,0 +1,229 @@
+"""One chat completion: journal it, call the provider, forward what was journaled.
+
+Every token batch is appended to the WAL and its batch future awaited before
+the batch is written to the client socket: whatever the client received, the
+log holds. Response headers wait for the first journaled batch, so a failure
+before any token is still a plain HTTP error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Any
+
+import anyio
+
+from llmsvc.errors import LlmsvcError, ProviderError, ServiceUnavailable
+from llmsvc.gateway.errors import error_event
+from llmsvc.gateway.journal import Journal, durable, now_us
+from llmsvc.gateway.request import ChatRequest, ClientGone
+from llmsvc.gateway.router import Target
+from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
+from llmsvc.providers.base import Reply
+
+log = logging.getLogger(__name__)
+
+SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+JSON_HEADERS = [(b"content-type", b"application/json")]
+
+
+class Exchange:
+    """The state of one request from the first record to the last byte."""
+
+    def __init__(
+        self,
+        journal: Journal,
+        target: Target,
+        data: dict[str, Any],
+        request: ChatRequest,
+        correlation_id: uuid.UUID,
+        send: ASGISend,
+        receive: ASGIReceive,
+    ) -> None:
+        self.journal = journal
+        self.target = target
+        self.data = data
+        self.request = request
+        self.send = send
+        self.receive = receive
+        self.request_id = uuid.uuid4()
+        self.attempt_id = uuid.uuid4()
+        self.correlation_id = correlation_id
+        self.created = int(time.time())
+        self.started = False  # response headers sent
+        self.ended = False  # end records journaled
+        self.seq = 0  # tokens journaled
+        self.first_token_us: int | None = None
+        self.status = "streaming"
+        self.began = time.monotonic()
+        self.headers = [
+            (b"x-request-id", str(self.request_id).encode()),
+            (b"x-correlation-id", str(correlation_id).encode()),
+        ]
+
+    @property
+    def completion_id(self) -> str:
+        return f"chatcmpl-{self.request_id.hex}"
+
+    async def run(self, scope: anyio.CancelScope) -> None:
+        """Serve the request; the cancel scope is how shutdown interrupts it."""
+        params = {k: v for k, v in self.data.items() if k not in ("model", "messages")}
+        self.journal.request_start(
+            self.request_id,
+            self.correlation_id,
+            self.request.model,
+            self.request.stream,
+            self.data["messages"],
+            params,
+        )
+        self.journal.attempt_start(
+            self.attempt_id, self.request_id, 1, self.target.provider.name, self.target.model
+        )
+        try:
+            with scope:
+                provider, model = self.target.provider, self.target.model
+                reply = await provider.open(self.data, model, self.request.stream)
+                try:
+                    if self.request.stream:
+                        await self._stream(reply)
+                    else:
+                        await self._whole(reply)
+                finally:
+                    await reply.aclose()
+            if scope.cancelled_caught and not self.ended:
+                stopped = ServiceUnavailable("llmsvc shut down before the reply ended")
+                await self._end("interrupted", error=str(stopped), error_code="shutdown")
+                await self._send_final(error_event(stopped) + DONE)
+        except ClientGone:
+            await self._end("interrupted", error="client disconnected")
+        except LlmsvcError as exc:
+            await self._fail(exc)
+        except Exception as exc:
+            log.exception("request failed request_id=%s", self.request_id)
+            await self._fail(exc)
+        finally:
+            self._log()
+
+    async def _stream(self, reply: Reply) -> None:
+        encoder = ChunkEncoder(self.completion_id, self.created, self.request.model)
+        aid = self.attempt_id.bytes
+        # uvicorn drops sends to a closed connection silently: a disconnect is
+        # only seen by receive(), which returns once the body has been read.
+        gone = asyncio.ensure_future(self.receive())
+        try:
+            async for texts in reply.batches():
+                if gone.done():
+                    raise ClientGone
+                fut = self.journal.tokens(aid, self.seq, texts)
+                if self.first_token_us is None:
+                    self.first_token_us = now_us()
+                self.seq += len(texts)
+                frame = encoder.tokens(texts)
+                await durable(fut)
+                await self._send_chunk(encoder, frame)
+            fut = self._end_records("completed", reply)
+            tail = encoder.finish(reply.finish_reason or "stop")
+            if self.request.stream_options and self.request.stream_options.include_usage:
+                tail += encoder.usage(reply.prompt_tokens, reply.completion_tokens)
+            await durable(fut)
+            await self._send_chunk(encoder, tail + DONE, more=False)
+        finally:
+            gone.cancel()
+
+    async def _whole(self, reply: Reply) -> None:
+        texts: list[str] = []
+        async for batch in reply.batches():
+            texts.extend(batch)
+        content = "".join(texts)
+        if content:
+            self.first_token_us = now_us()
+            self.journal.tokens(self.attempt_id.bytes, 0, [content])
+            self.seq = 1
+        fut = self._end_records("completed", reply)
+        body = completion_body(
+            self.completion_id,
+            self.created,
+            self.request.model,
+            content,
+            reply.finish_reason or "stop",
+            reply.prompt_tokens,
+            reply.completion_tokens,
+        )
+        await durable(fut)
+        await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
+        await self.send({"type": "http.response.body", "body": body})
+
+    async def _send_chunk(self, encoder: ChunkEncoder, frame: bytes, more: bool = True) -> None:
+        if not self.started:
+            await self._start(SSE_HEADERS)
+            frame = encoder.role() + frame
+        await self.send({"type": "http.response.body", "body": frame, "more_body": more})
+
+    async def _start(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.started = True
+        await self.send(
+            {"type": "http.response.start", "status": 200, "headers": headers + self.headers}
+        )
+
+    async def _send_final(self, frame: bytes) -> None:
+        """End a begun stream with a last frame; before the start there is nothing to end."""
+        if self.started:
+            await self.send({"type": "http.response.body", "body": frame, "more_body": False})
+
+    async def _fail(self, exc: BaseException) -> None:
+        """Record the failure; before the first byte re-raise it for an HTTP error."""
+        error_code = getattr(exc, "code", "internal")
+        http_status = exc.status if isinstance(exc, ProviderError) else None
+        if not self.ended:
+            await self._end(
+                "failed", error=str(exc), error_code=error_code, http_status=http_status
+            )
+        if not self.started:
+            raise exc
+        await self._send_final(error_event(exc) + DONE)
+
+    def _end_records(
+        self, status: str, reply: Reply | None = None, **error: Any
+    ) -> asyncio.Future[int]:
+        self.ended, self.status = True, status
+        prompt = reply.prompt_tokens if reply else None
+        completion = reply.completion_tokens if reply else None
+        self.journal.attempt_end(
+            self.attempt_id,
+            status=status,
+            http_status=error.pop("http_status", reply.http_status if reply else None),
+            error_code=error.get("error_code"),
+            error_message=error.get("error"),
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            token_count=self.seq,
+            first_token_ts=self.first_token_us,
+        )
+        return self.journal.request_end(
+            self.request_id,
+            status=status,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            provider=self.target.provider.name,
+            error=error.get("error"),
+        )
+
+    async def _end(self, status: str, **error: Any) -> None:
+        await durable(self._end_records(status, None, **error))
+
+    def _log(self) -> None:
+        log.info(
+            "request request_id=%s correlation_id=%s model=%s provider=%s stream=%s "
+            "status=%s tokens=%d latency_ms=%.1f",
+            self.request_id,
+            self.correlation_id,
+            self.request.model,
+            self.target.provider.name,
+            self.request.stream,
+            self.status,
+            self.seq,
+            (time.monotonic() - self.began) * 1000,
+        )

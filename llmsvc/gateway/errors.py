@@ -1,0 +1,61 @@
+"""The one place that turns an exception into an HTTP status and OpenAI error JSON.
+
+Before the first response byte an error is a status and a JSON body; after it,
+an SSE error event (the status line is already gone).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from llmsvc.errors import ClientError, ProviderError, ServiceUnavailable, WalError
+from llmsvc.gateway.sse import ASGISend
+
+log = logging.getLogger(__name__)
+
+
+def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, OpenAI `error` object) for an exception."""
+    if isinstance(exc, ClientError):
+        return exc.status, _error(str(exc), "invalid_request_error", exc.code, exc.param)
+    if isinstance(exc, ProviderError):
+        status = exc.status if exc.status in (400, 422, 429) else 502
+        return status, _error(str(exc), "upstream_error", exc.code)
+    if isinstance(exc, ServiceUnavailable | WalError):
+        return 503, _error(str(exc), "service_unavailable", "unavailable")
+    return 500, _error(
+        "internal error; the daemon's log has the details", "server_error", "internal"
+    )
+
+
+def _error(message: str, kind: str, code: str, param: str | None = None) -> dict[str, Any]:
+    return {"message": message, "type": kind, "param": param, "code": code}
+
+
+def error_event(exc: BaseException) -> bytes:
+    """An error as an SSE event, for failures after the stream has begun."""
+    return b"data: " + orjson.dumps({"error": describe(exc)[1]}) + b"\n\n"
+
+
+async def send_error(
+    send: ASGISend, exc: BaseException, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    status, error = describe(exc)
+    if status >= 500 and not isinstance(exc, ServiceUnavailable | WalError | ProviderError):
+        log.error("unhandled error", exc_info=exc)
+    body = orjson.dumps({"error": error})
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(body)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

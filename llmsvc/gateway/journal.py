@@ -1,0 +1,81 @@
+"""The gateway's records, encoded and handed to the WAL writer.
+
+Appends return the writer's batch future; `durable` waits for it. Records of
+one request are appended in order, so waiting for the last one covers all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from typing import Any
+
+from llmsvc.wal.codec import RecordType, encode_json, encode_token
+from llmsvc.wal.writer import WalWriter
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+async def durable(fut: asyncio.Future[int]) -> None:
+    """Wait until a record is journaled; shielded, since the future is shared by a batch."""
+    await asyncio.shield(fut)
+
+
+class Journal:
+    def __init__(self, writer: WalWriter) -> None:
+        self.writer = writer
+
+    def request_start(
+        self,
+        request_id: uuid.UUID,
+        correlation_id: uuid.UUID,
+        model: str,
+        stream: bool,
+        messages: list[Any],
+        params: dict[str, Any],
+    ) -> asyncio.Future[int]:
+        body = {
+            "id": str(request_id),
+            "correlation_id": str(correlation_id),
+            "model": model,
+            "stream": stream,
+            "messages": messages,
+            "params": params,
+            "ts": now_us(),
+        }
+        return self.writer.append(encode_json(RecordType.REQUEST_START, body))
+
+    def attempt_start(
+        self,
+        attempt_id: uuid.UUID,
+        request_id: uuid.UUID,
+        attempt_no: int,
+        provider: str,
+        model: str,
+    ) -> asyncio.Future[int]:
+        body = {
+            "id": str(attempt_id),
+            "request_id": str(request_id),
+            "attempt_no": attempt_no,
+            "provider": provider,
+            "model": model,
+            "ts": now_us(),
+        }
+        return self.writer.append(encode_json(RecordType.ATTEMPT_START, body))
+
+    def tokens(self, attempt_id: bytes, first_seq: int, texts: list[str]) -> asyncio.Future[int]:
+        ts = now_us()
+        return self.writer.append(
+            *[encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
+        )
+
+    def attempt_end(self, attempt_id: uuid.UUID, **fields: Any) -> asyncio.Future[int]:
+        body = {"id": str(attempt_id), "ts": now_us(), **fields}
+        return self.writer.append(encode_json(RecordType.ATTEMPT_END, body))
+
+    def request_end(self, request_id: uuid.UUID, **fields: Any) -> asyncio.Future[int]:
+        body = {"id": str(request_id), "ts": now_us(), **fields}
+        return self.writer.append(encode_json(RecordType.REQUEST_END, body))

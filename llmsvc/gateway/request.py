@@ -1,0 +1,88 @@
+"""Reading and validating a client's chat-completion request."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Literal
+
+import orjson
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from llmsvc.errors import BodyTooLarge, ClientError
+from llmsvc.gateway.sse import ASGIReceive
+
+
+class ClientGone(Exception):
+    """The client closed the connection; nothing more can be sent to it."""
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+    """The fields llmsvc relies on; anything else is passed to the provider as sent."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+
+    model: str = Field(min_length=1, max_length=200)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    mock_delay_ms: float | None = Field(default=None, ge=0, le=60_000)
+
+
+async def read_body(receive: ASGIReceive, headers: dict[bytes, bytes], limit: int) -> bytes:
+    """The whole request body, refusing more than `limit` bytes before reading them all."""
+    declared = headers.get(b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the request body is {int(declared)} bytes; the limit is {limit}")
+    body = bytearray()
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        body += message.get("body", b"")
+        if len(body) > limit:
+            raise BodyTooLarge(f"the request body is over the limit of {limit} bytes")
+        if not message.get("more_body"):
+            return bytes(body)
+
+
+def parse_chat(body: bytes) -> tuple[dict[str, Any], ChatRequest]:
+    """The body as a dict (to forward) and validated (to rely on); ClientError names the field."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ClientError(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ClientError("the request body must be a JSON object")
+    try:
+        return data, ChatRequest.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(part) for part in err["loc"])
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise ClientError(f"{where}: {err['msg']}{more}", param=where) from None
+
+
+def correlation_id(headers: dict[bytes, bytes]) -> uuid.UUID:
+    raw = headers.get(b"x-correlation-id")
+    if raw is None:
+        return uuid.uuid4()
+    try:
+        return uuid.UUID(raw.decode("ascii"))
+    except ValueError:
+        raise ClientError("the X-Correlation-ID header must be a UUID") from None

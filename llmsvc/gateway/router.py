@@ -1,0 +1,37 @@
+"""Which provider serves a model the client asks for."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmsvc.config import ProviderConfig
+from llmsvc.errors import UnknownModel
+from llmsvc.providers.base import Provider
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: Provider
+    model: str
+
+
+class Router:
+    """Maps public model names to a provider; the first provider listing a model serves it."""
+
+    def __init__(self, configs: list[ProviderConfig], providers: dict[str, Provider]) -> None:
+        self.routes: dict[str, Target] = {}
+        for config in configs:
+            for model in config.models:
+                self.routes.setdefault(model, Target(providers[config.name], model))
+
+    def route(self, model: str) -> Target:
+        try:
+            return self.routes[model]
+        except KeyError:
+            raise UnknownModel(
+                f"the model {model!r} is not served here; GET /v1/models lists the models",
+                param="model",
+            ) from None
+
+    def models(self) -> list[str]:
+        return list(self.routes)

@@ -1,0 +1,94 @@
+"""Rendering chat-completion chunks for the client as SSE frames.
+
+The parts of a chunk that never change within a response are rendered once;
+per token only the JSON-escaped text is new, and a whole batch of tokens
+becomes one bytes object (one socket write).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import orjson
+
+ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
+ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+DONE = b"data: [DONE]\n\n"
+
+
+class ChunkEncoder:
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
+        head = orjson.dumps(
+            {
+                "id": completion_id,
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "system_fingerprint": None,
+            }
+        )[:-1]
+        self._head = b"data: " + head + b',"choices":[{"index":0,"delta":'
+        self._prefix = self._head + b'{"content":'
+        self._suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        self._between = self._suffix + self._prefix
+
+    def tokens(self, texts: list[str]) -> bytes:
+        dumps = orjson.dumps
+        return self._prefix + self._between.join([dumps(t) for t in texts]) + self._suffix
+
+    def role(self) -> bytes:
+        return (
+            self._head
+            + b'{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
+        )
+
+    def finish(self, reason: str) -> bytes:
+        return (
+            self._head + b'{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
+        )
+
+    def usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> bytes:
+        head = self._head[: -len(b'{"index":0,"delta":')]
+        usage = _usage(prompt_tokens, completion_tokens)
+        return head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
+
+
+def _usage(prompt_tokens: int | None, completion_tokens: int | None) -> dict[str, int]:
+    prompt, completion = prompt_tokens or 0, completion_tokens or 0
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def completion_body(
+    completion_id: str,
+    created: int,
+    model: str,
+    content: str,
+    finish_reason: str,
+    prompt_tokens: int | None,
+    completion_tokens: int | None,
+) -> bytes:
+    """A whole (non-streaming) chat.completion object."""
+    return orjson.dumps(
+        {
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "system_fingerprint": None,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": content},
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": _usage(prompt_tokens, completion_tokens),
+        }
+    )

@@ -1,0 +1,153 @@
+"""Any OpenAI-compatible upstream: OpenAI, vLLM, Ollama's /v1, llama.cpp's server.
+
+The client's body is forwarded as it came, with the upstream's model name and,
+when streaming, `stream_options.include_usage` so usage is always recorded.
+Upstream events are parsed with orjson, no SDK objects: this is the hot path.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from llmsvc.config import ProviderConfig
+from llmsvc.errors import ProviderError, ProviderUnavailable
+from llmsvc.providers.sse import SseSplitter
+
+
+class OpenAIReply:
+    def __init__(self, name: str, response: aiohttp.ClientResponse, stream: bool) -> None:
+        self.name = name
+        self.response = response
+        self.stream = stream
+        self.http_status: int | None = response.status
+        self.finish_reason: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+    async def batches(self) -> AsyncIterator[list[str]]:
+        try:
+            if self.stream:
+                async for texts in self._events():
+                    yield texts
+            else:
+                content = self._whole(orjson.loads(await self.response.read()))
+                if content:
+                    yield [content]
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderUnavailable(
+                f"{self.name}: the upstream stream broke: {exc or type(exc).__name__}",
+                code="upstream_stream_broken",
+            ) from exc
+        except orjson.JSONDecodeError as exc:
+            raise ProviderError(
+                f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
+            ) from exc
+        finally:
+            self.response.release()
+
+    async def _events(self) -> AsyncIterator[list[str]]:
+        splitter, done = SseSplitter(), False
+        async for chunk in self.response.content.iter_any():
+            texts: list[str] = []
+            for data in splitter.feed(chunk):
+                if data == b"[DONE]":
+                    done = True
+                    continue
+                event = orjson.loads(data)
+                if "error" in event:
+                    raise _upstream_error(self.name, None, event)
+                if event.get("usage"):
+                    self._usage(event["usage"])
+                for choice in event.get("choices") or ():
+                    content = (choice.get("delta") or {}).get("content")
+                    if content:
+                        texts.append(content)
+                    if choice.get("finish_reason"):
+                        self.finish_reason = choice["finish_reason"]
+            if texts:
+                yield texts
+        if not done:
+            raise ProviderUnavailable(
+                f"{self.name}: the upstream ended the stream without [DONE]",
+                code="upstream_stream_broken",
+            )
+
+    def _whole(self, body: dict[str, Any]) -> str:
+        choice = (body.get("choices") or [{}])[0]
+        self.finish_reason = choice.get("finish_reason")
+        self._usage(body.get("usage") or {})
+        content = (choice.get("message") or {}).get("content")
+        return content if isinstance(content, str) else ""
+
+    def _usage(self, usage: dict[str, Any]) -> None:
+        self.prompt_tokens = usage.get("prompt_tokens")
+        self.completion_tokens = usage.get("completion_tokens")
+
+    async def aclose(self) -> None:
+        self.response.close()
+
+
+class OpenAIProvider:
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        self.headers = {"Content-Type": "application/json"}
+        if config.api_key is not None:
+            self.headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
+        self.timeout = aiohttp.ClientTimeout(
+            total=None, sock_connect=10, sock_read=config.timeout_seconds
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        """One pooled session, created on the running loop the first time it is needed."""
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(
+                connector=connector, timeout=self.timeout, auto_decompress=True
+            )
+        return self._session
+
+    async def open(self, body: dict[str, Any], model: str, stream: bool) -> OpenAIReply:
+        payload = {k: v for k, v in body.items() if k != "mock_delay_ms"}
+        payload["model"], payload["stream"] = model, stream
+        if stream:
+            options = body.get("stream_options") or {}
+            payload["stream_options"] = {**options, "include_usage": True}
+        try:
+            response = await self._client().post(
+                self.url, data=orjson.dumps(payload), headers=self.headers
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ProviderUnavailable(
+                f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",
+                code="upstream_unreachable",
+            ) from exc
+        if response.status != 200:
+            try:
+                detail = orjson.loads(await response.read())
+            except (TimeoutError, orjson.JSONDecodeError, aiohttp.ClientError):
+                detail = {}
+            finally:
+                response.release()
+            raise _upstream_error(self.name, response.status, detail)
+        return OpenAIReply(self.name, response, stream)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def _upstream_error(name: str, status: int | None, detail: Any) -> ProviderError:
+    """The upstream's own message and code, never its headers (they may echo our key)."""
+    error = detail.get("error") if isinstance(detail, dict) else None
+    error = error if isinstance(error, dict) else {}
+    message = str(error.get("message") or f"HTTP {status}")[:500]
+    code = str(error.get("code") or error.get("type") or "upstream_error")[:100]
+    retryable = status is None or status == 429 or status >= 500
+    kind = ProviderUnavailable if retryable else ProviderError
+    return kind(f"{name}: upstream said: {message}", status=status, code=code)
