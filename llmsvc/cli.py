@@ -1,0 +1,216 @@
+"""The `llmsvc` command: parse, call, print.
+
+Exit codes: 0 success, 1 a runtime failure (database unreachable, WAL locked,
+request not found), 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+import uuid
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import Any
+
+import anyio
+import orjson
+import sqlalchemy as sa
+
+from llmsvc import __version__
+from llmsvc.config import Settings, load_settings
+from llmsvc.errors import ConfigError, LlmsvcError
+from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
+from llmsvc.store.queries import recent_requests, request_detail
+
+EXIT_FAILURE, EXIT_USAGE = 1, 2
+
+
+class UsageError(LlmsvcError):
+    """A command-line argument is wrong."""
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = load_settings()
+        logging.basicConfig(
+            level=settings.log_level if args.command is cmd_run else logging.WARNING,
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+            stream=sys.stderr,
+        )
+        code: int = args.command(settings, args)
+        return code
+    except (ConfigError, UsageError) as exc:
+        print(f"llmsvc: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LlmsvcError as exc:
+        print(f"llmsvc: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_FAILURE
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="llmsvc",
+        description="A durable LLM service layer. Settings come from LLMSVC_* variables "
+        "and the TOML file named by LLMSVC_CONFIG.",
+    )
+    parser.add_argument("--version", action="version", version=f"llmsvc {__version__}")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.set_defaults(command=cmd_run)
+
+    migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest")
+    migrate.set_defaults(command=cmd_migrate)
+
+    status = commands.add_parser("status", help="list recent requests")
+    status.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(command=cmd_status)
+
+    show = commands.add_parser("show", help="show one request, its attempts and its reply")
+    show.add_argument("request_id", help="the request id (the X-Request-ID response header)")
+    show.add_argument("--verbose", "-v", action="store_true", help="include the prompt")
+    show.add_argument("--json", action="store_true", help="print JSON")
+    show.set_defaults(command=cmd_show)
+    return parser
+
+
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from llmsvc.daemon import Daemon  # the daemon's imports are only needed here
+
+    code: int = anyio.run(Daemon(settings).run, backend_options={"use_uvloop": True})
+    return code
+
+
+def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    async def migrate(engine: Any) -> tuple[str | None, str]:
+        await upgrade_to_head(engine)
+        return await schema_revision(engine)
+
+    current, _head = _with_store(settings, migrate, check_schema=False)
+    print(f"schema at revision {current} ({settings.redacted_database_url()})")
+    return 0
+
+
+def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    rows = _with_store(settings, lambda engine: recent_requests(engine, args.limit))
+    if args.json:
+        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    table = [("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "STATUS", "TOKENS", "SECONDS")]
+    for row in rows:
+        tokens = f"{row['prompt_tokens'] or 0}/{row['completion_tokens'] or 0}"
+        table.append(
+            (
+                _time(row["created_at"]),
+                str(row["id"]),
+                row["model"],
+                row["provider"] or "-",
+                row["status"],
+                tokens,
+                _seconds(row["created_at"], row["ended_at"]),
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    if not rows:
+        print("(no requests yet)")
+    return 0
+
+
+def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        request_id = uuid.UUID(args.request_id)
+    except ValueError:
+        raise UsageError(f"{args.request_id!r} is not a request id (a UUID)") from None
+    detail = _with_store(settings, lambda engine: request_detail(engine, request_id))
+    if detail is None:
+        raise LlmsvcError(f"no request {request_id} in the store")
+    request = detail.request
+    if not args.verbose:
+        request = {k: v for k, v in request.items() if k not in ("messages", "params")}
+    if args.json:
+        doc = {
+            "request": request,
+            "attempts": [{**a, "text": detail.texts[a["id"]]} for a in detail.attempts],
+        }
+        sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+        return 0
+    for key, value in request.items():
+        if key in ("messages", "params"):
+            continue
+        print(f"{key + ':':18} {_plain(value)}")
+    if args.verbose:
+        print("params:            " + orjson.dumps(detail.request["params"]).decode())
+        print("messages:")
+        for message in detail.request["messages"]:
+            print(f"  [{message.get('role')}] {_plain(message.get('content'))}")
+    for attempt in detail.attempts:
+        print(
+            f"\nattempt {attempt['attempt_no']}: {attempt['provider']}/{attempt['model']} "
+            f"{attempt['status']} tokens={attempt['token_count']} "
+            f"http={attempt['http_status'] or '-'}"
+        )
+        if attempt["error_message"]:
+            print(f"  error: {attempt['error_code']}: {attempt['error_message']}")
+        print("  reply:")
+        print("    " + detail.texts[attempt["id"]].replace("\n", "\n    "))
+    return 0
+
+
+def _with_store(
+    settings: Settings, work: Callable[[Any], Awaitable[Any]], check_schema: bool = True
+) -> Any:
+    """Run one store operation; database failures become one readable line."""
+
+    async def go() -> Any:
+        engine = create_engine(settings.database_url)
+        try:
+            if check_schema and (await schema_revision(engine))[0] is None:
+                raise LlmsvcError(
+                    f"the database {settings.redacted_database_url()} has no llmsvc schema "
+                    "yet: run `llmsvc migrate` or start the daemon"
+                )
+            return await work(engine)
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
+            raise LlmsvcError(
+                f"database {settings.redacted_database_url()} failed: "
+                f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+            ) from None
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(go())
+
+
+def _time(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> str:
+    if not start or not end:
+        return "-"
+    return f"{(end.replace(tzinfo=None) - start.replace(tzinfo=None)).total_seconds():.2f}"
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat(sep=" ")
+    if isinstance(value, list | dict):
+        return orjson.dumps(value).decode()
+    return "-" if value is None else str(value)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

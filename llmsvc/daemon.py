@@ -1,0 +1,225 @@
+"""The daemon: boot, serve, shut down — ordered steps, one log line each.
+
+Boot: WAL lock → migrations → WAL open (torn tail cut) → flusher catches up
+from the checkpoint → requests a previous run left open are journaled
+`interrupted` → HTTP server. Shutdown: refuse new requests (503) → let open
+ones finish within `shutdown_grace_seconds`, interrupt the rest → stop the
+HTTP server → sync the WAL → drain it into the database → close pools.
+Signal handlers only set an event; a second signal exits at once (the WAL
+still holds every acknowledged record).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+
+import anyio
+import sqlalchemy as sa
+import uvicorn
+
+from llmsvc.config import Settings
+from llmsvc.errors import LlmsvcError, StoreError, WalFatal
+from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.journal import Journal
+from llmsvc.gateway.router import Router
+from llmsvc.providers import build_provider
+from llmsvc.providers.base import Provider
+from llmsvc.store.engine import create_engine, upgrade_to_head
+from llmsvc.store.flusher import Flusher
+from llmsvc.store.queries import open_work
+from llmsvc.wal.segment import WalLock, instance_id
+from llmsvc.wal.writer import WalWriter
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FATAL = 0, 1
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handlers: the daemon owns the signals.
+
+    `capture_signals` is not a promised API; uvicorn is pinned and
+    tests/test_daemon.py keeps a test on it.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Daemon:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.stopping = asyncio.Event()
+        self.fatal: WalFatal | None = None
+        self.lock = WalLock(settings.wal_dir)
+        self.providers: dict[str, Provider] = {}
+
+    async def run(self) -> int:
+        """Boot, serve until a signal or a fatal WAL error, shut down; return the exit code."""
+        async with anyio.create_task_group() as signals:
+            signals.start_soon(self._watch_signals)
+            try:
+                await self.boot()
+                log.info("ready host=%s port=%d", self.settings.host, self.settings.port)
+                await self.stopping.wait()
+            finally:
+                await self.shutdown()
+                signals.cancel_scope.cancel()
+        return EXIT_FATAL if self.fatal else EXIT_OK
+
+    async def boot(self) -> None:
+        s = self.settings
+        self.lock.acquire()
+        self.instance = instance_id(s.wal_dir)
+        log.info("boot: wal locked dir=%s instance=%s", s.wal_dir, self.instance)
+
+        self.engine = create_engine(s.database_url)
+        try:
+            await upgrade_to_head(self.engine)
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            raise StoreError(
+                f"cannot migrate the database at {s.redacted_database_url()}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+            ) from None
+        log.info("boot: schema at head database=%s", s.redacted_database_url())
+
+        self.writer = WalWriter(
+            s.wal_dir,
+            self.instance,
+            sync=s.wal_sync,
+            fsync_interval=s.wal_fsync_interval_ms / 1000,
+            segment_max_bytes=s.wal_segment_max_bytes,
+        )
+        self.writer.open(asyncio.get_running_loop(), self._on_fatal)
+        self.journal = Journal(self.writer)
+
+        self.flusher = Flusher(
+            self.engine,
+            s.wal_dir,
+            self.instance,
+            lambda: self.writer.end,
+            interval=s.flush_interval_ms / 1000,
+            batch_records=s.flush_batch_records,
+        )
+        await self.flusher.start()
+        behind = self.writer.end.lsn - 1 - self.flusher.checkpoint
+        await self.flusher.drain(within=float("inf"))
+        log.info("boot: wal replayed records=%d checkpoint=%d", behind, self.flusher.checkpoint)
+
+        interrupted = await self._interrupt_open_work()
+        log.info(
+            "boot: requests left open by the last run marked interrupted count=%d", interrupted
+        )
+
+        self.providers = {p.name: build_provider(p) for p in s.providers}
+        self.gateway = Gateway(self.journal, Router(s.providers, self.providers), s.max_body_bytes)
+        self.flusher_task = asyncio.create_task(self.flusher.run(), name="flusher")
+        await self._start_http()
+
+    async def _interrupt_open_work(self) -> int:
+        """Journal an `interrupted` end for every request this instance left `streaming`."""
+        found = await open_work(self.engine, self.instance)
+        for work in found:
+            for attempt_id, tokens in work.attempts.items():
+                self.journal.attempt_end(
+                    attempt_id,
+                    status="interrupted",
+                    token_count=tokens,
+                    error_code="restart",
+                    error_message="llmsvc stopped before the reply ended",
+                )
+            self.journal.request_end(
+                work.request_id,
+                status="interrupted",
+                error="llmsvc stopped before the reply ended",
+            )
+        if found:
+            await self.flusher.drain(within=float("inf"))
+        return len(found)
+
+    async def _start_http(self) -> None:
+        config = uvicorn.Config(
+            self.gateway,
+            host=self.settings.host,
+            port=self.settings.port,
+            loop="none",
+            http="httptools",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            timeout_graceful_shutdown=5,
+        )
+        self.server = _EmbeddedServer(config)
+        self.http_task = asyncio.create_task(self._serve(), name="http")
+        while not self.server.started:
+            if self.http_task.done():
+                address = f"{self.settings.host}:{self.settings.port}"
+                raise LlmsvcError(f"cannot listen on {address} (in use, or not an address here)")
+            await asyncio.sleep(0.01)
+
+    async def _serve(self) -> None:
+        with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
+            await self.server.serve()
+
+    async def shutdown(self) -> None:
+        """Each step in its own try, so one failure does not skip the rest."""
+        grace = 0.0 if self.fatal else self.settings.shutdown_grace_seconds
+        if hasattr(self, "gateway"):
+            with _step("requests finished"):
+                n = await self.gateway.finish_requests(grace)
+                log.info("shutdown: open requests interrupted count=%d", n)
+        if hasattr(self, "server"):
+            with _step("http server stopped"):
+                self.server.should_exit = True
+                await asyncio.wait_for(self.http_task, timeout=10)
+        for provider in self.providers.values():
+            with _step(f"provider {provider.name} closed"):
+                await provider.close()
+        if hasattr(self, "writer"):
+            with _step("wal synced"):
+                await self.writer.close()
+        if hasattr(self, "flusher_task"):
+            with _step("wal drained"):
+                self.flusher.stop()
+                await self.flusher_task
+                if not self.fatal and not await self.flusher.drain(within=30):
+                    left = self.writer.end.lsn - 1 - self.flusher.checkpoint
+                    log.warning(
+                        "shutdown: records left in the WAL for the next boot count=%d", left
+                    )
+                await self.flusher.close()
+        if hasattr(self, "engine"):
+            with _step("database closed"):
+                await self.engine.dispose()
+        self.lock.release()
+        log.info("shutdown: done exit_code=%d", EXIT_FATAL if self.fatal else EXIT_OK)
+
+    def _on_fatal(self, exc: WalFatal) -> None:
+        self.fatal = exc
+        self.stopping.set()
+
+    async def _watch_signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if self.stopping.is_set():
+                    log.warning("second %s: exiting now; the WAL keeps what was journaled", name)
+                    os._exit(EXIT_FATAL)
+                log.info("%s received: shutting down", name)
+                self.stopping.set()
+
+
+@contextlib.contextmanager
+def _step(name: str) -> Iterator[None]:
+    try:
+        yield
+        log.info("shutdown: %s", name)
+    except Exception:
+        log.exception("shutdown: step failed step=%r", name)
