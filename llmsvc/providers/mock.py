@@ -24,13 +24,12 @@ def token(i: int) -> str:
 
 
 class MockReply:
-    http_status = 200
-
     def __init__(self, count: int, delay: float, prompt_tokens: int, limited: bool) -> None:
+        self.http_status: int | None = 200
         self.count = count
         self.limited = limited
         self.delay = delay
-        self.prompt_tokens = prompt_tokens
+        self.prompt_tokens: int | None = prompt_tokens
         self.completion_tokens: int | None = None
         self.finish_reason: str | None = None
 

@@ -35,9 +35,21 @@ log = logging.getLogger(__name__)
 
 Token = tuple[bytes, int, str, int]  # attempt id, seq, text, timestamp µs
 
-REQUEST_END_FIELDS = ("status", "ended_at", "prompt_tokens", "completion_tokens", "cost")
+REQUEST_END_FIELDS: tuple[str, ...] = (
+    "status",
+    "ended_at",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+)
 REQUEST_END_FIELDS += ("provider", "error")
-ATTEMPT_END_FIELDS = ("status", "first_token_at", "ended_at", "http_status", "error_code")
+ATTEMPT_END_FIELDS: tuple[str, ...] = (
+    "status",
+    "first_token_at",
+    "ended_at",
+    "http_status",
+    "error_code",
+)
 ATTEMPT_END_FIELDS += ("error_message", "prompt_tokens", "completion_tokens", "token_count")
 
 
