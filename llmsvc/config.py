@@ -8,6 +8,7 @@ under `$XDG_STATE_HOME/llmsvc`, HTTP on 127.0.0.1:8080, the mock provider).
 from __future__ import annotations
 
 import os
+import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,13 +137,19 @@ def load_settings(**overrides: Any) -> Settings:
     """Load and validate settings, turning every failure into one ConfigError paragraph."""
     config_file = os.environ.get("LLMSVC_CONFIG")
     if config_file and not Path(config_file).is_file():
-        raise ConfigError(f"LLMSVC_CONFIG names {config_file!r}, which is not a readable file.")
+        raise ConfigError(
+            f"invalid configuration: LLMSVC_CONFIG names {config_file!r}, which is not a file."
+        )
     try:
         return Settings(**overrides)
     except ValidationError as exc:
         problems = "; ".join(_describe(err) for err in exc.errors())
         raise ConfigError(f"invalid configuration: {problems}.") from None
-    except (OSError, ValueError) as exc:  # unreadable or malformed TOML, bad env JSON
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            f"invalid configuration: {config_file} is not valid TOML: {exc}."
+        ) from None
+    except (OSError, ValueError) as exc:  # unreadable file, bad JSON in an environment variable
         raise ConfigError(f"invalid configuration: {exc}.") from None
 
 

@@ -80,6 +80,10 @@ class MethodNotAllowed(ClientError):
     status = 405
     code = "method_not_allowed"
 
+    def __init__(self, message: str, *, allow: str) -> None:
+        super().__init__(message)
+        self.allow = allow
+
 
 class ServiceUnavailable(LlmsvcError):
     """The daemon cannot take the request now (draining, WAL unwritable)."""

@@ -54,7 +54,8 @@ class Gateway:
                 raise NotFound(f"no route {scope['path']}")
             handler = methods.get(scope["method"])
             if handler is None:
-                raise MethodNotAllowed(f"{scope['path']} takes {', '.join(methods)}")
+                allow = ", ".join(methods)
+                raise MethodNotAllowed(f"{scope['path']} takes {allow}", allow=allow)
             await handler(scope, receive, send)
         except ClientGone:
             return

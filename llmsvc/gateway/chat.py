@@ -96,6 +96,8 @@ class Exchange:
             if scope.cancelled_caught and not self.ended:
                 stopped = ServiceUnavailable("llmsvc shut down before the reply ended")
                 await self._end("interrupted", error=str(stopped), error_code="shutdown")
+                if not self.started:
+                    raise stopped  # still a plain HTTP 503
                 await self._send_final(error_event(stopped) + DONE)
         except ClientGone:
             await self._end("interrupted", error="client disconnected")

@@ -11,7 +11,13 @@ from typing import Any
 
 import orjson
 
-from llmsvc.errors import ClientError, ProviderError, ServiceUnavailable, WalError
+from llmsvc.errors import (
+    ClientError,
+    MethodNotAllowed,
+    ProviderError,
+    ServiceUnavailable,
+    WalError,
+)
 from llmsvc.gateway.sse import ASGISend
 
 log = logging.getLogger(__name__)
@@ -47,6 +53,8 @@ async def send_error(
     if status >= 500 and not isinstance(exc, ServiceUnavailable | WalError | ProviderError):
         log.error("unhandled error", exc_info=exc)
     body = orjson.dumps({"error": error})
+    if isinstance(exc, MethodNotAllowed):
+        headers = [*(headers or []), (b"allow", exc.allow.encode())]
     await send(
         {
             "type": "http.response.start",

@@ -55,7 +55,9 @@ class MockProvider:
 
     async def open(self, body: dict[str, Any], model: str, stream: bool) -> MockReply:
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
-        delay_ms = body.get("mock_delay_ms", self.delay_ms)
+        delay_ms = body.get("mock_delay_ms")
+        if delay_ms is None:
+            delay_ms = self.delay_ms
         prompt = sum(
             len(m["content"].split()) for m in body["messages"] if isinstance(m.get("content"), str)
         )

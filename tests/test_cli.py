@@ -1,0 +1,160 @@
+"""The `llmsvc` command as a user runs it: a real process, a real SQLite file, exit codes."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import orjson
+import pytest
+
+import llmsvc
+
+
+class Cli:
+    """Runs `python -m llmsvc.cli` with its state (database, WAL) under one directory."""
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+        self.db = state / "llmsvc" / "llmsvc.db"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSVC_")}
+        self.env["XDG_STATE_HOME"] = str(state)
+
+    def __call__(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "llmsvc.cli", *args],
+            env={**self.env, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Cli:
+    return Cli(tmp_path / "state")
+
+
+@pytest.fixture(scope="module")
+def migrated_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One `llmsvc migrate` per module; each test gets its own copy of the result."""
+    template = Cli(tmp_path_factory.mktemp("template"))
+    done = template("migrate")
+    assert done.returncode == 0, done.stderr
+    return template.db
+
+
+@pytest.fixture
+def migrated(cli: Cli, migrated_db: Path) -> Cli:
+    cli.db.parent.mkdir(parents=True)
+    shutil.copyfile(migrated_db, cli.db)
+    return cli
+
+
+def test_migrate_creates_the_schema_and_says_where(cli: Cli) -> None:
+    done = cli("migrate")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("schema at revision ")
+    assert str(cli.db) in done.stdout
+    with sqlite3.connect(cli.db) as conn:
+        tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        [(revision,)] = conn.execute("SELECT version_num FROM alembic_version").fetchall()
+    assert {"alembic_version", "llm_requests", "llm_attempts"} <= tables
+    assert revision in done.stdout
+    again = cli("migrate")  # idempotent
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == done.stdout
+
+
+def test_status_on_an_empty_store_says_so(migrated: Cli) -> None:
+    done = migrated("status")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].split()[:3] == ["CREATED", "(UTC)", "REQUEST"]
+    assert lines[-1] == "(no requests yet)"
+
+
+def test_status_json_is_a_json_list(migrated: Cli) -> None:
+    done = migrated("status", "--json", "--limit", "5")
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout) == []
+
+
+def test_status_without_a_schema_exits_1_saying_to_migrate(cli: Cli) -> None:
+    done = cli("status")
+    assert done.returncode == 1
+    assert done.stdout == ""
+    assert done.stderr.startswith("llmsvc: ")
+    assert "no llmsvc schema" in done.stderr
+    assert "llmsvc migrate" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_status_limit_below_one_is_a_usage_error(migrated: Cli) -> None:
+    done = migrated("status", "--limit", "0")
+    assert done.returncode == 2
+    assert "--limit" in done.stderr
+
+
+def test_show_with_a_malformed_id_exits_2(migrated: Cli) -> None:
+    done = migrated("show", "not-a-uuid")
+    assert done.returncode == 2
+    assert "'not-a-uuid' is not a request id" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_show_with_an_unknown_id_exits_1(migrated: Cli) -> None:
+    request_id = uuid.uuid4()
+    done = migrated("show", str(request_id))
+    assert done.returncode == 1
+    assert done.stderr.strip() == f"llmsvc: no request {request_id} in the store"
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LLMSVC_PORT": "99999"}, "llmsvc: invalid configuration: port: "),
+        ({"LLMSVC_WAL_SYNC": "never"}, "llmsvc: invalid configuration: wal_sync: "),
+        ({"LLMSVC_CONFIG": "/nonexistent/llmsvc.toml"}, "llmsvc: invalid configuration: LLMSVC_CONFIG names "),
+    ],
+    ids=["port", "wal_sync", "missing-config-file"],
+)
+def test_bad_configuration_exits_2_naming_it_without_a_traceback(
+    cli: Cli, env: dict[str, str], message: str
+) -> None:
+    done = cli("status", **env)
+    assert done.returncode == 2
+    assert done.stderr.startswith(message)
+    assert len(done.stderr.splitlines()) == 1
+    assert not cli.db.exists()  # refused before touching the store
+
+
+def test_sqlite_directory_that_cannot_be_made_exits_1_with_one_line(
+    cli: Cli, tmp_path: Path
+) -> None:
+    """A database failure is one `llmsvc:` line, even when it fails before connecting."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    done = cli("migrate", LLMSVC_DATABASE_URL=f"sqlite:///{blocker}/sub/llmsvc.db")
+    assert done.returncode == 1
+    assert done.stderr.startswith("llmsvc: ")
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+
+
+def test_version(cli: Cli) -> None:
+    done = cli("--version")
+    assert done.returncode == 0
+    assert done.stdout.strip() == f"llmsvc {llmsvc.__version__}"
+
+
+def test_no_command_is_a_usage_error(cli: Cli) -> None:
+    done = cli()
+    assert done.returncode == 2
+    assert "usage: llmsvc" in done.stderr

@@ -1,0 +1,269 @@
+"""Settings: defaults, LLMSVC_* variables, the TOML file, and refusals that name the key."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from llmsvc.config import ProviderConfig, Settings, load_settings
+from llmsvc.errors import ConfigError
+
+SECRET = "sk-do-not-print-0123456789"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """No LLMSVC_* from the caller's shell; state lives in the test's directory."""
+    for name in list(os.environ):
+        if name.startswith("LLMSVC_"):
+            monkeypatch.delenv(name)
+    state = tmp_path / "state"
+    monkeypatch.setenv("XDG_STATE_HOME", str(state))
+    return state
+
+
+def _toml(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str) -> Path:
+    path = tmp_path / "llmsvc.toml"
+    path.write_text(text)
+    monkeypatch.setenv("LLMSVC_CONFIG", str(path))
+    return path
+
+
+def _refused(match: str) -> pytest.RaisesExc[ConfigError]:
+    return pytest.raises(ConfigError, match=match)
+
+
+def test_defaults_live_under_xdg_state_home(clean_env: Path) -> None:
+    s = load_settings()
+    assert s.database_url == f"sqlite+aiosqlite:///{clean_env / 'llmsvc' / 'llmsvc.db'}"
+    assert s.is_sqlite
+    assert s.wal_dir == clean_env / "llmsvc" / "wal"
+    assert (s.host, s.port) == ("127.0.0.1", 8080)
+    assert s.wal_sync == "write"
+    assert s.providers == [ProviderConfig(name="mock", kind="mock", models=["mock"])]
+
+
+def test_without_xdg_state_home_state_is_under_home(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("XDG_STATE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_settings().wal_dir == tmp_path / ".local" / "state" / "llmsvc" / "wal"
+
+
+def test_environment_overrides_defaults(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("LLMSVC_PORT", "9123")
+    monkeypatch.setenv("LLMSVC_HOST", "0.0.0.0")
+    monkeypatch.setenv("LLMSVC_WAL_SYNC", "fsync")
+    monkeypatch.setenv("LLMSVC_WAL_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("LLMSVC_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    monkeypatch.setenv("LLMSVC_MAX_BODY_BYTES", "2048")
+    monkeypatch.setenv("LLMSVC_PROVIDERS", '[{"name": "m2", "kind": "mock", "models": ["a", "b"]}]')
+    s = load_settings()
+    assert (s.host, s.port, s.wal_sync, s.max_body_bytes) == ("0.0.0.0", 9123, "fsync", 2048)
+    assert s.wal_dir == tmp_path / "elsewhere"
+    assert s.database_url == f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    assert [(p.name, p.models) for p in s.providers] == [("m2", ["a", "b"])]
+
+
+def test_toml_file_sets_values_and_providers(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _toml(
+        tmp_path,
+        monkeypatch,
+        f"""
+port = 9001
+log_level = "DEBUG"
+database_url = "postgresql://llm:pw@db.example:5432/llmsvc"
+
+[[providers]]
+name = "openai"
+kind = "openai"
+base_url = "https://api.openai.com/v1"
+api_key = "{SECRET}"
+models = ["gpt-4o-mini"]
+timeout_seconds = 30
+
+[[providers]]
+name = "demo"
+kind = "mock"
+models = ["mock", "slow-mock"]
+token_delay_ms = 25
+""",
+    )
+    s = load_settings()
+    assert (s.port, s.log_level) == (9001, "DEBUG")
+    assert s.database_url == "postgresql+asyncpg://llm:pw@db.example:5432/llmsvc"
+    assert not s.is_sqlite
+    openai, demo = s.providers
+    assert (openai.kind, openai.base_url, openai.timeout_seconds) == (
+        "openai",
+        "https://api.openai.com/v1",
+        30,
+    )
+    assert openai.api_key is not None
+    assert openai.api_key.get_secret_value() == SECRET
+    assert (demo.models, demo.token_delay_ms) == (["mock", "slow-mock"], 25)
+    assert SECRET not in repr(s)
+    assert SECRET not in str(s.model_dump())
+
+
+def test_environment_wins_over_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    _toml(tmp_path, monkeypatch, 'port = 9001\nhost = "10.0.0.1"\n')
+    monkeypatch.setenv("LLMSVC_PORT", "9002")
+    s = load_settings()
+    assert (s.port, s.host) == (9002, "10.0.0.1")
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("postgresql://u:p@h/db", "postgresql+asyncpg://u:p@h/db"),
+        ("postgres://u@h:5433/db", "postgresql+asyncpg://u@h:5433/db"),
+        ("postgresql+asyncpg://h/db", "postgresql+asyncpg://h/db"),
+        ("sqlite:///tmp/a.db", "sqlite+aiosqlite:///tmp/a.db"),
+        ("sqlite+aiosqlite:///tmp/a.db", "sqlite+aiosqlite:///tmp/a.db"),
+    ],
+)
+def test_database_url_gets_the_async_driver(
+    monkeypatch: pytest.MonkeyPatch, given: str, expected: str
+) -> None:
+    monkeypatch.setenv("LLMSVC_DATABASE_URL", given)
+    assert load_settings().database_url == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "field"),
+    [
+        ("LLMSVC_WAL_SYNC", "sometimes", "wal_sync"),
+        ("LLMSVC_PORT", "70000", "port"),
+        ("LLMSVC_PORT", "-1", "port"),
+        ("LLMSVC_PORT", "http", "port"),
+        ("LLMSVC_LOG_LEVEL", "LOUD", "log_level"),
+        ("LLMSVC_MAX_BODY_BYTES", "10", "max_body_bytes"),
+        ("LLMSVC_WAL_FSYNC_INTERVAL_MS", "0", "wal_fsync_interval_ms"),
+        ("LLMSVC_DATABASE_URL", "mysql://h/db", "database_url"),
+        ("LLMSVC_DATABASE_URL", "just-a-path.db", "database_url"),
+        ("LLMSVC_PROVIDERS", '[{"name": "x", "kind": "mock", "models": []}]', "providers.0.models"),
+    ],
+)
+def test_bad_environment_value_names_the_field(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, field: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with _refused(rf"^invalid configuration: .*\b{field}: "):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    ("text", "field"),
+    [
+        ('wal_sync = "sometimes"\n', "wal_sync"),
+        ("port = 65536\n", "port"),
+        ("prot = 8081\n", "prot"),
+        ('[[providers]]\nname = "p"\nkind = "anthropic"\nmodels = ["m"]\n', "providers.0.kind"),
+        ('[[providers]]\nname = "p"\nkind = "mock"\nmodels = ["m"]\ncolour = 1\n', "colour"),
+        ('[[providers]]\nname = "p"\nkind = "openai"\nmodels = ["m"]\n', "base_url"),
+        ('[[providers]]\nname = "p"\nkind = "openai"\nbase_url = "ftp://x"\nmodels = ["m"]\n',
+         "base_url"),
+        ('[[providers]]\nname = "has space"\nkind = "mock"\nmodels = ["m"]\n', "providers.0.name"),
+        ('[[providers]]\nname = "a"\nkind = "mock"\nmodels = ["m"]\n'
+         '[[providers]]\nname = "a"\nkind = "mock"\nmodels = ["n"]\n',
+         "providers: names must be unique"),
+    ],
+    ids=[
+        "wal_sync",
+        "port",
+        "unknown-key",
+        "provider-kind",
+        "provider-unknown-key",
+        "openai-without-base_url",
+        "openai-ftp-base_url",
+        "provider-name",
+        "duplicate-provider-names",
+    ],
+)  # fmt: skip
+def test_bad_toml_value_names_the_field(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, text: str, field: str
+) -> None:
+    _toml(tmp_path, monkeypatch, text)
+    with _refused(r"^invalid configuration: ") as refused:
+        load_settings()
+    assert field in str(refused.value)
+
+
+def test_malformed_toml_names_the_file_and_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = _toml(tmp_path, monkeypatch, 'port = 8081\nhost = "unterminated\n')
+    with _refused(r"^invalid configuration: ") as refused:
+        load_settings()
+    assert "line 2" in str(refused.value)
+    assert str(path) in str(refused.value)
+
+
+def test_config_file_that_does_not_exist_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    missing = tmp_path / "nope.toml"
+    monkeypatch.setenv("LLMSVC_CONFIG", str(missing))
+    with _refused("LLMSVC_CONFIG") as refused:
+        load_settings()
+    assert str(missing) in str(refused.value)
+
+
+def test_config_that_is_a_directory_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("LLMSVC_CONFIG", str(tmp_path))
+    with _refused("LLMSVC_CONFIG"):
+        load_settings()
+
+
+@pytest.mark.parametrize(
+    "provider",
+    [
+        f'name = "p"\nkind = "anthropic"\nmodels = ["m"]\napi_key = "{SECRET}"\n',
+        f'name = "p"\nkind = "openai"\nmodels = ["m"]\napi_key = "{SECRET}"\n',
+        f'name = "p"\nkind = "openai"\nbase_url = "{SECRET}"\nmodels = ["m"]\n',
+        f'name = "p"\nkind = "mock"\nmodels = []\napi_key = "{SECRET}"\n',
+        f'name = "p"\nkind = "mock"\nmodels = ["m"]\napi_key = "{SECRET}"\napi_kye = "{SECRET}"\n',
+        f'name = "p"\nkind = "mock"\nmodels = ["m"]\napi_key = ["{SECRET}"]\n',
+    ],
+    ids=["bad-kind", "no-base_url", "key-as-base_url", "no-models", "typo-key", "key-list"],
+)
+def test_api_key_never_appears_in_the_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, provider: str
+) -> None:
+    _toml(tmp_path, monkeypatch, "[[providers]]\n" + provider)
+    with _refused(r"^invalid configuration: providers\.") as refused:
+        load_settings()
+    assert SECRET not in str(refused.value)
+    assert SECRET not in repr(refused.value)
+
+
+def test_api_key_in_bad_environment_json_never_appears_in_the_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLMSVC_PROVIDERS", f'[{{"name": "p", "api_key": "{SECRET}", ')
+    with _refused("providers") as refused:
+        load_settings()
+    assert SECRET not in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql://llm:hunter2@db:5432/x", "postgresql+asyncpg://llm:***@db:5432/x"),
+        ("postgresql://llm:p@ss:w0rd@db/x", "postgresql+asyncpg://llm:***@db/x"),
+        ("postgresql://llm@db/x", "postgresql+asyncpg://llm@db/x"),
+        ("postgresql://db/x", "postgresql+asyncpg://db/x"),
+    ],
+)
+def test_redacted_database_url_masks_the_password(url: str, shown: str) -> None:
+    s = Settings(database_url=url)
+    assert s.redacted_database_url() == shown
+    assert s.database_url == url.replace("postgresql://", "postgresql+asyncpg://")
