@@ -121,7 +121,10 @@ def test_show_with_an_unknown_id_exits_1(migrated: Cli) -> None:
     [
         ({"LLMSVC_PORT": "99999"}, "llmsvc: invalid configuration: port: "),
         ({"LLMSVC_WAL_SYNC": "never"}, "llmsvc: invalid configuration: wal_sync: "),
-        ({"LLMSVC_CONFIG": "/nonexistent/llmsvc.toml"}, "llmsvc: invalid configuration: LLMSVC_CONFIG names "),
+        (
+            {"LLMSVC_CONFIG": "/nonexistent/llmsvc.toml"},
+            "llmsvc: invalid configuration: LLMSVC_CONFIG names ",
+        ),
     ],
     ids=["port", "wal_sync", "missing-config-file"],
 )
