@@ -177,7 +177,7 @@ async def _tokens_sqlite(conn: AsyncConnection, tokens: list[Token]) -> None:
             hexes.get(aid) or hexes.setdefault(aid, aid.hex()),
             seq,
             text,
-            datetime.fromtimestamp(us / 1e6, UTC).replace(tzinfo=None).isoformat(" "),
+            datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
         )
         for aid, seq, text, us in tokens
     ]
@@ -192,7 +192,15 @@ async def _tokens_postgres(conn: AsyncConnection, tokens: list[Token]) -> None:
     executemany at 50,000 rows.
     """
     ids: dict[bytes, uuid.UUID] = {}
-    rows = [(ids.get(a) or ids.setdefault(a, uuid.UUID(bytes=a)), s, t, u) for a, s, t, u in tokens]
+    rows = [
+        (
+            ids.get(a) or ids.setdefault(a, uuid.UUID(bytes=a)),
+            s,
+            t if "\x00" not in t else _no_nul(t),
+            u,
+        )
+        for a, s, t, u in tokens
+    ]
     raw = (await conn.get_raw_connection()).driver_connection
     await raw.execute(_POSTGRES_STAGE)  # type: ignore[union-attr]
     await raw.copy_records_to_table("llmsvc_token_stage", records=rows)  # type: ignore[union-attr]
@@ -205,8 +213,28 @@ TOKEN_WRITERS: dict[str, Callable[[AsyncConnection, list[Token]], Awaitable[None
 }
 
 
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold U+0000: store it as U+FFFD instead of failing.
+
+    A batch the database refuses would otherwise be retried forever and hold
+    back every record after it.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _no_nul(v) for k, v in value.items()}
+    return value
+
+
 async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID) -> None:
     """Write a batch and move the checkpoint, all in one transaction."""
+    if engine.dialect.name == "postgresql":
+        batch.requests = {k: _no_nul(row) for k, row in batch.requests.items()}
+        batch.attempts = {k: _no_nul(row) for k, row in batch.attempts.items()}
+        batch.request_ends = [_no_nul(row) for row in batch.request_ends]
+        batch.attempt_ends = [_no_nul(row) for row in batch.attempt_ends]
     async with engine.begin() as conn:
         # The checkpoint goes first: it also opens the driver-level transaction
         # that the raw token insert below joins.

@@ -1,0 +1,95 @@
+"""Store fixtures: a migrated engine per backend, a real WAL, writers and flushers that close."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from store_streams import MakeFlusher, OpenWriter
+
+from llmsvc.errors import WalFatal
+from llmsvc.gateway.journal import Journal
+from llmsvc.store.engine import create_engine, upgrade_to_head
+from llmsvc.store.flusher import Flusher
+from llmsvc.wal.segment import instance_id
+from llmsvc.wal.writer import WalWriter
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """A store migrated to head, on SQLite and on PostgreSQL."""
+    engine = create_engine(database_url)
+    try:
+        await upgrade_to_head(engine)
+        yield engine
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture
+def wal_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "wal"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def wal_id(wal_dir: Path) -> uuid.UUID:
+    return instance_id(wal_dir)
+
+
+@pytest.fixture
+async def open_writer(wal_dir: Path, wal_id: uuid.UUID) -> AsyncIterator[OpenWriter]:
+    """Opens writers on `wal_dir`; any fatal WAL error fails the test."""
+    writers: list[WalWriter] = []
+    fatal: list[WalFatal] = []
+
+    def _open(**settings: Any) -> WalWriter:
+        writer = WalWriter(wal_dir, wal_id, **settings)
+        writer.open(asyncio.get_running_loop(), fatal.append)
+        writers.append(writer)
+        return writer
+
+    yield _open
+    for writer in writers:
+        await writer.close()
+    assert not fatal
+
+
+@pytest.fixture
+def writer_settings() -> dict[str, Any]:
+    """WalWriter settings for `writer`; a test overrides them with parametrize."""
+    return {}
+
+
+@pytest.fixture
+async def writer(open_writer: OpenWriter, writer_settings: dict[str, Any]) -> WalWriter:
+    return open_writer(**writer_settings)
+
+
+@pytest.fixture
+def journal(writer: WalWriter) -> Journal:
+    return Journal(writer)
+
+
+@pytest.fixture
+async def make_flusher(
+    engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, writer: WalWriter
+) -> AsyncIterator[MakeFlusher]:
+    """Flushers following `writer` into `engine`; started by the test, closed at teardown."""
+    flushers: list[Flusher] = []
+
+    def _make(**settings: Any) -> Flusher:
+        settings.setdefault("interval", 0.01)
+        flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, **settings)
+        flushers.append(flusher)
+        return flusher
+
+    yield _make
+    for flusher in flushers:
+        await flusher.close()

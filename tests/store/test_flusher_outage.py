@@ -1,0 +1,101 @@
+"""A PostgreSQL outage while the flusher runs: records wait in the WAL, then arrive once.
+
+Uses a cluster of its own, so stopping it disturbs no other test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from postgres import SKIP_REASON, PostgresCluster, opted_out, sqlalchemy_url
+from store_streams import EPOCH, Stream, assert_stored, dump, stored_checkpoint, texts, token_keys
+
+from llmsvc.gateway.journal import Journal
+from llmsvc.store.engine import create_engine, upgrade_to_head
+from llmsvc.store.flusher import Flusher
+from llmsvc.wal.segment import instance_id
+from llmsvc.wal.writer import WalWriter
+
+
+async def _wait_for(condition: Callable[[], bool], within: float, what: str) -> float:
+    """Poll until `condition` holds; return how long it took."""
+    began = time.monotonic()
+    while not condition():
+        assert time.monotonic() - began < within, f"not {what} after {within}s"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - began
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PostgresCluster]:
+    if opted_out():
+        pytest.skip(SKIP_REASON)
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()
+
+
+@pytest.mark.timeout(60)
+async def test_records_journaled_during_a_postgres_outage_arrive_once_after_it(
+    own_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    engine = create_engine(sqlalchemy_url(await own_cluster.create_database("llmsvc")))
+    wal_dir = tmp_path / "wal"
+    wal_dir.mkdir()
+    wal_id = instance_id(wal_dir)
+    writer = WalWriter(wal_dir, wal_id)
+    fatal: list[BaseException] = []
+    writer.open(asyncio.get_running_loop(), fatal.append)
+    journal = Journal(writer)
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, interval=0.02)
+    task: asyncio.Task[None] | None = None
+    try:
+        await upgrade_to_head(engine)
+        await flusher.start()
+        task = asyncio.create_task(flusher.run())
+
+        before = Stream(texts(10, "before"))
+        await before.journal_whole(journal)
+        await _wait_for(lambda: flusher.caught_up, 5, "caught up before the outage")
+
+        await asyncio.to_thread(own_cluster.stop, "immediate")
+        during = Stream(texts(30, "during"))
+        during.start(journal)
+        await asyncio.shield(during.tokens(journal, 0, 10))
+        await _wait_for(lambda: not flusher.database_ok, 5, "reporting the outage")
+        await asyncio.shield(during.tokens(journal, 10))
+        await asyncio.shield(during.end(journal))
+        after = Stream(texts(7, "after"))
+        await after.journal_whole(journal)
+        await asyncio.sleep(0.3)  # the flusher keeps retrying meanwhile
+        assert not task.done()
+        assert not flusher.caught_up
+
+        await asyncio.to_thread(own_cluster.start)
+        await _wait_for(lambda: flusher.caught_up, 10, "caught up after the outage")
+        assert flusher.database_ok
+        flusher.stop()
+        await asyncio.wait_for(task, 5)
+
+        keys = await token_keys(engine)
+        assert len(keys) == len(set(keys)) == 47
+        rows = await dump(engine)
+        for stream in (before, during, after):
+            assert_stored(rows, stream, wal_id, EPOCH, datetime.now(UTC))
+        assert await stored_checkpoint(engine, wal_id) == writer.end.lsn - 1
+    finally:
+        flusher.stop()
+        if task is not None and not task.done():
+            task.cancel()
+        await flusher.close()
+        await writer.close()
+        await engine.dispose()
+    assert not fatal

@@ -1,0 +1,174 @@
+"""The store's reads: boot's open work, `status`'s recent requests, `show`'s request detail.
+
+Rows get there the way they do in production: journaled, then flushed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncEngine
+from store_streams import MakeFlusher, Stream, texts
+
+from llmsvc.gateway.journal import Journal
+from llmsvc.store.flusher import Flusher
+from llmsvc.store.queries import OpenWork, open_work, recent_requests, request_detail
+from llmsvc.wal.segment import instance_id
+from llmsvc.wal.writer import WalWriter
+
+
+async def _flush(make_flusher: MakeFlusher) -> None:
+    flusher = make_flusher()
+    await flusher.start()
+    assert await flusher.drain(10)
+
+
+@pytest.fixture
+async def other_journal(tmp_path: Path) -> AsyncIterator[Journal]:
+    """A second daemon's journal, with its own WAL directory and instance id."""
+    wal_dir = tmp_path / "other-wal"
+    wal_dir.mkdir()
+    writer = WalWriter(wal_dir, instance_id(wal_dir))
+    fatal: list[BaseException] = []
+    writer.open(asyncio.get_running_loop(), fatal.append)
+    try:
+        yield Journal(writer)
+    finally:
+        await writer.close()
+    assert not fatal
+
+
+async def test_open_work_lists_only_this_instances_streaming_requests_and_open_attempts(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher, wal_id: uuid.UUID
+) -> None:
+    finished = Stream(texts(4))
+    await finished.journal_whole(journal)
+
+    retried = Stream(texts(5))  # first attempt failed after 2 tokens, the second is streaming
+    retried.start(journal)
+    retried.tokens(journal, 0, 2)
+    journal.attempt_end(retried.attempt_id, status="failed", token_count=2, error_code="upstream")
+    second = uuid.uuid4()
+    journal.attempt_start(second, retried.request_id, 2, "backup", retried.model)
+    journal.tokens(second.bytes, 0, ["x", "y", "z"])
+
+    silent = Stream(texts(3))  # started, no token yet
+    await asyncio.shield(silent.start(journal))
+    await _flush(make_flusher)
+
+    assert await open_work(engine, uuid.uuid4()) == []
+    found = sorted(await open_work(engine, wal_id), key=lambda w: str(w.request_id))
+    expected = [
+        OpenWork(retried.request_id, {second: 3}),
+        OpenWork(silent.request_id, {silent.attempt_id: 0}),
+    ]
+    assert found == sorted(expected, key=lambda w: str(w.request_id))
+
+
+async def test_open_work_ignores_streaming_requests_of_other_instances(
+    engine: AsyncEngine,
+    journal: Journal,
+    other_journal: Journal,
+    make_flusher: MakeFlusher,
+    wal_id: uuid.UUID,
+) -> None:
+    theirs = Stream(texts(2))
+    theirs.start(other_journal)
+    await asyncio.shield(theirs.tokens(other_journal))
+    ours = Stream(texts(6))
+    ours.start(journal)
+    await asyncio.shield(ours.tokens(journal))
+    await _flush(make_flusher)
+    await _flush_other(other_journal, engine)
+
+    assert await open_work(engine, wal_id) == [OpenWork(ours.request_id, {ours.attempt_id: 6})]
+    other_id = other_journal.writer.instance_id
+    assert await open_work(engine, other_id) == [
+        OpenWork(theirs.request_id, {theirs.attempt_id: 2})
+    ]
+
+
+async def _flush_other(journal: Journal, engine: AsyncEngine) -> None:
+    writer = journal.writer
+    flusher = Flusher(engine, writer.wal_dir, writer.instance_id, lambda: writer.end)
+    try:
+        await flusher.start()
+        assert await flusher.drain(10)
+    finally:
+        await flusher.close()
+
+
+async def test_recent_requests_are_newest_first_and_limited(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    streams = []
+    for n in range(5):
+        stream = Stream(texts(n + 1), model=f"model-{n}")
+        streams.append(stream)
+        if n == 3:
+            await asyncio.shield(stream.start(journal))  # still streaming
+        else:
+            await stream.journal_whole(journal)
+        await asyncio.sleep(0.002)  # distinct created_at
+    await _flush(make_flusher)
+
+    newest_first = [s.request_id for s in reversed(streams)]
+    everything = await recent_requests(engine, 10)
+    assert [r["id"] for r in everything] == newest_first
+    assert [r["id"] for r in await recent_requests(engine, 3)] == newest_first[:3]
+    assert await recent_requests(engine, 0) == []
+
+    latest = everything[0]
+    assert latest["model"] == "model-4"
+    assert latest["status"] == "completed"
+    assert latest["stream"] is True
+    assert latest["provider"] == "mock"
+    assert latest["completion_tokens"] == 5
+    streaming = everything[1]
+    assert streaming["status"] == "streaming"
+    assert streaming["ended_at"] is None
+
+
+async def test_request_detail_assembles_each_attempts_text_in_seq_order(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    stream = Stream(
+        ["Hallo", ", ", "Wëlt", " ", "🌍", "!", " ", "こんにちは", ".", " ", "Ende", "."],
+        attempt_no=2,
+    )
+    stream.start_request(journal)
+    failed_first = uuid.uuid4()
+    journal.attempt_start(failed_first, stream.request_id, 1, "flaky", stream.model)
+    journal.tokens(failed_first.bytes, 0, ["half ", "an ", "answ"])
+    journal.attempt_end(failed_first, status="failed", error_code="reset", token_count=3)
+    stream.start_attempt(journal)
+    # Tokens journaled out of seq order (seq 10 and 11 first): the text must follow seq.
+    stream.tokens(journal, 10)
+    stream.tokens(journal, 0, 10)
+    await asyncio.shield(stream.end(journal))
+    unrelated = Stream(texts(3))
+    await unrelated.journal_whole(journal)
+    await _flush(make_flusher)
+
+    detail = await request_detail(engine, stream.request_id)
+    assert detail is not None
+    assert detail.request["id"] == stream.request_id
+    assert detail.request["status"] == "completed"
+    assert detail.request["messages"] == stream.messages
+    assert [(a["id"], a["attempt_no"], a["status"]) for a in detail.attempts] == [
+        (failed_first, 1, "failed"),
+        (stream.attempt_id, 2, "completed"),
+    ]
+    assert detail.texts == {failed_first: "half an answ", stream.attempt_id: stream.text}
+
+
+async def test_request_detail_of_an_unknown_id_is_none(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    await Stream(texts(2)).journal_whole(journal)
+    await _flush(make_flusher)
+    assert await request_detail(engine, uuid.uuid4()) is None

@@ -1,0 +1,122 @@
+"""Migrations: what they create, that they can run twice, and that they match schema.py."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
+from llmsvc.store.schema import metadata, wal_checkpoints
+
+STORE_TABLES = {"llm_requests", "llm_attempts", "llm_token_log", "provider_status"}
+
+
+def _describe_database(conn: Connection) -> dict[str, dict[str, Any]]:
+    """Table -> its columns (name -> nullable), primary key, indexes and foreign keys."""
+    inspector = sa.inspect(conn)
+    tables: dict[str, dict[str, Any]] = {}
+    for name in inspector.get_table_names():
+        if name == "alembic_version":
+            continue
+        tables[name] = {
+            "columns": {c["name"]: c["nullable"] for c in inspector.get_columns(name)},
+            "primary_key": set(inspector.get_pk_constraint(name)["constrained_columns"]),
+            "indexes": {i["name"]: tuple(i["column_names"]) for i in inspector.get_indexes(name)},
+            "foreign_keys": {
+                (tuple(fk["constrained_columns"]), fk["referred_table"])
+                for fk in inspector.get_foreign_keys(name)
+            },
+        }
+    return tables
+
+
+def _describe_metadata() -> dict[str, dict[str, Any]]:
+    return {
+        table.name: {
+            "columns": {c.name: c.nullable for c in table.columns},
+            "primary_key": {c.name for c in table.primary_key.columns},
+            "indexes": {i.name: tuple(c.name for c in i.columns) for i in table.indexes},
+            "foreign_keys": {
+                (tuple(c.name for c in fk.columns), fk.referred_table.name)
+                for fk in table.foreign_key_constraints
+            },
+        }
+        for table in metadata.sorted_tables
+    }
+
+
+async def _table_names(engine: AsyncEngine) -> set[str]:
+    async with engine.connect() as conn:
+        return set(await conn.run_sync(lambda sync: sa.inspect(sync).get_table_names()))
+
+
+async def test_a_fresh_database_reports_no_revision_and_the_head_it_needs(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url)
+    try:
+        current, head = await schema_revision(engine)
+    finally:
+        await engine.dispose()
+    assert current is None
+    assert head == "0001"
+
+
+async def test_upgrade_to_head_creates_the_store_tables_and_checkpoints(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url)
+    try:
+        await upgrade_to_head(engine)
+        tables = await _table_names(engine)
+        current, head = await schema_revision(engine)
+    finally:
+        await engine.dispose()
+    assert tables == STORE_TABLES | {"wal_checkpoints", "alembic_version"}
+    assert current == head == "0001"
+
+
+async def test_upgrade_to_head_twice_changes_nothing_and_keeps_rows(database_url: str) -> None:
+    engine = create_engine(database_url)
+    instance = uuid.uuid4()
+    try:
+        await upgrade_to_head(engine)
+        async with engine.begin() as conn:
+            await conn.execute(
+                wal_checkpoints.insert().values(
+                    instance_id=instance, lsn=42, updated_at=datetime.now(UTC)
+                )
+            )
+        before = await _table_names(engine)
+        await upgrade_to_head(engine)
+        after = await _table_names(engine)
+        current, head = await schema_revision(engine)
+        async with engine.connect() as conn:
+            kept = list(
+                await conn.execute(sa.select(wal_checkpoints.c.instance_id, wal_checkpoints.c.lsn))
+            )
+    finally:
+        await engine.dispose()
+    assert after == before
+    assert (current, head) == ("0001", "0001")
+    assert kept == [(instance, 42)]
+
+
+async def test_migrated_schema_matches_the_tables_the_code_uses(database_url: str) -> None:
+    """schema.py (what queries and the flusher use) and the migrations must not drift apart."""
+    engine = create_engine(database_url)
+    try:
+        await upgrade_to_head(engine)
+        async with engine.connect() as conn:
+            migrated = await conn.run_sync(_describe_database)
+    finally:
+        await engine.dispose()
+    expected = _describe_metadata()
+    assert set(migrated) == set(expected)
+    for name, table in expected.items():
+        assert migrated[name] == table, name
