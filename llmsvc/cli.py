@@ -104,7 +104,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         raise UsageError("--limit must be at least 1")
     rows = _with_store(settings, lambda engine: recent_requests(engine, args.limit))
     if args.json:
-        sys.stdout.buffer.write(orjson.dumps(rows, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(_json(rows) + b"\n")
         return 0
     table = [("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "STATUS", "TOKENS", "SECONDS")]
     for row in rows:
@@ -144,7 +144,7 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
             "request": request,
             "attempts": [{**a, "text": detail.texts[a["id"]]} for a in detail.attempts],
         }
-        sys.stdout.buffer.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2) + b"\n")
+        sys.stdout.buffer.write(_json(doc) + b"\n")
         return 0
     for key, value in request.items():
         if key in ("messages", "params"):
@@ -192,6 +192,19 @@ def _with_store(
             await engine.dispose()
 
     return asyncio.run(go())
+
+
+def _json(value: Any) -> bytes:
+    """JSON for rows: SQLAlchemy's key type and asyncpg's UUID type need telling apart."""
+    return orjson.dumps(
+        value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=_json_default
+    )
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"cannot print {type(value).__name__} as JSON")
 
 
 def _time(value: datetime | None) -> str:

@@ -62,15 +62,20 @@ class Daemon:
 
     async def run(self) -> int:
         """Boot, serve until a signal or a fatal WAL error, shut down; return the exit code."""
-        async with anyio.create_task_group() as signals:
-            signals.start_soon(self._watch_signals)
-            try:
-                await self.boot()
-                log.info("ready host=%s port=%d", self.settings.host, self.settings.port)
-                await self.stopping.wait()
-            finally:
-                await self.shutdown()
-                signals.cancel_scope.cancel()
+        try:
+            async with anyio.create_task_group() as signals:
+                signals.start_soon(self._watch_signals)
+                try:
+                    await self.boot()
+                    log.info("ready host=%s port=%d", self.settings.host, self.settings.port)
+                    await self.stopping.wait()
+                finally:
+                    await self.shutdown()
+                    signals.cancel_scope.cancel()
+        except BaseExceptionGroup as group:  # a boot failure, wrapped by the task group
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         return EXIT_FATAL if self.fatal else EXIT_OK
 
     async def boot(self) -> None:

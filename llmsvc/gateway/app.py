@@ -79,6 +79,8 @@ class Gateway:
         self.idle.clear()
         try:
             await exchange.run(cancel)
+        except Exception as exc:  # raised only before the response started
+            await send_error(send, exc, exchange.headers)
         finally:
             self.inflight.discard(cancel)
             if not self.inflight:

@@ -1,0 +1,382 @@
+"""Real processes for end-to-end tests: `llmsvc run`, the OpenAI-compatible upstream, the store.
+
+Every wait here is bounded: a daemon that never says `ready`, or never exits after a
+signal, fails the test with its log instead of hanging the run.
+
+Run as a script (`python tests/daemon_process.py upstream --api-key K`) it serves
+scripts/openai_upstream.py with one extra route, `/with/{header}/{value}/v1/...`,
+which behaves as if the request had carried that header. llmsvc forwards the
+client's body but not its headers, so a provider whose `base_url` is such a path
+is how a test steers the upstream (fail with a status, drop a stream, pace tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import importlib.util
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, TypeVar
+
+from postgres import free_port
+
+REPO = Path(__file__).resolve().parents[1]
+LLMSVC = Path(sys.executable).parent / "llmsvc"
+UPSTREAM_SCRIPT = REPO / "scripts" / "openai_upstream.py"
+READY_TIMEOUT = 30.0
+EXIT_TIMEOUT = 30.0
+
+T = TypeVar("T")
+
+
+def daemon_env(database_url: str, wal_dir: Path, **settings: Any) -> dict[str, str]:
+    """The environment for `llmsvc`: this one without any LLMSVC_* setting, plus the given.
+
+    `settings` are setting names (`shutdown_grace_seconds=0.5`); the state folder points
+    into the WAL's parent so a default never lands in the developer's home.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSVC_")}
+    env["XDG_STATE_HOME"] = str(wal_dir.parent / "state")
+    env["LLMSVC_DATABASE_URL"] = database_url
+    env["LLMSVC_WAL_DIR"] = str(wal_dir)
+    for name, value in settings.items():
+        env[f"LLMSVC_{name.upper()}"] = str(value)
+    return env
+
+
+class _Output:
+    """A child's merged stdout/stderr, read by a thread so the pipe never fills."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        self._pipe = proc.stdout
+        self._lines: list[str] = []
+        self._changed = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        for line in self._pipe:
+            with self._changed:
+                self._lines.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    @property
+    def text(self) -> str:
+        with self._changed:
+            return "".join(self._lines)
+
+    def wait_for(self, pattern: str, timeout: float, start: int = 0) -> re.Match[str] | None:
+        """The first line from `start` on matching `pattern`; None if the output ends first."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                for line in self._lines[start:]:
+                    if found := regex.search(line):
+                        return found
+                start = len(self._lines)
+                left = deadline - time.monotonic()
+                if self._closed:
+                    return None
+                if left <= 0:
+                    raise TimeoutError(f"no line matching {pattern!r} within {timeout}s")
+                self._changed.wait(left)
+
+    def mark(self) -> int:
+        with self._changed:
+            return len(self._lines)
+
+    def close(self) -> None:
+        self._thread.join(timeout=10)
+        self._pipe.close()
+
+
+class DaemonProcess:
+    """`llmsvc run` as a child process: started, waited for until `ready`, signalled."""
+
+    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.env = {**env, "LLMSVC_PORT": str(self.port)}
+        self.proc: subprocess.Popen[str] | None = None
+        self.output: _Output | None = None
+        self.returncode: int | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def log(self) -> str:
+        return self.output.text if self.output else ""
+
+    def start(self, wait_ready: bool = True) -> DaemonProcess:
+        self.proc = subprocess.Popen(
+            [str(LLMSVC), "run"],
+            env=self.env,
+            cwd=Path(self.env["LLMSVC_WAL_DIR"]).parent,  # nothing may depend on the cwd
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output = _Output(self.proc)
+        if wait_ready:
+            found = self.output.wait_for(r"\bready host=\S+ port=\d+", READY_TIMEOUT)
+            if found is None:
+                code = self.wait(EXIT_TIMEOUT)
+                raise AssertionError(f"llmsvc exited {code} before ready:\n{self.log}")
+        return self
+
+    def wait_for_log(self, pattern: str, timeout: float = 10.0) -> re.Match[str]:
+        assert self.output is not None
+        found = self.output.wait_for(pattern, timeout)
+        if found is None:
+            raise AssertionError(f"llmsvc ended without logging {pattern!r}:\n{self.log}")
+        return found
+
+    def signal(self, signum: int) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signum)
+
+    def wait(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """The exit code; a daemon still running after `timeout` is killed and fails the test."""
+        assert self.proc is not None
+        assert self.output is not None
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            self.returncode = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+            self.output.close()
+            raise AssertionError(f"llmsvc did not exit within {timeout}s:\n{self.log}") from None
+        self.output.close()
+        return self.returncode
+
+    def stop(self, timeout: float = EXIT_TIMEOUT) -> int:
+        """SIGTERM, then the exit code."""
+        self.signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+    def kill(self) -> int:
+        """SIGKILL: the crash the WAL exists for."""
+        self.signal(signal.SIGKILL)
+        return self.wait(10)
+
+    def __enter__(self) -> DaemonProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.proc is not None and self.returncode is None:
+            self.kill()
+
+
+class UpstreamProcess:
+    """scripts/openai_upstream.py (with the `/with/...` steering route) as a child process."""
+
+    def __init__(self, api_key: str | None = None, token_delay_ms: float = 0.0) -> None:
+        args = [sys.executable, __file__, "upstream", "--token-delay-ms", str(token_delay_ms)]
+        if api_key:
+            args += ["--api-key", api_key]
+        self.args = args
+        self.port = 0
+        self.proc: subprocess.Popen[str] | None = None
+        self.output: _Output | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def steered_url(self, header: str, value: str) -> str:
+        """A base_url whose requests act as if they carried `header: value`."""
+        return f"http://127.0.0.1:{self.port}/with/{header}/{value}/v1"
+
+    def __enter__(self) -> UpstreamProcess:
+        self.proc = subprocess.Popen(
+            self.args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        self.output = _Output(self.proc)
+        found = self.output.wait_for(r"^LISTENING (\d+)", READY_TIMEOUT)
+        if found is None:
+            self.proc.wait(10)
+            self.output.close()
+            raise AssertionError(f"the upstream did not start:\n{self.output.text}")
+        self.port = int(found.group(1))
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self.proc is not None
+        assert self.output is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.output.close()
+
+
+def run_cli(
+    env: dict[str, str], *args: str, timeout: float = 30.0
+) -> subprocess.CompletedProcess[str]:
+    """`llmsvc ARGS` to completion, output captured."""
+    return subprocess.run(
+        [str(LLMSVC), *args],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+# -- the store, read directly ----------------------------------------------------------
+
+
+@dataclass
+class Stored:
+    """Everything the store holds, keyed for assertions."""
+
+    requests: dict[uuid.UUID, dict[str, Any]]
+    attempts: dict[uuid.UUID, list[dict[str, Any]]]  # request id -> attempts by number
+    tokens: dict[uuid.UUID, list[tuple[int, str]]]  # attempt id -> (seq, text) by seq
+    checkpoints: dict[uuid.UUID, int]
+
+    def only_attempt(self, request_id: uuid.UUID | str) -> dict[str, Any]:
+        attempts = self.attempts[uuid.UUID(str(request_id))]
+        assert len(attempts) == 1, attempts
+        return attempts[0]
+
+    def request(self, request_id: uuid.UUID | str) -> dict[str, Any]:
+        return self.requests[uuid.UUID(str(request_id))]
+
+    def texts(self, request_id: uuid.UUID | str) -> list[str]:
+        """The one attempt's token texts in seq order, checking seqs are 0..n-1 once each."""
+        rows = self.tokens.get(self.only_attempt(request_id)["id"], [])
+        seqs = [seq for seq, _ in rows]
+        assert seqs == list(range(len(rows))), f"token seqs are not 0..n-1 once each: {seqs}"
+        return [text for _, text in rows]
+
+
+def read_store(database_url: str) -> Stored:
+    """Read every llmsvc table (on a thread of its own, so any test style can call it)."""
+
+    async def read() -> Stored:
+        import sqlalchemy as sa
+        from sqlalchemy.ext.asyncio import create_async_engine
+
+        from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, wal_checkpoints
+
+        engine = create_async_engine(database_url)
+        try:
+            async with engine.connect() as conn:
+                requests = {
+                    row.id: dict(row._mapping)
+                    for row in await conn.execute(sa.select(llm_requests))
+                }
+                attempts: dict[uuid.UUID, list[dict[str, Any]]] = {}
+                query = sa.select(llm_attempts).order_by(llm_attempts.c.attempt_no)
+                for row in await conn.execute(query):
+                    attempts.setdefault(row.request_id, []).append(dict(row._mapping))
+                tokens: dict[uuid.UUID, list[tuple[int, str]]] = {}
+                query = sa.select(llm_token_log).order_by(
+                    llm_token_log.c.attempt_id, llm_token_log.c.seq
+                )
+                for row in await conn.execute(query):
+                    tokens.setdefault(row.attempt_id, []).append((row.seq, row.text))
+                checkpoints = {
+                    row.instance_id: row.lsn
+                    for row in await conn.execute(sa.select(wal_checkpoints))
+                }
+        finally:
+            await engine.dispose()
+        return Stored(requests, attempts, tokens, checkpoints)
+
+    return run_async(read)
+
+
+def run_async(make: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
+    """Run a coroutine to completion on a fresh loop in a fresh thread."""
+
+    async def main() -> T:
+        return await make()
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, main()).result(timeout)
+
+
+# -- the steerable upstream, when run as a script --------------------------------------
+
+
+def _serve_upstream(argv: Sequence[str]) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--token-delay-ms", type=float, default=0.0)
+    args = parser.parse_args(argv)
+
+    spec = importlib.util.spec_from_file_location("openai_upstream", UPSTREAM_SCRIPT)
+    assert spec is not None
+    assert spec.loader is not None
+    upstream = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upstream)
+
+    async def main() -> None:
+        up = upstream.Upstream(args.api_key, args.token_delay_ms)
+
+        async def steered(request: Any) -> Any:
+            header, value = request.match_info["header"], request.match_info["value"]
+            return await up.handle_chat(request.clone(headers={**request.headers, header: value}))
+
+        up.app.router.add_post("/with/{header}/{value}/v1/chat/completions", steered)
+        await up.start("127.0.0.1", 0)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        print(f"LISTENING {up.port}", flush=True)
+        try:
+            await stop.wait()
+        finally:
+            await up.close()
+
+    asyncio.run(main())
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["upstream"]:
+        sys.exit("usage: daemon_process.py upstream [--api-key K] [--token-delay-ms MS]")
+    sys.exit(_serve_upstream(sys.argv[2:]))

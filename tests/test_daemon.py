@@ -1,0 +1,227 @@
+"""The daemon's lifecycle as an operator meets it: crashes, locks, bad settings, shutdown.
+
+Real `llmsvc run` processes on a real SQLite file, real SIGKILL and SIGTERM.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import signal
+import threading
+import time
+import tomllib
+from dataclasses import dataclass, field
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+import uvicorn
+from daemon_process import REPO, DaemonProcess, daemon_env, read_store, run_cli
+
+from llmsvc.daemon import _EmbeddedServer
+from llmsvc.providers.mock import token as mock_token
+
+pytestmark = pytest.mark.timeout(60)
+
+MESSAGES: list[Any] = [{"role": "user", "content": "go slowly"}]
+
+
+def client_for(daemon: DaemonProcess) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0, timeout=30
+    )
+
+
+@dataclass
+class SlowStream:
+    """A 200-token mock stream at 50 ms a token, read on a thread, every token recorded."""
+
+    daemon: DaemonProcess
+    request_id: str = ""
+    tokens: list[str] = field(default_factory=list)
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> SlowStream:
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        try:
+            with client_for(self.daemon) as client:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="mock",
+                    messages=MESSAGES,
+                    max_tokens=200,
+                    stream=True,
+                    extra_body={"mock_delay_ms": 50},
+                )
+                self.request_id = raw.headers["x-request-id"]
+                for chunk in raw.parse():
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            self.tokens.append(choice.delta.content)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait_for_tokens(self, n: int, timeout: float = 10) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.tokens) < n:
+            assert not self.done.is_set(), f"the stream ended early: {self.error!r}"
+            assert time.monotonic() < deadline, f"only {len(self.tokens)} tokens in {timeout}s"
+            time.sleep(0.01)
+
+    def wait_done(self, timeout: float = 15) -> None:
+        assert self.done.wait(timeout), "the client is still reading"
+
+
+def assert_holds(stored: list[str], received: list[str]) -> list[str]:
+    """The store holds what the client received, in order, once; at most one token more.
+
+    A token is journaled, then sent: a stop landing between the two (a window of
+    microseconds in a 50 ms token period) leaves one stored token the client never saw.
+    """
+    assert stored[: len(received)] == received
+    assert len(stored) - len(received) in (0, 1)
+    assert stored == [mock_token(i) for i in range(len(stored))]
+    return stored
+
+
+@pytest.fixture
+def env(sqlite_url: str, tmp_path: Path) -> dict[str, str]:
+    return daemon_env(sqlite_url, tmp_path / "wal")
+
+
+def test_tokens_a_client_received_survive_kill_9(env: dict[str, str], sqlite_url: str) -> None:
+    with DaemonProcess(env) as daemon:
+        slow = SlowStream(daemon).start()
+        slow.wait_for_tokens(10)
+        daemon.kill()
+        slow.wait_done()
+    assert isinstance(slow.error, openai.APIConnectionError)
+    received = list(slow.tokens)
+
+    with DaemonProcess(env) as again:
+        assert again.stop() == 0, again.log
+    assert "marked interrupted count=1" in again.log
+
+    store = read_store(sqlite_url)
+    request = store.request(slow.request_id)
+    attempt = store.only_attempt(slow.request_id)
+    assert (request["status"], attempt["status"]) == ("interrupted", "interrupted")
+    stored = assert_holds(store.texts(slow.request_id), received)
+    assert attempt["token_count"] == len(stored)
+
+
+def test_a_second_daemon_on_the_same_wal_dir_fails_fast(env: dict[str, str]) -> None:
+    with DaemonProcess(env) as first:
+        began = time.monotonic()
+        second = DaemonProcess(env).start(wait_ready=False)
+        code = second.wait(timeout=20)
+        took = time.monotonic() - began
+        # The first daemon is unharmed: it still serves, and stops cleanly.
+        with client_for(first) as client:
+            reply = client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=2)
+        assert reply.choices[0].message.content == mock_token(0) + mock_token(1)
+        assert first.stop() == 0, first.log
+    assert code == 1, second.log
+    assert took < 10  # it gave up at once, it did not wait for the lock
+    holder = first.proc.pid if first.proc else None
+    wal_dir = re.escape(env["LLMSVC_WAL_DIR"])
+    # What the operator reads: one `llmsvc:` line naming the directory and the lock holder.
+    assert re.search(
+        rf"^llmsvc: the WAL directory {wal_dir} is in use .*\(pid {holder}\)", second.log, re.M
+    ), second.log
+    assert "Traceback" not in second.log, second.log
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "field"),
+    [
+        ("LLMSVC_WAL_SYNC", "sometimes", "wal_sync"),
+        ("LLMSVC_PORT", "99999", "port"),
+        (
+            "LLMSVC_PROVIDERS",
+            '[{"name": "up", "kind": "openai", "base_url": "ftp://x", '
+            '"api_key": "sk-do-not-echo", "models": ["m"]}]',
+            "providers.0",
+        ),
+    ],
+)
+def test_bad_configuration_exits_2_naming_the_field(
+    env: dict[str, str], setting: str, value: str, field: str
+) -> None:
+    result = run_cli({**env, setting: value}, "run")
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.strip()
+    assert message.startswith("llmsvc: invalid configuration: ")
+    assert f"{field}:" in message
+    assert "\n\n" not in message  # one paragraph
+    assert "Traceback" not in message
+    assert "sk-do-not-echo" not in message
+    assert result.stdout == ""
+
+
+def test_embedded_server_still_overrides_uvicorns_capture_signals() -> None:
+    """`capture_signals` is not a promised uvicorn API: an upgrade that renames it fails here."""
+    pinned = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (pin,) = [d for d in pinned if d.startswith("uvicorn")]
+    assert pin.endswith(f"=={version('uvicorn')}"), "uvicorn is not the pinned version"
+
+    original = inspect.getattr_static(uvicorn.Server, "capture_signals")
+    assert inspect.isgeneratorfunction(original.__wrapped__)  # a @contextmanager
+    assert "self.capture_signals()" in inspect.getsource(uvicorn.Server.serve)
+    override = _EmbeddedServer.__dict__["capture_signals"]
+    assert inspect.isgeneratorfunction(override.__wrapped__)
+
+    server = _EmbeddedServer(uvicorn.Config(app=lambda *args: None))
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    with server.capture_signals():
+        assert {s: signal.getsignal(s) for s in before} == before
+
+
+def test_sigterm_interrupts_a_stream_after_the_grace(env: dict[str, str], sqlite_url: str) -> None:
+    with DaemonProcess({**env, "LLMSVC_SHUTDOWN_GRACE_SECONDS": "0.5"}) as daemon:
+        slow = SlowStream(daemon).start()
+        slow.wait_for_tokens(5)
+        began = time.monotonic()
+        assert daemon.stop() == 0, daemon.log
+        took = time.monotonic() - began
+        slow.wait_done()
+    assert 0.5 <= took < 5, daemon.log
+    assert isinstance(slow.error, openai.APIError)
+    assert not isinstance(slow.error, openai.APIConnectionError)  # an error event, not a cut
+    assert "shut down" in slow.error.message
+    assert "open requests interrupted count=1" in daemon.log
+
+    store = read_store(sqlite_url)
+    request = store.request(slow.request_id)
+    attempt = store.only_attempt(slow.request_id)
+    assert (request["status"], attempt["status"]) == ("interrupted", "interrupted")
+    stored = assert_holds(store.texts(slow.request_id), slow.tokens)
+    assert attempt["token_count"] == len(stored)
+
+
+def test_a_new_request_during_the_drain_gets_503(env: dict[str, str], sqlite_url: str) -> None:
+    with DaemonProcess({**env, "LLMSVC_SHUTDOWN_GRACE_SECONDS": "3"}) as daemon:
+        slow = SlowStream(daemon).start()
+        slow.wait_for_tokens(2)
+        daemon.signal(signal.SIGTERM)
+        daemon.wait_for_log("SIGTERM received")
+        with client_for(daemon) as client, pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=2)
+        assert not slow.done.is_set()  # the open stream is still being served
+        assert daemon.wait() == 0, daemon.log
+        slow.wait_done()
+    assert refused.value.status_code == 503
+    assert isinstance(slow.error, openai.APIError)
+
+    store = read_store(sqlite_url)
+    assert list(store.requests) == [store.request(slow.request_id)["id"]]  # nothing for the 503
+    assert store.request(slow.request_id)["status"] == "interrupted"
+    assert_holds(store.texts(slow.request_id), slow.tokens)
