@@ -10,6 +10,7 @@ Reply content is deterministic: ``max_tokens`` (default 16) tokens, token ``i`` 
 * ``X-Upstream-Token-Delay-Ms: <ms>`` -- pause before each streamed token.
 * ``X-Upstream-Fail: status:<code>`` -- answer that HTTP status with an OpenAI error.
 * ``X-Upstream-Fail: after:<n>`` -- stream ``n`` tokens, then drop the connection.
+* ``/with/<header>/<value>/v1/chat/completions`` -- as if the request carried that header.
 
 Run ``python scripts/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
 ready and serves until SIGTERM/SIGINT. In-process: ``up = await serve(...)``.
@@ -264,6 +265,7 @@ class Upstream:
         self.app = web.Application(client_max_size=64 * 1024 * 1024)
         self.app.router.add_get("/v1/models", self.handle_models)
         self.app.router.add_post("/v1/chat/completions", self.handle_chat)
+        self.app.router.add_post("/with/{header}/{value}/v1/chat/completions", self.handle_steered)
         self._runner: web.AppRunner | None = None
         self.host = ""
         self.port = 0
@@ -313,6 +315,15 @@ class Upstream:
         if (denied := self._check_auth(request)) is not None:
             return denied
         return web.Response(body=self._models_body, content_type="application/json")
+
+    async def handle_steered(self, request: web.Request) -> web.StreamResponse:
+        """`/with/<header>/<value>/v1/...` acts as if the request carried that header.
+
+        A gateway forwards bodies, not its clients' headers: this lets a test
+        configure one provider per failure mode by base URL alone.
+        """
+        header, value = request.match_info["header"], request.match_info["value"]
+        return await self.handle_chat(request.clone(headers={**request.headers, header: value}))
 
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``: deterministic completion, streamed or not."""

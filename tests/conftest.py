@@ -5,8 +5,11 @@ Logic lives in tests/postgres.py; this file only wires it into pytest.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+import asyncio
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from postgres import (
@@ -19,6 +22,12 @@ from postgres import (
     sqlalchemy_url,
     unique_dbname,
 )
+
+from llmsvc.errors import WalFatal
+from llmsvc.wal.segment import instance_id
+from llmsvc.wal.writer import WalWriter
+
+OpenWriter = Callable[..., WalWriter]
 
 
 def pytest_report_header() -> str:
@@ -61,3 +70,33 @@ def database_url(request: pytest.FixtureRequest) -> str:
     """Runs a test once per supported backend, each with a fresh database."""
     fixture = "sqlite_url" if request.param == "sqlite" else "postgres_url"
     return str(request.getfixturevalue(fixture))
+
+
+@pytest.fixture
+def wal_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "wal"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def wal_id(wal_dir: Path) -> uuid.UUID:
+    return instance_id(wal_dir)
+
+
+@pytest.fixture
+async def open_writer(wal_dir: Path, wal_id: uuid.UUID) -> AsyncIterator[OpenWriter]:
+    """Opens writers on `wal_dir`; a fatal error nobody asked for fails the test."""
+    writers: list[WalWriter] = []
+    unexpected: list[WalFatal] = []
+
+    def _open(*, on_fatal: Callable[[WalFatal], None] | None = None, **settings: Any) -> WalWriter:
+        writer = WalWriter(wal_dir, wal_id, **settings)
+        writer.open(asyncio.get_running_loop(), on_fatal or unexpected.append)
+        writers.append(writer)
+        return writer
+
+    yield _open
+    for writer in writers:
+        await writer.close()  # closing twice is harmless
+    assert not unexpected

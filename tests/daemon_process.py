@@ -12,10 +12,8 @@ is how a test steers the upstream (fail with a status, drop a stream, pace token
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import concurrent.futures
-import importlib.util
 import os
 import re
 import signal
@@ -24,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -198,7 +196,8 @@ class UpstreamProcess:
     """scripts/openai_upstream.py (with the `/with/...` steering route) as a child process."""
 
     def __init__(self, api_key: str | None = None, token_delay_ms: float = 0.0) -> None:
-        args = [sys.executable, __file__, "upstream", "--token-delay-ms", str(token_delay_ms)]
+        args = [sys.executable, str(UPSTREAM_SCRIPT), "--port", "0"]
+        args += ["--token-delay-ms", str(token_delay_ms)]
         if api_key:
             args += ["--api-key", api_key]
         self.args = args
@@ -336,47 +335,3 @@ def run_async(make: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, main()).result(timeout)
-
-
-# -- the steerable upstream, when run as a script --------------------------------------
-
-
-def _serve_upstream(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--api-key", default=None)
-    parser.add_argument("--token-delay-ms", type=float, default=0.0)
-    args = parser.parse_args(argv)
-
-    spec = importlib.util.spec_from_file_location("openai_upstream", UPSTREAM_SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    upstream = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(upstream)
-
-    async def main() -> None:
-        up = upstream.Upstream(args.api_key, args.token_delay_ms)
-
-        async def steered(request: Any) -> Any:
-            header, value = request.match_info["header"], request.match_info["value"]
-            return await up.handle_chat(request.clone(headers={**request.headers, header: value}))
-
-        up.app.router.add_post("/with/{header}/{value}/v1/chat/completions", steered)
-        await up.start("127.0.0.1", 0)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        print(f"LISTENING {up.port}", flush=True)
-        try:
-            await stop.wait()
-        finally:
-            await up.close()
-
-    asyncio.run(main())
-    return 0
-
-
-if __name__ == "__main__":
-    if sys.argv[1:2] != ["upstream"]:
-        sys.exit("usage: daemon_process.py upstream [--api-key K] [--token-delay-ms MS]")
-    sys.exit(_serve_upstream(sys.argv[2:]))

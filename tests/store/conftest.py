@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,11 +11,9 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, OpenWriter
 
-from llmsvc.errors import WalFatal
 from llmsvc.gateway.journal import Journal
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher
-from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
 
 
@@ -29,36 +26,6 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
-
-
-@pytest.fixture
-def wal_dir(tmp_path: Path) -> Path:
-    path = tmp_path / "wal"
-    path.mkdir()
-    return path
-
-
-@pytest.fixture
-def wal_id(wal_dir: Path) -> uuid.UUID:
-    return instance_id(wal_dir)
-
-
-@pytest.fixture
-async def open_writer(wal_dir: Path, wal_id: uuid.UUID) -> AsyncIterator[OpenWriter]:
-    """Opens writers on `wal_dir`; any fatal WAL error fails the test."""
-    writers: list[WalWriter] = []
-    fatal: list[WalFatal] = []
-
-    def _open(**settings: Any) -> WalWriter:
-        writer = WalWriter(wal_dir, wal_id, **settings)
-        writer.open(asyncio.get_running_loop(), fatal.append)
-        writers.append(writer)
-        return writer
-
-    yield _open
-    for writer in writers:
-        await writer.close()
-    assert not fatal
 
 
 @pytest.fixture

@@ -1,0 +1,87 @@
+"""scripts/bench.py end to end with tiny counts: the report has its shape and its figures.
+
+Not a performance check (the counts are far too small for that): it keeps the benchmark
+runnable as the daemon changes, so the real run is never the first to find it broken.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from postgres import opted_out, unique_dbname
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+
+
+def positive(value: Any) -> bool:
+    return isinstance(value, int | float) and value > 0
+
+
+def non_negative(value: Any) -> bool:
+    return isinstance(value, int | float) and value >= 0
+
+
+@pytest.fixture
+def pg_url(request: pytest.FixtureRequest) -> str:
+    """The suite's PostgreSQL, or '' on the explicit opt-out (the bench then records a skip)."""
+    if opted_out():
+        return ""
+    return str(request.getfixturevalue("pg_cluster").url())
+
+
+def test_bench_runs_and_reports_every_figure(tmp_path: Path, pg_url: str) -> None:
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--out", str(out), "--tmp-dir", str(tmp_path)]
+    cmd += ["--concurrency", "2,4", "--tokens", "5,20", "--paced-concurrency", "2"]
+    cmd += ["--sustained-seconds", "0.5", "--pg-url", pg_url]
+    cmd += ["--pg-scratch-db", unique_dbname("llmsvc_bench")]
+    res = subprocess.run(cmd, capture_output=True, timeout=90)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
+    report = json.loads(out.read_text())
+    assert json.loads(res.stdout) == report
+
+    assert positive(report["machine"]["nproc"])
+    assert report["daemon"]["exit_code"] == 0
+    latency = report["latency_nonstream_c1"]
+    for key in ("direct_p50_ms", "direct_p99_ms", "daemon_p50_ms", "daemon_p99_ms"):
+        assert positive(latency[key]), key
+    assert isinstance(latency["added_p50_ms"], float)
+    ttft = report["ttft_stream_c1"]
+    assert positive(ttft["direct_ttft_p50_ms"])
+    assert positive(ttft["daemon_ttft_p50_ms"])
+
+    assert set(report["streaming"]) == {"c2_t5", "c2_t20", "c4_t5", "c4_t20"}
+    runs = [*report["streaming"].values(), *report["streaming_paced"].values()]
+    runs = [r for r in runs if isinstance(r, dict)]
+    for run in runs:
+        for key in (
+            "direct_tokens_per_s",
+            "daemon_tokens_per_s",
+            "daemon_over_direct_tokens_per_s",
+        ):
+            assert positive(run[key]), key
+        # CPU is read in 10 ms ticks: a tiny run may cost zero of them
+        assert non_negative(run["daemon_cpu_us_per_token"])
+        assert non_negative(run["daemon_drain_s"])
+    sustained = report["sustained_target_rate"]
+    assert positive(sustained["daemon_tokens_per_s"])
+    assert non_negative(sustained["daemon_drain_s"])
+
+    for mode in ("write", "fsync"):
+        assert positive(report["wal_appends"][mode]["appends_per_s"]), mode
+    flush = report["flush"]
+    assert positive(flush["sqlite"]["rows_per_s"])
+    if pg_url:
+        assert positive(flush["postgresql"]["rows_per_s"]), flush["postgresql"]
+    else:
+        assert "error" in flush["postgresql"]
+
+    for name, verdict in report["targets"].items():
+        assert isinstance(verdict["met"], bool), name
+        if name != "daemon_tokens_per_s_c100_t1000":  # that scenario is not in a tiny run
+            assert verdict["reached"] is not None, name
