@@ -67,7 +67,7 @@ class Daemon:
                 signals.start_soon(self._watch_signals)
                 try:
                     await self.boot()
-                    log.info("ready host=%s port=%d", self.settings.host, self.settings.port)
+                    log.info("ready host=%s port=%d", self.settings.host, self.port)
                     await self.stopping.wait()
                 finally:
                     await self.shutdown()
@@ -168,6 +168,7 @@ class Daemon:
                 address = f"{self.settings.host}:{self.settings.port}"
                 raise LlmsvcError(f"cannot listen on {address} (in use, or not an address here)")
             await asyncio.sleep(0.01)
+        self.port = self.server.servers[0].sockets[0].getsockname()[1]  # the real one for port 0
 
     async def _serve(self) -> None:
         with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind

@@ -1,7 +1,8 @@
 """The gateway's records, encoded and handed to the WAL writer.
 
 Appends return the writer's batch future; `durable` waits for it. Records of
-one request are appended in order, so waiting for the last one covers all.
+one request are appended in order, so waiting for the last one covers all;
+the start records, which nobody waits on, do not wake the writer thread.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Journal:
         stream: bool,
         messages: list[Any],
         params: dict[str, Any],
-    ) -> asyncio.Future[int]:
+    ) -> None:
         body = {
             "id": str(request_id),
             "correlation_id": str(correlation_id),
@@ -46,7 +47,7 @@ class Journal:
             "params": params,
             "ts": now_us(),
         }
-        return self.writer.append(encode_json(RecordType.REQUEST_START, body))
+        self.writer.queue(encode_json(RecordType.REQUEST_START, body))
 
     def attempt_start(
         self,
@@ -55,7 +56,7 @@ class Journal:
         attempt_no: int,
         provider: str,
         model: str,
-    ) -> asyncio.Future[int]:
+    ) -> None:
         body = {
             "id": str(attempt_id),
             "request_id": str(request_id),
@@ -64,7 +65,7 @@ class Journal:
             "model": model,
             "ts": now_us(),
         }
-        return self.writer.append(encode_json(RecordType.ATTEMPT_START, body))
+        self.writer.queue(encode_json(RecordType.ATTEMPT_START, body))
 
     def tokens(self, attempt_id: bytes, first_seq: int, texts: list[str]) -> asyncio.Future[int]:
         ts = now_us()

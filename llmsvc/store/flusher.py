@@ -69,6 +69,7 @@ class Batch:
     requests: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     attempts: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
     tokens: list[Token] = field(default_factory=list)
+    token_rows: list[tuple[Any, ...]] = field(default_factory=list)  # in the dialect's form
     request_ends: list[dict[str, Any]] = field(default_factory=list)
     attempt_ends: list[dict[str, Any]] = field(default_factory=list)
 
@@ -77,7 +78,10 @@ class Batch:
         return len(self.requests) + len(self.attempts) + len(self.tokens)
 
 
-def build_batch(records: list[tuple[int, bytes]], last_lsn: int, instance_id: uuid.UUID) -> Batch:
+def build_batch(
+    records: list[tuple[int, bytes]], last_lsn: int, instance_id: uuid.UUID, dialect: str
+) -> Batch:
+    """Decode records into rows; CPU work only, so the flusher runs it in a worker thread."""
     batch = Batch(last_lsn)
     add_token = batch.tokens.append
     for rtype, payload in records:
@@ -93,6 +97,9 @@ def build_batch(records: list[tuple[int, bytes]], last_lsn: int, instance_id: uu
             _end(batch.attempts, batch.attempt_ends, body, ATTEMPT_END_FIELDS)
         elif rtype == RecordType.REQUEST_END:
             _end(batch.requests, batch.request_ends, body, REQUEST_END_FIELDS)
+    batch.token_rows = TOKEN_ROWS[dialect](batch.tokens)
+    if dialect == "postgresql":
+        _no_nul_rows(batch)
     return batch
 
 
@@ -154,6 +161,7 @@ def _update_by_key(table: sa.Table, fields: tuple[str, ...]) -> Any:
     )
 
 
+SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's storage format for DateTime on SQLite
 _SQLITE_TOKENS = (
     "INSERT OR IGNORE INTO llm_token_log (attempt_id, seq, text, created_at) VALUES (?, ?, ?, ?)"
 )
@@ -169,30 +177,25 @@ ON CONFLICT DO NOTHING
 """
 
 
-async def _tokens_sqlite(conn: AsyncConnection, tokens: list[Token]) -> None:
-    """One executemany; ids and times in the text forms SQLAlchemy uses on SQLite."""
-    hexes: dict[bytes, str] = {}
-    rows = [
-        (
-            hexes.get(aid) or hexes.setdefault(aid, aid.hex()),
-            seq,
-            text,
-            datetime.fromtimestamp(us / 1e6, UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
-        )
-        for aid, seq, text, us in tokens
-    ]
-    raw = await conn.get_raw_connection()
-    await raw.driver_connection.executemany(_SQLITE_TOKENS, rows)  # type: ignore[union-attr]
+def _sqlite_rows(tokens: list[Token]) -> list[tuple[Any, ...]]:
+    """Ids and times in the text forms SQLAlchemy uses on SQLite.
 
-
-async def _tokens_postgres(conn: AsyncConnection, tokens: list[Token]) -> None:
-    """COPY into a staging table, then one idempotent INSERT … SELECT.
-
-    Measured by scripts/bench_pg_bulk.py: 1.3x an unnest() insert and 1.8x
-    executemany at 50,000 rows.
+    The tokens of one upstream read share a timestamp, and one attempt an id,
+    so each is formatted once per run of equal values, not once per token.
     """
+    hexes: dict[bytes, str] = {}
+    rows: list[tuple[Any, ...]] = []
+    last_us, stamp = -1, ""
+    for aid, seq, text, us in tokens:
+        if us != last_us:
+            last_us, stamp = us, datetime.fromtimestamp(us / 1e6, UTC).strftime(SQLITE_TIME)
+        rows.append((hexes.get(aid) or hexes.setdefault(aid, aid.hex()), seq, text, stamp))
+    return rows
+
+
+def _postgres_rows(tokens: list[Token]) -> list[tuple[Any, ...]]:
     ids: dict[bytes, uuid.UUID] = {}
-    rows = [
+    return [
         (
             ids.get(a) or ids.setdefault(a, uuid.UUID(bytes=a)),
             s,
@@ -201,13 +204,33 @@ async def _tokens_postgres(conn: AsyncConnection, tokens: list[Token]) -> None:
         )
         for a, s, t, u in tokens
     ]
+
+
+TOKEN_ROWS: dict[str, Callable[[list[Token]], list[tuple[Any, ...]]]] = {
+    "sqlite": _sqlite_rows,
+    "postgresql": _postgres_rows,
+}
+
+
+async def _tokens_sqlite(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    """One executemany."""
+    raw = await conn.get_raw_connection()
+    await raw.driver_connection.executemany(_SQLITE_TOKENS, rows)  # type: ignore[union-attr]
+
+
+async def _tokens_postgres(conn: AsyncConnection, rows: list[tuple[Any, ...]]) -> None:
+    """COPY into a staging table, then one idempotent INSERT … SELECT.
+
+    Measured by scripts/bench_pg_bulk.py: 1.3x an unnest() insert and 1.9x
+    executemany at 50,000 rows.
+    """
     raw = (await conn.get_raw_connection()).driver_connection
     await raw.execute(_POSTGRES_STAGE)  # type: ignore[union-attr]
     await raw.copy_records_to_table("llmsvc_token_stage", records=rows)  # type: ignore[union-attr]
     await raw.execute(_POSTGRES_TOKENS)  # type: ignore[union-attr]
 
 
-TOKEN_WRITERS: dict[str, Callable[[AsyncConnection, list[Token]], Awaitable[None]]] = {
+TOKEN_WRITERS: dict[str, Callable[[AsyncConnection, list[tuple[Any, ...]]], Awaitable[None]]] = {
     "sqlite": _tokens_sqlite,
     "postgresql": _tokens_postgres,
 }
@@ -228,13 +251,15 @@ def _no_nul(value: Any) -> Any:
     return value
 
 
+def _no_nul_rows(batch: Batch) -> None:
+    batch.requests = {k: _no_nul(row) for k, row in batch.requests.items()}
+    batch.attempts = {k: _no_nul(row) for k, row in batch.attempts.items()}
+    batch.request_ends = [_no_nul(row) for row in batch.request_ends]
+    batch.attempt_ends = [_no_nul(row) for row in batch.attempt_ends]
+
+
 async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID) -> None:
     """Write a batch and move the checkpoint, all in one transaction."""
-    if engine.dialect.name == "postgresql":
-        batch.requests = {k: _no_nul(row) for k, row in batch.requests.items()}
-        batch.attempts = {k: _no_nul(row) for k, row in batch.attempts.items()}
-        batch.request_ends = [_no_nul(row) for row in batch.request_ends]
-        batch.attempt_ends = [_no_nul(row) for row in batch.attempt_ends]
     async with engine.begin() as conn:
         # The checkpoint goes first: it also opens the driver-level transaction
         # that the raw token insert below joins.
@@ -250,8 +275,8 @@ async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID)
             await conn.execute(
                 _insert_ignoring_existing(conn, llm_attempts), list(batch.attempts.values())
             )
-        if batch.tokens:
-            await TOKEN_WRITERS[conn.dialect.name](conn, batch.tokens)
+        if batch.token_rows:
+            await TOKEN_WRITERS[conn.dialect.name](conn, batch.token_rows)
         if batch.attempt_ends:
             await conn.execute(_update_by_key(llm_attempts, ATTEMPT_END_FIELDS), batch.attempt_ends)
         if batch.request_ends:
@@ -317,7 +342,9 @@ class Flusher:
             if not records:
                 return 0
             last_lsn = self.reader.position.lsn - 1
-            self._pending = build_batch(records, last_lsn, self.instance_id)
+            self._pending = await asyncio.to_thread(
+                build_batch, records, last_lsn, self.instance_id, self.engine.dialect.name
+            )
             self._pending_records = len(records)
         await write_batch(self.engine, self._pending, self.instance_id)
         self.checkpoint, self._pending = self._pending.last_lsn, None

@@ -7,6 +7,7 @@ writer has published, so a half-written batch is never mistaken for damage.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,7 +101,7 @@ class WalReader:
                 return []
             await self._file.seek(pos.offset)
             data = await self._file.read(want)
-            decoded = decode(data)
+            decoded = await asyncio.to_thread(decode, data)  # a per-record loop: off the loop
             records = decoded.records[:max_records]
             used = sum(FRAME.size + len(payload) for _, payload in records)
             self.position = Position(pos.segment, pos.offset + used, pos.lsn + len(records))

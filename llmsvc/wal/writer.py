@@ -54,6 +54,7 @@ class WalWriter:
         self._cond = threading.Condition()
         self._buf = bytearray()
         self._count = 0
+        self._woken = False  # the thread was asked to write the pending batch
         self._fut: asyncio.Future[int] | None = None
         self._closing = False
         self._failed: WalFatal | None = None
@@ -103,6 +104,17 @@ class WalWriter:
         Every append of one batch shares one future: await it through
         `asyncio.shield` so one cancelled waiter cannot cancel the others.
         """
+        return self._put(frames, wake=True)
+
+    def queue(self, *frames: bytes) -> None:
+        """Queue frames nobody waits on, without waking the writer thread.
+
+        They are written, in order, with the next batch someone appends and
+        waits on (or at close): a thread wake-up saved per record.
+        """
+        self._put(frames, wake=False)
+
+    def _put(self, frames: tuple[bytes, ...], wake: bool) -> asyncio.Future[int]:
         with self._cond:
             if self._failed is not None:
                 raise self._failed
@@ -113,6 +125,8 @@ class WalWriter:
             fut = self._fut
             if fut is None:
                 fut = self._fut = self._loop.create_future()  # type: ignore[union-attr]
+            if wake and not self._woken:
+                self._woken = True
                 self._cond.notify()
         return fut
 
@@ -139,14 +153,15 @@ class WalWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._count and not self._closing:
+                while not self._woken and not self._closing:
                     self._cond.wait()
-                if not self._count:
+                if self._closing and not self._count and self._fut is None:
                     return
                 buf, fut, count = self._buf, self._fut, self._count
-                self._buf, self._fut, self._count = bytearray(), None, 0
+                self._buf, self._fut, self._count, self._woken = bytearray(), None, 0, False
             try:
-                self._write(buf)
+                if buf:
+                    self._write(buf)
                 self._lsn += count
                 end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
                 if self._offset >= self.segment_max_bytes:

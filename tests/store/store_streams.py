@@ -47,17 +47,17 @@ class Stream:
     prompt_tokens: int = 12
     first_token_us: int | None = None
 
-    def start(self, journal: Journal) -> asyncio.Future[int]:
+    def start(self, journal: Journal) -> None:
         self.start_request(journal)
-        return self.start_attempt(journal)
+        self.start_attempt(journal)
 
-    def start_request(self, journal: Journal) -> asyncio.Future[int]:
-        return journal.request_start(
+    def start_request(self, journal: Journal) -> None:
+        journal.request_start(
             self.request_id, self.correlation_id, self.model, True, self.messages, self.params
         )
 
-    def start_attempt(self, journal: Journal) -> asyncio.Future[int]:
-        return journal.attempt_start(
+    def start_attempt(self, journal: Journal) -> None:
+        journal.attempt_start(
             self.attempt_id, self.request_id, self.attempt_no, self.provider, self.model
         )
 

@@ -274,7 +274,7 @@ async def _flush_tokens_at(
 ) -> list[datetime]:
     """Journal one token per timestamp (seq = index), flush, return the expected datetimes."""
     stream = Stream([])
-    await asyncio.shield(stream.start(Journal(writer)))
+    stream.start(Journal(writer))  # queued: written with the tokens below
     frames = [
         codec.encode_token(stream.attempt_id.bytes, seq, us, f"t{seq}")
         for seq, us in enumerate(stamps)

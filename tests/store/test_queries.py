@@ -57,7 +57,8 @@ async def test_open_work_lists_only_this_instances_streaming_requests_and_open_a
     journal.tokens(second.bytes, 0, ["x", "y", "z"])
 
     silent = Stream(texts(3))  # started, no token yet
-    await asyncio.shield(silent.start(journal))
+    silent.start(journal)
+    await asyncio.shield(journal.writer.append())  # an empty append waits for the queued
     await _flush(make_flusher)
 
     assert await open_work(engine, uuid.uuid4()) == []
@@ -110,7 +111,8 @@ async def test_recent_requests_are_newest_first_and_limited(
         stream = Stream(texts(n + 1), model=f"model-{n}")
         streams.append(stream)
         if n == 3:
-            await asyncio.shield(stream.start(journal))  # still streaming
+            stream.start(journal)  # still streaming
+            await asyncio.shield(journal.writer.append())
         else:
             await stream.journal_whole(journal)
         await asyncio.sleep(0.002)  # distinct created_at
