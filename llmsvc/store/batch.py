@@ -1,0 +1,191 @@
+"""WAL records to rows: the flusher's CPU work, kept free of I/O so it can run in a thread.
+
+A request or attempt that starts and ends within one batch is inserted
+whole; an end whose start was flushed earlier becomes an update. Token rows
+are built in each dialect's own form.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from llmsvc.wal.codec import RecordType, decode_json, decode_token
+
+Token = tuple[bytes, int, str, int]  # attempt id, seq, text, timestamp µs
+Row = tuple[Any, ...]
+
+REQUEST_END_FIELDS: tuple[str, ...] = (
+    "status",
+    "ended_at",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+)
+REQUEST_END_FIELDS += ("provider", "error")
+ATTEMPT_END_FIELDS: tuple[str, ...] = (
+    "status",
+    "first_token_at",
+    "ended_at",
+    "http_status",
+    "error_code",
+)
+ATTEMPT_END_FIELDS += ("error_message", "prompt_tokens", "completion_tokens", "token_count")
+
+
+def utc(us: int | None) -> datetime | None:
+    return None if us is None else datetime.fromtimestamp(us / 1e6, UTC)
+
+
+@dataclass
+class Batch:
+    """One transaction's worth of rows, built from consecutive WAL records.
+
+    A request or attempt that starts and ends within the batch is inserted
+    whole; an end whose start was flushed earlier becomes an update.
+    """
+
+    last_lsn: int
+    requests: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    attempts: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
+    tokens: list[Token] = field(default_factory=list)
+    token_rows: list[Row] = field(default_factory=list)  # in the dialect's form
+    request_ends: list[dict[str, Any]] = field(default_factory=list)
+    attempt_ends: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        return len(self.requests) + len(self.attempts) + len(self.tokens)
+
+
+def build_batch(
+    records: list[tuple[int, bytes]], last_lsn: int, instance_id: uuid.UUID, dialect: str
+) -> Batch:
+    """Decode records into rows; CPU work only, so the flusher runs it in a worker thread."""
+    batch = Batch(last_lsn)
+    add_token = batch.tokens.append
+    for rtype, payload in records:
+        if rtype == RecordType.TOKEN:
+            add_token(decode_token(payload))
+            continue
+        body = decode_json(payload)
+        if rtype == RecordType.REQUEST_START:
+            batch.requests[uuid.UUID(body["id"])] = _request_row(body, instance_id)
+        elif rtype == RecordType.ATTEMPT_START:
+            batch.attempts[uuid.UUID(body["id"])] = _attempt_row(body)
+        elif rtype == RecordType.ATTEMPT_END:
+            _end(batch.attempts, batch.attempt_ends, body, ATTEMPT_END_FIELDS)
+        elif rtype == RecordType.REQUEST_END:
+            _end(batch.requests, batch.request_ends, body, REQUEST_END_FIELDS)
+    batch.token_rows = TOKEN_ROWS[dialect](batch.tokens)
+    if dialect == "postgresql":
+        _no_nul_rows(batch)
+    return batch
+
+
+def _request_row(body: dict[str, Any], instance_id: uuid.UUID) -> dict[str, Any]:
+    return {
+        "id": uuid.UUID(body["id"]),
+        "instance_id": instance_id,
+        "correlation_id": uuid.UUID(body["correlation_id"]),
+        "model": body["model"],
+        "stream": body["stream"],
+        "status": "streaming",
+        "messages": body["messages"],
+        "params": body["params"],
+        "created_at": utc(body["ts"]),
+        **dict.fromkeys(REQUEST_END_FIELDS[1:]),
+    }
+
+
+def _attempt_row(body: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": uuid.UUID(body["id"]),
+        "request_id": uuid.UUID(body["request_id"]),
+        "attempt_no": body["attempt_no"],
+        "provider": body["provider"],
+        "model": body["model"],
+        "status": "streaming",
+        "started_at": utc(body["ts"]),
+        **dict.fromkeys(ATTEMPT_END_FIELDS[1:]),
+    }
+
+
+def _end(
+    started: dict[uuid.UUID, dict[str, Any]],
+    ends: list[dict[str, Any]],
+    body: dict[str, Any],
+    fields: tuple[str, ...],
+) -> None:
+    values = {name: body.get(name) for name in fields}
+    values["ended_at"] = utc(body["ts"])
+    if "first_token_at" in values:
+        values["first_token_at"] = utc(body.get("first_token_ts"))
+    key = uuid.UUID(body["id"])
+    if key in started:
+        started[key].update(values)
+    else:
+        ends.append({"key": key, **values})
+
+
+SQLITE_TIME = "%Y-%m-%d %H:%M:%S.%f"  # SQLAlchemy's storage format for DateTime on SQLite
+
+
+def _sqlite_rows(tokens: list[Token]) -> list[Row]:
+    """Ids and times in the text forms SQLAlchemy uses on SQLite.
+
+    The tokens of one upstream read share a timestamp, and one attempt an id,
+    so each is formatted once per run of equal values, not once per token.
+    """
+    hexes: dict[bytes, str] = {}
+    rows: list[Row] = []
+    last_us, stamp = -1, ""
+    for aid, seq, text, us in tokens:
+        if us != last_us:
+            last_us, stamp = us, datetime.fromtimestamp(us / 1e6, UTC).strftime(SQLITE_TIME)
+        rows.append((hexes.get(aid) or hexes.setdefault(aid, aid.hex()), seq, text, stamp))
+    return rows
+
+
+def _postgres_rows(tokens: list[Token]) -> list[Row]:
+    ids: dict[bytes, uuid.UUID] = {}
+    return [
+        (
+            ids.get(a) or ids.setdefault(a, uuid.UUID(bytes=a)),
+            s,
+            t if "\x00" not in t else _no_nul(t),
+            u,
+        )
+        for a, s, t, u in tokens
+    ]
+
+
+TOKEN_ROWS: dict[str, Callable[[list[Token]], list[Row]]] = {
+    "sqlite": _sqlite_rows,
+    "postgresql": _postgres_rows,
+}
+
+
+def _no_nul(value: Any) -> Any:
+    """PostgreSQL text and jsonb cannot hold U+0000: store it as U+FFFD instead of failing.
+
+    A batch the database refuses would otherwise be retried forever and hold
+    back every record after it.
+    """
+    if isinstance(value, str):
+        return value.replace("\x00", "\ufffd") if "\x00" in value else value
+    if isinstance(value, list):
+        return [_no_nul(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _no_nul(v) for k, v in value.items()}
+    return value
+
+
+def _no_nul_rows(batch: Batch) -> None:
+    batch.requests = {k: _no_nul(row) for k, row in batch.requests.items()}
+    batch.attempts = {k: _no_nul(row) for k, row in batch.attempts.items()}
+    batch.request_ends = [_no_nul(row) for row in batch.request_ends]
+    batch.attempt_ends = [_no_nul(row) for row in batch.attempt_ends]
