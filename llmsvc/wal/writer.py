@@ -140,7 +140,7 @@ class WalWriter:
             await asyncio.to_thread(thread.join)
         if self._fd >= 0:
             if self._failed is None:
-                os.fdatasync(self._fd)
+                await asyncio.to_thread(os.fdatasync, self._fd)  # never on the loop thread
             os.close(self._fd)
             self._fd = -1
         log.info("wal closed next_lsn=%d", self._lsn + 1)
