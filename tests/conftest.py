@@ -100,3 +100,16 @@ async def open_writer(wal_dir: Path, wal_id: uuid.UUID) -> AsyncIterator[OpenWri
     for writer in writers:
         await writer.close()  # closing twice is harmless
     assert not unexpected
+
+
+@pytest.fixture
+def own_cluster() -> Iterator[PostgresCluster]:
+    """A cluster of the test's own, to stop and start (outages) without touching others."""
+    if opted_out():
+        pytest.skip(SKIP_REASON)
+    cluster = PostgresCluster()
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.cleanup()

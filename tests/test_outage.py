@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,7 @@ from typing import Any
 import openai
 import pytest
 from daemon_process import DaemonProcess, daemon_env, read_store
-from postgres import SKIP_REASON, PostgresCluster, opted_out, sqlalchemy_url
+from postgres import PostgresCluster, sqlalchemy_url
 
 from llmsvc.providers.mock import token as mock_token
 
@@ -66,18 +65,6 @@ def complete(client: openai.OpenAI, n: int) -> Received:
 
 def expected(n: int) -> list[str]:
     return [mock_token(i) for i in range(n)]
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[PostgresCluster]:
-    if opted_out():
-        pytest.skip(SKIP_REASON)
-    cluster = PostgresCluster()
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
 
 
 def test_requests_keep_working_through_a_database_outage_and_nothing_is_lost(

@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from postgres import SKIP_REASON, PostgresCluster, opted_out, sqlalchemy_url
+from postgres import PostgresCluster, sqlalchemy_url
 from store_streams import EPOCH, Stream, assert_stored, dump, stored_checkpoint, texts, token_keys
 
 from llmsvc.gateway.journal import Journal
@@ -29,18 +29,6 @@ async def _wait_for(condition: Callable[[], bool], within: float, what: str) -> 
         assert time.monotonic() - began < within, f"not {what} after {within}s"
         await asyncio.sleep(0.02)
     return time.monotonic() - began
-
-
-@pytest.fixture
-def own_cluster() -> Iterator[PostgresCluster]:
-    if opted_out():
-        pytest.skip(SKIP_REASON)
-    cluster = PostgresCluster()
-    cluster.start()
-    try:
-        yield cluster
-    finally:
-        cluster.cleanup()
 
 
 @pytest.mark.timeout(60)
