@@ -12,7 +12,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import anyio
@@ -22,6 +22,7 @@ import sqlalchemy as sa
 from llmsvc import __version__
 from llmsvc.config import Settings, load_settings
 from llmsvc.errors import ConfigError, LlmsvcError
+from llmsvc.maintenance import consistency
 from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
 from llmsvc.store.queries import recent_requests, request_detail
 
@@ -79,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--verbose", "-v", action="store_true", help="include the prompt")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(command=cmd_show)
+    check = commands.add_parser(
+        "check", help="check the store against the WAL: schema, backlog, token gaps"
+    )
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.add_argument("--history", action="store_true", help="list earlier check runs")
+    check.add_argument("--limit", type=int, default=20, help="runs listed by --history")
+    check.set_defaults(command=cmd_check)
     return parser
 
 
@@ -166,6 +174,49 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print("  reply:")
         print("    " + detail.texts[attempt["id"]].replace("\n", "\n    "))
     return 0
+
+
+def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
+    """Exit 0 when consistent, 1 when a problem remains; every run is stored."""
+    if args.history:
+        runs = _with_store(settings, lambda engine: consistency.history(engine, args.limit))
+        if args.json:
+            sys.stdout.buffer.write(_json(runs) + b"\n")
+            return 0
+        for run in runs:
+            problems = run["found"].get("problems", [])
+            print(f"{_time(run['started_at'])}  {run['status']:8}  problems={len(problems)}")
+            for problem in problems:
+                print(f"    {problem}")
+        if not runs:
+            print("(no check runs yet)")
+        return 0
+
+    async def check(engine: Any) -> consistency.Report:
+        started = datetime.now(UTC)
+        report = await consistency.run_check(engine, settings.wal_dir)
+        await consistency.record_run(engine, report, started, None)
+        return report
+
+    report = _with_store(settings, check, check_schema=False)
+    if args.json:
+        sys.stdout.buffer.write(_json(report.as_dict()) + b"\n")
+    else:
+        current, head = report.schema
+        print(f"schema:          {current} (code expects {head})")
+        if report.wal is not None:
+            wal = report.wal
+            running = "running" if wal.daemon_running else "not running"
+            print(f"wal:             {wal.segments} segments, last LSN {wal.last_lsn}")
+            print(f"wal tail:        {wal.tail}")
+            print(f"checkpoint:      {wal.checkpoint} (backlog {wal.backlog}; daemon {running})")
+        print(f"open requests:   {report.open_requests}")
+        print(f"token gaps:      {len(report.gaps)} attempts")
+        print(f"count mismatch:  {len(report.mismatches)} attempts")
+        print("consistent" if report.ok else "PROBLEMS:")
+        for problem in report.problems:
+            print(f"  - {problem}")
+    return 0 if report.ok else EXIT_FAILURE
 
 
 def _with_store(

@@ -17,6 +17,7 @@ import logging
 import os
 import signal
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
 import anyio
 import sqlalchemy as sa
@@ -27,6 +28,7 @@ from llmsvc.errors import LlmsvcError, StoreError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
+from llmsvc.maintenance.consistency import record_run, run_check
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.store.engine import create_engine, upgrade_to_head
@@ -121,6 +123,7 @@ class Daemon:
         log.info(
             "boot: requests left open by the last run marked interrupted count=%d", interrupted
         )
+        await self._check()
 
         self.providers = {p.name: build_provider(p) for p in s.providers}
         self.gateway = Gateway(self.journal, Router(s.providers, self.providers), s.max_body_bytes)
@@ -147,6 +150,20 @@ class Daemon:
         if found:
             await self.flusher.drain(within=float("inf"))
         return len(found)
+
+    async def _check(self) -> None:
+        """The consistency check, stored as a run; problems are logged, never hidden."""
+        started = datetime.now(UTC)
+        report = await run_check(self.engine, self.settings.wal_dir)
+        await record_run(self.engine, report, started, self.instance)
+        for problem in report.problems:
+            log.warning("boot: consistency problem: %s", problem)
+        log.info(
+            "boot: consistency check %s gaps=%d count_mismatches=%d",
+            "ok" if report.ok else "found problems",
+            len(report.gaps),
+            len(report.mismatches),
+        )
 
     async def _start_http(self) -> None:
         config = uvicorn.Config(

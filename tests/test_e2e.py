@@ -159,6 +159,7 @@ def test_every_token_a_client_received_is_stored_once_in_order(
         assert again.stop() == 0, again.log
     assert "boot: wal replayed records=0 " in again.log
     assert "marked interrupted count=0" in again.log
+    assert "boot: consistency check ok gaps=0 count_mismatches=0" in again.log
 
 
 def test_status_and_show_list_what_clients_received(env: dict[str, str], database_url: str) -> None:

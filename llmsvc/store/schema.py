@@ -84,6 +84,21 @@ wal_checkpoints = sa.Table(
     sa.Column("updated_at", Timestamp, nullable=False),
 )
 
+maintenance_runs = sa.Table(
+    "maintenance_runs",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True),
+    sa.Column("job", sa.String(50), nullable=False),
+    sa.Column("instance_id", sa.Uuid),
+    sa.Column("started_at", Timestamp, nullable=False),
+    sa.Column("finished_at", Timestamp, nullable=False),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("found", Json, nullable=False),
+    sa.Column("repaired", Json, nullable=False),
+    sa.Column("error", sa.Text),
+)
+
 sa.Index("ix_llm_requests_created_at", llm_requests.c.created_at)
 sa.Index("ix_llm_requests_status", llm_requests.c.status)
 sa.Index("ix_llm_attempts_request_id", llm_attempts.c.request_id)
+sa.Index("ix_maintenance_runs_job_started", maintenance_runs.c.job, maintenance_runs.c.started_at)

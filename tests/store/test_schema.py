@@ -10,10 +10,15 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
+from llmsvc.store.engine import create_engine, migrations_dir, schema_revision, upgrade_to_head
 from llmsvc.store.schema import metadata, wal_checkpoints
 
 STORE_TABLES = {"llm_requests", "llm_attempts", "llm_token_log", "provider_status"}
+
+# The newest revision, read from the migration files' names (NNNN_what.py), not from Alembic.
+NEWEST = max(
+    p.name.split("_")[0] for p in migrations_dir().joinpath("versions").glob("[0-9]*_*.py")
+)
 
 
 def _describe_database(conn: Connection) -> dict[str, dict[str, Any]]:
@@ -64,7 +69,7 @@ async def test_a_fresh_database_reports_no_revision_and_the_head_it_needs(
     finally:
         await engine.dispose()
     assert current is None
-    assert head == "0001"
+    assert head == NEWEST
 
 
 async def test_upgrade_to_head_creates_the_store_tables_and_checkpoints(
@@ -77,8 +82,8 @@ async def test_upgrade_to_head_creates_the_store_tables_and_checkpoints(
         current, head = await schema_revision(engine)
     finally:
         await engine.dispose()
-    assert tables == STORE_TABLES | {"wal_checkpoints", "alembic_version"}
-    assert current == head == "0001"
+    assert tables == STORE_TABLES | {"wal_checkpoints", "maintenance_runs", "alembic_version"}
+    assert current == head == NEWEST
 
 
 async def test_upgrade_to_head_twice_changes_nothing_and_keeps_rows(database_url: str) -> None:
@@ -103,7 +108,7 @@ async def test_upgrade_to_head_twice_changes_nothing_and_keeps_rows(database_url
     finally:
         await engine.dispose()
     assert after == before
-    assert (current, head) == ("0001", "0001")
+    assert (current, head) == (NEWEST, NEWEST)
     assert kept == [(instance, 42)]
 
 

@@ -1,0 +1,169 @@
+"""The consistency check on real SQLite and PostgreSQL, over a real WAL."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc.gateway.journal import Journal
+from llmsvc.maintenance.consistency import history, record_run, run_check
+from llmsvc.store.engine import create_engine, upgrade_to_head
+from llmsvc.store.flusher import Flusher
+from llmsvc.store.schema import llm_token_log
+from llmsvc.wal.writer import WalWriter
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    engine = create_engine(database_url)
+    await upgrade_to_head(engine)
+    yield engine
+    await engine.dispose()
+
+
+async def journal_attempt(writer: WalWriter, tokens: int) -> uuid.UUID:
+    """One completed request whose attempt streamed `tokens` tokens (seq 0..tokens-1)."""
+    journal = Journal(writer)
+    request_id, attempt_id = uuid.uuid4(), uuid.uuid4()
+    journal.request_start(request_id, uuid.uuid4(), "m", True, [], {})
+    journal.attempt_start(attempt_id, request_id, 1, "p", "m")
+    journal.tokens(attempt_id.bytes, 0, [f"t{i} " for i in range(tokens)])
+    journal.attempt_end(attempt_id, status="completed", token_count=tokens)
+    await asyncio.shield(journal.request_end(request_id, status="completed"))
+    return attempt_id
+
+
+async def flush(engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, writer: WalWriter) -> None:
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end)
+    await flusher.start()
+    assert await flusher.drain(10)
+    await flusher.close()
+
+
+async def delete_seqs(engine: AsyncEngine, attempt_id: uuid.UUID, seqs: list[int]) -> None:
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.delete(llm_token_log).where(
+                llm_token_log.c.attempt_id == attempt_id, llm_token_log.c.seq.in_(seqs)
+            )
+        )
+
+
+async def test_a_store_that_matches_its_wal_is_consistent(
+    engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, open_writer: Any
+) -> None:
+    writer = open_writer()
+    await journal_attempt(writer, 10)
+    await flush(engine, wal_dir, wal_id, writer)
+    report = await run_check(engine, wal_dir)
+    assert report.ok, report.problems
+    assert report.gaps == []
+    assert report.mismatches == []
+    assert report.wal is not None
+    assert report.wal.backlog == 0
+    assert report.wal.last_lsn == report.wal.checkpoint == 10 + 4  # tokens + lifecycle records
+
+
+async def test_holes_in_an_attempts_seqs_are_reported_with_their_ranges(
+    engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, open_writer: Any
+) -> None:
+    writer = open_writer()
+    damaged = await journal_attempt(writer, 10)
+    intact = await journal_attempt(writer, 4)
+    await flush(engine, wal_dir, wal_id, writer)
+    await delete_seqs(engine, damaged, [0, 3, 4, 5, 9])
+
+    report = await run_check(engine, wal_dir)
+
+    assert not report.ok
+    assert [(g.attempt_id, g.missing) for g in report.gaps] == [(str(damaged), [(0, 0), (3, 5)])]
+    assert [(m.attempt_id, m.recorded, m.stored) for m in report.mismatches] == [
+        (str(damaged), 10, 5)
+    ]
+    assert str(intact) not in " ".join(report.problems)
+    assert any("missing token seqs 0, 3-5" in p for p in report.problems)
+
+
+async def test_journaled_records_missing_from_the_database_are_a_problem_while_no_daemon_runs(
+    engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, open_writer: Any
+) -> None:
+    writer = open_writer()
+    await journal_attempt(writer, 3)  # journaled, never flushed
+    report = await run_check(engine, wal_dir)
+    assert report.wal is not None
+    assert report.wal.backlog == 3 + 4  # tokens + lifecycle records
+    assert any("7 journaled records are not in the database" in p for p in report.problems)
+
+
+async def test_each_run_is_stored_with_what_it_found(
+    engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, open_writer: Any
+) -> None:
+    writer = open_writer()
+    damaged = await journal_attempt(writer, 6)
+    await flush(engine, wal_dir, wal_id, writer)
+    await record_run(engine, await run_check(engine, wal_dir), datetime.now(UTC), wal_id)
+    await delete_seqs(engine, damaged, [2])
+    await record_run(engine, await run_check(engine, wal_dir), datetime.now(UTC), wal_id)
+
+    runs = await history(engine, 10)
+
+    assert [r["status"] for r in runs] == ["problems", "ok"]  # newest first
+    assert runs[0]["found"]["gaps"] == [{"attempt_id": str(damaged), "missing": [[2, 2]]}]
+    assert runs[1]["found"]["ok"] is True
+
+
+def test_llmsvc_check_exits_1_naming_the_gap_and_keeps_a_history(tmp_path: Path) -> None:
+    env = {**os.environ, "XDG_STATE_HOME": str(tmp_path)}
+    for key in [k for k in env if k.startswith("LLMSVC_") and not k.startswith("LLMSVC_TEST")]:
+        del env[key]
+
+    def llmsvc(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "llmsvc.cli", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    async def prepare() -> uuid.UUID:
+        db = tmp_path / "llmsvc" / "llmsvc.db"
+        engine = create_engine(f"sqlite+aiosqlite:///{db}")
+        await upgrade_to_head(engine)
+        wal_dir = tmp_path / "llmsvc" / "wal"
+        wal_dir.mkdir(parents=True)
+        from llmsvc.wal.segment import instance_id
+
+        wal_id = instance_id(wal_dir)
+        writer = WalWriter(wal_dir, wal_id)
+        writer.open(asyncio.get_running_loop(), lambda exc: None)
+        attempt = await journal_attempt(writer, 8)
+        await flush(engine, wal_dir, wal_id, writer)
+        await writer.close()
+        await delete_seqs(engine, attempt, [6])
+        await engine.dispose()
+        return attempt
+
+    attempt = asyncio.run(prepare())
+
+    done = llmsvc("check")
+    assert done.returncode == 1, done.stderr
+    assert f"attempt {attempt} is missing token seqs 6" in done.stdout
+    as_json = llmsvc("check", "--json")
+    assert as_json.returncode == 1
+    assert json.loads(as_json.stdout)["gaps"] == [{"attempt_id": str(attempt), "missing": [[6, 6]]}]
+    runs = llmsvc("check", "--history", "--json")
+    assert runs.returncode == 0
+    assert [r["status"] for r in json.loads(runs.stdout)] == ["problems", "problems"]
