@@ -75,16 +75,17 @@ class Decoded:
     stop: Stop
 
 
-def decode(buf: bytes, start: int = 0) -> Decoded:
+def decode(buf: bytes, start: int = 0, limit: int = -1) -> Decoded:
     """Decode (type, payload) frames from `start` until the buffer or its validity ends.
 
-    Never raises on bad input: damage is reported by `stop` and `end`, and no
-    record after the first bad frame is returned.
+    With `limit` it stops after that many records (stop END, `end` where the
+    next frame starts). Never raises on bad input: damage is reported by
+    `stop` and `end`, and no record after the first bad frame is returned.
     """
     records: list[tuple[int, bytes]] = []
     offset, size = start, len(buf)
     unpack, head, seeds = FRAME.unpack_from, FRAME.size, _SEED
-    while offset < size:
+    while offset < size and len(records) != limit:
         if size - offset < head:
             return Decoded(records, offset, _tail(buf, offset, Stop.PARTIAL))
         length, crc, rtype = unpack(buf, offset)

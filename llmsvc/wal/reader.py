@@ -101,10 +101,10 @@ class WalReader:
                 return []
             await self._file.seek(pos.offset)
             data = await self._file.read(want)
-            decoded = await asyncio.to_thread(decode, data)  # a per-record loop: off the loop
-            records = decoded.records[:max_records]
-            used = sum(FRAME.size + len(payload) for _, payload in records)
-            self.position = Position(pos.segment, pos.offset + used, pos.lsn + len(records))
+            # A per-record loop: off the event loop, and no further than the batch needs.
+            decoded = await asyncio.to_thread(decode, data, 0, max_records)
+            records = decoded.records
+            self.position = Position(pos.segment, pos.offset + decoded.end, pos.lsn + len(records))
             at_eof = len(data) < want
             if records:
                 return records
