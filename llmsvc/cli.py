@@ -12,6 +12,7 @@ import logging
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,9 @@ from llmsvc.errors import ConfigError, LlmsvcError
 from llmsvc.maintenance import consistency
 from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
 from llmsvc.store.queries import recent_requests, request_detail
+from llmsvc.wal.codec import RecordType, decode_json, decode_token
+from llmsvc.wal.reader import WalReader, verify_log
+from llmsvc.wal.segment import INSTANCE_FILE
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 
@@ -87,6 +91,17 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--history", action="store_true", help="list earlier check runs")
     check.add_argument("--limit", type=int, default=20, help="runs listed by --history")
     check.set_defaults(command=cmd_check)
+
+    wal = commands.add_parser("wal", help="inspect the write-ahead log (read only)")
+    wal_commands = wal.add_subparsers(required=True, metavar="WAL_COMMAND")
+    verify = wal_commands.add_parser("verify", help="check every segment; exit 1 on damage")
+    verify.add_argument("--json", action="store_true", help="print JSON")
+    verify.set_defaults(command=cmd_wal_verify)
+    dump = wal_commands.add_parser("dump", help="print records in LSN order")
+    dump.add_argument("--from", dest="start", type=int, default=1, help="first LSN (default 1)")
+    dump.add_argument("--limit", type=int, default=100, help="how many records (default 100)")
+    dump.add_argument("--json", action="store_true", help="print one JSON object per line")
+    dump.set_defaults(command=cmd_wal_dump)
     return parser
 
 
@@ -217,6 +232,55 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"  - {problem}")
     return 0 if report.ok else EXIT_FAILURE
+
+
+def cmd_wal_verify(settings: Settings, args: argparse.Namespace) -> int:
+    checks = verify_log(settings.wal_dir)
+    if args.json:
+        sys.stdout.buffer.write(_json([asdict(c) for c in checks]) + b"\n")
+    else:
+        for c in checks:
+            state = c.problem or "ok"
+            print(
+                f"{c.name}  first LSN {c.first_lsn}  {c.records} records  {c.bytes} bytes  {state}"
+            )
+        if not checks:
+            print(f"(no segments in {settings.wal_dir})")
+    return EXIT_FAILURE if any(c.problem for c in checks) else 0
+
+
+def cmd_wal_dump(settings: Settings, args: argparse.Namespace) -> int:
+    if args.start < 1 or args.limit < 1:
+        raise UsageError("--from and --limit must be at least 1")
+    id_file = settings.wal_dir / INSTANCE_FILE
+    if not id_file.exists():
+        raise LlmsvcError(f"no WAL in {settings.wal_dir}")
+
+    async def read() -> list[tuple[int, bytes]]:
+        reader = WalReader(settings.wal_dir, uuid.UUID(id_file.read_text().strip()))
+        try:
+            await reader.seek(args.start)
+            return await reader.read(None, args.limit)
+        finally:
+            await reader.close()
+
+    for lsn, (rtype, payload) in enumerate(asyncio.run(read()), start=args.start):
+        kind = RecordType(rtype).name.lower()
+        if rtype == RecordType.TOKEN:
+            attempt, seq, text, ts_us = decode_token(payload)
+            body: dict[str, Any] = {
+                "attempt_id": str(uuid.UUID(bytes=attempt)),
+                "seq": seq,
+                "ts": ts_us,
+                "text": text,
+            }
+        else:
+            body = decode_json(payload)
+        if args.json:
+            sys.stdout.buffer.write(orjson.dumps({"lsn": lsn, "type": kind, **body}) + b"\n")
+        else:
+            print(f"{lsn:>10}  {kind:<13}  {orjson.dumps(body).decode()}")
+    return 0
 
 
 def _with_store(

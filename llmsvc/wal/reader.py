@@ -17,7 +17,14 @@ import aiofiles
 
 from llmsvc.wal.codec import FRAME, Stop, decode
 from llmsvc.wal.errors import Corruption
-from llmsvc.wal.segment import HEADER_SIZE, Segment, check_header, list_segments, segment_name
+from llmsvc.wal.segment import (
+    HEADER_SIZE,
+    INSTANCE_FILE,
+    Segment,
+    check_header,
+    list_segments,
+    segment_name,
+)
 
 CHUNK_BYTES = 8 * 1024 * 1024
 
@@ -145,3 +152,52 @@ class WalReader:
 
     async def close(self) -> None:
         await self._close()
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentCheck:
+    """One segment as `llmsvc wal verify` sees it."""
+
+    name: str
+    first_lsn: int
+    records: int
+    bytes: int
+    problem: str  # empty when the segment is whole and in sequence
+
+
+def verify_log(wal_dir: Path) -> list[SegmentCheck]:
+    """Check every segment's header and frames, and that LSNs run on between segments.
+
+    Reads only; a torn tail of the newest segment is reported as such (the
+    next boot cuts it off), damage anywhere else is corruption.
+    """
+    id_file = wal_dir / INSTANCE_FILE
+    segments = list_segments(wal_dir)
+    if not segments:
+        return []
+    instance_id = uuid.UUID(id_file.read_text().strip()) if id_file.exists() else None
+    checks: list[SegmentCheck] = []
+    expected: int | None = segments[0].first_lsn  # None after a segment not read to its end
+    for i, segment in enumerate(segments):
+        size = segment.path.stat().st_size
+        problems = []
+        if expected is not None and segment.first_lsn != expected:
+            missing = f"{expected}..{segment.first_lsn - 1}"
+            problems.append(f"records {missing} are missing (a segment is gone)")
+        records = 0
+        if instance_id is None:
+            problems.append(f"no {INSTANCE_FILE} file: cannot check segment headers")
+        else:
+            try:
+                scan = scan_segment(segment, instance_id)
+                records = scan.records
+                if scan.stop is not Stop.END:
+                    newest = i == len(segments) - 1
+                    kind = "torn tail (cut off at next boot)" if newest else "corruption"
+                    problems.append(f"{kind} at byte {scan.end}: {scan.stop.name.lower()}")
+            except Corruption as exc:
+                problems.append(exc.reason)
+        problem = "; ".join(problems)
+        checks.append(SegmentCheck(segment.path.name, segment.first_lsn, records, size, problem))
+        expected = None if problem else segment.first_lsn + records
+    return checks
