@@ -1,0 +1,429 @@
+#!/usr/bin/env python3
+"""Crash harness: SIGKILL the daemon under load, restart it, and check nothing was lost.
+
+Not a test: one run that prints (and writes) JSON. Per sync mode (`write`, `fsync`)
+and per iteration, on one PostgreSQL database and one WAL directory kept across
+iterations (a real restart reuses both):
+
+1. start `llmsvc run` and wait for `ready`;
+2. run `--clients` threads, each looping over streaming chat requests to the mock
+   provider (random `max_tokens` 50..300, random `mock_delay_ms` 2..10) with the
+   `openai` SDK, recording the request id (`x-request-id`) and every token received;
+3. SIGKILL the daemon at a random moment 0.3..2 s in; clients end on the lost
+   connection, keeping what they got;
+4. start the daemon again (its boot replays the WAL and marks in-flight requests
+   interrupted), wait for `ready`, SIGTERM it and require exit 0;
+5. verify against the store: each request a client saw has one attempt whose tokens,
+   by seq, are 0..n-1 with no gap and no duplicate and start with exactly what the
+   client received (the store may hold a few more: a token is journaled, then sent),
+   never fewer or different; every request is `completed`, `failed` or `interrupted`;
+   a stream the client read to its end is stored whole and `completed`; and
+   `llmsvc check --json` exits 0.
+
+Exit status 1 on any lost or duplicated token or any other failure.
+
+Usage:  .venv/bin/python scripts/crash_test.py --database-url postgresql://... |
+            --pg-url postgresql://user@host:port/postgres   (creates and drops a scratch DB)
+            [--iterations 25] [--clients 20] [--sync write|fsync|both] [--seed N]
+            [--out crash.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import openai
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from daemon_process import DaemonProcess, daemon_env, read_store, run_cli  # noqa: E402
+
+from llmsvc.providers.mock import token as mock_token  # noqa: E402
+
+MESSAGES: list[Any] = [{"role": "user", "content": "crash me"}]
+SETTLED = {"completed", "failed", "interrupted"}
+CLIENT_JOIN_TIMEOUT = 30.0
+
+
+def log(message: str) -> None:
+    print(f"[crash_test] {message}", file=sys.stderr, flush=True)
+
+
+# -- URLs and the scratch database -------------------------------------------------------
+
+
+def redacted(url: str) -> str:
+    """The URL without user or password."""
+    parts = urlsplit(url)
+    netloc = f"{parts.hostname}:{parts.port}" if parts.port else str(parts.hostname)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def plain_pg_url(url: str) -> str:
+    return re.sub(r"^postgres(ql)?(\+asyncpg)?://", "postgresql://", url)
+
+
+def sqlalchemy_pg_url(url: str) -> str:
+    return re.sub(r"^postgresql://", "postgresql+asyncpg://", plain_pg_url(url))
+
+
+async def create_scratch(pg_url: str, name: str) -> str:
+    conn = await asyncpg.connect(plain_pg_url(pg_url), timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE template0')
+    finally:
+        await conn.close()
+    parts = urlsplit(plain_pg_url(pg_url))
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def drop_scratch(pg_url: str, name: str) -> None:
+    conn = await asyncpg.connect(plain_pg_url(pg_url), timeout=10)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+# -- clients -----------------------------------------------------------------------------
+
+
+@dataclass
+class Seen:
+    """One request as a client saw it."""
+
+    request_id: str
+    tokens: list[str] = field(default_factory=list)
+    finished: bool = False  # the stream ended normally (the daemon said it was done)
+    error: str | None = None
+
+
+class Client(threading.Thread):
+    """Loops over streaming requests until told to stop or the daemon goes away."""
+
+    def __init__(self, base_url: str, rng: random.Random, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.base_url = base_url
+        self.rng = rng
+        self.stop = stop
+        self.seen: list[Seen] = []
+        self.ended_by: str | None = None
+
+    def run(self) -> None:
+        client = openai.OpenAI(
+            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=30
+        )
+        try:
+            while not self.stop.is_set():
+                max_tokens = self.rng.randint(50, 300)
+                delay_ms = self.rng.randint(2, 10)
+                current: Seen | None = None
+                try:
+                    raw = client.chat.completions.with_raw_response.create(
+                        model="mock",
+                        messages=MESSAGES,
+                        max_tokens=max_tokens,
+                        stream=True,
+                        extra_body={"mock_delay_ms": delay_ms},
+                    )
+                    current = Seen(raw.headers["x-request-id"])
+                    self.seen.append(current)
+                    for chunk in raw.parse():
+                        for choice in chunk.choices:
+                            if choice.delta.content:
+                                current.tokens.append(choice.delta.content)
+                    current.finished = True
+                except Exception as exc:  # the daemon died: keep what we got, stop
+                    if current is not None:
+                        current.error = repr(exc)
+                    self.ended_by = type(exc).__name__
+                    return
+        finally:
+            client.close()
+
+
+# -- verification ------------------------------------------------------------------------
+
+
+@dataclass
+class Tally:
+    iterations: int = 0
+    requests_checked: int = 0
+    requests_finished_by_client: int = 0
+    requests_cut_by_kill: int = 0
+    tokens_checked: int = 0
+    tokens_lost: int = 0
+    tokens_different: int = 0
+    duplicates: int = 0
+    gaps: int = 0
+    extra_stored_tokens: int = 0
+    max_extra_for_one_request: int = 0
+    marked_interrupted: int = 0
+    statuses: dict[str, int] = field(default_factory=dict)
+    kill_after_s: list[float] = field(default_factory=list)
+    restart_ready_s: list[float] = field(default_factory=list)
+    failures: list[dict[str, Any]] = field(default_factory=list)
+
+    def fail(self, iteration: int, what: str, **detail: Any) -> None:
+        self.failures.append({"iteration": iteration, "what": what, **detail})
+
+
+def verify(
+    tally: Tally,
+    iteration: int,
+    database_url: str,
+    seen: list[Seen],
+    env: dict[str, str],
+    max_extra: int,
+) -> None:
+    store = read_store(database_url)
+    for request in store.requests.values():
+        status = request["status"]
+        if status not in SETTLED:
+            tally.fail(iteration, "unsettled status", request_id=str(request["id"]), status=status)
+
+    for item in seen:
+        tally.requests_checked += 1
+        tally.tokens_checked += len(item.tokens)
+        if item.finished:
+            tally.requests_finished_by_client += 1
+        else:
+            tally.requests_cut_by_kill += 1
+        rid = uuid.UUID(item.request_id)
+        request = store.requests.get(rid)
+        if request is None:
+            tally.tokens_lost += len(item.tokens)
+            tally.fail(iteration, "request missing", request_id=item.request_id,
+                       received=len(item.tokens))  # fmt: skip
+            continue
+        status = request["status"]
+        tally.statuses[status] = tally.statuses.get(status, 0) + 1
+        attempts = store.attempts.get(rid, [])
+        if len(attempts) != 1:
+            tally.fail(iteration, "not exactly one attempt", request_id=item.request_id,
+                       attempts=len(attempts))  # fmt: skip
+            if not attempts:
+                tally.tokens_lost += len(item.tokens)
+                continue
+        rows = [row for attempt in attempts for row in store.tokens.get(attempt["id"], [])]
+        seqs = [seq for seq, _ in rows]
+        texts = [text for _, text in rows]
+        dups = len(seqs) - len(set(seqs))
+        if dups:
+            tally.duplicates += dups
+            tally.fail(iteration, "duplicate token rows", request_id=item.request_id,
+                       duplicates=dups)  # fmt: skip
+        distinct = sorted(set(seqs))
+        if distinct != list(range(len(distinct))):
+            missing = sorted(set(range(max(distinct) + 1)) - set(distinct)) if distinct else []
+            tally.gaps += len(missing)
+            tally.fail(iteration, "gap in seqs", request_id=item.request_id,
+                       missing_seqs=missing[:20])  # fmt: skip
+        # What the client received must be the store's first tokens, exactly.
+        got = item.tokens
+        same = 0
+        while same < min(len(got), len(texts)) and got[same] == texts[same]:
+            same += 1
+        if same < len(got):
+            lost = max(0, len(got) - len(texts))
+            different = len(got) - same - lost
+            tally.tokens_lost += lost
+            tally.tokens_different += different
+            tally.fail(iteration, "received tokens not stored", request_id=item.request_id,
+                       status=status, received=len(got), stored=len(texts), matching_prefix=same,
+                       lost=lost, different=different)  # fmt: skip
+        extra = max(0, len(texts) - len(got))
+        tally.extra_stored_tokens += extra
+        tally.max_extra_for_one_request = max(tally.max_extra_for_one_request, extra)
+        if texts != [mock_token(i) for i in range(len(texts))]:
+            tally.fail(iteration, "stored tokens are not the mock's", request_id=item.request_id)
+        if item.finished:
+            if extra or status != "completed":
+                tally.fail(iteration, "finished stream not stored whole and completed",
+                           request_id=item.request_id, status=status, received=len(got),
+                           stored=len(texts))  # fmt: skip
+        elif extra > max_extra:
+            tally.fail(iteration, "too many stored tokens the client never saw",
+                       request_id=item.request_id, extra=extra)  # fmt: skip
+        for attempt in attempts:
+            if attempt.get("token_count") is not None and attempt["token_count"] != len(rows):
+                tally.fail(iteration, "attempt token_count disagrees with rows",
+                           request_id=item.request_id, token_count=attempt["token_count"],
+                           rows=len(rows))  # fmt: skip
+
+    result = run_cli(env, "check", "--json", timeout=60)
+    if result.returncode != 0:
+        tally.fail(iteration, "llmsvc check failed", returncode=result.returncode,
+                   output=(result.stdout + result.stderr)[-2000:])  # fmt: skip
+
+
+# -- one sync mode -----------------------------------------------------------------------
+
+
+def run_mode(
+    sync: str, database_url: str, work: Path, args: argparse.Namespace, rng: random.Random
+) -> dict[str, Any]:
+    wal_dir = work / f"wal-{sync}" / "wal"
+    wal_dir.parent.mkdir(parents=True, exist_ok=True)
+    env = daemon_env(database_url, wal_dir, wal_sync=sync)
+    tally = Tally()
+    began = time.monotonic()
+    for iteration in range(args.iterations):
+        daemon = DaemonProcess(env).start()
+        stop = threading.Event()
+        clients = [
+            Client(daemon.base_url, random.Random(rng.getrandbits(64)), stop)
+            for _ in range(args.clients)
+        ]
+        for client in clients:
+            client.start()
+        kill_after = rng.uniform(args.kill_min, args.kill_max)
+        tally.kill_after_s.append(round(kill_after, 3))
+        time.sleep(kill_after)
+        code = daemon.kill()
+        if code != -signal.SIGKILL:
+            tally.fail(iteration, "daemon did not die of SIGKILL", returncode=code)
+        stop.set()
+        for client in clients:
+            client.join(CLIENT_JOIN_TIMEOUT)
+            if client.is_alive():
+                tally.fail(iteration, "client still reading after the kill")
+        seen = [item for client in clients for item in client.seen]
+
+        restarted = time.monotonic()
+        again = DaemonProcess(env).start()
+        tally.restart_ready_s.append(round(time.monotonic() - restarted, 3))
+        stopped = again.stop()
+        if stopped != 0:
+            tally.fail(iteration, "restarted daemon did not stop cleanly", returncode=stopped,
+                       log=again.log[-3000:])  # fmt: skip
+        if found := re.search(r"marked interrupted count=(\d+)", again.log):
+            tally.marked_interrupted += int(found.group(1))
+
+        verify(tally, iteration, database_url, seen, env, args.max_extra)
+        tally.iterations += 1
+        log(
+            f"{sync} iteration {iteration + 1}/{args.iterations}: kill at {kill_after:.2f}s, "
+            f"{len(seen)} requests, {sum(len(s.tokens) for s in seen)} tokens, "
+            f"failures so far {len(tally.failures)}"
+        )
+    report: dict[str, Any] = {
+        "iterations": tally.iterations,
+        "clients": args.clients,
+        "requests_checked": tally.requests_checked,
+        "requests_finished_by_client": tally.requests_finished_by_client,
+        "requests_cut_by_kill": tally.requests_cut_by_kill,
+        "tokens_checked": tally.tokens_checked,
+        "tokens_lost": tally.tokens_lost,
+        "tokens_different": tally.tokens_different,
+        "duplicates": tally.duplicates,
+        "gaps": tally.gaps,
+        "extra_stored_tokens": tally.extra_stored_tokens,
+        "max_extra_for_one_request": tally.max_extra_for_one_request,
+        "marked_interrupted_at_boot": tally.marked_interrupted,
+        "statuses_of_checked_requests": tally.statuses,
+        "kill_after_s": tally.kill_after_s,
+        "restart_ready_s": tally.restart_ready_s,
+        "seconds": round(time.monotonic() - began, 2),
+        "failures": tally.failures[:200],
+        "failure_count": len(tally.failures),
+    }
+    return report
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    rng = random.Random(seed)
+    modes = ["write", "fsync"] if args.sync == "both" else [args.sync]
+    scratch = None
+    if args.database_url:
+        database_url = sqlalchemy_pg_url(args.database_url)
+    else:
+        scratch = f"llmsvc_crash_{uuid.uuid4().hex[:12]}"
+        database_url = sqlalchemy_pg_url(asyncio.run(create_scratch(args.pg_url, scratch)))
+    work = Path(tempfile.mkdtemp(prefix="llmsvc-crash-"))
+    report: dict[str, Any] = {
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "seed": seed,
+        "database": redacted(database_url),
+        "scratch_database": scratch,
+        "settings": {
+            "iterations": args.iterations,
+            "clients": args.clients,
+            "kill_window_s": [args.kill_min, args.kill_max],
+            "max_tokens": [50, 300],
+            "mock_delay_ms": [2, 10],
+            "max_extra": args.max_extra,
+        },
+        "modes": {},
+    }
+    try:
+        for sync in modes:
+            report["modes"][sync] = run_mode(sync, database_url, work, args, rng)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if scratch is not None:
+            asyncio.run(drop_scratch(args.pg_url, scratch))
+    modes_report = report["modes"].values()
+    report["ok"] = bool(modes_report) and all(
+        m["tokens_lost"] == 0 and m["duplicates"] == 0 and m["failure_count"] == 0
+        for m in modes_report
+    )
+    return report
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--database-url", help="the daemon's PostgreSQL database (postgresql://)")
+    where.add_argument("--pg-url", help="a server to create (and drop) a scratch database on")
+    p.add_argument("--iterations", type=int, default=25)
+    p.add_argument("--clients", type=int, default=20)
+    p.add_argument("--sync", choices=["write", "fsync", "both"], default="both")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--kill-min", type=float, default=0.3, help="earliest SIGKILL, seconds")
+    p.add_argument("--kill-max", type=float, default=2.0, help="latest SIGKILL, seconds")
+    p.add_argument(
+        "--max-extra",
+        type=int,
+        default=16,
+        help="most stored tokens a cut-off client may not have seen, per request",
+    )
+    p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
+    args = p.parse_args(argv)
+    if args.database_url and not re.match(r"^postgres(ql)?(\+asyncpg)?://", args.database_url):
+        p.error("--database-url must be a postgresql:// URL")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    report = run(args)
+    text = json.dumps(report, indent=1, allow_nan=False)
+    print(text)
+    if args.out:
+        args.out.write_text(text + "\n")
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
