@@ -37,8 +37,6 @@ import functools
 import json
 import math
 import os
-import platform
-import re
 import select
 import shutil
 import signal
@@ -53,15 +51,24 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Protocol
-from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
 import sqlalchemy as sa
 import uvloop
+from benchkit import (
+    CLK_TCK,
+    ROOT,
+    identifier,
+    machine_busy_s,
+    machine_info,
+    pg_drop_scratch,
+    pg_scratch,
+    plain_pg_url,
+    write_report,
+)
 
 from llmsvc.gateway.journal import Journal
 from llmsvc.store.engine import create_engine, upgrade_to_head
@@ -69,9 +76,7 @@ from llmsvc.store.flusher import Flusher
 from llmsvc.wal.codec import encode_token
 from llmsvc.wal.writer import WalWriter
 
-ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_SCRIPT = ROOT / "scripts" / "openai_upstream.py"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL, PACED_MODEL = "gpt-test", "gpt-paced"
 MESSAGES = [{"role": "user", "content": "Write a long story about a durable log."}]
 JSON_HEADERS = {"Content-Type": "application/json"}
@@ -80,6 +85,19 @@ TOKEN_MARK = b'{"content":"'
 EDGE = len(TOKEN_MARK) - 1
 TOKEN_TABLES = "llm_token_log, llm_attempts, llm_requests, wal_checkpoints"
 Raw = dict[str, list[float]]  # metric -> one value per round
+
+
+# Versions recorded with the figures.
+PACKAGES = (
+    "aiohttp",
+    "uvicorn",
+    "httptools",
+    "uvloop",
+    "orjson",
+    "sqlalchemy",
+    "aiosqlite",
+    "asyncpg",
+)
 
 
 def log(message: str) -> None:
@@ -147,57 +165,9 @@ def log_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(read_bytes(path).decode(errors="replace").splitlines()[-lines:])
 
 
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy (all cores), from /proc/stat."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK  # minus idle and iowait
-
-
 def ours_cpu_s(pids: list[int]) -> float:
     """CPU of the benchmark's own processes: the rest of the machine's busy time is noise."""
     return sum(proc_cpu_s(pid) for pid in pids) + time.process_time()
-
-
-def machine_info(tmp: Path) -> dict[str, Any]:
-    """What the figures depend on, so runs on different machines can be compared."""
-    with open("/proc/cpuinfo") as f:
-        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    with open("/proc/meminfo") as f:
-        mem_kib = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal")))
-    pkgs = ("aiohttp", "uvicorn", "httptools", "uvloop", "orjson", "sqlalchemy", "aiosqlite")
-    git = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-    )
-    return {
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "mem_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "tmp_dir_fs": fs_type(tmp),
-        "llmsvc_commit": git.stdout.strip() + ("-dirty" if dirty.stdout.strip() else ""),
-        "versions": {p: metadata.version(p) for p in (*pkgs, "asyncpg")},
-    }
-
-
-def fs_type(path: Path) -> str:
-    """The filesystem the WAL lives on: fsync on tmpfs would be free and the figure void."""
-    best, kind = "", "?"
-    with open("/proc/mounts") as f:
-        for line in f:
-            parts = line.split()
-            mount = parts[1]
-            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
-                best, kind = mount, parts[2]
-    return kind
 
 
 # --------------------------------------------------------------------------- processes
@@ -401,11 +371,6 @@ class PostgresRows:
 
     async def close(self) -> None:
         await self.conn.close()
-
-
-def plain_pg_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    return "postgresql" + sep + rest if scheme.startswith("postgres") else url
 
 
 async def open_token_rows(database_url: str) -> TokenRows:
@@ -697,26 +662,6 @@ async def prewrite_wal(wal_dir: Path, streams: int, tokens: int) -> tuple[uuid.U
     return instance, writer.end
 
 
-async def pg_scratch(pg_url: str, name: str) -> str:
-    """A fresh scratch database on the server; returns its SQLAlchemy (asyncpg) URL."""
-    conn = await asyncpg.connect(plain_pg_url(pg_url), timeout=5)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        await conn.execute(f"CREATE DATABASE {name}")
-    finally:
-        await conn.close()
-    parts = urlsplit(plain_pg_url(pg_url))
-    return urlunsplit(parts._replace(scheme="postgresql+asyncpg", path=f"/{name}"))
-
-
-async def pg_drop_scratch(pg_url: str, name: str) -> None:
-    conn = await asyncpg.connect(plain_pg_url(pg_url), timeout=5)
-    try:
-        await conn.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await conn.close()
-
-
 async def flush_once(url: str, wal_dir: Path, instance: uuid.UUID, end: Any) -> dict[str, float]:
     """Time a Flusher draining the whole pre-written WAL into an empty store."""
     engine = create_engine(url)
@@ -926,7 +871,7 @@ def scenarios(concs: list[int], tokens: list[int], budget: int) -> list[tuple[in
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="llmsvc-bench-", dir=args.tmp_dir))
-    report: dict[str, Any] = {"machine": machine_info(tmp)}
+    report: dict[str, Any] = {"machine": machine_info(tmp, PACKAGES)}
     report["params"] = {
         k: v for k, v in vars(args).items() if k not in ("out", "tmp_dir", "keep_tmp")
     }
@@ -970,12 +915,6 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
-
-
-def identifier(text: str) -> str:
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", text):
-        raise argparse.ArgumentTypeError("a lower-case SQL identifier")
-    return text
 
 
 def int_list(text: str) -> list[int]:
@@ -1031,9 +970,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = uvloop.run(bench(args))
-    text = json.dumps(report, indent=1, allow_nan=False)
-    print(text)
-    args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -27,26 +27,27 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
-import platform
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import uuid
 from datetime import datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-import asyncpg
 import sqlalchemy as sa
 import uvloop
+from benchkit import (
+    identifier,
+    machine_busy_s,
+    machine_info,
+    pg_drop_scratch,
+    pg_scratch,
+    write_report,
+)
 
 from llmsvc.gateway.journal import Journal
 from llmsvc.store.engine import create_engine, upgrade_to_head
@@ -55,8 +56,6 @@ from llmsvc.wal.reader import Position
 from llmsvc.wal.segment import list_segments
 from llmsvc.wal.writer import WalWriter
 
-ROOT = Path(__file__).resolve().parent.parent
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 MODEL = "gpt-test"
 MESSAGES = [{"role": "user", "content": "Write a long story about a durable log."}]
 TOKENS_PER_STREAM = 1000
@@ -64,55 +63,18 @@ TOKENS_PER_APPEND = 50  # one upstream read's worth, as the gateway appends them
 Raw = dict[str, list[float]]
 
 
+PACKAGES = (
+    "sqlalchemy",
+    "aiosqlite",
+    "asyncpg",
+    "orjson",
+    "uvloop",
+    "crc32c",
+)  # versions recorded with the figures
+
+
 def log(message: str) -> None:
     print(f"bench-recovery: {message}", file=sys.stderr, flush=True)
-
-
-def machine_busy_s() -> float:
-    """CPU seconds the whole machine spent busy (all cores): counts the PostgreSQL server too."""
-    with open("/proc/stat") as f:
-        ticks = [int(x) for x in f.readline().split()[1:9]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK  # minus idle and iowait
-
-
-def fs_type(path: Path) -> str:
-    """The filesystem the WAL and SQLite file live on (tmpfs would flatter the figures)."""
-    best, kind = "", "?"
-    with open("/proc/mounts") as f:
-        for line in f:
-            mount, fstype = line.split()[1:3]
-            if str(path.resolve()).startswith(mount) and len(mount) > len(best):
-                best, kind = mount, fstype
-    return kind
-
-
-def machine_info(tmp: Path) -> dict[str, Any]:
-    """What the figures depend on, so runs on different machines can be compared."""
-    with open("/proc/cpuinfo") as f:
-        model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    with open("/proc/meminfo") as f:
-        mem_kib = int(next(ln.split()[1] for ln in f if ln.startswith("MemTotal")))
-    git = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    dirty = subprocess.run(
-        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-        capture_output=True,
-        text=True,
-    )
-    pkgs = ("sqlalchemy", "aiosqlite", "asyncpg", "orjson", "uvloop", "crc32c")
-    return {
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "cpu_model": model,
-        "mem_gib": round(mem_kib / 2**20, 1),
-        "python": platform.python_version(),
-        "kernel": platform.release(),
-        "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "tmp_dir_fs": fs_type(tmp),
-        "llmsvc_commit": git.stdout.strip() + ("-dirty" if dirty.stdout.strip() else ""),
-        "versions": {p: metadata.version(p) for p in pkgs},
-    }
 
 
 # --------------------------------------------------------------------------- the crashed WAL
@@ -148,27 +110,6 @@ async def journal_and_crash(wal_dir: Path, tokens: int) -> tuple[uuid.UUID, Posi
 
 
 # --------------------------------------------------------------------------- stores
-def plain_pg_url(url: str) -> str:
-    scheme, sep, rest = url.partition("://")
-    return "postgresql" + sep + rest if scheme.startswith("postgres") else url
-
-
-async def pg_admin(pg_url: str, sql: str) -> None:
-    conn = await asyncpg.connect(plain_pg_url(pg_url), timeout=10)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
-async def fresh_pg(pg_url: str, name: str) -> str:
-    """An empty scratch database (recreated each round, so no round sees another's bloat)."""
-    await pg_admin(pg_url, f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    await pg_admin(pg_url, f"CREATE DATABASE {name}")
-    parts = urlsplit(plain_pg_url(pg_url))
-    return urlunsplit(parts._replace(scheme="postgresql+asyncpg", path=f"/{name}"))
-
-
 async def recover_once(
     url: str, pristine: Path, wal_dir: Path, instance: uuid.UUID, final: Position
 ) -> dict[str, float]:
@@ -241,7 +182,7 @@ def summarise(raw: Raw) -> dict[str, Any]:
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="llmsvc-bench-recovery-", dir=args.tmp_dir))
-    report: dict[str, Any] = {"machine": machine_info(tmp)}
+    report: dict[str, Any] = {"machine": machine_info(tmp, PACKAGES)}
     report["params"] = {"tokens": args.tokens, "rounds": args.rounds, "pg": bool(args.pg_url)}
     report["notes"] = (
         "Timed: Flusher.start() + drain(within=inf) from checkpoint 0 to the crashed writer's "
@@ -277,7 +218,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
                 if store == "sqlite":
                     url = f"sqlite+aiosqlite:///{tmp / f'recover-{r}.db'}"
                 else:
-                    url = await fresh_pg(args.pg_url, args.pg_scratch_db)
+                    url = await pg_scratch(args.pg_url, args.pg_scratch_db)
                 fig = await recover_once(url, pristine, tmp / "wal", instance, final)
                 if fig["tokens"] != args.tokens or fig["checkpoint"] != last_lsn:
                     raise RuntimeError(
@@ -311,21 +252,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if args.pg_url:
             with contextlib.suppress(Exception):
-                await pg_admin(
-                    args.pg_url, f"DROP DATABASE IF EXISTS {args.pg_scratch_db} WITH (FORCE)"
-                )
+                await pg_drop_scratch(args.pg_url, args.pg_scratch_db)
         shutil.rmtree(tmp, ignore_errors=True)
     report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
     report["finished_at"] = datetime.now().astimezone().isoformat(timespec="seconds")
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
-
-
-def identifier(text: str) -> str:
-    """The scratch database's name goes into DROP DATABASE: only plain identifiers."""
-    if not re.fullmatch(r"[a-z_][a-z0-9_]{0,62}", text):
-        raise argparse.ArgumentTypeError("a lower-case SQL identifier")
-    return text
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -354,9 +286,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     report = uvloop.run(bench(args))
-    text = json.dumps(report, indent=1, allow_nan=False)
-    print(text)
-    args.out.write_text(text + "\n")
+    write_report(report, args.out)
 
 
 if __name__ == "__main__":
