@@ -120,10 +120,6 @@ class Settings(BaseSettings):
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
         return sources
 
-    @property
-    def is_sqlite(self) -> bool:
-        return self.database_url.startswith("sqlite")
-
     def redacted_database_url(self) -> str:
         """The database URL with any password masked, for logs and messages."""
         scheme, _, rest = self.database_url.partition("://")

@@ -38,7 +38,7 @@ def _refused(match: str) -> pytest.RaisesExc[ConfigError]:
 def test_defaults_live_under_xdg_state_home(clean_env: Path) -> None:
     s = load_settings()
     assert s.database_url == f"sqlite+aiosqlite:///{clean_env / 'llmsvc' / 'llmsvc.db'}"
-    assert s.is_sqlite
+    assert s.database_url.startswith("sqlite")
     assert s.wal_dir == clean_env / "llmsvc" / "wal"
     assert (s.host, s.port) == ("127.0.0.1", 8080)
     assert s.wal_sync == "write"
@@ -97,7 +97,7 @@ token_delay_ms = 25
     s = load_settings()
     assert (s.port, s.log_level) == (9001, "DEBUG")
     assert s.database_url == "postgresql+asyncpg://llm:pw@db.example:5432/llmsvc"
-    assert not s.is_sqlite
+    assert not s.database_url.startswith("sqlite")
     openai, demo = s.providers
     assert (openai.kind, openai.base_url, openai.timeout_seconds) == (
         "openai",

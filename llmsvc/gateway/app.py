@@ -15,7 +15,7 @@ from typing import Any
 import anyio
 import orjson
 
-from llmsvc.errors import LlmsvcError, MethodNotAllowed, NotFound, ServiceUnavailable
+from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import send_error
 from llmsvc.gateway.journal import Journal
@@ -59,9 +59,7 @@ class Gateway:
             await handler(scope, receive, send)
         except ClientGone:
             return
-        except LlmsvcError as exc:
-            await send_error(send, exc)
-        except Exception as exc:
+        except Exception as exc:  # errors.py maps it: 4xx for client errors, 500 otherwise
             await send_error(send, exc)
 
     async def chat_completions(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:

@@ -188,17 +188,24 @@ class Exchange:
         await self._send_final(error_event(exc) + DONE)
 
     def _end_records(
-        self, status: str, reply: Reply | None = None, **error: Any
+        self,
+        status: str,
+        reply: Reply | None = None,
+        *,
+        error: str | None = None,
+        error_code: str | None = None,
+        http_status: int | None = None,
     ) -> asyncio.Future[int]:
+        """Journal the attempt's and the request's end; the reply, if any, gives usage."""
         self.ended, self.status = True, status
         prompt = reply.prompt_tokens if reply else None
         completion = reply.completion_tokens if reply else None
         self.journal.attempt_end(
             self.attempt_id,
             status=status,
-            http_status=error.pop("http_status", reply.http_status if reply else None),
-            error_code=error.get("error_code"),
-            error_message=error.get("error"),
+            http_status=reply.http_status if reply else http_status,
+            error_code=error_code,
+            error_message=error,
             prompt_tokens=prompt,
             completion_tokens=completion,
             token_count=self.seq,
@@ -210,11 +217,20 @@ class Exchange:
             prompt_tokens=prompt,
             completion_tokens=completion,
             provider=self.target.provider.name,
-            error=error.get("error"),
+            error=error,
         )
 
-    async def _end(self, status: str, **error: Any) -> None:
-        await durable(self._end_records(status, None, **error))
+    async def _end(
+        self,
+        status: str,
+        *,
+        error: str,
+        error_code: str | None = None,
+        http_status: int | None = None,
+    ) -> None:
+        """End without a reply (failure or interruption) and wait until it is journaled."""
+        fut = self._end_records(status, error=error, error_code=error_code, http_status=http_status)
+        await durable(fut)
 
     def _log(self) -> None:
         log.info(

@@ -33,9 +33,10 @@ from llmsvc.wal.segment import list_segments
 log = logging.getLogger(__name__)
 
 
-def _insert_ignoring_existing(conn: AsyncConnection, table: sa.Table) -> Any:
+def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
+    """The dialect's INSERT, which has ON CONFLICT (SQLAlchemy's generic one does not)."""
     dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing()
+    return dialect.insert(table)
 
 
 def _update_by_key(table: sa.Table, fields: tuple[str, ...]) -> Any:
@@ -96,11 +97,11 @@ async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID)
         )
         if batch.requests:
             await conn.execute(
-                _insert_ignoring_existing(conn, llm_requests), list(batch.requests.values())
+                _insert(conn, llm_requests).on_conflict_do_nothing(), list(batch.requests.values())
             )
         if batch.attempts:
             await conn.execute(
-                _insert_ignoring_existing(conn, llm_attempts), list(batch.attempts.values())
+                _insert(conn, llm_attempts).on_conflict_do_nothing(), list(batch.attempts.values())
             )
         if batch.token_rows:
             await TOKEN_WRITERS[conn.dialect.name](conn, batch.token_rows)
@@ -111,8 +112,7 @@ async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID)
 
 
 def _upsert_checkpoint(conn: AsyncConnection) -> Any:
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(wal_checkpoints)
+    stmt = _insert(conn, wal_checkpoints)
     return stmt.on_conflict_do_update(
         index_elements=["instance_id"],
         set_={"lsn": stmt.excluded.lsn, "updated_at": stmt.excluded.updated_at},
