@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,8 +50,16 @@ class Scan:
     stop: Stop
 
 
-def scan_segment(segment: Segment, instance_id: uuid.UUID) -> Scan:
-    """Count a segment's valid records, reading it in chunks (used at boot)."""
+def scan_segment(
+    segment: Segment,
+    instance_id: uuid.UUID,
+    on_records: Callable[[list[tuple[int, bytes]]], None] | None = None,
+) -> Scan:
+    """Count a segment's valid records, reading it in chunks (boot, verify, refill).
+
+    `on_records` is handed each chunk's valid records, in order, for callers
+    that want the records themselves and not only their count.
+    """
     with segment.path.open("rb") as f:
         check_header(segment, f.read(HEADER_SIZE), instance_id)
         records, offset, carry = 0, HEADER_SIZE, b""
@@ -59,6 +68,8 @@ def scan_segment(segment: Segment, instance_id: uuid.UUID) -> Scan:
             buf = carry + chunk
             decoded = decode(buf)
             records += len(decoded.records)
+            if on_records is not None and decoded.records:
+                on_records(decoded.records)
             if decoded.stop in (Stop.END, Stop.CORRUPT) or not chunk:
                 end = offset + decoded.end
                 size = f.seek(0, 2)
