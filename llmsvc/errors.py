@@ -25,6 +25,10 @@ class WalFatal(WalError):
     """A write or fsync failed: the page cache can no longer be trusted."""
 
 
+class WalFull(WalError):
+    """The WAL's disk is full: requests are refused until space returns."""
+
+
 class StoreError(LlmsvcError):
     """The SQL store failed or is unreachable."""
 

@@ -3,7 +3,9 @@
 Every token batch is appended to the WAL and its batch future awaited before
 the batch is written to the client socket: whatever the client received, the
 log holds. Response headers wait for the first journaled batch, so a failure
-before any token is still a plain HTTP error.
+before any token is still a plain HTTP error. When the WAL's disk fills up the
+request ends with what was journaled, and its end records wait in memory
+until space returns.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from llmsvc.errors import LlmsvcError, ProviderError, ServiceUnavailable
+from llmsvc.errors import LlmsvcError, ProviderError, ServiceUnavailable, WalFull
 from llmsvc.gateway.errors import error_event
 from llmsvc.gateway.journal import Journal, durable, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
@@ -56,6 +58,8 @@ class Exchange:
         self.started = False  # response headers sent
         self.ended = False  # end records journaled
         self.seq = 0  # tokens journaled
+        self.start_fut: asyncio.Future[int] | None = None
+        self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
         self.status = "streaming"
         self.began = time.monotonic()
@@ -71,7 +75,7 @@ class Exchange:
     async def run(self, scope: anyio.CancelScope) -> None:
         """Serve the request; the cancel scope is how shutdown interrupts it."""
         params = {k: v for k, v in self.data.items() if k not in ("model", "messages")}
-        self.journal.request_start(
+        self.start_fut = self.journal.request_start(
             self.request_id,
             self.correlation_id,
             self.request.model,
@@ -119,12 +123,12 @@ class Exchange:
             async for texts in reply.batches():
                 if gone.done():
                     raise ClientGone
-                fut = self.journal.tokens(aid, self.seq, texts)
+                fut = self._journal_tokens(aid, texts)
                 if self.first_token_us is None:
                     self.first_token_us = now_us()
-                self.seq += len(texts)
                 frame = encoder.tokens(texts)
                 await durable(fut)
+                self.unconfirmed = (None, 0)
                 await self._send_chunk(encoder, frame)
             fut = self._end_records("completed", reply)
             tail = encoder.finish(reply.finish_reason or "stop")
@@ -142,8 +146,7 @@ class Exchange:
         content = "".join(texts)
         if content:
             self.first_token_us = now_us()
-            self.journal.tokens(self.attempt_id.bytes, 0, [content])
-            self.seq = 1
+            self._journal_tokens(self.attempt_id.bytes, [content])
         fut = self._end_records("completed", reply)
         body = completion_body(
             self.completion_id,
@@ -157,6 +160,13 @@ class Exchange:
         await durable(fut)
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
         await self.send({"type": "http.response.body", "body": body})
+
+    def _journal_tokens(self, attempt_id: bytes, texts: list[str]) -> asyncio.Future[int]:
+        """Append a token batch; counted as journaled unless the WAL refuses it later."""
+        fut = self.journal.tokens(attempt_id, self.seq, texts)
+        self.seq += len(texts)
+        self.unconfirmed = (fut, len(texts))
+        return fut
 
     async def _send_chunk(self, encoder: ChunkEncoder, frame: bytes, more: bool = True) -> None:
         if not self.started:
@@ -179,7 +189,9 @@ class Exchange:
         """Record the failure; before the first byte re-raise it for an HTTP error."""
         error_code = getattr(exc, "code", "internal")
         http_status = exc.status if isinstance(exc, ProviderError) else None
-        if not self.ended:
+        if isinstance(exc, WalFull):  # whatever end this request journaled was refused with it
+            await self._hold_end("failed", error=str(exc), error_code="wal_full")
+        elif not self.ended:
             await self._end(
                 "failed", error=str(exc), error_code=error_code, http_status=http_status
             )
@@ -198,27 +210,38 @@ class Exchange:
     ) -> asyncio.Future[int]:
         """Journal the attempt's and the request's end; the reply, if any, gives usage."""
         self.ended, self.status = True, status
+        attempt, request = self._end_fields(status, reply, error, error_code, http_status)
+        self.journal.attempt_end(self.attempt_id, **attempt)
+        return self.journal.request_end(self.request_id, **request)
+
+    def _end_fields(
+        self,
+        status: str,
+        reply: Reply | None,
+        error: str | None,
+        error_code: str | None,
+        http_status: int | None,
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         prompt = reply.prompt_tokens if reply else None
         completion = reply.completion_tokens if reply else None
-        self.journal.attempt_end(
-            self.attempt_id,
-            status=status,
-            http_status=reply.http_status if reply else http_status,
-            error_code=error_code,
-            error_message=error,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            token_count=self.seq,
-            first_token_ts=self.first_token_us,
-        )
-        return self.journal.request_end(
-            self.request_id,
-            status=status,
-            prompt_tokens=prompt,
-            completion_tokens=completion,
-            provider=self.target.provider.name,
-            error=error,
-        )
+        attempt = {
+            "status": status,
+            "http_status": reply.http_status if reply else http_status,
+            "error_code": error_code,
+            "error_message": error,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "token_count": self.seq,
+            "first_token_ts": self.first_token_us,
+        }
+        request = {
+            "status": status,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "provider": self.target.provider.name,
+            "error": error,
+        }
+        return attempt, request
 
     async def _end(
         self,
@@ -229,8 +252,32 @@ class Exchange:
         http_status: int | None = None,
     ) -> None:
         """End without a reply (failure or interruption) and wait until it is journaled."""
-        fut = self._end_records(status, error=error, error_code=error_code, http_status=http_status)
-        await durable(fut)
+        try:
+            fut = self._end_records(
+                status, error=error, error_code=error_code, http_status=http_status
+            )
+            await durable(fut)
+        except WalFull:
+            await self._hold_end(status, error=error, error_code=error_code)
+
+    async def _hold_end(self, status: str, *, error: str, error_code: str | None) -> None:
+        """The WAL refused a record: end the request in memory, written when space returns.
+
+        What reached the log decides what the end says: nothing at all if the
+        start records were refused, else the tokens journaled before the
+        refused batch. The futures asked about settle at once: the writer
+        refuses or resolves every batch before it refuses new appends.
+        """
+        self.ended, self.status = True, status
+        start, (batch, tokens) = self.start_fut, self.unconfirmed
+        await asyncio.wait([f for f in (start, batch) if f is not None])
+        if start is None or start.exception() is not None:
+            return
+        if batch is not None and batch.exception() is not None:
+            self.seq -= tokens
+        self.unconfirmed = (None, 0)
+        attempt, request = self._end_fields(status, None, error, error_code, None)
+        self.journal.hold_ends(self.attempt_id, attempt, self.request_id, request)
 
     def _log(self) -> None:
         log.info(

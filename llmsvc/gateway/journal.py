@@ -37,7 +37,8 @@ class Journal:
         stream: bool,
         messages: list[Any],
         params: dict[str, Any],
-    ) -> None:
+    ) -> asyncio.Future[int]:
+        """Queue the start; its future says whether it reached the log, if anyone asks."""
         body = {
             "id": str(request_id),
             "correlation_id": str(correlation_id),
@@ -47,7 +48,7 @@ class Journal:
             "params": params,
             "ts": now_us(),
         }
-        self.writer.queue(encode_json(RecordType.REQUEST_START, body))
+        return self.writer.queue(encode_json(RecordType.REQUEST_START, body))
 
     def attempt_start(
         self,
@@ -74,9 +75,24 @@ class Journal:
         )
 
     def attempt_end(self, attempt_id: uuid.UUID, **fields: Any) -> asyncio.Future[int]:
-        body = {"id": str(attempt_id), "ts": now_us(), **fields}
-        return self.writer.append(encode_json(RecordType.ATTEMPT_END, body))
+        return self.writer.append(_end(RecordType.ATTEMPT_END, attempt_id, fields))
 
     def request_end(self, request_id: uuid.UUID, **fields: Any) -> asyncio.Future[int]:
-        body = {"id": str(request_id), "ts": now_us(), **fields}
-        return self.writer.append(encode_json(RecordType.REQUEST_END, body))
+        return self.writer.append(_end(RecordType.REQUEST_END, request_id, fields))
+
+    def hold_ends(
+        self,
+        attempt_id: uuid.UUID,
+        attempt_fields: dict[str, Any],
+        request_id: uuid.UUID,
+        request_fields: dict[str, Any],
+    ) -> None:
+        """An attempt's and its request's end, kept in memory while the disk is full."""
+        self.writer.hold(
+            _end(RecordType.ATTEMPT_END, attempt_id, attempt_fields),
+            _end(RecordType.REQUEST_END, request_id, request_fields),
+        )
+
+
+def _end(rtype: RecordType, record_id: uuid.UUID, fields: dict[str, Any]) -> bytes:
+    return encode_json(rtype, {"id": str(record_id), "ts": now_us(), **fields})

@@ -5,11 +5,19 @@ the buffer out, writes it with one write(2) (and one fdatasync in `fsync`
 mode), then wakes every waiter of that batch with one call into the loop. The
 loop never blocks on the disk, and the cost of a syscall is shared by every
 stream that appended meanwhile.
+
+A full disk is survivable, a failed fsync is not. When write(2) reports
+ENOSPC the partial batch is cut off, that batch and everything queued behind
+it are refused (their waiters get WalFull, so no record is ever written after
+one that was lost), and appends are refused until space returns; only `hold`
+records (the ends of requests the full disk broke off) are kept, in memory,
+and written first once it does.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import threading
@@ -17,13 +25,17 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
-from llmsvc.errors import WalFatal
+from llmsvc.errors import WalFatal, WalFull
 from llmsvc.wal.codec import Stop
 from llmsvc.wal.reader import Position, scan_segment
 from llmsvc.wal.repair import repair_tail
 from llmsvc.wal.segment import HEADER_SIZE, Segment, create_segment, list_segments
 
 log = logging.getLogger(__name__)
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+FULL_RETRY_SECONDS = 1.0
+FULL_MIN_FREE_BYTES = 1024 * 1024  # what must be free before writing is tried again
 
 
 class WalWriter:
@@ -58,6 +70,8 @@ class WalWriter:
         self._fut: asyncio.Future[int] | None = None
         self._closing = False
         self._failed: WalFatal | None = None
+        self.full: WalFull | None = None  # set while the disk is full
+        self._held: list[bytes] = []
         self._fd_lock = threading.Lock()
         self._stop_syncer = threading.Event()
         self._fd = -1
@@ -106,18 +120,33 @@ class WalWriter:
         """
         return self._put(frames, wake=True)
 
-    def queue(self, *frames: bytes) -> None:
-        """Queue frames nobody waits on, without waking the writer thread.
+    def queue(self, *frames: bytes) -> asyncio.Future[int]:
+        """Queue frames nobody waits on now, without waking the writer thread.
 
         They are written, in order, with the next batch someone appends and
         waits on (or at close): a thread wake-up saved per record.
         """
-        self._put(frames, wake=False)
+        return self._put(frames, wake=False)
+
+    def hold(self, *frames: bytes) -> None:
+        """Journal frames that must survive a full disk, without waiting for them.
+
+        While the log is writable this is `append`; while the disk is full the
+        frames wait in memory and are written before anything else once space
+        returns.
+        """
+        with self._cond:
+            if self.full is not None and self._failed is None:
+                self._held.extend(frames)
+                return
+        self._put(frames, wake=True)
 
     def _put(self, frames: tuple[bytes, ...], wake: bool) -> asyncio.Future[int]:
         with self._cond:
             if self._failed is not None:
                 raise self._failed
+            if self.full is not None:
+                raise self.full
             for frame in frames:
                 self._buf += frame
             self._count += len(frames)
@@ -143,6 +172,12 @@ class WalWriter:
                 await asyncio.to_thread(os.fdatasync, self._fd)  # never on the loop thread
             os.close(self._fd)
             self._fd = -1
+        if self._held:
+            log.warning(
+                "wal closed with the disk still full: held records not written count=%d; "
+                "the next boot marks their requests interrupted",
+                len(self._held),
+            )
         log.info("wal closed next_lsn=%d", self._lsn + 1)
 
     def _start(self, name: str, target: Callable[[], None]) -> None:
@@ -153,40 +188,102 @@ class WalWriter:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._woken and not self._closing:
-                    self._cond.wait()
-                if self._closing and not self._count and self._fut is None:
-                    return
-                buf, fut, count = self._buf, self._fut, self._count
-                self._buf, self._fut, self._count, self._woken = bytearray(), None, 0, False
+                if self.full is not None:
+                    if not self._closing:
+                        self._cond.wait(FULL_RETRY_SECONDS)
+                    if self._closing:
+                        return
+                    if not self._space_returned():
+                        continue
+                    buf, fut, count = bytearray(b"".join(self._held)), None, len(self._held)
+                else:
+                    while not self._woken and not self._closing:
+                        self._cond.wait()
+                    if self._closing and not self._count and self._fut is None:
+                        return
+                    buf, fut, count = self._buf, self._fut, self._count
+                    self._buf, self._fut, self._count, self._woken = bytearray(), None, 0, False
             try:
                 if buf:
                     self._write(buf)
+            except OSError as exc:
+                if exc.errno in DISK_FULL:
+                    self._disk_full(exc, fut)
+                    continue
+                self._fail(exc, fut)
+                return
+            try:
+                if self.sync == "fsync" and buf:
+                    os.fdatasync(self._fd)
                 self._lsn += count
                 end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
                 if self._offset >= self.segment_max_bytes:
-                    end = self._rotate()
+                    end = self._rotate(end)
             except OSError as exc:
                 self._fail(exc, fut)
                 return
+            if self.full is not None:
+                self._writable_again(count)
             self._loop.call_soon_threadsafe(self._resolve, fut, end)  # type: ignore[union-attr]
 
     def _write(self, buf: bytearray) -> None:
+        """One batch, whole or not at all: a short write is cut off before raising."""
         view = memoryview(buf)
-        while view:
-            n = os.write(self._fd, view)
-            view = view[n:]
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError:
+            os.ftruncate(self._fd, self._offset)
+            raise
         self._offset += len(buf)
         self._written_bytes += len(buf)
-        if self.sync == "fsync":
-            os.fdatasync(self._fd)
 
-    def _rotate(self) -> Position:
-        """Seal the full segment (fdatasync) and continue in a new one."""
+    def _disk_full(self, exc: OSError, fut: asyncio.Future[int] | None) -> None:
+        """Refuse the batch and everything queued behind it; hold nothing but `hold` records."""
+        full = WalFull(
+            f"llmsvc cannot write its log: {exc.strerror or exc} in {self.wal_dir}; "
+            "requests are refused until space is freed"
+        )
+        with self._cond:
+            first = self.full is None
+            self.full = full
+            queued, self._fut = self._fut, None
+            self._buf, self._count, self._woken = bytearray(), 0, False
+            self.appended_lsn = self._lsn
+        if first:
+            log.error("wal full: %s", full)
+        self._loop.call_soon_threadsafe(self._refuse, full, [fut, queued])  # type: ignore[union-attr]
+
+    def _space_returned(self) -> bool:
+        stat = os.statvfs(self.wal_dir)
+        need = FULL_MIN_FREE_BYTES + sum(len(frame) for frame in self._held)
+        return stat.f_bavail * stat.f_frsize >= need
+
+    def _writable_again(self, written: int) -> None:
+        with self._cond:
+            self.full = None
+            del self._held[:written]
+            self.appended_lsn = self._lsn
+        log.info("wal writable again held_records_written=%d", written)
+
+    def _rotate(self, end: Position) -> Position:
+        """Seal the full segment (fdatasync) and continue in a new one.
+
+        With no room for the new segment the old one simply grows; the next
+        batch's write finds the disk full.
+        """
+        try:
+            segment = create_segment(self.wal_dir, self.instance_id, self._lsn + 1)
+        except OSError as exc:
+            if exc.errno not in DISK_FULL:
+                raise
+            log.warning("wal rotation postponed: %s", exc.strerror)
+            return end
         with self._fd_lock:
             os.fdatasync(self._fd)
             os.close(self._fd)
-            self._segment = create_segment(self.wal_dir, self.instance_id, self._lsn + 1)
+            self._segment = segment
             self._fd = os.open(self._segment.path, os.O_WRONLY | os.O_APPEND)
             self._offset = HEADER_SIZE
         log.info("wal rotated segment=%s", self._segment.path.name)
@@ -216,10 +313,15 @@ class WalWriter:
         self._loop.call_soon_threadsafe(self._fail_on_loop, fatal, [fut, pending])  # type: ignore[union-attr]
 
     def _fail_on_loop(self, fatal: WalFatal, futures: list[asyncio.Future[int] | None]) -> None:
+        self._refuse(fatal, futures)
+        self._on_fatal(fatal)
+
+    @staticmethod
+    def _refuse(exc: Exception, futures: list[asyncio.Future[int] | None]) -> None:
         for fut in futures:
             if fut is not None and not fut.done():
-                fut.set_exception(fatal)
-        self._on_fatal(fatal)
+                fut.set_exception(exc)
+                fut.exception()  # a batch of unawaited start records is not an unseen error
 
     def _resolve(self, fut: asyncio.Future[int] | None, end: Position) -> None:
         self.end = end
