@@ -30,8 +30,12 @@ can lose at most the last interval.
 batch (group commit: one fdatasync serves every stream waiting). Survives
 power loss.
 
-A failed write or fsync is fatal: the daemon exits non-zero and recovers from
-the log on restart. Reading stops at the first frame that fails its checks;
-an unfinished write at the end of the newest segment is copied to
-`<segment>.broken` and cut off at boot.
+A failed fsync (or a write failing other than for space) is fatal: the
+daemon exits non-zero and recovers from the log on restart. A full disk is
+not: requests are refused with 503 until space returns. At open the log is
+repaired (`repair.py`): the end of the newest segment that fails its checks
+is copied to `<segment>.broken` and cut off; damage elsewhere (a bad frame in
+an older segment, another instance's or an unreadable file) goes to
+`quarantine/`; LSNs missing above the database checkpoint are reported as
+lost and skipped. Nothing is deleted and nothing invalid is replayed.
 """

@@ -8,6 +8,7 @@ writer has published, so a half-written batch is never mistaken for damage.
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ from llmsvc.wal.segment import (
     Segment,
     check_header,
     list_segments,
-    segment_name,
 )
 
 CHUNK_BYTES = 8 * 1024 * 1024
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +81,11 @@ def scan_segment(
 
 
 class WalReader:
-    """Tails the segments from a position; the flusher's only way into the log."""
+    """Tails the segments from a position; the flusher's only way into the log.
+
+    LSNs missing between segments (lost to damage, reported by repair at
+    boot) are skipped with a warning; damage inside a segment stops reading.
+    """
 
     def __init__(self, wal_dir: Path, instance_id: uuid.UUID) -> None:
         self.wal_dir = wal_dir
@@ -90,14 +96,16 @@ class WalReader:
 
     async def seek(self, lsn: int) -> None:
         """Position the reader at `lsn`, the next record wanted."""
-        candidates = [s for s in list_segments(self.wal_dir) if s.first_lsn <= lsn]
-        if not candidates:
-            await self._enter(None, lsn)
-            return
-        await self._enter(candidates[-1], candidates[-1].first_lsn)
-        while self.position.lsn < lsn:
-            if not await self.read(None, lsn - self.position.lsn):
-                raise Corruption(candidates[-1].path, 0, f"LSN {lsn} is not in the log")
+        await self._close()
+        holding = [s for s in list_segments(self.wal_dir) if s.first_lsn <= lsn]
+        if holding:
+            await self._enter(holding[-1])
+            while self.position.lsn < lsn:
+                if not await self._read_segment(None, lsn - self.position.lsn):
+                    await self._close()  # the log ends before `lsn`: go on from a later segment
+                    break
+        if self._segment is None:
+            self.position = Position(0, 0, lsn)
 
     async def read(self, end: Position | None, max_records: int) -> list[tuple[int, bytes]]:
         """Return up to `max_records` records after the position and advance past them.
@@ -105,13 +113,32 @@ class WalReader:
         `end` is the writer's published end; None means every segment is closed.
         A closed segment is read to its end, then the next one is entered.
         """
-        chunk = CHUNK_BYTES
         while True:
             if self._segment is None:
                 nxt = self._segment_at(self.position.lsn)
                 if nxt is None:
                     return []
-                await self._enter(nxt, self.position.lsn)
+                if nxt.first_lsn > self.position.lsn:
+                    log.warning(
+                        "wal records missing lsn=%d..%d: skipped",
+                        self.position.lsn,
+                        nxt.first_lsn - 1,
+                    )
+                await self._enter(nxt)
+            records = await self._read_segment(end, max_records)
+            if records:
+                return records
+            live = end is not None and end.segment == self.position.segment
+            if live or self._segment_at(self.position.lsn) in (None, self._segment):
+                return []  # the newest segment, read to its end
+            await self._close()
+
+    async def _read_segment(
+        self, end: Position | None, max_records: int
+    ) -> list[tuple[int, bytes]]:
+        """Up to `max_records` records of the current segment; none at its (published) end."""
+        chunk = CHUNK_BYTES
+        while True:
             pos = self.position
             live = end is not None and end.segment == pos.segment
             want = min(chunk, end.offset - pos.offset) if live else chunk  # type: ignore[union-attr]
@@ -123,38 +150,28 @@ class WalReader:
             decoded = await asyncio.to_thread(decode, data, 0, max_records)
             records = decoded.records
             self.position = Position(pos.segment, pos.offset + decoded.end, pos.lsn + len(records))
-            at_eof = len(data) < want
             if records:
                 return records
+            at_eof = len(data) < want
             if decoded.stop is Stop.PARTIAL and not at_eof and want == chunk:
                 chunk = FRAME.size + FRAME.unpack_from(data, decoded.end)[0]  # one large record
                 continue
             if decoded.stop is not Stop.END:
                 where = self._segment.path if self._segment else self.wal_dir
                 raise Corruption(where, self.position.offset, decoded.stop.name)
-            if live or self._segment_at(self.position.lsn) in (None, self._segment):
-                return []  # the newest segment, read to its end
-            await self._close()
+            return []
 
     def _segment_at(self, lsn: int) -> Segment | None:
-        """The segment that starts at `lsn`; a later one instead means a missing segment."""
+        """The first segment holding `lsn` or a later LSN (a later one: records are missing)."""
         later = [s for s in list_segments(self.wal_dir) if s.first_lsn >= lsn]
-        if not later:
-            return None
-        if later[0].first_lsn != lsn:
-            missing = self.wal_dir / segment_name(lsn)
-            raise Corruption(missing, 0, f"missing; the next segment is {later[0].path.name}")
-        return later[0]
+        return later[0] if later else None
 
-    async def _enter(self, segment: Segment | None, lsn: int) -> None:
+    async def _enter(self, segment: Segment) -> None:
         await self._close()
-        if segment is None:
-            self.position = Position(0, 0, lsn)
-            return
         self._file = await aiofiles.open(segment.path, "rb")
         self._segment = segment
         check_header(segment, await self._file.read(HEADER_SIZE), self.instance_id)
-        self.position = Position(segment.first_lsn, HEADER_SIZE, lsn)
+        self.position = Position(segment.first_lsn, HEADER_SIZE, segment.first_lsn)
 
     async def _close(self) -> None:
         if self._file is not None:
@@ -208,6 +225,8 @@ def verify_log(wal_dir: Path) -> list[SegmentCheck]:
                     problems.append(f"{kind} at byte {scan.end}: {scan.stop.name.lower()}")
             except Corruption as exc:
                 problems.append(exc.reason)
+            except OSError as exc:
+                problems.append(f"unreadable: {exc.strerror or exc}")
         problem = "; ".join(problems)
         checks.append(SegmentCheck(segment.path.name, segment.first_lsn, records, size, problem))
         expected = None if problem else segment.first_lsn + records

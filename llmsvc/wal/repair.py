@@ -1,31 +1,137 @@
-"""Cutting off a torn tail, keeping the cut bytes aside for inspection."""
+"""Making the log readable end to end at boot, keeping aside whatever is cut.
+
+The end of the newest segment is where a crash stops a write: whatever fails
+its checks there is copied to `<segment>.broken` and cut off (a checksum
+failure rather than a partial frame or zeros is logged as an error). Anything
+else is damage a crash does not explain — a bad frame in an older segment, a
+header of another instance, a file that cannot be read, a segment overlapping
+another — and goes to `quarantine/`: whole files are moved there, cut bytes copied
+there. Nothing is deleted, nothing invalid is replayed, and every finding is
+logged and returned so it can be counted and stored.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import shutil
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 from llmsvc.wal.codec import Stop
-from llmsvc.wal.reader import Scan
-from llmsvc.wal.segment import fsync_dir
+from llmsvc.wal.errors import Corruption
+from llmsvc.wal.reader import Scan, scan_segment
+from llmsvc.wal.segment import Segment, fsync_dir, list_segments
 
 log = logging.getLogger(__name__)
 
+QUARANTINE_DIR = "quarantine"
 
-def repair_tail(scan: Scan) -> None:
-    """Copy the bytes after the last valid record to `<segment>.broken`, then truncate.
 
-    Only for the newest segment, where an unfinished write is what a crash
-    leaves. Nothing is deleted: the cut bytes stay beside the log.
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing repair found in a segment and what it did about it."""
+
+    segment: str
+    kind: str  # torn_tail, corrupt, unreadable, bad_header, overlap
+    reason: str
+    action: str  # cut, quarantined
+    kept: str  # where the cut bytes or the file went, relative to the WAL directory
+    offset: int = 0  # where a cut began
+    bytes: int = 0  # how many bytes were cut or moved
+
+
+@dataclass
+class Repairs:
+    """What a boot found in the log; `lost` is LSN ranges above the checkpoint now gone."""
+
+    findings: list[Finding] = field(default_factory=list)
+    lost: list[tuple[int, int]] = field(default_factory=list)
+    newest: Scan | None = None  # the last segment left, as repaired: where appends go on
+
+    @property
+    def clean(self) -> bool:
+        return not self.findings and not self.lost
+
+    def counts(self) -> dict[str, int]:
+        counts = {kind: 0 for kind in ("torn_tail", "corrupt", "quarantined")}
+        for finding in self.findings:
+            if finding.kind in ("torn_tail", "corrupt"):
+                counts[finding.kind] += 1
+            if finding.action == "quarantined":
+                counts["quarantined"] += 1
+        counts["lost_records"] = sum(b - a + 1 for a, b in self.lost)
+        return counts
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "findings": [asdict(f) for f in self.findings],
+            "lost": self.lost,
+            "counts": self.counts(),
+        }
+
+
+def repair_log(wal_dir: Path, instance_id: uuid.UUID, checkpoint: int) -> Repairs:
+    """Check every segment; cut, quarantine and report until the log reads cleanly.
+
+    `checkpoint` tells lost records from ones the database already holds.
+    Repairs records `newest`, so the writer does not read the segment again.
+    """
+    repairs = Repairs()
+    segments = list_segments(wal_dir)
+    newest_scan: Scan | None = None
+    kept: list[tuple[Segment, int]] = []  # the segments left, with their record counts
+    for i, segment in enumerate(segments):
+        newest = i == len(segments) - 1
+        try:
+            scan = scan_segment(segment, instance_id)
+        except Corruption as exc:
+            repairs.findings.append(_quarantine(segment, "bad_header", exc.reason))
+            continue
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            repairs.findings.append(_quarantine(segment, "unreadable", reason))
+            continue
+        if kept and segment.first_lsn < kept[-1][0].first_lsn + kept[-1][1]:
+            reason = f"its first LSN {segment.first_lsn} is inside {kept[-1][0].path.name}"
+            repairs.findings.append(_quarantine(segment, "overlap", reason))
+            continue
+        if scan.stop is not Stop.END:
+            repairs.findings.append(_cut(scan, newest))
+        kept.append((segment, scan.records))
+        newest_scan = scan
+    expected = checkpoint + 1  # the first LSN the database does not hold
+    for segment, records in kept:
+        if segment.first_lsn > expected:
+            repairs.lost.append((expected, segment.first_lsn - 1))
+            log.error(
+                "wal records lost lsn=%d..%d: missing before %s and not in the database",
+                expected,
+                segment.first_lsn - 1,
+                segment.path.name,
+            )
+        expected = max(expected, segment.first_lsn + records)
+    repairs.newest = newest_scan
+    if not repairs.clean:
+        log.warning("wal repaired %s", " ".join(f"{k}={v}" for k, v in repairs.counts().items()))
+    return repairs
+
+
+def _cut(scan: Scan, newest: bool) -> Finding:
+    """Copy the bytes after the last valid record aside, then truncate the segment there.
+
+    In the newest segment this is where a crash stopped a write, so the bytes
+    stay beside it as `.broken`; in an older one it is damage: quarantine.
     """
     path = scan.segment.path
-    broken = path.with_name(path.name + ".broken")
-    n = 1
-    while broken.exists():
-        broken = path.with_name(f"{path.name}.broken.{n}")
-        n += 1
-    with path.open("rb") as src, broken.open("wb") as dst:
+    torn = scan.stop is not Stop.CORRUPT
+    if newest:
+        aside = _free_name(path.with_name(path.name + ".broken"))
+    else:
+        aside = _free_name(_quarantine_dir(path.parent) / f"{path.name}.from-{scan.end}")
+    with path.open("rb") as src, aside.open("wb") as dst:
         src.seek(scan.end)
         shutil.copyfileobj(src, dst)
         dst.flush()
@@ -33,14 +139,66 @@ def repair_tail(scan: Scan) -> None:
     with path.open("r+b") as f:
         f.truncate(scan.end)
         os.fsync(f.fileno())
+    fsync_dir(aside.parent)
     fsync_dir(path.parent)
-    level = logging.WARNING if scan.stop in (Stop.PARTIAL, Stop.ZEROS) else logging.ERROR
-    log.log(
-        level,
-        "wal tail repaired segment=%s offset=%d cut_bytes=%d reason=%s kept=%s",
+    finding = Finding(
         path.name,
+        "torn_tail" if torn else "corrupt",
+        scan.stop.name.lower(),
+        "cut",
+        str(aside.relative_to(path.parent)),
         scan.end,
         scan.size - scan.end,
-        scan.stop.name.lower(),
-        broken.name,
     )
+    level = logging.WARNING if torn else logging.ERROR
+    log.log(
+        level,
+        "wal %s segment=%s offset=%d cut_bytes=%d reason=%s kept=%s",
+        "tail repaired" if newest else "corruption cut off",
+        finding.segment,
+        finding.offset,
+        finding.bytes,
+        finding.reason,
+        finding.kept,
+    )
+    return finding
+
+
+def _quarantine(segment: Segment, kind: str, reason: str) -> Finding:
+    """Move a whole segment file into quarantine/, out of the log's way."""
+    path = segment.path
+    target = _free_name(_quarantine_dir(path.parent) / path.name)
+    size = path.lstat().st_size
+    os.rename(path, target)
+    fsync_dir(target.parent)
+    fsync_dir(path.parent)
+    kept = str(target.relative_to(path.parent))
+    log.error(
+        "wal segment quarantined segment=%s kind=%s reason=%s kept=%s",
+        path.name,
+        kind,
+        reason,
+        kept,
+    )
+    return Finding(path.name, kind, reason, "quarantined", kept, 0, size)
+
+
+def _quarantine_dir(wal_dir: Path) -> Path:
+    path = wal_dir / QUARANTINE_DIR
+    path.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def _free_name(path: Path) -> Path:
+    """`path`, or `path.1`, `path.2`…: never overwrite what an earlier repair kept."""
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate = path.with_name(f"{path.name}.{n}")
+        n += 1
+    return candidate
+
+
+def quarantined(wal_dir: Path) -> list[str]:
+    """The files in quarantine/, for `llmsvc check`: each is there until an operator acts."""
+    directory = wal_dir / QUARANTINE_DIR
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []

@@ -26,10 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmsvc.errors import WalFatal, WalFull
-from llmsvc.wal.codec import Stop
-from llmsvc.wal.reader import Position, scan_segment
-from llmsvc.wal.repair import repair_tail
-from llmsvc.wal.segment import HEADER_SIZE, Segment, create_segment, list_segments
+from llmsvc.wal.reader import Position
+from llmsvc.wal.repair import Repairs, repair_log
+from llmsvc.wal.segment import HEADER_SIZE, Segment, create_segment
 
 log = logging.getLogger(__name__)
 
@@ -84,21 +83,27 @@ class WalWriter:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_fatal: Callable[[WalFatal], None] = lambda exc: None
 
-    def open(self, loop: asyncio.AbstractEventLoop, on_fatal: Callable[[WalFatal], None]) -> None:
-        """Recover the newest segment's end (cutting a torn tail) and start the threads."""
+    def open(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        on_fatal: Callable[[WalFatal], None],
+        checkpoint: int = 0,
+    ) -> Repairs:
+        """Repair the log, find where it ends and start the threads; return what repair did.
+
+        `checkpoint` is the last LSN the database holds. If the log ends before
+        it (a power loss took an unsynced tail, or the directory was emptied),
+        appends go on in a new segment after it, so no LSN is ever reused.
+        """
         self._loop, self._on_fatal = loop, on_fatal
-        segments = list_segments(self.wal_dir)
-        if segments:
-            scan = scan_segment(segments[-1], self.instance_id)
-            if scan.stop is not Stop.END:
-                repair_tail(scan)
-            self._segment, self._offset = segments[-1], scan.end
-            self._lsn = segments[-1].first_lsn + scan.records - 1
+        repairs = repair_log(self.wal_dir, self.instance_id, checkpoint)
+        newest = repairs.newest
+        if newest is None or newest.segment.first_lsn + newest.records <= checkpoint:
+            self._segment = create_segment(self.wal_dir, self.instance_id, checkpoint + 1)
+            self._offset, self._lsn = HEADER_SIZE, checkpoint
         else:
-            self._segment, self._offset = (
-                create_segment(self.wal_dir, self.instance_id, 1),
-                HEADER_SIZE,
-            )
+            self._segment, self._offset = newest.segment, newest.end
+            self._lsn = newest.segment.first_lsn + newest.records - 1
         self._fd = os.open(self._segment.path, os.O_WRONLY | os.O_APPEND)
         self.appended_lsn = self._lsn
         self.end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
@@ -111,6 +116,7 @@ class WalWriter:
             self._segment.path.name,
             self._lsn + 1,
         )
+        return repairs
 
     def append(self, *frames: bytes) -> asyncio.Future[int]:
         """Queue encoded frames; the future resolves to the last LSN once they are journaled.

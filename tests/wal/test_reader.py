@@ -124,8 +124,8 @@ async def test_reader_seeked_to_the_end_of_the_live_segment_reads_later_appends(
     assert await _read(reader, writer.end) == records_of([token(4), token(5)])
 
 
-async def test_missing_middle_segment_raises_corruption_naming_it(
-    open_writer: OpenWriter, reader: WalReader, wal_dir: Path
+async def test_a_missing_middle_segment_is_skipped_with_its_lsns_named(
+    open_writer: OpenWriter, reader: WalReader, wal_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     frames = [token(lsn) for lsn in range(1, 13)]
     await _write(open_writer, frames, segment_max_bytes=FOUR_PER_SEGMENT)  # 1, 5, 9
@@ -133,8 +133,20 @@ async def test_missing_middle_segment_raises_corruption_naming_it(
     await reader.seek(1)
 
     assert await _read(reader, None) == records_of(frames[:4])
-    with pytest.raises(Corruption, match=segment_name(5)):
-        await _read(reader, None)
+    assert await _read(reader, None) == records_of(frames[8:])
+    assert reader.position.lsn == 13
+    assert "wal records missing lsn=5..8: skipped" in caplog.text
+
+
+async def test_seek_into_a_missing_segment_starts_at_the_next_one(
+    open_writer: OpenWriter, reader: WalReader, wal_dir: Path
+) -> None:
+    frames = [token(lsn) for lsn in range(1, 13)]
+    await _write(open_writer, frames, segment_max_bytes=FOUR_PER_SEGMENT)  # 1, 5, 9
+    (wal_dir / segment_name(5)).unlink()
+    await reader.seek(6)
+
+    assert await _read(reader, None) == records_of(frames[8:])
 
 
 def _flip_payload(data: bytearray, at: int, size: int) -> None:

@@ -124,8 +124,18 @@ async def test_a_segment_copied_from_another_instance_is_never_replayed(
         await reader.seek(1)
     await reader.close()
     writer = WalWriter(wal_dir, wal_id)
-    with pytest.raises(Corruption, match="belongs to instance"):
-        writer.open(asyncio.get_running_loop(), lambda exc: None)
+    repairs = writer.open(asyncio.get_running_loop(), lambda exc: None)
+    await writer.close()
+
+    # Opening the log moves it aside whole; the log starts afresh without it.
+    [finding] = repairs.findings
+    assert (finding.kind, finding.action) == ("bad_header", "quarantined")
+    assert (wal_dir / finding.kept).read_bytes() == foreign.path.read_bytes()
+    assert writer.end.lsn == 1
+    reader = WalReader(wal_dir, wal_id)
+    await reader.seek(1)
+    assert await reader.read(None, 100) == []
+    await reader.close()
 
 
 def test_list_segments_orders_by_lsn_and_ignores_other_files(wal_dir: Path) -> None:
