@@ -200,22 +200,26 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         for run in runs:
             problems = run["found"].get("problems", [])
-            print(f"{_time(run['started_at'])}  {run['status']:8}  problems={len(problems)}")
+            refilled = (run["repaired"] or {}).get("refilled", [])
+            print(
+                f"{_time(run['started_at'])}  {run['status']:8}  problems={len(problems)}"
+                f"  refilled={len(refilled)}"
+            )
             for problem in problems:
                 print(f"    {problem}")
         if not runs:
             print("(no check runs yet)")
         return 0
 
-    async def check(engine: Any) -> consistency.Report:
+    async def check(engine: Any) -> tuple[consistency.Report, dict[str, Any]]:
         started = datetime.now(UTC)
-        report = await consistency.run_check(engine, settings.wal_dir)
-        await consistency.record_run(engine, report, started, None)
-        return report
+        report, repaired = await consistency.check_and_repair(engine, settings.wal_dir)
+        await consistency.record_run(engine, report, started, None, repaired)
+        return report, repaired
 
-    report = _with_store(settings, check, check_schema=False)
+    report, repaired = _with_store(settings, check, check_schema=False)
     if args.json:
-        sys.stdout.buffer.write(_json(report.as_dict()) + b"\n")
+        sys.stdout.buffer.write(_json({**report.as_dict(), "repaired": repaired}) + b"\n")
     else:
         current, head = report.schema
         print(f"schema:          {current} (code expects {head})")
@@ -228,6 +232,9 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         print(f"open requests:   {report.open_requests}")
         print(f"token gaps:      {len(report.gaps)} attempts")
         print(f"count mismatch:  {len(report.mismatches)} attempts")
+        for r in repaired.get("refilled", []):
+            seqs = consistency.format_ranges(r["seqs"])
+            print(f"refilled:        attempt {r['attempt_id']} seqs {seqs} ({r['rows']} rows)")
         print("consistent" if report.ok else "PROBLEMS:")
         for problem in report.problems:
             print(f"  - {problem}")

@@ -28,7 +28,7 @@ from llmsvc.errors import LlmsvcError, StoreError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
-from llmsvc.maintenance.consistency import record_run, run_check
+from llmsvc.maintenance.consistency import check_and_repair, format_ranges, record_run
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.store.engine import create_engine, upgrade_to_head
@@ -152,10 +152,20 @@ class Daemon:
         return len(found)
 
     async def _check(self) -> None:
-        """The consistency check, stored as a run; problems are logged, never hidden."""
+        """The consistency check, token holes refilled from the WAL first, stored as a run.
+
+        Problems left after the refill are logged, never hidden.
+        """
         started = datetime.now(UTC)
-        report = await run_check(self.engine, self.settings.wal_dir)
-        await record_run(self.engine, report, started, self.instance)
+        report, repaired = await check_and_repair(self.engine, self.settings.wal_dir)
+        await record_run(self.engine, report, started, self.instance, repaired)
+        for refill in repaired.get("refilled", []):
+            log.info(
+                "boot: token gap refilled from the WAL attempt=%s seqs=%s rows=%d",
+                refill["attempt_id"],
+                format_ranges(refill["seqs"], sep=","),
+                refill["rows"],
+            )
         for problem in report.problems:
             log.warning("boot: consistency problem: %s", problem)
         log.info(

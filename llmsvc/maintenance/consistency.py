@@ -4,16 +4,20 @@ Run at every boot and by `llmsvc check`. It looks at the schema revision, the
 WAL (its valid end, and how far the database checkpoint is behind it),
 requests still open, and the token log itself: an attempt whose seqs have
 holes, or whose stored row count differs from the count its end record gave,
-is reported with its id and the missing seq ranges, never hidden. Each run is
-stored in `maintenance_runs`.
+is reported with its id and the missing seq ranges, never hidden.
+`check_and_repair` first refills such holes from the WAL segments still on
+disk, so only what the WAL no longer holds is reported. Each run is stored in
+`maintenance_runs`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
 import os
 import uuid
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,14 +27,20 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import WalError
+from llmsvc.store.batch import TOKEN_ROWS, Token
 from llmsvc.store.engine import schema_revision
-from llmsvc.store.flusher import load_checkpoint
+from llmsvc.store.flusher import TOKEN_WRITERS, load_checkpoint
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, maintenance_runs
-from llmsvc.wal.codec import Stop
+from llmsvc.wal.codec import RecordType, Stop, decode_token
+from llmsvc.wal.errors import Corruption
 from llmsvc.wal.reader import scan_segment
 from llmsvc.wal.segment import INSTANCE_FILE, LOCK_FILE, list_segments
 
+log = logging.getLogger(__name__)
+
 JOB = "check"
+
+Ranges = list[tuple[int, int]]  # inclusive seq ranges
 
 
 @dataclass
@@ -38,7 +48,7 @@ class Gap:
     """An attempt whose stored tokens have holes: `missing` is inclusive seq ranges."""
 
     attempt_id: str
-    missing: list[tuple[int, int]]
+    missing: Ranges
 
 
 @dataclass
@@ -46,6 +56,7 @@ class CountMismatch:
     attempt_id: str
     recorded: int  # the token count the attempt's end record gave
     stored: int  # rows in llm_token_log
+    missing_tail: tuple[int, int] | None = None  # seqs after the last stored one; LAG misses them
 
 
 @dataclass
@@ -106,18 +117,33 @@ async def find_gaps(engine: AsyncEngine) -> list[Gap]:
 
 
 async def find_count_mismatches(engine: AsyncEngine) -> list[CountMismatch]:
-    """Ended attempts whose stored token rows differ from the count they recorded."""
+    """Ended attempts whose stored token rows differ from the count they recorded.
+
+    Seqs missing after the last stored one are no hole to LAG; the recorded
+    count is what tells them, so they are named here as `missing_tail`.
+    """
     stored = sa.func.count(llm_token_log.c.seq)
     query = (
-        sa.select(llm_attempts.c.id, llm_attempts.c.token_count, stored)
+        sa.select(
+            llm_attempts.c.id, llm_attempts.c.token_count, stored, sa.func.max(llm_token_log.c.seq)
+        )
         .outerjoin(llm_token_log, llm_token_log.c.attempt_id == llm_attempts.c.id)
         .where(llm_attempts.c.token_count.is_not(None))
         .group_by(llm_attempts.c.id, llm_attempts.c.token_count)
         .having(stored != llm_attempts.c.token_count)
     )
+    mismatches = []
     async with engine.connect() as conn:
-        rows = await conn.execute(query)
-        return [CountMismatch(str(aid), int(recorded), int(n)) for aid, recorded, n in rows]
+        for aid, recorded, n, last in await conn.execute(query):
+            tail = (0 if last is None else int(last) + 1, int(recorded) - 1)
+            missing_tail = tail if tail[0] <= tail[1] else None
+            mismatches.append(CountMismatch(str(aid), int(recorded), int(n), missing_tail))
+    return mismatches
+
+
+def format_ranges(ranges: Iterable[Sequence[int]], sep: str = ", ") -> str:
+    """Inclusive seq ranges as an operator reads them: `0, 3-5`."""
+    return sep.join(f"{a}-{b}" if a != b else str(a) for a, b in ranges)
 
 
 def wal_state(wal_dir: Path) -> tuple[WalState, uuid.UUID | None]:
@@ -180,13 +206,113 @@ async def run_check(engine: AsyncEngine, wal_dir: Path | None) -> Report:
     report.gaps = await find_gaps(engine)
     report.mismatches = await find_count_mismatches(engine)
     for gap in report.gaps:
-        ranges = ", ".join(f"{a}-{b}" if a != b else str(a) for a, b in gap.missing)
+        ranges = format_ranges(gap.missing)
         report.problems.append(f"attempt {gap.attempt_id} is missing token seqs {ranges}")
     for m in report.mismatches:
-        report.problems.append(
-            f"attempt {m.attempt_id} recorded {m.recorded} tokens but {m.stored} are stored"
-        )
+        problem = f"attempt {m.attempt_id} recorded {m.recorded} tokens but {m.stored} are stored"
+        if m.missing_tail is not None:
+            problem += f"; missing token seqs {format_ranges([m.missing_tail])} at the end"
+        report.problems.append(problem)
     return report
+
+
+async def check_and_repair(
+    engine: AsyncEngine, wal_dir: Path | None
+) -> tuple[Report, dict[str, Any]]:
+    """Check, refill from the WAL every token hole it still holds, then check again.
+
+    The one entry point of boot and `llmsvc check`, so both repair alike. The
+    report names only what could not be refilled; the dict is what was (for
+    `record_run`): `{"refilled": [{"attempt_id", "seqs": [[a, b], …], "rows"}]}`.
+    """
+    report = await run_check(engine, wal_dir)
+    missing = missing_seqs(report)
+    if not missing or wal_dir is None:
+        return report, {}
+    tokens = await asyncio.to_thread(read_missing_tokens, wal_dir, missing)
+    if not tokens:
+        return report, {}
+    inserted = await refill(engine, tokens)
+    seqs: dict[str, list[int]] = {}
+    for aid, seq, _text, _us in tokens:
+        seqs.setdefault(str(uuid.UUID(bytes=aid)), []).append(seq)
+    refilled = [
+        {"attempt_id": aid, "seqs": _as_ranges(found), "rows": inserted.get(aid, 0)}
+        for aid, found in seqs.items()
+    ]
+    return await run_check(engine, wal_dir), {"refilled": refilled}
+
+
+def missing_seqs(report: Report) -> dict[str, Ranges]:
+    """Every token hole the report names, by attempt: gaps, and tails only a count reveals."""
+    missing = {gap.attempt_id: list(gap.missing) for gap in report.gaps}
+    for m in report.mismatches:
+        if m.missing_tail is not None:
+            missing.setdefault(m.attempt_id, []).append(m.missing_tail)
+    return missing
+
+
+def read_missing_tokens(wal_dir: Path, missing: dict[str, Ranges]) -> list[Token]:
+    """The journaled tokens inside `missing`, from every segment still on disk, by (attempt, seq).
+
+    Blocking reads: run it in a worker thread. A segment that cannot be read
+    is skipped, so its tokens stay reported as missing rather than guessed at.
+    """
+    id_file = wal_dir / INSTANCE_FILE
+    if not id_file.exists():
+        return []
+    instance = uuid.UUID(id_file.read_text().strip())
+    wanted = {uuid.UUID(aid).bytes: ranges for aid, ranges in missing.items()}
+    found: dict[tuple[bytes, int], Token] = {}
+
+    def keep(records: list[tuple[int, bytes]]) -> None:
+        for rtype, payload in records:
+            # A token record starts with its attempt id: test that before decoding the text.
+            if rtype != RecordType.TOKEN or payload[:16] not in wanted:
+                continue
+            token = decode_token(payload)
+            aid, seq = token[0], token[1]
+            if any(a <= seq <= b for a, b in wanted[aid]):
+                found.setdefault((aid, seq), token)
+
+    for segment in list_segments(wal_dir):
+        try:
+            scan_segment(segment, instance, on_records=keep)
+        except (OSError, Corruption) as exc:
+            log.warning("refill: WAL segment skipped segment=%s error=%s", segment.path.name, exc)
+    return [found[key] for key in sorted(found)]
+
+
+async def refill(engine: AsyncEngine, tokens: list[Token]) -> dict[str, int]:
+    """Insert journaled tokens in one transaction, as the flusher would; rows added per attempt.
+
+    The insert ignores rows that exist, so a refill is idempotent and safe
+    beside a running flusher.
+    """
+    dialect = engine.dialect.name
+    ids = sorted({uuid.UUID(bytes=token[0]) for token in tokens})
+    count = (
+        sa.select(llm_token_log.c.attempt_id, sa.func.count())
+        .where(llm_token_log.c.attempt_id.in_(ids))
+        .group_by(llm_token_log.c.attempt_id)
+    )
+    async with engine.begin() as conn:
+        # Counting first also opens the driver-level transaction the raw insert joins.
+        before = {aid: int(n) for aid, n in await conn.execute(count)}
+        await TOKEN_WRITERS[dialect](conn, TOKEN_ROWS[dialect](tokens))
+        after = {aid: int(n) for aid, n in await conn.execute(count)}
+    return {str(aid): after.get(aid, 0) - before.get(aid, 0) for aid in ids}
+
+
+def _as_ranges(seqs: list[int]) -> list[list[int]]:
+    """Sorted seqs as inclusive [start, end] ranges, in the form JSON gives back."""
+    ranges: list[list[int]] = []
+    for seq in seqs:
+        if ranges and ranges[-1][1] == seq - 1:
+            ranges[-1][1] = seq
+        else:
+            ranges.append([seq, seq])
+    return ranges
 
 
 async def _wal_with_checkpoint(engine: AsyncEngine, wal_dir: Path) -> WalState:

@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 FULL_RETRY_SECONDS = 1.0
-FULL_MIN_FREE_BYTES = 1024 * 1024  # what must be free before writing is tried again
+FULL_MIN_FREE_BYTES = 64 * 1024  # what must be free before writing is tried again
 
 
 class WalWriter:
