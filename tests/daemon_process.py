@@ -107,11 +107,18 @@ class _Output:
 
 
 class DaemonProcess:
-    """`llmsvc run` as a child process: started, waited for until `ready`, signalled."""
+    """`llmsvc run` as a child process: started, waited for until `ready`, signalled.
 
-    def __init__(self, env: dict[str, str], port: int | None = None) -> None:
+    `command` replaces `llmsvc run` with a program that runs the daemon another way
+    (tests/fault_daemon.py injects faults into it).
+    """
+
+    def __init__(
+        self, env: dict[str, str], port: int | None = None, command: list[str] | None = None
+    ) -> None:
         self.port = port or free_port()
         self.env = {**env, "LLMSVC_PORT": str(self.port)}
+        self.command = command or [str(LLMSVC), "run"]
         self.proc: subprocess.Popen[str] | None = None
         self.output: _Output | None = None
         self.returncode: int | None = None
@@ -126,7 +133,7 @@ class DaemonProcess:
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
         self.proc = subprocess.Popen(
-            [str(LLMSVC), "run"],
+            self.command,
             env=self.env,
             cwd=Path(self.env["LLMSVC_WAL_DIR"]).parent,  # nothing may depend on the cwd
             stdin=subprocess.DEVNULL,
