@@ -22,6 +22,7 @@ from llmsvc.maintenance.consistency import history, record_run, run_check
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher
 from llmsvc.store.schema import llm_token_log
+from llmsvc.wal.segment import instance_id, list_segments
 from llmsvc.wal.writer import WalWriter
 
 
@@ -144,14 +145,14 @@ def test_llmsvc_check_exits_1_naming_the_gap_and_keeps_a_history(tmp_path: Path)
         await upgrade_to_head(engine)
         wal_dir = tmp_path / "llmsvc" / "wal"
         wal_dir.mkdir(parents=True)
-        from llmsvc.wal.segment import instance_id
-
         wal_id = instance_id(wal_dir)
         writer = WalWriter(wal_dir, wal_id)
         writer.open(asyncio.get_running_loop(), lambda exc: None)
         attempt = await journal_attempt(writer, 8)
         await flush(engine, wal_dir, wal_id, writer)
         await writer.close()
+        for segment in list_segments(wal_dir):  # so the gap cannot be refilled from the WAL
+            segment.path.unlink()
         await delete_seqs(engine, attempt, [6])
         await engine.dispose()
         return attempt
