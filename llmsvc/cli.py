@@ -227,7 +227,8 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
             wal = report.wal
             running = "running" if wal.daemon_running else "not running"
             print(f"wal:             {wal.segments} segments, last LSN {wal.last_lsn}")
-            print(f"wal tail:        {wal.tail}")
+            damaged, kept = len(wal.damage), len(wal.quarantined)
+            print(f"wal damage:      {damaged} segments damaged, {kept} files in quarantine")
             print(f"checkpoint:      {wal.checkpoint} (backlog {wal.backlog}; daemon {running})")
         print(f"open requests:   {report.open_requests}")
         print(f"token gaps:      {len(report.gaps)} attempts")

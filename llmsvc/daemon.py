@@ -1,6 +1,6 @@
 """The daemon: boot, serve, shut down — ordered steps, one log line each.
 
-Boot: WAL lock → migrations → WAL open (torn tail cut) → flusher catches up
+Boot: WAL lock → migrations → WAL repaired and opened → flusher catches up
 from the checkpoint → requests a previous run left open are journaled
 `interrupted` → HTTP server. Shutdown: refuse new requests (503) → let open
 ones finish within `shutdown_grace_seconds`, interrupt the rest → stop the
@@ -32,7 +32,7 @@ from llmsvc.maintenance.consistency import check_and_repair, format_ranges, reco
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.store.engine import create_engine, upgrade_to_head
-from llmsvc.store.flusher import Flusher
+from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import open_work
 from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
@@ -103,7 +103,8 @@ class Daemon:
             fsync_interval=s.wal_fsync_interval_ms / 1000,
             segment_max_bytes=s.wal_segment_max_bytes,
         )
-        self.writer.open(asyncio.get_running_loop(), self._on_fatal)
+        checkpoint = await load_checkpoint(self.engine, self.instance)
+        self.repairs = self.writer.open(asyncio.get_running_loop(), self._on_fatal, checkpoint)
         self.journal = Journal(self.writer)
 
         self.flusher = Flusher(
@@ -157,7 +158,7 @@ class Daemon:
         Problems left after the refill are logged, never hidden.
         """
         started = datetime.now(UTC)
-        report, repaired = await check_and_repair(self.engine, self.settings.wal_dir)
+        report, repaired = await check_and_repair(self.engine, self.settings.wal_dir, self.repairs)
         await record_run(self.engine, report, started, self.instance, repaired)
         for refill in repaired.get("refilled", []):
             log.info(

@@ -31,9 +31,10 @@ from llmsvc.store.batch import TOKEN_ROWS, Token
 from llmsvc.store.engine import schema_revision
 from llmsvc.store.flusher import TOKEN_WRITERS, load_checkpoint
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, maintenance_runs
-from llmsvc.wal.codec import RecordType, Stop, decode_token
+from llmsvc.wal.codec import RecordType, decode_token
 from llmsvc.wal.errors import Corruption
-from llmsvc.wal.reader import scan_segment
+from llmsvc.wal.reader import scan_segment, verify_log
+from llmsvc.wal.repair import QUARANTINE_DIR, Repairs, quarantined
 from llmsvc.wal.segment import INSTANCE_FILE, LOCK_FILE, list_segments
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,8 @@ class WalState:
     last_lsn: int = 0
     checkpoint: int = 0
     daemon_running: bool = False
-    tail: str = "end"  # how the newest segment ends: end, partial, zeros, corrupt
+    damage: list[str] = field(default_factory=list)  # what `llmsvc wal verify` finds
+    quarantined: list[str] = field(default_factory=list)  # files boot repair moved aside
 
     @property
     def backlog(self) -> int:
@@ -147,21 +149,26 @@ def format_ranges(ranges: Iterable[Sequence[int]], sep: str = ", ") -> str:
 
 
 def wal_state(wal_dir: Path) -> tuple[WalState, uuid.UUID | None]:
-    """The WAL's valid end and instance id, read without changing anything.
+    """The WAL's valid end, its damage and instance id, read without changing anything.
 
-    A running daemon owns the directory; this only reads it.
+    A running daemon owns the directory and may be writing the newest
+    segment, so an unfinished frame at its end is not damage then.
     """
     state = WalState(daemon_running=_locked(wal_dir / LOCK_FILE))
-    id_file = wal_dir / INSTANCE_FILE
-    segments = list_segments(wal_dir) if wal_dir.is_dir() else []
-    if not segments or not id_file.exists():
+    if not wal_dir.is_dir():
         return state, None
-    instance = uuid.UUID(id_file.read_text().strip())
-    newest = scan_segment(segments[-1], instance)
-    state.segments = len(segments)
-    state.last_lsn = segments[-1].first_lsn + newest.records - 1
-    state.tail = newest.stop.name.lower() if newest.stop is not Stop.END else "end"
-    return state, instance
+    state.quarantined = quarantined(wal_dir)
+    checks = verify_log(wal_dir)
+    id_file = wal_dir / INSTANCE_FILE
+    if not checks or not id_file.exists():
+        return state, None
+    state.segments = len(checks)
+    state.last_lsn = checks[-1].first_lsn + checks[-1].records - 1
+    for check in checks:
+        writing = state.daemon_running and check is checks[-1]
+        if check.problem and not (writing and check.problem.startswith("torn tail")):
+            state.damage.append(f"WAL segment {check.name}: {check.problem}")
+    return state, uuid.UUID(id_file.read_text().strip())
 
 
 def _locked(lock_file: Path) -> bool:
@@ -187,9 +194,12 @@ async def run_check(engine: AsyncEngine, wal_dir: Path | None) -> Report:
         return report
     if wal_dir is not None:
         report.wal = wal = await _wal_with_checkpoint(engine, wal_dir)
-        if wal.tail != "end":
+        report.problems.extend(wal.damage)
+        if wal.quarantined:
             report.problems.append(
-                f"the newest WAL segment ends in a {wal.tail} tail; the next boot cuts it off"
+                f"{len(wal.quarantined)} damaged WAL file(s) kept in "
+                f"{wal_dir / QUARANTINE_DIR}: {', '.join(wal.quarantined)}; the boot log "
+                "says what each was; inspect, then remove them"
             )
         if wal.backlog and not wal.daemon_running:
             report.problems.append(
@@ -217,30 +227,39 @@ async def run_check(engine: AsyncEngine, wal_dir: Path | None) -> Report:
 
 
 async def check_and_repair(
-    engine: AsyncEngine, wal_dir: Path | None
+    engine: AsyncEngine, wal_dir: Path | None, wal_repairs: Repairs | None = None
 ) -> tuple[Report, dict[str, Any]]:
     """Check, refill from the WAL every token hole it still holds, then check again.
 
     The one entry point of boot and `llmsvc check`, so both repair alike. The
     report names only what could not be refilled; the dict is what was (for
-    `record_run`): `{"refilled": [{"attempt_id", "seqs": [[a, b], …], "rows"}]}`.
+    `record_run`): `{"refilled": [{"attempt_id", "seqs": [[a, b], …], "rows"}]}`,
+    and at boot `"wal"`: what repairing the log at open did. Records that
+    repair found lost stay a problem of this run.
     """
+    repaired: dict[str, Any] = {}
     report = await run_check(engine, wal_dir)
     missing = missing_seqs(report)
-    if not missing or wal_dir is None:
-        return report, {}
-    tokens = await asyncio.to_thread(read_missing_tokens, wal_dir, missing)
-    if not tokens:
-        return report, {}
-    inserted = await refill(engine, tokens)
-    seqs: dict[str, list[int]] = {}
-    for aid, seq, _text, _us in tokens:
-        seqs.setdefault(str(uuid.UUID(bytes=aid)), []).append(seq)
-    refilled = [
-        {"attempt_id": aid, "seqs": _as_ranges(found), "rows": inserted.get(aid, 0)}
-        for aid, found in seqs.items()
-    ]
-    return await run_check(engine, wal_dir), {"refilled": refilled}
+    tokens = []
+    if missing and wal_dir is not None:
+        tokens = await asyncio.to_thread(read_missing_tokens, wal_dir, missing)
+    if tokens:
+        inserted = await refill(engine, tokens)
+        seqs: dict[str, list[int]] = {}
+        for aid, seq, _text, _us in tokens:
+            seqs.setdefault(str(uuid.UUID(bytes=aid)), []).append(seq)
+        repaired["refilled"] = [
+            {"attempt_id": aid, "seqs": _as_ranges(found), "rows": inserted.get(aid, 0)}
+            for aid, found in seqs.items()
+        ]
+        report = await run_check(engine, wal_dir)
+    if wal_repairs is not None and not wal_repairs.clean:
+        repaired["wal"] = wal_repairs.as_dict()
+        for first, last in wal_repairs.lost:
+            report.problems.append(
+                f"WAL records {first}..{last} were lost to damage before reaching the database"
+            )
+    return report, repaired
 
 
 def missing_seqs(report: Report) -> dict[str, Ranges]:

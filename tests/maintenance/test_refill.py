@@ -262,6 +262,7 @@ async def test_a_segment_that_fails_its_header_check_is_skipped_not_trusted(
 
     assert repaired == {}
     assert report.problems == [
+        f"WAL segment {segment.name}: header checksum mismatch",
         f"attempt {old} is missing token seqs 3",
         f"attempt {old} recorded 10 tokens but 9 are stored",
     ]
