@@ -141,11 +141,11 @@ class WalWriter:
         frames wait in memory and are written before anything else once space
         returns.
         """
-        with self._cond:
+        with self._cond:  # re-entrant: full cannot change between the test and the put
             if self.full is not None and self._failed is None:
                 self._held.extend(frames)
                 return
-        self._put(frames, wake=True)
+            self._put(frames, wake=True)
 
     def _put(self, frames: tuple[bytes, ...], wake: bool) -> asyncio.Future[int]:
         with self._cond:
