@@ -1,9 +1,14 @@
-"""Faults under the WAL, met by a real daemon: a failed fsync.
+"""Faults under the WAL, met by a real daemon: a failed fsync and a full disk.
 
 A failed fsync (issue 4, point 6) must end the daemon with exit code 1 and a CRITICAL log
 line, since after it the page cache can no longer be trusted; the next boot recovers
 from the log. tests/fault_daemon.py injects the failure (EIO from `os.fdatasync` once a
 trigger file exists) into an otherwise unchanged `llmsvc run`.
+
+A full disk (point 7) is a real one: a 4 MiB tmpfs mounted for the test holds the WAL,
+and a filler file leaves little room. New requests must get 503 at once, open streams
+must end with an error event, and the daemon must recover by itself once space returns.
+Mounting needs root; `LLMSVC_TEST_TMPFS=skip` skips that test, reported as skipped.
 
 Clients are the official `openai` SDK, recording every token they receive; the store
 is read directly afterwards and must hold exactly that, once each, in order.
@@ -11,14 +16,19 @@ is read directly afterwards and must hold exactly that, once each, in order.
 
 from __future__ import annotations
 
+import http.client
 import json
+import os
 import re
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import openai
 import pytest
@@ -36,6 +46,10 @@ FSYNC_FAILED = (
     r"CRITICAL llmsvc\.wal\.writer wal write or fsync failed "
     r"error=wal: Input/output error on [0-9a-f]{16}\.wal: exiting to recover from the log"
 )
+
+TMPFS_ENV = "LLMSVC_TEST_TMPFS"
+TMPFS_BYTES = 4 * 1024 * 1024
+ROOM_LEFT = 256 * 1024  # what the filler leaves for the WAL: a few seconds of streaming
 
 
 @dataclass
@@ -133,6 +147,15 @@ def assert_store_holds_what_clients_saw(store: Stored, seen: list[Seen], exact: 
             assert len(stored) == len(item.tokens), (item, len(stored))
 
 
+def assert_checks_clean(env: dict[str, str]) -> None:
+    """`llmsvc check` passes and had nothing to repair (a repair would hide a lost token)."""
+    check = run_cli(env, "check", "--json")
+    assert check.returncode == 0, check.stdout + check.stderr
+    report = json.loads(check.stdout)
+    assert report["ok"] is True, check.stdout
+    assert not report.get("repaired", {}).get("refilled"), check.stdout
+
+
 def wait_until(predicate: Any, timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -173,8 +196,203 @@ def test_failed_fsync_exits_1_and_the_restart_recovers_every_received_token(
     with DaemonProcess(env) as again:  # plain `llmsvc run`: boot replays the WAL
         assert again.stop() == 0, again.log
     assert re.search(r"boot: wal replayed records=\d+", again.log), again.log
+    # The replay alone left no hole: nothing had to be refilled from the WAL afterwards.
+    assert "token gap refilled" not in again.log, again.log
+    assert "boot: consistency check ok gaps=0 count_mismatches=0" in again.log, again.log
 
     assert_store_holds_what_clients_saw(read_store(database_url), seen, exact=False)
-    check = run_cli(env, "check", "--json")
-    assert check.returncode == 0, check.stdout + check.stderr
-    assert json.loads(check.stdout)["ok"] is True, check.stdout
+    assert_checks_clean(env)
+
+
+# -- point 7: a full disk ----------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_fs(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB tmpfs of the test's own, always unmounted afterwards."""
+    if os.environ.get(TMPFS_ENV) == "skip":
+        pytest.skip(f"disk-full test skipped on request ({TMPFS_ENV}=skip)")
+    mount_point = tmp_path / "tinyfs"
+    mount_point.mkdir()
+    cmd = ["mount", "-t", "tmpfs", "-o", f"size={TMPFS_BYTES}", "tmpfs", str(mount_point)]
+    try:
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=10, check=False)
+        problem = res.stderr.strip() if res.returncode else ""
+    except OSError as exc:
+        problem = str(exc)
+    if problem:
+        pytest.fail(
+            f"cannot mount a tmpfs for the disk-full test ({problem}): run the tests as root "
+            f"(mount needs CAP_SYS_ADMIN), or set {TMPFS_ENV}=skip to skip it",
+            pytrace=False,
+        )
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], timeout=10, check=False)
+
+
+def fill(directory: Path, leave: int) -> Path:
+    """A file taking all the free space of `directory`'s filesystem but `leave` bytes."""
+    stat = os.statvfs(directory)
+    size = stat.f_bavail * stat.f_frsize - leave
+    assert size > 0, f"only {stat.f_bavail * stat.f_frsize} bytes free"
+    filler = directory / "filler"
+    with filler.open("wb") as f:
+        chunk = b"\0" * (64 * 1024)
+        while size > 0:
+            size -= f.write(chunk[: min(size, len(chunk))])
+    return filler
+
+
+@dataclass
+class RawStream:
+    """A streaming request read as plain SSE, to see how the stream itself ends."""
+
+    base_url: str
+    request_id: str = ""
+    tokens: list[str] = field(default_factory=list)
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False  # `data: [DONE]` arrived
+    failure: Exception | None = None  # the connection broke, or no response
+
+    def read(self) -> None:
+        body = {
+            "model": "mock",
+            "messages": MESSAGES,
+            "max_tokens": 1_000_000,
+            "stream": True,
+            "mock_delay_ms": 1,
+        }
+        url = urlsplit(self.base_url)
+        conn = http.client.HTTPConnection(url.hostname or "", url.port, timeout=15)
+        try:
+            conn.request(
+                "POST",
+                "/v1/chat/completions",
+                json.dumps(body),
+                {"content-type": "application/json"},
+            )
+            resp = conn.getresponse()
+            assert resp.status == 200, resp.read()
+            self.request_id = resp.headers["x-request-id"]
+            # readline raises IncompleteRead if the chunked body is cut short
+            while line := resp.readline():
+                data = line.decode().strip().removeprefix("data: ")
+                if not line.startswith(b"data: "):
+                    continue
+                if data == "[DONE]":
+                    self.done = True
+                    continue
+                event = json.loads(data)
+                if "error" in event:
+                    self.errors.append(event["error"])
+                for choice in event.get("choices", []):
+                    if content := choice["delta"].get("content"):
+                        self.tokens.append(content)
+        except Exception as exc:
+            self.failure = exc
+        finally:
+            conn.close()
+
+
+def test_full_disk_refuses_new_requests_ends_open_streams_and_recovers_when_space_returns(
+    tiny_fs: Path, sqlite_url: str
+) -> None:
+    # One segment that never fills (the default 100 MiB), so the disk runs out inside
+    # write(2) on the live segment, which no flush can remove to make room.
+    env = daemon_env(sqlite_url, tiny_fs / "wal", shutdown_grace_seconds=5)
+    with DaemonProcess(env) as daemon:
+        filler = fill(tiny_fs, leave=ROOM_LEFT)
+        opened: list[Seen] = []
+        sdk_threads = []
+
+        def open_stream() -> None:
+            with client_for(daemon) as client:
+                stream_once(client, 1_000_000, 1, opened)
+
+        for _ in range(3):
+            thread = threading.Thread(target=open_stream, daemon=True)
+            thread.start()
+            sdk_threads.append(thread)
+        raw = RawStream(daemon.base_url)
+        raw_thread = threading.Thread(target=raw.read, daemon=True)
+        raw_thread.start()
+
+        daemon.wait_for_log(r"\bwal full\b", timeout=30)
+        for thread in [*sdk_threads, raw_thread]:
+            thread.join(15)
+            assert not thread.is_alive(), "a stream open when the disk filled did not end"
+
+        # Streams that were open end with an error event, then [DONE]: no hang, no cut.
+        assert len(opened) == 3, opened
+        for item in opened:
+            assert item.tokens, item
+            assert not item.finished, item
+            assert type(item.error) is openai.APIError, repr(item.error)  # an SSE error event
+            assert "space" in item.error.message.lower(), item.error.message
+        assert raw.failure is None, repr(raw.failure)
+        assert raw.tokens, raw
+        assert raw.done, raw
+        assert len(raw.errors) == 1, raw.errors
+        assert "space" in raw.errors[0]["message"].lower(), raw.errors
+
+        # New requests are refused at once: 503, saying why.
+        with client_for(daemon, timeout=5) as client:
+            for stream in (True, False):
+                with pytest.raises(openai.APIStatusError) as refused:
+                    client.chat.completions.create(
+                        model="mock", messages=MESSAGES, max_tokens=5, stream=stream
+                    )
+                assert refused.value.status_code == 503, refused.value
+                assert "space" in refused.value.message.lower(), refused.value.message
+
+            # While the disk stays full the writer's retries (about once a second) find no
+            # room, and it keeps refusing rather than flapping back to writable.
+            time.sleep(2.5)
+            with pytest.raises(openai.APIStatusError) as still:
+                client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=5)
+            assert still.value.status_code == 503, still.value
+            assert "wal writable again" not in daemon.log, daemon.log
+
+            # Space returns: the daemon notices by itself, no restart.
+            filler.unlink()
+            recovered: list[Seen] = []
+            deadline = time.monotonic() + 15
+            while not recovered:
+                try:
+                    recovered.append(stream_once(client, 5, 0))
+                except openai.APIStatusError as exc:
+                    refusal = exc
+                else:
+                    break
+                assert refusal.status_code == 503, refusal
+                assert time.monotonic() < deadline, f"still refusing after 15s:\n{daemon.log}"
+                time.sleep(0.2)
+            daemon.wait_for_log(r"\bwal writable again\b", timeout=5)
+            recovered.append(stream_once(client, 40, 1))
+            reply = client.chat.completions.with_raw_response.create(
+                model="mock", messages=MESSAGES, max_tokens=7
+            )
+            content = reply.parse().choices[0].message.content
+            whole = Seen(reply.headers["x-request-id"], [content or ""], finished=True)
+        for item in recovered:
+            assert item.finished, item
+        assert daemon.stop() == 0, daemon.log
+    log = daemon.log
+    assert "Traceback" not in log, log
+    assert "CRITICAL" not in log, log
+
+    store = read_store(sqlite_url)
+    cut = [*opened, Seen(raw.request_id, raw.tokens)]
+    assert_store_holds_what_clients_saw(store, [*cut, *recovered], exact=True)
+    for item in cut:  # ended by the full disk: failed, with exactly what the client got
+        request, attempt = store.request(item.request_id), store.only_attempt(item.request_id)
+        assert (request["status"], attempt["status"]) == ("failed", "failed"), item
+    assert store.texts(whole.request_id) == ["".join(mock_token(i) for i in range(7))]
+    assert store.request(whole.request_id)["status"] == "completed"
+
+    verify = run_cli(env, "wal", "verify", "--json")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert not [s for s in json.loads(verify.stdout) if s["problem"]], verify.stdout
+    assert_checks_clean(env)
