@@ -67,6 +67,9 @@ class Settings(BaseSettings):
     flush_interval_ms: int = Field(default=50, ge=1, le=60_000)
     flush_batch_records: int = Field(default=50_000, ge=1)
     max_body_bytes: int = Field(default=4 * MiB, ge=1024)
+    wal_backlog_limit_bytes: int = Field(default=1024 * MiB, gt=0)
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = Field(default=9464, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     providers: list[ProviderConfig] = Field(default_factory=list)
 

@@ -2,9 +2,10 @@
 
 Boot: WAL lock → migrations → WAL repaired and opened → flusher catches up
 from the checkpoint → requests a previous run left open are journaled
-`interrupted` → HTTP server. Shutdown: refuse new requests (503) → let open
-ones finish within `shutdown_grace_seconds`, interrupt the rest → stop the
-HTTP server → sync the WAL → drain it into the database → close pools.
+`interrupted` → metrics port → HTTP server. Shutdown: refuse new requests
+(503) → let open ones finish within `shutdown_grace_seconds`, interrupt the
+rest → stop the HTTP server → sync the WAL → drain it into the database →
+close the metrics port → close pools.
 Signal handlers only set an event; a second signal exits at once (the WAL
 still holds every acknowledged record).
 """
@@ -29,6 +30,7 @@ from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
 from llmsvc.maintenance.consistency import check_and_repair, format_ranges, record_run
+from llmsvc.metrics import Metrics, MetricsServer, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.store.engine import create_engine, upgrade_to_head
@@ -127,9 +129,51 @@ class Daemon:
         await self._check()
 
         self.providers = {p.name: build_provider(p) for p in s.providers}
-        self.gateway = Gateway(self.journal, Router(s.providers, self.providers), s.max_body_bytes)
+        self.metrics = Metrics()
+        self.metrics.watch(self.wal_status)
+        self.gateway = Gateway(
+            self.journal,
+            Router(s.providers, self.providers),
+            s.max_body_bytes,
+            wal_status=self.wal_status,
+            metrics=self.metrics,
+        )
         self.flusher_task = asyncio.create_task(self.flusher.run(), name="flusher")
+        self._start_metrics()
         await self._start_http()
+
+    def wal_status(self) -> WalStatus:
+        """The database and WAL backlog, for /api/health, admission and metrics (any thread)."""
+        committed, end = self.flusher.committed, self.writer.end
+        return WalStatus(
+            database_up=self.flusher.database_ok,
+            backlog_records=max(0, end.lsn - committed.lsn),
+            backlog_bytes=self.flusher.backlog_bytes(),
+            backlog_limit_bytes=self.settings.wal_backlog_limit_bytes,
+            checkpoint=committed.lsn - 1,
+            last_lsn=end.lsn - 1,
+        )
+
+    def _start_metrics(self) -> None:
+        """`/metrics` on its own port, so scraping never shares the API's listener.
+
+        A port that cannot be bound is logged, not fatal: the gateway's traffic
+        matters more than its metrics, and Prometheus alerts on a target it
+        cannot scrape (docs/DECISIONS.md).
+        """
+        host, port = self.settings.metrics_host, self.settings.metrics_port
+        try:
+            self.metrics_server = MetricsServer.start(self.metrics.registry, host, port)
+        except OSError as exc:
+            log.error(
+                "boot: metrics port not served, cannot listen on %s:%d (%s); "
+                "set metrics_port to a free port, or 0 for any",
+                host,
+                port,
+                exc.strerror or exc,
+            )
+            return
+        log.info("boot: metrics port=%d host=%s", self.metrics_server.port, host)
 
     async def _interrupt_open_work(self) -> int:
         """Journal an `interrupted` end for every request this instance left `streaming`."""
@@ -229,6 +273,9 @@ class Daemon:
                         "shutdown: records left in the WAL for the next boot count=%d", left
                     )
                 await self.flusher.close()
+        if hasattr(self, "metrics_server"):  # after the drain, so it can be watched
+            with _step("metrics port closed"):
+                await asyncio.to_thread(self.metrics_server.stop)
         if hasattr(self, "engine"):
             with _step("database closed"):
                 await self.engine.dispose()

@@ -45,6 +45,22 @@ def test_defaults_live_under_xdg_state_home(clean_env: Path) -> None:
     assert s.providers == [ProviderConfig(name="mock", kind="mock", models=["mock"])]
 
 
+def test_metrics_port_is_on_loopback_and_the_backlog_limit_is_a_gib_by_default() -> None:
+    s = load_settings()
+    assert (s.metrics_host, s.metrics_port) == ("127.0.0.1", 9464)
+    assert s.wal_backlog_limit_bytes == 1024**3
+
+
+def test_metrics_and_backlog_settings_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("LLMSVC_METRICS_HOST", "0.0.0.0")
+    monkeypatch.setenv("LLMSVC_METRICS_PORT", "0")
+    monkeypatch.setenv("LLMSVC_WAL_BACKLOG_LIMIT_BYTES", "4096")
+    s = load_settings()
+    assert (s.metrics_host, s.metrics_port, s.wal_backlog_limit_bytes) == ("0.0.0.0", 0, 4096)
+
+
 def test_without_xdg_state_home_state_is_under_home(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -148,6 +164,10 @@ def test_database_url_gets_the_async_driver(
         ("LLMSVC_DATABASE_URL", "mysql://h/db", "database_url"),
         ("LLMSVC_DATABASE_URL", "just-a-path.db", "database_url"),
         ("LLMSVC_PROVIDERS", '[{"name": "x", "kind": "mock", "models": []}]', "providers.0.models"),
+        ("LLMSVC_WAL_BACKLOG_LIMIT_BYTES", "0", "wal_backlog_limit_bytes"),
+        ("LLMSVC_WAL_BACKLOG_LIMIT_BYTES", "1GiB", "wal_backlog_limit_bytes"),
+        ("LLMSVC_METRICS_PORT", "65536", "metrics_port"),
+        ("LLMSVC_METRICS_PORT", "-1", "metrics_port"),
     ],
 )
 def test_bad_environment_value_names_the_field(

@@ -1,18 +1,26 @@
 """A PostgreSQL outage under a running daemon: clients never notice, the store loses nothing.
 
 Real `llmsvc run`, the official `openai` SDK, a PostgreSQL cluster of this test's own that
-is crashed (`pg_ctl stop -m immediate`) and brought back while the daemon serves.
+is crashed (`pg_ctl stop -m immediate`) and brought back while the daemon serves. Operators
+see the outage on `/api/health` and the metrics port; past `wal_backlog_limit_bytes` new
+requests are refused with 503 until the backlog drains.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import threading
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
+import orjson
 import pytest
 from daemon_process import DaemonProcess, daemon_env, read_store
 from postgres import PostgresCluster, sqlalchemy_url
@@ -23,6 +31,7 @@ pytestmark = pytest.mark.timeout(60)
 
 MESSAGES: list[Any] = [{"role": "user", "content": "keep going"}]
 FLUSH_FAILED = "flush failed, records wait in the WAL"
+FLUSH_RECOVERED = r"flush recovered checkpoint=\d+"
 
 
 @dataclass
@@ -38,14 +47,22 @@ class Received:
         return "".join(self.tokens)
 
 
-def stream(client: openai.OpenAI, n: int) -> Received:
+def stream(
+    client: openai.OpenAI, n: int, delay_ms: float = 1, accepted: threading.Event | None = None
+) -> Received:
+    """Stream `n` mock tokens, one a chunk, each at least `delay_ms` after the last.
+
+    `accepted` is set once the response headers are in: the daemon took the request.
+    """
     raw = client.chat.completions.with_raw_response.create(
         model="mock",
         messages=MESSAGES,
         max_tokens=n,
         stream=True,
-        extra_body={"mock_delay_ms": 1},  # one token a chunk
+        extra_body={"mock_delay_ms": delay_ms},
     )
+    if accepted is not None:
+        accepted.set()
     got = Received(raw.headers["x-request-id"], True)
     for chunk in raw.parse():
         for choice in chunk.choices:
@@ -67,28 +84,93 @@ def expected(n: int) -> list[str]:
     return [mock_token(i) for i in range(n)]
 
 
-def test_requests_keep_working_through_a_database_outage_and_nothing_is_lost(
-    own_cluster: PostgresCluster, tmp_path: Path
-) -> None:
-    url = asyncio.run(own_cluster.create_database("llmsvc"))
-    env = daemon_env(url, tmp_path / "wal", flush_interval_ms=10, shutdown_grace_seconds=5)
-    sizes: dict[str, int] = {}
-    received: list[Received] = []
+class Clients:
+    """What every client call received, checked against what the mock sends."""
 
-    def record(got: Received, n: int) -> None:
-        sizes[got.request_id] = n
-        received.append(got)
+    def __init__(self) -> None:
+        self.sizes: dict[str, int] = {}
+        self.received: list[Received] = []
+
+    def record(self, got: Received, n: int) -> None:
+        self.sizes[got.request_id] = n
+        self.received.append(got)
         if got.stream:
             assert got.tokens == expected(n)
         else:
             assert got.text == "".join(expected(n))
 
-    with (
-        DaemonProcess(env) as daemon,
-        openai.OpenAI(
-            base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0, timeout=10
-        ) as client,
-    ):
+    def assert_stored_once_in_order(self, url: str) -> None:
+        """The store holds every request a client got, and every token it got, once, in order."""
+        store = read_store(sqlalchemy_url(url))
+        assert set(store.requests) == {store.request(r.request_id)["id"] for r in self.received}
+        for got in self.received:
+            request = store.request(got.request_id)
+            attempt = store.only_attempt(got.request_id)
+            assert (request["status"], attempt["status"]) == ("completed", "completed"), got
+            # Seqs 0..n-1, once each, in order; a non-streamed reply is journaled as one token.
+            stored = store.texts(got.request_id)
+            assert stored == got.tokens
+            assert "".join(stored) == "".join(expected(self.sizes[got.request_id]))
+            assert attempt["token_count"] == len(stored)
+
+
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    """GET over real HTTP: (status, JSON body), for 5xx answers too."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, orjson.loads(exc.read())
+
+
+def health(daemon: DaemonProcess) -> tuple[int, dict[str, Any]]:
+    return get_json(f"{daemon.base_url}/api/health")
+
+
+def health_until(
+    daemon: DaemonProcess, done: Callable[[dict[str, Any]], bool], timeout: float = 15
+) -> tuple[int, dict[str, Any]]:
+    """Poll `/api/health` until `done(body)`; the last answer fails the test after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status, body = health(daemon)
+        if done(body):
+            return status, body
+        assert time.monotonic() < deadline, (status, body)
+        time.sleep(0.05)
+
+
+def scrape(daemon: DaemonProcess) -> dict[str, float]:
+    """The metrics port's samples, by name with labels as exposed (`a_total{reason="x"}`)."""
+    port = daemon.wait_for_log(r"boot: metrics port=(\d+)").group(1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def openai_client(daemon: DaemonProcess) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0, timeout=10
+    )
+
+
+def test_requests_keep_working_through_a_database_outage_and_nothing_is_lost(
+    own_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    url = asyncio.run(own_cluster.create_database("llmsvc"))
+    env = daemon_env(
+        url, tmp_path / "wal", flush_interval_ms=10, shutdown_grace_seconds=5, metrics_port=0
+    )
+    clients = Clients()
+    record = clients.record
+
+    with DaemonProcess(env) as daemon, openai_client(daemon) as client:
         for n in (5, 12):
             record(stream(client, n), n)
 
@@ -106,22 +188,130 @@ def test_requests_keep_working_through_a_database_outage_and_nothing_is_lost(
         assert daemon.output is not None
         mark = daemon.output.mark()
         own_cluster.start()
-        found = daemon.output.wait_for(r"flush recovered checkpoint=\d+", 10, start=mark)
+        found = daemon.output.wait_for(FLUSH_RECOVERED, 10, start=mark)
         assert found is not None, daemon.log
         record(stream(client, 6), 6)
 
         assert daemon.stop() == 0, daemon.log
     assert daemon.log.count(FLUSH_FAILED) == 1, daemon.log
     assert "Traceback" not in daemon.log, daemon.log
+    clients.assert_stored_once_in_order(url)
 
-    store = read_store(sqlalchemy_url(url))
-    assert set(store.requests) == {store.request(r.request_id)["id"] for r in received}
-    for got in received:
-        request = store.request(got.request_id)
-        attempt = store.only_attempt(got.request_id)
-        assert (request["status"], attempt["status"]) == ("completed", "completed"), got
-        # Seqs 0..n-1, once each, in order; a non-streamed reply is journaled as one token.
-        stored = store.texts(got.request_id)
-        assert stored == got.tokens
-        assert "".join(stored) == "".join(expected(sizes[got.request_id]))
-        assert attempt["token_count"] == len(stored)
+
+def test_health_and_metrics_show_the_outage_and_the_growing_backlog(
+    own_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    url = asyncio.run(own_cluster.create_database("llmsvc"))
+    env = daemon_env(
+        url, tmp_path / "wal", flush_interval_ms=10, shutdown_grace_seconds=5, metrics_port=0
+    )
+    clients = Clients()
+
+    with (
+        DaemonProcess(env) as daemon,
+        openai_client(daemon) as client,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        clients.record(stream(client, 5), 5)
+        status, body = health_until(daemon, lambda b: b["wal"]["backlog_records"] == 0)
+        assert (status, body["status"], body["database"]) == (200, "ok", "up"), body
+        assert scrape(daemon)["llmsvc_database_up"] == 1
+
+        own_cluster.stop("immediate")
+        accepted = threading.Event()
+        running = pool.submit(stream, client, 300, 5, accepted)  # a stream through the polls
+        assert accepted.wait(10)
+        clients.record(stream(client, 7), 7)
+        daemon.wait_for_log(FLUSH_FAILED, timeout=10)
+
+        status, first = health(daemon)
+        assert (status, first["status"], first["database"]) == (200, "degraded", "down"), first
+        assert "database is unreachable" in first["reason"]
+        before = scrape(daemon)
+        assert before["llmsvc_database_up"] == 0
+        clients.record(stream(client, 12), 12)
+        clients.record(complete(client, 3), 3)
+        status, second = health(daemon)
+        assert (status, second["status"]) == (200, "degraded"), second
+        assert second["wal"]["backlog_records"] > first["wal"]["backlog_records"], second
+        assert second["wal"]["backlog_bytes"] > first["wal"]["backlog_bytes"], second
+        assert second["wal"]["checkpoint"] == first["wal"]["checkpoint"], second
+        after = scrape(daemon)
+        for gauge in ("llmsvc_wal_backlog_records", "llmsvc_wal_backlog_bytes"):
+            assert after[gauge] > before[gauge] > 0, (gauge, before, after)
+        assert after["llmsvc_wal_last_lsn"] > before["llmsvc_wal_last_lsn"]
+        clients.record(running.result(timeout=30), 300)
+
+        own_cluster.start()
+        status, body = health_until(
+            daemon, lambda b: b["status"] == "ok" and b["wal"]["backlog_records"] == 0
+        )
+        assert (status, body["database"], body["wal"]["backlog_bytes"]) == (200, "up", 0), body
+        assert body["wal"]["checkpoint"] == body["wal"]["last_lsn"], body
+        samples = scrape(daemon)
+        assert samples["llmsvc_database_up"] == 1
+        assert samples["llmsvc_wal_backlog_bytes"] == 0
+        clients.record(stream(client, 6), 6)
+        assert daemon.stop() == 0, daemon.log
+    assert "Traceback" not in daemon.log, daemon.log
+    clients.assert_stored_once_in_order(url)
+
+
+def test_past_the_backlog_limit_new_requests_get_503_until_the_backlog_drains(
+    own_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    limit = 4096  # a few hundred mock tokens
+    url = asyncio.run(own_cluster.create_database("llmsvc"))
+    env = daemon_env(
+        url,
+        tmp_path / "wal",
+        flush_interval_ms=10,
+        shutdown_grace_seconds=5,
+        metrics_port=0,
+        wal_backlog_limit_bytes=limit,
+    )
+    clients = Clients()
+
+    with (
+        DaemonProcess(env) as daemon,
+        openai_client(daemon) as client,
+        concurrent.futures.ThreadPoolExecutor(1) as pool,
+    ):
+        clients.record(stream(client, 5), 5)
+        own_cluster.stop("immediate")
+        # Taken under the limit, this stream runs (at least 5 s: 500 tokens 10 ms apart)
+        # while its own tokens push the backlog over it.
+        accepted = threading.Event()
+        running = pool.submit(stream, client, 500, 10, accepted)
+        assert accepted.wait(10)
+        daemon.wait_for_log(FLUSH_FAILED, timeout=10)
+        health_until(daemon, lambda b: b["wal"]["backlog_bytes"] > limit)
+
+        with pytest.raises(openai.APIStatusError) as refused:
+            stream(client, 3)
+        assert refused.value.status_code == 503
+        message = refused.value.body["message"]  # type: ignore[index]
+        assert f"wal_backlog_limit_bytes={limit}" in message, message
+        assert "database is unreachable" in message, message
+        with pytest.raises(openai.APIStatusError, match="wal_backlog_limit_bytes"):
+            complete(client, 3)
+        assert not running.done(), "the running stream should still be streaming"
+
+        status, body = health(daemon)
+        assert (status, body["status"], body["database"]) == (503, "refusing", "down"), body
+        assert body["wal"]["backlog_bytes"] > body["wal"]["backlog_limit_bytes"] == limit, body
+        assert f"wal_backlog_limit_bytes={limit}" in body["reason"], body
+        samples = scrape(daemon)
+        assert samples['llmsvc_requests_refused_total{reason="backlog"}'] == 2, samples
+        assert samples["llmsvc_wal_backlog_bytes"] > samples["llmsvc_wal_backlog_limit_bytes"]
+        clients.record(running.result(timeout=30), 500)  # already streaming: not cut off
+
+        own_cluster.start()
+        status, body = health_until(daemon, lambda b: b["status"] == "ok")
+        assert (status, body["database"]) == (200, "up"), body
+        assert body["wal"]["backlog_bytes"] <= limit, body
+        clients.record(stream(client, 8), 8)  # accepted again, by itself
+        clients.record(complete(client, 4), 4)
+        assert daemon.stop() == 0, daemon.log
+    assert "Traceback" not in daemon.log, daemon.log
+    clients.assert_stored_once_in_order(url)  # the refused requests left nothing behind

@@ -22,6 +22,7 @@ from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_body
 from llmsvc.gateway.router import Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.metrics import Metrics, WalStatus
 
 log = logging.getLogger(__name__)
 
@@ -30,12 +31,31 @@ Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
 
 
 class Gateway:
-    """The HTTP API and what shutdown needs from it: a drain switch and the open requests."""
+    """The HTTP API and what shutdown needs from it: a drain switch and the open requests.
 
-    def __init__(self, journal: Journal, router: Router, max_body_bytes: int) -> None:
+    `wal_status` (given by the daemon, which owns the store) is how the
+    gateway sees the database and the WAL backlog: it answers `/api/health`
+    from it and refuses new requests while the backlog is over its limit.
+    Without it (a gateway with no store behind it) health reports only
+    whether the gateway takes requests.
+    """
+
+    def __init__(
+        self,
+        journal: Journal,
+        router: Router,
+        max_body_bytes: int,
+        *,
+        wal_status: Callable[[], WalStatus] | None = None,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.journal = journal
         self.router = router
         self.max_body_bytes = max_body_bytes
+        self.wal_status = wal_status
+        self.metrics = metrics if metrics is not None else Metrics()
+        self._refused_backlog = self.metrics.requests_refused.labels(reason="backlog")
+        self._refused_shutdown = self.metrics.requests_refused.labels(reason="shutdown")
         self.draining = False
         self.inflight: set[anyio.CancelScope] = set()
         self.idle = asyncio.Event()
@@ -43,6 +63,7 @@ class Gateway:
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/models": {"GET": self.list_models},
+            "/api/health": {"GET": self.health},
         }
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
@@ -64,7 +85,11 @@ class Gateway:
 
     async def chat_completions(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if self.draining:
-            raise ServiceUnavailable("llmsvc is shutting down and takes no new requests")
+            self._refused_shutdown.inc()
+            raise ServiceUnavailable(SHUTTING_DOWN)
+        if self.wal_status is not None and (wal := self.wal_status()).over_limit:
+            self._refused_backlog.inc()  # before the body is read: nothing is journaled
+            raise ServiceUnavailable(backlog_refusal(wal))
         headers = dict(scope["headers"])
         body = await read_body(receive, headers, self.max_body_bytes)
         data, request = parse_chat(body)
@@ -89,15 +114,33 @@ class Gateway:
             {"id": name, "object": "model", "created": 0, "owned_by": "llmsvc"}
             for name in self.router.models()
         ]
-        body = orjson.dumps({"object": "list", "data": models})
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"application/json")],
+        await _send_json(send, 200, {"object": "list", "data": models})
+
+    async def health(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """What a load balancer polls: 200 while requests are taken, 503 while refused."""
+        status, report = self.health_report()
+        await _send_json(send, status, report, [(b"cache-control", b"no-store")])
+
+    def health_report(self) -> tuple[int, dict[str, Any]]:
+        """(HTTP status, body) of `/api/health`; the shape is in README.md (Operations)."""
+        wal = self.wal_status() if self.wal_status is not None else None
+        report: dict[str, Any] = {"status": "ok"}
+        if self.draining:
+            report.update(status="stopping", reason=SHUTTING_DOWN)
+        elif wal is not None and wal.over_limit:
+            report.update(status="refusing", reason=backlog_refusal(wal))
+        elif wal is not None and not wal.database_up:
+            report.update(status="degraded", reason=DATABASE_DOWN)
+        if wal is not None:
+            report["database"] = "up" if wal.database_up else "down"
+            report["wal"] = {
+                "backlog_records": wal.backlog_records,
+                "backlog_bytes": wal.backlog_bytes,
+                "backlog_limit_bytes": wal.backlog_limit_bytes,
+                "checkpoint": wal.checkpoint,
+                "last_lsn": wal.last_lsn,
             }
-        )
-        await send({"type": "http.response.body", "body": body})
+        return (503 if report["status"] in ("stopping", "refusing") else 200), report
 
     async def finish_requests(self, grace: float) -> int:
         """Refuse new requests, wait up to `grace` for open ones, then interrupt the rest.
@@ -113,3 +156,41 @@ class Gateway:
         with anyio.move_on_after(10):  # each interrupted request journals its end
             await self.idle.wait()
         return interrupted
+
+
+SHUTTING_DOWN = "llmsvc is shutting down and takes no new requests"
+DATABASE_DOWN = (
+    "the database is unreachable; requests are journaled in the WAL and stored when it returns"
+)
+
+
+def backlog_refusal(wal: WalStatus) -> str:
+    """Why a request is refused for backlog, in words an operator can act on."""
+    cause = "the database is unreachable" if not wal.database_up else "the database is behind"
+    return (
+        f"llmsvc takes no new requests: {cause} and the WAL backlog of "
+        f"{wal.backlog_bytes} bytes not yet stored is over "
+        f"wal_backlog_limit_bytes={wal.backlog_limit_bytes}; "
+        "requests are accepted again once it drains below the limit"
+    )
+
+
+async def _send_json(
+    send: ASGISend,
+    status: int,
+    body: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    data = orjson.dumps(body)
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(data)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": data})

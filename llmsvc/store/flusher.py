@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
 from llmsvc.store.schema import llm_attempts, llm_requests, wal_checkpoints
 from llmsvc.wal.reader import Position, WalReader
-from llmsvc.wal.segment import list_segments
+from llmsvc.wal.segment import HEADER_SIZE, list_segments
 
 log = logging.getLogger(__name__)
 
@@ -148,15 +148,19 @@ class Flusher:
         self.interval = interval
         self.batch_records = batch_records
         self.checkpoint = 0
+        self.committed = Position(0, 0, 1)  # where the first uncommitted record starts
         self.database_ok = True
         self._pending: Batch | None = None
         self._pending_records = 0
+        self._pending_end = self.committed
+        self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
 
     async def start(self) -> None:
         """Resume from the checkpoint the database holds for this instance."""
         self.checkpoint = await load_checkpoint(self.engine, self.instance_id)
         await self.reader.seek(self.checkpoint + 1)
+        self.committed = self.reader.position
 
     @property
     def caught_up(self) -> bool:
@@ -173,10 +177,46 @@ class Flusher:
                 build_batch, records, last_lsn, self.instance_id, self.engine.dialect.name
             )
             self._pending_records = len(records)
+            self._pending_end = self.reader.position
         await write_batch(self.engine, self._pending, self.instance_id)
         self.checkpoint, self._pending = self._pending.last_lsn, None
+        self.committed = self._pending_end
         await self.remove_flushed_segments()
         return self._pending_records
+
+    def backlog_bytes(self) -> int:
+        """WAL record bytes journaled but not committed: what a long outage piles up.
+
+        Positions give it without reading the log; only the sizes of sealed
+        segments between them come from the directory, listed again only when
+        the writer has moved to a new segment. Safe on any thread: it reads
+        values the event loop replaces whole, and a snapshot taken between two
+        updates is clamped at 0.
+        """
+        start, end = self.committed, self.end()
+        if end.lsn <= start.lsn:
+            return 0
+        if start.segment == end.segment:
+            return max(0, end.offset - start.offset)
+        total = end.offset - HEADER_SIZE
+        for first_lsn, size in self._sealed_sizes(end.segment).items():
+            if first_lsn == start.segment:
+                total += max(0, size - start.offset)
+            elif first_lsn >= start.lsn:  # not below the checkpoint (a log repaired at boot)
+                total += size - HEADER_SIZE
+        return max(0, total)
+
+    def _sealed_sizes(self, below: int) -> dict[int, int]:
+        """Sizes of the segments before the live one (which starts at LSN `below`)."""
+        cached_below, sizes = self._sealed
+        if cached_below != below:
+            sizes = {}
+            for segment in list_segments(self.wal_dir):
+                if segment.first_lsn < below:
+                    with contextlib.suppress(FileNotFoundError):  # removed meanwhile: flushed
+                        sizes[segment.first_lsn] = segment.path.stat().st_size
+            self._sealed = (below, sizes)
+        return sizes
 
     async def run(self) -> None:
         """Flush until stopped; on failure log once per outage and retry with backoff."""
