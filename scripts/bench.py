@@ -216,6 +216,7 @@ def spawn_daemon(tmp: Path, database_url: str, providers: list[dict[str, Any]]) 
         LLMSVC_PORT=str(port),
         LLMSVC_PROVIDERS=json.dumps(providers),
         LLMSVC_LOG_LEVEL="INFO",
+        LLMSVC_METRICS_PORT="0",
     )
     binary = Path(sys.executable).parent / "llmsvc"
     cmd = [str(binary), "run"] if binary.exists() else [sys.executable, "-m", "llmsvc.cli", "run"]

@@ -49,6 +49,7 @@ def daemon_env(database_url: str, wal_dir: Path, **settings: Any) -> dict[str, s
     env["XDG_STATE_HOME"] = str(wal_dir.parent / "state")
     env["LLMSVC_DATABASE_URL"] = database_url
     env["LLMSVC_WAL_DIR"] = str(wal_dir)
+    env["LLMSVC_METRICS_PORT"] = "0"  # any free port: test daemons run side by side
     for name, value in settings.items():
         env[f"LLMSVC_{name.upper()}"] = str(value)
     return env

@@ -102,8 +102,11 @@ class Gateway:
         self.idle.clear()
         try:
             await exchange.run(cancel)
-        except Exception as exc:  # raised only before the response started
-            await send_error(send, exc, exchange.headers)
+        except Exception as exc:
+            if exchange.started:  # too late for a status line: the connection just closes
+                log.exception("request failed mid-response request_id=%s", exchange.request_id)
+            else:
+                await send_error(send, exc, exchange.headers)
         finally:
             self.inflight.discard(cancel)
             if not self.inflight:

@@ -18,7 +18,7 @@ from typing import Any
 
 import anyio
 
-from llmsvc.errors import LlmsvcError, ProviderError, ServiceUnavailable, WalFull
+from llmsvc.errors import LlmsvcError, ProviderError, ServiceUnavailable, WalFatal, WalFull
 from llmsvc.gateway.errors import error_event
 from llmsvc.gateway.journal import Journal, durable, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
@@ -259,6 +259,8 @@ class Exchange:
             await durable(fut)
         except WalFull:
             await self._hold_end(status, error=error, error_code=error_code)
+        except WalFatal:
+            pass  # the daemon is exiting; the next boot marks this request interrupted
 
     async def _hold_end(self, status: str, *, error: str, error_code: str | None) -> None:
         """The WAL refused a record: end the request in memory, written when space returns.
