@@ -152,6 +152,7 @@ class Daemon:
             backlog_limit_bytes=self.settings.wal_backlog_limit_bytes,
             checkpoint=committed.lsn - 1,
             last_lsn=end.lsn - 1,
+            disk_full=self.writer.full is not None,
         )
 
     def _start_metrics(self) -> None:

@@ -47,6 +47,7 @@ class WalStatus:
     backlog_limit_bytes: int
     checkpoint: int
     last_lsn: int
+    disk_full: bool = False  # the WAL's disk is full: requests are refused until space returns
 
     @property
     def over_limit(self) -> bool:
@@ -83,6 +84,11 @@ class _WalCollector(Collector):
             "llmsvc_wal_checkpoint_lsn", "the last LSN committed to the database", s.checkpoint
         )
         yield _gauge("llmsvc_wal_last_lsn", "the last LSN journaled in the WAL", s.last_lsn)
+        yield _gauge(
+            "llmsvc_wal_disk_full",
+            "1 while the WAL's disk is full and requests are refused",
+            s.disk_full,
+        )
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -21,6 +21,8 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -28,6 +30,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import orjson
 from postgres import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,6 +40,16 @@ READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
 
 T = TypeVar("T")
+
+
+def get_json(url: str) -> tuple[int, dict[str, Any]]:
+    """GET over real HTTP: (status, JSON body), for 5xx answers too."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, orjson.loads(exc.read())
 
 
 def daemon_env(database_url: str, wal_dir: Path, **settings: Any) -> dict[str, str]:

@@ -165,11 +165,13 @@ def test_metrics_read_the_wal_status_at_each_scrape() -> None:
     assert value("llmsvc_wal_backlog_limit_bytes") == 4096
     assert value("llmsvc_wal_checkpoint_lsn") == 41
     assert value("llmsvc_wal_last_lsn") == 48
+    assert value("llmsvc_wal_disk_full") == 0
     assert value("llmsvc_requests_refused_total", reason="backlog") == 1
     assert value("llmsvc_requests_refused_total", reason="shutdown") == 0
 
-    status[0] = OK  # nothing to push: the next scrape sees the new state
+    status[0] = replace(OK, disk_full=True)  # nothing to push: the next scrape sees the new state
     assert value("llmsvc_database_up") == 1
+    assert value("llmsvc_wal_disk_full") == 1
     assert value("llmsvc_wal_backlog_bytes") == 0
     fresh = Metrics()  # a registry of its own: another daemon's counts never leak in
     assert (
@@ -227,6 +229,11 @@ async def test_health_says_ok_degraded_refusing_or_stopping(open_writer: OpenWri
     assert (code, report["status"]) == (503, "refusing")
     assert "backlog of 4097 bytes" in report["reason"]
     assert "wal_backlog_limit_bytes=4096" in report["reason"]
+
+    status[0] = replace(OK, disk_full=True)
+    code, report = gateway.health_report()
+    assert (code, report["status"]) == (503, "refusing")
+    assert "disk is full" in report["reason"]
 
     gateway.draining = True
     assert gateway.health_report()[1]["status"] == "stopping"

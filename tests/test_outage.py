@@ -12,7 +12,6 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,9 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import openai
-import orjson
 import pytest
-from daemon_process import DaemonProcess, daemon_env, read_store
+from daemon_process import DaemonProcess, daemon_env, get_json, read_store
 from postgres import PostgresCluster, sqlalchemy_url
 
 from llmsvc.providers.mock import token as mock_token
@@ -112,16 +110,6 @@ class Clients:
             assert stored == got.tokens
             assert "".join(stored) == "".join(expected(self.sizes[got.request_id]))
             assert attempt["token_count"] == len(stored)
-
-
-def get_json(url: str) -> tuple[int, dict[str, Any]]:
-    """GET over real HTTP: (status, JSON body), for 5xx answers too."""
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return response.status, orjson.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, orjson.loads(exc.read())
 
 
 def health(daemon: DaemonProcess) -> tuple[int, dict[str, Any]]:

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 
 import openai
 import pytest
-from daemon_process import DaemonProcess, Stored, daemon_env, read_store, run_cli
+from daemon_process import DaemonProcess, Stored, daemon_env, get_json, read_store, run_cli
 from fault_daemon import INJECTED, TRIGGER_ENV
 
 from llmsvc.providers.mock import token as mock_token
@@ -358,6 +358,9 @@ def test_full_disk_refuses_new_requests_ends_open_streams_and_recovers_when_spac
                 client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=5)
             assert still.value.status_code == 503, still.value
             assert "wal writable again" not in daemon.log, daemon.log
+            code, health = get_json(f"{daemon.base_url}/api/health")
+            assert (code, health["status"]) == (503, "refusing"), health
+            assert "disk is full" in health["reason"], health
 
             # Space returns: the daemon notices by itself, no restart.
             filler.unlink()
@@ -382,6 +385,8 @@ def test_full_disk_refuses_new_requests_ends_open_streams_and_recovers_when_spac
             whole = Seen(reply.headers["x-request-id"], [content or ""], finished=True)
         for item in recovered:
             assert item.finished, item
+        code, health = get_json(f"{daemon.base_url}/api/health")
+        assert (code, health["status"]) == (200, "ok"), health
         assert daemon.stop() == 0, daemon.log
     log = daemon.log
     assert "Traceback" not in log, log

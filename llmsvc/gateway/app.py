@@ -130,6 +130,8 @@ class Gateway:
         report: dict[str, Any] = {"status": "ok"}
         if self.draining:
             report.update(status="stopping", reason=SHUTTING_DOWN)
+        elif wal is not None and wal.disk_full:
+            report.update(status="refusing", reason=DISK_FULL)
         elif wal is not None and wal.over_limit:
             report.update(status="refusing", reason=backlog_refusal(wal))
         elif wal is not None and not wal.database_up:
@@ -162,6 +164,7 @@ class Gateway:
 
 
 SHUTTING_DOWN = "llmsvc is shutting down and takes no new requests"
+DISK_FULL = "the WAL's disk is full; requests are refused until space is freed"
 DATABASE_DOWN = (
     "the database is unreachable; requests are journaled in the WAL and stored when it returns"
 )
