@@ -13,11 +13,10 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anyio
-import orjson
 
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from llmsvc.gateway.chat import Exchange
-from llmsvc.gateway.errors import send_error
+from llmsvc.gateway.errors import send_error, send_json
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_body
 from llmsvc.gateway.router import Router
@@ -117,12 +116,12 @@ class Gateway:
             {"id": name, "object": "model", "created": 0, "owned_by": "llmsvc"}
             for name in self.router.models()
         ]
-        await _send_json(send, 200, {"object": "list", "data": models})
+        await send_json(send, 200, {"object": "list", "data": models})
 
     async def health(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         """What a load balancer polls: 200 while requests are taken, 503 while refused."""
         status, report = self.health_report()
-        await _send_json(send, status, report, [(b"cache-control", b"no-store")])
+        await send_json(send, status, report, [(b"cache-control", b"no-store")])
 
     def health_report(self) -> tuple[int, dict[str, Any]]:
         """(HTTP status, body) of `/api/health`; the shape is in README.md (Operations)."""
@@ -179,24 +178,3 @@ def backlog_refusal(wal: WalStatus) -> str:
         f"wal_backlog_limit_bytes={wal.backlog_limit_bytes}; "
         "requests are accepted again once it drains below the limit"
     )
-
-
-async def _send_json(
-    send: ASGISend,
-    status: int,
-    body: dict[str, Any],
-    headers: list[tuple[bytes, bytes]] | None = None,
-) -> None:
-    data = orjson.dumps(body)
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(data)).encode()),
-                *(headers or []),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": data})

@@ -52,18 +52,28 @@ async def send_error(
     status, error = describe(exc)
     if status >= 500 and not isinstance(exc, ServiceUnavailable | WalError | ProviderError):
         log.error("unhandled error", exc_info=exc)
-    body = orjson.dumps({"error": error})
     if isinstance(exc, MethodNotAllowed):
         headers = [*(headers or []), (b"allow", exc.allow.encode())]
+    await send_json(send, status, {"error": error}, headers)
+
+
+async def send_json(
+    send: ASGISend,
+    status: int,
+    body: dict[str, Any],
+    headers: list[tuple[bytes, bytes]] | None = None,
+) -> None:
+    """A whole JSON response: errors, and the few small JSON answers besides them."""
+    data = orjson.dumps(body)
     await send(
         {
             "type": "http.response.start",
             "status": status,
             "headers": [
                 (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
+                (b"content-length", str(len(data)).encode()),
                 *(headers or []),
             ],
         }
     )
-    await send({"type": "http.response.body", "body": body})
+    await send({"type": "http.response.body", "body": data})

@@ -8,30 +8,18 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import pytest
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
+from store_steps import delete_seqs, flush
 
 from llmsvc.gateway.journal import Journal
 from llmsvc.maintenance.consistency import history, record_run, run_check
 from llmsvc.store.engine import create_engine, upgrade_to_head
-from llmsvc.store.flusher import Flusher
-from llmsvc.store.schema import llm_token_log
 from llmsvc.wal.segment import instance_id, list_segments
 from llmsvc.wal.writer import WalWriter
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    await upgrade_to_head(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def journal_attempt(writer: WalWriter, tokens: int) -> uuid.UUID:
@@ -44,22 +32,6 @@ async def journal_attempt(writer: WalWriter, tokens: int) -> uuid.UUID:
     journal.attempt_end(attempt_id, status="completed", token_count=tokens)
     await asyncio.shield(journal.request_end(request_id, status="completed"))
     return attempt_id
-
-
-async def flush(engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, writer: WalWriter) -> None:
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end)
-    await flusher.start()
-    assert await flusher.drain(10)
-    await flusher.close()
-
-
-async def delete_seqs(engine: AsyncEngine, attempt_id: uuid.UUID, seqs: list[int]) -> None:
-    async with engine.begin() as conn:
-        await conn.execute(
-            sa.delete(llm_token_log).where(
-                llm_token_log.c.attempt_id == attempt_id, llm_token_log.c.seq.in_(seqs)
-            )
-        )
 
 
 async def test_a_store_that_matches_its_wal_is_consistent(

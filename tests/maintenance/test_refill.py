@@ -11,7 +11,6 @@ import json
 import logging
 import shutil
 import uuid
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import pytest
 import sqlalchemy as sa
 from daemon_process import DaemonProcess, daemon_env, run_cli
 from sqlalchemy.ext.asyncio import AsyncEngine
+from store_steps import delete_seqs, flush
 
 from llmsvc.gateway.journal import Journal
 from llmsvc.maintenance.consistency import (
@@ -30,8 +30,6 @@ from llmsvc.maintenance.consistency import (
     record_run,
     run_check,
 )
-from llmsvc.store.engine import create_engine, upgrade_to_head
-from llmsvc.store.flusher import Flusher
 from llmsvc.store.schema import llm_token_log
 from llmsvc.wal.segment import list_segments
 from llmsvc.wal.writer import WalWriter
@@ -46,14 +44,6 @@ LONG = 500
 def texts(n: int, prefix: str = "t", pad: int = 0) -> list[str]:
     """n distinct texts, non-ASCII and one U+0000 among them (PostgreSQL stores U+FFFD)."""
     return [f"{prefix}{i}·{WORDS[i % len(WORDS)]}" + "x" * pad for i in range(n)]
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    await upgrade_to_head(engine)
-    yield engine
-    await engine.dispose()
 
 
 async def journal_attempt(
@@ -76,23 +66,6 @@ async def journal_attempt(
     assert last is not None
     await asyncio.shield(last)
     return attempt_id
-
-
-async def flush(engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, writer: WalWriter) -> None:
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end)
-    await flusher.start()
-    assert await flusher.drain(10)
-    await flusher.close()
-
-
-async def delete_seqs(engine: AsyncEngine, attempt_id: uuid.UUID, seqs: list[int]) -> None:
-    async with engine.begin() as conn:
-        result = await conn.execute(
-            sa.delete(llm_token_log).where(
-                llm_token_log.c.attempt_id == attempt_id, llm_token_log.c.seq.in_(seqs)
-            )
-        )
-    assert result.rowcount == len(seqs)
 
 
 Rows = list[tuple[uuid.UUID, int, str, datetime]]

@@ -1,0 +1,32 @@
+"""What the maintenance tests do to a store: flush a WAL into it, punch holes in it."""
+
+from __future__ import annotations
+
+import uuid
+from pathlib import Path
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc.store.flusher import Flusher
+from llmsvc.store.schema import llm_token_log
+from llmsvc.wal.writer import WalWriter
+
+
+async def flush(engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, writer: WalWriter) -> None:
+    """Everything `writer` journaled, committed by a real Flusher."""
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end)
+    await flusher.start()
+    assert await flusher.drain(10)
+    await flusher.close()
+
+
+async def delete_seqs(engine: AsyncEngine, attempt_id: uuid.UUID, seqs: list[int]) -> None:
+    """Delete exactly these token rows: the gaps a test wants."""
+    async with engine.begin() as conn:
+        result = await conn.execute(
+            sa.delete(llm_token_log).where(
+                llm_token_log.c.attempt_id == attempt_id, llm_token_log.c.seq.in_(seqs)
+            )
+        )
+    assert result.rowcount == len(seqs)
