@@ -116,22 +116,22 @@ class WalReader:
         while True:
             if self._segment is None:
                 nxt = self._segment_at(self.position.lsn)
-                if nxt is None:
-                    return []
-                if nxt.first_lsn > self.position.lsn:
-                    log.warning(
-                        "wal records missing lsn=%d..%d: skipped",
-                        self.position.lsn,
-                        nxt.first_lsn - 1,
-                    )
-                await self._enter(nxt)
-            records = await self._read_segment(end, max_records)
-            if records:
-                return records
-            live = end is not None and end.segment == self.position.segment
-            if live or self._segment_at(self.position.lsn) in (None, self._segment):
+            else:
+                records = await self._read_segment(end, max_records)
+                if records:
+                    return records
+                if end is not None and end.segment == self.position.segment:
+                    return []  # the live segment, read to its published end
+                nxt = self._segment_after(self._segment)  # not by LSN: a segment may be empty
+            if nxt is None:
                 return []  # the newest segment, read to its end
-            await self._close()
+            if nxt.first_lsn > self.position.lsn:
+                log.warning(
+                    "wal records missing lsn=%d..%d: skipped",
+                    self.position.lsn,
+                    nxt.first_lsn - 1,
+                )
+            await self._enter(nxt)
 
     async def _read_segment(
         self, end: Position | None, max_records: int
@@ -164,6 +164,11 @@ class WalReader:
     def _segment_at(self, lsn: int) -> Segment | None:
         """The first segment holding `lsn` or a later LSN (a later one: records are missing)."""
         later = [s for s in list_segments(self.wal_dir) if s.first_lsn >= lsn]
+        return later[0] if later else None
+
+    def _segment_after(self, segment: Segment) -> Segment | None:
+        """The segment that follows `segment` in the log, if one has been started."""
+        later = [s for s in list_segments(self.wal_dir) if s.first_lsn > segment.first_lsn]
         return later[0] if later else None
 
     async def _enter(self, segment: Segment) -> None:
