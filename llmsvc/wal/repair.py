@@ -80,30 +80,32 @@ def repair_log(wal_dir: Path, instance_id: uuid.UUID, checkpoint: int) -> Repair
     Repairs records `newest`, so the writer does not read the segment again.
     """
     repairs = Repairs()
-    segments = list_segments(wal_dir)
-    newest_scan: Scan | None = None
-    kept: list[tuple[Segment, int]] = []  # the segments left, with their record counts
-    for i, segment in enumerate(segments):
-        newest = i == len(segments) - 1
+    kept: list[Scan] = []  # the segments left in the log, as scanned
+    verdicts: list[tuple[Segment, Scan | None, str, str]] = []  # scan, or why it must go
+    for segment in list_segments(wal_dir):
+        scan, kind, reason = None, "", ""
         try:
             scan = scan_segment(segment, instance_id)
         except Corruption as exc:
-            repairs.findings.append(_quarantine(segment, "bad_header", exc.reason))
-            continue
+            kind, reason = "bad_header", exc.reason
         except OSError as exc:
-            reason = exc.strerror or str(exc)
-            repairs.findings.append(_quarantine(segment, "unreadable", reason))
-            continue
-        if kept and segment.first_lsn < kept[-1][0].first_lsn + kept[-1][1]:
-            reason = f"its first LSN {segment.first_lsn} is inside {kept[-1][0].path.name}"
-            repairs.findings.append(_quarantine(segment, "overlap", reason))
-            continue
-        if scan.stop is not Stop.END:
-            repairs.findings.append(_cut(scan, newest))
-        kept.append((segment, scan.records))
-        newest_scan = scan
+            kind, reason = "unreadable", exc.strerror or str(exc)
+        if scan and kept and segment.first_lsn < kept[-1].segment.first_lsn + kept[-1].records:
+            kind = "overlap"
+            reason = f"its first LSN {segment.first_lsn} is inside {kept[-1].segment.path.name}"
+            scan = None
+        if scan:
+            kept.append(scan)
+        verdicts.append((segment, scan, kind, reason))
+    # Act in log order once the log's newest segment is known: a stray file may sort last.
+    for segment, scan, kind, reason in verdicts:
+        if scan is None:
+            repairs.findings.append(_quarantine(segment, kind, reason))
+        elif scan.stop is not Stop.END:
+            repairs.findings.append(_cut(scan, newest=scan is kept[-1]))
     expected = checkpoint + 1  # the first LSN the database does not hold
-    for segment, records in kept:
+    for scan in kept:
+        segment, records = scan.segment, scan.records
         if segment.first_lsn > expected:
             repairs.lost.append((expected, segment.first_lsn - 1))
             log.error(
@@ -113,7 +115,7 @@ def repair_log(wal_dir: Path, instance_id: uuid.UUID, checkpoint: int) -> Repair
                 segment.path.name,
             )
         expected = max(expected, segment.first_lsn + records)
-    repairs.newest = newest_scan
+    repairs.newest = kept[-1] if kept else None
     if not repairs.clean:
         log.warning("wal repaired %s", " ".join(f"{k}={v}" for k, v in repairs.counts().items()))
     return repairs
