@@ -170,9 +170,11 @@ class Flusher:
         """Write the next batch (or retry the one that failed); return records committed."""
         if self._pending is None:
             records = await self.reader.read(self.end(), self.batch_records)
-            if not records:
-                return 0
             last_lsn = self.reader.position.lsn - 1
+            if not records and last_lsn <= self.checkpoint:
+                return 0
+            # With no records the reader skipped LSNs that repair found lost: the
+            # checkpoint moves past them, or the flusher would wait for them forever.
             self._pending = await asyncio.to_thread(
                 build_batch, records, last_lsn, self.instance_id, self.engine.dialect.name
             )

@@ -358,3 +358,37 @@ async def test_nul_characters_from_clients_or_upstreams_do_not_wedge_the_flusher
 
     assert without_nul(request["messages"]) == without_nul(poisoned.messages)
     assert without_nul(stored_texts) == without_nul(poisoned.texts)
+
+
+@pytest.mark.parametrize("writer_settings", [pytest.param({"segment_max_bytes": 1}, id="1-record")])
+async def test_records_lost_at_the_end_of_the_log_do_not_hold_the_checkpoint_back(
+    engine: AsyncEngine,
+    writer: WalWriter,
+    journal: Journal,
+    make_flusher: MakeFlusher,
+    wal_dir: Path,
+    wal_id: uuid.UUID,
+) -> None:
+    # Every awaited append gets a segment of its own; the writer goes on in an empty one.
+    stream = Stream(texts(3))
+    stream.start(journal)
+    for seq in range(3):
+        await asyncio.shield(
+            journal.tokens(stream.attempt_id.bytes, seq, stream.texts[seq : seq + 1])
+        )
+    last_token = writer.appended_lsn
+    *_, last, empty = list_segments(wal_dir)
+    assert (last.first_lsn, empty.first_lsn) == (last_token, last_token + 1)
+    last.path.unlink()  # what repair does with a damaged segment: the record is gone
+
+    flusher = make_flusher()
+    await flusher.start()
+
+    assert await flusher.drain(5), "the flusher waits for a record that is gone"
+    assert flusher.checkpoint == await stored_checkpoint(engine, wal_id) == last_token
+    assert [seq for _, seq in await token_keys(engine)] == [0, 1]
+    # …and goes on with what is journaled next.
+    await asyncio.shield(stream.end(journal))
+    assert await flusher.drain(5)
+    rows = await dump(engine)
+    assert [r["status"] for r in rows["requests"]] == ["completed"]
