@@ -131,6 +131,9 @@ class Daemon:
         self.providers = {p.name: build_provider(p) for p in s.providers}
         self.metrics = Metrics()
         self.metrics.watch(self.wal_status)
+        for finding in self.repairs.findings:
+            self.metrics.wal_damage.labels(kind=finding.kind).inc()
+        self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
         self.gateway = Gateway(
             self.journal,
             Router(s.providers, self.providers),

@@ -30,6 +30,7 @@ from prometheus_client.registry import Collector
 log = logging.getLogger(__name__)
 
 REFUSAL_REASONS = ("backlog", "shutdown")
+WAL_DAMAGE_KINDS = ("torn_tail", "corrupt", "bad_header", "unreadable", "overlap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +109,19 @@ class Metrics:
         )
         for reason in REFUSAL_REASONS:  # exported at 0 before the first refusal
             self.requests_refused.labels(reason=reason)
+        self.wal_damage = Counter(
+            "llmsvc_wal_damage",
+            "damage found in the WAL at boot and repaired (cut or quarantined), by kind",
+            ["kind"],
+            registry=self.registry,
+        )
+        for kind in WAL_DAMAGE_KINDS:
+            self.wal_damage.labels(kind=kind)
+        self.wal_lost_records = Counter(
+            "llmsvc_wal_lost_records",
+            "journaled records found missing at boot that the database does not hold",
+            registry=self.registry,
+        )
 
     def watch(self, status: Callable[[], WalStatus]) -> None:
         """Export the WAL's state, read from `status` at each scrape."""

@@ -157,7 +157,10 @@ class DaemonProcess:
         )
         self.output = _Output(self.proc)
         if wait_ready:
-            found = self.output.wait_for(r"\bready host=\S+ port=\d+", READY_TIMEOUT)
+            try:
+                found = self.output.wait_for(r"\bready host=\S+ port=\d+", READY_TIMEOUT)
+            except TimeoutError:
+                raise AssertionError(f"llmsvc not ready in {READY_TIMEOUT}s:\n{self.log}") from None
             if found is None:
                 code = self.wait(EXIT_TIMEOUT)
                 raise AssertionError(f"llmsvc exited {code} before ready:\n{self.log}")

@@ -55,6 +55,9 @@ class Batch:
     token_rows: list[Row] = field(default_factory=list)  # in the dialect's form
     request_ends: list[dict[str, Any]] = field(default_factory=list)
     attempt_ends: list[dict[str, Any]] = field(default_factory=list)
+    # For attempts whose request started outside this batch: inserted only where the
+    # request has no row, which happens only when WAL damage took its start record.
+    stand_ins: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
@@ -80,6 +83,9 @@ def build_batch(
             _end(batch.attempts, batch.attempt_ends, body, ATTEMPT_END_FIELDS)
         elif rtype == RecordType.REQUEST_END:
             _end(batch.requests, batch.request_ends, body, REQUEST_END_FIELDS)
+    for attempt in batch.attempts.values():
+        if attempt["request_id"] not in batch.requests:
+            batch.stand_ins[attempt["request_id"]] = _stand_in_row(attempt, instance_id)
     batch.token_rows = TOKEN_ROWS[dialect](batch.tokens)
     if dialect == "postgresql":
         _no_nul_rows(batch)
@@ -99,6 +105,30 @@ def _request_row(body: dict[str, Any], instance_id: uuid.UUID) -> dict[str, Any]
         "created_at": utc(body["ts"]),
         **dict.fromkeys(REQUEST_END_FIELDS[1:]),
     }
+
+
+def _stand_in_row(attempt: dict[str, Any], instance_id: uuid.UUID) -> dict[str, Any]:
+    """A request row for an attempt whose request's start record is gone.
+
+    The attempt and its tokens are valid records a client may have received;
+    the request's own end, if journaled, still completes this row.
+    """
+    return {
+        "id": attempt["request_id"],
+        "instance_id": instance_id,
+        "correlation_id": uuid.UUID(int=0),
+        "model": attempt["model"],
+        "stream": True,
+        "status": "streaming",
+        "messages": [],
+        "params": {},
+        "created_at": attempt["started_at"],
+        **dict.fromkeys(REQUEST_END_FIELDS[1:]),
+        "error": LOST_START,
+    }
+
+
+LOST_START = "its start record was lost to WAL damage: model is the attempt's, prompt unknown"
 
 
 def _attempt_row(body: dict[str, Any]) -> dict[str, Any]:

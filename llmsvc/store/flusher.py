@@ -99,6 +99,8 @@ async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID)
             await conn.execute(
                 _insert(conn, llm_requests).on_conflict_do_nothing(), list(batch.requests.values())
             )
+        if batch.stand_ins:
+            await _insert_stand_ins(conn, batch)
         if batch.attempts:
             await conn.execute(
                 _insert(conn, llm_attempts).on_conflict_do_nothing(), list(batch.attempts.values())
@@ -108,7 +110,24 @@ async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID)
         if batch.attempt_ends:
             await conn.execute(_update_by_key(llm_attempts, ATTEMPT_END_FIELDS), batch.attempt_ends)
         if batch.request_ends:
-            await conn.execute(_update_by_key(llm_requests, REQUEST_END_FIELDS), batch.request_ends)
+            await conn.execute(_REQUEST_END, batch.request_ends)
+
+
+# A request's end keeps an error already there (a stand-in's) when it brings none.
+_REQUEST_END = _update_by_key(llm_requests, REQUEST_END_FIELDS).values(
+    error=sa.func.coalesce(sa.bindparam("error"), llm_requests.c.error)
+)
+
+
+async def _insert_stand_ins(conn: AsyncConnection, batch: Batch) -> None:
+    """Insert a stand-in for each request that has no row; log the ones that were needed."""
+    stmt = _insert(conn, llm_requests).values(list(batch.stand_ins.values()))
+    inserted = await conn.execute(stmt.on_conflict_do_nothing().returning(llm_requests.c.id))
+    for (request_id,) in inserted:
+        log.error(
+            "flush: request start record lost, stand-in row stored for its attempt request=%s",
+            request_id,
+        )
 
 
 def _upsert_checkpoint(conn: AsyncConnection) -> Any:
