@@ -160,6 +160,7 @@ class DaemonProcess:
             try:
                 found = self.output.wait_for(r"\bready host=\S+ port=\d+", READY_TIMEOUT)
             except TimeoutError:
+                self.kill()  # `with` never reaches __exit__ when __enter__ fails
                 raise AssertionError(f"llmsvc not ready in {READY_TIMEOUT}s:\n{self.log}") from None
             if found is None:
                 code = self.wait(EXIT_TIMEOUT)
