@@ -11,7 +11,7 @@ import asyncio
 import logging
 import sys
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +23,10 @@ import sqlalchemy as sa
 from llmsvc import __version__
 from llmsvc.config import Settings, load_settings
 from llmsvc.errors import ConfigError, LlmsvcError
-from llmsvc.maintenance import consistency
+from llmsvc.maintenance import backup, consistency, retention
+from llmsvc.maintenance.jobs import JOB_NAMES, job_table
+from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
+from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
 from llmsvc.store.queries import recent_requests, request_detail
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             format="%(asctime)s %(levelname)s %(name)s %(message)s",
             stream=sys.stderr,
         )
+        logging.getLogger("apscheduler").setLevel(logging.WARNING)  # runs are logged by llmsvc
         code: int = args.command(settings, args)
         return code
     except (ConfigError, UsageError) as exc:
@@ -91,6 +95,41 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--history", action="store_true", help="list earlier check runs")
     check.add_argument("--limit", type=int, default=20, help="runs listed by --history")
     check.set_defaults(command=cmd_check)
+
+    jobs = commands.add_parser(
+        "jobs", help="list the maintenance jobs with their schedules, next and last runs"
+    )
+    jobs.add_argument("--json", action="store_true", help="print JSON")
+    jobs.set_defaults(command=cmd_jobs)
+    job_commands = jobs.add_subparsers(metavar="JOBS_COMMAND")
+    job_run = job_commands.add_parser("run", help="run one job now, as the scheduler would")
+    job_run.add_argument("name", choices=JOB_NAMES, help="the job")
+    job_run.add_argument("--json", action="store_true", help="print JSON")
+    job_run.set_defaults(command=cmd_job_run)
+
+    prune = commands.add_parser("prune", help="remove requests older than the retention")
+    prune.add_argument(
+        "--older-than", type=int, metavar="DAYS", help="cut-off in days (default retention_days)"
+    )
+    prune.add_argument("--dry-run", action="store_true", help="count what would go; remove none")
+    prune.add_argument("--json", action="store_true", help="print JSON")
+    prune.set_defaults(command=cmd_prune)
+
+    backup_cmd = commands.add_parser("backup", help="back up the store into backup_dir, verified")
+    backup_cmd.add_argument("--json", action="store_true", help="print JSON")
+    backup_cmd.set_defaults(command=cmd_backup)
+    backups = commands.add_parser("backups", help="list the backups in backup_dir")
+    backups.add_argument("--json", action="store_true", help="print JSON")
+    backups.set_defaults(command=cmd_backups)
+    restore = commands.add_parser(
+        "restore", help="restore a backup into the database, then replay the WAL since"
+    )
+    restore.add_argument("file", help="a backup's file name in backup_dir (see `llmsvc backups`)")
+    restore.add_argument(
+        "--force", action="store_true", help="restore even while a daemon uses the database"
+    )
+    restore.add_argument("--json", action="store_true", help="print JSON")
+    restore.set_defaults(command=cmd_restore)
 
     wal = commands.add_parser("wal", help="inspect the write-ahead log (read only)")
     wal_commands = wal.add_subparsers(required=True, metavar="WAL_COMMAND")
@@ -143,9 +182,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 _seconds(row["created_at"], row["ended_at"]),
             )
         )
-    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
-    for r in table:
-        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
+    _print_table(table)
     if not rows:
         print("(no requests yet)")
     return 0
@@ -194,7 +231,9 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     """Exit 0 when consistent, 1 when a problem remains; every run is stored."""
     if args.history:
-        runs = _with_store(settings, lambda engine: consistency.history(engine, args.limit))
+        runs = _with_store(
+            settings, lambda engine: history(engine, ("check", "gap-scan"), args.limit)
+        )
         if args.json:
             sys.stdout.buffer.write(_json(runs) + b"\n")
             return 0
@@ -202,8 +241,8 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
             problems = run["found"].get("problems", [])
             refilled = (run["repaired"] or {}).get("refilled", [])
             print(
-                f"{_time(run['started_at'])}  {run['status']:8}  problems={len(problems)}"
-                f"  refilled={len(refilled)}"
+                f"{_time(run['started_at'])}  {run['job']:9} {run['status']:8}  "
+                f"problems={len(problems)}  refilled={len(refilled)}"
             )
             for problem in problems:
                 print(f"    {problem}")
@@ -214,7 +253,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
     async def check(engine: Any) -> tuple[consistency.Report, dict[str, Any]]:
         started = datetime.now(UTC)
         report, repaired = await consistency.check_and_repair(engine, settings.wal_dir)
-        await consistency.record_run(engine, report, started, None, repaired)
+        await record_run(engine, "check", None, started, consistency.as_result(report, repaired))
         return report, repaired
 
     report, repaired = _with_store(settings, check, check_schema=False)
@@ -240,6 +279,142 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         for problem in report.problems:
             print(f"  - {problem}")
     return 0 if report.ok else EXIT_FAILURE
+
+
+def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    runs = _with_store(settings, last_runs)
+    now = datetime.now().astimezone()
+    jobs = []
+    for name, schedule in settings.schedules().items():
+        last = runs.get(name, {}).get("last")
+        last_ok = runs.get(name, {}).get("last_ok")
+        jobs.append(
+            {
+                "job": name,
+                "schedule": schedule,
+                "next_run": next_run(schedule, now),
+                "last_run": last and last["started_at"],
+                "last_status": last and last["status"],
+                "last_error": last and last["error"],
+                "last_ok": last_ok and last_ok["started_at"],
+            }
+        )
+    if args.json:
+        sys.stdout.buffer.write(_json(jobs) + b"\n")
+        return 0
+    table = [("JOB", "SCHEDULE", "NEXT RUN", "LAST RUN", "STATUS", "LAST OK")]
+    for job in jobs:
+        table.append(
+            (
+                job["job"],
+                job["schedule"] or "(by hand only)",
+                _time(job["next_run"]),
+                _time(job["last_run"]),
+                job["last_status"] or "-",
+                _time(job["last_ok"]),
+            )
+        )
+    _print_table(table)
+    return 0
+
+
+def cmd_job_run(settings: Settings, args: argparse.Namespace) -> int:
+    instance = _local_instance(settings)
+    return _run_by_hand(
+        settings, args, args.name, lambda engine: job_table(settings, engine, instance)[args.name]
+    )
+
+
+def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
+    days = settings.retention_days if args.older_than is None else args.older_than
+    if days < 1:
+        raise UsageError("--older-than must be at least 1 (days)")
+
+    def job(engine: Any) -> Job:
+        return lambda: retention.prune(
+            engine, days, settings.prune_batch_requests, dry_run=args.dry_run
+        )
+
+    return _run_by_hand(settings, args, "prune", job)
+
+
+def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
+    return _run_by_hand(
+        settings, args, "backup", lambda engine: lambda: backup.backup(engine, settings.backup_dir)
+    )
+
+
+def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
+    found = backup.list_backups(settings.backup_dir) if settings.backup_dir.is_dir() else []
+    if args.json:
+        sys.stdout.buffer.write(_json([asdict(b) for b in found]) + b"\n")
+        return 0
+    table = [("FILE", "CREATED (UTC)", "SIZE", "VERIFIED")]
+    for b in found:
+        created = _time(datetime.fromisoformat(b.created))
+        table.append((b.name, created, f"{b.size:,}", "yes" if b.verified else f"NO {b.error}"))
+    _print_table(table)
+    if not found:
+        print(f"(no backups in {settings.backup_dir})")
+    return 0
+
+
+def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    try:
+        backup.backup_path(settings.backup_dir, args.file)
+    except backup.BackupError as exc:
+        raise UsageError(str(exc)) from None
+
+    def job(engine: Any) -> Job:
+        async def restore() -> JobResult:
+            done = await backup.restore(
+                engine, settings.backup_dir, settings.wal_dir, args.file, args.force
+            )
+            return JobResult(rows=done["replayed"], found=done)
+
+        return restore
+
+    return _run_by_hand(settings, args, "restore", job, check_schema=False)
+
+
+def _run_by_hand(
+    settings: Settings,
+    args: argparse.Namespace,
+    name: str,
+    make: Callable[[Any], Job],
+    check_schema: bool = True,
+) -> int:
+    """Run a job now, stored like a scheduled run; exit 1 unless it ended ok."""
+    result = _with_store(
+        settings, lambda engine: run_job(engine, name, make(engine), None), check_schema
+    )
+    assert result is not None  # only a scheduled run can find its slot taken
+    if args.json:
+        sys.stdout.buffer.write(_json(asdict(result)) + b"\n")
+    else:
+        figures = "".join(
+            f"  {label}={value:,}"
+            for label, value in (("rows", result.rows), ("bytes", result.bytes))
+            if value is not None
+        )
+        print(f"{name}: {result.status}{figures}")
+        for key, value in {**result.found, **result.repaired}.items():
+            print(f"  {key}: {_plain(value)}")
+        if result.error:
+            print(f"  error: {result.error}")
+    return 0 if result.status == "ok" else EXIT_FAILURE
+
+
+def _local_instance(settings: Settings) -> uuid.UUID | None:
+    """This host's WAL instance id, if it has a WAL (read, never created)."""
+    id_file = settings.wal_dir / INSTANCE_FILE
+    return uuid.UUID(id_file.read_text().strip()) if id_file.exists() else None
+
+
+def _print_table(table: Sequence[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    for r in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_wal_verify(settings: Settings, args: argparse.Namespace) -> int:

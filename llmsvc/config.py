@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
+from apscheduler.triggers.cron import CronTrigger
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -29,6 +30,22 @@ def state_dir() -> Path:
     """The XDG state folder for llmsvc's embedded database and WAL."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "llmsvc"
+
+
+def cron_trigger(expression: str) -> CronTrigger:
+    """A crontab line (5 fields, or 6 with seconds first), in the host's time zone.
+
+    Raises ValueError naming what is wrong.
+    """
+    fields = expression.split()
+    if len(fields) == 5:
+        return CronTrigger.from_crontab(expression)
+    if len(fields) == 6:
+        second, minute, hour, day, month, day_of_week = fields
+        return CronTrigger(
+            second=second, minute=minute, hour=hour, day=day, month=month, day_of_week=day_of_week
+        )
+    raise ValueError(f"{expression!r} is not a cron expression of 5 (or 6, seconds first) fields")
 
 
 class ProviderConfig(BaseModel):
@@ -71,6 +88,20 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Maintenance: a schedule is a cron line; an empty one leaves the job to the CLI
+    # (systemd timers or cron, see systemd/ and scripts/).
+    prune_schedule: str = "0 3 * * sun"
+    backup_schedule: str = "0 2 * * *"
+    backup_cleanup_schedule: str = "30 2 * * *"
+    wal_housekeeping_schedule: str = "* * * * *"
+    gap_scan_schedule: str = "0 * * * *"
+    job_misfire_grace_seconds: int = Field(default=3600, ge=1)
+    retention_days: int = Field(default=180, ge=1)
+    prune_batch_requests: int = Field(default=500, ge=1)
+    token_partition_ahead_days: int = Field(default=14, ge=1, le=366)
+    backup_dir: Path = Path()
+    backup_retention_days: int = Field(default=30, ge=1)
+    wal_segment_max_age_seconds: int = Field(default=3600, ge=1)
     providers: list[ProviderConfig] = Field(default_factory=list)
 
     @field_validator("database_url")
@@ -97,6 +128,35 @@ class Settings(BaseSettings):
     @classmethod
     def _default_wal_dir(cls, path: Path) -> Path:
         return state_dir() / "wal" if path == Path() else path
+
+    @field_validator("backup_dir")
+    @classmethod
+    def _default_backup_dir(cls, path: Path) -> Path:
+        return state_dir() / "backups" if path == Path() else path
+
+    @field_validator(
+        "prune_schedule",
+        "backup_schedule",
+        "backup_cleanup_schedule",
+        "wal_housekeeping_schedule",
+        "gap_scan_schedule",
+    )
+    @classmethod
+    def _cron(cls, expression: str) -> str:
+        expression = " ".join(expression.split())
+        if expression:
+            cron_trigger(expression)
+        return expression
+
+    def schedules(self) -> dict[str, str]:
+        """Each maintenance job's cron line by job name; empty when it runs only from the CLI."""
+        return {
+            "prune": self.prune_schedule,
+            "backup": self.backup_schedule,
+            "backup-cleanup": self.backup_cleanup_schedule,
+            "wal-housekeeping": self.wal_housekeeping_schedule,
+            "gap-scan": self.gap_scan_schedule,
+        }
 
     @model_validator(mode="after")
     def _default_provider(self) -> Settings:

@@ -2,10 +2,11 @@
 
 Boot: WAL lock → migrations → WAL repaired and opened → flusher catches up
 from the checkpoint → requests a previous run left open are journaled
-`interrupted` → metrics port → HTTP server. Shutdown: refuse new requests
-(503) → let open ones finish within `shutdown_grace_seconds`, interrupt the
-rest → stop the HTTP server → sync the WAL → drain it into the database →
-close the metrics port → close pools.
+`interrupted` → consistency check → scheduler → metrics port → HTTP server.
+Shutdown: refuse new requests (503) → let open ones finish within
+`shutdown_grace_seconds`, interrupt the rest → stop the HTTP server → sync the
+WAL → drain it into the database → stop the scheduler → close the metrics
+port → close pools.
 Signal handlers only set an event; a second signal exits at once (the WAL
 still holds every acknowledged record).
 """
@@ -29,11 +30,15 @@ from llmsvc.errors import LlmsvcError, StoreError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
-from llmsvc.maintenance.consistency import check_and_repair, format_ranges, record_run
+from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
+from llmsvc.maintenance.jobs import job_table
+from llmsvc.maintenance.retention import ensure_partitions
+from llmsvc.maintenance.runs import record_run, run_job
+from llmsvc.maintenance.scheduler import Scheduler
 from llmsvc.metrics import Metrics, MetricsServer, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
-from llmsvc.store.engine import create_engine, upgrade_to_head
+from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import open_work
 from llmsvc.wal.segment import WalLock, instance_id
@@ -42,6 +47,7 @@ from llmsvc.wal.writer import WalWriter
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
+JOB_SHUTDOWN_GRACE = 5.0  # seconds a running maintenance job gets to end before it is cancelled
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -88,7 +94,7 @@ class Daemon:
         self.instance = instance_id(s.wal_dir)
         log.info("boot: wal locked dir=%s instance=%s", s.wal_dir, self.instance)
 
-        self.engine = create_engine(s.database_url)
+        self.engine = create_engine(s.database_url, DAEMON_APPLICATION)
         try:
             await upgrade_to_head(self.engine)
         except (sa.exc.SQLAlchemyError, OSError) as exc:
@@ -97,6 +103,7 @@ class Daemon:
                 f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
             ) from None
         log.info("boot: schema at head database=%s", s.redacted_database_url())
+        await ensure_partitions(self.engine, s.token_partition_ahead_days)
 
         self.writer = WalWriter(
             s.wal_dir,
@@ -142,6 +149,9 @@ class Daemon:
             metrics=self.metrics,
         )
         self.flusher_task = asyncio.create_task(self.flusher.run(), name="flusher")
+        self.jobs = job_table(s, self.engine, self.instance, self.writer)
+        self.scheduler = Scheduler(s.schedules(), self._run_job, s.job_misfire_grace_seconds)
+        self.scheduler.start()
         self._start_metrics()
         await self._start_http()
 
@@ -200,6 +210,11 @@ class Daemon:
             await self.flusher.drain(within=float("inf"))
         return len(found)
 
+    async def _run_job(self, name: str, slot: datetime) -> None:
+        """One scheduled run; with several daemons on the database, one of them runs a slot."""
+        finished = self.metrics.job_finished
+        await run_job(self.engine, name, self.jobs[name], self.instance, slot, finished)
+
     async def _check(self) -> None:
         """The consistency check, token holes refilled from the WAL first, stored as a run.
 
@@ -207,7 +222,7 @@ class Daemon:
         """
         started = datetime.now(UTC)
         report, repaired = await check_and_repair(self.engine, self.settings.wal_dir, self.repairs)
-        await record_run(self.engine, report, started, self.instance, repaired)
+        await record_run(self.engine, "check", self.instance, started, as_result(report, repaired))
         for refill in repaired.get("refilled", []):
             log.info(
                 "boot: token gap refilled from the WAL attempt=%s seqs=%s rows=%d",
@@ -277,6 +292,9 @@ class Daemon:
                         "shutdown: records left in the WAL for the next boot count=%d", left
                     )
                 await self.flusher.close()
+        if hasattr(self, "scheduler"):
+            with _step("scheduler stopped"):
+                await self.scheduler.shutdown(grace=JOB_SHUTDOWN_GRACE)
         if hasattr(self, "metrics_server"):  # after the drain, so it can be watched
             with _step("metrics port closed"):
                 await asyncio.to_thread(self.metrics_server.stop)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -122,6 +122,33 @@ class Metrics:
             "journaled records found missing at boot that the database does not hold",
             registry=self.registry,
         )
+
+        self.job_runs = Counter(
+            "llmsvc_job_runs",
+            "maintenance job runs on this instance, by job and status (ok, problems, failed, "
+            "skipped)",
+            ["job", "status"],
+            registry=self.registry,
+        )
+        self.job_duration = Histogram(
+            "llmsvc_job_duration_seconds",
+            "how long maintenance job runs took",
+            ["job"],
+            buckets=(0.01, 0.1, 1, 10, 60, 300, 1800, 7200),
+            registry=self.registry,
+        )
+        self.job_last_success = Gauge(
+            "llmsvc_job_last_success_timestamp_seconds",
+            "when a run of the job last ended ok on this instance (Unix time)",
+            ["job"],
+            registry=self.registry,
+        )
+
+    def job_finished(self, job: str, status: str, seconds: float) -> None:
+        self.job_runs.labels(job=job, status=status).inc()
+        self.job_duration.labels(job=job).observe(seconds)
+        if status == "ok":
+            self.job_last_success.labels(job=job).set_to_current_time()
 
     def watch(self, status: Callable[[], WalStatus]) -> None:
         """Export the WAL's state, read from `status` at each scrape."""

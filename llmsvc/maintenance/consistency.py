@@ -7,7 +7,7 @@ holes, or whose stored row count differs from the count its end record gave,
 is reported with its id and the missing seq ranges, never hidden.
 `check_and_repair` first refills such holes from the WAL segments still on
 disk, so only what the WAL no longer holds is reported. Each run is stored in
-`maintenance_runs`.
+`maintenance_runs` (job `check` at boot and by hand, `gap-scan` on schedule).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import os
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +26,11 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import WalError
+from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.batch import TOKEN_ROWS, Token
 from llmsvc.store.engine import schema_revision
 from llmsvc.store.flusher import TOKEN_WRITERS, load_checkpoint
-from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, maintenance_runs
+from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 from llmsvc.wal.codec import RecordType, decode_token
 from llmsvc.wal.errors import Corruption
 from llmsvc.wal.reader import scan_segment, verify_log
@@ -38,8 +38,6 @@ from llmsvc.wal.repair import QUARANTINE_DIR, Repairs, quarantined
 from llmsvc.wal.segment import INSTANCE_FILE, LOCK_FILE, list_segments
 
 log = logging.getLogger(__name__)
-
-JOB = "check"
 
 Ranges = list[tuple[int, int]]  # inclusive seq ranges
 
@@ -344,34 +342,13 @@ async def _wal_with_checkpoint(engine: AsyncEngine, wal_dir: Path) -> WalState:
     return state
 
 
-async def record_run(
-    engine: AsyncEngine,
-    report: Report,
-    started: datetime,
-    instance_id: uuid.UUID | None,
-    repaired: dict[str, Any] | None = None,
-) -> None:
-    """Store a check run: when, what it found, what was repaired."""
-    async with engine.begin() as conn:
-        await conn.execute(
-            sa.insert(maintenance_runs).values(
-                job=JOB,
-                instance_id=instance_id,
-                started_at=started,
-                finished_at=datetime.now(UTC),
-                status="ok" if report.ok else "problems",
-                found=report.as_dict(),
-                repaired=repaired or {},
-            )
-        )
+def as_result(report: Report, repaired: dict[str, Any]) -> JobResult:
+    """A check as a maintenance run: what it found, and the token rows it refilled."""
+    rows = sum(int(r["rows"]) for r in repaired.get("refilled", []))
+    status = "ok" if report.ok else "problems"
+    return JobResult(status, rows=rows, found=report.as_dict(), repaired=repaired)
 
 
-async def history(engine: AsyncEngine, limit: int) -> list[dict[str, Any]]:
-    query = (
-        sa.select(maintenance_runs)
-        .where(maintenance_runs.c.job == JOB)
-        .order_by(maintenance_runs.c.id.desc())
-        .limit(limit)
-    )
-    async with engine.connect() as conn:
-        return [dict(row._mapping) for row in await conn.execute(query)]
+async def gap_scan(engine: AsyncEngine, wal_dir: Path | None) -> JobResult:
+    """The scheduled check: refill what the WAL still holds, report the rest."""
+    return as_result(*await check_and_repair(engine, wal_dir))

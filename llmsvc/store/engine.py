@@ -16,9 +16,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import llmsvc
 from llmsvc.errors import StoreError
 
+DAEMON_APPLICATION = "llmsvc daemon"
 
-def create_engine(url: str) -> AsyncEngine:
-    """An async engine; SQLite gets WAL journaling and a busy timeout for concurrent readers."""
+
+def create_engine(url: str, application: str = "llmsvc") -> AsyncEngine:
+    """An async engine; SQLite gets WAL journaling and a busy timeout for concurrent readers.
+
+    On PostgreSQL `application` is the sessions' application_name, by which a
+    restore tells whether a daemon is using the database.
+    """
     if url.startswith("sqlite"):
         path = url.partition(":///")[2]
         if path and path != ":memory:":
@@ -32,7 +38,13 @@ def create_engine(url: str) -> AsyncEngine:
         engine = create_async_engine(url, connect_args={"timeout": 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(url, pool_size=5, max_overflow=5, pool_pre_ping=True)
+    return create_async_engine(
+        url,
+        pool_size=5,
+        max_overflow=5,
+        pool_pre_ping=True,
+        connect_args={"server_settings": {"application_name": application}},
+    )
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import logging
 import time
 import uuid
@@ -202,7 +201,6 @@ class Flusher:
         await write_batch(self.engine, self._pending, self.instance_id)
         self.checkpoint, self._pending = self._pending.last_lsn, None
         self.committed = self._pending_end
-        await self.remove_flushed_segments()
         return self._pending_records
 
     def backlog_bytes(self) -> int:
@@ -275,23 +273,6 @@ class Flusher:
 
     async def close(self) -> None:
         await self.reader.close()
-
-    async def remove_flushed_segments(self) -> None:
-        """Delete segments whose every record is committed; never the newest."""
-        segments = list_segments(self.wal_dir)
-        done = [
-            s for s, nxt in itertools.pairwise(segments) if nxt.first_lsn - 1 <= self.checkpoint
-        ]
-        if not done:
-            return
-        if self.engine.dialect.name == "sqlite":
-            # synchronous=NORMAL commits are not power-safe until SQLite's own
-            # WAL is checkpointed; do that before dropping our copy.
-            async with self.engine.connect() as conn:
-                await conn.exec_driver_sql("PRAGMA wal_checkpoint(FULL)")
-        for segment in done:
-            segment.path.unlink()
-            log.info("wal segment removed segment=%s", segment.path.name)
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):

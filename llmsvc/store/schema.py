@@ -56,6 +56,9 @@ llm_attempts = sa.Table(
     sa.Column("token_count", sa.Integer),
 )
 
+# On PostgreSQL this table is range-partitioned by `created_at`, one partition a day
+# (migration 0003), and its primary key adds `created_at`, as partitioning demands;
+# the rows of one (attempt_id, seq) are still written once, with the WAL record's time.
 llm_token_log = sa.Table(
     "llm_token_log",
     metadata,
@@ -96,6 +99,20 @@ maintenance_runs = sa.Table(
     sa.Column("found", Json, nullable=False),
     sa.Column("repaired", Json, nullable=False),
     sa.Column("error", sa.Text),
+    sa.Column("slot_at", Timestamp),  # the scheduled time this run was for; NULL when run by hand
+    sa.Column("rows_affected", sa.BigInteger),
+    sa.Column("bytes_affected", sa.BigInteger),
+)
+
+# One row per scheduled run of a job, claimed by the instance that runs it: with
+# several daemons on one database each slot runs once (INSERT … ON CONFLICT DO NOTHING).
+maintenance_slots = sa.Table(
+    "maintenance_slots",
+    metadata,
+    sa.Column("job", sa.String(50), primary_key=True),
+    sa.Column("slot_at", Timestamp, primary_key=True),
+    sa.Column("instance_id", sa.Uuid, nullable=False),
+    sa.Column("claimed_at", Timestamp, nullable=False),
 )
 
 sa.Index("ix_llm_requests_created_at", llm_requests.c.created_at)

@@ -21,6 +21,7 @@ import errno
 import logging
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -68,6 +69,8 @@ class WalWriter:
         self._woken = False  # the thread was asked to write the pending batch
         self._fut: asyncio.Future[int] | None = None
         self._closing = False
+        self._rotate_wanted = False
+        self.segment_opened = time.monotonic()  # when appends began going to the live segment
         self._failed: WalFatal | None = None
         self.full: WalFull | None = None  # set while the disk is full
         self._held: list[bytes] = []
@@ -133,6 +136,12 @@ class WalWriter:
         waits on (or at close): a thread wake-up saved per record.
         """
         return self._put(frames, wake=False)
+
+    def rotate(self) -> None:
+        """Seal the live segment now if it holds records, so housekeeping can remove it later."""
+        with self._cond:
+            self._rotate_wanted = self._woken = True
+            self._cond.notify()
 
     def hold(self, *frames: bytes) -> None:
         """Journal frames that must survive a full disk, without waiting for them.
@@ -202,12 +211,14 @@ class WalWriter:
                     if not self._space_returned():
                         continue
                     buf, fut, count = bytearray(b"".join(self._held)), None, len(self._held)
+                    rotate = False
                 else:
                     while not self._woken and not self._closing:
                         self._cond.wait()
                     if self._closing and not self._count and self._fut is None:
                         return
                     buf, fut, count = self._buf, self._fut, self._count
+                    rotate, self._rotate_wanted = self._rotate_wanted, False
                     self._buf, self._fut, self._count, self._woken = bytearray(), None, 0, False
             try:
                 if buf:
@@ -223,7 +234,9 @@ class WalWriter:
                     os.fdatasync(self._fd)
                 self._lsn += count
                 end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
-                if self._offset >= self.segment_max_bytes:
+                if self._offset >= self.segment_max_bytes or (
+                    rotate and self._offset > HEADER_SIZE
+                ):
                     end = self._rotate(end)
             except OSError as exc:
                 self._fail(exc, fut)
@@ -292,6 +305,7 @@ class WalWriter:
             self._segment = segment
             self._fd = os.open(self._segment.path, os.O_WRONLY | os.O_APPEND)
             self._offset = HEADER_SIZE
+            self.segment_opened = time.monotonic()
         log.info("wal rotated segment=%s", self._segment.path.name)
         return Position(self._segment.first_lsn, self._offset, self._lsn + 1)
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc.gateway.journal import Journal
 from llmsvc.store.flusher import Flusher
 from llmsvc.store.schema import llm_token_log
 from llmsvc.wal.writer import WalWriter
@@ -30,3 +32,15 @@ async def delete_seqs(engine: AsyncEngine, attempt_id: uuid.UUID, seqs: list[int
             )
         )
     assert result.rowcount == len(seqs)
+
+
+async def journal_attempt(writer: WalWriter, tokens: int) -> uuid.UUID:
+    """One completed request whose attempt streamed `tokens` tokens (seq 0..tokens-1)."""
+    journal = Journal(writer)
+    request_id, attempt_id = uuid.uuid4(), uuid.uuid4()
+    journal.request_start(request_id, uuid.uuid4(), "m", True, [], {})
+    journal.attempt_start(attempt_id, request_id, 1, "p", "m")
+    journal.tokens(attempt_id.bytes, 0, [f"t{i} " for i in range(tokens)])
+    journal.attempt_end(attempt_id, status="completed", token_count=tokens)
+    await asyncio.shield(journal.request_end(request_id, status="completed"))
+    return attempt_id

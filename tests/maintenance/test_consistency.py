@@ -13,25 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
-from store_steps import delete_seqs, flush
+from store_steps import delete_seqs, flush, journal_attempt
 
-from llmsvc.gateway.journal import Journal
-from llmsvc.maintenance.consistency import history, record_run, run_check
+from llmsvc.maintenance.consistency import as_result, run_check
+from llmsvc.maintenance.runs import history, record_run
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.wal.segment import instance_id, list_segments
 from llmsvc.wal.writer import WalWriter
-
-
-async def journal_attempt(writer: WalWriter, tokens: int) -> uuid.UUID:
-    """One completed request whose attempt streamed `tokens` tokens (seq 0..tokens-1)."""
-    journal = Journal(writer)
-    request_id, attempt_id = uuid.uuid4(), uuid.uuid4()
-    journal.request_start(request_id, uuid.uuid4(), "m", True, [], {})
-    journal.attempt_start(attempt_id, request_id, 1, "p", "m")
-    journal.tokens(attempt_id.bytes, 0, [f"t{i} " for i in range(tokens)])
-    journal.attempt_end(attempt_id, status="completed", token_count=tokens)
-    await asyncio.shield(journal.request_end(request_id, status="completed"))
-    return attempt_id
 
 
 async def test_a_store_that_matches_its_wal_is_consistent(
@@ -86,11 +74,15 @@ async def test_each_run_is_stored_with_what_it_found(
     writer = open_writer()
     damaged = await journal_attempt(writer, 6)
     await flush(engine, wal_dir, wal_id, writer)
-    await record_run(engine, await run_check(engine, wal_dir), datetime.now(UTC), wal_id)
+    await record_run(
+        engine, "check", wal_id, datetime.now(UTC), as_result(await run_check(engine, wal_dir), {})
+    )
     await delete_seqs(engine, damaged, [2])
-    await record_run(engine, await run_check(engine, wal_dir), datetime.now(UTC), wal_id)
+    await record_run(
+        engine, "check", wal_id, datetime.now(UTC), as_result(await run_check(engine, wal_dir), {})
+    )
 
-    runs = await history(engine, 10)
+    runs = await history(engine, ("check",), 10)
 
     assert [r["status"] for r in runs] == ["problems", "ok"]  # newest first
     assert runs[0]["found"]["gaps"] == [{"attempt_id": str(damaged), "missing": [[2, 2]]}]

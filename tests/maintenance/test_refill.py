@@ -25,11 +25,11 @@ from llmsvc.gateway.journal import Journal
 from llmsvc.maintenance.consistency import (
     CountMismatch,
     Gap,
+    as_result,
     check_and_repair,
-    history,
-    record_run,
     run_check,
 )
+from llmsvc.maintenance.runs import history, record_run
 from llmsvc.store.schema import llm_token_log
 from llmsvc.wal.segment import list_segments
 from llmsvc.wal.writer import WalWriter
@@ -136,8 +136,8 @@ async def test_holes_still_in_the_wal_are_refilled_with_the_journaled_rows(
         str(trailing): ([[7, 9]], 3),
     }
     assert str(intact) not in json.dumps(repaired)
-    await record_run(engine, report, started, wal_id, repaired)
-    (run,) = await history(engine, 10)
+    await record_run(engine, "check", wal_id, started, as_result(report, repaired))
+    (run,) = await history(engine, ("check",), 10)
     assert (run["status"], run["repaired"]) == ("ok", repaired)
 
     again, nothing = await check_and_repair(engine, wal_dir)
@@ -185,8 +185,8 @@ async def test_holes_whose_segment_is_gone_are_reported_while_the_rest_is_refill
         f"attempt {old} is missing token seqs 0-1, 4-5",
         f"attempt {old} recorded 10 tokens but 5 are stored; missing token seqs 9 at the end",
     ]
-    await record_run(engine, report, started, wal_id, repaired)
-    (run,) = await history(engine, 10)
+    await record_run(engine, "check", wal_id, started, as_result(report, repaired))
+    (run,) = await history(engine, ("check",), 10)
     assert run["status"] == "problems"
     assert run["repaired"] == repaired
     assert run["found"]["mismatches"][0]["missing_tail"] == [9, 9]
@@ -316,5 +316,5 @@ async def test_the_daemon_refills_at_boot_and_logs_each_refill(
     assert f"boot: token gap refilled from the WAL attempt={attempt} seqs=1-2,4 rows=3" in log
     assert "boot: consistency check ok gaps=0 count_mismatches=0" in log
     assert await token_rows(engine) == before
-    (run,) = await history(engine, 10)
+    (run,) = await history(engine, ("check",), 10)
     assert run["repaired"] == found_repaired(attempt, [[1, 2], [4, 4]], 3)

@@ -7,7 +7,6 @@ the flusher reads exactly what the daemon would write.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -198,52 +197,6 @@ async def test_a_batch_failing_mid_transaction_leaves_no_rows_and_is_retried_who
     keys = await token_keys(engine)
     assert len(keys) == len(set(keys)) == 12
     assert await stored_checkpoint(engine, wal_id) == journal.writer.end.lsn - 1
-
-
-@pytest.mark.parametrize(
-    "writer_settings", [pytest.param({"segment_max_bytes": 1024}, id="1KiB-segments")]
-)
-async def test_segments_wholly_below_the_checkpoint_are_removed_but_never_the_newest(
-    engine: AsyncEngine,
-    writer: WalWriter,
-    journal: Journal,
-    make_flusher: MakeFlusher,
-    wal_dir: Path,
-    wal_id: uuid.UUID,
-) -> None:
-    streams = []
-    for n in range(6):
-        stream = Stream(texts(12, f"r{n}-"))
-        streams.append(stream)
-        await stream.journal_whole(journal)  # one write per stream: rotation between streams
-    segments = list_segments(wal_dir)
-    assert len(segments) >= 5
-    last_of = {s.path.name: nxt.first_lsn - 1 for s, nxt in itertools.pairwise(segments)}
-    newest = segments[-1].path.name
-
-    flusher = make_flusher(batch_records=5)
-    await flusher.start()
-    while not flusher.caught_up:
-        assert await flusher.flush_once() > 0
-        present = {s.path.name for s in list_segments(wal_dir)}
-        assert newest in present
-        assert present == {newest} | {
-            name for name, last in last_of.items() if last > flusher.checkpoint
-        }
-    assert [s.path.name for s in list_segments(wal_dir)] == [newest]
-    assert len(await token_keys(engine)) == 72
-
-    # A restart resumes from the checkpoint in what is left, and keeps following the writer.
-    more = Stream(texts(30, "more"))
-    await more.journal_whole(journal)
-    restarted = make_flusher()
-    await restarted.start()
-    assert await restarted.drain(10)
-    rows = await dump(engine)
-    for stream in [*streams, more]:
-        assert_stored(rows, stream, wal_id, EPOCH, _now())
-    assert len(list_segments(wal_dir)) == 1
-    assert await stored_checkpoint(engine, wal_id) == writer.end.lsn - 1
 
 
 async def test_checkpoints_of_two_instances_sharing_a_database_are_kept_apart(

@@ -1,0 +1,395 @@
+"""Backups of the store, their retention, and restore with replay of the WAL since.
+
+PostgreSQL is dumped with `pg_dump` in its custom format (compressed) and
+verified with `pg_restore --list`; SQLite is copied with its online backup
+API and verified with `PRAGMA integrity_check`. Each backup is one file in
+`backup_dir`, mode 0600, named by its UTC time, with a `.json` beside it
+holding what `llmsvc backups` lists and what a restore needs: whether it was
+verified and the WAL checkpoints it contains. The password is handed to the
+PostgreSQL tools in their environment, never on their command line.
+
+A restore brings the database back to the backup, whose checkpoints rewind
+with it; replaying this instance's WAL from there (the same flusher as at
+boot) adds everything journaled since. WAL housekeeping keeps the segments
+after the newest verified backup's checkpoint for exactly that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import itertools
+import logging
+import os
+import shutil
+import sqlite3
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import aiofiles.os
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc.errors import LlmsvcError, WalLocked
+from llmsvc.maintenance.runs import JobResult
+from llmsvc.store.engine import DAEMON_APPLICATION
+from llmsvc.store.flusher import Flusher, load_checkpoint
+from llmsvc.store.schema import metadata, wal_checkpoints
+from llmsvc.wal.segment import INSTANCE_FILE, WalLock, instance_id, list_segments
+from llmsvc.wal.writer import WalWriter
+
+log = logging.getLogger(__name__)
+
+PREFIX = "llmsvc-"
+SUFFIXES = {"postgresql": ".dump", "sqlite": ".sqlite3"}
+TIME_FORMAT = "%Y%m%dT%H%M%SZ"
+
+
+class BackupError(LlmsvcError):
+    """A backup or restore could not be made; the message says why."""
+
+
+@dataclass
+class Backup:
+    """One backup file and what its `.json` says about it."""
+
+    name: str
+    kind: str  # postgresql or sqlite
+    created: str  # ISO 8601, UTC
+    size: int
+    verified: bool
+    checkpoints: dict[str, int]  # instance id -> the last LSN the backup holds
+    error: str = ""
+
+    def checkpoint(self, instance_id: uuid.UUID) -> int:
+        return self.checkpoints.get(str(instance_id), 0)
+
+
+def list_backups(backup_dir: Path) -> list[Backup]:
+    """Every backup with its description, oldest first; files without one are skipped."""
+    found = []
+    for meta in sorted(backup_dir.glob(f"{PREFIX}*.json")):
+        try:
+            backup = Backup(**orjson.loads(meta.read_bytes()))
+        except (OSError, ValueError, TypeError) as exc:
+            log.warning("backup description unreadable file=%s error=%s", meta.name, exc)
+            continue
+        if (backup_dir / backup.name).exists():
+            found.append(backup)
+    return sorted(found, key=lambda b: b.created)
+
+
+def newest_verified(backup_dir: Path) -> Backup | None:
+    verified = [b for b in list_backups(backup_dir) if b.verified]
+    return verified[-1] if verified else None
+
+
+async def backup(engine: AsyncEngine, backup_dir: Path) -> JobResult:
+    """Write, verify and describe one backup of the store; a failed one says why."""
+    kind = engine.dialect.name
+    await aiofiles.os.makedirs(backup_dir, mode=0o700, exist_ok=True)
+    now = datetime.now(UTC)
+    path = backup_dir / f"{PREFIX}{now.strftime(TIME_FORMAT)}{SUFFIXES[kind]}"
+    for n in itertools.count(1):  # a second backup within the same second
+        if not await aiofiles.os.path.exists(path):
+            break
+        path = backup_dir / f"{PREFIX}{now.strftime(TIME_FORMAT)}-{n}{SUFFIXES[kind]}"
+    # Read before the copy starts: the copy holds at least these, so the WAL after
+    # them is all a restore can need.
+    async with engine.connect() as conn:
+        rows = await conn.execute(sa.select(wal_checkpoints.c.instance_id, wal_checkpoints.c.lsn))
+        checkpoints = {str(instance): int(lsn) for instance, lsn in rows}
+    partial = path.with_name(path.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.close(fd)
+    error = ""
+    try:
+        if kind == "postgresql":
+            await _run_pg("pg_dump", engine, "--format=custom", f"--file={partial}")
+            listing = await _run_pg("pg_restore", None, "--list", str(partial))
+            if "TABLE DATA" not in listing or "llm_requests" not in listing:
+                error = "pg_restore --list does not show the llmsvc tables"
+        else:
+            await asyncio.to_thread(_sqlite_copy, _sqlite_path(engine), partial)
+            error = await asyncio.to_thread(_sqlite_verify, partial)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
+    size = path.stat().st_size
+    described = Backup(path.name, kind, now.isoformat(), size, not error, checkpoints, error)
+    _describe(backup_dir, described)
+    found = {"file": path.name, "verified": not error, "checkpoints": checkpoints}
+    if error:
+        return JobResult("failed", bytes=size, found=found, error=f"verification failed: {error}")
+    return JobResult(bytes=size, found=found)
+
+
+def _describe(backup_dir: Path, backup: Backup) -> None:
+    meta = backup_dir / f"{backup.name}.json"
+    partial = meta.with_name(meta.name + ".partial")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(orjson.dumps(asdict(backup), option=orjson.OPT_INDENT_2))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, meta)
+
+
+def cleanup(backup_dir: Path, retention_days: int) -> JobResult:
+    """Delete backups older than `retention_days`, except the newest verified one.
+
+    That one stays whatever its age: it and the WAL kept after it are the
+    only way back if backups have been failing since. Blocking file work: run
+    it in a thread.
+    """
+    cutoff = datetime.now(UTC) - timedelta(days=retention_days)
+    keep = newest_verified(backup_dir)
+    removed, freed = [], 0
+    for b in list_backups(backup_dir) if backup_dir.is_dir() else []:
+        if datetime.fromisoformat(b.created) >= cutoff or (keep and b.name == keep.name):
+            continue
+        for path in (backup_dir / b.name, backup_dir / f"{b.name}.json"):
+            freed += path.stat().st_size
+            path.unlink()
+        removed.append(b.name)
+        log.info("backup removed file=%s created=%s", b.name, b.created)
+    return JobResult(rows=len(removed), bytes=freed, repaired={"removed": removed})
+
+
+def backup_path(backup_dir: Path, name: str) -> Path:
+    """The backup called `name` in `backup_dir`; a name that leads elsewhere is refused."""
+    if not name or "/" in name or "\\" in name or name.startswith(".") or "\x00" in name:
+        raise BackupError(f"{name!r} is not a backup file name (no directories, no dot first)")
+    path = backup_dir / name
+    if not name.startswith(PREFIX) or path.suffix not in SUFFIXES.values():
+        raise BackupError(f"{name!r} is not an llmsvc backup ({PREFIX}….dump or ….sqlite3)")
+    if not path.is_file():
+        raise BackupError(f"no backup {name!r} in {backup_dir}")
+    return path
+
+
+async def restore_database(engine: AsyncEngine, backup_dir: Path, name: str) -> Backup:
+    """Replace the database's contents with the backup's; the WAL replay is the caller's."""
+    path = backup_path(backup_dir, name)
+    described = {b.name: b for b in list_backups(backup_dir)}.get(name)
+    if described is None or not described.verified:
+        raise BackupError(f"{name} is not a verified backup: its .json is missing or says so")
+    if described.kind != engine.dialect.name:
+        raise BackupError(
+            f"{name} is a {described.kind} backup; the store is {engine.dialect.name}"
+        )
+    if described.kind == "postgresql":
+        await _restore_pg(engine, path)
+    else:
+        await engine.dispose()  # no connection of ours may hold the file while it is replaced
+        await asyncio.to_thread(_sqlite_copy, path, _sqlite_path(engine))
+    log.info("restore: database restored from file=%s created=%s", name, described.created)
+    return described
+
+
+# -- PostgreSQL tools -----------------------------------------------------------------
+
+
+def pg_tool(name: str) -> str:
+    """The newest installed server version's tool (it can dump older servers), else PATH's."""
+    versions = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
+    if versions:
+        return max(versions, key=lambda p: int(Path(p).parts[-3]))
+    found = shutil.which(name)
+    if found is None:
+        raise BackupError(f"{name} not found: install the PostgreSQL client tools")
+    return found
+
+
+async def _run_pg(tool: str, engine: AsyncEngine | None, *args: str) -> str:
+    """Run a PostgreSQL tool to its end; its output, or BackupError with its last message."""
+    proc = await _start_pg(tool, engine, *args)
+    out, err = await proc.communicate()
+    _check_exit(tool, proc, err)
+    return out.decode(errors="replace")
+
+
+async def _restore_pg(engine: AsyncEngine, path: Path) -> None:
+    """Replace llmsvc's tables with the dump's, in one transaction.
+
+    `pg_restore --clean` cannot drop a partition's inherited key, so psql runs
+    the drops and then the dump's SQL, streamed from pg_restore, all in one
+    transaction: a restore that fails leaves the database as it was.
+    """
+    tables = ", ".join([*metadata.tables, "alembic_version"])
+    source = await _start_pg("pg_restore", None, "--no-owner", "--file=-", str(path))
+    sink = await _start_pg(
+        "psql",
+        engine,
+        "--single-transaction",
+        "--set=ON_ERROR_STOP=1",
+        "--quiet",
+        "--file=-",
+        stdin=asyncio.subprocess.PIPE,
+    )
+    assert source.stdout is not None
+    assert sink.stdin is not None
+    sink.stdin.write(f"DROP TABLE IF EXISTS {tables} CASCADE;\n".encode())
+    while chunk := await source.stdout.read(1 << 16):
+        sink.stdin.write(chunk)
+        await sink.stdin.drain()
+    sink.stdin.close()
+    _, source_err = await source.communicate()
+    _, sink_err = await sink.communicate()
+    _check_exit("pg_restore", source, source_err)
+    _check_exit("psql", sink, sink_err)
+
+
+async def _start_pg(
+    tool: str, engine: AsyncEngine | None, *args: str, stdin: int = asyncio.subprocess.DEVNULL
+) -> asyncio.subprocess.Process:
+    """Start a PostgreSQL tool, pointed at the store if given; the password only in its env."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    argv = [pg_tool(tool), *args]
+    if engine is not None:
+        url = engine.url
+        if url.password:
+            env["PGPASSWORD"] = str(url.password)
+        argv += [f"--dbname={url.database}", f"--host={url.host or 'localhost'}"]
+        argv += [f"--port={url.port or 5432}", f"--username={url.username or 'postgres'}"]
+        argv.append("--no-password")
+    return await asyncio.create_subprocess_exec(
+        *argv,
+        env=env,
+        stdin=stdin,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
+def _check_exit(tool: str, proc: asyncio.subprocess.Process, err: bytes) -> None:
+    if proc.returncode != 0:
+        lines = err.decode(errors="replace").strip().splitlines() or ["(no message)"]
+        raise BackupError(f"{tool} exited {proc.returncode}: {lines[-1]}")
+
+
+# -- SQLite -----------------------------------------------------------------------------
+
+
+def _sqlite_path(engine: AsyncEngine) -> Path:
+    return Path(engine.url.database or "")
+
+
+def _sqlite_copy(source: Path, target: Path) -> None:
+    """SQLite's online backup API: a consistent copy while others read and write.
+
+    The copy is left in rollback-journal mode, one self-contained file; the
+    daemon switches a restored database back to WAL mode when it connects.
+    """
+    src = sqlite3.connect(source)
+    dst = sqlite3.connect(target)
+    try:
+        src.backup(dst)
+        dst.execute("PRAGMA journal_mode=DELETE")
+    finally:
+        dst.close()
+        src.close()
+
+
+def _sqlite_verify(path: Path) -> str:
+    """Empty when the copy is whole and holds the llmsvc tables; else what is wrong."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        result = conn.execute("PRAGMA integrity_check").fetchone()[0]
+        tables = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+    if result != "ok":
+        return f"integrity_check: {result}"
+    return "" if "llm_requests" in tables else "the llmsvc tables are missing"
+
+
+async def restore(
+    engine: AsyncEngine, backup_dir: Path, wal_dir: Path, name: str, force: bool = False
+) -> dict[str, Any]:
+    """Restore a backup into the store, then replay this host's WAL journaled since.
+
+    Refuses while a daemon uses the database (its WAL lock is held here, or a
+    daemon's session is connected to the PostgreSQL database) unless forced;
+    forced past a running daemon, the replay is left to that daemon's restart.
+    """
+    lock = WalLock(wal_dir)
+    try:
+        lock.acquire()
+        locked = True
+    except WalLocked as exc:
+        if not force:
+            raise BackupError(
+                f"refusing to restore: {exc}; stop it first, or use --force"
+            ) from None
+        locked = False
+    try:
+        if not force and (sessions := await _daemon_sessions(engine)):
+            raise BackupError(
+                f"refusing to restore: {sessions} llmsvc daemon session(s) are connected to "
+                "this database; stop those daemons first, or use --force"
+            )
+        described = await restore_database(engine, backup_dir, name)
+        result: dict[str, Any] = {"restored": name, "created": described.created, "replayed": 0}
+        if not locked:
+            log.warning("restore: a daemon holds the WAL; restart it to replay the WAL")
+            result["replay"] = "left to the running daemon's restart"
+            return result
+        result.update(await replay_wal(engine, wal_dir))
+        return result
+    finally:
+        if locked:
+            lock.release()
+
+
+async def _daemon_sessions(engine: AsyncEngine) -> int:
+    if engine.dialect.name != "postgresql":
+        return 0
+    query = sa.text(
+        "SELECT count(*) FROM pg_stat_activity "
+        "WHERE datname = current_database() AND application_name = :name"
+    )
+    async with engine.connect() as conn:
+        return int(await conn.scalar(query, {"name": DAEMON_APPLICATION}) or 0)
+
+
+async def replay_wal(engine: AsyncEngine, wal_dir: Path) -> dict[str, Any]:
+    """Replay this instance's WAL from the store's checkpoint, as a boot does."""
+    if not (wal_dir / INSTANCE_FILE).exists():
+        return {"replayed": 0, "checkpoint": 0}
+    instance = instance_id(wal_dir)
+    checkpoint = await load_checkpoint(engine, instance)
+    writer = WalWriter(wal_dir, instance)
+    repairs = writer.open(asyncio.get_running_loop(), lambda exc: None, checkpoint)
+    flusher = Flusher(engine, wal_dir, instance, lambda: writer.end)
+    try:
+        segments = list_segments(wal_dir)
+        first = segments[0].first_lsn if segments else checkpoint + 1
+        await flusher.start()
+        await flusher.drain(within=float("inf"))
+    finally:
+        await flusher.close()
+        await writer.close()
+    result: dict[str, Any] = {
+        "replayed": flusher.checkpoint - checkpoint,
+        "checkpoint": flusher.checkpoint,
+    }
+    if first > checkpoint + 1:
+        result["missing"] = [checkpoint + 1, first - 1]
+        log.error(
+            "restore: WAL records %d..%d are gone (removed before this backup was the newest): "
+            "the store holds the backup and what the WAL kept after them",
+            checkpoint + 1,
+            first - 1,
+        )
+    if not repairs.clean:
+        result["wal_repairs"] = repairs.as_dict()
+    log.info(
+        "restore: wal replayed records=%d checkpoint=%d", result["replayed"], flusher.checkpoint
+    )
+    return result

@@ -1,0 +1,52 @@
+"""The maintenance jobs by name: what the scheduler fires and `llmsvc jobs run` runs."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc.config import Settings
+from llmsvc.maintenance import backup, consistency, retention
+from llmsvc.maintenance.runs import Job, JobResult
+from llmsvc.maintenance.wal_housekeeping import housekeep
+from llmsvc.wal.writer import WalWriter
+
+JOB_NAMES = ("prune", "backup", "backup-cleanup", "wal-housekeeping", "gap-scan")
+
+
+def job_table(
+    settings: Settings,
+    engine: AsyncEngine,
+    instance_id: uuid.UUID | None,
+    writer: WalWriter | None = None,
+) -> dict[str, Job]:
+    """Each job bound to this store; WAL housekeeping needs this host's instance id.
+
+    With the daemon's `writer`, housekeeping also seals a live segment older
+    than `wal_segment_max_age_seconds`; run by hand it only removes segments.
+    """
+    s = settings
+
+    async def prune() -> JobResult:
+        created = await retention.ensure_partitions(engine, s.token_partition_ahead_days)
+        result = await retention.prune(engine, s.retention_days, s.prune_batch_requests)
+        result.repaired["partitions_created"] = created
+        return result
+
+    async def wal_housekeeping() -> JobResult:
+        if instance_id is None:
+            return JobResult(found={"wal": f"no WAL in {s.wal_dir}"})
+        max_age = s.wal_segment_max_age_seconds if writer is not None else None
+        return await housekeep(engine, s.wal_dir, instance_id, s.backup_dir, writer, max_age)
+
+    return {
+        "prune": prune,
+        "backup": lambda: backup.backup(engine, s.backup_dir),
+        "backup-cleanup": lambda: asyncio.to_thread(
+            backup.cleanup, s.backup_dir, s.backup_retention_days
+        ),
+        "wal-housekeeping": wal_housekeeping,
+        "gap-scan": lambda: consistency.gap_scan(engine, s.wal_dir),
+    }

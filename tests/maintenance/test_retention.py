@@ -1,0 +1,152 @@
+"""Retention on both databases, and PostgreSQL's daily token partitions."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, date, datetime, timedelta
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc.maintenance.retention import (
+    create_partition,
+    ensure_partitions,
+    partition_days,
+    partition_name,
+    prune,
+)
+from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
+
+NOW = datetime.now(UTC)
+
+
+async def add_request(
+    engine: AsyncEngine, age_days: float, tokens: int, status: str = "completed"
+) -> uuid.UUID:
+    """A request created `age_days` ago with one attempt of `tokens` tokens; its id."""
+    created = NOW - timedelta(days=age_days)
+    request_id, attempt_id = uuid.uuid4(), uuid.uuid4()
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.insert(llm_requests).values(
+                id=request_id,
+                instance_id=uuid.uuid4(),
+                correlation_id=uuid.uuid4(),
+                model="m",
+                stream=True,
+                status=status,
+                messages=[],
+                params={},
+                created_at=created,
+            )
+        )
+        await conn.execute(
+            sa.insert(llm_attempts).values(
+                id=attempt_id,
+                request_id=request_id,
+                attempt_no=1,
+                provider="p",
+                model="m",
+                status=status,
+                started_at=created,
+            )
+        )
+        if tokens:
+            await conn.execute(
+                sa.insert(llm_token_log),
+                [
+                    {
+                        "attempt_id": attempt_id,
+                        "seq": seq,
+                        "text": f"t{seq}",
+                        "created_at": created + timedelta(seconds=seq),
+                    }
+                    for seq in range(tokens)
+                ],
+            )
+    return request_id
+
+
+async def contents(engine: AsyncEngine) -> tuple[set[uuid.UUID], int, int]:
+    """Request ids, attempt count and token count left."""
+    async with engine.connect() as conn:
+        requests = set((await conn.scalars(sa.select(llm_requests.c.id))).all())
+        attempts = await conn.scalar(sa.select(sa.func.count()).select_from(llm_attempts))
+        tokens = await conn.scalar(sa.select(sa.func.count()).select_from(llm_token_log))
+    return requests, int(attempts or 0), int(tokens or 0)
+
+
+async def test_prune_removes_old_requests_with_their_attempts_and_tokens_in_batches(
+    engine: AsyncEngine,
+) -> None:
+    old = [await add_request(engine, 200 + n, 5) for n in range(5)]
+    never_ended = await add_request(engine, 300, 3, status="streaming")  # its daemon is gone
+    recent = [await add_request(engine, 10, 4), await add_request(engine, 179, 2)]
+
+    dry = await prune(engine, 180, batch_requests=2, dry_run=True)
+
+    assert (dry.found["requests"], dry.found["attempts"], dry.found["tokens"]) == (6, 6, 28)
+    assert await contents(engine) == ({*old, never_ended, *recent}, 8, 34)
+
+    result = await prune(engine, 180, batch_requests=2)
+
+    assert result.status == "ok"
+    assert await contents(engine) == (set(recent), 2, 6)
+    assert (result.repaired["requests"], result.repaired["attempts"]) == (6, 6)
+    assert result.rows == 6 + 6 + 28
+    again = await prune(engine, 180, batch_requests=2)
+    assert again.rows == 0
+
+
+async def test_a_shorter_cut_off_removes_more(engine: AsyncEngine) -> None:
+    recent = await add_request(engine, 1, 2)
+    week_old = await add_request(engine, 8, 2)
+
+    await prune(engine, 7, batch_requests=100)
+
+    assert (await contents(engine))[0] == {recent}
+    assert week_old not in (await contents(engine))[0]
+
+
+def _days_ago(n: int) -> date:
+    return (NOW - timedelta(days=n)).date()
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_partitions_are_created_ahead_and_dropped_whole_past_the_cut_off(
+    engine: AsyncEngine,
+) -> None:
+    async with engine.begin() as conn:
+        for n in (200, 190, 181, 180, 179):  # days a daemon running then created ahead
+            await create_partition(conn, _days_ago(n))
+    old = await add_request(engine, 200, 3)
+    straddling = await add_request(engine, 180.5, 3)  # tokens in the cut-off day's partition
+    recent = await add_request(engine, 179, 3)
+    async with engine.begin() as conn:  # a token that fell into the default partition
+        await conn.exec_driver_sql("DROP TABLE " + partition_name(_days_ago(190)))
+    lonely = await add_request(engine, 190, 2)
+
+    created = await ensure_partitions(engine, 20)  # the migration made today's and 14 more
+    result = await prune(engine, 180, batch_requests=10)
+
+    assert created == [partition_name(NOW.date() + timedelta(days=n)) for n in range(15, 21)]
+    assert await ensure_partitions(engine, 20) == []
+    async with engine.connect() as conn:
+        days = await partition_days(conn)
+        default_rows = await conn.scalar(sa.text("SELECT count(*) FROM llm_token_log_default"))
+    cut_day = (NOW - timedelta(days=180)).date()
+    assert [d for d in days if d < cut_day] == []  # whole days before the cut-off: dropped
+    assert cut_day in days
+    assert _days_ago(179) in days
+    assert result.repaired["partitions_dropped"] == [
+        partition_name(_days_ago(n)) for n in (200, 181)
+    ]
+    assert default_rows == 0
+    assert await contents(engine) == ({recent}, 1, 3)
+    assert {old, straddling, lonely}.isdisjoint((await contents(engine))[0])
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_has_no_partitions_to_create(engine: AsyncEngine) -> None:
+    assert await ensure_partitions(engine, 14) == []
