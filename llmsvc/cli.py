@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             stream=sys.stderr,
         )
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # runs are logged by llmsvc
+        logging.getLogger("alembic.runtime.migration").addFilter(_only_migrations)
         code: int = args.command(settings, args)
         return code
     except (ConfigError, UsageError) as exc:
@@ -61,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _only_migrations(record: logging.LogRecord) -> bool:
+    """Alembic's lines about migrations run, not the two it logs at every revision check."""
+    return not record.getMessage().startswith(("Context impl", "Will assume"))
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Retention for cron users, instead of the daemon's scheduler: `llmsvc prune` removes requests
+# older than retention_days with their attempts and tokens (on PostgreSQL, whole daily
+# partitions). Arguments go to `llmsvc prune` (--older-than DAYS, --dry-run). Settings come
+# from LLMSVC_* variables or LLMSVC_CONFIG. Exits non-zero, with llmsvc's message, on failure.
+#
+#   0 3 * * sun  LLMSVC_CONFIG=/etc/llmsvc/llmsvc.toml /opt/llmsvc/scripts/prune_tokens.sh
+#
+# LLMSVC names the llmsvc command (default: on PATH, else this checkout's .venv).
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+llmsvc=${LLMSVC:-$(command -v llmsvc || echo "$here/../.venv/bin/llmsvc")}
+
+"$llmsvc" prune "$@"

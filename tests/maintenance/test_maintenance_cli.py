@@ -1,0 +1,154 @@
+"""The maintenance commands as an operator runs them: real `llmsvc` processes on SQLite."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+
+import pytest
+from daemon_process import LLMSVC, REPO, DaemonProcess, daemon_env, run_cli
+
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+def env(sqlite_url: str, tmp_path: Path) -> dict[str, str]:
+    env = daemon_env(sqlite_url, tmp_path / "wal", backup_dir=tmp_path / "backups")
+    assert run_cli(env, "migrate").returncode == 0
+    return env
+
+
+def ok(env: dict[str, str], *args: str) -> str:
+    done = run_cli(env, *args)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
+
+def test_jobs_lists_every_job_with_its_schedule_and_next_and_last_runs(
+    env: dict[str, str],
+) -> None:
+    before = json.loads(ok(env, "jobs", "--json"))
+    ran = ok(env, "jobs", "run", "gap-scan")
+    after = {job["job"]: job for job in json.loads(ok(env, "jobs", "--json"))}
+    table = ok(env, "jobs")
+
+    assert [job["job"] for job in before] == [
+        "prune",
+        "backup",
+        "backup-cleanup",
+        "wal-housekeeping",
+        "gap-scan",
+    ]
+    assert all(job["next_run"] and job["last_run"] is None for job in before)
+    assert ran.startswith("gap-scan: ok")
+    assert after["gap-scan"]["last_status"] == "ok"
+    assert after["gap-scan"]["last_ok"] == after["gap-scan"]["last_run"]
+    assert after["prune"]["schedule"] == "0 3 * * sun"
+    assert "gap-scan" in table
+    assert "0 2 * * *" in table
+
+
+def test_a_job_left_to_the_cli_has_no_next_run(env: dict[str, str]) -> None:
+    jobs = json.loads(ok({**env, "LLMSVC_PRUNE_SCHEDULE": ""}, "jobs", "--json"))
+    prune = next(job for job in jobs if job["job"] == "prune")
+    assert (prune["schedule"], prune["next_run"]) == ("", None)
+    assert "(by hand only)" in ok({**env, "LLMSVC_PRUNE_SCHEDULE": ""}, "jobs")
+
+
+def test_backup_backups_and_restore_from_the_command_line(env: dict[str, str]) -> None:
+    made = json.loads(ok(env, "backup", "--json"))
+    listed = json.loads(ok(env, "backups", "--json"))
+    restored = ok(env, "restore", made["found"]["file"])
+
+    assert made["status"] == "ok"
+    assert [b["name"] for b in listed] == [made["found"]["file"]]
+    assert listed[0]["verified"] is True
+    assert "yes" in ok(env, "backups")
+    assert restored.startswith("restore: ok")
+    # The store is the backup's again: its runs end before that backup's own record.
+    database = env["LLMSVC_DATABASE_URL"].partition(":///")[2]
+    with sqlite3.connect(database) as conn:
+        runs = [job for (job,) in conn.execute("SELECT job FROM maintenance_runs ORDER BY id")]
+    assert runs == ["restore"]
+
+
+def test_restore_refuses_bad_names_with_exit_2_and_a_running_daemon_with_exit_1(
+    env: dict[str, str],
+) -> None:
+    made = json.loads(ok(env, "backup", "--json"))["found"]["file"]
+    for name in ("../llmsvc.db", "/etc/passwd", "llmsvc-nothere.dump"):
+        bad = run_cli(env, "restore", name)
+        assert bad.returncode == 2, bad.stderr
+        assert "Traceback" not in bad.stderr
+        assert bad.stderr.startswith("llmsvc: ")
+
+    with DaemonProcess(env) as daemon:
+        refused = run_cli(env, "restore", made)
+        assert daemon.stop() == 0
+    assert refused.returncode == 1
+    assert "refusing to restore" in refused.stdout
+    assert "use --force" in refused.stdout
+
+
+def test_prune_dry_run_counts_and_bad_arguments_exit_2(env: dict[str, str]) -> None:
+    dry = json.loads(ok(env, "prune", "--dry-run", "--older-than", "1", "--json"))
+    assert dry["status"] == "ok"
+    assert dry["repaired"] == {"dry_run": True}
+    assert dry["found"]["requests"] == 0
+    bad = run_cli(env, "prune", "--older-than", "0")
+    assert bad.returncode == 2
+    assert "--older-than must be at least 1" in bad.stderr
+
+
+def test_a_bad_schedule_is_a_configuration_error_naming_the_setting(
+    env: dict[str, str],
+) -> None:
+    bad = run_cli({**env, "LLMSVC_BACKUP_SCHEDULE": "61 * * * *"}, "jobs")
+    assert bad.returncode == 2
+    assert "backup_schedule" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("script", "args"), [("daily_backup.sh", []), ("prune_tokens.sh", ["--dry-run"])]
+)
+def test_the_cron_scripts_exit_0_when_done_and_non_zero_on_failure(
+    env: dict[str, str], tmp_path: Path, script: str, args: list[str]
+) -> None:
+    path = REPO / "scripts" / script
+    with_cli = {**env, "LLMSVC": str(LLMSVC)}
+    done = subprocess.run([path, *args], env=with_cli, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    broken = {**with_cli, "LLMSVC_DATABASE_URL": f"sqlite:///{tmp_path}/no/such/dir/x.db"}
+    os.chmod(tmp_path, 0o500)  # the database cannot be created: every step fails
+    try:
+        failed = subprocess.run(
+            [path, *args], env=broken, capture_output=True, text=True, check=False
+        )
+    finally:
+        os.chmod(tmp_path, 0o700)
+    assert failed.returncode != 0
+    assert "llmsvc:" in failed.stderr
+
+
+@pytest.mark.parametrize("unit", ["llmsvc-backup", "llmsvc-prune"])
+def test_the_timer_units_verify(tmp_path: Path, unit: str) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed here")
+    for suffix in (".service", ".timer"):
+        text = (REPO / "systemd" / f"{unit}{suffix}").read_text()
+        (tmp_path / f"{unit}{suffix}").write_text(
+            text.replace("/opt/llmsvc/venv/bin/llmsvc", str(LLMSVC))
+        )
+    done = subprocess.run(
+        [analyze, "verify", str(tmp_path / f"{unit}.timer"), str(tmp_path / f"{unit}.service")],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
