@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import re
 import uuid
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
 import sqlalchemy as sa
+from alembic import command
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmsvc.store.engine import create_engine, migrations_dir, schema_revision, upgrade_to_head
-from llmsvc.store.schema import metadata, wal_checkpoints
+from llmsvc.maintenance.retention import partition_days, partition_name
+from llmsvc.store.engine import (
+    _alembic_config,
+    create_engine,
+    migrations_dir,
+    schema_revision,
+    upgrade_to_head,
+)
+from llmsvc.store.schema import llm_token_log, metadata, wal_checkpoints
 
 STORE_TABLES = {"llm_requests", "llm_attempts", "llm_token_log", "provider_status"}
 PARTITION = re.compile(r"llm_token_log_(p\d{8}|default)")  # PostgreSQL's daily partitions
@@ -135,3 +144,43 @@ async def test_migrated_schema_matches_the_tables_the_code_uses(database_url: st
     assert set(migrated) == set(expected)
     for name, table in expected.items():
         assert migrated[name] == table, name
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_partitioning_the_token_log_keeps_every_row_in_its_days_partition(
+    database_url: str,
+) -> None:
+    engine = create_engine(database_url)
+    today = datetime.now(UTC)
+    rows = [
+        (uuid.uuid4(), seq, f"t{seq}", today - timedelta(days=age, seconds=seq))
+        for age in (30, 1, 0)
+        for seq in range(3)
+    ]
+    try:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "0002"))
+            await conn.execute(
+                llm_token_log.insert(),
+                [
+                    dict(zip(("attempt_id", "seq", "text", "created_at"), r, strict=True))
+                    for r in rows
+                ],
+            )
+        await upgrade_to_head(engine)
+        async with engine.connect() as conn:
+            stored = await conn.execute(
+                sa.text(
+                    "SELECT attempt_id, seq, text, created_at, tableoid::regclass::text "
+                    "FROM llm_token_log ORDER BY created_at"
+                )
+            )
+            found = [tuple(r) for r in stored]
+            days = await partition_days(conn)
+    finally:
+        await engine.dispose()
+    assert [r[:4] for r in found] == sorted(rows, key=lambda r: r[3])
+    assert all(r[4] == partition_name(r[3].astimezone(UTC).date()) for r in found)
+    oldest = (today - timedelta(days=30, seconds=2)).date()
+    assert days[0] == oldest
+    assert days[-1] == today.date() + timedelta(days=14)
