@@ -192,6 +192,17 @@ class Settings(BaseSettings):
         return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
 
 
+def systemd_environment() -> tuple[str | None, int | None]:
+    """systemd's notify socket, and its watchdog period in µs if the watchdog is for us.
+
+    Not settings: systemd sets these for the process it started.
+    """
+    notify_socket = os.environ.get("NOTIFY_SOCKET") or None
+    usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
+    ours = not pid or pid == str(os.getpid())
+    return notify_socket, int(usec) if usec.isdigit() and int(usec) > 0 and ours else None
+
+
 def load_settings(**overrides: Any) -> Settings:
     """Load and validate settings, turning every failure into one ConfigError paragraph."""
     config_file = os.environ.get("LLMSVC_CONFIG")

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 
@@ -25,7 +26,7 @@ import anyio
 import sqlalchemy as sa
 import uvicorn
 
-from llmsvc.config import Settings
+from llmsvc.config import Settings, systemd_environment
 from llmsvc.errors import LlmsvcError, StoreError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.journal import Journal
@@ -41,12 +42,14 @@ from llmsvc.providers.base import Provider
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import open_work
+from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
+FLUSHER_STALL_SECONDS = 10.0  # a flusher quiet this long (a hung database call) is stalled
 JOB_SHUTDOWN_GRACE = 5.0  # seconds a running maintenance job gets to end before it is cancelled
 
 
@@ -65,6 +68,7 @@ class _EmbeddedServer(uvicorn.Server):
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.notifier = Notifier(*systemd_environment())
         self.stopping = asyncio.Event()
         self.fatal: WalFatal | None = None
         self.lock = WalLock(settings.wal_dir)
@@ -78,10 +82,15 @@ class Daemon:
                 try:
                     await self.boot()
                     log.info("ready host=%s port=%d", self.settings.host, self.port)
+                    self.notifier.ready(f"serving on {self.settings.host}:{self.port}")
+                    if self.notifier.watchdog_interval is not None:
+                        signals.start_soon(self._watchdog, self.notifier.watchdog_interval)
                     await self.stopping.wait()
                 finally:
+                    self.notifier.stopping("stopping: finishing open requests")
                     await self.shutdown()
                     signals.cancel_scope.cancel()
+                    self.notifier.close()
         except BaseExceptionGroup as group:  # a boot failure, wrapped by the task group
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
@@ -94,6 +103,7 @@ class Daemon:
         self.instance = instance_id(s.wal_dir)
         log.info("boot: wal locked dir=%s instance=%s", s.wal_dir, self.instance)
 
+        self.notifier.status("booting: migrating the database")
         self.engine = create_engine(s.database_url, DAEMON_APPLICATION)
         try:
             await upgrade_to_head(self.engine)
@@ -126,6 +136,7 @@ class Daemon:
         )
         await self.flusher.start()
         behind = self.writer.end.lsn - 1 - self.flusher.checkpoint
+        self.notifier.status(f"booting: replaying {behind} WAL records into the database")
         await self.flusher.drain(within=float("inf"))
         log.info("boot: wal replayed records=%d checkpoint=%d", behind, self.flusher.checkpoint)
 
@@ -220,6 +231,7 @@ class Daemon:
 
         Problems left after the refill are logged, never hidden.
         """
+        self.notifier.status("booting: consistency check")
         started = datetime.now(UTC)
         report, repaired = await check_and_repair(self.engine, self.settings.wal_dir, self.repairs)
         await record_run(self.engine, "check", self.instance, started, as_result(report, repaired))
@@ -284,6 +296,7 @@ class Daemon:
                 await self.writer.close()
         if hasattr(self, "flusher_task"):
             with _step("wal drained"):
+                self.notifier.status("stopping: draining the WAL into the database")
                 self.flusher.stop()
                 await self.flusher_task
                 if not self.fatal and not await self.flusher.drain(within=30):
@@ -303,6 +316,33 @@ class Daemon:
                 await self.engine.dispose()
         self.lock.release()
         log.info("shutdown: done exit_code=%d", EXIT_FATAL if self.fatal else EXIT_OK)
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd every `interval` while the loop runs this and the flusher is alive.
+
+        A stalled event loop never gets here; a stalled flusher makes it stop,
+        and systemd restarts the daemon, whose boot replays the WAL.
+        """
+        was_stalled = False
+        while True:
+            stalled = self._stalled(interval)
+            if stalled is None:
+                self.notifier.watchdog()
+                if was_stalled:
+                    log.info("watchdog: healthy again, pinging systemd")
+            elif not was_stalled:
+                log.error("watchdog: not telling systemd all is well: %s", stalled)
+            was_stalled = stalled is not None
+            await asyncio.sleep(interval)
+
+    def _stalled(self, interval: float) -> str | None:
+        """Why the daemon is not healthy, or None."""
+        if self.flusher_task.done():
+            return "the flusher has stopped"
+        idle = time.monotonic() - self.flusher.last_cycle
+        if idle > max(FLUSHER_STALL_SECONDS, 2 * interval):
+            return f"the flusher has not cycled for {idle:.0f} s"
+        return None
 
     def _on_fatal(self, exc: WalFatal) -> None:
         self.fatal = exc

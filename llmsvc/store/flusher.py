@@ -173,6 +173,7 @@ class Flusher:
         self._pending_end = self.committed
         self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
+        self.last_cycle = time.monotonic()  # the systemd watchdog pings only while this moves
 
     async def start(self) -> None:
         """Resume from the checkpoint the database holds for this instance."""
@@ -241,6 +242,7 @@ class Flusher:
         """Flush until stopped; on failure log once per outage and retry with backoff."""
         backoff = self.interval
         while not self._stop.is_set():
+            self.last_cycle = time.monotonic()
             try:
                 n = await self.flush_once()
             except Exception as exc:
