@@ -21,16 +21,20 @@ import signal
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import anyio
 import sqlalchemy as sa
 import uvicorn
 
+from llmsvc import __version__
 from llmsvc.config import Settings, systemd_environment
 from llmsvc.errors import LlmsvcError, StoreError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
+from llmsvc.maintenance.backup import newest_verified
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
 from llmsvc.maintenance.jobs import job_table
 from llmsvc.maintenance.retention import ensure_partitions
@@ -43,7 +47,7 @@ from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_he
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import open_work
 from llmsvc.systemd import Notifier
-from llmsvc.wal.segment import WalLock, instance_id
+from llmsvc.wal.segment import WalLock, instance_id, list_segments
 from llmsvc.wal.writer import WalWriter
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,8 @@ class _EmbeddedServer(uvicorn.Server):
 class Daemon:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.started = time.monotonic()
+        self.job_runs: dict[str, dict[str, Any]] = {}  # this instance's last run of each job
         self.notifier = Notifier(*systemd_environment())
         self.stopping = asyncio.Event()
         self.fatal: WalFatal | None = None
@@ -135,6 +141,27 @@ class Daemon:
             batch_records=s.flush_batch_records,
         )
         await self.flusher.start()
+
+        # HTTP from here on, so health and readiness say "booting" during a long replay;
+        # chat requests get 503 until the gateway is told the store is ready.
+        self.providers = {p.name: build_provider(p) for p in s.providers}
+        self.metrics = Metrics()
+        self.metrics.watch(self.wal_status)
+        for finding in self.repairs.findings:
+            self.metrics.wal_damage.labels(kind=finding.kind).inc()
+        self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
+        self.router = Router(s.providers, self.providers)
+        self.gateway = Gateway(
+            self.journal,
+            self.router,
+            s.max_body_bytes,
+            wal_status=self.wal_status,
+            metrics=self.metrics,
+            describe=self.describe,
+            booting=True,
+        )
+        await self._start_http()
+
         behind = self.writer.end.lsn - 1 - self.flusher.checkpoint
         self.notifier.status(f"booting: replaying {behind} WAL records into the database")
         await self.flusher.drain(within=float("inf"))
@@ -146,25 +173,12 @@ class Daemon:
         )
         await self._check()
 
-        self.providers = {p.name: build_provider(p) for p in s.providers}
-        self.metrics = Metrics()
-        self.metrics.watch(self.wal_status)
-        for finding in self.repairs.findings:
-            self.metrics.wal_damage.labels(kind=finding.kind).inc()
-        self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
-        self.gateway = Gateway(
-            self.journal,
-            Router(s.providers, self.providers),
-            s.max_body_bytes,
-            wal_status=self.wal_status,
-            metrics=self.metrics,
-        )
         self.flusher_task = asyncio.create_task(self.flusher.run(), name="flusher")
         self.jobs = job_table(s, self.engine, self.instance, self.writer)
         self.scheduler = Scheduler(s.schedules(), self._run_job, s.job_misfire_grace_seconds)
         self.scheduler.start()
         self._start_metrics()
-        await self._start_http()
+        self.gateway.booting = False
 
     def wal_status(self) -> WalStatus:
         """The database and WAL backlog, for /api/health, admission and metrics (any thread)."""
@@ -178,6 +192,55 @@ class Daemon:
             last_lsn=end.lsn - 1,
             disk_full=self.writer.full is not None,
         )
+
+    def describe(self) -> dict[str, Any]:
+        """Every part's state, for `/api/health` and the admin status; cheap, on the loop."""
+        wal, now = self.wal_status(), time.time()
+        flusher, caught_up = self.flusher, self.flusher.caught_up_at
+        behind = round(now - caught_up, 1) if wal.backlog_records and caught_up else 0.0
+        segments = list_segments(self.settings.wal_dir)
+        scheduler = getattr(self, "scheduler", None)
+        backup = newest_verified(self.settings.backup_dir)  # a few small files: cheap
+        return {
+            "version": __version__,
+            "instance": str(self.instance),
+            "uptime_seconds": round(time.monotonic() - self.started, 1),
+            "providers": [
+                {"name": name, "enabled": name not in self.router.disabled, "circuit": "closed"}
+                for name in self.providers
+            ],
+            "database": {
+                "connected": wal.database_up,
+                "last_flush": _iso(flusher.last_flush),
+                "last_error": flusher.last_error,
+            },
+            "wal": {
+                "segments": len(segments),
+                "bytes": sum(_size(seg.path) for seg in segments),
+                "backlog_records": wal.backlog_records,
+                "backlog_bytes": wal.backlog_bytes,
+                "backlog_seconds": behind,
+                "backlog_limit_bytes": wal.backlog_limit_bytes,
+                "checkpoint": wal.checkpoint,
+                "last_lsn": wal.last_lsn,
+                "disk_full": wal.disk_full,
+            },
+            "scheduler": {
+                name: {
+                    "schedule": schedule,
+                    "next_run": _iso(scheduler.next_runs().get(name)) if scheduler else None,
+                    **self.job_runs.get(name, {"last_run": None, "last_status": None}),
+                }
+                for name, schedule in self.settings.schedules().items()
+            },
+            "last_backup": backup
+            and {
+                "file": backup.name,
+                "created": backup.created,
+                "size": backup.size,
+            },
+            "shutdown": {"draining": self.gateway.draining, "fatal": str(self.fatal or "")},
+        }
 
     def _start_metrics(self) -> None:
         """`/metrics` on its own port, so scraping never shares the API's listener.
@@ -223,8 +286,11 @@ class Daemon:
 
     async def _run_job(self, name: str, slot: datetime) -> None:
         """One scheduled run; with several daemons on the database, one of them runs a slot."""
-        finished = self.metrics.job_finished
-        await run_job(self.engine, name, self.jobs[name], self.instance, slot, finished)
+        await run_job(self.engine, name, self.jobs[name], self.instance, slot, self._job_finished)
+
+    def _job_finished(self, name: str, status: str, seconds: float) -> None:
+        self.metrics.job_finished(name, status, seconds)
+        self.job_runs[name] = {"last_run": _iso(time.time() - seconds), "last_status": status}
 
     async def _check(self) -> None:
         """The consistency check, token holes refilled from the WAL first, stored as a run.
@@ -357,6 +423,21 @@ class Daemon:
                     os._exit(EXIT_FATAL)
                 log.info("%s received: shutting down", name)
                 self.stopping.set()
+
+
+def _iso(when: float | datetime | None) -> str | None:
+    if when is None:
+        return None
+    if isinstance(when, datetime):
+        return when.isoformat()
+    return datetime.fromtimestamp(when, UTC).isoformat()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # removed by housekeeping meanwhile
+        return 0
 
 
 @contextlib.contextmanager

@@ -205,39 +205,41 @@ async def _post_chat(gateway: Gateway) -> tuple[int, dict[str, Any]]:
     return sent[0]["status"], orjson.loads(sent[-1]["body"])
 
 
-async def test_health_says_ok_degraded_refusing_or_stopping(open_writer: OpenWriter) -> None:
+async def test_health_says_how_and_ready_says_whether_requests_are_taken(
+    open_writer: OpenWriter,
+) -> None:
     status = [OK]
     gateway = _gateway(open_writer(), lambda: status[0])
-    code, report = gateway.health_report()
-    assert (code, report["status"], report["database"]) == (200, "ok", "up")
-    assert report["wal"] == {
-        "backlog_records": 0,
-        "backlog_bytes": 0,
-        "backlog_limit_bytes": 4096,
-        "checkpoint": 41,
-        "last_lsn": 41,
-    }
-    assert "reason" not in report
+    assert gateway.health_report() == {"status": "ok"}
+    assert gateway.refusal() is None
 
+    # A database outage alone: degraded, yet ready (the WAL absorbs it).
     status[0] = replace(OK, database_up=False, backlog_records=3, backlog_bytes=4096)
-    code, report = gateway.health_report()
-    assert (code, report["status"], report["database"]) == (200, "degraded", "down")
+    report = gateway.health_report()
+    assert report["status"] == "degraded"
     assert "unreachable" in report["reason"]
+    assert gateway.refusal() is None
 
     status[0] = replace(status[0], backlog_bytes=4097)
-    code, report = gateway.health_report()
-    assert (code, report["status"]) == (503, "refusing")
+    report = gateway.health_report()
+    assert report["status"] == "refusing"
     assert "backlog of 4097 bytes" in report["reason"]
     assert "wal_backlog_limit_bytes=4096" in report["reason"]
+    assert gateway.refusal() == report["reason"]
 
     status[0] = replace(OK, disk_full=True)
-    code, report = gateway.health_report()
-    assert (code, report["status"]) == (503, "refusing")
-    assert "disk is full" in report["reason"]
+    assert gateway.health_report()["status"] == "refusing"
+    assert "disk is full" in str(gateway.refusal())
+
+    status[0] = OK
+    gateway.booting = True
+    assert gateway.health_report()["status"] == "booting"
+    assert "starting" in str(gateway.refusal())
+    gateway.booting = False
 
     gateway.draining = True
-    assert gateway.health_report()[1]["status"] == "stopping"
-    assert gateway.health_report()[0] == 503
+    assert gateway.health_report()["status"] == "stopping"
+    assert "shutting down" in str(gateway.refusal())
 
 
 async def test_a_request_over_the_backlog_limit_is_refused_before_anything_is_journaled(

@@ -202,7 +202,7 @@ def test_health_and_metrics_show_the_outage_and_the_growing_backlog(
     ):
         clients.record(stream(client, 5), 5)
         status, body = health_until(daemon, lambda b: b["wal"]["backlog_records"] == 0)
-        assert (status, body["status"], body["database"]) == (200, "ok", "up"), body
+        assert (status, body["status"], body["database"]["connected"]) == (200, "ok", True), body
         assert scrape(daemon)["llmsvc_database_up"] == 1
 
         own_cluster.stop("immediate")
@@ -213,7 +213,7 @@ def test_health_and_metrics_show_the_outage_and_the_growing_backlog(
         daemon.wait_for_log(FLUSH_FAILED, timeout=10)
 
         status, first = health(daemon)
-        assert (status, first["status"], first["database"]) == (200, "degraded", "down"), first
+        assert (status, first["status"], first["database"]["connected"]) == (200, "degraded", False)
         assert "database is unreachable" in first["reason"]
         before = scrape(daemon)
         assert before["llmsvc_database_up"] == 0
@@ -234,7 +234,11 @@ def test_health_and_metrics_show_the_outage_and_the_growing_backlog(
         status, body = health_until(
             daemon, lambda b: b["status"] == "ok" and b["wal"]["backlog_records"] == 0
         )
-        assert (status, body["database"], body["wal"]["backlog_bytes"]) == (200, "up", 0), body
+        assert (status, body["database"]["connected"], body["wal"]["backlog_bytes"]) == (
+            200,
+            True,
+            0,
+        )
         assert body["wal"]["checkpoint"] == body["wal"]["last_lsn"], body
         samples = scrape(daemon)
         assert samples["llmsvc_database_up"] == 1
@@ -286,7 +290,8 @@ def test_past_the_backlog_limit_new_requests_get_503_until_the_backlog_drains(
         assert not running.done(), "the running stream should still be streaming"
 
         status, body = health(daemon)
-        assert (status, body["status"], body["database"]) == (503, "refusing", "down"), body
+        assert (status, body["status"], body["database"]["connected"]) == (200, "refusing", False)
+        assert get_json(f"{daemon.base_url}/api/ready")[0] == 503
         assert body["wal"]["backlog_bytes"] > body["wal"]["backlog_limit_bytes"] == limit, body
         assert f"wal_backlog_limit_bytes={limit}" in body["reason"], body
         samples = scrape(daemon)
@@ -296,7 +301,7 @@ def test_past_the_backlog_limit_new_requests_get_503_until_the_backlog_drains(
 
         own_cluster.start()
         status, body = health_until(daemon, lambda b: b["status"] == "ok")
-        assert (status, body["database"]) == (200, "up"), body
+        assert (status, body["database"]["connected"]) == (200, True), body
         assert body["wal"]["backlog_bytes"] <= limit, body
         clients.record(stream(client, 8), 8)  # accepted again, by itself
         clients.record(complete(client, 4), 4)

@@ -359,8 +359,11 @@ def test_full_disk_refuses_new_requests_ends_open_streams_and_recovers_when_spac
             assert still.value.status_code == 503, still.value
             assert "wal writable again" not in daemon.log, daemon.log
             code, health = get_json(f"{daemon.base_url}/api/health")
-            assert (code, health["status"]) == (503, "refusing"), health
+            assert (code, health["status"]) == (200, "refusing"), health
             assert "disk is full" in health["reason"], health
+            code, ready = get_json(f"{daemon.base_url}/api/ready")
+            assert (code, ready["ready"]) == (503, False), ready
+            assert ready["reason"] == health["reason"]
 
             # Space returns: the daemon notices by itself, no restart.
             filler.unlink()

@@ -47,11 +47,15 @@ class Gateway:
         *,
         wal_status: Callable[[], WalStatus] | None = None,
         metrics: Metrics | None = None,
+        describe: Callable[[], dict[str, Any]] | None = None,
+        booting: bool = False,
     ) -> None:
         self.journal = journal
         self.router = router
         self.max_body_bytes = max_body_bytes
         self.wal_status = wal_status
+        self.describe = describe  # the daemon's parts, for /api/health's detail
+        self.booting = booting  # True until the daemon has replayed the WAL and checked the store
         self.metrics = metrics if metrics is not None else Metrics()
         self._refused_backlog = self.metrics.requests_refused.labels(reason="backlog")
         self._refused_shutdown = self.metrics.requests_refused.labels(reason="shutdown")
@@ -63,6 +67,7 @@ class Gateway:
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/models": {"GET": self.list_models},
             "/api/health": {"GET": self.health},
+            "/api/ready": {"GET": self.ready},
         }
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
@@ -83,6 +88,8 @@ class Gateway:
             await send_error(send, exc)
 
     async def chat_completions(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        if self.booting:
+            raise ServiceUnavailable(BOOTING)
         if self.draining:
             self._refused_shutdown.inc()
             raise ServiceUnavailable(SHUTTING_DOWN)
@@ -119,32 +126,42 @@ class Gateway:
         await send_json(send, 200, {"object": "list", "data": models})
 
     async def health(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        """What a load balancer polls: 200 while requests are taken, 503 while refused."""
-        status, report = self.health_report()
-        await send_json(send, status, report, [(b"cache-control", b"no-store")])
+        """Liveness with detail: 200 while the process serves HTTP at all; `status` says how."""
+        await send_json(send, 200, self.health_report(), NO_STORE)
 
-    def health_report(self) -> tuple[int, dict[str, Any]]:
-        """(HTTP status, body) of `/api/health`; the shape is in README.md (Operations)."""
+    async def ready(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """Readiness, for a load balancer: 200 while chat requests are taken, else 503 and why."""
+        reason = self.refusal()
+        body = {"ready": reason is None, "reason": reason}
+        await send_json(send, 503 if reason else 200, body, NO_STORE)
+
+    def refusal(self) -> str | None:
+        """Why new chat requests would be refused now, or None. A database outage alone is not
+        a reason: the WAL absorbs it."""
+        wal = self.wal_status() if self.wal_status is not None else None
+        if self.booting:
+            return BOOTING
+        if self.draining:
+            return SHUTTING_DOWN
+        if wal is not None and wal.disk_full:
+            return DISK_FULL
+        if wal is not None and wal.over_limit:
+            return backlog_refusal(wal)
+        return None
+
+    def health_report(self) -> dict[str, Any]:
+        """The body of `/api/health`; its shape is in README.md (Operations)."""
         wal = self.wal_status() if self.wal_status is not None else None
         report: dict[str, Any] = {"status": "ok"}
-        if self.draining:
-            report.update(status="stopping", reason=SHUTTING_DOWN)
-        elif wal is not None and wal.disk_full:
-            report.update(status="refusing", reason=DISK_FULL)
-        elif wal is not None and wal.over_limit:
-            report.update(status="refusing", reason=backlog_refusal(wal))
+        reason = self.refusal()
+        if reason is not None:
+            status = "booting" if self.booting else "stopping" if self.draining else "refusing"
+            report.update(status=status, reason=reason)
         elif wal is not None and not wal.database_up:
             report.update(status="degraded", reason=DATABASE_DOWN)
-        if wal is not None:
-            report["database"] = "up" if wal.database_up else "down"
-            report["wal"] = {
-                "backlog_records": wal.backlog_records,
-                "backlog_bytes": wal.backlog_bytes,
-                "backlog_limit_bytes": wal.backlog_limit_bytes,
-                "checkpoint": wal.checkpoint,
-                "last_lsn": wal.last_lsn,
-            }
-        return (503 if report["status"] in ("stopping", "refusing") else 200), report
+        if self.describe is not None:
+            report.update(self.describe())
+        return report
 
     async def finish_requests(self, grace: float) -> int:
         """Refuse new requests, wait up to `grace` for open ones, then interrupt the rest.
@@ -162,6 +179,8 @@ class Gateway:
         return interrupted
 
 
+NO_STORE = [(b"cache-control", b"no-store")]
+BOOTING = "llmsvc is starting: it takes requests once the WAL is replayed and the store checked"
 SHUTTING_DOWN = "llmsvc is shutting down and takes no new requests"
 DISK_FULL = "the WAL's disk is full; requests are refused until space is freed"
 DATABASE_DOWN = (

@@ -19,6 +19,7 @@ class Router:
     """Maps public model names to a provider; the first provider listing a model serves it."""
 
     def __init__(self, configs: list[ProviderConfig], providers: dict[str, Provider]) -> None:
+        self.disabled: set[str] = set()  # providers an operator turned off (provider_status)
         self.routes: dict[str, Target] = {}
         for config in configs:
             for model in config.models:

@@ -174,6 +174,9 @@ class Flusher:
         self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
         self.last_cycle = time.monotonic()  # the systemd watchdog pings only while this moves
+        self.last_flush: float | None = None  # wall time of the last commit
+        self.last_error: str | None = None  # why the database refused, while it does
+        self.caught_up_at: float | None = time.time()  # wall time the backlog was last empty
 
     async def start(self) -> None:
         """Resume from the checkpoint the database holds for this instance."""
@@ -199,9 +202,16 @@ class Flusher:
             )
             self._pending_records = len(records)
             self._pending_end = self.reader.position
-        await write_batch(self.engine, self._pending, self.instance_id)
+        try:
+            await write_batch(self.engine, self._pending, self.instance_id)
+        except Exception as exc:
+            self.last_error = _describe(exc)
+            raise
         self.checkpoint, self._pending = self._pending.last_lsn, None
         self.committed = self._pending_end
+        self.last_flush, self.last_error = time.time(), None
+        if self.checkpoint >= self.end().lsn - 1:
+            self.caught_up_at = self.last_flush
         return self._pending_records
 
     def backlog_bytes(self) -> int:
