@@ -30,6 +30,7 @@ from llmsvc.maintenance.consistency import (
     run_check,
 )
 from llmsvc.maintenance.runs import history, record_run
+from llmsvc.maintenance.wal_housekeeping import housekeep
 from llmsvc.store.schema import llm_token_log
 from llmsvc.wal.segment import list_segments
 from llmsvc.wal.writer import WalWriter
@@ -90,7 +91,7 @@ def by_attempt(repaired: dict[str, Any]) -> dict[str, tuple[list[list[int]], int
 async def old_and_new(
     engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, open_writer: Any
 ) -> tuple[uuid.UUID, uuid.UUID, Rows]:
-    """`old` (10 tokens) in a segment the flusher has deleted, `new` (6) in the newest one.
+    """`old` (10 tokens) in a segment housekeeping has deleted, `new` (6) in the newest one.
 
     Returns both attempt ids and every stored token row, taken before any damage.
     """
@@ -99,6 +100,7 @@ async def old_and_new(
     new = await journal_attempt(writer, texts(6, "new"))
     assert len(list_segments(wal_dir)) == 2
     await flush(engine, wal_dir, wal_id, writer)
+    await housekeep(engine, wal_dir, wal_id, wal_dir.parent / "no-backups")
     assert len(list_segments(wal_dir)) == 1  # old's tokens are gone from the WAL
     await writer.close()
     return old, new, await token_rows(engine)
@@ -219,9 +221,10 @@ async def test_a_segment_that_fails_its_header_check_is_skipped_not_trusted(
     writer = open_writer(segment_max_bytes=SMALL_SEGMENT)
     old = await journal_attempt(writer, texts(10, "old", LONG), chunk=10)
     segment, kept = list_segments(wal_dir)[0].path, tmp_path / "kept"
-    shutil.copy(segment, kept)  # old's tokens, before the flusher deletes the segment
+    shutil.copy(segment, kept)  # old's tokens, before housekeeping deletes the segment
     await journal_attempt(writer, texts(2))
     await flush(engine, wal_dir, wal_id, writer)
+    await housekeep(engine, wal_dir, wal_id, tmp_path / "no-backups")
     await writer.close()
     assert not segment.exists()
     before = await token_rows(engine, old)
