@@ -40,7 +40,7 @@ from llmsvc.maintenance.jobs import job_table
 from llmsvc.maintenance.retention import ensure_partitions
 from llmsvc.maintenance.runs import record_run, run_job
 from llmsvc.maintenance.scheduler import Scheduler
-from llmsvc.metrics import Metrics, MetricsServer, WalStatus
+from llmsvc.metrics import DaemonState, Metrics, MetricsServer, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_head
@@ -121,12 +121,14 @@ class Daemon:
         log.info("boot: schema at head database=%s", s.redacted_database_url())
         await ensure_partitions(self.engine, s.token_partition_ahead_days)
 
+        self.metrics = Metrics()
         self.writer = WalWriter(
             s.wal_dir,
             self.instance,
             sync=s.wal_sync,
             fsync_interval=s.wal_fsync_interval_ms / 1000,
             segment_max_bytes=s.wal_segment_max_bytes,
+            on_fsync=self.metrics.wal_fsync.observe,
         )
         checkpoint = await load_checkpoint(self.engine, self.instance)
         self.repairs = self.writer.open(asyncio.get_running_loop(), self._on_fatal, checkpoint)
@@ -139,14 +141,15 @@ class Daemon:
             lambda: self.writer.end,
             interval=s.flush_interval_ms / 1000,
             batch_records=s.flush_batch_records,
+            on_batch=self.metrics.batch_flushed,
         )
         await self.flusher.start()
 
         # HTTP from here on, so health and readiness say "booting" during a long replay;
         # chat requests get 503 until the gateway is told the store is ready.
         self.providers = {p.name: build_provider(p) for p in s.providers}
-        self.metrics = Metrics()
         self.metrics.watch(self.wal_status)
+        self.metrics.watch_daemon(self.daemon_state)
         for finding in self.repairs.findings:
             self.metrics.wal_damage.labels(kind=finding.kind).inc()
         self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
@@ -191,6 +194,19 @@ class Daemon:
             checkpoint=committed.lsn - 1,
             last_lsn=end.lsn - 1,
             disk_full=self.writer.full is not None,
+        )
+
+    def daemon_state(self) -> DaemonState:
+        """What the metrics port reads at each scrape, on its own thread."""
+        return DaemonState(
+            wal_segments=len(list_segments(self.settings.wal_dir)),
+            wal_appended_records=self.writer.appended_records,
+            wal_appended_bytes=self.writer.written_bytes,
+            flush_errors=self.flusher.errors,
+            inflight_requests=len(self.gateway.inflight),
+            providers={
+                name: (name not in self.router.disabled, "closed") for name in self.providers
+            },
         )
 
     def describe(self) -> dict[str, Any]:

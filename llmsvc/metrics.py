@@ -23,11 +23,21 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
+
+# `*_created` series double every counter and histogram for a value nobody alerts on.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REFUSAL_REASONS = ("backlog", "shutdown")
 WAL_DAMAGE_KINDS = ("torn_tail", "corrupt", "bad_header", "unreadable", "overlap")
@@ -53,6 +63,65 @@ class WalStatus:
     @property
     def over_limit(self) -> bool:
         return self.backlog_bytes > self.backlog_limit_bytes
+
+
+CIRCUIT_STATES = {"closed": 0, "open": 1, "half_open": 2}
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonState:
+    """Counts the daemon's parts keep themselves, read at each scrape (never on the hot path)."""
+
+    wal_segments: int
+    wal_appended_records: int
+    wal_appended_bytes: int
+    flush_errors: int
+    inflight_requests: int
+    providers: dict[str, tuple[bool, str]]  # name -> (enabled, circuit state)
+
+
+class _DaemonCollector(Collector):
+    def __init__(self, state: Callable[[], DaemonState]) -> None:
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        s = self.state()
+        yield _gauge("llmsvc_wal_segments", "WAL segment files on disk", s.wal_segments)
+        yield CounterMetricFamily(
+            "llmsvc_wal_appended_records",
+            "records appended to the WAL since the daemon started",
+            value=s.wal_appended_records,
+        )
+        yield CounterMetricFamily(
+            "llmsvc_wal_appended_bytes",
+            "bytes appended to the WAL since the daemon started",
+            value=s.wal_appended_bytes,
+        )
+        errors = CounterMetricFamily(
+            "llmsvc_database_errors",
+            "database operations that failed, by operation",
+            labels=["operation"],
+        )
+        errors.add_metric(["flush"], s.flush_errors)
+        yield errors
+        yield _gauge(
+            "llmsvc_inflight_requests",
+            "chat requests being served now (streams open)",
+            s.inflight_requests,
+        )
+        enabled = GaugeMetricFamily(
+            "llmsvc_provider_enabled", "1 unless an operator disabled it", labels=["provider"]
+        )
+        circuit = GaugeMetricFamily(
+            "llmsvc_provider_circuit_state",
+            "the provider's circuit breaker: 0 closed, 1 open, 2 half-open",
+            labels=["provider"],
+        )
+        for name, (on, state) in s.providers.items():
+            enabled.add_metric([name], float(on))
+            circuit.add_metric([name], CIRCUIT_STATES.get(state, 0))
+        yield enabled
+        yield circuit
 
 
 class _WalCollector(Collector):
@@ -143,6 +212,99 @@ class Metrics:
             ["job"],
             registry=self.registry,
         )
+
+        labels = ["provider", "model"]
+        self.requests = Counter(
+            "llmsvc_requests",
+            "chat requests served, by provider, model and outcome",
+            [*labels, "status"],
+            registry=self.registry,
+        )
+        self.attempts = Counter(
+            "llmsvc_attempts",
+            "provider attempts, by provider, model and outcome",
+            [*labels, "status"],
+            registry=self.registry,
+        )
+        self.provider_errors = Counter(
+            "llmsvc_provider_errors",
+            "failed requests by provider and error code",
+            ["provider", "code"],
+            registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "llmsvc_prompt_tokens",
+            "tokens sent to providers (as they report)",
+            labels,
+            registry=self.registry,
+        )
+        self.completion_tokens = Counter(
+            "llmsvc_completion_tokens",
+            "tokens streamed back to clients",
+            labels,
+            registry=self.registry,
+        )
+        self.request_duration = Histogram(
+            "llmsvc_request_duration_seconds",
+            "from the request's arrival to its last byte",
+            labels,
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
+        )
+        self.time_to_first_token = Histogram(
+            "llmsvc_time_to_first_token_seconds",
+            "from the request's arrival to its first token sent",
+            labels,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
+        self.wal_fsync = Histogram(
+            "llmsvc_wal_fsync_duration_seconds",
+            "how long each fdatasync of the WAL took",
+            buckets=(0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1),
+            registry=self.registry,
+        )
+        self.flush_batch = Histogram(
+            "llmsvc_flush_batch_records",
+            "records per flush transaction",
+            buckets=(1, 10, 100, 1000, 5000, 10_000, 25_000, 50_000, 100_000),
+            registry=self.registry,
+        )
+        self.flushed_records = Counter(
+            "llmsvc_flush_records",
+            "WAL records committed to the database",
+            registry=self.registry,
+        )
+
+    def request_done(
+        self,
+        provider: str,
+        model: str,
+        status: str,
+        error_code: str | None,
+        prompt_tokens: int | None,
+        completion_tokens: int,
+        seconds: float,
+        first_token_seconds: float | None,
+    ) -> None:
+        """One request ended: called once per request, never per token."""
+        self.requests.labels(provider, model, status).inc()
+        self.attempts.labels(provider, model, status).inc()
+        if error_code:
+            self.provider_errors.labels(provider, error_code).inc()
+        if prompt_tokens:
+            self.prompt_tokens.labels(provider, model).inc(prompt_tokens)
+        self.completion_tokens.labels(provider, model).inc(completion_tokens)
+        self.request_duration.labels(provider, model).observe(seconds)
+        if first_token_seconds is not None:
+            self.time_to_first_token.labels(provider, model).observe(first_token_seconds)
+
+    def batch_flushed(self, records: int, seconds: float) -> None:
+        self.flush_batch.observe(records)
+        self.flushed_records.inc(records)
+
+    def watch_daemon(self, state: Callable[[], DaemonState]) -> None:
+        self.registry.register(_DaemonCollector(state))
 
     def job_finished(self, job: str, status: str, seconds: float) -> None:
         self.job_runs.labels(job=job, status=status).inc()

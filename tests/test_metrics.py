@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import openai
+from daemon_process import DaemonProcess, daemon_env
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmsvc.metrics import WAL_DAMAGE_KINDS, Metrics
+
+MESSAGES: list[Any] = [{"role": "user", "content": "count"}]
 
 
 def test_job_runs_are_counted_by_status_timed_and_the_last_success_kept() -> None:
@@ -33,3 +42,63 @@ def test_wal_damage_counters_are_exported_at_zero_before_any_damage() -> None:
     for kind in WAL_DAMAGE_KINDS:
         assert value("llmsvc_wal_damage_total", {"kind": kind}) == 0
     assert value("llmsvc_wal_lost_records_total") == 0
+
+
+def _families(text: str) -> dict[str, Any]:
+    return {family.name: family for family in text_string_to_metric_families(text)}
+
+
+def _value(families: dict[str, Any], sample: str, **labels: str) -> float:
+    for family in families.values():
+        for s in family.samples:
+            if s.name == sample and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    raise AssertionError(f"no sample {sample} {labels}")
+
+
+def test_the_daemon_exports_requests_tokens_latency_wal_and_flush_figures(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    with DaemonProcess(daemon_env(sqlite_url, tmp_path / "wal", metrics_port=0)) as daemon:
+        port = int(daemon.wait_for_log(r"boot: metrics port=(\d+)").group(1))
+        client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0)
+        streamed = client.chat.completions.create(
+            model="mock", messages=MESSAGES, max_tokens=7, stream=True
+        )
+        assert len([c for c in streamed if c.choices and c.choices[0].delta.content]) == 7
+        whole = client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=5)
+        assert whole.choices[0].message.content
+        time.sleep(0.5)  # a flush and an fsync interval
+        with urllib.request.urlopen(f"{daemon.base_url}/api/metrics", timeout=5) as response:
+            api = response.read().decode()
+            content_type = response.headers["content-type"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            port_text = response.read().decode()
+        assert daemon.stop() == 0, daemon.log
+
+    assert content_type.startswith("text/plain")
+    families = _families(api)
+    assert set(families) == set(_families(port_text))  # the same registry on both
+    mock = {"provider": "mock", "model": "mock"}
+    assert _value(families, "llmsvc_requests_total", **mock, status="completed") == 2
+    assert _value(families, "llmsvc_attempts_total", **mock, status="completed") == 2
+    assert _value(families, "llmsvc_completion_tokens_total", **mock) == 8  # 7 + one whole
+    assert _value(families, "llmsvc_request_duration_seconds_count", **mock) == 2
+    assert _value(families, "llmsvc_time_to_first_token_seconds_count", **mock) == 2
+    assert _value(families, "llmsvc_wal_appended_records_total") >= 2 * 4 + 8
+    assert _value(families, "llmsvc_wal_appended_bytes_total") > 0
+    assert _value(families, "llmsvc_wal_fsync_duration_seconds_count") >= 1
+    assert _value(families, "llmsvc_flush_records_total") >= 2 * 4 + 8
+    assert _value(families, "llmsvc_flush_batch_records_count") >= 1
+    assert _value(families, "llmsvc_wal_segments") >= 1
+    assert _value(families, "llmsvc_inflight_requests") == 0
+    assert _value(families, "llmsvc_database_errors_total", operation="flush") == 0
+    assert _value(families, "llmsvc_provider_enabled", provider="mock") == 1
+    assert _value(families, "llmsvc_provider_circuit_state", provider="mock") == 0
+
+    for name, family in families.items():
+        assert name.startswith("llmsvc_"), name
+        if family.type == "counter":
+            assert all(s.name.endswith("_total") for s in family.samples), name
+        if "seconds" in name or "bytes" in name:
+            assert name.endswith(("_seconds", "_bytes", "_bytes_total")), name

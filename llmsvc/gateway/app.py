@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import anyio
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from llmsvc.gateway.chat import Exchange
@@ -68,6 +70,7 @@ class Gateway:
             "/v1/models": {"GET": self.list_models},
             "/api/health": {"GET": self.health},
             "/api/ready": {"GET": self.ready},
+            "/api/metrics": {"GET": self.prometheus},
         }
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
@@ -117,6 +120,20 @@ class Gateway:
             self.inflight.discard(cancel)
             if not self.inflight:
                 self.idle.set()
+            self._count(exchange)
+
+    def _count(self, exchange: Exchange) -> None:
+        first = exchange.first_token_us
+        self.metrics.request_done(
+            exchange.target.provider.name,
+            exchange.request.model,
+            exchange.status,
+            exchange.error_code,
+            exchange.prompt_tokens,
+            exchange.seq,
+            time.monotonic() - exchange.began,
+            (first - exchange.began_us) / 1e6 if first is not None else None,
+        )
 
     async def list_models(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         models = [
@@ -134,6 +151,18 @@ class Gateway:
         reason = self.refusal()
         body = {"ready": reason is None, "reason": reason}
         await send_json(send, 503 if reason else 200, body, NO_STORE)
+
+    async def prometheus(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """The metrics port's text, on the API port too (off the loop: collectors read files)."""
+        body = await asyncio.to_thread(generate_latest, self.metrics.registry)
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()), *NO_STORE],
+            }
+        )
+        await send({"type": "http.response.body", "body": body})
 
     def refusal(self) -> str | None:
         """Why new chat requests would be refused now, or None. A database outage alone is not

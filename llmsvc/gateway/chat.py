@@ -61,8 +61,11 @@ class Exchange:
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
+        self.prompt_tokens: int | None = None  # as the provider reported them
+        self.error_code: str | None = None
         self.status = "streaming"
         self.began = time.monotonic()
+        self.began_us = now_us()  # the clock first_token_us is on
         self.headers = [
             (b"x-request-id", str(self.request_id).encode()),
             (b"x-correlation-id", str(correlation_id).encode()),
@@ -224,6 +227,7 @@ class Exchange:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         prompt = reply.prompt_tokens if reply else None
         completion = reply.completion_tokens if reply else None
+        self.prompt_tokens, self.error_code = prompt, error_code
         attempt = {
             "status": status,
             "http_status": reply.http_status if reply else http_status,

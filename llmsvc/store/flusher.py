@@ -157,6 +157,7 @@ class Flusher:
         *,
         interval: float = 0.05,
         batch_records: int = 50_000,
+        on_batch: Callable[[int, float], None] | None = None,
     ) -> None:
         self.engine = engine
         self.wal_dir = wal_dir
@@ -174,6 +175,8 @@ class Flusher:
         self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
         self.last_cycle = time.monotonic()  # the systemd watchdog pings only while this moves
+        self.on_batch = on_batch  # told each committed batch's records and seconds (metrics)
+        self.errors = 0  # failed batch writes (metrics)
         self.last_flush: float | None = None  # wall time of the last commit
         self.last_error: str | None = None  # why the database refused, while it does
         self.caught_up_at: float | None = time.time()  # wall time the backlog was last empty
@@ -202,11 +205,14 @@ class Flusher:
             )
             self._pending_records = len(records)
             self._pending_end = self.reader.position
+        started = time.perf_counter()
         try:
             await write_batch(self.engine, self._pending, self.instance_id)
         except Exception as exc:
-            self.last_error = _describe(exc)
+            self.last_error, self.errors = _describe(exc), self.errors + 1
             raise
+        if self.on_batch is not None:
+            self.on_batch(self._pending_records, time.perf_counter() - started)
         self.checkpoint, self._pending = self._pending.last_lsn, None
         self.committed = self._pending_end
         self.last_flush, self.last_error = time.time(), None

@@ -55,6 +55,7 @@ class WalWriter:
         sync: str = "write",
         fsync_interval: float = 0.1,
         segment_max_bytes: int = 100 * 1024 * 1024,
+        on_fsync: Callable[[float], None] | None = None,
     ) -> None:
         self.wal_dir = wal_dir
         self.instance_id = instance_id
@@ -63,6 +64,8 @@ class WalWriter:
         self.segment_max_bytes = segment_max_bytes
         self.end = Position(0, 0, 1)  # published to the loop after each batch
         self.appended_lsn = 0
+        self.appended_records = 0  # written since open (for metrics; any thread)
+        self.on_fsync = on_fsync  # told each fdatasync's seconds, on the writer's threads
         self._cond = threading.Condition()
         self._buf = bytearray()
         self._count = 0
@@ -184,7 +187,7 @@ class WalWriter:
             await asyncio.to_thread(thread.join)
         if self._fd >= 0:
             if self._failed is None:
-                await asyncio.to_thread(os.fdatasync, self._fd)  # never on the loop thread
+                await asyncio.to_thread(self._fdatasync)  # never on the loop thread
             os.close(self._fd)
             self._fd = -1
         if self._held:
@@ -231,8 +234,9 @@ class WalWriter:
                 return
             try:
                 if self.sync == "fsync" and buf:
-                    os.fdatasync(self._fd)
+                    self._fdatasync()
                 self._lsn += count
+                self.appended_records += count
                 end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
                 if self._offset >= self.segment_max_bytes or (
                     rotate and self._offset > HEADER_SIZE
@@ -257,6 +261,17 @@ class WalWriter:
             raise
         self._offset += len(buf)
         self._written_bytes += len(buf)
+
+    def _fdatasync(self) -> None:
+        started = time.perf_counter()
+        os.fdatasync(self._fd)
+        if self.on_fsync is not None:
+            self.on_fsync(time.perf_counter() - started)
+
+    @property
+    def written_bytes(self) -> int:
+        """Bytes written to the log since it was opened (for metrics; any thread)."""
+        return self._written_bytes
 
     def _disk_full(self, exc: OSError, fut: asyncio.Future[int] | None) -> None:
         """Refuse the batch and everything queued behind it; hold nothing but `hold` records."""
@@ -300,7 +315,7 @@ class WalWriter:
             log.warning("wal rotation postponed: %s", exc.strerror)
             return end
         with self._fd_lock:
-            os.fdatasync(self._fd)
+            self._fdatasync()
             os.close(self._fd)
             self._segment = segment
             self._fd = os.open(self._segment.path, os.O_WRONLY | os.O_APPEND)
@@ -317,7 +332,7 @@ class WalWriter:
                 continue
             try:
                 with self._fd_lock:
-                    os.fdatasync(self._fd)
+                    self._fdatasync()
             except OSError as exc:
                 self._fail(exc, None)
                 return
