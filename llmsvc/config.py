@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    admin_token: SecretStr | None = Field(default=None, min_length=16)  # unset: admin API off
     # Maintenance: a schedule is a cron line; an empty one leaves the job to the CLI
     # (systemd timers or cron, see systemd/ and scripts/).
     prune_schedule: str = "0 3 * * sun"

@@ -29,23 +29,24 @@ import sqlalchemy as sa
 import uvicorn
 
 from llmsvc import __version__
+from llmsvc.admin.app import AdminApi
 from llmsvc.config import Settings, systemd_environment
-from llmsvc.errors import LlmsvcError, StoreError, WalFatal
+from llmsvc.errors import Conflict, LlmsvcError, StoreError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
-from llmsvc.maintenance.backup import newest_verified
+from llmsvc.maintenance.backup import newest_verified, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
 from llmsvc.maintenance.jobs import job_table
 from llmsvc.maintenance.retention import ensure_partitions
-from llmsvc.maintenance.runs import record_run, run_job
+from llmsvc.maintenance.runs import Job, JobResult, record_run, run_job
 from llmsvc.maintenance.scheduler import Scheduler
 from llmsvc.metrics import DaemonState, Metrics, MetricsServer, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher, load_checkpoint
-from llmsvc.store.queries import open_work
+from llmsvc.store.queries import open_work, provider_states, set_provider_enabled
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import WalLock, instance_id, list_segments
 from llmsvc.wal.writer import WalWriter
@@ -134,15 +135,7 @@ class Daemon:
         self.repairs = self.writer.open(asyncio.get_running_loop(), self._on_fatal, checkpoint)
         self.journal = Journal(self.writer)
 
-        self.flusher = Flusher(
-            self.engine,
-            s.wal_dir,
-            self.instance,
-            lambda: self.writer.end,
-            interval=s.flush_interval_ms / 1000,
-            batch_records=s.flush_batch_records,
-            on_batch=self.metrics.batch_flushed,
-        )
+        self.flusher = self._new_flusher()
         await self.flusher.start()
 
         # HTTP from here on, so health and readiness say "booting" during a long replay;
@@ -154,6 +147,10 @@ class Daemon:
             self.metrics.wal_damage.labels(kind=finding.kind).inc()
         self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
         self.router = Router(s.providers, self.providers)
+        states = await provider_states(self.engine)
+        self.router.disabled = {name for name, row in states.items() if not row["enabled"]}
+        if self.router.disabled:
+            log.info("boot: providers disabled by an operator: %s", ",".join(self.router.disabled))
         self.gateway = Gateway(
             self.journal,
             self.router,
@@ -195,6 +192,93 @@ class Daemon:
             last_lsn=end.lsn - 1,
             disk_full=self.writer.full is not None,
         )
+
+    def _new_flusher(self) -> Flusher:
+        s = self.settings
+        return Flusher(
+            self.engine,
+            s.wal_dir,
+            self.instance,
+            lambda: self.writer.end,
+            interval=s.flush_interval_ms / 1000,
+            batch_records=s.flush_batch_records,
+            on_batch=self.metrics.batch_flushed,
+        )
+
+    # -- what the admin API asks of the daemon (admin.app.Operations) ------------------
+
+    @property
+    def backup_dir(self) -> Path:
+        return self.settings.backup_dir
+
+    @property
+    def retention_days(self) -> int:
+        return self.settings.retention_days
+
+    @property
+    def prune_batch_requests(self) -> int:
+        return self.settings.prune_batch_requests
+
+    def provider_names(self) -> list[str]:
+        return list(self.providers)
+
+    async def set_provider_enabled(self, name: str, enabled: bool) -> None:
+        """Stored first, so the switch outlives a restart; effective for the next request."""
+        await set_provider_enabled(self.engine, name, enabled)
+        if enabled:
+            self.router.disabled.discard(name)
+        else:
+            self.router.disabled.add(name)
+        log.info(
+            "provider %s by an operator provider=%s", "enabled" if enabled else "disabled", name
+        )
+
+    async def run_by_hand(self, name: str, job: Job) -> JobResult:
+        result = await run_job(self.engine, name, job, self.instance, None, self._job_finished)
+        assert result is not None  # only a scheduled run has a slot to lose
+        return result
+
+    async def restore(self, name: str) -> dict[str, Any]:
+        """Restore a backup under the running daemon, then replay the WAL journaled since.
+
+        Chat requests get 503 meanwhile; open ones may finish within the
+        shutdown grace, the rest are interrupted. The flusher stops, the store
+        is replaced, and a new flusher replays this instance's WAL from the
+        restored checkpoint, as a boot would.
+        """
+        if self.gateway.paused is not None:
+            raise Conflict(f"not now: {self.gateway.paused}")
+        self.gateway.paused = f"llmsvc is restoring the backup {name}; requests resume after it"
+        try:
+            interrupted = await self.gateway.settle(self.settings.shutdown_grace_seconds)
+            self.flusher.stop()
+            await self.flusher_task
+            await self.flusher.close()
+            result = await self.run_by_hand("restore", lambda: self._restore(name))
+        finally:
+            self.flusher_task = asyncio.create_task(self.flusher.run(), name="flusher")
+            self.gateway.paused = None
+        if result.status != "ok":
+            raise Conflict(f"the restore failed: {result.error}")
+        return {**result.found, "interrupted_requests": interrupted}
+
+    async def _restore(self, name: str) -> JobResult:
+        described = await restore_database(self.engine, self.settings.backup_dir, name)
+        self.flusher = self._new_flusher()  # reads the restored checkpoint
+        await self.flusher.start()
+        checkpoint = self.flusher.checkpoint
+        await self.flusher.drain(within=float("inf"))
+        found: dict[str, Any] = {
+            "restored": name,
+            "created": described.created,
+            "replayed": self.flusher.checkpoint - checkpoint,
+            "checkpoint": self.flusher.checkpoint,
+        }
+        segments = list_segments(self.settings.wal_dir)
+        if segments and segments[0].first_lsn > checkpoint + 1:
+            found["missing"] = [checkpoint + 1, segments[0].first_lsn - 1]
+        log.info("restore: done file=%s replayed=%d", name, found["replayed"])
+        return JobResult(rows=found["replayed"], found=found)
 
     def daemon_state(self) -> DaemonState:
         """What the metrics port reads at each scrape, on its own thread."""
@@ -334,8 +418,10 @@ class Daemon:
         )
 
     async def _start_http(self) -> None:
+        token = self.settings.admin_token
+        app = AdminApi(self.gateway, token.get_secret_value() if token else None, self)
         config = uvicorn.Config(
-            self.gateway,
+            app,
             host=self.settings.host,
             port=self.settings.port,
             loop="none",

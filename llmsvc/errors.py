@@ -89,5 +89,19 @@ class MethodNotAllowed(ClientError):
         self.allow = allow
 
 
+class Unauthorized(ClientError):
+    """No admin token, or the wrong one; says nothing of the resource asked for."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Conflict(ClientError):
+    """The request cannot be done in the daemon's current state (e.g. a restore)."""
+
+    status = 409
+    code = "conflict"
+
+
 class ServiceUnavailable(LlmsvcError):
     """The daemon cannot take the request now (draining, WAL unwritable)."""

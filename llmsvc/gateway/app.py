@@ -58,6 +58,7 @@ class Gateway:
         self.wal_status = wal_status
         self.describe = describe  # the daemon's parts, for /api/health's detail
         self.booting = booting  # True until the daemon has replayed the WAL and checked the store
+        self.paused: str | None = None  # why requests are refused for a while (a restore)
         self.metrics = metrics if metrics is not None else Metrics()
         self._refused_backlog = self.metrics.requests_refused.labels(reason="backlog")
         self._refused_shutdown = self.metrics.requests_refused.labels(reason="shutdown")
@@ -93,6 +94,8 @@ class Gateway:
     async def chat_completions(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if self.booting:
             raise ServiceUnavailable(BOOTING)
+        if self.paused is not None:
+            raise ServiceUnavailable(self.paused)
         if self.draining:
             self._refused_shutdown.inc()
             raise ServiceUnavailable(SHUTTING_DOWN)
@@ -172,6 +175,8 @@ class Gateway:
             return BOOTING
         if self.draining:
             return SHUTTING_DOWN
+        if self.paused is not None:
+            return self.paused
         if wal is not None and wal.disk_full:
             return DISK_FULL
         if wal is not None and wal.over_limit:
@@ -184,7 +189,16 @@ class Gateway:
         report: dict[str, Any] = {"status": "ok"}
         reason = self.refusal()
         if reason is not None:
-            status = "booting" if self.booting else "stopping" if self.draining else "refusing"
+            status = next(
+                name
+                for name, now in (
+                    ("booting", self.booting),
+                    ("stopping", self.draining),
+                    ("paused", self.paused is not None),
+                    ("refusing", True),
+                )
+                if now
+            )
             report.update(status=status, reason=reason)
         elif wal is not None and not wal.database_up:
             report.update(status="degraded", reason=DATABASE_DOWN)
@@ -198,6 +212,10 @@ class Gateway:
         Returns how many were interrupted; each records itself `interrupted`.
         """
         self.draining = True
+        return await self.settle(grace)
+
+    async def settle(self, grace: float) -> int:
+        """With new requests refused, let open ones finish within `grace`, interrupt the rest."""
         with anyio.move_on_after(grace):
             await self.idle.wait()
         interrupted = len(self.inflight)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from llmsvc.errors import BodyTooLarge, ClientError
 from llmsvc.gateway.sse import ASGIReceive
+
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class ClientGone(Exception):
@@ -73,6 +75,11 @@ async def read_body(receive: ASGIReceive, headers: dict[bytes, bytes], limit: in
 
 def parse_chat(body: bytes) -> tuple[dict[str, Any], ChatRequest]:
     """The body as a dict (to forward) and validated (to rely on); ClientError names the field."""
+    return parse_body(body, ChatRequest)
+
+
+def parse_body(body: bytes, model: type[Body]) -> tuple[dict[str, Any], Body]:
+    """A JSON object validated by `model`; ClientError names the first field that is wrong."""
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -80,7 +87,7 @@ def parse_chat(body: bytes) -> tuple[dict[str, Any], ChatRequest]:
     if not isinstance(data, dict):
         raise ClientError("the request body must be a JSON object")
     try:
-        return data, ChatRequest.model_validate(data)
+        return data, model.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         where = ".".join(str(part) for part in err["loc"])

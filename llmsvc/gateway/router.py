@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmsvc.config import ProviderConfig
-from llmsvc.errors import UnknownModel
+from llmsvc.errors import ServiceUnavailable, UnknownModel
 from llmsvc.providers.base import Provider
 
 
@@ -27,12 +27,18 @@ class Router:
 
     def route(self, model: str) -> Target:
         try:
-            return self.routes[model]
+            target = self.routes[model]
         except KeyError:
             raise UnknownModel(
                 f"the model {model!r} is not served here; GET /v1/models lists the models",
                 param="model",
             ) from None
+        if target.provider.name in self.disabled:
+            raise ServiceUnavailable(
+                f"the model {model!r} is served by provider {target.provider.name!r}, "
+                "which an operator has disabled"
+            )
+        return target
 
     def models(self) -> list[str]:
         return list(self.routes)

@@ -1,15 +1,17 @@
-"""Reads of the store: what operators ask (`status`, `show`) and what boot needs."""
+"""Queries of the store: what operators ask (`status`, `show`, the admin API) and boot needs."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
+from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, provider_status
 
 
 async def recent_requests(engine: AsyncEngine, limit: int) -> list[dict[str, Any]]:
@@ -99,3 +101,52 @@ async def open_work(engine: AsyncEngine, instance_id: uuid.UUID) -> list[OpenWor
             )
             found.append(OpenWork(request_id, {aid: int(n) for aid, n in counts}))
     return found
+
+
+async def provider_states(engine: AsyncEngine) -> dict[str, dict[str, Any]]:
+    """Every provider's stored row: enabled flag, circuit state, failures, last error."""
+    async with engine.connect() as conn:
+        rows = await conn.execute(sa.select(provider_status))
+        return {row.provider: dict(row._mapping) for row in rows}
+
+
+async def set_provider_enabled(engine: AsyncEngine, provider: str, enabled: bool) -> None:
+    """Persist an operator's switch; a provider with no row yet gets one, circuit closed."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    now = datetime.now(UTC)
+    stmt = dialect.insert(provider_status).values(
+        provider=provider, enabled=enabled, circuit_state="closed", failure_count=0, updated_at=now
+    )
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["provider"], set_={"enabled": enabled, "updated_at": now}
+    )
+    async with engine.begin() as conn:
+        await conn.execute(stmt)
+
+
+async def token_summary(engine: AsyncEngine, attempt_ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
+    """Per attempt: stored token rows, their seq range and first/last times (no text)."""
+    t = llm_token_log.c
+    query = (
+        sa.select(
+            t.attempt_id,
+            sa.func.count(),
+            sa.func.min(t.seq),
+            sa.func.max(t.seq),
+            sa.func.min(t.created_at),
+            sa.func.max(t.created_at),
+        )
+        .where(t.attempt_id.in_(attempt_ids))
+        .group_by(t.attempt_id)
+    )
+    async with engine.connect() as conn:
+        return {
+            row[0]: {
+                "stored": row[1],
+                "first_seq": row[2],
+                "last_seq": row[3],
+                "first_at": row[4],
+                "last_at": row[5],
+            }
+            for row in await conn.execute(query)
+        }

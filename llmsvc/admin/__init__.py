@@ -1,0 +1,1 @@
+"""The admin API: operator actions behind a bearer token."""

@@ -1,0 +1,210 @@
+"""The admin API under `/api/admin/`: a bearer token first, then operator actions.
+
+Mounted in front of the gateway: every other path goes straight through. The
+token is checked before the path is looked at, so a caller without it learns
+nothing (401 for every admin path, existing or not). With no `admin_token`
+configured the admin API is off and every admin path is 404.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import uuid
+from collections.abc import Awaitable, Callable, MutableMapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc.errors import ClientError, MethodNotAllowed, NotFound, Unauthorized
+from llmsvc.gateway.errors import send_error, send_json
+from llmsvc.gateway.request import parse_body, read_body
+from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.maintenance import backup, retention
+from llmsvc.maintenance.runs import Job, JobResult
+from llmsvc.store.queries import request_detail, token_summary
+
+PREFIX = "/api/admin/"
+MAX_BODY = 64 * 1024
+
+Scope = MutableMapping[str, Any]
+ASGIApp = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
+
+
+class Operations(Protocol):
+    """What the admin API asks of the daemon that mounts it."""
+
+    engine: AsyncEngine
+
+    @property
+    def backup_dir(self) -> Path: ...
+
+    @property
+    def retention_days(self) -> int: ...
+
+    @property
+    def prune_batch_requests(self) -> int: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+    def provider_names(self) -> list[str]: ...
+
+    async def set_provider_enabled(self, name: str, enabled: bool) -> None: ...
+
+    async def run_by_hand(self, name: str, job: Job) -> JobResult: ...
+
+    async def restore(self, name: str) -> dict[str, Any]: ...
+
+
+class PruneBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    older_than_days: int | None = Field(default=None, ge=1, le=100_000)
+    dry_run: bool = False
+
+
+class RestoreBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    file: str = Field(min_length=1, max_length=255)
+
+
+Handler = Callable[[Scope, ASGIReceive, re.Match[str]], Awaitable[tuple[int, dict[str, Any]]]]
+
+
+class AdminApi:
+    def __init__(self, app: ASGIApp, token: str | None, ops: Operations) -> None:
+        self.app = app
+        self._token = token.encode() if token else None
+        self.ops = ops
+        self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
+            (re.compile(r"status"), {"GET": self.status}),
+            (re.compile(r"requests/(?P<id>[^/]+)"), {"GET": self.request}),
+            (re.compile(r"providers"), {"GET": self.providers}),
+            (
+                re.compile(r"providers/(?P<name>[^/]+)/(?P<action>enable|disable)"),
+                {"POST": self.switch_provider},
+            ),
+            (re.compile(r"prune"), {"POST": self.prune}),
+            (re.compile(r"backup"), {"POST": self.backup}),
+            (re.compile(r"backups"), {"GET": self.backups}),
+            (re.compile(r"restore"), {"POST": self.restore}),
+        ]
+
+    async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        path = scope.get("path", "")
+        if scope["type"] != "http" or not (path + "/").startswith(PREFIX):
+            await self.app(scope, receive, send)
+            return
+        try:
+            if self._token is None:
+                raise NotFound("the admin API is off: set admin_token to turn it on")
+            self._authorize(scope)
+            handler, match = self._route(path[len(PREFIX) :], scope["method"])
+            status, body = await handler(scope, receive, match)
+            await send_json(send, status, body, [(b"cache-control", b"no-store")])
+        except Exception as exc:
+            await send_error(send, exc)
+
+    def _authorize(self, scope: Scope) -> None:
+        """A constant-time comparison of the bearer token; the token is never logged."""
+        assert self._token is not None
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, given = header.partition(b" ")
+        if scheme.lower() != b"bearer" or not hmac.compare_digest(given.strip(), self._token):
+            raise Unauthorized("the admin API needs Authorization: Bearer <admin_token>")
+
+    def _route(self, rest: str, method: str) -> tuple[Handler, re.Match[str]]:
+        for pattern, methods in self.routes:
+            if match := pattern.fullmatch(rest):
+                if method not in methods:
+                    allow = ", ".join(methods)
+                    raise MethodNotAllowed(f"{PREFIX}{rest} takes {allow}", allow=allow)
+                return methods[method], match
+        raise NotFound(f"no admin route {PREFIX}{rest}")
+
+    # -- handlers: each returns (status, JSON body) ------------------------------------
+
+    async def status(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        return 200, self.ops.describe()
+
+    async def request(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        try:
+            request_id = uuid.UUID(match["id"])
+        except ValueError:
+            raise ClientError(f"{match['id']!r} is not a request id (a UUID)") from None
+        detail = await request_detail(self.ops.engine, request_id)
+        if detail is None:
+            raise NotFound(f"no request {request_id} in the store")
+        summary = await token_summary(self.ops.engine, [a["id"] for a in detail.attempts])
+        request = {k: v for k, v in detail.request.items() if k not in ("messages", "params")}
+        attempts = [
+            {**attempt, "tokens": summary.get(attempt["id"], {"stored": 0})}
+            for attempt in detail.attempts
+        ]
+        return 200, _plain({"request": request, "attempts": attempts})
+
+    async def providers(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        return 200, {"providers": self.ops.describe()["providers"]}
+
+    async def switch_provider(
+        self, scope: Scope, receive: ASGIReceive, match: re.Match[str]
+    ) -> Any:
+        name, enabled = match["name"], match["action"] == "enable"
+        if name not in self.ops.provider_names():
+            raise NotFound(f"no provider {name!r}; GET {PREFIX}providers lists them")
+        await self.ops.set_provider_enabled(name, enabled)
+        return 200, {"provider": name, "enabled": enabled}
+
+    async def prune(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        body = await self._body(scope, receive, PruneBody, empty_ok=True)
+        days = body.older_than_days or self.ops.retention_days
+        engine, batch = self.ops.engine, self.ops.prune_batch_requests
+        result = await self.ops.run_by_hand(
+            "prune", lambda: retention.prune(engine, days, batch, dry_run=body.dry_run)
+        )
+        return _result(result)
+
+    async def backup(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        engine, target = self.ops.engine, self.ops.backup_dir
+        return _result(await self.ops.run_by_hand("backup", lambda: backup.backup(engine, target)))
+
+    async def backups(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        return 200, {"backups": [vars(b) for b in backup.list_backups(self.ops.backup_dir)]}
+
+    async def restore(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        body = await self._body(scope, receive, RestoreBody)
+        try:
+            backup.backup_path(self.ops.backup_dir, body.file)  # no way out of backup_dir
+        except backup.BackupError as exc:
+            raise ClientError(str(exc), param="file") from None
+        return 200, await self.ops.restore(body.file)
+
+    async def _body(
+        self, scope: Scope, receive: ASGIReceive, model: type[Any], empty_ok: bool = False
+    ) -> Any:
+        raw = await read_body(receive, dict(scope["headers"]), MAX_BODY)
+        if empty_ok and not raw.strip():
+            raw = b"{}"
+        return parse_body(raw, model)[1]
+
+
+def _result(result: JobResult) -> tuple[int, dict[str, Any]]:
+    """A maintenance run as an answer: 200 when it ended ok, else 500 with what it said."""
+    body = _plain(vars(result))
+    return (200 if result.status == "ok" else 500), body
+
+
+def _plain(value: Any) -> Any:
+    """UUIDs and datetimes as strings, for JSON."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}  # SQLAlchemy keys subclass str
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value

@@ -1,0 +1,174 @@
+"""The admin API on a real daemon: the token, provider switches, request detail, maintenance."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from daemon_process import DaemonProcess, daemon_env, read_store, run_cli
+
+pytestmark = pytest.mark.timeout(120)
+
+TOKEN = "admin-" + uuid.uuid4().hex
+MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
+
+
+def call(
+    daemon: DaemonProcess,
+    method: str,
+    path: str,
+    body: Any = None,
+    token: str | None = TOKEN,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, Any]]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(f"{daemon.base_url}{path}", data=data, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())
+
+
+def chat(daemon: DaemonProcess, tokens: int = 4) -> str:
+    client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model="mock", messages=MESSAGES, max_tokens=tokens, stream=True
+    )
+    for _chunk in raw.parse():
+        pass
+    return str(raw.headers["x-request-id"])
+
+
+@pytest.fixture
+def env(sqlite_url: str, tmp_path: Path) -> dict[str, str]:
+    return daemon_env(
+        sqlite_url, tmp_path / "wal", admin_token=TOKEN, backup_dir=tmp_path / "backups"
+    )
+
+
+def test_without_a_token_configured_the_admin_api_is_off(sqlite_url: str, tmp_path: Path) -> None:
+    with DaemonProcess(daemon_env(sqlite_url, tmp_path / "wal")) as daemon:
+        code, body = call(daemon, "GET", "/api/admin/status")
+        assert daemon.stop() == 0
+    assert code == 404
+    assert "admin API is off" in body["error"]["message"]
+
+
+def test_a_missing_or_wrong_token_is_401_whether_or_not_the_route_exists(
+    env: dict[str, str],
+) -> None:
+    with DaemonProcess(env) as daemon:
+        answers = [
+            call(daemon, method, path, token=token)
+            for token in (None, "wrong", TOKEN + "x", "")
+            for method, path in (("GET", "/api/admin/status"), ("GET", "/api/admin/nothing"))
+        ]
+        ok, status = call(daemon, "GET", "/api/admin/status")
+        missing = call(daemon, "GET", "/api/admin/nothing")
+        assert daemon.stop() == 0
+    assert {code for code, _ in answers} == {401}
+    assert len({json.dumps(body) for _, body in answers}) == 1  # one answer for all
+    assert ok == 200
+    assert status["instance"]
+    assert [p["name"] for p in status["providers"]] == ["mock"]
+    assert missing[0] == 404
+    assert TOKEN not in daemon.log
+
+
+def test_a_request_is_shown_with_its_attempts_and_token_counts(env: dict[str, str]) -> None:
+    with DaemonProcess(env) as daemon:
+        request_id = chat(daemon, tokens=6)
+        deadline = time.monotonic() + 10
+        while (found := call(daemon, "GET", f"/api/admin/requests/{request_id}"))[0] == 404:
+            assert time.monotonic() < deadline, "never flushed"
+            time.sleep(0.05)  # journaled; in the store with the next flush
+        code, shown = found
+        bad = call(daemon, "GET", "/api/admin/requests/not-a-uuid")
+        unknown = call(daemon, "GET", f"/api/admin/requests/{uuid.uuid4()}")
+        assert daemon.stop() == 0
+    assert code == 200, (shown, daemon.log[-3000:])
+    assert shown["request"]["id"] == request_id
+    assert "messages" not in shown["request"]
+    [attempt] = shown["attempts"]
+    assert attempt["status"] == "completed"
+    assert (attempt["tokens"]["stored"], attempt["tokens"]["first_seq"]) == (6, 0)
+    assert attempt["tokens"]["last_seq"] == 5
+    assert bad[0] == 400
+    assert unknown[0] == 404
+
+
+def test_a_disabled_provider_is_never_called_and_stays_disabled_across_a_restart(
+    env: dict[str, str],
+) -> None:
+    with DaemonProcess(env) as daemon:
+        code, switched = call(daemon, "POST", "/api/admin/providers/mock/disable")
+        with pytest.raises(openai.APIStatusError) as refused:
+            chat(daemon)
+        unknown = call(daemon, "POST", "/api/admin/providers/nope/disable")
+        wrong_method = call(daemon, "GET", "/api/admin/providers/mock/disable")
+        assert daemon.stop() == 0
+    assert (code, switched) == (200, {"provider": "mock", "enabled": False})
+    assert refused.value.status_code == 503
+    assert "'mock', which an operator has disabled" in str(refused.value)
+    assert unknown[0] == 404
+    assert wrong_method[0] == 405
+
+    with DaemonProcess(env) as again:
+        _, providers = call(again, "GET", "/api/admin/providers")
+        assert providers == {"providers": [{"name": "mock", "enabled": False, "circuit": "closed"}]}
+        assert call(again, "POST", "/api/admin/providers/mock/enable")[0] == 200
+        assert chat(again)
+        assert again.stop() == 0
+    assert "providers disabled by an operator: mock" in again.log
+
+
+def test_backup_list_and_restore_with_the_wal_replayed_since(
+    env: dict[str, str], sqlite_url: str
+) -> None:
+    with DaemonProcess(env) as daemon:
+        before = chat(daemon, tokens=5)
+        code, made = call(daemon, "POST", "/api/admin/backup")
+        after = chat(daemon, tokens=7)  # only in the WAL, as far as the backup knows
+        _, listed = call(daemon, "GET", "/api/admin/backups")
+        escapes = [
+            call(daemon, "POST", "/api/admin/restore", {"file": name})
+            for name in ("../llmsvc.db", "/etc/passwd", "llmsvc-none.dump")
+        ]
+        restored = call(daemon, "POST", "/api/admin/restore", {"file": made["found"]["file"]})
+        later = chat(daemon, tokens=3)
+        dry = call(daemon, "POST", "/api/admin/prune", {"dry_run": True, "older_than_days": 1})
+        malformed = call(daemon, "POST", "/api/admin/prune", raw=b"{not json")
+        wrong_type = call(daemon, "POST", "/api/admin/prune", {"older_than_days": "ten"})
+        assert daemon.stop() == 0, daemon.log
+
+    assert (code, made["status"]) == (200, "ok")
+    assert [b["name"] for b in listed["backups"]] == [made["found"]["file"]]
+    assert [c for c, _ in escapes] == [400, 400, 400]
+    assert restored[0] == 200, restored
+    assert restored[1]["replayed"] > 0
+    assert dry[0] == 200
+    assert dry[1]["repaired"] == {"dry_run": True}
+    assert malformed[0] == 400
+    assert (wrong_type[0], wrong_type[1]["error"]["param"]) == (400, "older_than_days")
+    store = read_store(sqlite_url)
+    for request_id, tokens in ((before, 5), (after, 7), (later, 3)):
+        assert len(store.texts(request_id)) == tokens  # each once, in order
+        assert store.request(request_id)["status"] == "completed"
+
+
+def test_a_short_admin_token_is_a_configuration_error(env: dict[str, str]) -> None:
+    done = run_cli({**env, "LLMSVC_ADMIN_TOKEN": "short"}, "jobs")
+    assert done.returncode == 2
+    assert "admin_token" in done.stderr
+    assert "short" not in done.stderr
