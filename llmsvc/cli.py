@@ -20,7 +20,7 @@ import anyio
 import orjson
 import sqlalchemy as sa
 
-from llmsvc import __version__
+from llmsvc import __version__, logs
 from llmsvc.config import Settings, load_settings
 from llmsvc.errors import ConfigError, LlmsvcError
 from llmsvc.maintenance import backup, consistency, retention
@@ -45,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         settings = load_settings()
-        logging.basicConfig(
-            level=settings.log_level if args.command is cmd_run else logging.WARNING,
-            format="%(asctime)s %(levelname)s %(name)s %(message)s",
-            stream=sys.stderr,
+        logs.configure(
+            settings.log_level if args.command is cmd_run else logging.WARNING,
+            json=settings.log_format == "json",
+            secrets=settings.secrets(),
         )
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # runs are logged by llmsvc
         logging.getLogger("alembic.runtime.migration").addFilter(_only_migrations)

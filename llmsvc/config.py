@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["plain", "json"] = "plain"
     admin_token: SecretStr | None = Field(default=None, min_length=16)  # unset: admin API off
     # Maintenance: a schedule is a cron line; an empty one leaves the job to the CLI
     # (systemd timers or cron, see systemd/ and scripts/).
@@ -183,6 +184,16 @@ class Settings(BaseSettings):
         if config_file:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
         return sources
+
+    def secrets(self) -> list[str]:
+        """Every secret in the settings: masked wherever a log line would show one."""
+        found = [p.api_key.get_secret_value() for p in self.providers if p.api_key]
+        if self.admin_token is not None:
+            found.append(self.admin_token.get_secret_value())
+        creds = self.database_url.partition("://")[2].rpartition("@")[0]
+        if ":" in creds:
+            found.append(creds.split(":", 1)[1])
+        return found
 
     def redacted_database_url(self) -> str:
         """The database URL with any password masked, for logs and messages."""
