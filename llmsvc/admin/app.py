@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc.admin.openapi import document
 from llmsvc.errors import ClientError, MethodNotAllowed, NotFound, Unauthorized
 from llmsvc.gateway.errors import send_error, send_json
 from llmsvc.gateway.request import parse_body, read_body
@@ -79,6 +80,7 @@ class AdminApi:
         self.app = app
         self._token = token.encode() if token else None
         self.ops = ops
+        self.openapi = document([PruneBody, RestoreBody])
         self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
             (re.compile(r"status"), {"GET": self.status}),
             (re.compile(r"requests/(?P<id>[^/]+)"), {"GET": self.request}),
@@ -95,6 +97,12 @@ class AdminApi:
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         path = scope.get("path", "")
+        if scope["type"] == "http" and path == "/openapi.json":
+            if scope["method"] != "GET":
+                await send_error(send, MethodNotAllowed("/openapi.json takes GET", allow="GET"))
+                return
+            await send_json(send, 200, self.openapi)
+            return
         if scope["type"] != "http" or not (path + "/").startswith(PREFIX):
             await self.app(scope, receive, send)
             return

@@ -1,0 +1,155 @@
+"""The OpenAPI 3.1 document of every route, gateway and admin, served at `/openapi.json`.
+
+Request bodies come from the same pydantic models that validate them, so the
+document cannot drift from what the daemon accepts; tests/test_openapi.py
+fuzzes the daemon from it (schemathesis). It lives with the admin API, the
+outermost app, which is the one that knows both halves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+from llmsvc import __version__
+from llmsvc.gateway.request import ChatRequest
+
+REF = "#/components/schemas/{model}"
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {
+        "description": description,
+        "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _json(description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": {}}}}
+
+
+def _body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
+    return {
+        "required": required,
+        "content": {"application/json": {"schema": {"$ref": REF.format(model=model.__name__)}}},
+    }
+
+
+def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
+    """The document; `admin_models` are the admin API's bodies (PruneBody, RestoreBody)."""
+    schemas: dict[str, Any] = {
+        "Error": {
+            "type": "object",
+            "required": ["error"],
+            "properties": {"error": {"type": "object"}},
+        }
+    }
+    models: list[type[BaseModel]] = [ChatRequest, *admin_models]
+    for model in models:
+        schema = model.model_json_schema(ref_template=REF)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    prune, restore = admin_models
+    bearer: list[dict[str, list[str]]] = [{"admin": []}]
+    unauthorized = _error("no or the wrong admin token (the same for every admin path)")
+    request_id = {
+        "name": "request_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+    provider = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+
+    def admin(summary: str, ok: str, **extra: Any) -> dict[str, Any]:
+        responses = {"200": _json(ok), "401": unauthorized, **extra.pop("responses", {})}
+        return {"summary": summary, "security": bearer, "responses": responses, **extra}
+
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "llmsvc", "version": __version__},
+        "paths": {
+            "/v1/chat/completions": {
+                "post": {
+                    "summary": "An OpenAI chat completion, journaled before it is sent",
+                    "requestBody": _body(ChatRequest),
+                    "responses": {
+                        "200": {
+                            "description": "the completion, or its SSE stream",
+                            "content": {"application/json": {}, "text/event-stream": {}},
+                        },
+                        "400": _error("the body is not a valid chat request"),
+                        "404": _error("the model is not served here"),
+                        "413": _error("the body is larger than max_body_bytes"),
+                        "502": _error("the provider failed"),
+                        "503": _error("not taking requests now (booting, draining, backlog)"),
+                    },
+                }
+            },
+            "/v1/models": {
+                "get": {"summary": "The models served", "responses": {"200": _json("")}}
+            },
+            "/api/health": {
+                "get": {"summary": "Liveness with detail", "responses": {"200": _json("")}}
+            },
+            "/api/ready": {
+                "get": {
+                    "summary": "Readiness",
+                    "responses": {"200": _json("ready"), "503": _json("not ready, and why")},
+                }
+            },
+            "/api/metrics": {
+                "get": {
+                    "summary": "Prometheus metrics",
+                    "responses": {"200": {"description": "", "content": {"text/plain": {}}}},
+                }
+            },
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json("")}}},
+            "/api/admin/status": {"get": admin("Every part's state", "the state")},
+            "/api/admin/requests/{request_id}": {
+                "get": admin(
+                    "A request's metadata, attempts and token counts",
+                    "the request",
+                    parameters=[request_id],
+                    responses={"400": _error("not a UUID"), "404": _error("no such request")},
+                )
+            },
+            "/api/admin/providers": {"get": admin("Providers, enabled or not", "the providers")},
+            **{
+                f"/api/admin/providers/{{name}}/{action}": {
+                    "post": admin(
+                        f"{action.capitalize()} a provider (kept across restarts)",
+                        "done",
+                        parameters=[provider],
+                        responses={"404": _error("no such provider")},
+                    )
+                }
+                for action in ("enable", "disable")
+            },
+            "/api/admin/prune": {
+                "post": admin(
+                    "Run retention now",
+                    "the run",
+                    requestBody=_body(prune, required=False),
+                    responses={"400": _error("a bad body")},
+                )
+            },
+            "/api/admin/backup": {"post": admin("Back up now", "the run")},
+            "/api/admin/backups": {"get": admin("The backups", "the list")},
+            "/api/admin/restore": {
+                "post": admin(
+                    "Restore a backup and replay the WAL since",
+                    "the restore",
+                    requestBody=_body(restore),
+                    responses={
+                        "400": _error("not a backup in backup_dir"),
+                        "409": _error("a restore is running, or it failed"),
+                    },
+                )
+            },
+        },
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {"admin": {"type": "http", "scheme": "bearer"}},
+        },
+    }
