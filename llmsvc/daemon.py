@@ -83,16 +83,19 @@ class Daemon:
 
     async def run(self) -> int:
         """Boot, serve until a signal or a fatal WAL error, shut down; return the exit code."""
+        self.booting = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as signals:
                 signals.start_soon(self._watch_signals)
                 try:
-                    await self.boot()
-                    log.info("ready host=%s port=%d", self.settings.host, self.port)
-                    self.notifier.ready(f"serving on {self.settings.host}:{self.port}")
-                    if self.notifier.watchdog_interval is not None:
-                        signals.start_soon(self._watchdog, self.notifier.watchdog_interval)
-                    await self.stopping.wait()
+                    with self.booting:  # a signal during a long replay stops the boot
+                        await self.boot()
+                    if not self.booting.cancelled_caught:
+                        log.info("ready host=%s port=%d", self.settings.host, self.port)
+                        self.notifier.ready(f"serving on {self.settings.host}:{self.port}")
+                        if self.notifier.watchdog_interval is not None:
+                            signals.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                        await self.stopping.wait()
                 finally:
                     self.notifier.stopping("stopping: finishing open requests")
                     await self.shutdown()
@@ -525,6 +528,7 @@ class Daemon:
                     os._exit(EXIT_FATAL)
                 log.info("%s received: shutting down", name)
                 self.stopping.set()
+                self.booting.cancel()  # no effect once booted
 
 
 def _iso(when: float | datetime | None) -> str | None:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import time
 import urllib.error
 import uuid
 from pathlib import Path
 
 import pytest
-from daemon_process import DaemonProcess, daemon_env, get_json, run_async, run_cli
+from daemon_process import DaemonProcess, daemon_env, get_json, read_store, run_async, run_cli
 
 from llmsvc import __version__
 from llmsvc.gateway.journal import Journal
@@ -96,3 +97,30 @@ def test_health_reports_every_part_of_the_daemon(sqlite_url: str, tmp_path: Path
     assert health["scheduler"]["backup"]["schedule"] == "0 2 * * *"
     assert health["last_backup"]["file"].startswith("llmsvc-")
     assert health["shutdown"] == {"draining": False, "fatal": ""}
+
+
+def test_a_sigterm_during_the_replay_stops_the_boot_and_the_next_boot_finishes_it(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    wal_dir = tmp_path / "wal"
+    wal_dir.mkdir()
+    run_async(lambda: journal_backlog(wal_dir, 400_000), timeout=120)
+    env = daemon_env(sqlite_url, wal_dir)
+    daemon = DaemonProcess(env).start(wait_ready=False)
+    try:
+        daemon.wait_for_log(r"\bUvicorn running\b", 30)  # HTTP is up: the replay is under way
+        daemon.signal(signal.SIGTERM)
+        stopped = time.monotonic()
+        assert daemon.wait(30) == 0, daemon.log
+        took = time.monotonic() - stopped
+    finally:
+        if daemon.returncode is None:
+            daemon.kill()
+    assert "ready host=" not in daemon.log
+    assert took < 10
+
+    with DaemonProcess(env) as again:
+        assert again.stop() == 0, again.log
+    store = read_store(sqlite_url)
+    assert len(store.requests) == 400
+    assert {r["status"] for r in store.requests.values()} == {"completed"}
