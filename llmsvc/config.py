@@ -54,18 +54,29 @@ class ProviderConfig(BaseModel):
     model_config = {"extra": "forbid"}
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
-    kind: Literal["mock", "openai"]
+    kind: Literal["mock", "openai", "anthropic"]
     base_url: str = ""
     api_key: SecretStr | None = None
     models: list[str] = Field(min_length=1)
     token_delay_ms: float = Field(default=0.0, ge=0, description="mock only: pause per token")
-    timeout_seconds: float = Field(default=600.0, gt=0)
+    timeout_seconds: float = Field(default=600.0, gt=0, description="idle between tokens")
+    connect_timeout_seconds: float = Field(default=10.0, gt=0)
+    anthropic_version: str = "2023-06-01"  # anthropic only: the API version header
 
     @model_validator(mode="after")
     def _needs_base_url(self) -> ProviderConfig:
         if self.kind != "mock" and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"provider {self.name!r}: base_url must be an http(s) URL")
         return self
+
+
+class Price(BaseModel):
+    """What a model costs, in your currency, per million tokens each way."""
+
+    model_config = {"extra": "forbid"}
+
+    input_per_million: float = Field(ge=0)
+    output_per_million: float = Field(ge=0)
 
 
 class Settings(BaseSettings):
@@ -105,6 +116,19 @@ class Settings(BaseSettings):
     backup_retention_days: int = Field(default=30, ge=1)
     wal_segment_max_age_seconds: int = Field(default=3600, ge=1)
     providers: list[ProviderConfig] = Field(default_factory=list)
+    # Public model name -> ordered targets "provider:upstream-model", tried in turn.
+    routes: dict[str, list[str]] = Field(default_factory=dict)
+    retries_per_target: int = Field(default=1, ge=0, le=10)
+    retry_backoff_ms: float = Field(default=200, ge=0, le=60_000)
+    retry_backoff_max_ms: float = Field(default=5_000, ge=0, le=600_000)
+    retry_after_max_seconds: float = Field(default=10, ge=0, le=3600)
+    first_token_timeout_seconds: float = Field(default=60, gt=0)
+    attempt_timeout_seconds: float = Field(default=900, gt=0)
+    circuit_failure_threshold: int = Field(default=5, ge=1)
+    circuit_cooldown_seconds: float = Field(default=30, ge=0)
+    circuit_window: int = Field(default=20, ge=2)
+    # "provider:model" or "model" -> price; the first that matches an attempt wins.
+    prices: dict[str, Price] = Field(default_factory=dict)
 
     @field_validator("database_url")
     @classmethod
@@ -168,6 +192,16 @@ class Settings(BaseSettings):
         names = [p.name for p in self.providers]
         if len(set(names)) != len(names):
             raise ValueError("providers: names must be unique")
+        for public, targets in self.routes.items():
+            if not targets:
+                raise ValueError(f"routes.{public}: needs at least one provider:model target")
+            for target in targets:
+                provider, sep, model = target.partition(":")
+                if not sep or not model or provider not in names:
+                    raise ValueError(
+                        f"routes.{public}: {target!r} must be provider:model with a provider "
+                        f"from providers ({', '.join(names)})"
+                    )
         return self
 
     @classmethod

@@ -33,8 +33,9 @@ from llmsvc.admin.app import AdminApi
 from llmsvc.config import Settings, systemd_environment
 from llmsvc.errors import Conflict, LlmsvcError, StoreError, WalFatal
 from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.breaker import Breakers, Circuit
 from llmsvc.gateway.journal import Journal
-from llmsvc.gateway.router import Router
+from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.maintenance.backup import newest_verified, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
 from llmsvc.maintenance.jobs import job_table
@@ -46,7 +47,12 @@ from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher, load_checkpoint
-from llmsvc.store.queries import open_work, provider_states, set_provider_enabled
+from llmsvc.store.queries import (
+    open_work,
+    provider_states,
+    set_provider_circuit,
+    set_provider_enabled,
+)
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import WalLock, instance_id, list_segments
 from llmsvc.wal.writer import WalWriter
@@ -75,6 +81,7 @@ class Daemon:
         self.settings = settings
         self.started = time.monotonic()
         self.job_runs: dict[str, dict[str, Any]] = {}  # this instance's last run of each job
+        self._background: set[asyncio.Task[None]] = set()
         self.notifier = Notifier(*systemd_environment())
         self.stopping = asyncio.Event()
         self.fatal: WalFatal | None = None
@@ -149,9 +156,20 @@ class Daemon:
         for finding in self.repairs.findings:
             self.metrics.wal_damage.labels(kind=finding.kind).inc()
         self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
-        self.router = Router(s.providers, self.providers)
+        breakers = Breakers(
+            s.circuit_failure_threshold,
+            s.circuit_cooldown_seconds,
+            s.circuit_window,
+            on_change=self._circuit_changed,
+        )
+        self.router = Router(s.providers, self.providers, s.routes, breakers)
         states = await provider_states(self.engine)
         self.router.disabled = {name for name, row in states.items() if not row["enabled"]}
+        for name, row in states.items():
+            if name in self.providers and row["circuit_state"] != "closed":
+                since = row["updated_at"].timestamp()
+                breakers.restore(name, row["circuit_state"], row["failure_count"], since)
+                log.info("boot: circuit %s provider=%s", row["circuit_state"], name)
         if self.router.disabled:
             log.info("boot: providers disabled by an operator: %s", ",".join(self.router.disabled))
         self.gateway = Gateway(
@@ -161,6 +179,14 @@ class Daemon:
             wal_status=self.wal_status,
             metrics=self.metrics,
             describe=self.describe,
+            policy=RetryPolicy(
+                retries=s.retries_per_target,
+                backoff=s.retry_backoff_ms / 1000,
+                backoff_max=s.retry_backoff_max_ms / 1000,
+                retry_after_max=s.retry_after_max_seconds,
+                first_token_timeout=s.first_token_timeout_seconds,
+                attempt_timeout=s.attempt_timeout_seconds,
+            ),
             booting=True,
         )
         await self._start_http()
@@ -283,6 +309,31 @@ class Daemon:
         log.info("restore: done file=%s replayed=%d", name, found["replayed"])
         return JobResult(rows=found["replayed"], found=found)
 
+    def _circuit(self, name: str) -> str:
+        return self.router.breakers.circuit(name).state
+
+    def _circuit_changed(self, name: str, circuit: Circuit) -> None:
+        """Store a breaker's new state (off the request's path), so a restart resumes it."""
+        log.warning(
+            "circuit %s provider=%s failures=%d last_error=%s",
+            circuit.state,
+            name,
+            circuit.failures,
+            circuit.last_error,
+        )
+        task = asyncio.create_task(
+            set_provider_circuit(
+                self.engine, name, circuit.state, circuit.failures, circuit.last_error
+            )
+        )
+        self._background.add(task)
+        task.add_done_callback(self._stored)
+
+    def _stored(self, task: asyncio.Task[None]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.warning("circuit state not stored error=%s", task.exception())
+
     def daemon_state(self) -> DaemonState:
         """What the metrics port reads at each scrape, on its own thread."""
         return DaemonState(
@@ -292,7 +343,8 @@ class Daemon:
             flush_errors=self.flusher.errors,
             inflight_requests=len(self.gateway.inflight),
             providers={
-                name: (name not in self.router.disabled, "closed") for name in self.providers
+                name: (name not in self.router.disabled, self._circuit(name))
+                for name in self.providers
             },
         )
 
@@ -309,7 +361,11 @@ class Daemon:
             "instance": str(self.instance),
             "uptime_seconds": round(time.monotonic() - self.started, 1),
             "providers": [
-                {"name": name, "enabled": name not in self.router.disabled, "circuit": "closed"}
+                {
+                    "name": name,
+                    "enabled": name not in self.router.disabled,
+                    "circuit": self._circuit(name),
+                }
                 for name in self.providers
             ],
             "database": {

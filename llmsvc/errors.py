@@ -49,9 +49,23 @@ class ProviderError(LlmsvcError):
 
 
 class ProviderUnavailable(ProviderError):
-    """The provider could not be reached or failed transiently (connect, 429, 5xx)."""
+    """The provider could not be reached or failed transiently (connect, 429, 5xx).
+
+    `retry_after` is the upstream's Retry-After, in seconds, when it sent one.
+    """
 
     retryable = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int | None = None,
+        code: str = "",
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(message, status=status, code=code)
+        self.retry_after = retry_after
 
 
 class ClientError(LlmsvcError):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from wsgiref.simple_server import WSGIServer
 
@@ -286,12 +286,18 @@ class Metrics:
         completion_tokens: int,
         seconds: float,
         first_token_seconds: float | None,
+        attempts: Sequence[tuple[str, str, str, str | None]] = (),
     ) -> None:
-        """One request ended: called once per request, never per token."""
+        """One request ended: called once per request, never per token.
+
+        `attempts` is each provider attempt's (provider, upstream model, status,
+        error code); labels stay bounded: every name comes from configuration.
+        """
         self.requests.labels(provider, model, status).inc()
-        self.attempts.labels(provider, model, status).inc()
-        if error_code:
-            self.provider_errors.labels(provider, error_code).inc()
+        for name, upstream, outcome, code in attempts:
+            self.attempts.labels(name, upstream, outcome).inc()
+            if code:
+                self.provider_errors.labels(name, code).inc()
         if prompt_tokens:
             self.prompt_tokens.labels(provider, model).inc(prompt_tokens)
         self.completion_tokens.labels(provider, model).inc(completion_tokens)

@@ -120,7 +120,7 @@ def test_a_disabled_provider_is_never_called_and_stays_disabled_across_a_restart
         assert daemon.stop() == 0
     assert (code, switched) == (200, {"provider": "mock", "enabled": False})
     assert refused.value.status_code == 503
-    assert "'mock', which an operator has disabled" in str(refused.value)
+    assert "provider 'mock' is disabled by an operator" in str(refused.value)
     assert unknown[0] == 404
     assert wrong_method[0] == 405
 

@@ -184,7 +184,7 @@ def test_bad_environment_value_names_the_field(
         ('wal_sync = "sometimes"\n', "wal_sync"),
         ("port = 65536\n", "port"),
         ("prot = 8081\n", "prot"),
-        ('[[providers]]\nname = "p"\nkind = "anthropic"\nmodels = ["m"]\n', "providers.0.kind"),
+        ('[[providers]]\nname = "p"\nkind = "bedrock"\nmodels = ["m"]\n', "providers.0.kind"),
         ('[[providers]]\nname = "p"\nkind = "mock"\nmodels = ["m"]\ncolour = 1\n', "colour"),
         ('[[providers]]\nname = "p"\nkind = "openai"\nmodels = ["m"]\n', "base_url"),
         ('[[providers]]\nname = "p"\nkind = "openai"\nbase_url = "ftp://x"\nmodels = ["m"]\n',
@@ -246,7 +246,7 @@ def test_config_that_is_a_directory_is_refused(
 @pytest.mark.parametrize(
     "provider",
     [
-        f'name = "p"\nkind = "anthropic"\nmodels = ["m"]\napi_key = "{SECRET}"\n',
+        f'name = "p"\nkind = "bedrock"\nmodels = ["m"]\napi_key = "{SECRET}"\n',
         f'name = "p"\nkind = "openai"\nmodels = ["m"]\napi_key = "{SECRET}"\n',
         f'name = "p"\nkind = "openai"\nbase_url = "{SECRET}"\nmodels = ["m"]\n',
         f'name = "p"\nkind = "mock"\nmodels = []\napi_key = "{SECRET}"\n',

@@ -242,10 +242,11 @@ def test_upstream_failures_reach_the_client_and_the_store(
         (request,) = [
             r for r in store.requests.values() if (r["model"], r["stream"]) == ("gpt-500", streamed)
         ]
-        attempt = store.only_attempt(request["id"])
-        assert (request["status"], attempt["status"]) == ("failed", "failed")
-        assert attempt["http_status"] == 500
-        assert store.texts(request["id"]) == []
+        attempts = store.attempts[request["id"]]
+        assert [a["attempt_no"] for a in attempts] == [1, 2]  # a 500 is retried once
+        assert {(a["status"], a["http_status"]) for a in attempts} == {("failed", 500)}
+        assert request["status"] == "failed"
+        assert all(not store.tokens.get(a["id"]) for a in attempts)
     request = store.request(broken.request_id)
     attempt = store.only_attempt(broken.request_id)
     assert (request["status"], attempt["status"]) == ("failed", "failed")

@@ -21,7 +21,7 @@ from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import send_error, send_json
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_body
-from llmsvc.gateway.router import Router
+from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.metrics import Metrics, WalStatus
 
@@ -51,9 +51,11 @@ class Gateway:
         metrics: Metrics | None = None,
         describe: Callable[[], dict[str, Any]] | None = None,
         booting: bool = False,
+        policy: RetryPolicy | None = None,
     ) -> None:
         self.journal = journal
         self.router = router
+        self.policy = policy if policy is not None else RetryPolicy()
         self.max_body_bytes = max_body_bytes
         self.wal_status = wal_status
         self.describe = describe  # the daemon's parts, for /api/health's detail
@@ -105,9 +107,15 @@ class Gateway:
         headers = dict(scope["headers"])
         body = await read_body(receive, headers, self.max_body_bytes)
         data, request = parse_chat(body)
-        target = self.router.route(request.model)
         exchange = Exchange(
-            self.journal, target, data, request, correlation_id(headers), send, receive
+            self.journal,
+            self.router,
+            self.policy,
+            data,
+            request,
+            correlation_id(headers),
+            send,
+            receive,
         )
         cancel = anyio.CancelScope()
         self.inflight.add(cancel)
@@ -136,6 +144,7 @@ class Gateway:
             exchange.seq,
             time.monotonic() - exchange.began,
             (first - exchange.began_us) / 1e6 if first is not None else None,
+            exchange.attempts,
         )
 
     async def list_models(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:

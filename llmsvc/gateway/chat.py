@@ -14,15 +14,23 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 
-from llmsvc.errors import LlmsvcError, ProviderError, ServiceUnavailable, WalFatal, WalFull
+from llmsvc.errors import (
+    LlmsvcError,
+    ProviderError,
+    ProviderUnavailable,
+    ServiceUnavailable,
+    WalFatal,
+    WalFull,
+)
 from llmsvc.gateway.errors import error_event
 from llmsvc.gateway.journal import Journal, durable, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
-from llmsvc.gateway.router import Target
+from llmsvc.gateway.router import RetryPolicy, Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
 from llmsvc.providers.base import Reply
 
@@ -38,7 +46,8 @@ class Exchange:
     def __init__(
         self,
         journal: Journal,
-        target: Target,
+        router: Router,
+        policy: RetryPolicy,
         data: dict[str, Any],
         request: ChatRequest,
         correlation_id: uuid.UUID,
@@ -46,13 +55,19 @@ class Exchange:
         receive: ASGIReceive,
     ) -> None:
         self.journal = journal
-        self.target = target
+        self.router = router
+        self.policy = policy
+        self.targets = router.targets(request.model)  # UnknownModel before anything is journaled
+        self.target = self.targets[0]  # the one being tried
         self.data = data
         self.request = request
         self.send = send
         self.receive = receive
         self.request_id = uuid.uuid4()
         self.attempt_id = uuid.uuid4()
+        self.attempt_no = 0
+        self.attempt_open = False  # an attempt is started and not yet ended in the journal
+        self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
         self.correlation_id = correlation_id
         self.created = int(time.time())
         self.started = False  # response headers sent
@@ -86,20 +101,9 @@ class Exchange:
             self.data["messages"],
             params,
         )
-        self.journal.attempt_start(
-            self.attempt_id, self.request_id, 1, self.target.provider.name, self.target.model
-        )
         try:
             with scope:
-                provider, model = self.target.provider, self.target.model
-                reply = await provider.open(self.data, model, self.request.stream)
-                try:
-                    if self.request.stream:
-                        await self._stream(reply)
-                    else:
-                        await self._whole(reply)
-                finally:
-                    await reply.aclose()
+                await self._try_targets()
             if scope.cancelled_caught and not self.ended:
                 stopped = ServiceUnavailable("llmsvc shut down before the reply ended")
                 await self._end("interrupted", error=str(stopped), error_code="shutdown")
@@ -116,6 +120,73 @@ class Exchange:
         finally:
             self._log()
 
+    async def _try_targets(self) -> None:
+        """Each target in turn; a transient failure before the first token is retried
+        (backoff with jitter, Retry-After honoured), then the next target is tried. After
+        the first token nothing is retried: the client already has part of this reply."""
+        skipped: list[str] = []
+        failed: ProviderError | None = None
+        for target in self.targets:
+            for retry in range(self.policy.retries + 1):
+                why = self.router.unavailable(target)
+                if why is not None:
+                    skipped.append(why)
+                    break
+                try:
+                    await self._attempt(target)
+                    return
+                except ProviderError as exc:
+                    if self.seq or self.started or not exc.retryable:
+                        raise
+                    failed = exc
+                    await self._end_attempt(exc)
+                after = failed.retry_after if isinstance(failed, ProviderUnavailable) else None
+                delay = self.policy.delay(retry, after)
+                if delay is None or retry == self.policy.retries:
+                    break
+                await asyncio.sleep(delay)
+        if failed is not None:
+            raise failed  # every target failed: the client hears the last failure
+        raise ServiceUnavailable(
+            f"no provider can serve {self.request.model!r}: " + "; ".join(skipped)
+        )
+
+    async def _attempt(self, target: Target) -> None:
+        """One call to one provider, journaled as an attempt, with its breaker told."""
+        name = target.provider.name
+        self.target, self.attempt_no = target, self.attempt_no + 1
+        self.attempt_id, self.first_token_us, self.attempt_open = uuid.uuid4(), None, True
+        self.journal.attempt_start(
+            self.attempt_id, self.request_id, self.attempt_no, name, target.model
+        )
+        settled = False
+        try:
+            reply = await target.provider.open(self.data, target.model, self.request.stream)
+            try:
+                if self.request.stream:
+                    await self._stream(reply)
+                else:
+                    await self._whole(reply)
+            finally:
+                await reply.aclose()
+            self.router.breakers.success(name)
+            settled = True
+        except ProviderError as exc:
+            if exc.retryable:
+                self.router.breakers.failure(name, str(exc))
+                settled = True
+            raise
+        finally:
+            if not settled:
+                self.router.breakers.release(name)
+
+    async def _end_attempt(self, exc: ProviderError) -> None:
+        """Journal a failed attempt that will be retried or followed by another target."""
+        fields = self._attempt_fields("failed", None, str(exc), exc.code, exc.status)
+        self.attempts.append((self.target.provider.name, self.target.model, "failed", exc.code))
+        self.attempt_open = False
+        await durable(self.journal.attempt_end(self.attempt_id, **fields))
+
     async def _stream(self, reply: Reply) -> None:
         encoder = ChunkEncoder(self.completion_id, self.created, self.request.model)
         aid = self.attempt_id.bytes
@@ -123,7 +194,7 @@ class Exchange:
         # only seen by receive(), which returns once the body has been read.
         gone = asyncio.ensure_future(self.receive())
         try:
-            async for texts in reply.batches():
+            async for texts in self._timed(reply):
                 if gone.done():
                     raise ClientGone
                 fut = self._journal_tokens(aid, texts)
@@ -142,9 +213,34 @@ class Exchange:
         finally:
             gone.cancel()
 
+    async def _timed(self, reply: Reply) -> AsyncIterator[list[str]]:
+        """The reply's batches, with a bound on the first one and on the attempt as a whole."""
+        batches = reply.batches()
+        deadline = time.monotonic() + self.policy.attempt_timeout
+        try:
+            async with asyncio.timeout(self.policy.first_token_timeout):
+                first = await anext(batches, None)
+        except TimeoutError:
+            raise ProviderUnavailable(
+                f"{self.target.provider.name}: no first token within "
+                f"{self.policy.first_token_timeout:g} s",
+                code="first_token_timeout",
+            ) from None
+        if first is None:
+            return
+        yield first
+        async for texts in batches:
+            if time.monotonic() > deadline:
+                raise ProviderUnavailable(
+                    f"{self.target.provider.name}: the reply took longer than "
+                    f"{self.policy.attempt_timeout:g} s",
+                    code="attempt_timeout",
+                )
+            yield texts
+
     async def _whole(self, reply: Reply) -> None:
         texts: list[str] = []
-        async for batch in reply.batches():
+        async for batch in self._timed(reply):
             texts.extend(batch)
         content = "".join(texts)
         if content:
@@ -211,10 +307,13 @@ class Exchange:
         error_code: str | None = None,
         http_status: int | None = None,
     ) -> asyncio.Future[int]:
-        """Journal the attempt's and the request's end; the reply, if any, gives usage."""
+        """Journal the open attempt's end and the request's; the reply, if any, gives usage."""
         self.ended, self.status = True, status
         attempt, request = self._end_fields(status, reply, error, error_code, http_status)
-        self.journal.attempt_end(self.attempt_id, **attempt)
+        if self.attempt_open:
+            self.attempt_open = False
+            self.attempts.append((self.target.provider.name, self.target.model, status, error_code))
+            self.journal.attempt_end(self.attempt_id, **attempt)
         return self.journal.request_end(self.request_id, **request)
 
     def _end_fields(
@@ -228,16 +327,7 @@ class Exchange:
         prompt = reply.prompt_tokens if reply else None
         completion = reply.completion_tokens if reply else None
         self.prompt_tokens, self.error_code = prompt, error_code
-        attempt = {
-            "status": status,
-            "http_status": reply.http_status if reply else http_status,
-            "error_code": error_code,
-            "error_message": error,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "token_count": self.seq,
-            "first_token_ts": self.first_token_us,
-        }
+        attempt = self._attempt_fields(status, reply, error, error_code, http_status)
         request = {
             "status": status,
             "prompt_tokens": prompt,
@@ -246,6 +336,25 @@ class Exchange:
             "error": error,
         }
         return attempt, request
+
+    def _attempt_fields(
+        self,
+        status: str,
+        reply: Reply | None,
+        error: str | None,
+        error_code: str | None,
+        http_status: int | None,
+    ) -> dict[str, Any]:
+        return {
+            "status": status,
+            "http_status": reply.http_status if reply else http_status,
+            "error_code": error_code,
+            "error_message": error,
+            "prompt_tokens": reply.prompt_tokens if reply else None,
+            "completion_tokens": reply.completion_tokens if reply else None,
+            "token_count": self.seq,
+            "first_token_ts": self.first_token_us,
+        }
 
     async def _end(
         self,
@@ -283,7 +392,9 @@ class Exchange:
             self.seq -= tokens
         self.unconfirmed = (None, 0)
         attempt, request = self._end_fields(status, None, error, error_code, None)
-        self.journal.hold_ends(self.attempt_id, attempt, self.request_id, request)
+        held = self.attempt_id if self.attempt_open else None
+        self.attempt_open = False
+        self.journal.hold_ends(held, attempt, self.request_id, request)
 
     def _log(self) -> None:
         log.info(

@@ -82,16 +82,16 @@ class Journal:
 
     def hold_ends(
         self,
-        attempt_id: uuid.UUID,
+        attempt_id: uuid.UUID | None,
         attempt_fields: dict[str, Any],
         request_id: uuid.UUID,
         request_fields: dict[str, Any],
     ) -> None:
-        """An attempt's and its request's end, kept in memory while the disk is full."""
-        self.writer.hold(
-            _end(RecordType.ATTEMPT_END, attempt_id, attempt_fields),
-            _end(RecordType.REQUEST_END, request_id, request_fields),
+        """An attempt's (if still open) and its request's end, kept while the disk is full."""
+        attempt = (
+            [] if attempt_id is None else [_end(RecordType.ATTEMPT_END, attempt_id, attempt_fields)]
         )
+        self.writer.hold(*attempt, _end(RecordType.REQUEST_END, request_id, request_fields))
 
 
 def _end(rtype: RecordType, record_id: uuid.UUID, fields: dict[str, Any]) -> bytes:

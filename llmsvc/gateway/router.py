@@ -1,12 +1,40 @@
-"""Which provider serves a model the client asks for."""
+"""Which providers serve a model the client asks for, in the order they are tried.
+
+A public model name is either a route from configuration (`routes`: an
+ordered list of provider:model targets, e.g. a fallback from one provider to
+another) or, failing that, a model some provider lists itself (the first such
+provider serves it). A target is skipped while its provider is disabled by
+an operator or its circuit is open.
+"""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 from llmsvc.config import ProviderConfig
-from llmsvc.errors import ServiceUnavailable, UnknownModel
+from llmsvc.errors import UnknownModel
+from llmsvc.gateway.breaker import Breakers
 from llmsvc.providers.base import Provider
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard one request tries: retries per target, their backoff, and time bounds."""
+
+    retries: int = 1
+    backoff: float = 0.2  # seconds before the first retry; doubled each time
+    backoff_max: float = 5.0
+    retry_after_max: float = 10.0  # a longer Retry-After moves on to the next target
+    first_token_timeout: float = 60.0
+    attempt_timeout: float = 900.0
+
+    def delay(self, retry: int, retry_after: float | None) -> float | None:
+        """Seconds to wait before retry `retry + 1`, or None to move on to the next target."""
+        if retry_after is not None and retry_after > self.retry_after_max:
+            return None
+        jittered = min(self.backoff_max, self.backoff * 2**retry) * (0.5 + random.random() / 2)
+        return float(max(jittered, retry_after or 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,29 +44,43 @@ class Target:
 
 
 class Router:
-    """Maps public model names to a provider; the first provider listing a model serves it."""
-
-    def __init__(self, configs: list[ProviderConfig], providers: dict[str, Provider]) -> None:
+    def __init__(
+        self,
+        configs: list[ProviderConfig],
+        providers: dict[str, Provider],
+        routes: dict[str, list[str]] | None = None,
+        breakers: Breakers | None = None,
+    ) -> None:
         self.disabled: set[str] = set()  # providers an operator turned off (provider_status)
-        self.routes: dict[str, Target] = {}
+        self.breakers = breakers if breakers is not None else Breakers(5, 30.0, 20)
+        self.routes: dict[str, list[Target]] = {}
+        for public, targets in (routes or {}).items():
+            self.routes[public] = [
+                Target(providers[name], model)
+                for name, _, model in (target.partition(":") for target in targets)
+            ]
         for config in configs:
             for model in config.models:
-                self.routes.setdefault(model, Target(providers[config.name], model))
+                self.routes.setdefault(model, [Target(providers[config.name], model)])
 
-    def route(self, model: str) -> Target:
+    def targets(self, model: str) -> list[Target]:
         try:
-            target = self.routes[model]
+            return self.routes[model]
         except KeyError:
             raise UnknownModel(
                 f"the model {model!r} is not served here; GET /v1/models lists the models",
                 param="model",
             ) from None
-        if target.provider.name in self.disabled:
-            raise ServiceUnavailable(
-                f"the model {model!r} is served by provider {target.provider.name!r}, "
-                "which an operator has disabled"
-            )
-        return target
+
+    def unavailable(self, target: Target) -> str | None:
+        """Why `target` cannot be called now, or None (claiming a half-open circuit's probe)."""
+        name = target.provider.name
+        if name in self.disabled:
+            return f"provider {name!r} is disabled by an operator"
+        if not self.breakers.allows(name):
+            wait = self.breakers.retry_in(name)
+            return f"provider {name!r} has its circuit open (failing; next try in {wait:.0f} s)"
+        return None
 
     def models(self) -> list[str]:
         return list(self.routes)

@@ -7,7 +7,9 @@ Upstream events are parsed with orjson, no SDK objects: this is the hot path.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import email.utils
+from collections.abc import AsyncIterator, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -59,7 +61,7 @@ class OpenAIReply:
                     continue
                 event = orjson.loads(data)
                 if "error" in event:
-                    raise _upstream_error(self.name, None, event)
+                    raise upstream_error(self.name, None, event)
                 if event.get("usage"):
                     self._usage(event["usage"])
                 for choice in event.get("choices") or ():
@@ -99,7 +101,9 @@ class OpenAIProvider:
         if config.api_key is not None:
             self.headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
         self.timeout = aiohttp.ClientTimeout(
-            total=None, sock_connect=10, sock_read=config.timeout_seconds
+            total=None,
+            sock_connect=config.connect_timeout_seconds,
+            sock_read=config.timeout_seconds,
         )
         self._session: aiohttp.ClientSession | None = None
 
@@ -134,7 +138,7 @@ class OpenAIProvider:
                 detail = {}
             finally:
                 response.release()
-            raise _upstream_error(self.name, response.status, detail)
+            raise upstream_error(self.name, response.status, detail, response.headers)
         return OpenAIReply(self.name, response, stream)
 
     async def close(self) -> None:
@@ -142,12 +146,38 @@ class OpenAIProvider:
             await self._session.close()
 
 
-def _upstream_error(name: str, status: int | None, detail: Any) -> ProviderError:
-    """The upstream's own message and code, never its headers (they may echo our key)."""
+def upstream_error(
+    name: str, status: int | None, detail: Any, headers: Mapping[str, str] | None = None
+) -> ProviderError:
+    """The upstream's own message and code, never its headers (they may echo our key).
+
+    Connect errors, timeouts, 429 and 5xx are retryable; a 429's or 503's
+    Retry-After is kept for the retry's backoff.
+    """
     error = detail.get("error") if isinstance(detail, dict) else None
     error = error if isinstance(error, dict) else {}
     message = str(error.get("message") or f"HTTP {status}")[:500]
     code = str(error.get("code") or error.get("type") or "upstream_error")[:100]
-    retryable = status is None or status == 429 or status >= 500
-    kind = ProviderUnavailable if retryable else ProviderError
-    return kind(f"{name}: upstream said: {message}", status=status, code=code)
+    if status is not None and status != 429 and status < 500:
+        return ProviderError(f"{name}: upstream said: {message}", status=status, code=code)
+    return ProviderUnavailable(
+        f"{name}: upstream said: {message}",
+        status=status,
+        code=code,
+        retry_after=retry_after(headers.get("Retry-After") if headers else None),
+    )
+
+
+def retry_after(value: str | None) -> float | None:
+    """Retry-After in seconds: a number of seconds or an HTTP date; None if absent or bad."""
+    if not value:
+        return None
+    if value.strip().isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())

@@ -124,6 +124,24 @@ async def set_provider_enabled(engine: AsyncEngine, provider: str, enabled: bool
         await conn.execute(stmt)
 
 
+async def set_provider_circuit(
+    engine: AsyncEngine, provider: str, state: str, failures: int, last_error: str | None
+) -> None:
+    """Persist a circuit breaker's change of state, so a restart resumes it."""
+    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
+    now = datetime.now(UTC)
+    values = {
+        "circuit_state": state,
+        "failure_count": failures,
+        "last_error": last_error,
+        "updated_at": now,
+    }
+    stmt = dialect.insert(provider_status).values(provider=provider, enabled=True, **values)
+    stmt = stmt.on_conflict_do_update(index_elements=["provider"], set_=values)
+    async with engine.begin() as conn:
+        await conn.execute(stmt)
+
+
 async def token_summary(engine: AsyncEngine, attempt_ids: list[uuid.UUID]) -> dict[uuid.UUID, Any]:
     """Per attempt: stored token rows, their seq range and first/last times (no text)."""
     t = llm_token_log.c
