@@ -8,7 +8,8 @@ Reply content is deterministic: ``max_tokens`` (default 16) tokens, token ``i`` 
 ``f"t{i} "``. Request headers steer behaviour per request:
 
 * ``X-Upstream-Token-Delay-Ms: <ms>`` -- pause before each streamed token.
-* ``X-Upstream-Fail: status:<code>`` -- answer that HTTP status with an OpenAI error.
+* ``X-Upstream-Fail: status:<code>`` -- answer that HTTP status with an OpenAI error
+  (a 429 with ``Retry-After: 1``).
 * ``X-Upstream-Fail: after:<n>`` -- stream ``n`` tokens, then drop the connection.
 * ``/with/<header>/<value>/v1/chat/completions`` -- as if the request carried that header.
 
@@ -91,7 +92,11 @@ def error_response(
     else:
         etype = "invalid_request_error"
     body = {"error": {"message": message, "type": etype, "param": param, "code": code}}
-    return web.Response(status=status, body=orjson.dumps(body), content_type="application/json")
+    # As OpenAI does: a rate limit says when to come back.
+    headers = {"Retry-After": "1"} if status == 429 else None
+    return web.Response(
+        status=status, body=orjson.dumps(body), content_type="application/json", headers=headers
+    )
 
 
 def _new_id() -> str:

@@ -220,8 +220,10 @@ class DaemonProcess:
 class UpstreamProcess:
     """scripts/openai_upstream.py (with the `/with/...` steering route) as a child process."""
 
-    def __init__(self, api_key: str | None = None, token_delay_ms: float = 0.0) -> None:
-        args = [sys.executable, str(UPSTREAM_SCRIPT), "--port", "0"]
+    def __init__(
+        self, api_key: str | None = None, token_delay_ms: float = 0.0, port: int = 0
+    ) -> None:
+        args = [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port)]
         args += ["--token-delay-ms", str(token_delay_ms)]
         if api_key:
             args += ["--api-key", api_key]

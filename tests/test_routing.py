@@ -1,0 +1,270 @@
+"""Routes, retries, fallback and the circuit breaker, on a real daemon and a real upstream.
+
+Each scenario is a route of targets on the local OpenAI-compatible upstream (its
+`/with/X-Upstream-Fail/...` paths fail on cue) or on a port where nothing listens,
+called with the official `openai` SDK; the attempts table is then checked row by row.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from daemon_process import DaemonProcess, UpstreamProcess, daemon_env, get_json, read_store
+from postgres import free_port
+
+pytestmark = pytest.mark.timeout(120)
+
+KEY = "sk-routing-test-key-0123456789"
+FAIL = "X-Upstream-Fail"
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+FAST_RETRIES = {"retries_per_target": 1, "retry_backoff_ms": 10}
+
+
+def provider(name: str, base_url: str, model: str = "gpt-test") -> dict[str, Any]:
+    return {"name": name, "kind": "openai", "base_url": base_url, "api_key": KEY, "models": [model]}
+
+
+def env_for(
+    sqlite_url: str, tmp_path: Path, providers: list[dict[str, Any]], **settings: Any
+) -> dict[str, str]:
+    return daemon_env(
+        sqlite_url,
+        tmp_path / "wal",
+        providers=json.dumps(providers),
+        routes=json.dumps(settings.pop("routes")),
+        **{**FAST_RETRIES, **settings},
+    )
+
+
+def streamed(daemon: DaemonProcess, model: str, n: int = 5) -> tuple[str, list[str], str]:
+    """(request id, tokens received, error text) of one streamed request."""
+    client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0)
+    raw = client.chat.completions.with_raw_response.create(
+        model=model, messages=MESSAGES, max_tokens=n, stream=True
+    )
+    tokens, error = [], ""
+    try:
+        for chunk in raw.parse():
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    tokens.append(choice.delta.content)
+    except openai.APIError as exc:
+        error = str(exc)
+    return raw.headers["x-request-id"], tokens, error
+
+
+def attempts(database_url: str, request_id: str) -> list[tuple[int, str, str, int | None, str]]:
+    """(attempt number, provider, status, http status, error code) per attempt, in order."""
+    store = read_store(database_url)
+    return [
+        (a["attempt_no"], a["provider"], a["status"], a["http_status"], a["error_code"] or "")
+        for a in store.attempts[store.request(request_id)["id"]]
+    ]
+
+
+@pytest.fixture
+def upstream() -> Any:
+    with UpstreamProcess(api_key=KEY) as up:
+        yield up
+
+
+def test_a_refused_connection_is_retried_then_the_next_target_serves(
+    upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    env = env_for(
+        sqlite_url,
+        tmp_path,
+        [provider("dead", dead), provider("up", upstream.base_url)],
+        routes={"gpt-fast": ["dead:gpt-test", "up:gpt-test"]},
+    )
+    with DaemonProcess(env) as daemon:
+        request_id, tokens, error = streamed(daemon, "gpt-fast", 5)
+        _, models = get_json(f"{daemon.base_url}/v1/models")
+        assert daemon.stop() == 0
+
+    assert (len(tokens), error) == (5, "")
+    assert attempts(sqlite_url, request_id) == [
+        (1, "dead", "failed", None, "upstream_unreachable"),
+        (2, "dead", "failed", None, "upstream_unreachable"),
+        (3, "up", "completed", 200, ""),
+    ]
+    store = read_store(sqlite_url)
+    request = store.request(request_id)
+    assert (request["status"], request["provider"]) == ("completed", "up")
+    assert store.tokens[store.attempts[request["id"]][-1]["id"]][-1][0] == 4
+    assert "gpt-fast" in [m["id"] for m in models["data"]]
+
+
+def test_a_500_is_retried_and_falls_back(
+    upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    env = env_for(
+        sqlite_url,
+        tmp_path,
+        [
+            provider("broken", upstream.steered_url(FAIL, "status:500")),
+            provider("up", upstream.base_url),
+        ],
+        routes={"gpt-fast": ["broken:gpt-test", "up:gpt-test"]},
+    )
+    with DaemonProcess(env) as daemon:
+        request_id, tokens, error = streamed(daemon, "gpt-fast")
+        assert daemon.stop() == 0
+    assert (len(tokens), error) == (5, "")
+    assert attempts(sqlite_url, request_id) == [
+        (1, "broken", "failed", 500, "server_error"),
+        (2, "broken", "failed", 500, "server_error"),
+        (3, "up", "completed", 200, ""),
+    ]
+
+
+def test_a_429_waits_for_its_retry_after_before_the_retry(
+    upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    env = env_for(
+        sqlite_url,
+        tmp_path,
+        [
+            provider("limited", upstream.steered_url(FAIL, "status:429")),
+            provider("up", upstream.base_url),
+        ],
+        routes={"gpt-fast": ["limited:gpt-test", "up:gpt-test"]},
+    )
+    with DaemonProcess(env) as daemon:
+        request_id, tokens, _ = streamed(daemon, "gpt-fast")
+        assert daemon.stop() == 0
+    assert len(tokens) == 5
+    assert [a[:4] for a in attempts(sqlite_url, request_id)] == [
+        (1, "limited", "failed", 429),
+        (2, "limited", "failed", 429),
+        (3, "up", "completed", 200),
+    ]
+    store = read_store(sqlite_url)
+    first, second, _ = store.attempts[store.request(request_id)["id"]]
+    assert (second["started_at"] - first["ended_at"]).total_seconds() >= 1.0  # Retry-After: 1
+
+
+def test_a_failure_after_the_first_token_is_never_retried(
+    upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    env = env_for(
+        sqlite_url,
+        tmp_path,
+        [
+            provider("breaks", upstream.steered_url(FAIL, "after:3")),
+            provider("up", upstream.base_url),
+        ],
+        routes={"gpt-fast": ["breaks:gpt-test", "up:gpt-test"]},
+    )
+    with DaemonProcess(env) as daemon:
+        request_id, tokens, error = streamed(daemon, "gpt-fast", 10)
+        assert daemon.stop() == 0
+    assert tokens
+    assert error
+    assert [a[:3] for a in attempts(sqlite_url, request_id)] == [(1, "breaks", "failed")]
+    store = read_store(sqlite_url)
+    assert store.request(request_id)["status"] == "failed"
+    assert store.texts(request_id) == tokens  # every token the client got, once
+
+
+@pytest.mark.parametrize(("status", "client_status"), [(400, 400), (401, 502), (404, 502)])
+def test_a_non_retryable_upstream_error_reaches_the_client_without_a_retry(
+    upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path, status: int, client_status: int
+) -> None:
+    env = env_for(
+        sqlite_url,
+        tmp_path,
+        [
+            provider("refuses", upstream.steered_url(FAIL, f"status:{status}")),
+            provider("up", upstream.base_url),
+        ],
+        routes={"gpt-fast": ["refuses:gpt-test", "up:gpt-test"]},
+    )
+    client_error = None
+    with DaemonProcess(env) as daemon:
+        client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="gpt-fast", messages=MESSAGES)
+        client_error = refused.value
+        assert daemon.stop() == 0
+    assert client_error.status_code == client_status
+    assert "refuses: upstream said:" in str(client_error)
+    assert KEY not in str(client_error.response.text)
+    store = read_store(sqlite_url)
+    [request] = store.requests.values()
+    assert [(a["provider"], a["http_status"]) for a in store.attempts[request["id"]]] == [
+        ("refuses", status)
+    ]
+
+
+def test_the_circuit_opens_skips_the_provider_survives_a_restart_and_closes_on_a_probe(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    with UpstreamProcess(api_key=KEY) as backup_up:
+        env = env_for(
+            sqlite_url,
+            tmp_path,
+            [
+                provider("flaky", f"http://127.0.0.1:{port}/v1"),
+                provider("up", backup_up.base_url),
+            ],
+            routes={"gpt-fast": ["flaky:gpt-test", "up:gpt-test"]},
+            circuit_failure_threshold=2,
+            circuit_cooldown_seconds=4,
+        )
+        with DaemonProcess(env) as daemon:
+            opened, _, _ = streamed(daemon, "gpt-fast")  # two failures: the circuit opens
+            skipped, _, _ = streamed(daemon, "gpt-fast")  # open: flaky is not called
+            _, health = get_json(f"{daemon.base_url}/api/health")
+            assert daemon.stop() == 0
+        assert [a[1] for a in attempts(sqlite_url, opened)] == ["flaky", "flaky", "up"]
+        assert [a[1] for a in attempts(sqlite_url, skipped)] == ["up"]
+        assert {p["name"]: p["circuit"] for p in health["providers"]}["flaky"] == "open"
+        assert "circuit open provider=flaky" in daemon.log
+
+        with DaemonProcess(env) as again, UpstreamProcess(api_key=KEY, port=port):
+            _, health = get_json(f"{again.base_url}/api/health")
+            still, _, _ = streamed(again, "gpt-fast")  # resumed open after the restart
+            time.sleep(4.2)  # the cool-down: the next request is the probe, and it works
+            probe, tokens, _ = streamed(again, "gpt-fast")
+            _, after = get_json(f"{again.base_url}/api/health")
+            assert again.stop() == 0
+    assert {p["name"]: p["circuit"] for p in health["providers"]}["flaky"] == "open"
+    assert [a[1] for a in attempts(sqlite_url, still)] == ["up"]
+    assert attempts(sqlite_url, probe) == [(1, "flaky", "completed", 200, "")]
+    assert len(tokens) == 5
+    assert {p["name"]: p["circuit"] for p in after["providers"]}["flaky"] == "closed"
+
+
+def test_with_every_target_unavailable_the_client_gets_503_naming_why(
+    upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    env = env_for(
+        sqlite_url,
+        tmp_path,
+        [provider("up", upstream.base_url)],
+        routes={"gpt-fast": ["up:gpt-test"]},
+        admin_token="admin-token-0123456789",
+    )
+    with DaemonProcess(env) as daemon:
+        import urllib.request
+
+        disable = urllib.request.Request(
+            f"{daemon.base_url}/api/admin/providers/up/disable",
+            method="POST",
+            headers={"Authorization": "Bearer admin-token-0123456789"},
+        )
+        urllib.request.urlopen(disable, timeout=5).close()
+        client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as refused:
+            client.chat.completions.create(model="gpt-fast", messages=MESSAGES)
+        assert daemon.stop() == 0
+    assert refused.value.status_code == 503
+    assert "provider 'up' is disabled by an operator" in str(refused.value)
