@@ -36,6 +36,7 @@ from postgres import free_port
 REPO = Path(__file__).resolve().parents[1]
 LLMSVC = Path(sys.executable).parent / "llmsvc"
 UPSTREAM_SCRIPT = REPO / "scripts" / "openai_upstream.py"
+ANTHROPIC_SCRIPT = REPO / "scripts" / "anthropic_upstream.py"  # base URL: `root_url`
 READY_TIMEOUT = 30.0
 EXIT_TIMEOUT = 30.0
 
@@ -221,10 +222,15 @@ class UpstreamProcess:
     """scripts/openai_upstream.py (with the `/with/...` steering route) as a child process."""
 
     def __init__(
-        self, api_key: str | None = None, token_delay_ms: float = 0.0, port: int = 0
+        self,
+        api_key: str | None = None,
+        token_delay_ms: float = 0.0,
+        port: int = 0,
+        script: Path = UPSTREAM_SCRIPT,
     ) -> None:
-        args = [sys.executable, str(UPSTREAM_SCRIPT), "--port", str(port)]
-        args += ["--token-delay-ms", str(token_delay_ms)]
+        args = [sys.executable, str(script), "--port", str(port)]
+        if script == UPSTREAM_SCRIPT:
+            args += ["--token-delay-ms", str(token_delay_ms)]
         if api_key:
             args += ["--api-key", api_key]
         self.args = args
@@ -235,6 +241,10 @@ class UpstreamProcess:
     @property
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def root_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def steered_url(self, header: str, value: str) -> str:
         """A base_url whose requests act as if they carried `header: value`."""
@@ -362,3 +372,15 @@ def run_async(make: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
 
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         return pool.submit(asyncio.run, main()).result(timeout)
+
+
+def read_store_after(database_url: str, request_id: str, timeout: float = 10.0) -> Stored:
+    """The store once the request has ended in it: a running daemon flushes a moment later."""
+    deadline = time.monotonic() + timeout
+    while True:
+        store = read_store(database_url)
+        request = store.requests.get(uuid.UUID(request_id))
+        if request is not None and request["status"] != "streaming":
+            return store
+        assert time.monotonic() < deadline, f"request {request_id} not stored within {timeout}s"
+        time.sleep(0.05)

@@ -61,6 +61,8 @@ class OpenAIReply:
                     continue
                 event = orjson.loads(data)
                 if "error" in event:
+                    if texts:  # what came before the error still goes out (and is journaled)
+                        yield texts
                     raise upstream_error(self.name, None, event)
                 if event.get("usage"):
                     self._usage(event["usage"])

@@ -1,0 +1,290 @@
+"""Anthropic's Messages API (`POST /v1/messages`), spoken to OpenAI chat-completion clients.
+
+Requests are translated from OpenAI's shape (system messages become the
+top-level `system`, consecutive messages of one role are merged, `stop`
+becomes `stop_sequences`, `max_tokens` is required there and defaults to
+4096), replies back into token batches, usage and an OpenAI finish reason.
+Streams are Anthropic's SSE events: `content_block_delta` text is a token,
+`message_start`/`message_delta` carry usage and the stop reason, an `error`
+event is a failure of the upstream mid-stream, `ping` is ignored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from llmsvc.config import ProviderConfig
+from llmsvc.errors import ProviderError, ProviderUnavailable
+from llmsvc.providers.openai import retry_after
+from llmsvc.providers.sse import SseSplitter
+
+DEFAULT_MAX_TOKENS = 4096
+FINISH = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+}
+PASSED = ("temperature", "top_p", "top_k", "metadata")
+
+
+def to_anthropic(body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
+    """An OpenAI chat-completion body as an Anthropic Messages body."""
+    system: list[str] = []
+    messages: list[dict[str, Any]] = []
+    for message in body["messages"]:
+        role, content = message["role"], message.get("content")
+        if role in ("system", "developer"):
+            system.append(_text(content))
+            continue
+        if role in ("tool", "function"):
+            role = "user"
+            parts: list[dict[str, Any]] = [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": str(message.get("tool_call_id") or ""),
+                    "content": _text(content),
+                }
+            ]
+        else:
+            parts = _parts(content)
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") or {}
+                parts.append(
+                    {
+                        "type": "tool_use",
+                        "id": call.get("id"),
+                        "name": function.get("name"),
+                        "input": _arguments(function.get("arguments")),
+                    }
+                )
+        if messages and messages[-1]["role"] == role:
+            messages[-1]["content"].extend(parts)
+        else:
+            messages.append({"role": role, "content": parts})
+    out: dict[str, Any] = {
+        "model": model,
+        "messages": messages,
+        "max_tokens": body.get("max_completion_tokens")
+        or body.get("max_tokens")
+        or DEFAULT_MAX_TOKENS,
+        "stream": stream,
+    }
+    if system:
+        out["system"] = "\n\n".join(system)
+    stop = body.get("stop")
+    if stop:
+        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    out.update({k: body[k] for k in PASSED if body.get(k) is not None})
+    if body.get("tools"):
+        out["tools"] = [
+            {
+                "name": tool["function"]["name"],
+                "description": tool["function"].get("description", ""),
+                "input_schema": tool["function"].get("parameters") or {"type": "object"},
+            }
+            for tool in body["tools"]
+            if tool.get("type") == "function"
+        ]
+        choice = body.get("tool_choice")
+        if choice == "required":
+            out["tool_choice"] = {"type": "any"}
+        elif isinstance(choice, dict) and choice.get("function"):
+            out["tool_choice"] = {"type": "tool", "name": choice["function"]["name"]}
+        elif choice in ("auto", "none"):
+            out["tool_choice"] = {"type": choice}
+    return out
+
+
+def finish_reason(stop_reason: Any) -> str | None:
+    """Anthropic's stop reason in OpenAI's words."""
+    if not isinstance(stop_reason, str):
+        return None
+    return FINISH.get(stop_reason, stop_reason)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    if content is None or content == "":
+        return []
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    parts: list[dict[str, Any]] = []
+    for part in content:
+        if part.get("type") != "text":
+            raise ProviderError(
+                f"content parts of type {part.get('type')!r} are not supported for Anthropic",
+                status=400,
+                code="unsupported_content",
+            )
+        parts.append({"type": "text", "text": part.get("text", "")})
+    return parts
+
+
+def _arguments(arguments: Any) -> Any:
+    if isinstance(arguments, str):
+        try:
+            return orjson.loads(arguments) if arguments else {}
+        except orjson.JSONDecodeError:
+            return {"arguments": arguments}
+    return arguments or {}
+
+
+class AnthropicReply:
+    def __init__(self, name: str, response: aiohttp.ClientResponse, stream: bool) -> None:
+        self.name = name
+        self.response = response
+        self.stream = stream
+        self.http_status: int | None = response.status
+        self.finish_reason: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+
+    async def batches(self) -> AsyncIterator[list[str]]:
+        try:
+            if self.stream:
+                async for texts in self._events():
+                    yield texts
+            else:
+                text = self._whole(orjson.loads(await self.response.read()))
+                if text:
+                    yield [text]
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise ProviderUnavailable(
+                f"{self.name}: the upstream stream broke: {exc or type(exc).__name__}",
+                code="upstream_stream_broken",
+            ) from exc
+        except orjson.JSONDecodeError as exc:
+            raise ProviderError(
+                f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
+            ) from exc
+        finally:
+            self.response.release()
+
+    async def _events(self) -> AsyncIterator[list[str]]:
+        splitter, stopped = SseSplitter(), False
+        async for chunk in self.response.content.iter_any():
+            texts: list[str] = []
+            for data in splitter.feed(chunk):
+                event = orjson.loads(data)
+                kind = event.get("type")
+                if kind == "content_block_delta":
+                    delta = event.get("delta") or {}
+                    if delta.get("type") == "text_delta" and delta.get("text"):
+                        texts.append(delta["text"])
+                elif kind == "message_start":
+                    usage = (event.get("message") or {}).get("usage") or {}
+                    self.prompt_tokens = usage.get("input_tokens")
+                elif kind == "message_delta":
+                    self.finish_reason = finish_reason(
+                        (event.get("delta") or {}).get("stop_reason")
+                    )
+                    self.completion_tokens = (event.get("usage") or {}).get("output_tokens")
+                elif kind == "message_stop":
+                    stopped = True
+                elif kind == "error":
+                    if texts:  # what came before the error still goes out (and is journaled)
+                        yield texts
+                    raise upstream_error(self.name, None, event)
+            if texts:
+                yield texts
+        if not stopped:
+            raise ProviderUnavailable(
+                f"{self.name}: the upstream ended the stream without message_stop",
+                code="upstream_stream_broken",
+            )
+
+    def _whole(self, body: dict[str, Any]) -> str:
+        self.finish_reason = finish_reason(body.get("stop_reason"))
+        usage = body.get("usage") or {}
+        self.prompt_tokens = usage.get("input_tokens")
+        self.completion_tokens = usage.get("output_tokens")
+        return "".join(
+            b.get("text", "") for b in body.get("content") or () if b.get("type") == "text"
+        )
+
+    async def aclose(self) -> None:
+        self.response.close()
+
+
+class AnthropicProvider:
+    def __init__(self, config: ProviderConfig) -> None:
+        self.name = config.name
+        self.url = config.base_url.rstrip("/") + "/v1/messages"
+        self.headers = {
+            "content-type": "application/json",
+            "anthropic-version": config.anthropic_version,
+        }
+        if config.api_key is not None:
+            self.headers["x-api-key"] = config.api_key.get_secret_value()
+        self.timeout = aiohttp.ClientTimeout(
+            total=None,
+            sock_connect=config.connect_timeout_seconds,
+            sock_read=config.timeout_seconds,
+        )
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
+        return self._session
+
+    async def open(self, body: dict[str, Any], model: str, stream: bool) -> AnthropicReply:
+        payload = to_anthropic(body, model, stream)
+        try:
+            response = await self._client().post(
+                self.url, data=orjson.dumps(payload), headers=self.headers
+            )
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise ProviderUnavailable(
+                f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",
+                code="upstream_unreachable",
+            ) from exc
+        if response.status != 200:
+            try:
+                detail = orjson.loads(await response.read())
+            except (TimeoutError, orjson.JSONDecodeError, aiohttp.ClientError):
+                detail = {}
+            finally:
+                response.release()
+            raise upstream_error(
+                self.name, response.status, detail, response.headers.get("retry-after")
+            )
+        return AnthropicReply(self.name, response, stream)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+
+def upstream_error(
+    name: str, status: int | None, detail: Any, retry: str | None = None
+) -> ProviderError:
+    """Anthropic's `{"type": "error", "error": {"type", "message"}}` as a ProviderError.
+
+    Retryable: no status (mid-stream), 429, 5xx and 529 (overloaded).
+    """
+    error = detail.get("error") if isinstance(detail, dict) else None
+    error = error if isinstance(error, dict) else {}
+    message = str(error.get("message") or f"HTTP {status}")[:500]
+    code = str(error.get("type") or "upstream_error")[:100]
+    if status is not None and status != 429 and status < 500:
+        return ProviderError(f"{name}: upstream said: {message}", status=status, code=code)
+    return ProviderUnavailable(
+        f"{name}: upstream said: {message}",
+        status=status,
+        code=code,
+        retry_after=retry_after(retry),
+    )
