@@ -174,7 +174,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(_json(rows) + b"\n")
         return 0
-    table = [("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "STATUS", "TOKENS", "SECONDS")]
+    head = ("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "STATUS", "TOKENS", "COST")
+    table = [(*head, "SECONDS")]
     for row in rows:
         tokens = f"{row['prompt_tokens'] or 0}/{row['completion_tokens'] or 0}"
         table.append(
@@ -185,12 +186,16 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 row["provider"] or "-",
                 row["status"],
                 tokens,
+                "-" if row["cost"] is None else f"{row['cost']:.6f}",
                 _seconds(row["created_at"], row["ended_at"]),
             )
         )
     _print_table(table)
     if not rows:
         print("(no requests yet)")
+    else:
+        total = sum(row["cost"] or 0 for row in rows)
+        print(f"cost of these {len(rows)} requests: {total:.6f} (prices from settings: prices)")
     return 0
 
 

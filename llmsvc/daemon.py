@@ -162,7 +162,7 @@ class Daemon:
             s.circuit_window,
             on_change=self._circuit_changed,
         )
-        self.router = Router(s.providers, self.providers, s.routes, breakers)
+        self.router = Router(s.providers, self.providers, s.routes, breakers, s.prices)
         states = await provider_states(self.engine)
         self.router.disabled = {name for name, row in states.items() if not row["enabled"]}
         for name, row in states.items():

@@ -14,7 +14,14 @@ from typing import Any
 
 import openai
 import pytest
-from daemon_process import DaemonProcess, UpstreamProcess, daemon_env, get_json, read_store
+from daemon_process import (
+    DaemonProcess,
+    UpstreamProcess,
+    daemon_env,
+    get_json,
+    read_store,
+    run_cli,
+)
 from postgres import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -268,3 +275,20 @@ def test_with_every_target_unavailable_the_client_gets_503_naming_why(
         assert daemon.stop() == 0
     assert refused.value.status_code == 503
     assert "provider 'up' is disabled by an operator" in str(refused.value)
+
+
+def test_the_price_table_fills_the_requests_cost_and_status_shows_it(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    prices = {"mock": {"input_per_million": 3.0, "output_per_million": 15.0}}
+    env = daemon_env(sqlite_url, tmp_path / "wal", prices=json.dumps(prices))
+    with DaemonProcess(env) as daemon:
+        request_id, tokens, _ = streamed(daemon, "mock", 10)
+        assert daemon.stop() == 0
+    status = run_cli(env, "status")
+
+    request = read_store(sqlite_url).request(request_id)
+    assert (request["prompt_tokens"], request["completion_tokens"]) == (1, len(tokens))
+    assert request["cost"] == pytest.approx((1 * 3.0 + 10 * 15.0) / 1e6)
+    assert "0.000153" in status.stdout
+    assert "cost of these 1 requests: 0.000153" in status.stdout

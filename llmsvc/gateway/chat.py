@@ -332,6 +332,7 @@ class Exchange:
             "status": status,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
+            "cost": self.router.cost(self.target, prompt, completion),
             "provider": self.target.provider.name,
             "error": error,
         }

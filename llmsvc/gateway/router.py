@@ -12,7 +12,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from llmsvc.config import ProviderConfig
+from llmsvc.config import Price, ProviderConfig
 from llmsvc.errors import UnknownModel
 from llmsvc.gateway.breaker import Breakers
 from llmsvc.providers.base import Provider
@@ -50,8 +50,10 @@ class Router:
         providers: dict[str, Provider],
         routes: dict[str, list[str]] | None = None,
         breakers: Breakers | None = None,
+        prices: dict[str, Price] | None = None,
     ) -> None:
         self.disabled: set[str] = set()  # providers an operator turned off (provider_status)
+        self.prices = prices or {}
         self.breakers = breakers if breakers is not None else Breakers(5, 30.0, 20)
         self.routes: dict[str, list[Target]] = {}
         for public, targets in (routes or {}).items():
@@ -81,6 +83,15 @@ class Router:
             wait = self.breakers.retry_in(name)
             return f"provider {name!r} has its circuit open (failing; next try in {wait:.0f} s)"
         return None
+
+    def cost(self, target: Target, prompt: int | None, completion: int | None) -> float | None:
+        """What an attempt cost by the price table ("provider:model", else "model"), or None."""
+        price = self.prices.get(f"{target.provider.name}:{target.model}") or self.prices.get(
+            target.model
+        )
+        if price is None or prompt is None or completion is None:
+            return None
+        return (prompt * price.input_per_million + completion * price.output_per_million) / 1e6
 
     def models(self) -> list[str]:
         return list(self.routes)

@@ -26,6 +26,7 @@ async def recent_requests(engine: AsyncEngine, limit: int) -> list[dict[str, Any
             llm_requests.c.status,
             llm_requests.c.prompt_tokens,
             llm_requests.c.completion_tokens,
+            llm_requests.c.cost,
             llm_requests.c.ended_at,
         )
         .order_by(llm_requests.c.created_at.desc())
