@@ -11,7 +11,8 @@ medians of per-round paired ratios.
 
 Phases, each bounded in time:
 
-1. added latency, non-streaming, concurrency 1 (p50/p99 over calling the upstream directly);
+1. added latency, non-streaming, concurrency 1 (p50/p99 over calling the upstream directly),
+   and what a failover adds (a route whose first target refuses connections);
 2. time to first token, streaming, concurrency 1;
 3. streamed tokens/s at concurrency 32 and 100 with 200- and 1000-token replies. Daemon CPU
    per token is utime+stime from /proc/<pid>/stat over the run *and* the flush that follows
@@ -77,7 +78,7 @@ from llmsvc.wal.codec import encode_token
 from llmsvc.wal.writer import WalWriter
 
 UPSTREAM_SCRIPT = ROOT / "scripts" / "openai_upstream.py"
-MODEL, PACED_MODEL = "gpt-test", "gpt-paced"
+MODEL, PACED_MODEL, FAILOVER_MODEL = "gpt-test", "gpt-paced", "gpt-failover"
 MESSAGES = [{"role": "user", "content": "Write a long story about a durable log."}]
 JSON_HEADERS = {"Content-Type": "application/json"}
 # Every token event, from the upstream and from the daemon, has this; the role event does not.
@@ -204,8 +205,16 @@ def spawn_upstream(tmp: Path, name: str, delay_ms: float) -> Proc:
     raise RuntimeError(f"{name} did not start:\n{log_tail(logfile)}")
 
 
-def spawn_daemon(tmp: Path, database_url: str, providers: list[dict[str, Any]]) -> Proc:
-    """`llmsvc run` in `write` mode; stderr goes to a file (a full pipe would stall it)."""
+def spawn_daemon(
+    tmp: Path,
+    database_url: str,
+    providers: list[dict[str, Any]],
+    routes: dict[str, list[str]] | None = None,
+) -> Proc:
+    """`llmsvc run` in `write` mode; stderr goes to a file (a full pipe would stall it).
+
+    A failover costs one refused connection, then the next target: no retry.
+    """
     port = free_port()  # `ready` logs the configured port, so 0 cannot be used here
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSVC_")}
     env.update(
@@ -217,6 +226,11 @@ def spawn_daemon(tmp: Path, database_url: str, providers: list[dict[str, Any]]) 
         LLMSVC_PROVIDERS=json.dumps(providers),
         LLMSVC_LOG_LEVEL="INFO",
         LLMSVC_METRICS_PORT="0",
+        LLMSVC_ROUTES=json.dumps(routes or {}),
+        LLMSVC_RETRIES_PER_TARGET="0",
+        # Keep the dead target's circuit closed: every failover request pays the failover.
+        LLMSVC_CIRCUIT_FAILURE_THRESHOLD="1000000",
+        LLMSVC_CIRCUIT_WINDOW="1000000",
     )
     binary = Path(sys.executable).parent / "llmsvc"
     cmd = [str(binary), "run"] if binary.exists() else [sys.executable, "-m", "llmsvc.cli", "run"]
@@ -428,6 +442,22 @@ async def phase_latency(stack: Stack, rounds: int, n: int) -> dict[str, Any]:
                 )
         for q in ("p50", "p99"):
             add(raw, f"added_{q}_ms", raw[f"daemon_{q}_ms"][-1] - raw[f"direct_{q}_ms"][-1])
+    return {"requests_per_round": n, "rounds": rounds, **summary(raw), "per_round": per_round(raw)}
+
+
+async def phase_failover(stack: Stack, rounds: int, n: int) -> dict[str, Any]:
+    """Non-streaming through the daemon, one at a time: a route whose first target refuses
+    connections against the same upstream served directly. The difference is a failover's
+    cost: a refused connect, its attempt journaled, the next target's call."""
+    raw: Raw = {}
+    body_ok = chat_body(MODEL, 16, stream=False)
+    body_failover = chat_body(FAILOVER_MODEL, 16, stream=False)
+    for r in range(rounds):
+        for name, body in rotated([("served", body_ok), ("failover", body_failover)], r):
+            lats = [await complete(stack.via, body) for _ in range(n)]
+            add(raw, f"{name}_p50_ms", pct(lats, 0.5) * 1e3)
+            add(raw, f"{name}_p99_ms", pct(lats, 0.99) * 1e3)
+        add(raw, "added_p50_ms", raw["failover_p50_ms"][-1] - raw["served_p50_ms"][-1])
     return {"requests_per_round": n, "rounds": rounds, **summary(raw), "per_round": per_round(raw)}
 
 
@@ -763,8 +793,15 @@ async def through_daemon(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         providers = [_provider("fast", up, MODEL)]
         if paced is not None:
             providers.append(_provider("paced", paced, PACED_MODEL))
+        # A provider on a port nothing listens on, first in the failover route.
+        dead = {
+            **_provider("dead", up, "gpt-dead"),
+            "base_url": f"http://127.0.0.1:{free_port()}/v1",
+        }
+        providers.append(dead)
+        routes = {FAILOVER_MODEL: [f"dead:{MODEL}", f"fast:{MODEL}"]}
         database_url = args.database_url or f"sqlite:///{tmp / 'llmsvc.db'}"
-        procs.append(daemon := spawn_daemon(tmp, database_url, providers))
+        procs.append(daemon := spawn_daemon(tmp, database_url, providers, routes))
         await wait_ready(daemon)
         log(f"daemon pid {daemon.pid} port {daemon.port}; upstream pid {up.pid}")
         rows = await open_token_rows(database_url)
@@ -789,6 +826,8 @@ async def through_daemon(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                     await complete(ep, chat_body(ep.model, 16, stream=False))
             log("latency, non-streaming, c=1")
             out["latency_nonstream_c1"] = await phase_latency(stack, args.rounds, args.latency_n)
+            log("failover, non-streaming, c=1")
+            out["failover_nonstream_c1"] = await phase_failover(stack, args.rounds, args.latency_n)
             log("time to first token, c=1")
             out["ttft_stream_c1"] = await phase_ttft(stack, args.rounds, args.ttft_n, 200)
             log("streaming")

@@ -51,6 +51,10 @@ def test_bench_runs_and_reports_every_figure(tmp_path: Path, pg_url: str) -> Non
     for key in ("direct_p50_ms", "direct_p99_ms", "daemon_p50_ms", "daemon_p99_ms"):
         assert positive(latency[key]), key
     assert isinstance(latency["added_p50_ms"], float)
+    failover = report["failover_nonstream_c1"]
+    assert positive(failover["failover_p50_ms"])
+    assert positive(failover["served_p50_ms"])
+    assert isinstance(failover["added_p50_ms"], float)
     ttft = report["ttft_stream_c1"]
     assert positive(ttft["direct_ttft_p50_ms"])
     assert positive(ttft["daemon_ttft_p50_ms"])
