@@ -213,7 +213,10 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         doc = {
             "request": request,
-            "attempts": [{**a, "text": detail.texts[a["id"]]} for a in detail.attempts],
+            "attempts": [
+                {**a, "text": detail.texts[a["id"]], "tool_calls": detail.tool_calls[a["id"]]}
+                for a in detail.attempts
+            ],
         }
         sys.stdout.buffer.write(_json(doc) + b"\n")
         return 0
@@ -236,6 +239,8 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
             print(f"  error: {attempt['error_code']}: {attempt['error_message']}")
         print("  reply:")
         print("    " + detail.texts[attempt["id"]].replace("\n", "\n    "))
+        for call in detail.tool_calls[attempt["id"]]:
+            print(f"  tool call: {call['name']}({call['arguments']}) id={call['id']}")
     return 0
 
 

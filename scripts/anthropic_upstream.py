@@ -217,7 +217,12 @@ class Upstream:
     @staticmethod
     def tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
         last = body["messages"][-1]
-        text = last["content"] if isinstance(last["content"], str) else ""
+        content = last["content"]
+        text = (
+            content
+            if isinstance(content, str)
+            else "".join(block.get("text", "") for block in content if block.get("type") == "text")
+        )
         if body.get("tools") and last["role"] == "user" and text.startswith("call:"):
             return {
                 "type": "tool_use",

@@ -11,6 +11,9 @@ Reply content is deterministic: ``max_tokens`` (default 16) tokens, token ``i`` 
 * ``X-Upstream-Fail: status:<code>`` -- answer that HTTP status with an OpenAI error
   (a 429 with ``Retry-After: 1``).
 * ``X-Upstream-Fail: after:<n>`` -- stream ``n`` tokens, then drop the connection.
+
+With ``tools`` in the body and a last user message ``call:NAME``, the reply calls the
+tool NAME with ``{"q": "x"}`` (streamed as OpenAI streams tool-call deltas).
 * ``/with/<header>/<value>/v1/chat/completions`` -- as if the request carried that header.
 
 Run ``python scripts/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
@@ -131,6 +134,15 @@ def _parse_delay(value: str | None, default: float) -> float:
     if not ms >= 0:  # also rejects NaN
         raise _BadRequest(f"Invalid {DELAY_HEADER} header: {value!r}.")
     return ms / 1000.0
+
+
+def _tool_call(body: dict[str, Any]) -> str | None:
+    """With `tools`, a last user message `call:NAME` asks for a call of NAME."""
+    last = body["messages"][-1] if body["messages"] else {}
+    content = last.get("content") if isinstance(last, dict) else None
+    if body.get("tools") and isinstance(content, str) and content.startswith("call:"):
+        return content[5:].strip()
+    return None
 
 
 def _parse_body(raw: bytes) -> tuple[dict[str, Any], int, bool]:
@@ -330,6 +342,54 @@ class Upstream:
         header, value = request.match_info["header"], request.match_info["value"]
         return await self.handle_chat(request.clone(headers={**request.headers, header: value}))
 
+    async def _tool_reply(
+        self, request: web.Request, body: dict[str, Any], name: str
+    ) -> web.StreamResponse:
+        """A reply that calls tool `name` with {"q": "x"}, as OpenAI streams one or not."""
+        cid, created, model = _new_id(), int(time.time()), body["model"]
+        call = {"id": "call_test", "type": "function", "function": {"name": name}}
+        usage = {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
+        if not body.get("stream"):
+            message = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [{**call, "function": {"name": name, "arguments": '{"q": "x"}'}}],
+            }
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": None,
+                "finish_reason": "tool_calls",
+            }
+            return web.json_response(
+                {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                 "choices": [choice], "usage": usage},
+                dumps=lambda v: orjson.dumps(v).decode(),
+            )  # fmt: skip
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
+
+        deltas = [
+            chunk({"role": "assistant", "content": None}),
+            chunk(
+                {"tool_calls": [{"index": 0, **call, "function": {"name": name, "arguments": ""}}]}
+            ),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q"'}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": ': "x"}'}}]}),
+            chunk({}, "tool_calls"),
+            b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n",
+            _DONE,
+        ]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        for part in deltas:
+            await resp.write(part)
+        await resp.write_eof()
+        return resp
+
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``: deterministic completion, streamed or not."""
         if (denied := self._check_auth(request)) is not None:
@@ -345,6 +405,8 @@ class Upstream:
                 fail_status,
                 "The server had an error while processing your request. Sorry about that!",
             )
+        if (tool := _tool_call(body)) is not None:
+            return await self._tool_reply(request, body, tool)
         prompt_tokens = count_prompt_tokens(body["messages"])
         usage = {
             "prompt_tokens": prompt_tokens,

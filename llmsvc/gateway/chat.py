@@ -32,7 +32,7 @@ from llmsvc.gateway.journal import Journal, durable, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import RetryPolicy, Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
-from llmsvc.providers.base import Reply
+from llmsvc.providers.base import Batch, Reply, ToolCallDeltas
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class Exchange:
         self.started = False  # response headers sent
         self.ended = False  # end records journaled
         self.seq = 0  # tokens journaled
+        self.tool_seq = 0  # tool-call deltas journaled, this attempt
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
@@ -136,7 +137,7 @@ class Exchange:
                     await self._attempt(target)
                     return
                 except ProviderError as exc:
-                    if self.seq or self.started or not exc.retryable:
+                    if self.seq or self.tool_seq or self.started or not exc.retryable:
                         raise
                     failed = exc
                     await self._end_attempt(exc)
@@ -156,6 +157,7 @@ class Exchange:
         name = target.provider.name
         self.target, self.attempt_no = target, self.attempt_no + 1
         self.attempt_id, self.first_token_us, self.attempt_open = uuid.uuid4(), None, True
+        self.tool_seq = 0
         self.journal.attempt_start(
             self.attempt_id, self.request_id, self.attempt_no, name, target.model
         )
@@ -197,6 +199,9 @@ class Exchange:
             async for texts in self._timed(reply):
                 if gone.done():
                     raise ClientGone
+                if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
+                    await self._send_chunk(encoder, await self._journal_tools(texts, encoder))
+                    continue
                 fut = self._journal_tokens(aid, texts)
                 if self.first_token_us is None:
                     self.first_token_us = now_us()
@@ -213,7 +218,16 @@ class Exchange:
         finally:
             gone.cancel()
 
-    async def _timed(self, reply: Reply) -> AsyncIterator[list[str]]:
+    async def _journal_tools(self, deltas: ToolCallDeltas, encoder: ChunkEncoder) -> bytes:
+        """Journal tool-call deltas and return their client chunk, once they are durable."""
+        fut = self.journal.tool_deltas(self.attempt_id.bytes, self.tool_seq, deltas)
+        self.tool_seq += len(deltas)
+        if self.first_token_us is None:
+            self.first_token_us = now_us()
+        await durable(fut)
+        return encoder.tool_calls(deltas)
+
+    async def _timed(self, reply: Reply) -> AsyncIterator[Batch]:
         """The reply's batches, with a bound on the first one and on the attempt as a whole."""
         batches = reply.batches()
         deadline = time.monotonic() + self.policy.attempt_timeout
@@ -241,11 +255,16 @@ class Exchange:
     async def _whole(self, reply: Reply) -> None:
         texts: list[str] = []
         async for batch in self._timed(reply):
-            texts.extend(batch)
+            if not isinstance(batch, ToolCallDeltas):
+                texts.extend(batch)
         content = "".join(texts)
-        if content:
+        if content or reply.tool_calls:
             self.first_token_us = now_us()
+        if content:
             self._journal_tokens(self.attempt_id.bytes, [content])
+        if reply.tool_calls:
+            self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
+            self.tool_seq = len(reply.tool_calls)
         fut = self._end_records("completed", reply)
         body = completion_body(
             self.completion_id,
@@ -255,6 +274,7 @@ class Exchange:
             reply.finish_reason or "stop",
             reply.prompt_tokens,
             reply.completion_tokens,
+            reply.tool_calls,
         )
         await durable(fut)
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])

@@ -12,7 +12,7 @@ import time
 import uuid
 from typing import Any
 
-from llmsvc.wal.codec import RecordType, encode_json, encode_token
+from llmsvc.wal.codec import RecordType, encode_json, encode_token, encode_tool_delta
 from llmsvc.wal.writer import WalWriter
 
 
@@ -72,6 +72,15 @@ class Journal:
         ts = now_us()
         return self.writer.append(
             *[encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
+        )
+
+    def tool_deltas(
+        self, attempt_id: bytes, first_seq: int, deltas: list[dict[str, Any]]
+    ) -> asyncio.Future[int]:
+        """Tool-call deltas, numbered in their own seq space per attempt (tokens keep theirs)."""
+        ts = now_us()
+        return self.writer.append(
+            *[encode_tool_delta(attempt_id, first_seq + i, ts, d) for i, d in enumerate(deltas)]
         )
 
     def attempt_end(self, attempt_id: uuid.UUID, **fields: Any) -> asyncio.Future[int]:

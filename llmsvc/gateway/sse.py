@@ -38,6 +38,16 @@ class ChunkEncoder:
         dumps = orjson.dumps
         return self._prefix + self._between.join([dumps(t) for t in texts]) + self._suffix
 
+    def tool_calls(self, deltas: list[dict[str, Any]]) -> bytes:
+        """A chunk of tool-call deltas in OpenAI's shape (the rare path: built with orjson)."""
+        calls = orjson.dumps([openai_tool_call(d) for d in deltas])
+        return (
+            self._head
+            + b'{"tool_calls":'
+            + calls
+            + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+        )
+
     def role(self) -> bytes:
         return (
             self._head
@@ -72,8 +82,13 @@ def completion_body(
     finish_reason: str,
     prompt_tokens: int | None,
     completion_tokens: int | None,
+    tool_calls: list[dict[str, Any]] | None = None,
 ) -> bytes:
     """A whole (non-streaming) chat.completion object."""
+    message: dict[str, Any] = {"role": "assistant", "content": content}
+    if tool_calls:
+        message["content"] = content or None
+        message["tool_calls"] = [openai_tool_call(call) for call in tool_calls]
     return orjson.dumps(
         {
             "id": completion_id,
@@ -84,7 +99,7 @@ def completion_body(
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": content},
+                    "message": message,
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }
@@ -92,3 +107,15 @@ def completion_body(
             "usage": _usage(prompt_tokens, completion_tokens),
         }
     )
+
+
+def openai_tool_call(delta: dict[str, Any]) -> dict[str, Any]:
+    """A flat delta (`index`, `id`, `name`, `arguments`) as OpenAI writes a tool call."""
+    call: dict[str, Any] = {"index": delta.get("index", 0)}
+    function: dict[str, Any] = {"arguments": delta.get("arguments") or ""}
+    if delta.get("id"):
+        call["id"], call["type"] = delta["id"], "function"
+    if delta.get("name"):
+        function["name"] = delta["name"]
+    call["function"] = function
+    return call

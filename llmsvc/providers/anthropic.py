@@ -19,6 +19,7 @@ import orjson
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
+from llmsvc.providers.base import Batch, ToolCallDeltas
 from llmsvc.providers.openai import retry_after
 from llmsvc.providers.sse import SseSplitter
 
@@ -150,8 +151,10 @@ class AnthropicReply:
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.tool_calls: list[dict[str, Any]] = []
+        self._tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
 
-    async def batches(self) -> AsyncIterator[list[str]]:
+    async def batches(self) -> AsyncIterator[Batch]:
         try:
             if self.stream:
                 async for texts in self._events():
@@ -172,10 +175,11 @@ class AnthropicReply:
         finally:
             self.response.release()
 
-    async def _events(self) -> AsyncIterator[list[str]]:
+    async def _events(self) -> AsyncIterator[Batch]:
         splitter, stopped = SseSplitter(), False
         async for chunk in self.response.content.iter_any():
             texts: list[str] = []
+            tools = ToolCallDeltas()
             for data in splitter.feed(chunk):
                 event = orjson.loads(data)
                 kind = event.get("type")
@@ -183,6 +187,16 @@ class AnthropicReply:
                     delta = event.get("delta") or {}
                     if delta.get("type") == "text_delta" and delta.get("text"):
                         texts.append(delta["text"])
+                    elif delta.get("type") == "input_json_delta":
+                        ordinal = self._tool_index.get(event.get("index", 0), 0)
+                        tools.append({"index": ordinal, "arguments": delta.get("partial_json")})
+                elif kind == "content_block_start":
+                    block = event.get("content_block") or {}
+                    if block.get("type") == "tool_use":
+                        index = event.get("index", 0)
+                        ordinal = self._tool_index.setdefault(index, len(self._tool_index))
+                        call = {"index": ordinal, "id": block.get("id"), "name": block.get("name")}
+                        tools.append({**call, "arguments": ""})
                 elif kind == "message_start":
                     usage = (event.get("message") or {}).get("usage") or {}
                     self.prompt_tokens = usage.get("input_tokens")
@@ -199,6 +213,8 @@ class AnthropicReply:
                     raise upstream_error(self.name, None, event)
             if texts:
                 yield texts
+            if tools:
+                yield tools
         if not stopped:
             raise ProviderUnavailable(
                 f"{self.name}: the upstream ended the stream without message_stop",
@@ -210,9 +226,18 @@ class AnthropicReply:
         usage = body.get("usage") or {}
         self.prompt_tokens = usage.get("input_tokens")
         self.completion_tokens = usage.get("output_tokens")
-        return "".join(
-            b.get("text", "") for b in body.get("content") or () if b.get("type") == "text"
-        )
+        blocks = body.get("content") or ()
+        uses = [b for b in blocks if b.get("type") == "tool_use"]
+        self.tool_calls = [
+            {
+                "index": n,
+                "id": use.get("id"),
+                "name": use.get("name"),
+                "arguments": orjson.dumps(use.get("input") or {}).decode(),
+            }
+            for n, use in enumerate(uses)
+        ]
+        return "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
 
     async def aclose(self) -> None:
         self.response.close()

@@ -11,6 +11,17 @@ from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 
+class ToolCallDeltas(list[dict[str, Any]]):
+    """A batch of tool-call deltas, flat: `index`, and `id`, `name`, `arguments` as they come.
+
+    Yielded by `Reply.batches` between token batches (a list of str); rare, so
+    the gateway tells them apart with one type check per batch.
+    """
+
+
+Batch = list[str] | ToolCallDeltas  # what Reply.batches yields
+
+
 class Reply(Protocol):
     """One provider call under way: token batches, then how it ended."""
 
@@ -18,9 +29,10 @@ class Reply(Protocol):
     prompt_tokens: int | None
     completion_tokens: int | None
     http_status: int | None
+    tool_calls: list[dict[str, Any]]  # a whole (non-streaming) reply's calls, flat
 
-    def batches(self) -> AsyncIterator[list[str]]:
-        """Token texts as they arrive, grouped by upstream read."""
+    def batches(self) -> AsyncIterator[Batch]:
+        """Token texts as they arrive, grouped by upstream read (and ToolCallDeltas)."""
         ...
 
     async def aclose(self) -> None: ...

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llmsvc.config import ProviderConfig
+from llmsvc.providers.base import Batch
 
 WORDS = ("The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog.")
 DEFAULT_TOKENS = 16
@@ -32,8 +33,9 @@ class MockReply:
         self.prompt_tokens: int | None = prompt_tokens
         self.completion_tokens: int | None = None
         self.finish_reason: str | None = None
+        self.tool_calls: list[dict[str, Any]] = []
 
-    async def batches(self) -> AsyncIterator[list[str]]:
+    async def batches(self) -> AsyncIterator[Batch]:
         if self.delay:
             for i in range(self.count):
                 await asyncio.sleep(self.delay)

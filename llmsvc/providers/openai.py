@@ -17,6 +17,7 @@ import orjson
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
+from llmsvc.providers.base import Batch, ToolCallDeltas
 from llmsvc.providers.sse import SseSplitter
 
 
@@ -29,8 +30,9 @@ class OpenAIReply:
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.tool_calls: list[dict[str, Any]] = []
 
-    async def batches(self) -> AsyncIterator[list[str]]:
+    async def batches(self) -> AsyncIterator[Batch]:
         try:
             if self.stream:
                 async for texts in self._events():
@@ -51,10 +53,11 @@ class OpenAIReply:
         finally:
             self.response.release()
 
-    async def _events(self) -> AsyncIterator[list[str]]:
+    async def _events(self) -> AsyncIterator[Batch]:
         splitter, done = SseSplitter(), False
         async for chunk in self.response.content.iter_any():
             texts: list[str] = []
+            tools = ToolCallDeltas()
             for data in splitter.feed(chunk):
                 if data == b"[DONE]":
                     done = True
@@ -67,13 +70,18 @@ class OpenAIReply:
                 if event.get("usage"):
                     self._usage(event["usage"])
                 for choice in event.get("choices") or ():
-                    content = (choice.get("delta") or {}).get("content")
+                    delta = choice.get("delta") or {}
+                    content = delta.get("content")
                     if content:
                         texts.append(content)
+                    if delta.get("tool_calls"):  # rare: parsed only when present
+                        tools.extend(_flat(call) for call in delta["tool_calls"])
                     if choice.get("finish_reason"):
                         self.finish_reason = choice["finish_reason"]
             if texts:
                 yield texts
+            if tools:
+                yield tools
         if not done:
             raise ProviderUnavailable(
                 f"{self.name}: the upstream ended the stream without [DONE]",
@@ -84,7 +92,11 @@ class OpenAIReply:
         choice = (body.get("choices") or [{}])[0]
         self.finish_reason = choice.get("finish_reason")
         self._usage(body.get("usage") or {})
-        content = (choice.get("message") or {}).get("content")
+        message = choice.get("message") or {}
+        self.tool_calls = [
+            _flat({**call, "index": n}) for n, call in enumerate(message.get("tool_calls") or ())
+        ]
+        content = message.get("content")
         return content if isinstance(content, str) else ""
 
     def _usage(self, usage: dict[str, Any]) -> None:
@@ -146,6 +158,17 @@ class OpenAIProvider:
     async def close(self) -> None:
         if self._session is not None:
             await self._session.close()
+
+
+def _flat(call: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI tool call (or its delta) flat: index, id, name, arguments."""
+    function = call.get("function") or {}
+    return {
+        "index": call.get("index", 0),
+        "id": call.get("id"),
+        "name": function.get("name"),
+        "arguments": function.get("arguments") or "",
+    }
 
 
 def upstream_error(

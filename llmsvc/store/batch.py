@@ -55,13 +55,14 @@ class Batch:
     token_rows: list[Row] = field(default_factory=list)  # in the dialect's form
     request_ends: list[dict[str, Any]] = field(default_factory=list)
     attempt_ends: list[dict[str, Any]] = field(default_factory=list)
+    tool_rows: list[dict[str, Any]] = field(default_factory=list)  # llm_tool_calls rows
     # For attempts whose request started outside this batch: inserted only where the
     # request has no row, which happens only when WAL damage took its start record.
     stand_ins: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def size(self) -> int:
-        return len(self.requests) + len(self.attempts) + len(self.tokens)
+        return len(self.requests) + len(self.attempts) + len(self.tokens) + len(self.tool_rows)
 
 
 def build_batch(
@@ -73,6 +74,9 @@ def build_batch(
     for rtype, payload in records:
         if rtype == RecordType.TOKEN:
             add_token(decode_token(payload))
+            continue
+        if rtype == RecordType.TOOL_DELTA:
+            batch.tool_rows.append(_tool_row(payload))
             continue
         body = decode_json(payload)
         if rtype == RecordType.REQUEST_START:
@@ -104,6 +108,20 @@ def _request_row(body: dict[str, Any], instance_id: uuid.UUID) -> dict[str, Any]
         "params": body["params"],
         "created_at": utc(body["ts"]),
         **dict.fromkeys(REQUEST_END_FIELDS[1:]),
+    }
+
+
+def _tool_row(payload: bytes) -> dict[str, Any]:
+    attempt_id, seq, text, us = decode_token(payload)
+    delta = decode_json(text.encode())
+    return {
+        "attempt_id": uuid.UUID(bytes=attempt_id),
+        "seq": seq,
+        "call_index": delta.get("index", 0),
+        "call_id": delta.get("id"),
+        "name": delta.get("name"),
+        "arguments": delta.get("arguments") or "",
+        "created_at": utc(us),
     }
 
 
@@ -219,3 +237,4 @@ def _no_nul_rows(batch: Batch) -> None:
     batch.attempts = {k: _no_nul(row) for k, row in batch.attempts.items()}
     batch.request_ends = [_no_nul(row) for row in batch.request_ends]
     batch.attempt_ends = [_no_nul(row) for row in batch.attempt_ends]
+    batch.tool_rows = [_no_nul(row) for row in batch.tool_rows]

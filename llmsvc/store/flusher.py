@@ -25,7 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
-from llmsvc.store.schema import llm_attempts, llm_requests, wal_checkpoints
+from llmsvc.store.schema import llm_attempts, llm_requests, llm_tool_calls, wal_checkpoints
 from llmsvc.wal.reader import Position, WalReader
 from llmsvc.wal.segment import HEADER_SIZE, list_segments
 
@@ -106,6 +106,10 @@ async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID)
             )
         if batch.token_rows:
             await TOKEN_WRITERS[conn.dialect.name](conn, batch.token_rows)
+        if batch.tool_rows:  # rare: tool calls, a statement of their own
+            await conn.execute(
+                _insert(conn, llm_tool_calls).on_conflict_do_nothing(), batch.tool_rows
+            )
         if batch.attempt_ends:
             await conn.execute(_update_by_key(llm_attempts, ATTEMPT_END_FIELDS), batch.attempt_ends)
         if batch.request_ends:

@@ -11,7 +11,13 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, provider_status
+from llmsvc.store.schema import (
+    llm_attempts,
+    llm_requests,
+    llm_token_log,
+    llm_tool_calls,
+    provider_status,
+)
 
 
 async def recent_requests(engine: AsyncEngine, limit: int) -> list[dict[str, Any]]:
@@ -41,6 +47,7 @@ class RequestDetail:
     request: dict[str, Any]
     attempts: list[dict[str, Any]]
     texts: dict[uuid.UUID, str]  # each attempt's tokens, assembled in seq order
+    tool_calls: dict[uuid.UUID, list[dict[str, Any]]]  # each attempt's calls, assembled
 
 
 async def request_detail(engine: AsyncEngine, request_id: uuid.UUID) -> RequestDetail | None:
@@ -66,7 +73,27 @@ async def request_detail(engine: AsyncEngine, request_id: uuid.UUID) -> RequestD
                 .order_by(llm_token_log.c.seq)
             )
             texts[attempt["id"]] = "".join(tokens)
-    return RequestDetail(dict(row._mapping), attempts, texts)
+        calls: dict[uuid.UUID, list[dict[str, Any]]] = {}
+        for attempt in attempts:
+            deltas = await conn.execute(
+                sa.select(llm_tool_calls)
+                .where(llm_tool_calls.c.attempt_id == attempt["id"])
+                .order_by(llm_tool_calls.c.seq)
+            )
+            calls[attempt["id"]] = assemble_tool_calls([dict(d._mapping) for d in deltas])
+    return RequestDetail(dict(row._mapping), attempts, texts, calls)
+
+
+def assemble_tool_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Stored deltas, in seq order, as whole calls: id and name as first given, arguments
+    concatenated, by call index."""
+    calls: dict[int, dict[str, Any]] = {}
+    for d in deltas:
+        call = calls.setdefault(d["call_index"], {"id": None, "name": None, "arguments": ""})
+        call["id"] = call["id"] or d["call_id"]
+        call["name"] = call["name"] or d["name"]
+        call["arguments"] += d["arguments"]
+    return [calls[index] for index in sorted(calls)]
 
 
 @dataclass

@@ -68,6 +68,20 @@ llm_token_log = sa.Table(
     sa.Column("created_at", Timestamp, nullable=False),
 )
 
+# Tool calls as they were streamed: one row per delta, in a seq space of their own per
+# attempt; a call is its rows of one `index`, `arguments` concatenated in seq order.
+llm_tool_calls = sa.Table(
+    "llm_tool_calls",
+    metadata,
+    sa.Column("attempt_id", sa.Uuid, primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True),
+    sa.Column("call_index", sa.Integer, nullable=False),
+    sa.Column("call_id", sa.String(200)),
+    sa.Column("name", sa.String(200)),
+    sa.Column("arguments", sa.Text, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+)
+
 provider_status = sa.Table(
     "provider_status",
     metadata,

@@ -26,6 +26,7 @@ class RecordType(IntEnum):
     TOKEN = 3
     ATTEMPT_END = 4
     REQUEST_END = 5
+    TOOL_DELTA = 6  # a tool call's streamed part: the token head, then the delta as JSON
 
 
 _SEED = {t: crc32c(bytes([t])) for t in RecordType}
@@ -44,6 +45,13 @@ def encode_token(attempt_id: bytes, seq: int, ts_us: int, text: str) -> bytes:
     """The per-token record: 16-byte attempt id, seq, timestamp in µs, UTF-8 text."""
     payload = TOKEN_HEAD.pack(attempt_id, seq, ts_us) + text.encode()
     return FRAME.pack(len(payload), crc32c(payload, _TOKEN_SEED), RecordType.TOKEN) + payload
+
+
+def encode_tool_delta(attempt_id: bytes, seq: int, ts_us: int, delta: dict[str, Any]) -> bytes:
+    """A tool-call delta (`index`, and `id`, `name`, `arguments` as they come), as a token is."""
+    return encode(
+        RecordType.TOOL_DELTA, TOKEN_HEAD.pack(attempt_id, seq, ts_us) + orjson.dumps(delta)
+    )
 
 
 def decode_token(payload: bytes) -> tuple[bytes, int, str, int]:
