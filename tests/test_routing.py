@@ -292,3 +292,28 @@ def test_the_price_table_fills_the_requests_cost_and_status_shows_it(
     assert request["cost"] == pytest.approx((1 * 3.0 + 10 * 15.0) / 1e6)
     assert "0.000153" in status.stdout
     assert "cost of these 1 requests: 0.000153" in status.stdout
+
+
+def test_no_first_token_in_time_fails_over_and_a_slow_whole_reply_is_not_cut(
+    upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    slow = upstream.steered_url("X-Upstream-Token-Delay-Ms", "1500")
+    env = env_for(
+        sqlite_url,
+        tmp_path,
+        [provider("slow", slow), provider("up", upstream.base_url)],
+        routes={"gpt-fast": ["slow:gpt-test", "up:gpt-test"], "gpt-slow": ["slow:gpt-test"]},
+        retries_per_target=0,
+        first_token_timeout_seconds=0.5,
+    )
+    with DaemonProcess(env) as daemon:
+        request_id, tokens, error = streamed(daemon, "gpt-fast", 3)
+        client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0)
+        whole = client.chat.completions.create(model="gpt-slow", messages=MESSAGES, max_tokens=1)
+        assert daemon.stop() == 0
+    assert (len(tokens), error) == (3, "")
+    assert attempts(sqlite_url, request_id) == [
+        (1, "slow", "failed", None, "first_token_timeout"),
+        (2, "up", "completed", 200, ""),
+    ]
+    assert whole.choices[0].message.content  # non-streaming: only the attempt's bound applies

@@ -14,7 +14,6 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -32,7 +31,7 @@ from llmsvc.gateway.journal import Journal, durable, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import RetryPolicy, Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
-from llmsvc.providers.base import Batch, Reply, ToolCallDeltas
+from llmsvc.providers.base import Reply, ToolCallDeltas
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +73,8 @@ class Exchange:
         self.ended = False  # end records journaled
         self.seq = 0  # tokens journaled
         self.tool_seq = 0  # tool-call deltas journaled, this attempt
+        self.deadline = 0.0  # loop time the current attempt must end by
+        self.bound: asyncio.Timeout | None = None  # its timer, moved at the first token
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
@@ -163,14 +164,7 @@ class Exchange:
         )
         settled = False
         try:
-            reply = await target.provider.open(self.data, target.model, self.request.stream)
-            try:
-                if self.request.stream:
-                    await self._stream(reply)
-                else:
-                    await self._whole(reply)
-            finally:
-                await reply.aclose()
+            await self._call(target)
             self.router.breakers.success(name)
             settled = True
         except ProviderError as exc:
@@ -181,6 +175,40 @@ class Exchange:
         finally:
             if not settled:
                 self.router.breakers.release(name)
+
+    async def _call(self, target: Target) -> None:
+        """The provider call, bounded: until the first token by `first_token_timeout` (when
+        streaming), and as a whole by `attempt_timeout`. One timer for both, moved when the
+        first token arrives: nothing per token."""
+        loop = asyncio.get_running_loop()
+        self.deadline = loop.time() + self.policy.attempt_timeout
+        first = loop.time() + self.policy.first_token_timeout
+        try:
+            async with asyncio.timeout_at(
+                min(first, self.deadline) if self.request.stream else self.deadline
+            ) as self.bound:
+                reply = await target.provider.open(self.data, target.model, self.request.stream)
+                try:
+                    if self.request.stream:
+                        await self._stream(reply)
+                    else:
+                        await self._whole(reply)
+                finally:
+                    await reply.aclose()
+        except TimeoutError:
+            waited = self.first_token_us is None and self.request.stream
+            limit = self.policy.first_token_timeout if waited else self.policy.attempt_timeout
+            what = "no first token" if waited else "no end of the reply"
+            raise ProviderUnavailable(
+                f"{target.provider.name}: {what} within {limit:g} s",
+                code="first_token_timeout" if waited else "attempt_timeout",
+            ) from None
+
+    def _first_token(self) -> None:
+        """The first token (or tool call) is here: only the attempt's bound applies now."""
+        self.first_token_us = now_us()
+        if self.bound is not None:
+            self.bound.reschedule(self.deadline)
 
     async def _end_attempt(self, exc: ProviderError) -> None:
         """Journal a failed attempt that will be retried or followed by another target."""
@@ -196,7 +224,7 @@ class Exchange:
         # only seen by receive(), which returns once the body has been read.
         gone = asyncio.ensure_future(self.receive())
         try:
-            async for texts in self._timed(reply):
+            async for texts in reply.batches():
                 if gone.done():
                     raise ClientGone
                 if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
@@ -204,7 +232,7 @@ class Exchange:
                     continue
                 fut = self._journal_tokens(aid, texts)
                 if self.first_token_us is None:
-                    self.first_token_us = now_us()
+                    self._first_token()
                 frame = encoder.tokens(texts)
                 await durable(fut)
                 self.unconfirmed = (None, 0)
@@ -223,38 +251,13 @@ class Exchange:
         fut = self.journal.tool_deltas(self.attempt_id.bytes, self.tool_seq, deltas)
         self.tool_seq += len(deltas)
         if self.first_token_us is None:
-            self.first_token_us = now_us()
+            self._first_token()
         await durable(fut)
         return encoder.tool_calls(deltas)
 
-    async def _timed(self, reply: Reply) -> AsyncIterator[Batch]:
-        """The reply's batches, with a bound on the first one and on the attempt as a whole."""
-        batches = reply.batches()
-        deadline = time.monotonic() + self.policy.attempt_timeout
-        try:
-            async with asyncio.timeout(self.policy.first_token_timeout):
-                first = await anext(batches, None)
-        except TimeoutError:
-            raise ProviderUnavailable(
-                f"{self.target.provider.name}: no first token within "
-                f"{self.policy.first_token_timeout:g} s",
-                code="first_token_timeout",
-            ) from None
-        if first is None:
-            return
-        yield first
-        async for texts in batches:
-            if time.monotonic() > deadline:
-                raise ProviderUnavailable(
-                    f"{self.target.provider.name}: the reply took longer than "
-                    f"{self.policy.attempt_timeout:g} s",
-                    code="attempt_timeout",
-                )
-            yield texts
-
     async def _whole(self, reply: Reply) -> None:
         texts: list[str] = []
-        async for batch in self._timed(reply):
+        async for batch in reply.batches():
             if not isinstance(batch, ToolCallDeltas):
                 texts.extend(batch)
         content = "".join(texts)

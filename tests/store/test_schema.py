@@ -23,7 +23,13 @@ from llmsvc.store.engine import (
 )
 from llmsvc.store.schema import llm_token_log, metadata, wal_checkpoints
 
-STORE_TABLES = {"llm_requests", "llm_attempts", "llm_token_log", "provider_status"}
+STORE_TABLES = {
+    "llm_requests",
+    "llm_attempts",
+    "llm_token_log",
+    "llm_tool_calls",
+    "provider_status",
+}
 PARTITION = re.compile(r"llm_token_log_(p\d{8}|default)")  # PostgreSQL's daily partitions
 
 # The newest revision, read from the migration files' names (NNNN_what.py), not from Alembic.
