@@ -11,7 +11,7 @@ event is a failure of the upstream mid-stream, `ping` is ignored.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -20,7 +20,7 @@ import orjson
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, ToolCallDeltas
-from llmsvc.providers.openai import retry_after
+from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
 
 DEFAULT_MAX_TOKENS = 4096
@@ -142,38 +142,10 @@ def _arguments(arguments: Any) -> Any:
     return arguments or {}
 
 
-class AnthropicReply:
+class AnthropicReply(HttpReply):
     def __init__(self, name: str, response: aiohttp.ClientResponse, stream: bool) -> None:
-        self.name = name
-        self.response = response
-        self.stream = stream
-        self.http_status: int | None = response.status
-        self.finish_reason: str | None = None
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.tool_calls: list[dict[str, Any]] = []
+        super().__init__(name, response, stream)
         self._tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
-
-    async def batches(self) -> AsyncIterator[Batch]:
-        try:
-            if self.stream:
-                async for texts in self._events():
-                    yield texts
-            else:
-                text = self._whole(orjson.loads(await self.response.read()))
-                if text:
-                    yield [text]
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(
-                f"{self.name}: the upstream stream broke: {exc or type(exc).__name__}",
-                code="upstream_stream_broken",
-            ) from exc
-        except orjson.JSONDecodeError as exc:
-            raise ProviderError(
-                f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
-            ) from exc
-        finally:
-            self.response.release()
 
     async def _events(self) -> AsyncIterator[Batch]:
         splitter, stopped = SseSplitter(), False
@@ -239,63 +211,24 @@ class AnthropicReply:
         ]
         return "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
 
-    async def aclose(self) -> None:
-        self.response.close()
 
-
-class AnthropicProvider:
+class AnthropicProvider(HttpProvider):
     def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.url = config.base_url.rstrip("/") + "/v1/messages"
+        super().__init__(config, config.base_url.rstrip("/") + "/v1/messages", upstream_error)
         self.headers = {
             "content-type": "application/json",
             "anthropic-version": config.anthropic_version,
         }
         if config.api_key is not None:
             self.headers["x-api-key"] = config.api_key.get_secret_value()
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=config.connect_timeout_seconds,
-            sock_read=config.timeout_seconds,
-        )
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(connector=connector, timeout=self.timeout)
-        return self._session
 
     async def open(self, body: dict[str, Any], model: str, stream: bool) -> AnthropicReply:
-        payload = to_anthropic(body, model, stream)
-        try:
-            response = await self._client().post(
-                self.url, data=orjson.dumps(payload), headers=self.headers
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ProviderUnavailable(
-                f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",
-                code="upstream_unreachable",
-            ) from exc
-        if response.status != 200:
-            try:
-                detail = orjson.loads(await response.read())
-            except (TimeoutError, orjson.JSONDecodeError, aiohttp.ClientError):
-                detail = {}
-            finally:
-                response.release()
-            raise upstream_error(
-                self.name, response.status, detail, response.headers.get("retry-after")
-            )
+        response = await self.post(to_anthropic(body, model, stream), self.headers)
         return AnthropicReply(self.name, response, stream)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 def upstream_error(
-    name: str, status: int | None, detail: Any, retry: str | None = None
+    name: str, status: int | None, detail: Any, headers: Mapping[str, str] | None = None
 ) -> ProviderError:
     """Anthropic's `{"type": "error", "error": {"type", "message"}}` as a ProviderError.
 
@@ -311,5 +244,5 @@ def upstream_error(
         f"{name}: upstream said: {message}",
         status=status,
         code=code,
-        retry_after=retry_after(retry),
+        retry_after=retry_after(headers.get("retry-after") if headers else None),
     )

@@ -7,52 +7,19 @@ Upstream events are parsed with orjson, no SDK objects: this is the hot path.
 
 from __future__ import annotations
 
-import email.utils
 from collections.abc import AsyncIterator, Mapping
-from datetime import UTC, datetime
 from typing import Any
 
-import aiohttp
 import orjson
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, ToolCallDeltas
+from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
 
 
-class OpenAIReply:
-    def __init__(self, name: str, response: aiohttp.ClientResponse, stream: bool) -> None:
-        self.name = name
-        self.response = response
-        self.stream = stream
-        self.http_status: int | None = response.status
-        self.finish_reason: str | None = None
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.tool_calls: list[dict[str, Any]] = []
-
-    async def batches(self) -> AsyncIterator[Batch]:
-        try:
-            if self.stream:
-                async for texts in self._events():
-                    yield texts
-            else:
-                content = self._whole(orjson.loads(await self.response.read()))
-                if content:
-                    yield [content]
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(
-                f"{self.name}: the upstream stream broke: {exc or type(exc).__name__}",
-                code="upstream_stream_broken",
-            ) from exc
-        except orjson.JSONDecodeError as exc:
-            raise ProviderError(
-                f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
-            ) from exc
-        finally:
-            self.response.release()
-
+class OpenAIReply(HttpReply):
     async def _events(self) -> AsyncIterator[Batch]:
         splitter, done = SseSplitter(), False
         async for chunk in self.response.content.iter_any():
@@ -103,32 +70,13 @@ class OpenAIReply:
         self.prompt_tokens = usage.get("prompt_tokens")
         self.completion_tokens = usage.get("completion_tokens")
 
-    async def aclose(self) -> None:
-        self.response.close()
 
-
-class OpenAIProvider:
+class OpenAIProvider(HttpProvider):
     def __init__(self, config: ProviderConfig) -> None:
-        self.name = config.name
-        self.url = config.base_url.rstrip("/") + "/chat/completions"
+        super().__init__(config, config.base_url.rstrip("/") + "/chat/completions", upstream_error)
         self.headers = {"Content-Type": "application/json"}
         if config.api_key is not None:
             self.headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
-        self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=config.connect_timeout_seconds,
-            sock_read=config.timeout_seconds,
-        )
-        self._session: aiohttp.ClientSession | None = None
-
-    def _client(self) -> aiohttp.ClientSession:
-        """One pooled session, created on the running loop the first time it is needed."""
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
-            self._session = aiohttp.ClientSession(
-                connector=connector, timeout=self.timeout, auto_decompress=True
-            )
-        return self._session
 
     async def open(self, body: dict[str, Any], model: str, stream: bool) -> OpenAIReply:
         payload = {k: v for k, v in body.items() if k != "mock_delay_ms"}
@@ -136,28 +84,8 @@ class OpenAIProvider:
         if stream:
             options = body.get("stream_options") or {}
             payload["stream_options"] = {**options, "include_usage": True}
-        try:
-            response = await self._client().post(
-                self.url, data=orjson.dumps(payload), headers=self.headers
-            )
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise ProviderUnavailable(
-                f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",
-                code="upstream_unreachable",
-            ) from exc
-        if response.status != 200:
-            try:
-                detail = orjson.loads(await response.read())
-            except (TimeoutError, orjson.JSONDecodeError, aiohttp.ClientError):
-                detail = {}
-            finally:
-                response.release()
-            raise upstream_error(self.name, response.status, detail, response.headers)
+        response = await self.post(payload, self.headers)
         return OpenAIReply(self.name, response, stream)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
 
 
 def _flat(call: dict[str, Any]) -> dict[str, Any]:
@@ -191,18 +119,3 @@ def upstream_error(
         code=code,
         retry_after=retry_after(headers.get("Retry-After") if headers else None),
     )
-
-
-def retry_after(value: str | None) -> float | None:
-    """Retry-After in seconds: a number of seconds or an HTTP date; None if absent or bad."""
-    if not value:
-        return None
-    if value.strip().isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
