@@ -124,6 +124,7 @@ class Settings(BaseSettings):
     retry_after_max_seconds: float = Field(default=10, ge=0, le=3600)
     first_token_timeout_seconds: float = Field(default=60, gt=0)
     attempt_timeout_seconds: float = Field(default=900, gt=0)
+    request_timeout_seconds: float = Field(default=1800, gt=0)
     circuit_failure_threshold: int = Field(default=5, ge=1)
     circuit_cooldown_seconds: float = Field(default=30, ge=0)
     circuit_window: int = Field(default=20, ge=2)

@@ -186,6 +186,7 @@ class Daemon:
                 retry_after_max=s.retry_after_max_seconds,
                 first_token_timeout=s.first_token_timeout_seconds,
                 attempt_timeout=s.attempt_timeout_seconds,
+                request_timeout=s.request_timeout_seconds,
             ),
             booting=True,
         )
@@ -365,6 +366,7 @@ class Daemon:
                     "name": name,
                     "enabled": name not in self.router.disabled,
                     "circuit": self._circuit(name),
+                    "attempts": dict(self.gateway.attempt_counts.get(name, {})),
                 }
                 for name in self.providers
             ],

@@ -126,7 +126,9 @@ def test_a_disabled_provider_is_never_called_and_stays_disabled_across_a_restart
 
     with DaemonProcess(env) as again:
         _, providers = call(again, "GET", "/api/admin/providers")
-        assert providers == {"providers": [{"name": "mock", "enabled": False, "circuit": "closed"}]}
+        assert providers == {
+            "providers": [{"name": "mock", "enabled": False, "circuit": "closed", "attempts": {}}]
+        }
         assert call(again, "POST", "/api/admin/providers/mock/enable")[0] == 200
         assert chat(again)
         assert again.stop() == 0

@@ -85,7 +85,9 @@ def test_health_reports_every_part_of_the_daemon(sqlite_url: str, tmp_path: Path
     assert (ready_code, ready) == (200, {"ready": True, "reason": None})
     assert health["version"] == __version__
     assert health["uptime_seconds"] > 0
-    assert health["providers"] == [{"name": "mock", "enabled": True, "circuit": "closed"}]
+    assert health["providers"] == [
+        {"name": "mock", "enabled": True, "circuit": "closed", "attempts": {}}
+    ]
     assert health["database"]["connected"] is True
     wal = health["wal"]
     assert wal["segments"] >= 1

@@ -61,6 +61,7 @@ class Gateway:
         self.describe = describe  # the daemon's parts, for /api/health's detail
         self.booting = booting  # True until the daemon has replayed the WAL and checked the store
         self.paused: str | None = None  # why requests are refused for a while (a restore)
+        self.attempt_counts: dict[str, dict[str, int]] = {}  # provider -> outcome -> attempts
         self.metrics = metrics if metrics is not None else Metrics()
         self._refused_backlog = self.metrics.requests_refused.labels(reason="backlog")
         self._refused_shutdown = self.metrics.requests_refused.labels(reason="shutdown")
@@ -134,6 +135,9 @@ class Gateway:
             self._count(exchange)
 
     def _count(self, exchange: Exchange) -> None:
+        for name, _model, outcome, _code in exchange.attempts:
+            counts = self.attempt_counts.setdefault(name, {})
+            counts[outcome] = counts.get(outcome, 0) + 1
         first = exchange.first_token_us
         self.metrics.request_done(
             exchange.target.provider.name,

@@ -74,6 +74,7 @@ class Exchange:
         self.seq = 0  # tokens journaled
         self.tool_seq = 0  # tool-call deltas journaled, this attempt
         self.deadline = 0.0  # loop time the current attempt must end by
+        self.request_deadline = float("inf")  # and the request as a whole
         self.bound: asyncio.Timeout | None = None  # its timer, moved at the first token
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
@@ -128,8 +129,15 @@ class Exchange:
         the first token nothing is retried: the client already has part of this reply."""
         skipped: list[str] = []
         failed: ProviderError | None = None
+        loop = asyncio.get_running_loop()
+        self.request_deadline = loop.time() + self.policy.request_timeout
         for target in self.targets:
             for retry in range(self.policy.retries + 1):
+                if loop.time() >= self.request_deadline:
+                    skipped.append(
+                        f"request_timeout_seconds ({self.policy.request_timeout:g} s) spent"
+                    )
+                    break
                 why = self.router.unavailable(target)
                 if why is not None:
                     skipped.append(why)
@@ -146,6 +154,8 @@ class Exchange:
                 delay = self.policy.delay(retry, after)
                 if delay is None or retry == self.policy.retries:
                     break
+                if loop.time() + delay >= self.request_deadline:
+                    break  # no time for this target's retry: perhaps the next target's first try
                 await asyncio.sleep(delay)
         if failed is not None:
             raise failed  # every target failed: the client hears the last failure
@@ -181,7 +191,7 @@ class Exchange:
         streaming), and as a whole by `attempt_timeout`. One timer for both, moved when the
         first token arrives: nothing per token."""
         loop = asyncio.get_running_loop()
-        self.deadline = loop.time() + self.policy.attempt_timeout
+        self.deadline = min(loop.time() + self.policy.attempt_timeout, self.request_deadline)
         first = loop.time() + self.policy.first_token_timeout
         try:
             async with asyncio.timeout_at(
@@ -197,10 +207,10 @@ class Exchange:
                     await reply.aclose()
         except TimeoutError:
             waited = self.first_token_us is None and self.request.stream
-            limit = self.policy.first_token_timeout if waited else self.policy.attempt_timeout
-            what = "no first token" if waited else "no end of the reply"
+            what = "no first token" if waited else "the reply did not end"
             raise ProviderUnavailable(
-                f"{target.provider.name}: {what} within {limit:g} s",
+                f"{target.provider.name}: {what} in time (first_token_timeout_seconds, "
+                "attempt_timeout_seconds, request_timeout_seconds)",
                 code="first_token_timeout" if waited else "attempt_timeout",
             ) from None
 

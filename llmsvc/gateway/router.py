@@ -28,6 +28,7 @@ class RetryPolicy:
     retry_after_max: float = 10.0  # a longer Retry-After moves on to the next target
     first_token_timeout: float = 60.0
     attempt_timeout: float = 900.0
+    request_timeout: float = 1800.0  # all attempts of one request together
 
     def delay(self, retry: int, retry_after: float | None) -> float | None:
         """Seconds to wait before retry `retry + 1`, or None to move on to the next target."""
