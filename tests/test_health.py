@@ -43,7 +43,7 @@ def test_ready_is_503_while_the_wal_replays_and_health_says_booting(
 ) -> None:
     wal_dir = tmp_path / "wal"
     wal_dir.mkdir()
-    run_async(lambda: journal_backlog(wal_dir, 400_000), timeout=120)
+    run_async(lambda: journal_backlog(wal_dir, 200_000), timeout=120)
     seen: list[tuple[int, str]] = []
     daemon = DaemonProcess(daemon_env(sqlite_url, wal_dir)).start(wait_ready=False)
     try:
@@ -106,7 +106,7 @@ def test_a_sigterm_during_the_replay_stops_the_boot_and_the_next_boot_finishes_i
 ) -> None:
     wal_dir = tmp_path / "wal"
     wal_dir.mkdir()
-    run_async(lambda: journal_backlog(wal_dir, 400_000), timeout=120)
+    run_async(lambda: journal_backlog(wal_dir, 200_000), timeout=120)
     env = daemon_env(sqlite_url, wal_dir)
     daemon = DaemonProcess(env).start(wait_ready=False)
     try:
@@ -124,5 +124,5 @@ def test_a_sigterm_during_the_replay_stops_the_boot_and_the_next_boot_finishes_i
     with DaemonProcess(env) as again:
         assert again.stop() == 0, again.log
     store = read_store(sqlite_url)
-    assert len(store.requests) == 400
+    assert len(store.requests) == 200
     assert {r["status"] for r in store.requests.values()} == {"completed"}

@@ -71,7 +71,7 @@ def test_two_daemons_on_one_database_run_each_scheduled_slot_exactly_once(
     every_second = {**NO_JOBS, "gap_scan_schedule": "* * * * * *"}
     envs = [daemon_env(database_url, tmp_path / f"wal-{n}", **every_second) for n in (1, 2)]
     with DaemonProcess(envs[0]) as first, DaemonProcess(envs[1]) as second:
-        time.sleep(6)
+        time.sleep(4)
         assert first.stop() == 0, first.log
         assert second.stop() == 0, second.log
     instances = {
