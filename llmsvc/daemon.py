@@ -28,7 +28,7 @@ import anyio
 import sqlalchemy as sa
 import uvicorn
 
-from llmsvc import __version__
+from llmsvc import status
 from llmsvc.admin.app import AdminApi
 from llmsvc.config import Settings, systemd_environment
 from llmsvc.errors import Conflict, LlmsvcError, StoreError, WalFatal
@@ -36,15 +36,16 @@ from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.breaker import Breakers, Circuit
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
-from llmsvc.maintenance.backup import newest_verified, restore_database
+from llmsvc.maintenance.backup import restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
 from llmsvc.maintenance.jobs import job_table
 from llmsvc.maintenance.retention import ensure_partitions
 from llmsvc.maintenance.runs import Job, JobResult, record_run, run_job
 from llmsvc.maintenance.scheduler import Scheduler
-from llmsvc.metrics import DaemonState, Metrics, MetricsServer, WalStatus
+from llmsvc.metrics import Metrics, MetricsServer, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
+from llmsvc.status import iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import (
@@ -152,7 +153,7 @@ class Daemon:
         # chat requests get 503 until the gateway is told the store is ready.
         self.providers = {p.name: build_provider(p) for p in s.providers}
         self.metrics.watch(self.wal_status)
-        self.metrics.watch_daemon(self.daemon_state)
+        self.metrics.watch_daemon(lambda: status.daemon_state(self))
         for finding in self.repairs.findings:
             self.metrics.wal_damage.labels(kind=finding.kind).inc()
         self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
@@ -249,6 +250,9 @@ class Daemon:
     def prune_batch_requests(self) -> int:
         return self.settings.prune_batch_requests
 
+    def describe(self) -> dict[str, Any]:
+        return status.describe(self)
+
     def provider_names(self) -> list[str]:
         return list(self.providers)
 
@@ -310,9 +314,6 @@ class Daemon:
         log.info("restore: done file=%s replayed=%d", name, found["replayed"])
         return JobResult(rows=found["replayed"], found=found)
 
-    def _circuit(self, name: str) -> str:
-        return self.router.breakers.circuit(name).state
-
     def _circuit_changed(self, name: str, circuit: Circuit) -> None:
         """Store a breaker's new state (off the request's path), so a restart resumes it."""
         log.warning(
@@ -334,74 +335,6 @@ class Daemon:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
             log.warning("circuit state not stored error=%s", task.exception())
-
-    def daemon_state(self) -> DaemonState:
-        """What the metrics port reads at each scrape, on its own thread."""
-        return DaemonState(
-            wal_segments=len(list_segments(self.settings.wal_dir)),
-            wal_appended_records=self.writer.appended_records,
-            wal_appended_bytes=self.writer.written_bytes,
-            flush_errors=self.flusher.errors,
-            inflight_requests=len(self.gateway.inflight),
-            providers={
-                name: (name not in self.router.disabled, self._circuit(name))
-                for name in self.providers
-            },
-        )
-
-    def describe(self) -> dict[str, Any]:
-        """Every part's state, for `/api/health` and the admin status; cheap, on the loop."""
-        wal, now = self.wal_status(), time.time()
-        flusher, caught_up = self.flusher, self.flusher.caught_up_at
-        behind = round(now - caught_up, 1) if wal.backlog_records and caught_up else 0.0
-        segments = list_segments(self.settings.wal_dir)
-        scheduler = getattr(self, "scheduler", None)
-        backup = newest_verified(self.settings.backup_dir)  # a few small files: cheap
-        return {
-            "version": __version__,
-            "instance": str(self.instance),
-            "uptime_seconds": round(time.monotonic() - self.started, 1),
-            "providers": [
-                {
-                    "name": name,
-                    "enabled": name not in self.router.disabled,
-                    "circuit": self._circuit(name),
-                    "attempts": dict(self.gateway.attempt_counts.get(name, {})),
-                }
-                for name in self.providers
-            ],
-            "database": {
-                "connected": wal.database_up,
-                "last_flush": _iso(flusher.last_flush),
-                "last_error": flusher.last_error,
-            },
-            "wal": {
-                "segments": len(segments),
-                "bytes": sum(_size(seg.path) for seg in segments),
-                "backlog_records": wal.backlog_records,
-                "backlog_bytes": wal.backlog_bytes,
-                "backlog_seconds": behind,
-                "backlog_limit_bytes": wal.backlog_limit_bytes,
-                "checkpoint": wal.checkpoint,
-                "last_lsn": wal.last_lsn,
-                "disk_full": wal.disk_full,
-            },
-            "scheduler": {
-                name: {
-                    "schedule": schedule,
-                    "next_run": _iso(scheduler.next_runs().get(name)) if scheduler else None,
-                    **self.job_runs.get(name, {"last_run": None, "last_status": None}),
-                }
-                for name, schedule in self.settings.schedules().items()
-            },
-            "last_backup": backup
-            and {
-                "file": backup.name,
-                "created": backup.created,
-                "size": backup.size,
-            },
-            "shutdown": {"draining": self.gateway.draining, "fatal": str(self.fatal or "")},
-        }
 
     def _start_metrics(self) -> None:
         """`/metrics` on its own port, so scraping never shares the API's listener.
@@ -449,9 +382,9 @@ class Daemon:
         """One scheduled run; with several daemons on the database, one of them runs a slot."""
         await run_job(self.engine, name, self.jobs[name], self.instance, slot, self._job_finished)
 
-    def _job_finished(self, name: str, status: str, seconds: float) -> None:
-        self.metrics.job_finished(name, status, seconds)
-        self.job_runs[name] = {"last_run": _iso(time.time() - seconds), "last_status": status}
+    def _job_finished(self, name: str, outcome: str, seconds: float) -> None:
+        self.metrics.job_finished(name, outcome, seconds)
+        self.job_runs[name] = {"last_run": iso(time.time() - seconds), "last_status": outcome}
 
     async def _check(self) -> None:
         """The consistency check, token holes refilled from the WAL first, stored as a run.
@@ -587,21 +520,6 @@ class Daemon:
                 log.info("%s received: shutting down", name)
                 self.stopping.set()
                 self.booting.cancel()  # no effect once booted
-
-
-def _iso(when: float | datetime | None) -> str | None:
-    if when is None:
-        return None
-    if isinstance(when, datetime):
-        return when.isoformat()
-    return datetime.fromtimestamp(when, UTC).isoformat()
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except FileNotFoundError:  # removed by housekeeping meanwhile
-        return 0
 
 
 @contextlib.contextmanager
