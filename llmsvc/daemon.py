@@ -101,6 +101,7 @@ class Daemon:
                     if not self.booting.cancelled_caught:
                         log.info("ready host=%s port=%d", self.settings.host, self.port)
                         self.notifier.ready(f"serving on {self.settings.host}:{self.port}")
+                        signals.start_soon(self.metrics.watch_loop)
                         if self.notifier.watchdog_interval is not None:
                             signals.start_soon(self._watchdog, self.notifier.watchdog_interval)
                         await self.stopping.wait()

@@ -17,6 +17,7 @@ secrets, prompts or URLs with credentials.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REFUSAL_REASONS = ("backlog", "shutdown")
+LOOP_PROBE_SECONDS = 0.1
 WAL_DAMAGE_KINDS = ("torn_tail", "corrupt", "bad_header", "unreadable", "overlap")
 
 
@@ -270,11 +272,29 @@ class Metrics:
             buckets=(1, 10, 100, 1000, 5000, 10_000, 25_000, 50_000, 100_000),
             registry=self.registry,
         )
+        self.loop_lag = Histogram(
+            "llmsvc_event_loop_lag_seconds",
+            "how late the event loop ran a timer: its backlog of ready work",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
         self.flushed_records = Counter(
             "llmsvc_flush_records",
             "WAL records committed to the database",
             registry=self.registry,
         )
+
+    async def watch_loop(self, interval: float = LOOP_PROBE_SECONDS) -> None:
+        """Measure the event loop's lag for as long as it runs: how late a timer fires.
+
+        A loop busy with one long callback (a blocking call, a big batch) shows
+        here before it shows anywhere else; the probe costs one timer a tick.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.loop_lag.observe(max(0.0, loop.time() - due))
 
     def request_done(
         self,

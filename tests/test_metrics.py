@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 import urllib.request
 from pathlib import Path
@@ -95,6 +96,7 @@ def test_the_daemon_exports_requests_tokens_latency_wal_and_flush_figures(
     assert _value(families, "llmsvc_database_errors_total", operation="flush") == 0
     assert _value(families, "llmsvc_provider_enabled", provider="mock") == 1
     assert _value(families, "llmsvc_provider_circuit_state", provider="mock") == 0
+    assert _value(families, "llmsvc_event_loop_lag_seconds_count") >= 1  # probed every 0.1 s
 
     for name, family in families.items():
         assert name.startswith("llmsvc_"), name
@@ -102,3 +104,19 @@ def test_the_daemon_exports_requests_tokens_latency_wal_and_flush_figures(
             assert all(s.name.endswith("_total") for s in family.samples), name
         if "seconds" in name or "bytes" in name:
             assert name.endswith(("_seconds", "_bytes", "_bytes_total")), name
+
+
+async def test_the_loop_probe_sees_a_blocked_loop() -> None:
+    metrics = Metrics()
+    probe = asyncio.create_task(metrics.watch_loop(interval=0.01))
+    await asyncio.sleep(0.05)
+    time.sleep(0.2)  # noqa: ASYNC251 - a callback that blocks the loop is what is measured
+    await asyncio.sleep(0.05)
+    probe.cancel()
+    value = metrics.registry.get_sample_value
+    slow = value("llmsvc_event_loop_lag_seconds_bucket", {"le": "0.1"})
+    total = value("llmsvc_event_loop_lag_seconds_count")
+    assert total is not None
+    assert slow is not None
+    assert total - slow >= 1  # one tick was at least 0.1 s late
+    assert value("llmsvc_event_loop_lag_seconds_sum") >= 0.15
