@@ -193,9 +193,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     _print_table(table)
     if not rows:
         print("(no requests yet)")
-    else:
+    elif any(row["cost"] is not None for row in rows):  # only with a price table
         total = sum(row["cost"] or 0 for row in rows)
-        print(f"cost of these {len(rows)} requests: {total:.6f} (prices from settings: prices)")
+        print(f"cost of these {len(rows)} requests: {total:.6f}")
     return 0
 
 
