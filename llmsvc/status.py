@@ -58,6 +58,7 @@ def describe(daemon: Daemon) -> dict[str, Any]:
         ],
         "database": {
             "connected": wal.database_up,
+            "last_check": iso(flusher.last_check),
             "last_flush": iso(flusher.last_flush),
             "last_error": flusher.last_error,
         },

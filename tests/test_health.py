@@ -6,6 +6,7 @@ import asyncio
 import signal
 import time
 import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -75,7 +76,13 @@ def test_health_reports_every_part_of_the_daemon(sqlite_url: str, tmp_path: Path
     with DaemonProcess(env) as daemon:
         _, before = get_json(f"{daemon.base_url}/api/health")
         assert run_cli(env, "backup").returncode == 0
-        time.sleep(0.2)
+        chat = urllib.request.Request(
+            f"{daemon.base_url}/v1/chat/completions",
+            data=b'{"model": "mock", "messages": [{"role": "user", "content": "hi"}]}',
+            headers={"content-type": "application/json"},
+        )
+        urllib.request.urlopen(chat, timeout=10).close()
+        time.sleep(0.3)  # a flush interval or more
         code, health = get_json(f"{daemon.base_url}/api/health")
         ready_code, ready = get_json(f"{daemon.base_url}/api/ready")
         assert daemon.stop() == 0, daemon.log
@@ -86,9 +93,12 @@ def test_health_reports_every_part_of_the_daemon(sqlite_url: str, tmp_path: Path
     assert health["version"] == __version__
     assert health["uptime_seconds"] > 0
     assert health["providers"] == [
-        {"name": "mock", "enabled": True, "circuit": "closed", "attempts": {}}
+        {"name": "mock", "enabled": True, "circuit": "closed", "attempts": {"completed": 1}}
     ]
     assert health["database"]["connected"] is True
+    assert health["database"]["last_check"] is not None
+    assert health["database"]["last_check"] == health["database"]["last_flush"]  # it answered
+    assert health["database"]["last_error"] is None
     wal = health["wal"]
     assert wal["segments"] >= 1
     assert wal["bytes"] > 0

@@ -182,6 +182,7 @@ class Flusher:
         self.on_batch = on_batch  # told each committed batch's records and seconds (metrics)
         self.errors = 0  # failed batch writes (metrics)
         self.last_flush: float | None = None  # wall time of the last commit
+        self.last_check: float | None = None  # wall time the database last answered or failed
         self.last_error: str | None = None  # why the database refused, while it does
         self.caught_up_at: float | None = time.time()  # wall time the backlog was last empty
 
@@ -215,6 +216,8 @@ class Flusher:
         except Exception as exc:
             self.last_error, self.errors = _describe(exc), self.errors + 1
             raise
+        finally:
+            self.last_check = time.time()
         if self.on_batch is not None:
             self.on_batch(self._pending_records, time.perf_counter() - started)
         self.checkpoint, self._pending = self._pending.last_lsn, None
