@@ -180,41 +180,35 @@ class Gateway:
         )
         await send({"type": "http.response.body", "body": body})
 
+    def state(self) -> tuple[str, str | None]:
+        """(status, reason) as `/api/health` says them, in one order of precedence."""
+        wal = self.wal_status() if self.wal_status is not None else None
+        if self.booting:
+            return "booting", BOOTING
+        if self.draining:
+            return "stopping", SHUTTING_DOWN
+        if self.paused is not None:
+            return "paused", self.paused
+        if wal is not None and wal.disk_full:
+            return "refusing", DISK_FULL
+        if wal is not None and wal.over_limit:
+            return "refusing", backlog_refusal(wal)
+        if wal is not None and not wal.database_up:
+            return "degraded", DATABASE_DOWN
+        return "ok", None
+
     def refusal(self) -> str | None:
         """Why new chat requests would be refused now, or None. A database outage alone is not
         a reason: the WAL absorbs it."""
-        wal = self.wal_status() if self.wal_status is not None else None
-        if self.booting:
-            return BOOTING
-        if self.draining:
-            return SHUTTING_DOWN
-        if self.paused is not None:
-            return self.paused
-        if wal is not None and wal.disk_full:
-            return DISK_FULL
-        if wal is not None and wal.over_limit:
-            return backlog_refusal(wal)
-        return None
+        status, reason = self.state()
+        return None if status in ("ok", "degraded") else reason
 
     def health_report(self) -> dict[str, Any]:
         """The body of `/api/health`; its shape is in README.md (Operations)."""
-        wal = self.wal_status() if self.wal_status is not None else None
-        report: dict[str, Any] = {"status": "ok"}
-        reason = self.refusal()
+        status, reason = self.state()
+        report: dict[str, Any] = {"status": status}
         if reason is not None:
-            status = next(
-                name
-                for name, now in (
-                    ("booting", self.booting),
-                    ("stopping", self.draining),
-                    ("paused", self.paused is not None),
-                    ("refusing", True),
-                )
-                if now
-            )
-            report.update(status=status, reason=reason)
-        elif wal is not None and not wal.database_up:
-            report.update(status="degraded", reason=DATABASE_DOWN)
+            report["reason"] = reason
         if self.describe is not None:
             report.update(self.describe())
         return report
