@@ -74,6 +74,25 @@ def attempts(database_url: str, request_id: str) -> list[tuple[int, str, str, in
     ]
 
 
+def failing_first(
+    upstream: UpstreamProcess,
+    sqlite_url: str,
+    tmp_path: Path,
+    name: str,
+    fail: str,
+    **settings: Any,
+) -> dict[str, str]:
+    """A route `gpt-fast`: first a provider that fails as `X-Upstream-Fail: fail` says, then
+    the healthy upstream."""
+    return env_for(
+        sqlite_url,
+        tmp_path,
+        [provider(name, upstream.steered_url(FAIL, fail)), provider("up", upstream.base_url)],
+        routes={"gpt-fast": [f"{name}:gpt-test", "up:gpt-test"]},
+        **settings,
+    )
+
+
 @pytest.fixture
 def upstream() -> Any:
     with UpstreamProcess(api_key=KEY) as up:
@@ -111,15 +130,7 @@ def test_a_refused_connection_is_retried_then_the_next_target_serves(
 def test_a_500_is_retried_and_falls_back(
     upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
 ) -> None:
-    env = env_for(
-        sqlite_url,
-        tmp_path,
-        [
-            provider("broken", upstream.steered_url(FAIL, "status:500")),
-            provider("up", upstream.base_url),
-        ],
-        routes={"gpt-fast": ["broken:gpt-test", "up:gpt-test"]},
-    )
+    env = failing_first(upstream, sqlite_url, tmp_path, "broken", "status:500")
     with DaemonProcess(env) as daemon:
         request_id, tokens, error = streamed(daemon, "gpt-fast")
         assert daemon.stop() == 0
@@ -134,15 +145,7 @@ def test_a_500_is_retried_and_falls_back(
 def test_a_429_waits_for_its_retry_after_before_the_retry(
     upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
 ) -> None:
-    env = env_for(
-        sqlite_url,
-        tmp_path,
-        [
-            provider("limited", upstream.steered_url(FAIL, "status:429")),
-            provider("up", upstream.base_url),
-        ],
-        routes={"gpt-fast": ["limited:gpt-test", "up:gpt-test"]},
-    )
+    env = failing_first(upstream, sqlite_url, tmp_path, "limited", "status:429")
     with DaemonProcess(env) as daemon:
         request_id, tokens, _ = streamed(daemon, "gpt-fast")
         assert daemon.stop() == 0
@@ -161,15 +164,7 @@ def test_a_429_waits_for_its_retry_after_before_the_retry(
 def test_a_failure_after_the_first_token_is_never_retried(
     upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
 ) -> None:
-    env = env_for(
-        sqlite_url,
-        tmp_path,
-        [
-            provider("breaks", upstream.steered_url(FAIL, "after:3")),
-            provider("up", upstream.base_url),
-        ],
-        routes={"gpt-fast": ["breaks:gpt-test", "up:gpt-test"]},
-    )
+    env = failing_first(upstream, sqlite_url, tmp_path, "breaks", "after:3")
     with DaemonProcess(env) as daemon:
         request_id, tokens, error = streamed(daemon, "gpt-fast", 10)
         assert daemon.stop() == 0
@@ -185,15 +180,7 @@ def test_a_failure_after_the_first_token_is_never_retried(
 def test_a_non_retryable_upstream_error_reaches_the_client_without_a_retry(
     upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path, status: int, client_status: int
 ) -> None:
-    env = env_for(
-        sqlite_url,
-        tmp_path,
-        [
-            provider("refuses", upstream.steered_url(FAIL, f"status:{status}")),
-            provider("up", upstream.base_url),
-        ],
-        routes={"gpt-fast": ["refuses:gpt-test", "up:gpt-test"]},
-    )
+    env = failing_first(upstream, sqlite_url, tmp_path, "refuses", f"status:{status}")
     client_error = None
     with DaemonProcess(env) as daemon:
         client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0)
@@ -326,14 +313,12 @@ def test_no_first_token_in_time_fails_over_and_a_slow_whole_reply_is_not_cut(
 def test_the_request_timeout_bounds_all_attempts_together(
     upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
 ) -> None:
-    env = env_for(
+    env = failing_first(
+        upstream,
         sqlite_url,
         tmp_path,
-        [
-            provider("limited", upstream.steered_url(FAIL, "status:429")),
-            provider("up", upstream.base_url),
-        ],
-        routes={"gpt-fast": ["limited:gpt-test", "up:gpt-test"]},
+        "limited",
+        "status:429",
         retries_per_target=3,
         request_timeout_seconds=0.5,
     )
