@@ -36,7 +36,7 @@ from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.breaker import Breakers, Circuit
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
-from llmsvc.maintenance.backup import restore_database
+from llmsvc.maintenance.backup import replay, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
 from llmsvc.maintenance.jobs import job_table
 from llmsvc.maintenance.retention import ensure_partitions
@@ -55,7 +55,7 @@ from llmsvc.store.queries import (
     set_provider_enabled,
 )
 from llmsvc.systemd import Notifier
-from llmsvc.wal.segment import WalLock, instance_id, list_segments
+from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
 
 log = logging.getLogger(__name__)
@@ -299,21 +299,10 @@ class Daemon:
 
     async def _restore(self, name: str) -> JobResult:
         described = await restore_database(self.engine, self.settings.backup_dir, name)
-        self.flusher = self._new_flusher()  # reads the restored checkpoint
-        await self.flusher.start()
-        checkpoint = self.flusher.checkpoint
-        await self.flusher.drain(within=float("inf"))
-        found: dict[str, Any] = {
-            "restored": name,
-            "created": described.created,
-            "replayed": self.flusher.checkpoint - checkpoint,
-            "checkpoint": self.flusher.checkpoint,
-        }
-        segments = list_segments(self.settings.wal_dir)
-        if segments and segments[0].first_lsn > checkpoint + 1:
-            found["missing"] = [checkpoint + 1, segments[0].first_lsn - 1]
-        log.info("restore: done file=%s replayed=%d", name, found["replayed"])
-        return JobResult(rows=found["replayed"], found=found)
+        self.flusher = self._new_flusher()  # starts at the restored checkpoint
+        replayed = await replay(self.flusher, self.settings.wal_dir)
+        found = {"restored": name, "created": described.created, **replayed}
+        return JobResult(rows=replayed["replayed"], found=found)
 
     def _circuit_changed(self, name: str, circuit: Circuit) -> None:
         """Store a breaker's new state (off the request's path), so a restart resumes it."""

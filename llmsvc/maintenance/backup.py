@@ -368,13 +368,26 @@ async def replay_wal(engine: AsyncEngine, wal_dir: Path) -> dict[str, Any]:
     repairs = writer.open(asyncio.get_running_loop(), lambda exc: None, checkpoint)
     flusher = Flusher(engine, wal_dir, instance, lambda: writer.end)
     try:
-        segments = list_segments(wal_dir)
-        first = segments[0].first_lsn if segments else checkpoint + 1
-        await flusher.start()
-        await flusher.drain(within=float("inf"))
+        result = await replay(flusher, wal_dir)
     finally:
         await flusher.close()
         await writer.close()
+    if not repairs.clean:
+        result["wal_repairs"] = repairs.as_dict()
+    return result
+
+
+async def replay(flusher: Flusher, wal_dir: Path) -> dict[str, Any]:
+    """Start a new `flusher` at the restored checkpoint and drain the WAL into the store.
+
+    Returns what was replayed and, if the WAL no longer reaches back to the
+    checkpoint (an older backup restored), the LSNs that are gone.
+    """
+    segments = list_segments(wal_dir)
+    await flusher.start()
+    checkpoint = flusher.checkpoint
+    first = segments[0].first_lsn if segments else checkpoint + 1
+    await flusher.drain(within=float("inf"))
     result: dict[str, Any] = {
         "replayed": flusher.checkpoint - checkpoint,
         "checkpoint": flusher.checkpoint,
@@ -387,8 +400,6 @@ async def replay_wal(engine: AsyncEngine, wal_dir: Path) -> dict[str, Any]:
             checkpoint + 1,
             first - 1,
         )
-    if not repairs.clean:
-        result["wal_repairs"] = repairs.as_dict()
     log.info(
         "restore: wal replayed records=%d checkpoint=%d", result["replayed"], flusher.checkpoint
     )
