@@ -88,6 +88,7 @@ class Settings(BaseSettings):
     wal_dir: Path = Path()
     wal_sync: Literal["write", "fsync"] = "write"
     wal_fsync_interval_ms: int = Field(default=100, ge=1, le=60_000)
+    wal_commit_delay_us: int = Field(default=500, ge=0, le=100_000)
     wal_segment_max_bytes: int = Field(default=100 * MiB, ge=64 * 1024)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)

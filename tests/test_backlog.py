@@ -26,7 +26,7 @@ from daemon_process import DaemonProcess, daemon_env
 
 from llmsvc.config import ProviderConfig
 from llmsvc.gateway.app import Gateway
-from llmsvc.gateway.journal import Journal, durable
+from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers import build_provider
@@ -65,9 +65,9 @@ async def journal_request(journal: Journal, tokens: int) -> None:
     journal.request_start(request_id, uuid.uuid4(), "mock", True, [], {})
     journal.attempt_start(attempt_id, request_id, 1, "mock", "mock")
     for seq in range(tokens):
-        await durable(journal.tokens(attempt_id.bytes, seq, [f"token {seq} "]))
+        await journal.tokens(attempt_id.bytes, seq, [f"token {seq} "])
     journal.attempt_end(attempt_id, status="completed", token_count=tokens)
-    await durable(journal.request_end(request_id, status="completed"))
+    await journal.request_end(request_id, status="completed")
 
 
 async def test_backlog_bytes_are_the_frames_after_the_checkpoint_across_segments(

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from daemon_process import DaemonProcess, daemon_env, read_store, run_async, run_cli
 
-from llmsvc.gateway.journal import Journal, durable
+from llmsvc.gateway.journal import Journal
 from llmsvc.wal.segment import HEADER_SIZE, encode_header, instance_id, list_segments
 from llmsvc.wal.writer import WalWriter
 
@@ -37,7 +37,7 @@ async def journal_one_record_a_segment(wal_dir: Path) -> dict[str, int]:
     lsns: dict[str, int] = {}
 
     async def put(name: str, fut: asyncio.Future[int] | None = None) -> None:
-        await durable(fut if fut is not None else writer.append())
+        await (fut if fut is not None else writer.append())
         lsns[name] = writer.appended_lsn
 
     for request in (A, B, C, D):

@@ -27,7 +27,7 @@ from llmsvc.errors import (
     WalFull,
 )
 from llmsvc.gateway.errors import error_event
-from llmsvc.gateway.journal import Journal, durable, now_us
+from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import RetryPolicy, Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
@@ -225,7 +225,7 @@ class Exchange:
         fields = self._attempt_fields("failed", None, str(exc), exc.code, exc.status)
         self.attempts.append((self.target.provider.name, self.target.model, "failed", exc.code))
         self.attempt_open = False
-        await durable(self.journal.attempt_end(self.attempt_id, **fields))
+        await self.journal.attempt_end(self.attempt_id, **fields)
 
     async def _stream(self, reply: Reply) -> None:
         encoder = ChunkEncoder(self.completion_id, self.created, self.request.model)
@@ -244,14 +244,14 @@ class Exchange:
                 if self.first_token_us is None:
                     self._first_token()
                 frame = encoder.tokens(texts)
-                await durable(fut)
+                await fut
                 self.unconfirmed = (None, 0)
                 await self._send_chunk(encoder, frame)
             fut = self._end_records("completed", reply)
             tail = encoder.finish(reply.finish_reason or "stop")
             if self.request.stream_options and self.request.stream_options.include_usage:
                 tail += encoder.usage(reply.prompt_tokens, reply.completion_tokens)
-            await durable(fut)
+            await fut
             await self._send_chunk(encoder, tail + DONE, more=False)
         finally:
             gone.cancel()
@@ -262,7 +262,7 @@ class Exchange:
         self.tool_seq += len(deltas)
         if self.first_token_us is None:
             self._first_token()
-        await durable(fut)
+        await fut
         return encoder.tool_calls(deltas)
 
     async def _whole(self, reply: Reply) -> None:
@@ -289,7 +289,7 @@ class Exchange:
             reply.completion_tokens,
             reply.tool_calls,
         )
-        await durable(fut)
+        await fut
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
         await self.send({"type": "http.response.body", "body": body})
 
@@ -403,7 +403,7 @@ class Exchange:
             fut = self._end_records(
                 status, error=error, error_code=error_code, http_status=http_status
             )
-            await durable(fut)
+            await fut
         except WalFull:
             await self._hold_end(status, error=error, error_code=error_code)
         except WalFatal:

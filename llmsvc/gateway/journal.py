@@ -1,6 +1,7 @@
 """The gateway's records, encoded and handed to the WAL writer.
 
-Appends return the writer's batch future; `durable` waits for it. Records of
+Appends return the writer's batch future; awaiting it waits until the
+records are journaled (a waiter's cancellation never cancels it). Records of
 one request are appended in order, so waiting for the last one covers all;
 the start records, which nobody waits on, do not wake the writer thread.
 """
@@ -18,11 +19,6 @@ from llmsvc.wal.writer import WalWriter
 
 def now_us() -> int:
     return time.time_ns() // 1000
-
-
-async def durable(fut: asyncio.Future[int]) -> None:
-    """Wait until a record is journaled; shielded, since the future is shared by a batch."""
-    await asyncio.shield(fut)
 
 
 class Journal:

@@ -72,6 +72,22 @@ async def test_appends_issued_before_awaiting_are_committed_in_few_batches(
     assert await read_log() == records_of(frames)
 
 
+async def test_under_load_appends_wait_the_commit_delay_to_share_one_batch(
+    open_writer: OpenWriter, read_log: ReadLog
+) -> None:
+    writer = open_writer(sync="write", commit_delay=0.5)
+    assert await writer.append(token(1)) == 1  # an idle log: written at once
+
+    # Right after a write the thread waits the delay: appends spread over it share a batch.
+    second = writer.append(token(2))
+    await asyncio.sleep(0.05)
+    assert not second.done()
+    assert writer.append(token(3)) is second
+    assert await asyncio.wait_for(second, 5) == 3
+    await writer.close()
+    assert await read_log() == records_of([token(1), token(2), token(3)])
+
+
 async def test_rotation_starts_segments_named_by_their_first_lsn_and_reads_across_them(
     open_writer: OpenWriter, read_log: ReadLog, wal_dir: Path, wal_id: uuid.UUID
 ) -> None:
@@ -177,8 +193,8 @@ async def test_reopen_keeps_a_record_whose_header_straddles_the_scan_chunk_bound
     assert await read_log() == records_of([*frames, token(4)])
 
 
-async def _wait_shielded(fut: asyncio.Future[int]) -> int:
-    return await asyncio.shield(fut)
+async def _wait(fut: asyncio.Future[int]) -> int:
+    return await fut
 
 
 async def test_cancelling_one_waiter_does_not_cancel_the_others_of_its_batch(
@@ -190,14 +206,17 @@ async def test_cancelling_one_waiter_does_not_cancel_the_others_of_its_batch(
     with writer._cond:
         batch = writer.append(token(1))
         assert writer.append(token(2)) is batch
-        victim = asyncio.create_task(_wait_shielded(batch))
-        other = asyncio.create_task(_wait_shielded(batch))
+        victim = asyncio.create_task(_wait(batch))
+        other = asyncio.create_task(_wait(batch))
         await asyncio.sleep(0)
         assert not batch.done()
         victim.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await victim
+        assert not batch.cancel()
+        await asyncio.sleep(0)
+        assert not batch.done()
 
+    with pytest.raises(asyncio.CancelledError):  # woken, cancelled, once its batch is written
+        await asyncio.wait_for(victim, 5)
     assert await asyncio.wait_for(other, 5) == 2
     assert not batch.cancelled()
     await writer.close()
