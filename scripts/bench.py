@@ -27,6 +27,9 @@ Phases, each bounded in time:
 
 Usage:  .venv/bin/python scripts/bench.py [--quick] [--out bench.json]
             [--database-url postgresql://...]  [--pg-url postgresql://...]
+        .venv/bin/python scripts/bench.py --scale [--quick] [--scale-phases paced,open]
+            (the production-scale scenarios: paced, instant, open, throttled; see
+            scripts/bench_scale.py)
 """
 
 from __future__ import annotations
@@ -210,10 +213,12 @@ def spawn_daemon(
     database_url: str,
     providers: list[dict[str, Any]],
     routes: dict[str, list[str]] | None = None,
+    settings: dict[str, str] | None = None,
 ) -> Proc:
     """`llmsvc run` in `write` mode; stderr goes to a file (a full pipe would stall it).
 
     A failover costs one refused connection, then the next target: no retry.
+    `settings` are further LLMSVC_* variables.
     """
     port = free_port()  # `ready` logs the configured port, so 0 cannot be used here
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSVC_")}
@@ -232,6 +237,7 @@ def spawn_daemon(
         LLMSVC_CIRCUIT_FAILURE_THRESHOLD="1000000",
         LLMSVC_CIRCUIT_WINDOW="1000000",
     )
+    env.update(settings or {})
     binary = Path(sys.executable).parent / "llmsvc"
     cmd = [str(binary), "run"] if binary.exists() else [sys.executable, "-m", "llmsvc.cli", "run"]
     logfile = tmp / "daemon.log"
@@ -988,7 +994,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tmp-dir", default=None, help="where the WALs and SQLite files go")
     p.add_argument("--keep-tmp", action="store_true")
+    scale = p.add_argument_group("production scale (scripts/bench_scale.py)")
+    scale.add_argument("--scale", action="store_true", help="run only the scale scenarios")
+    scale.add_argument(
+        "--scale-phases", default="paced,instant,open,throttled", help="a subset, comma-separated"
+    )
+    scale.add_argument("--paced-streams-sweep", default="100,300,1000", help="streams per level")
+    scale.add_argument("--workers-sweep", default="1,2", help="daemon workers in `instant`")
     args = p.parse_args(argv)
+    if args.scale:
+        return args  # bench_scale.configure sets the rest
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 3)
     args.latency_n = 30 if quick else 300
@@ -1009,7 +1024,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    report = uvloop.run(bench(args))
+    if args.scale:
+        import bench_scale  # imports this module's helpers: not at the top
+
+        report = uvloop.run(bench_scale.run(args))
+    else:
+        report = uvloop.run(bench(args))
     write_report(report, args.out)
 
 
