@@ -31,7 +31,7 @@ import uvicorn
 from llmsvc import status
 from llmsvc.admin.app import AdminApi
 from llmsvc.config import Settings, systemd_environment
-from llmsvc.errors import Conflict, LlmsvcError, StoreError, WalFatal
+from llmsvc.errors import Conflict, LlmsvcError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.breaker import Breakers, Circuit
 from llmsvc.gateway.journal import Journal
@@ -46,7 +46,7 @@ from llmsvc.metrics import Metrics, MetricsServer, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.status import iso
-from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_head
+from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, migrate
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import (
     open_work,
@@ -124,13 +124,7 @@ class Daemon:
 
         self.notifier.status("booting: migrating the database")
         self.engine = create_engine(s.database_url, DAEMON_APPLICATION)
-        try:
-            await upgrade_to_head(self.engine)
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
-            raise StoreError(
-                f"cannot migrate the database at {s.redacted_database_url()}: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            ) from None
+        await migrate(self.engine, s.redacted_database_url())
         log.info("boot: schema at head database=%s", s.redacted_database_url())
         await ensure_partitions(self.engine, s.token_partition_ahead_days)
 
