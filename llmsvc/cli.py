@@ -24,7 +24,7 @@ from llmsvc import __version__, logs
 from llmsvc.config import Settings, load_settings
 from llmsvc.errors import ConfigError, LlmsvcError
 from llmsvc.maintenance import backup, consistency, retention
-from llmsvc.maintenance.jobs import JOB_NAMES, job_table
+from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
 from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
@@ -336,8 +336,13 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_job_run(settings: Settings, args: argparse.Namespace) -> int:
     instance = _local_instance(settings)
+    own = args.name in INSTANCE_JOBS and instance is not None  # locked as the daemon's runs are
     return _run_by_hand(
-        settings, args, args.name, lambda engine: job_table(settings, engine, instance)[args.name]
+        settings,
+        args,
+        args.name,
+        lambda engine: job_table(settings, engine, instance)[args.name],
+        instance=instance if own else None,
     )
 
 
@@ -399,10 +404,18 @@ def _run_by_hand(
     name: str,
     make: Callable[[Any], Job],
     check_schema: bool = True,
+    instance: uuid.UUID | None = None,
 ) -> int:
-    """Run a job now, stored like a scheduled run; exit 1 unless it ended ok."""
+    """Run a job now, stored like a scheduled run; exit 1 unless it ended ok.
+
+    With `instance`, the job is that instance's own (its WAL) and takes its lock.
+    """
     result = _with_store(
-        settings, lambda engine: run_job(engine, name, make(engine), None), check_schema
+        settings,
+        lambda engine: run_job(
+            engine, name, make(engine), instance, own_instance=instance is not None
+        ),
+        check_schema,
     )
     assert result is not None  # only a scheduled run can find its slot taken
     if args.json:

@@ -38,7 +38,7 @@ from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.maintenance.backup import replay, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
-from llmsvc.maintenance.jobs import job_table
+from llmsvc.maintenance.jobs import INSTANCE_JOBS, job_table
 from llmsvc.maintenance.retention import ensure_partitions
 from llmsvc.maintenance.runs import Job, JobResult, record_run, run_job
 from llmsvc.maintenance.scheduler import Scheduler
@@ -363,8 +363,19 @@ class Daemon:
         return len(found)
 
     async def _run_job(self, name: str, slot: datetime) -> None:
-        """One scheduled run; with several daemons on the database, one of them runs a slot."""
-        await run_job(self.engine, name, self.jobs[name], self.instance, slot, self._job_finished)
+        """One scheduled run; with several daemons on the database, one of them runs a slot.
+
+        Housekeeping of this instance's own WAL is the exception: each instance runs every slot.
+        """
+        await run_job(
+            self.engine,
+            name,
+            self.jobs[name],
+            self.instance,
+            slot,
+            self._job_finished,
+            own_instance=name in INSTANCE_JOBS,
+        )
 
     def _job_finished(self, name: str, outcome: str, seconds: float) -> None:
         self.metrics.job_finished(name, outcome, seconds)
