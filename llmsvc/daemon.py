@@ -65,6 +65,7 @@ FLUSHER_STALL_SECONDS = 10.0  # a flusher quiet this long (a hung database call)
 JOB_SHUTDOWN_GRACE = 5.0  # seconds a running maintenance job gets to end before it is cancelled
 
 
+PROVIDER_REFRESH_SECONDS = 2.0  # how soon a provider switch made elsewhere is followed here
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn without its own signal handlers: the daemon owns the signals.
 
@@ -84,6 +85,7 @@ class Daemon:
         self.job_runs: dict[str, dict[str, Any]] = {}  # this instance's last run of each job
         self._background: set[asyncio.Task[None]] = set()
         self.notifier = Notifier(*systemd_environment())
+        self._switches = 0  # operator switches made here, so a refresh never undoes a newer one
         self.stopping = asyncio.Event()
         self.fatal: WalFatal | None = None
         self.lock = WalLock(settings.wal_dir)
@@ -106,6 +108,9 @@ class Daemon:
                             signals.start_soon(self._watchdog, self.notifier.watchdog_interval)
                         await self.stopping.wait()
                 finally:
+                        self.follower = asyncio.create_task(
+                            self._follow_provider_switches(), name="provider-switches"
+                        )
                     self.notifier.stopping("stopping: finishing open requests")
                     await self.shutdown()
                     signals.cancel_scope.cancel()
@@ -252,7 +257,12 @@ class Daemon:
         return list(self.providers)
 
     async def set_provider_enabled(self, name: str, enabled: bool) -> None:
-        """Stored first, so the switch outlives a restart; effective for the next request."""
+        """Stored first, so the switch outlives a restart; effective for the next request.
+
+        Other instances on the database (other workers, other hosts) follow it
+        within PROVIDER_REFRESH_SECONDS (`_follow_provider_switches`).
+        """
+        self._switches += 1
         await set_provider_enabled(self.engine, name, enabled)
         if enabled:
             self.router.disabled.discard(name)
@@ -273,6 +283,33 @@ class Daemon:
         Chat requests get 503 meanwhile; open ones may finish within the
         shutdown grace, the rest are interrupted. The flusher stops, the store
         is replaced, and a new flusher replays this instance's WAL from the
+    async def _follow_provider_switches(self) -> None:
+        """Adopt the stored enabled flags, so a switch made through any instance reaches this one.
+
+        A read that fails (database down) keeps the flags as they are; the next one retries.
+        It ends when the daemon stops, and shutdown waits for it before closing the database.
+        """
+        while True:
+            with anyio.move_on_after(PROVIDER_REFRESH_SECONDS):
+                await self.stopping.wait()
+            if self.stopping.is_set():
+                return
+            switches = self._switches
+            try:
+                states = await provider_states(self.engine)
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                log.debug("provider switches not read error=%s", exc)
+                continue
+            if switches != self._switches:
+                continue  # a switch here landed meanwhile; the next read includes it
+            off = {name for name, row in states.items() if not row["enabled"]}
+            disabled = off & set(self.providers)
+            for name in disabled ^ self.router.disabled:
+                now = "disabled" if name in disabled else "enabled"
+                log.info("provider %s by an operator (stored) provider=%s", now, name)
+            self.router.disabled.intersection_update(disabled)
+            self.router.disabled.update(disabled)
+
         restored checkpoint, as a boot would.
         """
         if self.gateway.paused is not None:
@@ -491,6 +528,9 @@ class Daemon:
                 log.error("watchdog: not telling systemd all is well: %s", stalled)
             was_stalled = stalled is not None
             await asyncio.sleep(interval)
+        if hasattr(self, "follower"):
+            with _step("provider switches no longer followed"):
+                await asyncio.wait_for(self.follower, timeout=10)
 
     def _stalled(self, interval: float) -> str | None:
         """Why the daemon is not healthy, or None."""
