@@ -18,6 +18,7 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -54,6 +55,7 @@ from llmsvc.store.queries import (
     set_provider_circuit,
     set_provider_enabled,
 )
+from llmsvc.supervisor import shared_port_socket
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
@@ -63,9 +65,9 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FATAL = 0, 1
 FLUSHER_STALL_SECONDS = 10.0  # a flusher quiet this long (a hung database call) is stalled
 JOB_SHUTDOWN_GRACE = 5.0  # seconds a running maintenance job gets to end before it is cancelled
-
-
 PROVIDER_REFRESH_SECONDS = 2.0  # how soon a provider switch made elsewhere is followed here
+
+
 class _EmbeddedServer(uvicorn.Server):
     """uvicorn without its own signal handlers: the daemon owns the signals.
 
@@ -79,13 +81,16 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    """One llmsvc instance; `worker` is its index when a supervisor runs several (workers > 1)."""
+
+    def __init__(self, settings: Settings, worker: int | None = None) -> None:
         self.settings = settings
+        self.worker = worker
+        self._switches = 0  # operator switches made here, so a refresh never undoes a newer one
         self.started = time.monotonic()
         self.job_runs: dict[str, dict[str, Any]] = {}  # this instance's last run of each job
         self._background: set[asyncio.Task[None]] = set()
         self.notifier = Notifier(*systemd_environment())
-        self._switches = 0  # operator switches made here, so a refresh never undoes a newer one
         self.stopping = asyncio.Event()
         self.fatal: WalFatal | None = None
         self.lock = WalLock(settings.wal_dir)
@@ -101,16 +106,16 @@ class Daemon:
                     with self.booting:  # a signal during a long replay stops the boot
                         await self.boot()
                     if not self.booting.cancelled_caught:
-                        log.info("ready host=%s port=%d", self.settings.host, self.port)
+                        self._log_ready()
                         self.notifier.ready(f"serving on {self.settings.host}:{self.port}")
                         signals.start_soon(self.metrics.watch_loop)
+                        self.follower = asyncio.create_task(
+                            self._follow_provider_switches(), name="provider-switches"
+                        )
                         if self.notifier.watchdog_interval is not None:
                             signals.start_soon(self._watchdog, self.notifier.watchdog_interval)
                         await self.stopping.wait()
                 finally:
-                        self.follower = asyncio.create_task(
-                            self._follow_provider_switches(), name="provider-switches"
-                        )
                     self.notifier.stopping("stopping: finishing open requests")
                     await self.shutdown()
                     signals.cancel_scope.cancel()
@@ -211,6 +216,13 @@ class Daemon:
         self._start_metrics()
         self.gateway.booting = False
 
+    def _log_ready(self) -> None:
+        host, port = self.settings.host, self.port
+        if self.worker is None:
+            log.info("ready host=%s port=%d", host, port)
+        else:  # the supervisor says `ready host=` once all its workers are
+            log.info("ready worker=%d host=%s port=%d", self.worker, host, port)
+
     def wal_status(self) -> WalStatus:
         """The database and WAL backlog, for /api/health, admission and metrics (any thread)."""
         committed, end = self.flusher.committed, self.writer.end
@@ -272,17 +284,6 @@ class Daemon:
             "provider %s by an operator provider=%s", "enabled" if enabled else "disabled", name
         )
 
-    async def run_by_hand(self, name: str, job: Job) -> JobResult:
-        result = await run_job(self.engine, name, job, self.instance, None, self._job_finished)
-        assert result is not None  # only a scheduled run has a slot to lose
-        return result
-
-    async def restore(self, name: str) -> dict[str, Any]:
-        """Restore a backup under the running daemon, then replay the WAL journaled since.
-
-        Chat requests get 503 meanwhile; open ones may finish within the
-        shutdown grace, the rest are interrupted. The flusher stops, the store
-        is replaced, and a new flusher replays this instance's WAL from the
     async def _follow_provider_switches(self) -> None:
         """Adopt the stored enabled flags, so a switch made through any instance reaches this one.
 
@@ -310,8 +311,24 @@ class Daemon:
             self.router.disabled.intersection_update(disabled)
             self.router.disabled.update(disabled)
 
+    async def run_by_hand(self, name: str, job: Job) -> JobResult:
+        result = await run_job(self.engine, name, job, self.instance, None, self._job_finished)
+        assert result is not None  # only a scheduled run has a slot to lose
+        return result
+
+    async def restore(self, name: str) -> dict[str, Any]:
+        """Restore a backup under the running daemon, then replay the WAL journaled since.
+
+        Chat requests get 503 meanwhile; open ones may finish within the
+        shutdown grace, the rest are interrupted. The flusher stops, the store
+        is replaced, and a new flusher replays this instance's WAL from the
         restored checkpoint, as a boot would.
         """
+        if self.worker is not None:
+            raise Conflict(
+                "a restore replaces the store under every worker, and this worker can pause "
+                "only itself: stop llmsvc, then run `llmsvc restore`"
+            )
         if self.gateway.paused is not None:
             raise Conflict(f"not now: {self.gateway.paused}")
         self.gateway.paused = f"llmsvc is restoring the backup {name}; requests resume after it"
@@ -459,7 +476,14 @@ class Daemon:
             timeout_graceful_shutdown=5,
         )
         self.server = _EmbeddedServer(config)
-        self.http_task = asyncio.create_task(self._serve(), name="http")
+        sockets = []
+        if self.worker is not None:  # the port is shared with the other workers
+            try:
+                sockets.append(shared_port_socket(self.settings.host, self.settings.port, True))
+            except OSError as exc:
+                address = f"{self.settings.host}:{self.settings.port}"
+                raise LlmsvcError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        self.http_task = asyncio.create_task(self._serve(sockets), name="http")
         while not self.server.started:
             if self.http_task.done():
                 address = f"{self.settings.host}:{self.settings.port}"
@@ -467,9 +491,9 @@ class Daemon:
             await asyncio.sleep(0.01)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]  # the real one for port 0
 
-    async def _serve(self) -> None:
+    async def _serve(self, sockets: list[socket.socket]) -> None:
         with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
-            await self.server.serve()
+            await self.server.serve(sockets or None)
 
     async def shutdown(self) -> None:
         """Each step in its own try, so one failure does not skip the rest."""
@@ -505,6 +529,9 @@ class Daemon:
         if hasattr(self, "metrics_server"):  # after the drain, so it can be watched
             with _step("metrics port closed"):
                 await asyncio.to_thread(self.metrics_server.stop)
+        if hasattr(self, "follower"):
+            with _step("provider switches no longer followed"):
+                await asyncio.wait_for(self.follower, timeout=10)
         if hasattr(self, "engine"):
             with _step("database closed"):
                 await self.engine.dispose()
@@ -528,9 +555,6 @@ class Daemon:
                 log.error("watchdog: not telling systemd all is well: %s", stalled)
             was_stalled = stalled is not None
             await asyncio.sleep(interval)
-        if hasattr(self, "follower"):
-            with _step("provider switches no longer followed"):
-                await asyncio.wait_for(self.follower, timeout=10)
 
     def _stalled(self, interval: float) -> str | None:
         """Why the daemon is not healthy, or None."""
