@@ -276,7 +276,7 @@ def worker_index() -> int | None:
 def worker_environment(
     settings: Settings, index: int, port: int, notify_socket: str, watchdog_usec: int | None
 ) -> dict[str, str]:
-    """Worker `index`'s environment: this one, with its own WAL dir, port and metrics port.
+    """Worker `index`'s environment: this one, with its own WAL dir and the port held for all.
 
     Secrets travel as they came (environment or config file), never as arguments.
     systemd's notify variables are replaced by the supervisor's: a worker reports
@@ -290,8 +290,6 @@ def worker_environment(
     env[WORKER_INDEX_VARIABLE] = str(index)
     env["LLMSVC_WAL_DIR"] = str(worker_wal_dir(settings.wal_dir, index))
     env["LLMSVC_PORT"] = str(port)
-    if settings.metrics_port:  # 0 stays 0: any free port
-        env["LLMSVC_METRICS_PORT"] = str(settings.metrics_port + index)
     env["NOTIFY_SOCKET"] = notify_socket
     if watchdog_usec:
         env["WATCHDOG_USEC"] = str(watchdog_usec)

@@ -379,9 +379,12 @@ class Daemon:
 
         A port that cannot be bound is logged, not fatal: the gateway's traffic
         matters more than its metrics, and Prometheus alerts on a target it
-        cannot scrape (docs/DECISIONS.md).
+        cannot scrape (docs/DECISIONS.md). Worker k of a supervisor serves on
+        metrics_port + k; 0 stays any free port.
         """
         host, port = self.settings.metrics_host, self.settings.metrics_port
+        if port and self.worker is not None:
+            port += self.worker
         try:
             self.metrics_server = MetricsServer.start(self.metrics.registry, host, port)
         except OSError as exc:

@@ -4,7 +4,7 @@ Boot: WAL dir locked → store migrated once (workers never race on DDL) → WAL
 no worker owns replayed → port held → workers started → `READY=1` to systemd
 once every worker is ready. Worker k is `llmsvc run` with its own WAL under
 `wal_dir/worker-<k>` (so its own instance id) and metrics on
-`metrics_port + k`; see `config.worker_environment`.
+`metrics_port + k`; see `config.worker_environment` and `Daemon._start_metrics`.
 
 Workers report READY / WATCHDOG / STOPPING to the supervisor over the
 sd_notify protocol, each on a datagram socket of its own here; only the
@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -96,7 +96,6 @@ class Worker:
     last_ping: float = 0.0
     restart_at: float | None = None
     backoff: float = RESTART_BACKOFF[0]
-    exit_codes: list[int] = field(default_factory=list)
 
     @property
     def name(self) -> str:

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 import urllib.error
@@ -24,6 +25,7 @@ import openai
 import pytest
 from daemon_process import DaemonProcess, daemon_env, read_store, run_async, run_cli
 from fake_systemd import FakeSystemd
+from postgres import free_port
 
 from llmsvc.providers.mock import token as mock_token
 
@@ -460,3 +462,30 @@ def test_raising_workers_from_1_replays_the_single_daemons_wal_first(
     assert f"boot: wal no worker owns replayed dir={wal_dir} " in daemon.log
     store = read_store(database_url)
     assert_holds(store.texts(stream.request_id), stream.tokens)
+
+
+def two_free_ports() -> int:
+    """A port p such that p and p + 1 are both free now."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no two free ports in a row")
+
+
+def test_worker_k_serves_metrics_on_metrics_port_plus_k(sqlite_url: str, wal_dir: Path) -> None:
+    port = two_free_ports()
+    with DaemonProcess(daemon_env(sqlite_url, wal_dir, workers=2, metrics_port=port)) as daemon:
+        pages = []
+        for metrics_port in (port, port + 1):
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=10) as response:
+                pages.append(response.read())
+        assert daemon.stop() == 0, daemon.log
+    assert f"worker-0 llmsvc.daemon boot: metrics port={port} " in daemon.log
+    assert f"worker-1 llmsvc.daemon boot: metrics port={port + 1} " in daemon.log
+    assert all(b"llmsvc_" in page for page in pages)
