@@ -129,7 +129,8 @@ class Supervisor:
             for index in range(self.settings.workers):
                 self.workers.append(self._slot(index, runtime))
             for worker in self.workers:
-                self._start(worker)
+                if not self.signals:  # a signal during the migration stops the boot here
+                    self._start(worker)
             while not self.signals and self.failed is None:
                 self._cycle()
             return self._shutdown()

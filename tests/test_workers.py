@@ -155,10 +155,14 @@ def env(database_url: str, wal_dir: Path) -> dict[str, str]:
     return daemon_env(database_url, wal_dir, workers=2)
 
 
-def test_two_workers_serve_one_port_streams_and_not(
-    env: dict[str, str], database_url: str, wal_dir: Path
-) -> None:
-    """Both workers take requests on the one port, and their flushers share the store."""
+def test_two_workers_serve_one_port_streams_and_not(database_url: str, wal_dir: Path) -> None:
+    """Both workers take requests on the one port, and their flushers share the store.
+
+    Flushing every millisecond, the two flushers' transactions contend for
+    SQLite's one writer lock all the time: the busy timeout makes them wait
+    their turn, never fail.
+    """
+    env = daemon_env(database_url, wal_dir, workers=2, flush_interval_ms=1)
     with DaemonProcess(env) as daemon:
         streams = [Stream(daemon, 30, 5).start() for _ in range(12)]
         replies = []
