@@ -28,6 +28,7 @@ from fake_systemd import FakeSystemd
 from postgres import free_port
 
 from llmsvc.providers.mock import token as mock_token
+from llmsvc.wal.segment import WalLock
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -493,3 +494,42 @@ def test_worker_k_serves_metrics_on_metrics_port_plus_k(sqlite_url: str, wal_dir
     assert f"worker-0 llmsvc.daemon boot: metrics port={port} " in daemon.log
     assert f"worker-1 llmsvc.daemon boot: metrics port={port + 1} " in daemon.log
     assert all(b"llmsvc_" in page for page in pages)
+
+
+def test_a_worker_that_cannot_boot_fails_the_start_with_exit_1(
+    sqlite_url: str, wal_dir: Path
+) -> None:
+    held = WalLock(wal_dir / "worker-1")  # as if a stray process still held worker 1's WAL
+    held.acquire()
+    try:
+        daemon = DaemonProcess(daemon_env(sqlite_url, wal_dir, workers=2)).start(wait_ready=False)
+        code = daemon.wait()
+    finally:
+        held.release()
+    assert code == 1, daemon.log
+    assert "boot: worker-1 exited before it was ready code=1; stopping" in daemon.log
+    assert "ready host=" not in daemon.log
+    assert "shutdown: worker-0 exited code=0" in daemon.log
+
+
+def test_a_worker_that_stops_pinging_its_watchdog_is_killed_and_replaced(
+    sqlite_url: str, wal_dir: Path, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "notify.sock")
+    systemd = FakeSystemd(path, path)
+    env = daemon_env(sqlite_url, wal_dir, workers=2)
+    env.update(NOTIFY_SOCKET=systemd.name, WATCHDOG_USEC="1000000")
+    try:
+        with DaemonProcess(env) as daemon:
+            systemd.wait_for("READY")
+            pid = worker_pid(daemon, 1)
+            os.kill(pid, signal.SIGSTOP)  # a worker whose event loop no longer runs
+            daemon.wait_for_log(r"worker-1 stopped pinging its watchdog; killing it", 30)
+            daemon.wait_for_log(r"worker-1 ready again", 30)
+            pings = systemd.count("WATCHDOG", 1.5)
+            assert daemon.stop() == 0, daemon.log
+    finally:
+        systemd.sock.close()
+    assert worker_pid(daemon, 1) != pid
+    assert f"worker-1 exited signal={int(signal.SIGKILL)}" in daemon.log
+    assert pings >= 1
