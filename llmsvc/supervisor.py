@@ -153,13 +153,15 @@ class Supervisor:
                 await migrate(engine, self.settings.redacted_database_url())
                 await ensure_partitions(engine, self.settings.token_partition_ahead_days)
                 for wal_dir in self._orphaned_wal_dirs():
-                    lock = WalLock(wal_dir)
-                    if wal_dir != self.settings.wal_dir:
+                    # wal_dir itself is locked already; a former worker's WAL is locked here
+                    lock = WalLock(wal_dir) if wal_dir != self.settings.wal_dir else None
+                    if lock is not None:
                         lock.acquire()
                     try:
                         replayed = await replay_wal(engine, wal_dir)
                     finally:
-                        lock.release()
+                        if lock is not None:
+                            lock.release()
                     log.info("boot: wal no worker owns replayed dir=%s %s", wal_dir, replayed)
             finally:
                 await engine.dispose()

@@ -27,7 +27,9 @@ from daemon_process import DaemonProcess, daemon_env, read_store, run_async, run
 from fake_systemd import FakeSystemd
 from postgres import free_port
 
+from llmsvc.config import Settings
 from llmsvc.providers.mock import token as mock_token
+from llmsvc.supervisor import Supervisor
 from llmsvc.wal.segment import WalLock
 
 pytestmark = pytest.mark.timeout(180)
@@ -533,3 +535,14 @@ def test_a_worker_that_stops_pinging_its_watchdog_is_killed_and_replaced(
     assert worker_pid(daemon, 1) != pid
     assert f"worker-1 exited signal={int(signal.SIGKILL)}" in daemon.log
     assert pings >= 1
+
+
+def test_the_wals_no_worker_owns_are_wal_dirs_own_and_those_past_workers(tmp_path: Path) -> None:
+    wal_dir = tmp_path / "wal"
+    for name in ("", "worker-0", "worker-1", "worker-2", "worker-10", "worker-x"):
+        (wal_dir / name).mkdir(parents=True, exist_ok=True)
+        (wal_dir / name / "instance_id").write_text(f"{uuid.uuid4()}\n")
+    (wal_dir / "worker-3").mkdir()  # never booted: no WAL to replay
+    settings = Settings(database_url="sqlite:///x.db", wal_dir=wal_dir, workers=2)
+    found = Supervisor(settings)._orphaned_wal_dirs()
+    assert found == [wal_dir, wal_dir / "worker-10", wal_dir / "worker-2"]
