@@ -21,10 +21,10 @@ import orjson
 import sqlalchemy as sa
 
 from llmsvc import __version__, logs
-from llmsvc.config import Settings, load_settings
+from llmsvc.config import Settings, load_settings, worker_index
 from llmsvc.errors import ConfigError, LlmsvcError
 from llmsvc.maintenance import backup, consistency, retention
-from llmsvc.maintenance.jobs import JOB_NAMES, job_table
+from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
 from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
@@ -49,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             settings.log_level if args.command is cmd_run else logging.WARNING,
             json=settings.log_format == "json",
             secrets=settings.secrets(),
+            process=_process_name(settings) if args.command is cmd_run else None,
         )
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # runs are logged by llmsvc
         logging.getLogger("alembic.runtime.migration").addFilter(_only_migrations)
@@ -62,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return EXIT_FAILURE
+
+
+def _process_name(settings: Settings) -> str | None:
+    """With workers > 1, which process a log line comes from: the supervisor or a worker."""
+    if settings.workers == 1:
+        return None
+    index = worker_index()
+    return "supervisor" if index is None else f"worker-{index}"
 
 
 def _only_migrations(record: logging.LogRecord) -> bool:
@@ -152,8 +161,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from llmsvc.daemon import Daemon  # the daemon's imports are only needed here
+    from llmsvc.supervisor import Supervisor
 
-    code: int = anyio.run(Daemon(settings).run, backend_options={"use_uvloop": True})
+    index = worker_index()
+    if settings.workers > 1 and index is None:
+        return Supervisor(settings).run()
+    daemon = Daemon(settings, worker=index)
+    code: int = anyio.run(daemon.run, backend_options={"use_uvloop": True})
     return code
 
 
@@ -336,8 +350,13 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_job_run(settings: Settings, args: argparse.Namespace) -> int:
     instance = _local_instance(settings)
+    own = args.name in INSTANCE_JOBS and instance is not None  # locked as the daemon's runs are
     return _run_by_hand(
-        settings, args, args.name, lambda engine: job_table(settings, engine, instance)[args.name]
+        settings,
+        args,
+        args.name,
+        lambda engine: job_table(settings, engine, instance)[args.name],
+        instance=instance if own else None,
     )
 
 
@@ -399,10 +418,18 @@ def _run_by_hand(
     name: str,
     make: Callable[[Any], Job],
     check_schema: bool = True,
+    instance: uuid.UUID | None = None,
 ) -> int:
-    """Run a job now, stored like a scheduled run; exit 1 unless it ended ok."""
+    """Run a job now, stored like a scheduled run; exit 1 unless it ended ok.
+
+    With `instance`, the job is that instance's own (its WAL) and takes its lock.
+    """
     result = _with_store(
-        settings, lambda engine: run_job(engine, name, make(engine), None), check_schema
+        settings,
+        lambda engine: run_job(
+            engine, name, make(engine), instance, own_instance=instance is not None
+        ),
+        check_schema,
     )
     assert result is not None  # only a scheduled run can find its slot taken
     if args.json:

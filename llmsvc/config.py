@@ -24,6 +24,7 @@ from pydantic_settings import (
 from llmsvc.errors import ConfigError
 
 MiB = 1024 * 1024
+WORKER_INDEX_VARIABLE = "LLMSVC_WORKER_INDEX"
 
 
 def state_dir() -> Path:
@@ -92,6 +93,8 @@ class Settings(BaseSettings):
     wal_segment_max_bytes: int = Field(default=100 * MiB, ge=64 * 1024)
     host: str = "127.0.0.1"
     port: int = Field(default=8080, ge=0, le=65535)
+    # Daemon processes behind the one port, each with its own WAL under wal_dir/worker-<k>.
+    workers: int = Field(default=1, ge=1, le=64)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     flush_interval_ms: int = Field(default=50, ge=1, le=60_000)
     flush_batch_records: int = Field(default=50_000, ge=1)
@@ -206,6 +209,17 @@ class Settings(BaseSettings):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _worker_metrics_ports(self) -> Settings:
+        """Worker k serves metrics on metrics_port + k, so those ports must exist."""
+        last = self.metrics_port + self.workers - 1
+        if self.metrics_port and last > 65535:
+            raise ValueError(
+                f"workers: metrics ports {self.metrics_port}..{last} (one per worker) go past "
+                "65535; lower metrics_port"
+            )
+        return self
+
     @classmethod
     def settings_customise_sources(
         cls,
@@ -249,6 +263,43 @@ def systemd_environment() -> tuple[str | None, int | None]:
     usec, pid = os.environ.get("WATCHDOG_USEC", ""), os.environ.get("WATCHDOG_PID", "")
     ours = not pid or pid == str(os.getpid())
     return notify_socket, int(usec) if usec.isdigit() and int(usec) > 0 and ours else None
+
+
+def worker_index() -> int | None:
+    """Which worker of a `workers > 1` supervisor this process is; None when it is not one.
+
+    Not a setting: the supervisor sets it in each worker's environment.
+    """
+    index = os.environ.get(WORKER_INDEX_VARIABLE, "")
+    return int(index) if index.isdigit() else None
+
+
+def worker_environment(
+    settings: Settings, index: int, port: int, notify_socket: str, watchdog_usec: int | None
+) -> dict[str, str]:
+    """Worker `index`'s environment: this one, with its own WAL dir and the port held for all.
+
+    Secrets travel as they came (environment or config file), never as arguments.
+    systemd's notify variables are replaced by the supervisor's: a worker reports
+    to the supervisor, which alone speaks to systemd.
+    """
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+    }
+    env[WORKER_INDEX_VARIABLE] = str(index)
+    env["LLMSVC_WAL_DIR"] = str(worker_wal_dir(settings.wal_dir, index))
+    env["LLMSVC_PORT"] = str(port)
+    env["NOTIFY_SOCKET"] = notify_socket
+    if watchdog_usec:
+        env["WATCHDOG_USEC"] = str(watchdog_usec)
+    return env
+
+
+def worker_wal_dir(wal_dir: Path, index: int) -> Path:
+    """Stable per index, so a worker's replacement locks and replays the same WAL."""
+    return wal_dir / f"worker-{index}"
 
 
 def load_settings(**overrides: Any) -> Settings:

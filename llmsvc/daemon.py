@@ -19,6 +19,7 @@ import gc
 import logging
 import os
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -32,14 +33,14 @@ import uvicorn
 from llmsvc import status
 from llmsvc.admin.app import AdminApi
 from llmsvc.config import Settings, systemd_environment
-from llmsvc.errors import Conflict, LlmsvcError, StoreError, WalFatal
+from llmsvc.errors import Conflict, LlmsvcError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.breaker import Breakers, Circuit
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.maintenance.backup import replay, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
-from llmsvc.maintenance.jobs import job_table
+from llmsvc.maintenance.jobs import INSTANCE_JOBS, job_table
 from llmsvc.maintenance.retention import ensure_partitions
 from llmsvc.maintenance.runs import Job, JobResult, record_run, run_job
 from llmsvc.maintenance.scheduler import Scheduler
@@ -47,7 +48,7 @@ from llmsvc.metrics import Metrics, MetricsServer, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.status import iso
-from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, upgrade_to_head
+from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, migrate
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import (
     open_work,
@@ -55,6 +56,7 @@ from llmsvc.store.queries import (
     set_provider_circuit,
     set_provider_enabled,
 )
+from llmsvc.supervisor import shared_port_socket
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
@@ -64,6 +66,7 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FATAL = 0, 1
 FLUSHER_STALL_SECONDS = 10.0  # a flusher quiet this long (a hung database call) is stalled
 JOB_SHUTDOWN_GRACE = 5.0  # seconds a running maintenance job gets to end before it is cancelled
+PROVIDER_REFRESH_SECONDS = 2.0  # how soon a provider switch made elsewhere is followed here
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -79,8 +82,12 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    """One llmsvc instance; `worker` is its index when a supervisor runs several (workers > 1)."""
+
+    def __init__(self, settings: Settings, worker: int | None = None) -> None:
         self.settings = settings
+        self.worker = worker
+        self._switches = 0  # operator switches made here, so a refresh never undoes a newer one
         self.started = time.monotonic()
         self.job_runs: dict[str, dict[str, Any]] = {}  # this instance's last run of each job
         self._background: set[asyncio.Task[None]] = set()
@@ -100,10 +107,13 @@ class Daemon:
                     with self.booting:  # a signal during a long replay stops the boot
                         await self.boot()
                     if not self.booting.cancelled_caught:
-                        log.info("ready host=%s port=%d", self.settings.host, self.port)
+                        self._log_ready()
                         _tune_gc()
                         self.notifier.ready(f"serving on {self.settings.host}:{self.port}")
                         signals.start_soon(self.metrics.watch_loop)
+                        self.follower = asyncio.create_task(
+                            self._follow_provider_switches(), name="provider-switches"
+                        )
                         if self.notifier.watchdog_interval is not None:
                             signals.start_soon(self._watchdog, self.notifier.watchdog_interval)
                         await self.stopping.wait()
@@ -126,13 +136,7 @@ class Daemon:
 
         self.notifier.status("booting: migrating the database")
         self.engine = create_engine(s.database_url, DAEMON_APPLICATION)
-        try:
-            await upgrade_to_head(self.engine)
-        except (sa.exc.SQLAlchemyError, OSError) as exc:
-            raise StoreError(
-                f"cannot migrate the database at {s.redacted_database_url()}: "
-                f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-            ) from None
+        await migrate(self.engine, s.redacted_database_url())
         log.info("boot: schema at head database=%s", s.redacted_database_url())
         await ensure_partitions(self.engine, s.token_partition_ahead_days)
 
@@ -215,6 +219,13 @@ class Daemon:
         self._start_metrics()
         self.gateway.booting = False
 
+    def _log_ready(self) -> None:
+        host, port = self.settings.host, self.port
+        if self.worker is None:
+            log.info("ready host=%s port=%d", host, port)
+        else:  # the supervisor says `ready host=` once all its workers are
+            log.info("ready worker=%d host=%s port=%d", self.worker, host, port)
+
     def wal_status(self) -> WalStatus:
         """The database and WAL backlog, for /api/health, admission and metrics (any thread)."""
         committed, end = self.flusher.committed, self.writer.end
@@ -261,7 +272,12 @@ class Daemon:
         return list(self.providers)
 
     async def set_provider_enabled(self, name: str, enabled: bool) -> None:
-        """Stored first, so the switch outlives a restart; effective for the next request."""
+        """Stored first, so the switch outlives a restart; effective for the next request.
+
+        Other instances on the database (other workers, other hosts) follow it
+        within PROVIDER_REFRESH_SECONDS (`_follow_provider_switches`).
+        """
+        self._switches += 1
         await set_provider_enabled(self.engine, name, enabled)
         if enabled:
             self.router.disabled.discard(name)
@@ -270,6 +286,33 @@ class Daemon:
         log.info(
             "provider %s by an operator provider=%s", "enabled" if enabled else "disabled", name
         )
+
+    async def _follow_provider_switches(self) -> None:
+        """Adopt the stored enabled flags, so a switch made through any instance reaches this one.
+
+        A read that fails (database down) keeps the flags as they are; the next one retries.
+        It ends when the daemon stops, and shutdown waits for it before closing the database.
+        """
+        while True:
+            with anyio.move_on_after(PROVIDER_REFRESH_SECONDS):
+                await self.stopping.wait()
+            if self.stopping.is_set():
+                return
+            switches = self._switches
+            try:
+                states = await provider_states(self.engine)
+            except (sa.exc.SQLAlchemyError, OSError) as exc:
+                log.debug("provider switches not read error=%s", exc)
+                continue
+            if switches != self._switches:
+                continue  # a switch here landed meanwhile; the next read includes it
+            off = {name for name, row in states.items() if not row["enabled"]}
+            disabled = off & set(self.providers)
+            for name in disabled ^ self.router.disabled:
+                now = "disabled" if name in disabled else "enabled"
+                log.info("provider %s by an operator (stored) provider=%s", now, name)
+            self.router.disabled.intersection_update(disabled)
+            self.router.disabled.update(disabled)
 
     async def run_by_hand(self, name: str, job: Job) -> JobResult:
         result = await run_job(self.engine, name, job, self.instance, None, self._job_finished)
@@ -284,6 +327,11 @@ class Daemon:
         is replaced, and a new flusher replays this instance's WAL from the
         restored checkpoint, as a boot would.
         """
+        if self.worker is not None:
+            raise Conflict(
+                "a restore replaces the store under every worker, and this worker can pause "
+                "only itself: stop llmsvc, then run `llmsvc restore`"
+            )
         if self.gateway.paused is not None:
             raise Conflict(f"not now: {self.gateway.paused}")
         self.gateway.paused = f"llmsvc is restoring the backup {name}; requests resume after it"
@@ -334,9 +382,12 @@ class Daemon:
 
         A port that cannot be bound is logged, not fatal: the gateway's traffic
         matters more than its metrics, and Prometheus alerts on a target it
-        cannot scrape (docs/DECISIONS.md).
+        cannot scrape (docs/DECISIONS.md). Worker k of a supervisor serves on
+        metrics_port + k; 0 stays any free port.
         """
         host, port = self.settings.metrics_host, self.settings.metrics_port
+        if port and self.worker is not None:
+            port += self.worker
         try:
             self.metrics_server = MetricsServer.start(self.metrics.registry, host, port)
         except OSError as exc:
@@ -372,8 +423,19 @@ class Daemon:
         return len(found)
 
     async def _run_job(self, name: str, slot: datetime) -> None:
-        """One scheduled run; with several daemons on the database, one of them runs a slot."""
-        await run_job(self.engine, name, self.jobs[name], self.instance, slot, self._job_finished)
+        """One scheduled run; with several daemons on the database, one of them runs a slot.
+
+        Housekeeping of this instance's own WAL is the exception: each instance runs every slot.
+        """
+        await run_job(
+            self.engine,
+            name,
+            self.jobs[name],
+            self.instance,
+            slot,
+            self._job_finished,
+            own_instance=name in INSTANCE_JOBS,
+        )
 
     def _job_finished(self, name: str, outcome: str, seconds: float) -> None:
         self.metrics.job_finished(name, outcome, seconds)
@@ -420,7 +482,14 @@ class Daemon:
             timeout_graceful_shutdown=5,
         )
         self.server = _EmbeddedServer(config)
-        self.http_task = asyncio.create_task(self._serve(), name="http")
+        sockets = []
+        if self.worker is not None:  # the port is shared with the other workers
+            try:
+                sockets.append(shared_port_socket(self.settings.host, self.settings.port, True))
+            except OSError as exc:
+                address = f"{self.settings.host}:{self.settings.port}"
+                raise LlmsvcError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        self.http_task = asyncio.create_task(self._serve(sockets), name="http")
         while not self.server.started:
             if self.http_task.done():
                 address = f"{self.settings.host}:{self.settings.port}"
@@ -428,9 +497,9 @@ class Daemon:
             await asyncio.sleep(0.01)
         self.port = self.server.servers[0].sockets[0].getsockname()[1]  # the real one for port 0
 
-    async def _serve(self) -> None:
+    async def _serve(self, sockets: list[socket.socket]) -> None:
         with contextlib.suppress(SystemExit):  # uvicorn exits when it cannot bind
-            await self.server.serve()
+            await self.server.serve(sockets or None)
 
     async def shutdown(self) -> None:
         """Each step in its own try, so one failure does not skip the rest."""
@@ -466,6 +535,9 @@ class Daemon:
         if hasattr(self, "metrics_server"):  # after the drain, so it can be watched
             with _step("metrics port closed"):
                 await asyncio.to_thread(self.metrics_server.stop)
+        if hasattr(self, "follower"):
+            with _step("provider switches no longer followed"):
+                await asyncio.wait_for(self.follower, timeout=10)
         if hasattr(self, "engine"):
             with _step("database closed"):
                 await self.engine.dispose()

@@ -45,6 +45,10 @@ class Redact(logging.Filter):
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message (and the traceback, if any)."""
 
+    def __init__(self, process: str | None = None) -> None:
+        super().__init__()
+        self.process = process
+
     def format(self, record: logging.LogRecord) -> str:
         event = {
             "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
@@ -52,6 +56,8 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        if self.process:
+            event["process"] = self.process
         if record.exc_info:
             event["exception"] = self.formatException(record.exc_info)
         elif record.exc_text:
@@ -59,14 +65,23 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(event).decode()
 
 
-def configure(level: str | int, json: bool, secrets: Iterable[str]) -> None:
-    """Route every logger to stderr, in the chosen format, through the redaction filter."""
+def configure(
+    level: str | int, json: bool, secrets: Iterable[str], process: str | None = None
+) -> None:
+    """Route every logger to stderr, in the chosen format, through the redaction filter.
+
+    `process` (`supervisor`, `worker-1`) names which of several processes sharing
+    one stderr wrote a line.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.addFilter(Redact(secrets))
     if json:
-        handler.setFormatter(JsonFormatter())
+        handler.setFormatter(JsonFormatter(process))
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+        tag = f"{process} " if process else ""
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s %(levelname)s {tag}%(name)s %(message)s")
+        )
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)

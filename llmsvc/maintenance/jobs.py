@@ -14,6 +14,7 @@ from llmsvc.maintenance.wal_housekeeping import housekeep
 from llmsvc.wal.writer import WalWriter
 
 JOB_NAMES = ("prune", "backup", "backup-cleanup", "wal-housekeeping", "gap-scan")
+INSTANCE_JOBS = frozenset({"wal-housekeeping"})  # work on one instance's own WAL: each runs them
 
 
 def job_table(

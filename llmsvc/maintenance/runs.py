@@ -56,17 +56,22 @@ async def run_job(
     instance_id: uuid.UUID | None,
     slot: datetime | None = None,
     finished: Finished | None = None,
+    own_instance: bool = False,
 ) -> JobResult | None:
     """Run `job` once and store the run; None when another instance has this slot.
 
+    A job on an instance's `own_instance` data (its WAL) claims no slot, since
+    every instance must run it, and its lock is that instance's alone.
     A job that raises is a failed run: logged, stored with its error, and
     reported to `finished`; it never propagates, so the scheduler goes on.
     """
-    if slot is not None and not await claim_slot(engine, name, slot, instance_id):
+    shared = not own_instance
+    if slot is not None and shared and not await claim_slot(engine, name, slot, instance_id):
         log.info("job slot taken by another instance job=%s slot=%s", name, slot.isoformat())
         return None
     started, clock = datetime.now(UTC), time.monotonic()
-    async with job_lock(engine, name) as held:
+    lock = name if shared else f"{name}-{instance_id}"
+    async with job_lock(engine, lock) as held:
         if not held:
             result = JobResult("skipped", error="another run of this job holds its lock")
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
@@ -66,6 +67,17 @@ def _alembic_config(connection: Connection | None = None) -> Config:
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["connection"] = connection
     return config
+
+
+async def migrate(engine: AsyncEngine, where: str) -> None:
+    """Upgrade to head at boot; a failure is one StoreError line naming the (redacted) `where`."""
+    try:
+        await upgrade_to_head(engine)
+    except (sa.exc.SQLAlchemyError, OSError) as exc:
+        raise StoreError(
+            f"cannot migrate the database at {where}: "
+            f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+        ) from None
 
 
 async def upgrade_to_head(engine: AsyncEngine) -> None:
