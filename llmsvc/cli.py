@@ -27,7 +27,7 @@ from llmsvc.maintenance import backup, consistency, retention
 from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
 from llmsvc.maintenance.scheduler import next_run
-from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
+from llmsvc.store.engine import create_engine, describe_error, schema_revision, upgrade_to_head
 from llmsvc.store.queries import recent_requests, request_detail
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader, verify_log
@@ -524,10 +524,8 @@ def _with_store(
                 )
             return await work(engine)
         except (sa.exc.SQLAlchemyError, OSError) as exc:
-            cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig else exc
             raise LlmsvcError(
-                f"database {settings.redacted_database_url()} failed: "
-                f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+                f"database {settings.redacted_database_url()} failed: {describe_error(exc)}"
             ) from None
         finally:
             await engine.dispose()

@@ -48,7 +48,7 @@ from llmsvc.metrics import Metrics, MetricsServer, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.status import iso
-from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, migrate
+from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error, migrate
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import (
     open_work,
@@ -426,16 +426,21 @@ class Daemon:
         """One scheduled run; with several daemons on the database, one of them runs a slot.
 
         Housekeeping of this instance's own WAL is the exception: each instance runs every slot.
+        A database that cannot be reached misses the slot with one log line; the next runs.
         """
-        await run_job(
-            self.engine,
-            name,
-            self.jobs[name],
-            self.instance,
-            slot,
-            self._job_finished,
-            own_instance=name in INSTANCE_JOBS,
-        )
+        try:
+            await run_job(
+                self.engine,
+                name,
+                self.jobs[name],
+                self.instance,
+                slot,
+                self._job_finished,
+                own_instance=name in INSTANCE_JOBS,
+            )
+        except (sa.exc.SQLAlchemyError, OSError) as exc:
+            log.error("job %s missed slot=%s: %s", name, slot.isoformat(), describe_error(exc))
+            self._job_finished(name, "failed", 0.0)
 
     def _job_finished(self, name: str, outcome: str, seconds: float) -> None:
         self.metrics.job_finished(name, outcome, seconds)

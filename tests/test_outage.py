@@ -308,3 +308,23 @@ def test_past_the_backlog_limit_new_requests_get_503_until_the_backlog_drains(
         assert daemon.stop() == 0, daemon.log
     assert "Traceback" not in daemon.log, daemon.log
     clients.assert_stored_once_in_order(url)  # the refused requests left nothing behind
+
+
+def test_a_job_due_during_the_outage_misses_its_slot_in_one_line_and_runs_once_it_is_back(
+    own_cluster: PostgresCluster, tmp_path: Path
+) -> None:
+    url = asyncio.run(own_cluster.create_database("llmsvc"))
+    every_second = "* * * * * *"  # seconds first: a slot every second
+    env = daemon_env(url, tmp_path / "wal", prune_schedule=every_second)
+    with DaemonProcess(env) as daemon:
+        daemon.wait_for_log(r"job prune status=ok")
+        own_cluster.stop()
+        daemon.wait_for_log(r"job prune missed slot=\S+: \w+")
+        runs_before = daemon.log.count("job prune status=ok")
+        own_cluster.start()
+        deadline = time.monotonic() + 15
+        while daemon.log.count("job prune status=ok") == runs_before:
+            assert time.monotonic() < deadline, daemon.log
+            time.sleep(0.1)
+        assert daemon.stop() == 0, daemon.log
+    assert "Traceback" not in daemon.log, daemon.log

@@ -69,15 +69,18 @@ def _alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+def describe_error(exc: BaseException) -> str:
+    """A database error's one-line cause, without the SQL or parameters (they may hold prompts)."""
+    cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
+    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+
+
 async def migrate(engine: AsyncEngine, where: str) -> None:
     """Upgrade to head at boot; a failure is one StoreError line naming the (redacted) `where`."""
     try:
         await upgrade_to_head(engine)
     except (sa.exc.SQLAlchemyError, OSError) as exc:
-        raise StoreError(
-            f"cannot migrate the database at {where}: "
-            f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-        ) from None
+        raise StoreError(f"cannot migrate the database at {where}: {describe_error(exc)}") from None
 
 
 async def upgrade_to_head(engine: AsyncEngine) -> None:

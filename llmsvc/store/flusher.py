@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
+from llmsvc.store.engine import describe_error
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_tool_calls, wal_checkpoints
 from llmsvc.wal.reader import Position, WalReader
 from llmsvc.wal.segment import HEADER_SIZE, list_segments
@@ -214,7 +215,7 @@ class Flusher:
         try:
             await write_batch(self.engine, self._pending, self.instance_id)
         except Exception as exc:
-            self.last_error, self.errors = _describe(exc), self.errors + 1
+            self.last_error, self.errors = describe_error(exc), self.errors + 1
             raise
         finally:
             self.last_check = time.time()
@@ -270,7 +271,7 @@ class Flusher:
                 n = await self.flush_once()
             except Exception as exc:
                 if self.database_ok:
-                    log.error("flush failed, records wait in the WAL error=%s", _describe(exc))
+                    log.error("flush failed, records wait in the WAL error=%s", describe_error(exc))
                     self.database_ok = False
                 backoff = min(backoff * 2, 5.0)
                 await self._sleep(backoff)
@@ -289,7 +290,7 @@ class Flusher:
                 if not await self.flush_once():
                     await asyncio.sleep(0.01)
             except Exception as exc:
-                log.warning("drain: flush failed error=%s", _describe(exc))
+                log.warning("drain: flush failed error=%s", describe_error(exc))
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         return self.caught_up
 
@@ -302,9 +303,3 @@ class Flusher:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
-
-
-def _describe(exc: BaseException) -> str:
-    """A one-line cause without the SQL or parameters (they may hold prompt text)."""
-    cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
-    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
