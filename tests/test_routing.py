@@ -334,3 +334,28 @@ def test_the_request_timeout_bounds_all_attempts_together(
     store = read_store(sqlite_url)
     [request] = store.requests.values()
     assert [a["provider"] for a in store.attempts[request["id"]]] == ["limited", "up"]
+
+
+def test_a_silence_longer_than_timeout_seconds_fails_over_and_a_steady_slow_stream_is_not_cut(
+    upstream: UpstreamProcess, sqlite_url: str, tmp_path: Path
+) -> None:
+    delay = "X-Upstream-Token-Delay-Ms"
+    silent = {**provider("silent", upstream.steered_url(delay, "1500")), "timeout_seconds": 0.3}
+    steady = {**provider("steady", upstream.steered_url(delay, "150")), "timeout_seconds": 0.4}
+    env = env_for(
+        sqlite_url,
+        tmp_path,
+        [silent, steady],
+        routes={"gpt-fast": ["silent:gpt-test", "steady:gpt-test"]},
+        retries_per_target=0,
+    )
+    with DaemonProcess(env) as daemon:
+        # 5 tokens 150 ms apart: the silence timer moves on past 0.4 s several times
+        request_id, tokens, error = streamed(daemon, "gpt-fast", 5)
+        assert daemon.stop() == 0
+    assert (len(tokens), error) == (5, "")
+    rows = attempts(sqlite_url, request_id)
+    assert [a[:3] for a in rows] == [(1, "silent", "failed"), (2, "steady", "completed")]
+    store = read_store(sqlite_url)
+    first = store.attempts[store.request(request_id)["id"]][0]
+    assert "no data for 0.3 s (timeout_seconds)" in first["error_message"], first

@@ -143,13 +143,15 @@ def _arguments(arguments: Any) -> Any:
 
 
 class AnthropicReply(HttpReply):
-    def __init__(self, name: str, response: aiohttp.ClientResponse, stream: bool) -> None:
-        super().__init__(name, response, stream)
+    def __init__(
+        self, name: str, response: aiohttp.ClientResponse, stream: bool, idle_timeout: float
+    ) -> None:
+        super().__init__(name, response, stream, idle_timeout)
         self._tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
 
     async def _events(self) -> AsyncIterator[Batch]:
         splitter, stopped = SseSplitter(), False
-        async for chunk in self.response.content.iter_any():
+        while chunk := await self._read():
             texts: list[str] = []
             tools = ToolCallDeltas()
             for data in splitter.feed(chunk):
@@ -224,7 +226,7 @@ class AnthropicProvider(HttpProvider):
 
     async def open(self, body: dict[str, Any], model: str, stream: bool) -> AnthropicReply:
         response = await self.post(to_anthropic(body, model, stream), self.headers)
-        return AnthropicReply(self.name, response, stream)
+        return AnthropicReply(self.name, response, stream, self.idle_timeout)
 
 
 def upstream_error(

@@ -3,10 +3,16 @@
 An adapter subclasses `HttpProvider` (its URL, headers, body translation and
 error shape) and `HttpReply` (how a stream's events and a whole body become
 token batches); transport failures become `ProviderUnavailable` here, once.
+
+A provider's `timeout_seconds` bounds every silence: the wait for the response
+and each gap in a stream. In a stream it is one timer per silence that moves
+itself on, not aiohttp's `sock_read`, which re-arms a timer at every read (at
+one token a read, ~7 us of a token's CPU).
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 from collections.abc import AsyncIterator, Callable, Mapping
 from datetime import UTC, datetime
@@ -25,10 +31,16 @@ ErrorOf = Callable[[str, int | None, Any, Mapping[str, str] | None], ProviderErr
 class HttpReply:
     """A call under way: `batches` reads the stream (or the whole body) and always releases."""
 
-    def __init__(self, name: str, response: aiohttp.ClientResponse, stream: bool) -> None:
+    def __init__(
+        self, name: str, response: aiohttp.ClientResponse, stream: bool, idle_timeout: float
+    ) -> None:
         self.name = name
         self.response = response
         self.stream = stream
+        self.idle_timeout = idle_timeout
+        self._loop = asyncio.get_running_loop()
+        self._waiting_since: float | None = None  # loop time the current read began
+        self._idle: asyncio.TimerHandle | None = None
         self.http_status: int | None = response.status
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
@@ -38,10 +50,13 @@ class HttpReply:
     async def batches(self) -> AsyncIterator[Batch]:
         try:
             if self.stream:
+                self._idle = self._loop.call_later(self.idle_timeout, self._silent)
                 async for batch in self._events():
                     yield batch
             else:
-                content = self._whole(orjson.loads(await self.response.read()))
+                async with asyncio.timeout(self.idle_timeout):
+                    body = await self.response.read()
+                content = self._whole(orjson.loads(body))
                 if content:
                     yield [content]
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -54,7 +69,28 @@ class HttpReply:
                 f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
             ) from exc
         finally:
+            if self._idle is not None:
+                self._idle.cancel()
             self.response.release()
+
+    async def _read(self) -> bytes:
+        """What the stream has next (b"" at its end); only this wait counts as silence, not
+        the time a slow client takes to accept what came before."""
+        self._waiting_since = self._loop.time()
+        chunk = await self.response.content.readany()
+        self._waiting_since = None
+        return chunk
+
+    def _silent(self) -> None:
+        """The silence timer: end a read that has waited `idle_timeout`, else move on to the
+        current read's deadline."""
+        now = self._loop.time()
+        since = now if self._waiting_since is None else self._waiting_since
+        if now - since >= self.idle_timeout:
+            silence = TimeoutError(f"no data for {self.idle_timeout:g} s (timeout_seconds)")
+            self.response.content.set_exception(silence)
+        else:
+            self._idle = self._loop.call_at(since + self.idle_timeout, self._silent)
 
     def _events(self) -> AsyncIterator[Batch]:
         raise NotImplementedError
@@ -72,10 +108,9 @@ class HttpProvider:
         self.name = config.name
         self.url = url
         self.error_of = error_of
+        self.idle_timeout = config.timeout_seconds
         self.timeout = aiohttp.ClientTimeout(
-            total=None,
-            sock_connect=config.connect_timeout_seconds,
-            sock_read=config.timeout_seconds,
+            total=None, sock_connect=config.connect_timeout_seconds, sock_read=None
         )
         self._session: aiohttp.ClientSession | None = None
 
@@ -93,9 +128,10 @@ class HttpProvider:
     ) -> aiohttp.ClientResponse:
         """POST the body; a 200 response to read, else the upstream's error as ProviderError."""
         try:
-            response = await self._client().post(
-                self.url, data=orjson.dumps(payload), headers=headers
-            )
+            async with asyncio.timeout(self.idle_timeout):  # waiting for the response is silence
+                response = await self._client().post(
+                    self.url, data=orjson.dumps(payload), headers=headers
+                )
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ProviderUnavailable(
                 f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",
@@ -103,7 +139,8 @@ class HttpProvider:
             ) from exc
         if response.status != 200:
             try:
-                detail = orjson.loads(await response.read())
+                async with asyncio.timeout(self.idle_timeout):
+                    detail = orjson.loads(await response.read())
             except (TimeoutError, orjson.JSONDecodeError, aiohttp.ClientError):
                 detail = {}
             finally:

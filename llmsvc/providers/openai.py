@@ -22,7 +22,7 @@ from llmsvc.providers.sse import SseSplitter
 class OpenAIReply(HttpReply):
     async def _events(self) -> AsyncIterator[Batch]:
         splitter, done = SseSplitter(), False
-        async for chunk in self.response.content.iter_any():
+        while chunk := await self._read():
             texts: list[str] = []
             tools = ToolCallDeltas()
             for data in splitter.feed(chunk):
@@ -85,7 +85,7 @@ class OpenAIProvider(HttpProvider):
             options = body.get("stream_options") or {}
             payload["stream_options"] = {**options, "include_usage": True}
         response = await self.post(payload, self.headers)
-        return OpenAIReply(self.name, response, stream)
+        return OpenAIReply(self.name, response, stream, self.idle_timeout)
 
 
 def _flat(call: dict[str, Any]) -> dict[str, Any]:
