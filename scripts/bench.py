@@ -1001,6 +1001,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     scale.add_argument("--paced-streams-sweep", default="100,300,1000", help="streams per level")
     scale.add_argument("--workers-sweep", default="1,2", help="daemon workers in `instant`")
+    scale.add_argument(
+        "--throttle-duty",
+        type=float,
+        default=0.95,
+        help="share of the time the database is locked in `throttled` (1 = stalled)",
+    )
     args = p.parse_args(argv)
     if args.scale:
         return args  # bench_scale.configure sets the rest

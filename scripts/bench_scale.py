@@ -41,7 +41,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -59,6 +59,7 @@ from bench import (
     open_token_rows,
     pct,
     proc_cpu_s,
+    processes,
     rotated,
     spawn_daemon,
     spawn_upstream,
@@ -242,18 +243,6 @@ def sqlite_url(daemon: Proc) -> str:
 def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
     values = [r[key] for r in runs if r.get(key) is not None]
     return round(statistics.median(values), 3) if values else None
-
-
-@contextlib.contextmanager
-def processes() -> Iterator[list[Proc]]:
-    procs: list[Proc] = []
-    try:
-        yield procs
-    finally:
-        for proc in reversed(procs):
-            code = stop_proc(proc.popen)
-            if proc.name.startswith("daemon") and code not in (0, None):
-                log(f"{proc.name} exit code {code}:\n{log_tail(proc.log)}")
 
 
 # --------------------------------------------------------------------------- the scenarios
@@ -447,9 +436,9 @@ class Throttle:
         try:
             while not self.stop.is_set():
                 conn.execute("BEGIN EXCLUSIVE")
-                time.sleep(self.locked)
+                self.stop.wait(self.locked)
                 conn.execute("COMMIT")
-                time.sleep(self.free)
+                self.stop.wait(self.free)
         finally:
             conn.close()
 
@@ -553,7 +542,6 @@ def configure(args: argparse.Namespace) -> None:
     args.open_stagger_s = 2.0 if quick else 10.0
     args.throttle_streams = 100 if quick else 200
     args.throttle_seconds = 15.0 if quick else 45.0
-    args.throttle_duty = 0.95
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
