@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import os
 import re
 import signal
@@ -25,11 +26,12 @@ import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
+import openai
 import orjson
 from postgres import free_port
 
@@ -384,3 +386,79 @@ def read_store_after(database_url: str, request_id: str, timeout: float = 10.0) 
             return store
         assert time.monotonic() < deadline, f"request {request_id} not stored within {timeout}s"
         time.sleep(0.05)
+
+
+def client_for(daemon: DaemonProcess) -> openai.OpenAI:
+    """An SDK client of its own: a new connection (with workers, the kernel picks one)."""
+    return openai.OpenAI(
+        base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0, timeout=60
+    )
+
+
+@dataclass
+class Stream:
+    """One streamed mock request read on a thread, every token the client received recorded."""
+
+    daemon: DaemonProcess
+    tokens_wanted: int
+    delay_ms: int
+    model: str = "mock"
+    request_id: str = ""
+    tokens: list[str] = field(default_factory=list)
+    error: Exception | None = None
+    done: threading.Event = field(default_factory=threading.Event)
+
+    def start(self) -> Stream:
+        threading.Thread(target=self._read, daemon=True).start()
+        return self
+
+    def _read(self) -> None:
+        try:
+            with client_for(self.daemon) as client:
+                raw = client.chat.completions.with_raw_response.create(
+                    model=self.model,
+                    messages=[{"role": "user", "content": "go slowly"}],
+                    max_tokens=self.tokens_wanted,
+                    stream=True,
+                    extra_body={"mock_delay_ms": self.delay_ms},
+                )
+                self.request_id = raw.headers["x-request-id"]
+                for chunk in raw.parse():
+                    for choice in chunk.choices:
+                        if choice.delta.content:
+                            self.tokens.append(choice.delta.content)
+        except Exception as exc:
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait_for_tokens(self, n: int, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while len(self.tokens) < n:
+            assert not self.done.is_set(), f"the stream ended early: {self.error!r}"
+            assert time.monotonic() < deadline, f"only {len(self.tokens)} tokens in {timeout}s"
+            time.sleep(0.01)
+
+    def wait_done(self, timeout: float = 60) -> None:
+        assert self.done.wait(timeout), "the client is still reading"
+
+
+def admin_call(
+    daemon: DaemonProcess,
+    method: str,
+    path: str,
+    body: Any,
+    token: str | None,
+    raw: bytes | None = None,
+) -> tuple[int, dict[str, Any]]:
+    """An HTTP call with a bearer token (none: no header): (status, JSON body)."""
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    request = urllib.request.Request(f"{daemon.base_url}{path}", data=data, method=method)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        with exc:
+            return exc.code, json.loads(exc.read())

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from daemon_process import DaemonProcess, daemon_env, read_store, run_cli
+from daemon_process import DaemonProcess, admin_call, daemon_env, read_store, run_cli
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -28,16 +26,7 @@ def call(
     token: str | None = TOKEN,
     raw: bytes | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
-    request = urllib.request.Request(f"{daemon.base_url}{path}", data=data, method=method)
-    if token is not None:
-        request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+    return admin_call(daemon, method, path, body, token, raw)
 
 
 def chat(daemon: DaemonProcess, tokens: int = 4) -> str:

@@ -8,10 +8,8 @@ from __future__ import annotations
 import inspect
 import re
 import signal
-import threading
 import time
 import tomllib
-from dataclasses import dataclass, field
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -19,7 +17,7 @@ from typing import Any
 import openai
 import pytest
 import uvicorn
-from daemon_process import REPO, DaemonProcess, daemon_env, read_store, run_cli
+from daemon_process import REPO, DaemonProcess, Stream, client_for, daemon_env, read_store, run_cli
 
 from llmsvc.daemon import _EmbeddedServer
 from llmsvc.providers.mock import token as mock_token
@@ -27,57 +25,6 @@ from llmsvc.providers.mock import token as mock_token
 pytestmark = pytest.mark.timeout(60)
 
 MESSAGES: list[Any] = [{"role": "user", "content": "go slowly"}]
-
-
-def client_for(daemon: DaemonProcess) -> openai.OpenAI:
-    return openai.OpenAI(
-        base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0, timeout=30
-    )
-
-
-@dataclass
-class SlowStream:
-    """A 200-token mock stream at 50 ms a token, read on a thread, every token recorded."""
-
-    daemon: DaemonProcess
-    request_id: str = ""
-    tokens: list[str] = field(default_factory=list)
-    error: Exception | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> SlowStream:
-        threading.Thread(target=self._read, daemon=True).start()
-        return self
-
-    def _read(self) -> None:
-        try:
-            with client_for(self.daemon) as client:
-                raw = client.chat.completions.with_raw_response.create(
-                    model="mock",
-                    messages=MESSAGES,
-                    max_tokens=200,
-                    stream=True,
-                    extra_body={"mock_delay_ms": 50},
-                )
-                self.request_id = raw.headers["x-request-id"]
-                for chunk in raw.parse():
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            self.tokens.append(choice.delta.content)
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def wait_for_tokens(self, n: int, timeout: float = 10) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.tokens) < n:
-            assert not self.done.is_set(), f"the stream ended early: {self.error!r}"
-            assert time.monotonic() < deadline, f"only {len(self.tokens)} tokens in {timeout}s"
-            time.sleep(0.01)
-
-    def wait_done(self, timeout: float = 15) -> None:
-        assert self.done.wait(timeout), "the client is still reading"
 
 
 def assert_holds(stored: list[str], received: list[str]) -> list[str]:
@@ -99,7 +46,7 @@ def env(sqlite_url: str, tmp_path: Path) -> dict[str, str]:
 
 def test_tokens_a_client_received_survive_kill_9(env: dict[str, str], sqlite_url: str) -> None:
     with DaemonProcess(env) as daemon:
-        slow = SlowStream(daemon).start()
+        slow = Stream(daemon, 200, 50).start()
         slow.wait_for_tokens(10)
         daemon.kill()
         slow.wait_done()
@@ -187,7 +134,7 @@ def test_embedded_server_still_overrides_uvicorns_capture_signals() -> None:
 
 def test_sigterm_interrupts_a_stream_after_the_grace(env: dict[str, str], sqlite_url: str) -> None:
     with DaemonProcess({**env, "LLMSVC_SHUTDOWN_GRACE_SECONDS": "0.5"}) as daemon:
-        slow = SlowStream(daemon).start()
+        slow = Stream(daemon, 200, 50).start()
         slow.wait_for_tokens(5)
         began = time.monotonic()
         assert daemon.stop() == 0, daemon.log
@@ -209,7 +156,7 @@ def test_sigterm_interrupts_a_stream_after_the_grace(env: dict[str, str], sqlite
 
 def test_a_new_request_during_the_drain_gets_503(env: dict[str, str], sqlite_url: str) -> None:
     with DaemonProcess({**env, "LLMSVC_SHUTDOWN_GRACE_SECONDS": "3"}) as daemon:
-        slow = SlowStream(daemon).start()
+        slow = Stream(daemon, 200, 50).start()
         slow.wait_for_tokens(2)
         daemon.signal(signal.SIGTERM)
         daemon.wait_for_log("SIGTERM received")

@@ -12,18 +12,25 @@ import os
 import re
 import signal
 import socket
-import threading
 import time
 import urllib.error
 import urllib.request
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
-from daemon_process import DaemonProcess, daemon_env, read_store, run_async, run_cli
+from daemon_process import (
+    DaemonProcess,
+    Stream,
+    admin_call,
+    client_for,
+    daemon_env,
+    read_store,
+    run_async,
+    run_cli,
+)
 from fake_systemd import FakeSystemd
 from postgres import free_port
 
@@ -36,61 +43,6 @@ pytestmark = pytest.mark.timeout(180)
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 TOKEN = "admin-token-for-the-workers-test"
-
-
-def client_for(daemon: DaemonProcess) -> openai.OpenAI:
-    """A client of its own: a new connection, which the kernel gives to either worker."""
-    return openai.OpenAI(
-        base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0, timeout=60
-    )
-
-
-@dataclass
-class Stream:
-    """One streamed request read on a thread, every token the client received recorded."""
-
-    daemon: DaemonProcess
-    tokens_wanted: int
-    delay_ms: int
-    model: str = "mock"
-    request_id: str = ""
-    tokens: list[str] = field(default_factory=list)
-    error: Exception | None = None
-    done: threading.Event = field(default_factory=threading.Event)
-
-    def start(self) -> Stream:
-        threading.Thread(target=self._read, daemon=True).start()
-        return self
-
-    def _read(self) -> None:
-        try:
-            with client_for(self.daemon) as client:
-                raw = client.chat.completions.with_raw_response.create(
-                    model=self.model,
-                    messages=MESSAGES,
-                    max_tokens=self.tokens_wanted,
-                    stream=True,
-                    extra_body={"mock_delay_ms": self.delay_ms},
-                )
-                self.request_id = raw.headers["x-request-id"]
-                for chunk in raw.parse():
-                    for choice in chunk.choices:
-                        if choice.delta.content:
-                            self.tokens.append(choice.delta.content)
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def wait_for_tokens(self, n: int, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while len(self.tokens) < n:
-            assert not self.done.is_set(), f"the stream ended early: {self.error!r}"
-            assert time.monotonic() < deadline, f"only {len(self.tokens)} tokens in {timeout}s"
-            time.sleep(0.01)
-
-    def wait_done(self, timeout: float = 60) -> None:
-        assert self.done.wait(timeout), "the client is still reading"
 
 
 def worker_instances(wal_dir: Path) -> dict[uuid.UUID, int]:
@@ -319,16 +271,7 @@ def read_runs(database_url: str) -> list[dict[str, Any]]:
 
 
 def admin(daemon: DaemonProcess, path: str, body: Any = None) -> tuple[int, dict[str, Any]]:
-    """POST to the admin API with the token: (status, JSON body)."""
-    data = json.dumps(body or {}).encode()
-    request = urllib.request.Request(f"{daemon.base_url}{path}", data=data, method="POST")
-    request.add_header("Authorization", f"Bearer {TOKEN}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+    return admin_call(daemon, "POST", path, body or {}, TOKEN)
 
 
 def test_a_provider_disabled_through_one_worker_is_disabled_on_every_worker(
