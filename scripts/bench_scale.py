@@ -338,9 +338,10 @@ async def phase_open(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Many streams open at once at 1 token/s: memory per open stream and loop lag."""
     n, tokens = args.open_streams, args.open_tokens
     stagger = args.open_stagger_s
-    out: dict[str, Any] = {"streams": n, "tokens_per_stream": tokens, "token_delay_ms": 1000}
+    delay = args.open_delay_ms
+    out: dict[str, Any] = {"streams": n, "tokens_per_stream": tokens, "token_delay_ms": delay}
     with processes() as procs:
-        procs.append(up := spawn_upstream(tmp, "upstream-1s", 1000.0))
+        procs.append(up := spawn_upstream(tmp, "upstream-slow", delay))
         procs.append(daemon := await start_daemon(tmp, "daemon-open", args.database_url, up, {}))
         for side in (Side("daemon", daemon), Side("direct", None)):
             port = daemon.port if side.proc else up.port
@@ -504,8 +505,9 @@ async def phase_throttled(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         stats, _ = await streams_for(d.port, n, args.paced_tokens, seconds, stream_s)
         await window
         end_of_load = time.perf_counter() - t0
-        while time.perf_counter() - t0 < seconds + 120:
-            if (await asyncio.to_thread(http_json, health))["wal"]["backlog_records"] == 0:
+        while True:
+            drained = (await asyncio.to_thread(http_json, health))["wal"]["backlog_records"] == 0
+            if drained or time.perf_counter() - t0 > seconds + 120:
                 break
             await asyncio.sleep(0.2)
         drained_at = time.perf_counter() - t0
@@ -523,6 +525,7 @@ async def phase_throttled(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
         "max_backlog_bytes": max(s["backlog_bytes"] for s in samples),
         "rss_mib_before_median": statistics.median(s["rss_mib"] for s in before),
         "rss_mib_throttled_max": max(s["rss_mib"] for s in during),
+        "drained": drained,
         "drained_s_after_load": round(drained_at - end_of_load, 2),
         "samples": samples,
     }
@@ -530,18 +533,19 @@ async def phase_throttled(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
 
 # --------------------------------------------------------------------------- entry
 def configure(args: argparse.Namespace) -> None:
+    """The issue's scenarios; `--quick` shrinks every one to seconds (a smoke run, not figures)."""
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 2)
     args.paced_streams = [int(x) for x in args.paced_streams_sweep.split(",")]
-    args.paced_delay_ms, args.paced_tokens = 20.0, 200
-    args.paced_seconds = 4.0 if quick else 8.0
+    args.paced_delay_ms, args.paced_tokens = 20.0, (10 if quick else 200)
+    args.paced_seconds = 0.5 if quick else 8.0
     args.instant_workers = [int(x) for x in args.workers_sweep.split(",")]
-    args.instant_seconds = 2.0 if quick else 6.0
-    args.open_streams = 500 if quick else 5000
-    args.open_tokens = 10 if quick else 60
-    args.open_stagger_s = 2.0 if quick else 10.0
-    args.throttle_streams = 100 if quick else 200
-    args.throttle_seconds = 15.0 if quick else 45.0
+    args.instant_seconds = 0.5 if quick else 6.0
+    args.open_streams = 50 if quick else 5000
+    args.open_tokens, args.open_delay_ms = (3, 100.0) if quick else (60, 1000.0)
+    args.open_stagger_s = 0.5 if quick else 10.0
+    args.throttle_streams = 20 if quick else 200
+    args.throttle_seconds = 3.0 if quick else 45.0
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

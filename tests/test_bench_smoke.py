@@ -89,3 +89,41 @@ def test_bench_runs_and_reports_every_figure(tmp_path: Path, pg_url: str) -> Non
         assert isinstance(verdict["met"], bool), name
         if name != "daemon_tokens_per_s_c100_t1000":  # that scenario is not in a tiny run
             assert verdict["reached"] is not None, name
+
+
+def test_the_scale_scenarios_run_and_report_their_figures(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(SCRIPT), "--scale", "--quick", "--out", str(out)]
+    cmd += ["--tmp-dir", str(tmp_path), "--paced-streams-sweep", "4", "--workers-sweep", "1,2"]
+    res = subprocess.run(cmd, capture_output=True, timeout=240)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
+    report = json.loads(out.read_text())
+
+    paced = report["paced"]["streams_4"]
+    for side in ("direct", "relay", "daemon"):
+        assert paced[f"{side}_errors"] == 0, paced[f"{side}_first_errors"]
+        assert positive(paced[f"{side}_tokens_per_s"]), side
+        assert positive(paced[f"{side}_ttft_p50_ms"]), side
+    assert positive(paced["daemon_cpu_us_per_token"])
+    assert positive(paced["relay_cpu_us_per_token"])
+    assert isinstance(paced["added_ttft_p50_ms"], float)
+    assert non_negative(paced["daemon_drain_s"])
+
+    instant = report["instant"]
+    for side in ("daemon_w1", "daemon_w2"):
+        assert instant[f"{side}_errors"] == 0
+        assert positive(instant[f"{side}_cpu_us_per_token"]), side
+        assert positive(instant[f"{side}_share_of_direct_tokens_per_s"]), side
+
+    opened = report["open"]
+    for side in ("daemon", "direct"):
+        assert (opened[side]["streams"], opened[side]["errors"]) == (50, 0), opened[side]
+        assert opened[side]["most_open_at_once"] > 0
+    assert positive(opened["daemon"]["loop_lag_probes"])
+    assert positive(opened["daemon"]["loop_lag_p99_le_s"])
+
+    throttled = report["throttled"]
+    assert throttled["errors"] == 0
+    assert throttled["tokens"] > 0
+    assert any(s["throttled"] for s in throttled["samples"])
+    assert throttled["drained"] is True

@@ -141,7 +141,7 @@ class Gateway:
         first = exchange.first_token_us
         self.metrics.request_done(
             exchange.target.provider.name,
-            exchange.request.model,
+            exchange.model,
             exchange.status,
             exchange.error_code,
             exchange.prompt_tokens,

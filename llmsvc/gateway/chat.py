@@ -40,7 +40,48 @@ JSON_HEADERS = [(b"content-type", b"application/json")]
 
 
 class Exchange:
-    """The state of one request from the first record to the last byte."""
+    """The state of one request from the first record to the last byte.
+
+    Thousands are open at once on slow streams, so it has slots and keeps only
+    the three fields it needs of the validated request, not the model itself.
+    """
+
+    __slots__ = (
+        "attempt_id",
+        "attempt_no",
+        "attempt_open",
+        "attempts",
+        "began",
+        "began_us",
+        "bound",
+        "correlation_id",
+        "created",
+        "data",
+        "deadline",
+        "ended",
+        "error_code",
+        "first_token_us",
+        "headers",
+        "include_usage",
+        "journal",
+        "model",
+        "policy",
+        "prompt_tokens",
+        "receive",
+        "request_deadline",
+        "request_id",
+        "router",
+        "send",
+        "seq",
+        "start_fut",
+        "started",
+        "status",
+        "stream",
+        "target",
+        "targets",
+        "tool_seq",
+        "unconfirmed",
+    )
 
     def __init__(
         self,
@@ -59,7 +100,8 @@ class Exchange:
         self.targets = router.targets(request.model)  # UnknownModel before anything is journaled
         self.target = self.targets[0]  # the one being tried
         self.data = data
-        self.request = request
+        self.model, self.stream = request.model, request.stream
+        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.send = send
         self.receive = receive
         self.request_id = uuid.uuid4()
@@ -99,8 +141,8 @@ class Exchange:
         self.start_fut = self.journal.request_start(
             self.request_id,
             self.correlation_id,
-            self.request.model,
-            self.request.stream,
+            self.model,
+            self.stream,
             self.data["messages"],
             params,
         )
@@ -159,9 +201,7 @@ class Exchange:
                 await asyncio.sleep(delay)
         if failed is not None:
             raise failed  # every target failed: the client hears the last failure
-        raise ServiceUnavailable(
-            f"no provider can serve {self.request.model!r}: " + "; ".join(skipped)
-        )
+        raise ServiceUnavailable(f"no provider can serve {self.model!r}: " + "; ".join(skipped))
 
     async def _attempt(self, target: Target) -> None:
         """One call to one provider, journaled as an attempt, with its breaker told."""
@@ -195,18 +235,18 @@ class Exchange:
         first = loop.time() + self.policy.first_token_timeout
         try:
             async with asyncio.timeout_at(
-                min(first, self.deadline) if self.request.stream else self.deadline
+                min(first, self.deadline) if self.stream else self.deadline
             ) as self.bound:
-                reply = await target.provider.open(self.data, target.model, self.request.stream)
+                reply = await target.provider.open(self.data, target.model, self.stream)
                 try:
-                    if self.request.stream:
+                    if self.stream:
                         await self._stream(reply)
                     else:
                         await self._whole(reply)
                 finally:
                     await reply.aclose()
         except TimeoutError:
-            waited = self.first_token_us is None and self.request.stream
+            waited = self.first_token_us is None and self.stream
             what = "no first token" if waited else "the reply did not end"
             raise ProviderUnavailable(
                 f"{target.provider.name}: {what} in time (first_token_timeout_seconds, "
@@ -228,7 +268,7 @@ class Exchange:
         await self.journal.attempt_end(self.attempt_id, **fields)
 
     async def _stream(self, reply: Reply) -> None:
-        encoder = ChunkEncoder(self.completion_id, self.created, self.request.model)
+        encoder = ChunkEncoder(self.completion_id, self.created, self.model)
         aid = self.attempt_id.bytes
         # uvicorn drops sends to a closed connection silently: a disconnect is
         # only seen by receive(), which returns once the body has been read.
@@ -249,7 +289,7 @@ class Exchange:
                 await self._send_chunk(encoder, frame)
             fut = self._end_records("completed", reply)
             tail = encoder.finish(reply.finish_reason or "stop")
-            if self.request.stream_options and self.request.stream_options.include_usage:
+            if self.include_usage:
                 tail += encoder.usage(reply.prompt_tokens, reply.completion_tokens)
             await fut
             await self._send_chunk(encoder, tail + DONE, more=False)
@@ -282,7 +322,7 @@ class Exchange:
         body = completion_body(
             self.completion_id,
             self.created,
-            self.request.model,
+            self.model,
             content,
             reply.finish_reason or "stop",
             reply.prompt_tokens,
@@ -436,9 +476,9 @@ class Exchange:
             "status=%s tokens=%d latency_ms=%.1f",
             self.request_id,
             self.correlation_id,
-            self.request.model,
+            self.model,
             self.target.provider.name,
-            self.request.stream,
+            self.stream,
             self.status,
             self.seq,
             (time.monotonic() - self.began) * 1000,
