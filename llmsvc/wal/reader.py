@@ -27,7 +27,9 @@ from llmsvc.wal.segment import (
     list_segments,
 )
 
-CHUNK_BYTES = 8 * 1024 * 1024
+# Decoding a chunk makes two objects a record (~40 MiB for 8 MiB of tokens), and CPython
+# keeps that high-water mark: small chunks keep scans and catch-up from raising RSS for good.
+CHUNK_BYTES = 1024 * 1024
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +74,8 @@ def scan_segment(
             records += len(decoded.records)
             if on_records is not None and decoded.records:
                 on_records(decoded.records)
-            if decoded.stop in (Stop.END, Stop.CORRUPT) or not chunk:
+            # A chunk that ends on a frame boundary decodes to END: only the file's end ends it.
+            if decoded.stop is Stop.CORRUPT or not chunk:
                 end = offset + decoded.end
                 size = f.seek(0, 2)
                 return Scan(segment, records, end, size, decoded.stop)

@@ -9,7 +9,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from wal_records import OpenWriter, ReadLog, records_of, straddling_frames, token
+from wal_records import OpenWriter, ReadLog, aligned_frames, records_of, straddling_frames, token
 
 from llmsvc.errors import WalFatal
 from llmsvc.wal import codec
@@ -188,6 +188,23 @@ async def test_reopen_keeps_a_record_whose_header_straddles_the_scan_chunk_bound
 
     # Records 2 and 3 were acknowledged: they must not be cut, nor their LSNs reused.
     assert _files(wal_dir, "*.broken*") == {}
+    assert await second.append(token(4)) == 4
+    await second.close()
+    assert await read_log() == records_of([*frames, token(4)])
+
+
+async def test_reopen_continues_after_every_record_when_a_scan_chunk_ends_on_a_frame(
+    open_writer: OpenWriter, read_log: ReadLog, wal_dir: Path
+) -> None:
+    frames = aligned_frames()
+    first = open_writer()
+    for lsn, frame in enumerate(frames, start=1):
+        assert await first.append(frame) == lsn
+    await first.close()
+
+    second = open_writer()
+
+    # The scan must not stop at the chunk's end: records 2 and 3 keep their LSNs.
     assert await second.append(token(4)) == 4
     await second.close()
     assert await read_log() == records_of([*frames, token(4)])

@@ -42,6 +42,14 @@ def frame_offsets(frames: list[bytes], start: int = 0) -> list[int]:
     return offsets
 
 
+def aligned_frames() -> list[bytes]:
+    """Three token frames; the first fills the first scan chunk exactly, so the chunk ends
+    on a frame boundary and decodes to a clean end, with two records still to come."""
+    filler = token(1, "x" * (CHUNK_BYTES - FRAME.size - TOKEN_HEAD.size))
+    assert len(filler) == CHUNK_BYTES
+    return [filler, token(2), token(3)]
+
+
 def straddling_frames() -> list[bytes]:
     """Three token frames; the second starts one byte before the first scan chunk ends.
 
