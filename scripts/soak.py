@@ -593,7 +593,10 @@ async def soak(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     started: list[Proc] = []
     try:
         started.append(upstream := spawn_upstream(tmp, "upstream", args.token_delay_ms))
-        started.append(daemon := spawn_daemon(tmp, database_url, [provider(upstream)]))
+        settings = {f"LLMSVC_{name.upper()}": value for name, value in args.setting}
+        started.append(
+            daemon := spawn_daemon(tmp, database_url, [provider(upstream)], settings=settings)
+        )
         await wait_ready(daemon)
         say(
             f"daemon pid {daemon.pid} port {daemon.port}, upstream pid {upstream.pid}; "
@@ -702,6 +705,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--database-url", default="", help="the daemon's store (default: SQLite)")
     p.add_argument("--tmp-dir", default=None, help="where the WAL and SQLite files go")
     p.add_argument("--keep-tmp", action="store_true")
+    p.add_argument(
+        "--setting",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a daemon setting, e.g. gap_scan_schedule='*/5 * * * *' (repeatable)",
+    )
     args = p.parse_args(argv)
     args.seconds = args.minutes * 60
     if args.warmup is None:
@@ -711,6 +722,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 <= args.warmup < args.seconds - args.interval * MEDIAN_OF:
         p.error(f"--warmup must leave at least {MEDIAN_OF} intervals of the run after it")
     return args
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
 
 
 def main(argv: list[str] | None = None) -> None:
