@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_steps import delete_seqs, flush, journal_attempt
 
-from llmsvc.maintenance.consistency import as_result, run_check
+from llmsvc.maintenance.consistency import as_result, in_child_process, run_check, wal_state
 from llmsvc.maintenance.runs import history, record_run
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.wal.segment import instance_id, list_segments
@@ -132,3 +132,16 @@ def test_llmsvc_check_exits_1_naming_the_gap_and_keeps_a_history(tmp_path: Path)
     runs = llmsvc("check", "--history", "--json")
     assert runs.returncode == 0
     assert [r["status"] for r in json.loads(runs.stdout)] == ["problems", "problems"]
+
+
+async def test_the_wal_is_scanned_in_a_child_process_with_the_same_findings(
+    wal_dir: Path, wal_id: uuid.UUID, open_writer: Any
+) -> None:
+    """The scan holds the GIL for seconds on a big log: it runs away from the event loop."""
+    writer = open_writer()
+    await journal_attempt(writer, 20)
+    await writer.close()
+    assert await in_child_process(os.getpid) != os.getpid()
+    in_child, here = await in_child_process(wal_state, wal_dir), wal_state(wal_dir)
+    assert in_child == here
+    assert (in_child[0].last_lsn, in_child[1]) == (20 + 4, wal_id)
