@@ -542,7 +542,8 @@ def configure(args: argparse.Namespace) -> None:
     args.instant_workers = [int(x) for x in args.workers_sweep.split(",")]
     args.instant_seconds = 0.5 if quick else 6.0
     args.open_streams = 50 if quick else 5000
-    args.open_tokens, args.open_delay_ms = (3, 100.0) if quick else (60, 1000.0)
+    args.open_delay_ms = 1000.0  # quick: 3 s of streams, so the 1 s samples see them open
+    args.open_tokens = 3 if quick else 60
     args.open_stagger_s = 0.5 if quick else 10.0
     args.throttle_streams = 20 if quick else 200
     args.throttle_seconds = 3.0 if quick else 45.0

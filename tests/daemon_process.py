@@ -47,8 +47,13 @@ T = TypeVar("T")
 
 def get_json(url: str) -> tuple[int, dict[str, Any]]:
     """GET over real HTTP: (status, JSON body), for 5xx answers too."""
+    return fetch_json(urllib.request.Request(url), timeout=5)
+
+
+def fetch_json(request: urllib.request.Request, timeout: float) -> tuple[int, dict[str, Any]]:
+    """(status, JSON body) of a request, for 4xx and 5xx answers too."""
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, orjson.loads(response.read())
     except urllib.error.HTTPError as exc:
         with exc:
@@ -456,9 +461,4 @@ def admin_call(
     request = urllib.request.Request(f"{daemon.base_url}{path}", data=data, method=method)
     if token is not None:
         request.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, json.loads(exc.read())
+    return fetch_json(request, timeout=60)

@@ -105,7 +105,7 @@ def test_the_scale_scenarios_run_and_report_their_figures(tmp_path: Path) -> Non
         assert positive(paced[f"{side}_tokens_per_s"]), side
         assert positive(paced[f"{side}_ttft_p50_ms"]), side
     assert positive(paced["daemon_cpu_us_per_token"])
-    assert positive(paced["relay_cpu_us_per_token"])
+    assert non_negative(paced["relay_cpu_us_per_token"])  # CPU comes in 10 ms ticks: maybe 0
     assert isinstance(paced["added_ttft_p50_ms"], float)
     assert non_negative(paced["daemon_drain_s"])
 
