@@ -7,6 +7,7 @@ has its own WAL directory, so its own instance id on the request's row.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -362,22 +364,28 @@ def test_metrics_ports_past_65535_for_the_workers_exit_2(sqlite_url: str, wal_di
     assert "metrics ports 65534..65537 (one per worker) go past 65535" in done.stderr
 
 
+@contextlib.contextmanager
+def systemd_for(env: dict[str, str], tmp_path: Path, watchdog_usec: int) -> Iterator[FakeSystemd]:
+    """A fake systemd whose notify socket and watchdog the supervisor in `env` is given."""
+    path = str(tmp_path / "notify.sock")
+    systemd = FakeSystemd(path, path)
+    env.update(NOTIFY_SOCKET=systemd.name, WATCHDOG_USEC=str(watchdog_usec))
+    try:
+        yield systemd
+    finally:
+        systemd.sock.close()
+
+
 def test_the_supervisor_alone_tells_systemd_once_every_worker_is_ready(
     sqlite_url: str, wal_dir: Path, tmp_path: Path
 ) -> None:
-    path = str(tmp_path / "notify.sock")
-    systemd = FakeSystemd(path, path)
     env = daemon_env(sqlite_url, wal_dir, workers=2)
-    env.update(NOTIFY_SOCKET=systemd.name, WATCHDOG_USEC="400000")
-    try:
-        with DaemonProcess(env) as daemon:
-            ready = systemd.wait_for("READY")
-            pings = systemd.count("WATCHDOG", 1.5)
-            daemon.signal(signal.SIGTERM)
-            stopping = systemd.wait_for("STOPPING")
-            assert daemon.wait() == 0, daemon.log
-    finally:
-        systemd.sock.close()
+    with systemd_for(env, tmp_path, 400_000) as systemd, DaemonProcess(env) as daemon:
+        ready = systemd.wait_for("READY")
+        pings = systemd.count("WATCHDOG", 1.5)
+        daemon.signal(signal.SIGTERM)
+        stopping = systemd.wait_for("STOPPING")
+        assert daemon.wait() == 0, daemon.log
 
     assert daemon.proc is not None
     assert ready["MAINPID"] == str(daemon.proc.pid)
@@ -460,21 +468,15 @@ def test_a_worker_that_cannot_boot_fails_the_start_with_exit_1(
 def test_a_worker_that_stops_pinging_its_watchdog_is_killed_and_replaced(
     sqlite_url: str, wal_dir: Path, tmp_path: Path
 ) -> None:
-    path = str(tmp_path / "notify.sock")
-    systemd = FakeSystemd(path, path)
     env = daemon_env(sqlite_url, wal_dir, workers=2)
-    env.update(NOTIFY_SOCKET=systemd.name, WATCHDOG_USEC="1000000")
-    try:
-        with DaemonProcess(env) as daemon:
-            systemd.wait_for("READY")
-            pid = worker_pid(daemon, 1)
-            os.kill(pid, signal.SIGSTOP)  # a worker whose event loop no longer runs
-            daemon.wait_for_log(r"worker-1 stopped pinging its watchdog; killing it", 30)
-            daemon.wait_for_log(r"worker-1 ready again", 30)
-            pings = systemd.count("WATCHDOG", 1.5)
-            assert daemon.stop() == 0, daemon.log
-    finally:
-        systemd.sock.close()
+    with systemd_for(env, tmp_path, 1_000_000) as systemd, DaemonProcess(env) as daemon:
+        systemd.wait_for("READY")
+        pid = worker_pid(daemon, 1)
+        os.kill(pid, signal.SIGSTOP)  # a worker whose event loop no longer runs
+        daemon.wait_for_log(r"worker-1 stopped pinging its watchdog; killing it", 30)
+        daemon.wait_for_log(r"worker-1 ready again", 30)
+        pings = systemd.count("WATCHDOG", 1.5)
+        assert daemon.stop() == 0, daemon.log
     assert worker_pid(daemon, 1) != pid
     assert f"worker-1 exited signal={int(signal.SIGKILL)}" in daemon.log
     assert pings >= 1
