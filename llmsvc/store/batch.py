@@ -146,7 +146,10 @@ def _stand_in_row(attempt: dict[str, Any], instance_id: uuid.UUID) -> dict[str, 
     }
 
 
-LOST_START = "its start record was lost to WAL damage: model is the attempt's, prompt unknown"
+LOST_START = (
+    "its start record was lost to WAL damage or refused by the database: "
+    "model is the attempt's, prompt unknown"
+)
 
 
 def _attempt_row(body: dict[str, Any]) -> dict[str, Any]:
@@ -228,7 +231,7 @@ def _no_nul(value: Any) -> Any:
     if isinstance(value, list):
         return [_no_nul(v) for v in value]
     if isinstance(value, dict):
-        return {k: _no_nul(v) for k, v in value.items()}
+        return {_no_nul(k): _no_nul(v) for k, v in value.items()}
     return value
 
 

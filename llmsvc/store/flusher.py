@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
 from llmsvc.store.engine import describe_error
-from llmsvc.store.schema import llm_attempts, llm_requests, llm_tool_calls, wal_checkpoints
+from llmsvc.store.refusals import dead_letter_row, fit_batch, refused
+from llmsvc.store.schema import (
+    llm_attempts,
+    llm_dead_letters,
+    llm_requests,
+    llm_tool_calls,
+    wal_checkpoints,
+)
 from llmsvc.wal.reader import Position, WalReader
 from llmsvc.wal.segment import HEADER_SIZE, list_segments
 
@@ -86,8 +94,14 @@ TOKEN_WRITERS: dict[str, Callable[[AsyncConnection, list[Row]], Awaitable[None]]
 }
 
 
-async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID) -> None:
-    """Write a batch and move the checkpoint, all in one transaction."""
+async def write_batch(
+    engine: AsyncEngine,
+    batch: Batch,
+    instance_id: uuid.UUID,
+    dead_letters: list[dict[str, Any]] | None = None,
+) -> None:
+    """Write a batch (and records the database refused, kept whole) and move the checkpoint,
+    all in one transaction."""
     async with engine.begin() as conn:
         # The checkpoint goes first: it also opens the driver-level transaction
         # that the raw token insert below joins.
@@ -115,6 +129,10 @@ async def write_batch(engine: AsyncEngine, batch: Batch, instance_id: uuid.UUID)
             await conn.execute(_update_by_key(llm_attempts, ATTEMPT_END_FIELDS), batch.attempt_ends)
         if batch.request_ends:
             await conn.execute(_REQUEST_END, batch.request_ends)
+        if dead_letters:
+            await conn.execute(
+                _insert(conn, llm_dead_letters).on_conflict_do_nothing(), dead_letters
+            )
 
 
 # A request's end keeps an error already there (a stand-in's) when it brings none.
@@ -150,6 +168,20 @@ async def load_checkpoint(engine: AsyncEngine, instance_id: uuid.UUID) -> int:
     return int(lsn or 0)
 
 
+@dataclass(slots=True)
+class Pending:
+    """Records read but not yet committed: LSNs `first_lsn..last_lsn` (the records may end
+    before `last_lsn` when repair found the LSNs after them lost)."""
+
+    records: list[tuple[int, bytes]]
+    first_lsn: int
+    last_lsn: int
+    count: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.count = len(self.records)
+
+
 class Flusher:
     """Moves journaled records into the store, batch by batch, surviving database outages."""
 
@@ -174,8 +206,7 @@ class Flusher:
         self.checkpoint = 0
         self.committed = Position(0, 0, 1)  # where the first uncommitted record starts
         self.database_ok = True
-        self._pending: Batch | None = None
-        self._pending_records = 0
+        self._pending: Pending | None = None
         self._pending_end = self.committed
         self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
@@ -186,6 +217,8 @@ class Flusher:
         self.last_check: float | None = None  # wall time the database last answered or failed
         self.last_error: str | None = None  # why the database refused, while it does
         self.caught_up_at: float | None = time.time()  # wall time the backlog was last empty
+        self.refused = {"sanitised": 0, "set_aside": 0}  # records the database refused
+        self.last_refusal: str | None = None  # the last one, in words
 
     async def start(self) -> None:
         """Resume from the checkpoint the database holds for this instance."""
@@ -198,7 +231,12 @@ class Flusher:
         return self._pending is None and self.checkpoint >= self.end().lsn - 1
 
     async def flush_once(self) -> int:
-        """Write the next batch (or retry the one that failed); return records committed."""
+        """Write the next batch (or retry the one that failed); return records committed.
+
+        A batch the database refuses for what a record holds is split until
+        that record is found (`_isolate`); a batch that fails for any other
+        reason (the database is away) is retried whole, and raises here.
+        """
         if self._pending is None:
             records = await self.reader.read(self.end(), self.batch_records)
             last_lsn = self.reader.position.lsn - 1
@@ -206,27 +244,114 @@ class Flusher:
                 return 0
             # With no records the reader skipped LSNs that repair found lost: the
             # checkpoint moves past them, or the flusher would wait for them forever.
-            self._pending = await asyncio.to_thread(
-                build_batch, records, last_lsn, self.instance_id, self.engine.dialect.name
-            )
-            self._pending_records = len(records)
+            self._pending = Pending(records, last_lsn - len(records) + 1, last_lsn)
             self._pending_end = self.reader.position
+        pending = self._pending
         started = time.perf_counter()
         try:
-            await write_batch(self.engine, self._pending, self.instance_id)
+            await self._write(pending.records, pending.first_lsn, pending.last_lsn)
         except Exception as exc:
-            self.last_error, self.errors = describe_error(exc), self.errors + 1
-            raise
-        finally:
-            self.last_check = time.time()
+            if not refused(exc):
+                self._failed(exc)
+                raise
+            await self._isolate(pending, exc)
         if self.on_batch is not None:
-            self.on_batch(self._pending_records, time.perf_counter() - started)
-        self.checkpoint, self._pending = self._pending.last_lsn, None
+            self.on_batch(pending.count, time.perf_counter() - started)
+        self._pending = None
         self.committed = self._pending_end
         self.last_flush, self.last_error = time.time(), None
         if self.checkpoint >= self.end().lsn - 1:
             self.caught_up_at = self.last_flush
-        return self._pending_records
+        return pending.count
+
+    async def _write(
+        self,
+        records: list[tuple[int, bytes]],
+        first_lsn: int,
+        last_lsn: int,
+        fit: bool = False,
+        dead_letters: list[dict[str, Any]] | None = None,
+    ) -> None:
+        """Records `first_lsn..last_lsn` in one transaction that moves the checkpoint past them."""
+        try:
+            batch = await asyncio.to_thread(
+                build_batch, records, last_lsn, self.instance_id, self.engine.dialect.name
+            )
+            if fit:
+                batch = fit_batch(batch)
+            await write_batch(self.engine, batch, self.instance_id, dead_letters)
+        finally:
+            self.last_check = time.time()
+        self.checkpoint = last_lsn
+
+    async def _isolate(self, pending: Pending, exc: Exception) -> None:
+        """Split a refused batch until each refused record is found and kept aside; store the rest.
+
+        Halves are written in LSN order, each in its own transaction with the
+        checkpoint, so what is stored stays a prefix of the log. A refused
+        record alone is stored fitted to its columns (and kept whole in
+        `llm_dead_letters` as `sanitised`), or failing that only kept there
+        (`set_aside`). An outage meanwhile raises; the rest of the batch waits.
+        """
+        log.warning(
+            "flush: the database refused a batch, looking for the records it refuses "
+            "records=%d lsn=%d..%d error=%s",
+            pending.count,
+            pending.first_lsn,
+            pending.last_lsn,
+            describe_error(exc),
+        )
+        if not pending.records:  # only the checkpoint moves: nothing in it to refuse
+            raise exc
+        spans: list[tuple[int, int, Exception | None]] = [(0, len(pending.records), exc)]
+        while spans:  # a stack of [lo, hi) spans, the lowest on top; `why` when it was refused
+            lo, hi, why = spans.pop()
+            if why is not None and hi - lo > 1:
+                mid = (lo + hi) // 2
+                spans += [(mid, hi, None), (lo, mid, None)]
+                continue
+            first = pending.first_lsn + lo
+            last = first + (hi - lo) - 1 if hi < len(pending.records) else pending.last_lsn
+            try:
+                if why is None:
+                    await self._write(pending.records[lo:hi], first, last)
+                else:
+                    await self._keep_aside(pending.records[lo], first, last, why)
+            except Exception as failed:
+                if why is not None or not refused(failed):
+                    self._failed(failed)
+                    del pending.records[:lo]  # stored already: a retry starts after them
+                    pending.first_lsn = first
+                    raise
+                spans.append((lo, hi, failed))
+
+    async def _keep_aside(
+        self, record: tuple[int, bytes], lsn: int, last_lsn: int, why: Exception
+    ) -> None:
+        """Store a refused record fitted to its columns, or else only as a dead letter."""
+        rtype, payload = record
+        reason = describe_error(why)
+        row = dead_letter_row(self.instance_id, lsn, rtype, payload, "sanitised", reason)
+        try:
+            await self._write([record], lsn, last_lsn, fit=True, dead_letters=[row])
+        except Exception as exc:
+            if not refused(exc):
+                raise
+            row["outcome"] = "set_aside"
+            await self._write([], lsn, last_lsn, dead_letters=[row])
+        self.refused[row["outcome"]] += 1
+        log.error(
+            "flush: record refused by the database, %s lsn=%d type=%s request=%s reason=%s",
+            "stored sanitised" if row["outcome"] == "sanitised" else "set aside",
+            lsn,
+            row["record_type"],
+            row["request_id"] or row["attempt_id"],
+            reason,
+        )
+        self.last_refusal = f"lsn {lsn} ({row['record_type']}): {reason}"
+
+    def _failed(self, exc: BaseException) -> None:
+        self.last_error, self.errors = describe_error(exc), self.errors + 1
 
     def backlog_bytes(self) -> int:
         """WAL record bytes journaled but not committed: what a long outage piles up.

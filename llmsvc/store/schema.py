@@ -76,10 +76,28 @@ llm_tool_calls = sa.Table(
     sa.Column("attempt_id", sa.Uuid, primary_key=True),
     sa.Column("seq", sa.Integer, primary_key=True),
     sa.Column("call_index", sa.Integer, nullable=False),
-    sa.Column("call_id", sa.String(200)),
-    sa.Column("name", sa.String(200)),
+    sa.Column("call_id", sa.Text),
+    sa.Column("name", sa.Text),
     sa.Column("arguments", sa.Text, nullable=False),
     sa.Column("created_at", Timestamp, nullable=False),
+)
+
+# Records the database refused as journaled (migration 0005), kept whole: `outcome` says
+# whether the record was stored in a form the database takes (`sanitised`) or not at
+# all (`set_aside`). `llmsvc check` reports them until an operator acknowledges them.
+llm_dead_letters = sa.Table(
+    "llm_dead_letters",
+    metadata,
+    sa.Column("instance_id", sa.Uuid, primary_key=True),
+    sa.Column("lsn", sa.BigInteger, primary_key=True),
+    sa.Column("record_type", sa.String(32), nullable=False),
+    sa.Column("request_id", sa.Uuid),
+    sa.Column("attempt_id", sa.Uuid),
+    sa.Column("outcome", sa.String(16), nullable=False),
+    sa.Column("reason", sa.Text, nullable=False),
+    sa.Column("payload", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("acknowledged_at", Timestamp),
 )
 
 provider_status = sa.Table(

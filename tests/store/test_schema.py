@@ -104,6 +104,7 @@ async def test_upgrade_to_head_creates_the_store_tables_and_checkpoints(
         "wal_checkpoints",
         "maintenance_runs",
         "maintenance_slots",
+        "llm_dead_letters",
         "alembic_version",
     }
     assert current == head == NEWEST
