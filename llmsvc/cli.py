@@ -28,7 +28,7 @@ from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
 from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store.engine import create_engine, describe_error, schema_revision, upgrade_to_head
-from llmsvc.store.queries import recent_requests, request_detail
+from llmsvc.store.queries import acknowledge_dead_letters, recent_requests, request_detail
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader, verify_log
 from llmsvc.wal.segment import INSTANCE_FILE
@@ -109,6 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print JSON")
     check.add_argument("--history", action="store_true", help="list earlier check runs")
     check.add_argument("--limit", type=int, default=20, help="runs listed by --history")
+    check.add_argument(
+        "--acknowledge",
+        action="store_true",
+        help="mark the records the database refused as seen, then check",
+    )
     check.set_defaults(command=cmd_check)
 
     jobs = commands.add_parser(
@@ -231,6 +236,7 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
                 {**a, "text": detail.texts[a["id"]], "tool_calls": detail.tool_calls[a["id"]]}
                 for a in detail.attempts
             ],
+            "refused": detail.refused,
         }
         sys.stdout.buffer.write(_json(doc) + b"\n")
         return 0
@@ -255,6 +261,11 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print("    " + detail.texts[attempt["id"]].replace("\n", "\n    "))
         for call in detail.tool_calls[attempt["id"]]:
             print(f"  tool call: {call['name']}({call['arguments']}) id={call['id']}")
+    for letter in detail.refused:
+        print(
+            f"\nrefused by the database: WAL record {letter['lsn']} ({letter['record_type']}), "
+            f"{letter['outcome'].replace('_', ' ')}: {letter['reason']}"
+        )
     return 0
 
 
@@ -282,14 +293,20 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
 
     async def check(engine: Any) -> tuple[consistency.Report, dict[str, Any]]:
         started = datetime.now(UTC)
+        if args.acknowledge:
+            acknowledged = await acknowledge_dead_letters(engine)
         report, repaired = await consistency.check_and_repair(engine, settings.wal_dir)
         await record_run(engine, "check", None, started, consistency.as_result(report, repaired))
+        if args.acknowledge:
+            repaired["acknowledged"] = acknowledged
         return report, repaired
 
     report, repaired = _with_store(settings, check, check_schema=False)
     if args.json:
         sys.stdout.buffer.write(_json({**report.as_dict(), "repaired": repaired}) + b"\n")
     else:
+        if args.acknowledge:
+            print(f"acknowledged:    {repaired['acknowledged']} refused records")
         current, head = report.schema
         print(f"schema:          {current} (code expects {head})")
         if report.wal is not None:
@@ -302,6 +319,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
         print(f"open requests:   {report.open_requests}")
         print(f"token gaps:      {len(report.gaps)} attempts")
         print(f"count mismatch:  {len(report.mismatches)} attempts")
+        print(f"refused records: {len(report.refused)} not acknowledged")
         for r in repaired.get("refilled", []):
             seqs = consistency.format_ranges(r["seqs"])
             print(f"refilled:        attempt {r['attempt_id']} seqs {seqs} ({r['rows']} rows)")

@@ -78,6 +78,7 @@ class DaemonState:
     wal_appended_records: int
     wal_appended_bytes: int
     flush_errors: int
+    refused_records: dict[str, int]  # outcome -> records the database refused as journaled
     inflight_requests: int
     providers: dict[str, tuple[bool, str]]  # name -> (enabled, circuit state)
 
@@ -106,6 +107,14 @@ class _DaemonCollector(Collector):
         )
         errors.add_metric(["flush"], s.flush_errors)
         yield errors
+        refused = CounterMetricFamily(
+            "llmsvc_records_refused",
+            "journaled records the database refused as written: stored sanitised or set aside",
+            labels=["outcome"],
+        )
+        for outcome, count in s.refused_records.items():
+            refused.add_metric([outcome], count)
+        yield refused
         yield _gauge(
             "llmsvc_inflight_requests",
             "chat requests being served now (streams open)",

@@ -27,6 +27,7 @@ def daemon_state(daemon: Daemon) -> DaemonState:
         wal_appended_records=daemon.writer.appended_records,
         wal_appended_bytes=daemon.writer.written_bytes,
         flush_errors=daemon.flusher.errors,
+        refused_records=dict(daemon.flusher.refused),
         inflight_requests=len(daemon.gateway.inflight),
         providers={
             name: (name not in daemon.router.disabled, daemon.router.breakers.circuit(name).state)
@@ -61,6 +62,8 @@ def describe(daemon: Daemon) -> dict[str, Any]:
             "last_check": iso(flusher.last_check),
             "last_flush": iso(flusher.last_flush),
             "last_error": flusher.last_error,
+            "refused_records": dict(flusher.refused),
+            "last_refusal": flusher.last_refusal,
         },
         "wal": {
             "segments": len(segments),

@@ -22,6 +22,7 @@ import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,6 +34,7 @@ from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.batch import TOKEN_ROWS, Token
 from llmsvc.store.engine import schema_revision
 from llmsvc.store.flusher import TOKEN_WRITERS, load_checkpoint
+from llmsvc.store.queries import dead_letters
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 from llmsvc.wal.codec import RecordType, decode_token
 from llmsvc.wal.errors import Corruption
@@ -82,6 +84,7 @@ class Report:
     open_requests: int
     gaps: list[Gap] = field(default_factory=list)
     mismatches: list[CountMismatch] = field(default_factory=list)
+    refused: list[dict[str, Any]] = field(default_factory=list)  # unacknowledged dead letters
     problems: list[str] = field(default_factory=list)
 
     @property
@@ -224,7 +227,34 @@ async def run_check(engine: AsyncEngine, wal_dir: Path | None) -> Report:
         if m.missing_tail is not None:
             problem += f"; missing token seqs {format_ranges([m.missing_tail])} at the end"
         report.problems.append(problem)
+    report.refused = [
+        {k: str(v) if isinstance(v, uuid.UUID | datetime) else v for k, v in letter.items()}
+        for letter in await dead_letters(engine)
+    ]  # stored in maintenance_runs as JSON
+    for letter in report.refused:
+        report.problems.append(refusal_problem(letter))
     return report
+
+
+def refusal_problem(letter: dict[str, Any]) -> str:
+    """A record the database refused, in words: what it was, what became of it, why."""
+    owner = (
+        f"request {letter['request_id']}"
+        if letter["request_id"]
+        else f"attempt {letter['attempt_id']}"
+        if letter["attempt_id"]
+        else "an unknown request"
+    )
+    fate = (
+        "stored with the values it refused dropped or replaced"
+        if letter["outcome"] == "sanitised"
+        else "not stored in the tables"
+    )
+    return (
+        f"the database refused WAL record {letter['lsn']} ({letter['record_type']} of {owner}; "
+        f"{letter['reason']}): {fate}; the record is kept whole in llm_dead_letters "
+        "(`llmsvc check --acknowledge` once seen)"
+    )
 
 
 async def check_and_repair(

@@ -13,6 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.store.schema import (
     llm_attempts,
+    llm_dead_letters,
     llm_requests,
     llm_token_log,
     llm_tool_calls,
@@ -48,6 +49,7 @@ class RequestDetail:
     attempts: list[dict[str, Any]]
     texts: dict[uuid.UUID, str]  # each attempt's tokens, assembled in seq order
     tool_calls: dict[uuid.UUID, list[dict[str, Any]]]  # each attempt's calls, assembled
+    refused: list[dict[str, Any]]  # its records the database refused (llm_dead_letters)
 
 
 async def request_detail(engine: AsyncEngine, request_id: uuid.UUID) -> RequestDetail | None:
@@ -81,7 +83,18 @@ async def request_detail(engine: AsyncEngine, request_id: uuid.UUID) -> RequestD
                 .order_by(llm_tool_calls.c.seq)
             )
             calls[attempt["id"]] = assemble_tool_calls([dict(d._mapping) for d in deltas])
-    return RequestDetail(dict(row._mapping), attempts, texts, calls)
+        letters = llm_dead_letters.c
+        refused = await conn.execute(
+            sa.select(letters.lsn, letters.record_type, letters.outcome, letters.reason)
+            .where(
+                (letters.request_id == request_id)
+                | letters.attempt_id.in_([a["id"] for a in attempts])
+            )
+            .order_by(letters.lsn)
+        )
+    return RequestDetail(
+        dict(row._mapping), attempts, texts, calls, [dict(r._mapping) for r in refused]
+    )
 
 
 def assemble_tool_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -196,3 +209,26 @@ async def token_summary(engine: AsyncEngine, attempt_ids: list[uuid.UUID]) -> di
             }
             for row in await conn.execute(query)
         }
+
+
+async def dead_letters(engine: AsyncEngine) -> list[dict[str, Any]]:
+    """Records the database refused that no operator has acknowledged yet, oldest first."""
+    columns = [c for c in llm_dead_letters.c if c.name not in ("payload", "acknowledged_at")]
+    query = (
+        sa.select(*columns)
+        .where(llm_dead_letters.c.acknowledged_at.is_(None))
+        .order_by(llm_dead_letters.c.created_at, llm_dead_letters.c.lsn)
+    )
+    async with engine.connect() as conn:
+        return [dict(row._mapping) for row in await conn.execute(query)]
+
+
+async def acknowledge_dead_letters(engine: AsyncEngine) -> int:
+    """Mark every refused record seen, so `llmsvc check` stops reporting it; the rows stay."""
+    async with engine.begin() as conn:
+        done = await conn.execute(
+            sa.update(llm_dead_letters)
+            .where(llm_dead_letters.c.acknowledged_at.is_(None))
+            .values(acknowledged_at=datetime.now(UTC))
+        )
+    return int(done.rowcount)
