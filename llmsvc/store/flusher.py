@@ -27,7 +27,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
 from llmsvc.store.engine import describe_error
-from llmsvc.store.refusals import dead_letter_row, fit_batch, refused
+from llmsvc.store.refusals import Undecodable, dead_letter_row, fit_batch, refused
 from llmsvc.store.schema import (
     llm_attempts,
     llm_dead_letters,
@@ -176,6 +176,7 @@ class Pending:
     records: list[tuple[int, bytes]]
     first_lsn: int
     last_lsn: int
+    batch: Batch | None = None  # their rows, once built
     count: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -249,7 +250,9 @@ class Flusher:
         pending = self._pending
         started = time.perf_counter()
         try:
-            await self._write(pending.records, pending.first_lsn, pending.last_lsn)
+            if pending.batch is None:  # built once: an outage retries the same rows
+                pending.batch = await self._build(pending.records, pending.last_lsn)
+            await self._commit(pending.batch)
         except Exception as exc:
             if not refused(exc):
                 self._failed(exc)
@@ -264,25 +267,34 @@ class Flusher:
             self.caught_up_at = self.last_flush
         return pending.count
 
+    async def _build(self, records: list[tuple[int, bytes]], last_lsn: int) -> Batch:
+        """Rows from records: CPU work, on a worker thread. Whatever fails here fails for what
+        the records hold, so it counts as a refusal (retrying would fail the same way)."""
+        dialect = self.engine.dialect.name
+        try:
+            return await asyncio.to_thread(
+                build_batch, records, last_lsn, self.instance_id, dialect
+            )
+        except Exception as exc:
+            raise Undecodable(f"{type(exc).__name__}: {exc}") from exc
+
+    async def _commit(self, batch: Batch, dead_letters: list[dict[str, Any]] | None = None) -> None:
+        """One transaction that stores the batch and moves the checkpoint to its last LSN."""
+        try:
+            await write_batch(self.engine, batch, self.instance_id, dead_letters)
+        finally:
+            self.last_check = time.time()
+        self.checkpoint = batch.last_lsn
+
     async def _write(
         self,
         records: list[tuple[int, bytes]],
-        first_lsn: int,
         last_lsn: int,
         fit: bool = False,
         dead_letters: list[dict[str, Any]] | None = None,
     ) -> None:
-        """Records `first_lsn..last_lsn` in one transaction that moves the checkpoint past them."""
-        try:
-            batch = await asyncio.to_thread(
-                build_batch, records, last_lsn, self.instance_id, self.engine.dialect.name
-            )
-            if fit:
-                batch = fit_batch(batch)
-            await write_batch(self.engine, batch, self.instance_id, dead_letters)
-        finally:
-            self.last_check = time.time()
-        self.checkpoint = last_lsn
+        batch = await self._build(records, last_lsn)
+        await self._commit(fit_batch(batch) if fit else batch, dead_letters)
 
     async def _isolate(self, pending: Pending, exc: Exception) -> None:
         """Split a refused batch until each refused record is found and kept aside; store the rest.
@@ -314,14 +326,14 @@ class Flusher:
             last = first + (hi - lo) - 1 if hi < len(pending.records) else pending.last_lsn
             try:
                 if why is None:
-                    await self._write(pending.records[lo:hi], first, last)
+                    await self._write(pending.records[lo:hi], last)
                 else:
                     await self._keep_aside(pending.records[lo], first, last, why)
             except Exception as failed:
                 if why is not None or not refused(failed):
                     self._failed(failed)
                     del pending.records[:lo]  # stored already: a retry starts after them
-                    pending.first_lsn = first
+                    pending.first_lsn, pending.batch = first, None
                     raise
                 spans.append((lo, hi, failed))
 
@@ -333,12 +345,12 @@ class Flusher:
         reason = describe_error(why)
         row = dead_letter_row(self.instance_id, lsn, rtype, payload, "sanitised", reason)
         try:
-            await self._write([record], lsn, last_lsn, fit=True, dead_letters=[row])
+            await self._write([record], last_lsn, fit=True, dead_letters=[row])
         except Exception as exc:
             if not refused(exc):
                 raise
             row["outcome"] = "set_aside"
-            await self._write([], lsn, last_lsn, dead_letters=[row])
+            await self._write([], last_lsn, dead_letters=[row])
         self.refused[row["outcome"]] += 1
         log.error(
             "flush: record refused by the database, %s lsn=%d type=%s request=%s reason=%s",

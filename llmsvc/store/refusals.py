@@ -33,6 +33,10 @@ INT4 = (-(2**31), 2**31 - 1)
 INT8 = (-(2**63), 2**63 - 1)
 
 
+class Undecodable(ValueError):
+    """Records that cannot be turned into rows at all (a body without a field it needs)."""
+
+
 def refused(exc: BaseException) -> bool:
     """True when the database (or its driver) refused the data, not when it is unreachable.
 
