@@ -13,6 +13,9 @@ import time
 import uuid
 from typing import Any
 
+import orjson
+
+from llmsvc.errors import ClientError
 from llmsvc.wal.codec import RecordType, encode_json, encode_token, encode_tool_delta
 from llmsvc.wal.writer import WalWriter
 
@@ -34,7 +37,11 @@ class Journal:
         messages: list[Any],
         params: dict[str, Any],
     ) -> asyncio.Future[int]:
-        """Queue the start; its future says whether it reached the log, if anyone asks."""
+        """Queue the start; its future says whether it reached the log, if anyone asks.
+
+        A body the WAL cannot encode is the client's (parse_body bounds its depth, so
+        this is the backstop): refused before anything of the request is journaled.
+        """
         body = {
             "id": str(request_id),
             "correlation_id": str(correlation_id),
@@ -44,7 +51,11 @@ class Journal:
             "params": params,
             "ts": now_us(),
         }
-        return self.writer.queue(encode_json(RecordType.REQUEST_START, body))
+        try:
+            record = encode_json(RecordType.REQUEST_START, body)
+        except orjson.JSONEncodeError as exc:
+            raise ClientError(f"the request cannot be journaled: {exc}") from None
+        return self.writer.queue(record)
 
     def attempt_start(
         self,
