@@ -56,7 +56,13 @@ class HttpReply:
             else:
                 async with asyncio.timeout(self.idle_timeout):
                     body = await self.response.read()
-                content = self._whole(orjson.loads(body))
+                reply = orjson.loads(body)
+                if not isinstance(reply, dict):
+                    raise ProviderError(
+                        f"{self.name}: the upstream's reply is not a JSON object",
+                        code="upstream_malformed",
+                    )
+                content = self._whole(reply)
                 if content:
                     yield [content]
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -128,10 +134,16 @@ class HttpProvider:
     ) -> aiohttp.ClientResponse:
         """POST the body; a 200 response to read, else the upstream's error as ProviderError."""
         try:
+            data = orjson.dumps(payload)
+        except orjson.JSONEncodeError as exc:  # e.g. tool-call arguments parsed too deep
+            raise ProviderError(
+                f"{self.name}: the request cannot be encoded for the upstream: {exc}",
+                status=400,
+                code="invalid_request",
+            ) from None
+        try:
             async with asyncio.timeout(self.idle_timeout):  # waiting for the response is silence
-                response = await self._client().post(
-                    self.url, data=orjson.dumps(payload), headers=headers
-                )
+                response = await self._client().post(self.url, data=data, headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ProviderUnavailable(
                 f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",
