@@ -56,7 +56,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=400, deadline=None)
+@settings(max_examples=400, deadline=None, derandomize=True, database=None)
 @given(value=json_values, limit=st.integers(min_value=0, max_value=12), pad=st.integers(0, 12))
 def test_the_byte_scan_agrees_with_the_parsed_depth(value: Any, limit: int, pad: int) -> None:
     value = nested(pad, value)  # deeper values than `recursive` draws on its own
