@@ -254,7 +254,16 @@ class AnthropicProvider(HttpProvider):
             self.headers["x-api-key"] = config.api_key.get_secret_value()
 
     async def open(self, body: dict[str, Any], model: str, stream: bool) -> AnthropicReply:
-        response = await self.post(to_anthropic(body, model, stream), self.headers)
+        try:
+            payload = to_anthropic(body, model, stream)
+        except (AttributeError, KeyError, TypeError) as exc:  # a field of the wrong shape
+            raise ProviderError(
+                f"{self.name}: the request does not translate to Anthropic's Messages API: "
+                f"{type(exc).__name__}: {exc}",
+                status=400,
+                code="invalid_request",
+            ) from exc
+        response = await self.post(payload, self.headers)
         return AnthropicReply(self.name, response, stream, self.idle_timeout)
 
 
