@@ -183,10 +183,8 @@ class AnthropicReply(HttpReply):
                     if block.get("type") == "tool_use":
                         index = _block(event)
                         ordinal = self._tool_index.setdefault(index, len(self._tool_index))
-                        tools.append(
-                            tool_delta(self.name, ordinal, ordinal, block.get("id"),
-                                       block.get("name"), "")
-                        )  # fmt: skip
+                        call_id, name = block.get("id"), block.get("name")
+                        tools.append(tool_delta(self.name, ordinal, ordinal, call_id, name, ""))
                 elif kind == "message_start":
                     usage = obj(obj(event.get("message")).get("usage"))
                     self.prompt_tokens = count(self.name, "input_tokens", usage.get("input_tokens"))

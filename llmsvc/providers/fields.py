@@ -53,11 +53,6 @@ def short_text(provider: str, field: str, value: Any) -> str | None:
     return None
 
 
-def text(value: Any) -> str | None:
-    """A string (a tool call's id or name), else None."""
-    return value if isinstance(value, str) else None
-
-
 def arguments(provider: str, value: Any) -> str:
     """A tool call's arguments as text: a string as sent, None as "", anything else as JSON."""
     if value is None:
@@ -78,12 +73,13 @@ def tool_delta(
 ) -> dict[str, Any]:
     """A flat tool-call delta (`index`, `id`, `name`, `arguments`), each of its type.
 
-    An index that is not a usable int becomes the call's position in its list.
+    An index that is not a usable int becomes the call's position in its list; an id
+    or name that is not a string, None.
     """
     return {
         "index": index if in_int4(index) else position,
-        "id": text(call_id),
-        "name": text(name),
+        "id": call_id if isinstance(call_id, str) else None,
+        "name": name if isinstance(name, str) else None,
         "arguments": arguments(provider, args),
     }
 
