@@ -15,8 +15,15 @@ from typing import Any
 
 import orjson
 
-from llmsvc.errors import ClientError
-from llmsvc.wal.codec import RecordType, encode_json, encode_token, encode_tool_delta
+from llmsvc.errors import BodyTooLarge, ClientError
+from llmsvc.wal.codec import (
+    FRAME,
+    MAX_PAYLOAD,
+    RecordType,
+    encode_json,
+    encode_token,
+    encode_tool_delta,
+)
 from llmsvc.wal.writer import WalWriter
 
 
@@ -39,8 +46,9 @@ class Journal:
     ) -> asyncio.Future[int]:
         """Queue the start; its future says whether it reached the log, if anyone asks.
 
-        A body the WAL cannot encode is the client's (parse_body bounds its depth, so
-        this is the backstop): refused before anything of the request is journaled.
+        A body the WAL cannot encode or hold is the client's (parse_body bounds its depth
+        and max_body_bytes its size, so this is the backstop): refused before anything of
+        the request is journaled.
         """
         body = {
             "id": str(request_id),
@@ -55,6 +63,10 @@ class Journal:
             record = encode_json(RecordType.REQUEST_START, body)
         except orjson.JSONEncodeError as exc:
             raise ClientError(f"the request cannot be journaled: {exc}") from None
+        if len(record) > FRAME.size + MAX_PAYLOAD:  # it would read back as damage
+            raise BodyTooLarge(
+                f"the request is {len(record)} bytes as a WAL record; the WAL takes {MAX_PAYLOAD}"
+            )
         return self.writer.queue(record)
 
     def attempt_start(

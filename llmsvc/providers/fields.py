@@ -13,11 +13,19 @@ from typing import Any, TypeGuard
 import orjson
 
 from llmsvc.errors import ProviderError
+from llmsvc.wal.codec import MAX_PAYLOAD
 
 log = logging.getLogger(__name__)
 
 INT4_MAX = 2**31 - 1  # the store's integer columns
 FINISH_REASON_MAX = 64  # characters; OpenAI's longest is 14
+# A whole reply's body, or one stream event: the text it carries is journaled as one
+# record, and a record past the WAL's MAX_PAYLOAD would read back as damage.
+UPSTREAM_MAX_BYTES = MAX_PAYLOAD // 2
+
+
+class TooLarge(Exception):
+    """An upstream reply or event is over UPSTREAM_MAX_BYTES; the adapter names the upstream."""
 
 
 def obj(value: Any) -> dict[str, Any]:
@@ -60,12 +68,18 @@ def arguments(provider: str, value: Any) -> str:
     if isinstance(value, str):
         return value
     try:
-        return orjson.dumps(value).decode()
+        encoded = orjson.dumps(value)
     except orjson.JSONEncodeError:  # nested deeper than the encoder goes
         raise ProviderError(
             f"{provider}: the upstream sent tool-call arguments that cannot be encoded",
             code="upstream_malformed",
         ) from None
+    if len(encoded) > UPSTREAM_MAX_BYTES:  # numbers can grow when written back ("1e9")
+        raise ProviderError(
+            f"{provider}: the upstream sent tool-call arguments over {UPSTREAM_MAX_BYTES} bytes",
+            code="upstream_too_large",
+        )
+    return encoded.decode()
 
 
 def tool_delta(

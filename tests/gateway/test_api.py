@@ -30,7 +30,7 @@ import uvicorn
 from pydantic import SecretStr
 
 from llmsvc.config import ProviderConfig
-from llmsvc.errors import ClientError, WalFatal
+from llmsvc.errors import BodyTooLarge, ClientError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import describe
@@ -39,7 +39,7 @@ from llmsvc.gateway.request import MAX_DEPTH, ChatRequest
 from llmsvc.gateway.router import Router
 from llmsvc.providers import build_provider
 from llmsvc.providers.mock import token
-from llmsvc.wal.codec import RecordType, decode_json, decode_token
+from llmsvc.wal.codec import MAX_PAYLOAD, RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
@@ -350,6 +350,20 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
     assert [(r.levelno, r.getMessage().split()[0]) for r in caplog.records] == [
         (logging.INFO, "request")
     ]
+    await _assert_nothing_recorded(served)
+
+
+async def test_a_start_record_past_the_wals_record_limit_is_413_and_records_nothing(
+    served: Served,
+) -> None:
+    """Only a max_body_bytes raised far past its default can get here: a record the WAL
+    would read back as damage is refused instead of journaled."""
+    messages = [{"role": "user", "content": "x" * MAX_PAYLOAD}]
+    with pytest.raises(BodyTooLarge) as raised:
+        served.gateway.journal.request_start(uuid.uuid4(), uuid.uuid4(), "mock", False,
+                                             messages, {})  # fmt: skip
+
+    assert describe(raised.value)[0] == 413
     await _assert_nothing_recorded(served)
 
 

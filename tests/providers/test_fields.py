@@ -20,7 +20,7 @@ from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError
 from llmsvc.providers.anthropic import AnthropicProvider
 from llmsvc.providers.base import ToolCallDeltas
-from llmsvc.providers.fields import INT4_MAX
+from llmsvc.providers.fields import INT4_MAX, UPSTREAM_MAX_BYTES, arguments
 from llmsvc.providers.http import HttpProvider, HttpReply
 from llmsvc.providers.openai import OpenAIProvider
 
@@ -377,3 +377,34 @@ async def test_an_error_event_with_an_odd_message_is_a_provider_error_of_short_t
     assert len(text) <= 520
     assert raised.value.code == "upstream_error"
     assert orjson.dumps({"error": text, "code": raised.value.code})
+
+
+# --- sizes: what an upstream sends must fit one WAL record -------------------------------
+
+
+@pytest.mark.parametrize("kind", ["openai", "anthropic"])
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+async def test_a_reply_or_event_past_the_upstream_limit_is_refused(
+    canned: Canned, kind: str, stream: bool
+) -> None:
+    huge = "x" * UPSTREAM_MAX_BYTES
+    if kind == "openai":
+        events = [openai_chunk({"content": huge})]
+        whole: Any = openai_whole({"content": huge}, {})
+    else:
+        events = anthropic_stream(1, 1)
+        events[1]["delta"]["text"] = huge
+        whole = anthropic_whole({}, [{"type": "text", "text": huge}])
+
+    with pytest.raises(ProviderError) as raised:
+        await call(canned, kind, **({"events": events} if stream else {"whole": whole}))
+
+    assert (raised.value.code, raised.value.retryable) == ("upstream_too_large", False)
+
+
+def test_arguments_written_back_past_the_upstream_limit_are_refused() -> None:
+    assert arguments("up", ["x" * 100]) == '["' + "x" * 100 + '"]'
+    with pytest.raises(ProviderError) as raised:
+        arguments("up", ["x" * UPSTREAM_MAX_BYTES])
+
+    assert raised.value.code == "upstream_too_large"
