@@ -16,7 +16,9 @@ streamed as `input_json_delta`s.
 Steering by path, as tests/daemon_process.py does for the OpenAI upstream:
 `/with/fail/status:<code>/v1/messages` answers that status with an Anthropic
 error body; `/with/fail/error-after:<n>/v1/messages` streams n tokens, then an
-`error` event (overloaded_error), as Anthropic does mid-stream.
+`error` event (overloaded_error), as Anthropic does mid-stream;
+`/with/usage/<JSON>/v1/messages` sends that JSON value (URL-encoded in the path) as
+every `usage` the reply carries, as an odd upstream might.
 
 Usage:  python scripts/anthropic_upstream.py [--port 0] [--api-key KEY]   (prints LISTENING <port>)
 """
@@ -65,6 +67,7 @@ class Upstream:
         self.app = web.Application()
         self.app.router.add_post("/v1/messages", self.messages)
         self.app.router.add_post("/with/fail/{how}/v1/messages", self.messages)
+        self.app.router.add_post("/with/usage/{usage:[^/]+}/v1/messages", self.messages)
         self.requests: list[dict[str, Any]] = []
 
     def check(self, request: web.Request, body: Any) -> web.Response | None:
@@ -108,6 +111,12 @@ class Upstream:
         texts, stop_reason = self.reply(body)
         tool = self.tool_call(body)
         usage_in = sum(len(text.split()) for text in self.texts_of(body))
+        odd = request.match_info.get("usage")
+        usage: Any = {"input_tokens": usage_in, "output_tokens": len(texts)}
+        start_usage: Any = {"input_tokens": usage_in, "output_tokens": 1}
+        end_usage: Any = {"output_tokens": len(texts)}
+        if odd is not None:
+            usage = start_usage = end_usage = orjson.loads(odd)
         if not body.get("stream"):
             content: list[dict[str, Any]] = (
                 [tool] if tool else [{"type": "text", "text": "".join(texts)}]
@@ -121,7 +130,7 @@ class Upstream:
                     "content": content,
                     "stop_reason": "tool_use" if tool else stop_reason,
                     "stop_sequence": None,
-                    "usage": {"input_tokens": usage_in, "output_tokens": len(texts)},
+                    "usage": usage,
                 }
             )
         response = web.StreamResponse(headers={"content-type": "text/event-stream"})
@@ -134,7 +143,7 @@ class Upstream:
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": usage_in, "output_tokens": 1},
+            "usage": start_usage,
         }
         await response.write(sse("message_start", {"type": "message_start", "message": start}))
         if tool:
@@ -187,7 +196,7 @@ class Upstream:
         await response.write(
             sse(
                 "message_delta",
-                {"type": "message_delta", "delta": end, "usage": {"output_tokens": len(texts)}},
+                {"type": "message_delta", "delta": end, "usage": end_usage},
             )
         )
         await response.write(sse("message_stop", {"type": "message_stop"}))

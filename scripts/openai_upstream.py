@@ -13,7 +13,8 @@ Reply content is deterministic: ``max_tokens`` (default 16) tokens, token ``i`` 
 * ``X-Upstream-Fail: after:<n>`` -- stream ``n`` tokens, then drop the connection.
 
 With ``tools`` in the body and a last user message ``call:NAME``, the reply calls the
-tool NAME with ``{"q": "x"}`` (streamed as OpenAI streams tool-call deltas).
+tool NAME with ``{"q": "x"}`` (streamed as OpenAI streams tool-call deltas). A body field
+``upstream_usage`` (any JSON value) is sent as the reply's ``usage``, as an odd upstream might.
 * ``/with/<header>/<value>/v1/chat/completions`` -- as if the request carried that header.
 
 Run ``python scripts/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
@@ -253,7 +254,7 @@ class _StreamBuilder:
     def finish(self, reason: str) -> bytes:
         return self._choice(b"{}", orjson.dumps(reason))
 
-    def usage(self, usage: dict[str, int]) -> bytes:
+    def usage(self, usage: Any) -> bytes:
         return self.head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
 
 
@@ -408,11 +409,13 @@ class Upstream:
         if (tool := _tool_call(body)) is not None:
             return await self._tool_reply(request, body, tool)
         prompt_tokens = count_prompt_tokens(body["messages"])
-        usage = {
+        usage: Any = {
             "prompt_tokens": prompt_tokens,
             "completion_tokens": n,
             "total_tokens": prompt_tokens + n,
         }
+        if "upstream_usage" in body:
+            usage = body["upstream_usage"]
         finish = "length" if limited else "stop"
         cid, created, model = _new_id(), int(time.time()), body["model"]
         headers = {"x-request-id": f"req_{cid[9:]}"}

@@ -138,15 +138,15 @@ class Exchange:
     async def run(self, scope: anyio.CancelScope) -> None:
         """Serve the request; the cancel scope is how shutdown interrupts it."""
         params = {k: v for k, v in self.data.items() if k not in ("model", "messages")}
-        self.start_fut = self.journal.request_start(
-            self.request_id,
-            self.correlation_id,
-            self.model,
-            self.stream,
-            self.data["messages"],
-            params,
-        )
         try:
+            self.start_fut = self.journal.request_start(
+                self.request_id,
+                self.correlation_id,
+                self.model,
+                self.stream,
+                self.data["messages"],
+                params,
+            )
             with scope:
                 await self._try_targets()
             if scope.cancelled_caught and not self.ended:
@@ -359,9 +359,11 @@ class Exchange:
 
     async def _fail(self, exc: BaseException) -> None:
         """Record the failure; before the first byte re-raise it for an HTTP error."""
-        error_code = getattr(exc, "code", "internal")
+        error_code = "wal_full" if isinstance(exc, WalFull) else getattr(exc, "code", "internal")
         http_status = exc.status if isinstance(exc, ProviderError) else None
-        if isinstance(exc, WalFull):  # whatever end this request journaled was refused with it
+        if self.start_fut is None:  # its start was refused: nothing of it is journaled to end
+            self.status, self.error_code = "failed", error_code
+        elif isinstance(exc, WalFull):  # whatever end this request journaled was refused with it
             await self._hold_end("failed", error=str(exc), error_code="wal_full")
         elif not self.ended:
             await self._end(

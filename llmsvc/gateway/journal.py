@@ -13,7 +13,17 @@ import time
 import uuid
 from typing import Any
 
-from llmsvc.wal.codec import RecordType, encode_json, encode_token, encode_tool_delta
+import orjson
+
+from llmsvc.errors import BodyTooLarge, ClientError
+from llmsvc.wal.codec import (
+    FRAME,
+    MAX_PAYLOAD,
+    RecordType,
+    encode_json,
+    encode_token,
+    encode_tool_delta,
+)
 from llmsvc.wal.writer import WalWriter
 
 
@@ -34,7 +44,12 @@ class Journal:
         messages: list[Any],
         params: dict[str, Any],
     ) -> asyncio.Future[int]:
-        """Queue the start; its future says whether it reached the log, if anyone asks."""
+        """Queue the start; its future says whether it reached the log, if anyone asks.
+
+        A body the WAL cannot encode or hold is the client's (parse_body bounds its depth
+        and max_body_bytes its size, so this is the backstop): refused before anything of
+        the request is journaled.
+        """
         body = {
             "id": str(request_id),
             "correlation_id": str(correlation_id),
@@ -44,7 +59,15 @@ class Journal:
             "params": params,
             "ts": now_us(),
         }
-        return self.writer.queue(encode_json(RecordType.REQUEST_START, body))
+        try:
+            record = encode_json(RecordType.REQUEST_START, body)
+        except orjson.JSONEncodeError as exc:
+            raise ClientError(f"the request cannot be journaled: {exc}") from None
+        if len(record) > FRAME.size + MAX_PAYLOAD:  # it would read back as damage
+            raise BodyTooLarge(
+                f"the request is {len(record)} bytes as a WAL record; the WAL takes {MAX_PAYLOAD}"
+            )
+        return self.writer.queue(record)
 
     def attempt_start(
         self,

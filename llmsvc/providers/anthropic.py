@@ -20,6 +20,16 @@ import orjson
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, ToolCallDeltas
+from llmsvc.providers.fields import (
+    arguments,
+    count,
+    error_text,
+    in_int4,
+    items,
+    obj,
+    short_text,
+    tool_delta,
+)
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
 
@@ -156,29 +166,34 @@ class AnthropicReply(HttpReply):
             tools = ToolCallDeltas()
             for data in splitter.feed(chunk):
                 event = orjson.loads(data)
+                if not isinstance(event, dict):
+                    continue
                 kind = event.get("type")
                 if kind == "content_block_delta":
-                    delta = event.get("delta") or {}
-                    if delta.get("type") == "text_delta" and delta.get("text"):
-                        texts.append(delta["text"])
+                    delta = obj(event.get("delta"))
+                    text = delta.get("text")
+                    if delta.get("type") == "text_delta" and text:
+                        texts.append(text if type(text) is str else self._text(text))
                     elif delta.get("type") == "input_json_delta":
-                        ordinal = self._tool_index.get(event.get("index", 0), 0)
-                        tools.append({"index": ordinal, "arguments": delta.get("partial_json")})
+                        ordinal = self._tool_index.get(_block(event), 0)
+                        args = arguments(self.name, delta.get("partial_json"))
+                        tools.append({"index": ordinal, "arguments": args})
                 elif kind == "content_block_start":
-                    block = event.get("content_block") or {}
+                    block = obj(event.get("content_block"))
                     if block.get("type") == "tool_use":
-                        index = event.get("index", 0)
+                        index = _block(event)
                         ordinal = self._tool_index.setdefault(index, len(self._tool_index))
-                        call = {"index": ordinal, "id": block.get("id"), "name": block.get("name")}
-                        tools.append({**call, "arguments": ""})
+                        call_id, name = block.get("id"), block.get("name")
+                        tools.append(tool_delta(self.name, ordinal, ordinal, call_id, name, ""))
                 elif kind == "message_start":
-                    usage = (event.get("message") or {}).get("usage") or {}
-                    self.prompt_tokens = usage.get("input_tokens")
+                    usage = obj(obj(event.get("message")).get("usage"))
+                    self.prompt_tokens = count(self.name, "input_tokens", usage.get("input_tokens"))
                 elif kind == "message_delta":
-                    self.finish_reason = finish_reason(
-                        (event.get("delta") or {}).get("stop_reason")
+                    self.finish_reason = self._finish(obj(event.get("delta")).get("stop_reason"))
+                    usage = obj(event.get("usage"))
+                    self.completion_tokens = count(
+                        self.name, "output_tokens", usage.get("output_tokens")
                     )
-                    self.completion_tokens = (event.get("usage") or {}).get("output_tokens")
                 elif kind == "message_stop":
                     stopped = True
                 elif kind == "error":
@@ -196,22 +211,34 @@ class AnthropicReply(HttpReply):
             )
 
     def _whole(self, body: dict[str, Any]) -> str:
-        self.finish_reason = finish_reason(body.get("stop_reason"))
-        usage = body.get("usage") or {}
-        self.prompt_tokens = usage.get("input_tokens")
-        self.completion_tokens = usage.get("output_tokens")
-        blocks = body.get("content") or ()
-        uses = [b for b in blocks if b.get("type") == "tool_use"]
+        self.finish_reason = self._finish(body.get("stop_reason"))
+        usage = obj(body.get("usage"))
+        self.prompt_tokens = count(self.name, "input_tokens", usage.get("input_tokens"))
+        self.completion_tokens = count(self.name, "output_tokens", usage.get("output_tokens"))
+        blocks = [block for block in items(body.get("content")) if isinstance(block, dict)]
+        uses = [block for block in blocks if block.get("type") == "tool_use"]
         self.tool_calls = [
-            {
-                "index": n,
-                "id": use.get("id"),
-                "name": use.get("name"),
-                "arguments": orjson.dumps(use.get("input") or {}).decode(),
-            }
+            tool_delta(self.name, n, n, use.get("id"), use.get("name"), use.get("input") or {})
             for n, use in enumerate(uses)
         ]
-        return "".join(b.get("text", "") for b in blocks if b.get("type") == "text")
+        return "".join(self._text(b.get("text", "")) for b in blocks if b.get("type") == "text")
+
+    def _finish(self, stop_reason: Any) -> str | None:
+        return finish_reason(short_text(self.name, "stop_reason", stop_reason))
+
+    def _text(self, text: Any) -> str:
+        """A text block's text; a reply whose text is anything else is not one a client can get."""
+        if isinstance(text, str):
+            return text
+        raise ProviderError(
+            f"{self.name}: the upstream sent text that is not a string", code="upstream_malformed"
+        )
+
+
+def _block(event: dict[str, Any]) -> int:
+    """The content block an event is about (0 if it does not say as an int)."""
+    index = event.get("index")
+    return index if in_int4(index) else 0
 
 
 class AnthropicProvider(HttpProvider):
@@ -225,7 +252,16 @@ class AnthropicProvider(HttpProvider):
             self.headers["x-api-key"] = config.api_key.get_secret_value()
 
     async def open(self, body: dict[str, Any], model: str, stream: bool) -> AnthropicReply:
-        response = await self.post(to_anthropic(body, model, stream), self.headers)
+        try:
+            payload = to_anthropic(body, model, stream)
+        except (AttributeError, KeyError, TypeError) as exc:  # a field of the wrong shape
+            raise ProviderError(
+                f"{self.name}: the request does not translate to Anthropic's Messages API: "
+                f"{type(exc).__name__}: {exc}",
+                status=400,
+                code="invalid_request",
+            ) from exc
+        response = await self.post(payload, self.headers)
         return AnthropicReply(self.name, response, stream, self.idle_timeout)
 
 
@@ -238,8 +274,8 @@ def upstream_error(
     """
     error = detail.get("error") if isinstance(detail, dict) else None
     error = error if isinstance(error, dict) else {}
-    message = str(error.get("message") or f"HTTP {status}")[:500]
-    code = str(error.get("type") or "upstream_error")[:100]
+    message = error_text(error.get("message"), 500) or f"HTTP {status}"
+    code = error_text(error.get("type"), 100) or "upstream_error"
     if status is not None and status != 429 and status < 500:
         return ProviderError(f"{name}: upstream said: {message}", status=status, code=code)
     return ProviderUnavailable(

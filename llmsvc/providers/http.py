@@ -24,6 +24,7 @@ import orjson
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch
+from llmsvc.providers.fields import UPSTREAM_MAX_BYTES, TooLarge
 
 ErrorOf = Callable[[str, int | None, Any, Mapping[str, str] | None], ProviderError]
 
@@ -55,8 +56,14 @@ class HttpReply:
                     yield batch
             else:
                 async with asyncio.timeout(self.idle_timeout):
-                    body = await self.response.read()
-                content = self._whole(orjson.loads(body))
+                    body = await self._body()
+                reply = orjson.loads(body)
+                if not isinstance(reply, dict):
+                    raise ProviderError(
+                        f"{self.name}: the upstream's reply is not a JSON object",
+                        code="upstream_malformed",
+                    )
+                content = self._whole(reply)
                 if content:
                     yield [content]
         except (aiohttp.ClientError, TimeoutError) as exc:
@@ -68,10 +75,23 @@ class HttpReply:
             raise ProviderError(
                 f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
             ) from exc
+        except TooLarge as exc:
+            raise ProviderError(
+                f"{self.name}: the upstream's reply is too large: {exc}", code="upstream_too_large"
+            ) from None
         finally:
             if self._idle is not None:
                 self._idle.cancel()
             self.response.release()
+
+    async def _body(self) -> bytes:
+        """A whole reply's body, refused past UPSTREAM_MAX_BYTES (its text is one record)."""
+        body = bytearray()
+        async for part in self.response.content.iter_any():
+            body += part
+            if len(body) > UPSTREAM_MAX_BYTES:
+                raise TooLarge(f"the body is over {UPSTREAM_MAX_BYTES} bytes")
+        return bytes(body)
 
     async def _read(self) -> bytes:
         """What the stream has next (b"" at its end); only this wait counts as silence, not
@@ -128,10 +148,16 @@ class HttpProvider:
     ) -> aiohttp.ClientResponse:
         """POST the body; a 200 response to read, else the upstream's error as ProviderError."""
         try:
+            data = orjson.dumps(payload)
+        except orjson.JSONEncodeError as exc:  # e.g. tool-call arguments parsed too deep
+            raise ProviderError(
+                f"{self.name}: the request cannot be encoded for the upstream: {exc}",
+                status=400,
+                code="invalid_request",
+            ) from None
+        try:
             async with asyncio.timeout(self.idle_timeout):  # waiting for the response is silence
-                response = await self._client().post(
-                    self.url, data=orjson.dumps(payload), headers=headers
-                )
+                response = await self._client().post(self.url, data=data, headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ProviderUnavailable(
                 f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",

@@ -15,6 +15,7 @@ import orjson
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, ToolCallDeltas
+from llmsvc.providers.fields import count, error_text, items, obj, short_text, tool_delta
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
 
@@ -30,21 +31,29 @@ class OpenAIReply(HttpReply):
                     done = True
                     continue
                 event = orjson.loads(data)
+                if not isinstance(event, dict):
+                    continue
                 if "error" in event:
                     if texts:  # what came before the error still goes out (and is journaled)
                         yield texts
                     raise upstream_error(self.name, None, event)
                 if event.get("usage"):
                     self._usage(event["usage"])
-                for choice in event.get("choices") or ():
-                    delta = choice.get("delta") or {}
-                    content = delta.get("content")
-                    if content:
-                        texts.append(content)
-                    if delta.get("tool_calls"):  # rare: parsed only when present
-                        tools.extend(_flat(call) for call in delta["tool_calls"])
+                choices = event.get("choices")
+                for choice in choices if isinstance(choices, list) else ():
+                    if not isinstance(choice, dict):
+                        continue
+                    delta = choice.get("delta")
+                    if isinstance(delta, dict):
+                        content = delta.get("content")
+                        if content:
+                            texts.append(content if type(content) is str else self._text(content))
+                        if delta.get("tool_calls"):  # rare: parsed only when present
+                            tools.extend(self._calls(delta["tool_calls"], ordinal=False))
                     if choice.get("finish_reason"):
-                        self.finish_reason = choice["finish_reason"]
+                        self.finish_reason = short_text(
+                            self.name, "finish_reason", choice["finish_reason"]
+                        )
             if texts:
                 yield texts
             if tools:
@@ -56,19 +65,42 @@ class OpenAIReply(HttpReply):
             )
 
     def _whole(self, body: dict[str, Any]) -> str:
-        choice = (body.get("choices") or [{}])[0]
-        self.finish_reason = choice.get("finish_reason")
-        self._usage(body.get("usage") or {})
-        message = choice.get("message") or {}
-        self.tool_calls = [
-            _flat({**call, "index": n}) for n, call in enumerate(message.get("tool_calls") or ())
-        ]
+        choice = obj((items(body.get("choices")) or [{}])[0])
+        self.finish_reason = short_text(self.name, "finish_reason", choice.get("finish_reason"))
+        self._usage(body.get("usage"))
+        message = obj(choice.get("message"))
+        self.tool_calls = self._calls(message.get("tool_calls"), ordinal=True)
         content = message.get("content")
-        return content if isinstance(content, str) else ""
+        return self._text(content) if content else ""
 
-    def _usage(self, usage: dict[str, Any]) -> None:
-        self.prompt_tokens = usage.get("prompt_tokens")
-        self.completion_tokens = usage.get("completion_tokens")
+    def _usage(self, usage: Any) -> None:
+        usage = obj(usage)
+        self.prompt_tokens = count(self.name, "prompt_tokens", usage.get("prompt_tokens"))
+        self.completion_tokens = count(
+            self.name, "completion_tokens", usage.get("completion_tokens")
+        )
+
+    def _text(self, content: Any) -> str:
+        """Content as text; a reply whose content is anything else is not one a client can get."""
+        if isinstance(content, str):
+            return content
+        raise ProviderError(
+            f"{self.name}: the upstream sent content that is not text", code="upstream_malformed"
+        )
+
+    def _calls(self, calls: Any, ordinal: bool) -> list[dict[str, Any]]:
+        """OpenAI tool calls (or their deltas) flat: index, id, name, arguments. A whole
+        reply's calls are numbered in order (`ordinal`); deltas keep their own `index`."""
+        flat: list[dict[str, Any]] = []
+        for call in items(calls):
+            if not isinstance(call, dict):
+                continue
+            function = obj(call.get("function"))
+            n = len(flat)
+            index = n if ordinal else call.get("index")
+            args = function.get("arguments")
+            flat.append(tool_delta(self.name, n, index, call.get("id"), function.get("name"), args))
+        return flat
 
 
 class OpenAIProvider(HttpProvider):
@@ -88,17 +120,6 @@ class OpenAIProvider(HttpProvider):
         return OpenAIReply(self.name, response, stream, self.idle_timeout)
 
 
-def _flat(call: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI tool call (or its delta) flat: index, id, name, arguments."""
-    function = call.get("function") or {}
-    return {
-        "index": call.get("index", 0),
-        "id": call.get("id"),
-        "name": function.get("name"),
-        "arguments": function.get("arguments") or "",
-    }
-
-
 def upstream_error(
     name: str, status: int | None, detail: Any, headers: Mapping[str, str] | None = None
 ) -> ProviderError:
@@ -109,8 +130,8 @@ def upstream_error(
     """
     error = detail.get("error") if isinstance(detail, dict) else None
     error = error if isinstance(error, dict) else {}
-    message = str(error.get("message") or f"HTTP {status}")[:500]
-    code = str(error.get("code") or error.get("type") or "upstream_error")[:100]
+    message = error_text(error.get("message"), 500) or f"HTTP {status}"
+    code = error_text(error.get("code") or error.get("type"), 100) or "upstream_error"
     if status is not None and status != 429 and status < 500:
         return ProviderError(f"{name}: upstream said: {message}", status=status, code=code)
     return ProviderUnavailable(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,19 +23,23 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import orjson
 import pytest
 import uvicorn
 from pydantic import SecretStr
 
 from llmsvc.config import ProviderConfig
-from llmsvc.errors import WalFatal
+from llmsvc.errors import BodyTooLarge, ClientError, WalFatal
 from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.chat import Exchange
+from llmsvc.gateway.errors import describe
 from llmsvc.gateway.journal import Journal
+from llmsvc.gateway.request import MAX_DEPTH, ChatRequest
 from llmsvc.gateway.router import Router
 from llmsvc.providers import build_provider
 from llmsvc.providers.mock import token
-from llmsvc.wal.codec import RecordType, decode_json, decode_token
+from llmsvc.wal.codec import MAX_PAYLOAD, RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
@@ -287,6 +292,78 @@ async def test_invalid_content_is_400_naming_the_field_not_a_union_member(
     error = _error(*(await _post(served, body))[::2], 400)
     assert error["param"] == "messages.0.content"
     assert error["message"].startswith("messages.0.content: ")
+    await _assert_nothing_recorded(served)
+
+
+def _nested_body(levels: int) -> bytes:
+    """A valid request `levels` deep in all, written as bytes: orjson cannot write past 254."""
+    inner = levels - 1
+    return orjson.dumps(_chat())[:-1] + b',"metadata":' + b"[" * inner + b"]" * inner + b"}"
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 255, 1024])
+async def test_a_body_nested_past_the_depth_limit_is_400_naming_it_without_a_log_line(
+    served: Served, levels: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the limit, below and beyond what the WAL's encoder takes: 400, not a traceback."""
+    with caplog.at_level(logging.INFO):
+        error = _error(*(await _post(served, _nested_body(levels)))[::2], 400)
+    assert f"deeper than {MAX_DEPTH} levels" in error["message"]
+    assert [r for r in caplog.records if r.name != "uvicorn.access"] == []
+    await _assert_nothing_recorded(served)
+
+
+async def test_a_body_at_the_depth_limit_is_served_and_journaled(served: Served) -> None:
+    status, _, raw = await _post(served, _nested_body(MAX_DEPTH))
+    assert status == 200, raw
+    (start,) = _by_type(await served.records(), RecordType.REQUEST_START)
+    assert start["params"]["metadata"] == orjson.loads(_nested_body(MAX_DEPTH))["metadata"]
+
+
+async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_once(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backstop behind the depth limit: an exchange given a body too deep to encode
+    journals nothing, logs its one request line and raises what errors.py makes a 400."""
+    data = _chat()
+    for _ in range(300):
+        data["metadata"] = {"k": data.get("metadata")}
+    gateway = served.gateway
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b""}
+
+    exchange = Exchange(
+        gateway.journal, gateway.router, gateway.policy, data,
+        ChatRequest.model_validate(data), uuid.uuid4(), send, receive,
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
+        await exchange.run(anyio.CancelScope())
+
+    assert "cannot be journaled" in str(raised.value)
+    assert describe(raised.value)[0] == 400
+    assert (exchange.status, sent) == ("failed", [])
+    assert [(r.levelno, r.getMessage().split()[0]) for r in caplog.records] == [
+        (logging.INFO, "request")
+    ]
+    await _assert_nothing_recorded(served)
+
+
+async def test_a_start_record_past_the_wals_record_limit_is_413_and_records_nothing(
+    served: Served,
+) -> None:
+    """Only a max_body_bytes raised far past its default can get here: a record the WAL
+    would read back as damage is refused instead of journaled."""
+    messages = [{"role": "user", "content": "x" * MAX_PAYLOAD}]
+    with pytest.raises(BodyTooLarge) as raised:
+        served.gateway.journal.request_start(uuid.uuid4(), uuid.uuid4(), "mock", False,
+                                             messages, {})  # fmt: skip
+
+    assert describe(raised.value)[0] == 413
     await _assert_nothing_recorded(served)
 
 

@@ -18,7 +18,9 @@ from daemon_process import (
     read_store_after,
 )
 
-from llmsvc.providers.anthropic import finish_reason, to_anthropic
+from llmsvc.config import ProviderConfig
+from llmsvc.errors import ProviderError
+from llmsvc.providers.anthropic import AnthropicProvider, finish_reason, to_anthropic
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -207,3 +209,35 @@ def test_an_invalid_request_is_a_400_with_anthropics_message(daemon: DaemonProce
         client(daemon).chat.completions.create(
             model="claude-bad", messages=[{"role": "user", "content": "go"}]
         )
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"tools": [5]},
+        {"tools": [{"type": "function"}]},
+        {"tools": "lookup"},
+        {"stop": 5},
+        {"tools": [{"type": "function", "function": {}}]},
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": [5]}]},
+        {"messages": [{"role": "assistant", "content": None, "tool_calls": 5}]},
+    ],
+    ids=repr,
+)
+async def test_a_request_of_the_wrong_shape_for_anthropic_is_a_400_not_a_crash(
+    fields: dict[str, Any],
+) -> None:
+    """OpenAI's fields are passed through unchecked; translating ones of the wrong shape
+    for Anthropic is the client's error, refused before anything goes upstream."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **fields}
+    config = ProviderConfig(name="claude", kind="anthropic", base_url="http://127.0.0.1:9",
+                            models=["m"])  # fmt: skip
+    provider = AnthropicProvider(config)
+    try:
+        with pytest.raises(ProviderError) as raised:
+            await provider.open(body, "m", stream=True)
+    finally:
+        await provider.close()
+
+    assert (raised.value.status, raised.value.code) == (400, "invalid_request")
+    assert raised.value.retryable is False

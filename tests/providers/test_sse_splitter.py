@@ -7,6 +7,7 @@ import random
 
 import pytest
 
+from llmsvc.providers.fields import TooLarge
 from llmsvc.providers.sse import SseSplitter
 
 STREAM = (
@@ -89,3 +90,15 @@ def test_blank_lines_between_events_are_ignored() -> None:
 
 def test_crlf_multi_line_data_is_joined_with_lf() -> None:
     assert SseSplitter().feed(b"data: a\r\ndata: b\r\n\r\n") == [b"a\nb"]
+
+
+def test_an_event_past_the_limit_is_refused_however_it_arrives() -> None:
+    event = b"data: " + b"x" * 94 + b"\n\n"  # 100 bytes before its blank line
+    assert SseSplitter(limit=100).feed(event * 3) == [b"x" * 94] * 3
+
+    with pytest.raises(TooLarge):
+        _feed(SseSplitter(limit=99), [event[:50], event[50:]])
+    with pytest.raises(TooLarge):
+        SseSplitter(limit=99).feed(event)
+    with pytest.raises(TooLarge):  # never ended: the rest waiting for its blank line grows
+        _feed(SseSplitter(limit=99), [b"data: " + b"x" * 60] * 2)
