@@ -3,7 +3,8 @@
 A head past `max_header_bytes` gets 431 (414 for the request line) without the daemon
 growing; a head or body that does not arrive in time gets 408, a silent connection and an
 idle keep-alive one are closed; past `max_connections` a client gets a 503 naming the
-limit, never a reset; a client that half-closes after its request still gets the answer.
+limit, never a reset; a client that half-closes after its request still gets the answer;
+one that closes at once is stored `interrupted`, not `completed`.
 """
 
 from __future__ import annotations
@@ -370,3 +371,25 @@ def test_half_closed_pipelined_requests_are_all_answered_without_tracebacks(
     assert sorted(r["status"] for r in store.requests.values()) == ["completed"] * 3
     assert "Traceback" not in daemon.log, daemon.log
     assert " ERROR " not in daemon.log, daemon.log
+
+
+@pytest.mark.parametrize(("stream", "tokens"), [(True, 5), (False, 1)], ids=["stream", "whole"])
+def test_a_client_that_closes_at_once_is_stored_interrupted_with_its_tokens(
+    start: Any, database_url: str, stream: bool, tokens: int
+) -> None:
+    daemon = start(database_url)
+    for _ in range(10):
+        sock = connect(daemon)
+        sock.sendall(chat_request(stream, tokens=5))
+        sock.close()
+
+    store = stored_when_settled(database_url, 10)
+
+    assert [r["status"] for r in store.requests.values()] == ["interrupted"] * 10
+    for request_id, request in store.requests.items():
+        assert request["error"] == "client disconnected"
+        attempt = store.only_attempt(request_id)
+        assert attempt["status"] == "interrupted"
+        assert attempt["token_count"] == tokens
+        assert len(store.tokens[attempt["id"]]) == tokens  # every journaled token stored
+    assert "Traceback" not in daemon.log, daemon.log

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -31,6 +31,7 @@ from llmsvc.errors import (
 )
 from llmsvc.gateway.errors import closing_response
 
+CONNECTION = "llmsvc.connection"  # scope["extensions"] key: {"closed": () -> bool}
 RESERVED_DESCRIPTORS = 128  # kept from clients: the WAL, the database pool, jobs, logs
 REFUSING_MAX = 64  # connections past the bound being answered 503 at once; more are just closed
 LINGER_SECONDS = 1.0  # how long an answered, closing connection's input is read and dropped
@@ -84,6 +85,21 @@ def connection_bound(wanted: int, descriptors: int) -> int:
     if descriptors == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, (descriptors - RESERVED_DESCRIPTORS - REFUSING_MAX) // 2))
+
+
+def closed_check(scope: Mapping[str, Any]) -> Callable[[], bool]:
+    """Whether the request's connection is known closed, asked synchronously.
+
+    ASGI's http.disconnect arrives loop iterations after a write found the
+    connection gone; this answers at once. Under another server it says never.
+    """
+    extension = (scope.get("extensions") or {}).get(CONNECTION) or {}
+    check: Callable[[], bool] | None = extension.get("closed")
+    return check if check is not None else _never
+
+
+def _never() -> bool:
+    return False
 
 
 class BoundedHttpProtocol(HttpToolsProtocol):
@@ -196,6 +212,11 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         setting = f"request_header_timeout_seconds={self.limits.header_timeout:g}"
         self._linger(RequestTimeout(f"the request's head did not arrive within {setting}"))
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        extension: dict[object, object] = {"closed": self._closed}
+        self.scope["extensions"] = {CONNECTION: extension}
+
     def on_headers_complete(self) -> None:
         self._head_bytes, self._in_body = 0, True
         self._cancel_timer()
@@ -251,6 +272,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.flow is not None:  # uvicorn may have paused reading (a pipelined request)
             self.flow.resume_reading()
         self._set_timer(LINGER_SECONDS, self.transport.close)
+
+    def _closed(self) -> bool:
+        """The client will get nothing more here: the connection is closing, or was refused."""
+        return self._lingering or self.transport.is_closing()
 
     def _busy(self) -> bool:
         return self._serving is not None and not self._serving.response_complete
