@@ -99,6 +99,12 @@ class Settings(BaseSettings):
     flush_interval_ms: int = Field(default=50, ge=1, le=60_000)
     flush_batch_records: int = Field(default=50_000, ge=1)
     max_body_bytes: int = Field(default=4 * MiB, ge=1024)
+    # HTTP limits, per daemon process (each worker has its own).
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * MiB)
+    request_header_timeout_seconds: float = Field(default=10, gt=0, le=3600)
+    request_body_timeout_seconds: float = Field(default=60, gt=0, le=3600)
+    keepalive_timeout_seconds: int = Field(default=5, ge=1, le=3600)
+    max_connections: int = Field(default=10_000, ge=1, le=1_000_000)
     wal_backlog_limit_bytes: int = Field(default=1024 * MiB, gt=0)
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(default=9464, ge=0, le=65535)

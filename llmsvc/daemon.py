@@ -36,6 +36,12 @@ from llmsvc.config import Settings, systemd_environment
 from llmsvc.errors import Conflict, LlmsvcError, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.breaker import Breakers, Circuit
+from llmsvc.gateway.http_protocol import (
+    HttpLimits,
+    connection_bound,
+    descriptor_limit,
+    protocol_class,
+)
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.maintenance.backup import replay, restore_database
@@ -472,18 +478,48 @@ class Daemon:
         )
 
     async def _start_http(self) -> None:
-        token = self.settings.admin_token
+        s = self.settings
+        token = s.admin_token
         app = AdminApi(self.gateway, token.get_secret_value() if token else None, self)
+        descriptors = descriptor_limit()
+        limits = HttpLimits(
+            max_header_bytes=s.max_header_bytes,
+            header_timeout=s.request_header_timeout_seconds,
+            body_timeout=s.request_body_timeout_seconds,
+            max_connections=connection_bound(s.max_connections, descriptors),
+            refused=self.metrics.http_refusal,
+        )
+        if limits.max_connections < s.max_connections:
+            asked = "max_connections" in s.model_fields_set  # a default lowered is no news
+            log.log(
+                logging.WARNING if asked else logging.INFO,
+                "boot: max_connections lowered to %d to fit the descriptor limit of %d "
+                "(RLIMIT_NOFILE; raise it, e.g. LimitNOFILE= in the systemd unit)",
+                limits.max_connections,
+                descriptors,
+            )
+        log.info(
+            "boot: http limits max_connections=%d max_header_bytes=%d header_timeout=%g "
+            "body_timeout=%g keepalive_timeout=%d descriptors=%d",
+            limits.max_connections,
+            limits.max_header_bytes,
+            limits.header_timeout,
+            limits.body_timeout,
+            s.keepalive_timeout_seconds,
+            descriptors,
+        )
         config = uvicorn.Config(
             app,
-            host=self.settings.host,
-            port=self.settings.port,
+            host=s.host,
+            port=s.port,
             loop="none",
-            http="httptools",
+            http=protocol_class(limits),
+            ws="none",
             lifespan="off",
             log_config=None,
             access_log=False,
             server_header=False,
+            timeout_keep_alive=s.keepalive_timeout_seconds,
             timeout_graceful_shutdown=5,
         )
         self.server = _EmbeddedServer(config)

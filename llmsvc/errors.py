@@ -84,6 +84,27 @@ class BodyTooLarge(ClientError):
     code = "request_too_large"
 
 
+class HeaderTooLarge(ClientError):
+    """The request's line and headers together are over `max_header_bytes`."""
+
+    status = 431
+    code = "request_header_too_large"
+
+
+class UriTooLong(ClientError):
+    """The request line alone is over `max_header_bytes`."""
+
+    status = 414
+    code = "uri_too_long"
+
+
+class RequestTimeout(ClientError):
+    """The request's head or body did not arrive within its timeout."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class UnknownModel(ClientError):
     status = 404
     code = "model_not_found"

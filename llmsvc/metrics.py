@@ -41,6 +41,13 @@ log = logging.getLogger(__name__)
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
 REFUSAL_REASONS = ("backlog", "shutdown")
+HTTP_REFUSAL_REASONS = (
+    "connections",
+    "header_too_large",
+    "uri_too_long",
+    "header_timeout",
+    "body_timeout",
+)
 LOOP_PROBE_SECONDS = 0.1
 WAL_DAMAGE_KINDS = ("torn_tail", "corrupt", "bad_header", "unreadable", "overlap")
 
@@ -189,6 +196,14 @@ class Metrics:
         )
         for reason in REFUSAL_REASONS:  # exported at 0 before the first refusal
             self.requests_refused.labels(reason=reason)
+        self.http_refused = Counter(
+            "llmsvc_http_refused",
+            "connections and requests refused or closed by an HTTP limit, by reason",
+            ["reason"],
+            registry=self.registry,
+        )
+        for reason in HTTP_REFUSAL_REASONS:
+            self.http_refused.labels(reason=reason)
         self.wal_damage = Counter(
             "llmsvc_wal_damage",
             "damage found in the WAL at boot and repaired (cut or quarantined), by kind",
@@ -333,6 +348,10 @@ class Metrics:
         self.request_duration.labels(provider, model).observe(seconds)
         if first_token_seconds is not None:
             self.time_to_first_token.labels(provider, model).observe(first_token_seconds)
+
+    def http_refusal(self, reason: str) -> None:
+        """A connection or request an HTTP limit refused (gateway/http_protocol.py)."""
+        self.http_refused.labels(reason=reason).inc()
 
     def batch_flushed(self, records: int, seconds: float) -> None:
         self.flush_batch.observe(records)

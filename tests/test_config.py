@@ -168,6 +168,11 @@ def test_database_url_gets_the_async_driver(
         ("LLMSVC_WAL_BACKLOG_LIMIT_BYTES", "1GiB", "wal_backlog_limit_bytes"),
         ("LLMSVC_METRICS_PORT", "65536", "metrics_port"),
         ("LLMSVC_METRICS_PORT", "-1", "metrics_port"),
+        ("LLMSVC_MAX_HEADER_BYTES", "100", "max_header_bytes"),
+        ("LLMSVC_REQUEST_HEADER_TIMEOUT_SECONDS", "0", "request_header_timeout_seconds"),
+        ("LLMSVC_REQUEST_BODY_TIMEOUT_SECONDS", "-1", "request_body_timeout_seconds"),
+        ("LLMSVC_KEEPALIVE_TIMEOUT_SECONDS", "0.5", "keepalive_timeout_seconds"),
+        ("LLMSVC_MAX_CONNECTIONS", "0", "max_connections"),
     ],
 )
 def test_bad_environment_value_names_the_field(

@@ -80,9 +80,14 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                         },
                         "400": _error("the body is not a valid chat request"),
                         "404": _error("the model is not served here"),
+                        "408": _error("the request did not arrive within its timeout"),
                         "413": _error("the body is larger than max_body_bytes"),
+                        "414": _error("the request line is longer than max_header_bytes"),
+                        "431": _error("the headers are larger than max_header_bytes"),
                         "502": _error("the provider failed"),
-                        "503": _error("not taking requests now (booting, draining, backlog)"),
+                        "503": _error(
+                            "not taking requests now (booting, draining, backlog, max_connections)"
+                        ),
                     },
                 }
             },

@@ -19,6 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import send_error, send_json
+from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_body
 from llmsvc.gateway.router import RetryPolicy, Router
@@ -117,6 +118,7 @@ class Gateway:
             correlation_id(headers),
             send,
             receive,
+            closed_check(scope),
         )
         cancel = anyio.CancelScope()
         self.inflight.add(cancel)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -54,6 +55,7 @@ class Exchange:
         "began",
         "began_us",
         "bound",
+        "closed",
         "correlation_id",
         "created",
         "data",
@@ -93,6 +95,7 @@ class Exchange:
         correlation_id: uuid.UUID,
         send: ASGISend,
         receive: ASGIReceive,
+        closed: Callable[[], bool],
     ) -> None:
         self.journal = journal
         self.router = router
@@ -104,6 +107,7 @@ class Exchange:
         self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
         self.send = send
         self.receive = receive
+        self.closed = closed  # the connection is known gone (a write failed), asked at once
         self.request_id = uuid.uuid4()
         self.attempt_id = uuid.uuid4()
         self.attempt_no = 0
@@ -271,7 +275,8 @@ class Exchange:
         encoder = ChunkEncoder(self.completion_id, self.created, self.model)
         aid = self.attempt_id.bytes
         # uvicorn drops sends to a closed connection silently: a disconnect is
-        # only seen by receive(), which returns once the body has been read.
+        # seen by receive(), which returns once the body has been read, or at
+        # once by `closed`, which the end of the reply asks.
         gone = asyncio.ensure_future(self.receive())
         try:
             async for texts in reply.batches():
@@ -287,6 +292,8 @@ class Exchange:
                 await fut
                 self.unconfirmed = (None, 0)
                 await self._send_chunk(encoder, frame)
+            if gone.done() or self.closed():  # a one-batch reply meets no check above
+                raise ClientGone
             fut = self._end_records("completed", reply)
             tail = encoder.finish(reply.finish_reason or "stop")
             if self.include_usage:
@@ -313,12 +320,12 @@ class Exchange:
         content = "".join(texts)
         if content or reply.tool_calls:
             self.first_token_us = now_us()
+        journaled: asyncio.Future[int] | None = None
         if content:
-            self._journal_tokens(self.attempt_id.bytes, [content])
+            journaled = self._journal_tokens(self.attempt_id.bytes, [content])
         if reply.tool_calls:
-            self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
+            journaled = self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
             self.tool_seq = len(reply.tool_calls)
-        fut = self._end_records("completed", reply)
         body = completion_body(
             self.completion_id,
             self.created,
@@ -329,9 +336,18 @@ class Exchange:
             reply.completion_tokens,
             reply.tool_calls,
         )
-        await fut
+        if journaled is not None:
+            await journaled
+        # The end is journaled once the body is written, so that a write which
+        # found the client gone makes it `interrupted`. The response is complete
+        # before that, so a kept-alive connection's next request need not wait.
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
-        await self.send({"type": "http.response.body", "body": body})
+        await self.send({"type": "http.response.body", "body": body, "more_body": True})
+        gone = self.closed()
+        await self.send({"type": "http.response.body", "body": b""})
+        if gone:
+            raise ClientGone
+        await self._end_records("completed", reply)
 
     def _journal_tokens(self, attempt_id: bytes, texts: list[str]) -> asyncio.Future[int]:
         """Append a token batch; counted as journaled unless the WAL refuses it later."""
@@ -353,8 +369,9 @@ class Exchange:
         )
 
     async def _send_final(self, frame: bytes) -> None:
-        """End a begun stream with a last frame; before the start there is nothing to end."""
-        if self.started:
+        """End a begun stream with a last frame; a begun whole reply is complete already, and
+        before the start there is nothing to end."""
+        if self.started and self.stream:
             await self.send({"type": "http.response.body", "body": frame, "more_body": False})
 
     async def _fail(self, exc: BaseException) -> None:

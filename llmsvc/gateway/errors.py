@@ -6,6 +6,7 @@ an SSE error event (the status line is already gone).
 
 from __future__ import annotations
 
+import http
 import logging
 from typing import Any
 
@@ -77,3 +78,20 @@ async def send_json(
         }
     )
     await send({"type": "http.response.body", "body": data})
+
+
+def closing_response(exc: BaseException) -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, as raw bytes.
+
+    For the HTTP protocol (gateway/http_protocol.py), which refuses a
+    connection or a request before any ASGI call exists to send through.
+    """
+    status, error = describe(exc)
+    body = orjson.dumps({"error": error})
+    head = (
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        "connection: close\r\n\r\n"
+    )
+    return head.encode() + body

@@ -8,6 +8,7 @@ renamed by hand is recognised, not replayed.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import struct
@@ -25,6 +26,7 @@ VERSION = 1
 HEADER = struct.Struct("<4sHH16sQ")
 HEADER_SIZE = HEADER.size + 4
 SUFFIX = ".wal"
+TEMP_SUFFIX = ".tmp"  # a segment being created, renamed to SUFFIX once its header is synced
 LOCK_FILE = "LOCK"
 INSTANCE_FILE = "instance_id"
 
@@ -80,16 +82,34 @@ def create_segment(wal_dir: Path, instance_id: uuid.UUID, first_lsn: int) -> Seg
     After a crash the segment either exists whole with its header, or not at all.
     """
     path = wal_dir / segment_name(first_lsn)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(TEMP_SUFFIX)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        os.write(fd, encode_header(instance_id, first_lsn))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        try:
+            os.write(fd, encode_header(instance_id, first_lsn))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        with contextlib.suppress(OSError):  # a rotation postponed by a full disk leaves nothing
+            tmp.unlink()
+        raise
     os.rename(tmp, path)
     fsync_dir(wal_dir)
     return Segment(path, first_lsn)
+
+
+def remove_unfinished_segments(wal_dir: Path) -> list[Path]:
+    """Remove segment files whose creation a crash cut short (`<lsn>.tmp`, never renamed).
+
+    Nothing was ever journaled in one: records go to a segment only after its rename.
+    """
+    removed = []
+    for path in wal_dir.glob(f"*{TEMP_SUFFIX}"):
+        if len(path.stem) == 16 and all(c in "0123456789abcdef" for c in path.stem):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def fsync_dir(path: Path) -> None:

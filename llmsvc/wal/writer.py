@@ -32,7 +32,12 @@ from pathlib import Path
 from llmsvc.errors import WalFatal, WalFull
 from llmsvc.wal.reader import Position
 from llmsvc.wal.repair import Repairs, repair_log
-from llmsvc.wal.segment import HEADER_SIZE, Segment, create_segment
+from llmsvc.wal.segment import (
+    HEADER_SIZE,
+    Segment,
+    create_segment,
+    remove_unfinished_segments,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +125,8 @@ class WalWriter:
         appends go on in a new segment after it, so no LSN is ever reused.
         """
         self._loop, self._on_fatal = loop, on_fatal
+        for path in remove_unfinished_segments(self.wal_dir):
+            log.info("wal removed an unfinished segment file=%s", path.name)
         repairs = repair_log(self.wal_dir, self.instance_id, checkpoint)
         newest = repairs.newest
         if newest is None or newest.segment.first_lsn + newest.records <= checkpoint:

@@ -108,6 +108,26 @@ async def test_rotation_starts_segments_named_by_their_first_lsn_and_reads_acros
     assert await read_log() == records_of(frames)
 
 
+async def test_a_segment_file_left_unfinished_by_a_crash_is_removed_at_open(
+    open_writer: OpenWriter, read_log: ReadLog, wal_dir: Path
+) -> None:
+    first = open_writer()
+    assert await first.append(token(1)) == 1
+    await first.close()
+    unfinished = (wal_dir / segment_name(2)).with_suffix(".tmp")
+    unfinished.write_bytes(b"")  # a crash between creating a segment and renaming it
+    unrelated = wal_dir / "notes.tmp"
+    unrelated.write_bytes(b"kept")
+
+    second = open_writer()
+
+    assert not unfinished.exists()
+    assert unrelated.read_bytes() == b"kept"
+    assert await second.append(token(2)) == 2
+    await second.close()
+    assert await read_log() == records_of([token(1), token(2)])
+
+
 @pytest.mark.parametrize(
     "segment_max_bytes",
     [1 << 20, HEADER_SIZE + 1],

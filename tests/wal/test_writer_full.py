@@ -154,3 +154,27 @@ async def test_closing_while_full_logs_the_held_records_it_could_not_write(
     await writer.close()
 
     assert "held records not written count=2" in caplog.text
+
+
+async def test_a_rotation_postponed_by_a_full_disk_leaves_no_temp_file(
+    small_disk: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="llmsvc.wal.writer")
+    wal_dir = small_disk / "wal"
+    wal_dir.mkdir()
+    wal_id = instance_id(wal_dir)
+    writer = WalWriter(wal_dir, wal_id)
+    writer.open(asyncio.get_running_loop(), lambda exc: pytest.fail(f"fatal: {exc}"))
+    first = token(1)
+    await asyncio.shield(writer.append(first))
+    _fill(small_disk, leave=0)  # the live segment's page still has room; a new file has none
+
+    second = token(2)
+    writer.rotate()
+    await asyncio.shield(writer.append(second))  # written, then the rotation finds no room
+
+    assert "wal rotation postponed" in caplog.text
+    assert [s.first_lsn for s in list_segments(wal_dir)] == [1]
+    assert list(wal_dir.glob("*.tmp")) == []
+    await writer.close()
+    assert await _read_all(wal_dir, wal_id) == records_of([first, second])

@@ -1,0 +1,291 @@
+"""uvicorn's httptools protocol, bounded: head size, arrival timeouts, open connections, half-close.
+
+uvicorn 0.54 (pinned; tests/test_http_limits.py checks the hooks used here)
+lets httptools buffer a request's head without a cap (a 64 MiB header cost
+seconds of CPU and up to 123 MiB), waits forever for a request that arrives
+slowly or never, accepts connections until the descriptors run out (then
+clients get resets), and closes a connection whose client half-closed before
+answering it. Here each bound answers the client past it in words
+(gateway/errors.py renders them) and closes. Only the head path pays for it: a
+body read costs one flag test, and response writes (the per-token path) are
+uvicorn's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import resource
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from uvicorn._types import ASGI3Application
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from llmsvc.errors import (
+    HeaderTooLarge,
+    LlmsvcError,
+    RequestTimeout,
+    ServiceUnavailable,
+    UriTooLong,
+)
+from llmsvc.gateway.errors import closing_response
+
+CONNECTION = "llmsvc.connection"  # scope["extensions"] key: {"closed": () -> bool}
+RESERVED_DESCRIPTORS = 128  # kept from clients: the WAL, the database pool, jobs, logs
+REFUSING_MAX = 64  # connections past the bound being answered 503 at once; more are just closed
+LINGER_SECONDS = 1.0  # how long an answered, closing connection's input is read and dropped
+REQUEST_LINE_SLACK = 32  # the method, spaces and version around a URL
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    """The bounds, from settings; `max_connections` already fitted to the descriptor limit."""
+
+    max_header_bytes: int
+    header_timeout: float
+    body_timeout: float
+    max_connections: int
+    refused: Callable[[str], None]  # told the reason of each connection or request refused
+
+
+def protocol_class(limits: HttpLimits) -> type[BoundedHttpProtocol]:
+    """The class uvicorn makes each connection's protocol from, carrying this server's limits."""
+
+    class Bounded(BoundedHttpProtocol):
+        pass
+
+    Bounded.limits = limits
+    Bounded.refusing = set()
+    return Bounded
+
+
+def descriptor_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one and return it.
+
+    The loop polls with epoll, so nothing needs descriptors below select()'s
+    1024; systemd's default soft limit of 1024 would cap open streams at ~450.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):  # an infinite hard limit the kernel caps lower
+            pass
+    return soft
+
+
+def connection_bound(wanted: int, descriptors: int) -> int:
+    """`max_connections`, lowered so the bound can never exhaust the descriptors.
+
+    Each connection may hold one upstream connection too; the refusals in
+    flight and RESERVED_DESCRIPTORS come on top.
+    """
+    if descriptors == resource.RLIM_INFINITY:
+        return wanted
+    return max(1, min(wanted, (descriptors - RESERVED_DESCRIPTORS - REFUSING_MAX) // 2))
+
+
+def closed_check(scope: Mapping[str, Any]) -> Callable[[], bool]:
+    """Whether the request's connection is known closed, asked synchronously.
+
+    ASGI's http.disconnect arrives loop iterations after a write found the
+    connection gone; this answers at once. Under another server it says never.
+    """
+    extension = (scope.get("extensions") or {}).get(CONNECTION) or {}
+    check: Callable[[], bool] | None = extension.get("closed")
+    return check if check is not None else _never
+
+
+def _never() -> bool:
+    return False
+
+
+class BoundedHttpProtocol(HttpToolsProtocol):
+    """One connection; its class carries the server's limits and its refusals in flight."""
+
+    limits: ClassVar[HttpLimits]
+    refusing: ClassVar[set[BoundedHttpProtocol]]
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.url = b""  # uvicorn sets it at each request's start; a 414 may need it sooner
+        self._head_bytes = 0  # bytes of the request head being received
+        self._in_body = False  # between a request's headers and its end
+        self._lingering = False  # answered and closing: whatever still arrives is dropped
+        self._serving: RequestResponseCycle | None = None  # the request whose app runs
+        self._timer: asyncio.TimerHandle | None = None  # see _set_timer
+
+    # -- connections -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if len(self.connections) >= self.limits.max_connections:
+            self._turn_away(transport)
+            return
+        super().connection_made(transport)
+        self._set_timer(self.limits.header_timeout, self._head_late)  # silent ones too
+
+    def _turn_away(self, transport: asyncio.Transport) -> None:
+        """Past the bound: 503 before the request is even read, then close."""
+        self.transport, self._lingering = transport, True  # no request is ever parsed
+        self.limits.refused("connections")
+        if len(self.refusing) >= REFUSING_MAX:
+            transport.close()  # a flood: no descriptors to spare for answers
+            return
+        self.refusing.add(self)
+        limit = self.limits.max_connections
+        self._linger(
+            ServiceUnavailable(
+                f"llmsvc has {limit} connections open, its limit (max_connections, kept "
+                "within the descriptor limit); try again shortly"
+            )
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.refusing.discard(self)
+        serving = self._serving
+        if serving is not None and not serving.response_complete:
+            # uvicorn tells only the newest request; with pipelining the one served is older
+            serving.disconnected = True
+            serving.message_event.set()
+        super().connection_lost(exc)
+
+    def eof_received(self) -> bool:  # type: ignore[override]
+        """A client that half-closed after its requests (`nc -N`) still gets their answers.
+
+        The write side stays open until they are sent, then the connection
+        closes. A request still unfinished when the input ends is dropped.
+        """
+        serving = self._serving
+        if serving is None or serving.response_complete or self._lingering:
+            return False  # nothing to answer
+        if self._in_body and self.cycle is serving:
+            return False  # its body can never arrive: its app hears http.disconnect
+        unfinished = self._in_body or self._head_bytes
+        (serving if unfinished else self.cycle).keep_alive = False
+        return True
+
+    # -- the request head --------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_body:
+            super().data_received(data)
+        elif not self._lingering:
+            self._head_received(data)
+
+    def _head_received(self, data: bytes) -> None:
+        """Feed the head only up to max_header_bytes: httptools buffers it all otherwise.
+
+        Bytes of a pipelined head that arrive in one read with the end of the
+        request before it are not counted: at most one read more.
+        """
+        room = self.limits.max_header_bytes - self._head_bytes
+        head, rest = data[:room], data[room:]
+        self._head_bytes += len(head)
+        super().data_received(head)
+        if self._lingering or self.transport.is_closing():  # e.g. uvicorn's 400 for bad syntax
+            return
+        if self._head_bytes >= self.limits.max_header_bytes:
+            self._refuse_head()
+        elif rest:
+            self.data_received(rest)
+        elif self._head_bytes and self._timer is None and not self._busy():
+            self._set_timer(self.limits.header_timeout, self._head_late)
+
+    def _refuse_head(self) -> None:
+        limit = self.limits.max_header_bytes
+        if len(self.url) + REQUEST_LINE_SLACK >= self._head_bytes:
+            self.limits.refused("uri_too_long")
+            self._linger(UriTooLong(f"the request line is over max_header_bytes={limit}"))
+        else:
+            self.limits.refused("header_too_large")
+            self._linger(HeaderTooLarge(f"the request's headers are over max_header_bytes={limit}"))
+
+    def _head_late(self) -> None:
+        self._timer = None
+        self.limits.refused("header_timeout")
+        if not self._head_bytes:
+            self.transport.close()  # not a byte of a request: nothing to answer
+            return
+        setting = f"request_header_timeout_seconds={self.limits.header_timeout:g}"
+        self._linger(RequestTimeout(f"the request's head did not arrive within {setting}"))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        extension: dict[object, object] = {"closed": self._closed}
+        self.scope["extensions"] = {CONNECTION: extension}
+
+    def on_headers_complete(self) -> None:
+        self._head_bytes, self._in_body = 0, True
+        self._cancel_timer()
+        super().on_headers_complete()
+
+    # -- the request body and the response ---------------------------------------------
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        self._serving = cycle
+        if self._in_body and cycle is self.cycle:  # its body is still to come
+            self._set_timer(self.limits.body_timeout, self._body_late)
+        super()._start_asgi_task(cycle, app)
+
+    def on_message_complete(self) -> None:
+        self._in_body = False
+        self._cancel_timer()
+        super().on_message_complete()
+
+    def _body_late(self) -> None:
+        self._timer = None
+        self.limits.refused("body_timeout")
+        if self.cycle.response_started:  # answered already (a 413): the rest is not awaited
+            self._linger(None)
+            return
+        setting = f"request_body_timeout_seconds={self.limits.body_timeout:g}"
+        self._linger(RequestTimeout(f"the request body did not arrive within {setting}"))
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._head_bytes and not self._busy() and not self.transport.is_closing():
+            # the next request's head began during this response: its time runs from now
+            self._unset_keepalive_if_required()
+            self._set_timer(self.limits.header_timeout, self._head_late)
+
+    # -- closing -----------------------------------------------------------------------
+
+    def _linger(self, exc: LlmsvcError | None) -> None:
+        """Answer `exc` (if any) and close, reading and dropping input for LINGER_SECONDS.
+
+        Closing with unread input resets the connection, and the client may
+        lose the answer with it.
+        """
+        self._lingering, self._in_body = True, False
+        serving = self._serving
+        if serving is not None and not serving.response_complete:
+            serving.disconnected = True  # its app hears http.disconnect; its sends are dropped
+            serving.message_event.set()
+        if self.transport.is_closing():
+            return
+        if exc is not None:
+            self.transport.write(closing_response(exc))
+        self.transport.write_eof()
+        if self.flow is not None:  # uvicorn may have paused reading (a pipelined request)
+            self.flow.resume_reading()
+        self._set_timer(LINGER_SECONDS, self.transport.close)
+
+    def _closed(self) -> bool:
+        """The client will get nothing more here: the connection is closing, or was refused."""
+        return self._lingering or self.transport.is_closing()
+
+    def _busy(self) -> bool:
+        return self._serving is not None and not self._serving.response_complete
+
+    def _set_timer(self, seconds: float, callback: Callable[[], None]) -> None:
+        """The connection's one timer: the head's, the body's or the linger's."""
+        self._cancel_timer()
+        self._timer = self.loop.call_later(seconds, callback)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -1,0 +1,395 @@
+"""The HTTP layer's bounds, met by a real `llmsvc run` over real sockets (issue 13, 4 and 6).
+
+A head past `max_header_bytes` gets 431 (414 for the request line) without the daemon
+growing; a head or body that does not arrive in time gets 408, a silent connection and an
+idle keep-alive one are closed; past `max_connections` a client gets a 503 naming the
+limit, never a reset; a client that half-closes after its request still gets the answer;
+one that closes at once is stored `interrupted`, not `completed`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+import select
+import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from daemon_process import LLMSVC, DaemonProcess, Stored, daemon_env, get_json, read_store
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from llmsvc.gateway.http_protocol import connection_bound
+
+pytestmark = pytest.mark.timeout(60)
+
+MiB = 1024 * 1024
+CHAT = "/v1/chat/completions"
+
+
+def chat_request(stream: bool, tokens: int = 5) -> bytes:
+    body = orjson.dumps(
+        {
+            "model": "mock",
+            "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": tokens,
+            "stream": stream,
+        }
+    )
+    head = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: llmsvc\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
+
+
+def connect(daemon: DaemonProcess) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=10)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 10) -> bytes:
+    """Everything the daemon sends until it closes; a reset after an answer ends it too."""
+    sock.settimeout(timeout)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        if not data:
+            raise
+    return data
+
+
+def status_of(response: bytes) -> int:
+    assert response.startswith(b"HTTP/1.1 "), response[:200]
+    return int(response.split(b" ", 2)[1])
+
+
+def error_of(response: bytes) -> dict[str, Any]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert b"content-type: application/json" in head.lower(), head
+    error: dict[str, Any] = orjson.loads(body)["error"]
+    return error
+
+
+def responses(data: bytes) -> list[int]:
+    """The status of every response in a connection's output."""
+    return [int(status) for status in re.findall(rb"HTTP/1\.1 (\d{3}) ", data)]
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One response with a content-length, read whole, leaving the connection open."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def rss_kib(daemon: DaemonProcess) -> int:
+    assert daemon.proc is not None
+    for line in Path(f"/proc/{daemon.proc.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def open_fds(daemon: DaemonProcess) -> int:
+    assert daemon.proc is not None
+    return len(os.listdir(f"/proc/{daemon.proc.pid}/fd"))
+
+
+def stored_when_settled(database_url: str, count: int, timeout: float = 15) -> Stored:
+    """The store once `count` requests have ended in it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        store = read_store(database_url)
+        ended = [r for r in store.requests.values() if r["status"] != "streaming"]
+        if len(ended) >= count:
+            return store
+        assert time.monotonic() < deadline, f"{len(ended)} of {count} requests stored"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def start(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
+    """Starts `llmsvc run` on SQLite with the given settings; stopped at teardown."""
+    daemons: list[DaemonProcess] = []
+
+    def _start(database_url: str = sqlite_url, **settings: Any) -> DaemonProcess:
+        daemon = DaemonProcess(daemon_env(database_url, tmp_path / "wal", **settings)).start()
+        daemons.append(daemon)
+        return daemon
+
+    yield _start
+    for daemon in daemons:
+        if daemon.returncode is None:
+            assert daemon.stop() == 0, daemon.log
+
+
+def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
+    """gateway/http_protocol.py leans on uvicorn internals (pinned): an upgrade that moves
+    them fails here, not in production."""
+    headers_complete = inspect.getsource(HttpToolsProtocol.on_headers_complete)
+    assert "self._start_asgi_task(self.cycle, app)" in headers_complete
+    assert "on_response=self.on_response_complete" in headers_complete
+    assert "self._start_asgi_task(cycle, app)" in inspect.getsource(
+        HttpToolsProtocol.on_response_complete
+    )
+    assert "self.parser.feed_data(data)" in inspect.getsource(HttpToolsProtocol.data_received)
+    assert "self.url += url" in inspect.getsource(HttpToolsProtocol.on_url)
+    for hook in ("connection_made", "connection_lost", "eof_received", "on_message_begin"):
+        assert hook in HttpToolsProtocol.__dict__, hook
+
+
+# -- the head's size -------------------------------------------------------------------
+
+
+def _send_tolerantly(sock: socket.socket, head: bytes, filler: bytes, total: int) -> None:
+    """Send `head` then `total` filler bytes, stopping quietly once the daemon closes."""
+    try:
+        sock.sendall(head)
+        for _ in range(total // len(filler)):
+            sock.sendall(filler)
+    except OSError:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("head", "status", "code"),
+    [
+        (b"GET /api/health HTTP/1.1\r\nHost: llmsvc\r\nX-Big: ", 431, "request_header_too_large"),
+        (b"GET /api/health?q=", 414, "uri_too_long"),
+    ],
+    ids=["64 MiB header", "64 MiB URL"],
+)
+def test_a_huge_head_is_refused_at_the_cap_without_the_daemon_growing(
+    start: Any, head: bytes, status: int, code: str
+) -> None:
+    daemon = start(max_header_bytes=65536)
+    before = rss_kib(daemon)
+    sock = connect(daemon)
+    sender = threading.Thread(
+        target=_send_tolerantly, args=(sock, head, b"a" * MiB, 64 * MiB), daemon=True
+    )
+    sender.start()
+
+    response = read_until_closed(sock)
+
+    sender.join(10)
+    sock.close()
+    assert status_of(response) == status
+    error = error_of(response)
+    assert error["code"] == code
+    assert "max_header_bytes=65536" in error["message"]
+    grown = rss_kib(daemon) - before
+    assert grown < 8 * 1024, f"the daemon grew by {grown} KiB"
+    assert get_json(f"{daemon.base_url}/api/health")[0] == 200
+
+
+def test_a_head_just_under_the_cap_is_served(start: Any) -> None:
+    daemon = start(max_header_bytes=65536)
+    head = b"GET /api/health HTTP/1.1\r\nHost: llmsvc\r\nConnection: close\r\nX-Big: "
+    filler = b"a" * (65536 - len(head) - 4)
+    sock = connect(daemon)
+    sock.sendall(head + filler + b"\r\n\r\n")
+
+    assert status_of(read_until_closed(sock)) == 200
+    sock.close()
+
+
+# -- timeouts --------------------------------------------------------------------------
+
+
+def test_slow_and_silent_connections_are_closed_after_the_header_timeout(start: Any) -> None:
+    daemon = start(request_header_timeout_seconds=1.5)
+    silent = [connect(daemon) for _ in range(10)]
+    slow = [connect(daemon) for _ in range(10)]
+    trickle = b"GET /api/health HTTP/1.1\r\nHost: llmsvc\r\n" + b"X-Slow: " + b"a" * 100
+    got: dict[socket.socket, bytes] = {}
+    closed: set[socket.socket] = set()
+    began = time.monotonic()
+
+    for i in range(len(trickle)):  # a byte every 0.25 s, the head never finished
+        if len(closed) == 20 or time.monotonic() - began > 15:
+            break
+        for sock in slow:
+            if sock not in closed:
+                sock.send(trickle[i : i + 1])
+        readable, _, _ = select.select([s for s in silent + slow if s not in closed], [], [], 0.25)
+        for sock in readable:
+            chunk = sock.recv(65536)
+            got[sock] = got.get(sock, b"") + chunk
+            if not chunk or b"}" in chunk:  # the end, or a whole 408 (its FIN follows)
+                closed.add(sock)
+
+    assert len(closed) == 20, f"{20 - len(closed)} connections still open after 15 s"
+    assert all(got.get(sock, b"") == b"" for sock in silent)  # closed without a word
+    for sock in slow:
+        assert status_of(got[sock]) == 408
+        assert "request_header_timeout_seconds=1.5" in error_of(got[sock])["message"]
+    for sock in silent + slow:
+        sock.close()
+    assert get_json(f"{daemon.base_url}/api/health")[0] == 200
+    with urllib.request.urlopen(f"{daemon.base_url}/api/metrics", timeout=5) as metrics:
+        assert 'llmsvc_http_refused_total{reason="header_timeout"} 20.0' in metrics.read().decode()
+
+
+def test_a_body_that_does_not_finish_arriving_gets_408_and_nothing_is_stored(
+    start: Any, sqlite_url: str
+) -> None:
+    daemon = start(request_body_timeout_seconds=1)
+    whole = chat_request(stream=False)
+    sock = connect(daemon)
+    sock.sendall(whole[:-5])  # all but the body's last bytes
+
+    response = read_until_closed(sock)
+
+    sock.close()
+    assert status_of(response) == 408
+    assert "request_body_timeout_seconds=1" in error_of(response)["message"]
+    assert read_store(sqlite_url).requests == {}
+
+
+def test_an_idle_keepalive_connection_is_closed_after_the_keepalive_timeout(
+    start: Any,
+) -> None:
+    daemon = start(keepalive_timeout_seconds=1)
+    sock = connect(daemon)
+    request = b"GET /api/ready HTTP/1.1\r\nHost: llmsvc\r\n\r\n"
+    for _ in range(2):  # kept alive between requests
+        sock.sendall(request)
+        assert status_of(read_response(sock)) == 200
+
+    # EOF, not a timeout: closed when idle (uvicorn's own default would take 5 s)
+    assert read_until_closed(sock, timeout=4) == b""
+    sock.close()
+
+
+# -- the connection bound --------------------------------------------------------------
+
+
+def test_past_max_connections_clients_get_503_and_are_never_reset(
+    tmp_path: Path, sqlite_url: str
+) -> None:
+    """With 512 descriptors, 600 silent connections: normal clients get answers or a 503."""
+    env = daemon_env(
+        sqlite_url, tmp_path / "wal", request_header_timeout_seconds=4, max_connections=100_000
+    )
+    command = ["/bin/sh", "-c", 'ulimit -n 512 && exec "$0" run', str(LLMSVC)]
+    bound = connection_bound(100_000, 512)
+    with DaemonProcess(env, command=command) as daemon:
+        assert f"max_connections lowered to {bound} " in daemon.log
+        client = openai.OpenAI(
+            base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0, timeout=30
+        )
+        streaming = client.chat.completions.create(  # a client under the bound, mid-stream
+            model="mock",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=40,
+            stream=True,
+            extra_body={"mock_delay_ms": 100},
+        )
+        first = next(iter(streaming))
+        began = time.monotonic()
+        silent = [connect(daemon) for _ in range(600)]
+        # Wait until every refusal has been sent and its descriptor closed again.
+        while open_fds(daemon) > bound + 64:
+            assert time.monotonic() - began < 10, f"{open_fds(daemon)} descriptors open"
+            time.sleep(0.05)
+
+        outcomes: list[str] = []
+        refusals: list[openai.APIStatusError] = []
+        while time.monotonic() - began < 10 and "answered" not in outcomes[-1:]:
+            try:
+                client.chat.completions.create(
+                    model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                )
+                outcomes.append("answered")
+            except openai.APIStatusError as exc:  # anything else (a reset) fails the test
+                refusals.append(exc)
+                outcomes.append("503")
+                time.sleep(0.2)
+
+        rest = [chunk for chunk in streaming]
+        for sock in silent:
+            sock.close()
+        assert "503" in outcomes  # refused while the silent ones held every slot
+        assert {exc.status_code for exc in refusals} == {503}
+        assert all("max_connections" in exc.message for exc in refusals)
+        assert outcomes[-1] == "answered"  # served once the header timeout closed them
+        assert first.choices[0].delta.role == "assistant"
+        assert rest[-1].choices[0].finish_reason is not None  # never reset mid-stream
+        assert "Too many open files" not in daemon.log
+        assert "Traceback" not in daemon.log, daemon.log
+
+
+# -- half-closed and vanished clients ---------------------------------------------------
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+def test_a_half_closed_client_gets_its_answer(start: Any, sqlite_url: str, stream: bool) -> None:
+    daemon = start()
+    sock = connect(daemon)
+    sock.sendall(chat_request(stream))
+    sock.shutdown(socket.SHUT_WR)  # as `nc -N` does: still reading
+
+    response = read_until_closed(sock)
+
+    sock.close()
+    assert status_of(response) == 200
+    assert response.endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n" if stream else b"}")
+    (request,) = stored_when_settled(sqlite_url, 1).requests.values()
+    assert request["status"] == "completed"
+
+
+def test_half_closed_pipelined_requests_are_all_answered_without_tracebacks(
+    start: Any, sqlite_url: str
+) -> None:
+    daemon = start()
+    sock = connect(daemon)
+    sock.sendall(chat_request(True) + chat_request(False) + chat_request(True))
+    sock.shutdown(socket.SHUT_WR)
+
+    data = read_until_closed(sock)
+
+    sock.close()
+    assert responses(data) == [200, 200, 200]
+    store = stored_when_settled(sqlite_url, 3)
+    assert sorted(r["status"] for r in store.requests.values()) == ["completed"] * 3
+    assert "Traceback" not in daemon.log, daemon.log
+    assert " ERROR " not in daemon.log, daemon.log
+
+
+@pytest.mark.parametrize(("stream", "tokens"), [(True, 5), (False, 1)], ids=["stream", "whole"])
+def test_a_client_that_closes_at_once_is_stored_interrupted_with_its_tokens(
+    start: Any, database_url: str, stream: bool, tokens: int
+) -> None:
+    daemon = start(database_url)
+    for _ in range(10):
+        sock = connect(daemon)
+        sock.sendall(chat_request(stream, tokens=5))
+        sock.close()
+
+    store = stored_when_settled(database_url, 10)
+
+    assert [r["status"] for r in store.requests.values()] == ["interrupted"] * 10
+    for request_id, request in store.requests.items():
+        assert request["error"] == "client disconnected"
+        attempt = store.only_attempt(request_id)
+        assert attempt["status"] == "interrupted"
+        assert attempt["token_count"] == tokens
+        assert len(store.tokens[attempt["id"]]) == tokens  # every journaled token stored
+    assert "Traceback" not in daemon.log, daemon.log
