@@ -320,12 +320,12 @@ class Exchange:
         content = "".join(texts)
         if content or reply.tool_calls:
             self.first_token_us = now_us()
-        journaled: asyncio.Future[int] | None = None
         if content:
-            journaled = self._journal_tokens(self.attempt_id.bytes, [content])
+            self._journal_tokens(self.attempt_id.bytes, [content])
         if reply.tool_calls:
-            journaled = self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
+            self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
             self.tool_seq = len(reply.tool_calls)
+        fut = self._end_records("completed", reply)
         body = completion_body(
             self.completion_id,
             self.created,
@@ -336,18 +336,25 @@ class Exchange:
             reply.completion_tokens,
             reply.tool_calls,
         )
-        if journaled is not None:
-            await journaled
-        # The end is journaled once the body is written, so that a write which
-        # found the client gone makes it `interrupted`. The response is complete
-        # before that, so a kept-alive connection's next request need not wait.
+        await fut
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
         await self.send({"type": "http.response.body", "body": body, "more_body": True})
         gone = self.closed()
         await self.send({"type": "http.response.body", "body": b""})
-        if gone:
-            raise ClientGone
-        await self._end_records("completed", reply)
+        if gone:  # the write found the client gone: the reply was journaled, not received
+            await self._correct_end("interrupted", reply, "client disconnected")
+
+    async def _correct_end(self, status: str, reply: Reply, error: str) -> None:
+        """Journal the attempt's and the request's ends again with another status, usage kept.
+
+        The ends go into the same WAL batch as the reply (one disk write on the
+        common path); a disconnect found while writing the reply changes them.
+        """
+        attempt, request = self._end_fields(status, reply, error, "client_gone", None)
+        self.status = status
+        self.attempts[-1] = (*self.attempts[-1][:2], status, "client_gone")
+        self.journal.attempt_end(self.attempt_id, **attempt)
+        await self.journal.request_end(self.request_id, **request)
 
     def _journal_tokens(self, attempt_id: bytes, texts: list[str]) -> asyncio.Future[int]:
         """Append a token batch; counted as journaled unless the WAL refuses it later."""
