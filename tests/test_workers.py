@@ -24,6 +24,7 @@ from typing import Any
 import openai
 import pytest
 from daemon_process import (
+    CAUGHT_UP,
     DaemonProcess,
     Stream,
     admin_call,
@@ -90,6 +91,7 @@ def streams_on_both_workers(
     daemon: DaemonProcess, database_url: str, wal_dir: Path, tokens: int, delay_ms: int
 ) -> tuple[list[Stream], dict[str, int]]:
     """Open streams until each worker carries at least two (the kernel picks the worker)."""
+    daemon.wait_caught_up(2)  # their rows are read from the store
     streams: list[Stream] = []
     where: dict[str, int] = {}
     while min((list(where.values()).count(k) for k in range(2)), default=0) < 2:
@@ -318,10 +320,13 @@ def test_a_provider_disabled_through_one_worker_is_disabled_on_every_worker(
         return streams, where
 
     with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up(2)
         before = route_on_both_workers()
         code, switched = admin(daemon, "/api/admin/providers/a/disable")
         # the worker that took the call switches at once; the other follows the store
-        daemon.wait_for_log(r"worker-\d llmsvc\.daemon provider disabled by an operator \(stored\)")
+        daemon.wait_for_log(
+            r"worker-\d llmsvc\.switches provider disabled by an operator \(stored\)"
+        )
         disabled = route_on_both_workers()
         assert admin(daemon, "/api/admin/providers/a/enable")[0] == 200
         daemon.wait_for_log(r"provider enabled by an operator \(stored\) provider=a")
@@ -409,6 +414,7 @@ def test_raising_workers_from_1_replays_the_single_daemons_wal_first(
     """The single daemon's WAL (wal_dir itself) belongs to no worker: the supervisor replays it."""
     single = daemon_env(database_url, wal_dir, flush_interval_ms=60_000)  # nothing flushed
     with DaemonProcess(single) as daemon:
+        daemon.wait_for_log(CAUGHT_UP)  # the flusher's first look is done: the next is in 60 s
         stream = Stream(daemon, 200, 50).start()
         stream.wait_for_tokens(10)
         daemon.kill()
@@ -417,7 +423,7 @@ def test_raising_workers_from_1_replays_the_single_daemons_wal_first(
 
     with DaemonProcess(daemon_env(database_url, wal_dir, workers=2)) as daemon:
         assert daemon.stop() == 0, daemon.log
-    assert f"boot: wal no worker owns replayed dir={wal_dir} " in daemon.log
+    assert f"wal no worker owns replayed dir={wal_dir} " in daemon.log
     store = read_store(database_url)
     assert_holds(store.texts(stream.request_id), stream.tokens)
 
@@ -491,3 +497,4 @@ def test_the_wals_no_worker_owns_are_wal_dirs_own_and_those_past_workers(tmp_pat
     settings = Settings(database_url="sqlite:///x.db", wal_dir=wal_dir, workers=2)
     found = Supervisor(settings)._orphaned_wal_dirs()
     assert found == [wal_dir, wal_dir / "worker-10", wal_dir / "worker-2"]
+

@@ -82,7 +82,9 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                         "404": _error("the model is not served here"),
                         "413": _error("the body is larger than max_body_bytes"),
                         "502": _error("the provider failed"),
-                        "503": _error("not taking requests now (booting, draining, backlog)"),
+                        "503": _error(
+                            "not taking requests now (draining, paused, backlog, disk full)"
+                        ),
                     },
                 }
             },
