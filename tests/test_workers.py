@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -498,3 +499,54 @@ def test_the_wals_no_worker_owns_are_wal_dirs_own_and_those_past_workers(tmp_pat
     found = Supervisor(settings)._orphaned_wal_dirs()
     assert found == [wal_dir, wal_dir / "worker-10", wal_dir / "worker-2"]
 
+
+def test_a_supervisor_started_right_after_one_was_killed_starts_and_leaves_no_files(
+    sqlite_url: str, wal_dir: Path
+) -> None:
+    """The killed supervisor's workers still hold their WALs: the new one stops them and starts.
+
+    The orphans got SIGTERM when their supervisor died (PR_SET_PDEATHSIG) and
+    drain without grace, but the database (SQLite, its write lock held here)
+    takes nothing: they would hold their WALs for `shutdown_drain_seconds`.
+    The notify sockets are abstract: no runtime files to leave behind.
+    """
+    env = daemon_env(
+        sqlite_url, wal_dir, workers=2, database_timeout_seconds=1, shutdown_drain_seconds=60
+    )
+    holder = sqlite3.connect(sqlite_url.partition(":///")[2], isolation_level=None)
+    first = DaemonProcess(env).start()
+    try:
+        streams, _ = streams_on_both_workers(first, sqlite_url, wal_dir, 400, 50)
+        orphans = [worker_pid(first, 0), worker_pid(first, 1)]
+        environ = Path(f"/proc/{orphans[0]}/environ").read_bytes().split(b"\0")
+        holder.execute("BEGIN EXCLUSIVE")
+        first.signal(signal.SIGKILL)  # the supervisor only: its workers live on
+        assert first.proc is not None
+        first.proc.wait(10)
+        for stream in streams:
+            stream.wait_done()
+        began = time.monotonic()
+        with DaemonProcess(env) as second:
+            took = time.monotonic() - began
+            with client_for(second) as client:
+                reply = client.chat.completions.create(model="mock", messages=MESSAGES)
+            holder.rollback()
+            second.wait_caught_up(2)
+            assert second.stop() == 0, second.log
+    finally:
+        holder.close()
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        first.wait()
+
+    assert any(line.startswith(b"NOTIFY_SOCKET=@llmsvc-") for line in environ)  # no file
+    assert took < 20
+    for k, pid in enumerate(orphans):
+        assert f"worker-{k}'s WAL is held by pid={pid}, a worker of a supervisor" in second.log
+    assert "the supervisor is gone: stopping without grace" in first.log
+    assert reply.choices[0].message.content
+    store = read_store(sqlite_url)
+    for stream in streams:  # interrupted by its orphaned worker, stored by its replacement
+        assert store.request(stream.request_id)["status"] == "interrupted"
+        assert_holds(store.texts(stream.request_id), stream.tokens)
