@@ -156,7 +156,7 @@ def test_the_unit_file_verifies(tmp_path: Path) -> None:
     ):
         assert needed in unit
     stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
-    assert stop > 20 + 30  # shutdown_grace_seconds' default plus the WAL drain's bound
+    assert stop > 20 + 30 + 45  # the defaults' grace and drain, and a supervisor's margin
     (tmp_path / "llmsvc.service").write_text(
         unit.replace("/opt/llmsvc/venv/bin/llmsvc", str(LLMSVC))
     )
