@@ -186,6 +186,7 @@ class Flusher:
         # Since when (monotonic) the database has not answered: the start of the flush under
         # way, or of the first of the flushes that timed out since it last answered.
         self.waiting_since: float | None = None
+        self._reread: Position | None = None  # read from here again: a flush was cut off
         self._hinted = (0, 0.0)  # (lsn, monotonic time) of the last local checkpoint copy
         self.on_batch = on_batch  # told each committed batch's records and seconds (metrics)
         self.errors = 0  # failed batch writes (metrics)
@@ -312,13 +313,25 @@ class Flusher:
         return self.caught_up
 
     async def _flush(self, bound: float | None) -> int:
-        """`flush_once` given up after `bound` seconds; `waiting_since` shows a stall meanwhile."""
+        """`flush_once` given up after `bound` seconds; `waiting_since` shows a stall meanwhile.
+
+        A flush cut off (by the bound, or a cancel) after it read records but before
+        it held them as its batch would skip them: the next reads them again.
+        """
+        if self._reread is not None:
+            await self.reader.seek(self._reread.lsn)
+            self._reread = None
+        before = self.reader.position if self._pending is None else None
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
         try:
             async with asyncio.timeout(bound) as scope:
                 n = await self.flush_once()
-        except Exception as exc:
+        except BaseException as exc:
+            if before is not None and self._pending is None and self.reader.position != before:
+                self._reread = before
+            if not isinstance(exc, Exception):
+                raise
             if scope.expired():
                 self.errors += 1  # flush_once counts the failures it sees itself
                 self.last_error = f"no answer within {bound:.0f} s"
