@@ -130,7 +130,7 @@ class Supervisor:
         self.failed: str | None = None  # why the boot failed
         self.last_watchdog = 0.0
         self._signal = signal.SIGTERM  # the first signal received, forwarded to the workers
-        self.orphans: list[Path] = []  # WALs no worker owns, not replayed yet
+        self.unowned: list[Path] = []  # WALs no worker owns, not replayed yet
         self.replay_at = 0.0  # monotonic time of the next try at them
         self.replay_failed = False  # the last try failed (logged once until one succeeds)
 
@@ -140,10 +140,10 @@ class Supervisor:
             signal.signal(signum, self._on_signal)
         self.lock.acquire()
         try:
-            self.orphans = self._orphaned_wal_dirs()
-            if self.orphans:
+            self.unowned = self._unowned_wal_dirs()
+            if self.unowned:
                 self.notifier.status("booting: replaying the WALs no worker owns")
-                self._replay_orphans()
+                self._replay_unowned()
             self.holder = self._hold_port()
             self.port: int = self.holder.getsockname()[1]
             log.info("boot: port held host=%s port=%d", self.settings.host, self.port)
@@ -164,7 +164,7 @@ class Supervisor:
             self.notifier.close()
             self.lock.release()
 
-    def _replay_orphans(self) -> None:
+    def _replay_unowned(self) -> None:
         """Replay the WALs no worker owns (a change of `workers` left them), for a while.
 
         A try lasts REPLAY_SECONDS at most (the loop is not held up for long);
@@ -177,7 +177,7 @@ class Supervisor:
             if not self.replay_failed:
                 log.warning(
                     "WALs no worker owns not replayed yet (%s); trying again every %.0f s: %s",
-                    ", ".join(str(path) for path in self.orphans),
+                    ", ".join(str(path) for path in self.unowned),
                     REPLAY_SECONDS,
                     "no answer in time" if isinstance(exc, TimeoutError) else why(exc),
                 )
@@ -192,8 +192,8 @@ class Supervisor:
         engine = create_engine(s.database_url, timeout=timeout, per_command=True)
         try:
             await migrate(engine, s.redacted_database_url())
-            while self.orphans:
-                wal_dir = self.orphans[0]
+            while self.unowned:
+                wal_dir = self.unowned[0]
                 # wal_dir itself is locked already; a former worker's WAL is locked here
                 lock = WalLock(wal_dir) if wal_dir != s.wal_dir else None
                 if lock is not None:
@@ -204,7 +204,7 @@ class Supervisor:
                     if lock is not None:
                         lock.release()
                 log.info("wal no worker owns replayed dir=%s %s", wal_dir, replayed)
-                self.orphans.pop(0)
+                self.unowned.pop(0)
         finally:
             await asyncio.wait_for(engine.dispose(), timeout)
 
@@ -243,7 +243,7 @@ class Supervisor:
                 "address here)"
             ) from None
 
-    def _orphaned_wal_dirs(self) -> list[Path]:
+    def _unowned_wal_dirs(self) -> list[Path]:
         """wal_dir's own WAL (from workers = 1) and those of workers beyond `workers`."""
         wal_dir, workers = self.settings.wal_dir, self.settings.workers
         found = [wal_dir] if (wal_dir / INSTANCE_FILE).exists() else []
@@ -289,8 +289,8 @@ class Supervisor:
                 self._start(worker)
             elif worker.ready and self.watchdog_usec:
                 self._check_watchdog(worker, now)
-        if self.orphans and now >= self.replay_at:
-            self._replay_orphans()
+        if self.unowned and now >= self.replay_at:
+            self._replay_unowned()
         if not self.announced and all(w.ready for w in self.workers):
             self.announced = True
             host, n = self.settings.host, len(self.workers)

@@ -496,7 +496,7 @@ def test_the_wals_no_worker_owns_are_wal_dirs_own_and_those_past_workers(tmp_pat
         (wal_dir / name / "instance_id").write_text(f"{uuid.uuid4()}\n")
     (wal_dir / "worker-3").mkdir()  # never booted: no WAL to replay
     settings = Settings(database_url="sqlite:///x.db", wal_dir=wal_dir, workers=2)
-    found = Supervisor(settings)._orphaned_wal_dirs()
+    found = Supervisor(settings)._unowned_wal_dirs()
     assert found == [wal_dir, wal_dir / "worker-10", wal_dir / "worker-2"]
 
 
