@@ -578,7 +578,7 @@ class Daemon:
         deadline = time.monotonic() + s.shutdown_drain_seconds
         if hasattr(self, "catching_up"):  # it may journal: before the WAL closes
             with _step("catch-up ended"):
-                await _end(self.catching_up, 0.0 if self.fatal else deadline - time.monotonic())
+                await self._end_catch_up(deadline)
         if hasattr(self, "writer"):
             with _step("wal synced"):
                 await self.writer.close()
@@ -601,6 +601,15 @@ class Daemon:
                 await self._close_pools()
         self.lock.release()
         log.info("shutdown: done exit_code=%d", EXIT_FATAL if self.fatal else EXIT_OK)
+
+    async def _end_catch_up(self, deadline: float) -> None:
+        """Let the catch-up go on until `deadline` while the database answers; else stop it."""
+        catching_up = self.catching_up
+        while not (catching_up.done() or self.fatal or self._database_problem()):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.wait({catching_up}, timeout=0.1)
+        await _end(catching_up, 0.0)
 
     async def _drain(self, deadline: float) -> None:
         """Flush what is journaled before `deadline`; what is left stays for the next boot."""

@@ -151,9 +151,11 @@ def test_a_daemon_started_while_the_database_is_away_serves_and_stores_it_all_on
     clients.assert_stored_once_in_order(url, store)
 
 
+@pytest.mark.parametrize("stalled", ["serving", "catching up"])
 def test_sigterm_during_a_stall_ends_the_daemon_within_its_bound_and_the_next_boot_stores_all(
-    own_cluster: PostgresCluster, tmp_path: Path
+    own_cluster: PostgresCluster, tmp_path: Path, stalled: str
 ) -> None:
+    """Stalled once the daemon caught up, or from its boot on: it ends within its bound."""
     url = asyncio.run(own_cluster.create_database("llmsvc"))
     grace, drain = 1, 3
     env = daemon_env(
@@ -164,20 +166,29 @@ def test_sigterm_during_a_stall_ends_the_daemon_within_its_bound_and_the_next_bo
         database_timeout_seconds=2,
     )
     clients = Clients()
-    with DaemonProcess(env) as daemon, openai_client(daemon) as client:
-        daemon.wait_for_log(CAUGHT_UP)
-        clients.record(stream(client, 5), 5)
+    daemon = DaemonProcess(env)
+    try:
+        if stalled == "serving":
+            daemon.start().wait_caught_up()
+            with openai_client(daemon) as client:
+                clients.record(stream(client, 5), 5)
         with own_cluster.frozen():
-            clients.record(stream(client, 9), 9)
-            clients.record(complete(client, 6), 6)
+            if stalled == "catching up":
+                daemon.start()
+            with openai_client(daemon) as client:
+                clients.record(stream(client, 9), 9)
+                clients.record(complete(client, 6), 6)
             daemon.signal(signal.SIGTERM)
             signalled = time.monotonic()
             code = daemon.wait(grace + drain + 40)
             took = time.monotonic() - signalled
+    finally:
+        if daemon.returncode is None:
+            daemon.kill()
     left = re.search(r"records left in the WAL for the next boot count=(\d+)", daemon.log)
 
     with DaemonProcess(env) as again:
-        again.wait_for_log(CAUGHT_UP, 30)
+        again.wait_caught_up()
         assert again.stop() == 0, again.log
 
     assert code == 0, daemon.log

@@ -138,7 +138,10 @@ def _alembic_config(connection: Connection | None = None) -> Config:
 def describe_error(exc: BaseException) -> str:
     """A database error's one-line cause, without the SQL or parameters (they may hold prompts)."""
     cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
-    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    if not text and isinstance(cause, TimeoutError):
+        text = "no answer in time"
+    return f"{type(cause).__name__}: {text}"
 
 
 async def migrate(engine: AsyncEngine, where: str) -> None:
