@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc.errors import ServiceUnavailable
 from llmsvc.gateway.router import Router
 from llmsvc.local import read_disabled, write_disabled
 from llmsvc.store.engine import describe_error
@@ -46,9 +47,19 @@ class Switches:
             )
 
     async def switch(self, name: str, enabled: bool) -> None:
-        """Stored first, so the switch outlives a restart; effective for the next request."""
+        """Stored first, so the switch outlives a restart; effective for the next request.
+
+        A database that does not store it refuses the switch (503): made here only, it
+        would be undone by the next read, and by the other instances never made.
+        """
         self.made += 1
-        await set_provider_enabled(self.engine, name, enabled)
+        try:
+            await set_provider_enabled(self.engine, name, enabled)
+        except Exception as exc:
+            raise ServiceUnavailable(
+                f"the switch is not made: the database did not store it ({describe_error(exc)}); "
+                "try again once it answers"
+            ) from None
         disabled = self.router.disabled - {name} if enabled else self.router.disabled | {name}
         self._take(disabled)
         log.info(
