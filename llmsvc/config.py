@@ -96,6 +96,10 @@ class Settings(BaseSettings):
     # Daemon processes behind the one port, each with its own WAL under wal_dir/worker-<k>.
     workers: int = Field(default=1, ge=1, le=64)
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
+    # After the grace: how long shutdown keeps flushing the WAL into the database.
+    shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # The longest the daemon waits for one database call of its own (connect, flush, read).
+    database_timeout_seconds: float = Field(default=10.0, ge=1, le=3600)
     flush_interval_ms: int = Field(default=50, ge=1, le=60_000)
     flush_batch_records: int = Field(default=50_000, ge=1)
     max_body_bytes: int = Field(default=4 * MiB, ge=1024)

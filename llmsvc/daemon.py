@@ -1,12 +1,22 @@
 """The daemon: boot, serve, shut down — ordered steps, one log line each.
 
-Boot: WAL lock → migrations → WAL repaired and opened → flusher catches up
-from the checkpoint → requests a previous run left open are journaled
-`interrupted` → consistency check → scheduler → metrics port → HTTP server.
+Boot needs no database: WAL lock → WAL repaired and opened (the checkpoint
+hint kept beside it, `llmsvc.local`) → provider switches from the local copy
+→ HTTP server and metrics port: ready, chat requests are journaled from here
+on. Then, in the background, the catch-up (`llmsvc.catchup`), each step
+retried while the database is away: migrations → stored provider switches
+and circuits → the database's checkpoint → the WAL replayed up to where the
+previous run ended → requests that run left open journaled `interrupted` →
+the flusher follows the writer → consistency check → scheduler.
 Shutdown: refuse new requests (503) → let open ones finish within
-`shutdown_grace_seconds`, interrupt the rest → stop the HTTP server → sync the
-WAL → drain it into the database → stop the scheduler → close the metrics
-port → close pools.
+`shutdown_grace_seconds`, interrupt the rest → stop the HTTP server → let the
+catch-up finish → sync the WAL → drain it into the database (the catch-up and
+the drain together within `shutdown_drain_seconds`) → stop the scheduler →
+close the metrics port → close pools. Every step is bounded: whatever the database does, the daemon
+ends within shutdown_grace_seconds + shutdown_drain_seconds + 40 s (interrupted
+requests journal their ends within 10 s, the HTTP server stops within 10 s,
+jobs get 5 s, tasks and pools 2 s each), leaving what is not drained in the
+WAL for the next boot.
 Signal handlers only set an event; a second signal exits at once (the WAL
 still holds every acknowledged record).
 """
@@ -21,7 +31,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -32,10 +42,11 @@ import uvicorn
 
 from llmsvc import status
 from llmsvc.admin.app import AdminApi
+from llmsvc.catchup import CatchUp
 from llmsvc.config import Settings, systemd_environment
 from llmsvc.errors import Conflict, LlmsvcError, WalFatal
 from llmsvc.gateway.app import Gateway
-from llmsvc.gateway.breaker import Breakers, Circuit
+from llmsvc.gateway.breaker import CLOSED, Breakers, Circuit
 from llmsvc.gateway.http_protocol import (
     HttpLimits,
     connection_bound,
@@ -44,6 +55,7 @@ from llmsvc.gateway.http_protocol import (
 )
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
+from llmsvc.local import read_checkpoint
 from llmsvc.maintenance.backup import replay, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
 from llmsvc.maintenance.jobs import INSTANCE_JOBS, job_table
@@ -56,23 +68,22 @@ from llmsvc.providers.base import Provider
 from llmsvc.status import iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error, migrate
 from llmsvc.store.flusher import Flusher, load_checkpoint
-from llmsvc.store.queries import (
-    open_work,
-    provider_states,
-    set_provider_circuit,
-    set_provider_enabled,
-)
+from llmsvc.store.queries import open_work, set_provider_circuit
 from llmsvc.supervisor import shared_port_socket
+from llmsvc.switches import Switches
 from llmsvc.systemd import Notifier
+from llmsvc.wal.reader import Position
 from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
 
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
-FLUSHER_STALL_SECONDS = 10.0  # a flusher quiet this long (a hung database call) is stalled
+SLOW_SECONDS = 5.0  # a database call unanswered this long is a stall: health says degraded
+WAL_STUCK_SECONDS = 10.0  # a WAL write lasting this long is a frozen disk: the watchdog stops
+WATCH_SECONDS = 1.0  # how often the daemon looks at its own health
 JOB_SHUTDOWN_GRACE = 5.0  # seconds a running maintenance job gets to end before it is cancelled
-PROVIDER_REFRESH_SECONDS = 2.0  # how soon a provider switch made elsewhere is followed here
+CLOSE_SECONDS = 2.0  # shutdown's bound on ending a task or closing a pool
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -93,7 +104,8 @@ class Daemon:
     def __init__(self, settings: Settings, worker: int | None = None) -> None:
         self.settings = settings
         self.worker = worker
-        self._switches = 0  # operator switches made here, so a refresh never undoes a newer one
+        self.supervisor = os.getppid() if worker is not None else None
+        self.orphaned = False  # a worker whose supervisor died: it stops without the grace
         self.started = time.monotonic()
         self.job_runs: dict[str, dict[str, Any]] = {}  # this instance's last run of each job
         self._background: set[asyncio.Task[None]] = set()
@@ -102,6 +114,9 @@ class Daemon:
         self.fatal: WalFatal | None = None
         self.lock = WalLock(settings.wal_dir)
         self.providers: dict[str, Provider] = {}
+        self.catch_up = CatchUp(self.notifier.status)
+        self.checkpoint_loaded = False  # the flusher starts from the database's checkpoint
+        self._flush_to: Position | None = None  # where the flusher stops until the catch-up ends
 
     async def run(self) -> int:
         """Boot, serve until a signal or a fatal WAL error, shut down; return the exit code."""
@@ -110,18 +125,14 @@ class Daemon:
             async with anyio.create_task_group() as signals:
                 signals.start_soon(self._watch_signals)
                 try:
-                    with self.booting:  # a signal during a long replay stops the boot
+                    with self.booting:  # a signal during a long WAL repair stops the boot
                         await self.boot()
                     if not self.booting.cancelled_caught:
                         self._log_ready()
                         _tune_gc()
                         self.notifier.ready(f"serving on {self.settings.host}:{self.port}")
                         signals.start_soon(self.metrics.watch_loop)
-                        self.follower = asyncio.create_task(
-                            self._follow_provider_switches(), name="provider-switches"
-                        )
-                        if self.notifier.watchdog_interval is not None:
-                            signals.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                        signals.start_soon(self._watch)
                         await self.stopping.wait()
                 finally:
                     self.notifier.stopping("stopping: finishing open requests")
@@ -135,17 +146,18 @@ class Daemon:
         return EXIT_FATAL if self.fatal else EXIT_OK
 
     async def boot(self) -> None:
+        """Up to serving, from local state only; the database is the catch-up's (`_catch_up`)."""
         s = self.settings
         self.lock.acquire()
         self.instance = instance_id(s.wal_dir)
         log.info("boot: wal locked dir=%s instance=%s", s.wal_dir, self.instance)
 
-        self.notifier.status("booting: migrating the database")
-        self.engine = create_engine(s.database_url, DAEMON_APPLICATION)
-        await migrate(self.engine, s.redacted_database_url())
-        log.info("boot: schema at head database=%s", s.redacted_database_url())
-        await ensure_partitions(self.engine, s.token_partition_ahead_days)
-
+        self.notifier.status("booting: opening the WAL")
+        # The daemon's own calls are bounded per command; maintenance (jobs, migrations,
+        # the check) may run for minutes, so only its connecting is.
+        timeout = s.database_timeout_seconds
+        self.engine = create_engine(s.database_url, DAEMON_APPLICATION, timeout, per_command=True)
+        self.maintenance = create_engine(s.database_url, DAEMON_APPLICATION, timeout)
         self.metrics = Metrics()
         self.writer = WalWriter(
             s.wal_dir,
@@ -156,18 +168,14 @@ class Daemon:
             segment_max_bytes=s.wal_segment_max_bytes,
             on_fsync=self.metrics.wal_fsync.observe,
         )
-        checkpoint = await load_checkpoint(self.engine, self.instance)
-        self.repairs = self.writer.open(asyncio.get_running_loop(), self._on_fatal, checkpoint)
+        hint = read_checkpoint(s.wal_dir)
+        self.repairs = self.writer.open(asyncio.get_running_loop(), self._on_fatal, hint)
         self.journal = Journal(self.writer)
-
+        self._flush_to = self.boot_end = self.writer.end  # the previous runs' records end here
         self.flusher = self._new_flusher()
-        await self.flusher.start()
+        await self.flusher.start(hint)  # for the backlog's figures: nothing is flushed yet
 
-        # HTTP from here on, so health and readiness say "booting" during a long replay;
-        # chat requests get 503 until the gateway is told the store is ready.
         self.providers = {p.name: build_provider(p) for p in s.providers}
-        self.metrics.watch(self.wal_status)
-        self.metrics.watch_daemon(lambda: status.daemon_state(self))
         for finding in self.repairs.findings:
             self.metrics.wal_damage.labels(kind=finding.kind).inc()
         self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
@@ -178,15 +186,10 @@ class Daemon:
             on_change=self._circuit_changed,
         )
         self.router = Router(s.providers, self.providers, s.routes, breakers, s.prices)
-        states = await provider_states(self.engine)
-        self.router.disabled = {name for name, row in states.items() if not row["enabled"]}
-        for name, row in states.items():
-            if name in self.providers and row["circuit_state"] != "closed":
-                since = row["updated_at"].timestamp()
-                breakers.restore(name, row["circuit_state"], row["failure_count"], since)
-                log.info("boot: circuit %s provider=%s", row["circuit_state"], name)
-        if self.router.disabled:
-            log.info("boot: providers disabled by an operator: %s", ",".join(self.router.disabled))
+        self.switches = Switches(self.engine, self.router, set(self.providers), s.wal_dir)
+        self.switches.load_local()
+        self.metrics.watch(self.wal_status)
+        self.metrics.watch_daemon(lambda: status.daemon_state(self))
         self.gateway = Gateway(
             self.journal,
             self.router,
@@ -203,27 +206,76 @@ class Daemon:
                 attempt_timeout=s.attempt_timeout_seconds,
                 request_timeout=s.request_timeout_seconds,
             ),
-            booting=True,
         )
         await self._start_http()
+        self._start_metrics()
+        self.catching_up = asyncio.create_task(self._catch_up(), name="catch-up")
 
-        behind = self.writer.end.lsn - 1 - self.flusher.checkpoint
-        self.notifier.status(f"booting: replaying {behind} WAL records into the database")
-        await self.flusher.drain(within=float("inf"))
+    async def _catch_up(self) -> None:
+        """What boot owes the store, in order, each step retried while the database is away."""
+        s, step = self.settings, self.catch_up.run
+        await step("migrating the database", self._migrate)
+        log.info("boot: schema at head database=%s", s.redacted_database_url())
+        await step("reading the provider switches", self._adopt_provider_states)
+        await step("reading the checkpoint", self._load_checkpoint)
+        behind = self.boot_end.lsn - 1 - self.flusher.checkpoint
+        await step(f"replaying {behind} WAL records", lambda: self.flusher.drain(float("inf")))
         log.info("boot: wal replayed records=%d checkpoint=%d", behind, self.flusher.checkpoint)
-
-        interrupted = await self._interrupt_open_work()
+        interrupted = await step(
+            "marking requests the last run left open interrupted", self._interrupt_open_work
+        )
         log.info(
             "boot: requests left open by the last run marked interrupted count=%d", interrupted
         )
-        await self._check()
-
+        self._flush_to = None  # what this run journaled follows
         self.flusher_task = asyncio.create_task(self.flusher.run(), name="flusher")
-        self.jobs = job_table(s, self.engine, self.instance, self.writer)
-        self.scheduler = Scheduler(s.schedules(), self._run_job, s.job_misfire_grace_seconds)
-        self.scheduler.start()
-        self._start_metrics()
-        self.gateway.booting = False
+        self.follower = asyncio.create_task(
+            self.switches.follow(self.stopping), name="provider-switches"
+        )
+        await step("checking the store", self._check)
+        self.jobs = job_table(s, self.maintenance, self.instance, self.writer)
+        if not self.stopping.is_set():  # no jobs to start in a shutdown
+            self.scheduler = Scheduler(s.schedules(), self._run_job, s.job_misfire_grace_seconds)
+            self.scheduler.start()
+        self.catch_up.done()
+        log.info("boot: caught up with the database")
+        self.notifier.status(f"serving on {s.host}:{self.port}")
+
+    async def _migrate(self) -> None:
+        await migrate(self.maintenance, self.settings.redacted_database_url())
+        await ensure_partitions(self.maintenance, self.settings.token_partition_ahead_days)
+
+    async def _adopt_provider_states(self) -> None:
+        """The stored switches, and stored circuits for providers not called since boot."""
+        states = await self.switches.read()
+        breakers = self.router.breakers
+        for name, row in states.items():
+            circuit = breakers.circuit(name) if name in self.providers else None
+            untouched = circuit is not None and circuit.state == CLOSED and not circuit.outcomes
+            if untouched and row["circuit_state"] != CLOSED:
+                since = row["updated_at"].timestamp()
+                breakers.restore(name, row["circuit_state"], row["failure_count"], since)
+                log.info("boot: circuit %s provider=%s", row["circuit_state"], name)
+
+    async def _load_checkpoint(self) -> None:
+        """Resume the flusher at the database's checkpoint, never past where the log ended.
+
+        A checkpoint past it means a power loss took the log's unsynced tail after
+        the flusher had stored it: the LSNs after the log's end are this run's.
+        """
+        stored = await load_checkpoint(self.engine, self.instance)
+        last = self.boot_end.lsn - 1
+        if stored > last:
+            log.warning(
+                "boot: the database holds records of this instance up to lsn=%d but the WAL "
+                "ends at lsn=%d (its unsynced tail was lost); records after it are this run's",
+                stored,
+                last,
+            )
+            stored = last
+        if stored != self.flusher.checkpoint:
+            await self.flusher.start(stored)
+        self.checkpoint_loaded = True
 
     def _log_ready(self) -> None:
         host, port = self.settings.host, self.port
@@ -235,15 +287,43 @@ class Daemon:
     def wal_status(self) -> WalStatus:
         """The database and WAL backlog, for /api/health, admission and metrics (any thread)."""
         committed, end = self.flusher.committed, self.writer.end
+        problem = self._database_problem()
         return WalStatus(
-            database_up=self.flusher.database_ok,
+            database_up=problem is None,
             backlog_records=max(0, end.lsn - committed.lsn),
             backlog_bytes=self.flusher.backlog_bytes(),
             backlog_limit_bytes=self.settings.wal_backlog_limit_bytes,
             checkpoint=committed.lsn - 1,
             last_lsn=end.lsn - 1,
             disk_full=self.writer.full is not None,
+            database_problem=problem,
+            catching_up=self.catch_up.describe(problem),
         )
+
+    def _stalled(self) -> float | None:
+        """For how long the database has not answered a call of the daemon's, if it is a stall.
+
+        A stall: unanswered for SLOW_SECONDS, or given up (a timeout) and not answered since.
+        """
+        now, waits = time.monotonic(), []
+        for since, timed_out in (
+            (self.flusher.waiting_since, not self.flusher.database_ok),
+            (self.switches.waiting_since, self.switches.error is not None),
+        ):
+            if since is not None and (timed_out or now - since >= SLOW_SECONDS):
+                waits.append(now - since)
+        return max(waits, default=None)
+
+    def _database_problem(self) -> str | None:
+        """Why the database is not taking the daemon's calls, in words; None while it is."""
+        if (waited := self._stalled()) is not None:
+            return f"the database has not answered for {waited:.0f} s"
+        error = (
+            (not self.flusher.database_ok and self.flusher.last_error)
+            or self.switches.error
+            or self.catch_up.error
+        )
+        return f"the database is unreachable: {error}" if error else None
 
     def _new_flusher(self) -> Flusher:
         s = self.settings
@@ -251,10 +331,11 @@ class Daemon:
             self.engine,
             s.wal_dir,
             self.instance,
-            lambda: self.writer.end,
+            lambda: self._flush_to or self.writer.end,
             interval=s.flush_interval_ms / 1000,
             batch_records=s.flush_batch_records,
             on_batch=self.metrics.batch_flushed,
+            timeout=s.database_timeout_seconds,
         )
 
     # -- what the admin API asks of the daemon (admin.app.Operations) ------------------
@@ -278,50 +359,11 @@ class Daemon:
         return list(self.providers)
 
     async def set_provider_enabled(self, name: str, enabled: bool) -> None:
-        """Stored first, so the switch outlives a restart; effective for the next request.
-
-        Other instances on the database (other workers, other hosts) follow it
-        within PROVIDER_REFRESH_SECONDS (`_follow_provider_switches`).
-        """
-        self._switches += 1
-        await set_provider_enabled(self.engine, name, enabled)
-        if enabled:
-            self.router.disabled.discard(name)
-        else:
-            self.router.disabled.add(name)
-        log.info(
-            "provider %s by an operator provider=%s", "enabled" if enabled else "disabled", name
-        )
-
-    async def _follow_provider_switches(self) -> None:
-        """Adopt the stored enabled flags, so a switch made through any instance reaches this one.
-
-        A read that fails (database down) keeps the flags as they are; the next one retries.
-        It ends when the daemon stops, and shutdown waits for it before closing the database.
-        """
-        while True:
-            with anyio.move_on_after(PROVIDER_REFRESH_SECONDS):
-                await self.stopping.wait()
-            if self.stopping.is_set():
-                return
-            switches = self._switches
-            try:
-                states = await provider_states(self.engine)
-            except (sa.exc.SQLAlchemyError, OSError) as exc:
-                log.debug("provider switches not read error=%s", exc)
-                continue
-            if switches != self._switches:
-                continue  # a switch here landed meanwhile; the next read includes it
-            off = {name for name, row in states.items() if not row["enabled"]}
-            disabled = off & set(self.providers)
-            for name in disabled ^ self.router.disabled:
-                now = "disabled" if name in disabled else "enabled"
-                log.info("provider %s by an operator (stored) provider=%s", now, name)
-            self.router.disabled.intersection_update(disabled)
-            self.router.disabled.update(disabled)
+        """Stored first; other instances on the database follow it within 2 s (`Switches`)."""
+        await self.switches.switch(name, enabled)
 
     async def run_by_hand(self, name: str, job: Job) -> JobResult:
-        result = await run_job(self.engine, name, job, self.instance, None, self._job_finished)
+        result = await run_job(self.maintenance, name, job, self.instance, None, self._job_finished)
         assert result is not None  # only a scheduled run has a slot to lose
         return result
 
@@ -337,6 +379,10 @@ class Daemon:
             raise Conflict(
                 "a restore replaces the store under every worker, and this worker can pause "
                 "only itself: stop llmsvc, then run `llmsvc restore`"
+            )
+        if self.catch_up.step is not None:
+            raise Conflict(
+                f"not now: llmsvc is catching up with the database ({self.catch_up.step})"
             )
         if self.gateway.paused is not None:
             raise Conflict(f"not now: {self.gateway.paused}")
@@ -355,7 +401,8 @@ class Daemon:
         return {**result.found, "interrupted_requests": interrupted}
 
     async def _restore(self, name: str) -> JobResult:
-        described = await restore_database(self.engine, self.settings.backup_dir, name)
+        await self.engine.dispose()  # SQLite: no connection of ours may hold the file meanwhile
+        described = await restore_database(self.maintenance, self.settings.backup_dir, name)
         self.flusher = self._new_flusher()  # starts at the restored checkpoint
         replayed = await replay(self.flusher, self.settings.wal_dir)
         found = {"restored": name, "created": described.created, **replayed}
@@ -408,8 +455,13 @@ class Daemon:
         log.info("boot: metrics port=%d host=%s", self.metrics_server.port, host)
 
     async def _interrupt_open_work(self) -> int:
-        """Journal an `interrupted` end for every request this instance left `streaming`."""
-        found = await open_work(self.engine, self.instance)
+        """Journal an `interrupted` end for every request a previous run left `streaming`.
+
+        The flusher has stored the previous runs' records and none of this
+        run's, so what is still open is theirs.
+        """
+        found = await open_work(self.maintenance, self.instance)
+        journaled: list[Awaitable[int]] = []
         for work in found:
             for attempt_id, tokens in work.attempts.items():
                 self.journal.attempt_end(
@@ -419,13 +471,15 @@ class Daemon:
                     error_code="restart",
                     error_message="llmsvc stopped before the reply ended",
                 )
-            self.journal.request_end(
-                work.request_id,
-                status="interrupted",
-                error="llmsvc stopped before the reply ended",
+            journaled.append(
+                self.journal.request_end(
+                    work.request_id,
+                    status="interrupted",
+                    error="llmsvc stopped before the reply ended",
+                )
             )
-        if found:
-            await self.flusher.drain(within=float("inf"))
+        if journaled:
+            await asyncio.shield(journaled[-1])
         return len(found)
 
     async def _run_job(self, name: str, slot: datetime) -> None:
@@ -436,7 +490,7 @@ class Daemon:
         """
         try:
             await run_job(
-                self.engine,
+                self.maintenance,
                 name,
                 self.jobs[name],
                 self.instance,
@@ -457,10 +511,10 @@ class Daemon:
 
         Problems left after the refill are logged, never hidden.
         """
-        self.notifier.status("booting: consistency check")
         started = datetime.now(UTC)
-        report, repaired = await check_and_repair(self.engine, self.settings.wal_dir, self.repairs)
-        await record_run(self.engine, "check", self.instance, started, as_result(report, repaired))
+        engine, wal_dir = self.maintenance, self.settings.wal_dir
+        report, repaired = await check_and_repair(engine, wal_dir, self.repairs)
+        await record_run(engine, "check", self.instance, started, as_result(report, repaired))
         for refill in repaired.get("refilled", []):
             log.info(
                 "boot: token gap refilled from the WAL attempt=%s seqs=%s rows=%d",
@@ -543,8 +597,9 @@ class Daemon:
             await self.server.serve(sockets or None)
 
     async def shutdown(self) -> None:
-        """Each step in its own try, so one failure does not skip the rest."""
-        grace = 0.0 if self.fatal else self.settings.shutdown_grace_seconds
+        """Each step in its own try and bounded, so no failure and no database stops the next."""
+        s = self.settings
+        grace = 0.0 if self.fatal or self.orphaned else s.shutdown_grace_seconds
         if hasattr(self, "gateway"):
             with _step("requests finished"):
                 n = await self.gateway.finish_requests(grace)
@@ -556,20 +611,16 @@ class Daemon:
         for provider in self.providers.values():
             with _step(f"provider {provider.name} closed"):
                 await provider.close()
+        deadline = time.monotonic() + s.shutdown_drain_seconds
+        if hasattr(self, "catching_up"):  # it may journal: before the WAL closes
+            with _step("catch-up ended"):
+                await self._end_catch_up(deadline)
         if hasattr(self, "writer"):
             with _step("wal synced"):
                 await self.writer.close()
-        if hasattr(self, "flusher_task"):
+        if hasattr(self, "catching_up"):
             with _step("wal drained"):
-                self.notifier.status("stopping: draining the WAL into the database")
-                self.flusher.stop()
-                await self.flusher_task
-                if not self.fatal and not await self.flusher.drain(within=30):
-                    left = self.writer.end.lsn - 1 - self.flusher.checkpoint
-                    log.warning(
-                        "shutdown: records left in the WAL for the next boot count=%d", left
-                    )
-                await self.flusher.close()
+                await self._drain(deadline)
         if hasattr(self, "scheduler"):
             with _step("scheduler stopped"):
                 await self.scheduler.shutdown(grace=JOB_SHUTDOWN_GRACE)
@@ -578,39 +629,86 @@ class Daemon:
                 await asyncio.to_thread(self.metrics_server.stop)
         if hasattr(self, "follower"):
             with _step("provider switches no longer followed"):
-                await asyncio.wait_for(self.follower, timeout=10)
+                await _end(self.follower, CLOSE_SECONDS)  # it ends when it sees `stopping`
+        for task in list(self._background):  # circuit states being stored
+            task.cancel()
         if hasattr(self, "engine"):
             with _step("database closed"):
-                await self.engine.dispose()
+                await self._close_pools()
         self.lock.release()
         log.info("shutdown: done exit_code=%d", EXIT_FATAL if self.fatal else EXIT_OK)
 
-    async def _watchdog(self, interval: float) -> None:
-        """Ping systemd every `interval` while the loop runs this and the flusher is alive.
+    async def _end_catch_up(self, deadline: float) -> None:
+        """Let the catch-up go on until `deadline` while the database answers; else stop it."""
+        catching_up = self.catching_up
+        while not (catching_up.done() or self.fatal or self._database_problem()):
+            if time.monotonic() >= deadline:
+                break
+            await asyncio.wait({catching_up}, timeout=0.1)
+        await _end(catching_up, 0.0)
 
-        A stalled event loop never gets here; a stalled flusher makes it stop,
-        and systemd restarts the daemon, whose boot replays the WAL.
+    async def _drain(self, deadline: float) -> None:
+        """Flush what is journaled before `deadline`; what is left stays for the next boot."""
+        self.flusher.stop()
+        if hasattr(self, "flusher_task"):
+            await _end(self.flusher_task, CLOSE_SECONDS)
+        if self.checkpoint_loaded and not self.fatal:
+            # Every request of this run has ended (journaled): nothing is marked by mistake.
+            self._flush_to = None
+            self.notifier.status("stopping: draining the WAL into the database")
+            await self.flusher.drain(max(0.0, deadline - time.monotonic()))
+        left = self.writer.end.lsn - 1 - self.flusher.checkpoint
+        if left > 0:
+            log.warning("shutdown: records left in the WAL for the next boot count=%d", left)
+        await self.flusher.close()
+
+    async def _close_pools(self) -> None:
+        """Close the pools' connections; drop them (the process ends) if the database is away."""
+        close = not hasattr(self, "switches") or self._database_problem() is None
+        for engine in (self.engine, self.maintenance):
+            try:
+                await asyncio.wait_for(engine.dispose(close=close), CLOSE_SECONDS)
+            except TimeoutError:
+                log.warning("shutdown: database connections dropped: no answer to closing them")
+
+    async def _watch(self) -> None:
+        """Log a database stall, and ping systemd's watchdog while the daemon is alive.
+
+        Alive is the event loop running this, the WAL taking appends, and no task
+        dead of a bug: a stalled or lost database is what the WAL absorbs, so it
+        is logged and shown in health, never a reason to be killed.
         """
-        was_stalled = False
-        while True:
-            stalled = self._stalled(interval)
-            if stalled is None:
-                self.notifier.watchdog()
-                if was_stalled:
+        interval = self.notifier.watchdog_interval
+        tick = min(WATCH_SECONDS, interval or WATCH_SECONDS)  # a ping at least every interval
+        was_unwell, stalled = False, False
+        while not self.stopping.is_set():
+            stall = self._stalled() is not None
+            if stall and not stalled:
+                log.warning(
+                    "database stalled: %s; requests are journaled in the WAL",
+                    self._database_problem(),
+                )
+            elif stalled and not stall:
+                log.info("database stall over")
+            stalled = stall
+            if interval is not None:
+                unwell = self._unwell(interval)
+                if unwell is None:
+                    self.notifier.watchdog()
+                if unwell is None and was_unwell:
                     log.info("watchdog: healthy again, pinging systemd")
-            elif not was_stalled:
-                log.error("watchdog: not telling systemd all is well: %s", stalled)
-            was_stalled = stalled is not None
-            await asyncio.sleep(interval)
+                elif unwell is not None and not was_unwell:
+                    log.error("watchdog: not telling systemd all is well: %s", unwell)
+                was_unwell = unwell is not None
+            await asyncio.sleep(tick)
 
-    def _stalled(self, interval: float) -> str | None:
-        """Why the daemon is not healthy, or None."""
-        if self.flusher_task.done():
+    def _unwell(self, interval: float) -> str | None:
+        """Why the daemon cannot serve or will never store again, or None."""
+        if self.catching_up.done() and self.catch_up.step is not None:
+            return "the catch-up with the database has stopped"
+        if hasattr(self, "flusher_task") and self.flusher_task.done():
             return "the flusher has stopped"
-        idle = time.monotonic() - self.flusher.last_cycle
-        if idle > max(FLUSHER_STALL_SECONDS, 2 * interval):
-            return f"the flusher has not cycled for {idle:.0f} s"
-        return None
+        return self.writer.stuck(max(WAL_STUCK_SECONDS, 2 * interval))
 
     def _on_fatal(self, exc: WalFatal) -> None:
         self.fatal = exc
@@ -623,7 +721,11 @@ class Daemon:
                 if self.stopping.is_set():
                     log.warning("second %s: exiting now; the WAL keeps what was journaled", name)
                     os._exit(EXIT_FATAL)
-                log.info("%s received: shutting down", name)
+                if self.supervisor is not None and os.getppid() != self.supervisor:
+                    self.orphaned = True
+                    log.warning("%s received, the supervisor is gone: stopping without grace", name)
+                else:
+                    log.info("%s received: shutting down", name)
                 self.stopping.set()
                 self.booting.cancel()  # no effect once booted
 
@@ -640,6 +742,15 @@ def _tune_gc() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(10_000, 50, 50)
+
+
+async def _end(task: asyncio.Task[Any], within: float) -> None:
+    """Give `task` up to `within` seconds to end, then cancel it (and wait CLOSE_SECONDS more)."""
+    if not (await asyncio.wait({task}, timeout=max(0.0, within)))[0]:
+        task.cancel()
+        await asyncio.wait({task}, timeout=CLOSE_SECONDS)
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.error("shutdown: task %s had failed", task.get_name(), exc_info=task.exception())
 
 
 @contextlib.contextmanager

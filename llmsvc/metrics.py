@@ -68,6 +68,8 @@ class WalStatus:
     checkpoint: int
     last_lsn: int
     disk_full: bool = False  # the WAL's disk is full: requests are refused until space returns
+    database_problem: str | None = None  # why the database is not up, in words
+    catching_up: str | None = None  # what boot's catch-up with the database does, until done
 
     @property
     def over_limit(self) -> bool:
@@ -151,7 +153,9 @@ class _WalCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         s = self.status()
         yield _gauge(
-            "llmsvc_database_up", "0 while flushes to the database fail, else 1", s.database_up
+            "llmsvc_database_up",
+            "0 while the database fails or does not answer the daemon's calls, else 1",
+            s.database_up,
         )
         yield _gauge(
             "llmsvc_wal_backlog_records",

@@ -1,16 +1,22 @@
 """`workers = N`: one supervisor process keeping N daemon workers behind one port.
 
-Boot: WAL dir locked → store migrated once (workers never race on DDL) → WALs
-no worker owns replayed → port held → workers started → `READY=1` to systemd
-once every worker is ready. Worker k is `llmsvc run` with its own WAL under
-`wal_dir/worker-<k>` (so its own instance id) and metrics on
+Boot: WAL dir locked → workers a crashed supervisor left holding their WALs
+stopped → WALs no worker owns replayed (bounded: with the database away, later)
+→ port held → workers started → `READY=1` to systemd once every worker is
+ready. The supervisor needs the database only for those WALs: each worker
+migrates the store itself (serialized by a lock) while it already serves, as
+any daemon does (`llmsvc.catchup`). Worker k is `llmsvc run` with its own WAL
+under `wal_dir/worker-<k>` (so its own instance id) and metrics on
 `metrics_port + k`; see `config.worker_environment` and `Daemon._start_metrics`.
 
 Workers report READY / WATCHDOG / STOPPING to the supervisor over the
-sd_notify protocol, each on a datagram socket of its own here; only the
-supervisor speaks to systemd. A worker that dies is started again after a
-backoff; its replacement locks the same WAL and replays it. A worker that
-stops pinging its watchdog is killed, and so replaced.
+sd_notify protocol, each on a datagram socket of its own here (in the abstract
+namespace, so a crash leaves no file behind; a message counts only if its
+sender's credentials say it is that worker); only the supervisor speaks to
+systemd. A worker that dies is started again after a backoff; its replacement
+locks the same WAL and replays it. A worker that stops pinging its watchdog is
+killed, and so replaced: it pings while its event loop and WAL work, whatever
+the database does.
 
 SIGTERM / SIGINT: forwarded to every worker; the supervisor waits for all to
 drain and exits 0, or 1 if one did not exit cleanly. A second signal is
@@ -23,28 +29,35 @@ are stopped and the supervisor exits 1, as a single daemon's boot would.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import logging
 import os
+import secrets
 import select
-import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from llmsvc.config import Settings, systemd_environment, worker_environment, worker_wal_dir
+from llmsvc.catchup import why
+from llmsvc.config import (
+    WORKER_INDEX_VARIABLE,
+    Settings,
+    systemd_environment,
+    worker_environment,
+    worker_wal_dir,
+)
 from llmsvc.errors import LlmsvcError
 from llmsvc.maintenance.backup import replay_wal
-from llmsvc.maintenance.retention import ensure_partitions
 from llmsvc.store.engine import create_engine, migrate
 from llmsvc.systemd import Notifier
-from llmsvc.wal.segment import INSTANCE_FILE, WalLock
+from llmsvc.wal.segment import INSTANCE_FILE, WalLock, lock_holder
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +65,14 @@ EXIT_OK, EXIT_FATAL = 0, 1
 CYCLE_SECONDS = 0.2  # how often the loop looks at its workers
 RESTART_BACKOFF = (0.5, 30.0)  # first and longest pause before starting a dead worker again
 STABLE_SECONDS = 60.0  # a worker that served this long before dying restarts without delay
-# A worker's own drain is bounded by shutdown_grace_seconds, then the HTTP server (10 s),
-# the WAL drain (30 s) and running jobs (5 s): past all of these it is killed.
-DRAIN_MARGIN_SECONDS = 60.0
+# A worker ends within shutdown_grace_seconds + shutdown_drain_seconds + 40 s (llmsvc.daemon):
+# past that and a little more, it is killed.
+DRAIN_MARGIN_SECONDS = 45.0
 HURRY_SECONDS = 5.0  # after a second signal: how long workers get to exit before they are killed
+REPLAY_SECONDS = 5.0  # one try at the WALs no worker owns, and the pause before the next
+ORPHAN_SECONDS = 5.0  # how long a crashed supervisor's worker gets to exit, per signal
 PR_SET_PDEATHSIG = 1
+UCRED = struct.Struct("iII")  # struct ucred: the sender's pid, uid, gid
 
 
 def shared_port_socket(host: str, port: int, listen: bool) -> socket.socket:
@@ -88,7 +104,7 @@ class Worker:
 
     index: int
     notify: socket.socket
-    notify_path: str
+    notify_name: str  # NOTIFY_SOCKET as the worker is given it: `@` and an abstract name
     proc: subprocess.Popen[bytes] | None = None
     started: float = 0.0
     ready: bool = False
@@ -114,22 +130,28 @@ class Supervisor:
         self.failed: str | None = None  # why the boot failed
         self.last_watchdog = 0.0
         self._signal = signal.SIGTERM  # the first signal received, forwarded to the workers
+        self.unowned: list[Path] = []  # WALs no worker owns, not replayed yet
+        self.replay_at = 0.0  # monotonic time of the next try at them
+        self.replay_failed = False  # the last try failed (logged once until one succeeds)
 
     def run(self) -> int:
         """Boot, keep the workers running until a signal, drain them; return the exit code."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
         self.lock.acquire()
-        runtime = tempfile.mkdtemp(prefix="llmsvc-")
         try:
-            self._prepare_store()
+            self.unowned = self._unowned_wal_dirs()
+            if self.unowned:
+                self.notifier.status("booting: replaying the WALs no worker owns")
+                self._replay_unowned()
             self.holder = self._hold_port()
             self.port: int = self.holder.getsockname()[1]
             log.info("boot: port held host=%s port=%d", self.settings.host, self.port)
             for index in range(self.settings.workers):
-                self.workers.append(self._slot(index, runtime))
+                self.workers.append(self._slot(index))
             for worker in self.workers:
-                if not self.signals:  # a signal during the migration stops the boot here
+                if not self.signals:  # a signal during the replay stops the boot here
+                    self._stop_orphan(worker)
                     self._start(worker)
             while not self.signals and self.failed is None:
                 self._cycle()
@@ -139,34 +161,77 @@ class Supervisor:
                 worker.notify.close()
             if hasattr(self, "holder"):
                 self.holder.close()
-            shutil.rmtree(runtime, ignore_errors=True)
             self.notifier.close()
             self.lock.release()
 
-    def _prepare_store(self) -> None:
-        """Migrate once, and replay WALs no worker owns (a change of `workers` left them)."""
-        self.notifier.status("booting: migrating the database")
+    def _replay_unowned(self) -> None:
+        """Replay the WALs no worker owns (a change of `workers` left them), for a while.
 
-        async def prepare() -> None:
-            engine = create_engine(self.settings.database_url)
-            try:
-                await migrate(engine, self.settings.redacted_database_url())
-                await ensure_partitions(engine, self.settings.token_partition_ahead_days)
-                for wal_dir in self._orphaned_wal_dirs():
-                    # wal_dir itself is locked already; a former worker's WAL is locked here
-                    lock = WalLock(wal_dir) if wal_dir != self.settings.wal_dir else None
+        A try lasts REPLAY_SECONDS at most (the loop is not held up for long);
+        what is left (a long WAL, the database away) is tried again after as
+        long again, between turns of the loop, while the workers serve.
+        """
+        try:
+            asyncio.run(asyncio.wait_for(self._replay(), REPLAY_SECONDS))
+        except Exception as exc:
+            if not self.replay_failed:
+                log.warning(
+                    "WALs no worker owns not replayed yet (%s); trying again every %.0f s: %s",
+                    ", ".join(str(path) for path in self.unowned),
+                    REPLAY_SECONDS,
+                    "no answer in time" if isinstance(exc, TimeoutError) else why(exc),
+                )
+            self.replay_failed = True
+            self.replay_at = time.monotonic() + REPLAY_SECONDS
+            return
+        self.replay_failed = False
+
+    async def _replay(self) -> None:
+        s = self.settings
+        timeout = min(s.database_timeout_seconds, REPLAY_SECONDS)
+        engine = create_engine(s.database_url, timeout=timeout, per_command=True)
+        try:
+            await migrate(engine, s.redacted_database_url())
+            while self.unowned:
+                wal_dir = self.unowned[0]
+                # wal_dir itself is locked already; a former worker's WAL is locked here
+                lock = WalLock(wal_dir) if wal_dir != s.wal_dir else None
+                if lock is not None:
+                    lock.acquire()
+                try:
+                    replayed = await replay_wal(engine, wal_dir)
+                finally:
                     if lock is not None:
-                        lock.acquire()
-                    try:
-                        replayed = await replay_wal(engine, wal_dir)
-                    finally:
-                        if lock is not None:
-                            lock.release()
-                    log.info("boot: wal no worker owns replayed dir=%s %s", wal_dir, replayed)
-            finally:
-                await engine.dispose()
+                        lock.release()
+                log.info("wal no worker owns replayed dir=%s %s", wal_dir, replayed)
+                self.unowned.pop(0)
+        finally:
+            await asyncio.wait_for(engine.dispose(), timeout)
 
-        asyncio.run(prepare())
+    def _stop_orphan(self, worker: Worker) -> None:
+        """Stop a worker a crashed supervisor left holding this slot's WAL, so its own can start.
+
+        The orphan got SIGTERM when its supervisor died (PR_SET_PDEATHSIG) and
+        drains without grace; a second SIGTERM makes it exit at once, its WAL
+        keeping what it journaled, which the new worker replays.
+        """
+        wal_dir = worker_wal_dir(self.settings.wal_dir, worker.index)
+        pid = lock_holder(wal_dir)
+        if not pid or not _is_worker_of(pid, wal_dir):
+            return  # free, or someone else's: the worker's own start says so
+        log.warning(
+            "%s's WAL is held by pid=%d, a worker of a supervisor that died: stopping it",
+            worker.name,
+            pid,
+        )
+        for signum in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+            deadline = time.monotonic() + ORPHAN_SECONDS
+            while lock_holder(wal_dir) is not None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if lock_holder(wal_dir) is None:
+                return
 
     def _hold_port(self) -> socket.socket:
         host, port = self.settings.host, self.settings.port
@@ -178,7 +243,7 @@ class Supervisor:
                 "address here)"
             ) from None
 
-    def _orphaned_wal_dirs(self) -> list[Path]:
+    def _unowned_wal_dirs(self) -> list[Path]:
         """wal_dir's own WAL (from workers = 1) and those of workers beyond `workers`."""
         wal_dir, workers = self.settings.wal_dir, self.settings.workers
         found = [wal_dir] if (wal_dir / INSTANCE_FILE).exists() else []
@@ -188,17 +253,18 @@ class Supervisor:
                 found.append(path)
         return found
 
-    def _slot(self, index: int, runtime: str) -> Worker:
-        path = os.path.join(runtime, f"worker-{index}.notify")
+    def _slot(self, index: int) -> Worker:
+        name = f"llmsvc-{os.getpid()}-{secrets.token_hex(8)}-worker-{index}"
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-        sock.bind(path)
+        sock.bind("\0" + name)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.setblocking(False)
         worker_wal_dir(self.settings.wal_dir, index).mkdir(mode=0o700, exist_ok=True)
-        return Worker(index, sock, path)
+        return Worker(index, sock, "@" + name)
 
     def _start(self, worker: Worker) -> None:
         env = worker_environment(
-            self.settings, worker.index, self.port, worker.notify_path, self.watchdog_usec
+            self.settings, worker.index, self.port, worker.notify_name, self.watchdog_usec
         )
         worker.proc = subprocess.Popen(
             [sys.executable, "-m", "llmsvc", "run"],
@@ -223,6 +289,8 @@ class Supervisor:
                 self._start(worker)
             elif worker.ready and self.watchdog_usec:
                 self._check_watchdog(worker, now)
+        if self.unowned and now >= self.replay_at:
+            self._replay_unowned()
         if not self.announced and all(w.ready for w in self.workers):
             self.announced = True
             host, n = self.settings.host, len(self.workers)
@@ -234,11 +302,22 @@ class Supervisor:
             self.last_watchdog = now
 
     def _read_notifications(self, worker: Worker, now: float) -> None:
+        """What the worker said; datagrams from any other process are dropped."""
         while True:
             try:
-                data = worker.notify.recv(4096)
+                data, ancillary, _, _ = worker.notify.recvmsg(4096, socket.CMSG_SPACE(UCRED.size))
             except BlockingIOError:
                 return
+            pid = next(
+                (
+                    UCRED.unpack(cdata[: UCRED.size])[0]
+                    for level, kind, cdata in ancillary
+                    if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
+                ),
+                None,
+            )
+            if worker.proc is None or pid != worker.proc.pid:
+                continue
             lines = data.decode(errors="replace").splitlines()
             if "READY=1" in lines:
                 worker.ready = worker.ever_ready = True
@@ -283,7 +362,13 @@ class Supervisor:
         for worker in running:
             assert worker.proc is not None
             worker.proc.send_signal(signal.SIGTERM if self.failed else self._signal)
-        deadline = time.monotonic() + self.settings.shutdown_grace_seconds + DRAIN_MARGIN_SECONDS
+        s = self.settings
+        deadline = (
+            time.monotonic()
+            + s.shutdown_grace_seconds
+            + s.shutdown_drain_seconds
+            + DRAIN_MARGIN_SECONDS
+        )
         clean = self.failed is None
         while running:
             time.sleep(CYCLE_SECONDS / 2)
@@ -319,6 +404,17 @@ class Supervisor:
         for worker in self.workers:
             if worker.proc is not None:
                 worker.proc.send_signal(signum)
+
+
+def _is_worker_of(pid: int, wal_dir: Path) -> bool:
+    """Whether process `pid` is an llmsvc worker on `wal_dir` (its environment says so)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return f"LLMSVC_WAL_DIR={wal_dir}".encode() in environ and any(
+        line.startswith(f"{WORKER_INDEX_VARIABLE}=".encode()) for line in environ
+    )
 
 
 def _die_with_parent() -> None:

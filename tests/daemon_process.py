@@ -40,6 +40,7 @@ LLMSVC = Path(sys.executable).parent / "llmsvc"
 UPSTREAM_SCRIPT = REPO / "scripts" / "openai_upstream.py"
 ANTHROPIC_SCRIPT = REPO / "scripts" / "anthropic_upstream.py"  # base URL: `root_url`
 READY_TIMEOUT = 30.0
+CAUGHT_UP = "boot: caught up with the database"  # a daemon's catch-up is done (after `ready`)
 EXIT_TIMEOUT = 30.0
 
 T = TypeVar("T")
@@ -181,6 +182,14 @@ class DaemonProcess:
         if found is None:
             raise AssertionError(f"llmsvc ended without logging {pattern!r}:\n{self.log}")
         return found
+
+    def wait_caught_up(self, daemons: int = 1, timeout: float = 30.0) -> None:
+        """Until `daemons` daemons (a supervisor's workers) said their catch-up is done."""
+        deadline = time.monotonic() + timeout
+        while self.log.count(CAUGHT_UP) < daemons:
+            assert self.returncode is None, self.log
+            assert time.monotonic() < deadline, f"not caught up in {timeout}s:\n{self.log}"
+            time.sleep(0.05)
 
     def signal(self, signum: int) -> None:
         assert self.proc is not None
@@ -382,14 +391,22 @@ def run_async(make: Callable[[], Awaitable[T]], timeout: float = 30.0) -> T:
 
 
 def read_store_after(database_url: str, request_id: str, timeout: float = 10.0) -> Stored:
-    """The store once the request has ended in it: a running daemon flushes a moment later."""
+    """The store once the request has ended in it: a running daemon flushes a moment later.
+
+    Right after `ready` the schema may not be there yet: the daemon migrates as it catches up.
+    """
     deadline = time.monotonic() + timeout
     while True:
-        store = read_store(database_url)
-        request = store.requests.get(uuid.UUID(request_id))
-        if request is not None and request["status"] != "streaming":
-            return store
-        assert time.monotonic() < deadline, f"request {request_id} not stored within {timeout}s"
+        try:
+            store = read_store(database_url)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+        else:
+            request = store.requests.get(uuid.UUID(request_id))
+            if request is not None and request["status"] != "streaming":
+                return store
+            assert time.monotonic() < deadline, f"request {request_id} not stored in {timeout}s"
         time.sleep(0.05)
 
 

@@ -25,11 +25,13 @@ import pwd
 import re
 import shlex
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
@@ -276,6 +278,35 @@ class PostgresCluster(PostgresServer):
             return
         self._run([self._bin("pg_ctl"), "-D", str(self.data_dir), "-m", mode, "-w", "stop"])
         self.running = False
+
+    @contextlib.contextmanager
+    def frozen(self) -> Iterator[None]:
+        """SIGSTOP every process of the server for the block: a stall, not a crash.
+
+        Connections stay open and connecting still succeeds at the TCP level,
+        but nothing answers, as with a storage freeze or a partition without a
+        reset. SIGCONT comes whatever happens in the block.
+        """
+        pids = self.pids()
+        try:
+            for pid in pids:
+                os.kill(pid, signal.SIGSTOP)
+            yield
+        finally:
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGCONT)
+
+    def pids(self) -> list[int]:
+        """The postmaster (first line of postmaster.pid) and its children."""
+        postmaster = int((self.data_dir / "postmaster.pid").read_text().split()[0])
+        children = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                # the fields after the command name, which may hold spaces: state, ppid, ...
+                if int(stat.read_text().rpartition(")")[2].split()[1]) == postmaster:
+                    children.append(int(stat.parent.name))
+        return [postmaster, *children]
 
     def cleanup(self) -> None:
         """Stop immediately and delete the cluster's directory; safe to call twice."""

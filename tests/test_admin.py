@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 import uuid
 from pathlib import Path
@@ -77,6 +78,7 @@ def test_a_missing_or_wrong_token_is_401_whether_or_not_the_route_exists(
 
 def test_a_request_is_shown_with_its_attempts_and_token_counts(env: dict[str, str]) -> None:
     with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up()  # the store is migrated
         request_id = chat(daemon, tokens=6)
         deadline = time.monotonic() + 10
         while (found := call(daemon, "GET", f"/api/admin/requests/{request_id}"))[0] == 404:
@@ -101,6 +103,7 @@ def test_a_disabled_provider_is_never_called_and_stays_disabled_across_a_restart
     env: dict[str, str],
 ) -> None:
     with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up()  # a switch is stored first
         code, switched = call(daemon, "POST", "/api/admin/providers/mock/disable")
         with pytest.raises(openai.APIStatusError) as refused:
             chat(daemon)
@@ -124,10 +127,42 @@ def test_a_disabled_provider_is_never_called_and_stays_disabled_across_a_restart
     assert "providers disabled by an operator: mock" in again.log
 
 
+def test_switches_are_honoured_and_refused_while_the_database_is_away(
+    env: dict[str, str], sqlite_url: str
+) -> None:
+    """A boot honours the switches from its local copy; a new one needs the database: 503."""
+    env["LLMSVC_DATABASE_TIMEOUT_SECONDS"] = "1"
+    with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up()
+        assert call(daemon, "POST", "/api/admin/providers/mock/disable")[0] == 200
+        assert daemon.stop() == 0
+    holder = sqlite3.connect(sqlite_url.partition(":///")[2], isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")  # the database takes nothing
+    try:
+        with DaemonProcess(env) as again:
+            with pytest.raises(openai.APIStatusError) as refused:
+                chat(again)
+            enable = call(again, "POST", "/api/admin/providers/mock/enable")
+            with pytest.raises(openai.APIStatusError):
+                chat(again)  # still disabled: the switch was not made
+            holder.rollback()
+            again.wait_caught_up()
+            assert call(again, "POST", "/api/admin/providers/mock/enable")[0] == 200
+            assert chat(again)
+            assert again.stop() == 0
+    finally:
+        holder.close()
+    assert refused.value.status_code == 503
+    assert "provider 'mock' is disabled by an operator" in str(refused.value)
+    assert enable[0] == 503
+    assert "the switch is not made: the database did not store it" in str(enable[1])
+
+
 def test_backup_list_and_restore_with_the_wal_replayed_since(
     env: dict[str, str], sqlite_url: str
 ) -> None:
     with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up()  # a restore is refused until then
         before = chat(daemon, tokens=5)
         code, made = call(daemon, "POST", "/api/admin/backup")
         after = chat(daemon, tokens=7)  # only in the WAL, as far as the backup knows

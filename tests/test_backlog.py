@@ -22,7 +22,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 from conftest import OpenWriter
-from daemon_process import DaemonProcess, daemon_env
+from daemon_process import CAUGHT_UP, DaemonProcess, daemon_env
 
 from llmsvc.config import ProviderConfig
 from llmsvc.gateway.app import Gateway
@@ -231,11 +231,18 @@ async def test_health_says_how_and_ready_says_whether_requests_are_taken(
     assert gateway.health_report()["status"] == "refusing"
     assert "disk is full" in str(gateway.refusal())
 
+    # A stall says so; the catch-up of a boot says what it does and waits for: still ready.
+    stalled = "the database has not answered for 7 s"
+    status[0] = replace(OK, database_up=False, database_problem=stalled)
+    assert gateway.health_report()["reason"].startswith(stalled)
+    assert gateway.refusal() is None
+    status[0] = replace(OK, catching_up="migrating the database (for 3 s)")
+    report = gateway.health_report()
+    assert report["status"] == "degraded"
+    assert report["reason"].startswith("catching up with the database: migrating the database")
+    assert gateway.refusal() is None
+
     status[0] = OK
-    gateway.booting = True
-    assert gateway.health_report()["status"] == "booting"
-    assert "starting" in str(gateway.refusal())
-    gateway.booting = False
 
     gateway.draining = True
     assert gateway.health_report()["status"] == "stopping"
@@ -300,6 +307,7 @@ def test_a_metrics_port_in_use_is_logged_and_the_gateway_still_serves(
             daemon.wait_for_log(
                 rf"boot: metrics port not served, cannot listen on 127.0.0.1:{port}"
             )
+            daemon.wait_for_log(CAUGHT_UP)
             with urllib.request.urlopen(f"{daemon.base_url}/api/health", timeout=5) as response:
                 assert orjson.loads(response.read())["status"] == "ok"
             assert daemon.stop() == 0, daemon.log

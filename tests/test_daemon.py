@@ -17,7 +17,16 @@ from typing import Any
 import openai
 import pytest
 import uvicorn
-from daemon_process import REPO, DaemonProcess, Stream, client_for, daemon_env, read_store, run_cli
+from daemon_process import (
+    CAUGHT_UP,
+    REPO,
+    DaemonProcess,
+    Stream,
+    client_for,
+    daemon_env,
+    read_store,
+    run_cli,
+)
 
 from llmsvc.daemon import _EmbeddedServer
 from llmsvc.providers.mock import token as mock_token
@@ -172,3 +181,32 @@ def test_a_new_request_during_the_drain_gets_503(env: dict[str, str], sqlite_url
     assert list(store.requests) == [store.request(slow.request_id)["id"]]  # nothing for the 503
     assert store.request(slow.request_id)["status"] == "interrupted"
     assert_holds(store.texts(slow.request_id), slow.tokens)
+
+
+def test_a_wal_that_lost_what_the_database_holds_never_hides_this_runs_records(
+    env: dict[str, str], sqlite_url: str
+) -> None:
+    """The log's segments and checkpoint copy are gone (a power loss, a careless hand) while the
+    database holds their records: the new run's LSNs start over below the stored checkpoint,
+    and must be stored all the same."""
+    with DaemonProcess(env) as daemon:
+        with client_for(daemon) as client:
+            for _ in range(3):
+                client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=4)
+        assert daemon.stop() == 0, daemon.log
+    wal_dir = Path(env["LLMSVC_WAL_DIR"])
+    for lost in [*wal_dir.glob("*.wal"), wal_dir / "checkpoint"]:
+        lost.unlink()
+
+    with DaemonProcess(env) as again:
+        with client_for(again) as client:
+            raw = client.chat.completions.with_raw_response.create(
+                model="mock", messages=MESSAGES, max_tokens=5
+            )
+        again.wait_for_log(CAUGHT_UP)
+        assert again.stop() == 0, again.log
+    assert "records after it are this run's" in again.log
+    store = read_store(sqlite_url)
+    request_id = raw.headers["x-request-id"]
+    assert store.request(request_id)["status"] == "completed"
+    assert store.texts(request_id) == ["".join(mock_token(i) for i in range(5))]  # one reply

@@ -1,17 +1,25 @@
-"""`/api/health` and `/api/ready` on a real daemon: booting, serving, detail, draining."""
+"""`/api/health` and `/api/ready` on a real daemon: catching up, serving, detail, draining."""
 
 from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
 import time
-import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
-from daemon_process import DaemonProcess, daemon_env, get_json, read_store, run_async, run_cli
+from daemon_process import (
+    CAUGHT_UP,
+    DaemonProcess,
+    daemon_env,
+    get_json,
+    read_store,
+    run_async,
+    run_cli,
+)
 
 from llmsvc import __version__
 from llmsvc.gateway.journal import Journal
@@ -39,41 +47,59 @@ async def journal_backlog(wal_dir: Path, tokens: int) -> None:
     await writer.close()
 
 
-def test_ready_is_503_while_the_wal_replays_and_health_says_booting(
+def test_ready_at_once_while_health_says_what_the_catch_up_waits_for(
     sqlite_url: str, tmp_path: Path
 ) -> None:
+    """The daemon serves as soon as its WAL is open; the store catches up when it can.
+
+    Another connection holds SQLite's write lock through the boot, so the
+    catch-up (migrations, then the previous run's WAL) waits: ready, a request
+    served, and health says what the catch-up waits for; once the lock is gone
+    the catch-up ends and everything is stored.
+    """
     wal_dir = tmp_path / "wal"
     wal_dir.mkdir()
-    run_async(lambda: journal_backlog(wal_dir, 200_000), timeout=120)
-    seen: list[tuple[int, str]] = []
-    daemon = DaemonProcess(daemon_env(sqlite_url, wal_dir)).start(wait_ready=False)
+    run_async(lambda: journal_backlog(wal_dir, 20_000))  # a previous run's, not stored yet
+    holder = sqlite3.connect(sqlite_url.partition(":///")[2], isolation_level=None)
+    holder.execute("BEGIN EXCLUSIVE")
+    env = daemon_env(sqlite_url, wal_dir, database_timeout_seconds=1)
     try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                code, ready = get_json(f"{daemon.base_url}/api/ready")
-                _, health = get_json(f"{daemon.base_url}/api/health")
-            except (urllib.error.URLError, ConnectionError):
-                time.sleep(0.02)  # not listening yet
-                continue
-            seen.append((code, health["status"]))
-            if code == 200:
-                break
-            assert "starting" in ready["reason"]
-            time.sleep(0.02)
-        daemon.wait_for_log(r"\bready host=")
-        assert daemon.stop() == 0, daemon.log
+        with DaemonProcess(env) as daemon:
+            ready = get_json(f"{daemon.base_url}/api/ready")
+            deadline = time.monotonic() + 10
+            while (
+                "waiting" not in (health := get_json(f"{daemon.base_url}/api/health")[1])["reason"]
+            ):
+                assert time.monotonic() < deadline, health
+                time.sleep(0.1)
+            chat = urllib.request.Request(
+                f"{daemon.base_url}/v1/chat/completions",
+                data=b'{"model": "mock", "messages": [{"role": "user", "content": "hi"}]}',
+                headers={"content-type": "application/json"},
+            )
+            with urllib.request.urlopen(chat, timeout=10) as response:
+                served = (response.status, response.headers["x-request-id"])
+            holder.rollback()
+            daemon.wait_for_log(CAUGHT_UP, 30)
+            assert daemon.stop() == 0, daemon.log
     finally:
-        if daemon.returncode is None:
-            daemon.kill()
+        holder.close()
 
-    assert (503, "booting") in seen
-    assert seen[-1] == (200, "ok")
+    assert ready == (200, {"ready": True, "reason": None})
+    assert health["status"] == "degraded"
+    assert health["reason"].startswith("catching up with the database: migrating the database")
+    assert "database is locked" in health["reason"]
+    assert health["database"]["connected"] is False
+    assert served[0] == 200
+    store = read_store(sqlite_url)
+    assert len(store.requests) == 20 + 1
+    assert {r["status"] for r in store.requests.values()} == {"completed"}
 
 
 def test_health_reports_every_part_of_the_daemon(sqlite_url: str, tmp_path: Path) -> None:
     env = daemon_env(sqlite_url, tmp_path / "wal", backup_dir=tmp_path / "backups")
     with DaemonProcess(env) as daemon:
+        daemon.wait_for_log(CAUGHT_UP)
         _, before = get_json(f"{daemon.base_url}/api/health")
         assert run_cli(env, "backup").returncode == 0
         chat = urllib.request.Request(
@@ -111,24 +137,24 @@ def test_health_reports_every_part_of_the_daemon(sqlite_url: str, tmp_path: Path
     assert health["shutdown"] == {"draining": False, "fatal": ""}
 
 
-def test_a_sigterm_during_the_replay_stops_the_boot_and_the_next_boot_finishes_it(
+def test_a_sigterm_during_the_replay_ends_the_daemon_and_the_replay_is_finished(
     sqlite_url: str, tmp_path: Path
 ) -> None:
+    """SIGTERM lets the catch-up's replay go on within the drain's bound; a next boot ends it."""
     wal_dir = tmp_path / "wal"
     wal_dir.mkdir()
     run_async(lambda: journal_backlog(wal_dir, 200_000), timeout=120)
     env = daemon_env(sqlite_url, wal_dir)
-    daemon = DaemonProcess(env).start(wait_ready=False)
+    daemon = DaemonProcess(env).start()
     try:
-        daemon.wait_for_log(r"\bUvicorn running\b", 30)  # HTTP is up: the replay is under way
-        daemon.signal(signal.SIGTERM)
+        daemon.signal(signal.SIGTERM)  # the replay is under way (200 requests of 1,000 tokens)
         stopped = time.monotonic()
         assert daemon.wait(30) == 0, daemon.log
         took = time.monotonic() - stopped
     finally:
         if daemon.returncode is None:
             daemon.kill()
-    assert "ready host=" not in daemon.log
+    assert "boot: wal replayed" not in daemon.log.split("SIGTERM received")[0]
     assert took < 10
 
     with DaemonProcess(env) as again:

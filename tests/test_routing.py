@@ -215,6 +215,7 @@ def test_the_circuit_opens_skips_the_provider_survives_a_restart_and_closes_on_a
             circuit_cooldown_seconds=4,
         )
         with DaemonProcess(env) as daemon:
+            daemon.wait_caught_up()  # the circuit's state is stored from here on
             opened, _, _ = streamed(daemon, "gpt-fast")  # two failures: the circuit opens
             skipped, _, _ = streamed(daemon, "gpt-fast")  # open: flaky is not called
             _, health = get_json(f"{daemon.base_url}/api/health")
@@ -228,6 +229,7 @@ def test_the_circuit_opens_skips_the_provider_survives_a_restart_and_closes_on_a
         assert "circuit open provider=flaky" in daemon.log
 
         with DaemonProcess(env) as again, UpstreamProcess(api_key=KEY, port=port):
+            again.wait_caught_up()  # stored circuits are resumed as the daemon catches up
             _, health = get_json(f"{again.base_url}/api/health")
             still, _, _ = streamed(again, "gpt-fast")  # resumed open after the restart
             time.sleep(4.2)  # the cool-down: the next request is the probe, and it works
@@ -254,6 +256,7 @@ def test_with_every_target_unavailable_the_client_gets_503_naming_why(
     with DaemonProcess(env) as daemon:
         import urllib.request
 
+        daemon.wait_caught_up()  # a switch is stored first
         disable = urllib.request.Request(
             f"{daemon.base_url}/api/admin/providers/up/disable",
             method="POST",

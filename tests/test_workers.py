@@ -13,6 +13,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import time
 import urllib.error
 import urllib.request
@@ -24,6 +25,7 @@ from typing import Any
 import openai
 import pytest
 from daemon_process import (
+    CAUGHT_UP,
     DaemonProcess,
     Stream,
     admin_call,
@@ -90,6 +92,7 @@ def streams_on_both_workers(
     daemon: DaemonProcess, database_url: str, wal_dir: Path, tokens: int, delay_ms: int
 ) -> tuple[list[Stream], dict[str, int]]:
     """Open streams until each worker carries at least two (the kernel picks the worker)."""
+    daemon.wait_caught_up(2)  # their rows are read from the store
     streams: list[Stream] = []
     where: dict[str, int] = {}
     while min((list(where.values()).count(k) for k in range(2)), default=0) < 2:
@@ -318,10 +321,13 @@ def test_a_provider_disabled_through_one_worker_is_disabled_on_every_worker(
         return streams, where
 
     with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up(2)
         before = route_on_both_workers()
         code, switched = admin(daemon, "/api/admin/providers/a/disable")
         # the worker that took the call switches at once; the other follows the store
-        daemon.wait_for_log(r"worker-\d llmsvc\.daemon provider disabled by an operator \(stored\)")
+        daemon.wait_for_log(
+            r"worker-\d llmsvc\.switches provider disabled by an operator \(stored\)"
+        )
         disabled = route_on_both_workers()
         assert admin(daemon, "/api/admin/providers/a/enable")[0] == 200
         daemon.wait_for_log(r"provider enabled by an operator \(stored\) provider=a")
@@ -409,6 +415,7 @@ def test_raising_workers_from_1_replays_the_single_daemons_wal_first(
     """The single daemon's WAL (wal_dir itself) belongs to no worker: the supervisor replays it."""
     single = daemon_env(database_url, wal_dir, flush_interval_ms=60_000)  # nothing flushed
     with DaemonProcess(single) as daemon:
+        daemon.wait_for_log(CAUGHT_UP)  # the flusher's first look is done: the next is in 60 s
         stream = Stream(daemon, 200, 50).start()
         stream.wait_for_tokens(10)
         daemon.kill()
@@ -417,7 +424,7 @@ def test_raising_workers_from_1_replays_the_single_daemons_wal_first(
 
     with DaemonProcess(daemon_env(database_url, wal_dir, workers=2)) as daemon:
         assert daemon.stop() == 0, daemon.log
-    assert f"boot: wal no worker owns replayed dir={wal_dir} " in daemon.log
+    assert f"wal no worker owns replayed dir={wal_dir} " in daemon.log
     store = read_store(database_url)
     assert_holds(store.texts(stream.request_id), stream.tokens)
 
@@ -489,5 +496,57 @@ def test_the_wals_no_worker_owns_are_wal_dirs_own_and_those_past_workers(tmp_pat
         (wal_dir / name / "instance_id").write_text(f"{uuid.uuid4()}\n")
     (wal_dir / "worker-3").mkdir()  # never booted: no WAL to replay
     settings = Settings(database_url="sqlite:///x.db", wal_dir=wal_dir, workers=2)
-    found = Supervisor(settings)._orphaned_wal_dirs()
+    found = Supervisor(settings)._unowned_wal_dirs()
     assert found == [wal_dir, wal_dir / "worker-10", wal_dir / "worker-2"]
+
+
+def test_a_supervisor_started_right_after_one_was_killed_starts_and_leaves_no_files(
+    sqlite_url: str, wal_dir: Path
+) -> None:
+    """The killed supervisor's workers still hold their WALs: the new one stops them and starts.
+
+    The orphans got SIGTERM when their supervisor died (PR_SET_PDEATHSIG) and
+    drain without grace, but the database (SQLite, its write lock held here)
+    takes nothing: they would hold their WALs for `shutdown_drain_seconds`.
+    The notify sockets are abstract: no runtime files to leave behind.
+    """
+    env = daemon_env(
+        sqlite_url, wal_dir, workers=2, database_timeout_seconds=1, shutdown_drain_seconds=60
+    )
+    holder = sqlite3.connect(sqlite_url.partition(":///")[2], isolation_level=None)
+    first = DaemonProcess(env).start()
+    try:
+        streams, _ = streams_on_both_workers(first, sqlite_url, wal_dir, 400, 50)
+        orphans = [worker_pid(first, 0), worker_pid(first, 1)]
+        environ = Path(f"/proc/{orphans[0]}/environ").read_bytes().split(b"\0")
+        holder.execute("BEGIN EXCLUSIVE")
+        first.signal(signal.SIGKILL)  # the supervisor only: its workers live on
+        assert first.proc is not None
+        first.proc.wait(10)
+        for stream in streams:
+            stream.wait_done()
+        began = time.monotonic()
+        with DaemonProcess(env) as second:
+            took = time.monotonic() - began
+            with client_for(second) as client:
+                reply = client.chat.completions.create(model="mock", messages=MESSAGES)
+            holder.rollback()
+            second.wait_caught_up(2)
+            assert second.stop() == 0, second.log
+    finally:
+        holder.close()
+        for pid in orphans:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        first.wait()
+
+    assert any(line.startswith(b"NOTIFY_SOCKET=@llmsvc-") for line in environ)  # no file
+    assert took < 20
+    for k, pid in enumerate(orphans):
+        assert f"worker-{k}'s WAL is held by pid={pid}, a worker of a supervisor" in second.log
+    assert "the supervisor is gone: stopping without grace" in first.log
+    assert reply.choices[0].message.content
+    store = read_store(sqlite_url)
+    for stream in streams:  # interrupted by its orphaned worker, stored by its replacement
+        assert store.request(stream.request_id)["status"] == "interrupted"
+        assert_holds(store.texts(stream.request_id), stream.tokens)

@@ -86,7 +86,8 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                         "431": _error("the headers are larger than max_header_bytes"),
                         "502": _error("the provider failed"),
                         "503": _error(
-                            "not taking requests now (booting, draining, backlog, max_connections)"
+                            "not taking requests now (draining, paused, backlog, disk full, "
+                            "max_connections)"
                         ),
                     },
                 }

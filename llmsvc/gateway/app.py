@@ -51,7 +51,6 @@ class Gateway:
         wal_status: Callable[[], WalStatus] | None = None,
         metrics: Metrics | None = None,
         describe: Callable[[], dict[str, Any]] | None = None,
-        booting: bool = False,
         policy: RetryPolicy | None = None,
     ) -> None:
         self.journal = journal
@@ -60,7 +59,6 @@ class Gateway:
         self.max_body_bytes = max_body_bytes
         self.wal_status = wal_status
         self.describe = describe  # the daemon's parts, for /api/health's detail
-        self.booting = booting  # True until the daemon has replayed the WAL and checked the store
         self.paused: str | None = None  # why requests are refused for a while (a restore)
         self.attempt_counts: dict[str, dict[str, int]] = {}  # provider -> outcome -> attempts
         self.metrics = metrics if metrics is not None else Metrics()
@@ -96,8 +94,6 @@ class Gateway:
             await send_error(send, exc)
 
     async def chat_completions(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        if self.booting:
-            raise ServiceUnavailable(BOOTING)
         if self.paused is not None:
             raise ServiceUnavailable(self.paused)
         if self.draining:
@@ -185,8 +181,6 @@ class Gateway:
     def state(self) -> tuple[str, str | None]:
         """(status, reason) as `/api/health` says them, in one order of precedence."""
         wal = self.wal_status() if self.wal_status is not None else None
-        if self.booting:
-            return "booting", BOOTING
         if self.draining:
             return "stopping", SHUTTING_DOWN
         if self.paused is not None:
@@ -195,8 +189,13 @@ class Gateway:
             return "refusing", DISK_FULL
         if wal is not None and wal.over_limit:
             return "refusing", backlog_refusal(wal)
+        if wal is not None and wal.catching_up is not None:
+            return "degraded", f"catching up with the database: {wal.catching_up}; {JOURNALED}"
         if wal is not None and not wal.database_up:
-            return "degraded", DATABASE_DOWN
+            return (
+                "degraded",
+                f"{wal.database_problem or 'the database is unreachable'}; {JOURNALED}",
+            )
         return "ok", None
 
     def refusal(self) -> str | None:
@@ -236,12 +235,9 @@ class Gateway:
 
 
 NO_STORE = [(b"cache-control", b"no-store")]
-BOOTING = "llmsvc is starting: it takes requests once the WAL is replayed and the store checked"
 SHUTTING_DOWN = "llmsvc is shutting down and takes no new requests"
 DISK_FULL = "the WAL's disk is full; requests are refused until space is freed"
-DATABASE_DOWN = (
-    "the database is unreachable; requests are journaled in the WAL and stored when it returns"
-)
+JOURNALED = "requests are journaled in the WAL and stored when the database takes them"
 
 
 def backlog_refusal(wal: WalStatus) -> str:

@@ -1,7 +1,22 @@
-"""Connecting to the store and bringing its schema to the newest migration."""
+"""Connecting to the store and bringing its schema to the newest migration.
+
+A daemon's connections are bounded (`create_engine(timeout=…)`): a connection
+attempt, and with `per_command` every command, is given up after `timeout`
+seconds, and TCP keepalives (both ways) drop a peer that went silent, as a
+network partition without a reset leaves it. Maintenance sessions get no
+per-command bound: a consistency scan, a dump or a migration may rightly run
+for minutes.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
+import os
+import socket
+import zlib
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +35,20 @@ from llmsvc.errors import StoreError
 DAEMON_APPLICATION = "llmsvc daemon"
 
 
-def create_engine(url: str, application: str = "llmsvc") -> AsyncEngine:
+MIGRATION_LOCK = zlib.crc32(b"llmsvc migrate") - 2**31  # a signed 32-bit advisory lock key
+KEEPALIVE_PROBES = 3
+
+
+def create_engine(
+    url: str, application: str = "llmsvc", timeout: float | None = None, per_command: bool = False
+) -> AsyncEngine:
     """An async engine; SQLite gets WAL journaling and a busy timeout for concurrent readers.
 
     On PostgreSQL `application` is the sessions' application_name, by which a
-    restore tells whether a daemon is using the database.
+    restore tells whether a daemon is using the database. `timeout` bounds
+    connecting (SQLite: waiting for the write lock) and how long a silent peer
+    is kept; `per_command` bounds every command too, on the client (a server
+    that stopped answering) and on the server (`statement_timeout`: a lock wait).
     """
     if url.startswith("sqlite"):
         path = url.partition(":///")[2]
@@ -36,16 +60,58 @@ def create_engine(url: str, application: str = "llmsvc") -> AsyncEngine:
                 raise StoreError(
                     f"cannot create {parent} for the SQLite database: {exc.strerror}"
                 ) from None
-        engine = create_async_engine(url, connect_args={"timeout": 30})
+        engine = create_async_engine(url, connect_args={"timeout": timeout or 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    return create_async_engine(
-        url,
-        pool_size=5,
-        max_overflow=5,
-        pool_pre_ping=True,
-        connect_args={"server_settings": {"application_name": application}},
+    server_settings = {"application_name": application}
+    connect_args: dict[str, Any] = {"server_settings": server_settings}
+    if timeout is not None:
+        idle, interval = _keepalive(timeout)
+        connect_args["timeout"] = timeout
+        server_settings.update(  # so the server ends the sessions of a daemon it cannot reach
+            tcp_keepalives_idle=str(idle),
+            tcp_keepalives_interval=str(interval),
+            tcp_keepalives_count=str(KEEPALIVE_PROBES),
+        )
+        if per_command:
+            connect_args["command_timeout"] = timeout
+            # just under the client's bound: the server ends a statement (and frees its locks)
+            # itself, the client's bound is for a server that does not answer at all
+            server_settings["statement_timeout"] = str(int(timeout * 900))
+    engine = create_async_engine(
+        url, pool_size=5, max_overflow=5, pool_pre_ping=True, connect_args=connect_args
     )
+    if timeout is not None:
+        event.listen(engine.sync_engine, "connect", _keepalives(timeout))
+    return engine
+
+
+def _keepalive(timeout: float) -> tuple[int, int]:
+    """Keepalive idle and interval seconds, so that a silent peer is dropped after ~`timeout`."""
+    idle = max(1, int(timeout / 2))
+    return idle, max(1, int((timeout - idle) / KEEPALIVE_PROBES))
+
+
+def _keepalives(timeout: float) -> Any:
+    """A connect hook setting TCP keepalives and TCP_USER_TIMEOUT on asyncpg's socket.
+
+    asyncpg has no option for them; its transport is `_transport` (a private
+    name, so tests/store/test_engine.py checks the options on a real connection).
+    """
+    idle, interval = _keepalive(timeout)
+
+    def on_connect(dbapi_conn: Any, _record: Any) -> None:
+        transport = getattr(dbapi_conn.driver_connection, "_transport", None)
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is None or sock.family == socket.AF_UNIX:
+            return
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
+
+    return on_connect
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -72,7 +138,10 @@ def _alembic_config(connection: Connection | None = None) -> Config:
 def describe_error(exc: BaseException) -> str:
     """A database error's one-line cause, without the SQL or parameters (they may hold prompts)."""
     cause = exc.orig if isinstance(exc, sa.exc.DBAPIError) and exc.orig is not None else exc
-    return f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+    text = str(cause).splitlines()[0] if str(cause) else ""
+    if not text and isinstance(cause, TimeoutError):
+        text = "no answer in time"
+    return f"{type(cause).__name__}: {text}"
 
 
 async def migrate(engine: AsyncEngine, where: str) -> None:
@@ -84,8 +153,33 @@ async def migrate(engine: AsyncEngine, where: str) -> None:
 
 
 async def upgrade_to_head(engine: AsyncEngine) -> None:
-    async with engine.begin() as conn:
+    """Upgrade to head, one process at a time: workers and the CLI may migrate together."""
+    async with _migration_lock(engine), engine.begin() as conn:
+        if conn.dialect.name == "postgresql":  # held until this transaction ends
+            await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
+        else:  # the driver begins no transaction for DDL: a migration cut off would leave half
+            await conn.exec_driver_sql("BEGIN IMMEDIATE")
         await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "head"))
+
+
+@contextlib.asynccontextmanager
+async def _migration_lock(engine: AsyncEngine) -> AsyncIterator[None]:
+    """SQLite: a lock file beside the database, waited for (PostgreSQL locks in the transaction)."""
+    database = engine.url.database
+    if engine.dialect.name != "sqlite" or not database or database == ":memory:":
+        yield
+        return
+    fd = os.open(f"{database}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                await asyncio.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing drops the flock
 
 
 async def schema_revision(engine: AsyncEngine) -> tuple[str | None, str]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -25,6 +26,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from llmsvc.local import write_checkpoint
 from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
 from llmsvc.store.engine import describe_error
 from llmsvc.store.refusals import Undecodable, dead_letter_row, fit_batch, refused
@@ -196,6 +198,7 @@ class Flusher:
         interval: float = 0.05,
         batch_records: int = 50_000,
         on_batch: Callable[[int, float], None] | None = None,
+        timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.wal_dir = wal_dir
@@ -211,7 +214,12 @@ class Flusher:
         self._pending_end = self.committed
         self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
-        self.last_cycle = time.monotonic()  # the systemd watchdog pings only while this moves
+        self.timeout = timeout  # the longest one flush may wait for the database
+        # Since when (monotonic) the database has not answered: the start of the flush under
+        # way, or of the first of the flushes that timed out since it last answered.
+        self.waiting_since: float | None = None
+        self._reread: Position | None = None  # read from here again: a flush was cut off
+        self._hinted = (0, 0.0)  # (lsn, monotonic time) of the last local checkpoint copy
         self.on_batch = on_batch  # told each committed batch's records and seconds (metrics)
         self.errors = 0  # failed batch writes (metrics)
         self.last_flush: float | None = None  # wall time of the last commit
@@ -221,9 +229,11 @@ class Flusher:
         self.refused = {"sanitised": 0, "set_aside": 0}  # records the database refused
         self.last_refusal: str | None = None  # the last one, in words
 
-    async def start(self) -> None:
-        """Resume from the checkpoint the database holds for this instance."""
-        self.checkpoint = await load_checkpoint(self.engine, self.instance_id)
+    async def start(self, checkpoint: int | None = None) -> None:
+        """Resume after `checkpoint`, by default the one the database holds for this instance."""
+        if checkpoint is None:
+            checkpoint = await load_checkpoint(self.engine, self.instance_id)
+        self.checkpoint = checkpoint
         await self.reader.seek(self.checkpoint + 1)
         self.committed = self.reader.position
 
@@ -329,13 +339,15 @@ class Flusher:
                     await self._write(pending.records[lo:hi], last)
                 else:
                     await self._keep_aside(pending.records[lo], first, last, why)
-            except Exception as failed:
-                if why is not None or not refused(failed):
+            except BaseException as failed:  # a cancel (a flush's bound) too: keep what is done
+                if why is None and isinstance(failed, Exception) and refused(failed):
+                    spans.append((lo, hi, failed))
+                    continue
+                if isinstance(failed, Exception):
                     self._failed(failed)
-                    del pending.records[:lo]  # stored already: a retry starts after them
-                    pending.first_lsn, pending.batch = first, None
-                    raise
-                spans.append((lo, hi, failed))
+                del pending.records[:lo]  # stored already: a retry starts after them
+                pending.first_lsn, pending.batch = first, None
+                raise
 
     async def _keep_aside(
         self, record: tuple[int, bytes], lsn: int, last_lsn: int, why: Exception
@@ -403,33 +415,83 @@ class Flusher:
         """Flush until stopped; on failure log once per outage and retry with backoff."""
         backoff = self.interval
         while not self._stop.is_set():
-            self.last_cycle = time.monotonic()
+            was_ok = self.database_ok
             try:
-                n = await self.flush_once()
-            except Exception as exc:
-                if self.database_ok:
-                    log.error("flush failed, records wait in the WAL error=%s", describe_error(exc))
-                    self.database_ok = False
+                n = await self._flush(self.timeout)
+            except Exception:
+                if was_ok:
+                    log.error("flush failed, records wait in the WAL error=%s", self.last_error)
                 backoff = min(backoff * 2, 5.0)
                 await self._sleep(backoff)
                 continue
-            if not self.database_ok:
+            if not was_ok:
                 log.info("flush recovered checkpoint=%d", self.checkpoint)
-                self.database_ok, backoff = True, self.interval
+                backoff = self.interval
             if n < self.batch_records:
                 await self._sleep(self.interval)
 
     async def drain(self, within: float) -> bool:
-        """Flush until every journaled record is committed or `within` seconds pass."""
+        """Flush until every journaled record is committed or `within` seconds pass.
+
+        A call the database does not answer is given up at the deadline too.
+        """
         deadline = time.monotonic() + within
-        while not self.caught_up and time.monotonic() < deadline:
+        failing = False
+        while not self.caught_up and (left := deadline - time.monotonic()) > 0:
+            bound = left if self.timeout is None else min(self.timeout, left)
             try:
-                if not await self.flush_once():
+                if not await self._flush(None if math.isinf(bound) else bound):
                     await asyncio.sleep(0.01)
-            except Exception as exc:
-                log.warning("drain: flush failed error=%s", describe_error(exc))
+                failing = False
+            except Exception:
+                if not failing:
+                    log.warning("drain: flush failed, retrying error=%s", self.last_error)
+                failing = True
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+        self._keep_checkpoint(at_once=True)
         return self.caught_up
+
+    async def _flush(self, bound: float | None) -> int:
+        """`flush_once` given up after `bound` seconds; `waiting_since` shows a stall meanwhile.
+
+        A flush cut off (by the bound, or a cancel) after it read records but before
+        it held them as its batch would skip them: the next reads them again.
+        """
+        if self._reread is not None:
+            await self.reader.seek(self._reread.lsn)
+            self._reread = None
+        before = self.reader.position if self._pending is None else None
+        if self.waiting_since is None:
+            self.waiting_since = time.monotonic()
+        try:
+            async with asyncio.timeout(bound) as scope:
+                n = await self.flush_once()
+        except BaseException as exc:
+            if before is not None and self._pending is None and self.reader.position != before:
+                self._reread = before
+            if not isinstance(exc, Exception):
+                raise
+            if scope.expired():
+                self.errors += 1  # flush_once counts the failures it sees itself
+                self.last_error = f"no answer within {bound:.0f} s"
+            else:
+                self.last_error = describe_error(exc)
+            if not isinstance(exc, TimeoutError):  # it answered, with an error
+                self.waiting_since = None
+            self.database_ok = False
+            raise
+        self.waiting_since = None
+        self.database_ok = True
+        self._keep_checkpoint()
+        return n
+
+    def _keep_checkpoint(self, at_once: bool = False) -> None:
+        """Copy the committed checkpoint beside the WAL, at most once a second (a boot's hint)."""
+        lsn, when = self._hinted
+        now = time.monotonic()
+        if self.checkpoint != lsn and (at_once or now - when >= 1.0):
+            write_checkpoint(self.wal_dir, self.checkpoint)
+            self._hinted = (self.checkpoint, now)
 
     def stop(self) -> None:
         self._stop.set()

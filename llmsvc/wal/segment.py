@@ -142,6 +142,22 @@ def instance_id(wal_dir: Path) -> uuid.UUID:
     return new
 
 
+def lock_holder(wal_dir: Path) -> int | None:
+    """The pid that holds the directory's lock (0 if it wrote none), or None if it is free."""
+    try:
+        fd = os.open(wal_dir / LOCK_FILE, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # released by the close below
+    except BlockingIOError:
+        text = os.read(fd, 32).decode(errors="replace").strip()
+        return int(text) if text.isdigit() else 0
+    finally:
+        os.close(fd)
+    return None
+
+
 class WalLock:
     """An exclusive flock on the WAL directory, so two daemons never share one log."""
 

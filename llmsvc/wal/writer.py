@@ -109,6 +109,7 @@ class WalWriter:
         self._written_bytes = 0
         self._synced_bytes = 0
         self._threads: list[threading.Thread] = []
+        self._writing_since: float | None = None  # monotonic start of the write under way
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_fatal: Callable[[WalFatal], None] = lambda exc: None
 
@@ -222,6 +223,20 @@ class WalWriter:
             )
         log.info("wal closed next_lsn=%d", self._lsn + 1)
 
+    def stuck(self, after: float) -> str | None:
+        """Why the log takes no appends now, or None: a thread died, or a write hangs.
+
+        A write lasting `after` seconds is a frozen disk (any thread may ask).
+        """
+        if self._closing or self._failed is not None:
+            return None
+        if not all(thread.is_alive() for thread in self._threads):
+            return "a WAL thread has stopped"
+        since = self._writing_since
+        if since is not None and (took := time.monotonic() - since) >= after:
+            return f"a WAL write has not returned for {took:.0f} s"
+        return None
+
     def _start(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
         thread.start()
@@ -249,10 +264,12 @@ class WalWriter:
                     buf, fut, count = self._buf, self._fut, self._count
                     rotate, self._rotate_wanted = self._rotate_wanted, False
                     self._buf, self._fut, self._count, self._woken = bytearray(), None, 0, False
+            self._writing_since = time.monotonic()
             try:
                 if buf:
                     self._write(buf)
             except OSError as exc:
+                self._writing_since = None
                 if exc.errno in DISK_FULL:
                     self._disk_full(exc, fut)
                     continue
@@ -271,6 +288,7 @@ class WalWriter:
             except OSError as exc:
                 self._fail(exc, fut)
                 return
+            self._writing_since = None
             if self.full is not None:
                 self._writable_again(count)
             self._last_write = time.monotonic()
