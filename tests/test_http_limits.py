@@ -131,6 +131,7 @@ def start(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
     def _start(database_url: str = sqlite_url, **settings: Any) -> DaemonProcess:
         daemon = DaemonProcess(daemon_env(database_url, tmp_path / "wal", **settings)).start()
         daemons.append(daemon)
+        daemon.wait_caught_up()  # the store is migrated and the previous run's WAL replayed
         return daemon
 
     yield _start
