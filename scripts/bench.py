@@ -247,8 +247,12 @@ def spawn_daemon(
 
 
 async def wait_ready(proc: Proc, limit_s: float = 60) -> None:
+    """Until the daemon serves and its boot's catch-up with the database is done: a benchmark
+    measures the steady state, with the store migrated and the previous WAL replayed."""
     deadline = time.monotonic() + limit_s
-    while b"ready host=" not in read_bytes(proc.log):
+    while not all(
+        line in read_bytes(proc.log) for line in (b"ready host=", b"boot: caught up with the")
+    ):
         if proc.popen.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the daemon did not become ready:\n{log_tail(proc.log)}")
         await asyncio.sleep(0.05)
