@@ -105,8 +105,10 @@ class KeyTable:
             teams[str(row["id"])] = _team(row)
         for row in found_keys:
             keys[str(row["id"])] = _key(row)
-        stamps = [utc(row["updated_at"]) for row in (*found_teams, *found_keys)]
-        self.seen = max([s for s in stamps if s is not None] + ([self.seen] if self.seen else []))
+        for row in (*found_teams, *found_keys):
+            stamp = utc(row["updated_at"])
+            if self.seen is None or (stamp is not None and stamp > self.seen):
+                self.seen = stamp
         if (teams, keys) != (self.teams, self.keys):
             self.teams, self.keys = teams, keys
             self._index()
