@@ -19,14 +19,16 @@ from typing import Any
 import anyio
 import orjson
 import sqlalchemy as sa
+from pydantic import ValidationError
 
 from llmsvc import __version__, logs
 from llmsvc.config import Settings, load_settings, worker_index
-from llmsvc.errors import ConfigError, LlmsvcError
+from llmsvc.errors import ClientError, ConfigError, LlmsvcError, NotFound
 from llmsvc.maintenance import backup, consistency, retention
 from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
 from llmsvc.maintenance.scheduler import next_run
+from llmsvc.store import keys
 from llmsvc.store.engine import create_engine, describe_error, schema_revision, upgrade_to_head
 from llmsvc.store.queries import acknowledge_dead_letters, recent_requests, request_detail
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
@@ -58,6 +60,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, UsageError) as exc:
         print(f"llmsvc: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ClientError as exc:  # the store refused what was asked: a name taken, no such team
+        print(f"llmsvc: {exc}", file=sys.stderr)
+        return EXIT_FAILURE if isinstance(exc, NotFound) else EXIT_USAGE
     except LlmsvcError as exc:
         print(f"llmsvc: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -151,6 +156,9 @@ def _parser() -> argparse.ArgumentParser:
     restore.add_argument("--json", action="store_true", help="print JSON")
     restore.set_defaults(command=cmd_restore)
 
+    _keys_parser(commands)
+    _teams_parser(commands)
+
     wal = commands.add_parser("wal", help="inspect the write-ahead log (read only)")
     wal_commands = wal.add_subparsers(required=True, metavar="WAL_COMMAND")
     verify = wal_commands.add_parser("verify", help="check every segment; exit 1 on damage")
@@ -164,10 +172,242 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _keys_parser(commands: Any) -> None:
+    keys_cmd = commands.add_parser("keys", help="callers' API keys: create, list, revoke, rotate")
+    sub = keys_cmd.add_subparsers(required=True, metavar="KEYS_COMMAND")
+    create = sub.add_parser("create", help="create a key and print its secret, once")
+    create.add_argument("name", help="a name: letters, digits, _ . -")
+    create.add_argument("--team", help="the team whose shared limits and budget also apply")
+    _limit_options(create, clearable=False)
+    create.add_argument("--models", help="the models it may use, comma-separated (default all)")
+    create.add_argument("--expires", metavar="DATE", help="ISO 8601 date or time (UTC if naive)")
+    create.set_defaults(command=cmd_keys_create)
+    for name, help_text, command in (
+        ("list", "list the keys (never their secrets)", cmd_keys_list),
+        ("show", "show one key", cmd_keys_show),
+        ("revoke", "revoke a key: refused by every instance within 2 s", cmd_keys_change),
+        ("rotate", "give a key a new secret; the old one stops working", cmd_keys_change),
+    ):
+        one = sub.add_parser(name, help=help_text)
+        if name != "list":
+            one.add_argument("key", help="the key's name or id")
+        one.set_defaults(command=command, action=name)
+    for one in sub.choices.values():
+        one.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _teams_parser(commands: Any) -> None:
+    teams_cmd = commands.add_parser("teams", help="teams: limits and a budget shared by keys")
+    sub = teams_cmd.add_subparsers(required=True, metavar="TEAMS_COMMAND")
+    create = sub.add_parser("create", help="create a team")
+    create.add_argument("name", help="a name: letters, digits, _ . -")
+    _limit_options(create, clearable=False)
+    create.set_defaults(command=cmd_teams_create)
+    update = sub.add_parser("update", help="change a team's limits; `none` removes one")
+    update.add_argument("team", help="the team's name or id")
+    _limit_options(update, clearable=True)
+    update.set_defaults(command=cmd_teams_update)
+    listing = sub.add_parser("list", help="list the teams")
+    listing.set_defaults(command=cmd_teams_list)
+    show = sub.add_parser("show", help="show a team and its keys")
+    show.add_argument("team", help="the team's name or id")
+    show.set_defaults(command=cmd_teams_show)
+    for one in sub.choices.values():
+        one.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _limit_options(parser: argparse.ArgumentParser, clearable: bool) -> None:
+    """--rpm/--tpm with bursts and --budget/--budget-period; with `clearable`, `none` unsets."""
+    none = " (none: no limit)" if clearable else ""
+    for option, kind, what in (
+        ("--rpm", int, "requests per minute"),
+        ("--rpm-burst", int, "requests at once (default the rpm)"),
+        ("--tpm", int, "tokens (prompt + completion) per minute"),
+        ("--tpm-burst", int, "tokens at once (default the tpm)"),
+        ("--budget", float, "spend per period, in the price table's currency"),
+    ):
+        parser.add_argument(option, type=_value(kind, clearable), metavar="N", help=what + none)
+    periods = ["day", "week", "month", *(["none"] if clearable else [])]
+    parser.add_argument("--budget-period", choices=periods, help="the budget's period")
+
+
+def _value(kind: type[int] | type[float], clearable: bool) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        if clearable and text == "none":
+            return CLEAR
+        return kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error
+    return parse
+
+
+CLEAR = "none"  # an option given as `none`: remove that limit
+
+
+def _given_limits(args: argparse.Namespace) -> dict[str, Any]:
+    given = {name: getattr(args, name) for name in keys.LIMITS}
+    return {k: None if v == CLEAR else v for k, v in given.items() if v is not None}
+
+
+def _validated(model: type[Any], values: dict[str, Any]) -> Any:
+    """The options checked as the admin API checks its bodies; a problem is a usage error."""
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = str(err["loc"][0]) if err["loc"] else ""
+        where = OPTION_NAMES.get(field, "--" + field.replace("_", "-")) if field else "options"
+        raise UsageError(f"{where}: {err['msg'].removeprefix('Value error, ')}") from None
+
+
+OPTION_NAMES = {"name": "NAME", "expires_at": "--expires"}
+
+
+def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
+    values = {"name": args.name, **_given_limits(args)}
+    if args.team is not None:
+        values["team"] = args.team
+    if args.models is not None:
+        values["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    if args.expires is not None:
+        values["expires_at"] = args.expires
+    spec = _validated(keys.KeySpec, values)
+    key, secret = _with_store(settings, lambda engine: keys.create_key(engine, spec))
+    _print_key(key, secret, args.json, "created")
+    return 0
+
+
+def cmd_keys_list(settings: Settings, args: argparse.Namespace) -> int:
+    found = _with_store(settings, keys.list_keys)
+    if args.json:
+        sys.stdout.buffer.write(_json(found) + b"\n")
+        return 0
+    table = [("NAME", "PREFIX", "TEAM", "STATE", "RPM", "TPM", "BUDGET", "MODELS", "EXPIRES")]
+    for key in found:
+        table.append(
+            (
+                key["name"],
+                key["prefix"] + "…",
+                key["team"] or "-",
+                key["state"],
+                _rate(key["rpm"], key["rpm_burst"]),
+                _rate(key["tpm"], key["tpm_burst"]),
+                _budget(key),
+                ",".join(key["models"]) if key["models"] is not None else "all",
+                _time(key["expires_at"]),
+            )
+        )
+    _print_table(table)
+    if not found:
+        print("(no keys yet: llmsvc keys create NAME)")
+    return 0
+
+
+def cmd_keys_show(settings: Settings, args: argparse.Namespace) -> int:
+    key = _with_store(settings, lambda engine: keys.show_key(engine, args.key))
+    _print_key(key, None, args.json, None)
+    return 0
+
+
+def cmd_keys_change(settings: Settings, args: argparse.Namespace) -> int:
+    if args.action == "revoke":
+        key = _with_store(settings, lambda engine: keys.revoke_key(engine, args.key))
+        secret = None
+    else:
+        key, secret = _with_store(settings, lambda engine: keys.rotate_key(engine, args.key))
+    _print_key(key, secret, args.json, f"{args.action}d")
+    return 0
+
+
+def _print_key(key: dict[str, Any], secret: str | None, as_json: bool, done: str | None) -> None:
+    if as_json:
+        doc = {"key": key, **({"secret": secret} if secret is not None else {})}
+        sys.stdout.buffer.write(_json(doc) + b"\n")
+        return
+    if done is not None:
+        print(f"key {key['name']} {done}")
+    if secret is not None:
+        print(f"secret: {secret}")
+        print("  (shown this once: llmsvc keeps only its hash; use it as the openai SDK's api_key)")
+    for name in ("id", "name", "prefix", "team", "state", "models", "expires_at", "revoked_at"):
+        value = key[name]
+        if name == "models" and value is None:
+            value = "all"
+        print(f"{name + ':':12} {_plain(value)}")
+    print(f"{'rpm:':12} {_rate(key['rpm'], key['rpm_burst'])}")
+    print(f"{'tpm:':12} {_rate(key['tpm'], key['tpm_burst'])}")
+    print(f"{'budget:':12} {_budget(key)}")
+
+
+def cmd_teams_create(settings: Settings, args: argparse.Namespace) -> int:
+    spec = _validated(keys.TeamSpec, {"name": args.name, **_given_limits(args)})
+    team = _with_store(settings, lambda engine: keys.create_team(engine, spec))
+    _print_team(team, args.json, "created")
+    return 0
+
+
+def cmd_teams_update(settings: Settings, args: argparse.Namespace) -> int:
+    given = _given_limits(args)
+    if not given:
+        raise UsageError("nothing to change: give --rpm, --tpm, --budget or another limit")
+    update = _validated(keys.TeamUpdate, given)
+    team = _with_store(settings, lambda engine: keys.update_team(engine, args.team, update))
+    _print_team(team, args.json, "updated")
+    return 0
+
+
+def cmd_teams_list(settings: Settings, args: argparse.Namespace) -> int:
+    found = _with_store(settings, keys.list_teams)
+    if args.json:
+        sys.stdout.buffer.write(_json(found) + b"\n")
+        return 0
+    table = [("NAME", "KEYS", "RPM", "TPM", "BUDGET")]
+    for team in found:
+        rpm, tpm = _rate(team["rpm"], team["rpm_burst"]), _rate(team["tpm"], team["tpm_burst"])
+        table.append((team["name"], str(team["keys"]), rpm, tpm, _budget(team)))
+    _print_table(table)
+    if not found:
+        print("(no teams yet: llmsvc teams create NAME)")
+    return 0
+
+
+def cmd_teams_show(settings: Settings, args: argparse.Namespace) -> int:
+    _print_team(_with_store(settings, lambda e: keys.show_team(e, args.team)), args.json, None)
+    return 0
+
+
+def _print_team(team: dict[str, Any], as_json: bool, done: str | None) -> None:
+    if as_json:
+        sys.stdout.buffer.write(_json({"team": team}) + b"\n")
+        return
+    if done is not None:
+        print(f"team {team['name']} {done}")
+    print(f"{'id:':12} {team['id']}")
+    print(f"{'name:':12} {team['name']}")
+    print(f"{'rpm:':12} {_rate(team['rpm'], team['rpm_burst'])}")
+    print(f"{'tpm:':12} {_rate(team['tpm'], team['tpm_burst'])}")
+    print(f"{'budget:':12} {_budget(team)}")
+    if "keys" in team and isinstance(team["keys"], list):
+        print(f"{'keys:':12} {', '.join(team['keys']) or '-'}")
+
+
+def _rate(rate: int | None, burst: int | None) -> str:
+    if rate is None:
+        return "-"
+    return f"{rate} (burst {burst})" if burst is not None else str(rate)
+
+
+def _budget(row: dict[str, Any]) -> str:
+    return "-" if row["budget"] is None else f"{row['budget']:g}/{row['budget_period']}"
+
+
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     from llmsvc.daemon import Daemon  # the daemon's imports are only needed here
     from llmsvc.supervisor import Supervisor
 
+    refusal = settings.open_relay()
+    if refusal is not None:
+        raise ConfigError(refusal)
     index = worker_index()
     if settings.workers > 1 and index is None:
         return Supervisor(settings).run()

@@ -7,6 +7,7 @@ under `$XDG_STATE_HOME/llmsvc`, HTTP on 127.0.0.1:8080, the mock provider).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import tomllib
 from pathlib import Path
@@ -92,6 +93,10 @@ class Settings(BaseSettings):
     wal_commit_delay_us: int = Field(default=500, ge=0, le=100_000)
     wal_segment_max_bytes: int = Field(default=100 * MiB, ge=64 * 1024)
     host: str = "127.0.0.1"
+    # `keys`: every /v1/* request needs a caller's key (`llmsvc keys create`).
+    auth: Literal["none", "keys"] = "none"
+    # Serve without keys on a non-loopback host on purpose (otherwise the daemon refuses).
+    allow_unauthenticated: bool = False
     port: int = Field(default=8080, ge=0, le=65535)
     # Daemon processes behind the one port, each with its own WAL under wal_dir/worker-<k>.
     workers: int = Field(default=1, ge=1, le=64)
@@ -255,6 +260,18 @@ class Settings(BaseSettings):
             found.append(creds.split(":", 1)[1])
         return found
 
+    def open_relay(self) -> str | None:
+        """Why the daemon must not start as configured: anyone reaching `host` would spend
+        the providers' keys. None when it may."""
+        if self.auth != "none" or self.allow_unauthenticated or is_loopback(self.host):
+            return None
+        return (
+            f'refusing to start: host={self.host!r} is not a loopback address and auth="none", '
+            'so anyone who reaches the port spends the providers\' keys. Set auth="keys" '
+            "(LLMSVC_AUTH=keys) and create keys with `llmsvc keys create`, or listen on "
+            "127.0.0.1, or set allow_unauthenticated=true if another layer authenticates callers."
+        )
+
     def redacted_database_url(self) -> str:
         """The database URL with any password masked, for logs and messages."""
         scheme, _, rest = self.database_url.partition("://")
@@ -262,6 +279,16 @@ class Settings(BaseSettings):
         if not at or ":" not in creds:
             return self.database_url
         return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable only from this machine: `localhost` or a loopback address."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a name other than localhost, or "" (every address)
 
 
 def systemd_environment() -> tuple[str | None, int | None]:

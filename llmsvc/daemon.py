@@ -1,12 +1,13 @@
 """The daemon: boot, serve, shut down — ordered steps, one log line each.
 
 Boot needs no database: WAL lock → WAL repaired and opened (the checkpoint
-hint kept beside it, `llmsvc.local`) → provider switches from the local copy
-→ HTTP server and metrics port: ready, chat requests are journaled from here
-on. Then, in the background, the catch-up (`llmsvc.catchup`), each step
-retried while the database is away: migrations → stored provider switches
-and circuits → the database's checkpoint → the WAL replayed up to where the
-previous run ended → requests that run left open journaled `interrupted` →
+hint kept beside it, `llmsvc.local`) → provider switches (and with `auth =
+"keys"` the callers' keys) from the local copy → HTTP server and metrics
+port: ready, chat requests are journaled from here on. Then, in the
+background, the catch-up (`llmsvc.catchup`), each step retried while the
+database is away: migrations → stored provider switches and circuits → the
+keys (followed from here on) → the database's checkpoint → the WAL replayed
+up to where the previous run ended → requests that run left open journaled `interrupted` →
 the flusher follows the writer → consistency check → scheduler.
 Shutdown: refuse new requests (503) → let open ones finish within
 `shutdown_grace_seconds`, interrupt the rest → stop the HTTP server → let the
@@ -55,6 +56,7 @@ from llmsvc.gateway.http_protocol import (
 )
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
+from llmsvc.keytable import KeyTable
 from llmsvc.local import read_checkpoint
 from llmsvc.maintenance.backup import replay, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
@@ -188,6 +190,10 @@ class Daemon:
         self.router = Router(s.providers, self.providers, s.routes, breakers, s.prices)
         self.switches = Switches(self.engine, self.router, set(self.providers), s.wal_dir)
         self.switches.load_local()
+        self.keys: KeyTable | None = None
+        if s.auth == "keys":
+            self.keys = KeyTable(self.engine, s.wal_dir)
+            self.keys.load_local()
         self.metrics.watch(self.wal_status)
         self.metrics.watch_daemon(lambda: status.daemon_state(self))
         self.gateway = Gateway(
@@ -206,6 +212,7 @@ class Daemon:
                 attempt_timeout=s.attempt_timeout_seconds,
                 request_timeout=s.request_timeout_seconds,
             ),
+            keys=self.keys,
         )
         await self._start_http()
         self._start_metrics()
@@ -217,6 +224,9 @@ class Daemon:
         await step("migrating the database", self._migrate)
         log.info("boot: schema at head database=%s", s.redacted_database_url())
         await step("reading the provider switches", self._adopt_provider_states)
+        if self.keys is not None:
+            await step("reading the keys", self.keys.read)
+            self.keys_follower = asyncio.create_task(self.keys.follow(self.stopping), name="keys")
         await step("reading the checkpoint", self._load_checkpoint)
         behind = self.boot_end.lsn - 1 - self.flusher.checkpoint
         await step(f"replaying {behind} WAL records", lambda: self.flusher.drain(float("inf")))
@@ -280,7 +290,7 @@ class Daemon:
     def _log_ready(self) -> None:
         host, port = self.settings.host, self.port
         if self.worker is None:
-            log.info("ready host=%s port=%d", host, port)
+            log.info("ready host=%s port=%d auth=%s", host, port, self.settings.auth)
         else:  # the supervisor says `ready host=` once all its workers are
             log.info("ready worker=%d host=%s port=%d", self.worker, host, port)
 
@@ -361,6 +371,15 @@ class Daemon:
     async def set_provider_enabled(self, name: str, enabled: bool) -> None:
         """Stored first; other instances on the database follow it within 2 s (`Switches`)."""
         await self.switches.switch(name, enabled)
+
+    async def keys_changed(self) -> None:
+        """A key or team changed through this instance: in force here at once, elsewhere
+        within 2 s; a failed read leaves it to the next refresh."""
+        if self.keys is not None:
+            try:
+                await self.keys.read()
+            except Exception as exc:
+                log.warning("keys not read after a change error=%s", describe_error(exc))
 
     async def run_by_hand(self, name: str, job: Job) -> JobResult:
         result = await run_job(self.maintenance, name, job, self.instance, None, self._job_finished)
@@ -630,6 +649,9 @@ class Daemon:
         if hasattr(self, "follower"):
             with _step("provider switches no longer followed"):
                 await _end(self.follower, CLOSE_SECONDS)  # it ends when it sees `stopping`
+        if hasattr(self, "keys_follower"):
+            with _step("keys no longer followed"):
+                await _end(self.keys_follower, CLOSE_SECONDS)
         for task in list(self._background):  # circuit states being stored
             task.cancel()
         if hasattr(self, "engine"):

@@ -131,6 +131,20 @@ class Unauthorized(ClientError):
     code = "unauthorized"
 
 
+class InvalidApiKey(ClientError):
+    """A `/v1/*` request with no key, or one unknown, revoked or expired (`auth = "keys"`)."""
+
+    status = 401
+    code = "invalid_api_key"
+
+
+class ModelNotAllowed(ClientError):
+    """The caller's key may not use the model asked for."""
+
+    status = 403
+    code = "model_not_allowed"
+
+
 class Conflict(ClientError):
     """The request cannot be done in the daemon's current state (e.g. a restore)."""
 

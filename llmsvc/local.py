@@ -9,7 +9,11 @@ boot's catch-up loads the real checkpoint before it replays anything.
 `provider_switches.json`: the providers an operator disabled, rewritten when a
 switch changes, so a boot without the database still honours them.
 
-Both are written to a temporary file and renamed: a reader sees the old value
+`api_keys.json`: the callers' keys and teams as last read (`llmsvc.keytable`): ids,
+names, limits and the SHA-256 of each secret, never a secret, so a restart
+while the database is away still authenticates, revocations included.
+
+All are written to a temporary file and renamed: a reader sees the old value
 or the new one, and one it cannot parse counts as absent.
 """
 
@@ -19,6 +23,7 @@ import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -28,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FILE = "checkpoint"
 SWITCHES_FILE = "provider_switches.json"
+KEYS_FILE = "api_keys.json"
 
 
 def read_checkpoint(wal_dir: Path) -> int:
@@ -61,10 +67,24 @@ def write_disabled(wal_dir: Path, disabled: set[str]) -> None:
     _replace(wal_dir / SWITCHES_FILE, orjson.dumps({"disabled": sorted(disabled)}))
 
 
+def read_keys(wal_dir: Path) -> dict[str, Any]:
+    """The keys and teams this instance last read: `{"keys": [...], "teams": [...]}`."""
+    try:
+        found = orjson.loads((wal_dir / KEYS_FILE).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
+def write_keys(wal_dir: Path, keys: list[dict[str, Any]], teams: list[dict[str, Any]]) -> None:
+    _replace(wal_dir / KEYS_FILE, orjson.dumps({"keys": keys, "teams": teams}))
+
+
 def _replace(path: Path, data: bytes) -> None:
     """Write `data` to `path` by rename; a failure is logged (the file is only a hint)."""
     tmp = path.with_name(f"{path.name}.tmp")
     try:
+        tmp.touch(mode=0o600)
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:

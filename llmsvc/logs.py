@@ -17,6 +17,7 @@ import orjson
 MASK = "***"
 # Credentials a message might carry even when they are not ours to know.
 PATTERNS = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}|(://[^:/@\s]+:)[^@\s]+(@)")
+CALLER_KEYS = re.compile(r"sk-llmsvc-[A-Za-z0-9_-]{8,}")  # a caller's secret (store/keys.py)
 
 
 class Redact(logging.Filter):
@@ -39,6 +40,7 @@ class Redact(logging.Filter):
     def mask(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, MASK)
+        text = CALLER_KEYS.sub(MASK, text)
         return PATTERNS.sub(lambda m: f"{m[1]}{MASK}" if m[1] else f"{m[2]}{MASK}{m[3]}", text)
 
 

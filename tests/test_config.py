@@ -292,3 +292,25 @@ def test_redacted_database_url_masks_the_password(url: str, shown: str) -> None:
     s = Settings(database_url=url)
     assert s.redacted_database_url() == shown
     assert s.database_url == url.replace("postgresql://", "postgresql+asyncpg://")
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "allowed", "refused"),
+    [
+        ("127.0.0.1", "none", False, False),
+        ("127.0.0.2", "none", False, False),
+        ("::1", "none", False, False),
+        ("localhost", "none", False, False),
+        ("0.0.0.0", "none", False, True),
+        ("", "none", False, True),
+        ("10.1.2.3", "none", False, True),
+        ("gateway.internal", "none", False, True),
+        ("0.0.0.0", "keys", False, False),
+        ("0.0.0.0", "none", True, False),
+    ],
+)
+def test_a_non_loopback_host_without_keys_is_an_open_relay_unless_allowed(
+    host: str, auth: str, allowed: bool, refused: bool
+) -> None:
+    settings = Settings(host=host, auth=auth, allow_unauthenticated=allowed)
+    assert (settings.open_relay() is not None) == refused

@@ -104,3 +104,8 @@ def test_json_logs_carry_one_line_per_request_and_never_a_secret(
     assert float(fields["latency_ms"]) > 0
     assert KEY not in daemon.log
     assert ADMIN not in daemon.log
+
+
+def test_a_callers_secret_is_masked_even_where_no_setting_names_it() -> None:
+    secret = "sk-llmsvc-" + "Ab3_-" * 6
+    assert Redact([]).mask(f"upstream said: bad key {secret}.") == "upstream said: bad key ***."

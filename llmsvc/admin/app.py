@@ -9,6 +9,7 @@ configured the admin API is off and every admin path is 404.
 from __future__ import annotations
 
 import hmac
+import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -25,7 +26,10 @@ from llmsvc.gateway.request import parse_body, read_body
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.maintenance import backup, retention
 from llmsvc.maintenance.runs import Job, JobResult
+from llmsvc.store import keys
 from llmsvc.store.queries import request_detail, token_summary
+
+log = logging.getLogger(__name__)
 
 PREFIX = "/api/admin/"
 MAX_BODY = 64 * 1024
@@ -58,6 +62,8 @@ class Operations(Protocol):
 
     async def restore(self, name: str) -> dict[str, Any]: ...
 
+    async def keys_changed(self) -> None: ...
+
 
 class PruneBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -80,7 +86,7 @@ class AdminApi:
         self.app = app
         self._token = token.encode() if token else None
         self.ops = ops
-        self.openapi = document([PruneBody, RestoreBody])
+        self.openapi = document(ADMIN_BODIES)
         self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
             (re.compile(r"status"), {"GET": self.status}),
             (re.compile(r"requests/(?P<id>[^/]+)"), {"GET": self.request}),
@@ -93,6 +99,17 @@ class AdminApi:
             (re.compile(r"backup"), {"POST": self.backup}),
             (re.compile(r"backups"), {"GET": self.backups}),
             (re.compile(r"restore"), {"POST": self.restore}),
+            (re.compile(r"keys"), {"GET": self.list_keys, "POST": self.create_key}),
+            (re.compile(r"keys/(?P<key>[^/]+)"), {"GET": self.show_key}),
+            (
+                re.compile(r"keys/(?P<key>[^/]+)/(?P<action>revoke|rotate)"),
+                {"POST": self.change_key},
+            ),
+            (re.compile(r"teams"), {"GET": self.list_teams, "POST": self.create_team}),
+            (
+                re.compile(r"teams/(?P<team>[^/]+)"),
+                {"GET": self.show_team, "PATCH": self.update_team},
+            ),
         ]
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
@@ -190,6 +207,50 @@ class AdminApi:
             raise ClientError(str(exc), param="file") from None
         return 200, await self.ops.restore(body.file)
 
+    async def list_keys(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        return 200, _plain({"keys": await keys.list_keys(self.ops.engine)})
+
+    async def create_key(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        """The secret is in this answer only; the store keeps its hash."""
+        spec = await self._body(scope, receive, keys.KeySpec)
+        key, secret = await keys.create_key(self.ops.engine, spec)
+        await self.ops.keys_changed()
+        log.info("key created by an operator key=%s id=%s", key["name"], key["id"])
+        return 201, _plain({"key": key, "secret": secret})
+
+    async def show_key(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        return 200, _plain({"key": await keys.show_key(self.ops.engine, match["key"])})
+
+    async def change_key(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        """Revoke or rotate; in force on this instance at once, on the others within 2 s."""
+        engine, answer = self.ops.engine, {}
+        if match["action"] == "revoke":
+            key = await keys.revoke_key(engine, match["key"])
+        else:
+            key, answer["secret"] = await keys.rotate_key(engine, match["key"])
+        await self.ops.keys_changed()
+        log.info("key %sd by an operator key=%s id=%s", match["action"], key["name"], key["id"])
+        return 200, _plain({"key": key, **answer})
+
+    async def list_teams(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        return 200, _plain({"teams": await keys.list_teams(self.ops.engine)})
+
+    async def create_team(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        spec = await self._body(scope, receive, keys.TeamSpec)
+        team = await keys.create_team(self.ops.engine, spec)
+        await self.ops.keys_changed()
+        return 201, _plain({"team": team})
+
+    async def show_team(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        return 200, _plain({"team": await keys.show_team(self.ops.engine, match["team"])})
+
+    async def update_team(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        update = await self._body(scope, receive, keys.TeamUpdate)
+        team = await keys.update_team(self.ops.engine, match["team"], update)
+        await self.ops.keys_changed()
+        log.info("team updated by an operator team=%s id=%s", team["name"], team["id"])
+        return 200, _plain({"team": team})
+
     async def _body(
         self, scope: Scope, receive: ASGIReceive, model: type[Any], empty_ok: bool = False
     ) -> Any:
@@ -197,6 +258,15 @@ class AdminApi:
         if empty_ok and not raw.strip():
             raw = b"{}"
         return parse_body(raw, model)[1]
+
+
+ADMIN_BODIES: list[type[BaseModel]] = [
+    PruneBody,
+    RestoreBody,
+    keys.KeySpec,
+    keys.TeamSpec,
+    keys.TeamUpdate,
+]
 
 
 def _result(result: JobResult) -> tuple[int, dict[str, Any]]:

@@ -37,7 +37,7 @@ def _body(model: type[BaseModel], required: bool = True) -> dict[str, Any]:
 
 
 def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
-    """The document; `admin_models` are the admin API's bodies (PruneBody, RestoreBody)."""
+    """The document; `admin_models` are the admin API's bodies (`admin.app.ADMIN_BODIES`)."""
     schemas: dict[str, Any] = {
         "Error": {
             "type": "object",
@@ -50,7 +50,8 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
-    prune, restore = admin_models
+    body = {model.__name__: model for model in admin_models}
+    prune, restore = body["PruneBody"], body["RestoreBody"]
     bearer: list[dict[str, list[str]]] = [{"admin": []}]
     unauthorized = _error("no or the wrong admin token (the same for every admin path)")
     request_id = {
@@ -60,6 +61,10 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
         "schema": {"type": "string"},
     }
     provider = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
+    key = {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}
+    team = {"name": "team", "in": "path", "required": True, "schema": {"type": "string"}}
+    no_key = _error("no such key (by name or id)")
+    no_team = _error("no such team (by name or id)")
 
     def admin(summary: str, ok: str, **extra: Any) -> dict[str, Any]:
         responses = {"200": _json(ok), "401": unauthorized, **extra.pop("responses", {})}
@@ -152,6 +157,63 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                         "409": _error("a restore is running, or it failed"),
                     },
                 )
+            },
+            "/api/admin/keys": {
+                "get": admin("Callers' keys (never their secrets)", "the keys"),
+                "post": admin(
+                    "Create a key; its secret is in this answer only",
+                    "",
+                    requestBody=_body(body["KeySpec"]),
+                    responses={
+                        "201": _json("the key and its secret"),
+                        "400": _error("a bad body, or no such team"),
+                        "409": _error("a key of that name exists"),
+                    },
+                ),
+            },
+            "/api/admin/keys/{key}": {
+                "get": admin("A key", "the key", parameters=[key], responses={"404": no_key})
+            },
+            "/api/admin/keys/{key}/revoke": {
+                "post": admin(
+                    "Revoke a key: refused everywhere within 2 s",
+                    "the key",
+                    parameters=[key],
+                    responses={"404": no_key},
+                )
+            },
+            "/api/admin/keys/{key}/rotate": {
+                "post": admin(
+                    "A new secret for a key; the old one is refused everywhere within 2 s",
+                    "the key and its new secret",
+                    parameters=[key],
+                    responses={"404": no_key, "409": _error("the key is revoked")},
+                )
+            },
+            "/api/admin/teams": {
+                "get": admin("Teams with their limits", "the teams"),
+                "post": admin(
+                    "Create a team",
+                    "",
+                    requestBody=_body(body["TeamSpec"]),
+                    responses={
+                        "201": _json("the team"),
+                        "400": _error("a bad body"),
+                        "409": _error("a team of that name exists"),
+                    },
+                ),
+            },
+            "/api/admin/teams/{team}": {
+                "get": admin(
+                    "A team and its keys", "the team", parameters=[team], responses={"404": no_team}
+                ),
+                "patch": admin(
+                    "Change a team's limits (null removes one)",
+                    "the team",
+                    parameters=[team],
+                    requestBody=_body(body["TeamUpdate"]),
+                    responses={"400": _error("a bad body"), "404": no_team},
+                ),
             },
         },
         "components": {

@@ -11,11 +11,12 @@ import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from llmsvc.callers import Caller
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import send_error, send_json
@@ -25,6 +26,9 @@ from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.metrics import Metrics, WalStatus
+
+if TYPE_CHECKING:
+    from llmsvc.keytable import KeyTable
 
 log = logging.getLogger(__name__)
 
@@ -52,8 +56,10 @@ class Gateway:
         metrics: Metrics | None = None,
         describe: Callable[[], dict[str, Any]] | None = None,
         policy: RetryPolicy | None = None,
+        keys: KeyTable | None = None,
     ) -> None:
         self.journal = journal
+        self.keys = keys  # with auth = "keys": every /v1/* request needs one of them
         self.router = router
         self.policy = policy if policy is not None else RetryPolicy()
         self.max_body_bytes = max_body_bytes
@@ -80,6 +86,9 @@ class Gateway:
         if scope["type"] != "http":
             return
         try:
+            if self.keys is not None and scope["path"].startswith("/v1/"):
+                # Before the route is looked up: a caller without a key learns nothing.
+                scope[CALLER] = self.keys.authenticate(dict(scope["headers"]))
             methods = self.routes.get(scope["path"])
             if methods is None:
                 raise NotFound(f"no route {scope['path']}")
@@ -115,6 +124,7 @@ class Gateway:
             send,
             receive,
             closed_check(scope),
+            scope.get(CALLER),
         )
         cancel = anyio.CancelScope()
         self.inflight.add(cancel)
@@ -150,9 +160,13 @@ class Gateway:
         )
 
     async def list_models(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """The models served; to a caller whose key is limited to some, only those."""
+        caller: Caller | None = scope.get(CALLER)
+        allowed = caller.models if caller is not None else None
         models = [
             {"id": name, "object": "model", "created": 0, "owned_by": "llmsvc"}
             for name in self.router.models()
+            if allowed is None or name in allowed
         ]
         await send_json(send, 200, {"object": "list", "data": models})
 
@@ -234,6 +248,7 @@ class Gateway:
         return interrupted
 
 
+CALLER = "llmsvc.caller"  # the scope key of an authenticated request's `Caller`
 NO_STORE = [(b"cache-control", b"no-store")]
 SHUTTING_DOWN = "llmsvc is shutting down and takes no new requests"
 DISK_FULL = "the WAL's disk is full; requests are refused until space is freed"

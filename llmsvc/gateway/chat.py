@@ -19,8 +19,10 @@ from typing import Any
 
 import anyio
 
+from llmsvc.callers import Caller
 from llmsvc.errors import (
     LlmsvcError,
+    ModelNotAllowed,
     ProviderError,
     ProviderUnavailable,
     ServiceUnavailable,
@@ -55,6 +57,7 @@ class Exchange:
         "began",
         "began_us",
         "bound",
+        "caller",
         "closed",
         "correlation_id",
         "created",
@@ -96,7 +99,15 @@ class Exchange:
         send: ASGISend,
         receive: ASGIReceive,
         closed: Callable[[], bool],
+        caller: Caller | None,
     ) -> None:
+        if caller is not None and caller.models is not None and request.model not in caller.models:
+            raise ModelNotAllowed(
+                f"the key {caller.key_name!r} may not use the model {request.model!r}; "
+                f"it may use {', '.join(sorted(caller.models))}",
+                param="model",
+            )
+        self.caller = caller  # None with auth = "none"
         self.journal = journal
         self.router = router
         self.policy = policy
@@ -498,10 +509,11 @@ class Exchange:
 
     def _log(self) -> None:
         log.info(
-            "request request_id=%s correlation_id=%s model=%s provider=%s stream=%s "
+            "request request_id=%s correlation_id=%s key=%s model=%s provider=%s stream=%s "
             "status=%s tokens=%d latency_ms=%.1f",
             self.request_id,
             self.correlation_id,
+            self.caller.key_name if self.caller is not None else "-",
             self.model,
             self.target.provider.name,
             self.stream,

@@ -6,6 +6,8 @@ compares them on SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql
 
@@ -34,6 +36,61 @@ llm_requests = sa.Table(
     sa.Column("cost", sa.Float),
     sa.Column("provider", sa.String(100)),
     sa.Column("error", sa.Text),
+    # Who sent it (migration 0006): the caller's key and team, the OpenAI `user`, the client's
+    # metadata and session, and the deployment that served it.
+    sa.Column("key_id", sa.Uuid),
+    sa.Column("team_id", sa.Uuid),
+    sa.Column("end_user", sa.String(256)),
+    sa.Column("metadata", Json),
+    sa.Column("session_id", sa.String(200)),
+    sa.Column("environment", sa.String(100)),
+    sa.Column("version", sa.String(100)),
+    # How prompt_tokens / completion_tokens were obtained: `provider` (its usage),
+    # `tokenizer` (counted by llmsvc from the stored text) or `deltas` (one per delta).
+    sa.Column("prompt_tokens_source", sa.String(16)),
+    sa.Column("completion_tokens_source", sa.String(16)),
+)
+
+
+def _limits() -> list[sa.Column[Any]]:
+    """A key's or team's limits: per-minute rates with their bursts, and a budget per period."""
+    return [
+        sa.Column("rpm", sa.Integer),
+        sa.Column("rpm_burst", sa.Integer),
+        sa.Column("tpm", sa.Integer),
+        sa.Column("tpm_burst", sa.Integer),
+        sa.Column("budget", sa.Float),
+        sa.Column("budget_period", sa.String(8)),  # day, week or month
+    ]
+
+
+teams = sa.Table(
+    "teams",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False, unique=True),
+    *_limits(),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
+)
+
+# A caller's key: only the SHA-256 of its secret is kept; `prefix` is the secret's first
+# characters, shown so an operator can tell keys apart. `updated_at` moves on every change,
+# so instances follow revocations and rotations by reading the rows changed since last time.
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("name", sa.String(100), nullable=False),
+    sa.Column("team_id", sa.Uuid, sa.ForeignKey("teams.id")),
+    sa.Column("secret_hash", sa.String(64), nullable=False, unique=True),
+    sa.Column("prefix", sa.String(24), nullable=False),
+    *_limits(),
+    sa.Column("models", Json),  # the models it may use; NULL: all
+    sa.Column("expires_at", Timestamp),
+    sa.Column("revoked_at", Timestamp),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("updated_at", Timestamp, nullable=False),
 )
 
 llm_attempts = sa.Table(
@@ -149,5 +206,8 @@ maintenance_slots = sa.Table(
 
 sa.Index("ix_llm_requests_created_at", llm_requests.c.created_at)
 sa.Index("ix_llm_requests_status", llm_requests.c.status)
+sa.Index("ix_llm_requests_key_created", llm_requests.c.key_id, llm_requests.c.created_at)
+sa.Index("ix_llm_requests_team_created", llm_requests.c.team_id, llm_requests.c.created_at)
+sa.Index("ix_api_keys_updated_at", api_keys.c.updated_at)
 sa.Index("ix_llm_attempts_request_id", llm_attempts.c.request_id)
 sa.Index("ix_maintenance_runs_job_started", maintenance_runs.c.job, maintenance_runs.c.started_at)

@@ -339,7 +339,7 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
 
     exchange = Exchange(
         gateway.journal, gateway.router, gateway.policy, data,
-        ChatRequest.model_validate(data), uuid.uuid4(), send, receive, lambda: False,
+        ChatRequest.model_validate(data), uuid.uuid4(), send, receive, lambda: False, None,
     )  # fmt: skip
     with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
         await exchange.run(anyio.CancelScope())

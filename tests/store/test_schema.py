@@ -105,6 +105,8 @@ async def test_upgrade_to_head_creates_the_store_tables_and_checkpoints(
         "maintenance_runs",
         "maintenance_slots",
         "llm_dead_letters",
+        "teams",
+        "api_keys",
         "alembic_version",
     }
     assert current == head == NEWEST
