@@ -17,6 +17,7 @@ import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
+from llmsvc.gateway.attribution import read_attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
@@ -105,6 +106,7 @@ class Gateway:
         headers = dict(scope["headers"])
         body = await read_body(receive, headers, self.max_body_bytes)
         data, request = parse_chat(body)
+        attribution = read_attribution(data, request, headers)
         exchange = Exchange(
             self.journal,
             self.router,
@@ -115,6 +117,8 @@ class Gateway:
             send,
             receive,
             closed_check(scope),
+            caller=None,  # until authentication resolves one
+            attribution=attribution,
         )
         cancel = anyio.CancelScope()
         self.inflight.add(cancel)

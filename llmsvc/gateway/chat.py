@@ -19,6 +19,7 @@ from typing import Any
 
 import anyio
 
+from llmsvc.callers import Caller
 from llmsvc.errors import (
     LlmsvcError,
     ProviderError,
@@ -27,6 +28,7 @@ from llmsvc.errors import (
     WalFatal,
     WalFull,
 )
+from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import error_event
 from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
@@ -83,6 +85,7 @@ class Exchange:
         "targets",
         "tool_seq",
         "unconfirmed",
+        "who",
     )
 
     def __init__(
@@ -96,6 +99,9 @@ class Exchange:
         send: ASGISend,
         receive: ASGIReceive,
         closed: Callable[[], bool],
+        *,
+        caller: Caller | None,
+        attribution: Attribution,
     ) -> None:
         self.journal = journal
         self.router = router
@@ -114,6 +120,7 @@ class Exchange:
         self.attempt_open = False  # an attempt is started and not yet ended in the journal
         self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
         self.correlation_id = correlation_id
+        self.who = record_fields(caller, attribution)  # for the start record
         self.created = int(time.time())
         self.started = False  # response headers sent
         self.ended = False  # end records journaled
@@ -150,6 +157,7 @@ class Exchange:
                 self.stream,
                 self.data["messages"],
                 params,
+                self.who,
             )
             with scope:
                 await self._try_targets()
