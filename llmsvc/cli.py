@@ -29,6 +29,7 @@ from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
 from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store import keys
+from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
 from llmsvc.store.engine import create_engine, describe_error, schema_revision, upgrade_to_head
 from llmsvc.store.queries import acknowledge_dead_letters, recent_requests, request_detail
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
@@ -36,6 +37,7 @@ from llmsvc.wal.reader import WalReader, verify_log
 from llmsvc.wal.segment import INSTANCE_FILE
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
+SINCE_HELP = "only requests since then: a duration back (30m, 24h, 7d, 2w) or an ISO date/time"
 
 
 class UsageError(LlmsvcError):
@@ -100,8 +102,25 @@ def _parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="list recent requests")
     status.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    status.add_argument("--key", metavar="NAME_OR_ID", help="only this key's requests")
+    status.add_argument("--team", metavar="NAME_OR_ID", help="only this team's requests")
+    status.add_argument("--user", metavar="U", help="only this end user's (the OpenAI `user`)")
+    status.add_argument(
+        "--metadata",
+        metavar="K=V",
+        action="append",
+        default=[],
+        help="only requests whose metadata has K = V (repeatable: all must match)",
+    )
+    status.add_argument("--since", metavar="WHEN", help=SINCE_HELP)
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(command=cmd_status)
+
+    spend = commands.add_parser("spend", help="requests, tokens and cost per key, team, ...")
+    spend.add_argument("--by", choices=SPEND_BY, default="key", help="the group (default key)")
+    spend.add_argument("--since", metavar="WHEN", help=SINCE_HELP)
+    spend.add_argument("--json", action="store_true", help="print JSON")
+    spend.set_defaults(command=cmd_spend)
 
     show = commands.add_parser("show", help="show one request, its attempts and its reply")
     show.add_argument("request_id", help="the request id (the X-Request-ID response header)")
@@ -429,12 +448,20 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    rows = _with_store(settings, lambda engine: recent_requests(engine, args.limit))
+    pairs = []
+    for pair in args.metadata:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--metadata {pair!r}: give it as KEY=VALUE")
+        pairs.append((name, value))
+    since = None if args.since is None else _since(args.since)
+    only = RequestFilter(args.key, args.team, args.user, tuple(pairs), since)
+    rows = _with_store(settings, lambda engine: recent_requests(engine, args.limit, only))
     if args.json:
         sys.stdout.buffer.write(_json(rows) + b"\n")
         return 0
-    head = ("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "STATUS", "TOKENS", "COST")
-    table = [(*head, "SECONDS")]
+    head = ("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "KEY", "TEAM", "STATUS")
+    table = [(*head, "TOKENS", "COST", "SECONDS")]
     for row in rows:
         tokens = f"{row['prompt_tokens'] or 0}/{row['completion_tokens'] or 0}"
         table.append(
@@ -443,6 +470,8 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
                 str(row["id"]),
                 row["model"],
                 row["provider"] or "-",
+                _named(row["key_name"], row["key_id"]),
+                _named(row["team_name"], row["team_id"]),
                 row["status"],
                 tokens,
                 "-" if row["cost"] is None else f"{row['cost']:.6f}",
@@ -456,6 +485,42 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
         total = sum(row["cost"] or 0 for row in rows)
         print(f"cost of these {len(rows)} requests: {total:.6f}")
     return 0
+
+
+def cmd_spend(settings: Settings, args: argparse.Namespace) -> int:
+    since = None if args.since is None else _since(args.since)
+    rows = _with_store(settings, lambda engine: spend(engine, args.by, since))
+    if args.json:
+        sys.stdout.buffer.write(_json(rows) + b"\n")
+        return 0
+    table = [(args.by.upper(), "REQUESTS", "PROMPT TOKENS", "COMPLETION TOKENS", "COST")]
+    for row in rows:
+        group = row["group"]
+        table.append(
+            (
+                _named(row["name"], group) if args.by in ("key", "team") else _plain(group),
+                str(row["requests"]),
+                str(row["prompt_tokens"]),
+                str(row["completion_tokens"]),
+                "-" if row["cost"] is None else f"{row['cost']:.6f}",
+            )
+        )
+    _print_table(table)
+    if not rows:
+        print("(no requests)")
+    return 0
+
+
+def _since(text: str) -> datetime:
+    try:
+        return parse_since(text)
+    except ValueError as exc:
+        raise UsageError(f"--since: {exc}") from None
+
+
+def _named(name: str | None, row_id: uuid.UUID | None) -> str:
+    """A key or team as its name, or its id when it has no row (or `-` for none)."""
+    return name or ("-" if row_id is None else str(row_id))
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from llmsvc import __version__
 from llmsvc.errors import ConfigError
 
 MiB = 1024 * 1024
@@ -149,6 +150,10 @@ class Settings(BaseSettings):
     circuit_window: int = Field(default=20, ge=2)
     # "provider:model" or "model" -> price; the first that matches an attempt wins.
     prices: dict[str, Price] = Field(default_factory=dict)
+    # Recorded on every request row (environment, version): which deployment served it.
+    # Empty: not recorded. The version defaults to llmsvc's own.
+    deployment_environment: str = Field(default="", max_length=100)
+    deployment_version: str = Field(default=__version__, max_length=100)
 
     @field_validator("database_url")
     @classmethod

@@ -47,6 +47,7 @@ from llmsvc.catchup import CatchUp
 from llmsvc.config import Settings, systemd_environment
 from llmsvc.errors import Conflict, LlmsvcError, WalFatal
 from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.attribution import deployment_fields
 from llmsvc.gateway.breaker import CLOSED, Breakers, Circuit
 from llmsvc.gateway.http_protocol import (
     HttpLimits,
@@ -172,7 +173,9 @@ class Daemon:
         )
         hint = read_checkpoint(s.wal_dir)
         self.repairs = self.writer.open(asyncio.get_running_loop(), self._on_fatal, hint)
-        self.journal = Journal(self.writer)
+        self.journal = Journal(
+            self.writer, deployment_fields(s.deployment_environment, s.deployment_version)
+        )
         self._flush_to = self.boot_end = self.writer.end  # the previous runs' records end here
         self.flusher = self._new_flusher()
         await self.flusher.start(hint)  # for the backlog's figures: nothing is flushed yet

@@ -1,7 +1,7 @@
 """Arbitrary JSON through one real daemon per database: every answer is a 200 or a 4xx,
 never a 5xx, and afterwards the flusher has kept up and the store holds every 200.
 
-Requests are valid chat requests whose `metadata`, extra parameters and message content
+Requests are valid chat requests whose extra parameters (`payload` and others) and message content
 carry arbitrary keys (control characters and all) and values (deep nesting up to and past
 the depth limit, integers past 64 bits, extreme floats), to the mock and to the local
 OpenAI-compatible upstream, which reports an arbitrary `usage` (any JSON value).
@@ -38,7 +38,8 @@ from llmsvc.gateway.request import MAX_DEPTH
 pytestmark = pytest.mark.timeout(180)
 
 KNOWN = {"model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens",
-         "temperature", "mock_delay_ms", "upstream_usage", "tools", "tool_choice", "n"}  # fmt: skip
+         "temperature", "mock_delay_ms", "upstream_usage", "tools", "tool_choice", "n",
+         "user", "metadata", "session_id", "payload"}  # fmt: skip
 
 # Raw JSON the test cannot build as Python values for orjson to write (nesting past 254,
 # integers past 64 bits, exponents): a marker string in the value, replaced after encoding.
@@ -89,7 +90,7 @@ def chat_requests(draw: st.DrawFn) -> bytes:
         "messages": [message],
         "max_tokens": draw(st.integers(1, 6)),
         "stream": draw(st.booleans()),
-        "metadata": draw(st.dictionaries(keys, values, max_size=4)),
+        "payload": draw(st.dictionaries(keys, values, max_size=4)),
     }
     if model == "gpt-test":
         body["upstream_usage"] = draw(usages)

@@ -13,8 +13,10 @@ import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qs
 
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
@@ -27,12 +29,14 @@ from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.maintenance import backup, retention
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.store import keys
-from llmsvc.store.queries import request_detail, token_summary
+from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
+from llmsvc.store.queries import recent_requests, request_detail, token_summary
 
 log = logging.getLogger(__name__)
 
 PREFIX = "/api/admin/"
 MAX_BODY = 64 * 1024
+MAX_LIMIT = 1000  # requests listed by one GET /api/admin/requests
 
 Scope = MutableMapping[str, Any]
 ASGIApp = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
@@ -89,6 +93,8 @@ class AdminApi:
         self.openapi = document(ADMIN_BODIES)
         self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
             (re.compile(r"status"), {"GET": self.status}),
+            (re.compile(r"requests"), {"GET": self.requests}),
+            (re.compile(r"spend"), {"GET": self.spend}),
             (re.compile(r"requests/(?P<id>[^/]+)"), {"GET": self.request}),
             (re.compile(r"providers"), {"GET": self.providers}),
             (
@@ -154,6 +160,34 @@ class AdminApi:
 
     async def status(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
         return 200, self.ops.describe()
+
+    async def requests(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        """Recent requests, filtered as `llmsvc status` filters them."""
+        query = _query(scope)
+        pairs = []
+        for pair in query.get("metadata", []):
+            name, sep, value = pair.partition(":")
+            if not sep or not name:
+                raise ClientError(f"metadata={pair!r}: give it as key:value", param="metadata")
+            pairs.append((name, value))
+        limit = _one(query, "limit") or "20"
+        if not limit.isdigit() or not 1 <= int(limit) <= MAX_LIMIT:
+            raise ClientError(f"limit must be a whole number 1..{MAX_LIMIT}", param="limit")
+        only = RequestFilter(
+            _one(query, "key"), _one(query, "team"), _one(query, "user"), tuple(pairs),
+            _since(query),
+        )  # fmt: skip
+        rows = await recent_requests(self.ops.engine, int(limit), only)
+        return 200, {"requests": _plain(rows)}
+
+    async def spend(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        """Requests, tokens and cost per key, team, user, model or day, as `llmsvc spend`."""
+        query = _query(scope)
+        by = _one(query, "by") or "key"
+        if by not in SPEND_BY:
+            raise ClientError(f"by must be one of {', '.join(SPEND_BY)}", param="by")
+        rows = await spend(self.ops.engine, by, _since(query))
+        return 200, {"by": by, "spend": _plain(rows)}
 
     async def request(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
         try:
@@ -267,6 +301,32 @@ ADMIN_BODIES: list[type[BaseModel]] = [
     keys.TeamSpec,
     keys.TeamUpdate,
 ]
+
+
+def _query(scope: Scope) -> dict[str, list[str]]:
+    """The query string's parameters; one that is not UTF-8 is the client's error."""
+    try:
+        return parse_qs(scope.get("query_string", b"").decode(), errors="strict")
+    except UnicodeDecodeError:
+        raise ClientError("the query string is not UTF-8") from None
+
+
+def _one(query: dict[str, list[str]], name: str) -> str | None:
+    """A parameter given at most once."""
+    values = query.get(name)
+    if values is None:
+        return None
+    if len(values) > 1:
+        raise ClientError(f"{name} is given {len(values)} times; give it once", param=name)
+    return values[0]
+
+
+def _since(query: dict[str, list[str]]) -> datetime | None:
+    text = _one(query, "since")
+    try:
+        return None if text is None else parse_since(text)
+    except ValueError as exc:
+        raise ClientError(f"since: {exc}", param="since") from None
 
 
 def _result(result: JobResult) -> tuple[int, dict[str, Any]]:

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from llmsvc import __version__
 from llmsvc.gateway.request import ChatRequest
+from llmsvc.store.attribution import SPEND_BY
 
 REF = "#/components/schemas/{model}"
 
@@ -66,6 +67,30 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
     no_key = _error("no such key (by name or id)")
     no_team = _error("no such team (by name or id)")
 
+    def query(name: str, description: str, schema: dict[str, Any] | None = None) -> Any:
+        return {
+            "name": name,
+            "in": "query",
+            "description": description,
+            "schema": schema or {"type": "string"},
+        }
+
+    since = query("since", "a duration back (30m, 24h, 7d, 2w) or an ISO date/time (UTC)")
+    attribution_headers = [
+        {
+            "name": "x-llmsvc-metadata",
+            "in": "header",
+            "description": "a JSON object of strings merged over the body's `metadata`",
+            "schema": {"type": "string"},
+        },
+        {
+            "name": "x-llmsvc-session-id",
+            "in": "header",
+            "description": "the session (up to 200 characters), over the body's `session_id`",
+            "schema": {"type": "string"},
+        },
+    ]
+
     def admin(summary: str, ok: str, **extra: Any) -> dict[str, Any]:
         responses = {"200": _json(ok), "401": unauthorized, **extra.pop("responses", {})}
         return {"summary": summary, "security": bearer, "responses": responses, **extra}
@@ -77,6 +102,7 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
             "/v1/chat/completions": {
                 "post": {
                     "summary": "An OpenAI chat completion, journaled before it is sent",
+                    "parameters": attribution_headers,
                     "requestBody": _body(ChatRequest),
                     "responses": {
                         "200": {
@@ -123,6 +149,39 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                     "the request",
                     parameters=[request_id],
                     responses={"400": _error("not a UUID"), "404": _error("no such request")},
+                )
+            },
+            "/api/admin/requests": {
+                "get": admin(
+                    "Recent requests, newest first, filtered as `llmsvc status` filters them",
+                    "the requests",
+                    parameters=[
+                        query("key", "a key's id or name"),
+                        query("team", "a team's id or name"),
+                        query("user", "the OpenAI `user` field"),
+                        query(
+                            "metadata",
+                            "key:value the request's metadata must hold (repeatable)",
+                            {"type": "array", "items": {"type": "string"}},
+                        ),
+                        since,
+                        query("limit", "how many (default 20)", {"type": "integer"}),
+                    ],
+                    responses={
+                        "400": _error("a bad parameter"),
+                        "404": _error("no key or team of that name"),
+                    },
+                )
+            },
+            "/api/admin/spend": {
+                "get": admin(
+                    "Requests, tokens and cost per key, team, user, model or day",
+                    "the groups",
+                    parameters=[
+                        query("by", "the group (default key)", {"enum": list(SPEND_BY)}),
+                        since,
+                    ],
+                    responses={"400": _error("a bad parameter")},
                 )
             },
             "/api/admin/providers": {"get": admin("Providers, enabled or not", "the providers")},

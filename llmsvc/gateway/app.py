@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmsvc.callers import Caller
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
+from llmsvc.gateway.attribution import read_attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
@@ -114,6 +115,7 @@ class Gateway:
         headers = dict(scope["headers"])
         body = await read_body(receive, headers, self.max_body_bytes)
         data, request = parse_chat(body)
+        attribution = read_attribution(data, request, headers)
         exchange = Exchange(
             self.journal,
             self.router,
@@ -124,7 +126,8 @@ class Gateway:
             send,
             receive,
             closed_check(scope),
-            scope.get(CALLER),
+            caller=scope.get(CALLER),
+            attribution=attribution,
         )
         cancel = anyio.CancelScope()
         self.inflight.add(cancel)

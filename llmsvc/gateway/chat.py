@@ -29,6 +29,7 @@ from llmsvc.errors import (
     WalFatal,
     WalFull,
 )
+from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import error_event
 from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
@@ -86,6 +87,7 @@ class Exchange:
         "targets",
         "tool_seq",
         "unconfirmed",
+        "who",
     )
 
     def __init__(
@@ -99,7 +101,9 @@ class Exchange:
         send: ASGISend,
         receive: ASGIReceive,
         closed: Callable[[], bool],
+        *,
         caller: Caller | None,
+        attribution: Attribution,
     ) -> None:
         if caller is not None and caller.models is not None and request.model not in caller.models:
             raise ModelNotAllowed(
@@ -125,6 +129,7 @@ class Exchange:
         self.attempt_open = False  # an attempt is started and not yet ended in the journal
         self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
         self.correlation_id = correlation_id
+        self.who = record_fields(caller, attribution)  # for the start record
         self.created = int(time.time())
         self.started = False  # response headers sent
         self.ended = False  # end records journaled
@@ -161,6 +166,7 @@ class Exchange:
                 self.stream,
                 self.data["messages"],
                 params,
+                self.who,
             )
             with scope:
                 await self._try_targets()

@@ -32,8 +32,11 @@ def now_us() -> int:
 
 
 class Journal:
-    def __init__(self, writer: WalWriter) -> None:
+    """`deployment`: fields every request start record carries (environment, version)."""
+
+    def __init__(self, writer: WalWriter, deployment: dict[str, str] | None = None) -> None:
         self.writer = writer
+        self.deployment = deployment or {}
 
     def request_start(
         self,
@@ -43,8 +46,10 @@ class Journal:
         stream: bool,
         messages: list[Any],
         params: dict[str, Any],
+        attribution: dict[str, Any] | None = None,
     ) -> asyncio.Future[int]:
-        """Queue the start; its future says whether it reached the log, if anyone asks.
+        """Queue the start, with who sent it (gateway/attribution.py's `record_fields`); its
+        future says whether it reached the log, if anyone asks.
 
         A body the WAL cannot encode or hold is the client's (parse_body bounds its depth
         and max_body_bytes its size, so this is the backstop): refused before anything of
@@ -58,6 +63,8 @@ class Journal:
             "messages": messages,
             "params": params,
             "ts": now_us(),
+            **self.deployment,
+            **(attribution or {}),
         }
         try:
             record = encode_json(RecordType.REQUEST_START, body)

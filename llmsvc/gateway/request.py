@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from typing import Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
 
 from llmsvc.errors import BodyTooLarge, ClientError
 from llmsvc.gateway.sse import ASGIReceive
@@ -18,6 +25,18 @@ Body = TypeVar("Body", bound=BaseModel)
 MAX_DEPTH = 64
 _NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
 _PAIRS = bytes.maketrans(b"[]{}", b"()()")
+
+
+# A client's metadata, bounded as OpenAI bounds its own `metadata` field: 16 pairs, keys
+# of at most 64 characters, string values of at most 512.
+METADATA_KEYS = 16
+Metadata = Annotated[
+    dict[
+        Annotated[str, StringConstraints(max_length=64)],
+        Annotated[str, StringConstraints(max_length=512)],
+    ],
+    Field(max_length=METADATA_KEYS),
+]
 
 
 class ClientGone(Exception):
@@ -60,6 +79,11 @@ class ChatRequest(BaseModel):
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
     mock_delay_ms: float | None = Field(default=None, ge=0, le=60_000)
+    # Attribution (gateway/attribution.py): `user` and `metadata` are OpenAI's own fields and
+    # go to the provider as sent; `session_id` is llmsvc's and does not.
+    user: str | None = Field(default=None, max_length=256)
+    metadata: Metadata | None = None
+    session_id: str | None = Field(default=None, max_length=200)
 
 
 async def read_body(receive: ASGIReceive, headers: dict[bytes, bytes], limit: int) -> bytes:

@@ -40,7 +40,7 @@ FINISH = {
     "max_tokens": "length",
     "tool_use": "tool_calls",
 }
-PASSED = ("temperature", "top_p", "top_k", "metadata")
+PASSED = ("temperature", "top_p", "top_k")
 
 
 def to_anthropic(body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
@@ -91,6 +91,8 @@ def to_anthropic(body: dict[str, Any], model: str, stream: bool) -> dict[str, An
     if stop:
         out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
     out.update({k: body[k] for k in PASSED if body.get(k) is not None})
+    if isinstance(body.get("user"), str):  # Anthropic's metadata holds only `user_id`
+        out["metadata"] = {"user_id": body["user"]}
     if body.get("tools"):
         out["tools"] = [
             {

@@ -34,6 +34,10 @@ ATTEMPT_END_FIELDS: tuple[str, ...] = (
     "error_code",
 )
 ATTEMPT_END_FIELDS += ("error_message", "prompt_tokens", "completion_tokens", "token_count")
+# Who sent a request: columns from its start record's fields, absent in records from
+# before attribution (NULL) and present only when known (gateway/attribution.py).
+ATTRIBUTION_COLUMNS: tuple[str, ...] = ("key_id", "team_id", "end_user", "metadata")
+ATTRIBUTION_COLUMNS += ("session_id", "environment", "version")
 
 
 def utc(us: int | None) -> datetime | None:
@@ -108,7 +112,18 @@ def _request_row(body: dict[str, Any], instance_id: uuid.UUID) -> dict[str, Any]
         "params": body["params"],
         "created_at": utc(body["ts"]),
         **dict.fromkeys(REQUEST_END_FIELDS[1:]),
+        "key_id": _uuid(body.get("key_id")),
+        "team_id": _uuid(body.get("team_id")),
+        "end_user": body.get("user"),
+        "metadata": body.get("metadata"),
+        "session_id": body.get("session_id"),
+        "environment": body.get("environment"),
+        "version": body.get("version"),
     }
+
+
+def _uuid(value: str | None) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(value)
 
 
 def _tool_row(payload: bytes) -> dict[str, Any]:
@@ -142,6 +157,7 @@ def _stand_in_row(attempt: dict[str, Any], instance_id: uuid.UUID) -> dict[str, 
         "params": {},
         "created_at": attempt["started_at"],
         **dict.fromkeys(REQUEST_END_FIELDS[1:]),
+        **dict.fromkeys(ATTRIBUTION_COLUMNS),
         "error": LOST_START,
     }
 

@@ -11,6 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc.store.attribution import RequestFilter, names, where
 from llmsvc.store.schema import (
     llm_attempts,
     llm_dead_letters,
@@ -21,8 +22,12 @@ from llmsvc.store.schema import (
 )
 
 
-async def recent_requests(engine: AsyncEngine, limit: int) -> list[dict[str, Any]]:
-    """The newest requests, newest first, with their total token counts."""
+async def recent_requests(
+    engine: AsyncEngine, limit: int, only: RequestFilter | None = None
+) -> list[dict[str, Any]]:
+    """The newest requests (of those `only` lets through), newest first, with their total
+    token counts and who sent them."""
+    joined, key_team_names = names()
     query = (
         sa.select(
             llm_requests.c.id,
@@ -35,11 +40,20 @@ async def recent_requests(engine: AsyncEngine, limit: int) -> list[dict[str, Any
             llm_requests.c.completion_tokens,
             llm_requests.c.cost,
             llm_requests.c.ended_at,
+            llm_requests.c.key_id,
+            llm_requests.c.team_id,
+            *key_team_names,
+            llm_requests.c.end_user,
+            llm_requests.c.session_id,
+            llm_requests.c["metadata"],
         )
+        .select_from(joined)
         .order_by(llm_requests.c.created_at.desc())
         .limit(limit)
     )
     async with engine.connect() as conn:
+        if only is not None:
+            query = query.where(*await where(conn, only))
         return [dict(row._mapping) for row in await conn.execute(query)]
 
 

@@ -32,6 +32,7 @@ from pydantic import SecretStr
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import BodyTooLarge, ClientError, WalFatal
 from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.attribution import Attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.journal import Journal
@@ -298,7 +299,7 @@ async def test_invalid_content_is_400_naming_the_field_not_a_union_member(
 def _nested_body(levels: int) -> bytes:
     """A valid request `levels` deep in all, written as bytes: orjson cannot write past 254."""
     inner = levels - 1
-    return orjson.dumps(_chat())[:-1] + b',"metadata":' + b"[" * inner + b"]" * inner + b"}"
+    return orjson.dumps(_chat())[:-1] + b',"payload":' + b"[" * inner + b"]" * inner + b"}"
 
 
 @pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 255, 1024])
@@ -317,7 +318,7 @@ async def test_a_body_at_the_depth_limit_is_served_and_journaled(served: Served)
     status, _, raw = await _post(served, _nested_body(MAX_DEPTH))
     assert status == 200, raw
     (start,) = _by_type(await served.records(), RecordType.REQUEST_START)
-    assert start["params"]["metadata"] == orjson.loads(_nested_body(MAX_DEPTH))["metadata"]
+    assert start["params"]["payload"] == orjson.loads(_nested_body(MAX_DEPTH))["payload"]
 
 
 async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_once(
@@ -327,7 +328,7 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
     journals nothing, logs its one request line and raises what errors.py makes a 400."""
     data = _chat()
     for _ in range(300):
-        data["metadata"] = {"k": data.get("metadata")}
+        data["payload"] = {"k": data.get("payload")}
     gateway = served.gateway
     sent: list[Any] = []
 
@@ -339,7 +340,8 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
 
     exchange = Exchange(
         gateway.journal, gateway.router, gateway.policy, data,
-        ChatRequest.model_validate(data), uuid.uuid4(), send, receive, lambda: False, None,
+        ChatRequest.model_validate(data), uuid.uuid4(), send, receive, lambda: False,
+        caller=None, attribution=Attribution(),
     )  # fmt: skip
     with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
         await exchange.run(anyio.CancelScope())

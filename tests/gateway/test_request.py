@@ -28,7 +28,7 @@ def depth(value: Any) -> int:
 def deep_body(levels: int) -> bytes:
     """A chat request `levels` deep in all, by bytes: orjson cannot write past 254."""
     inner = levels - 1
-    return orjson.dumps(CHAT)[:-1] + b',"metadata":' + b"[" * inner + b"]" * inner + b"}"
+    return orjson.dumps(CHAT)[:-1] + b',"payload":' + b"[" * inner + b"]" * inner + b"}"
 
 
 def nested(levels: int, leaf: Any = 1) -> Any:

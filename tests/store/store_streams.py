@@ -17,6 +17,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.gateway.journal import Journal, now_us
+from llmsvc.store.batch import ATTRIBUTION_COLUMNS
 from llmsvc.store.flusher import Flusher
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, wal_checkpoints
 from llmsvc.wal.writer import WalWriter
@@ -135,6 +136,9 @@ def assert_stored(
         "cost": None,
         "provider": stream.provider,
         "error": None,
+        **dict.fromkeys(ATTRIBUTION_COLUMNS),  # journaled with no caller and no attribution
+        "prompt_tokens_source": None,
+        "completion_tokens_source": None,
     }
     assert {
         k: v for k, v in attempt.items() if k not in ("started_at", "first_token_at", "ended_at")

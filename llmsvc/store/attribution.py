@@ -1,0 +1,141 @@
+"""Requests by who sent them: the filters of `status` and the admin API, and spend per group.
+
+Keys and teams are named by id or by name; names come from `api_keys` and
+`teams` (a key id with no row there is shown as its id). Times are UTC.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from llmsvc.errors import NotFound
+from llmsvc.store.schema import api_keys, llm_requests, teams
+
+SpendBy = Literal["key", "team", "user", "model", "day"]
+SPEND_BY: tuple[SpendBy, ...] = ("key", "team", "user", "model", "day")
+_DURATION = re.compile(r"(\d+)([mhdw])")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+@dataclass(frozen=True)
+class RequestFilter:
+    """Which requests: each field set narrows them; keys and teams by id or name."""
+
+    key: str | None = None
+    team: str | None = None
+    user: str | None = None
+    metadata: tuple[tuple[str, str], ...] = ()  # every pair must match
+    since: datetime | None = None
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """`24h`, `7d`, `30m`, `2w` back from now, or an ISO date or time (UTC when it names
+    no zone). ValueError says what is accepted."""
+    now = now or datetime.now(UTC)
+    if found := _DURATION.fullmatch(text.strip()):
+        return now - timedelta(**{_UNITS[found[2]]: int(found[1])})
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (30m, 24h, 7d, 2w) nor an ISO date or time"
+        ) from None
+    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+
+
+async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElement[bool]]:
+    """The conditions on `llm_requests` for a filter; NotFound for a key or team name
+    that names nothing (an empty answer would hide the typo)."""
+    r = llm_requests.c
+    conditions: list[sa.ColumnElement[bool]] = []
+    if f.key is not None:
+        conditions.append(r.key_id.in_(await _ids(conn, api_keys, f.key, "key")))
+    if f.team is not None:
+        conditions.append(r.team_id.in_(await _ids(conn, teams, f.team, "team")))
+    if f.user is not None:
+        conditions.append(r.end_user == f.user)
+    for name, value in f.metadata:
+        conditions.append(r["metadata"][name].as_string() == value)
+    if f.since is not None:
+        conditions.append(r.created_at >= f.since.astimezone(UTC))
+    return conditions
+
+
+async def _ids(conn: AsyncConnection, table: sa.Table, given: str, what: str) -> list[uuid.UUID]:
+    """A key's or team's ids: the id given, or every one of that name (a key's name may be
+    shared, by its rotated predecessors for one)."""
+    try:
+        return [uuid.UUID(given)]
+    except ValueError:
+        pass
+    ids = list(await conn.scalars(sa.select(table.c.id).where(table.c.name == given)))
+    if not ids:
+        raise NotFound(f"no {what} named {given!r}")
+    return ids
+
+
+def names() -> tuple[sa.Join, list[sa.ColumnElement[Any]]]:
+    """`llm_requests` joined to its key's and team's rows, and the columns naming them."""
+    joined = llm_requests.outerjoin(api_keys, api_keys.c.id == llm_requests.c.key_id).outerjoin(
+        teams, teams.c.id == llm_requests.c.team_id
+    )
+    return joined, [api_keys.c.name.label("key_name"), teams.c.name.label("team_name")]
+
+
+async def spend(
+    engine: AsyncEngine, by: SpendBy, since: datetime | None = None
+) -> list[dict[str, Any]]:
+    """Requests, prompt and completion tokens and cost per group, the costliest first
+    (by day: in date order). `group` is the key's or team's id, the user, the model or the
+    UTC date; `name` the key's or team's name where there is one."""
+    r = llm_requests.c
+    joined, (key_name, team_name) = names()
+    group: sa.ColumnElement[Any] = {
+        "key": r.key_id,
+        "team": r.team_id,
+        "user": r.end_user,
+        "model": r.model,
+        "day": r.created_at,  # replaced below: the date is the dialect's
+    }[by]
+    if by == "day":
+        group = _utc_date(engine.dialect.name)
+    name = {"key": key_name, "team": team_name}.get(by)
+    cost = sa.func.sum(r.cost)
+    query = (
+        sa.select(
+            group.label("group"),
+            (sa.null() if name is None else name).label("name"),
+            sa.func.count().label("requests"),
+            sa.func.coalesce(sa.func.sum(r.prompt_tokens), 0).label("prompt_tokens"),
+            sa.func.coalesce(sa.func.sum(r.completion_tokens), 0).label("completion_tokens"),
+            cost.label("cost"),
+        )
+        .select_from(joined if by in ("key", "team") else llm_requests)
+        .group_by(group, *([] if name is None else [name]))
+    )
+    if since is not None:
+        query = query.where(r.created_at >= since.astimezone(UTC))
+    if by == "day":
+        query = query.order_by(group)
+    else:
+        query = query.order_by(sa.func.coalesce(cost, 0).desc(), sa.func.count().desc(), group)
+    async with engine.connect() as conn:
+        return [dict(row._mapping) for row in await conn.execute(query)]
+
+
+def _utc_date(dialect: str) -> sa.ColumnElement[Any]:
+    """A request's UTC date as `YYYY-MM-DD` text; SQLite holds times as UTC text already."""
+    created = llm_requests.c.created_at
+    if dialect == "postgresql":
+        # Literal constants: bound ones differ between SELECT and GROUP BY for PostgreSQL.
+        utc: sa.ColumnElement[str] = sa.literal_column("'UTC'")
+        day: sa.ColumnElement[str] = sa.literal_column("'YYYY-MM-DD'")
+        return sa.func.to_char(sa.func.timezone(utc, created), day)
+    return sa.func.date(created)
