@@ -31,6 +31,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -68,10 +69,11 @@ from llmsvc.providers.base import Provider
 from llmsvc.status import iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error, migrate
 from llmsvc.store.flusher import Flusher, load_checkpoint
-from llmsvc.store.queries import open_work, set_provider_circuit
+from llmsvc.store.queries import open_work, set_provider_circuit, stored_reply
 from llmsvc.supervisor import shared_port_socket
 from llmsvc.switches import Switches
 from llmsvc.systemd import Notifier
+from llmsvc.tokens import count_completion, count_prompt
 from llmsvc.wal.reader import Position
 from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
@@ -476,11 +478,28 @@ class Daemon:
                     work.request_id,
                     status="interrupted",
                     error="llmsvc stopped before the reply ended",
+                    **await self._counted_usage(work.request_id),
                 )
             )
         if journaled:
             await asyncio.shield(journaled[-1])
         return len(found)
+
+    async def _counted_usage(self, request_id: uuid.UUID) -> dict[str, Any]:
+        """An unended request's tokens, counted from what the store holds, and their cost."""
+        reply = await stored_reply(self.maintenance, request_id)
+        if reply is None or not reply.deltas:
+            return {}  # nothing received: nothing known billed
+        completion, completion_source = count_completion(reply.model, [reply.texts], reply.deltas)
+        prompt, prompt_source = count_prompt(reply.model, reply.messages)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "prompt_tokens_source": prompt_source,
+            "completion_tokens_source": completion_source,
+            "provider": reply.provider,
+            "cost": self.router.cost(reply.provider, reply.model, prompt, completion),
+        }
 
     async def _run_job(self, name: str, slot: datetime) -> None:
         """One scheduled run; with several daemons on the database, one of them runs a slot.

@@ -33,6 +33,8 @@ async def recent_requests(engine: AsyncEngine, limit: int) -> list[dict[str, Any
             llm_requests.c.status,
             llm_requests.c.prompt_tokens,
             llm_requests.c.completion_tokens,
+            llm_requests.c.prompt_tokens_source,
+            llm_requests.c.completion_tokens_source,
             llm_requests.c.cost,
             llm_requests.c.ended_at,
         )
@@ -142,6 +144,54 @@ async def open_work(engine: AsyncEngine, instance_id: uuid.UUID) -> list[OpenWor
             )
             found.append(OpenWork(request_id, {aid: int(n) for aid, n in counts}))
     return found
+
+
+@dataclass
+class StoredReply:
+    """What the store holds of a request's reply, for counting the tokens of an unended one."""
+
+    messages: list[Any]
+    provider: str  # the last attempt's provider and its name for the model
+    model: str
+    texts: list[str]  # its tokens and tool-call names and arguments, in order
+    deltas: int
+
+
+async def stored_reply(engine: AsyncEngine, request_id: uuid.UUID) -> StoredReply | None:
+    """The request's stored text over all attempts (only one received any), or None if no
+    attempt of it is stored."""
+    async with engine.connect() as conn:
+        messages = await conn.scalar(
+            sa.select(llm_requests.c.messages).where(llm_requests.c.id == request_id)
+        )
+        attempts = (
+            await conn.execute(
+                sa.select(llm_attempts.c.id, llm_attempts.c.provider, llm_attempts.c.model)
+                .where(llm_attempts.c.request_id == request_id)
+                .order_by(llm_attempts.c.attempt_no)
+            )
+        ).all()
+        if not attempts:
+            return None
+        ids = [a.id for a in attempts]
+        texts = list(
+            await conn.scalars(
+                sa.select(llm_token_log.c.text)
+                .where(llm_token_log.c.attempt_id.in_(ids))
+                .order_by(llm_token_log.c.attempt_id, llm_token_log.c.seq)
+            )
+        )
+        calls = (
+            await conn.execute(
+                sa.select(llm_tool_calls.c.name, llm_tool_calls.c.arguments)
+                .where(llm_tool_calls.c.attempt_id.in_(ids))
+                .order_by(llm_tool_calls.c.attempt_id, llm_tool_calls.c.seq)
+            )
+        ).all()
+    deltas = len(texts) + len(calls)
+    texts += [(name or "") + arguments for name, arguments in calls]
+    last = attempts[-1]
+    return StoredReply(messages or [], last.provider, last.model, texts, deltas)
 
 
 async def provider_states(engine: AsyncEngine) -> dict[str, dict[str, Any]]:
