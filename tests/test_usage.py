@@ -82,7 +82,8 @@ def test_a_failed_stream_stores_tokenizer_counts_and_their_cost(
     with DaemonProcess(env) as daemon, client_for(daemon) as client:
         got = stream(client, "gpt-4o-mini-broken", 30)
         assert daemon.stop() == 0, daemon.log
-    assert got.error is not None and got.text == upstream_text(4)
+    assert got.error is not None
+    assert got.text == upstream_text(4)
 
     row = read_store(database_url).request(got.request_id)
     assert row["status"] == "failed"
@@ -119,7 +120,8 @@ def test_include_usage_without_upstream_usage_tells_llmsvcs_count_never_zero(
     }
     # No tokenizer fits `gpt-test`: one token per delta, and the prompt unknown (null, not 0).
     assert unknown.usage.completion_tokens == 5
-    assert unknown.usage.prompt_tokens is None and unknown.usage.total_tokens is None
+    assert unknown.usage.prompt_tokens is None
+    assert unknown.usage.total_tokens is None
     assert unknown.usage.model_extra["llmsvc_counted"] == {"completion_tokens": "deltas"}
 
     store = read_store(database_url)
