@@ -56,6 +56,7 @@ from llmsvc.gateway.http_protocol import (
 )
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
+from llmsvc.limits import Limiter
 from llmsvc.local import read_checkpoint
 from llmsvc.maintenance.backup import replay, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
@@ -192,6 +193,7 @@ class Daemon:
         self.switches.load_local()
         self.metrics.watch(self.wal_status)
         self.metrics.watch_daemon(lambda: status.daemon_state(self))
+        self.limiter = Limiter(self.engine, self.instance, lambda: self.flusher.checkpoint)
         self.gateway = Gateway(
             self.journal,
             self.router,
@@ -208,6 +210,7 @@ class Daemon:
                 attempt_timeout=s.attempt_timeout_seconds,
                 request_timeout=s.request_timeout_seconds,
             ),
+            limiter=self.limiter,
         )
         await self._start_http()
         self._start_metrics()
@@ -234,6 +237,7 @@ class Daemon:
         self.follower = asyncio.create_task(
             self.switches.follow(self.stopping), name="provider-switches"
         )
+        self.limits_task = asyncio.create_task(self.limiter.follow(self.stopping), name="limits")
         await step("checking the store", self._check)
         self.jobs = job_table(s, self.maintenance, self.instance, self.writer)
         if not self.stopping.is_set():  # no jobs to start in a shutdown
@@ -649,6 +653,9 @@ class Daemon:
         if hasattr(self, "follower"):
             with _step("provider switches no longer followed"):
                 await _end(self.follower, CLOSE_SECONDS)  # it ends when it sees `stopping`
+        if hasattr(self, "limits_task"):
+            with _step("rate limits no longer shared"):
+                await _end(self.limits_task, CLOSE_SECONDS)
         for task in list(self._background):  # circuit states being stored
             task.cancel()
         if hasattr(self, "engine"):

@@ -16,6 +16,7 @@ from typing import Any
 import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from llmsvc.callers import Caller
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import send_error, send_json
@@ -24,6 +25,7 @@ from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_body
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.limits import Limiter
 from llmsvc.metrics import Metrics, WalStatus
 
 log = logging.getLogger(__name__)
@@ -52,8 +54,10 @@ class Gateway:
         metrics: Metrics | None = None,
         describe: Callable[[], dict[str, Any]] | None = None,
         policy: RetryPolicy | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.journal = journal
+        self.limiter = limiter  # rate limits and budgets of callers (llmsvc.limits)
         self.router = router
         self.policy = policy if policy is not None else RetryPolicy()
         self.max_body_bytes = max_body_bytes
@@ -115,7 +119,10 @@ class Gateway:
             send,
             receive,
             closed_check(scope),
+            caller_of(headers),
         )
+        if exchange.caller is not None and self.limiter is not None:
+            exchange.headers += self.limiter.admit(exchange.caller)  # or 429, nothing journaled
         cancel = anyio.CancelScope()
         self.inflight.add(cancel)
         self.idle.clear()
@@ -131,6 +138,10 @@ class Gateway:
             if not self.inflight:
                 self.idle.set()
             self._count(exchange)
+            if exchange.caller is not None and self.limiter is not None:
+                tokens = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+                lsn = self.journal.writer.end.lsn - 1  # at or after the request's end record
+                self.limiter.charge(exchange.caller, tokens, exchange.cost, lsn)
 
     def _count(self, exchange: Exchange) -> None:
         for name, _model, outcome, _code in exchange.attempts:
@@ -232,6 +243,11 @@ class Gateway:
         with anyio.move_on_after(10):  # each interrupted request journals its end
             await self.idle.wait()
         return interrupted
+
+
+def caller_of(headers: dict[bytes, bytes]) -> Caller | None:
+    """Who sent a request: no one until keys authenticate callers (`auth = "keys"`)."""
+    return None
 
 
 NO_STORE = [(b"cache-control", b"no-store")]

@@ -62,6 +62,7 @@ class Exchange:
         "completion_source",
         "completion_tokens",
         "correlation_id",
+        "cost",
         "created",
         "data",
         "deadline",
@@ -137,6 +138,7 @@ class Exchange:
         self.pieces: list[list[str]] = []  # this attempt's journaled texts, counted if need be
         self.prompt_tokens: int | None = None  # as the provider reported them, else counted
         self.completion_tokens: int | None = None
+        self.cost: float | None = None
         self.prompt_source: str | None = None  # provider, tokenizer or deltas (llmsvc.tokens)
         self.completion_source: str | None = None
         self.error_code: str | None = None
@@ -163,6 +165,7 @@ class Exchange:
                 self.stream,
                 self.data["messages"],
                 params,
+                self.caller,
             )
             with scope:
                 await self._try_targets()
@@ -440,6 +443,9 @@ class Exchange:
     ) -> tuple[dict[str, Any], dict[str, Any]]:
         self.error_code = error_code
         prompt, completion = self._count(reply)
+        self.cost = self.router.cost(
+            self.target.provider.name, self.target.model, prompt, completion
+        )
         attempt = self._attempt_fields(status, reply, error, error_code, http_status)
         request = {
             "status": status,
@@ -447,9 +453,7 @@ class Exchange:
             "completion_tokens": completion,
             "prompt_tokens_source": self.prompt_source,
             "completion_tokens_source": self.completion_source,
-            "cost": self.router.cost(
-                self.target.provider.name, self.target.model, prompt, completion
-            ),
+            "cost": self.cost,
             "provider": self.target.provider.name,
             "error": error,
         }

@@ -15,6 +15,7 @@ from typing import Any
 
 import orjson
 
+from llmsvc.callers import Caller
 from llmsvc.errors import BodyTooLarge, ClientError
 from llmsvc.wal.codec import (
     FRAME,
@@ -43,6 +44,7 @@ class Journal:
         stream: bool,
         messages: list[Any],
         params: dict[str, Any],
+        caller: Caller | None = None,
     ) -> asyncio.Future[int]:
         """Queue the start; its future says whether it reached the log, if anyone asks.
 
@@ -59,6 +61,9 @@ class Journal:
             "params": params,
             "ts": now_us(),
         }
+        if caller is not None:  # who sent it, so spend per key and team is the store's sum
+            body["key_id"] = str(caller.key_id)
+            body["team_id"] = str(caller.team_id) if caller.team_id else None
         try:
             record = encode_json(RecordType.REQUEST_START, body)
         except orjson.JSONEncodeError as exc:

@@ -107,8 +107,14 @@ def _request_row(body: dict[str, Any], instance_id: uuid.UUID) -> dict[str, Any]
         "messages": body["messages"],
         "params": body["params"],
         "created_at": utc(body["ts"]),
+        "key_id": _uuid(body.get("key_id")),
+        "team_id": _uuid(body.get("team_id")),
         **dict.fromkeys(REQUEST_END_FIELDS[1:]),
     }
+
+
+def _uuid(value: str | None) -> uuid.UUID | None:
+    return None if value is None else uuid.UUID(value)
 
 
 def _tool_row(payload: bytes) -> dict[str, Any]:
@@ -141,6 +147,8 @@ def _stand_in_row(attempt: dict[str, Any], instance_id: uuid.UUID) -> dict[str, 
         "messages": [],
         "params": {},
         "created_at": attempt["started_at"],
+        "key_id": None,
+        "team_id": None,
         **dict.fromkeys(REQUEST_END_FIELDS[1:]),
         "error": LOST_START,
     }

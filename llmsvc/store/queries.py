@@ -282,3 +282,38 @@ async def acknowledge_dead_letters(engine: AsyncEngine) -> int:
             .values(acknowledged_at=datetime.now(UTC))
         )
     return int(done.rowcount)
+
+
+async def usage_since(
+    engine: AsyncEngine, instance_id: uuid.UUID, since: datetime
+) -> dict[tuple[str, uuid.UUID], tuple[int, int]]:
+    """Per key and per team: the requests other instances stored since `since`, and their
+    tokens (prompt + completion, as far as ended), for sharing rate limits."""
+    r = llm_requests.c
+    tokens = sa.func.coalesce(
+        sa.func.sum(
+            sa.func.coalesce(r.prompt_tokens, 0) + sa.func.coalesce(r.completion_tokens, 0)
+        ),
+        0,
+    )
+    used: dict[tuple[str, uuid.UUID], tuple[int, int]] = {}
+    async with engine.connect() as conn:
+        for scope, column in (("key", r.key_id), ("team", r.team_id)):
+            rows = await conn.execute(
+                sa.select(column, sa.func.count(), tokens)
+                .where(column.is_not(None), r.created_at >= since, r.instance_id != instance_id)
+                .group_by(column)
+            )
+            for owner, count, total in rows:
+                used[(scope, owner)] = (int(count), int(total))
+    return used
+
+
+async def spend_since(engine: AsyncEngine, scope: str, owner: uuid.UUID, since: datetime) -> float:
+    """What a key's or team's stored requests since `since` cost (requests without a cost: 0)."""
+    column = llm_requests.c.key_id if scope == "key" else llm_requests.c.team_id
+    query = sa.select(sa.func.coalesce(sa.func.sum(llm_requests.c.cost), 0.0)).where(
+        column == owner, llm_requests.c.created_at >= since
+    )
+    async with engine.connect() as conn:
+        return float(await conn.scalar(query) or 0.0)
