@@ -463,7 +463,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     head = ("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "KEY", "TEAM", "STATUS")
     table = [(*head, "TOKENS", "COST", "SECONDS")]
     for row in rows:
-        tokens = f"{row['prompt_tokens'] or 0}/{row['completion_tokens'] or 0}"
+        tokens = f"{_count(row, 'prompt_tokens')}/{_count(row, 'completion_tokens')}"
         table.append(
             (
                 _time(row["created_at"]),
@@ -481,7 +481,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     _print_table(table)
     if not rows:
         print("(no requests yet)")
-    elif any(row["cost"] is not None for row in rows):  # only with a price table
+    if any(
+        COUNTED in _count(row, "prompt_tokens") + _count(row, "completion_tokens") for row in rows
+    ):
+        print(
+            f"{COUNTED} counted by llmsvc (tokenizer or one per delta): the provider sent no usage"
+        )
+    if rows and any(row["cost"] is not None for row in rows):  # only with a price table
         total = sum(row["cost"] or 0 for row in rows)
         print(f"cost of these {len(rows)} requests: {total:.6f}")
     return 0
@@ -521,6 +527,17 @@ def _since(text: str) -> datetime:
 def _named(name: str | None, row_id: uuid.UUID | None) -> str:
     """A key or team as its name, or its id when it has no row (or `-` for none)."""
     return name or ("-" if row_id is None else str(row_id))
+
+
+COUNTED = "*"
+
+
+def _count(row: dict[str, Any], field: str) -> str:
+    """A token count as `status` prints it: `?` unknown, marked when llmsvc counted it."""
+    if row[field] is None:
+        return "?"
+    counted = row[field + "_source"] not in (None, "provider")
+    return f"{row[field]}{COUNTED if counted else ''}"
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ import os
 import signal
 import socket
 import time
+import uuid
 from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,7 @@ from llmsvc.gateway.http_protocol import (
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.keytable import KeyTable
+from llmsvc.limits import Limiter
 from llmsvc.local import read_checkpoint
 from llmsvc.maintenance.backup import replay, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
@@ -71,10 +73,11 @@ from llmsvc.providers.base import Provider
 from llmsvc.status import iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error, migrate
 from llmsvc.store.flusher import Flusher, load_checkpoint
-from llmsvc.store.queries import open_work, set_provider_circuit
+from llmsvc.store.queries import open_work, set_provider_circuit, stored_reply
 from llmsvc.supervisor import shared_port_socket
 from llmsvc.switches import Switches
 from llmsvc.systemd import Notifier
+from llmsvc.tokens import count_completion, count_prompt
 from llmsvc.wal.reader import Position
 from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
@@ -199,6 +202,7 @@ class Daemon:
             self.keys.load_local()
         self.metrics.watch(self.wal_status)
         self.metrics.watch_daemon(lambda: status.daemon_state(self))
+        self.limiter = Limiter(self.engine, self.instance, lambda: self.flusher.checkpoint)
         self.gateway = Gateway(
             self.journal,
             self.router,
@@ -216,6 +220,7 @@ class Daemon:
                 request_timeout=s.request_timeout_seconds,
             ),
             keys=self.keys,
+            limiter=self.limiter,
         )
         await self._start_http()
         self._start_metrics()
@@ -245,6 +250,7 @@ class Daemon:
         self.follower = asyncio.create_task(
             self.switches.follow(self.stopping), name="provider-switches"
         )
+        self.limits_task = asyncio.create_task(self.limiter.follow(self.stopping), name="limits")
         await step("checking the store", self._check)
         self.jobs = job_table(s, self.maintenance, self.instance, self.writer)
         if not self.stopping.is_set():  # no jobs to start in a shutdown
@@ -498,11 +504,28 @@ class Daemon:
                     work.request_id,
                     status="interrupted",
                     error="llmsvc stopped before the reply ended",
+                    **await self._counted_usage(work.request_id),
                 )
             )
         if journaled:
             await asyncio.shield(journaled[-1])
         return len(found)
+
+    async def _counted_usage(self, request_id: uuid.UUID) -> dict[str, Any]:
+        """An unended request's tokens, counted from what the store holds, and their cost."""
+        reply = await stored_reply(self.maintenance, request_id)
+        if reply is None or not reply.deltas:
+            return {}  # nothing received: nothing known billed
+        completion, completion_source = count_completion(reply.model, [reply.texts], reply.deltas)
+        prompt, prompt_source = count_prompt(reply.model, reply.messages)
+        return {
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "prompt_tokens_source": prompt_source,
+            "completion_tokens_source": completion_source,
+            "provider": reply.provider,
+            "cost": self.router.cost(reply.provider, reply.model, prompt, completion),
+        }
 
     async def _run_job(self, name: str, slot: datetime) -> None:
         """One scheduled run; with several daemons on the database, one of them runs a slot.
@@ -655,6 +678,9 @@ class Daemon:
         if hasattr(self, "keys_follower"):
             with _step("keys no longer followed"):
                 await _end(self.keys_follower, CLOSE_SECONDS)
+        if hasattr(self, "limits_task"):
+            with _step("rate limits no longer shared"):
+                await _end(self.limits_task, CLOSE_SECONDS)
         for task in list(self._background):  # circuit states being stored
             task.cancel()
         if hasattr(self, "engine"):

@@ -145,6 +145,25 @@ class ModelNotAllowed(ClientError):
     code = "model_not_allowed"
 
 
+class RateLimited(ClientError):
+    """A key or team is over its requests or tokens per minute; `kind` is which (OpenAI's
+    error type), `headers` the `Retry-After` and `x-ratelimit-*` the 429 carries."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, kind: str, headers: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.headers = headers
+
+
+class BudgetExceeded(RateLimited):
+    """A key's or team's spend this period has reached its budget."""
+
+    code = "budget_exceeded"
+
+
 class Conflict(ClientError):
     """The request cannot be done in the daemon's current state (e.g. a restore)."""
 

@@ -26,6 +26,7 @@ from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_body
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.limits import Limiter
 from llmsvc.metrics import Metrics, WalStatus
 
 if TYPE_CHECKING:
@@ -58,9 +59,11 @@ class Gateway:
         describe: Callable[[], dict[str, Any]] | None = None,
         policy: RetryPolicy | None = None,
         keys: KeyTable | None = None,
+        limiter: Limiter | None = None,
     ) -> None:
         self.journal = journal
         self.keys = keys  # with auth = "keys": every /v1/* request needs one of them
+        self.limiter = limiter  # rate limits and budgets of callers (llmsvc.limits)
         self.router = router
         self.policy = policy if policy is not None else RetryPolicy()
         self.max_body_bytes = max_body_bytes
@@ -129,6 +132,8 @@ class Gateway:
             caller=scope.get(CALLER),
             attribution=attribution,
         )
+        if exchange.caller is not None and self.limiter is not None:
+            exchange.headers += self.limiter.admit(exchange.caller)  # or 429, nothing journaled
         cancel = anyio.CancelScope()
         self.inflight.add(cancel)
         self.idle.clear()
@@ -144,6 +149,10 @@ class Gateway:
             if not self.inflight:
                 self.idle.set()
             self._count(exchange)
+            if exchange.caller is not None and self.limiter is not None:
+                tokens = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+                lsn = self.journal.writer.end.lsn - 1  # at or after the request's end record
+                self.limiter.charge(exchange.caller, tokens, exchange.cost, lsn)
 
     def _count(self, exchange: Exchange) -> None:
         for name, _model, outcome, _code in exchange.attempts:

@@ -36,6 +36,7 @@ from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import RetryPolicy, Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
 from llmsvc.providers.base import Reply, ToolCallDeltas
+from llmsvc.tokens import PROVIDER, count_completion, count_prompt
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,10 @@ class Exchange:
         "bound",
         "caller",
         "closed",
+        "completion_source",
+        "completion_tokens",
         "correlation_id",
+        "cost",
         "created",
         "data",
         "deadline",
@@ -71,7 +75,9 @@ class Exchange:
         "include_usage",
         "journal",
         "model",
+        "pieces",
         "policy",
+        "prompt_source",
         "prompt_tokens",
         "receive",
         "request_deadline",
@@ -111,8 +117,8 @@ class Exchange:
                 f"it may use {', '.join(sorted(caller.models))}",
                 param="model",
             )
-        self.caller = caller  # None with auth = "none"
         self.journal = journal
+        self.caller = caller  # who sent it (None with `auth = "none"`)
         self.router = router
         self.policy = policy
         self.targets = router.targets(request.model)  # UnknownModel before anything is journaled
@@ -141,7 +147,12 @@ class Exchange:
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
-        self.prompt_tokens: int | None = None  # as the provider reported them
+        self.pieces: list[list[str]] = []  # this attempt's journaled texts, counted if need be
+        self.prompt_tokens: int | None = None  # as the provider reported them, else counted
+        self.completion_tokens: int | None = None
+        self.cost: float | None = None
+        self.prompt_source: str | None = None  # provider, tokenizer or deltas (llmsvc.tokens)
+        self.completion_source: str | None = None
         self.error_code: str | None = None
         self.status = "streaming"
         self.began = time.monotonic()
@@ -229,7 +240,7 @@ class Exchange:
         name = target.provider.name
         self.target, self.attempt_no = target, self.attempt_no + 1
         self.attempt_id, self.first_token_us, self.attempt_open = uuid.uuid4(), None, True
-        self.tool_seq = 0
+        self.tool_seq, self.pieces = 0, []
         self.journal.attempt_start(
             self.attempt_id, self.request_id, self.attempt_no, name, target.model
         )
@@ -314,7 +325,7 @@ class Exchange:
             fut = self._end_records("completed", reply)
             tail = encoder.finish(reply.finish_reason or "stop")
             if self.include_usage:
-                tail += encoder.usage(reply.prompt_tokens, reply.completion_tokens)
+                tail += encoder.usage(*self._usage())
             await fut
             await self._send_chunk(encoder, tail + DONE, more=False)
         finally:
@@ -324,6 +335,7 @@ class Exchange:
         """Journal tool-call deltas and return their client chunk, once they are durable."""
         fut = self.journal.tool_deltas(self.attempt_id.bytes, self.tool_seq, deltas)
         self.tool_seq += len(deltas)
+        self.pieces.append(tool_texts(deltas))
         if self.first_token_us is None:
             self._first_token()
         await fut
@@ -342,6 +354,7 @@ class Exchange:
         if reply.tool_calls:
             self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
             self.tool_seq = len(reply.tool_calls)
+            self.pieces.append(tool_texts(reply.tool_calls))
         fut = self._end_records("completed", reply)
         body = completion_body(
             self.completion_id,
@@ -349,8 +362,7 @@ class Exchange:
             self.model,
             content,
             reply.finish_reason or "stop",
-            reply.prompt_tokens,
-            reply.completion_tokens,
+            *self._usage(),
             reply.tool_calls,
         )
         await fut
@@ -377,6 +389,7 @@ class Exchange:
         """Append a token batch; counted as journaled unless the WAL refuses it later."""
         fut = self.journal.tokens(attempt_id, self.seq, texts)
         self.seq += len(texts)
+        self.pieces.append(texts)  # a reference: the per-token path does no counting
         self.unconfirmed = (fut, len(texts))
         return fut
 
@@ -440,19 +453,52 @@ class Exchange:
         error_code: str | None,
         http_status: int | None,
     ) -> tuple[dict[str, Any], dict[str, Any]]:
-        prompt = reply.prompt_tokens if reply else None
-        completion = reply.completion_tokens if reply else None
-        self.prompt_tokens, self.error_code = prompt, error_code
+        self.error_code = error_code
+        prompt, completion = self._count(reply)
+        self.cost = self.router.cost(
+            self.target.provider.name, self.target.model, prompt, completion
+        )
         attempt = self._attempt_fields(status, reply, error, error_code, http_status)
         request = {
             "status": status,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "cost": self.router.cost(self.target, prompt, completion),
+            "prompt_tokens_source": self.prompt_source,
+            "completion_tokens_source": self.completion_source,
+            "cost": self.cost,
             "provider": self.target.provider.name,
             "error": error,
         }
         return attempt, request
+
+    def _count(self, reply: Reply | None) -> tuple[int | None, int | None]:
+        """The request's tokens: the provider's usage where it sent one, else counted here.
+
+        Counted once, at the end, from the pieces the attempt journaled; a request that
+        received nothing and has no usage is left uncounted (nothing is known billed).
+        """
+        prompt = reply.prompt_tokens if reply else None
+        completion = reply.completion_tokens if reply else None
+        self.prompt_source = PROVIDER if prompt is not None else None
+        self.completion_source = PROVIDER if completion is not None else None
+        if reply is None and not self.pieces:
+            self.prompt_tokens = self.completion_tokens = None
+            return None, None
+        model = self.target.model
+        if completion is None:
+            completion, self.completion_source = count_completion(
+                model, self.pieces, self.seq + self.tool_seq
+            )
+        if prompt is None:
+            prompt, self.prompt_source = count_prompt(model, self.data["messages"])
+        self.prompt_tokens, self.completion_tokens = prompt, completion
+        return prompt, completion
+
+    def _usage(self) -> tuple[int | None, int | None, dict[str, str] | None]:
+        """What the client's `usage` says: the stored counts, and how llmsvc got any it counted."""
+        sources = {"prompt_tokens": self.prompt_source, "completion_tokens": self.completion_source}
+        counted = {k: v for k, v in sources.items() if v is not None and v != PROVIDER}
+        return self.prompt_tokens, self.completion_tokens, counted or None
 
     def _attempt_fields(
         self,
@@ -507,6 +553,7 @@ class Exchange:
             return
         if batch is not None and batch.exception() is not None:
             self.seq -= tokens
+            self.pieces.pop()  # the refused batch's texts, appended last
         self.unconfirmed = (None, 0)
         attempt, request = self._end_fields(status, None, error, error_code, None)
         held = self.attempt_id if self.attempt_open else None
@@ -527,3 +574,8 @@ class Exchange:
             self.seq,
             (time.monotonic() - self.began) * 1000,
         )
+
+
+def tool_texts(deltas: list[dict[str, Any]]) -> list[str]:
+    """The text of tool-call deltas that a tokenizer counts: names and arguments."""
+    return [(d.get("name") or "") + (d.get("arguments") or "") for d in deltas]

@@ -16,6 +16,7 @@ from llmsvc.errors import (
     ClientError,
     MethodNotAllowed,
     ProviderError,
+    RateLimited,
     ServiceUnavailable,
     WalError,
 )
@@ -26,6 +27,8 @@ log = logging.getLogger(__name__)
 
 def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
     """(HTTP status, OpenAI `error` object) for an exception."""
+    if isinstance(exc, RateLimited):
+        return exc.status, _error(str(exc), exc.kind, exc.code)
     if isinstance(exc, ClientError):
         return exc.status, _error(str(exc), "invalid_request_error", exc.code, exc.param)
     if isinstance(exc, ProviderError):
@@ -55,6 +58,8 @@ async def send_error(
         log.error("unhandled error", exc_info=exc)
     if isinstance(exc, MethodNotAllowed):
         headers = [*(headers or []), (b"allow", exc.allow.encode())]
+    if isinstance(exc, RateLimited):
+        headers = [*(headers or []), *exc.headers]
     await send_json(send, status, {"error": error}, headers)
 
 

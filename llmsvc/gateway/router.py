@@ -85,11 +85,11 @@ class Router:
             return f"provider {name!r} has its circuit open (failing; next try in {wait:.0f} s)"
         return None
 
-    def cost(self, target: Target, prompt: int | None, completion: int | None) -> float | None:
+    def cost(
+        self, provider: str, model: str, prompt: int | None, completion: int | None
+    ) -> float | None:
         """What an attempt cost by the price table ("provider:model", else "model"), or None."""
-        price = self.prices.get(f"{target.provider.name}:{target.model}") or self.prices.get(
-            target.model
-        )
+        price = self.prices.get(f"{provider}:{model}") or self.prices.get(model)
         if price is None or prompt is None or completion is None:
             return None
         return (prompt * price.input_per_million + completion * price.output_per_million) / 1e6

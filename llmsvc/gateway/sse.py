@@ -59,19 +59,33 @@ class ChunkEncoder:
             self._head + b'{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
         )
 
-    def usage(self, prompt_tokens: int | None, completion_tokens: int | None) -> bytes:
+    def usage(
+        self,
+        prompt_tokens: int | None,
+        completion_tokens: int | None,
+        counted: dict[str, str] | None = None,
+    ) -> bytes:
         head = self._head[: -len(b'{"index":0,"delta":')]
-        usage = _usage(prompt_tokens, completion_tokens)
+        usage = _usage(prompt_tokens, completion_tokens, counted)
         return head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
 
 
-def _usage(prompt_tokens: int | None, completion_tokens: int | None) -> dict[str, int]:
-    prompt, completion = prompt_tokens or 0, completion_tokens or 0
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
+def _usage(
+    prompt_tokens: int | None, completion_tokens: int | None, counted: dict[str, str] | None
+) -> dict[str, Any]:
+    """OpenAI's usage object; a count nobody knows is null, never 0, and the counts llmsvc made
+    itself are named in `llmsvc_counted` (field -> `tokenizer` or `deltas`)."""
+    total = None
+    if prompt_tokens is not None and completion_tokens is not None:
+        total = prompt_tokens + completion_tokens
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": total,
     }
+    if counted:
+        usage["llmsvc_counted"] = counted
+    return usage
 
 
 def completion_body(
@@ -82,6 +96,7 @@ def completion_body(
     finish_reason: str,
     prompt_tokens: int | None,
     completion_tokens: int | None,
+    counted: dict[str, str] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
 ) -> bytes:
     """A whole (non-streaming) chat.completion object."""
@@ -104,7 +119,7 @@ def completion_body(
                     "finish_reason": finish_reason,
                 }
             ],
-            "usage": _usage(prompt_tokens, completion_tokens),
+            "usage": _usage(prompt_tokens, completion_tokens, counted),
         }
     )
 

@@ -25,7 +25,7 @@ REQUEST_END_FIELDS: tuple[str, ...] = (
     "completion_tokens",
     "cost",
 )
-REQUEST_END_FIELDS += ("provider", "error")
+REQUEST_END_FIELDS += ("provider", "error", "prompt_tokens_source", "completion_tokens_source")
 ATTEMPT_END_FIELDS: tuple[str, ...] = (
     "status",
     "first_token_at",

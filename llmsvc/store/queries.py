@@ -38,6 +38,8 @@ async def recent_requests(
             llm_requests.c.status,
             llm_requests.c.prompt_tokens,
             llm_requests.c.completion_tokens,
+            llm_requests.c.prompt_tokens_source,
+            llm_requests.c.completion_tokens_source,
             llm_requests.c.cost,
             llm_requests.c.ended_at,
             llm_requests.c.key_id,
@@ -158,6 +160,54 @@ async def open_work(engine: AsyncEngine, instance_id: uuid.UUID) -> list[OpenWor
     return found
 
 
+@dataclass
+class StoredReply:
+    """What the store holds of a request's reply, for counting the tokens of an unended one."""
+
+    messages: list[Any]
+    provider: str  # the last attempt's provider and its name for the model
+    model: str
+    texts: list[str]  # its tokens and tool-call names and arguments, in order
+    deltas: int
+
+
+async def stored_reply(engine: AsyncEngine, request_id: uuid.UUID) -> StoredReply | None:
+    """The request's stored text over all attempts (only one received any), or None if no
+    attempt of it is stored."""
+    async with engine.connect() as conn:
+        messages = await conn.scalar(
+            sa.select(llm_requests.c.messages).where(llm_requests.c.id == request_id)
+        )
+        attempts = (
+            await conn.execute(
+                sa.select(llm_attempts.c.id, llm_attempts.c.provider, llm_attempts.c.model)
+                .where(llm_attempts.c.request_id == request_id)
+                .order_by(llm_attempts.c.attempt_no)
+            )
+        ).all()
+        if not attempts:
+            return None
+        ids = [a.id for a in attempts]
+        texts = list(
+            await conn.scalars(
+                sa.select(llm_token_log.c.text)
+                .where(llm_token_log.c.attempt_id.in_(ids))
+                .order_by(llm_token_log.c.attempt_id, llm_token_log.c.seq)
+            )
+        )
+        calls = (
+            await conn.execute(
+                sa.select(llm_tool_calls.c.name, llm_tool_calls.c.arguments)
+                .where(llm_tool_calls.c.attempt_id.in_(ids))
+                .order_by(llm_tool_calls.c.attempt_id, llm_tool_calls.c.seq)
+            )
+        ).all()
+    deltas = len(texts) + len(calls)
+    texts += [(name or "") + arguments for name, arguments in calls]
+    last = attempts[-1]
+    return StoredReply(messages or [], last.provider, last.model, texts, deltas)
+
+
 async def provider_states(engine: AsyncEngine) -> dict[str, dict[str, Any]]:
     """Every provider's stored row: enabled flag, circuit state, failures, last error."""
     async with engine.connect() as conn:
@@ -246,3 +296,38 @@ async def acknowledge_dead_letters(engine: AsyncEngine) -> int:
             .values(acknowledged_at=datetime.now(UTC))
         )
     return int(done.rowcount)
+
+
+async def usage_since(
+    engine: AsyncEngine, instance_id: uuid.UUID, since: datetime
+) -> dict[tuple[str, uuid.UUID], tuple[int, int]]:
+    """Per key and per team: the requests other instances stored since `since`, and their
+    tokens (prompt + completion, as far as ended), for sharing rate limits."""
+    r = llm_requests.c
+    tokens = sa.func.coalesce(
+        sa.func.sum(
+            sa.func.coalesce(r.prompt_tokens, 0) + sa.func.coalesce(r.completion_tokens, 0)
+        ),
+        0,
+    )
+    used: dict[tuple[str, uuid.UUID], tuple[int, int]] = {}
+    async with engine.connect() as conn:
+        for scope, column in (("key", r.key_id), ("team", r.team_id)):
+            rows = await conn.execute(
+                sa.select(column, sa.func.count(), tokens)
+                .where(column.is_not(None), r.created_at >= since, r.instance_id != instance_id)
+                .group_by(column)
+            )
+            for owner, count, total in rows:
+                used[(scope, owner)] = (int(count), int(total))
+    return used
+
+
+async def spend_since(engine: AsyncEngine, scope: str, owner: uuid.UUID, since: datetime) -> float:
+    """What a key's or team's stored requests since `since` cost (requests without a cost: 0)."""
+    column = llm_requests.c.key_id if scope == "key" else llm_requests.c.team_id
+    query = sa.select(sa.func.coalesce(sa.func.sum(llm_requests.c.cost), 0.0)).where(
+        column == owner, llm_requests.c.created_at >= since
+    )
+    async with engine.connect() as conn:
+        return float(await conn.scalar(query) or 0.0)
