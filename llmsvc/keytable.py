@@ -24,7 +24,7 @@ import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.callers import Caller, Limits
-from llmsvc.errors import InvalidApiKey
+from llmsvc.errors import InvalidApiKey, ServiceUnavailable
 from llmsvc.local import read_keys, write_keys
 from llmsvc.store.engine import describe_error
 from llmsvc.store.keys import LIMITS, changed_since, secret_hash, utc
@@ -85,6 +85,11 @@ class KeyTable:
         digest = secret_hash(secret)
         entry = self.by_hash.get(digest)
         if entry is None or not hmac.compare_digest(entry.secret_hash, digest):
+            if self.reads == 0:  # not read yet: perhaps a key made since the last run
+                raise ServiceUnavailable(
+                    "llmsvc has not read its keys from the database since it started; "
+                    "try again shortly"
+                )
             raise InvalidApiKey("the API key is not known here (mistyped, or rotated)")
         if entry.revoked:
             raise InvalidApiKey(f"the API key {entry.caller.key_name!r} is revoked")

@@ -1,13 +1,13 @@
 """Rate limits and budgets per key and team: 429s with OpenAI's headers, shared across instances.
 
-Real daemons (tests/caller_daemon.py gives requests a caller until keys land), a real
-upstream, the official SDK, SQLite and PostgreSQL.
+Real daemons with `auth = "keys"` and keys made with `llmsvc keys create`, a real upstream,
+the official SDK, SQLite and PostgreSQL.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -16,24 +16,20 @@ from typing import Any
 
 import openai
 import pytest
-from daemon_process import REPO, DaemonProcess, UpstreamProcess, daemon_env, read_store
-from test_e2e import KEY, MESSAGES, client_for
+from daemon_process import DaemonProcess, UpstreamProcess, daemon_env, read_store, run_cli
+from test_e2e import KEY, MESSAGES
 
 pytestmark = pytest.mark.timeout(90)
 
 PRICE = {"input_per_million": 100000.0, "output_per_million": 100000.0}  # 0.1 a token
-TEAM = str(uuid.uuid4())
-CALLERS: dict[str, Any] = {
-    "rpm": {"key_id": str(uuid.uuid4()), "key_limits": {"rpm": 3}},
-    "tpm": {"key_id": str(uuid.uuid4()), "key_limits": {"tpm": 20}},
-    "budget": {
-        "key_id": str(uuid.uuid4()),
-        "key_limits": {"budget": 1.0, "budget_period": "day"},
-    },
-    "team-a": {"key_id": str(uuid.uuid4()), "team_id": TEAM, "team_limits": {"rpm": 2}},
-    "team-b": {"key_id": str(uuid.uuid4()), "team_id": TEAM, "team_limits": {"rpm": 2}},
-    "shared": {"key_id": str(uuid.uuid4()), "key_limits": {"rpm": 6}},
-    "free": {"key_id": str(uuid.uuid4())},
+KEYS: dict[str, list[str]] = {  # name -> `llmsvc keys create` options
+    "rpm": ["--rpm", "3"],
+    "tpm": ["--tpm", "20"],
+    "budget": ["--budget", "1.0", "--budget-period", "day"],
+    "team-a": ["--team", "pair"],
+    "team-b": ["--team", "pair"],
+    "shared": ["--rpm", "6"],
+    "free": [],
 }
 
 
@@ -45,8 +41,6 @@ def upstream() -> Iterator[UpstreamProcess]:
 
 @pytest.fixture
 def env(database_url: str, tmp_path: Path, upstream: UpstreamProcess) -> dict[str, str]:
-    callers = tmp_path / "callers.json"
-    callers.write_text(json.dumps(CALLERS))
     provider = {
         "name": "upstream",
         "kind": "openai",
@@ -54,40 +48,61 @@ def env(database_url: str, tmp_path: Path, upstream: UpstreamProcess) -> dict[st
         "api_key": KEY,
         "models": ["gpt-4o-mini"],
     }
-    env = daemon_env(
+    return daemon_env(
         database_url,
         tmp_path / "wal",
         providers=json.dumps([provider]),
         prices=json.dumps({"gpt-4o-mini": PRICE}),
+        auth="keys",
     )
-    return {**env, "TEST_CALLERS": str(callers)}
 
 
-def daemon(env: dict[str, str], wal: str | None = None) -> DaemonProcess:
+@pytest.fixture
+def keys(env: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Each caller's key id and secret, as `keys create --json` printed them."""
+    assert run_cli(env, "migrate").returncode == 0
+    assert run_cli(env, "teams", "create", "pair", "--rpm", "2").returncode == 0
+    made = {}
+    for name, options in KEYS.items():
+        done = run_cli(env, "keys", "create", name, *options, "--json")
+        assert done.returncode == 0, done.stderr
+        printed = json.loads(done.stdout)
+        made[name] = {"id": printed["key"]["id"], "secret": printed["secret"]}
+    return made
+
+
+@contextlib.contextmanager
+def daemon(env: dict[str, str], wal: str | None = None) -> Iterator[DaemonProcess]:
+    """A daemon that has read its keys (its catch-up is done)."""
     if wal is not None:
         env = {**env, "LLMSVC_WAL_DIR": wal}
-    return DaemonProcess(env, command=[sys.executable, str(REPO / "tests" / "caller_daemon.py")])
+    with DaemonProcess(env) as started:
+        started.wait_caught_up()
+        yield started
 
 
-def ask(client: openai.OpenAI, caller: str, n: int = 3) -> Any:
-    """One non-streaming call as `caller`: the raw response, or the SDK's error."""
+def client_for(daemon: DaemonProcess) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{daemon.base_url}/v1", api_key="per-call", max_retries=0, timeout=30
+    )
+
+
+def ask(client: openai.OpenAI, key: dict[str, Any], n: int = 3) -> Any:
+    """One non-streaming call with `key`: the raw response, or the SDK's error."""
     try:
-        return client.chat.completions.with_raw_response.create(
-            model="gpt-4o-mini",
-            messages=MESSAGES,
-            max_tokens=n,
-            extra_headers={"x-test-caller": caller},
+        return client.with_options(api_key=key["secret"]).chat.completions.with_raw_response.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=n
         )
     except openai.APIStatusError as exc:
         return exc
 
 
 def test_requests_over_a_keys_rpm_get_429_with_openais_headers_and_are_not_journaled(
-    env: dict[str, str], database_url: str
+    env: dict[str, str], database_url: str, keys: dict[str, dict[str, Any]]
 ) -> None:
     with daemon(env) as d, client_for(d) as client:
-        got = [ask(client, "rpm") for _ in range(4)]
-        free = ask(client, "free")
+        got = [ask(client, keys["rpm"]) for _ in range(4)]
+        free = ask(client, keys["free"])
         assert d.stop() == 0, d.log
     assert [g.headers["x-ratelimit-remaining-requests"] for g in got[:3]] == ["2", "1", "0"]
     assert all(g.headers["x-ratelimit-limit-requests"] == "3" for g in got[:3])
@@ -99,17 +114,17 @@ def test_requests_over_a_keys_rpm_get_429_with_openais_headers_and_are_not_journ
     assert 1 <= int(refused.response.headers["retry-after"]) <= 21
     assert refused.response.headers["x-ratelimit-remaining-requests"] == "0"
     assert "x-ratelimit-limit-requests" not in free.headers  # a caller without limits
-    key = uuid.UUID(CALLERS["rpm"]["key_id"])
+    key = uuid.UUID(keys["rpm"]["id"])
     stored = [r for r in read_store(database_url).requests.values() if r["key_id"] == key]
     assert len(stored) == 3
 
 
 def test_tokens_over_a_keys_tpm_get_429_once_charged(
-    env: dict[str, str], database_url: str
+    env: dict[str, str], database_url: str, keys: dict[str, dict[str, Any]]
 ) -> None:
     with daemon(env) as d, client_for(d) as client:
-        first = ask(client, "tpm", n=30)  # admitted: tokens are charged at the end
-        second = ask(client, "tpm")
+        first = ask(client, keys["tpm"], n=30)  # admitted: tokens are charged at the end
+        second = ask(client, keys["tpm"])
         assert d.stop() == 0, d.log
     assert first.headers["x-ratelimit-limit-tokens"] == "20"
     assert isinstance(second, openai.RateLimitError)
@@ -118,37 +133,43 @@ def test_tokens_over_a_keys_tpm_get_429_once_charged(
 
 
 def test_a_spent_budget_refuses_new_requests_also_after_a_restart(
-    env: dict[str, str], database_url: str
+    env: dict[str, str], database_url: str, keys: dict[str, dict[str, Any]]
 ) -> None:
     with daemon(env) as d, client_for(d) as client:
-        first = ask(client, "budget", n=20)  # ~ 2.3 at 0.1 a token: over the budget of 1
-        second = ask(client, "budget")
+        first = ask(client, keys["budget"], n=20)  # ~ 2.3 at 0.1 a token: over the budget of 1
+        second = ask(client, keys["budget"])
         assert d.stop() == 0, d.log
     assert not isinstance(first, openai.APIStatusError)
     assert isinstance(second, openai.RateLimitError)
     assert second.code == "budget_exceeded"
     with daemon(env) as again, client_for(again) as client:
         deadline = time.monotonic() + 10  # the stored spend is read within a second or two
-        while not isinstance(got := ask(client, "budget"), openai.RateLimitError):
+        while not isinstance(got := ask(client, keys["budget"]), openai.RateLimitError):
             assert time.monotonic() < deadline
             time.sleep(0.2)
         assert got.code == "budget_exceeded"
         assert again.stop() == 0, again.log
-    key = uuid.UUID(CALLERS["budget"]["key_id"])
+    key = uuid.UUID(keys["budget"]["id"])
     spent = [r["cost"] for r in read_store(database_url).requests.values() if r["key_id"] == key]
     assert sum(spent) >= 1.0
 
 
-def test_a_teams_rpm_is_shared_by_its_keys(env: dict[str, str]) -> None:
+def test_a_teams_rpm_is_shared_by_its_keys(
+    env: dict[str, str], keys: dict[str, dict[str, Any]]
+) -> None:
     with daemon(env) as d, client_for(d) as client:
-        got = [ask(client, "team-a"), ask(client, "team-b"), ask(client, "team-a")]
+        got = [
+            ask(client, keys["team-a"]),
+            ask(client, keys["team-b"]),
+            ask(client, keys["team-a"]),
+        ]
         assert d.stop() == 0, d.log
     assert not isinstance(got[1], openai.APIStatusError)
     assert isinstance(got[2], openai.RateLimitError)
 
 
 def test_a_keys_rpm_holds_across_two_instances_on_one_database(
-    env: dict[str, str], tmp_path: Path
+    env: dict[str, str], tmp_path: Path, keys: dict[str, dict[str, Any]]
 ) -> None:
     with (
         daemon(env) as one,
@@ -158,9 +179,9 @@ def test_a_keys_rpm_holds_across_two_instances_on_one_database(
     ):
         one.wait_caught_up()
         two.wait_caught_up()
-        first = [ask(c1, "shared") for _ in range(6)]  # the burst, all on instance one
+        first = [ask(c1, keys["shared"]) for _ in range(6)]  # the burst, all on instance one
         time.sleep(1.5)  # flushed by one, read by two
-        other = ask(c2, "shared")
+        other = ask(c2, keys["shared"])
         assert one.stop() == 0, one.log
         assert two.stop() == 0, two.log
     assert not any(isinstance(g, openai.APIStatusError) for g in first)
