@@ -48,7 +48,12 @@ def _describe_database(conn: Connection) -> dict[str, dict[str, Any]]:
         tables[name] = {
             "columns": {c["name"]: c["nullable"] for c in inspector.get_columns(name)},
             "primary_key": set(inspector.get_pk_constraint(name)["constrained_columns"]),
-            "indexes": {i["name"]: tuple(i["column_names"]) for i in inspector.get_indexes(name)},
+            "indexes": {
+                i["name"]: tuple(i["column_names"])
+                for i in inspector.get_indexes(name)
+                if "duplicates_constraint" not in i  # PostgreSQL's index of a UNIQUE constraint
+            },
+            "unique": {tuple(u["column_names"]) for u in inspector.get_unique_constraints(name)},
             "foreign_keys": {
                 (tuple(fk["constrained_columns"]), fk["referred_table"])
                 for fk in inspector.get_foreign_keys(name)
@@ -63,6 +68,11 @@ def _describe_metadata() -> dict[str, dict[str, Any]]:
             "columns": {c.name: c.nullable for c in table.columns},
             "primary_key": {c.name for c in table.primary_key.columns},
             "indexes": {i.name: tuple(c.name for c in i.columns) for i in table.indexes},
+            "unique": {
+                tuple(c.name for c in u.columns)
+                for u in table.constraints
+                if isinstance(u, sa.UniqueConstraint)
+            },
             "foreign_keys": {
                 (tuple(c.name for c in fk.columns), fk.referred_table.name)
                 for fk in table.foreign_key_constraints
