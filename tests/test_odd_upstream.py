@@ -99,8 +99,15 @@ def test_odd_upstream_usage_is_stored_as_none_and_the_flusher_keeps_up(
                 request = store.request(request_id)
                 attempt = store.only_attempt(request_id)
                 assert request["status"] == "completed"
-                assert (request["prompt_tokens"], request["completion_tokens"]) == counts
                 assert (attempt["prompt_tokens"], attempt["completion_tokens"]) == counts
+                fields = ("prompt_tokens", "completion_tokens")
+                for field, count in zip(fields, counts, strict=True):
+                    source = request[f"{field}_source"]
+                    if count is not None:  # the provider's, as it sent it
+                        assert (request[field], source) == (count, "provider")
+                    else:  # dropped: unknown, or counted by llmsvc and marked so
+                        assert source in (None, "tokenizer", "deltas"), source
+                        assert (request[field] is None) == (source is None)
             health = wait_caught_up(daemon)
             assert (health["status"], health["wal"]["backlog_records"]) == ("ok", 0), health
             assert health["database"]["last_error"] is None

@@ -53,7 +53,7 @@ def test_a_metadata_key_holding_u0000_is_stored_and_every_later_request_flows(
     database_url: str, wal_dir: Path
 ) -> None:
     body = b'{"model":"mock","messages":[{"role":"user","content":"hi"}],'
-    body += b'"metadata":{"a\\u0000b":1}}'
+    body += b'"metadata":{"a\\u0000b":"1"},"extra":{"c\\u0000":{"d\\u0000":[1]}}}'
     with DaemonProcess(daemon_env(database_url, wal_dir)) as daemon:
         status, request_id = _post_raw(daemon, body)
         assert status == 200
@@ -67,7 +67,8 @@ def test_a_metadata_key_holding_u0000_is_stored_and_every_later_request_flows(
     odd = store.request(request_id)
     assert odd["status"] == "completed"
     nul = "\ufffd" if "postgresql" in database_url else "\x00"
-    assert odd["params"]["metadata"] == {f"a{nul}b": 1}
+    assert odd["metadata"] == {f"a{nul}b": "1"}
+    assert odd["params"]["extra"] == {f"c{nul}": {f"d{nul}": [1]}}
     for got in clients.received:
         assert store.texts(got.request_id) == got.tokens
 
