@@ -5,7 +5,10 @@ for requests and tokens per minute, and each period's spend. Every
 SHARE_SECONDS the other instances' use is read from the requests they stored
 (`llm_requests`, by key and team) and taken from the local buckets, so each
 instance's buckets follow the one bucket all of them share; the error is what
-the others admitted within one refresh and their flush. Tokens are known only
+the others admitted within one refresh and their flush. With no caller
+limited here (no rate, no budget; or `auth = "none"`) nothing is read: the
+first limited caller starts the reading again from the last minute's use.
+Tokens are known only
 at a request's end and are charged then; a bucket may go below zero, and the
 next request waits until it refills. Spend is the store's sum of `cost` for
 the period plus what this instance journaled and has not yet stored.
@@ -215,9 +218,23 @@ class Limiter:
                 break
         return headers
 
+    def limited(self) -> bool:
+        """Whether any caller seen here has a rate or a budget: else there is nothing to share."""
+        return any(
+            limits.rpm is not None or limits.tpm is not None or limits.budget is not None
+            for limits in self.limits.values()
+        )
+
     async def share(self) -> None:
         """Take from the local buckets what the other instances admitted since the last read."""
         if self.engine is None:
+            return
+        if not self.limited():
+            # Idle: when a limited caller comes, read again from the last minute's use,
+            # as at the start (the counts since an old `base` would be taken twice).
+            self.base = datetime.now(UTC) - timedelta(seconds=60)
+            self.seen = {}
+            self.rebased = time.monotonic()
             return
         if time.monotonic() - self.rebased >= REBASE_SECONDS:  # keep the rows read few
             self.base = datetime.now(UTC) - timedelta(seconds=WINDOW_SECONDS)
