@@ -52,6 +52,20 @@ async def test_no_sharing_query_while_no_caller_is_limited_and_one_once_a_limite
         await engine.dispose()
 
 
+async def test_a_limited_key_in_the_key_table_is_shared_before_it_sends_a_request_here(
+    sqlite_url: str, reads: list[datetime]
+) -> None:
+    engine = create_engine(sqlite_url)
+    await upgrade_to_head(engine)
+    try:
+        # its first request here must find a bucket less what the other instances admitted
+        limiter = Limiter(engine, uuid.uuid4(), known=lambda: True)
+        await limiter.share()
+        assert len(reads) == 1
+    finally:
+        await engine.dispose()
+
+
 async def test_a_limited_key_after_an_idle_spell_reads_the_last_minute_not_since_the_start(
     sqlite_url: str, reads: list[datetime]
 ) -> None:
