@@ -202,7 +202,12 @@ class Daemon:
             self.keys.load_local()
         self.metrics.watch(self.wal_status)
         self.metrics.watch_daemon(lambda: status.daemon_state(self))
-        self.limiter = Limiter(self.engine, self.instance, lambda: self.flusher.checkpoint)
+        self.limiter = Limiter(
+            self.engine,
+            self.instance,
+            lambda: self.flusher.checkpoint,
+            lambda: self.keys is not None and self.keys.limited,
+        )
         self.gateway = Gateway(
             self.journal,
             self.router,

@@ -56,6 +56,7 @@ class KeyTable:
         self.by_hash: dict[str, Entry] = {}
         self.seen: datetime | None = None  # the newest `updated_at` read
         self.reads = 0
+        self.limited = False  # whether any key or team has a rate or a budget
 
     def load_local(self) -> None:
         """At boot, before the database answers: the keys as this instance last knew them."""
@@ -149,6 +150,11 @@ class KeyTable:
                 key["secret_hash"], caller, key["revoked"], key["expires"]
             )
         self.by_hash = index
+        self.limited = any(
+            limits.rpm is not None or limits.tpm is not None or limits.budget is not None
+            for entry in index.values()
+            for limits in (entry.caller.key_limits, entry.caller.team_limits)
+        )
 
 
 def _key(row: dict[str, Any]) -> dict[str, Any]:

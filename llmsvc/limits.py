@@ -5,9 +5,11 @@ for requests and tokens per minute, and each period's spend. Every
 SHARE_SECONDS the other instances' use is read from the requests they stored
 (`llm_requests`, by key and team) and taken from the local buckets, so each
 instance's buckets follow the one bucket all of them share; the error is what
-the others admitted within one refresh and their flush. Tokens are known only
-at a request's end and are charged then; a bucket may go below zero, and the
-next request waits until it refills. Spend is the store's sum of `cost` for
+the others admitted within one refresh and their flush. While no key or team
+known here has a rate or a budget (or with `auth = "none"`) nothing is read;
+the first one that does starts the reading again from the last minute's use.
+Tokens are known only at a request's end and are charged then; a bucket may
+go below zero, and the next request waits until it refills. Spend is the store's sum of `cost` for
 the period plus what this instance journaled and has not yet stored.
 """
 
@@ -95,10 +97,12 @@ class Limiter:
         engine: AsyncEngine | None,
         instance_id: uuid.UUID,
         flushed: Callable[[], int] = lambda: 0,
+        known: Callable[[], bool] = lambda: False,
     ) -> None:
         self.engine = engine  # None: no store to share through (a gateway alone, in tests)
         self.instance_id = instance_id
         self.flushed = flushed  # the flusher's checkpoint: pending spend at or below it is stored
+        self.known = known  # whether the key table holds a key or team with a rate or budget
         self.buckets: dict[tuple[Scope, str], Bucket] = {}
         self.limits: dict[Scope, Limits] = {}
         self.spend: dict[Scope, Spend] = {}
@@ -215,9 +219,23 @@ class Limiter:
                 break
         return headers
 
+    def limited(self) -> bool:
+        """Whether any caller known here has a rate or a budget: else there is nothing to share."""
+        return self.known() or any(
+            limits.rpm is not None or limits.tpm is not None or limits.budget is not None
+            for limits in self.limits.values()
+        )
+
     async def share(self) -> None:
         """Take from the local buckets what the other instances admitted since the last read."""
         if self.engine is None:
+            return
+        if not self.limited():
+            # Idle: when a limited caller comes, read again from the last minute's use,
+            # as at the start (the counts since an old `base` would be taken twice).
+            self.base = datetime.now(UTC) - timedelta(seconds=60)
+            self.seen = {}
+            self.rebased = time.monotonic()
             return
         if time.monotonic() - self.rebased >= REBASE_SECONDS:  # keep the rows read few
             self.base = datetime.now(UTC) - timedelta(seconds=WINDOW_SECONDS)

@@ -30,6 +30,9 @@ Usage:  .venv/bin/python scripts/bench.py [--quick] [--out bench.json]
         .venv/bin/python scripts/bench.py --scale [--quick] [--scale-phases paced,open]
             (the production-scale scenarios: paced, instant, open, throttled; see
             scripts/bench_scale.py)
+        .venv/bin/python scripts/bench.py --auth-compare [--limit-accuracy] [--quick]
+            (keys and rate limits: S1 with auth none and keys; a key's rpm across 2 workers;
+            see scripts/bench_limits.py)
 """
 
 from __future__ import annotations
@@ -1011,7 +1014,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.95,
         help="share of the time the database is locked in `throttled` (1 = stalled)",
     )
+    limits = p.add_argument_group("keys and rate limits (scripts/bench_limits.py)")
+    limits.add_argument("--auth-compare", action="store_true", help="S1, auth none and keys")
+    limits.add_argument("--limit-accuracy", action="store_true", help="a key's rpm, 2 workers")
+    limits.add_argument("--rpm", type=int, default=600, help="the key's requests a minute")
+    limits.add_argument("--burst", type=int, help="the key's burst (default the rpm)")
+    limits.add_argument("--window", type=float, help="seconds offered at 3x the rpm")
     args = p.parse_args(argv)
+    if args.window is None:
+        args.window = 5.0 if args.quick else 30.0
     if args.scale:
         return args  # bench_scale.configure sets the rest
     quick = args.quick
@@ -1038,6 +1049,10 @@ def main(argv: list[str] | None = None) -> None:
         import bench_scale  # imports this module's helpers: not at the top
 
         report = uvloop.run(bench_scale.run(args))
+    elif args.auth_compare or args.limit_accuracy:
+        import bench_limits  # imports this module's helpers: not at the top
+
+        report = uvloop.run(bench_limits.run(args))
     else:
         report = uvloop.run(bench(args))
     write_report(report, args.out)
