@@ -172,7 +172,9 @@ class Client(threading.Thread):
                         extra_body={"mock_delay_ms": delay_ms},
                         **keyed,
                     )
-                    current = Seen(raw.headers["x-request-id"], self.key and self.key.name)
+                    current = Seen(
+                        raw.headers["x-request-id"], None if self.key is None else self.key.name
+                    )
                     self.seen.append(current)
                     for chunk in raw.parse():
                         for choice in chunk.choices:
