@@ -20,18 +20,28 @@ iterations (a real restart reuses both):
    a stream the client read to its end is stored whole and `completed`; and
    `llmsvc check --json` exits 0.
 
+With `--keys N` the daemon runs with `auth = "keys"`, a price table and generous
+limits, N keys in `--teams M` teams are made with `llmsvc keys create` before the first
+start, client i streams with key i mod N (both a model a tokenizer fits and one it does
+not), and scripts/crash_keys.py checks after every restart that each stored request
+carries its key and team and the token counts and cost its stored tokens make, and at
+the end of a mode that `llmsvc spend --by key|team`, the budgets' query and the sum
+over the rows agree, each request a client got back counted once under its key.
+
 Exit status 1 on any lost or duplicated token or any other failure.
 
 Usage:  .venv/bin/python scripts/crash_test.py --database-url postgresql://... |
-            --pg-url postgresql://user@host:port/postgres   (creates and drops a scratch DB)
+            --pg-url postgresql://user@host:port/postgres   (creates and drops a scratch DB) |
+            --sqlite   (a scratch SQLite file)
             [--iterations 25] [--clients 20] [--sync write|fsync|both] [--seed N]
-            [--out crash.json]
+            [--keys N [--teams M]] [--out crash.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import random
 import re
@@ -54,7 +64,8 @@ import openai
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from daemon_process import DaemonProcess, daemon_env, read_store, run_cli  # noqa: E402
+import crash_keys  # noqa: E402
+from daemon_process import DaemonProcess, Stored, daemon_env, read_store, run_cli  # noqa: E402
 
 from llmsvc.providers.mock import token as mock_token  # noqa: E402
 
@@ -112,49 +123,71 @@ class Seen:
     """One request as a client saw it."""
 
     request_id: str
+    key: str | None = None  # the key's name, with `--keys`
     tokens: list[str] = field(default_factory=list)
     finished: bool = False  # the stream ended normally (the daemon said it was done)
     error: str | None = None
+    usage: int | None = None  # completion tokens the usage chunk told, with `--keys`
 
 
 class Client(threading.Thread):
     """Loops over streaming requests until told to stop or the daemon goes away."""
 
-    def __init__(self, base_url: str, rng: random.Random, stop: threading.Event) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        rng: random.Random,
+        stop: threading.Event,
+        key: crash_keys.Key | None = None,
+    ) -> None:
         super().__init__(daemon=True)
         self.base_url = base_url
         self.rng = rng
         self.stop = stop
+        self.key = key  # None: `auth = "none"`, the mock model only
         self.seen: list[Seen] = []
         self.ended_by: str | None = None
+        self.refused: str | None = None  # an HTTP error answer: nothing may be refused
 
     def run(self) -> None:
+        api_key = "unused" if self.key is None else self.key.secret
         client = openai.OpenAI(
-            base_url=f"{self.base_url}/v1", api_key="unused", max_retries=0, timeout=30
+            base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=30
         )
+        keyed: dict[str, Any] = {} if self.key is None else {
+            "stream_options": {"include_usage": True}
+        }  # fmt: skip
         try:
             while not self.stop.is_set():
                 max_tokens = self.rng.randint(50, 300)
                 delay_ms = self.rng.randint(2, 10)
+                model = "mock" if self.key is None else self.rng.choice(crash_keys.MODELS)
                 current: Seen | None = None
                 try:
                     raw = client.chat.completions.with_raw_response.create(
-                        model="mock",
+                        model=model,
                         messages=MESSAGES,
                         max_tokens=max_tokens,
                         stream=True,
                         extra_body={"mock_delay_ms": delay_ms},
+                        **keyed,
                     )
-                    current = Seen(raw.headers["x-request-id"])
+                    current = Seen(
+                        raw.headers["x-request-id"], None if self.key is None else self.key.name
+                    )
                     self.seen.append(current)
                     for chunk in raw.parse():
                         for choice in chunk.choices:
                             if choice.delta.content:
                                 current.tokens.append(choice.delta.content)
+                        if chunk.usage is not None:
+                            current.usage = chunk.usage.completion_tokens
                     current.finished = True
                 except Exception as exc:  # the daemon died: keep what we got, stop
                     if current is not None:
                         current.error = repr(exc)
+                    if isinstance(exc, openai.APIStatusError):
+                        self.refused = f"{exc.status_code} {exc.message}"
                     self.ended_by = type(exc).__name__
                     return
         finally:
@@ -194,7 +227,7 @@ def verify(
     seen: list[Seen],
     env: dict[str, str],
     max_extra: int,
-) -> None:
+) -> Stored:
     store = read_store(database_url)
     for request in store.requests.values():
         status = request["status"]
@@ -274,25 +307,49 @@ def verify(
     if result.returncode != 0:
         tally.fail(iteration, "llmsvc check failed", returncode=result.returncode,
                    output=(result.stdout + result.stderr)[-2000:])  # fmt: skip
+    return store
 
 
 # -- one sync mode -----------------------------------------------------------------------
 
 
+@dataclass
+class Callers:
+    """The keys mode's state across sync modes: the keys, and every request a client got back."""
+
+    keys: list[crash_keys.Key]
+    sent: dict[uuid.UUID, tuple[str, int | None]] = field(default_factory=dict)
+    checked: set[uuid.UUID] = field(default_factory=set)
+
+
 def run_mode(
-    sync: str, database_url: str, work: Path, args: argparse.Namespace, rng: random.Random
+    sync: str,
+    database_url: str,
+    work: Path,
+    args: argparse.Namespace,
+    rng: random.Random,
+    callers: Callers | None,
 ) -> dict[str, Any]:
     wal_dir = work / f"wal-{sync}" / "wal"
     wal_dir.parent.mkdir(parents=True, exist_ok=True)
-    env = daemon_env(database_url, wal_dir, wal_sync=sync)
+    keyed = {} if callers is None else crash_keys.settings()
+    env = daemon_env(database_url, wal_dir, wal_sync=sync, **keyed)
     tally = Tally()
+    spend = crash_keys.SpendTally(checked=callers.checked) if callers else None
     began = time.monotonic()
     for iteration in range(args.iterations):
         daemon = DaemonProcess(env).start()
+        if callers is not None:
+            daemon.wait_caught_up()  # its key table read: a key unknown before is a 503
         stop = threading.Event()
         clients = [
-            Client(daemon.base_url, random.Random(rng.getrandbits(64)), stop)
-            for _ in range(args.clients)
+            Client(
+                daemon.base_url,
+                random.Random(rng.getrandbits(64)),
+                stop,
+                None if callers is None else callers.keys[i % len(callers.keys)],
+            )
+            for i in range(args.clients)
         ]
         for client in clients:
             client.start()
@@ -307,6 +364,8 @@ def run_mode(
             client.join(CLIENT_JOIN_TIMEOUT)
             if client.is_alive():
                 tally.fail(iteration, "client still reading after the kill")
+            if client.refused is not None:
+                tally.fail(iteration, "request refused", answer=client.refused)
         seen = [item for client in clients for item in client.seen]
 
         restarted = time.monotonic()
@@ -319,13 +378,22 @@ def run_mode(
         if found := re.search(r"marked interrupted count=(\d+)", again.log):
             tally.marked_interrupted += int(found.group(1))
 
-        verify(tally, iteration, database_url, seen, env, args.max_extra)
+        store = verify(tally, iteration, database_url, seen, env, args.max_extra)
+        if callers is not None and spend is not None:
+            sent = {uuid.UUID(s.request_id): (str(s.key), s.usage if s.finished else None)
+                    for s in seen}  # fmt: skip
+            callers.sent.update(sent)
+            crash_keys.check_rows(spend, store, callers.keys, sent,
+                                  functools.partial(tally.fail, iteration))  # fmt: skip
         tally.iterations += 1
         log(
             f"{sync} iteration {iteration + 1}/{args.iterations}: kill at {kill_after:.2f}s, "
             f"{len(seen)} requests, {sum(len(s.tokens) for s in seen)} tokens, "
             f"failures so far {len(tally.failures)}"
         )
+    if callers is not None and spend is not None:
+        crash_keys.check_spend(spend, env, database_url, callers.keys, callers.sent,
+                               functools.partial(tally.fail, args.iterations))  # fmt: skip
     report: dict[str, Any] = {
         "iterations": tally.iterations,
         "clients": args.clients,
@@ -347,6 +415,8 @@ def run_mode(
         "failures": tally.failures[:200],
         "failure_count": len(tally.failures),
     }
+    if spend is not None:
+        report["keys"] = spend.report()
     return report
 
 
@@ -355,16 +425,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(seed)
     modes = ["write", "fsync"] if args.sync == "both" else [args.sync]
     scratch = None
-    if args.database_url:
-        database_url = sqlalchemy_pg_url(args.database_url)
+    work = Path(tempfile.mkdtemp(prefix="llmsvc-crash-"))
+    if args.sqlite:
+        database_url = f"sqlite+aiosqlite:///{work / 'llmsvc.db'}"
+    elif args.database_url:
+        sqlite = args.database_url.startswith("sqlite")
+        database_url = args.database_url if sqlite else sqlalchemy_pg_url(args.database_url)
     else:
         scratch = f"llmsvc_crash_{uuid.uuid4().hex[:12]}"
         database_url = sqlalchemy_pg_url(asyncio.run(create_scratch(args.pg_url, scratch)))
-    work = Path(tempfile.mkdtemp(prefix="llmsvc-crash-"))
     report: dict[str, Any] = {
         "started": datetime.now(UTC).isoformat(timespec="seconds"),
         "seed": seed,
-        "database": redacted(database_url),
+        "database": "sqlite" if database_url.startswith("sqlite") else redacted(database_url),
         "scratch_database": scratch,
         "settings": {
             "iterations": args.iterations,
@@ -373,12 +446,18 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_tokens": [50, 300],
             "mock_delay_ms": [2, 10],
             "max_extra": args.max_extra,
+            "keys": args.keys,
+            "teams": args.teams if args.keys else 0,
         },
         "modes": {},
     }
     try:
+        callers = None
+        if args.keys:
+            env = daemon_env(database_url, work / "cli" / "wal")
+            callers = Callers(crash_keys.create_callers(env, args.keys, args.teams))
         for sync in modes:
-            report["modes"][sync] = run_mode(sync, database_url, work, args, rng)
+            report["modes"][sync] = run_mode(sync, database_url, work, args, rng, callers)
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if scratch is not None:
@@ -394,8 +473,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--database-url", help="the daemon's PostgreSQL database (postgresql://)")
+    where.add_argument(
+        "--database-url", help="the daemon's database (postgresql:// or sqlite+aiosqlite:///)"
+    )
     where.add_argument("--pg-url", help="a server to create (and drop) a scratch database on")
+    where.add_argument("--sqlite", action="store_true", help="a scratch SQLite file")
     p.add_argument("--iterations", type=int, default=25)
     p.add_argument("--clients", type=int, default=20)
     p.add_argument("--sync", choices=["write", "fsync", "both"], default="both")
@@ -408,10 +490,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=16,
         help="most stored tokens a cut-off client may not have seen, per request",
     )
+    p.add_argument(
+        "--keys", type=int, default=0, help='callers\' keys, with auth = "keys" (default 0: none)'
+    )
+    p.add_argument("--teams", type=int, default=2, help="teams the keys are spread over")
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
-    if args.database_url and not re.match(r"^postgres(ql)?(\+asyncpg)?://", args.database_url):
-        p.error("--database-url must be a postgresql:// URL")
+    url = r"^(postgres(ql)?(\+asyncpg)?|sqlite\+aiosqlite)://"
+    if args.database_url and not re.match(url, args.database_url):
+        p.error("--database-url must be a postgresql:// or sqlite+aiosqlite:/// URL")
+    if args.keys < 0 or args.teams < 0:
+        p.error("--keys and --teams count; they cannot be negative")
     return args
 
 
