@@ -5,8 +5,10 @@ usage, still cost tokens; spend and budgets need a number. Completion tokens
 are counted from the reply's text with the model's tokenizer (`bpe-openai`,
 which ships OpenAI's vocabularies, so nothing is downloaded) where one fits
 the model, else one per delta; prompt tokens from the messages, the way
-OpenAI's own counting recipe does, or not at all without a tokenizer. Each
-number carries how it was obtained: `provider`, `tokenizer` or `deltas`.
+OpenAI's own counting recipe does, with the model's tokenizer or else, as an
+estimate, OpenAI's newest vocabulary (a budget must not read an unknown
+prompt as free). Each number carries how it was obtained: `provider`,
+`tokenizer`, `estimate` or `deltas`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ from collections.abc import Iterable
 from types import ModuleType
 from typing import Any
 
-PROVIDER, TOKENIZER, DELTAS = "provider", "tokenizer", "deltas"
+PROVIDER, TOKENIZER, ESTIMATE, DELTAS = "provider", "tokenizer", "estimate", "deltas"
+ESTIMATE_ENCODING = "o200k_base"  # for a prompt to a model no vocabulary here is known for
 
 # OpenAI's recipe for chat prompts: each message costs 3 tokens of framing, a `name` one
 # more, and the reply is primed with 3.
@@ -59,11 +62,11 @@ def count_completion(model: str, pieces: Iterable[list[str]], deltas: int) -> tu
     return len(encoding.encode_ordinary("".join(t for texts in pieces for t in texts))), TOKENIZER
 
 
-def count_prompt(model: str, messages: list[Any]) -> tuple[int | None, str | None]:
-    """Tokens of the messages as OpenAI frames them, or (None, None) without a tokenizer."""
-    encoding = encoding_for(model)
+def count_prompt(model: str, messages: list[Any]) -> tuple[int, str]:
+    """Tokens of the messages as OpenAI frames them, and how they were counted."""
+    encoding, source = encoding_for(model), TOKENIZER
     if encoding is None:
-        return None, None
+        encoding, source = _estimate_encoding(), ESTIMATE
     count = REPLY_PRIMING
     for message in messages:
         count += PER_MESSAGE
@@ -74,7 +77,14 @@ def count_prompt(model: str, messages: list[Any]) -> tuple[int | None, str | Non
             count += len(encoding.encode_ordinary(text))
             if key == "name":
                 count += PER_NAME
-    return count, TOKENIZER
+    return count, source
+
+
+@functools.cache
+def _estimate_encoding() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _bpe().get_encoding(ESTIMATE_ENCODING)
 
 
 def _text(value: Any) -> str:

@@ -118,16 +118,20 @@ def test_include_usage_without_upstream_usage_tells_llmsvcs_count_never_zero(
         "prompt_tokens": "tokenizer",
         "completion_tokens": "tokenizer",
     }
-    # No tokenizer fits `gpt-test`: one token per delta, and the prompt unknown (null, not 0).
+    # No tokenizer fits `gpt-test`: one token per delta, and the prompt estimated with
+    # OpenAI's newest vocabulary (o200k_base is what gpt-4o-mini uses, so the same count).
     assert unknown.usage.completion_tokens == 5
-    assert unknown.usage.prompt_tokens is None
-    assert unknown.usage.total_tokens is None
-    assert unknown.usage.model_extra["llmsvc_counted"] == {"completion_tokens": "deltas"}
+    assert unknown.usage.prompt_tokens == PROMPT
+    assert unknown.usage.total_tokens == PROMPT + 5
+    assert unknown.usage.model_extra["llmsvc_counted"] == {
+        "prompt_tokens": "estimate",
+        "completion_tokens": "deltas",
+    }
 
     store = read_store(database_url)
     row = store.request(unknown.request_id)
     assert (row["completion_tokens"], row["completion_tokens_source"]) == (5, "deltas")
-    assert (row["prompt_tokens"], row["prompt_tokens_source"], row["cost"]) == (None, None, None)
+    assert (row["prompt_tokens"], row["prompt_tokens_source"]) == (PROMPT, "estimate")
     row = store.request(counted.request_id)
     assert row["completion_tokens_source"] == row["prompt_tokens_source"] == "tokenizer"
 

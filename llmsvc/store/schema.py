@@ -46,7 +46,8 @@ llm_requests = sa.Table(
     sa.Column("environment", sa.String(100)),
     sa.Column("version", sa.String(100)),
     # How prompt_tokens / completion_tokens were obtained: `provider` (its usage),
-    # `tokenizer` (counted by llmsvc from the stored text) or `deltas` (one per delta).
+    # `tokenizer` (counted by llmsvc from the text), `estimate` (a prompt to a model without a
+    # vocabulary here, counted with OpenAI's newest) or `deltas` (one per delta).
     sa.Column("prompt_tokens_source", sa.String(16)),
     sa.Column("completion_tokens_source", sa.String(16)),
 )
