@@ -12,6 +12,7 @@ from typing import Any
 import openai
 import pytest
 from daemon_process import DaemonProcess, admin_call, daemon_env, read_store, run_cli
+from postgres import free_port
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -198,3 +199,16 @@ def test_a_short_admin_token_is_a_configuration_error(env: dict[str, str]) -> No
     assert done.returncode == 2
     assert "admin_token" in done.stderr
     assert "short" not in done.stderr
+
+
+def test_a_route_whose_query_the_database_cannot_answer_is_503_not_500(tmp_path: Path) -> None:
+    """A daemon serves before the database answers; its admin queries meanwhile are 503."""
+    nowhere = f"postgresql://llmsvc@127.0.0.1:{free_port()}/llmsvc"  # nothing listens there
+    env = daemon_env(nowhere, tmp_path / "wal", admin_token=TOKEN, database_timeout_seconds=1)
+    with DaemonProcess(env) as daemon:
+        code, body = call(daemon, "GET", "/api/admin/spend")
+        assert daemon.stop() == 0, daemon.log
+    assert code == 503, body
+    assert body["error"]["code"] == "database_unavailable"
+    assert "ConnectionRefusedError" in body["error"]["message"]
+    assert "Traceback" not in daemon.log

@@ -33,6 +33,7 @@ def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonProcess]:
         max_body_bytes=65536,
     )
     with DaemonProcess(env) as running:
+        running.wait_caught_up()  # its store migrated: before that, its routes answer 503
         yield running
         assert running.stop() == 0, running.log
     assert "Traceback" not in running.log, running.log

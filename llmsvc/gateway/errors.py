@@ -11,6 +11,7 @@ import logging
 from typing import Any
 
 import orjson
+import sqlalchemy as sa
 
 from llmsvc.errors import (
     ClientError,
@@ -21,6 +22,7 @@ from llmsvc.errors import (
     WalError,
 )
 from llmsvc.gateway.sse import ASGISend
+from llmsvc.store.engine import describe_error
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +38,12 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
         return status, _error(str(exc), "upstream_error", exc.code)
     if isinstance(exc, ServiceUnavailable | WalError):
         return 503, _error(str(exc), "service_unavailable", "unavailable")
+    if isinstance(exc, sa.exc.DBAPIError | ConnectionError | TimeoutError):  # a query failed
+        return 503, _error(
+            f"the database cannot answer now ({describe_error(exc)}); the daemon's health says why",
+            "service_unavailable",
+            "database_unavailable",
+        )
     return 500, _error(
         "internal error; the daemon's log has the details", "server_error", "internal"
     )
@@ -54,7 +62,9 @@ async def send_error(
     send: ASGISend, exc: BaseException, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
     status, error = describe(exc)
-    if status >= 500 and not isinstance(exc, ServiceUnavailable | WalError | ProviderError):
+    if status == 503 and isinstance(exc, sa.exc.DBAPIError | ConnectionError | TimeoutError):
+        log.warning("database unavailable to a request: %s", describe_error(exc))
+    elif status >= 500 and not isinstance(exc, ServiceUnavailable | WalError | ProviderError):
         log.error("unhandled error", exc_info=exc)
     if isinstance(exc, MethodNotAllowed):
         headers = [*(headers or []), (b"allow", exc.allow.encode())]
