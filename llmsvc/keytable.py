@@ -20,13 +20,12 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.callers import Caller, Limits
 from llmsvc.errors import InvalidApiKey, ServiceUnavailable
+from llmsvc.follow import every
 from llmsvc.local import read_keys, write_keys
-from llmsvc.store.engine import describe_error
 from llmsvc.store.keys import LIMITS, changed_since, secret_hash, utc
 
 log = logging.getLogger(__name__)
@@ -123,15 +122,7 @@ class KeyTable:
 
     async def follow(self, stopping: asyncio.Event) -> None:
         """Read every REFRESH_SECONDS until `stopping`; a failed read keeps the table as it is."""
-        while True:
-            with anyio.move_on_after(REFRESH_SECONDS):
-                await stopping.wait()
-            if stopping.is_set():
-                return
-            try:
-                await self.read()
-            except Exception as exc:
-                log.debug("keys not read error=%s", describe_error(exc))
+        await every(REFRESH_SECONDS, stopping, self.read, "keys")
 
     def _index(self) -> None:
         index: dict[str, Entry] = {}

@@ -24,12 +24,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
-import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.callers import Caller, Limits
 from llmsvc.errors import BudgetExceeded, RateLimited
-from llmsvc.store.engine import describe_error
+from llmsvc.follow import every
 from llmsvc.store.queries import spend_since, usage_since
 
 log = logging.getLogger(__name__)
@@ -277,15 +276,12 @@ class Limiter:
     async def follow(self, stopping: asyncio.Event) -> None:
         """Share every SHARE_SECONDS and read spend every SPEND_SECONDS until `stopping`."""
         last_spend = 0.0
-        while True:
-            with anyio.move_on_after(SHARE_SECONDS):
-                await stopping.wait()
-            if stopping.is_set():
-                return
-            try:
-                await self.share()
-                if time.monotonic() - last_spend >= SPEND_SECONDS:
-                    last_spend = time.monotonic()
-                    await self.read_spend()
-            except Exception as exc:
-                log.debug("limits not shared error=%s", describe_error(exc))
+
+        async def read() -> None:
+            nonlocal last_spend
+            await self.share()
+            if time.monotonic() - last_spend >= SPEND_SECONDS:
+                last_spend = time.monotonic()
+                await self.read_spend()
+
+        await every(SHARE_SECONDS, stopping, read, "rate-limit use")

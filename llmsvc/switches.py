@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import anyio
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import ServiceUnavailable
+from llmsvc.follow import every
 from llmsvc.gateway.router import Router
 from llmsvc.local import read_disabled, write_disabled
 from llmsvc.store.engine import describe_error
@@ -90,15 +90,10 @@ class Switches:
 
     async def follow(self, stopping: asyncio.Event) -> None:
         """Read every REFRESH_SECONDS until `stopping`; a failed read changes nothing."""
-        while True:
-            with anyio.move_on_after(REFRESH_SECONDS):
-                await stopping.wait()
-            if stopping.is_set():
-                return
-            try:
-                await self.read()
-            except Exception as exc:
-                log.debug("provider switches not read error=%s", describe_error(exc))
+        await every(REFRESH_SECONDS, stopping, self._read, "provider switches")
+
+    async def _read(self) -> None:
+        await self.read()
 
     def _take(self, disabled: set[str]) -> None:
         if disabled != self.router.disabled:
