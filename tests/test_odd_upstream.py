@@ -106,7 +106,7 @@ def test_odd_upstream_usage_is_stored_as_none_and_the_flusher_keeps_up(
                     if count is not None:  # the provider's, as it sent it
                         assert (request[field], source) == (count, "provider")
                     else:  # dropped: unknown, or counted by llmsvc and marked so
-                        assert source in (None, "tokenizer", "deltas"), source
+                        assert source in (None, "tokenizer", "estimate", "deltas"), source
                         assert (request[field] is None) == (source is None)
             health = wait_caught_up(daemon)
             assert (health["status"], health["wal"]["backlog_records"]) == ("ok", 0), health

@@ -100,7 +100,10 @@ def test_two_daemons_on_one_database_run_each_scheduled_slot_exactly_once(
     run_slots = [slot for slot, _ in runs]
     assert len(runs) >= 4, runs
     assert len(set(run_slots)) == len(run_slots), "a slot ran twice"
-    assert runs == slots  # each run is the one its claim allowed, by the claiming instance
+    # Each run is the one its claim allowed, by the claiming instance; a slot claimed just
+    # as the daemons stopped may have had its run cancelled by the shutdown (and so no row).
+    assert set(runs) <= set(slots)
+    assert all(slot >= max(run_slots) for slot, _ in set(slots) - set(runs)), (runs, slots)
     assert {instance for _, instance in runs} <= instances
     # Both daemons fired the slots: the one that lost a claim said so.
     taken = "job slot taken by another instance job=gap-scan"
