@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 
 
 async def every(
-    seconds: float, stopping: asyncio.Event, read: Callable[[], Awaitable[None]], what: str
+    seconds: float, stopping: asyncio.Event, read: Callable[[], Awaitable[object]], what: str
 ) -> None:
     """Await `read()` every `seconds` until `stopping` is set; a failure is logged (DEBUG)."""
     while True:

@@ -90,10 +90,7 @@ class Switches:
 
     async def follow(self, stopping: asyncio.Event) -> None:
         """Read every REFRESH_SECONDS until `stopping`; a failed read changes nothing."""
-        await every(REFRESH_SECONDS, stopping, self._read, "provider switches")
-
-    async def _read(self) -> None:
-        await self.read()
+        await every(REFRESH_SECONDS, stopping, self.read, "provider switches")
 
     def _take(self, disabled: set[str]) -> None:
         if disabled != self.router.disabled:
