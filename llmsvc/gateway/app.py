@@ -8,7 +8,6 @@ hot path has no room for that.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -27,12 +26,13 @@ from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.limits import Limiter
+from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 Scope = MutableMapping[str, Any]
 Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
@@ -141,7 +141,7 @@ class Gateway:
             await exchange.run(cancel)
         except Exception as exc:
             if exchange.started:  # too late for a status line: the connection just closes
-                log.exception("request failed mid-response request_id=%s", exchange.request_id)
+                log.exception("request failed mid-response", request_id=exchange.request_id)
             else:
                 await send_error(send, exc, exchange.headers)
         finally:

@@ -28,9 +28,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc.logs import logger
 from llmsvc.store.schema import maintenance_runs, maintenance_slots
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 
 @dataclass
@@ -67,7 +68,7 @@ async def run_job(
     """
     shared = not own_instance
     if slot is not None and shared and not await claim_slot(engine, name, slot, instance_id):
-        log.info("job slot taken by another instance job=%s slot=%s", name, slot.isoformat())
+        log.info("job slot taken by another instance", job=name, slot=slot.isoformat())
         return None
     started, clock = datetime.now(UTC), time.monotonic()
     lock = name if shared else f"{name}-{instance_id}"
