@@ -44,6 +44,7 @@ class JobResult:
     found: dict[str, Any] = field(default_factory=dict)
     repaired: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    idle: bool = False  # it found nothing to do: its run is logged at DEBUG, not INFO
 
 
 Job = Callable[[], Awaitable[JobResult]]
@@ -83,15 +84,17 @@ async def run_job(
     seconds = time.monotonic() - clock
     await record_run(engine, name, instance_id, started, result, slot)
     level = logging.ERROR if result.status == "failed" else logging.INFO
+    if result.idle and result.status == "ok":
+        level = logging.DEBUG  # a job every minute that finds nothing is 1,440 lines a day
     log.log(
         level,
-        "job %s status=%s rows=%s bytes=%s seconds=%.3f%s",
+        "job %s",
         name,
-        result.status,
-        result.rows,
-        result.bytes,
-        seconds,
-        f" error={result.error}" if result.error else "",
+        status=result.status,
+        rows=result.rows,
+        bytes=result.bytes,
+        seconds=round(seconds, 3),
+        error=result.error,
     )
     if finished is not None:
         finished(name, result.status, seconds)

@@ -63,6 +63,7 @@ async def housekeep(
         bytes=freed,
         found=found,
         repaired={"removed": [s.path.name for s in removable]},
+        idle=not (removable or rotated),
     )
 
 
