@@ -420,7 +420,7 @@ class Daemon:
             raise Conflict(f"not now: {self.gateway.paused}")
         self.gateway.paused = f"llmsvc is restoring the backup {name}; requests resume after it"
         try:
-            interrupted = await self.gateway.settle(self.settings.shutdown_grace_seconds)
+            interrupted = await self.gateway.settle(self.settings.shutdown_grace_seconds, "restore")
             self.flusher.stop()
             await self.flusher_task
             await self.flusher.close()

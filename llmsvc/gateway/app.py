@@ -246,12 +246,30 @@ class Gateway:
         Returns how many were interrupted; each records itself `interrupted`.
         """
         self.draining = True
-        return await self.settle(grace)
+        return await self.settle(grace, "shutdown")
 
-    async def settle(self, grace: float) -> int:
-        """With new requests refused, let open ones finish within `grace`, interrupt the rest."""
-        with anyio.move_on_after(grace):
-            await self.idle.wait()
+    async def settle(self, grace: float, why: str) -> int:
+        """With new requests refused, let open ones finish within `grace`, interrupt the rest.
+
+        The log says how many it waits for, and again every PROGRESS_SECONDS, so a
+        quiet grace period reads as waiting, not as a hang. `why` prefixes those lines.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.inflight and grace > 0:
+            log.info(
+                "%s: waiting for open requests", why, count=len(self.inflight), grace_seconds=grace
+            )
+        while self.inflight and (left := deadline - loop.time()) > 0:
+            with anyio.move_on_after(min(PROGRESS_SECONDS, left)):
+                await self.idle.wait()
+            if self.inflight and (left := deadline - loop.time()) > 0:
+                log.info(
+                    "%s: still waiting for open requests",
+                    why,
+                    count=len(self.inflight),
+                    seconds_left=round(left, 1),
+                )
         interrupted = len(self.inflight)
         for cancel in list(self.inflight):
             cancel.cancel()
@@ -260,6 +278,7 @@ class Gateway:
         return interrupted
 
 
+PROGRESS_SECONDS = 5.0  # while open requests are awaited, how often the log says how many
 CALLER = "llmsvc.caller"  # the scope key of an authenticated request's `Caller`
 NO_STORE = [(b"cache-control", b"no-store")]
 SHUTTING_DOWN = "llmsvc is shutting down and takes no new requests"
