@@ -80,6 +80,7 @@ class Exchange:
         "prompt_source",
         "prompt_tokens",
         "receive",
+        "refusals",
         "request_deadline",
         "request_id",
         "router",
@@ -134,6 +135,7 @@ class Exchange:
         self.attempt_no = 0
         self.attempt_open = False  # an attempt is started and not yet ended in the journal
         self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
+        self.refusals: list[tuple[str, str]] = []  # provider, code: targets skipped, not called
         self.correlation_id = correlation_id
         self.who = record_fields(caller, attribution)  # for the start record
         self.created = int(time.time())
@@ -214,7 +216,8 @@ class Exchange:
                     break
                 why = self.router.unavailable(target)
                 if why is not None:
-                    skipped.append(why)
+                    self.refusals.append((target.provider.name, why[0]))
+                    skipped.append(why[1])
                     break
                 try:
                     await self._attempt(target)
