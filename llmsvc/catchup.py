@@ -11,15 +11,15 @@ and what it waits for.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from llmsvc.errors import LlmsvcError
+from llmsvc.logs import logger
 from llmsvc.store.engine import describe_error
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 T = TypeVar("T")
 BACKOFF = (0.5, 10.0)  # first and longest pause between two tries of a step
@@ -44,7 +44,7 @@ class CatchUp:
                 result = await attempt()
             except Exception as exc:
                 if self.error is None:
-                    log.warning("boot: waiting for the database step=%r error=%s", step, why(exc))
+                    log.warning("boot: waiting for the database", step=repr(step), error=why(exc))
                 self.error = why(exc)
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, BACKOFF[1])

@@ -61,6 +61,7 @@ from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.keytable import KeyTable
 from llmsvc.limits import Limiter
 from llmsvc.local import read_checkpoint
+from llmsvc.logs import logger
 from llmsvc.maintenance.backup import replay, restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
 from llmsvc.maintenance.jobs import INSTANCE_JOBS, job_table
@@ -82,7 +83,7 @@ from llmsvc.wal.reader import Position
 from llmsvc.wal.segment import WalLock, instance_id
 from llmsvc.wal.writer import WalWriter
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
 SLOW_SECONDS = 5.0  # a database call unanswered this long is a stall: health says degraded
@@ -156,7 +157,7 @@ class Daemon:
         s = self.settings
         self.lock.acquire()
         self.instance = instance_id(s.wal_dir)
-        log.info("boot: wal locked dir=%s instance=%s", s.wal_dir, self.instance)
+        log.info("boot: wal locked", dir=s.wal_dir, instance=self.instance)
 
         self.notifier.status("booting: opening the WAL")
         # The daemon's own calls are bounded per command; maintenance (jobs, migrations,
@@ -235,7 +236,7 @@ class Daemon:
         """What boot owes the store, in order, each step retried while the database is away."""
         s, step = self.settings, self.catch_up.run
         await step("migrating the database", self._migrate)
-        log.info("boot: schema at head database=%s", s.redacted_database_url())
+        log.info("boot: schema at head", database=s.redacted_database_url())
         await step("reading the provider switches", self._adopt_provider_states)
         if self.keys is not None:
             await step("reading the keys", self.keys.read)
@@ -243,13 +244,11 @@ class Daemon:
         await step("reading the checkpoint", self._load_checkpoint)
         behind = self.boot_end.lsn - 1 - self.flusher.checkpoint
         await step(f"replaying {behind} WAL records", lambda: self.flusher.drain(float("inf")))
-        log.info("boot: wal replayed records=%d checkpoint=%d", behind, self.flusher.checkpoint)
+        log.info("boot: wal replayed", records=behind, checkpoint=self.flusher.checkpoint)
         interrupted = await step(
             "marking requests the last run left open interrupted", self._interrupt_open_work
         )
-        log.info(
-            "boot: requests left open by the last run marked interrupted count=%d", interrupted
-        )
+        log.info("boot: requests left open by the last run marked interrupted", count=interrupted)
         self._flush_to = None  # what this run journaled follows
         self.flusher_task = asyncio.create_task(self.flusher.run(), name="flusher")
         self.follower = asyncio.create_task(
@@ -279,7 +278,7 @@ class Daemon:
             if untouched and row["circuit_state"] != CLOSED:
                 since = row["updated_at"].timestamp()
                 breakers.restore(name, row["circuit_state"], row["failure_count"], since)
-                log.info("boot: circuit %s provider=%s", row["circuit_state"], name)
+                log.info("boot: circuit %s", row["circuit_state"], provider=name)
 
     async def _load_checkpoint(self) -> None:
         """Resume the flusher at the database's checkpoint, never past where the log ended.
@@ -304,9 +303,9 @@ class Daemon:
     def _log_ready(self) -> None:
         host, port = self.settings.host, self.port
         if self.worker is None:
-            log.info("ready host=%s port=%d auth=%s", host, port, self.settings.auth)
+            log.info("ready", host=host, port=port, auth=self.settings.auth)
         else:  # the supervisor says `ready host=` once all its workers are
-            log.info("ready worker=%d host=%s port=%d", self.worker, host, port)
+            log.info("ready", worker=self.worker, host=host, port=port)
 
     def wal_status(self) -> WalStatus:
         """The database and WAL backlog, for /api/health, admission and metrics (any thread)."""
@@ -393,7 +392,7 @@ class Daemon:
             try:
                 await self.keys.read()
             except Exception as exc:
-                log.warning("keys not read after a change error=%s", describe_error(exc))
+                log.warning("keys not read after a change", error=describe_error(exc))
 
     async def run_by_hand(self, name: str, job: Job) -> JobResult:
         result = await run_job(self.maintenance, name, job, self.instance, None, self._job_finished)
@@ -421,7 +420,7 @@ class Daemon:
             raise Conflict(f"not now: {self.gateway.paused}")
         self.gateway.paused = f"llmsvc is restoring the backup {name}; requests resume after it"
         try:
-            interrupted = await self.gateway.settle(self.settings.shutdown_grace_seconds)
+            interrupted = await self.gateway.settle(self.settings.shutdown_grace_seconds, "restore")
             self.flusher.stop()
             await self.flusher_task
             await self.flusher.close()
@@ -444,11 +443,11 @@ class Daemon:
     def _circuit_changed(self, name: str, circuit: Circuit) -> None:
         """Store a breaker's new state (off the request's path), so a restart resumes it."""
         log.warning(
-            "circuit %s provider=%s failures=%d last_error=%s",
+            "circuit %s",
             circuit.state,
-            name,
-            circuit.failures,
-            circuit.last_error,
+            provider=name,
+            failures=circuit.failures,
+            last_error=circuit.last_error,
         )
         task = asyncio.create_task(
             set_provider_circuit(
@@ -461,7 +460,7 @@ class Daemon:
     def _stored(self, task: asyncio.Task[None]) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.warning("circuit state not stored error=%s", task.exception())
+            log.warning("circuit state not stored", error=task.exception())
 
     def _start_metrics(self) -> None:
         """`/metrics` on its own port, so scraping never shares the API's listener.
@@ -485,7 +484,7 @@ class Daemon:
                 exc.strerror or exc,
             )
             return
-        log.info("boot: metrics port=%d host=%s", self.metrics_server.port, host)
+        log.info("boot: metrics", port=self.metrics_server.port, host=host)
 
     async def _interrupt_open_work(self) -> int:
         """Journal an `interrupted` end for every request a previous run left `streaming`.
@@ -549,7 +548,7 @@ class Daemon:
                 own_instance=name in INSTANCE_JOBS,
             )
         except (sa.exc.SQLAlchemyError, OSError) as exc:
-            log.error("job %s missed slot=%s: %s", name, slot.isoformat(), describe_error(exc))
+            log.error("job %s missed", name, slot=slot.isoformat(), error=describe_error(exc))
             self._job_finished(name, "failed", 0.0)
 
     def _job_finished(self, name: str, outcome: str, seconds: float) -> None:
@@ -567,18 +566,18 @@ class Daemon:
         await record_run(engine, "check", self.instance, started, as_result(report, repaired))
         for refill in repaired.get("refilled", []):
             log.info(
-                "boot: token gap refilled from the WAL attempt=%s seqs=%s rows=%d",
-                refill["attempt_id"],
-                format_ranges(refill["seqs"], sep=","),
-                refill["rows"],
+                "boot: token gap refilled from the WAL",
+                attempt=refill["attempt_id"],
+                seqs=format_ranges(refill["seqs"], sep=","),
+                rows=refill["rows"],
             )
         for problem in report.problems:
             log.warning("boot: consistency problem: %s", problem)
         log.info(
-            "boot: consistency check %s gaps=%d count_mismatches=%d",
+            "boot: consistency check %s",
             "ok" if report.ok else "found problems",
-            len(report.gaps),
-            len(report.mismatches),
+            gaps=len(report.gaps),
+            count_mismatches=len(report.mismatches),
         )
 
     async def _start_http(self) -> None:
@@ -603,14 +602,13 @@ class Daemon:
                 descriptors,
             )
         log.info(
-            "boot: http limits max_connections=%d max_header_bytes=%d header_timeout=%g "
-            "body_timeout=%g keepalive_timeout=%d descriptors=%d",
-            limits.max_connections,
-            limits.max_header_bytes,
-            limits.header_timeout,
-            limits.body_timeout,
-            s.keepalive_timeout_seconds,
-            descriptors,
+            "boot: http limits",
+            max_connections=limits.max_connections,
+            max_header_bytes=limits.max_header_bytes,
+            header_timeout=limits.header_timeout,
+            body_timeout=limits.body_timeout,
+            keepalive_timeout=s.keepalive_timeout_seconds,
+            descriptors=descriptors,
         )
         config = uvicorn.Config(
             app,
@@ -653,7 +651,7 @@ class Daemon:
         if hasattr(self, "gateway"):
             with _step("requests finished"):
                 n = await self.gateway.finish_requests(grace)
-                log.info("shutdown: open requests interrupted count=%d", n)
+                log.info("shutdown: open requests interrupted", count=n)
         if hasattr(self, "server"):
             with _step("http server stopped"):
                 self.server.should_exit = True
@@ -692,7 +690,7 @@ class Daemon:
             with _step("database closed"):
                 await self._close_pools()
         self.lock.release()
-        log.info("shutdown: done exit_code=%d", EXIT_FATAL if self.fatal else EXIT_OK)
+        log.info("shutdown: done", exit_code=EXIT_FATAL if self.fatal else EXIT_OK)
 
     async def _end_catch_up(self, deadline: float) -> None:
         """Let the catch-up go on until `deadline` while the database answers; else stop it."""
@@ -715,7 +713,7 @@ class Daemon:
             await self.flusher.drain(max(0.0, deadline - time.monotonic()))
         left = self.writer.end.lsn - 1 - self.flusher.checkpoint
         if left > 0:
-            log.warning("shutdown: records left in the WAL for the next boot count=%d", left)
+            log.warning("shutdown: records left in the WAL for the next boot", count=left)
         await self.flusher.close()
 
     async def _close_pools(self) -> None:
@@ -815,4 +813,4 @@ def _step(name: str) -> Iterator[None]:
         yield
         log.info("shutdown: %s", name)
     except Exception:
-        log.exception("shutdown: step failed step=%r", name)
+        log.exception("shutdown: step failed", step=repr(name))

@@ -8,14 +8,14 @@ next one tries again.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 
 import anyio
 
+from llmsvc.logs import logger
 from llmsvc.store.engine import describe_error
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 
 async def every(
@@ -30,4 +30,4 @@ async def every(
         try:
             await read()
         except Exception as exc:
-            log.debug("%s not read error=%s", what, describe_error(exc))
+            log.debug("%s not read", what, error=describe_error(exc))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -26,9 +25,10 @@ from llmsvc.callers import Caller, Limits
 from llmsvc.errors import InvalidApiKey, ServiceUnavailable
 from llmsvc.follow import every
 from llmsvc.local import read_keys, write_keys
+from llmsvc.logs import logger
 from llmsvc.store.keys import LIMITS, changed_since, secret_hash, utc
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 REFRESH_SECONDS = 1.0  # a change made elsewhere is followed here within this plus one read
 # Rows re-read on each refresh: a change committed late, or stamped by a host whose clock is
@@ -63,7 +63,7 @@ class KeyTable:
         self.keys = {k["id"]: k for k in stored.get("keys", [])}
         self.teams = {t["id"]: t for t in stored.get("teams", [])}
         self._index()
-        log.info("boot: keys from the local copy count=%d", len(self.keys))
+        log.info("boot: keys from the local copy", count=len(self.keys))
 
     def authenticate(self, headers: dict[bytes, bytes]) -> Caller:
         """The caller of a request's `Authorization: Bearer` or `x-api-key`; 401 otherwise.
@@ -118,7 +118,7 @@ class KeyTable:
             self.teams, self.keys = teams, keys
             self._index()
             write_keys(self.wal_dir, list(keys.values()), list(teams.values()))
-            log.info("keys read count=%d teams=%d", len(keys), len(teams))
+            log.info("keys read", count=len(keys), teams=len(teams))
 
     async def follow(self, stopping: asyncio.Event) -> None:
         """Read every REFRESH_SECONDS until `stopping`; a failed read keeps the table as it is."""

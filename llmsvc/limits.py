@@ -16,7 +16,6 @@ the period plus what this instance journaled and has not yet stored.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections import deque
@@ -29,9 +28,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmsvc.callers import Caller, Limits
 from llmsvc.errors import BudgetExceeded, RateLimited
 from llmsvc.follow import every
+from llmsvc.logs import logger
 from llmsvc.store.queries import spend_since, usage_since
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 SHARE_SECONDS = 0.2  # how often the other instances' use is read from the store
 SPEND_SECONDS = 1.0  # and the period's spend

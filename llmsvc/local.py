@@ -20,16 +20,16 @@ or the new one, and one it cannot parse counts as absent.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import orjson
 
+from llmsvc.logs import logger
 from llmsvc.wal.segment import list_segments
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 CHECKPOINT_FILE = "checkpoint"
 SWITCHES_FILE = "provider_switches.json"
@@ -88,6 +88,6 @@ def _replace(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
         os.replace(tmp, path)
     except OSError as exc:
-        log.warning("not written file=%s error=%s", path, exc.strerror or exc)
+        log.warning("not written", file=path, error=exc.strerror or exc)
         with contextlib.suppress(OSError):
             tmp.unlink()

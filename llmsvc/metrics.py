@@ -11,14 +11,15 @@ tolerate a snapshot taken between two updates.
 
 To add a metric: a counter or histogram goes on `Metrics` (created with
 `registry=self.registry`); a value read from live state goes into a collector
-registered with `Metrics.watch`. Names are `llmsvc_*`; labels never carry
-secrets, prompts or URLs with credentials.
+registered with `Metrics.watch`. Names are `llmsvc_*` (beside prometheus_client's
+own `process_*` and `python_info`); labels never carry secrets, prompts or URLs
+with credentials.
 """
 
 from __future__ import annotations
 
 import asyncio
-import logging
+import platform
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -29,13 +30,18 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    PlatformCollector,
+    ProcessCollector,
     disable_created_metrics,
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-log = logging.getLogger(__name__)
+from llmsvc import __version__
+from llmsvc.logs import logger
+
+log = logger(__name__)
 
 # `*_created` series double every counter and histogram for a value nobody alerts on.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -192,6 +198,16 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        # This process's CPU, memory and descriptors, and its Python: a worker's are its own,
+        # on its own metrics port (docs/DECISIONS.md, Workers).
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        Gauge(
+            "llmsvc_build_info",
+            "always 1; the labels say which llmsvc and Python this process runs",
+            ["version", "python"],
+            registry=self.registry,
+        ).labels(__version__, platform.python_version()).set(1)
         self.requests_refused = Counter(
             "llmsvc_requests_refused",
             "chat completion requests refused with 503, by reason",
@@ -258,7 +274,8 @@ class Metrics:
         )
         self.provider_errors = Counter(
             "llmsvc_provider_errors",
-            "failed requests by provider and error code",
+            "failed provider attempts, and providers skipped (provider_disabled, circuit_open), "
+            "by provider and error code",
             ["provider", "code"],
             registry=self.registry,
         )
@@ -335,17 +352,22 @@ class Metrics:
         seconds: float,
         first_token_seconds: float | None,
         attempts: Sequence[tuple[str, str, str, str | None]] = (),
+        refusals: Sequence[tuple[str, str]] = (),
     ) -> None:
         """One request ended: called once per request, never per token.
 
         `attempts` is each provider attempt's (provider, upstream model, status,
-        error code); labels stay bounded: every name comes from configuration.
+        error code); `refusals` each provider skipped without a call (provider,
+        `provider_disabled` or `circuit_open`), counted as that provider's errors
+        too. Labels stay bounded: every name comes from configuration.
         """
         self.requests.labels(provider, model, status).inc()
         for name, upstream, outcome, code in attempts:
             self.attempts.labels(name, upstream, outcome).inc()
             if code:
                 self.provider_errors.labels(name, code).inc()
+        for name, code in refusals:
+            self.provider_errors.labels(name, code).inc()
         if prompt_tokens:
             self.prompt_tokens.labels(provider, model).inc(prompt_tokens)
         self.completion_tokens.labels(provider, model).inc(completion_tokens)

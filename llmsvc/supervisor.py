@@ -31,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
-import logging
 import os
 import secrets
 import select
@@ -54,12 +53,13 @@ from llmsvc.config import (
     worker_wal_dir,
 )
 from llmsvc.errors import LlmsvcError
+from llmsvc.logs import logger
 from llmsvc.maintenance.backup import replay_wal
 from llmsvc.store.engine import create_engine, migrate
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import INSTANCE_FILE, WalLock, lock_holder
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 EXIT_OK, EXIT_FATAL = 0, 1
 CYCLE_SECONDS = 0.2  # how often the loop looks at its workers
@@ -146,7 +146,7 @@ class Supervisor:
                 self._replay_unowned()
             self.holder = self._hold_port()
             self.port: int = self.holder.getsockname()[1]
-            log.info("boot: port held host=%s port=%d", self.settings.host, self.port)
+            log.info("boot: port held", host=self.settings.host, port=self.port)
             for index in range(self.settings.workers):
                 self.workers.append(self._slot(index))
             for worker in self.workers:
@@ -274,7 +274,7 @@ class Supervisor:
             preexec_fn=_die_with_parent,  # safe: the supervisor runs no threads
         )
         worker.started, worker.ready, worker.restart_at = time.monotonic(), False, None
-        log.info("%s started pid=%d", worker.name, worker.proc.pid)
+        log.info("%s started", worker.name, pid=worker.proc.pid)
 
     def _cycle(self) -> None:
         """One turn: read the workers' notifications, reap and restart, tell systemd."""
@@ -294,7 +294,7 @@ class Supervisor:
         if not self.announced and all(w.ready for w in self.workers):
             self.announced = True
             host, n = self.settings.host, len(self.workers)
-            log.info("ready host=%s port=%d workers=%d", host, self.port, n)
+            log.info("ready", host=host, port=self.port, workers=n)
             self.notifier.ready(f"serving on {host}:{self.port} with {n} workers")
         interval = self.notifier.watchdog_interval
         if self.announced and interval is not None and now - self.last_watchdog >= interval:
@@ -384,12 +384,12 @@ class Supervisor:
                 if (code := worker.proc.poll()) is not None:
                     running.remove(worker)
                     clean = clean and code == 0
-                    log.info("shutdown: %s exited code=%d", worker.name, code)
+                    log.info("shutdown: %s exited", worker.name, code=code)
         for worker in self.workers:
             if worker.proc is None and worker.ever_ready:
                 log.warning("shutdown: %s was down; its next start replays its WAL", worker.name)
         code = EXIT_OK if clean else EXIT_FATAL
-        log.info("shutdown: done exit_code=%d", code)
+        log.info("shutdown: done", exit_code=code)
         return code
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

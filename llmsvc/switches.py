@@ -8,7 +8,6 @@ honours before the database answers.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,11 @@ from llmsvc.errors import ServiceUnavailable
 from llmsvc.follow import every
 from llmsvc.gateway.router import Router
 from llmsvc.local import read_disabled, write_disabled
+from llmsvc.logs import logger
 from llmsvc.store.engine import describe_error
 from llmsvc.store.queries import provider_states, set_provider_enabled
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 REFRESH_SECONDS = 2.0  # how soon a switch made elsewhere is followed here
 
@@ -62,9 +62,7 @@ class Switches:
             ) from None
         disabled = self.router.disabled - {name} if enabled else self.router.disabled | {name}
         self._take(disabled)
-        log.info(
-            "provider %s by an operator provider=%s", "enabled" if enabled else "disabled", name
-        )
+        log.info("provider %s by an operator", "enabled" if enabled else "disabled", provider=name)
 
     async def read(self) -> dict[str, dict[str, Any]]:
         """The stored rows, adopted unless a switch landed here meanwhile (the next read has it)."""
@@ -84,7 +82,7 @@ class Switches:
             disabled = stored & self.names
             for name in disabled ^ self.router.disabled:
                 now = "disabled" if name in disabled else "enabled"
-                log.info("provider %s by an operator (stored) provider=%s", now, name)
+                log.info("provider %s by an operator (stored)", now, provider=name)
             self._take(disabled)
         return states
 

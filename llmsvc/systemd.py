@@ -8,11 +8,12 @@ nothing, so the daemon needs no special case.
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 
-log = logging.getLogger(__name__)
+from llmsvc.logs import logger
+
+log = logger(__name__)
 
 
 class Notifier:
@@ -37,7 +38,7 @@ class Notifier:
             self._sock.sendto("\n".join(lines).encode(), self.address)
         except OSError as exc:
             if str(exc) != self._failing:
-                log.warning("systemd notify failed socket=%s error=%s", self.address, exc)
+                log.warning("systemd notify failed", socket=self.address, error=exc)
             self._failing = str(exc)
             return False
         self._failing = ""

@@ -41,6 +41,7 @@ UPSTREAM_SCRIPT = REPO / "scripts" / "openai_upstream.py"
 ANTHROPIC_SCRIPT = REPO / "scripts" / "anthropic_upstream.py"  # base URL: `root_url`
 READY_TIMEOUT = 30.0
 CAUGHT_UP = "boot: caught up with the database"  # a daemon's catch-up is done (after `ready`)
+READY = r'\bready host=\S+ port=\d+|"message":"ready","host":'  # plain text or JSON logs
 EXIT_TIMEOUT = 30.0
 
 T = TypeVar("T")
@@ -167,7 +168,7 @@ class DaemonProcess:
         self.output = _Output(self.proc)
         if wait_ready:
             try:
-                found = self.output.wait_for(r"\bready host=\S+ port=\d+", READY_TIMEOUT)
+                found = self.output.wait_for(READY, READY_TIMEOUT)
             except TimeoutError:
                 self.kill()  # `with` never reaches __exit__ when __enter__ fails
                 raise AssertionError(f"llmsvc not ready in {READY_TIMEOUT}s:\n{self.log}") from None

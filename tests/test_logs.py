@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
 import logging
-import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -13,7 +13,7 @@ import openai
 import pytest
 from daemon_process import DaemonProcess, UpstreamProcess, daemon_env
 
-from llmsvc.logs import JsonFormatter, Redact
+from llmsvc.logs import Event, JsonFormatter, Redact, logger
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -89,21 +89,66 @@ def test_json_logs_carry_one_line_per_request_and_never_a_secret(
     lines = [line for line in daemon.log.splitlines() if line.strip()]
     events = [json.loads(line) for line in lines]  # every line is one JSON object
     assert all({"time", "level", "logger", "message"} <= set(e) for e in events)
-    requests = [e["message"] for e in events if e["message"].startswith("request ")]
+    requests = [e for e in events if e["message"] == "request"]
     assert len(requests) == 2
-    ok = next(m for m in requests if request_id in m)
-    fields = dict(re.findall(r"(\w+)=(\S+)", ok))
-    assert fields["request_id"] == request_id
-    assert fields["correlation_id"] == correlation
-    assert (fields["model"], fields["provider"], fields["status"]) == (
-        "gpt-test",
-        "up",
-        "completed",
-    )
-    assert fields["tokens"] == "5"
-    assert float(fields["latency_ms"]) > 0
+    # Each field is a key of its own, with its JSON type; the message is the event alone.
+    ok = next(e for e in requests if e["request_id"] == request_id)
+    assert ok["correlation_id"] == correlation
+    assert (ok["model"], ok["provider"], ok["status"]) == ("gpt-test", "up", "completed")
+    assert ok["stream"] is True
+    assert ok["tokens"] == 5
+    assert ok["latency_ms"] > 0
+    assert "error" not in ok
+    failed = next(e for e in requests if e["request_id"] != request_id)
+    assert (failed["model"], failed["status"]) == ("gpt-denied", "failed")
+    assert failed["error"] == "invalid_api_key"  # the upstream's code: why it failed
+    ready = next(e for e in events if e["message"] == "ready")
+    assert isinstance(ready["port"], int)
     assert KEY not in daemon.log
     assert ADMIN not in daemon.log
+
+
+def test_an_event_reads_as_text_key_value_and_as_json_keys() -> None:
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.addFilter(Redact([KEY]))
+    probe = logging.getLogger("test_logs.probe")
+    probe.addHandler(handler)
+    probe.propagate = False
+    probe.setLevel(logging.DEBUG)
+    log = logger("test_logs.probe")
+    try:
+        for formatter in (logging.Formatter("%(levelname)s %(message)s"), JsonFormatter("w-1")):
+            handler.setFormatter(formatter)
+            log.info("job %s", "prune", status="ok", rows=3, seconds=0.25, error=None)
+            log.warning("upstream refused", provider="up", error=f"bad key {KEY}")
+            log.debug("plain %d%%", 5)
+    finally:
+        probe.removeHandler(handler)
+    text = out.getvalue().splitlines()
+
+    # Plain text: the event, then each field as key=value in order; a None field is left out.
+    assert text[:3] == [
+        "INFO job prune status=ok rows=3 seconds=0.25",
+        "WARNING upstream refused provider=up error=bad key ***",
+        "DEBUG plain 5%",
+    ]
+    job, refused, plain = (json.loads(line) for line in text[3:])
+    assert job["message"] == "job prune"
+    assert (job["status"], job["rows"], job["seconds"]) == ("ok", 3, 0.25)
+    assert "error" not in job
+    assert job["process"] == "w-1"
+    # A secret in a field is masked there, and the event keeps its fields.
+    assert (refused["message"], refused["provider"]) == ("upstream refused", "up")
+    assert refused["error"] == "bad key ***"
+    assert KEY not in out.getvalue()
+    assert plain["message"] == "plain 5%"
+    assert set(plain) == {"time", "level", "logger", "message", "process"}
+
+
+def test_a_field_never_overwrites_a_key_every_line_has() -> None:
+    r = logging.LogRecord("t", logging.INFO, __file__, 1, Event("x", {"level": "forged"}), (), None)
+    assert json.loads(JsonFormatter().format(r))["level"] == "INFO"
 
 
 def test_a_callers_secret_is_masked_even_where_no_setting_names_it() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import re
 import signal
 import time
 from dataclasses import dataclass, field
@@ -126,6 +127,10 @@ def test_sigterm_with_100_streams_finishes_some_interrupts_the_rest_and_exits_0(
     long = [g for g in got if g.tokens == 1000]
     assert all(g.finished and len(g.texts) == 40 for g in short), [g.error for g in short]
     assert all(not g.finished and "shut down" in g.error for g in long), long[0]
+    waiting = r"shutdown: waiting for open requests count=(\d+) grace_seconds=2(\.0)?\b"
+    waited = re.search(waiting, daemon.log)
+    assert waited is not None, daemon.log  # the grace says what it waits for
+    assert len(long) <= int(waited[1]) <= STREAMS  # short streams may have ended before it
     assert f"shutdown: open requests interrupted count={len(long)}" in daemon.log
     assert check_store(sqlite_url, got) == {"completed": 50, "interrupted": 50}
     assert any(m.get("STOPPING") == "1" for m in systemd.messages)

@@ -9,7 +9,6 @@ configured the admin API is off and every admin path is 404.
 from __future__ import annotations
 
 import hmac
-import logging
 import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -26,13 +25,14 @@ from llmsvc.errors import ClientError, MethodNotAllowed, NotFound, Unauthorized
 from llmsvc.gateway.errors import send_error, send_json
 from llmsvc.gateway.request import parse_body, read_body
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.logs import logger
 from llmsvc.maintenance import backup, retention
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.store import keys
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
 from llmsvc.store.queries import recent_requests, request_detail, token_summary
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 PREFIX = "/api/admin/"
 MAX_BODY = 64 * 1024
@@ -249,7 +249,7 @@ class AdminApi:
         spec = await self._body(scope, receive, keys.KeySpec)
         key, secret = await keys.create_key(self.ops.engine, spec)
         await self.ops.keys_changed()
-        log.info("key created by an operator key=%s id=%s", key["name"], key["id"])
+        log.info("key created by an operator", key=key["name"], id=key["id"])
         return 201, _plain({"key": key, "secret": secret})
 
     async def show_key(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
@@ -263,7 +263,7 @@ class AdminApi:
         else:
             key, answer["secret"] = await keys.rotate_key(engine, match["key"])
         await self.ops.keys_changed()
-        log.info("key %sd by an operator key=%s id=%s", match["action"], key["name"], key["id"])
+        log.info("key %sd by an operator", match["action"], key=key["name"], id=key["id"])
         return 200, _plain({"key": key, **answer})
 
     async def list_teams(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
@@ -282,7 +282,7 @@ class AdminApi:
         update = await self._body(scope, receive, keys.TeamUpdate)
         team = await keys.update_team(self.ops.engine, match["team"], update)
         await self.ops.keys_changed()
-        log.info("team updated by an operator team=%s id=%s", team["name"], team["id"])
+        log.info("team updated by an operator", team=team["name"], id=team["id"])
         return 200, _plain({"team": team})
 
     async def _body(

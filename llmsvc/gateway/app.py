@@ -8,7 +8,6 @@ hot path has no room for that.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -27,12 +26,13 @@ from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.limits import Limiter
+from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 Scope = MutableMapping[str, Any]
 Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
@@ -141,7 +141,7 @@ class Gateway:
             await exchange.run(cancel)
         except Exception as exc:
             if exchange.started:  # too late for a status line: the connection just closes
-                log.exception("request failed mid-response request_id=%s", exchange.request_id)
+                log.exception("request failed mid-response", request_id=exchange.request_id)
             else:
                 await send_error(send, exc, exchange.headers)
         finally:
@@ -169,6 +169,7 @@ class Gateway:
             time.monotonic() - exchange.began,
             (first - exchange.began_us) / 1e6 if first is not None else None,
             exchange.attempts,
+            exchange.refusals,
         )
 
     async def list_models(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
@@ -246,12 +247,30 @@ class Gateway:
         Returns how many were interrupted; each records itself `interrupted`.
         """
         self.draining = True
-        return await self.settle(grace)
+        return await self.settle(grace, "shutdown")
 
-    async def settle(self, grace: float) -> int:
-        """With new requests refused, let open ones finish within `grace`, interrupt the rest."""
-        with anyio.move_on_after(grace):
-            await self.idle.wait()
+    async def settle(self, grace: float, why: str) -> int:
+        """With new requests refused, let open ones finish within `grace`, interrupt the rest.
+
+        The log says how many it waits for, and again every PROGRESS_SECONDS, so a
+        quiet grace period reads as waiting, not as a hang. `why` prefixes those lines.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.inflight and grace > 0:
+            log.info(
+                "%s: waiting for open requests", why, count=len(self.inflight), grace_seconds=grace
+            )
+        while self.inflight and (left := deadline - loop.time()) > 0:
+            with anyio.move_on_after(min(PROGRESS_SECONDS, left)):
+                await self.idle.wait()
+            if self.inflight and (left := deadline - loop.time()) > 0:
+                log.info(
+                    "%s: still waiting for open requests",
+                    why,
+                    count=len(self.inflight),
+                    seconds_left=round(left, 1),
+                )
         interrupted = len(self.inflight)
         for cancel in list(self.inflight):
             cancel.cancel()
@@ -260,6 +279,7 @@ class Gateway:
         return interrupted
 
 
+PROGRESS_SECONDS = 5.0  # while open requests are awaited, how often the log says how many
 CALLER = "llmsvc.caller"  # the scope key of an authenticated request's `Caller`
 NO_STORE = [(b"cache-control", b"no-store")]
 SHUTTING_DOWN = "llmsvc is shutting down and takes no new requests"

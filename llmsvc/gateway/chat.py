@@ -11,7 +11,6 @@ until space returns.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -35,10 +34,11 @@ from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import RetryPolicy, Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
+from llmsvc.logs import logger
 from llmsvc.providers.base import Reply, ToolCallDeltas
 from llmsvc.tokens import PROVIDER, count_completion, count_prompt
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 JSON_HEADERS = [(b"content-type", b"application/json")]
@@ -80,6 +80,7 @@ class Exchange:
         "prompt_source",
         "prompt_tokens",
         "receive",
+        "refusals",
         "request_deadline",
         "request_id",
         "router",
@@ -134,6 +135,7 @@ class Exchange:
         self.attempt_no = 0
         self.attempt_open = False  # an attempt is started and not yet ended in the journal
         self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
+        self.refusals: list[tuple[str, str]] = []  # provider, code: targets skipped, not called
         self.correlation_id = correlation_id
         self.who = record_fields(caller, attribution)  # for the start record
         self.created = int(time.time())
@@ -192,7 +194,7 @@ class Exchange:
         except LlmsvcError as exc:
             await self._fail(exc)
         except Exception as exc:
-            log.exception("request failed request_id=%s", self.request_id)
+            log.exception("request failed", request_id=self.request_id)
             await self._fail(exc)
         finally:
             self._log()
@@ -214,7 +216,8 @@ class Exchange:
                     break
                 why = self.router.unavailable(target)
                 if why is not None:
-                    skipped.append(why)
+                    self.refusals.append((target.provider.name, why[0]))
+                    skipped.append(why[1])
                     break
                 try:
                     await self._attempt(target)
@@ -561,18 +564,19 @@ class Exchange:
         self.journal.hold_ends(held, attempt, self.request_id, request)
 
     def _log(self) -> None:
+        """The request's access line; `error` is the error code of one that did not complete."""
         log.info(
-            "request request_id=%s correlation_id=%s key=%s model=%s provider=%s stream=%s "
-            "status=%s tokens=%d latency_ms=%.1f",
-            self.request_id,
-            self.correlation_id,
-            self.caller.key_name if self.caller is not None else "-",
-            self.model,
-            self.target.provider.name,
-            self.stream,
-            self.status,
-            self.seq,
-            (time.monotonic() - self.began) * 1000,
+            "request",
+            request_id=self.request_id,
+            correlation_id=self.correlation_id,
+            key=self.caller.key_name if self.caller is not None else "-",
+            model=self.model,
+            provider=self.target.provider.name,
+            stream=self.stream,
+            status=self.status,
+            tokens=self.seq,
+            latency_ms=round((time.monotonic() - self.began) * 1000, 1),
+            error=self.error_code,
         )
 
 

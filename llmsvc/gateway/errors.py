@@ -7,7 +7,6 @@ an SSE error event (the status line is already gone).
 from __future__ import annotations
 
 import http
-import logging
 from typing import Any
 
 import orjson
@@ -22,9 +21,10 @@ from llmsvc.errors import (
     WalError,
 )
 from llmsvc.gateway.sse import ASGISend
+from llmsvc.logs import logger
 from llmsvc.store.engine import describe_error
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 
 def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:

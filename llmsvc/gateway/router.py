@@ -75,14 +75,18 @@ class Router:
                 param="model",
             ) from None
 
-    def unavailable(self, target: Target) -> str | None:
-        """Why `target` cannot be called now, or None (claiming a half-open circuit's probe)."""
+    def unavailable(self, target: Target) -> tuple[str, str] | None:
+        """Why `target` cannot be called now, as (error code, words), or None (claiming a
+        half-open circuit's probe)."""
         name = target.provider.name
         if name in self.disabled:
-            return f"provider {name!r} is disabled by an operator"
+            return "provider_disabled", f"provider {name!r} is disabled by an operator"
         if not self.breakers.allows(name):
             wait = self.breakers.retry_in(name)
-            return f"provider {name!r} has its circuit open (failing; next try in {wait:.0f} s)"
+            return (
+                "circuit_open",
+                f"provider {name!r} has its circuit open (failing; next try in {wait:.0f} s)",
+            )
         return None
 
     def cost(

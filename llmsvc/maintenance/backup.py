@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import glob
 import itertools
-import logging
 import os
 import shutil
 import sqlite3
@@ -35,6 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import LlmsvcError, WalLocked
+from llmsvc.logs import logger
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.engine import DAEMON_APPLICATION
 from llmsvc.store.flusher import Flusher, load_checkpoint
@@ -42,7 +42,7 @@ from llmsvc.store.schema import metadata, wal_checkpoints
 from llmsvc.wal.segment import INSTANCE_FILE, WalLock, instance_id, list_segments
 from llmsvc.wal.writer import WalWriter
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 PREFIX = "llmsvc-"
 SUFFIXES = {"postgresql": ".dump", "sqlite": ".sqlite3"}
@@ -76,7 +76,7 @@ def list_backups(backup_dir: Path) -> list[Backup]:
         try:
             backup = Backup(**orjson.loads(meta.read_bytes()))
         except (OSError, ValueError, TypeError) as exc:
-            log.warning("backup description unreadable file=%s error=%s", meta.name, exc)
+            log.warning("backup description unreadable", file=meta.name, error=exc)
             continue
         if (backup_dir / backup.name).exists():
             found.append(backup)
@@ -157,7 +157,7 @@ def cleanup(backup_dir: Path, retention_days: int) -> JobResult:
             freed += path.stat().st_size
             path.unlink()
         removed.append(b.name)
-        log.info("backup removed file=%s created=%s", b.name, b.created)
+        log.info("backup removed", file=b.name, created=b.created)
     return JobResult(rows=len(removed), bytes=freed, repaired={"removed": removed})
 
 
@@ -188,7 +188,7 @@ async def restore_database(engine: AsyncEngine, backup_dir: Path, name: str) -> 
     else:
         await engine.dispose()  # no connection of ours may hold the file while it is replaced
         await asyncio.to_thread(_sqlite_copy, path, _sqlite_path(engine))
-    log.info("restore: database restored from file=%s created=%s", name, described.created)
+    log.info("restore: database restored from", file=name, created=described.created)
     return described
 
 
@@ -400,7 +400,5 @@ async def replay(flusher: Flusher, wal_dir: Path) -> dict[str, Any]:
             checkpoint + 1,
             first - 1,
         )
-    log.info(
-        "restore: wal replayed records=%d checkpoint=%d", result["replayed"], flusher.checkpoint
-    )
+    log.info("restore: wal replayed", records=result["replayed"], checkpoint=flusher.checkpoint)
     return result

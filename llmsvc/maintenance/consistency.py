@@ -16,7 +16,6 @@ import asyncio
 import concurrent.futures
 import contextlib
 import fcntl
-import logging
 import multiprocessing
 import os
 import uuid
@@ -30,6 +29,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import WalError
+from llmsvc.logs import logger
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.batch import TOKEN_ROWS, Token
 from llmsvc.store.engine import schema_revision
@@ -42,7 +42,7 @@ from llmsvc.wal.reader import scan_segment, verify_log
 from llmsvc.wal.repair import QUARANTINE_DIR, Repairs, quarantined
 from llmsvc.wal.segment import INSTANCE_FILE, LOCK_FILE, list_segments
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 Ranges = list[tuple[int, int]]  # inclusive seq ranges
 
@@ -329,7 +329,7 @@ def read_missing_tokens(wal_dir: Path, missing: dict[str, Ranges]) -> list[Token
         try:
             scan_segment(segment, instance, on_records=keep)
         except (OSError, Corruption) as exc:
-            log.warning("refill: WAL segment skipped segment=%s error=%s", segment.path.name, exc)
+            log.warning("refill: WAL segment skipped", segment=segment.path.name, error=exc)
     return [found[key] for key in sorted(found)]
 
 

@@ -10,17 +10,17 @@ requests being removed), which leaves few token rows to delete one by one.
 
 from __future__ import annotations
 
-import logging
 import re
 from datetime import UTC, date, datetime, time, timedelta
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from llmsvc.logs import logger
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 PARTITION = re.compile(r"llm_token_log_p(\d{8})")
 _PARTITIONS = sa.text(
@@ -77,11 +77,11 @@ async def ensure_partitions(engine: AsyncEngine, ahead_days: int) -> list[str]:
                 await conn.commit()
             except sa.exc.DBAPIError as exc:
                 await conn.rollback()
-                log.warning("token partition not created day=%s error=%s", day, exc.orig)
+                log.warning("token partition not created", day=day, error=exc.orig)
                 continue
             created.append(partition_name(day))
     if created:
-        log.info("token partitions created count=%d last=%s", len(created), created[-1])
+        log.info("token partitions created", count=len(created), last=created[-1])
     return created
 
 
@@ -207,9 +207,9 @@ async def _drop_partitions_before(engine: AsyncEngine, boundary: datetime) -> li
                     await conn.exec_driver_sql("SET LOCAL lock_timeout = '5s'")
                     await conn.exec_driver_sql(f"DROP TABLE {name}")
             except sa.exc.DBAPIError as exc:
-                log.warning("token partition not dropped partition=%s error=%s", name, exc.orig)
+                log.warning("token partition not dropped", partition=name, error=exc.orig)
                 continue
             dropped.append(name)
     if dropped:
-        log.info("token partitions dropped count=%d last=%s", len(dropped), dropped[-1])
+        log.info("token partitions dropped", count=len(dropped), last=dropped[-1])
     return dropped

@@ -28,9 +28,10 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc.logs import logger
 from llmsvc.store.schema import maintenance_runs, maintenance_slots
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 
 @dataclass
@@ -43,6 +44,7 @@ class JobResult:
     found: dict[str, Any] = field(default_factory=dict)
     repaired: dict[str, Any] = field(default_factory=dict)
     error: str | None = None
+    idle: bool = False  # it found nothing to do: its run is logged at DEBUG, not INFO
 
 
 Job = Callable[[], Awaitable[JobResult]]
@@ -67,7 +69,7 @@ async def run_job(
     """
     shared = not own_instance
     if slot is not None and shared and not await claim_slot(engine, name, slot, instance_id):
-        log.info("job slot taken by another instance job=%s slot=%s", name, slot.isoformat())
+        log.info("job slot taken by another instance", job=name, slot=slot.isoformat())
         return None
     started, clock = datetime.now(UTC), time.monotonic()
     lock = name if shared else f"{name}-{instance_id}"
@@ -82,15 +84,17 @@ async def run_job(
     seconds = time.monotonic() - clock
     await record_run(engine, name, instance_id, started, result, slot)
     level = logging.ERROR if result.status == "failed" else logging.INFO
+    if result.idle and result.status == "ok":
+        level = logging.DEBUG  # a job every minute that finds nothing is 1,440 lines a day
     log.log(
         level,
-        "job %s status=%s rows=%s bytes=%s seconds=%.3f%s",
+        "job %s",
         name,
-        result.status,
-        result.rows,
-        result.bytes,
-        seconds,
-        f" error={result.error}" if result.error else "",
+        status=result.status,
+        rows=result.rows,
+        bytes=result.bytes,
+        seconds=round(seconds, 3),
+        error=result.error,
     )
     if finished is not None:
         finished(name, result.status, seconds)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
@@ -19,8 +18,9 @@ from apscheduler.events import EVENT_JOB_SUBMITTED, JobSubmissionEvent
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from llmsvc.config import cron_trigger
+from llmsvc.logs import logger
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 RunSlot = Callable[[str, datetime], Awaitable[object]]
 
@@ -54,7 +54,7 @@ class Scheduler:
         for name, expression in self.schedules.items():
             self._scheduler.add_job(self._fire, cron_trigger(expression), args=[name], id=name)
         self._scheduler.start()
-        log.info("scheduler started jobs=%s", ",".join(self.schedules) or "-")
+        log.info("scheduler started", jobs=",".join(self.schedules) or "-")
 
     def next_runs(self) -> dict[str, datetime | None]:
         jobs = {job.id: job.next_run_time for job in self._scheduler.get_jobs()}
@@ -81,7 +81,7 @@ class Scheduler:
             return
         _done, pending = await asyncio.wait(running, timeout=grace)
         for task in pending:
-            log.warning("scheduler: job cancelled by shutdown task=%s", task.get_name())
+            log.warning("scheduler: job cancelled by shutdown", task=task.get_name())
             task.cancel()
         for task in pending:
             with contextlib.suppress(asyncio.CancelledError):

@@ -10,20 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import logging
 import time
 import uuid
 from pathlib import Path
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc.logs import logger
 from llmsvc.maintenance.backup import newest_verified
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.flusher import load_checkpoint
 from llmsvc.wal.segment import HEADER_SIZE, Segment, list_segments
 from llmsvc.wal.writer import WalWriter
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 
 async def housekeep(
@@ -63,6 +63,7 @@ async def housekeep(
         bytes=freed,
         found=found,
         repaired={"removed": [s.path.name for s in removable]},
+        idle=not (removable or rotated),
     )
 
 
@@ -77,5 +78,5 @@ def _remove(segments: list[Segment]) -> int:
     for segment in segments:
         freed += segment.path.stat().st_size
         segment.path.unlink()
-        log.info("wal segment removed segment=%s", segment.path.name)
+        log.info("wal segment removed", segment=segment.path.name)
     return freed

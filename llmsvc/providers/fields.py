@@ -7,15 +7,15 @@ the WAL's encoder takes, or one odd reply would stop the flusher.
 
 from __future__ import annotations
 
-import logging
 from typing import Any, TypeGuard
 
 import orjson
 
 from llmsvc.errors import ProviderError
+from llmsvc.logs import logger
 from llmsvc.wal.codec import MAX_PAYLOAD
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 INT4_MAX = 2**31 - 1  # the store's integer columns
 FINISH_REASON_MAX = 64  # characters; OpenAI's longest is 14
@@ -111,4 +111,4 @@ def _dropped(provider: str, field: str, value: Any) -> None:
         seen = f"{type(value).__name__} of length {len(value)}"
     else:
         seen = repr(value)  # a number, a bool: short
-    log.warning("upstream value dropped provider=%s field=%s value=%s", provider, field, seen)
+    log.warning("upstream value dropped", provider=provider, field=field, value=seen)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 import time
 import uuid
@@ -27,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.local import write_checkpoint
+from llmsvc.logs import logger
 from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
 from llmsvc.store.engine import describe_error
 from llmsvc.store.refusals import Undecodable, dead_letter_row, fit_batch, refused
@@ -40,7 +40,7 @@ from llmsvc.store.schema import (
 from llmsvc.wal.reader import Position, WalReader
 from llmsvc.wal.segment import HEADER_SIZE, list_segments
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 
 def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
@@ -149,8 +149,8 @@ async def _insert_stand_ins(conn: AsyncConnection, batch: Batch) -> None:
     inserted = await conn.execute(stmt.on_conflict_do_nothing().returning(llm_requests.c.id))
     for (request_id,) in inserted:
         log.error(
-            "flush: request start record lost, stand-in row stored for its attempt request=%s",
-            request_id,
+            "flush: request start record lost, stand-in row stored for its attempt",
+            request=request_id,
         )
 
 
@@ -316,12 +316,10 @@ class Flusher:
         (`set_aside`). An outage meanwhile raises; the rest of the batch waits.
         """
         log.warning(
-            "flush: the database refused a batch, looking for the records it refuses "
-            "records=%d lsn=%d..%d error=%s",
-            pending.count,
-            pending.first_lsn,
-            pending.last_lsn,
-            describe_error(exc),
+            "flush: the database refused a batch, looking for the records it refuses",
+            records=pending.count,
+            lsn=f"{pending.first_lsn}..{pending.last_lsn}",
+            error=describe_error(exc),
         )
         if not pending.records:  # only the checkpoint moves: nothing in it to refuse
             raise exc
@@ -365,12 +363,12 @@ class Flusher:
             await self._write([], last_lsn, dead_letters=[row])
         self.refused[row["outcome"]] += 1
         log.error(
-            "flush: record refused by the database, %s lsn=%d type=%s request=%s reason=%s",
+            "flush: record refused by the database, %s",
             "stored sanitised" if row["outcome"] == "sanitised" else "set aside",
-            lsn,
-            row["record_type"],
-            row["request_id"] or row["attempt_id"],
-            reason,
+            lsn=lsn,
+            type=row["record_type"],
+            request=row["request_id"] or row["attempt_id"],
+            reason=reason,
         )
         self.last_refusal = f"lsn {lsn} ({row['record_type']}): {reason}"
 
@@ -420,12 +418,12 @@ class Flusher:
                 n = await self._flush(self.timeout)
             except Exception:
                 if was_ok:
-                    log.error("flush failed, records wait in the WAL error=%s", self.last_error)
+                    log.error("flush failed, records wait in the WAL", error=self.last_error)
                 backoff = min(backoff * 2, 5.0)
                 await self._sleep(backoff)
                 continue
             if not was_ok:
-                log.info("flush recovered checkpoint=%d", self.checkpoint)
+                log.info("flush recovered", checkpoint=self.checkpoint)
                 backoff = self.interval
             if n < self.batch_records:
                 await self._sleep(self.interval)
@@ -445,7 +443,7 @@ class Flusher:
                 failing = False
             except Exception:
                 if not failing:
-                    log.warning("drain: flush failed, retrying error=%s", self.last_error)
+                    log.warning("drain: flush failed, retrying", error=self.last_error)
                 failing = True
                 await asyncio.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
         self._keep_checkpoint(at_once=True)

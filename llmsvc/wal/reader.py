@@ -8,7 +8,6 @@ writer has published, so a half-written batch is never mistaken for damage.
 from __future__ import annotations
 
 import asyncio
-import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import aiofiles
 
+from llmsvc.logs import logger
 from llmsvc.wal.codec import FRAME, Stop, decode
 from llmsvc.wal.errors import Corruption
 from llmsvc.wal.segment import (
@@ -31,7 +31,7 @@ from llmsvc.wal.segment import (
 # keeps that high-water mark: small chunks keep scans and catch-up from raising RSS for good.
 CHUNK_BYTES = 1024 * 1024
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmsvc.logs import logger
 from llmsvc.wal.codec import Stop
 from llmsvc.wal.errors import Corruption
 from llmsvc.wal.reader import Scan, scan_segment
 from llmsvc.wal.segment import Segment, fsync_dir, list_segments
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 QUARANTINE_DIR = "quarantine"
 
@@ -117,7 +118,14 @@ def repair_log(wal_dir: Path, instance_id: uuid.UUID, checkpoint: int) -> Repair
         expected = max(expected, segment.first_lsn + records)
     repairs.newest = kept[-1] if kept else None
     if not repairs.clean:
-        log.warning("wal repaired %s", " ".join(f"{k}={v}" for k, v in repairs.counts().items()))
+        n = repairs.counts()
+        log.warning(
+            "wal repaired",
+            torn_tail=n["torn_tail"],
+            corrupt=n["corrupt"],
+            quarantined=n["quarantined"],
+            lost_records=n["lost_records"],
+        )
     return repairs
 
 
@@ -155,13 +163,13 @@ def _cut(scan: Scan, newest: bool) -> Finding:
     level = logging.WARNING if torn else logging.ERROR
     log.log(
         level,
-        "wal %s segment=%s offset=%d cut_bytes=%d reason=%s kept=%s",
+        "wal %s",
         "tail repaired" if newest else "corruption cut off",
-        finding.segment,
-        finding.offset,
-        finding.bytes,
-        finding.reason,
-        finding.kept,
+        segment=finding.segment,
+        offset=finding.offset,
+        cut_bytes=finding.bytes,
+        reason=finding.reason,
+        kept=finding.kept,
     )
     return finding
 
@@ -175,13 +183,7 @@ def _quarantine(segment: Segment, kind: str, reason: str) -> Finding:
     fsync_dir(target.parent)
     fsync_dir(path.parent)
     kept = str(target.relative_to(path.parent))
-    log.error(
-        "wal segment quarantined segment=%s kind=%s reason=%s kept=%s",
-        path.name,
-        kind,
-        reason,
-        kept,
-    )
+    log.error("wal segment quarantined", segment=path.name, kind=kind, reason=reason, kept=kept)
     return Finding(path.name, kind, reason, "quarantined", kept, 0, size)
 
 

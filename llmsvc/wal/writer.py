@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import logging
 import os
 import threading
 import time
@@ -30,6 +29,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from llmsvc.errors import WalFatal, WalFull
+from llmsvc.logs import logger
 from llmsvc.wal.reader import Position
 from llmsvc.wal.repair import Repairs, repair_log
 from llmsvc.wal.segment import (
@@ -39,7 +39,7 @@ from llmsvc.wal.segment import (
     remove_unfinished_segments,
 )
 
-log = logging.getLogger(__name__)
+log = logger(__name__)
 
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 FULL_RETRY_SECONDS = 1.0
@@ -127,7 +127,7 @@ class WalWriter:
         """
         self._loop, self._on_fatal = loop, on_fatal
         for path in remove_unfinished_segments(self.wal_dir):
-            log.info("wal removed an unfinished segment file=%s", path.name)
+            log.info("wal removed an unfinished segment", file=path.name)
         repairs = repair_log(self.wal_dir, self.instance_id, checkpoint)
         newest = repairs.newest
         if newest is None or newest.segment.first_lsn + newest.records <= checkpoint:
@@ -143,10 +143,7 @@ class WalWriter:
         if self.sync == "write":
             self._start("wal-syncer", self._sync_loop)
         log.info(
-            "wal opened dir=%s segment=%s next_lsn=%d",
-            self.wal_dir,
-            self._segment.path.name,
-            self._lsn + 1,
+            "wal opened", dir=self.wal_dir, segment=self._segment.path.name, next_lsn=self._lsn + 1
         )
         return repairs
 
@@ -221,7 +218,7 @@ class WalWriter:
                 "the next boot marks their requests interrupted",
                 len(self._held),
             )
-        log.info("wal closed next_lsn=%d", self._lsn + 1)
+        log.info("wal closed", next_lsn=self._lsn + 1)
 
     def stuck(self, after: float) -> str | None:
         """Why the log takes no appends now, or None: a thread died, or a write hangs.
@@ -344,7 +341,7 @@ class WalWriter:
             self.full = None
             del self._held[:written]
             self.appended_lsn = self._lsn
-        log.info("wal writable again held_records_written=%d", written)
+        log.info("wal writable again", held_records_written=written)
 
     def _rotate(self, end: Position) -> Position:
         """Seal the full segment (fdatasync) and continue in a new one.
@@ -366,7 +363,7 @@ class WalWriter:
             self._fd = os.open(self._segment.path, os.O_WRONLY | os.O_APPEND)
             self._offset = HEADER_SIZE
             self.segment_opened = time.monotonic()
-        log.info("wal rotated segment=%s", self._segment.path.name)
+        log.info("wal rotated", segment=self._segment.path.name)
         return Position(self._segment.first_lsn, self._offset, self._lsn + 1)
 
     def _sync_loop(self) -> None:

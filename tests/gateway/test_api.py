@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -31,6 +32,7 @@ from pydantic import SecretStr
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import BodyTooLarge, ClientError, WalFatal
+from llmsvc.gateway import app
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.attribution import Attribution
 from llmsvc.gateway.chat import Exchange
@@ -663,6 +665,39 @@ async def test_draining_interrupts_a_slow_stream_and_refuses_new_requests(served
     assert attempt_end["token_count"] >= len(texts)  # the client got nothing unjournaled
     [request_end] = _by_type(records, RecordType.REQUEST_END)
     assert request_end["status"] == "interrupted"
+
+
+async def test_draining_says_how_many_requests_it_waits_for_and_again_while_it_waits(
+    served: Served, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A grace period is not silence: the count at its start, then a line every few seconds."""
+    monkeypatch.setattr(app, "PROGRESS_SECONDS", 0.05)
+    body = {"model": "mock", "messages": MESSAGES, "stream": True, "max_tokens": 200}
+    response, _, rest = await _read_first_token(served, {**body, "mock_delay_ms": 50})
+    try:
+        with caplog.at_level(logging.INFO, logger="llmsvc.gateway.app"):
+            assert await served.gateway.finish_requests(1.0) == 1
+        async with asyncio.timeout(3):
+            await rest
+    finally:
+        response.release()
+
+    lines = [r.getMessage() for r in caplog.records if r.name == "llmsvc.gateway.app"]
+    assert lines[0] == "shutdown: waiting for open requests count=1 grace_seconds=1.0"
+    progress = lines[1:]
+    assert progress  # the grace is twenty progress intervals long
+    assert all(
+        re.fullmatch(r"shutdown: still waiting for open requests count=1 seconds_left=[\d.]+", line)
+        for line in progress
+    ), progress
+
+
+async def test_draining_with_nothing_open_logs_no_wait(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="llmsvc.gateway.app"):
+        assert await served.gateway.finish_requests(5) == 0
+    assert [r for r in caplog.records if r.name == "llmsvc.gateway.app"] == []
 
 
 async def test_draining_interrupts_a_slow_non_streaming_request_with_503(served: Served) -> None:

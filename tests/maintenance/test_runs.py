@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import uuid
 from datetime import UTC, datetime
 
@@ -36,6 +37,33 @@ async def test_a_run_is_stored_with_its_figures_and_reported(engine: AsyncEngine
     assert run["slot_at"].astimezone(UTC) == SLOT
     assert run["finished_at"] >= run["started_at"]
     assert finished == [("prune", "ok")]
+
+
+async def test_a_run_that_found_nothing_to_do_is_logged_at_debug_the_others_at_info(
+    engine: AsyncEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job every minute that finds nothing would be 1,440 INFO lines a day."""
+
+    async def idle() -> JobResult:
+        return JobResult(rows=0, idle=True)
+
+    async def busy() -> JobResult:
+        return JobResult(rows=2)
+
+    async def broken() -> JobResult:
+        raise OSError("disk gone")
+
+    caplog.set_level(logging.DEBUG, logger="llmsvc.maintenance.runs")
+    for job in (idle, busy, broken):
+        await run_job(engine, "wal-housekeeping", job, None)
+
+    lines = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert [(level, text.split(" seconds=")[0]) for level, text in lines] == [
+        (logging.DEBUG, "job wal-housekeeping status=ok rows=0"),
+        (logging.INFO, "job wal-housekeeping status=ok rows=2"),
+        (logging.ERROR, "job wal-housekeeping status=failed"),
+    ]
+    assert lines[2][1].endswith(" error=OSError: disk gone")
 
 
 async def test_a_failing_job_is_a_failed_run_with_its_error_not_an_exception(

@@ -84,6 +84,7 @@ async def test_a_live_segment_older_than_the_limit_is_sealed_if_it_holds_records
     writer = open_writer()
     empty = await housekeep(engine, wal_dir, wal_id, tmp_path, writer, max_segment_age=0)
     assert not empty.found["rotated"]  # nothing in it: nothing to seal
+    assert empty.idle  # nothing done: its run is logged at DEBUG
     await journal_attempt(writer, 5)
     sealed_at = writer.end.lsn
 
@@ -92,8 +93,10 @@ async def test_a_live_segment_older_than_the_limit_is_sealed_if_it_holds_records
     await journal_attempt(writer, 5)  # the rotation happens in the writer's next batch at latest
 
     assert (young.found["rotated"], old.found["rotated"]) == (False, True)
+    assert (young.idle, old.idle) == (True, False)
     first, second = list_segments(wal_dir)
     assert (first.first_lsn, second.first_lsn) == (1, sealed_at)
     await flush(engine, wal_dir, wal_id, writer)
     done = await housekeep(engine, wal_dir, wal_id, tmp_path, writer, max_segment_age=3600)
     assert done.repaired["removed"] == [first.path.name]
+    assert not done.idle
