@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from private_state import assert_private
 
 import llmsvc
 
@@ -149,6 +150,18 @@ def test_sqlite_directory_that_cannot_be_made_exits_1_with_one_line(
     assert done.stderr.startswith("llmsvc: ")
     assert "Traceback" not in done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.usefixtures("umask_022")
+@pytest.mark.parametrize("command", [["status"], ["migrate"], ["check"], ["backup"]])
+def test_whichever_command_creates_the_state_it_is_private(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """The state folder, each folder above it llmsvc made, and every file in them."""
+    cli = Cli(tmp_path / "new" / "state")
+    done = cli(*command)
+    assert "Traceback" not in done.stderr
+    assert "state/llmsvc/llmsvc.db" in assert_private(tmp_path / "new")
 
 
 def test_version(cli: Cli) -> None:

@@ -27,6 +27,7 @@ from daemon_process import (
     read_store,
     run_cli,
 )
+from private_state import assert_private
 
 from llmsvc.daemon import _EmbeddedServer
 from llmsvc.providers.mock import token as mock_token
@@ -72,6 +73,37 @@ def test_tokens_a_client_received_survive_kill_9(env: dict[str, str], sqlite_url
     assert (request["status"], attempt["status"]) == ("interrupted", "interrupted")
     stored = assert_holds(store.texts(slow.request_id), received)
     assert attempt["token_count"] == len(stored)
+
+
+@pytest.mark.usefixtures("umask_022")
+def test_the_state_a_daemon_on_the_defaults_creates_is_private(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """As `scripts/run` meets a fresh machine: the database and its side files, the WAL,
+    its lock, identity and checkpoint copy, a backup: no one else may read prompts."""
+    del env["LLMSVC_DATABASE_URL"]  # the default, under XDG_STATE_HOME
+    env["XDG_STATE_HOME"] = str(tmp_path / "new" / "state")
+    wal_dir = Path(env["LLMSVC_WAL_DIR"])
+    with DaemonProcess(env) as daemon:
+        client_for(daemon).chat.completions.create(model="mock", messages=MESSAGES)
+        assert run_cli(env, "backup").returncode == 0
+        deadline = time.monotonic() + 30
+        while not (wal_dir / "checkpoint").exists():  # written after the flusher's commit
+            assert time.monotonic() < deadline, daemon.log
+            time.sleep(0.05)
+        state = assert_private(tmp_path / "new")
+        wal = assert_private(wal_dir)
+    assert {
+        "state/llmsvc/llmsvc.db",
+        "state/llmsvc/llmsvc.db-wal",
+        "state/llmsvc/llmsvc.db-shm",
+        "state/llmsvc/llmsvc.db.migrate.lock",
+        "state/llmsvc/llmsvc.db.job-backup.lock",
+        "state/llmsvc/backups",
+    } <= set(state)
+    assert len([name for name in state if name.startswith("state/llmsvc/backups/")]) == 2
+    assert {"LOCK", "instance_id", "checkpoint"} <= set(wal)
+    assert any(name.endswith(".wal") for name in wal)
 
 
 def test_a_second_daemon_on_the_same_wal_dir_fails_fast(env: dict[str, str]) -> None:
