@@ -120,14 +120,22 @@ def test_show_with_an_unknown_id_exits_1(migrated: Cli) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"LLMSVC_PORT": "99999"}, "llmsvc: invalid configuration: port: "),
-        ({"LLMSVC_WAL_SYNC": "never"}, "llmsvc: invalid configuration: wal_sync: "),
+        ({"LLMSVC_PORT": "99999"}, "llmsvc: invalid configuration: port (from LLMSVC_PORT): "),
+        (
+            {"LLMSVC_WAL_SYNC": "never"},
+            "llmsvc: invalid configuration: wal_sync (from LLMSVC_WAL_SYNC): ",
+        ),
+        (
+            {"LLMSVC_DATABASE": "postgresql://db.example/llmsvc"},
+            "llmsvc: invalid configuration: LLMSVC_DATABASE is not a setting "
+            "(did you mean LLMSVC_DATABASE_URL?). ",
+        ),
         (
             {"LLMSVC_CONFIG": "/nonexistent/llmsvc.toml"},
             "llmsvc: invalid configuration: LLMSVC_CONFIG names ",
         ),
     ],
-    ids=["port", "wal_sync", "missing-config-file"],
+    ids=["port", "wal_sync", "unknown-variable", "missing-config-file"],
 )
 def test_bad_configuration_exits_2_naming_it_without_a_traceback(
     cli: Cli, env: dict[str, str], message: str

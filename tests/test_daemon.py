@@ -129,26 +129,30 @@ def test_a_second_daemon_on_the_same_wal_dir_fails_fast(env: dict[str, str]) -> 
 
 
 @pytest.mark.parametrize(
-    ("setting", "value", "field"),
+    ("setting", "value", "says"),
     [
-        ("LLMSVC_WAL_SYNC", "sometimes", "wal_sync"),
-        ("LLMSVC_PORT", "99999", "port"),
+        ("LLMSVC_WAL_SYNC", "sometimes", "wal_sync (from LLMSVC_WAL_SYNC): "),
+        ("LLMSVC_PORT", "99999", "port (from LLMSVC_PORT): out of range: it takes 0 to 65535"),
         (
             "LLMSVC_PROVIDERS",
             '[{"name": "up", "kind": "openai", "base_url": "ftp://x", '
             '"api_key": "sk-do-not-echo", "models": ["m"]}]',
-            "providers.0",
+            "providers[0] (from LLMSVC_PROVIDERS): ",
+        ),
+        (
+            "LLMSVC_DATABASE",
+            "postgresql://llmsvc:sk-do-not-echo@db/llmsvc",
+            "LLMSVC_DATABASE is not a setting (did you mean LLMSVC_DATABASE_URL?)",
         ),
     ],
 )
-def test_bad_configuration_exits_2_naming_the_field(
-    env: dict[str, str], setting: str, value: str, field: str
+def test_bad_configuration_exits_2_naming_the_setting_and_its_variable(
+    env: dict[str, str], setting: str, value: str, says: str
 ) -> None:
     result = run_cli({**env, setting: value}, "run")
     assert result.returncode == 2, result.stderr
     message = result.stderr.strip()
-    assert message.startswith("llmsvc: invalid configuration: ")
-    assert f"{field}:" in message
+    assert message.startswith(f"llmsvc: invalid configuration: {says}")
     assert "\n\n" not in message  # one paragraph
     assert "Traceback" not in message
     assert "sk-do-not-echo" not in message
