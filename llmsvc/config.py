@@ -166,7 +166,7 @@ class Settings(BaseSettings):
             return f"sqlite+aiosqlite:///{state_dir() / 'llmsvc.db'}"
         scheme, sep, rest = url.partition("://")
         if not sep:
-            raise ValueError("must be a URL such as sqlite:///path.db or postgresql://host/db")
+            raise ValueError("must be a URL such as sqlite:////path.db or postgresql://host/db")
         drivers = {
             "sqlite": "sqlite+aiosqlite",
             "sqlite+aiosqlite": "sqlite+aiosqlite",
@@ -176,17 +176,20 @@ class Settings(BaseSettings):
         }
         if scheme not in drivers:
             raise ValueError(f"unsupported scheme {scheme!r}: use sqlite:// or postgresql://")
+        path = rest.removeprefix("/").partition("?")[0]
+        if drivers[scheme] == "sqlite+aiosqlite" and path not in ("", ":memory:"):
+            _absolute(Path(path), f"; for /{path} write {scheme}:////{path}")
         return f"{drivers[scheme]}://{rest}"
 
     @field_validator("wal_dir")
     @classmethod
     def _default_wal_dir(cls, path: Path) -> Path:
-        return state_dir() / "wal" if path == Path() else path
+        return state_dir() / "wal" if path == Path() else _absolute(path)
 
     @field_validator("backup_dir")
     @classmethod
     def _default_backup_dir(cls, path: Path) -> Path:
-        return state_dir() / "backups" if path == Path() else path
+        return state_dir() / "backups" if path == Path() else _absolute(path)
 
     @field_validator(
         "prune_schedule",
@@ -287,6 +290,16 @@ class Settings(BaseSettings):
         if not at or ":" not in creds:
             return self.database_url
         return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def _absolute(path: Path, hint: str = "") -> Path:
+    """Paths must be absolute: a relative one would depend on the folder llmsvc starts in."""
+    if not path.is_absolute():
+        raise ValueError(
+            f"{str(path)!r} is a relative path, which would depend on the folder llmsvc is "
+            f"started in (/ under systemd): give an absolute one{hint}"
+        )
+    return path
 
 
 def is_loopback(host: str) -> bool:

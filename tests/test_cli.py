@@ -131,11 +131,16 @@ def test_show_with_an_unknown_id_exits_1(migrated: Cli) -> None:
             "(did you mean LLMSVC_DATABASE_URL?). ",
         ),
         (
+            {"LLMSVC_DATABASE_URL": "sqlite:///llmsvc.db"},
+            "llmsvc: invalid configuration: database_url (from LLMSVC_DATABASE_URL): "
+            "'llmsvc.db' is a relative path",
+        ),
+        (
             {"LLMSVC_CONFIG": "/nonexistent/llmsvc.toml"},
             "llmsvc: invalid configuration: LLMSVC_CONFIG names ",
         ),
     ],
-    ids=["port", "wal_sync", "unknown-variable", "missing-config-file"],
+    ids=["port", "wal_sync", "unknown-variable", "relative-sqlite-path", "missing-config-file"],
 )
 def test_bad_configuration_exits_2_naming_it_without_a_traceback(
     cli: Cli, env: dict[str, str], message: str

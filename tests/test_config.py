@@ -148,8 +148,9 @@ def test_environment_wins_over_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         ("postgresql://u:p@h/db", "postgresql+asyncpg://u:p@h/db"),
         ("postgres://u@h:5433/db", "postgresql+asyncpg://u@h:5433/db"),
         ("postgresql+asyncpg://h/db", "postgresql+asyncpg://h/db"),
-        ("sqlite:///tmp/a.db", "sqlite+aiosqlite:///tmp/a.db"),
-        ("sqlite+aiosqlite:///tmp/a.db", "sqlite+aiosqlite:///tmp/a.db"),
+        ("sqlite:////tmp/a.db", "sqlite+aiosqlite:////tmp/a.db"),
+        ("sqlite+aiosqlite:////tmp/a.db", "sqlite+aiosqlite:////tmp/a.db"),
+        ("sqlite:///:memory:", "sqlite+aiosqlite:///:memory:"),
     ],
 )
 def test_database_url_gets_the_async_driver(
@@ -430,3 +431,24 @@ def test_every_llmsvc_variable_the_repository_names_is_one_llmsvc_knows() -> Non
     }
     assert "LLMSVC_TEST_DATABASE_URL" in named
     assert unknown == set()
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('database_url = "sqlite:///tmp/llmsvc.db"', "database_url (in {file}): 'tmp/llmsvc.db' "
+         "is a relative path, which would depend on the folder llmsvc is started in (/ under "
+         "systemd): give an absolute one; for /tmp/llmsvc.db write sqlite:////tmp/llmsvc.db."),
+        ('wal_dir = "wal"', "wal_dir (in {file}): 'wal' is a relative path"),
+        ('backup_dir = "~/backups"', "backup_dir (in {file}): '~/backups' is a relative path"),
+    ],
+    ids=["database_url", "wal_dir", "backup_dir"],
+)  # fmt: skip
+def test_a_relative_path_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, text: str, says: str
+) -> None:
+    """Under systemd the working folder is /: a relative path would land there, unannounced."""
+    path = _toml(tmp_path, monkeypatch, text + "\n")
+    with _refused("^invalid configuration: ") as refused:
+        load_settings()
+    assert str(refused.value).startswith(f"invalid configuration: {says.format(file=path)}")
