@@ -125,8 +125,10 @@ def _what_is_wrong(err: ErrorDetails, owner: type[BaseModel] | None, info: Field
         return f"not one of its choices: it takes {ctx['expected']}"
     if kind == "string_pattern_mismatch":
         return f"not allowed: it must match {ctx['pattern']}"
-    if kind in ("string_type", "list_type", "dict_type", "model_type", "model_attributes_type"):
-        shape = {"string_type": "text", "list_type": "a list"}.get(kind, "a table")
+    if kind == "string_type":
+        return "of the wrong type: it takes text"
+    if kind in ("list_type", "dict_type", "model_type", "model_attributes_type"):
+        shape = "a list" if kind == "list_type" else "a table"
         return f"of the wrong type: it takes {shape} (in a variable, as JSON)"
     message = err["msg"].removeprefix("Value error, ")
     return message[:1].lower() + message[1:]
