@@ -23,10 +23,13 @@ from pydantic_settings import (
 )
 
 from llmsvc import __version__
+from llmsvc.config_errors import Sources, describe, unknown_variables, unparsable_variables
 from llmsvc.errors import ConfigError
 
 MiB = 1024 * 1024
+CONFIG_VARIABLE = "LLMSVC_CONFIG"
 WORKER_INDEX_VARIABLE = "LLMSVC_WORKER_INDEX"
+TEST_VARIABLES = "LLMSVC_TEST_"  # the test suite's own (tests/postgres.py, scripts/test)
 
 
 def state_dir() -> Path:
@@ -163,7 +166,7 @@ class Settings(BaseSettings):
             return f"sqlite+aiosqlite:///{state_dir() / 'llmsvc.db'}"
         scheme, sep, rest = url.partition("://")
         if not sep:
-            raise ValueError("must be a URL such as sqlite:///path.db or postgresql://host/db")
+            raise ValueError("must be a URL such as sqlite:////path.db or postgresql://host/db")
         drivers = {
             "sqlite": "sqlite+aiosqlite",
             "sqlite+aiosqlite": "sqlite+aiosqlite",
@@ -173,17 +176,20 @@ class Settings(BaseSettings):
         }
         if scheme not in drivers:
             raise ValueError(f"unsupported scheme {scheme!r}: use sqlite:// or postgresql://")
+        path = rest.removeprefix("/").partition("?")[0]
+        if drivers[scheme] == "sqlite+aiosqlite" and path not in ("", ":memory:"):
+            _absolute(Path(path), f"; for /{path} write {scheme}:////{path}")
         return f"{drivers[scheme]}://{rest}"
 
     @field_validator("wal_dir")
     @classmethod
     def _default_wal_dir(cls, path: Path) -> Path:
-        return state_dir() / "wal" if path == Path() else path
+        return state_dir() / "wal" if path == Path() else _absolute(path)
 
     @field_validator("backup_dir")
     @classmethod
     def _default_backup_dir(cls, path: Path) -> Path:
-        return state_dir() / "backups" if path == Path() else path
+        return state_dir() / "backups" if path == Path() else _absolute(path)
 
     @field_validator(
         "prune_schedule",
@@ -250,7 +256,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: tuple[PydanticBaseSettingsSource, ...] = (init_settings, env_settings)
-        config_file = os.environ.get("LLMSVC_CONFIG")
+        config_file = os.environ.get(CONFIG_VARIABLE)
         if config_file:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
         return sources
@@ -284,6 +290,16 @@ class Settings(BaseSettings):
         if not at or ":" not in creds:
             return self.database_url
         return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}"
+
+
+def _absolute(path: Path, hint: str = "") -> Path:
+    """Paths must be absolute: a relative one would depend on the folder llmsvc starts in."""
+    if not path.is_absolute():
+        raise ValueError(
+            f"{str(path)!r} is a relative path, which would depend on the folder llmsvc is "
+            f"started in (/ under systemd): give an absolute one{hint}"
+        )
+    return path
 
 
 def is_loopback(host: str) -> bool:
@@ -346,25 +362,28 @@ def worker_wal_dir(wal_dir: Path, index: int) -> Path:
 
 def load_settings(**overrides: Any) -> Settings:
     """Load and validate settings, turning every failure into one ConfigError paragraph."""
-    config_file = os.environ.get("LLMSVC_CONFIG")
+    config_file = os.environ.get(CONFIG_VARIABLE)
     if config_file and not Path(config_file).is_file():
         raise ConfigError(
-            f"invalid configuration: LLMSVC_CONFIG names {config_file!r}, which is not a file."
+            f"invalid configuration: {CONFIG_VARIABLE} names {config_file!r}, which is not a file."
         )
-    try:
-        return Settings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(_describe(err) for err in exc.errors())
-        raise ConfigError(f"invalid configuration: {problems}.") from None
-    except tomllib.TOMLDecodeError as exc:
+    sources = Sources(os.environ, config_file)
+    unknown = unknown_variables(
+        sources, Settings.model_fields, (CONFIG_VARIABLE, WORKER_INDEX_VARIABLE), TEST_VARIABLES
+    )
+    if unknown:
         raise ConfigError(
-            f"invalid configuration: {config_file} is not valid TOML: {exc}."
-        ) from None
-    except (OSError, ValueError) as exc:  # unreadable file, bad JSON in an environment variable
-        raise ConfigError(f"invalid configuration: {exc}.") from None
-
-
-def _describe(err: Any) -> str:
-    """One problem as `field: what is wrong`, never echoing the value (it may be a key)."""
-    where = ".".join(str(part) for part in err["loc"]) or "settings"
-    return f"{where}: {err['msg']}"
+            f"invalid configuration: {'; '.join(unknown)}. llmsvc reads every LLMSVC_* "
+            "variable as a setting: correct the name or unset it."
+        )
+    problems = unparsable_variables(sources, Settings)
+    if not problems:
+        try:
+            return Settings(**overrides)
+        except ValidationError as exc:
+            problems = [describe(err, Settings, sources) for err in exc.errors()]
+        except tomllib.TOMLDecodeError as exc:
+            problems = [f"{config_file} is not valid TOML: {exc}"]
+        except (OSError, ValueError) as exc:  # an unreadable file; pydantic-settings' own
+            problems = [str(exc)]
+    raise ConfigError(f"invalid configuration: {'; '.join(problems)}.")

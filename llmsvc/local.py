@@ -26,6 +26,7 @@ from typing import Any
 
 import orjson
 
+from llmsvc import private
 from llmsvc.logs import logger
 from llmsvc.wal.segment import list_segments
 
@@ -84,8 +85,8 @@ def _replace(path: Path, data: bytes) -> None:
     """Write `data` to `path` by rename; a failure is logged (the file is only a hint)."""
     tmp = path.with_name(f"{path.name}.tmp")
     try:
-        tmp.touch(mode=0o600)
-        tmp.write_bytes(data)
+        with os.fdopen(private.open_file(tmp, os.O_WRONLY | os.O_TRUNC), "wb") as f:
+            f.write(data)
         os.replace(tmp, path)
     except OSError as exc:
         log.warning("not written", file=path, error=exc.strerror or exc)

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
+from llmsvc import private
 from llmsvc.catchup import why
 from llmsvc.config import (
     WORKER_INDEX_VARIABLE,
@@ -259,7 +260,7 @@ class Supervisor:
         sock.bind("\0" + name)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.setblocking(False)
-        worker_wal_dir(self.settings.wal_dir, index).mkdir(mode=0o700, exist_ok=True)
+        private.make_dirs(worker_wal_dir(self.settings.wal_dir, index))
         return Worker(index, sock, "@" + name)
 
     def _start(self, worker: Worker) -> None:

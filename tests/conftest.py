@@ -6,6 +6,7 @@ Logic lives in tests/postgres.py; this file only wires it into pytest.
 from __future__ import annotations
 
 import asyncio
+import os
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -113,3 +114,16 @@ def own_cluster() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.cleanup()
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    """The usual umask (group and others may read), so privacy cannot come from the caller's.
+
+    Child processes started meanwhile inherit it.
+    """
+    previous = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(previous)

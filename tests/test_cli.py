@@ -12,6 +12,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+from private_state import assert_private
 
 import llmsvc
 
@@ -119,14 +120,27 @@ def test_show_with_an_unknown_id_exits_1(migrated: Cli) -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"LLMSVC_PORT": "99999"}, "llmsvc: invalid configuration: port: "),
-        ({"LLMSVC_WAL_SYNC": "never"}, "llmsvc: invalid configuration: wal_sync: "),
+        ({"LLMSVC_PORT": "99999"}, "llmsvc: invalid configuration: port (from LLMSVC_PORT): "),
+        (
+            {"LLMSVC_WAL_SYNC": "never"},
+            "llmsvc: invalid configuration: wal_sync (from LLMSVC_WAL_SYNC): ",
+        ),
+        (
+            {"LLMSVC_DATABASE": "postgresql://db.example/llmsvc"},
+            "llmsvc: invalid configuration: LLMSVC_DATABASE is not a setting "
+            "(did you mean LLMSVC_DATABASE_URL?). ",
+        ),
+        (
+            {"LLMSVC_DATABASE_URL": "sqlite:///llmsvc.db"},
+            "llmsvc: invalid configuration: database_url (from LLMSVC_DATABASE_URL): "
+            "'llmsvc.db' is a relative path",
+        ),
         (
             {"LLMSVC_CONFIG": "/nonexistent/llmsvc.toml"},
             "llmsvc: invalid configuration: LLMSVC_CONFIG names ",
         ),
     ],
-    ids=["port", "wal_sync", "missing-config-file"],
+    ids=["port", "wal_sync", "unknown-variable", "relative-sqlite-path", "missing-config-file"],
 )
 def test_bad_configuration_exits_2_naming_it_without_a_traceback(
     cli: Cli, env: dict[str, str], message: str
@@ -149,6 +163,18 @@ def test_sqlite_directory_that_cannot_be_made_exits_1_with_one_line(
     assert done.stderr.startswith("llmsvc: ")
     assert "Traceback" not in done.stderr
     assert len(done.stderr.splitlines()) == 1
+
+
+@pytest.mark.usefixtures("umask_022")
+@pytest.mark.parametrize("command", [["status"], ["migrate"], ["check"], ["backup"]])
+def test_whichever_command_creates_the_state_it_is_private(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """The state folder, each folder above it llmsvc made, and every file in them."""
+    cli = Cli(tmp_path / "new" / "state")
+    done = cli(*command)
+    assert "Traceback" not in done.stderr
+    assert "state/llmsvc/llmsvc.db" in assert_private(tmp_path / "new")
 
 
 def test_version(cli: Cli) -> None:

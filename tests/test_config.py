@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
-from llmsvc.config import ProviderConfig, Settings, load_settings
+from llmsvc.config import (
+    CONFIG_VARIABLE,
+    TEST_VARIABLES,
+    WORKER_INDEX_VARIABLE,
+    ProviderConfig,
+    Settings,
+    load_settings,
+)
 from llmsvc.errors import ConfigError
 
 SECRET = "sk-do-not-print-0123456789"
@@ -140,8 +148,9 @@ def test_environment_wins_over_toml(monkeypatch: pytest.MonkeyPatch, tmp_path: P
         ("postgresql://u:p@h/db", "postgresql+asyncpg://u:p@h/db"),
         ("postgres://u@h:5433/db", "postgresql+asyncpg://u@h:5433/db"),
         ("postgresql+asyncpg://h/db", "postgresql+asyncpg://h/db"),
-        ("sqlite:///tmp/a.db", "sqlite+aiosqlite:///tmp/a.db"),
-        ("sqlite+aiosqlite:///tmp/a.db", "sqlite+aiosqlite:///tmp/a.db"),
+        ("sqlite:////tmp/a.db", "sqlite+aiosqlite:////tmp/a.db"),
+        ("sqlite+aiosqlite:////tmp/a.db", "sqlite+aiosqlite:////tmp/a.db"),
+        ("sqlite:///:memory:", "sqlite+aiosqlite:///:memory:"),
     ],
 )
 def test_database_url_gets_the_async_driver(
@@ -163,7 +172,11 @@ def test_database_url_gets_the_async_driver(
         ("LLMSVC_WAL_FSYNC_INTERVAL_MS", "0", "wal_fsync_interval_ms"),
         ("LLMSVC_DATABASE_URL", "mysql://h/db", "database_url"),
         ("LLMSVC_DATABASE_URL", "just-a-path.db", "database_url"),
-        ("LLMSVC_PROVIDERS", '[{"name": "x", "kind": "mock", "models": []}]', "providers.0.models"),
+        (
+            "LLMSVC_PROVIDERS",
+            '[{"name": "x", "kind": "mock", "models": []}]',
+            r"providers\[0\]\.models",
+        ),
         ("LLMSVC_WAL_BACKLOG_LIMIT_BYTES", "0", "wal_backlog_limit_bytes"),
         ("LLMSVC_WAL_BACKLOG_LIMIT_BYTES", "1GiB", "wal_backlog_limit_bytes"),
         ("LLMSVC_METRICS_PORT", "65536", "metrics_port"),
@@ -179,7 +192,7 @@ def test_bad_environment_value_names_the_field(
     monkeypatch: pytest.MonkeyPatch, env: str, value: str, field: str
 ) -> None:
     monkeypatch.setenv(env, value)
-    with _refused(rf"^invalid configuration: .*\b{field}: "):
+    with _refused(rf"^invalid configuration: {field} \(from {env}\): "):
         load_settings()
 
 
@@ -189,15 +202,15 @@ def test_bad_environment_value_names_the_field(
         ('wal_sync = "sometimes"\n', "wal_sync"),
         ("port = 65536\n", "port"),
         ("prot = 8081\n", "prot"),
-        ('[[providers]]\nname = "p"\nkind = "bedrock"\nmodels = ["m"]\n', "providers.0.kind"),
+        ('[[providers]]\nname = "p"\nkind = "bedrock"\nmodels = ["m"]\n', "providers[0].kind"),
         ('[[providers]]\nname = "p"\nkind = "mock"\nmodels = ["m"]\ncolour = 1\n', "colour"),
         ('[[providers]]\nname = "p"\nkind = "openai"\nmodels = ["m"]\n', "base_url"),
         ('[[providers]]\nname = "p"\nkind = "openai"\nbase_url = "ftp://x"\nmodels = ["m"]\n',
          "base_url"),
-        ('[[providers]]\nname = "has space"\nkind = "mock"\nmodels = ["m"]\n', "providers.0.name"),
+        ('[[providers]]\nname = "has space"\nkind = "mock"\nmodels = ["m"]\n', "providers[0].name"),
         ('[[providers]]\nname = "a"\nkind = "mock"\nmodels = ["m"]\n'
          '[[providers]]\nname = "a"\nkind = "mock"\nmodels = ["n"]\n',
-         "providers: names must be unique"),
+         "providers (in {file}): names must be unique"),
     ],
     ids=[
         "wal_sync",
@@ -214,10 +227,11 @@ def test_bad_environment_value_names_the_field(
 def test_bad_toml_value_names_the_field(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, text: str, field: str
 ) -> None:
-    _toml(tmp_path, monkeypatch, text)
+    path = _toml(tmp_path, monkeypatch, text)
     with _refused(r"^invalid configuration: ") as refused:
         load_settings()
-    assert field in str(refused.value)
+    assert field.format(file=path) in str(refused.value)
+    assert f"(in {path})" in str(refused.value)
 
 
 def test_malformed_toml_names_the_file_and_line(
@@ -264,7 +278,7 @@ def test_api_key_never_appears_in_the_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, provider: str
 ) -> None:
     _toml(tmp_path, monkeypatch, "[[providers]]\n" + provider)
-    with _refused(r"^invalid configuration: providers\.") as refused:
+    with _refused(r"^invalid configuration: providers\[0\]") as refused:
         load_settings()
     assert SECRET not in str(refused.value)
     assert SECRET not in repr(refused.value)
@@ -314,3 +328,127 @@ def test_a_non_loopback_host_without_keys_is_an_open_relay_unless_allowed(
 ) -> None:
     settings = Settings(host=host, auth=auth, allow_unauthenticated=allowed)
     assert (settings.open_relay() is not None) == refused
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "says"),
+    [
+        ("LLMSVC_ADMIN_TOKEN", "short", "admin_token (from LLMSVC_ADMIN_TOKEN): too short: "
+         "it needs at least 16 characters."),
+        ("LLMSVC_PORT", "http", "port (from LLMSVC_PORT): not a whole number: "
+         "it takes a whole number, 0 to 65535."),
+        ("LLMSVC_PORT", "70000", "port (from LLMSVC_PORT): out of range: it takes 0 to 65535."),
+        ("LLMSVC_REQUEST_BODY_TIMEOUT_SECONDS", "0", "request_body_timeout_seconds (from "
+         "LLMSVC_REQUEST_BODY_TIMEOUT_SECONDS): out of range: it takes more than 0 and at most "
+         "3600."),
+        ("LLMSVC_WAL_SYNC", "sometimes", "wal_sync (from LLMSVC_WAL_SYNC): not one of its "
+         "choices: it takes 'write' or 'fsync'."),
+        ("LLMSVC_ALLOW_UNAUTHENTICATED", "maybe", "allow_unauthenticated (from "
+         "LLMSVC_ALLOW_UNAUTHENTICATED): not true or false: it takes true or false."),
+        ("LLMSVC_PROVIDERS", '[{"name": "p", "kind": "mock", "models": [}]', "providers (from "
+         "LLMSVC_PROVIDERS): not valid JSON (Expecting value at line 1 column 43): it takes a "
+         "JSON list."),
+        ("LLMSVC_PROVIDERS", '{"name": "p"}', "providers (from LLMSVC_PROVIDERS): of the wrong "
+         "type: it takes a list (in a variable, as JSON)."),
+        ("LLMSVC_PROVIDERS", '[{"name": "p", "kind": "mock"}]', "providers[0].models (from "
+         "LLMSVC_PROVIDERS): missing: it is required."),
+        ("LLMSVC_PROVIDERS", '[{"name": "p", "kind": "mock", "models": []}]', "providers[0]."
+         "models (from LLMSVC_PROVIDERS): too short: it needs at least 1 entry."),
+        ("LLMSVC_PROVIDERS", '[{"name": "p", "kind": "mock", "models": ["m"], "modles": []}]',
+         "providers[0].modles (from LLMSVC_PROVIDERS): not a setting (did you mean models?)."),
+        ("LLMSVC_PRICES", '{"m": {"input_per_million": -1, "output_per_million": 1}}', "prices.m."
+         "input_per_million (from LLMSVC_PRICES): out of range: it takes 0 or more."),
+        ("llmsvc_port", "-1", "port (from llmsvc_port): out of range: it takes 0 to 65535."),
+    ],
+    ids=["too-short", "not-int", "range", "open-range", "literal", "bool", "json", "type",
+         "missing", "empty-list", "unknown-nested-key", "nested-range", "lower-case"],
+)  # fmt: skip
+def test_a_bad_value_is_described_in_plain_words_with_its_variable(
+    monkeypatch: pytest.MonkeyPatch, env: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(env, value)
+    with _refused("^invalid configuration: ") as refused:
+        load_settings()
+    assert str(refused.value) == f"invalid configuration: {says}"
+
+
+def test_a_bad_value_in_the_file_names_the_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    path = _toml(tmp_path, monkeypatch, 'prot = 8081\nfrobnicate = 1\nadmin_token = "short"\n')
+    with _refused("^invalid configuration: ") as refused:
+        load_settings()
+    assert str(refused.value) == (
+        f"invalid configuration: admin_token (in {path}): too short: it needs at least 16 "
+        f"characters; prot (in {path}): not a setting (did you mean port?); frobnicate (in "
+        f"{path}): not a setting."
+    )
+
+
+@pytest.mark.parametrize(
+    ("env", "says"),
+    [
+        ("LLMSVC_DATABASE", "LLMSVC_DATABASE is not a setting (did you mean LLMSVC_DATABASE_URL?)"),
+        ("llmsvc_wal_dri", "llmsvc_wal_dri is not a setting (did you mean LLMSVC_WAL_DIR?)"),
+        (
+            "LLMSVC_FROBNICATE",
+            "LLMSVC_FROBNICATE is not a setting (README.md's Configuration lists them)",
+        ),
+    ],
+)
+def test_an_unknown_llmsvc_variable_is_refused_naming_the_closest_setting(
+    monkeypatch: pytest.MonkeyPatch, env: str, says: str
+) -> None:
+    """A misspelt variable would otherwise be ignored: `_URL` dropped boots on SQLite."""
+    monkeypatch.setenv(env, "postgresql://db.example/llmsvc")
+    with _refused("^invalid configuration: ") as refused:
+        load_settings()
+    assert str(refused.value).startswith(f"invalid configuration: {says}. ")
+    assert "postgresql://db.example" not in str(refused.value)
+
+
+def test_llmsvcs_own_variables_that_are_not_settings_are_allowed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    _toml(tmp_path, monkeypatch, "port = 9001\n")  # LLMSVC_CONFIG
+    monkeypatch.setenv("LLMSVC_WORKER_INDEX", "1")  # set by the supervisor
+    monkeypatch.setenv("LLMSVC_TEST_DATABASE_URL", "postgresql://h/db")  # the test suite's
+    assert load_settings().port == 9001
+
+
+def test_every_llmsvc_variable_the_repository_names_is_one_llmsvc_knows() -> None:
+    """A script or unit naming a variable llmsvc refuses would stop the daemon it starts."""
+    repo = Path(__file__).resolve().parents[1]
+    texts = [*(repo / "scripts").iterdir(), *(repo / "systemd").iterdir()]
+    named = set()
+    for path in texts:
+        named |= set(re.findall(r"\bLLMSVC_[A-Z0-9_]*[A-Z0-9]", path.read_text()))
+    settings = {f"LLMSVC_{name.upper()}" for name in Settings.model_fields}
+    unknown = {
+        name
+        for name in named - settings - {CONFIG_VARIABLE, WORKER_INDEX_VARIABLE}
+        if not name.startswith(TEST_VARIABLES)
+    }
+    assert "LLMSVC_TEST_DATABASE_URL" in named
+    assert unknown == set()
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('database_url = "sqlite:///tmp/llmsvc.db"', "database_url (in {file}): 'tmp/llmsvc.db' "
+         "is a relative path, which would depend on the folder llmsvc is started in (/ under "
+         "systemd): give an absolute one; for /tmp/llmsvc.db write sqlite:////tmp/llmsvc.db."),
+        ('wal_dir = "wal"', "wal_dir (in {file}): 'wal' is a relative path"),
+        ('backup_dir = "~/backups"', "backup_dir (in {file}): '~/backups' is a relative path"),
+    ],
+    ids=["database_url", "wal_dir", "backup_dir"],
+)  # fmt: skip
+def test_a_relative_path_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, text: str, says: str
+) -> None:
+    """Under systemd the working folder is /: a relative path would land there, unannounced."""
+    path = _toml(tmp_path, monkeypatch, text + "\n")
+    with _refused("^invalid configuration: ") as refused:
+        load_settings()
+    assert str(refused.value).startswith(f"invalid configuration: {says.format(file=path)}")

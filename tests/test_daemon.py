@@ -27,6 +27,7 @@ from daemon_process import (
     read_store,
     run_cli,
 )
+from private_state import assert_private
 
 from llmsvc.daemon import _EmbeddedServer
 from llmsvc.providers.mock import token as mock_token
@@ -74,6 +75,37 @@ def test_tokens_a_client_received_survive_kill_9(env: dict[str, str], sqlite_url
     assert attempt["token_count"] == len(stored)
 
 
+@pytest.mark.usefixtures("umask_022")
+def test_the_state_a_daemon_on_the_defaults_creates_is_private(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    """As `scripts/run` meets a fresh machine: the database and its side files, the WAL,
+    its lock, identity and checkpoint copy, a backup: no one else may read prompts."""
+    del env["LLMSVC_DATABASE_URL"]  # the default, under XDG_STATE_HOME
+    env["XDG_STATE_HOME"] = str(tmp_path / "new" / "state")
+    wal_dir = Path(env["LLMSVC_WAL_DIR"])
+    with DaemonProcess(env) as daemon:
+        client_for(daemon).chat.completions.create(model="mock", messages=MESSAGES)
+        assert run_cli(env, "backup").returncode == 0
+        deadline = time.monotonic() + 30
+        while not (wal_dir / "checkpoint").exists():  # written after the flusher's commit
+            assert time.monotonic() < deadline, daemon.log
+            time.sleep(0.05)
+        state = assert_private(tmp_path / "new")
+        wal = assert_private(wal_dir)
+    assert {
+        "state/llmsvc/llmsvc.db",
+        "state/llmsvc/llmsvc.db-wal",
+        "state/llmsvc/llmsvc.db-shm",
+        "state/llmsvc/llmsvc.db.migrate.lock",
+        "state/llmsvc/llmsvc.db.job-backup.lock",
+        "state/llmsvc/backups",
+    } <= set(state)
+    assert len([name for name in state if name.startswith("state/llmsvc/backups/")]) == 2
+    assert {"LOCK", "instance_id", "checkpoint"} <= set(wal)
+    assert any(name.endswith(".wal") for name in wal)
+
+
 def test_a_second_daemon_on_the_same_wal_dir_fails_fast(env: dict[str, str]) -> None:
     with DaemonProcess(env) as first:
         began = time.monotonic()
@@ -97,26 +129,30 @@ def test_a_second_daemon_on_the_same_wal_dir_fails_fast(env: dict[str, str]) -> 
 
 
 @pytest.mark.parametrize(
-    ("setting", "value", "field"),
+    ("setting", "value", "says"),
     [
-        ("LLMSVC_WAL_SYNC", "sometimes", "wal_sync"),
-        ("LLMSVC_PORT", "99999", "port"),
+        ("LLMSVC_WAL_SYNC", "sometimes", "wal_sync (from LLMSVC_WAL_SYNC): "),
+        ("LLMSVC_PORT", "99999", "port (from LLMSVC_PORT): out of range: it takes 0 to 65535"),
         (
             "LLMSVC_PROVIDERS",
             '[{"name": "up", "kind": "openai", "base_url": "ftp://x", '
             '"api_key": "sk-do-not-echo", "models": ["m"]}]',
-            "providers.0",
+            "providers[0] (from LLMSVC_PROVIDERS): ",
+        ),
+        (
+            "LLMSVC_DATABASE",
+            "postgresql://llmsvc:sk-do-not-echo@db/llmsvc",
+            "LLMSVC_DATABASE is not a setting (did you mean LLMSVC_DATABASE_URL?)",
         ),
     ],
 )
-def test_bad_configuration_exits_2_naming_the_field(
-    env: dict[str, str], setting: str, value: str, field: str
+def test_bad_configuration_exits_2_naming_the_setting_and_its_variable(
+    env: dict[str, str], setting: str, value: str, says: str
 ) -> None:
     result = run_cli({**env, setting: value}, "run")
     assert result.returncode == 2, result.stderr
     message = result.stderr.strip()
-    assert message.startswith("llmsvc: invalid configuration: ")
-    assert f"{field}:" in message
+    assert message.startswith(f"llmsvc: invalid configuration: {says}")
     assert "\n\n" not in message  # one paragraph
     assert "Traceback" not in message
     assert "sk-do-not-echo" not in message

@@ -348,9 +348,9 @@ def test_a_provider_disabled_through_one_worker_is_disabled_on_every_worker(
 @pytest.mark.parametrize(
     ("value", "says"),
     [
-        ("0", "workers: Input should be greater than or equal to 1"),
-        ("two", "workers: Input should be a valid integer"),
-        ("65", "workers: Input should be less than or equal to 64"),
+        ("0", "workers (from LLMSVC_WORKERS): out of range: it takes 1 to 64."),
+        ("two", "workers (from LLMSVC_WORKERS): not a whole number: it takes a whole number"),
+        ("65", "workers (from LLMSVC_WORKERS): out of range: it takes 1 to 64."),
     ],
 )
 def test_a_bad_workers_value_exits_2_naming_it(
@@ -495,7 +495,7 @@ def test_the_wals_no_worker_owns_are_wal_dirs_own_and_those_past_workers(tmp_pat
         (wal_dir / name).mkdir(parents=True, exist_ok=True)
         (wal_dir / name / "instance_id").write_text(f"{uuid.uuid4()}\n")
     (wal_dir / "worker-3").mkdir()  # never booted: no WAL to replay
-    settings = Settings(database_url="sqlite:///x.db", wal_dir=wal_dir, workers=2)
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'x.db'}", wal_dir=wal_dir, workers=2)
     found = Supervisor(settings)._unowned_wal_dirs()
     assert found == [wal_dir, wal_dir / "worker-10", wal_dir / "worker-2"]
 

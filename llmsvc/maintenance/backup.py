@@ -33,6 +33,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc import private
 from llmsvc.errors import LlmsvcError, WalLocked
 from llmsvc.logs import logger
 from llmsvc.maintenance.runs import JobResult
@@ -91,7 +92,7 @@ def newest_verified(backup_dir: Path) -> Backup | None:
 async def backup(engine: AsyncEngine, backup_dir: Path) -> JobResult:
     """Write, verify and describe one backup of the store; a failed one says why."""
     kind = engine.dialect.name
-    await aiofiles.os.makedirs(backup_dir, mode=0o700, exist_ok=True)
+    await asyncio.to_thread(private.make_dirs, backup_dir)
     now = datetime.now(UTC)
     path = backup_dir / f"{PREFIX}{now.strftime(TIME_FORMAT)}{SUFFIXES[kind]}"
     for n in itertools.count(1):  # a second backup within the same second
@@ -104,8 +105,7 @@ async def backup(engine: AsyncEngine, backup_dir: Path) -> JobResult:
         rows = await conn.execute(sa.select(wal_checkpoints.c.instance_id, wal_checkpoints.c.lsn))
         checkpoints = {str(instance): int(lsn) for instance, lsn in rows}
     partial = path.with_name(path.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
+    private.create_file(partial)
     error = ""
     try:
         if kind == "postgresql":
@@ -132,8 +132,7 @@ async def backup(engine: AsyncEngine, backup_dir: Path) -> JobResult:
 def _describe(backup_dir: Path, backup: Backup) -> None:
     meta = backup_dir / f"{backup.name}.json"
     partial = meta.with_name(meta.name + ".partial")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with os.fdopen(private.open_file(partial, os.O_WRONLY | os.O_TRUNC), "wb") as f:
         f.write(orjson.dumps(asdict(backup), option=orjson.OPT_INDENT_2))
         f.flush()
         os.fsync(f.fileno())

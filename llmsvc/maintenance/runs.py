@@ -28,6 +28,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc import private
 from llmsvc.logs import logger
 from llmsvc.store.schema import maintenance_runs, maintenance_slots
 
@@ -136,7 +137,7 @@ async def job_lock(engine: AsyncEngine, job: str) -> AsyncIterator[bool]:
                     await conn.commit()
         return
     database = Path(engine.url.database or "llmsvc.db")
-    fd = os.open(f"{database}.job-{job}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = private.open_file(f"{database}.job-{job}.lock", os.O_RDWR)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

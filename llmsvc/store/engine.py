@@ -30,6 +30,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import llmsvc
+from llmsvc import private
 from llmsvc.errors import StoreError
 
 DAEMON_APPLICATION = "llmsvc daemon"
@@ -53,13 +54,7 @@ def create_engine(
     if url.startswith("sqlite"):
         path = url.partition(":///")[2]
         if path and path != ":memory:":
-            parent = Path(path).parent
-            try:
-                parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            except OSError as exc:
-                raise StoreError(
-                    f"cannot create {parent} for the SQLite database: {exc.strerror}"
-                ) from None
+            _create_sqlite_file(Path(path))
         engine = create_async_engine(url, connect_args={"timeout": timeout or 30})
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
@@ -84,6 +79,17 @@ def create_engine(
     if timeout is not None:
         event.listen(engine.sync_engine, "connect", _keepalives(timeout))
     return engine
+
+
+def _create_sqlite_file(path: Path) -> None:
+    """The database file and its folders, private before SQLite opens it: its side files
+    (`-wal`, `-shm`, `-journal`) take the database file's mode."""
+    try:
+        private.make_dirs(path.parent)
+        private.create_file(path)
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise StoreError(f"cannot create the SQLite database {path}: {reason}") from None
 
 
 def _keepalive(timeout: float) -> tuple[int, int]:
@@ -169,7 +175,7 @@ async def _migration_lock(engine: AsyncEngine) -> AsyncIterator[None]:
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
-    fd = os.open(f"{database}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = private.open_file(f"{database}.migrate.lock", os.O_RDWR)
     try:
         while True:
             try:

@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from llmsvc import private
 from llmsvc.logs import logger
 from llmsvc.wal.codec import Stop
 from llmsvc.wal.errors import Corruption
@@ -141,7 +142,7 @@ def _cut(scan: Scan, newest: bool) -> Finding:
         aside = _free_name(path.with_name(path.name + ".broken"))
     else:
         aside = _free_name(_quarantine_dir(path.parent) / f"{path.name}.from-{scan.end}")
-    with path.open("rb") as src, aside.open("wb") as dst:
+    with path.open("rb") as src, os.fdopen(private.open_file(aside, os.O_WRONLY), "wb") as dst:
         src.seek(scan.end)
         shutil.copyfileobj(src, dst)
         dst.flush()
@@ -189,8 +190,7 @@ def _quarantine(segment: Segment, kind: str, reason: str) -> Finding:
 
 def _quarantine_dir(wal_dir: Path) -> Path:
     path = wal_dir / QUARANTINE_DIR
-    path.mkdir(mode=0o700, exist_ok=True)
-    return path
+    return private.make_dirs(path)
 
 
 def _free_name(path: Path) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from crc32c import crc32c
 
+from llmsvc import private
 from llmsvc.errors import WalLocked
 from llmsvc.wal.errors import Corruption
 
@@ -83,7 +84,7 @@ def create_segment(wal_dir: Path, instance_id: uuid.UUID, first_lsn: int) -> Seg
     """
     path = wal_dir / segment_name(first_lsn)
     tmp = path.with_suffix(TEMP_SUFFIX)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    fd = private.open_file(tmp, os.O_WRONLY | os.O_TRUNC)
     try:
         try:
             os.write(fd, encode_header(instance_id, first_lsn))
@@ -134,9 +135,12 @@ def instance_id(wal_dir: Path) -> uuid.UUID:
         pass
     new = uuid.uuid4()
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(f"{new}\n")
-    with tmp.open("rb") as f:
-        os.fsync(f.fileno())
+    fd = private.open_file(tmp, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, f"{new}\n".encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     os.rename(tmp, path)
     fsync_dir(wal_dir)
     return new
@@ -166,8 +170,8 @@ class WalLock:
         self._fd: int | None = None
 
     def acquire(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        private.make_dirs(self.path.parent)
+        fd = private.open_file(self.path, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
