@@ -164,12 +164,12 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
 
 @contextlib.asynccontextmanager
 async def _migration_lock(engine: AsyncEngine) -> AsyncIterator[None]:
-    """SQLite: a lock file beside the database, waited for (PostgreSQL locks in the transaction)."""
+    """SQLite: a lock file by the database, waited for (PostgreSQL locks in the transaction)."""
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
-    fd = os.open(f"{database}.migrate.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = open_lock_file(database, "migrate")
     try:
         while True:
             try:
@@ -180,6 +180,17 @@ async def _migration_lock(engine: AsyncEngine) -> AsyncIterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def open_lock_file(database: str, name: str) -> int:
+    """The lock file `name` of a SQLite database, opened (created) for flock.
+
+    All of them sit in one private folder, `<database>.locks/`, so the
+    directory holding the database is not littered with one file per lock.
+    """
+    folder = f"{database}.locks"
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return os.open(f"{folder}/{name}.lock", os.O_RDWR | os.O_CREAT, 0o600)
 
 
 async def schema_revision(engine: AsyncEngine) -> tuple[str | None, str]:
