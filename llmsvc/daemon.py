@@ -35,7 +35,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -363,18 +362,6 @@ class Daemon:
         )
 
     # -- what the admin API asks of the daemon (admin.app.Operations) ------------------
-
-    @property
-    def backup_dir(self) -> Path:
-        return self.settings.backup_dir
-
-    @property
-    def retention_days(self) -> int:
-        return self.settings.retention_days
-
-    @property
-    def prune_batch_requests(self) -> int:
-        return self.settings.prune_batch_requests
 
     def describe(self) -> dict[str, Any]:
         return status.describe(self)

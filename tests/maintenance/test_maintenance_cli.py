@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -99,9 +100,39 @@ def test_prune_dry_run_counts_and_bad_arguments_exit_2(env: dict[str, str]) -> N
     assert dry["status"] == "ok"
     assert dry["repaired"] == {"dry_run": True}
     assert dry["found"]["requests"] == 0
-    bad = run_cli(env, "prune", "--older-than", "0")
-    assert bad.returncode == 2
-    assert "--older-than must be at least 1" in bad.stderr
+    everything = json.loads(ok(env, "prune", "--older-than", "0", "--json"))
+    assert everything["status"] == "ok"
+    assert everything["repaired"]["requests"] == 0
+    before = json.loads(ok(env, "prune", "--dry-run", "--before", "2026-01-31", "--json"))
+    assert before["found"]["cutoff"] == "2026-01-31T00:00:00+00:00"  # naive: UTC
+    for args, message in (
+        (["--older-than", "-1"], "--older-than must be 0.."),
+        (["--before", "last tuesday"], "--before: 'last tuesday' is not an ISO 8601 date"),
+        (["--before", "2999-01-01"], "is in the future"),
+        (["--older-than", "1", "--before", "2026-01-31"], "not allowed with argument"),
+    ):
+        bad = run_cli(env, "prune", *args)
+        assert bad.returncode == 2, args
+        assert message in bad.stderr
+        assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_prune_from_the_command_line_creates_the_token_partitions_ahead(
+    database_url: str, tmp_path: Path
+) -> None:
+    """As the scheduled job does: cron and timer deployments never run out of partitions."""
+    env = daemon_env(database_url, tmp_path / "wal", token_partition_ahead_days=20)
+    assert run_cli(env, "migrate").returncode == 0  # the migration creates 14 days ahead
+    dry = json.loads(ok(env, "prune", "--dry-run", "--json"))
+    done = json.loads(ok(env, "prune", "--json"))
+    again = json.loads(ok(env, "prune", "--json"))
+
+    today = datetime.now(UTC).date()
+    ahead = [f"llm_token_log_p{today + timedelta(days=n):%Y%m%d}" for n in range(15, 21)]
+    assert "partitions_created" not in dry["repaired"]  # a dry run changes nothing
+    assert done["repaired"]["partitions_created"] == ahead
+    assert again["repaired"]["partitions_created"] == []
 
 
 def test_a_bad_schedule_is_a_configuration_error_naming_the_setting(
