@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             process=_process_name(settings) if args.command is cmd_run else None,
         )
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # runs are logged by llmsvc
+        if args.command is not cmd_run:  # a run by hand is printed whole: its log line
+            logging.getLogger(run_job.__module__).setLevel(logging.CRITICAL)  # would say it twice
         logging.getLogger("alembic.runtime.migration").addFilter(_only_migrations)
         code: int = args.command(settings, args)
         return code
@@ -749,21 +751,28 @@ def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    """A refusal (a daemon uses the database) is a usage error, not a run: nothing was tried."""
     try:
         backup.backup_path(settings.backup_dir, args.file)
     except backup.BackupError as exc:
         raise UsageError(str(exc)) from None
 
-    def job(engine: Any) -> Job:
-        async def restore() -> JobResult:
-            done = await backup.restore(
-                engine, settings.backup_dir, settings.wal_dir, args.file, args.force
+    async def restore(engine: Any) -> JobResult | None:
+        async with backup.exclusive(engine, settings.wal_dir, args.force) as replay:
+            return await run_job(
+                engine,
+                "restore",
+                lambda: backup.restore(
+                    engine, settings.backup_dir, settings.wal_dir, args.file, replay
+                ),
+                None,
             )
-            return JobResult(rows=done["replayed"], found=done)
 
-        return restore
-
-    return _run_by_hand(settings, args, "restore", job, check_schema=False)
+    try:
+        result = _with_store(settings, restore, check_schema=False)
+    except backup.RestoreRefused as exc:
+        raise UsageError(str(exc)) from None
+    return _print_run(args, "restore", result)
 
 
 def _run_by_hand(
@@ -785,6 +794,11 @@ def _run_by_hand(
         ),
         check_schema,
     )
+    return _print_run(args, name, result)
+
+
+def _print_run(args: argparse.Namespace, name: str, result: JobResult | None) -> int:
+    """A run by hand as the operator reads it; exit 1 unless it ended ok."""
     assert result is not None  # only a scheduled run can find its slot taken
     if args.json:
         sys.stdout.buffer.write(_json(asdict(result)) + b"\n")

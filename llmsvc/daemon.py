@@ -422,10 +422,10 @@ class Daemon:
 
     async def _restore(self, name: str) -> JobResult:
         await self.engine.dispose()  # SQLite: no connection of ours may hold the file meanwhile
-        described = await restore_database(self.maintenance, self.settings.backup_dir, name)
+        described, kept = await restore_database(self.maintenance, self.settings.backup_dir, name)
         self.flusher = self._new_flusher()  # starts at the restored checkpoint
         replayed = await replay(self.flusher, self.settings.wal_dir)
-        found = {"restored": name, "created": described.created, **replayed}
+        found = {"restored": name, "created": described.created, **replayed, **kept}
         return JobResult(rows=replayed["replayed"], found=found)
 
     def _circuit_changed(self, name: str, circuit: Circuit) -> None:

@@ -179,7 +179,10 @@ def test_backup_list_and_restore_with_the_wal_replayed_since(
             call(daemon, "POST", "/api/admin/restore", {"file": name})
             for name in ("../llmsvc.db", "/etc/passwd", "llmsvc-none.dump")
         ]
+        assert call(daemon, "POST", "/api/admin/providers/mock/disable")[0] == 200
         restored = call(daemon, "POST", "/api/admin/restore", {"file": made["found"]["file"]})
+        _, providers = call(daemon, "GET", "/api/admin/providers")  # the switch is kept
+        assert call(daemon, "POST", "/api/admin/providers/mock/enable")[0] == 200
         later = chat(daemon, tokens=3)
         store = read_store_after(sqlite_url, later)
         dry = call(daemon, "POST", "/api/admin/prune", {"dry_run": True, "older_than_days": 1})
@@ -204,6 +207,8 @@ def test_backup_list_and_restore_with_the_wal_replayed_since(
     assert [c for c, _ in escapes] == [400, 400, 400]
     assert restored[0] == 200, restored
     assert restored[1]["replayed"] > 0
+    assert restored[1]["backup_had"] == {"provider mock": "no switch"}
+    assert providers["providers"][0]["enabled"] is False
     assert dry[0] == 200
     assert dry[1]["repaired"] == {"dry_run": True}
     assert everything[0] == 200, everything

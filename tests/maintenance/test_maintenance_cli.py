@@ -77,7 +77,7 @@ def test_backup_backups_and_restore_from_the_command_line(env: dict[str, str]) -
     assert runs == ["restore"]
 
 
-def test_restore_refuses_bad_names_with_exit_2_and_a_running_daemon_with_exit_1(
+def test_restore_refuses_bad_names_and_a_running_daemon_with_exit_2_said_once(
     env: dict[str, str],
 ) -> None:
     made = json.loads(ok(env, "backup", "--json"))["found"]["file"]
@@ -90,9 +90,14 @@ def test_restore_refuses_bad_names_with_exit_2_and_a_running_daemon_with_exit_1(
     with DaemonProcess(env) as daemon:
         refused = run_cli(env, "restore", made)
         assert daemon.stop() == 0
-    assert refused.returncode == 1
-    assert "refusing to restore" in refused.stdout
-    assert "use --force" in refused.stdout
+    assert refused.returncode == 2
+    assert refused.stdout == ""
+    assert refused.stderr.startswith("llmsvc: refusing to restore: an llmsvc daemon is running")
+    assert refused.stderr.count("refusing to restore") == 1
+    assert "--force" in refused.stderr
+    assert "Error" not in refused.stderr  # plain words, no exception's name
+    runs = json.loads(ok(env, "jobs", "--json"))
+    assert "restore" not in {job["job"] for job in runs}  # refused: nothing was run
 
 
 def test_prune_dry_run_counts_and_bad_arguments_exit_2(env: dict[str, str]) -> None:
