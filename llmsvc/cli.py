@@ -13,7 +13,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -25,7 +25,7 @@ from llmsvc import __version__, logs
 from llmsvc.config import Settings, load_settings, worker_index
 from llmsvc.errors import ClientError, ConfigError, LlmsvcError, NotFound
 from llmsvc.maintenance import backup, consistency, retention
-from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table
+from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table, prune_job
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
 from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store import keys
@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             process=_process_name(settings) if args.command is cmd_run else None,
         )
         logging.getLogger("apscheduler").setLevel(logging.WARNING)  # runs are logged by llmsvc
+        if args.command is not cmd_run:  # a run by hand is printed whole: its log line
+            logging.getLogger(run_job.__module__).setLevel(logging.CRITICAL)  # would say it twice
         logging.getLogger("alembic.runtime.migration").addFilter(_only_migrations)
         code: int = args.command(settings, args)
         return code
@@ -151,9 +153,18 @@ def _parser() -> argparse.ArgumentParser:
     job_run.add_argument("--json", action="store_true", help="print JSON")
     job_run.set_defaults(command=cmd_job_run)
 
-    prune = commands.add_parser("prune", help="remove requests older than the retention")
-    prune.add_argument(
-        "--older-than", type=int, metavar="DAYS", help="cut-off in days (default retention_days)"
+    prune = commands.add_parser(
+        "prune", help="create the coming token partitions; remove requests older than retention"
+    )
+    cutoff = prune.add_mutually_exclusive_group()
+    cutoff.add_argument(
+        "--older-than",
+        type=int,
+        metavar="DAYS",
+        help="cut-off in days (default retention_days); 0: all that has ended",
+    )
+    cutoff.add_argument(
+        "--before", metavar="TIME", help="cut-off as an ISO 8601 date or time (UTC if naive)"
     )
     prune.add_argument("--dry-run", action="store_true", help="count what would go; remove none")
     prune.add_argument("--json", action="store_true", help="print JSON")
@@ -701,16 +712,21 @@ def cmd_job_run(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
-    days = settings.retention_days if args.older_than is None else args.older_than
-    if days < 1:
-        raise UsageError("--older-than must be at least 1 (days)")
-
-    def job(engine: Any) -> Job:
-        return lambda: retention.prune(
-            engine, days, settings.prune_batch_requests, dry_run=args.dry_run
-        )
-
-    return _run_by_hand(settings, args, "prune", job)
+    cutoff = None
+    if args.older_than is not None:
+        if not 0 <= args.older_than <= retention.MAX_DAYS:
+            raise UsageError(
+                f"--older-than must be 0..{retention.MAX_DAYS} (days; 0: all that has ended)"
+            )
+        cutoff = datetime.now(UTC) - timedelta(days=args.older_than)
+    elif args.before is not None:
+        try:
+            cutoff = retention.parse_before(args.before)
+        except ValueError as exc:
+            raise UsageError(f"--before: {exc}") from None
+    return _run_by_hand(
+        settings, args, "prune", lambda engine: prune_job(settings, engine, cutoff, args.dry_run)
+    )
 
 
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
@@ -735,21 +751,28 @@ def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
+    """A refusal (a daemon uses the database) is a usage error, not a run: nothing was tried."""
     try:
         backup.backup_path(settings.backup_dir, args.file)
     except backup.BackupError as exc:
         raise UsageError(str(exc)) from None
 
-    def job(engine: Any) -> Job:
-        async def restore() -> JobResult:
-            done = await backup.restore(
-                engine, settings.backup_dir, settings.wal_dir, args.file, args.force
+    async def restore(engine: Any) -> JobResult | None:
+        async with backup.exclusive(engine, settings.wal_dir, args.force) as replay:
+            return await run_job(
+                engine,
+                "restore",
+                lambda: backup.restore(
+                    engine, settings.backup_dir, settings.wal_dir, args.file, replay
+                ),
+                None,
             )
-            return JobResult(rows=done["replayed"], found=done)
 
-        return restore
-
-    return _run_by_hand(settings, args, "restore", job, check_schema=False)
+    try:
+        result = _with_store(settings, restore, check_schema=False)
+    except backup.RestoreRefused as exc:
+        raise UsageError(str(exc)) from None
+    return _print_run(args, "restore", result)
 
 
 def _run_by_hand(
@@ -771,6 +794,11 @@ def _run_by_hand(
         ),
         check_schema,
     )
+    return _print_run(args, name, result)
+
+
+def _print_run(args: argparse.Namespace, name: str, result: JobResult | None) -> int:
+    """A run by hand as the operator reads it; exit 1 unless it ended ok."""
     assert result is not None  # only a scheduled run can find its slot taken
     if args.json:
         sys.stdout.buffer.write(_json(asdict(result)) + b"\n")

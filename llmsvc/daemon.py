@@ -35,7 +35,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -363,18 +362,6 @@ class Daemon:
 
     # -- what the admin API asks of the daemon (admin.app.Operations) ------------------
 
-    @property
-    def backup_dir(self) -> Path:
-        return self.settings.backup_dir
-
-    @property
-    def retention_days(self) -> int:
-        return self.settings.retention_days
-
-    @property
-    def prune_batch_requests(self) -> int:
-        return self.settings.prune_batch_requests
-
     def describe(self) -> dict[str, Any]:
         return status.describe(self)
 
@@ -434,10 +421,10 @@ class Daemon:
 
     async def _restore(self, name: str) -> JobResult:
         await self.engine.dispose()  # SQLite: no connection of ours may hold the file meanwhile
-        described = await restore_database(self.maintenance, self.settings.backup_dir, name)
+        described, kept = await restore_database(self.maintenance, self.settings.backup_dir, name)
         self.flusher = self._new_flusher()  # starts at the restored checkpoint
         replayed = await replay(self.flusher, self.settings.wal_dir)
-        found = {"restored": name, "created": described.created, **replayed}
+        found = {"restored": name, "created": described.created, **replayed, **kept}
         return JobResult(rows=replayed["replayed"], found=found)
 
     def _circuit_changed(self, name: str, circuit: Circuit) -> None:

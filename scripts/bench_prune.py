@@ -5,7 +5,7 @@ Not a test: one run that prints (and writes) JSON. Issue #5 asks for pruning 10
 million token rows both ways. Each round fills a fresh scratch database (migrated
 to head) with `--tokens` old token rows (requests created 200..191 days ago, 1,000
 tokens per attempt, spread over 10 daily partitions) plus 100 recent requests that
-must survive, then runs `retention.prune(older_than_days=180)` once with
+must survive, then runs `retention.prune` with a cut-off 180 days back once with
 `partitions=False` (every token row deleted, in batches of `--batch` requests, as
 on SQLite) and once with partitions (whole days dropped). The timed part is the
 prune call (its counting included). Afterwards the old rows must be gone, the
@@ -120,7 +120,8 @@ async def one(pg_url: str, scratch: str, tokens: int, batch: int, partitions: bo
         filled_s = time.perf_counter() - started
         before = await counts(engine)
         cpu, busy, clock = time.process_time(), machine_busy_s(), time.perf_counter()
-        result = await prune(engine, 180, batch, partitions=partitions)
+        cutoff = datetime.now(UTC) - timedelta(days=180)
+        result = await prune(engine, cutoff, cutoff, batch, partitions=partitions)
         seconds = time.perf_counter() - clock
         cpu, busy = time.process_time() - cpu, machine_busy_s() - busy
         after = await counts(engine)

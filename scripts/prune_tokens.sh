@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# Retention for cron users, instead of the daemon's scheduler: `llmsvc prune` removes requests
+# Retention for cron users, instead of the daemon's scheduler: `llmsvc prune` runs the same
+# prune job, so it creates PostgreSQL's daily token partitions ahead, then removes requests
 # older than retention_days with their attempts and tokens (on PostgreSQL, whole daily
-# partitions). Arguments go to `llmsvc prune` (--older-than DAYS, --dry-run). Settings come
-# from LLMSVC_* variables or LLMSVC_CONFIG. Exits non-zero, with llmsvc's message, on failure.
+# partitions). Arguments go to `llmsvc prune` (--older-than DAYS, --before TIME, --dry-run).
+# Settings come from LLMSVC_* variables or LLMSVC_CONFIG. Exits non-zero, with llmsvc's
+# message, on failure.
 #
 #   0 3 * * sun  LLMSVC_CONFIG=/etc/llmsvc/llmsvc.toml /opt/llmsvc/scripts/prune_tokens.sh
 #

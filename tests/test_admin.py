@@ -11,7 +11,14 @@ from typing import Any
 
 import openai
 import pytest
-from daemon_process import DaemonProcess, admin_call, daemon_env, read_store, run_cli
+from daemon_process import (
+    DaemonProcess,
+    admin_call,
+    daemon_env,
+    read_store,
+    read_store_after,
+    run_cli,
+)
 from postgres import free_port
 
 pytestmark = pytest.mark.timeout(120)
@@ -172,9 +179,25 @@ def test_backup_list_and_restore_with_the_wal_replayed_since(
             call(daemon, "POST", "/api/admin/restore", {"file": name})
             for name in ("../llmsvc.db", "/etc/passwd", "llmsvc-none.dump")
         ]
+        assert call(daemon, "POST", "/api/admin/providers/mock/disable")[0] == 200
         restored = call(daemon, "POST", "/api/admin/restore", {"file": made["found"]["file"]})
+        _, providers = call(daemon, "GET", "/api/admin/providers")  # the switch is kept
+        assert call(daemon, "POST", "/api/admin/providers/mock/enable")[0] == 200
         later = chat(daemon, tokens=3)
+        store = read_store_after(sqlite_url, later)
         dry = call(daemon, "POST", "/api/admin/prune", {"dry_run": True, "older_than_days": 1})
+        by_time = call(
+            daemon, "POST", "/api/admin/prune", {"before": "2026-01-31", "dry_run": True}
+        )
+        everything = call(daemon, "POST", "/api/admin/prune", {"older_than_days": 0})
+        bad = [
+            call(daemon, "POST", "/api/admin/prune", body)
+            for body in (
+                {"older_than_days": 1, "before": "2026-01-31"},
+                {"before": "yesterday"},
+                {"older_than_days": -1},
+            )
+        ]
         malformed = call(daemon, "POST", "/api/admin/prune", raw=b"{not json")
         wrong_type = call(daemon, "POST", "/api/admin/prune", {"older_than_days": "ten"})
         assert daemon.stop() == 0, daemon.log
@@ -184,11 +207,21 @@ def test_backup_list_and_restore_with_the_wal_replayed_since(
     assert [c for c, _ in escapes] == [400, 400, 400]
     assert restored[0] == 200, restored
     assert restored[1]["replayed"] > 0
+    assert restored[1]["backup_had"] == {"provider mock": "no switch"}
+    assert providers["providers"][0]["enabled"] is False
     assert dry[0] == 200
     assert dry[1]["repaired"] == {"dry_run": True}
+    assert everything[0] == 200, everything
+    assert everything[1]["repaired"]["requests"] == 3  # every one that had ended
+    assert read_store(sqlite_url).requests == {}
+    assert by_time[1]["found"]["cutoff"] == "2026-01-31T00:00:00+00:00"
+    assert [(code, body["error"]["param"]) for code, body in bad] == [
+        (400, "before"),
+        (400, "before"),
+        (400, "older_than_days"),
+    ]
     assert malformed[0] == 400
     assert (wrong_type[0], wrong_type[1]["error"]["param"]) == (400, "older_than_days")
-    store = read_store(sqlite_url)
     for request_id, tokens in ((before, 5), (after, 7), (later, 3)):
         assert len(store.texts(request_id)) == tokens  # each once, in order
         assert store.request(request_id)["status"] == "completed"

@@ -12,8 +12,7 @@ import hmac
 import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from datetime import datetime
-from pathlib import Path
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import parse_qs
 
@@ -21,12 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.admin.openapi import document
+from llmsvc.config import Settings
 from llmsvc.errors import ClientError, MethodNotAllowed, NotFound, Unauthorized
 from llmsvc.gateway.errors import send_error, send_json
 from llmsvc.gateway.request import parse_body, read_body
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.logs import logger
 from llmsvc.maintenance import backup, retention
+from llmsvc.maintenance.jobs import prune_job
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.store import keys
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
@@ -45,16 +46,9 @@ ASGIApp = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
 class Operations(Protocol):
     """What the admin API asks of the daemon that mounts it."""
 
+    settings: Settings
     engine: AsyncEngine
-
-    @property
-    def backup_dir(self) -> Path: ...
-
-    @property
-    def retention_days(self) -> int: ...
-
-    @property
-    def prune_batch_requests(self) -> int: ...
+    maintenance: AsyncEngine  # for maintenance work: no per-command bound, a pool of its own
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -72,7 +66,8 @@ class Operations(Protocol):
 class PruneBody(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    older_than_days: int | None = Field(default=None, ge=1, le=100_000)
+    older_than_days: int | None = Field(default=None, ge=0, le=retention.MAX_DAYS)
+    before: str | None = Field(default=None, min_length=1, max_length=64)
     dry_run: bool = False
 
 
@@ -218,25 +213,33 @@ class AdminApi:
         return 200, {"provider": name, "enabled": enabled}
 
     async def prune(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        """The prune job as scheduled, with the cut-off given (days back, or a time)."""
         body = await self._body(scope, receive, PruneBody, empty_ok=True)
-        days = body.older_than_days or self.ops.retention_days
-        engine, batch = self.ops.engine, self.ops.prune_batch_requests
-        result = await self.ops.run_by_hand(
-            "prune", lambda: retention.prune(engine, days, batch, dry_run=body.dry_run)
-        )
-        return _result(result)
+        cutoff = None
+        if body.older_than_days is not None and body.before is not None:
+            raise ClientError("give older_than_days or before, not both", param="before")
+        if body.older_than_days is not None:
+            cutoff = datetime.now(UTC) - timedelta(days=body.older_than_days)
+        elif body.before is not None:
+            try:
+                cutoff = retention.parse_before(body.before)
+            except ValueError as exc:
+                raise ClientError(f"before: {exc}", param="before") from None
+        job = prune_job(self.ops.settings, self.ops.maintenance, cutoff, body.dry_run)
+        return _result(await self.ops.run_by_hand("prune", job))
 
     async def backup(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
-        engine, target = self.ops.engine, self.ops.backup_dir
+        engine, target = self.ops.maintenance, self.ops.settings.backup_dir
         return _result(await self.ops.run_by_hand("backup", lambda: backup.backup(engine, target)))
 
     async def backups(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
-        return 200, {"backups": [vars(b) for b in backup.list_backups(self.ops.backup_dir)]}
+        listed = backup.list_backups(self.ops.settings.backup_dir)
+        return 200, {"backups": [vars(b) for b in listed]}
 
     async def restore(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
         body = await self._body(scope, receive, RestoreBody)
         try:
-            backup.backup_path(self.ops.backup_dir, body.file)  # no way out of backup_dir
+            backup.backup_path(self.ops.settings.backup_dir, body.file)  # no way out of backup_dir
         except backup.BackupError as exc:
             raise ClientError(str(exc), param="file") from None
         return 200, await self.ops.restore(body.file)

@@ -11,18 +11,21 @@ PostgreSQL tools in their environment, never on their command line.
 A restore brings the database back to the backup, whose checkpoints rewind
 with it; replaying this instance's WAL from there (the same flusher as at
 boot) adds everything journaled since. WAL housekeeping keeps the segments
-after the newest verified backup's checkpoint for exactly that.
+after the newest verified backup's checkpoint for exactly that. The provider
+switches, keys and teams in force are kept (`kept`): operational state, not data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import glob
 import itertools
 import os
 import shutil
 import sqlite3
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmsvc import private
 from llmsvc.errors import LlmsvcError, WalLocked
 from llmsvc.logs import logger
+from llmsvc.maintenance import kept
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.engine import DAEMON_APPLICATION
 from llmsvc.store.flusher import Flusher, load_checkpoint
@@ -172,8 +176,14 @@ def backup_path(backup_dir: Path, name: str) -> Path:
     return path
 
 
-async def restore_database(engine: AsyncEngine, backup_dir: Path, name: str) -> Backup:
-    """Replace the database's contents with the backup's; the WAL replay is the caller's."""
+async def restore_database(
+    engine: AsyncEngine, backup_dir: Path, name: str
+) -> tuple[Backup, dict[str, Any]]:
+    """Replace the database's contents with the backup's; the WAL replay is the caller's.
+
+    The provider switches, keys and teams in force are kept (`kept`): with them,
+    what the backup held otherwise, for the run's record.
+    """
     path = backup_path(backup_dir, name)
     described = {b.name: b for b in list_backups(backup_dir)}.get(name)
     if described is None or not described.verified:
@@ -182,13 +192,14 @@ async def restore_database(engine: AsyncEngine, backup_dir: Path, name: str) -> 
         raise BackupError(
             f"{name} is a {described.kind} backup; the store is {engine.dialect.name}"
         )
+    in_force = await kept.read(engine)
     if described.kind == "postgresql":
         await _restore_pg(engine, path)
     else:
         await engine.dispose()  # no connection of ours may hold the file while it is replaced
         await asyncio.to_thread(_sqlite_copy, path, _sqlite_path(engine))
     log.info("restore: database restored from", file=name, created=described.created)
-    return described
+    return described, await kept.write_back(engine, in_force)
 
 
 # -- PostgreSQL tools -----------------------------------------------------------------
@@ -308,42 +319,59 @@ def _sqlite_verify(path: Path) -> str:
     return "" if "llm_requests" in tables else "the llmsvc tables are missing"
 
 
-async def restore(
-    engine: AsyncEngine, backup_dir: Path, wal_dir: Path, name: str, force: bool = False
-) -> dict[str, Any]:
-    """Restore a backup into the store, then replay this host's WAL journaled since.
+class RestoreRefused(BackupError):
+    """A daemon uses the database: a restore now would be undone or half replayed."""
 
-    Refuses while a daemon uses the database (its WAL lock is held here, or a
-    daemon's session is connected to the PostgreSQL database) unless forced;
-    forced past a running daemon, the replay is left to that daemon's restart.
+
+@contextlib.asynccontextmanager
+async def exclusive(engine: AsyncEngine, wal_dir: Path, force: bool) -> AsyncIterator[bool]:
+    """Hold this host's WAL for a restore; yields whether it is held (the replay needs it).
+
+    Refuses (RestoreRefused) while a daemon uses the database — it holds the
+    WAL here, or a daemon's session is connected to the PostgreSQL database —
+    unless forced; forced past a running daemon, the replay is left to that
+    daemon's restart.
     """
     lock = WalLock(wal_dir)
     try:
         lock.acquire()
         locked = True
-    except WalLocked as exc:
+    except WalLocked:
         if not force:
-            raise BackupError(
-                f"refusing to restore: {exc}; stop it first, or use --force"
+            raise RestoreRefused(
+                f"refusing to restore: an llmsvc daemon is running on this host (it holds "
+                f"the WAL in {wal_dir}). Stop it first, or restore through its admin API "
+                "(POST /api/admin/restore); --force restores under it and leaves the WAL's "
+                "replay to its restart."
             ) from None
         locked = False
     try:
         if not force and (sessions := await _daemon_sessions(engine)):
-            raise BackupError(
+            raise RestoreRefused(
                 f"refusing to restore: {sessions} llmsvc daemon session(s) are connected to "
-                "this database; stop those daemons first, or use --force"
+                "this database. Stop those daemons first, or use --force."
             )
-        described = await restore_database(engine, backup_dir, name)
-        result: dict[str, Any] = {"restored": name, "created": described.created, "replayed": 0}
-        if not locked:
-            log.warning("restore: a daemon holds the WAL; restart it to replay the WAL")
-            result["replay"] = "left to the running daemon's restart"
-            return result
-        result.update(await replay_wal(engine, wal_dir))
-        return result
+        yield locked
     finally:
         if locked:
             lock.release()
+
+
+async def restore(
+    engine: AsyncEngine, backup_dir: Path, wal_dir: Path, name: str, replay: bool
+) -> JobResult:
+    """Restore a backup into the store, then (`replay`) replay this host's WAL journaled since.
+
+    Run it inside `exclusive`, which says whether the WAL may be replayed here.
+    """
+    described, kept_found = await restore_database(engine, backup_dir, name)
+    found: dict[str, Any] = {"restored": name, "created": described.created, "replayed": 0}
+    if replay:
+        found.update(await replay_wal(engine, wal_dir))
+    else:
+        log.warning("restore: a daemon holds the WAL; restart it to replay the WAL")
+        found["replay"] = "left to the running daemon's restart"
+    return JobResult(rows=found["replayed"], found={**found, **kept_found})
 
 
 async def _daemon_sessions(engine: AsyncEngine) -> int:

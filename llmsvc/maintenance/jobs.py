@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -30,12 +31,6 @@ def job_table(
     """
     s = settings
 
-    async def prune() -> JobResult:
-        created = await retention.ensure_partitions(engine, s.token_partition_ahead_days)
-        result = await retention.prune(engine, s.retention_days, s.prune_batch_requests)
-        result.repaired["partitions_created"] = created
-        return result
-
     async def wal_housekeeping() -> JobResult:
         if instance_id is None:
             return JobResult(found={"wal": f"no WAL in {s.wal_dir}"})
@@ -43,7 +38,7 @@ def job_table(
         return await housekeep(engine, s.wal_dir, instance_id, s.backup_dir, writer, max_age)
 
     return {
-        "prune": prune,
+        "prune": prune_job(s, engine),
         "backup": lambda: backup.backup(engine, s.backup_dir),
         "backup-cleanup": lambda: asyncio.to_thread(
             backup.cleanup, s.backup_dir, s.backup_retention_days
@@ -51,3 +46,28 @@ def job_table(
         "wal-housekeeping": wal_housekeeping,
         "gap-scan": lambda: consistency.gap_scan(engine, s.wal_dir),
     }
+
+
+def prune_job(
+    settings: Settings, engine: AsyncEngine, cutoff: datetime | None = None, dry_run: bool = False
+) -> Job:
+    """The prune job, however it is started (scheduler, CLI, admin API, cron, timer).
+
+    PostgreSQL's daily token partitions are created `token_partition_ahead_days`
+    ahead first, so a deployment whose prune runs from cron still has them;
+    then the requests before `cutoff` (default: `retention_days` ago) go.
+    A dry run only counts, and creates nothing.
+    """
+    s = settings
+
+    async def prune() -> JobResult:
+        retained = datetime.now(UTC) - timedelta(days=s.retention_days)
+        before, batch = cutoff or retained, s.prune_batch_requests
+        if dry_run:
+            return await retention.prune(engine, before, retained, batch, dry_run=True)
+        created = await retention.ensure_partitions(engine, s.token_partition_ahead_days)
+        result = await retention.prune(engine, before, retained, batch)
+        result.repaired["partitions_created"] = created
+        return result
+
+    return prune

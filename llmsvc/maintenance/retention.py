@@ -1,11 +1,14 @@
 """Retention: remove requests older than the cut-off, with their attempts and tokens.
 
-The unit is the request: one that was created before the cut-off goes,
-tokens first, then attempts, then the request, a bounded batch of
-requests per transaction so no lock is held for long. On PostgreSQL the token
-log is partitioned by day: partitions wholly before the cut-off are dropped
-first (a token is never older than its request, so they only hold tokens of
-requests being removed), which leaves few token rows to delete one by one.
+The unit is the request: one that was created before the cut-off and has
+ended goes, tokens first, then attempts, then the request, a bounded batch of
+requests per transaction so no lock is held for long. A request still open
+goes only past `open_cutoff` (the retention period): only a daemon that never
+came back leaves one open that long, and one in flight must keep its rows. On
+PostgreSQL the token log is partitioned by day: partitions wholly before the
+cut-off, and before every request kept, are dropped whole (a token is never
+older than its request, so they only hold tokens of requests being removed),
+which leaves few token rows to delete one by one.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.logs import logger
 from llmsvc.maintenance.runs import JobResult
+from llmsvc.store.keys import utc
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 
 log = logger(__name__)
 
+MAX_DAYS = 100_000  # the longest cut-off given in days: a longer one is no date
 PARTITION = re.compile(r"llm_token_log_p(\d{8})")
 _PARTITIONS = sa.text(
     """
@@ -85,23 +90,44 @@ async def ensure_partitions(engine: AsyncEngine, ahead_days: int) -> list[str]:
     return created
 
 
-def _old_requests(cutoff: datetime) -> sa.Select[tuple[object]]:
-    """Every request created before the cut-off, ended or not.
+def parse_before(text: str) -> datetime:
+    """A cut-off given by hand: an ISO 8601 date or time, UTC when it names no zone.
+
+    One in the future is refused: it would remove everything that has ended,
+    which `--older-than 0` says on purpose and a mistyped year does not.
+    """
+    try:
+        at = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an ISO 8601 date or time (2026-01-31 or 2026-01-31T12:00:00)"
+        ) from None
+    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    if at > datetime.now(UTC):
+        raise ValueError(f"{text!r} is in the future (--older-than 0 prunes all that has ended)")
+    return at
+
+
+def _old_requests(cutoff: datetime, open_cutoff: datetime) -> sa.Select[tuple[object]]:
+    """Every request created before the cut-off that has ended, or open and before `open_cutoff`.
 
     A request still `streaming` that old is one whose daemon never came back
     to end it (a decommissioned instance): its tokens are past the cut-off too.
     """
-    return sa.select(llm_requests.c.id).where(llm_requests.c.created_at < cutoff)
+    r = llm_requests.c
+    ended_or_abandoned = sa.or_(r.status != "streaming", r.created_at < open_cutoff)
+    return sa.select(r.id).where(r.created_at < cutoff, ended_or_abandoned)
 
 
 async def prune(
     engine: AsyncEngine,
-    older_than_days: int,
+    cutoff: datetime,
+    open_cutoff: datetime,
     batch_requests: int,
     dry_run: bool = False,
     partitions: bool = True,
 ) -> JobResult:
-    """Remove what is older than `older_than_days`; with `dry_run`, only count it.
+    """Remove the requests before `cutoff` (open ones: before `open_cutoff`); `dry_run` counts.
 
     On PostgreSQL the rows go first and the partitions after, so a prune cut
     short never leaves an attempt without its tokens (the gap check would
@@ -109,15 +135,20 @@ async def prune(
     by one. `partitions=False` deletes every token row, as on SQLite (the
     benchmark compares the two).
     """
-    cutoff = datetime.now(UTC) - timedelta(days=older_than_days)
-    counts = await _count(engine, cutoff)
-    found: dict[str, object] = {**counts, "cutoff": cutoff.isoformat()}
+    open_cutoff = min(cutoff, open_cutoff)
+    counts = await _count(engine, cutoff, open_cutoff)
+    open_kept, oldest_open = await _open_kept(engine, cutoff, open_cutoff)
+    found: dict[str, object] = {**counts, "cutoff": cutoff.isoformat(), "still_open": open_kept}
     if dry_run:
         return JobResult(rows=0, found=found, repaired={"dry_run": True})
     by_partition = partitions and engine.dialect.name == "postgresql"
-    # Tokens before `boundary` sit in partitions that are dropped whole.
-    boundary = datetime.combine(cutoff.date(), time(), UTC) if by_partition else None
-    requests, attempts, tokens = await _delete_rows(engine, cutoff, batch_requests, boundary)
+    # Tokens before `boundary` sit in partitions that are dropped whole: none of them is a
+    # token of a request kept, and a kept one's tokens are no older than it.
+    keep_from = min(cutoff, oldest_open or cutoff)
+    boundary = datetime.combine(keep_from.date(), time(), UTC) if by_partition else None
+    requests, attempts, tokens = await _delete_rows(
+        engine, _old_requests(cutoff, open_cutoff), batch_requests, boundary
+    )
     dropped: list[str] = []
     if boundary is not None:
         dropped = await _drop_partitions_before(engine, boundary)
@@ -133,13 +164,16 @@ async def prune(
 
 
 async def _delete_rows(
-    engine: AsyncEngine, cutoff: datetime, batch_requests: int, boundary: datetime | None
+    engine: AsyncEngine,
+    old: sa.Select[tuple[object]],
+    batch_requests: int,
+    boundary: datetime | None,
 ) -> tuple[int, int, int]:
-    """Delete old requests batch by batch: their tokens (from `boundary` on), attempts, them."""
+    """Delete `old` requests batch by batch: their tokens (from `boundary` on), attempts, them."""
     requests = attempts = tokens = 0
     while True:
         async with engine.begin() as conn:
-            ids = list((await conn.scalars(_old_requests(cutoff).limit(batch_requests))).all())
+            ids = list((await conn.scalars(old.limit(batch_requests))).all())
             if not ids:
                 return requests, attempts, tokens
             attempt_ids = sa.select(llm_attempts.c.id).where(llm_attempts.c.request_id.in_(ids))
@@ -170,9 +204,22 @@ async def _delete_default_before(engine: AsyncEngine, boundary: datetime, batch:
             return deleted
 
 
-async def _count(engine: AsyncEngine, cutoff: datetime) -> dict[str, int]:
+async def _open_kept(
+    engine: AsyncEngine, cutoff: datetime, open_cutoff: datetime
+) -> tuple[int, datetime | None]:
+    """The requests before `cutoff` still open, so kept: how many, and the oldest one's time."""
+    r = llm_requests.c
+    query = sa.select(sa.func.count(), sa.func.min(r.created_at)).where(
+        r.created_at < cutoff, r.created_at >= open_cutoff, r.status == "streaming"
+    )
+    async with engine.connect() as conn:
+        count, oldest = (await conn.execute(query)).one()
+    return int(count), utc(oldest)
+
+
+async def _count(engine: AsyncEngine, cutoff: datetime, open_cutoff: datetime) -> dict[str, int]:
     """What a prune at `cutoff` removes: requests, attempts and token rows."""
-    old = _old_requests(cutoff).subquery()
+    old = _old_requests(cutoff, open_cutoff).subquery()
     old_attempts = sa.select(llm_attempts.c.id).where(llm_attempts.c.request_id.in_(sa.select(old)))
     async with engine.connect() as conn:
         requests = await conn.scalar(sa.select(sa.func.count()).select_from(old))

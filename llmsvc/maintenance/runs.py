@@ -5,7 +5,7 @@ scheduled run first claims its slot (job, scheduled time) in
 `maintenance_slots`: with several daemons on one database, the one whose
 insert lands runs it and the others do nothing, even one that fires after the
 first has finished. While it runs, the job's lock is held — a PostgreSQL
-advisory lock, or a lock file beside a SQLite database — so a run by hand
+advisory lock, or a lock file in `<sqlite file>.locks/` — so a run by hand
 never overlaps a scheduled one.
 """
 
@@ -21,15 +21,14 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmsvc import private
 from llmsvc.logs import logger
+from llmsvc.store.engine import open_lock_file
 from llmsvc.store.schema import maintenance_runs, maintenance_slots
 
 log = logger(__name__)
@@ -136,8 +135,7 @@ async def job_lock(engine: AsyncEngine, job: str) -> AsyncIterator[bool]:
                     await conn.scalar(sa.select(sa.func.pg_advisory_unlock(key)))
                     await conn.commit()
         return
-    database = Path(engine.url.database or "llmsvc.db")
-    fd = private.open_file(f"{database}.job-{job}.lock", os.O_RDWR)
+    fd = open_lock_file(engine.url.database or "llmsvc.db", job)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

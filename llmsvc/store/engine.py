@@ -170,12 +170,12 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
 
 @contextlib.asynccontextmanager
 async def _migration_lock(engine: AsyncEngine) -> AsyncIterator[None]:
-    """SQLite: a lock file beside the database, waited for (PostgreSQL locks in the transaction)."""
+    """SQLite: a lock file by the database, waited for (PostgreSQL locks in the transaction)."""
     database = engine.url.database
     if engine.dialect.name != "sqlite" or not database or database == ":memory:":
         yield
         return
-    fd = private.open_file(f"{database}.migrate.lock", os.O_RDWR)
+    fd = open_lock_file(database, "migrate")
     try:
         while True:
             try:
@@ -186,6 +186,16 @@ async def _migration_lock(engine: AsyncEngine) -> AsyncIterator[None]:
         yield
     finally:
         os.close(fd)  # closing drops the flock
+
+
+def open_lock_file(database: str, name: str) -> int:
+    """The lock file `name` of a SQLite database, opened (created) for flock.
+
+    All of them sit in one private folder, `<database>.locks/`, so the
+    directory holding the database is not littered with one file per lock.
+    """
+    folder = private.make_dirs(Path(f"{database}.locks"))
+    return private.open_file(folder / f"{name}.lock", os.O_RDWR)
 
 
 async def schema_revision(engine: AsyncEngine) -> tuple[str | None, str]:

@@ -17,10 +17,19 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from store_steps import flush, journal_attempt
 
 from llmsvc.maintenance import backup as backups
-from llmsvc.maintenance.backup import BackupError, backup, backup_path, cleanup, list_backups
+from llmsvc.maintenance.backup import (
+    BackupError,
+    RestoreRefused,
+    backup,
+    backup_path,
+    cleanup,
+    list_backups,
+)
 from llmsvc.maintenance.runs import history, run_job
+from llmsvc.store import keys
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine
-from llmsvc.store.schema import llm_requests, llm_token_log
+from llmsvc.store.queries import provider_states, set_provider_enabled
+from llmsvc.store.schema import api_keys, llm_requests, llm_token_log
 from llmsvc.wal.segment import WalLock
 
 
@@ -72,7 +81,8 @@ async def test_restore_brings_back_the_backup_and_replays_the_wal_journaled_sinc
         await conn.execute(sa.text("DELETE FROM llm_attempts"))
         await conn.execute(sa.delete(llm_requests))
 
-    result = await backups.restore(engine, target, wal_dir, made.found["file"])
+    async with backups.exclusive(engine, wal_dir, force=False) as replay:
+        result = (await backups.restore(engine, target, wal_dir, made.found["file"], replay)).found
 
     assert await token_rows(engine) == everything  # both phases, each token once
     assert result["replayed"] == writer.end.lsn - 1 - made.found["checkpoints"][str(wal_id)]
@@ -90,12 +100,79 @@ async def test_restore_refuses_while_a_daemon_holds_the_wal_unless_forced(
     lock = WalLock(wal_dir)
     lock.acquire()
     try:
-        with pytest.raises(BackupError, match=r"refusing to restore: .*--force"):
-            await backups.restore(engine, target, wal_dir, made.found["file"])
-        forced = await backups.restore(engine, target, wal_dir, made.found["file"], force=True)
+        with pytest.raises(RestoreRefused, match=r"refusing to restore: .*--force"):
+            async with backups.exclusive(engine, wal_dir, force=False):
+                raise AssertionError("not refused")
+        async with backups.exclusive(engine, wal_dir, force=True) as replay:
+            forced = await backups.restore(engine, target, wal_dir, made.found["file"], replay)
     finally:
         lock.release()
-    assert forced["replay"] == "left to the running daemon's restart"
+    assert replay is False
+    assert forced.found["replay"] == "left to the running daemon's restart"
+
+
+async def test_restore_keeps_the_provider_switches_keys_and_teams_in_force(
+    engine: AsyncEngine, wal_dir: Path, tmp_path: Path
+) -> None:
+    """They are operational state, not data: a key revoked since must stay revoked."""
+    target = tmp_path / "backups"
+    await set_provider_enabled(engine, "openai", enabled=True)
+    await set_provider_enabled(engine, "mock", enabled=False)
+    await keys.create_team(engine, keys.TeamSpec(name="search", rpm=10))
+    leaked, _ = await keys.create_key(engine, keys.KeySpec(name="leaked", team="search"))
+    rotated, old_secret = await keys.create_key(engine, keys.KeySpec(name="rotated"))
+    made = await backup(engine, target)
+    # Since the backup: switches flipped, a key revoked, one rotated, one made, limits changed.
+    await set_provider_enabled(engine, "openai", enabled=False)
+    await set_provider_enabled(engine, "mock", enabled=True)
+    await keys.revoke_key(engine, "leaked")
+    _, new_secret = await keys.rotate_key(engine, "rotated")
+    fresh, _ = await keys.create_key(engine, keys.KeySpec(name="fresh"))
+    await keys.update_team(engine, "search", keys.TeamUpdate(rpm=5))
+    in_force = await keys.list_keys(engine), await keys.list_teams(engine)
+
+    async with backups.exclusive(engine, wal_dir, force=False) as replay:
+        result = await backups.restore(engine, target, wal_dir, made.found["file"], replay)
+
+    states = await provider_states(engine)
+    assert {name: row["enabled"] for name, row in states.items()} == {
+        "openai": False,
+        "mock": True,
+    }
+    assert (await keys.list_keys(engine), await keys.list_teams(engine)) == in_force
+    assert (await keys.show_key(engine, "leaked"))["state"] == "revoked"
+    async with engine.connect() as conn:
+        hashes = set((await conn.scalars(sa.select(api_keys.c.secret_hash))).all())
+    assert keys.secret_hash(new_secret) in hashes
+    assert keys.secret_hash(old_secret) not in hashes
+    assert result.found["kept"].startswith("the provider switches, keys and teams in force")
+    assert result.found["backup_had"] == {
+        "provider openai": "enabled",
+        "provider mock": "disabled",
+        f"key leaked ({leaked['id']})": "not revoked (revoked since)",
+        f"key rotated ({rotated['id']})": "its old secret (rotated since)",
+        f"key fresh ({fresh['id']})": "no such key (created since)",
+        "team search": "other limits",
+    }
+
+
+async def test_a_store_that_cannot_be_read_is_restored_with_the_backups_switches(
+    engine: AsyncEngine, wal_dir: Path, tmp_path: Path
+) -> None:
+    """The reason to restore may be that the store is broken: the restore goes on, and says so."""
+    target = tmp_path / "backups"
+    await set_provider_enabled(engine, "mock", enabled=False)
+    made = await backup(engine, target)
+    async with engine.begin() as conn:  # the store has lost them
+        for table in ("api_keys", "teams", "provider_status"):
+            await conn.exec_driver_sql(f"DROP TABLE {table}")
+
+    async with backups.exclusive(engine, wal_dir, force=False) as replay:
+        result = await backups.restore(engine, target, wal_dir, made.found["file"], replay)
+
+    assert result.found["kept"].startswith("nothing: the store could not be read")
+    assert "the backup's provider switches, keys and teams are in force" in result.found["kept"]
+    assert not (await provider_states(engine))["mock"]["enabled"]
 
 
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
@@ -103,13 +180,14 @@ async def test_restore_refuses_while_a_daemon_session_uses_the_database(
     engine: AsyncEngine, database_url: str, wal_dir: Path, tmp_path: Path
 ) -> None:
     target = tmp_path / "backups"
-    made = await backup(engine, target)
+    await backup(engine, target)
     daemon = create_engine(database_url, DAEMON_APPLICATION)  # as a daemon on another host
     try:
         async with daemon.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
-            with pytest.raises(BackupError, match="1 llmsvc daemon session"):
-                await backups.restore(engine, target, wal_dir, made.found["file"])
+            with pytest.raises(RestoreRefused, match="1 llmsvc daemon session"):
+                async with backups.exclusive(engine, wal_dir, force=False):
+                    raise AssertionError("not refused")
     finally:
         await daemon.dispose()
 

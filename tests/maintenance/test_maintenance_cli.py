@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -76,7 +77,7 @@ def test_backup_backups_and_restore_from_the_command_line(env: dict[str, str]) -
     assert runs == ["restore"]
 
 
-def test_restore_refuses_bad_names_with_exit_2_and_a_running_daemon_with_exit_1(
+def test_restore_refuses_bad_names_and_a_running_daemon_with_exit_2_said_once(
     env: dict[str, str],
 ) -> None:
     made = json.loads(ok(env, "backup", "--json"))["found"]["file"]
@@ -89,9 +90,14 @@ def test_restore_refuses_bad_names_with_exit_2_and_a_running_daemon_with_exit_1(
     with DaemonProcess(env) as daemon:
         refused = run_cli(env, "restore", made)
         assert daemon.stop() == 0
-    assert refused.returncode == 1
-    assert "refusing to restore" in refused.stdout
-    assert "use --force" in refused.stdout
+    assert refused.returncode == 2
+    assert refused.stdout == ""
+    assert refused.stderr.startswith("llmsvc: refusing to restore: an llmsvc daemon is running")
+    assert refused.stderr.count("refusing to restore") == 1
+    assert "--force" in refused.stderr
+    assert "Error" not in refused.stderr  # plain words, no exception's name
+    runs = json.loads(ok(env, "jobs", "--json"))
+    assert "restore" not in {job["job"] for job in runs}  # refused: nothing was run
 
 
 def test_prune_dry_run_counts_and_bad_arguments_exit_2(env: dict[str, str]) -> None:
@@ -99,9 +105,39 @@ def test_prune_dry_run_counts_and_bad_arguments_exit_2(env: dict[str, str]) -> N
     assert dry["status"] == "ok"
     assert dry["repaired"] == {"dry_run": True}
     assert dry["found"]["requests"] == 0
-    bad = run_cli(env, "prune", "--older-than", "0")
-    assert bad.returncode == 2
-    assert "--older-than must be at least 1" in bad.stderr
+    everything = json.loads(ok(env, "prune", "--older-than", "0", "--json"))
+    assert everything["status"] == "ok"
+    assert everything["repaired"]["requests"] == 0
+    before = json.loads(ok(env, "prune", "--dry-run", "--before", "2026-01-31", "--json"))
+    assert before["found"]["cutoff"] == "2026-01-31T00:00:00+00:00"  # naive: UTC
+    for args, message in (
+        (["--older-than", "-1"], "--older-than must be 0.."),
+        (["--before", "last tuesday"], "--before: 'last tuesday' is not an ISO 8601 date"),
+        (["--before", "2999-01-01"], "is in the future"),
+        (["--older-than", "1", "--before", "2026-01-31"], "not allowed with argument"),
+    ):
+        bad = run_cli(env, "prune", *args)
+        assert bad.returncode == 2, args
+        assert message in bad.stderr
+        assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+def test_a_prune_from_the_command_line_creates_the_token_partitions_ahead(
+    database_url: str, tmp_path: Path
+) -> None:
+    """As the scheduled job does: cron and timer deployments never run out of partitions."""
+    env = daemon_env(database_url, tmp_path / "wal", token_partition_ahead_days=20)
+    assert run_cli(env, "migrate").returncode == 0  # the migration creates 14 days ahead
+    dry = json.loads(ok(env, "prune", "--dry-run", "--json"))
+    done = json.loads(ok(env, "prune", "--json"))
+    again = json.loads(ok(env, "prune", "--json"))
+
+    today = datetime.now(UTC).date()
+    ahead = [f"llm_token_log_p{today + timedelta(days=n):%Y%m%d}" for n in range(15, 21)]
+    assert "partitions_created" not in dry["repaired"]  # a dry run changes nothing
+    assert done["repaired"]["partitions_created"] == ahead
+    assert again["repaired"]["partitions_created"] == []
 
 
 def test_a_bad_schedule_is_a_configuration_error_naming_the_setting(

@@ -21,6 +21,10 @@ from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 NOW = datetime.now(UTC)
 
 
+def ago(days: float) -> datetime:
+    return datetime.now(UTC) - timedelta(days=days)
+
+
 async def add_request(
     engine: AsyncEngine, age_days: float, tokens: int, status: str = "completed"
 ) -> uuid.UUID:
@@ -84,18 +88,18 @@ async def test_prune_removes_old_requests_with_their_attempts_and_tokens_in_batc
     never_ended = await add_request(engine, 300, 3, status="streaming")  # its daemon is gone
     recent = [await add_request(engine, 10, 4), await add_request(engine, 179, 2)]
 
-    dry = await prune(engine, 180, batch_requests=2, dry_run=True)
+    dry = await prune(engine, ago(180), ago(180), batch_requests=2, dry_run=True)
 
     assert (dry.found["requests"], dry.found["attempts"], dry.found["tokens"]) == (6, 6, 28)
     assert await contents(engine) == ({*old, never_ended, *recent}, 8, 34)
 
-    result = await prune(engine, 180, batch_requests=2)
+    result = await prune(engine, ago(180), ago(180), batch_requests=2)
 
     assert result.status == "ok"
     assert await contents(engine) == (set(recent), 2, 6)
     assert (result.repaired["requests"], result.repaired["attempts"]) == (6, 6)
     assert result.rows == 6 + 6 + 28
-    again = await prune(engine, 180, batch_requests=2)
+    again = await prune(engine, ago(180), ago(180), batch_requests=2)
     assert again.rows == 0
 
 
@@ -103,10 +107,31 @@ async def test_a_shorter_cut_off_removes_more(engine: AsyncEngine) -> None:
     recent = await add_request(engine, 1, 2)
     week_old = await add_request(engine, 8, 2)
 
-    await prune(engine, 7, batch_requests=100)
+    await prune(engine, ago(7), ago(180), batch_requests=100)
 
     assert (await contents(engine))[0] == {recent}
     assert week_old not in (await contents(engine))[0]
+
+
+async def test_a_cut_off_of_now_removes_every_request_that_ended_and_none_still_open(
+    engine: AsyncEngine,
+) -> None:
+    """`--older-than 0`: all that has ended goes; a stream in flight keeps its rows."""
+    ended = [
+        await add_request(engine, 0.0001, 2),
+        await add_request(engine, 0.1, 2, status="failed"),
+        await add_request(engine, 0.2, 0, status="interrupted"),
+    ]
+    in_flight = await add_request(engine, 0.0001, 3, status="streaming")
+    abandoned = await add_request(engine, 200, 3, status="streaming")  # past retention_days
+
+    dry = await prune(engine, ago(0), ago(180), batch_requests=2, dry_run=True)
+    result = await prune(engine, ago(0), ago(180), batch_requests=2)
+
+    assert (dry.found["requests"], dry.found["still_open"]) == (4, 1)
+    assert await contents(engine) == ({in_flight}, 1, 3)
+    assert {*ended, abandoned}.isdisjoint((await contents(engine))[0])
+    assert result.repaired["requests"] == 4
 
 
 def _days_ago(n: int) -> date:
@@ -128,7 +153,7 @@ async def test_partitions_are_created_ahead_and_dropped_whole_past_the_cut_off(
     lonely = await add_request(engine, 190, 2)
 
     created = await ensure_partitions(engine, 20)  # the migration made today's and 14 more
-    result = await prune(engine, 180, batch_requests=10)
+    result = await prune(engine, ago(180), ago(180), batch_requests=10)
 
     assert created == [partition_name(NOW.date() + timedelta(days=n)) for n in range(15, 21)]
     assert await ensure_partitions(engine, 20) == []
@@ -150,3 +175,22 @@ async def test_partitions_are_created_ahead_and_dropped_whole_past_the_cut_off(
 @pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
 async def test_sqlite_has_no_partitions_to_create(engine: AsyncEngine) -> None:
     assert await ensure_partitions(engine, 14) == []
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_a_partition_holding_tokens_of_a_request_still_open_is_not_dropped(
+    engine: AsyncEngine,
+) -> None:
+    async with engine.begin() as conn:
+        for n in (5, 3):
+            await create_partition(conn, _days_ago(n))
+    ended = await add_request(engine, 5, 3)
+    still_open = await add_request(engine, 3, 4, status="streaming")  # not yet past retention
+
+    result = await prune(engine, ago(0), ago(180), batch_requests=10)
+
+    assert result.repaired["partitions_dropped"] == [partition_name(_days_ago(5))]
+    async with engine.connect() as conn:
+        assert _days_ago(3) in await partition_days(conn)
+    assert await contents(engine) == ({still_open}, 1, 4)
+    assert ended not in (await contents(engine))[0]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import stat
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -140,3 +143,28 @@ async def test_a_run_while_another_holds_the_jobs_lock_is_skipped_and_stored(
 async def test_different_jobs_do_not_share_a_lock(engine: AsyncEngine, job: str) -> None:
     async with job_lock(engine, "gap-scan") as first, job_lock(engine, job) as second:
         assert (first, second) == (True, True)
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_sqlite_job_locks_sit_in_one_private_folder_not_beside_the_database(
+    engine: AsyncEngine, tmp_path: Path
+) -> None:
+    async def job() -> JobResult:
+        return JobResult()
+
+    for name in ("prune", "backup", "gap-scan"):
+        await run_job(engine, name, job, None)
+    instance = uuid.uuid4()
+    await run_job(engine, "wal-housekeeping", job, instance, own_instance=True)
+
+    beside = os.listdir(tmp_path)
+    assert [name for name in beside if "lock" in name] == ["llmsvc.db.locks"]
+    locks = tmp_path / "llmsvc.db.locks"
+    assert stat.S_IMODE(os.stat(locks).st_mode) == 0o700
+    assert sorted(os.listdir(locks)) == [
+        "backup.lock",
+        "gap-scan.lock",
+        "migrate.lock",  # the fixture's migration's
+        "prune.lock",
+        f"wal-housekeeping-{instance}.lock",
+    ]
