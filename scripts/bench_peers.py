@@ -50,8 +50,10 @@ from typing import Any
 import aiohttp
 import uvloop
 from bench import (
+    EDGE,
     MODEL,
     PACKAGES,
+    TOKEN_MARK,
     Endpoint,
     Proc,
     Raw,
@@ -97,7 +99,19 @@ class Gateway:
 
     name: str
     endpoint: Endpoint
-    pid: int
+    proc: Proc
+    group: bool  # a peer runs in a session of its own: signals go to its whole group
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def terminate(self) -> None:
+        """SIGTERM, as a service manager stops it (systemd signals the whole group)."""
+        if self.group:
+            os.killpg(self.pid, signal.SIGTERM)
+        else:
+            os.kill(self.pid, signal.SIGTERM)
 
 
 def descendants(root: int) -> list[int]:
@@ -187,15 +201,14 @@ def spawn_peer(tmp: Path, peer: Peer, upstream_url: str) -> tuple[Proc, dict[str
 
 
 def stop_group(proc: Proc) -> None:
-    """SIGTERM to the peer's process group, then SIGKILL if it lingers."""
-    if proc.popen.poll() is not None:
-        return
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.popen.wait(20)
-    except subprocess.TimeoutExpired:
+    """SIGTERM to the peer's process group, then SIGKILL to whatever of it lingers."""
+    if proc.popen.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.popen.wait(20)
+    with contextlib.suppress(ProcessLookupError):  # the group is gone: nothing lingers
         os.killpg(proc.pid, signal.SIGKILL)
-        proc.popen.wait(10)
+    proc.popen.wait(10)
 
 
 async def wait_serving(proc: Proc, ep: Endpoint, limit_s: float = 180) -> None:
@@ -298,6 +311,69 @@ async def phase_stream_cpu(
 
 
 @dataclass
+class Watched:
+    """What a client got from one stream its gateway was told to stop during."""
+
+    tokens: int
+    ending: str  # "done" ([DONE] arrived), "error_event" (an SSE error), "cut" (neither)
+
+
+async def watch_stream(ep: Endpoint, body: bytes) -> Watched:
+    tokens, tail, last = 0, b"", bytearray()
+    with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+        async with ep.session.post(ep.url, data=body) as resp:
+            async for chunk in resp.content.iter_any():
+                tokens += chunk.count(TOKEN_MARK) + (tail + chunk[:EDGE]).count(TOKEN_MARK)
+                tail = (tail + chunk)[-EDGE:]
+                last = (last + chunk)[-4096:]
+    if last.rstrip().endswith(b"data: [DONE]"):
+        return Watched(tokens, "done")
+    return Watched(tokens, "error_event" if b'"error"' in last else "cut")
+
+
+async def phase_sigterm(
+    gateways: list[Gateway], database_url: str, streams: int, tokens: int, after_s: float
+) -> dict[str, Any]:
+    """Each gateway in turn: `streams` long streams, SIGTERM `after_s` into them, and what
+    each client then got; for llmsvc also how many of the tokens sent are stored."""
+    out: dict[str, Any] = {
+        "streams": streams,
+        "tokens_per_reply": tokens,
+        "sigterm_after_s": after_s,
+    }
+    body = chat_body(MODEL, tokens, stream=True)
+    rows = await open_token_rows(database_url)
+    try:
+        for g in gateways:
+            since = datetime.now(UTC)
+            watching = [asyncio.create_task(watch_stream(g.endpoint, body)) for _ in range(streams)]
+            await asyncio.sleep(after_s)
+            t0 = time.perf_counter()
+            g.terminate()
+            try:
+                code: int | None = await asyncio.to_thread(g.proc.popen.wait, 120)
+            except subprocess.TimeoutExpired:
+                code = None
+            exit_s = time.perf_counter() - t0
+            got = await asyncio.gather(*watching)
+            entry: dict[str, Any] = {
+                "exit_code": code,
+                "exit_s_after_sigterm": round(exit_s, 2),
+                "streams_by_ending": {
+                    e: sum(w.ending == e for w in got) for e in ("done", "error_event", "cut")
+                },
+                "tokens_received": sum(w.tokens for w in got),
+            }
+            if g.name == LLMSVC:
+                entry["tokens_stored"] = await rows.count_since(since)
+            log(f"sigterm {g.name}: {entry}")
+            out[g.name] = entry
+    finally:
+        await rows.close()
+    return out
+
+
+@dataclass
 class Sessions:
     """Every client session of the run, closed together."""
 
@@ -338,15 +414,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             direct = Endpoint("direct", _url(up), sessions.new({}), MODEL)
             gateways = [
                 Gateway(
-                    LLMSVC,
-                    Endpoint(LLMSVC, _url(daemon), sessions.new({}), MODEL),
-                    daemon.pid,
+                    LLMSVC, Endpoint(LLMSVC, _url(daemon), sessions.new({}), MODEL), daemon, False
                 )
             ]
             for proc, headers in started:
                 ep = Endpoint(proc.name, _url(proc), sessions.new(headers), MODEL)
                 await wait_serving(proc, ep)
-                gateways.append(Gateway(proc.name, ep, proc.pid))
+                gateways.append(Gateway(proc.name, ep, proc, True))
             log("all serving: " + ", ".join(f"{g.name} pid {g.pid}" for g in gateways))
             for ep in (direct, *(g.endpoint for g in gateways)):  # warm every path
                 for _ in range(30):
@@ -362,6 +436,10 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 args.stream_tokens,
                 args.streams_per_worker,
             )
+            if args.sigterm_streams > 0:  # last: it stops every gateway
+                report["sigterm_mid_stream"] = await phase_sigterm(
+                    gateways, database_url, args.sigterm_streams, args.sigterm_tokens, 1.0
+                )
         finally:
             await sessions.close()
             for proc, _ in started:
@@ -383,6 +461,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--token-delay-ms", type=float, default=1.0, help="upstream pacing")
     p.add_argument("--stream-concurrency", type=int, default=16)
     p.add_argument("--stream-tokens", type=int, default=200, help="tokens per streamed reply")
+    p.add_argument("--sigterm-streams", type=int, default=4, help="0 skips the SIGTERM phase")
+    p.add_argument("--sigterm-tokens", type=int, default=3000, help="tokens per such stream")
     p.add_argument("--tmp-dir", default=None, help="where the WAL and SQLite files go")
     args = p.parse_args(argv)
     args.rounds = args.rounds or (1 if args.quick else 5)
