@@ -16,8 +16,9 @@ The upstream paces streamed tokens (1 ms each by default), so every token arrive
 own read, as from a real provider, and per-token costs cannot hide in big batches.
 Ratios are medians of per-round ratios, so a noisy shared machine hurts each side alike.
 
-A peer command may use `{port}` (a free port it must listen on) and `{upstream}` (the
-upstream's base URL, also in the environment as BENCH_UPSTREAM_URL, for config files);
+A peer command may use `{port}` (a free port it must listen on), `{upstream}` (the
+upstream's base URL, also in the environment as BENCH_UPSTREAM_URL, for config files) and
+`{upstream_port}`;
 `--header NAME=FIELD:VALUE` adds a header to each request sent to that peer. Header values
 are not recorded in the report.
 
@@ -27,7 +28,8 @@ Usage:
         --header 'litellm=Authorization:Bearer KEY' --version litellm=1.2.3 \\
         --peer 'portkey=node /path/start-server.js --port={port} --headless' \\
         --header 'portkey=x-portkey-provider:openai' \\
-        --header 'portkey=x-portkey-custom-host:{upstream}'
+        --header 'portkey=x-portkey-custom-host:{upstream}' \\
+        --peer 'relay=python scripts/relay_floor.py --port {port} --upstream-port {upstream_port}'
 """
 
 from __future__ import annotations
@@ -180,10 +182,10 @@ def peers_from(args: argparse.Namespace) -> list[Peer]:
     return list(peers.values())
 
 
-def spawn_peer(tmp: Path, peer: Peer, upstream_url: str) -> tuple[Proc, dict[str, str]]:
+def spawn_peer(tmp: Path, peer: Peer, upstream_port: int) -> tuple[Proc, dict[str, str]]:
     """Start a peer in its own session (so its whole group can be stopped); its headers."""
-    port = free_port()
-    fill = {"port": str(port), "upstream": upstream_url}
+    port, upstream_url = free_port(), f"http://127.0.0.1:{upstream_port}/v1"
+    fill = {"port": str(port), "upstream": upstream_url, "upstream_port": str(upstream_port)}
     command = [part.format(**fill) for part in shlex.split(peer.command)]
     env = {**os.environ, "BENCH_UPSTREAM_URL": upstream_url}
     logfile = tmp / f"{peer.name}.log"
@@ -402,14 +404,13 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     sessions = Sessions()
     with processes() as procs:
         procs.append(up := spawn_upstream(tmp, "upstream", args.token_delay_ms))
-        upstream_url = f"http://127.0.0.1:{up.port}/v1"
         database_url = f"sqlite:///{tmp / 'llmsvc.db'}"
         daemon = spawn_daemon(tmp, database_url, [_provider("fast", up, MODEL)])
         procs.append(daemon)
         started: list[tuple[Proc, dict[str, str]]] = []
         try:
             for peer in peers:
-                started.append(spawn_peer(tmp, peer, upstream_url))
+                started.append(spawn_peer(tmp, peer, up.port))
             await wait_ready(daemon)
             direct = Endpoint("direct", _url(up), sessions.new({}), MODEL)
             gateways = [
