@@ -293,7 +293,8 @@ async def phase_stream_cpu(
             for g in gateways:
                 if g.name != LLMSVC:
                     theirs = raw[f"{g.name}_cpu_us_per_token"][-1]
-                    add(raw, f"{g.name}_over_llmsvc_cpu_per_token", theirs / ours)
+                    ratio = theirs / ours if ours > 0 else None  # CPU comes in 10 ms ticks
+                    add(raw, f"{g.name}_over_llmsvc_cpu_per_token", ratio)
             log(
                 f"stream cpu round {r + 1}/{rounds}: "
                 + ", ".join(
