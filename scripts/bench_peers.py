@@ -44,10 +44,11 @@ import signal
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import uvloop
@@ -164,21 +165,22 @@ def split_pair(text: str) -> tuple[str, str]:
     return name, rest
 
 
-def peers_from(args: argparse.Namespace) -> list[Peer]:
+def peers_from(args: argparse.Namespace, error: Callable[[str], NoReturn]) -> list[Peer]:
+    """The peers the arguments describe; `error` reports a bad one (argparse: exit 2)."""
     peers = {name: Peer(name, command) for name, command in args.peer}
     for kind, pairs in (("header", args.header), ("version", args.version)):
         for name, value in pairs:
             if name not in peers:
-                raise SystemExit(f"bench_peers: --{kind} for {name!r}, which is no --peer")
+                error(f"--{kind} for {name!r}, which is no --peer")
             if kind == "version":
                 peers[name].version = value
                 continue
             field_name, sep, field_value = value.partition(":")
             if not sep:
-                raise SystemExit(f"bench_peers: --header {name}={value!r} needs FIELD:VALUE")
+                error(f"--header {name}={value!r} needs FIELD:VALUE")
             peers[name].headers[field_name.strip()] = field_value.strip()
     if LLMSVC in peers or "direct" in peers:
-        raise SystemExit("bench_peers: 'llmsvc' and 'direct' name the built-in endpoints")
+        error("'llmsvc' and 'direct' name the built-in endpoints: choose another --peer name")
     return list(peers.values())
 
 
@@ -392,7 +394,7 @@ class Sessions:
 
 
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    peers = peers_from(args)
+    peers: list[Peer] = args.peers
     report: dict[str, Any] = {
         "benchmark": "scripts/bench_peers.py",
         "machine": machine_info(tmp, PACKAGES),
@@ -467,6 +469,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--sigterm-tokens", type=int, default=3000, help="tokens per such stream")
     p.add_argument("--tmp-dir", default=None, help="where the WAL and SQLite files go")
     args = p.parse_args(argv)
+    args.peers = peers_from(args, p.error)
     args.rounds = args.rounds or (1 if args.quick else 5)
     args.latency_n = 30 if args.quick else 300
     args.streams_per_worker = 1 if args.quick else 8
