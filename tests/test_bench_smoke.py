@@ -154,3 +154,35 @@ def test_the_keys_and_rate_limit_modes_run_and_report_their_figures(
             assert run[part]["accepted"] + run[part]["refused_429"] == run[part]["offered"]
         assert run["window"]["refused_429"] > 0  # 3x the rate: some are refused
         assert len(run["stored_by_worker"]) == 2  # both workers served
+
+
+def test_the_peer_comparison_runs_and_reports_its_figures(tmp_path: Path) -> None:
+    """scripts/bench_peers.py with the repository's own relay as the one peer."""
+    out = tmp_path / "peers.json"
+    scripts = SCRIPT.parent
+    relay = f"relay={sys.executable} {scripts / 'relay_floor.py'} --port {{port}}"
+    cmd = [sys.executable, str(scripts / "bench_peers.py"), "--quick", "--out", str(out)]
+    cmd += ["--tmp-dir", str(tmp_path), "--peer", relay + " --upstream-port {upstream_port}"]
+    cmd += ["--stream-concurrency", "2", "--stream-tokens", "20"]
+    # a stream of 1,500 tokens at >= 1 ms each is still open when SIGTERM comes at 1 s
+    cmd += ["--sigterm-streams", "1", "--sigterm-tokens", "1500"]
+    res = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
+    report = json.loads(out.read_text())
+
+    assert sorted(report["peers"]) == ["relay"]
+    latency = report["latency_nonstream_c1"]
+    for key in ("direct_p50_ms", "llmsvc_p50_ms", "relay_p50_ms"):
+        assert positive(latency[key]), key
+    assert isinstance(latency["llmsvc_added_p50_ms"], float)
+    assert "relay_over_llmsvc_added_p50" in latency
+    cpu = report["stream_cpu"]
+    assert non_negative(cpu["llmsvc_cpu_us_per_token"])  # CPU comes in 10 ms ticks: maybe 0
+    assert positive(cpu["relay_tokens_per_s"])
+    stopped = report["sigterm_mid_stream"]
+    ours, relay_got = stopped["llmsvc"], stopped["relay"]
+    assert ours["exit_code"] == 0
+    assert ours["streams_by_ending"] == {"done": 1, "error_event": 0, "cut": 0}
+    assert ours["tokens_received"] == ours["tokens_stored"] == 1500
+    assert relay_got["streams_by_ending"]["cut"] == 1
+    assert relay_got["tokens_received"] < 1500
