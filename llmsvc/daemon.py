@@ -118,6 +118,8 @@ class Daemon:
         self.notifier = Notifier(*systemd_environment())
         self.stopping = asyncio.Event()
         self.fatal: WalFatal | None = None
+        self.failure: str | None = None  # why the boot failed
+        self.stop_reason = "stopped"  # the signal that stopped it, once one has
         self.lock = WalLock(settings.wal_dir)
         self.providers: dict[str, Provider] = {}
         self.catch_up = CatchUp(self.notifier.status)
@@ -125,7 +127,10 @@ class Daemon:
         self._flush_to: Position | None = None  # where the flusher stops until the catch-up ends
 
     async def run(self) -> int:
-        """Boot, serve until a signal or a fatal WAL error, shut down; return the exit code."""
+        """Boot, serve until a signal or a fatal WAL error, shut down; return the exit code.
+
+        The last log line says the exit code and why, whatever ended the daemon.
+        """
         self.booting = anyio.CancelScope()
         try:
             async with anyio.create_task_group() as signals:
@@ -140,16 +145,32 @@ class Daemon:
                         signals.start_soon(self.metrics.watch_loop)
                         signals.start_soon(self._watch)
                         await self.stopping.wait()
+                except Exception as exc:  # the port in use, the WAL locked, a bug: undo the boot
+                    self.failure = f"boot failed: {_describe(exc)}"
+                    known = isinstance(exc, LlmsvcError | OSError)  # else a bug: keep the trace
+                    log.error("%s", self.failure, exc_info=None if known else exc)
                 finally:
                     self.notifier.stopping("stopping: finishing open requests")
                     await self.shutdown()
                     signals.cancel_scope.cancel()
                     self.notifier.close()
-        except BaseExceptionGroup as group:  # a boot failure, wrapped by the task group
+        except BaseExceptionGroup as group:  # a bug in a watching task, wrapped by the group
             if len(group.exceptions) == 1:
                 raise group.exceptions[0] from None
             raise
-        return EXIT_FATAL if self.fatal else EXIT_OK
+        code, reason = self._outcome()
+        log.log(
+            logging.ERROR if code else logging.INFO, "shutdown: done", exit_code=code, reason=reason
+        )
+        return code
+
+    def _outcome(self) -> tuple[int, str]:
+        """The exit code and its reason: a failed boot, a fatal WAL error, or the signal."""
+        if self.failure is not None:
+            return EXIT_FATAL, self.failure
+        if self.fatal is not None:
+            return EXIT_FATAL, f"fatal WAL error: {self.fatal}"
+        return EXIT_OK, self.stop_reason
 
     async def boot(self) -> None:
         """Up to serving, from local state only; the database is the catch-up's (`_catch_up`)."""
@@ -677,7 +698,6 @@ class Daemon:
             with _step("database closed"):
                 await self._close_pools()
         self.lock.release()
-        log.info("shutdown: done", exit_code=EXIT_FATAL if self.fatal else EXIT_OK)
 
     async def _end_catch_up(self, deadline: float) -> None:
         """Let the catch-up go on until `deadline` while the database answers; else stop it."""
@@ -760,15 +780,25 @@ class Daemon:
             async for signum in signals:
                 name = signal.Signals(signum).name
                 if self.stopping.is_set():
-                    log.warning("second %s: exiting now; the WAL keeps what was journaled", name)
+                    reason = f"second {name}: exiting now; the WAL keeps what was journaled"
+                    log.error("shutdown: done", exit_code=EXIT_FATAL, reason=reason)
                     os._exit(EXIT_FATAL)
+                self.stop_reason = f"{name} received"
                 if self.supervisor is not None and os.getppid() != self.supervisor:
                     self.orphaned = True
+                    self.stop_reason = f"{name} received, the supervisor is gone"
                     log.warning("%s received, the supervisor is gone: stopping without grace", name)
                 else:
                     log.info("%s received: shutting down", name)
                 self.stopping.set()
                 self.booting.cancel()  # no effect once booted
+
+
+def _describe(exc: Exception) -> str:
+    """An error as an operator reads it: llmsvc's own by its message, others with their type."""
+    if isinstance(exc, LlmsvcError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _tune_gc() -> None:

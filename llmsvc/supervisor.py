@@ -23,7 +23,8 @@ drain and exits 0, or 1 if one did not exit cleanly. A second signal is
 forwarded too: the workers exit at once, as a single daemon does, and so
 (exit 1) does the supervisor once they are gone.
 A worker that fails before all were first ready is a boot failure: the others
-are stopped and the supervisor exits 1, as a single daemon's boot would.
+are stopped and the supervisor exits 1, as a single daemon's boot would. Its
+last log line, like a daemon's, says the exit code and why.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import logging
 import os
 import secrets
 import select
@@ -73,6 +75,7 @@ HURRY_SECONDS = 5.0  # after a second signal: how long workers get to exit befor
 REPLAY_SECONDS = 5.0  # one try at the WALs no worker owns, and the pause before the next
 ORPHAN_SECONDS = 5.0  # how long a crashed supervisor's worker gets to exit, per signal
 PR_SET_PDEATHSIG = 1
+# The last line of `llmsvc run`, a supervisor's or a single daemon's, whatever ended it.
 UCRED = struct.Struct("iII")  # struct ucred: the sender's pid, uid, gid
 
 
@@ -139,21 +142,12 @@ class Supervisor:
         """Boot, keep the workers running until a signal, drain them; return the exit code."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
-        self.lock.acquire()
         try:
-            self.unowned = self._unowned_wal_dirs()
-            if self.unowned:
-                self.notifier.status("booting: replaying the WALs no worker owns")
-                self._replay_unowned()
-            self.holder = self._hold_port()
-            self.port: int = self.holder.getsockname()[1]
-            log.info("boot: port held", host=self.settings.host, port=self.port)
-            for index in range(self.settings.workers):
-                self.workers.append(self._slot(index))
-            for worker in self.workers:
-                if not self.signals:  # a signal during the replay stops the boot here
-                    self._stop_orphan(worker)
-                    self._start(worker)
+            try:
+                self._boot()
+            except (LlmsvcError, OSError) as exc:  # the port in use, the WAL dir locked
+                self.failed = f"boot failed: {exc}"
+                log.error("%s", self.failed)
             while not self.signals and self.failed is None:
                 self._cycle()
             return self._shutdown()
@@ -164,6 +158,23 @@ class Supervisor:
                 self.holder.close()
             self.notifier.close()
             self.lock.release()
+
+    def _boot(self) -> None:
+        """Lock, replay the WALs no worker owns, hold the port, start the workers."""
+        self.lock.acquire()
+        self.unowned = self._unowned_wal_dirs()
+        if self.unowned:
+            self.notifier.status("booting: replaying the WALs no worker owns")
+            self._replay_unowned()
+        self.holder = self._hold_port()
+        self.port: int = self.holder.getsockname()[1]
+        log.info("boot: port held", host=self.settings.host, port=self.port)
+        for index in range(self.settings.workers):
+            self.workers.append(self._slot(index))
+        for worker in self.workers:
+            if not self.signals:  # a signal during the replay stops the boot here
+                self._stop_orphan(worker)
+                self._start(worker)
 
     def _replay_unowned(self) -> None:
         """Replay the WALs no worker owns (a change of `workers` left them), for a while.
@@ -390,7 +401,17 @@ class Supervisor:
             if worker.proc is None and worker.ever_ready:
                 log.warning("shutdown: %s was down; its next start replays its WAL", worker.name)
         code = EXIT_OK if clean else EXIT_FATAL
-        log.info("shutdown: done", exit_code=code)
+        if self.failed is not None:
+            reason = self.failed
+        elif clean:
+            reason = f"{self._signal.name} received"
+        elif self.signals > 1:
+            reason = "second signal: workers told to exit now"
+        else:
+            reason = "a worker did not exit cleanly"
+        log.log(
+            logging.ERROR if code else logging.INFO, "shutdown: done", exit_code=code, reason=reason
+        )
         return code
 
     def _on_signal(self, signum: int, _frame: FrameType | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import re
 import signal
+import socket
 import time
 import tomllib
 from importlib.metadata import version
@@ -121,11 +122,30 @@ def test_a_second_daemon_on_the_same_wal_dir_fails_fast(env: dict[str, str]) -> 
     assert took < 10  # it gave up at once, it did not wait for the lock
     holder = first.proc.pid if first.proc else None
     wal_dir = re.escape(env["LLMSVC_WAL_DIR"])
-    # What the operator reads: one `llmsvc:` line naming the directory and the lock holder.
+    # What the operator reads last: the exit code, and the directory and the lock holder.
     assert re.search(
-        rf"^llmsvc: the WAL directory {wal_dir} is in use .*\(pid {holder}\)", second.log, re.M
+        rf"shutdown: done exit_code=1 reason=boot failed: the WAL directory {wal_dir} is in use "
+        rf".*\(pid {holder}\)",
+        second.log.splitlines()[-1],
     ), second.log
+    assert "exit_code=0" not in second.log, second.log
     assert "Traceback" not in second.log, second.log
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_port_in_use_exits_1_and_the_last_line_says_so(env: dict[str, str], workers: int) -> None:
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        result = run_cli({**env, "LLMSVC_PORT": str(port), "LLMSVC_WORKERS": str(workers)}, "run")
+    assert result.returncode == 1, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert re.search(
+        rf"ERROR (llmsvc\.daemon|supervisor llmsvc\.supervisor) shutdown: done exit_code=1 "
+        rf"reason=boot failed: cannot listen on 127\.0\.0\.1:{port} \(.*in use",
+        last,
+    ), result.stderr
+    assert "exit_code=0" not in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize(
@@ -190,6 +210,8 @@ def test_sigterm_interrupts_a_stream_after_the_grace(env: dict[str, str], sqlite
     assert not isinstance(slow.error, openai.APIConnectionError)  # an error event, not a cut
     assert "shut down" in slow.error.message
     assert "open requests interrupted count=1" in daemon.log
+    last = daemon.log.splitlines()[-1]
+    assert last.endswith("INFO llmsvc.daemon shutdown: done exit_code=0 reason=SIGTERM received")
 
     store = read_store(sqlite_url)
     request = store.request(slow.request_id)

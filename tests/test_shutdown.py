@@ -164,7 +164,8 @@ def test_a_second_sigterm_exits_at_once_and_the_restart_loses_nothing(
         took = time.monotonic() - second
     assert code == 1, daemon.log
     assert took < 5  # not the 60 s grace
-    assert "second SIGTERM: exiting now" in daemon.log
+    last = daemon.log.splitlines()[-1]
+    assert "shutdown: done exit_code=1 reason=second SIGTERM: exiting now" in last, daemon.log
 
     with DaemonProcess(env) as again:
         assert again.stop() == 0, again.log

@@ -1,4 +1,4 @@
-"""The systemd notify protocol on a real unix datagram socket, and the unit file.
+"""The systemd notify protocol on a real unix datagram socket (the units: tests/test_units.py).
 
 The test plays systemd: it binds the socket (a path, or a name in the abstract
 namespace written with a leading `@`), starts a real `llmsvc run` with
@@ -8,8 +8,6 @@ NOTIFY_SOCKET and WATCHDOG_USEC set, and reads what the daemon says.
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import time
 import urllib.request
@@ -135,35 +133,3 @@ def test_the_watchdog_keeps_pinging_while_the_flusher_hangs_and_the_stall_is_log
     assert health["reason"].startswith("the database has not answered for ")
     assert health["database"]["connected"] is False
     assert "watchdog: not telling systemd" not in daemon.log
-
-
-def test_the_unit_file_verifies(tmp_path: Path) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed here")
-    unit = (REPO / "systemd" / "llmsvc.service").read_text()
-    for needed in (
-        "Type=notify",
-        "WatchdogSec=",
-        "Restart=on-failure",
-        "KillMode=mixed",
-        "StateDirectory=",
-        "LogsDirectory=",
-        "EnvironmentFile=",
-        "ProtectSystem=strict",
-        "NoNewPrivileges=yes",
-        "PrivateTmp=yes",
-    ):
-        assert needed in unit
-    stop = int(unit.split("TimeoutStopSec=")[1].split()[0])
-    assert stop > 20 + 30 + 45  # the defaults' grace and drain, and a supervisor's margin
-    (tmp_path / "llmsvc.service").write_text(
-        unit.replace("/opt/llmsvc/venv/bin/llmsvc", str(LLMSVC))
-    )
-    done = subprocess.run(
-        [analyze, "verify", str(tmp_path / "llmsvc.service")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr

@@ -189,7 +189,7 @@ def test_failed_fsync_exits_1_and_the_restart_recovers_every_received_token(
     assert code == 1, log
     assert INJECTED in log, log
     assert re.search(FSYNC_FAILED, log), log
-    assert "shutdown: done exit_code=1" in log, log
+    assert "shutdown: done exit_code=1 reason=fatal WAL error: wal: " in log, log
     assert "Traceback" not in log, log
     seen = [item for client in clients for item in client.seen]
     cut = [item for item in seen if not item.finished]

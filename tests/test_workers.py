@@ -203,6 +203,8 @@ def test_sigterm_drains_every_worker_and_exits_0(
     assert set(where.values()) == {0, 1}
     assert "shutdown: worker-0 exited code=0" in daemon.log
     assert "shutdown: worker-1 exited code=0" in daemon.log
+    last = daemon.log.splitlines()[-1]
+    assert last.endswith("supervisor shutdown: done exit_code=0 reason=SIGTERM received"), last
 
 
 def test_a_second_signal_exits_at_once_and_the_next_start_replays(
@@ -214,6 +216,8 @@ def test_a_second_signal_exits_at_once_and_the_next_start_replays(
         daemon.wait_for_log(r"SIGTERM received: stopping the workers")
         daemon.signal(signal.SIGTERM)
         assert daemon.wait() == 1, daemon.log
+        last = daemon.log.splitlines()[-1]
+        assert "supervisor shutdown: done exit_code=1 reason=second signal" in last, daemon.log
         for stream in streams:
             stream.wait_done()
     with DaemonProcess(env) as again:
@@ -470,6 +474,9 @@ def test_a_worker_that_cannot_boot_fails_the_start_with_exit_1(
     assert "boot: worker-1 exited before it was ready code=1; stopping" in daemon.log
     assert "ready host=" not in daemon.log
     assert "shutdown: worker-0 exited code=0" in daemon.log
+    assert "worker-1 llmsvc.daemon shutdown: done exit_code=1 reason=boot failed: " in daemon.log
+    last = daemon.log.splitlines()[-1]
+    assert last.endswith("supervisor shutdown: done exit_code=1 reason=worker-1 failed to boot")
 
 
 def test_a_worker_that_stops_pinging_its_watchdog_is_killed_and_replaced(

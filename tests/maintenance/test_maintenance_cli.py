@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sqlite3
 import subprocess
 from datetime import UTC, datetime, timedelta
@@ -169,22 +168,3 @@ def test_the_cron_scripts_exit_0_when_done_and_non_zero_on_failure(
         os.chmod(tmp_path, 0o700)
     assert failed.returncode != 0
     assert "llmsvc:" in failed.stderr
-
-
-@pytest.mark.parametrize("unit", ["llmsvc-backup", "llmsvc-prune"])
-def test_the_timer_units_verify(tmp_path: Path, unit: str) -> None:
-    analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed here")
-    for suffix in (".service", ".timer"):
-        text = (REPO / "systemd" / f"{unit}{suffix}").read_text()
-        (tmp_path / f"{unit}{suffix}").write_text(
-            text.replace("/opt/llmsvc/venv/bin/llmsvc", str(LLMSVC))
-        )
-    done = subprocess.run(
-        [analyze, "verify", str(tmp_path / f"{unit}.timer"), str(tmp_path / f"{unit}.service")],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
