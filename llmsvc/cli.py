@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,7 +31,14 @@ from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_r
 from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store import keys
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
-from llmsvc.store.engine import create_engine, describe_error, schema_revision, upgrade_to_head
+from llmsvc.store.engine import (
+    Access,
+    create_engine,
+    describe_error,
+    schema_revision,
+    sqlite_path,
+    upgrade_to_head,
+)
 from llmsvc.store.queries import acknowledge_dead_letters, recent_requests, request_detail
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader, verify_log
@@ -302,7 +310,7 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     if args.expires is not None:
         values["expires_at"] = args.expires
     spec = _validated(keys.KeySpec, values)
-    key, secret = _with_store(settings, lambda engine: keys.create_key(engine, spec))
+    key, secret = _with_store(settings, lambda engine: keys.create_key(engine, spec), "write")
     _print_key(key, secret, args.json, "created")
     return 0
 
@@ -341,10 +349,12 @@ def cmd_keys_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_keys_change(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "revoke":
-        key = _with_store(settings, lambda engine: keys.revoke_key(engine, args.key))
+        key = _with_store(settings, lambda engine: keys.revoke_key(engine, args.key), "write")
         secret = None
     else:
-        key, secret = _with_store(settings, lambda engine: keys.rotate_key(engine, args.key))
+        key, secret = _with_store(
+            settings, lambda engine: keys.rotate_key(engine, args.key), "write"
+        )
     _print_key(key, secret, args.json, f"{args.action}d")
     return 0
 
@@ -371,7 +381,7 @@ def _print_key(key: dict[str, Any], secret: str | None, as_json: bool, done: str
 
 def cmd_teams_create(settings: Settings, args: argparse.Namespace) -> int:
     spec = _validated(keys.TeamSpec, {"name": args.name, **_given_limits(args)})
-    team = _with_store(settings, lambda engine: keys.create_team(engine, spec))
+    team = _with_store(settings, lambda engine: keys.create_team(engine, spec), "write")
     _print_team(team, args.json, "created")
     return 0
 
@@ -381,7 +391,9 @@ def cmd_teams_update(settings: Settings, args: argparse.Namespace) -> int:
     if not given:
         raise UsageError("nothing to change: give --rpm, --tpm, --budget or another limit")
     update = _validated(keys.TeamUpdate, given)
-    team = _with_store(settings, lambda engine: keys.update_team(engine, args.team, update))
+    team = _with_store(
+        settings, lambda engine: keys.update_team(engine, args.team, update), "write"
+    )
     _print_team(team, args.json, "updated")
     return 0
 
@@ -451,7 +463,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         await upgrade_to_head(engine)
         return await schema_revision(engine)
 
-    current, _head = _with_store(settings, migrate, check_schema=False)
+    current, _head = _with_store(settings, migrate, "create")
     print(f"schema at revision {current} ({settings.redacted_database_url()})")
     return 0
 
@@ -634,7 +646,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
             repaired["acknowledged"] = acknowledged
         return report, repaired
 
-    report, repaired = _with_store(settings, check, check_schema=False)
+    report, repaired = _with_store(settings, check, "write")
     if args.json:
         sys.stdout.buffer.write(_json({**report.as_dict(), "repaired": repaired}) + b"\n")
     else:
@@ -769,7 +781,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
             )
 
     try:
-        result = _with_store(settings, restore, check_schema=False)
+        result = _with_store(settings, restore, "create")
     except backup.RestoreRefused as exc:
         raise UsageError(str(exc)) from None
     return _print_run(args, "restore", result)
@@ -780,7 +792,7 @@ def _run_by_hand(
     args: argparse.Namespace,
     name: str,
     make: Callable[[Any], Job],
-    check_schema: bool = True,
+    access: Access = "write",
     instance: uuid.UUID | None = None,
 ) -> int:
     """Run a job now, stored like a scheduled run; exit 1 unless it ended ok.
@@ -792,7 +804,7 @@ def _run_by_hand(
         lambda engine: run_job(
             engine, name, make(engine), instance, own_instance=instance is not None
         ),
-        check_schema,
+        access,
     )
     return _print_run(args, name, result)
 
@@ -878,18 +890,22 @@ def cmd_wal_dump(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _with_store(
-    settings: Settings, work: Callable[[Any], Awaitable[Any]], check_schema: bool = True
+    settings: Settings, work: Callable[[Any], Awaitable[Any]], access: Access = "read"
 ) -> Any:
-    """Run one store operation; database failures become one readable line."""
+    """Run one store operation; database failures become one readable line.
+
+    Only `create` (migrate, restore) may make a store: any other command needs one
+    holding llmsvc's schema, and one that reads opens it read-only.
+    """
+    path = sqlite_path(settings.database_url)
+    if access != "create" and path is not None and not path.is_file():
+        raise _no_llmsvc_data(settings, "no such file")
 
     async def go() -> Any:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(settings.database_url, access=access)
         try:
-            if check_schema and (await schema_revision(engine))[0] is None:
-                raise LlmsvcError(
-                    f"the database {settings.redacted_database_url()} has no llmsvc schema "
-                    "yet: run `llmsvc migrate` or start the daemon"
-                )
+            if access != "create" and (await schema_revision(engine))[0] is None:
+                raise _no_llmsvc_data(settings, "no llmsvc schema in it")
             return await work(engine)
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             raise LlmsvcError(
@@ -899,6 +915,19 @@ def _with_store(
             await engine.dispose()
 
     return asyncio.run(go())
+
+
+def _no_llmsvc_data(settings: Settings, why: str) -> ConfigError:
+    """A store without llmsvc's tables: most likely not the daemon's, so say where it looked."""
+    config = os.environ.get("LLMSVC_CONFIG")
+    given = f"here {config}" if config else "here not set"
+    return ConfigError(
+        f"the store {settings.redacted_database_url()} holds no llmsvc data ({why}). "
+        "The llmsvc command reads the same settings as the daemon: LLMSVC_* variables such "
+        f"as LLMSVC_DATABASE_URL, and the file LLMSVC_CONFIG names ({given}); run it with "
+        "the daemon's. If this is the store you mean, `llmsvc migrate` or starting the "
+        "daemon creates it."
+    )
 
 
 def _json(value: Any) -> bytes:

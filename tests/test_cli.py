@@ -87,14 +87,67 @@ def test_status_json_is_a_json_list(migrated: Cli) -> None:
     assert orjson.loads(done.stdout) == []
 
 
-def test_status_without_a_schema_exits_1_saying_to_migrate(cli: Cli) -> None:
-    done = cli("status")
-    assert done.returncode == 1
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("status",),
+        ("show", str(uuid.uuid4())),
+        ("check",),
+        ("keys", "list"),
+        ("keys", "create", "alpha"),
+    ],
+    ids=" ".join,
+)
+def test_a_command_on_a_missing_store_says_which_and_creates_nothing(
+    cli: Cli, command: tuple[str, ...]
+) -> None:
+    """Only `migrate`, `restore` and the daemon make a store: the CLI run without the daemon's
+    settings must not leave an empty database where it looked, and must say where that was."""
+    done = cli(*command)
+    assert done.returncode == 2, done.stderr
     assert done.stdout == ""
-    assert done.stderr.startswith("llmsvc: ")
-    assert "no llmsvc schema" in done.stderr
-    assert "llmsvc migrate" in done.stderr
-    assert "Traceback" not in done.stderr
+    assert done.stderr == (
+        f"llmsvc: the store sqlite+aiosqlite:///{cli.db} holds no llmsvc data (no such file). "
+        "The llmsvc command reads the same settings as the daemon: LLMSVC_* variables such as "
+        "LLMSVC_DATABASE_URL, and the file LLMSVC_CONFIG names (here not set); run it with the "
+        "daemon's. If this is the store you mean, `llmsvc migrate` or starting the daemon "
+        "creates it.\n"
+    )
+    assert not cli.db.parent.exists()
+
+
+@pytest.mark.parametrize("command", [("status",), ("check",)], ids=" ".join)
+def test_a_command_on_a_database_without_the_schema_says_so_and_changes_nothing(
+    cli: Cli, command: tuple[str, ...], tmp_path: Path
+) -> None:
+    config = tmp_path / "llmsvc.toml"
+    config.write_text('log_level = "WARNING"\n')
+    cli.db.parent.mkdir(parents=True)
+    with sqlite3.connect(cli.db) as conn:
+        conn.execute("CREATE TABLE other_apps_data (x)")
+    conn.close()
+    done = cli(*command, LLMSVC_CONFIG=str(config))
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"llmsvc: the store sqlite+aiosqlite:///{cli.db} holds no llmsvc data "
+        "(no llmsvc schema in it). "
+    )
+    assert f"the file LLMSVC_CONFIG names (here {config})" in done.stderr
+    assert len(done.stderr.splitlines()) == 1
+    with sqlite3.connect(cli.db) as conn:
+        tables = [row[0] for row in conn.execute("SELECT name FROM sqlite_master")]
+    conn.close()
+    assert tables == ["other_apps_data"]
+
+
+def test_a_command_on_a_postgresql_database_without_the_schema_says_so(
+    cli: Cli, postgres_url: str
+) -> None:
+    done = cli("status", LLMSVC_DATABASE_URL=postgres_url)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(
+        f"llmsvc: the store {postgres_url} holds no llmsvc data (no llmsvc schema in it). "
+    )
 
 
 def test_status_limit_below_one_is_a_usage_error(migrated: Cli) -> None:
