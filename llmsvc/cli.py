@@ -40,6 +40,7 @@ from llmsvc.store.engine import (
     upgrade_to_head,
 )
 from llmsvc.store.queries import acknowledge_dead_letters, recent_requests, request_detail
+from llmsvc.tokens import DELTAS, ESTIMATE, TOKENIZER
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader, verify_log
 from llmsvc.wal.segment import INSTANCE_FILE
@@ -504,12 +505,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     _print_table(table)
     if not rows:
         print("(no requests yet)")
-    if any(
-        COUNTED in _count(row, "prompt_tokens") + _count(row, "completion_tokens") for row in rows
-    ):
-        print(
-            f"{COUNTED} counted by llmsvc (tokenizer or one per delta): the provider sent no usage"
-        )
+    marks = "".join(_count(row, "prompt_tokens") + _count(row, "completion_tokens") for row in rows)
+    for mark, meaning in MARKS.items():
+        if mark in marks:
+            print(f"{mark} {meaning}")
     if rows and any(row["cost"] is not None for row in rows):  # only with a price table
         total = sum(row["cost"] or 0 for row in rows)
         print(f"cost of these {len(rows)} requests: {total:.6f}")
@@ -552,15 +551,23 @@ def _named(name: str | None, row_id: uuid.UUID | None) -> str:
     return name or ("-" if row_id is None else str(row_id))
 
 
-COUNTED = "*"
+COUNTED, ESTIMATED, UNKNOWN = "*", "~", "?"
+MARKS = {
+    COUNTED: "counted by llmsvc with the model's tokenizer: the provider sent no usage",
+    ESTIMATED: "estimated by llmsvc: a prompt with another model's vocabulary, or a reply "
+    "as one token per delta stored",
+    UNKNOWN: "not known: no usage from the provider and nothing stored to count",
+}
+SOURCE_MARKS = {TOKENIZER: COUNTED, ESTIMATE: ESTIMATED, DELTAS: ESTIMATED}
 
 
 def _count(row: dict[str, Any], field: str) -> str:
-    """A token count as `status` prints it: `?` unknown, marked when llmsvc counted it."""
+    """A token count as `status` prints it, marked by how it was obtained. A reply not
+    counted (yet) shows the deltas stored of it: never 0 for tokens the store holds."""
     if row[field] is None:
-        return "?"
-    counted = row[field + "_source"] not in (None, "provider")
-    return f"{row[field]}{COUNTED if counted else ''}"
+        stored = row["deltas_stored"] if field == "completion_tokens" else None
+        return f"{stored}{ESTIMATED}" if stored else UNKNOWN
+    return f"{row[field]}{SOURCE_MARKS.get(row[field + '_source'], '')}"
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
@@ -695,7 +702,7 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(_json(jobs) + b"\n")
         return 0
-    table = [("JOB", "SCHEDULE", "NEXT RUN", "LAST RUN", "STATUS", "LAST OK")]
+    table = [("JOB", "SCHEDULE", "NEXT RUN (UTC)", "LAST RUN (UTC)", "STATUS", "LAST OK (UTC)")]
     for job in jobs:
         table.append(
             (
@@ -931,9 +938,12 @@ def _no_llmsvc_data(settings: Settings, why: str) -> ConfigError:
 
 
 def _json(value: Any) -> bytes:
-    """JSON for rows: SQLAlchemy's key type and asyncpg's UUID type need telling apart."""
+    """JSON for rows: SQLAlchemy's key type and asyncpg's UUID type need telling apart;
+    SQLite's times come back naive, in UTC."""
     return orjson.dumps(
-        value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=_json_default
+        value,
+        option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC,
+        default=_json_default,
     )
 
 
@@ -943,19 +953,26 @@ def _json_default(value: Any) -> str:
     raise TypeError(f"cannot print {type(value).__name__} as JSON")
 
 
+def _utc(value: datetime) -> datetime:
+    """A time in UTC: SQLite's come back naive (stored as UTC), PostgreSQL's in the
+    session's zone, the scheduler's in the host's."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _time(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+    """A time in a table, whose header says (UTC)."""
+    return _utc(value).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> str:
     if not start or not end:
         return "-"
-    return f"{(end.replace(tzinfo=None) - start.replace(tzinfo=None)).total_seconds():.2f}"
+    return f"{(_utc(end) - _utc(start)).total_seconds():.2f}"
 
 
 def _plain(value: Any) -> str:
     if isinstance(value, datetime):
-        return value.isoformat(sep=" ")
+        return _utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
     if isinstance(value, list | dict):
         return orjson.dumps(value).decode()
     return "-" if value is None else str(value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import sqlite3
@@ -9,12 +10,18 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 from private_state import assert_private
 
 import llmsvc
+from llmsvc.gateway.journal import Journal
+from llmsvc.store.engine import create_engine
+from llmsvc.store.flusher import Flusher
+from llmsvc.wal.segment import instance_id
+from llmsvc.wal.writer import WalWriter
 
 
 class Cli:
@@ -168,6 +175,115 @@ def test_show_with_an_unknown_id_exits_1(migrated: Cli) -> None:
     done = migrated("show", str(request_id))
     assert done.returncode == 1
     assert done.stderr.strip() == f"llmsvc: no request {request_id} in the store"
+
+
+class Journaled:
+    """Requests journaled into the CLI's store as the gateway does, in several states."""
+
+    def __init__(self, cli: Cli) -> None:
+        self.cli = cli
+        self.ids = {name: uuid.uuid4() for name in ("provider", "tokenizer", "estimate")}
+        self.ids |= {name: uuid.uuid4() for name in ("streaming", "cut", "twin")}
+        self.shared = uuid.uuid4()  # the correlation id `provider` and `twin` were sent with
+        self.own = uuid.uuid4()  # `streaming`'s
+
+    async def write(self) -> None:
+        wal_dir = self.cli.state / "journal-wal"
+        wal_dir.mkdir()
+        wal_id = instance_id(wal_dir)
+        writer = WalWriter(wal_dir, wal_id)
+        writer.open(asyncio.get_running_loop(), lambda exc: None)
+        journal = Journal(writer)
+        ended = {
+            "provider": {"prompt_tokens": 12, "completion_tokens": 4, "status": "completed"},
+            "tokenizer": {
+                **{"prompt_tokens": 12, "completion_tokens": 3, "cost": 0.5},
+                **{"prompt_tokens_source": "tokenizer", "completion_tokens_source": "tokenizer"},
+                "status": "interrupted",
+            },
+            "estimate": {
+                **{"prompt_tokens": 9, "completion_tokens": 5, "status": "completed"},
+                **{"prompt_tokens_source": "estimate", "completion_tokens_source": "deltas"},
+            },
+            "twin": {"prompt_tokens": 1, "completion_tokens": 1, "status": "completed"},
+        }
+        for name, request_id in self.ids.items():
+            correlation = {"streaming": self.own, "provider": self.shared, "twin": self.shared}
+            messages = [{"role": "user", "content": name}]
+            journal.request_start(
+                request_id, correlation.get(name, uuid.uuid4()), "gpt-x", True, messages, {}
+            )
+            attempt = uuid.uuid4()
+            journal.attempt_start(attempt, request_id, 1, f"up-{name}", "gpt-x")
+            if name == "streaming":
+                last = journal.tokens(attempt.bytes, 0, ["a", "b", "c"])
+            elif name == "cut":  # as a restart ends a request that received nothing
+                last = journal.request_end(request_id, status="interrupted", error="stopped")
+            else:
+                last = journal.request_end(request_id, provider=f"up-{name}", **ended[name])
+            await asyncio.sleep(0.002)  # distinct created_at
+        await last
+        engine = create_engine(f"sqlite+aiosqlite:///{self.cli.db}")
+        flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, interval=0.01)
+        try:
+            await flusher.start()
+            assert await flusher.drain(10)
+        finally:
+            await flusher.close()
+            await writer.close()
+            await engine.dispose()
+
+    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
+        done = self.cli(*args)
+        assert done.returncode == 0, done.stderr
+        return done
+
+    def status_rows(self, *args: str) -> dict[str, list[str]]:
+        """`status`'s table rows by request name, split into columns."""
+        _header, *lines = self.run("status", *args).stdout.splitlines()
+        names = {str(v): k for k, v in self.ids.items()}
+        return {names[line.split()[2]]: line.split() for line in lines if line[:1].isdigit()}
+
+
+@pytest.fixture
+async def journaled(migrated: Cli) -> Journaled:
+    journaled = Journaled(migrated)
+    await journaled.write()
+    return journaled
+
+
+def test_status_shows_stored_tokens_by_source_the_last_provider_and_times_as_show_does(
+    journaled: Journaled,
+) -> None:
+    """Never 0 or `-` for what the store holds: an unended request shows the deltas stored
+    and its attempt's provider; counts llmsvc made are marked and the marks explained."""
+    done = journaled.run("status")
+    header = done.stdout.splitlines()[0].split()
+    assert header[5:] == ["PROVIDER", "KEY", "TEAM", "STATUS", "TOKENS", "COST", "SECONDS"]
+    rows = journaled.status_rows()
+    columns = {name: (row[4], row[7], row[8], row[9]) for name, row in rows.items()}
+    assert columns == {
+        "provider": ("up-provider", "completed", "12/4", "-"),
+        "tokenizer": ("up-tokenizer", "interrupted", "12*/3*", "0.500000"),
+        "estimate": ("up-estimate", "completed", "9~/5~", "-"),
+        "streaming": ("up-streaming", "streaming", "?/3~", "-"),
+        "cut": ("up-cut", "interrupted", "?/?", "-"),
+        "twin": ("up-twin", "completed", "1/1", "-"),
+    }
+    legend = [line[:2] for line in done.stdout.splitlines() if line[:2] in ("* ", "~ ", "? ")]
+    assert legend == ["* ", "~ ", "? "]
+    assert "~ estimated by llmsvc" in done.stdout
+
+    # `show` gives the same time as the status row (which says UTC), naming the zone.
+    request_id, listed = str(journaled.ids["tokenizer"]), rows["tokenizer"]
+    shown = dict(
+        line.split(":", 1) for line in journaled.run("show", request_id).stdout.splitlines()[:12]
+    )
+    created = shown["created_at"].strip()
+    assert created.endswith(" UTC")
+    assert created.startswith(f"{listed[0]} {listed[1]}.")  # the status row's, with ms
+    doc: dict[str, Any] = orjson.loads(journaled.run("show", request_id, "--json").stdout)
+    assert doc["request"]["created_at"].endswith("+00:00")
 
 
 @pytest.mark.parametrize(

@@ -135,6 +135,44 @@ async def test_recent_requests_are_newest_first_and_limited(
     assert streaming["ended_at"] is None
 
 
+async def test_recent_requests_show_what_is_stored_of_requests_not_counted(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    """Before its end (or ended without counts) a request still shows its last attempt's
+    provider and how many deltas the store holds, counted per request."""
+    retried = Stream(texts(5), provider="backup")  # a failed attempt of 2 tokens first
+    retried.start_request(journal)
+    failed = uuid.uuid4()
+    journal.attempt_start(failed, retried.request_id, 1, "flaky", retried.model)
+    journal.tokens(failed.bytes, 0, ["a", "b"])
+    journal.attempt_end(failed, status="failed", token_count=2, error_code="reset")
+    retried.attempt_no = 2
+    retried.start_attempt(journal)
+    retried.tokens(journal, 0, 3)
+    journal.tool_deltas(retried.attempt_id.bytes, 0, [{"index": 0, "name": "f", "arguments": ""}])
+    cut = Stream(texts(0), provider="gone")  # a restart ended it before any token
+    cut.start(journal)
+    journal.request_end(cut.request_id, status="interrupted", error="llmsvc stopped")
+    ended = Stream(texts(4))
+    await ended.journal_whole(journal)
+    await _flush(make_flusher)
+
+    rows = {row["id"]: row for row in await recent_requests(engine, 10)}
+    assert (rows[retried.request_id]["provider"], rows[retried.request_id]["deltas_stored"]) == (
+        "backup",
+        2 + 3 + 1,
+    )
+    assert rows[retried.request_id]["completion_tokens"] is None
+    assert (rows[cut.request_id]["provider"], rows[cut.request_id]["deltas_stored"]) == ("gone", 0)
+    assert (
+        rows[ended.request_id]["completion_tokens"],
+        rows[ended.request_id]["deltas_stored"],
+    ) == (
+        4,
+        None,  # counted: nothing more to show
+    )
+
+
 async def test_request_detail_assembles_each_attempts_text_in_seq_order(
     engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
 ) -> None:
