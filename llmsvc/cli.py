@@ -10,6 +10,7 @@ import argparse
 import asyncio
 import logging
 import os
+import shlex
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,7 +40,13 @@ from llmsvc.store.engine import (
     sqlite_path,
     upgrade_to_head,
 )
-from llmsvc.store.queries import acknowledge_dead_letters, recent_requests, request_detail
+from llmsvc.store.queries import (
+    RequestDetail,
+    acknowledge_dead_letters,
+    find_requests,
+    recent_requests,
+    request_detail,
+)
 from llmsvc.tokens import DELTAS, ESTIMATE, TOKENIZER
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader, verify_log
@@ -124,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
         help="only requests whose metadata has K = V (repeatable: all must match)",
     )
     status.add_argument("--since", metavar="WHEN", help=SINCE_HELP)
+    status.add_argument(
+        "--correlation-id", metavar="ID", help="only requests sent with this X-Correlation-ID"
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(command=cmd_status)
 
@@ -134,7 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     spend.set_defaults(command=cmd_spend)
 
     show = commands.add_parser("show", help="show one request, its attempts and its reply")
-    show.add_argument("request_id", help="the request id (the X-Request-ID response header)")
+    show.add_argument(
+        "id",
+        metavar="ID",
+        help="the request id (the X-Request-ID response header), or the X-Correlation-ID "
+        "it was sent with",
+    )
     show.add_argument("--verbose", "-v", action="store_true", help="include the prompt")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(command=cmd_show)
@@ -479,7 +494,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             raise UsageError(f"--metadata {pair!r}: give it as KEY=VALUE")
         pairs.append((name, value))
     since = None if args.since is None else _since(args.since)
-    only = RequestFilter(args.key, args.team, args.user, tuple(pairs), since)
+    only = RequestFilter(args.key, args.team, args.user, tuple(pairs), since, args.correlation_id)
     rows = _with_store(settings, lambda engine: recent_requests(engine, args.limit, only))
     if args.json:
         sys.stdout.buffer.write(_json(rows) + b"\n")
@@ -571,13 +586,19 @@ def _count(row: dict[str, Any], field: str) -> str:
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        request_id = uuid.UUID(args.request_id)
-    except ValueError:
-        raise UsageError(f"{args.request_id!r} is not a request id (a UUID)") from None
-    detail = _with_store(settings, lambda engine: request_detail(engine, request_id))
+    async def find(engine: Any) -> tuple[list[uuid.UUID], RequestDetail | None]:
+        found = await find_requests(engine, args.id)
+        return found, await request_detail(engine, found[0]) if len(found) == 1 else None
+
+    found, detail = _with_store(settings, find)
+    if not found:
+        raise LlmsvcError(f"no request with the id or correlation id {args.id!r} in the store")
     if detail is None:
-        raise LlmsvcError(f"no request {request_id} in the store")
+        raise UsageError(
+            f"several requests were sent with the correlation id {args.id!r}: list them with "
+            f"`llmsvc status --correlation-id {shlex.quote(args.id)}` and show one by its "
+            "request id"
+        )
     request = detail.request
     if not args.verbose:
         request = {k: v for k, v in request.items() if k not in ("messages", "params")}

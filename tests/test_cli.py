@@ -163,18 +163,13 @@ def test_status_limit_below_one_is_a_usage_error(migrated: Cli) -> None:
     assert "--limit" in done.stderr
 
 
-def test_show_with_a_malformed_id_exits_2(migrated: Cli) -> None:
-    done = migrated("show", "not-a-uuid")
-    assert done.returncode == 2
-    assert "'not-a-uuid' is not a request id" in done.stderr
-    assert "Traceback" not in done.stderr
-
-
-def test_show_with_an_unknown_id_exits_1(migrated: Cli) -> None:
-    request_id = uuid.uuid4()
-    done = migrated("show", str(request_id))
+@pytest.mark.parametrize("given", [str(uuid.uuid4()), "not-a-uuid"])
+def test_show_with_an_unknown_id_exits_1(migrated: Cli, given: str) -> None:
+    done = migrated("show", given)
     assert done.returncode == 1
-    assert done.stderr.strip() == f"llmsvc: no request {request_id} in the store"
+    assert done.stderr == (
+        f"llmsvc: no request with the id or correlation id {given!r} in the store\n"
+    )
 
 
 class Journaled:
@@ -284,6 +279,23 @@ def test_status_shows_stored_tokens_by_source_the_last_provider_and_times_as_sho
     assert created.startswith(f"{listed[0]} {listed[1]}.")  # the status row's, with ms
     doc: dict[str, Any] = orjson.loads(journaled.run("show", request_id, "--json").stdout)
     assert doc["request"]["created_at"].endswith("+00:00")
+
+
+def test_requests_are_found_by_the_correlation_id_they_were_sent_with(
+    journaled: Journaled,
+) -> None:
+    shared = str(journaled.shared)
+    assert set(journaled.status_rows("--correlation-id", shared)) == {"provider", "twin"}
+    assert journaled.status_rows("--correlation-id", "trace-7") == {}
+
+    shown = journaled.run("show", str(journaled.own).upper(), "--json").stdout
+    assert orjson.loads(shown)["request"]["id"] == str(journaled.ids["streaming"])
+    several = journaled.cli("show", shared)
+    assert several.returncode == 2
+    assert several.stderr == (
+        f"llmsvc: several requests were sent with the correlation id {shared!r}: list them "
+        f"with `llmsvc status --correlation-id {shared}` and show one by its request id\n"
+    )
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmsvc.store.attribution import RequestFilter, names, where
+from llmsvc.store.attribution import RequestFilter, correlated, names, where
 from llmsvc.store.schema import (
     llm_attempts,
     llm_dead_letters,
@@ -89,6 +89,30 @@ class RequestDetail:
     texts: dict[uuid.UUID, str]  # each attempt's tokens, assembled in seq order
     tool_calls: dict[uuid.UUID, list[dict[str, Any]]]  # each attempt's calls, assembled
     refused: list[dict[str, Any]]  # its records the database refused (llm_dead_letters)
+
+
+async def find_requests(engine: AsyncEngine, given: str) -> list[uuid.UUID]:
+    """The request `given` names: the one with that id, else those sent with it as their
+    correlation id (at most two, newest first: enough to tell one from several)."""
+    async with engine.connect() as conn:
+        try:
+            request_id = uuid.UUID(given)
+        except ValueError:
+            pass
+        else:
+            found = await conn.scalar(
+                sa.select(llm_requests.c.id).where(llm_requests.c.id == request_id)
+            )
+            if found is not None:
+                return [found]
+        return list(
+            await conn.scalars(
+                sa.select(llm_requests.c.id)
+                .where(correlated(given))
+                .order_by(llm_requests.c.created_at.desc())
+                .limit(2)
+            )
+        )
 
 
 async def request_detail(engine: AsyncEngine, request_id: uuid.UUID) -> RequestDetail | None:

@@ -15,8 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, Stream, texts
 
 from llmsvc.gateway.journal import Journal
+from llmsvc.store.attribution import RequestFilter
 from llmsvc.store.flusher import Flusher
-from llmsvc.store.queries import OpenWork, open_work, recent_requests, request_detail
+from llmsvc.store.queries import (
+    OpenWork,
+    find_requests,
+    open_work,
+    recent_requests,
+    request_detail,
+)
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
 
@@ -171,6 +178,32 @@ async def test_recent_requests_show_what_is_stored_of_requests_not_counted(
         4,
         None,  # counted: nothing more to show
     )
+
+
+async def test_requests_are_found_by_id_or_by_the_correlation_id_they_were_sent_with(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    first, second, alone = Stream(texts(1)), Stream(texts(1)), Stream(texts(1))
+    second.correlation_id = first.correlation_id
+    for stream in (first, second, alone):
+        await stream.journal_whole(journal)
+        await asyncio.sleep(0.002)  # distinct created_at
+    await _flush(make_flusher)
+
+    assert await find_requests(engine, str(first.request_id)) == [first.request_id]
+    assert await find_requests(engine, str(alone.correlation_id)) == [alone.request_id]
+    assert await find_requests(engine, str(alone.correlation_id).upper()) == [alone.request_id]
+    assert await find_requests(engine, str(first.correlation_id)) == [
+        second.request_id,
+        first.request_id,
+    ]
+    assert await find_requests(engine, str(uuid.uuid4())) == []
+    assert await find_requests(engine, "not-sent-by-anyone") == []
+
+    only = RequestFilter(correlation_id=str(first.correlation_id))
+    rows = await recent_requests(engine, 10, only)
+    assert [row["id"] for row in rows] == [second.request_id, first.request_id]
+    assert await recent_requests(engine, 10, RequestFilter(correlation_id="trace-7")) == []
 
 
 async def test_request_detail_assembles_each_attempts_text_in_seq_order(
