@@ -571,7 +571,7 @@ MARKS = {
     COUNTED: "counted by llmsvc with the model's tokenizer: the provider sent no usage",
     ESTIMATED: "estimated by llmsvc: a prompt with another model's vocabulary, or a reply "
     "as one token per delta stored",
-    UNKNOWN: "not known: no usage from the provider and nothing stored to count",
+    UNKNOWN: "not known: counted when the request ends, never when nothing was received",
 }
 SOURCE_MARKS = {TOKENIZER: COUNTED, ESTIMATE: ESTIMATED, DELTAS: ESTIMATED}
 
