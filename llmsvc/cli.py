@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import shlex
 import sys
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -30,8 +32,22 @@ from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_r
 from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store import keys
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
-from llmsvc.store.engine import create_engine, describe_error, schema_revision, upgrade_to_head
-from llmsvc.store.queries import acknowledge_dead_letters, recent_requests, request_detail
+from llmsvc.store.engine import (
+    Access,
+    create_engine,
+    describe_error,
+    schema_revision,
+    sqlite_path,
+    upgrade_to_head,
+)
+from llmsvc.store.queries import (
+    RequestDetail,
+    acknowledge_dead_letters,
+    find_requests,
+    recent_requests,
+    request_detail,
+)
+from llmsvc.tokens import DELTAS, ESTIMATE, TOKENIZER
 from llmsvc.wal.codec import RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader, verify_log
 from llmsvc.wal.segment import INSTANCE_FILE
@@ -115,6 +131,9 @@ def _parser() -> argparse.ArgumentParser:
         help="only requests whose metadata has K = V (repeatable: all must match)",
     )
     status.add_argument("--since", metavar="WHEN", help=SINCE_HELP)
+    status.add_argument(
+        "--correlation-id", metavar="ID", help="only requests sent with this X-Correlation-ID"
+    )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(command=cmd_status)
 
@@ -125,7 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     spend.set_defaults(command=cmd_spend)
 
     show = commands.add_parser("show", help="show one request, its attempts and its reply")
-    show.add_argument("request_id", help="the request id (the X-Request-ID response header)")
+    show.add_argument(
+        "id",
+        metavar="ID",
+        help="the request id (the X-Request-ID response header), or the X-Correlation-ID "
+        "it was sent with",
+    )
     show.add_argument("--verbose", "-v", action="store_true", help="include the prompt")
     show.add_argument("--json", action="store_true", help="print JSON")
     show.set_defaults(command=cmd_show)
@@ -302,7 +326,7 @@ def cmd_keys_create(settings: Settings, args: argparse.Namespace) -> int:
     if args.expires is not None:
         values["expires_at"] = args.expires
     spec = _validated(keys.KeySpec, values)
-    key, secret = _with_store(settings, lambda engine: keys.create_key(engine, spec))
+    key, secret = _with_store(settings, lambda engine: keys.create_key(engine, spec), "write")
     _print_key(key, secret, args.json, "created")
     return 0
 
@@ -341,10 +365,12 @@ def cmd_keys_show(settings: Settings, args: argparse.Namespace) -> int:
 
 def cmd_keys_change(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "revoke":
-        key = _with_store(settings, lambda engine: keys.revoke_key(engine, args.key))
+        key = _with_store(settings, lambda engine: keys.revoke_key(engine, args.key), "write")
         secret = None
     else:
-        key, secret = _with_store(settings, lambda engine: keys.rotate_key(engine, args.key))
+        key, secret = _with_store(
+            settings, lambda engine: keys.rotate_key(engine, args.key), "write"
+        )
     _print_key(key, secret, args.json, f"{args.action}d")
     return 0
 
@@ -371,7 +397,7 @@ def _print_key(key: dict[str, Any], secret: str | None, as_json: bool, done: str
 
 def cmd_teams_create(settings: Settings, args: argparse.Namespace) -> int:
     spec = _validated(keys.TeamSpec, {"name": args.name, **_given_limits(args)})
-    team = _with_store(settings, lambda engine: keys.create_team(engine, spec))
+    team = _with_store(settings, lambda engine: keys.create_team(engine, spec), "write")
     _print_team(team, args.json, "created")
     return 0
 
@@ -381,7 +407,9 @@ def cmd_teams_update(settings: Settings, args: argparse.Namespace) -> int:
     if not given:
         raise UsageError("nothing to change: give --rpm, --tpm, --budget or another limit")
     update = _validated(keys.TeamUpdate, given)
-    team = _with_store(settings, lambda engine: keys.update_team(engine, args.team, update))
+    team = _with_store(
+        settings, lambda engine: keys.update_team(engine, args.team, update), "write"
+    )
     _print_team(team, args.json, "updated")
     return 0
 
@@ -451,7 +479,7 @@ def cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
         await upgrade_to_head(engine)
         return await schema_revision(engine)
 
-    current, _head = _with_store(settings, migrate, check_schema=False)
+    current, _head = _with_store(settings, migrate, "create")
     print(f"schema at revision {current} ({settings.redacted_database_url()})")
     return 0
 
@@ -466,7 +494,7 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             raise UsageError(f"--metadata {pair!r}: give it as KEY=VALUE")
         pairs.append((name, value))
     since = None if args.since is None else _since(args.since)
-    only = RequestFilter(args.key, args.team, args.user, tuple(pairs), since)
+    only = RequestFilter(args.key, args.team, args.user, tuple(pairs), since, args.correlation_id)
     rows = _with_store(settings, lambda engine: recent_requests(engine, args.limit, only))
     if args.json:
         sys.stdout.buffer.write(_json(rows) + b"\n")
@@ -492,12 +520,10 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     _print_table(table)
     if not rows:
         print("(no requests yet)")
-    if any(
-        COUNTED in _count(row, "prompt_tokens") + _count(row, "completion_tokens") for row in rows
-    ):
-        print(
-            f"{COUNTED} counted by llmsvc (tokenizer or one per delta): the provider sent no usage"
-        )
+    marks = "".join(_count(row, "prompt_tokens") + _count(row, "completion_tokens") for row in rows)
+    for mark, meaning in MARKS.items():
+        if mark in marks:
+            print(f"{mark} {meaning}")
     if rows and any(row["cost"] is not None for row in rows):  # only with a price table
         total = sum(row["cost"] or 0 for row in rows)
         print(f"cost of these {len(rows)} requests: {total:.6f}")
@@ -540,25 +566,39 @@ def _named(name: str | None, row_id: uuid.UUID | None) -> str:
     return name or ("-" if row_id is None else str(row_id))
 
 
-COUNTED = "*"
+COUNTED, ESTIMATED, UNKNOWN = "*", "~", "?"
+MARKS = {
+    COUNTED: "counted by llmsvc with the model's tokenizer: the provider sent no usage",
+    ESTIMATED: "estimated by llmsvc: a prompt with another model's vocabulary, or a reply "
+    "as one token per delta stored",
+    UNKNOWN: "not known: counted when the request ends, never when nothing was received",
+}
+SOURCE_MARKS = {TOKENIZER: COUNTED, ESTIMATE: ESTIMATED, DELTAS: ESTIMATED}
 
 
 def _count(row: dict[str, Any], field: str) -> str:
-    """A token count as `status` prints it: `?` unknown, marked when llmsvc counted it."""
+    """A token count as `status` prints it, marked by how it was obtained. A reply not
+    counted (yet) shows the deltas stored of it: never 0 for tokens the store holds."""
     if row[field] is None:
-        return "?"
-    counted = row[field + "_source"] not in (None, "provider")
-    return f"{row[field]}{COUNTED if counted else ''}"
+        stored = row["deltas_stored"] if field == "completion_tokens" else None
+        return f"{stored}{ESTIMATED}" if stored else UNKNOWN
+    return f"{row[field]}{SOURCE_MARKS.get(row[field + '_source'], '')}"
 
 
 def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
-    try:
-        request_id = uuid.UUID(args.request_id)
-    except ValueError:
-        raise UsageError(f"{args.request_id!r} is not a request id (a UUID)") from None
-    detail = _with_store(settings, lambda engine: request_detail(engine, request_id))
+    async def find(engine: Any) -> tuple[list[uuid.UUID], RequestDetail | None]:
+        found = await find_requests(engine, args.id)
+        return found, await request_detail(engine, found[0]) if len(found) == 1 else None
+
+    found, detail = _with_store(settings, find)
+    if not found:
+        raise LlmsvcError(f"no request with the id or correlation id {args.id!r} in the store")
     if detail is None:
-        raise LlmsvcError(f"no request {request_id} in the store")
+        raise UsageError(
+            f"several requests were sent with the correlation id {args.id!r}: list them with "
+            f"`llmsvc status --correlation-id {shlex.quote(args.id)}` and show one by its "
+            "request id"
+        )
     request = detail.request
     if not args.verbose:
         request = {k: v for k, v in request.items() if k not in ("messages", "params")}
@@ -634,7 +674,7 @@ def cmd_check(settings: Settings, args: argparse.Namespace) -> int:
             repaired["acknowledged"] = acknowledged
         return report, repaired
 
-    report, repaired = _with_store(settings, check, check_schema=False)
+    report, repaired = _with_store(settings, check, "write")
     if args.json:
         sys.stdout.buffer.write(_json({**report.as_dict(), "repaired": repaired}) + b"\n")
     else:
@@ -683,7 +723,7 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     if args.json:
         sys.stdout.buffer.write(_json(jobs) + b"\n")
         return 0
-    table = [("JOB", "SCHEDULE", "NEXT RUN", "LAST RUN", "STATUS", "LAST OK")]
+    table = [("JOB", "SCHEDULE", "NEXT RUN (UTC)", "LAST RUN (UTC)", "STATUS", "LAST OK (UTC)")]
     for job in jobs:
         table.append(
             (
@@ -769,7 +809,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
             )
 
     try:
-        result = _with_store(settings, restore, check_schema=False)
+        result = _with_store(settings, restore, "create")
     except backup.RestoreRefused as exc:
         raise UsageError(str(exc)) from None
     return _print_run(args, "restore", result)
@@ -780,7 +820,7 @@ def _run_by_hand(
     args: argparse.Namespace,
     name: str,
     make: Callable[[Any], Job],
-    check_schema: bool = True,
+    access: Access = "write",
     instance: uuid.UUID | None = None,
 ) -> int:
     """Run a job now, stored like a scheduled run; exit 1 unless it ended ok.
@@ -792,7 +832,7 @@ def _run_by_hand(
         lambda engine: run_job(
             engine, name, make(engine), instance, own_instance=instance is not None
         ),
-        check_schema,
+        access,
     )
     return _print_run(args, name, result)
 
@@ -878,18 +918,22 @@ def cmd_wal_dump(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _with_store(
-    settings: Settings, work: Callable[[Any], Awaitable[Any]], check_schema: bool = True
+    settings: Settings, work: Callable[[Any], Awaitable[Any]], access: Access = "read"
 ) -> Any:
-    """Run one store operation; database failures become one readable line."""
+    """Run one store operation; database failures become one readable line.
+
+    Only `create` (migrate, restore) may make a store: any other command needs one
+    holding llmsvc's schema, and one that reads opens it read-only.
+    """
+    path = sqlite_path(settings.database_url)
+    if access != "create" and path is not None and not path.is_file():
+        raise _no_llmsvc_data(settings, "no such file")
 
     async def go() -> Any:
-        engine = create_engine(settings.database_url)
+        engine = create_engine(settings.database_url, access=access)
         try:
-            if check_schema and (await schema_revision(engine))[0] is None:
-                raise LlmsvcError(
-                    f"the database {settings.redacted_database_url()} has no llmsvc schema "
-                    "yet: run `llmsvc migrate` or start the daemon"
-                )
+            if access != "create" and (await schema_revision(engine))[0] is None:
+                raise _no_llmsvc_data(settings, "no llmsvc schema in it")
             return await work(engine)
         except (sa.exc.SQLAlchemyError, OSError) as exc:
             raise LlmsvcError(
@@ -901,10 +945,26 @@ def _with_store(
     return asyncio.run(go())
 
 
+def _no_llmsvc_data(settings: Settings, why: str) -> ConfigError:
+    """A store without llmsvc's tables: most likely not the daemon's, so say where it looked."""
+    config = os.environ.get("LLMSVC_CONFIG")
+    given = f"here {config}" if config else "here not set"
+    return ConfigError(
+        f"the store {settings.redacted_database_url()} holds no llmsvc data ({why}). "
+        "The llmsvc command reads the same settings as the daemon: LLMSVC_* variables such "
+        f"as LLMSVC_DATABASE_URL, and the file LLMSVC_CONFIG names ({given}); run it with "
+        "the daemon's. If this is the store you mean, `llmsvc migrate` or starting the "
+        "daemon creates it."
+    )
+
+
 def _json(value: Any) -> bytes:
-    """JSON for rows: SQLAlchemy's key type and asyncpg's UUID type need telling apart."""
+    """JSON for rows: SQLAlchemy's key type and asyncpg's UUID type need telling apart;
+    SQLite's times come back naive, in UTC."""
     return orjson.dumps(
-        value, option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS, default=_json_default
+        value,
+        option=orjson.OPT_INDENT_2 | orjson.OPT_NON_STR_KEYS | orjson.OPT_NAIVE_UTC,
+        default=_json_default,
     )
 
 
@@ -914,19 +974,26 @@ def _json_default(value: Any) -> str:
     raise TypeError(f"cannot print {type(value).__name__} as JSON")
 
 
+def _utc(value: datetime) -> datetime:
+    """A time in UTC: SQLite's come back naive (stored as UTC), PostgreSQL's in the
+    session's zone, the scheduler's in the host's."""
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
 def _time(value: datetime | None) -> str:
-    return value.strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+    """A time in a table, whose header says (UTC)."""
+    return _utc(value).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> str:
     if not start or not end:
         return "-"
-    return f"{(end.replace(tzinfo=None) - start.replace(tzinfo=None)).total_seconds():.2f}"
+    return f"{(_utc(end) - _utc(start)).total_seconds():.2f}"
 
 
 def _plain(value: Any) -> str:
     if isinstance(value, datetime):
-        return value.isoformat(sep=" ")
+        return _utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
     if isinstance(value, list | dict):
         return orjson.dumps(value).decode()
     return "-" if value is None else str(value)

@@ -30,6 +30,7 @@ pytestmark = pytest.mark.timeout(90)
 
 TOKEN = "attribution-admin-token-0123"
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
+CORRELATION = "5f0c4bde-0d8c-4a57-9b57-1d3b2a7c9e01"  # the whole request's X-Correlation-ID
 
 
 @pytest.fixture
@@ -50,7 +51,10 @@ def test_streamed_and_whole_requests_store_who_sent_them(
             user="user-1",
             metadata={"app": "web", "feature": "search"},
             extra_body={"session_id": "body-session"},
-            extra_headers={"x-llmsvc-metadata": json.dumps({"app": "api", "tenant": "acme"})},
+            extra_headers={
+                "x-llmsvc-metadata": json.dumps({"app": "api", "tenant": "acme"}),
+                "x-correlation-id": CORRELATION,
+            },
         )
         streamed = client.chat.completions.with_raw_response.create(
             model="mock",
@@ -89,6 +93,9 @@ def test_streamed_and_whole_requests_store_who_sent_them(
         status, body = admin_call(daemon, "GET", f"/api/admin/requests?{query}", None, TOKEN)
         assert status == 200, body
         assert [r["id"] for r in body["requests"]] == [whole_id]
+        path = f"/api/admin/requests?correlation_id={CORRELATION}"
+        status, body = admin_call(daemon, "GET", path, None, TOKEN)
+        assert (status, [r["id"] for r in body["requests"]]) == (200, [whole_id])
         status, body = admin_call(daemon, "GET", "/api/admin/spend?by=user", None, TOKEN)
         assert status == 200, body
         spent = {r["group"]: (r["requests"], r["completion_tokens"]) for r in body["spend"]}

@@ -170,7 +170,7 @@ class AdminApi:
             raise ClientError(f"limit must be a whole number 1..{MAX_LIMIT}", param="limit")
         only = RequestFilter(
             _one(query, "key"), _one(query, "team"), _one(query, "user"), tuple(pairs),
-            _since(query),
+            _since(query), _one(query, "correlation_id"),
         )  # fmt: skip
         rows = await recent_requests(self.ops.engine, int(limit), only)
         return 200, {"requests": _plain(rows)}

@@ -165,6 +165,7 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                             {"type": "array", "items": {"type": "string"}},
                         ),
                         since,
+                        query("correlation_id", "the X-Correlation-ID they were sent with"),
                         query("limit", "how many (default 20)", {"type": "integer"}),
                     ],
                     responses={

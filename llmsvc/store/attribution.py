@@ -33,6 +33,7 @@ class RequestFilter:
     user: str | None = None
     metadata: tuple[tuple[str, str], ...] = ()  # every pair must match
     since: datetime | None = None
+    correlation_id: str | None = None  # as the client sent it in X-Correlation-ID
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -65,7 +66,23 @@ async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElemen
         conditions.append(r["metadata"][name].as_string() == value)
     if f.since is not None:
         conditions.append(r.created_at >= f.since.astimezone(UTC))
+    if f.correlation_id is not None:
+        conditions.append(correlated(f.correlation_id))
     return conditions
+
+
+def correlated(correlation_id: str) -> sa.ColumnElement[bool]:
+    """Requests sent with this X-Correlation-ID, an opaque string matched as sent.
+
+    While the column is a UUID (as migration 0001 made it), only a UUID can match.
+    """
+    column = llm_requests.c.correlation_id
+    if isinstance(column.type, sa.Uuid):
+        try:
+            return column == uuid.UUID(correlation_id)
+        except ValueError:
+            return sa.false()
+    return column == correlation_id
 
 
 async def _ids(conn: AsyncConnection, table: sa.Table, given: str, what: str) -> list[uuid.UUID]:

@@ -6,6 +6,10 @@ seconds, and TCP keepalives (both ways) drop a peer that went silent, as a
 network partition without a reset leaves it. Maintenance sessions get no
 per-command bound: a consistency scan, a dump or a migration may rightly run
 for minutes.
+
+Only the daemon, `migrate` and `restore` create a store (`access="create"`): a
+command pointed at the wrong SQLite path must not leave an empty database
+there, and one that only reads changes nothing (`access="read"`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ import socket
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import quote
 
 import sqlalchemy as sa
 from alembic import command
@@ -39,9 +44,17 @@ DAEMON_APPLICATION = "llmsvc daemon"
 MIGRATION_LOCK = zlib.crc32(b"llmsvc migrate") - 2**31  # a signed 32-bit advisory lock key
 KEEPALIVE_PROBES = 3
 
+Access = Literal["create", "write", "read"]
+"""What sessions may do: `create` a missing SQLite file (and its directory), `write` an
+existing store, or `read` one (SQLite `mode=ro`, PostgreSQL read-only transactions)."""
+
 
 def create_engine(
-    url: str, application: str = "llmsvc", timeout: float | None = None, per_command: bool = False
+    url: str,
+    application: str = "llmsvc",
+    timeout: float | None = None,
+    per_command: bool = False,
+    access: Access = "create",
 ) -> AsyncEngine:
     """An async engine; SQLite gets WAL journaling and a busy timeout for concurrent readers.
 
@@ -52,13 +65,20 @@ def create_engine(
     that stopped answering) and on the server (`statement_timeout`: a lock wait).
     """
     if url.startswith("sqlite"):
-        path = url.partition(":///")[2]
-        if path and path != ":memory:":
-            _create_sqlite_file(Path(path))
+        path = sqlite_path(url)
+        if path is not None and access == "create":
+            _create_sqlite_file(path)
         engine = create_async_engine(url, connect_args={"timeout": timeout or 30})
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        if access != "create":  # a missing file is an error, never made
+            event.listen(
+                engine.sync_engine, "do_connect", _sqlite_uri("ro" if access == "read" else "rw")
+            )
+        if access != "read":  # a read-only connection can set no journal mode
+            event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
     server_settings = {"application_name": application}
+    if access == "read":
+        server_settings["default_transaction_read_only"] = "on"
     connect_args: dict[str, Any] = {"server_settings": server_settings}
     if timeout is not None:
         idle, interval = _keepalive(timeout)
@@ -116,6 +136,25 @@ def _keepalives(timeout: float) -> Any:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
+
+    return on_connect
+
+
+def sqlite_path(url: str) -> Path | None:
+    """The SQLite database file a URL names; None for another database or `:memory:`."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or parsed.database in (None, "", ":memory:"):
+        return None
+    return Path(parsed.database)
+
+
+def _sqlite_uri(mode: str) -> Any:
+    """A do_connect hook opening the file as a SQLite URI with `mode` (`rw`, `ro`), which
+    fails on a missing file instead of creating it."""
+
+    def on_connect(_dialect: Any, _record: Any, cargs: list[Any], cparams: dict[str, Any]) -> None:
+        cargs[0] = f"file:{quote(cargs[0])}?mode={mode}"
+        cparams["uri"] = True
 
     return on_connect
 

@@ -11,7 +11,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmsvc.store.attribution import RequestFilter, names, where
+from llmsvc.store.attribution import RequestFilter, correlated, names, where
 from llmsvc.store.schema import (
     llm_attempts,
     llm_dead_letters,
@@ -26,20 +26,43 @@ async def recent_requests(
     engine: AsyncEngine, limit: int, only: RequestFilter | None = None
 ) -> list[dict[str, Any]]:
     """The newest requests (of those `only` lets through), newest first, with their total
-    token counts and who sent them."""
+    token counts and who sent them.
+
+    A request not ended yet (or ended without counts) still shows what is stored: the
+    provider of its last attempt, and `deltas_stored`, the token and tool-call deltas the
+    store holds (NULL for a request whose completion count is known).
+    """
     joined, key_team_names = names()
+    attempts = llm_attempts.c
+    last_provider = (
+        sa.select(attempts.provider)
+        .where(attempts.request_id == llm_requests.c.id)
+        .order_by(attempts.attempt_no.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    stored = [
+        sa.select(sa.func.count())
+        .select_from(table.join(llm_attempts, attempts.id == table.c.attempt_id))
+        .where(attempts.request_id == llm_requests.c.id)
+        .scalar_subquery()
+        for table in (llm_token_log, llm_tool_calls)
+    ]
     query = (
         sa.select(
             llm_requests.c.id,
             llm_requests.c.created_at,
             llm_requests.c.model,
-            llm_requests.c.provider,
+            sa.func.coalesce(llm_requests.c.provider, last_provider).label("provider"),
             llm_requests.c.stream,
             llm_requests.c.status,
             llm_requests.c.prompt_tokens,
             llm_requests.c.completion_tokens,
             llm_requests.c.prompt_tokens_source,
             llm_requests.c.completion_tokens_source,
+            sa.case((llm_requests.c.completion_tokens.is_(None), stored[0] + stored[1])).label(
+                "deltas_stored"
+            ),
             llm_requests.c.cost,
             llm_requests.c.ended_at,
             llm_requests.c.key_id,
@@ -66,6 +89,30 @@ class RequestDetail:
     texts: dict[uuid.UUID, str]  # each attempt's tokens, assembled in seq order
     tool_calls: dict[uuid.UUID, list[dict[str, Any]]]  # each attempt's calls, assembled
     refused: list[dict[str, Any]]  # its records the database refused (llm_dead_letters)
+
+
+async def find_requests(engine: AsyncEngine, given: str) -> list[uuid.UUID]:
+    """The request `given` names: the one with that id, else those sent with it as their
+    correlation id (at most two, newest first: enough to tell one from several)."""
+    async with engine.connect() as conn:
+        try:
+            request_id = uuid.UUID(given)
+        except ValueError:
+            pass
+        else:
+            found = await conn.scalar(
+                sa.select(llm_requests.c.id).where(llm_requests.c.id == request_id)
+            )
+            if found is not None:
+                return [found]
+        return list(
+            await conn.scalars(
+                sa.select(llm_requests.c.id)
+                .where(correlated(given))
+                .order_by(llm_requests.c.created_at.desc())
+                .limit(2)
+            )
+        )
 
 
 async def request_detail(engine: AsyncEngine, request_id: uuid.UUID) -> RequestDetail | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ import sqlalchemy as sa
 from alembic import command
 
 from llmsvc.store.engine import create_engine, schema_revision, upgrade_to_head
+from llmsvc.store.schema import wal_checkpoints
 
 
 async def test_a_bounded_session_has_keepalives_and_timeouts_on_both_ends(
@@ -84,3 +86,32 @@ async def test_a_migration_cut_off_half_way_leaves_nothing_and_the_next_one_runs
         await engine.dispose()
     assert left == []
     assert current == head
+
+
+async def test_a_reading_engine_changes_nothing(database_url: str) -> None:
+    """The CLI's read-only commands open the store so that a bug in one cannot write."""
+    engine = create_engine(database_url)
+    reader = create_engine(database_url, access="read")
+    try:
+        await upgrade_to_head(engine)
+        assert (await schema_revision(reader))[0] is not None
+        with pytest.raises(sa.exc.DBAPIError, match=r"read-?only"):
+            async with reader.begin() as conn:
+                await conn.execute(sa.delete(wal_checkpoints))
+    finally:
+        await engine.dispose()
+        await reader.dispose()
+
+
+async def test_only_create_makes_a_sqlite_store(tmp_path: Path) -> None:
+    """A command pointed at the wrong path must not leave an empty database (or folder) there."""
+    missing = tmp_path / "elsewhere" / "llmsvc.db"
+    for access in ("read", "write"):
+        absent = create_engine(f"sqlite+aiosqlite:///{missing}", access=access)
+        try:
+            with pytest.raises(sa.exc.OperationalError, match="unable to open database file"):
+                async with absent.connect():
+                    pass
+        finally:
+            await absent.dispose()
+    assert not missing.parent.exists()

@@ -15,8 +15,15 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, Stream, texts
 
 from llmsvc.gateway.journal import Journal
+from llmsvc.store.attribution import RequestFilter
 from llmsvc.store.flusher import Flusher
-from llmsvc.store.queries import OpenWork, open_work, recent_requests, request_detail
+from llmsvc.store.queries import (
+    OpenWork,
+    find_requests,
+    open_work,
+    recent_requests,
+    request_detail,
+)
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
 
@@ -133,6 +140,70 @@ async def test_recent_requests_are_newest_first_and_limited(
     streaming = everything[1]
     assert streaming["status"] == "streaming"
     assert streaming["ended_at"] is None
+
+
+async def test_recent_requests_show_what_is_stored_of_requests_not_counted(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    """Before its end (or ended without counts) a request still shows its last attempt's
+    provider and how many deltas the store holds, counted per request."""
+    retried = Stream(texts(5), provider="backup")  # a failed attempt of 2 tokens first
+    retried.start_request(journal)
+    failed = uuid.uuid4()
+    journal.attempt_start(failed, retried.request_id, 1, "flaky", retried.model)
+    journal.tokens(failed.bytes, 0, ["a", "b"])
+    journal.attempt_end(failed, status="failed", token_count=2, error_code="reset")
+    retried.attempt_no = 2
+    retried.start_attempt(journal)
+    retried.tokens(journal, 0, 3)
+    journal.tool_deltas(retried.attempt_id.bytes, 0, [{"index": 0, "name": "f", "arguments": ""}])
+    cut = Stream(texts(0), provider="gone")  # a restart ended it before any token
+    cut.start(journal)
+    journal.request_end(cut.request_id, status="interrupted", error="llmsvc stopped")
+    ended = Stream(texts(4))
+    await ended.journal_whole(journal)
+    await _flush(make_flusher)
+
+    rows = {row["id"]: row for row in await recent_requests(engine, 10)}
+    assert (rows[retried.request_id]["provider"], rows[retried.request_id]["deltas_stored"]) == (
+        "backup",
+        2 + 3 + 1,
+    )
+    assert rows[retried.request_id]["completion_tokens"] is None
+    assert (rows[cut.request_id]["provider"], rows[cut.request_id]["deltas_stored"]) == ("gone", 0)
+    assert (
+        rows[ended.request_id]["completion_tokens"],
+        rows[ended.request_id]["deltas_stored"],
+    ) == (
+        4,
+        None,  # counted: nothing more to show
+    )
+
+
+async def test_requests_are_found_by_id_or_by_the_correlation_id_they_were_sent_with(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    first, second, alone = Stream(texts(1)), Stream(texts(1)), Stream(texts(1))
+    second.correlation_id = first.correlation_id
+    for stream in (first, second, alone):
+        await stream.journal_whole(journal)
+        await asyncio.sleep(0.002)  # distinct created_at
+    await _flush(make_flusher)
+
+    assert await find_requests(engine, str(first.request_id)) == [first.request_id]
+    assert await find_requests(engine, str(alone.correlation_id)) == [alone.request_id]
+    assert await find_requests(engine, str(alone.correlation_id).upper()) == [alone.request_id]
+    assert await find_requests(engine, str(first.correlation_id)) == [
+        second.request_id,
+        first.request_id,
+    ]
+    assert await find_requests(engine, str(uuid.uuid4())) == []
+    assert await find_requests(engine, "not-sent-by-anyone") == []
+
+    only = RequestFilter(correlation_id=str(first.correlation_id))
+    rows = await recent_requests(engine, 10, only)
+    assert [row["id"] for row in rows] == [second.request_id, first.request_id]
+    assert await recent_requests(engine, 10, RequestFilter(correlation_id="trace-7")) == []
 
 
 async def test_request_detail_assembles_each_attempts_text_in_seq_order(
