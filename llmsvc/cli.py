@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger(run_job.__module__).setLevel(logging.CRITICAL)  # would say it twice
         logging.getLogger("alembic.runtime.migration").addFilter(_only_migrations)
         code: int = args.command(settings, args)
+        sys.stdout.flush()  # here, so that a reader gone away is met below, not at exit
         return code
     except (ConfigError, UsageError) as exc:
         print(f"llmsvc: {exc}", file=sys.stderr)
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llmsvc: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     except KeyboardInterrupt:
+        return EXIT_FAILURE
+    except BrokenPipeError:  # the reader went away (`llmsvc status | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
         return EXIT_FAILURE
 
 

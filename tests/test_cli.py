@@ -88,6 +88,20 @@ def test_status_on_an_empty_store_says_so(migrated: Cli) -> None:
     assert lines[-1] == "(no requests yet)"
 
 
+def test_a_reader_gone_away_ends_the_output_without_a_traceback(migrated: Cli) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "llmsvc.cli", "status"],
+        env=migrated.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    proc.stdout.close()  # as `llmsvc status | head -0` would
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert stderr == b""
+
+
 def test_status_json_is_a_json_list(migrated: Cli) -> None:
     done = migrated("status", "--json", "--limit", "5")
     assert done.returncode == 0, done.stderr
