@@ -78,12 +78,25 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    n: int | None = None  # one choice per request: see _one_choice
     mock_delay_ms: float | None = Field(default=None, ge=0, le=60_000)
     # Attribution (gateway/attribution.py): `user` and `metadata` are OpenAI's own fields and
     # go to the provider as sent; `session_id` is llmsvc's and does not.
     user: str | None = Field(default=None, max_length=256)
     metadata: Metadata | None = None
     session_id: str | None = Field(default=None, max_length=200)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        """A reply is journaled and stored as one choice (token rows have no choice index), and
+        an upstream's n > 1 stream would interleave its choices into that one: refused."""
+        if value is None or value == 1:
+            return value
+        raise ValueError(
+            "llmsvc returns one choice per request (it stores exactly what a client received, "
+            "one reply per request); leave n out or 1, and send n requests for n choices"
+        )
 
 
 async def read_body(receive: ASGIReceive, headers: dict[bytes, bytes], limit: int) -> bytes:

@@ -266,6 +266,7 @@ INVALID_FIELDS = {
     "temperature-9": (_chat(temperature=9), "temperature"),
     "temperature-str": (_chat(temperature="hot"), "temperature"),
     "mock_delay_ms-negative": (_chat(mock_delay_ms=-1), "mock_delay_ms"),
+    "n-2": (_chat(n=2), "n"),  # one choice per request: the store keeps one reply
     "include_usage-int": (
         _chat(stream=True, stream_options={"include_usage": 1}),
         "stream_options.include_usage",

@@ -91,9 +91,9 @@ def test_a_body_past_the_parsers_own_limit_is_not_valid_json() -> None:
     [b"18446744073709551616", b"-9223372036854775809", b"1" * 300, b"1e-400", b"-0.0"],
 )
 def test_numbers_past_64_bits_parse_as_floats_the_wal_can_encode(literal: bytes) -> None:
-    data, _ = parse_chat(b'{"model":"m","messages":[{"role":"user"}],"n":' + literal + b"}")
+    data, _ = parse_chat(b'{"model":"m","messages":[{"role":"user"}],"seed":' + literal + b"}")
 
-    assert orjson.loads(orjson.dumps(data))["n"] == data["n"]
+    assert orjson.loads(orjson.dumps(data))["seed"] == data["seed"]
 
 
 @pytest.mark.parametrize(
@@ -103,3 +103,23 @@ def test_numbers_past_64_bits_parse_as_floats_the_wal_can_encode(literal: bytes)
 def test_values_orjson_cannot_hold_are_client_errors(body: bytes) -> None:
     with pytest.raises(ClientError, match="not valid JSON"):
         parse_chat(body)
+
+
+# -- n: one choice per request ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, None])
+def test_n_of_one_or_null_is_taken(n: int | None) -> None:
+    data, request = parse_chat(orjson.dumps({**CHAT, "n": n}))
+
+    assert request.n == n == data["n"]
+
+
+@pytest.mark.parametrize("n", [2, 128, 0])
+def test_n_other_than_one_is_refused_naming_the_field_and_why(n: int) -> None:
+    with pytest.raises(ClientError) as raised:
+        parse_chat(orjson.dumps({**CHAT, "n": n}))
+
+    assert raised.value.param == "n"
+    assert str(raised.value).startswith("n: ")
+    assert "one choice per request" in str(raised.value)
