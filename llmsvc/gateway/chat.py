@@ -103,7 +103,7 @@ class Exchange:
         policy: RetryPolicy,
         data: dict[str, Any],
         request: ChatRequest,
-        correlation_id: uuid.UUID,
+        correlation_id: str,
         send: ASGISend,
         receive: ASGIReceive,
         closed: Callable[[], bool],
@@ -159,7 +159,7 @@ class Exchange:
         self.began_us = now_us()  # the clock first_token_us is on
         self.headers = [
             (b"x-request-id", str(self.request_id).encode()),
-            (b"x-correlation-id", str(correlation_id).encode()),
+            (b"x-correlation-id", correlation_id.encode()),
         ]
 
     @property

@@ -341,7 +341,7 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
 
     exchange = Exchange(
         gateway.journal, gateway.router, gateway.policy, data,
-        ChatRequest.model_validate(data), uuid.uuid4(), send, receive, lambda: False,
+        ChatRequest.model_validate(data), "corr", send, receive, lambda: False,
         caller=None, attribution=Attribution(),
     )  # fmt: skip
     with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
@@ -363,7 +363,7 @@ async def test_a_start_record_past_the_wals_record_limit_is_413_and_records_noth
     would read back as damage is refused instead of journaled."""
     messages = [{"role": "user", "content": "x" * MAX_PAYLOAD}]
     with pytest.raises(BodyTooLarge) as raised:
-        served.gateway.journal.request_start(uuid.uuid4(), uuid.uuid4(), "mock", False,
+        served.gateway.journal.request_start(uuid.uuid4(), "corr", "mock", False,
                                              messages, {})  # fmt: skip
 
     assert describe(raised.value)[0] == 413
@@ -430,14 +430,35 @@ async def test_chunked_body_under_the_limit_is_served(served: Served) -> None:
     assert orjson.loads(raw)["choices"][0]["message"]["content"] == token(0) + token(1)
 
 
-@pytest.mark.parametrize("value", ["not-a-uuid", "1234", ""])
+@pytest.mark.parametrize("value", ["x" * 129, "two words", ""], ids=["long", "space", "empty"])
 async def test_invalid_correlation_id_is_400_and_records_nothing(
     served: Served, value: str
 ) -> None:
     body = {"model": "mock", "messages": MESSAGES}
     error = _error(*(await _post(served, body, **{"X-Correlation-ID": value}))[::2], 400)
-    assert "X-Correlation-ID" in error["message"]
+    assert error["message"].startswith("the X-Correlation-ID header ")
+    assert "1 to 128 visible ASCII characters" in error["message"]
     await _assert_nothing_recorded(served)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "req_8d2f0c",
+        "12345678901234567890",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ],
+    ids=["prefixed", "decimal", "traceparent"],
+)
+async def test_a_correlation_id_that_is_not_a_uuid_is_echoed_and_journaled_as_sent(
+    served: Served, value: str
+) -> None:
+    body = {"model": "mock", "messages": MESSAGES, "max_tokens": 1}
+    status, headers, raw = await _post(served, body, **{"X-Correlation-ID": value})
+    assert status == 200, raw
+    assert headers["X-Correlation-ID"] == value
+    [start] = _by_type(await served.records(), RecordType.REQUEST_START)
+    assert start["correlation_id"] == value
 
 
 @pytest.mark.parametrize("path", ["/", "/v1/chat", "/v1/chat/completions/", "/v1/models/mock"])
