@@ -103,6 +103,7 @@ class Exchange:
         policy: RetryPolicy,
         data: dict[str, Any],
         request: ChatRequest,
+        request_id: uuid.UUID,
         correlation_id: str,
         send: ASGISend,
         receive: ASGIReceive,
@@ -129,7 +130,7 @@ class Exchange:
         self.send = send
         self.receive = receive
         self.closed = closed  # the connection is known gone (a write failed), asked at once
-        self.request_id = uuid.uuid4()
+        self.request_id = request_id
         self.attempt_id = uuid.uuid4()
         self.attempt_no = 0
         self.attempt_open = False  # an attempt is started and not yet ended in the journal

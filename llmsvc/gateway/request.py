@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import MutableMapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -27,6 +28,8 @@ MAX_DEPTH = 64
 _NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
 _PAIRS = bytes.maketrans(b"[]{}", b"()()")
 
+REQUEST_ID = "llmsvc.request_id"  # the scope key of the request's id (`request_id`)
+CALLER = "llmsvc.caller"  # the scope key of an authenticated request's `Caller`
 # An X-Correlation-ID is stored and searched as sent: visible ASCII, at most this long. Every
 # trace id format in use fits (a UUID is 36, a W3C traceparent 55, AWS's X-Amzn-Trace-Id ~80);
 # no spaces, so it stays one field in a log line and a table.
@@ -177,6 +180,19 @@ def too_deep(body: bytes, limit: int) -> bool:
         if depth > limit:
             return True
     return False
+
+
+def request_id(scope: MutableMapping[str, Any]) -> uuid.UUID:
+    """The request's id, made at its first use and kept in its scope: every response carries
+    it as X-Request-ID, errors included, and its log lines name it."""
+    made: uuid.UUID | None = scope.get(REQUEST_ID)
+    if made is None:
+        made = scope[REQUEST_ID] = uuid.uuid4()
+    return made
+
+
+def request_id_header(scope: MutableMapping[str, Any]) -> tuple[bytes, bytes]:
+    return (b"x-request-id", str(request_id(scope)).encode())
 
 
 def correlation_id(headers: dict[bytes, bytes]) -> str:

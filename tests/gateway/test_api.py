@@ -304,14 +304,20 @@ def _nested_body(levels: int) -> bytes:
 
 
 @pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 255, 1024])
-async def test_a_body_nested_past_the_depth_limit_is_400_naming_it_without_a_log_line(
+async def test_a_body_nested_past_the_depth_limit_is_400_naming_it_in_one_line(
     served: Served, levels: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Past the limit, below and beyond what the WAL's encoder takes: 400, not a traceback."""
+    """Past the limit, below and beyond what the WAL's encoder takes: 400 and the one line of
+    a rejected request, not a traceback."""
     with caplog.at_level(logging.INFO):
         error = _error(*(await _post(served, _nested_body(levels)))[::2], 400)
     assert f"deeper than {MAX_DEPTH} levels" in error["message"]
-    assert [r for r in caplog.records if r.name != "uvicorn.access"] == []
+    lines = [
+        (r.levelno, r.exc_info, r.getMessage().split()[0])
+        for r in caplog.records
+        if r.name != "uvicorn.access"
+    ]
+    assert lines == [(logging.INFO, None, "rejected")]
     await _assert_nothing_recorded(served)
 
 
@@ -341,7 +347,7 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
 
     exchange = Exchange(
         gateway.journal, gateway.router, gateway.policy, data,
-        ChatRequest.model_validate(data), "corr", send, receive, lambda: False,
+        ChatRequest.model_validate(data), uuid.uuid4(), "corr", send, receive, lambda: False,
         caller=None, attribution=Attribution(),
     )  # fmt: skip
     with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
@@ -493,6 +499,55 @@ async def test_405_carries_the_allow_header(served: Served) -> None:
             assert r.status == 405
             allow[method, path] = r.headers.get("Allow")
     assert allow == {(method, path): allowed for method, path, allowed in WRONG_METHODS}
+
+
+REJECTED = [
+    ("POST", "/nowhere", b"{}", 404, "not_found"),
+    ("GET", CHAT, b"", 405, "method_not_allowed"),
+    ("POST", CHAT, b"{not json", 400, "invalid_request"),
+    ("POST", CHAT, orjson.dumps(_chat(model="gpt-nowhere")), 404, "model_not_found"),
+    ("POST", CHAT, orjson.dumps(_chat(n=3)), 400, "invalid_request"),
+    ("POST", CHAT, b"x" * (MAX_BODY_BYTES + 1), 413, "request_too_large"),
+]
+ANSWERED = [
+    ("GET", "/v1/models", b"", 200),
+    ("GET", "/api/health", b"", 200),
+    ("GET", "/api/ready", b"", 200),
+    ("GET", "/api/metrics", b"", 200),
+    ("POST", CHAT, orjson.dumps(_chat(max_tokens=1)), 200),
+]
+
+
+async def test_every_answer_carries_an_x_request_id_and_each_rejection_one_log_line(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Errors raised before routing, 404, 405, 400, 413 and the small JSON answers all say
+    which request they answer; a rejection is logged once by that id, without its body."""
+    secret = "the prompt must never reach the log"
+    ids: list[uuid.UUID] = []
+    with caplog.at_level(logging.INFO):
+        for method, path, body, status, *_ in REJECTED + ANSWERED:
+            data = body.replace(b"hello there", secret.encode())
+            async with served.session.request(method, served.url + path, data=data) as r:
+                assert r.status == status, await r.read()
+                ids.append(uuid.UUID(r.headers["X-Request-ID"]))
+
+    assert len(set(ids)) == len(REJECTED) + len(ANSWERED)
+    rejected = [r for r in caplog.records if r.getMessage().startswith("rejected ")]
+    assert len(rejected) == len(REJECTED)
+    for (method, path, _, status, code), request, record in zip(
+        REJECTED,
+        ids,
+        rejected,
+        strict=False,  # the answered ones' ids come after
+    ):
+        line = record.getMessage()
+        assert line.startswith(
+            f"rejected method={method} path={path} status={status} code={code} "
+            f"request_id={request} key=- key_id=- reason="
+        ), line
+    assert all(secret not in r.getMessage() for r in caplog.records)
+    assert served.writer.appended_lsn == 5  # only the chat answered: its five records
 
 
 # --- good input --------------------------------------------------------------------------
