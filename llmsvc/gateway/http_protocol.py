@@ -298,7 +298,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if scope is not None:
             method, path, caller = scope.get("method", ""), scope.get("path", ""), scope.get(CALLER)
         else:
-            method, path, caller = "", self.url.decode("latin-1"), None
+            # the URL's path only: a query string may carry what no log should
+            method, path, caller = "", self.url.partition(b"?")[0].decode("latin-1"), None
         log_rejection(method, path, status, error["code"], error["message"], request, caller)
 
     def _closed(self) -> bool:

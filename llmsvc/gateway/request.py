@@ -192,6 +192,7 @@ def request_id(scope: MutableMapping[str, Any]) -> uuid.UUID:
 
 
 def request_id_header(scope: MutableMapping[str, Any]) -> tuple[bytes, bytes]:
+    """The X-Request-ID header of the request's answer, whatever its status."""
     return (b"x-request-id", str(request_id(scope)).encode())
 
 

@@ -31,6 +31,7 @@ from pydantic import SecretStr
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import BodyTooLarge, ClientError, WalFatal
+from llmsvc.gateway import rejections
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.attribution import Attribution
 from llmsvc.gateway.chat import Exchange
@@ -102,7 +103,11 @@ def refused_port() -> Iterator[int]:
 
 
 @pytest.fixture
-async def served(tmp_path: Path, refused_port: int) -> AsyncIterator[Served]:
+async def served(
+    tmp_path: Path, refused_port: int, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Served]:
+    # Each test has the rejected-request log's budget to itself, whatever ran the same second.
+    monkeypatch.setattr(rejections, "_budget", rejections._Budget())
     wal_dir = tmp_path / "wal"
     wal_dir.mkdir()
     wal_id = instance_id(wal_dir)
