@@ -90,9 +90,11 @@ def request_id_of(response: bytes) -> uuid.UUID:
 
 
 def rejected_line(daemon: DaemonProcess, request: uuid.UUID) -> str:
-    """The one log line of a rejected request, found by its id."""
-    (line,) = [ln for ln in daemon.log.splitlines() if f" request_id={request} " in ln]
+    """The log line of a rejected request, found by its id once the daemon's output has it
+    (written before the answer, but read from the daemon's pipe on a thread of its own)."""
+    line = daemon.wait_for_log(f".* request_id={request} .*")[0]
     assert " rejected " in line, line
+    assert daemon.log.count(f" request_id={request} ") == 1, daemon.log
     return line
 
 
