@@ -57,7 +57,7 @@ async def fill(engine: Any, tokens: int) -> None:
     request = """
         INSERT INTO llm_requests (id, instance_id, correlation_id, model, stream, status,
                                   messages, params, created_at)
-        SELECT md5(:tag || 'r' || i)::uuid, md5('instance')::uuid, md5('c' || i)::uuid, 'm',
+        SELECT md5(:tag || 'r' || i)::uuid, md5('instance')::uuid, 'c' || i, 'm',
                true, 'completed', '[]', '{}',
                CAST(:base AS timestamptz) + (i % CAST(:days AS int)) * interval '1 day'
         FROM generate_series(0, CAST(:n AS int) - 1) i

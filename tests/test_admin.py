@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+import urllib.error
+import urllib.request
 import uuid
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,17 @@ def call(
     raw: bytes | None = None,
 ) -> tuple[int, dict[str, Any]]:
     return admin_call(daemon, method, path, body, token, raw)
+
+
+def request_id_of(daemon: DaemonProcess, path: str, token: str) -> uuid.UUID:
+    """The X-Request-ID of a GET's answer, whatever its status."""
+    request = urllib.request.Request(f"{daemon.base_url}{path}")
+    request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return uuid.UUID(response.headers["x-request-id"])
+    except urllib.error.HTTPError as error:
+        return uuid.UUID(error.headers["x-request-id"])
 
 
 def chat(daemon: DaemonProcess, tokens: int = 4) -> str:
@@ -74,7 +87,13 @@ def test_a_missing_or_wrong_token_is_401_whether_or_not_the_route_exists(
         ]
         ok, status = call(daemon, "GET", "/api/admin/status")
         missing = call(daemon, "GET", "/api/admin/nothing")
+        ids = [request_id_of(daemon, "/api/admin/status", token) for token in (TOKEN, "wrong")]
         assert daemon.stop() == 0
+    assert len(set(ids)) == 2  # the 200 and the 401 alike say which request they answer
+    assert f"path=/api/admin/status status=401 code=unauthorized request_id={ids[1]} " in (
+        daemon.log
+    )
+    assert daemon.log.count(" rejected ") == len(answers) + 2  # the 404 and the last 401
     assert {code for code, _ in answers} == {401}
     assert len({json.dumps(body) for _, body in answers}) == 1  # one answer for all
     assert ok == 200

@@ -188,28 +188,42 @@ def test_status_and_show_list_what_clients_received(env: dict[str, str], databas
     assert missing.stderr.startswith("llmsvc: no request ")
 
 
-def test_correlation_id_is_echoed_and_stored(env: dict[str, str], database_url: str) -> None:
-    correlation = str(uuid.uuid4())
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+
+
+def test_correlation_ids_are_echoed_and_stored_as_sent(
+    env: dict[str, str], database_url: str
+) -> None:
+    """Ids applications already send (not UUIDs) are taken as they are; a W3C traceparent
+    gives its trace id when no X-Correlation-ID comes; an id past the rule, like `n: 2`, is
+    refused with a request id, stored nowhere and logged once."""
+    prefixed, decimal = "req_01HZX3K9Q7V5M2N8P4R6T0W1Y3", "8472937462918374659"
+    traceparent = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
     with DaemonProcess(env) as daemon, client_for(daemon) as client:
-        streamed = stream(client, "gpt-test", 4, extra_headers={"X-Correlation-ID": correlation})
-        whole = complete(client, "gpt-test", 4, extra_headers={"X-Correlation-ID": correlation})
+        streamed = stream(client, "gpt-test", 4, extra_headers={"X-Correlation-ID": prefixed})
+        whole = complete(client, "gpt-test", 4, extra_headers={"X-Correlation-ID": decimal})
+        traced = complete(client, "gpt-test", 2, extra_headers={"traceparent": traceparent})
         fresh = complete(client, "gpt-test", 2)
         with pytest.raises(openai.BadRequestError) as bad:
-            complete(client, "gpt-test", 2, extra_headers={"X-Correlation-ID": "not-a-uuid"})
+            complete(client, "gpt-test", 2, extra_headers={"X-Correlation-ID": "x" * 129})
+        with pytest.raises(openai.BadRequestError) as many:
+            client.chat.completions.create(model="gpt-test", messages=MESSAGES, n=2)
         assert daemon.stop() == 0, daemon.log
-    assert "X-Correlation-ID" in bad.value.message
-    assert streamed.headers["x-correlation-id"] == correlation
-    assert whole.headers["x-correlation-id"] == correlation
+    assert "the X-Correlation-ID header is 129 bytes long" in bad.value.message
+    assert many.value.message.endswith("send n requests for n choices")
+    for refused in (bad.value, many.value):  # not stored, but answered and logged by an id
+        request_id = refused.response.headers["x-request-id"]
+        assert f" status=400 code=invalid_request request_id={request_id} " in daemon.log
+    assert streamed.headers["x-correlation-id"] == prefixed
+    assert whole.headers["x-correlation-id"] == decimal
+    assert traced.headers["x-correlation-id"] == TRACE_ID
     assert uuid.UUID(fresh.headers["x-correlation-id"])  # one is made up when none is sent
 
     store = read_store(database_url)
-    assert len(store.requests) == 3  # the refused request left nothing behind
-    assert str(store.request(streamed.request_id)["correlation_id"]) == correlation
-    assert str(store.request(whole.request_id)["correlation_id"]) == correlation
-    assert (
-        str(store.request(fresh.request_id)["correlation_id"])
-        == (fresh.headers["x-correlation-id"])
-    )
+    assert len(store.requests) == 4  # the refused request left nothing behind
+    for received in (streamed, whole, traced, fresh):
+        stored = store.request(received.request_id)["correlation_id"]
+        assert stored == received.headers["x-correlation-id"]
 
 
 def test_upstream_failures_reach_the_client_and_the_store(
@@ -237,11 +251,10 @@ def test_upstream_failures_reach_the_client_and_the_store(
 
     store = read_store(database_url)
     assert len(store.requests) == 3
-    # An error before the first byte carries no X-Request-ID: find the rows by model.
-    for streamed in (True, False):
-        (request,) = [
-            r for r in store.requests.values() if (r["model"], r["stream"]) == ("gpt-500", streamed)
-        ]
+    # An error before the first byte carries the X-Request-ID of the request it stored.
+    for failed, streamed in ((before, True), (whole, False)):
+        request = store.request(failed.value.response.headers["x-request-id"])
+        assert (request["model"], request["stream"]) == ("gpt-500", streamed)
         attempts = store.attempts[request["id"]]
         assert [a["attempt_no"] for a in attempts] == [1, 2]  # a 500 is retried once
         assert {(a["status"], a["http_status"]) for a in attempts} == {("failed", 500)}

@@ -17,6 +17,7 @@ import socket
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,22 @@ def error_of(response: bytes) -> dict[str, Any]:
     assert b"content-type: application/json" in head.lower(), head
     error: dict[str, Any] = orjson.loads(body)["error"]
     return error
+
+
+def request_id_of(response: bytes) -> uuid.UUID:
+    """The X-Request-ID every answer carries, refusals of the HTTP layer included."""
+    head = response.partition(b"\r\n\r\n")[0].decode("latin-1")
+    (value,) = re.findall(r"(?im)^x-request-id: (\S+)\r?$", head)
+    return uuid.UUID(value)
+
+
+def rejected_line(daemon: DaemonProcess, request: uuid.UUID) -> str:
+    """The log line of a rejected request, found by its id once the daemon's output has it
+    (written before the answer, but read from the daemon's pipe on a thread of its own)."""
+    line = daemon.wait_for_log(f".* request_id={request} .*")[0]
+    assert " rejected " in line, line
+    assert daemon.log.count(f" request_id={request} ") == 1, daemon.log
+    return line
 
 
 def responses(data: bytes) -> list[int]:
@@ -151,6 +168,7 @@ def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
     )
     assert "self.parser.feed_data(data)" in inspect.getsource(HttpToolsProtocol.data_received)
     assert "self.url += url" in inspect.getsource(HttpToolsProtocol.on_url)
+    assert "self.send_400_response(msg)" in inspect.getsource(HttpToolsProtocol.data_received)
     for hook in ("connection_made", "connection_lost", "eof_received", "on_message_begin"):
         assert hook in HttpToolsProtocol.__dict__, hook
 
@@ -169,15 +187,21 @@ def _send_tolerantly(sock: socket.socket, head: bytes, filler: bytes, total: int
 
 
 @pytest.mark.parametrize(
-    ("head", "status", "code"),
+    ("head", "status", "code", "why"),
     [
-        (b"GET /api/health HTTP/1.1\r\nHost: llmsvc\r\nX-Big: ", 431, "request_header_too_large"),
-        (b"GET /api/health?q=", 414, "uri_too_long"),
+        (
+            b"GET /api/health HTTP/1.1\r\nHost: llmsvc\r\nX-Big: ",
+            431,
+            "request_header_too_large",
+            "max_header_bytes=65536",
+        ),
+        (b"GET /api/health?q=", 414, "uri_too_long", "max_header_bytes=65536"),
+        (b"NOT HTTP AT ALL\r\n", 400, "invalid_request", "not valid HTTP/1.1"),
     ],
-    ids=["64 MiB header", "64 MiB URL"],
+    ids=["64 MiB header", "64 MiB URL", "not HTTP"],
 )
 def test_a_huge_head_is_refused_at_the_cap_without_the_daemon_growing(
-    start: Any, head: bytes, status: int, code: str
+    start: Any, head: bytes, status: int, code: str, why: str
 ) -> None:
     daemon = start(max_header_bytes=65536)
     before = rss_kib(daemon)
@@ -194,7 +218,11 @@ def test_a_huge_head_is_refused_at_the_cap_without_the_daemon_growing(
     assert status_of(response) == status
     error = error_of(response)
     assert error["code"] == code
-    assert "max_header_bytes=65536" in error["message"]
+    assert why in error["message"]
+    line = rejected_line(daemon, request_id_of(response))
+    assert f" status={status} code={code} " in line
+    assert len(line) < 1000  # a 64 MiB URL is cut, not logged
+    assert "?q=" not in line  # nor its query, which may carry what no log should
     grown = rss_kib(daemon) - before
     assert grown < 8 * 1024, f"the daemon grew by {grown} KiB"
     assert get_json(f"{daemon.base_url}/api/health")[0] == 200
@@ -241,6 +269,9 @@ def test_slow_and_silent_connections_are_closed_after_the_header_timeout(start: 
     for sock in slow:
         assert status_of(got[sock]) == 408
         assert "request_header_timeout_seconds=1.5" in error_of(got[sock])["message"]
+        assert " status=408 code=request_timeout " in rejected_line(
+            daemon, request_id_of(got[sock])
+        )
     for sock in silent + slow:
         sock.close()
     assert get_json(f"{daemon.base_url}/api/health")[0] == 200
@@ -261,6 +292,8 @@ def test_a_body_that_does_not_finish_arriving_gets_408_and_nothing_is_stored(
     sock.close()
     assert status_of(response) == 408
     assert "request_body_timeout_seconds=1" in error_of(response)["message"]
+    line = rejected_line(daemon, request_id_of(response))  # the id its app had made
+    assert f"rejected method=POST path={CHAT} status=408 code=request_timeout " in line
     assert read_store(sqlite_url).requests == {}
 
 
@@ -333,6 +366,7 @@ def test_past_max_connections_clients_get_503_and_are_never_reset(
         assert "503" in outcomes  # refused while the silent ones held every slot
         assert {exc.status_code for exc in refusals} == {503}
         assert all("max_connections" in exc.message for exc in refusals)
+        assert all(uuid.UUID(exc.response.headers["x-request-id"]) for exc in refusals)
         assert outcomes[-1] == "answered"  # served once the header timeout closed them
         assert first.choices[0].delta.role == "assistant"
         assert rest[-1].choices[0].finish_reason is not None  # never reset mid-stream

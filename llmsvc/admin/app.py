@@ -22,8 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmsvc.admin.openapi import document
 from llmsvc.config import Settings
 from llmsvc.errors import ClientError, MethodNotAllowed, NotFound, Unauthorized
-from llmsvc.gateway.errors import send_error, send_json
-from llmsvc.gateway.request import parse_body, read_body
+from llmsvc.gateway.errors import reject, send_json
+from llmsvc.gateway.request import parse_body, read_body, request_id_header
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.logs import logger
 from llmsvc.maintenance import backup, retention
@@ -117,9 +117,9 @@ class AdminApi:
         path = scope.get("path", "")
         if scope["type"] == "http" and path == "/openapi.json":
             if scope["method"] != "GET":
-                await send_error(send, MethodNotAllowed("/openapi.json takes GET", allow="GET"))
+                await reject(scope, send, MethodNotAllowed("/openapi.json takes GET", allow="GET"))
                 return
-            await send_json(send, 200, self.openapi)
+            await send_json(send, 200, self.openapi, [request_id_header(scope)])
             return
         if scope["type"] != "http" or not (path + "/").startswith(PREFIX):
             await self.app(scope, receive, send)
@@ -130,9 +130,10 @@ class AdminApi:
             self._authorize(scope)
             handler, match = self._route(path[len(PREFIX) :], scope["method"])
             status, body = await handler(scope, receive, match)
-            await send_json(send, status, body, [(b"cache-control", b"no-store")])
+            headers = [(b"cache-control", b"no-store"), request_id_header(scope)]
+            await send_json(send, status, body, headers)
         except Exception as exc:
-            await send_error(send, exc)
+            await reject(scope, send, exc)
 
     def _authorize(self, scope: Scope) -> None:
         """A constant-time comparison of the bearer token; the token is never logged."""

@@ -19,10 +19,18 @@ from llmsvc.callers import Caller
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from llmsvc.gateway.attribution import read_attribution
 from llmsvc.gateway.chat import Exchange
-from llmsvc.gateway.errors import send_error, send_json
+from llmsvc.gateway.errors import reject, send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
-from llmsvc.gateway.request import ClientGone, correlation_id, parse_chat, read_body
+from llmsvc.gateway.request import (
+    CALLER,
+    ClientGone,
+    correlation_id,
+    parse_chat,
+    read_body,
+    request_id,
+    request_id_header,
+)
 from llmsvc.gateway.router import RetryPolicy, Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.limits import Limiter
@@ -89,6 +97,7 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] != "http":
             return
+        request_id(scope)  # made first: an answer sent for it below by the HTTP layer has it too
         try:
             if self.keys is not None and scope["path"].startswith("/v1/"):
                 # Before the route is looked up: a caller without a key learns nothing.
@@ -104,7 +113,7 @@ class Gateway:
         except ClientGone:
             return
         except Exception as exc:  # errors.py maps it: 4xx for client errors, 500 otherwise
-            await send_error(send, exc)
+            await reject(scope, send, exc)
 
     async def chat_completions(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if self.paused is not None:
@@ -125,6 +134,7 @@ class Gateway:
             self.policy,
             data,
             request,
+            request_id(scope),
             correlation_id(headers),
             send,
             receive,
@@ -181,17 +191,18 @@ class Gateway:
             for name in self.router.models()
             if allowed is None or name in allowed
         ]
-        await send_json(send, 200, {"object": "list", "data": models})
+        await send_json(send, 200, {"object": "list", "data": models}, [request_id_header(scope)])
 
     async def health(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         """Liveness with detail: 200 while the process serves HTTP at all; `status` says how."""
-        await send_json(send, 200, self.health_report(), NO_STORE)
+        await send_json(send, 200, self.health_report(), [*NO_STORE, request_id_header(scope)])
 
     async def ready(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         """Readiness, for a load balancer: 200 while chat requests are taken, else 503 and why."""
         reason = self.refusal()
         body = {"ready": reason is None, "reason": reason}
-        await send_json(send, 503 if reason else 200, body, NO_STORE)
+        headers = [*NO_STORE, request_id_header(scope)]
+        await send_json(send, 503 if reason else 200, body, headers)
 
     async def prometheus(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         """The metrics port's text, on the API port too (off the loop: collectors read files)."""
@@ -200,7 +211,11 @@ class Gateway:
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", CONTENT_TYPE_LATEST.encode()), *NO_STORE],
+                "headers": [
+                    (b"content-type", CONTENT_TYPE_LATEST.encode()),
+                    *NO_STORE,
+                    request_id_header(scope),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body})
@@ -280,7 +295,6 @@ class Gateway:
 
 
 PROGRESS_SECONDS = 5.0  # while open requests are awaited, how often the log says how many
-CALLER = "llmsvc.caller"  # the scope key of an authenticated request's `Caller`
 NO_STORE = [(b"cache-control", b"no-store")]
 SHUTTING_DOWN = "llmsvc is shutting down and takes no new requests"
 DISK_FULL = "the WAL's disk is full; requests are refused until space is freed"

@@ -104,7 +104,8 @@ class Exchange:
         policy: RetryPolicy,
         data: dict[str, Any],
         request: ChatRequest,
-        correlation_id: uuid.UUID,
+        request_id: uuid.UUID,
+        correlation_id: str,
         send: ASGISend,
         receive: ASGIReceive,
         closed: Callable[[], bool],
@@ -130,7 +131,7 @@ class Exchange:
         self.send = send
         self.receive = receive
         self.closed = closed  # the connection is known gone (a write failed), asked at once
-        self.request_id = uuid.uuid4()
+        self.request_id = request_id
         self.attempt_id = uuid.uuid4()
         self.attempt_no = 0
         self.attempt_open = False  # an attempt is started and not yet ended in the journal
@@ -161,7 +162,7 @@ class Exchange:
         self.began_us = now_us()  # the clock first_token_us is on
         self.headers = [
             (b"x-request-id", str(self.request_id).encode()),
-            (b"x-correlation-id", str(correlation_id).encode()),
+            (b"x-correlation-id", correlation_id.encode()),
         ]
 
     @property

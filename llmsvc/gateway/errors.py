@@ -7,6 +7,8 @@ an SSE error event (the status line is already gone).
 from __future__ import annotations
 
 import http
+import uuid
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
@@ -20,6 +22,8 @@ from llmsvc.errors import (
     ServiceUnavailable,
     WalError,
 )
+from llmsvc.gateway.rejections import log_rejection
+from llmsvc.gateway.request import CALLER, request_id, request_id_header
 from llmsvc.gateway.sse import ASGISend
 from llmsvc.logs import logger
 from llmsvc.store.engine import describe_error
@@ -58,12 +62,29 @@ def error_event(exc: BaseException) -> bytes:
     return b"data: " + orjson.dumps({"error": describe(exc)[1]}) + b"\n\n"
 
 
+async def reject(scope: MutableMapping[str, Any], send: ASGISend, exc: BaseException) -> None:
+    """Answer a request refused before anything of it was served, with its X-Request-ID, and
+    log it (a served request logs its own line)."""
+    status, error = describe(exc)
+    log_rejection(
+        scope.get("method", ""),
+        scope.get("path", ""),
+        status,
+        error["code"],
+        error["message"],
+        request_id(scope),
+        scope.get(CALLER),
+    )
+    await send_error(send, exc, [request_id_header(scope)])
+
+
 async def send_error(
     send: ASGISend, exc: BaseException, headers: list[tuple[bytes, bytes]] | None = None
 ) -> None:
+    """The error as a whole response; `headers` carry the request's X-Request-ID."""
     status, error = describe(exc)
     if status == 503 and isinstance(exc, sa.exc.DBAPIError | ConnectionError | TimeoutError):
-        log.warning("database unavailable to a request: %s", describe_error(exc))
+        log.warning("database unavailable to a request", error=describe_error(exc))
     elif status >= 500 and not isinstance(exc, ServiceUnavailable | WalError | ProviderError):
         log.error("unhandled error", exc_info=exc)
     if isinstance(exc, MethodNotAllowed):
@@ -95,7 +116,7 @@ async def send_json(
     await send({"type": "http.response.body", "body": data})
 
 
-def closing_response(exc: BaseException) -> bytes:
+def closing_response(exc: BaseException, request: uuid.UUID) -> bytes:
     """A whole HTTP/1.1 error response that closes the connection, as raw bytes.
 
     For the HTTP protocol (gateway/http_protocol.py), which refuses a
@@ -107,6 +128,7 @@ def closing_response(exc: BaseException) -> bytes:
         f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
         "content-type: application/json\r\n"
         f"content-length: {len(body)}\r\n"
+        f"x-request-id: {request}\r\n"
         "connection: close\r\n\r\n"
     )
     return head.encode() + body

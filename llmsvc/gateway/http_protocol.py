@@ -15,21 +15,25 @@ from __future__ import annotations
 
 import asyncio
 import resource
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from llmsvc.errors import (
+    ClientError,
     HeaderTooLarge,
     LlmsvcError,
     RequestTimeout,
     ServiceUnavailable,
     UriTooLong,
 )
-from llmsvc.gateway.errors import closing_response
+from llmsvc.gateway.errors import closing_response, describe
+from llmsvc.gateway.rejections import log_rejection
+from llmsvc.gateway.request import CALLER, request_id
 
 CONNECTION = "llmsvc.connection"  # scope["extensions"] key: {"closed": () -> bool}
 RESERVED_DESCRIPTORS = 128  # kept from clients: the WAL, the database pool, jobs, logs
@@ -242,7 +246,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._linger(None)
             return
         setting = f"request_body_timeout_seconds={self.limits.body_timeout:g}"
-        self._linger(RequestTimeout(f"the request body did not arrive within {setting}"))
+        scope = cast(MutableMapping[str, Any], self.cycle.scope)  # as the app has it
+        self._linger(RequestTimeout(f"the request body did not arrive within {setting}"), scope)
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
@@ -251,13 +256,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self._unset_keepalive_if_required()
             self._set_timer(self.limits.header_timeout, self._head_late)
 
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to bytes that are not HTTP/1.1 (it has logged them), in JSON with a
+        request id like every other, and lingering rather than resetting the client; none
+        in the middle of another response, which it would corrupt."""
+        serving = self._serving
+        midway = serving is not None and serving.response_started and not serving.response_complete
+        self._linger(None if midway else ClientError("the request is not valid HTTP/1.1"))
+
     # -- closing -----------------------------------------------------------------------
 
-    def _linger(self, exc: LlmsvcError | None) -> None:
+    def _linger(
+        self, exc: LlmsvcError | None, scope: MutableMapping[str, Any] | None = None
+    ) -> None:
         """Answer `exc` (if any) and close, reading and dropping input for LINGER_SECONDS.
 
-        Closing with unread input resets the connection, and the client may
-        lose the answer with it.
+        `scope` is the request's when its app has it (its id, method and path); a request
+        refused before its head was whole has only its URL so far and a fresh id. Closing
+        with unread input resets the connection, and the client may lose the answer with it.
         """
         self._lingering, self._in_body = True, False
         serving = self._serving
@@ -267,11 +283,24 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if exc is not None:
-            self.transport.write(closing_response(exc))
+            request = request_id(scope) if scope is not None else uuid.uuid4()
+            self._log_rejection(exc, request, scope)
+            self.transport.write(closing_response(exc, request))
         self.transport.write_eof()
         if self.flow is not None:  # uvicorn may have paused reading (a pipelined request)
             self.flow.resume_reading()
         self._set_timer(LINGER_SECONDS, self.transport.close)
+
+    def _log_rejection(
+        self, exc: LlmsvcError, request: uuid.UUID, scope: MutableMapping[str, Any] | None
+    ) -> None:
+        status, error = describe(exc)
+        if scope is not None:
+            method, path, caller = scope.get("method", ""), scope.get("path", ""), scope.get(CALLER)
+        else:
+            # the URL's path only: a query string may carry what no log should
+            method, path, caller = "", self.url.partition(b"?")[0].decode("latin-1"), None
+        log_rejection(method, path, status, error["code"], error["message"], request, caller)
 
     def _closed(self) -> bool:
         """The client will get nothing more here: the connection is closing, or was refused."""

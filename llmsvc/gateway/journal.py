@@ -41,7 +41,7 @@ class Journal:
     def request_start(
         self,
         request_id: uuid.UUID,
-        correlation_id: uuid.UUID,
+        correlation_id: str,
         model: str,
         stream: bool,
         messages: list[Any],
@@ -57,7 +57,7 @@ class Journal:
         """
         body = {
             "id": str(request_id),
-            "correlation_id": str(correlation_id),
+            "correlation_id": correlation_id,
             "model": model,
             "stream": stream,
             "messages": messages,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import uuid
+from collections.abc import MutableMapping
 from typing import Annotated, Any, Literal, TypeVar
 
 import orjson
@@ -25,6 +27,18 @@ Body = TypeVar("Body", bound=BaseModel)
 MAX_DEPTH = 64
 _NOT_BRACKETS = bytes(range(256)).translate(None, b"[]{}")
 _PAIRS = bytes.maketrans(b"[]{}", b"()()")
+
+REQUEST_ID = "llmsvc.request_id"  # the scope key of the request's id (`request_id`)
+CALLER = "llmsvc.caller"  # the scope key of an authenticated request's `Caller`
+# An X-Correlation-ID is stored and searched as sent: visible ASCII, at most this long. Every
+# trace id format in use fits (a UUID is 36, a W3C traceparent 55, AWS's X-Amzn-Trace-Id ~80);
+# no spaces, so it stays one field in a log line and a table.
+CORRELATION_MAX = 128  # llm_requests.correlation_id is as wide
+VISIBLE_ASCII = bytes(range(0x21, 0x7F))
+# W3C Trace Context: version (not ff), trace id and parent id (neither all zeros), flags.
+TRACEPARENT = re.compile(
+    rb"(?!ff)[0-9a-f]{2}-(?!0{32})([0-9a-f]{32})-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}"
+)
 
 
 # A client's metadata, bounded as OpenAI bounds its own `metadata` field: 16 pairs, keys
@@ -78,12 +92,25 @@ class ChatRequest(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
+    n: int | None = None  # one choice per request: see _one_choice
     mock_delay_ms: float | None = Field(default=None, ge=0, le=60_000)
     # Attribution (gateway/attribution.py): `user` and `metadata` are OpenAI's own fields and
     # go to the provider as sent; `session_id` is llmsvc's and does not.
     user: str | None = Field(default=None, max_length=256)
     metadata: Metadata | None = None
     session_id: str | None = Field(default=None, max_length=200)
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, value: int | None) -> int | None:
+        """A reply is journaled and stored as one choice (token rows have no choice index), and
+        an upstream's n > 1 stream would interleave its choices into that one: refused."""
+        if value is None or value == 1:
+            return value
+        raise ValueError(
+            "llmsvc returns one choice per request (it stores exactly what a client received, "
+            "one reply per request); leave n out or 1, and send n requests for n choices"
+        )
 
 
 async def read_body(receive: ASGIReceive, headers: dict[bytes, bytes], limit: int) -> bytes:
@@ -155,11 +182,53 @@ def too_deep(body: bytes, limit: int) -> bool:
     return False
 
 
-def correlation_id(headers: dict[bytes, bytes]) -> uuid.UUID:
+def request_id(scope: MutableMapping[str, Any]) -> uuid.UUID:
+    """The request's id, made at its first use and kept in its scope: every response carries
+    it as X-Request-ID, errors included, and its log lines name it."""
+    made: uuid.UUID | None = scope.get(REQUEST_ID)
+    if made is None:
+        made = scope[REQUEST_ID] = uuid.uuid4()
+    return made
+
+
+def request_id_header(scope: MutableMapping[str, Any]) -> tuple[bytes, bytes]:
+    """The X-Request-ID header of the request's answer, whatever its status."""
+    return (b"x-request-id", str(request_id(scope)).encode())
+
+
+def correlation_id(headers: dict[bytes, bytes]) -> str:
+    """The client's X-Correlation-ID as sent; else its W3C `traceparent`'s trace id, which ties
+    the request to the caller's trace as one would; else a new UUID.
+
+    Any id an application already uses (`req_…`, decimal trace ids, a whole `traceparent`) is
+    taken: visible ASCII, 1 to CORRELATION_MAX characters. A space, a control or non-ASCII
+    byte, or a longer value is refused rather than cut or altered: it is stored and searched
+    as sent.
+    """
     raw = headers.get(b"x-correlation-id")
     if raw is None:
-        return uuid.uuid4()
-    try:
-        return uuid.UUID(raw.decode("ascii"))
-    except ValueError:
-        raise ClientError("the X-Correlation-ID header must be a UUID") from None
+        return trace_id(headers.get(b"traceparent")) or str(uuid.uuid4())
+    if not 0 < len(raw) <= CORRELATION_MAX:
+        problem = f"is {len(raw)} bytes long"
+    elif raw.translate(None, VISIBLE_ASCII):
+        problem = "holds a space, a control or a non-ASCII character"
+    else:
+        return raw.decode("ascii")
+    raise ClientError(
+        f"the X-Correlation-ID header {problem}: it must be 1 to {CORRELATION_MAX} visible "
+        "ASCII characters (letters, digits, punctuation; no spaces)"
+    )
+
+
+def trace_id(traceparent: bytes | None) -> str | None:
+    """The trace id of a valid W3C `traceparent` (version-traceid-parentid-flags), else None:
+    an invalid one is ignored, as the W3C Trace Context asks."""
+    if traceparent is None:
+        return None
+    match = TRACEPARENT.match(traceparent)
+    if match is None:
+        return None
+    version, rest = traceparent[:2], traceparent[match.end() :]
+    if rest and (version == b"00" or not rest.startswith(b"-")):
+        return None  # version 00 has exactly four fields; a later one may add more after a dash
+    return match[1].decode()

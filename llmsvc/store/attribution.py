@@ -72,17 +72,8 @@ async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElemen
 
 
 def correlated(correlation_id: str) -> sa.ColumnElement[bool]:
-    """Requests sent with this X-Correlation-ID, an opaque string matched as sent.
-
-    While the column is a UUID (as migration 0001 made it), only a UUID can match.
-    """
-    column = llm_requests.c.correlation_id
-    if isinstance(column.type, sa.Uuid):
-        try:
-            return column == uuid.UUID(correlation_id)
-        except ValueError:
-            return sa.false()
-    return column == correlation_id
+    """Requests sent with this X-Correlation-ID, an opaque string matched as sent."""
+    return llm_requests.c.correlation_id == correlation_id
 
 
 async def _ids(conn: AsyncConnection, table: sa.Table, given: str, what: str) -> list[uuid.UUID]:

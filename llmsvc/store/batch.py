@@ -104,7 +104,7 @@ def _request_row(body: dict[str, Any], instance_id: uuid.UUID) -> dict[str, Any]
     return {
         "id": uuid.UUID(body["id"]),
         "instance_id": instance_id,
-        "correlation_id": uuid.UUID(body["correlation_id"]),
+        "correlation_id": body["correlation_id"],  # as the client sent it; older WALs: a UUID
         "model": body["model"],
         "stream": body["stream"],
         "status": "streaming",
@@ -149,7 +149,7 @@ def _stand_in_row(attempt: dict[str, Any], instance_id: uuid.UUID) -> dict[str, 
     return {
         "id": attempt["request_id"],
         "instance_id": instance_id,
-        "correlation_id": uuid.UUID(int=0),
+        "correlation_id": str(uuid.UUID(int=0)),
         "model": attempt["model"],
         "stream": True,
         "status": "streaming",

@@ -23,7 +23,8 @@ llm_requests = sa.Table(
     metadata,
     sa.Column("id", sa.Uuid, primary_key=True),
     sa.Column("instance_id", sa.Uuid, nullable=False),
-    sa.Column("correlation_id", sa.Uuid, nullable=False),
+    # The client's X-Correlation-ID as sent, or the id made for it (migration 0007: was a UUID).
+    sa.Column("correlation_id", sa.String(128), nullable=False),
     sa.Column("model", sa.String(200), nullable=False),
     sa.Column("stream", sa.Boolean, nullable=False),
     sa.Column("status", sa.String(16), nullable=False),
@@ -207,6 +208,7 @@ maintenance_slots = sa.Table(
 
 sa.Index("ix_llm_requests_created_at", llm_requests.c.created_at)
 sa.Index("ix_llm_requests_status", llm_requests.c.status)
+sa.Index("ix_llm_requests_correlation_id", llm_requests.c.correlation_id)
 sa.Index("ix_llm_requests_key_created", llm_requests.c.key_id, llm_requests.c.created_at)
 sa.Index("ix_llm_requests_team_created", llm_requests.c.team_id, llm_requests.c.created_at)
 sa.Index("ix_api_keys_updated_at", api_keys.c.updated_at)

@@ -32,7 +32,7 @@ from pydantic import SecretStr
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import BodyTooLarge, ClientError, WalFatal
-from llmsvc.gateway import app
+from llmsvc.gateway import app, rejections
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.attribution import Attribution
 from llmsvc.gateway.chat import Exchange
@@ -104,7 +104,11 @@ def refused_port() -> Iterator[int]:
 
 
 @pytest.fixture
-async def served(tmp_path: Path, refused_port: int) -> AsyncIterator[Served]:
+async def served(
+    tmp_path: Path, refused_port: int, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Served]:
+    # Each test has the rejected-request log's budget to itself, whatever ran the same second.
+    monkeypatch.setattr(rejections, "_budget", rejections._Budget())
     wal_dir = tmp_path / "wal"
     wal_dir.mkdir()
     wal_id = instance_id(wal_dir)
@@ -268,6 +272,7 @@ INVALID_FIELDS = {
     "temperature-9": (_chat(temperature=9), "temperature"),
     "temperature-str": (_chat(temperature="hot"), "temperature"),
     "mock_delay_ms-negative": (_chat(mock_delay_ms=-1), "mock_delay_ms"),
+    "n-2": (_chat(n=2), "n"),  # one choice per request: the store keeps one reply
     "include_usage-int": (
         _chat(stream=True, stream_options={"include_usage": 1}),
         "stream_options.include_usage",
@@ -305,14 +310,20 @@ def _nested_body(levels: int) -> bytes:
 
 
 @pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 255, 1024])
-async def test_a_body_nested_past_the_depth_limit_is_400_naming_it_without_a_log_line(
+async def test_a_body_nested_past_the_depth_limit_is_400_naming_it_in_one_line(
     served: Served, levels: int, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Past the limit, below and beyond what the WAL's encoder takes: 400, not a traceback."""
+    """Past the limit, below and beyond what the WAL's encoder takes: 400 and the one line of
+    a rejected request, not a traceback."""
     with caplog.at_level(logging.INFO):
         error = _error(*(await _post(served, _nested_body(levels)))[::2], 400)
     assert f"deeper than {MAX_DEPTH} levels" in error["message"]
-    assert [r for r in caplog.records if r.name != "uvicorn.access"] == []
+    lines = [
+        (r.levelno, r.exc_info, r.getMessage().split()[0])
+        for r in caplog.records
+        if r.name != "uvicorn.access"
+    ]
+    assert lines == [(logging.INFO, None, "rejected")]
     await _assert_nothing_recorded(served)
 
 
@@ -342,7 +353,7 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
 
     exchange = Exchange(
         gateway.journal, gateway.router, gateway.policy, data,
-        ChatRequest.model_validate(data), uuid.uuid4(), send, receive, lambda: False,
+        ChatRequest.model_validate(data), uuid.uuid4(), "corr", send, receive, lambda: False,
         caller=None, attribution=Attribution(),
     )  # fmt: skip
     with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
@@ -364,7 +375,7 @@ async def test_a_start_record_past_the_wals_record_limit_is_413_and_records_noth
     would read back as damage is refused instead of journaled."""
     messages = [{"role": "user", "content": "x" * MAX_PAYLOAD}]
     with pytest.raises(BodyTooLarge) as raised:
-        served.gateway.journal.request_start(uuid.uuid4(), uuid.uuid4(), "mock", False,
+        served.gateway.journal.request_start(uuid.uuid4(), "corr", "mock", False,
                                              messages, {})  # fmt: skip
 
     assert describe(raised.value)[0] == 413
@@ -431,14 +442,35 @@ async def test_chunked_body_under_the_limit_is_served(served: Served) -> None:
     assert orjson.loads(raw)["choices"][0]["message"]["content"] == token(0) + token(1)
 
 
-@pytest.mark.parametrize("value", ["not-a-uuid", "1234", ""])
+@pytest.mark.parametrize("value", ["x" * 129, "two words", ""], ids=["long", "space", "empty"])
 async def test_invalid_correlation_id_is_400_and_records_nothing(
     served: Served, value: str
 ) -> None:
     body = {"model": "mock", "messages": MESSAGES}
     error = _error(*(await _post(served, body, **{"X-Correlation-ID": value}))[::2], 400)
-    assert "X-Correlation-ID" in error["message"]
+    assert error["message"].startswith("the X-Correlation-ID header ")
+    assert "1 to 128 visible ASCII characters" in error["message"]
     await _assert_nothing_recorded(served)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "req_8d2f0c",
+        "12345678901234567890",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ],
+    ids=["prefixed", "decimal", "traceparent"],
+)
+async def test_a_correlation_id_that_is_not_a_uuid_is_echoed_and_journaled_as_sent(
+    served: Served, value: str
+) -> None:
+    body = {"model": "mock", "messages": MESSAGES, "max_tokens": 1}
+    status, headers, raw = await _post(served, body, **{"X-Correlation-ID": value})
+    assert status == 200, raw
+    assert headers["X-Correlation-ID"] == value
+    [start] = _by_type(await served.records(), RecordType.REQUEST_START)
+    assert start["correlation_id"] == value
 
 
 @pytest.mark.parametrize("path", ["/", "/v1/chat", "/v1/chat/completions/", "/v1/models/mock"])
@@ -473,6 +505,55 @@ async def test_405_carries_the_allow_header(served: Served) -> None:
             assert r.status == 405
             allow[method, path] = r.headers.get("Allow")
     assert allow == {(method, path): allowed for method, path, allowed in WRONG_METHODS}
+
+
+REJECTED = [
+    ("POST", "/nowhere", b"{}", 404, "not_found"),
+    ("GET", CHAT, b"", 405, "method_not_allowed"),
+    ("POST", CHAT, b"{not json", 400, "invalid_request"),
+    ("POST", CHAT, orjson.dumps(_chat(model="gpt-nowhere")), 404, "model_not_found"),
+    ("POST", CHAT, orjson.dumps(_chat(n=3)), 400, "invalid_request"),
+    ("POST", CHAT, b"x" * (MAX_BODY_BYTES + 1), 413, "request_too_large"),
+]
+ANSWERED = [
+    ("GET", "/v1/models", b"", 200),
+    ("GET", "/api/health", b"", 200),
+    ("GET", "/api/ready", b"", 200),
+    ("GET", "/api/metrics", b"", 200),
+    ("POST", CHAT, orjson.dumps(_chat(max_tokens=1)), 200),
+]
+
+
+async def test_every_answer_carries_an_x_request_id_and_each_rejection_one_log_line(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Errors raised before routing, 404, 405, 400, 413 and the small JSON answers all say
+    which request they answer; a rejection is logged once by that id, without its body."""
+    secret = "the prompt must never reach the log"
+    ids: list[uuid.UUID] = []
+    with caplog.at_level(logging.INFO):
+        for method, path, body, status, *_ in REJECTED + ANSWERED:
+            data = body.replace(b"hello there", secret.encode())
+            async with served.session.request(method, served.url + path, data=data) as r:
+                assert r.status == status, await r.read()
+                ids.append(uuid.UUID(r.headers["X-Request-ID"]))
+
+    assert len(set(ids)) == len(REJECTED) + len(ANSWERED)
+    rejected = [r for r in caplog.records if r.getMessage().startswith("rejected ")]
+    assert len(rejected) == len(REJECTED)
+    for (method, path, _, status, code), request, record in zip(
+        REJECTED,
+        ids,
+        rejected,
+        strict=False,  # the answered ones' ids come after
+    ):
+        line = record.getMessage()
+        assert line.startswith(
+            f"rejected method={method} path={path} status={status} code={code} "
+            f"request_id={request} reason="
+        ), line
+    assert all(secret not in r.getMessage() for r in caplog.records)
+    assert served.writer.appended_lsn == 5  # only the chat answered: its five records
 
 
 # --- good input --------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import orjson
@@ -10,7 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from llmsvc.errors import ClientError
-from llmsvc.gateway.request import MAX_DEPTH, parse_chat, too_deep
+from llmsvc.gateway.request import (
+    CORRELATION_MAX,
+    MAX_DEPTH,
+    correlation_id,
+    parse_chat,
+    too_deep,
+    trace_id,
+)
 
 CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -91,9 +99,9 @@ def test_a_body_past_the_parsers_own_limit_is_not_valid_json() -> None:
     [b"18446744073709551616", b"-9223372036854775809", b"1" * 300, b"1e-400", b"-0.0"],
 )
 def test_numbers_past_64_bits_parse_as_floats_the_wal_can_encode(literal: bytes) -> None:
-    data, _ = parse_chat(b'{"model":"m","messages":[{"role":"user"}],"n":' + literal + b"}")
+    data, _ = parse_chat(b'{"model":"m","messages":[{"role":"user"}],"seed":' + literal + b"}")
 
-    assert orjson.loads(orjson.dumps(data))["n"] == data["n"]
+    assert orjson.loads(orjson.dumps(data))["seed"] == data["seed"]
 
 
 @pytest.mark.parametrize(
@@ -103,3 +111,112 @@ def test_numbers_past_64_bits_parse_as_floats_the_wal_can_encode(literal: bytes)
 def test_values_orjson_cannot_hold_are_client_errors(body: bytes) -> None:
     with pytest.raises(ClientError, match="not valid JSON"):
         parse_chat(body)
+
+
+# -- n: one choice per request ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("n", [1, None])
+def test_n_of_one_or_null_is_taken(n: int | None) -> None:
+    data, request = parse_chat(orjson.dumps({**CHAT, "n": n}))
+
+    assert request.n == n == data["n"]
+
+
+@pytest.mark.parametrize("n", [2, 128, 0])
+def test_n_other_than_one_is_refused_naming_the_field_and_why(n: int) -> None:
+    with pytest.raises(ClientError) as raised:
+        parse_chat(orjson.dumps({**CHAT, "n": n}))
+
+    assert raised.value.param == "n"
+    assert str(raised.value).startswith("n: ")
+    assert "one choice per request" in str(raised.value)
+
+
+# -- X-Correlation-ID and traceparent ---------------------------------------------------
+
+TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
+TRACEPARENT = f"00-{TRACE}-00f067aa0ba902b7-01"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "req_01HZX3K9Q7V5M2N8P4R6T0W1Y3",
+        "8472937462918374659",
+        TRACEPARENT,
+        "C0FFEE00-0000-4000-8000-000000000000",  # a UUID in capitals stays in capitals
+        "Root=1-5759e988-bd862e3fe1be46a994272793;Parent=53995c3f42cd8ad8;Sampled=1",
+        "x" * CORRELATION_MAX,
+        "~!#$%&'*+-.^_`|{}",
+    ],
+)
+def test_a_correlation_id_of_visible_ascii_is_taken_as_sent(sent: str) -> None:
+    assert correlation_id({b"x-correlation-id": sent.encode()}) == sent
+
+
+@pytest.mark.parametrize(
+    ("sent", "problem"),
+    [
+        (b"", "is 0 bytes long"),
+        (b"x" * (CORRELATION_MAX + 1), f"is {CORRELATION_MAX + 1} bytes long"),
+        (b"two words", "a space"),
+        (b"tab\there", "a control"),
+        (b"nul\x00", "a control"),
+        ("caf\u00e9".encode(), "non-ASCII"),
+    ],
+    ids=["empty", "too-long", "space", "tab", "nul", "non-ascii"],
+)
+def test_a_correlation_id_past_the_rule_is_refused_naming_the_header_and_the_rule(
+    sent: bytes, problem: str
+) -> None:
+    with pytest.raises(ClientError) as raised:
+        correlation_id({b"x-correlation-id": sent})
+
+    message = str(raised.value)
+    assert message.startswith("the X-Correlation-ID header ")
+    assert problem in message
+    assert f"1 to {CORRELATION_MAX} visible ASCII characters" in message
+
+
+def test_without_a_correlation_id_a_traceparents_trace_id_is_taken() -> None:
+    assert correlation_id({b"traceparent": TRACEPARENT.encode()}) == TRACE
+    sent = {b"traceparent": TRACEPARENT.encode(), b"x-correlation-id": b"mine"}
+    assert correlation_id(sent) == "mine"  # the client's own id wins
+
+
+def test_without_either_a_new_uuid_is_made() -> None:
+    made = {correlation_id({}) for _ in range(3)}
+
+    assert len(made) == 3
+    assert all(str(uuid.UUID(m)) == m for m in made)
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        f"cc-{TRACE}-00f067aa0ba902b7-01-future-field",  # a later version may add fields
+        f"00-{TRACE}-00f067aa0ba902b7-00",
+    ],
+)
+def test_a_valid_traceparent_gives_its_trace_id(traceparent: str) -> None:
+    assert trace_id(traceparent.encode()) == TRACE
+
+
+@pytest.mark.parametrize(
+    "traceparent",
+    [
+        f"ff-{TRACE}-00f067aa0ba902b7-01",  # version ff is invalid
+        f"00-{'0' * 32}-00f067aa0ba902b7-01",  # an all-zero trace id
+        f"00-{TRACE}-{'0' * 16}-01",  # an all-zero parent id
+        f"00-{TRACE.upper()}-00f067aa0ba902b7-01",
+        f"00-{TRACE}-00f067aa0ba902b7-01-extra",  # version 00 has four fields
+        f"cc-{TRACE}-00f067aa0ba902b7-01x",
+        f"00-{TRACE[:-1]}-00f067aa0ba902b7-01",
+        "",
+    ],
+)
+def test_an_invalid_traceparent_is_ignored(traceparent: str) -> None:
+    assert trace_id(traceparent.encode()) is None
+    correlation = correlation_id({b"traceparent": traceparent.encode()})
+    assert str(uuid.UUID(correlation)) == correlation

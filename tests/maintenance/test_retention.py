@@ -36,7 +36,7 @@ async def add_request(
             sa.insert(llm_requests).values(
                 id=request_id,
                 instance_id=uuid.uuid4(),
-                correlation_id=uuid.uuid4(),
+                correlation_id="c-1",
                 model="m",
                 stream=True,
                 status=status,

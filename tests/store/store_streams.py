@@ -42,7 +42,7 @@ class Stream:
     )
     params: dict[str, Any] = field(default_factory=lambda: {"temperature": 0.2})
     request_id: uuid.UUID = field(default_factory=uuid.uuid4)
-    correlation_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    correlation_id: str = "req_01HZX3K9Q7"  # as the client sent it: any visible ASCII
     attempt_id: uuid.UUID = field(default_factory=uuid.uuid4)
     attempt_no: int = 1
     prompt_tokens: int = 12

@@ -345,3 +345,35 @@ async def test_records_lost_at_the_end_of_the_log_do_not_hold_the_checkpoint_bac
     assert await flusher.drain(5)
     rows = await dump(engine)
     assert [r["status"] for r in rows["requests"]] == ["completed"]
+
+
+async def test_a_start_record_journaled_before_correlation_ids_were_text_is_stored(
+    engine: AsyncEngine,
+    writer: WalWriter,
+    journal: Journal,
+    make_flusher: MakeFlusher,
+    wal_id: uuid.UUID,
+) -> None:
+    """A WAL written by a version that took only UUIDs replays into the text column: its
+    start record, byte for byte as that version wrote it, is stored with the UUID's text."""
+    old = Stream(texts(2), correlation_id="5f0c2a1e-8d3b-4c6a-9e7f-0a1b2c3d4e5f")
+    payload = (
+        b'{"id":"%s","correlation_id":"5f0c2a1e-8d3b-4c6a-9e7f-0a1b2c3d4e5f",'
+        b'"model":"gpt-4o-mini","stream":true,'
+        b'"messages":[{"role":"user","content":"hi"}],"params":{},"ts":1764950400000000}'
+    ) % str(old.request_id).encode()
+    writer.queue(codec.encode(codec.RecordType.REQUEST_START, payload))
+    old.start_attempt(journal)
+    old.tokens(journal)
+    await asyncio.shield(old.end(journal))
+    new = Stream(texts(1), correlation_id="00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    await new.journal_whole(journal)
+
+    flusher = make_flusher()
+    await flusher.start()
+    assert await flusher.drain(10)
+
+    rows = await dump(engine)
+    stored = {r["id"]: r["correlation_id"] for r in rows["requests"]}
+    assert stored == {old.request_id: old.correlation_id, new.request_id: new.correlation_id}
+    assert texts(2) == [t["text"] for t in rows["tokens"] if t["attempt_id"] == old.attempt_id]

@@ -177,7 +177,7 @@ async def test_the_database_refusal_of_a_request_row_is_classified_as_refused(
     row = {
         "id": uuid.uuid4(),
         "instance_id": uuid.uuid4(),
-        "correlation_id": uuid.uuid4(),
+        "correlation_id": "c-1",
         "model": "m",
         "stream": True,
         "status": "streaming",

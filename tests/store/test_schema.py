@@ -21,7 +21,7 @@ from llmsvc.store.engine import (
     schema_revision,
     upgrade_to_head,
 )
-from llmsvc.store.schema import llm_token_log, metadata, wal_checkpoints
+from llmsvc.store.schema import Json, llm_token_log, metadata, wal_checkpoints
 
 STORE_TABLES = {
     "llm_requests",
@@ -203,3 +203,73 @@ async def test_partitioning_the_token_log_keeps_every_row_in_its_days_partition(
     oldest = (today - timedelta(days=30, seconds=2)).date()
     assert days[0] == oldest
     assert days[-1] == today.date() + timedelta(days=14)
+
+
+def _requests_before_0007(uuid_type: bool) -> sa.Table:
+    """The columns of llm_requests a row needs, correlation_id a UUID as before 0007 or not."""
+    return sa.Table(
+        "llm_requests",
+        sa.MetaData(),
+        sa.Column("id", sa.Uuid, primary_key=True),
+        sa.Column("instance_id", sa.Uuid),
+        sa.Column("correlation_id", sa.Uuid if uuid_type else sa.String(128)),
+        sa.Column("model", sa.String(200)),
+        sa.Column("stream", sa.Boolean),
+        sa.Column("status", sa.String(16)),
+        sa.Column("messages", Json),
+        sa.Column("params", Json),
+        sa.Column("created_at", sa.DateTime(timezone=True)),
+    )
+
+
+async def test_correlation_ids_stored_as_uuids_are_kept_as_their_text(database_url: str) -> None:
+    """Migration 0007: the UUID column becomes text; stored ids read back as the gateway
+    echoed them; any id fits after it; a downgrade refuses while an id is no UUID."""
+    engine = create_engine(database_url)
+    before, after = uuid.uuid4(), "req_01HZX3K9Q7"
+    as_uuids, as_text = _requests_before_0007(True), _requests_before_0007(False)
+
+    def row(correlation: Any) -> dict[str, Any]:
+        return {
+            "id": uuid.uuid4(),
+            "instance_id": uuid.uuid4(),
+            "correlation_id": correlation,
+            "model": "m",
+            "stream": True,
+            "status": "completed",
+            "messages": [],
+            "params": {},
+            "created_at": datetime.now(UTC),
+        }
+
+    async def alembic(step: Any, revision: str) -> None:
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: step(_alembic_config(sync), revision))
+
+    async def correlations(table: sa.Table) -> list[Any]:
+        async with engine.connect() as conn:
+            query = sa.select(table.c.correlation_id).order_by(table.c.created_at)
+            return list((await conn.execute(query)).scalars())
+
+    try:
+        await alembic(command.upgrade, "0006")
+        async with engine.begin() as conn:
+            await conn.execute(sa.insert(as_uuids).values(row(before)))
+        await upgrade_to_head(engine)
+        migrated = await correlations(as_text)
+        async with engine.begin() as conn:
+            await conn.execute(sa.insert(as_text).values(row(after)))
+        both = await correlations(as_text)
+        with pytest.raises(RuntimeError, match="1 requests have a correlation id that is not"):
+            await alembic(command.downgrade, "0006")
+        kept = await correlations(as_text), await schema_revision(engine)
+        async with engine.begin() as conn:
+            await conn.execute(sa.delete(as_text).where(as_text.c.correlation_id == after))
+        await alembic(command.downgrade, "0006")
+        downgraded = await correlations(as_uuids)
+    finally:
+        await engine.dispose()
+    assert migrated == [str(before)]
+    assert both == [str(before), after]
+    assert kept == ([str(before), after], (NEWEST, NEWEST))
+    assert downgraded == [before]
