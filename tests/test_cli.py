@@ -23,6 +23,8 @@ from llmsvc.store.flusher import Flusher
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
 
+UNKNOWN_ID = "5f0c9f8e-0000-4000-8000-000000000000"  # fixed: xdist workers must collect alike
+
 
 class Cli:
     """Runs `python -m llmsvc.cli` with its state (database, WAL) under one directory."""
@@ -112,7 +114,7 @@ def test_status_json_is_a_json_list(migrated: Cli) -> None:
     "command",
     [
         ("status",),
-        ("show", str(uuid.uuid4())),
+        ("show", UNKNOWN_ID),
         ("check",),
         ("keys", "list"),
         ("keys", "create", "alpha"),
@@ -177,7 +179,7 @@ def test_status_limit_below_one_is_a_usage_error(migrated: Cli) -> None:
     assert "--limit" in done.stderr
 
 
-@pytest.mark.parametrize("given", [str(uuid.uuid4()), "not-a-uuid"])
+@pytest.mark.parametrize("given", [UNKNOWN_ID, "not-a-uuid"])
 def test_show_with_an_unknown_id_exits_1(migrated: Cli, given: str) -> None:
     done = migrated("show", given)
     assert done.returncode == 1

@@ -87,6 +87,7 @@ def test_the_state_a_daemon_on_the_defaults_creates_is_private(
     wal_dir = Path(env["LLMSVC_WAL_DIR"])
     with DaemonProcess(env) as daemon:
         client_for(daemon).chat.completions.create(model="mock", messages=MESSAGES)
+        daemon.wait_caught_up()  # a backup needs the schema the catch-up migrates
         assert run_cli(env, "backup").returncode == 0
         deadline = time.monotonic() + 30
         while not (wal_dir / "checkpoint").exists():  # written after the flusher's commit
@@ -98,8 +99,8 @@ def test_the_state_a_daemon_on_the_defaults_creates_is_private(
         "state/llmsvc/llmsvc.db",
         "state/llmsvc/llmsvc.db-wal",
         "state/llmsvc/llmsvc.db-shm",
-        "state/llmsvc/llmsvc.db.migrate.lock",
-        "state/llmsvc/llmsvc.db.job-backup.lock",
+        "state/llmsvc/llmsvc.db.locks/migrate.lock",
+        "state/llmsvc/llmsvc.db.locks/backup.lock",
         "state/llmsvc/backups",
     } <= set(state)
     assert len([name for name in state if name.startswith("state/llmsvc/backups/")]) == 2

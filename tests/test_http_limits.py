@@ -36,13 +36,14 @@ MiB = 1024 * 1024
 CHAT = "/v1/chat/completions"
 
 
-def chat_request(stream: bool, tokens: int = 5) -> bytes:
+def chat_request(stream: bool, tokens: int = 5, delay_ms: float = 0) -> bytes:
     body = orjson.dumps(
         {
             "model": "mock",
             "messages": [{"role": "user", "content": "hi"}],
             "max_tokens": tokens,
             "stream": stream,
+            "mock_delay_ms": delay_ms,
         }
     )
     head = (
@@ -418,7 +419,8 @@ def test_a_client_that_closes_at_once_is_stored_interrupted_with_its_tokens(
     daemon = start(database_url)
     for _ in range(10):
         sock = connect(daemon)
-        sock.sendall(chat_request(stream, tokens=5))
+        # A whole reply takes 100 ms, so the close is seen before it is ready to send.
+        sock.sendall(chat_request(stream, tokens=5, delay_ms=0 if stream else 20))
         sock.close()
 
     store = stored_when_settled(database_url, 10)
