@@ -6,6 +6,7 @@ the official SDK, SQLite and PostgreSQL.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import time
@@ -16,20 +17,23 @@ from typing import Any
 
 import openai
 import pytest
-from daemon_process import DaemonProcess, UpstreamProcess, daemon_env, read_store, run_cli
+from daemon_process import DaemonProcess, UpstreamProcess, daemon_env, read_store
 from test_e2e import KEY, MESSAGES
+
+from llmsvc.store import keys as store_keys
+from llmsvc.store.engine import create_engine, upgrade_to_head
 
 pytestmark = pytest.mark.timeout(90)
 
 PRICE = {"input_per_million": 100000.0, "output_per_million": 100000.0}  # 0.1 a token
-KEYS: dict[str, list[str]] = {  # name -> `llmsvc keys create` options
-    "rpm": ["--rpm", "3"],
-    "tpm": ["--tpm", "20"],
-    "budget": ["--budget", "1.0", "--budget-period", "day"],
-    "team-a": ["--team", "pair"],
-    "team-b": ["--team", "pair"],
-    "shared": ["--rpm", "6"],
-    "free": [],
+KEYS: dict[str, dict[str, Any]] = {  # name -> the key's limits and team
+    "rpm": {"rpm": 3},
+    "tpm": {"tpm": 20},
+    "budget": {"budget": 1.0, "budget_period": "day"},
+    "team-a": {"team": "pair"},
+    "team-b": {"team": "pair"},
+    "shared": {"rpm": 6},
+    "free": {},
 }
 
 
@@ -59,16 +63,23 @@ def env(database_url: str, tmp_path: Path, upstream: UpstreamProcess) -> dict[st
 
 @pytest.fixture
 def keys(env: dict[str, str]) -> dict[str, dict[str, Any]]:
-    """Each caller's key id and secret, as `keys create --json` printed them."""
-    assert run_cli(env, "migrate").returncode == 0
-    assert run_cli(env, "teams", "create", "pair", "--rpm", "2").returncode == 0
-    made = {}
-    for name, options in KEYS.items():
-        done = run_cli(env, "keys", "create", name, *options, "--json")
-        assert done.returncode == 0, done.stderr
-        printed = json.loads(done.stdout)
-        made[name] = {"id": printed["key"]["id"], "secret": printed["secret"]}
-    return made
+    """Each caller's key id and secret, made in-process (test_keys drives `llmsvc keys`)."""
+    return asyncio.run(_make_keys(env["LLMSVC_DATABASE_URL"]))
+
+
+async def _make_keys(url: str) -> dict[str, dict[str, Any]]:
+    engine = create_engine(url)
+    try:
+        await upgrade_to_head(engine)
+        await store_keys.create_team(engine, store_keys.TeamSpec(name="pair", rpm=2))
+        made = {}
+        for name, options in KEYS.items():
+            spec = store_keys.KeySpec(name=name, **options)
+            key, secret = await store_keys.create_key(engine, spec)
+            made[name] = {"id": str(key["id"]), "secret": secret}
+        return made
+    finally:
+        await engine.dispose()
 
 
 @contextlib.contextmanager
