@@ -4,7 +4,9 @@
 # Settings come from LLMSVC_* variables or LLMSVC_CONFIG, as for the daemon. Exits non-zero,
 # with llmsvc's message, when either step fails; both steps are stored in maintenance_runs.
 #
-#   0 2 * * *  LLMSVC_CONFIG=/etc/llmsvc/llmsvc.toml /opt/llmsvc/scripts/daily_backup.sh
+# In /etc/cron.d/llmsvc (one line), as the service user README's "Install as a service" makes:
+#
+#   0 2 * * *  llmsvc  XDG_STATE_HOME=/var/lib LLMSVC_CONFIG=/etc/llmsvc/llmsvc.toml LLMSVC=/opt/llmsvc/venv/bin/llmsvc /path/to/llmsvc-checkout/scripts/daily_backup.sh
 #
 # LLMSVC names the llmsvc command (default: on PATH, else this checkout's .venv).
 set -euo pipefail

@@ -6,7 +6,9 @@
 # Settings come from LLMSVC_* variables or LLMSVC_CONFIG. Exits non-zero, with llmsvc's
 # message, on failure.
 #
-#   0 3 * * sun  LLMSVC_CONFIG=/etc/llmsvc/llmsvc.toml /opt/llmsvc/scripts/prune_tokens.sh
+# In /etc/cron.d/llmsvc (one line), as the service user README's "Install as a service" makes:
+#
+#   0 3 * * sun  llmsvc  XDG_STATE_HOME=/var/lib LLMSVC_CONFIG=/etc/llmsvc/llmsvc.toml LLMSVC=/opt/llmsvc/venv/bin/llmsvc /path/to/llmsvc-checkout/scripts/prune_tokens.sh
 #
 # LLMSVC names the llmsvc command (default: on PATH, else this checkout's .venv).
 set -euo pipefail
