@@ -192,7 +192,7 @@ def _parser() -> argparse.ArgumentParser:
         help="cut-off in days (default retention_days); 0: all that has ended",
     )
     cutoff.add_argument(
-        "--before", metavar="TIME", help="cut-off as an ISO 8601 date or time (UTC if naive)"
+        "--before", metavar="TIME", help="cut-off: an ISO 8601 date or time (UTC if naive) or 7d"
     )
     prune.add_argument("--dry-run", action="store_true", help="count what would go; remove none")
     prune.add_argument("--json", action="store_true", help="print JSON")

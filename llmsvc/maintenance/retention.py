@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.logs import logger
 from llmsvc.maintenance.runs import JobResult
+from llmsvc.store.attribution import parse_since
 from llmsvc.store.keys import utc
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 
@@ -91,18 +92,13 @@ async def ensure_partitions(engine: AsyncEngine, ahead_days: int) -> list[str]:
 
 
 def parse_before(text: str) -> datetime:
-    """A cut-off given by hand: an ISO 8601 date or time, UTC when it names no zone.
+    """A cut-off given by hand, read as `status --since` reads one (`7d`, or an ISO 8601
+    date or time, UTC when it names no zone).
 
     One in the future is refused: it would remove everything that has ended,
     which `--older-than 0` says on purpose and a mistyped year does not.
     """
-    try:
-        at = datetime.fromisoformat(text.strip())
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an ISO 8601 date or time (2026-01-31 or 2026-01-31T12:00:00)"
-        ) from None
-    at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    at = parse_since(text)
     if at > datetime.now(UTC):
         raise ValueError(f"{text!r} is in the future (--older-than 0 prunes all that has ended)")
     return at

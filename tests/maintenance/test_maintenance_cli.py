@@ -111,7 +111,7 @@ def test_prune_dry_run_counts_and_bad_arguments_exit_2(env: dict[str, str]) -> N
     assert before["found"]["cutoff"] == "2026-01-31T00:00:00+00:00"  # naive: UTC
     for args, message in (
         (["--older-than", "-1"], "--older-than must be 0.."),
-        (["--before", "last tuesday"], "--before: 'last tuesday' is not an ISO 8601 date"),
+        (["--before", "last tuesday"], "--before: 'last tuesday' is neither a duration"),
         (["--before", "2999-01-01"], "is in the future"),
         (["--older-than", "1", "--before", "2026-01-31"], "not allowed with argument"),
     ):
