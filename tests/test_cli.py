@@ -304,7 +304,7 @@ def test_requests_are_found_by_the_correlation_id_they_were_sent_with(
     assert set(journaled.status_rows("--correlation-id", shared)) == {"provider", "twin"}
     assert journaled.status_rows("--correlation-id", "trace-7") == {}
 
-    shown = journaled.run("show", str(journaled.own).upper(), "--json").stdout
+    shown = journaled.run("show", str(journaled.own), "--json").stdout
     assert orjson.loads(shown)["request"]["id"] == str(journaled.ids["streaming"])
     several = journaled.cli("show", shared)
     assert several.returncode == 2
