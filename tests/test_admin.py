@@ -148,6 +148,9 @@ def test_a_disabled_provider_is_never_called_and_stays_disabled_across_a_restart
     assert (code, switched) == (200, {"provider": "mock", "enabled": False})
     assert refused.value.status_code == 503
     assert "provider 'mock' is disabled by an operator" in str(refused.value)
+    [line] = [ln for ln in daemon.log.splitlines() if " request request_id=" in ln]
+    assert " status=failed " in line
+    assert line.endswith(" error=unavailable")  # refused, not a crash: not `internal`
     assert unknown[0] == 404
     assert wrong_method[0] == 405
 

@@ -29,7 +29,7 @@ from llmsvc.errors import (
     WalFull,
 )
 from llmsvc.gateway.attribution import Attribution, record_fields
-from llmsvc.gateway.errors import error_event
+from llmsvc.gateway.errors import describe, error_event
 from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import RetryPolicy, Router, Target
@@ -417,7 +417,7 @@ class Exchange:
 
     async def _fail(self, exc: BaseException) -> None:
         """Record the failure; before the first byte re-raise it for an HTTP error."""
-        error_code = "wal_full" if isinstance(exc, WalFull) else getattr(exc, "code", "internal")
+        error_code = "wal_full" if isinstance(exc, WalFull) else describe(exc)[1]["code"]
         http_status = exc.status if isinstance(exc, ProviderError) else None
         if self.start_fut is None:  # its start was refused: nothing of it is journaled to end
             self.status, self.error_code = "failed", error_code
