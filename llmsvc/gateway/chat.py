@@ -575,7 +575,9 @@ class Exchange:
             provider=self.target.provider.name,
             stream=self.stream,
             status=self.status,
-            tokens=self.seq,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            deltas=self.seq,  # content pieces sent and stored (a whole reply is one)
             latency_ms=round((time.monotonic() - self.began) * 1000, 1),
             error=self.error_code,
         )
