@@ -285,6 +285,7 @@ class AdminApi:
         spec = await self._body(scope, receive, keys.TeamSpec)
         team = await keys.create_team(self.ops.engine, spec)
         await self.ops.keys_changed()
+        log.info("team created by an operator", team=team["name"], id=team["id"])
         return 201, _plain({"team": team})
 
     async def show_team(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
