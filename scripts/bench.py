@@ -83,7 +83,7 @@ from llmsvc.store.flusher import Flusher
 from llmsvc.wal.codec import encode_token
 from llmsvc.wal.writer import WalWriter
 
-UPSTREAM_SCRIPT = ROOT / "scripts" / "openai_upstream.py"
+UPSTREAM_SCRIPT = ROOT / "tests" / "upstreams" / "openai_upstream.py"
 MODEL, PACED_MODEL, FAILOVER_MODEL = "gpt-test", "gpt-paced", "gpt-failover"
 MESSAGES = [{"role": "user", "content": "Write a long story about a durable log."}]
 JSON_HEADERS = {"Content-Type": "application/json"}

@@ -3,7 +3,7 @@
 
 Not a test, and nothing of any peer is in this repository: each peer is a command the
 operator gives, installed wherever they like. The script starts the local OpenAI-wire
-upstream (scripts/openai_upstream.py), an llmsvc daemon (SQLite, defaults) and every
+upstream (tests/upstreams/openai_upstream.py), an llmsvc daemon (SQLite, defaults) and every
 peer, then measures, interleaved round by round with the order rotated:
 
 1. added latency, non-streaming, concurrency 1: p50/p99 of each gateway minus the
