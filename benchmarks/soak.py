@@ -27,9 +27,9 @@ loadgen_cpu_util nears 1.0 the latencies include the load generator's own lag.
 Setup (matplotlib is in the optional `bench` group):
     .venv/bin/pip install -e '.[test,bench]'
 Usage:
-    .venv/bin/python scripts/soak.py --streams N [--minutes 30] [--out soak.json]
+    .venv/bin/python benchmarks/soak.py --streams N [--minutes 30] [--out soak.json]
         [--png soak.png] [--database-url postgresql://...]
-A short check:  .venv/bin/python scripts/soak.py --minutes 2 --streams 100 --interval 5
+A short check:  .venv/bin/python benchmarks/soak.py --minutes 2 --streams 100 --interval 5
 """
 
 from __future__ import annotations

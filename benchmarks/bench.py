@@ -25,14 +25,14 @@ Phases, each bounded in time:
 6. WAL appends/s per sync mode, in-process, with many concurrent appenders;
 7. flush rows/s from a pre-written WAL into SQLite and PostgreSQL, in-process.
 
-Usage:  .venv/bin/python scripts/bench.py [--quick] [--out bench.json]
+Usage:  .venv/bin/python benchmarks/bench.py [--quick] [--out bench.json]
             [--database-url postgresql://...]  [--pg-url postgresql://...]
-        .venv/bin/python scripts/bench.py --scale [--quick] [--scale-phases paced,open]
+        .venv/bin/python benchmarks/bench.py --scale [--quick] [--scale-phases paced,open]
             (the production-scale scenarios: paced, instant, open, throttled; see
-            scripts/bench_scale.py)
-        .venv/bin/python scripts/bench.py --auth-compare [--limit-accuracy] [--quick]
+            benchmarks/bench_scale.py)
+        .venv/bin/python benchmarks/bench.py --auth-compare [--limit-accuracy] [--quick]
             (keys and rate limits: S1 with auth none and keys; a key's rpm across 2 workers;
-            see scripts/bench_limits.py)
+            see benchmarks/bench_limits.py)
 """
 
 from __future__ import annotations
@@ -1001,7 +1001,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tmp-dir", default=None, help="where the WALs and SQLite files go")
     p.add_argument("--keep-tmp", action="store_true")
-    scale = p.add_argument_group("production scale (scripts/bench_scale.py)")
+    scale = p.add_argument_group("production scale (benchmarks/bench_scale.py)")
     scale.add_argument("--scale", action="store_true", help="run only the scale scenarios")
     scale.add_argument(
         "--scale-phases", default="paced,instant,open,throttled", help="a subset, comma-separated"
@@ -1014,7 +1014,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.95,
         help="share of the time the database is locked in `throttled` (1 = stalled)",
     )
-    limits = p.add_argument_group("keys and rate limits (scripts/bench_limits.py)")
+    limits = p.add_argument_group("keys and rate limits (benchmarks/bench_limits.py)")
     limits.add_argument("--auth-compare", action="store_true", help="S1, auth none and keys")
     limits.add_argument("--limit-accuracy", action="store_true", help="a key's rpm, 2 workers")
     limits.add_argument("--rpm", type=int, default=600, help="the key's requests a minute")

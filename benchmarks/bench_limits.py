@@ -1,6 +1,6 @@
 """Keys and rate limits: what `auth = "keys"` adds to a call, and how exactly a rate holds.
 
-Two modes of scripts/bench.py (which imports this module for them):
+Two modes of benchmarks/bench.py (which imports this module for them):
 
 --auth-compare    S1 (non-streaming, c=1): the upstream called directly, a daemon with
                   `auth = "none"` and one with `auth = "keys"` and a key whose rpm/tpm limits

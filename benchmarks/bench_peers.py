@@ -23,13 +23,14 @@ upstream's base URL, also in the environment as BENCH_UPSTREAM_URL, for config f
 are not recorded in the report.
 
 Usage:
-    .venv/bin/python scripts/bench_peers.py [--quick] [--out peers.json] \\
+    .venv/bin/python benchmarks/bench_peers.py [--quick] [--out peers.json] \\
         --peer 'litellm=/path/litellm --config cfg.yaml --host 127.0.0.1 --port {port}' \\
         --header 'litellm=Authorization:Bearer KEY' --version litellm=1.2.3 \\
         --peer 'portkey=node /path/start-server.js --port={port} --headless' \\
         --header 'portkey=x-portkey-provider:openai' \\
         --header 'portkey=x-portkey-custom-host:{upstream}' \\
-        --peer 'relay=python scripts/relay_floor.py --port {port} --upstream-port {upstream_port}'
+        --peer 'relay=python benchmarks/relay_floor.py
+                --port {port} --upstream-port {upstream_port}'
 """
 
 from __future__ import annotations
@@ -396,7 +397,7 @@ class Sessions:
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     peers: list[Peer] = args.peers
     report: dict[str, Any] = {
-        "benchmark": "scripts/bench_peers.py",
+        "benchmark": "benchmarks/bench_peers.py",
         "machine": machine_info(tmp, PACKAGES),
         "upstream_token_delay_ms": args.token_delay_ms,
         "peers": {

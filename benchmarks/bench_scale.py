@@ -1,6 +1,6 @@
 """llmsvc at production scale: paced streams, many open streams, a throttled database, workers.
 
-Run as ``scripts/bench.py --scale``. Real LLM traffic is many long, slow streams
+Run as ``benchmarks/bench.py --scale``. Real LLM traffic is many long, slow streams
 whose tokens arrive one at a time, so every scenario but `instant` uses an
 upstream that waits before each token (each token its own socket write). Each
 is measured side by side, in one run, with the upstream called directly and,
@@ -71,7 +71,7 @@ from benchkit import ROOT, machine_info, plain_pg_url
 from loadgen import StreamStats, connect, request_bytes
 
 PATH = "/v1/chat/completions"
-RELAY_SCRIPT = ROOT / "scripts" / "relay_floor.py"
+RELAY_SCRIPT = ROOT / "benchmarks" / "relay_floor.py"
 PAGE_KIB = 4
 
 

@@ -1,7 +1,7 @@
 """What the benchmark scripts share: machine facts, scratch databases, the JSON report.
 
-Imported by scripts/bench.py and scripts/bench_recovery.py (run as
-`python scripts/NAME.py`, so this folder is on sys.path).
+Imported by benchmarks/bench.py and benchmarks/bench_recovery.py (run as
+`python benchmarks/NAME.py`, so this folder is on sys.path).
 """
 
 from __future__ import annotations
