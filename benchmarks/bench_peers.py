@@ -53,7 +53,8 @@ from typing import Any, NoReturn
 
 import aiohttp
 import uvloop
-from bench import (
+from benchkit import (
+    CLK_TCK,
     EDGE,
     MODEL,
     PACKAGES,
@@ -61,14 +62,14 @@ from bench import (
     Endpoint,
     Proc,
     Raw,
-    _provider,
-    _url,
     add,
     chat_body,
+    chat_url,
     complete,
     free_port,
     log,
     log_tail,
+    machine_info,
     open_token_rows,
     pct,
     per_round,
@@ -79,10 +80,11 @@ from bench import (
     spawn_upstream,
     stream_load,
     summary,
+    upstream_provider,
     wait_drained,
     wait_ready,
+    write_report,
 )
-from benchkit import CLK_TCK, machine_info, write_report
 
 LLMSVC = "llmsvc"
 
@@ -409,21 +411,24 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with processes() as procs:
         procs.append(up := spawn_upstream(tmp, "upstream", args.token_delay_ms))
         database_url = f"sqlite:///{tmp / 'llmsvc.db'}"
-        daemon = spawn_daemon(tmp, database_url, [_provider("fast", up, MODEL)])
+        daemon = spawn_daemon(tmp, database_url, [upstream_provider("fast", up, MODEL)])
         procs.append(daemon)
         started: list[tuple[Proc, dict[str, str]]] = []
         try:
             for peer in peers:
                 started.append(spawn_peer(tmp, peer, up.port))
             await wait_ready(daemon)
-            direct = Endpoint("direct", _url(up), sessions.new({}), MODEL)
+            direct = Endpoint("direct", chat_url(up), sessions.new({}), MODEL)
             gateways = [
                 Gateway(
-                    LLMSVC, Endpoint(LLMSVC, _url(daemon), sessions.new({}), MODEL), daemon, False
+                    LLMSVC,
+                    Endpoint(LLMSVC, chat_url(daemon), sessions.new({}), MODEL),
+                    daemon,
+                    False,
                 )
             ]
             for proc, headers in started:
-                ep = Endpoint(proc.name, _url(proc), sessions.new(headers), MODEL)
+                ep = Endpoint(proc.name, chat_url(proc), sessions.new(headers), MODEL)
                 await wait_serving(proc, ep)
                 gateways.append(Gateway(proc.name, ep, proc, True))
             log("all serving: " + ", ".join(f"{g.name} pid {g.pid}" for g in gateways))

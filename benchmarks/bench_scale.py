@@ -48,26 +48,28 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from bench import (
+from benchkit import (
     MODEL,
     PACKAGES,
+    ROOT,
     Proc,
-    _provider,
     chat_body,
     log,
     log_tail,
+    machine_info,
     open_token_rows,
     pct,
+    plain_pg_url,
     proc_cpu_s,
     processes,
     rotated,
     spawn_daemon,
     spawn_upstream,
     stop_proc,
+    upstream_provider,
     wait_drained,
     wait_ready,
 )
-from benchkit import ROOT, machine_info, plain_pg_url
 from loadgen import StreamStats, connect, request_bytes
 
 PATH = "/v1/chat/completions"
@@ -127,7 +129,7 @@ async def start_daemon(
     home = tmp / name
     home.mkdir()
     url = database_url or f"sqlite:///{home / 'llmsvc.db'}"
-    daemon = spawn_daemon(home, url, [_provider("up", upstream, MODEL)], settings=settings)
+    daemon = spawn_daemon(home, url, [upstream_provider("up", upstream, MODEL)], settings=settings)
     await wait_ready(daemon)
     return daemon
 

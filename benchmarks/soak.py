@@ -54,7 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import uvloop
-from bench import (
+from benchkit import (
     EDGE,
     JSON_HEADERS,
     TOKEN_MARK,
@@ -62,6 +62,8 @@ from bench import (
     Proc,
     chat_body,
     log_tail,
+    machine_busy_s,
+    machine_info,
     new_session,
     pct,
     proc_cpu_s,
@@ -70,7 +72,6 @@ from bench import (
     stop_proc,
     wait_ready,
 )
-from benchkit import machine_busy_s, machine_info
 
 MODEL = "gpt-paced"
 PACKAGES = ("aiohttp", "uvicorn", "uvloop", "orjson", "sqlalchemy", "aiosqlite", "asyncpg")
