@@ -7,7 +7,7 @@ ready. The supervisor needs the database only for those WALs: each worker
 migrates the store itself (serialized by a lock) while it already serves, as
 any daemon does (`llmsvc.catchup`). Worker k is `llmsvc run` with its own WAL
 under `wal_dir/worker-<k>` (so its own instance id) and metrics on
-`metrics_port + k`; see `config.worker_environment` and `Daemon._start_metrics`.
+`metrics_port + k`; see `config.worker_environment` and `serving.start_metrics`.
 
 Workers report READY / WATCHDOG / STOPPING to the supervisor over the
 sd_notify protocol, each on a datagram socket of its own here (in the abstract
@@ -47,7 +47,6 @@ from pathlib import Path
 from types import FrameType
 
 from llmsvc import private
-from llmsvc.catchup import why
 from llmsvc.config import (
     WORKER_INDEX_VARIABLE,
     Settings,
@@ -58,6 +57,8 @@ from llmsvc.config import (
 from llmsvc.errors import LlmsvcError
 from llmsvc.logs import logger
 from llmsvc.maintenance.backup import replay_wal
+from llmsvc.serving import shared_port_socket
+from llmsvc.status import why
 from llmsvc.store.engine import create_engine, migrate
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import INSTANCE_FILE, WalLock, lock_holder
@@ -77,29 +78,6 @@ ORPHAN_SECONDS = 5.0  # how long a crashed supervisor's worker gets to exit, per
 PR_SET_PDEATHSIG = 1
 # The last line of `llmsvc run`, a supervisor's or a single daemon's, whatever ended it.
 UCRED = struct.Struct("iII")  # struct ucred: the sender's pid, uid, gid
-
-
-def shared_port_socket(host: str, port: int, listen: bool) -> socket.socket:
-    """A SO_REUSEPORT TCP socket on host:port: the kernel spreads connections across workers.
-
-    Each worker listens on its own (one accept queue each, no thundering herd);
-    the supervisor only binds one, to hold the port and learn it when it is 0.
-    """
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        if listen:
-            sock.listen(2048)
-            sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 @dataclass
