@@ -58,8 +58,6 @@ log = logger(__name__)
 EXIT_OK, EXIT_FATAL = 0, 1
 WAL_STUCK_SECONDS = 10.0  # a WAL write lasting this long is a frozen disk: the watchdog stops
 WATCH_SECONDS = 1.0  # how often the daemon looks at its own health
-JOB_SHUTDOWN_GRACE = 5.0  # seconds a running maintenance job gets to end before it is cancelled
-CLOSE_SECONDS = 2.0  # shutdown's bound on ending a task or closing a pool
 
 
 class Daemon:
@@ -170,21 +168,22 @@ class Daemon:
     async def shutdown(self) -> None:
         """Each step in its own try and bounded, so no failure and no database stops the next."""
         s, ops, steps = self.settings, self.ops, self.steps
+        close = s.shutdown_close_seconds  # the bound on ending a task or closing a pool
         grace = 0.0 if self.fatal or self.orphaned else s.shutdown_grace_seconds
         if ops is not None:
             with _step("requests finished"):
-                n = await ops.gateway.finish_requests(grace)
+                n = await ops.gateway.finish_requests(grace, s.shutdown_interrupt_seconds)
                 log.info("shutdown: open requests interrupted", count=n)
         if self.http is not None:
             with _step("http server stopped"):
-                await self.http.stop(10)
+                await self.http.stop(s.shutdown_http_seconds)
         for provider in ops.providers.values() if ops is not None else ():
             with _step(f"provider {provider.name} closed"):
                 await provider.close()
         deadline = time.monotonic() + s.shutdown_drain_seconds
         if steps is not None and steps.task is not None:  # it may journal: before the WAL closes
             with _step("catch-up ended"):
-                await steps.end(deadline, lambda: self.fatal is not None, CLOSE_SECONDS)
+                await steps.end(deadline, lambda: self.fatal is not None, close)
         if self.writer is not None:
             with _step("wal synced"):
                 await self.writer.close()
@@ -193,21 +192,21 @@ class Daemon:
                 drain = steps.checkpoint_loaded and not self.fatal
                 if drain:  # every request of this run has ended (journaled)
                     self.notifier.status("stopping: draining the WAL into the database")
-                await steps.drain(deadline if drain else None, CLOSE_SECONDS)
+                await steps.drain(deadline if drain else None, close)
         if ops is not None and ops.scheduler is not None:
             with _step("scheduler stopped"):
-                await ops.scheduler.shutdown(grace=JOB_SHUTDOWN_GRACE)
+                await ops.scheduler.shutdown(grace=s.shutdown_job_seconds)
         if self.metrics_server is not None:  # after the drain, so it can be watched
             with _step("metrics port closed"):
                 await asyncio.to_thread(self.metrics_server.stop)
         for ended, task in steps.followers.items() if steps is not None else ():
             with _step(ended):
-                await end_task(task, CLOSE_SECONDS, CLOSE_SECONDS)  # it ends seeing `stopping`
+                await end_task(task, close, close)  # it ends when it sees `stopping`
         for task in list(ops.circuits_storing) if ops is not None else ():
             task.cancel()
         if ops is not None:
             with _step("database closed"):
-                await ops.close_pools(CLOSE_SECONDS)
+                await ops.close_pools(close)
         self.lock.release()
 
     async def _watch(self) -> None:

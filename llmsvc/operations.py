@@ -270,7 +270,10 @@ class Operations:
         assert self.flusher_task is not None  # started by the catch-up, which has ended
         self.gateway.paused = f"llmsvc is restoring the backup {name}; requests resume after it"
         try:
-            interrupted = await self.gateway.settle(self.settings.shutdown_grace_seconds, "restore")
+            s = self.settings
+            interrupted = await self.gateway.settle(
+                s.shutdown_grace_seconds, "restore", s.shutdown_interrupt_seconds
+            )
             self.flusher.stop()
             await self.flusher_task
             await self.flusher.close()

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import math
 import socket
 from collections.abc import Iterator
 
@@ -95,7 +96,8 @@ class HttpServer:
             access_log=False,
             server_header=False,
             timeout_keep_alive=s.keepalive_timeout_seconds,
-            timeout_graceful_shutdown=5,
+            # Connections still open halfway through the stop's bound are cut.
+            timeout_graceful_shutdown=math.ceil(s.shutdown_http_seconds / 2),
         )
         server = EmbeddedServer(config)
         sockets = []

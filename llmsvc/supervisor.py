@@ -69,9 +69,7 @@ EXIT_OK, EXIT_FATAL = 0, 1
 CYCLE_SECONDS = 0.2  # how often the loop looks at its workers
 RESTART_BACKOFF = (0.5, 30.0)  # first and longest pause before starting a dead worker again
 STABLE_SECONDS = 60.0  # a worker that served this long before dying restarts without delay
-# A worker ends within shutdown_grace_seconds + shutdown_drain_seconds + 40 s (llmsvc.daemon):
-# past that and a little more, it is killed.
-DRAIN_MARGIN_SECONDS = 45.0
+KILL_MARGIN_SECONDS = 5.0  # a worker still there this long past its shutdown's bound is killed
 HURRY_SECONDS = 5.0  # after a second signal: how long workers get to exit before they are killed
 REPLAY_SECONDS = 5.0  # one try at the WALs no worker owns, and the pause before the next
 ORPHAN_SECONDS = 5.0  # how long a crashed supervisor's worker gets to exit, per signal
@@ -352,13 +350,7 @@ class Supervisor:
         for worker in running:
             assert worker.proc is not None
             worker.proc.send_signal(signal.SIGTERM if self.failed else self._signal)
-        s = self.settings
-        deadline = (
-            time.monotonic()
-            + s.shutdown_grace_seconds
-            + s.shutdown_drain_seconds
-            + DRAIN_MARGIN_SECONDS
-        )
+        deadline = time.monotonic() + self.settings.shutdown_seconds() + KILL_MARGIN_SECONDS
         clean = self.failed is None
         while running:
             time.sleep(CYCLE_SECONDS / 2)
