@@ -29,6 +29,9 @@ from llmsvc.errors import ConfigError
 MiB = 1024 * 1024
 CONFIG_VARIABLE = "LLMSVC_CONFIG"
 WORKER_INDEX_VARIABLE = "LLMSVC_WORKER_INDEX"
+# The waits bounded by shutdown_close_seconds in one shutdown: the catch-up's end, the
+# flusher's end and its cancel, each of three followers' end and cancel, two pools.
+SHUTDOWN_CLOSES = 11
 TEST_VARIABLES = "LLMSVC_TEST_"  # the test suite's own (tests/postgres.py, scripts/test)
 
 
@@ -107,6 +110,16 @@ class Settings(BaseSettings):
     shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     # After the grace: how long shutdown keeps flushing the WAL into the database.
     shutdown_drain_seconds: float = Field(default=30.0, ge=0, le=3600)
+    # Shutdown bounds its other steps too, so it ends whatever the database does
+    # (`shutdown_seconds` sums them all). How long requests interrupted after the grace
+    # get to journal their ends:
+    shutdown_interrupt_seconds: float = Field(default=10.0, gt=0, le=600)
+    # How long the HTTP server gets to stop (connections open halfway through are cut).
+    shutdown_http_seconds: float = Field(default=10.0, gt=0, le=600)
+    # How long a running maintenance job gets to end before it is cancelled.
+    shutdown_job_seconds: float = Field(default=5.0, ge=0, le=600)
+    # How long each background task gets to end, and each database pool to close.
+    shutdown_close_seconds: float = Field(default=2.0, gt=0, le=60)
     # The longest the daemon waits for one database call of its own (connect, flush, read).
     database_timeout_seconds: float = Field(default=10.0, ge=1, le=3600)
     flush_interval_ms: int = Field(default=50, ge=1, le=60_000)
@@ -260,6 +273,17 @@ class Settings(BaseSettings):
         if config_file:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
         return sources
+
+    def shutdown_seconds(self) -> float:
+        """The longest a daemon's shutdown takes, whatever the database does (llmsvc.daemon)."""
+        return (
+            self.shutdown_grace_seconds
+            + self.shutdown_interrupt_seconds
+            + self.shutdown_http_seconds
+            + self.shutdown_drain_seconds
+            + self.shutdown_job_seconds
+            + SHUTDOWN_CLOSES * self.shutdown_close_seconds
+        )
 
     def secrets(self) -> list[str]:
         """Every secret in the settings: masked wherever a log line would show one."""

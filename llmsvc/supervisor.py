@@ -7,7 +7,7 @@ ready. The supervisor needs the database only for those WALs: each worker
 migrates the store itself (serialized by a lock) while it already serves, as
 any daemon does (`llmsvc.catchup`). Worker k is `llmsvc run` with its own WAL
 under `wal_dir/worker-<k>` (so its own instance id) and metrics on
-`metrics_port + k`; see `config.worker_environment` and `Daemon._start_metrics`.
+`metrics_port + k`; see `config.worker_environment` and `serving.start_metrics`.
 
 Workers report READY / WATCHDOG / STOPPING to the supervisor over the
 sd_notify protocol, each on a datagram socket of its own here (in the abstract
@@ -47,7 +47,6 @@ from pathlib import Path
 from types import FrameType
 
 from llmsvc import private
-from llmsvc.catchup import why
 from llmsvc.config import (
     WORKER_INDEX_VARIABLE,
     Settings,
@@ -58,6 +57,8 @@ from llmsvc.config import (
 from llmsvc.errors import LlmsvcError
 from llmsvc.logs import logger
 from llmsvc.maintenance.backup import replay_wal
+from llmsvc.serving import shared_port_socket
+from llmsvc.status import why
 from llmsvc.store.engine import create_engine, migrate
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import INSTANCE_FILE, WalLock, lock_holder
@@ -68,38 +69,13 @@ EXIT_OK, EXIT_FATAL = 0, 1
 CYCLE_SECONDS = 0.2  # how often the loop looks at its workers
 RESTART_BACKOFF = (0.5, 30.0)  # first and longest pause before starting a dead worker again
 STABLE_SECONDS = 60.0  # a worker that served this long before dying restarts without delay
-# A worker ends within shutdown_grace_seconds + shutdown_drain_seconds + 40 s (llmsvc.daemon):
-# past that and a little more, it is killed.
-DRAIN_MARGIN_SECONDS = 45.0
+KILL_MARGIN_SECONDS = 5.0  # a worker still there this long past its shutdown's bound is killed
 HURRY_SECONDS = 5.0  # after a second signal: how long workers get to exit before they are killed
 REPLAY_SECONDS = 5.0  # one try at the WALs no worker owns, and the pause before the next
 ORPHAN_SECONDS = 5.0  # how long a crashed supervisor's worker gets to exit, per signal
 PR_SET_PDEATHSIG = 1
 # The last line of `llmsvc run`, a supervisor's or a single daemon's, whatever ended it.
 UCRED = struct.Struct("iII")  # struct ucred: the sender's pid, uid, gid
-
-
-def shared_port_socket(host: str, port: int, listen: bool) -> socket.socket:
-    """A SO_REUSEPORT TCP socket on host:port: the kernel spreads connections across workers.
-
-    Each worker listens on its own (one accept queue each, no thundering herd);
-    the supervisor only binds one, to hold the port and learn it when it is 0.
-    """
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind(address)
-        if listen:
-            sock.listen(2048)
-            sock.setblocking(False)
-    except OSError:
-        sock.close()
-        raise
-    return sock
 
 
 @dataclass
@@ -374,13 +350,7 @@ class Supervisor:
         for worker in running:
             assert worker.proc is not None
             worker.proc.send_signal(signal.SIGTERM if self.failed else self._signal)
-        s = self.settings
-        deadline = (
-            time.monotonic()
-            + s.shutdown_grace_seconds
-            + s.shutdown_drain_seconds
-            + DRAIN_MARGIN_SECONDS
-        )
+        deadline = time.monotonic() + self.settings.shutdown_seconds() + KILL_MARGIN_SECONDS
         clean = self.failed is None
         while running:
             time.sleep(CYCLE_SECONDS / 2)

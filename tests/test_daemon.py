@@ -30,8 +30,8 @@ from daemon_process import (
 )
 from private_state import assert_private
 
-from llmsvc.daemon import _EmbeddedServer
 from llmsvc.providers.mock import token as mock_token
+from llmsvc.serving import EmbeddedServer
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -189,10 +189,10 @@ def test_embedded_server_still_overrides_uvicorns_capture_signals() -> None:
     original = inspect.getattr_static(uvicorn.Server, "capture_signals")
     assert inspect.isgeneratorfunction(original.__wrapped__)  # a @contextmanager
     assert "self.capture_signals()" in inspect.getsource(uvicorn.Server.serve)
-    override = _EmbeddedServer.__dict__["capture_signals"]
+    override = EmbeddedServer.__dict__["capture_signals"]
     assert inspect.isgeneratorfunction(override.__wrapped__)
 
-    server = _EmbeddedServer(uvicorn.Config(app=lambda *args: None))
+    server = EmbeddedServer(uvicorn.Config(app=lambda *args: None))
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     with server.capture_signals():
         assert {s: signal.getsignal(s) for s in before} == before

@@ -30,6 +30,7 @@ from fake_systemd import FakeSystemd
 from postgres import PostgresCluster, sqlalchemy_url
 from test_workers import systemd_for, two_free_ports, worker_pid
 
+from llmsvc.config import Settings
 from llmsvc.providers.mock import token as mock_token
 
 pytestmark = pytest.mark.timeout(120)
@@ -167,6 +168,8 @@ def test_sigterm_during_a_stall_ends_the_daemon_within_its_bound_and_the_next_bo
         shutdown_drain_seconds=drain,
         database_timeout_seconds=2,
     )
+    settings = Settings.model_construct(shutdown_grace_seconds=grace, shutdown_drain_seconds=drain)
+    bound = settings.shutdown_seconds()  # what the daemon must end within
     clients = Clients()
     daemon = DaemonProcess(env)
     try:
@@ -182,7 +185,7 @@ def test_sigterm_during_a_stall_ends_the_daemon_within_its_bound_and_the_next_bo
                 clients.record(complete(client, 6), 6)
             daemon.signal(signal.SIGTERM)
             signalled = time.monotonic()
-            code = daemon.wait(grace + drain + 40)
+            code = daemon.wait(bound)
             took = time.monotonic() - signalled
     finally:
         if daemon.returncode is None:
@@ -194,7 +197,7 @@ def test_sigterm_during_a_stall_ends_the_daemon_within_its_bound_and_the_next_bo
         assert again.stop() == 0, again.log
 
     assert code == 0, daemon.log
-    assert took < grace + drain + 40
+    assert took < bound
     assert left is not None, daemon.log
     assert int(left.group(1)) > 0
     assert "Traceback" not in daemon.log, daemon.log

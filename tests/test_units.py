@@ -25,6 +25,7 @@ from daemon_process import REPO
 
 from llmsvc.cli import _parser
 from llmsvc.config import Settings, load_settings
+from llmsvc.supervisor import KILL_MARGIN_SECONDS
 
 UNITS = REPO / "systemd"
 MAIN = "llmsvc.service"
@@ -170,7 +171,8 @@ def test_the_daemon_unit_stops_in_time_and_does_not_restart_on_bad_configuration
     assert values(MAIN, "Restart") == ["on-failure"]
     assert values(MAIN, "RestartPreventExitStatus") == ["2"]  # llmsvc's exit for bad settings
     stop = int(values(MAIN, "TimeoutStopSec")[0])
-    assert stop > 20 + 30 + 45  # the defaults' grace and drain, and a supervisor's margin
+    bound = Settings.model_construct().shutdown_seconds()  # the defaults
+    assert stop > bound + KILL_MARGIN_SECONDS  # a daemon's, and a supervisor's margin
     for unused in ("LogsDirectory", "Documentation"):  # logs go to the journal; no docs installed
         assert not values(MAIN, unused)
 

@@ -455,8 +455,8 @@ def test_worker_k_serves_metrics_on_metrics_port_plus_k(sqlite_url: str, wal_dir
             with urllib.request.urlopen(url, timeout=10) as response:
                 pages.append(response.read())
         assert daemon.stop() == 0, daemon.log
-    assert f"worker-0 llmsvc.daemon boot: metrics port={port} " in daemon.log
-    assert f"worker-1 llmsvc.daemon boot: metrics port={port + 1} " in daemon.log
+    assert f"worker-0 llmsvc.serving boot: metrics port={port} " in daemon.log
+    assert f"worker-1 llmsvc.serving boot: metrics port={port + 1} " in daemon.log
     assert all(b"llmsvc_" in page for page in pages)
 
 

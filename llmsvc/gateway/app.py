@@ -256,16 +256,18 @@ class Gateway:
             report.update(self.describe())
         return report
 
-    async def finish_requests(self, grace: float) -> int:
+    async def finish_requests(self, grace: float, ends_within: float) -> int:
         """Refuse new requests, wait up to `grace` for open ones, then interrupt the rest.
 
         Returns how many were interrupted; each records itself `interrupted`.
         """
         self.draining = True
-        return await self.settle(grace, "shutdown")
+        return await self.settle(grace, "shutdown", ends_within)
 
-    async def settle(self, grace: float, why: str) -> int:
+    async def settle(self, grace: float, why: str, ends_within: float) -> int:
         """With new requests refused, let open ones finish within `grace`, interrupt the rest.
+
+        The interrupted requests get `ends_within` seconds to journal their ends.
 
         The log says how many it waits for, and again every PROGRESS_SECONDS, so a
         quiet grace period reads as waiting, not as a hang. `why` prefixes those lines.
@@ -289,7 +291,7 @@ class Gateway:
         interrupted = len(self.inflight)
         for cancel in list(self.inflight):
             cancel.cancel()
-        with anyio.move_on_after(10):  # each interrupted request journals its end
+        with anyio.move_on_after(ends_within):  # each interrupted request journals its end
             await self.idle.wait()
         return interrupted
 

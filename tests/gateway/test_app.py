@@ -149,7 +149,7 @@ async def test_draining_interrupts_a_slow_stream_and_refuses_new_requests(served
     body = {"model": "mock", "messages": MESSAGES, "stream": True, "max_tokens": 200}
     response, head, rest = await _read_first_token(served, {**body, "mock_delay_ms": 50})
     try:
-        draining = asyncio.create_task(served.gateway.finish_requests(0.2))
+        draining = asyncio.create_task(served.gateway.finish_requests(0.2, 10))
         await asyncio.sleep(0.05)
         assert not draining.done()
         error = _error(*(await _post(served, body))[::2], 503)
@@ -192,7 +192,7 @@ async def test_draining_says_how_many_requests_it_waits_for_and_again_while_it_w
     response, _, rest = await _read_first_token(served, {**body, "mock_delay_ms": 50})
     try:
         with caplog.at_level(logging.INFO, logger="llmsvc.gateway.app"):
-            assert await served.gateway.finish_requests(1.0) == 1
+            assert await served.gateway.finish_requests(1.0, 10) == 1
         async with asyncio.timeout(3):
             await rest
     finally:
@@ -212,7 +212,7 @@ async def test_draining_with_nothing_open_logs_no_wait(
     served: Served, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO, logger="llmsvc.gateway.app"):
-        assert await served.gateway.finish_requests(5) == 0
+        assert await served.gateway.finish_requests(5, 10) == 0
     assert [r for r in caplog.records if r.name == "llmsvc.gateway.app"] == []
 
 
@@ -224,7 +224,7 @@ async def test_draining_interrupts_a_slow_non_streaming_request_with_503(served:
         if served.gateway.inflight:
             break
         await asyncio.sleep(0.01)
-    assert await served.gateway.finish_requests(0.2) == 1
+    assert await served.gateway.finish_requests(0.2, 10) == 1
     async with asyncio.timeout(3):
         status, _, raw = await pending
     error = _error(status, raw, 503)
