@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -83,6 +85,26 @@ class Price(BaseModel):
 
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard one request tries: retries per target, their backoff, and time bounds."""
+
+    retries: int
+    backoff: float  # seconds before the first retry; doubled each time
+    backoff_max: float
+    retry_after_max: float  # a longer Retry-After moves on to the next target
+    first_token_timeout: float
+    attempt_timeout: float
+    request_timeout: float  # all attempts of one request together
+
+    def delay(self, retry: int, retry_after: float | None) -> float | None:
+        """Seconds to wait before retry `retry + 1`, or None to move on to the next target."""
+        if retry_after is not None and retry_after > self.retry_after_max:
+            return None
+        jittered = min(self.backoff_max, self.backoff * 2**retry) * (0.5 + random.random() / 2)
+        return float(max(jittered, retry_after or 0.0))
 
 
 class Settings(BaseSettings):
@@ -260,6 +282,17 @@ class Settings(BaseSettings):
         if config_file:
             sources += (TomlConfigSettingsSource(settings_cls, toml_file=Path(config_file)),)
         return sources
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            retries=self.retries_per_target,
+            backoff=self.retry_backoff_ms / 1000,
+            backoff_max=self.retry_backoff_max_ms / 1000,
+            retry_after_max=self.retry_after_max_seconds,
+            first_token_timeout=self.first_token_timeout_seconds,
+            attempt_timeout=self.attempt_timeout_seconds,
+            request_timeout=self.request_timeout_seconds,
+        )
 
     def secrets(self) -> list[str]:
         """Every secret in the settings: masked wherever a log line would show one."""

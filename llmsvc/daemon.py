@@ -56,7 +56,7 @@ from llmsvc.gateway.http_protocol import (
     protocol_class,
 )
 from llmsvc.gateway.journal import Journal
-from llmsvc.gateway.router import RetryPolicy, Router
+from llmsvc.gateway.router import Router
 from llmsvc.keytable import KeyTable
 from llmsvc.limits import Limiter
 from llmsvc.local import read_checkpoint
@@ -236,15 +236,7 @@ class Daemon:
             wal_status=self.wal_status,
             metrics=self.metrics,
             describe=self.describe,
-            policy=RetryPolicy(
-                retries=s.retries_per_target,
-                backoff=s.retry_backoff_ms / 1000,
-                backoff_max=s.retry_backoff_max_ms / 1000,
-                retry_after_max=s.retry_after_max_seconds,
-                first_token_timeout=s.first_token_timeout_seconds,
-                attempt_timeout=s.attempt_timeout_seconds,
-                request_timeout=s.request_timeout_seconds,
-            ),
+            policy=s.retry_policy(),
             keys=self.keys,
             limiter=self.limiter,
         )

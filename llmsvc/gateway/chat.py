@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from llmsvc.callers import Caller
+from llmsvc.config import RetryPolicy
 from llmsvc.errors import (
     LlmsvcError,
     ModelNotAllowed,
@@ -32,7 +33,7 @@ from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import error_event
 from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
-from llmsvc.gateway.router import RetryPolicy, Router, Target
+from llmsvc.gateway.router import Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
 from llmsvc.logs import logger
 from llmsvc.providers.base import Reply, ToolCallDeltas

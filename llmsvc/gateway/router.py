@@ -9,33 +9,12 @@ an operator or its circuit is open.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 from llmsvc.config import Price, ProviderConfig
 from llmsvc.errors import UnknownModel
 from llmsvc.gateway.breaker import Breakers
 from llmsvc.providers.base import Provider
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How hard one request tries: retries per target, their backoff, and time bounds."""
-
-    retries: int = 1
-    backoff: float = 0.2  # seconds before the first retry; doubled each time
-    backoff_max: float = 5.0
-    retry_after_max: float = 10.0  # a longer Retry-After moves on to the next target
-    first_token_timeout: float = 60.0
-    attempt_timeout: float = 900.0
-    request_timeout: float = 1800.0  # all attempts of one request together
-
-    def delay(self, retry: int, retry_after: float | None) -> float | None:
-        """Seconds to wait before retry `retry + 1`, or None to move on to the next target."""
-        if retry_after is not None and retry_after > self.retry_after_max:
-            return None
-        jittered = min(self.backoff_max, self.backoff * 2**retry) * (0.5 + random.random() / 2)
-        return float(max(jittered, retry_after or 0.0))
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,6 +28,7 @@ import anyio
 import orjson
 import pytest
 import uvicorn
+from policies import retry_policy
 from pydantic import SecretStr
 
 from llmsvc.config import ProviderConfig
@@ -128,7 +129,12 @@ async def served(
         ),
     ]
     providers = {c.name: build_provider(c) for c in configs}
-    gateway = Gateway(Journal(writer), Router(configs, providers), max_body_bytes=MAX_BODY_BYTES)
+    gateway = Gateway(
+        Journal(writer),
+        Router(configs, providers),
+        max_body_bytes=MAX_BODY_BYTES,
+        policy=retry_policy(),
+    )
 
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
