@@ -107,6 +107,15 @@ class RetryPolicy:
         return float(max(jittered, retry_after or 0.0))
 
 
+@dataclass(frozen=True, slots=True)
+class CircuitPolicy:
+    """When a provider's circuit opens, and for how long (`gateway.breaker`)."""
+
+    threshold: int  # consecutive failures
+    cooldown: float  # seconds open before a probe
+    window: int  # recent calls whose failure rate opens it
+
+
 class Settings(BaseSettings):
     """Every setting llmsvc has, validated at load."""
 
@@ -292,6 +301,13 @@ class Settings(BaseSettings):
             first_token_timeout=self.first_token_timeout_seconds,
             attempt_timeout=self.attempt_timeout_seconds,
             request_timeout=self.request_timeout_seconds,
+        )
+
+    def circuit_policy(self) -> CircuitPolicy:
+        return CircuitPolicy(
+            threshold=self.circuit_failure_threshold,
+            cooldown=self.circuit_cooldown_seconds,
+            window=self.circuit_window,
         )
 
     def secrets(self) -> list[str]:

@@ -208,13 +208,8 @@ class Daemon:
         for finding in self.repairs.findings:
             self.metrics.wal_damage.labels(kind=finding.kind).inc()
         self.metrics.wal_lost_records.inc(self.repairs.counts()["lost_records"])
-        breakers = Breakers(
-            s.circuit_failure_threshold,
-            s.circuit_cooldown_seconds,
-            s.circuit_window,
-            on_change=self._circuit_changed,
-        )
-        self.router = Router(s.providers, self.providers, s.routes, breakers, s.prices)
+        breakers = Breakers(s.circuit_policy(), on_change=self._circuit_changed)
+        self.router = Router(s.providers, self.providers, breakers, s.routes, s.prices)
         self.switches = Switches(self.engine, self.router, set(self.providers), s.wal_dir)
         self.switches.load_local()
         self.keys: KeyTable | None = None

@@ -9,8 +9,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from llmsvc.config import RetryPolicy, Settings
+from llmsvc.config import CircuitPolicy, RetryPolicy, Settings
 
 
 def retry_policy(**changes: Any) -> RetryPolicy:
     return replace(Settings().retry_policy(), **changes)
+
+
+def circuit_policy(**changes: Any) -> CircuitPolicy:
+    return replace(Settings().circuit_policy(), **changes)

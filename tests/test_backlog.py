@@ -23,10 +23,11 @@ import pytest
 import sqlalchemy as sa
 from conftest import OpenWriter
 from daemon_process import CAUGHT_UP, DaemonProcess, daemon_env
-from policies import retry_policy
+from policies import circuit_policy, retry_policy
 
 from llmsvc.config import ProviderConfig
 from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.breaker import Breakers
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
 from llmsvc.metrics import Metrics, WalStatus
@@ -182,7 +183,7 @@ def test_metrics_read_the_wal_status_at_each_scrape() -> None:
 
 def _gateway(writer: Any, status: Callable[[], WalStatus]) -> Gateway:
     config = ProviderConfig(name="mock", kind="mock", models=["mock"])
-    router = Router([config], {"mock": build_provider(config)})
+    router = Router([config], {"mock": build_provider(config)}, Breakers(circuit_policy()))
     return Gateway(Journal(writer), router, 4096, retry_policy(), wal_status=status)
 
 

@@ -28,13 +28,13 @@ class Router:
         self,
         configs: list[ProviderConfig],
         providers: dict[str, Provider],
+        breakers: Breakers,
         routes: dict[str, list[str]] | None = None,
-        breakers: Breakers | None = None,
         prices: dict[str, Price] | None = None,
     ) -> None:
         self.disabled: set[str] = set()  # providers an operator turned off (provider_status)
         self.prices = prices or {}
-        self.breakers = breakers if breakers is not None else Breakers(5, 30.0, 20)
+        self.breakers = breakers
         self.routes: dict[str, list[Target]] = {}
         for public, targets in (routes or {}).items():
             self.routes[public] = [

@@ -28,7 +28,7 @@ import anyio
 import orjson
 import pytest
 import uvicorn
-from policies import retry_policy
+from policies import circuit_policy, retry_policy
 from pydantic import SecretStr
 
 from llmsvc.config import ProviderConfig
@@ -36,6 +36,7 @@ from llmsvc.errors import BodyTooLarge, ClientError, WalFatal
 from llmsvc.gateway import app, rejections
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.attribution import Attribution
+from llmsvc.gateway.breaker import Breakers
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.journal import Journal
@@ -131,7 +132,7 @@ async def served(
     providers = {c.name: build_provider(c) for c in configs}
     gateway = Gateway(
         Journal(writer),
-        Router(configs, providers),
+        Router(configs, providers, Breakers(circuit_policy())),
         max_body_bytes=MAX_BODY_BYTES,
         policy=retry_policy(),
     )

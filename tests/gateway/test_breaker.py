@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from policies import retry_policy
+from policies import circuit_policy, retry_policy
 
 from llmsvc.gateway.breaker import CLOSED, HALF_OPEN, OPEN, Breakers, Circuit
 
@@ -19,7 +19,8 @@ def breakers(clock: Clock, changes: list[str]) -> Breakers:
     def changed(name: str, circuit: Circuit) -> None:
         changes.append(f"{name}:{circuit.state}")
 
-    return Breakers(threshold=3, cooldown=10, window=10, on_change=changed, clock=clock)
+    policy = circuit_policy(threshold=3, cooldown=10, window=10)
+    return Breakers(policy, on_change=changed, clock=clock)
 
 
 def test_consecutive_failures_open_then_one_probe_then_closed() -> None:
