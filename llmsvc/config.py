@@ -3,6 +3,8 @@
 Sources, strongest first: `LLMSVC_*` environment variables, then the TOML
 file named by `LLMSVC_CONFIG`, then the embedded defaults (SQLite and the WAL
 under `$XDG_STATE_HOME/llmsvc`, HTTP on 127.0.0.1:8080, the mock provider).
+The settings are the only defaults: the parts take typed policies built from
+them here (`Settings.retry_policy()`, ...) and have no defaults of their own.
 """
 
 from __future__ import annotations
@@ -114,6 +116,25 @@ class CircuitPolicy:
     threshold: int  # consecutive failures
     cooldown: float  # seconds open before a probe
     window: int  # recent calls whose failure rate opens it
+
+
+@dataclass(frozen=True, slots=True)
+class WalPolicy:
+    """How the WAL writer commits and when it starts a new segment (`wal.writer`)."""
+
+    sync: Literal["write", "fsync"]
+    fsync_interval: float  # seconds between fdatasyncs with sync "write"
+    commit_delay: float  # seconds the writer gathers appends under load
+    segment_max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPolicy:
+    """How often and how much the flusher moves into the store (`store.flusher`)."""
+
+    interval: float  # seconds between flushes that found less than a batch
+    batch_records: int
+    timeout: float | None  # the longest one flush may wait for the database; None: no bound
 
 
 class Settings(BaseSettings):
@@ -308,6 +329,21 @@ class Settings(BaseSettings):
             threshold=self.circuit_failure_threshold,
             cooldown=self.circuit_cooldown_seconds,
             window=self.circuit_window,
+        )
+
+    def wal_policy(self) -> WalPolicy:
+        return WalPolicy(
+            sync=self.wal_sync,
+            fsync_interval=self.wal_fsync_interval_ms / 1000,
+            commit_delay=self.wal_commit_delay_us / 1e6,
+            segment_max_bytes=self.wal_segment_max_bytes,
+        )
+
+    def flush_policy(self) -> FlushPolicy:
+        return FlushPolicy(
+            interval=self.flush_interval_ms / 1000,
+            batch_records=self.flush_batch_records,
+            timeout=self.database_timeout_seconds,
         )
 
     def secrets(self) -> list[str]:

@@ -187,13 +187,7 @@ class Daemon:
         self.maintenance = create_engine(s.database_url, DAEMON_APPLICATION, timeout)
         self.metrics = Metrics()
         self.writer = WalWriter(
-            s.wal_dir,
-            self.instance,
-            sync=s.wal_sync,
-            fsync_interval=s.wal_fsync_interval_ms / 1000,
-            commit_delay=s.wal_commit_delay_us / 1e6,
-            segment_max_bytes=s.wal_segment_max_bytes,
-            on_fsync=self.metrics.wal_fsync.observe,
+            s.wal_dir, self.instance, s.wal_policy(), on_fsync=self.metrics.wal_fsync.observe
         )
         hint = read_checkpoint(s.wal_dir)
         self.repairs = self.writer.open(asyncio.get_running_loop(), self._on_fatal, hint)
@@ -362,10 +356,8 @@ class Daemon:
             s.wal_dir,
             self.instance,
             lambda: self._flush_to or self.writer.end,
-            interval=s.flush_interval_ms / 1000,
-            batch_records=s.flush_batch_records,
+            s.flush_policy(),
             on_batch=self.metrics.batch_flushed,
-            timeout=s.database_timeout_seconds,
         )
 
     # -- what the admin API asks of the daemon (admin.app.Operations) ------------------

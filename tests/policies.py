@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from llmsvc.config import CircuitPolicy, RetryPolicy, Settings
+from llmsvc.config import CircuitPolicy, FlushPolicy, RetryPolicy, Settings, WalPolicy
 
 
 def retry_policy(**changes: Any) -> RetryPolicy:
@@ -18,3 +18,11 @@ def retry_policy(**changes: Any) -> RetryPolicy:
 
 def circuit_policy(**changes: Any) -> CircuitPolicy:
     return replace(Settings().circuit_policy(), **changes)
+
+
+def wal_policy(**changes: Any) -> WalPolicy:
+    return replace(Settings().wal_policy(), **changes)
+
+
+def flush_policy(**changes: Any) -> FlushPolicy:
+    return replace(Settings().flush_policy(), **changes)

@@ -23,7 +23,7 @@ import pytest
 import sqlalchemy as sa
 from conftest import OpenWriter
 from daemon_process import CAUGHT_UP, DaemonProcess, daemon_env
-from policies import circuit_policy, retry_policy
+from policies import circuit_policy, flush_policy, retry_policy, wal_policy
 
 from llmsvc.config import ProviderConfig
 from llmsvc.gateway.app import Gateway
@@ -85,7 +85,7 @@ async def test_backlog_bytes_are_the_frames_after_the_checkpoint_across_segments
     sizes = frame_sizes(wal_dir, wal_id)
     assert len(sizes) == writer.end.lsn - 1
 
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, batch_records=7)
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy(batch_records=7))
     try:
         await flusher.start()
         assert flusher.backlog_bytes() == sum(sizes)
@@ -131,8 +131,8 @@ async def test_a_log_that_ends_before_the_checkpoint_has_no_backlog_until_new_re
             sa.insert(wal_checkpoints),
             {"instance_id": wal_id, "lsn": checkpoint, "updated_at": datetime.now(UTC)},
         )
-    writer = WalWriter(wal_dir, wal_id, segment_max_bytes=1024)
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end)
+    writer = WalWriter(wal_dir, wal_id, wal_policy(segment_max_bytes=1024))
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy())
     try:
         if flusher_first:
             await flusher.start()

@@ -28,7 +28,7 @@ import anyio
 import orjson
 import pytest
 import uvicorn
-from policies import circuit_policy, retry_policy
+from policies import circuit_policy, retry_policy, wal_policy
 from pydantic import SecretStr
 
 from llmsvc.config import ProviderConfig
@@ -115,7 +115,7 @@ async def served(
     wal_dir.mkdir()
     wal_id = instance_id(wal_dir)
     fatal: list[WalFatal] = []
-    writer = WalWriter(wal_dir, wal_id)
+    writer = WalWriter(wal_dir, wal_id, wal_policy())
     writer.open(asyncio.get_running_loop(), fatal.append)
 
     configs = [
