@@ -119,7 +119,7 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.set_defaults(command=cmd_run)
 
-    migrate = commands.add_parser("migrate", help="upgrade the database schema to the newest")
+    migrate = commands.add_parser("migrate", help="bring the database schema up to date")
     migrate.set_defaults(command=cmd_migrate)
 
     status = commands.add_parser("status", help="list recent requests")

@@ -365,6 +365,9 @@ class Daemon:
     def describe(self) -> dict[str, Any]:
         return status.describe(self)
 
+    def health(self) -> dict[str, Any]:
+        return self.gateway.health_report()
+
     def provider_names(self) -> list[str]:
         return list(self.providers)
 

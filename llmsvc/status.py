@@ -61,7 +61,7 @@ def describe(daemon: Daemon) -> dict[str, Any]:
             "connected": wal.database_up,
             "last_check": iso(flusher.last_check),
             "last_flush": iso(flusher.last_flush),
-            "last_error": flusher.last_error,
+            "last_error": flusher.last_error or daemon.catch_up.error,  # boot's, until caught up
             "refused_records": dict(flusher.refused),
             "last_refusal": flusher.last_refusal,
         },

@@ -215,7 +215,7 @@ class Supervisor:
                 finally:
                     if lock is not None:
                         lock.release()
-                log.info("wal no worker owns replayed dir=%s %s", wal_dir, replayed)
+                log.info("wal no worker owns: stored", dir=wal_dir, records=replayed["replayed"])
                 self.unowned.pop(0)
         finally:
             await asyncio.wait_for(engine.dispose(), timeout)

@@ -4,7 +4,7 @@ Every wait here is bounded: a daemon that never says `ready`, or never exits aft
 signal, fails the test with its log instead of hanging the run.
 
 Run as a script (`python tests/daemon_process.py upstream --api-key K`) it serves
-scripts/openai_upstream.py with one extra route, `/with/{header}/{value}/v1/...`,
+tests/upstreams/openai_upstream.py with one extra route, `/with/{header}/{value}/v1/...`,
 which behaves as if the request had carried that header. llmsvc forwards the
 client's body but not its headers, so a provider whose `base_url` is such a path
 is how a test steers the upstream (fail with a status, drop a stream, pace tokens).
@@ -37,8 +37,8 @@ from postgres import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LLMSVC = Path(sys.executable).parent / "llmsvc"
-UPSTREAM_SCRIPT = REPO / "scripts" / "openai_upstream.py"
-ANTHROPIC_SCRIPT = REPO / "scripts" / "anthropic_upstream.py"  # base URL: `root_url`
+UPSTREAM_SCRIPT = REPO / "tests" / "upstreams" / "openai_upstream.py"
+ANTHROPIC_SCRIPT = REPO / "tests" / "upstreams" / "anthropic_upstream.py"  # base URL: `root_url`
 READY_TIMEOUT = 30.0
 CAUGHT_UP = "boot: caught up with the database"  # a daemon's catch-up is done (after `ready`)
 READY = r'\bready host=\S+ port=\d+|"message":"ready","host":'  # plain text or JSON logs
@@ -236,7 +236,7 @@ class DaemonProcess:
 
 
 class UpstreamProcess:
-    """scripts/openai_upstream.py (with the `/with/...` steering route) as a child process."""
+    """tests/upstreams/openai_upstream.py (with the `/with/...` steering route), a child process."""
 
     def __init__(
         self,

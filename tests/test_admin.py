@@ -51,10 +51,11 @@ def request_id_of(daemon: DaemonProcess, path: str, token: str) -> uuid.UUID:
         return uuid.UUID(error.headers["x-request-id"])
 
 
-def chat(daemon: DaemonProcess, tokens: int = 4) -> str:
+def chat(daemon: DaemonProcess, tokens: int = 4, correlation_id: str | None = None) -> str:
     client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0)
+    headers = {} if correlation_id is None else {"X-Correlation-ID": correlation_id}
     raw = client.chat.completions.with_raw_response.create(
-        model="mock", messages=MESSAGES, max_tokens=tokens, stream=True
+        model="mock", messages=MESSAGES, max_tokens=tokens, stream=True, extra_headers=headers
     )
     for _chunk in raw.parse():
         pass
@@ -113,25 +114,35 @@ def _ended(found: tuple[int, Any]) -> bool:
 def test_a_request_is_shown_with_its_attempts_and_token_counts(env: dict[str, str]) -> None:
     with DaemonProcess(env) as daemon:
         daemon.wait_caught_up()  # the store is migrated
-        request_id = chat(daemon, tokens=6)
+        chat(daemon, correlation_id="trace-shared")
+        chat(daemon, correlation_id="trace-shared")
+        # Last: stored in WAL order, so once it is in the store whole, the two before are.
+        request_id = chat(daemon, tokens=6, correlation_id="req_admin-1")
         deadline = time.monotonic() + 10
         # The request's start and its attempt's end may reach the store in different flushes.
         while not _ended(found := call(daemon, "GET", f"/api/admin/requests/{request_id}")):
             assert time.monotonic() < deadline, ("never flushed whole", found)
             time.sleep(0.05)  # journaled; in the store with the next flush
         code, shown = found
-        bad = call(daemon, "GET", "/api/admin/requests/not-a-uuid")
+        by_correlation = call(daemon, "GET", "/api/admin/requests/req_admin-1")
+        shared = call(daemon, "GET", "/api/admin/requests/trace-shared")
         unknown = call(daemon, "GET", f"/api/admin/requests/{uuid.uuid4()}")
+        status = call(daemon, "GET", "/api/admin/status")
         assert daemon.stop() == 0
     assert code == 200, (shown, daemon.log[-3000:])
     assert shown["request"]["id"] == request_id
+    assert shown["request"]["created_at"].endswith("+00:00")
+    assert by_correlation == found
     assert "messages" not in shown["request"]
     [attempt] = shown["attempts"]
     assert attempt["status"] == "completed"
     assert (attempt["tokens"]["stored"], attempt["tokens"]["first_seq"]) == (6, 0)
     assert attempt["tokens"]["last_seq"] == 5
-    assert bad[0] == 400
+    assert shared[0] == 400
+    assert "several requests were sent with the correlation id 'trace-shared'" in str(shared[1])
     assert unknown[0] == 404
+    assert status[0] == 200
+    assert status[1]["status"] == "ok"  # as /api/health says it
 
 
 def test_a_disabled_provider_is_never_called_and_stays_disabled_across_a_restart(
@@ -148,6 +159,9 @@ def test_a_disabled_provider_is_never_called_and_stays_disabled_across_a_restart
     assert (code, switched) == (200, {"provider": "mock", "enabled": False})
     assert refused.value.status_code == 503
     assert "provider 'mock' is disabled by an operator" in str(refused.value)
+    [line] = [ln for ln in daemon.log.splitlines() if " request request_id=" in ln]
+    assert " status=failed " in line
+    assert line.endswith(" error=unavailable")  # refused, not a crash: not `internal`
     assert unknown[0] == 404
     assert wrong_method[0] == 405
 

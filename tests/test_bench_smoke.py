@@ -1,4 +1,4 @@
-"""scripts/bench.py end to end with tiny counts: the report has its shape and its figures.
+"""benchmarks/bench.py end to end with tiny counts: the report has its shape and its figures.
 
 Not a performance check (the counts are far too small for that): it keeps the benchmark
 runnable as the daemon changes, so the real run is never the first to find it broken.
@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from postgres import opted_out, unique_dbname
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
 
 def positive(value: Any) -> bool:
@@ -155,11 +155,11 @@ def test_the_keys_and_rate_limit_modes_run_and_report_their_figures(tmp_path: Pa
 
 
 def test_the_peer_comparison_runs_and_reports_its_figures(tmp_path: Path) -> None:
-    """scripts/bench_peers.py with the repository's own relay as the one peer."""
+    """benchmarks/bench_peers.py with the repository's own relay as the one peer."""
     out = tmp_path / "peers.json"
-    scripts = SCRIPT.parent
-    relay = f"relay={sys.executable} {scripts / 'relay_floor.py'} --port {{port}}"
-    cmd = [sys.executable, str(scripts / "bench_peers.py"), "--quick", "--out", str(out)]
+    benchmarks = SCRIPT.parent
+    relay = f"relay={sys.executable} {benchmarks / 'relay_floor.py'} --port {{port}}"
+    cmd = [sys.executable, str(benchmarks / "bench_peers.py"), "--quick", "--out", str(out)]
     cmd += ["--tmp-dir", str(tmp_path), "--peer", relay + " --upstream-port {upstream_port}"]
     cmd += ["--stream-concurrency", "2", "--stream-tokens", "20"]
     # a stream of 1,500 tokens at >= 1 ms each is still open when SIGTERM comes at 1 s

@@ -496,7 +496,11 @@ def test_llmsvcs_own_variables_that_are_not_settings_are_allowed(
 def test_every_llmsvc_variable_the_repository_names_is_one_llmsvc_knows() -> None:
     """A script or unit naming a variable llmsvc refuses would stop the daemon it starts."""
     repo = Path(__file__).resolve().parents[1]
-    texts = [*(repo / "scripts").iterdir(), *(repo / "systemd").iterdir()]
+    texts = [
+        *(repo / "scripts").iterdir(),
+        *(repo / "benchmarks").glob("*.py"),
+        *(repo / "systemd").iterdir(),
+    ]
     named = set()
     for path in texts:
         named |= set(re.findall(r"\bLLMSVC_[A-Z0-9_]*[A-Z0-9]", path.read_text()))

@@ -1,4 +1,4 @@
-"""scripts/crash_test.py, short: SIGKILL the daemon under streaming clients, a few times a mode.
+"""benchmarks/crash_test.py, short: SIGKILL the daemon under streaming clients, a few times a mode.
 
 The full run (25 iterations, 20 clients) is the script's default; this keeps it runnable and
 holds the promise on every suite run: no token a client received is lost or stored twice,
@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "crash_test.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "crash_test.py"
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -27,7 +27,7 @@ FAIL = "X-Upstream-Fail"
 
 
 def upstream_text(n: int) -> str:
-    """What the upstream sends for `max_tokens=n` (scripts/openai_upstream.py)."""
+    """What the upstream sends for `max_tokens=n` (tests/upstreams/openai_upstream.py)."""
     return "".join(f"t{i} " for i in range(n))
 
 

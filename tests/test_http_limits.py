@@ -9,7 +9,6 @@ one that closes at once is stored `interrupted`, not `completed`.
 
 from __future__ import annotations
 
-import inspect
 import os
 import re
 import select
@@ -26,7 +25,6 @@ import openai
 import orjson
 import pytest
 from daemon_process import LLMSVC, DaemonProcess, Stored, daemon_env, get_json, read_store
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from llmsvc.gateway.http_protocol import LINGER_SECONDS, connection_bound
 
@@ -156,22 +154,6 @@ def start(tmp_path: Path, sqlite_url: str) -> Iterator[Any]:
     for daemon in daemons:
         if daemon.returncode is None:
             assert daemon.stop() == 0, daemon.log
-
-
-def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
-    """gateway/http_protocol.py leans on uvicorn internals (pinned): an upgrade that moves
-    them fails here, not in production."""
-    headers_complete = inspect.getsource(HttpToolsProtocol.on_headers_complete)
-    assert "self._start_asgi_task(self.cycle, app)" in headers_complete
-    assert "on_response=self.on_response_complete" in headers_complete
-    assert "self._start_asgi_task(cycle, app)" in inspect.getsource(
-        HttpToolsProtocol.on_response_complete
-    )
-    assert "self.parser.feed_data(data)" in inspect.getsource(HttpToolsProtocol.data_received)
-    assert "self.url += url" in inspect.getsource(HttpToolsProtocol.on_url)
-    assert "self.send_400_response(msg)" in inspect.getsource(HttpToolsProtocol.data_received)
-    for hook in ("connection_made", "connection_lost", "eof_received", "on_message_begin"):
-        assert hook in HttpToolsProtocol.__dict__, hook
 
 
 # -- the head's size -------------------------------------------------------------------

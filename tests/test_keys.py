@@ -74,6 +74,7 @@ def test_a_missing_unknown_revoked_or_expired_key_is_401_and_nothing_is_journale
         body = {"name": "expiring", "expires_at": soon}  # through the admin API: in force at once
         code, expiring = admin_call(daemon, "POST", "/api/admin/keys", body, TOKEN)
         assert code == 201
+        assert admin_call(daemon, "POST", "/api/admin/teams", {"name": "ops"}, TOKEN)[0] == 201
         status, body = fetch_json(
             urllib.request.Request(
                 f"{daemon.base_url}/v1/chat/completions",
@@ -104,6 +105,8 @@ def test_a_missing_unknown_revoked_or_expired_key_is_401_and_nothing_is_journale
     assert "revoked" in refused["revoked"]
     assert "expired" in refused["expired"]
     assert len(read_store(database_url).requests) == 1  # only the one accepted
+    assert " key created by an operator key=expiring " in daemon.log  # what operators did
+    assert " team created by an operator team=ops " in daemon.log
 
 
 def test_a_key_limited_to_some_models_gets_403_for_others_and_lists_only_its_own(

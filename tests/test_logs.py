@@ -96,7 +96,8 @@ def test_json_logs_carry_one_line_per_request_and_never_a_secret(
     assert ok["correlation_id"] == correlation
     assert (ok["model"], ok["provider"], ok["status"]) == ("gpt-test", "up", "completed")
     assert ok["stream"] is True
-    assert ok["tokens"] == 5
+    assert (ok["completion_tokens"], ok["deltas"]) == (5, 5)
+    assert isinstance(ok["prompt_tokens"], int)
     assert ok["latency_ms"] > 0
     assert "error" not in ok
     failed = next(e for e in requests if e["request_id"] != request_id)

@@ -140,6 +140,8 @@ def test_a_daemon_started_while_the_database_is_away_serves_and_stores_it_all_on
     assert waiting["status"] == "degraded"
     assert waiting["reason"].startswith("catching up with the database: migrating the database")
     assert waiting["database"]["connected"] is False
+    assert waiting["database"]["last_error"]  # why the catch-up waits, as its reason says
+    assert waiting["database"]["last_error"] in waiting["reason"]
     assert "Traceback" not in daemon.log, daemon.log
     store = read_store(sqlalchemy_url(url))
     cut_off = [r for r in store.requests.values() if r["status"] == "interrupted"]

@@ -428,7 +428,7 @@ def test_raising_workers_from_1_replays_the_single_daemons_wal_first(
 
     with DaemonProcess(daemon_env(database_url, wal_dir, workers=2)) as daemon:
         assert daemon.stop() == 0, daemon.log
-    assert f"wal no worker owns replayed dir={wal_dir} " in daemon.log
+    assert f"wal no worker owns: stored dir={wal_dir} " in daemon.log
     store = read_store(database_url)
     assert_holds(store.texts(stream.request_id), stream.tokens)
 

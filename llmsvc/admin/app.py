@@ -31,7 +31,7 @@ from llmsvc.maintenance.jobs import prune_job
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.store import keys
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
-from llmsvc.store.queries import recent_requests, request_detail, token_summary
+from llmsvc.store.queries import find_requests, recent_requests, request_detail, token_summary
 
 log = logger(__name__)
 
@@ -50,7 +50,9 @@ class Operations(Protocol):
     engine: AsyncEngine
     maintenance: AsyncEngine  # for maintenance work: no per-command bound, a pool of its own
 
-    def describe(self) -> dict[str, Any]: ...
+    def health(self) -> dict[str, Any]:
+        """`/api/health`'s body: status, reason and every part's state."""
+        ...
 
     def provider_names(self) -> list[str]: ...
 
@@ -155,7 +157,7 @@ class AdminApi:
     # -- handlers: each returns (status, JSON body) ------------------------------------
 
     async def status(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
-        return 200, self.ops.describe()
+        return 200, self.ops.health()
 
     async def requests(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
         """Recent requests, filtered as `llmsvc status` filters them."""
@@ -186,13 +188,19 @@ class AdminApi:
         return 200, {"by": by, "spend": _plain(rows)}
 
     async def request(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
-        try:
-            request_id = uuid.UUID(match["id"])
-        except ValueError:
-            raise ClientError(f"{match['id']!r} is not a request id (a UUID)") from None
-        detail = await request_detail(self.ops.engine, request_id)
-        if detail is None:
-            raise NotFound(f"no request {request_id} in the store")
+        """One request by its id or, as `llmsvc show`, by the correlation id it was sent with."""
+        given = match["id"]
+        found = await find_requests(self.ops.engine, given)
+        if not found:
+            raise NotFound(f"no request with the id or correlation id {given!r} in the store")
+        if len(found) > 1:
+            raise ClientError(
+                f"several requests were sent with the correlation id {given!r}: list them with "
+                "GET /api/admin/requests?correlation_id=… and ask for one by its request id"
+            )
+        detail = await request_detail(self.ops.engine, found[0])
+        if detail is None:  # pruned meanwhile
+            raise NotFound(f"no request with the id or correlation id {given!r} in the store")
         summary = await token_summary(self.ops.engine, [a["id"] for a in detail.attempts])
         request = {k: v for k, v in detail.request.items() if k not in ("messages", "params")}
         attempts = [
@@ -202,7 +210,7 @@ class AdminApi:
         return 200, _plain({"request": request, "attempts": attempts})
 
     async def providers(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
-        return 200, {"providers": self.ops.describe()["providers"]}
+        return 200, {"providers": self.ops.health()["providers"]}
 
     async def switch_provider(
         self, scope: Scope, receive: ASGIReceive, match: re.Match[str]
@@ -277,6 +285,7 @@ class AdminApi:
         spec = await self._body(scope, receive, keys.TeamSpec)
         team = await keys.create_team(self.ops.engine, spec)
         await self.ops.keys_changed()
+        log.info("team created by an operator", team=team["name"], id=team["id"])
         return 201, _plain({"team": team})
 
     async def show_team(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
@@ -340,13 +349,16 @@ def _result(result: JobResult) -> tuple[int, dict[str, Any]]:
 
 
 def _plain(value: Any) -> Any:
-    """UUIDs and datetimes as strings, for JSON."""
+    """UUIDs and datetimes (in UTC, with the zone) as strings, for JSON."""
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}  # SQLAlchemy keys subclass str
     if isinstance(value, list):
         return [_plain(v) for v in value]
     if isinstance(value, uuid.UUID):
         return str(value)
-    if hasattr(value, "isoformat"):
+    if isinstance(value, datetime):  # SQLite's come back naive: every time stored is UTC
+        at = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+        return at.isoformat()
+    if hasattr(value, "isoformat"):  # a day
         return value.isoformat()
     return value

@@ -142,13 +142,19 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                 }
             },
             "/openapi.json": {"get": {"summary": "This document", "responses": {"200": _json("")}}},
-            "/api/admin/status": {"get": admin("Every part's state", "the state")},
+            "/api/admin/status": {
+                "get": admin("The status and every part's state, as /api/health", "the state")
+            },
             "/api/admin/requests/{request_id}": {
                 "get": admin(
-                    "A request's metadata, attempts and token counts",
+                    "A request's metadata, attempts and token counts, by its id or by the"
+                    " correlation id it was sent with",
                     "the request",
                     parameters=[request_id],
-                    responses={"400": _error("not a UUID"), "404": _error("no such request")},
+                    responses={
+                        "400": _error("several requests were sent with that correlation id"),
+                        "404": _error("no such request"),
+                    },
                 )
             },
             "/api/admin/requests": {

@@ -1,6 +1,6 @@
 """The ASGI application: a bare callable with a route table, no framework.
 
-Measured (scripts/bench_stack.py): a Starlette app costs 1.4-2x the CPU per
+Measured (benchmarks/bench_stack.py): a Starlette app costs 1.4-2x the CPU per
 request and per streamed event of a bare ASGI callable under uvicorn, and the
 hot path has no room for that.
 """

@@ -30,7 +30,7 @@ from llmsvc.errors import (
     WalFull,
 )
 from llmsvc.gateway.attribution import Attribution, record_fields
-from llmsvc.gateway.errors import error_event
+from llmsvc.gateway.errors import describe, error_event
 from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import Router, Target
@@ -383,7 +383,7 @@ class Exchange:
 
     async def _fail(self, exc: BaseException) -> None:
         """Record the failure; before the first byte re-raise it for an HTTP error."""
-        error_code = "wal_full" if isinstance(exc, WalFull) else getattr(exc, "code", "internal")
+        error_code = "wal_full" if isinstance(exc, WalFull) else describe(exc)[1]["code"]
         http_status = exc.status if isinstance(exc, ProviderError) else None
         if self.start_fut is None:  # its start was refused: nothing of it is journaled to end
             self.status, self.error_code = "failed", error_code
@@ -541,7 +541,9 @@ class Exchange:
             provider=self.target.provider.name,
             stream=self.stream,
             status=self.status,
-            tokens=self.seq,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            deltas=self.seq,  # content pieces sent and stored (a whole reply is one)
             latency_ms=round((time.monotonic() - self.began) * 1000, 1),
             error=self.error_code,
         )

@@ -1,6 +1,6 @@
 """uvicorn's httptools protocol, bounded: head size, arrival timeouts, open connections, half-close.
 
-uvicorn 0.54 (pinned; tests/test_http_limits.py checks the hooks used here)
+uvicorn 0.54 (pinned; tests/gateway/test_http_protocol.py checks the hooks used here)
 lets httptools buffer a request's head without a cap (a 64 MiB header cost
 seconds of CPU and up to 123 MiB), waits forever for a request that arrives
 slowly or never, accepts connections until the descriptors run out (then

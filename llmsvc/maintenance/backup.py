@@ -435,10 +435,10 @@ async def replay(flusher: Flusher, wal_dir: Path) -> dict[str, Any]:
     if first > checkpoint + 1:
         result["missing"] = [checkpoint + 1, first - 1]
         log.error(
-            "restore: WAL records %d..%d are gone (removed before this backup was the newest): "
+            "wal records %d..%d are gone (removed before this backup was the newest): "
             "the store holds the backup and what the WAL kept after them",
             checkpoint + 1,
             first - 1,
         )
-    log.info("restore: wal replayed", records=result["replayed"], checkpoint=flusher.checkpoint)
+    log.info("wal replayed", dir=wal_dir, records=result["replayed"], checkpoint=flusher.checkpoint)
     return result

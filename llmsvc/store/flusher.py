@@ -82,7 +82,7 @@ async def _tokens_sqlite(conn: AsyncConnection, rows: list[Row]) -> None:
 async def _tokens_postgres(conn: AsyncConnection, rows: list[Row]) -> None:
     """COPY into a staging table, then one idempotent INSERT … SELECT.
 
-    Measured by scripts/bench_pg_bulk.py: 1.3x an unnest() insert and 1.9x
+    Measured by benchmarks/bench_pg_bulk.py: 1.3x an unnest() insert and 1.9x
     executemany at 50,000 rows.
     """
     raw = (await conn.get_raw_connection()).driver_connection

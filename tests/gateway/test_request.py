@@ -1,7 +1,12 @@
-"""Reading a request body: what parses is what the WAL can journal, and nothing deeper."""
+"""Reading a request body: what parses is what the WAL can journal, and nothing deeper.
+
+Over HTTP (the `served` gateway, conftest.py), bad input gets a 4xx in OpenAI's error
+shape naming the problem, and the WAL gets nothing.
+"""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
 
@@ -9,6 +14,19 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from served_gateway import (
+    _DROP,
+    CHAT,
+    MAX_BODY_BYTES,
+    MESSAGES,
+    Served,
+    _assert_nothing_recorded,
+    _by_type,
+    _chat,
+    _error,
+    _post,
+    _raw_http,
+)
 
 from llmsvc.errors import ClientError
 from llmsvc.gateway.request import (
@@ -19,8 +37,10 @@ from llmsvc.gateway.request import (
     too_deep,
     trace_id,
 )
+from llmsvc.providers.mock import token
+from llmsvc.wal.codec import RecordType
 
-CHAT = {"model": "mock", "messages": [{"role": "user", "content": "hi"}]}
+BODY = {"model": "mock", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def depth(value: Any) -> int:
@@ -36,7 +56,7 @@ def depth(value: Any) -> int:
 def deep_body(levels: int) -> bytes:
     """A chat request `levels` deep in all, by bytes: orjson cannot write past 254."""
     inner = levels - 1
-    return orjson.dumps(CHAT)[:-1] + b',"payload":' + b"[" * inner + b"]" * inner + b"}"
+    return orjson.dumps(BODY)[:-1] + b',"payload":' + b"[" * inner + b"]" * inner + b"}"
 
 
 def nested(levels: int, leaf: Any = 1) -> Any:
@@ -118,7 +138,7 @@ def test_values_orjson_cannot_hold_are_client_errors(body: bytes) -> None:
 
 @pytest.mark.parametrize("n", [1, None])
 def test_n_of_one_or_null_is_taken(n: int | None) -> None:
-    data, request = parse_chat(orjson.dumps({**CHAT, "n": n}))
+    data, request = parse_chat(orjson.dumps({**BODY, "n": n}))
 
     assert request.n == n == data["n"]
 
@@ -126,7 +146,7 @@ def test_n_of_one_or_null_is_taken(n: int | None) -> None:
 @pytest.mark.parametrize("n", [2, 128, 0])
 def test_n_other_than_one_is_refused_naming_the_field_and_why(n: int) -> None:
     with pytest.raises(ClientError) as raised:
-        parse_chat(orjson.dumps({**CHAT, "n": n}))
+        parse_chat(orjson.dumps({**BODY, "n": n}))
 
     assert raised.value.param == "n"
     assert str(raised.value).startswith("n: ")
@@ -220,3 +240,187 @@ def test_an_invalid_traceparent_is_ignored(traceparent: str) -> None:
     assert trace_id(traceparent.encode()) is None
     correlation = correlation_id({b"traceparent": traceparent.encode()})
     assert str(uuid.UUID(correlation)) == correlation
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"model": "mock", "messages": ', b"", b"\xff\xfe", b"not json"],
+    ids=["truncated", "empty", "not-utf8", "bare-words"],
+)
+async def test_malformed_json_is_400_and_records_nothing(served: Served, body: bytes) -> None:
+    error = _error(*(await _post(served, body))[::2], 400)
+    assert "not valid JSON" in error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] is None
+    await _assert_nothing_recorded(served)
+
+
+@pytest.mark.parametrize("body", [[1, 2], "chat", 42, None], ids=["list", "str", "int", "null"])
+async def test_body_that_is_not_an_object_is_400_and_records_nothing(
+    served: Served, body: Any
+) -> None:
+    error = _error(*(await _post(served, body))[::2], 400)
+    assert "JSON object" in error["message"]
+    await _assert_nothing_recorded(served)
+
+
+INVALID_FIELDS = {
+    "model-missing": (_chat(model=_DROP), "model"),
+    "model-int": (_chat(model=5), "model"),
+    "model-empty": (_chat(model=""), "model"),
+    "messages-missing": (_chat(messages=_DROP), "messages"),
+    "messages-empty": (_chat(messages=[]), "messages"),
+    "messages-str": (_chat(messages="hello"), "messages"),
+    "message-str": (_chat(messages=["hello"]), "messages.0"),
+    "role-invalid": (_chat(messages=[{"role": "robot", "content": "hi"}]), "messages.0.role"),
+    "role-missing": (_chat(messages=[{"content": "hi"}]), "messages.0.role"),
+    "stream-yes": (_chat(stream="yes"), "stream"),
+    "max_tokens-negative": (_chat(max_tokens=-1), "max_tokens"),
+    "max_tokens-zero": (_chat(max_tokens=0), "max_tokens"),
+    "max_tokens-str": (_chat(max_tokens="5"), "max_tokens"),
+    "max_completion_tokens-negative": (_chat(max_completion_tokens=-3), "max_completion_tokens"),
+    "temperature-9": (_chat(temperature=9), "temperature"),
+    "temperature-str": (_chat(temperature="hot"), "temperature"),
+    "mock_delay_ms-negative": (_chat(mock_delay_ms=-1), "mock_delay_ms"),
+    "n-2": (_chat(n=2), "n"),  # one choice per request: the store keeps one reply
+    "include_usage-int": (
+        _chat(stream=True, stream_options={"include_usage": 1}),
+        "stream_options.include_usage",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "field"), list(INVALID_FIELDS.values()), ids=list(INVALID_FIELDS))
+async def test_invalid_field_is_400_naming_it_and_records_nothing(
+    served: Served, body: dict[str, Any], field: str
+) -> None:
+    error = _error(*(await _post(served, body))[::2], 400)
+    assert error["param"] == field
+    assert error["message"].startswith(f"{field}: ")
+    assert error["type"] == "invalid_request_error"
+    assert error["code"] == "invalid_request"
+    await _assert_nothing_recorded(served)
+
+
+async def test_invalid_content_is_400_naming_the_field_not_a_union_member(
+    served: Served,
+) -> None:
+    """`content` may be a string, a list of parts or null; the param is the field's path."""
+    body = _chat(messages=[{"role": "user", "content": 5}])
+    error = _error(*(await _post(served, body))[::2], 400)
+    assert error["param"] == "messages.0.content"
+    assert error["message"].startswith("messages.0.content: ")
+    await _assert_nothing_recorded(served)
+
+
+def _nested_body(levels: int) -> bytes:
+    """A valid request `levels` deep in all, written as bytes: orjson cannot write past 254."""
+    inner = levels - 1
+    return orjson.dumps(_chat())[:-1] + b',"payload":' + b"[" * inner + b"]" * inner + b"}"
+
+
+@pytest.mark.parametrize("levels", [MAX_DEPTH + 1, 255, 1024])
+async def test_a_body_nested_past_the_depth_limit_is_400_naming_it_in_one_line(
+    served: Served, levels: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Past the limit, below and beyond what the WAL's encoder takes: 400 and the one line of
+    a rejected request, not a traceback."""
+    with caplog.at_level(logging.INFO):
+        error = _error(*(await _post(served, _nested_body(levels)))[::2], 400)
+    assert f"deeper than {MAX_DEPTH} levels" in error["message"]
+    lines = [
+        (r.levelno, r.exc_info, r.getMessage().split()[0])
+        for r in caplog.records
+        if r.name != "uvicorn.access"
+    ]
+    assert lines == [(logging.INFO, None, "rejected")]
+    await _assert_nothing_recorded(served)
+
+
+async def test_a_body_at_the_depth_limit_is_served_and_journaled(served: Served) -> None:
+    status, _, raw = await _post(served, _nested_body(MAX_DEPTH))
+    assert status == 200, raw
+    (start,) = _by_type(await served.records(), RecordType.REQUEST_START)
+    assert start["params"]["payload"] == orjson.loads(_nested_body(MAX_DEPTH))["payload"]
+
+
+async def test_body_declared_over_the_limit_is_413_before_it_is_sent(served: Served) -> None:
+    """The declared length is enough: the server answers without waiting for the body."""
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {MAX_BODY_BYTES + 1}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    status, raw = await _raw_http(served, request)
+    error = _error(status, raw, 413)
+    assert error["code"] == "request_too_large"
+    assert str(MAX_BODY_BYTES) in error["message"]
+    await _assert_nothing_recorded(served)
+
+
+async def test_chunked_body_over_the_limit_is_413(served: Served) -> None:
+    """No Content-Length to trust: the limit is enforced while reading."""
+    body = orjson.dumps(
+        {"model": "mock", "messages": [{"role": "user", "content": "x" * MAX_BODY_BYTES}]}
+    )
+    chunks = b"".join(
+        b"%x\r\n%s\r\n" % (len(body[i : i + 1000]), body[i : i + 1000])
+        for i in range(0, len(body), 1000)
+    )
+    request = (
+        (
+            f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        ).encode()
+        + chunks
+        + b"0\r\n\r\n"
+    )
+    status, raw = await _raw_http(served, request)
+    error = _error(status, raw, 413)
+    assert error["code"] == "request_too_large"
+    assert str(MAX_BODY_BYTES) in error["message"]
+    await _assert_nothing_recorded(served)
+
+
+async def test_chunked_body_under_the_limit_is_served(served: Served) -> None:
+    """The other side of the limit: a chunked body that fits is read whole."""
+    body = orjson.dumps({"model": "mock", "messages": MESSAGES, "max_tokens": 2})
+    request = (
+        f"POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    ).encode()
+    for i in range(0, len(body), 7):
+        request += b"%x\r\n%s\r\n" % (len(body[i : i + 7]), body[i : i + 7])
+    status, raw = await _raw_http(served, request + b"0\r\n\r\n")
+    assert status == 200, raw
+    assert orjson.loads(raw)["choices"][0]["message"]["content"] == token(0) + token(1)
+
+
+@pytest.mark.parametrize("value", ["x" * 129, "two words", ""], ids=["long", "space", "empty"])
+async def test_invalid_correlation_id_is_400_and_records_nothing(
+    served: Served, value: str
+) -> None:
+    body = {"model": "mock", "messages": MESSAGES}
+    error = _error(*(await _post(served, body, **{"X-Correlation-ID": value}))[::2], 400)
+    assert error["message"].startswith("the X-Correlation-ID header ")
+    assert "1 to 128 visible ASCII characters" in error["message"]
+    await _assert_nothing_recorded(served)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "req_8d2f0c",
+        "12345678901234567890",
+        "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+    ],
+    ids=["prefixed", "decimal", "traceparent"],
+)
+async def test_a_correlation_id_that_is_not_a_uuid_is_echoed_and_journaled_as_sent(
+    served: Served, value: str
+) -> None:
+    body = {"model": "mock", "messages": MESSAGES, "max_tokens": 1}
+    status, headers, raw = await _post(served, body, **{"X-Correlation-ID": value})
+    assert status == 200, raw
+    assert headers["X-Correlation-ID"] == value
+    [start] = _by_type(await served.records(), RecordType.REQUEST_START)
+    assert start["correlation_id"] == value

@@ -1,5 +1,6 @@
 """The Anthropic provider: the translation both ways, and the daemon against an upstream that
-speaks Anthropic's exact wire format (scripts/anthropic_upstream.py), via the `openai` SDK."""
+speaks Anthropic's exact wire format (tests/upstreams/anthropic_upstream.py), via the `openai`
+SDK."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Compares one unnest() INSERT, COPY into a staging table + INSERT … SELECT, and
 executemany, each idempotent (ON CONFLICT DO NOTHING), interleaved over rounds
 on one connection; prints and writes JSON with medians in rows/s.
 
-    python scripts/bench_pg_bulk.py --url postgresql://postgres@127.0.0.1/llmsvc_bench
+    python benchmarks/bench_pg_bulk.py --url postgresql://postgres@127.0.0.1/llmsvc_bench
 """
 
 import argparse

@@ -23,14 +23,14 @@ iterations (a real restart reuses both):
 With `--keys N` the daemon runs with `auth = "keys"`, a price table and generous
 limits, N keys in `--teams M` teams are made with `llmsvc keys create` before the first
 start, client i streams with key i mod N (both a model a tokenizer fits and one it does
-not), and scripts/crash_keys.py checks after every restart that each stored request
+not), and benchmarks/crash_keys.py checks after every restart that each stored request
 carries its key and team and the token counts and cost its stored tokens make, and at
 the end of a mode that `llmsvc spend --by key|team`, the budgets' query and the sum
 over the rows agree, each request a client got back counted once under its key.
 
 Exit status 1 on any lost or duplicated token or any other failure.
 
-Usage:  .venv/bin/python scripts/crash_test.py --database-url postgresql://... |
+Usage:  .venv/bin/python benchmarks/crash_test.py --database-url postgresql://... |
             --pg-url postgresql://user@host:port/postgres   (creates and drops a scratch DB) |
             --sqlite   (a scratch SQLite file)
             [--iterations 25] [--clients 20] [--sync write|fsync|both] [--seed N]

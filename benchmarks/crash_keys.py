@@ -1,4 +1,4 @@
-"""The keys mode of scripts/crash_test.py: callers under several teams, their spend checked.
+"""The keys mode of benchmarks/crash_test.py: callers under several teams, their spend checked.
 
 With `auth = "keys"` the clients stream under different keys of different teams; after
 each crash and restart every stored request must carry its key's id and team, hold

@@ -3,7 +3,7 @@
 
 Not a test, and nothing of any peer is in this repository: each peer is a command the
 operator gives, installed wherever they like. The script starts the local OpenAI-wire
-upstream (scripts/openai_upstream.py), an llmsvc daemon (SQLite, defaults) and every
+upstream (tests/upstreams/openai_upstream.py), an llmsvc daemon (SQLite, defaults) and every
 peer, then measures, interleaved round by round with the order rotated:
 
 1. added latency, non-streaming, concurrency 1: p50/p99 of each gateway minus the
@@ -23,13 +23,14 @@ upstream's base URL, also in the environment as BENCH_UPSTREAM_URL, for config f
 are not recorded in the report.
 
 Usage:
-    .venv/bin/python scripts/bench_peers.py [--quick] [--out peers.json] \\
+    .venv/bin/python benchmarks/bench_peers.py [--quick] [--out peers.json] \\
         --peer 'litellm=/path/litellm --config cfg.yaml --host 127.0.0.1 --port {port}' \\
         --header 'litellm=Authorization:Bearer KEY' --version litellm=1.2.3 \\
         --peer 'portkey=node /path/start-server.js --port={port} --headless' \\
         --header 'portkey=x-portkey-provider:openai' \\
         --header 'portkey=x-portkey-custom-host:{upstream}' \\
-        --peer 'relay=python scripts/relay_floor.py --port {port} --upstream-port {upstream_port}'
+        --peer 'relay=python benchmarks/relay_floor.py
+                --port {port} --upstream-port {upstream_port}'
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ from typing import Any, NoReturn
 
 import aiohttp
 import uvloop
-from bench import (
+from benchkit import (
+    CLK_TCK,
     EDGE,
     MODEL,
     PACKAGES,
@@ -60,14 +62,14 @@ from bench import (
     Endpoint,
     Proc,
     Raw,
-    _provider,
-    _url,
     add,
     chat_body,
+    chat_url,
     complete,
     free_port,
     log,
     log_tail,
+    machine_info,
     open_token_rows,
     pct,
     per_round,
@@ -78,10 +80,11 @@ from bench import (
     spawn_upstream,
     stream_load,
     summary,
+    upstream_provider,
     wait_drained,
     wait_ready,
+    write_report,
 )
-from benchkit import CLK_TCK, machine_info, write_report
 
 LLMSVC = "llmsvc"
 
@@ -396,7 +399,7 @@ class Sessions:
 async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     peers: list[Peer] = args.peers
     report: dict[str, Any] = {
-        "benchmark": "scripts/bench_peers.py",
+        "benchmark": "benchmarks/bench_peers.py",
         "machine": machine_info(tmp, PACKAGES),
         "upstream_token_delay_ms": args.token_delay_ms,
         "peers": {
@@ -408,21 +411,24 @@ async def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     with processes() as procs:
         procs.append(up := spawn_upstream(tmp, "upstream", args.token_delay_ms))
         database_url = f"sqlite:///{tmp / 'llmsvc.db'}"
-        daemon = spawn_daemon(tmp, database_url, [_provider("fast", up, MODEL)])
+        daemon = spawn_daemon(tmp, database_url, [upstream_provider("fast", up, MODEL)])
         procs.append(daemon)
         started: list[tuple[Proc, dict[str, str]]] = []
         try:
             for peer in peers:
                 started.append(spawn_peer(tmp, peer, up.port))
             await wait_ready(daemon)
-            direct = Endpoint("direct", _url(up), sessions.new({}), MODEL)
+            direct = Endpoint("direct", chat_url(up), sessions.new({}), MODEL)
             gateways = [
                 Gateway(
-                    LLMSVC, Endpoint(LLMSVC, _url(daemon), sessions.new({}), MODEL), daemon, False
+                    LLMSVC,
+                    Endpoint(LLMSVC, chat_url(daemon), sessions.new({}), MODEL),
+                    daemon,
+                    False,
                 )
             ]
             for proc, headers in started:
-                ep = Endpoint(proc.name, _url(proc), sessions.new(headers), MODEL)
+                ep = Endpoint(proc.name, chat_url(proc), sessions.new(headers), MODEL)
                 await wait_serving(proc, ep)
                 gateways.append(Gateway(proc.name, ep, proc, True))
             log("all serving: " + ", ".join(f"{g.name} pid {g.pid}" for g in gateways))

@@ -4,10 +4,10 @@ It neither parses nor stores anything: each client connection gets its own
 upstream connection and bytes are copied both ways in `data_received`. What
 this costs per streamed token (one upstream read and one client write each)
 is the floor that any HTTP proxy written in Python pays on this machine;
-scripts/bench.py measures it beside the daemon so the daemon's figures can be
+benchmarks/bench.py measures it beside the daemon so the daemon's figures can be
 read against it.
 
-Run ``python scripts/relay_floor.py --upstream-port N``; it prints
+Run ``python benchmarks/relay_floor.py --upstream-port N``; it prints
 ``LISTENING <port>`` once ready and serves until SIGTERM.
 """
 

@@ -20,7 +20,8 @@ error body; `/with/fail/error-after:<n>/v1/messages` streams n tokens, then an
 `/with/usage/<JSON>/v1/messages` sends that JSON value (URL-encoded in the path) as
 every `usage` the reply carries, as an odd upstream might.
 
-Usage:  python scripts/anthropic_upstream.py [--port 0] [--api-key KEY]   (prints LISTENING <port>)
+Usage:  python tests/upstreams/anthropic_upstream.py [--port 0] [--api-key KEY]
+        (prints LISTENING <port>)
 """
 
 from __future__ import annotations

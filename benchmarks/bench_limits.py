@@ -1,6 +1,6 @@
 """Keys and rate limits: what `auth = "keys"` adds to a call, and how exactly a rate holds.
 
-Two modes of scripts/bench.py (which imports this module for them):
+Two modes of benchmarks/bench.py (which imports this module for them):
 
 --auth-compare    S1 (non-streaming, c=1): the upstream called directly, a daemon with
                   `auth = "none"` and one with `auth = "keys"` and a key whose rpm/tpm limits
@@ -30,27 +30,30 @@ from typing import Any
 
 import aiohttp
 import sqlalchemy as sa
-from bench import (
+from benchkit import (
     MODEL,
     PACKAGES,
     Proc,
-    _provider,
-    _url,
     add,
     chat_body,
+    chat_url,
     log,
     log_tail,
+    machine_busy_s,
+    machine_info,
     pct,
     per_round,
+    pg_drop_scratch,
+    pg_scratch,
     processes,
     rotated,
     spawn_daemon,
     spawn_upstream,
     stop_proc,
     summary,
+    upstream_provider,
     wait_ready,
 )
-from benchkit import machine_busy_s, machine_info, pg_drop_scratch, pg_scratch
 
 from llmsvc.store.engine import create_engine
 from llmsvc.store.schema import llm_requests
@@ -99,7 +102,7 @@ async def auth_compare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     raw: Raw = {}
     with processes() as procs:
         procs.append(up := spawn_upstream(tmp, "upstream", 0.0))
-        targets: dict[str, tuple[str, str | None]] = {"direct": (_url(up), None)}
+        targets: dict[str, tuple[str, str | None]] = {"direct": (chat_url(up), None)}
         for auth in ("none", "keys"):
             home = tmp / auth
             home.mkdir()
@@ -108,7 +111,7 @@ async def auth_compare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             settings = {"LLMSVC_AUTH": auth}
             if auth == "keys":  # limits on, never reached
                 secret = new_key(url, "bench", "--rpm", "10000000", "--tpm", "1000000000")
-            providers = [_provider("fast", up, MODEL)]
+            providers = [upstream_provider("fast", up, MODEL)]
             procs.append(daemon := spawn_daemon(home, url, providers, settings=settings))
             await wait_ready(daemon)
             targets[auth] = (f"http://127.0.0.1:{daemon.port}/v1/chat/completions", secret)
@@ -197,7 +200,9 @@ async def accuracy_on(
     burst = args.burst or args.rpm
     secret = new_key(database_url, "accuracy", "--rpm", str(args.rpm), "--rpm-burst", str(burst))
     settings = {"LLMSVC_AUTH": "keys", "LLMSVC_WORKERS": "2"}
-    daemon = spawn_daemon(tmp, database_url, [_provider("fast", up, MODEL)], settings=settings)
+    daemon = spawn_daemon(
+        tmp, database_url, [upstream_provider("fast", up, MODEL)], settings=settings
+    )
     try:
         await wait_ready(daemon)
         await asyncio.sleep(2.5)  # every worker has read the key table

@@ -25,14 +25,14 @@ Phases, each bounded in time:
 6. WAL appends/s per sync mode, in-process, with many concurrent appenders;
 7. flush rows/s from a pre-written WAL into SQLite and PostgreSQL, in-process.
 
-Usage:  .venv/bin/python scripts/bench.py [--quick] [--out bench.json]
+Usage:  .venv/bin/python benchmarks/bench.py [--quick] [--out bench.json]
             [--database-url postgresql://...]  [--pg-url postgresql://...]
-        .venv/bin/python scripts/bench.py --scale [--quick] [--scale-phases paced,open]
+        .venv/bin/python benchmarks/bench.py --scale [--quick] [--scale-phases paced,open]
             (the production-scale scenarios: paced, instant, open, throttled; see
-            scripts/bench_scale.py)
-        .venv/bin/python scripts/bench.py --auth-compare [--limit-accuracy] [--quick]
+            benchmarks/bench_scale.py)
+        .venv/bin/python benchmarks/bench.py --auth-compare [--limit-accuracy] [--quick]
             (keys and rate limits: S1 with auth none and keys; a key's rpm across 2 workers;
-            see scripts/bench_limits.py)
+            see benchmarks/bench_limits.py)
 """
 
 from __future__ import annotations
@@ -41,39 +41,61 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import json
 import math
 import os
-import select
 import shutil
-import signal
-import socket
-import sqlite3
-import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-import aiohttp
 import asyncpg
+import bench_limits
+import bench_scale
 import sqlalchemy as sa
 import uvloop
 from benchkit import (
-    CLK_TCK,
-    ROOT,
+    MESSAGES,
+    MODEL,
+    PACKAGES,
+    Endpoint,
+    LoadResult,
+    Proc,
+    Raw,
+    TokenRows,
+    add,
+    chat_body,
+    chat_url,
+    complete,
+    free_port,
     identifier,
+    log,
+    log_tail,
     machine_busy_s,
     machine_info,
+    new_session,
+    open_token_rows,
+    pct,
+    per_round,
     pg_drop_scratch,
     pg_scratch,
-    plain_pg_url,
+    proc_cpu_s,
+    processes,
+    rnd,
+    rotated,
+    spawn_daemon,
+    spawn_upstream,
+    stop_proc,
+    stream,
+    stream_load,
+    summary,
+    upstream_provider,
+    wait_drained,
+    wait_ready,
     write_report,
 )
 
@@ -84,342 +106,13 @@ from llmsvc.store.flusher import Flusher
 from llmsvc.wal.codec import encode_token
 from llmsvc.wal.writer import WalWriter
 
-UPSTREAM_SCRIPT = ROOT / "scripts" / "openai_upstream.py"
-MODEL, PACED_MODEL, FAILOVER_MODEL = "gpt-test", "gpt-paced", "gpt-failover"
-MESSAGES = [{"role": "user", "content": "Write a long story about a durable log."}]
-JSON_HEADERS = {"Content-Type": "application/json"}
-# Every token event, from the upstream and from the daemon, has this; the role event does not.
-TOKEN_MARK = b'{"content":"'
-EDGE = len(TOKEN_MARK) - 1
+PACED_MODEL, FAILOVER_MODEL = "gpt-paced", "gpt-failover"
 TOKEN_TABLES = "llm_token_log, llm_attempts, llm_requests, wal_checkpoints"
-Raw = dict[str, list[float]]  # metric -> one value per round
-
-
-# Versions recorded with the figures.
-PACKAGES = (
-    "aiohttp",
-    "uvicorn",
-    "httptools",
-    "uvloop",
-    "orjson",
-    "sqlalchemy",
-    "aiosqlite",
-    "asyncpg",
-)
-
-
-def log(message: str) -> None:
-    print(f"bench: {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- small helpers
-def proc_cpu_s(pid: int, tid: int | None = None) -> float:
-    """utime+stime of a whole process (all threads), or of one thread, in seconds."""
-    path = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
-    with open(path, "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def pct(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile: an observed value, no interpolation."""
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
-
-
-def med(values: Sequence[float | None]) -> float | None:
-    present = [v for v in values if v is not None]
-    return statistics.median(present) if present else None
-
-
-def rnd(value: float | None, digits: int = 3) -> float | None:
-    return None if value is None else round(value, digits)
-
-
-def add(raw: Raw, key: str, value: float | None) -> None:
-    raw.setdefault(key, []).append(math.nan if value is None else value)
-
-
-def summary(raw: Raw, digits: int = 3) -> dict[str, float | None]:
-    """Median of each metric over rounds (NaN marks a round that produced no value)."""
-    return {k: rnd(med([x for x in v if not math.isnan(x)]), digits) for k, v in raw.items()}
-
-
-def per_round(raw: Raw, digits: int = 3) -> dict[str, list[float | None]]:
-    """The raw values for the report, a missing value as null (JSON has no NaN)."""
-    return {k: [None if math.isnan(x) else round(x, digits) for x in v] for k, v in raw.items()}
-
-
-def rotated(items: Sequence[Any], r: int) -> list[Any]:
-    """Alternate the order each round so neither side always runs first."""
-    k = r % len(items)
-    return [*items[k:], *items[:k]]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def read_bytes(path: Path) -> bytes:
-    try:
-        return path.read_bytes()
-    except FileNotFoundError:
-        return b""
-
-
-def log_tail(path: Path, lines: int = 15) -> str:
-    return "\n".join(read_bytes(path).decode(errors="replace").splitlines()[-lines:])
 
 
 def ours_cpu_s(pids: list[int]) -> float:
     """CPU of the benchmark's own processes: the rest of the machine's busy time is noise."""
     return sum(proc_cpu_s(pid) for pid in pids) + time.process_time()
-
-
-# --------------------------------------------------------------------------- processes
-@dataclass
-class Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-
-def spawn_upstream(tmp: Path, name: str, delay_ms: float) -> Proc:
-    """The fast local upstream; it prints `LISTENING <port>` once it accepts connections."""
-    logfile = tmp / f"{name}.log"
-    cmd = [sys.executable, str(UPSTREAM_SCRIPT), "--port", "0", "--token-delay-ms", str(delay_ms)]
-    with logfile.open("wb") as err:
-        popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
-    assert popen.stdout is not None
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if select.select([popen.stdout], [], [], 0.1)[0]:
-            line = popen.stdout.readline()
-            if line.startswith(b"LISTENING "):
-                return Proc(name, popen, int(line.split()[1]), logfile)
-            if not line:
-                break
-        elif popen.poll() is not None:
-            break
-    stop_proc(popen)
-    raise RuntimeError(f"{name} did not start:\n{log_tail(logfile)}")
-
-
-def spawn_daemon(
-    tmp: Path,
-    database_url: str,
-    providers: list[dict[str, Any]],
-    routes: dict[str, list[str]] | None = None,
-    settings: dict[str, str] | None = None,
-) -> Proc:
-    """`llmsvc run` in `write` mode; stderr goes to a file (a full pipe would stall it).
-
-    A failover costs one refused connection, then the next target: no retry.
-    `settings` are further LLMSVC_* variables.
-    """
-    port = free_port()  # `ready` logs the configured port, so 0 cannot be used here
-    env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSVC_")}
-    env.update(
-        LLMSVC_DATABASE_URL=database_url,
-        LLMSVC_WAL_DIR=str(tmp / "wal"),
-        LLMSVC_WAL_SYNC="write",
-        LLMSVC_HOST="127.0.0.1",
-        LLMSVC_PORT=str(port),
-        LLMSVC_PROVIDERS=json.dumps(providers),
-        LLMSVC_LOG_LEVEL="INFO",
-        LLMSVC_METRICS_PORT="0",
-        LLMSVC_ROUTES=json.dumps(routes or {}),
-        LLMSVC_RETRIES_PER_TARGET="0",
-        # Keep the dead target's circuit closed: every failover request pays the failover.
-        LLMSVC_CIRCUIT_FAILURE_THRESHOLD="1000000",
-        LLMSVC_CIRCUIT_WINDOW="1000000",
-    )
-    env.update(settings or {})
-    binary = Path(sys.executable).parent / "llmsvc"
-    cmd = [str(binary), "run"] if binary.exists() else [sys.executable, "-m", "llmsvc.cli", "run"]
-    logfile = tmp / "daemon.log"
-    with logfile.open("wb") as err:
-        popen = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    return Proc("daemon", popen, port, logfile)
-
-
-async def wait_ready(proc: Proc, limit_s: float = 60) -> None:
-    """Until the daemon serves and its boot's catch-up with the database is done: a benchmark
-    measures the steady state, with the store migrated and the previous WAL replayed."""
-    deadline = time.monotonic() + limit_s
-    while not all(
-        line in read_bytes(proc.log) for line in (b"ready host=", b"boot: caught up with the")
-    ):
-        if proc.popen.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the daemon did not become ready:\n{log_tail(proc.log)}")
-        await asyncio.sleep(0.05)
-
-
-def stop_proc(popen: subprocess.Popen[bytes], timeout: float = 30) -> int | None:
-    """SIGTERM, then SIGKILL if it does not exit in time; returns the exit code."""
-    if popen.poll() is None:
-        popen.send_signal(signal.SIGTERM)
-        try:
-            popen.wait(timeout)
-        except subprocess.TimeoutExpired:
-            popen.kill()
-            popen.wait(10)
-    if popen.stdout is not None:
-        popen.stdout.close()
-    return popen.returncode
-
-
-# --------------------------------------------------------------------------- load generator
-def chat_body(model: str, tokens: int, stream: bool) -> bytes:
-    body: dict[str, Any] = {"model": model, "messages": MESSAGES, "max_tokens": tokens}
-    if stream:
-        body["stream"] = True
-    return json.dumps(body).encode()
-
-
-@dataclass
-class Endpoint:
-    """One place load goes: the upstream itself, or the daemon in front of it."""
-
-    name: str
-    url: str
-    session: aiohttp.ClientSession
-    model: str
-
-
-def new_session() -> aiohttp.ClientSession:
-    # keep-alive shorter than uvicorn's 5 s, so an idle pooled connection is never
-    # reused just as the server closes it
-    connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=3)
-    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300))
-
-
-async def complete(ep: Endpoint, body: bytes) -> float:
-    """One non-streaming request; returns its latency in seconds."""
-    t0 = time.perf_counter()
-    async with ep.session.post(ep.url, data=body, headers=JSON_HEADERS) as resp:
-        data = await resp.read()
-    elapsed = time.perf_counter() - t0
-    if resp.status != 200 or b'"content":"t0 ' not in data:
-        raise RuntimeError(f"{ep.name}: HTTP {resp.status}: {data[:300]!r}")
-    return elapsed
-
-
-@dataclass
-class Streamed:
-    ttft: float
-    tokens: int
-    reads: int
-
-
-async def stream(ep: Endpoint, body: bytes, expect: int) -> Streamed:
-    """One streaming request, counting token events without parsing them (cheap)."""
-    t0 = time.perf_counter()
-    ttft, tokens, reads, tail = 0.0, 0, 0, b""
-    async with ep.session.post(ep.url, data=body, headers=JSON_HEADERS) as resp:
-        if resp.status != 200:
-            raise RuntimeError(f"{ep.name}: HTTP {resp.status}: {(await resp.read())[:300]!r}")
-        async for chunk in resp.content.iter_any():
-            reads += 1
-            # a mark split across reads is found in tail + head of the next read
-            tokens += chunk.count(TOKEN_MARK) + (tail + chunk[:EDGE]).count(TOKEN_MARK)
-            tail = chunk[-EDGE:] if len(chunk) >= EDGE else (tail + chunk)[-EDGE:]
-            if not ttft and tokens:
-                ttft = time.perf_counter() - t0
-    if tokens != expect or not tail.endswith(b"data: [DONE]\n\n"[-EDGE:]):
-        raise RuntimeError(f"{ep.name}: {tokens} tokens of {expect}, or no [DONE]")
-    return Streamed(ttft, tokens, reads)
-
-
-@dataclass
-class LoadResult:
-    tokens: int = 0
-    reads: int = 0
-    ttfts: list[float] = field(default_factory=list)
-
-
-async def stream_load(
-    ep: Endpoint, tokens: int, conc: int, per_worker: int, limit_s: float
-) -> LoadResult:
-    """`conc` workers, each streaming `per_worker` replies back to back."""
-    body, out = chat_body(ep.model, tokens, stream=True), LoadResult()
-
-    async def worker() -> None:
-        for _ in range(per_worker):
-            got = await stream(ep, body, tokens)
-            out.tokens += got.tokens
-            out.reads += got.reads
-            out.ttfts.append(got.ttft)
-
-    await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(conc))), limit_s)
-    return out
-
-
-# --------------------------------------------------------------------------- drain check
-class TokenRows(Protocol):
-    async def count_since(self, since: datetime) -> int: ...
-    async def close(self) -> None: ...
-
-
-# Token rows of the attempts started since a moment: the run's own rows, found through the
-# primary key, so the poll stays cheap however large the table has grown.
-COUNT_SINCE = (
-    "SELECT count(*) FROM llm_token_log WHERE attempt_id IN "
-    "(SELECT id FROM llm_attempts WHERE started_at >= {})"
-)
-
-
-class SqliteRows:
-    """Read-only; SQLite's own WAL mode lets it read while the daemon writes."""
-
-    def __init__(self, path: str) -> None:
-        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
-
-    async def count_since(self, since: datetime) -> int:
-        # SQLAlchemy stores timestamps on SQLite as naive UTC text in this layout
-        stamp = since.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f")
-        return int(self.conn.execute(COUNT_SINCE.format("?"), (stamp,)).fetchone()[0])
-
-    async def close(self) -> None:
-        self.conn.close()
-
-
-class PostgresRows:
-    def __init__(self, conn: asyncpg.Connection) -> None:
-        self.conn = conn
-
-    async def count_since(self, since: datetime) -> int:
-        return int(await self.conn.fetchval(COUNT_SINCE.format("$1"), since))
-
-    async def close(self) -> None:
-        await self.conn.close()
-
-
-async def open_token_rows(database_url: str) -> TokenRows:
-    if database_url.startswith("sqlite"):
-        return SqliteRows(database_url.partition(":///")[2])
-    return PostgresRows(await asyncpg.connect(plain_pg_url(database_url), timeout=10))
-
-
-async def wait_drained(
-    rows: TokenRows, since: datetime, expect: int, t_stop: float, limit_s: float
-) -> tuple[float | None, int]:
-    """Seconds from the end of the load until the run's token rows are all committed."""
-    while True:
-        seen = await rows.count_since(since)
-        elapsed = time.perf_counter() - t_stop
-        if seen >= expect:
-            return elapsed, seen
-        if elapsed > limit_s:
-            return None, seen
-        await asyncio.sleep(0.01)
 
 
 # --------------------------------------------------------------------------- the phases
@@ -787,17 +480,6 @@ async def phase_flush(
 
 
 # --------------------------------------------------------------------------- orchestration
-@contextlib.contextmanager
-def processes() -> Iterator[list[Proc]]:
-    """Every child process is stopped, whatever happens, by its own pid."""
-    procs: list[Proc] = []
-    try:
-        yield procs
-    finally:
-        for proc in reversed(procs):
-            stop_proc(proc.popen)
-
-
 async def through_daemon(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     """Phases 1-4: one upstream (plus a paced one), one daemon, load from this process."""
     out: dict[str, Any] = {}
@@ -806,12 +488,12 @@ async def through_daemon(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         paced = None
         if args.paced_streams:
             procs.append(paced := spawn_upstream(tmp, "upstream-paced", args.paced_delay_ms))
-        providers = [_provider("fast", up, MODEL)]
+        providers = [upstream_provider("fast", up, MODEL)]
         if paced is not None:
-            providers.append(_provider("paced", paced, PACED_MODEL))
+            providers.append(upstream_provider("paced", paced, PACED_MODEL))
         # A provider on a port nothing listens on, first in the failover route.
         dead = {
-            **_provider("dead", up, "gpt-dead"),
+            **upstream_provider("dead", up, "gpt-dead"),
             "base_url": f"http://127.0.0.1:{free_port()}/v1",
         }
         providers.append(dead)
@@ -829,13 +511,15 @@ async def through_daemon(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 upstream=up,
                 paced=paced,
                 rows=rows,
-                direct=Endpoint("direct", _url(up), direct_session, MODEL),
+                direct=Endpoint("direct", chat_url(up), direct_session, MODEL),
                 via=Endpoint("daemon", base, daemon_session, MODEL),
                 direct_paced=None,
                 via_paced=None,
             )
             if paced is not None:
-                stack.direct_paced = Endpoint("direct_paced", _url(paced), direct_session, MODEL)
+                stack.direct_paced = Endpoint(
+                    "direct_paced", chat_url(paced), direct_session, MODEL
+                )
                 stack.via_paced = Endpoint("daemon_paced", base, daemon_session, PACED_MODEL)
             for ep in (stack.direct, stack.via):  # warm both paths (imports, pools, caches)
                 for _ in range(20):
@@ -872,20 +556,6 @@ async def through_daemon(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         if code != 0:
             log(f"daemon exit code {code}:\n{log_tail(daemon.log)}")
     return out
-
-
-def _provider(name: str, up: Proc, model: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "kind": "openai",
-        "base_url": f"http://127.0.0.1:{up.port}/v1",
-        "api_key": "sk-bench",
-        "models": [model],
-    }
-
-
-def _url(up: Proc) -> str:
-    return f"http://127.0.0.1:{up.port}/v1/chat/completions"
 
 
 def judge(report: dict[str, Any]) -> dict[str, Any]:
@@ -1004,7 +674,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--tmp-dir", default=None, help="where the WALs and SQLite files go")
     p.add_argument("--keep-tmp", action="store_true")
-    scale = p.add_argument_group("production scale (scripts/bench_scale.py)")
+    scale = p.add_argument_group("production scale (benchmarks/bench_scale.py)")
     scale.add_argument("--scale", action="store_true", help="run only the scale scenarios")
     scale.add_argument(
         "--scale-phases", default="paced,instant,open,throttled", help="a subset, comma-separated"
@@ -1017,7 +687,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.95,
         help="share of the time the database is locked in `throttled` (1 = stalled)",
     )
-    limits = p.add_argument_group("keys and rate limits (scripts/bench_limits.py)")
+    limits = p.add_argument_group("keys and rate limits (benchmarks/bench_limits.py)")
     limits.add_argument("--auth-compare", action="store_true", help="S1, auth none and keys")
     limits.add_argument("--limit-accuracy", action="store_true", help="a key's rpm, 2 workers")
     limits.add_argument("--rpm", type=int, default=600, help="the key's requests a minute")
@@ -1049,12 +719,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.scale:
-        import bench_scale  # imports this module's helpers: not at the top
-
         report = uvloop.run(bench_scale.run(args))
     elif args.auth_compare or args.limit_accuracy:
-        import bench_limits  # imports this module's helpers: not at the top
-
         report = uvloop.run(bench_limits.run(args))
     else:
         report = uvloop.run(bench(args))

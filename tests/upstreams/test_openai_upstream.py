@@ -1,4 +1,4 @@
-"""Tests for scripts/openai_upstream.py, the fake OpenAI provider used by e2e tests/benchmarks.
+"""Tests for openai_upstream.py beside it, the fake OpenAI provider of e2e tests and benchmarks.
 
 The official SDK is the judge of wire compatibility; raw HTTP checks pin the byte layout.
 """
@@ -22,7 +22,7 @@ import openai
 import orjson
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "openai_upstream.py"
+SCRIPT = Path(__file__).resolve().parent / "openai_upstream.py"
 KEY = "sk-test-key"
 MESSAGES: list[Any] = [
     {"role": "system", "content": "be brief"},

@@ -1,6 +1,6 @@
 """llmsvc at production scale: paced streams, many open streams, a throttled database, workers.
 
-Run as ``scripts/bench.py --scale``. Real LLM traffic is many long, slow streams
+Run as ``benchmarks/bench.py --scale``. Real LLM traffic is many long, slow streams
 whose tokens arrive one at a time, so every scenario but `instant` uses an
 upstream that waits before each token (each token its own socket write). Each
 is measured side by side, in one run, with the upstream called directly and,
@@ -48,30 +48,32 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from bench import (
+from benchkit import (
     MODEL,
     PACKAGES,
+    ROOT,
     Proc,
-    _provider,
     chat_body,
     log,
     log_tail,
+    machine_info,
     open_token_rows,
     pct,
+    plain_pg_url,
     proc_cpu_s,
     processes,
     rotated,
     spawn_daemon,
     spawn_upstream,
     stop_proc,
+    upstream_provider,
     wait_drained,
     wait_ready,
 )
-from benchkit import ROOT, machine_info, plain_pg_url
 from loadgen import StreamStats, connect, request_bytes
 
 PATH = "/v1/chat/completions"
-RELAY_SCRIPT = ROOT / "scripts" / "relay_floor.py"
+RELAY_SCRIPT = ROOT / "benchmarks" / "relay_floor.py"
 PAGE_KIB = 4
 
 
@@ -127,7 +129,7 @@ async def start_daemon(
     home = tmp / name
     home.mkdir()
     url = database_url or f"sqlite:///{home / 'llmsvc.db'}"
-    daemon = spawn_daemon(home, url, [_provider("up", upstream, MODEL)], settings=settings)
+    daemon = spawn_daemon(home, url, [upstream_provider("up", upstream, MODEL)], settings=settings)
     await wait_ready(daemon)
     return daemon
 

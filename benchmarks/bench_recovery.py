@@ -18,7 +18,7 @@ number exactly N and the stored checkpoint must equal the last LSN. SQLite and
 PostgreSQL rounds are interleaved (alternating which goes first); figures are
 medians over rounds.
 
-Usage:  .venv/bin/python scripts/bench_recovery.py [--tokens 1000000] [--rounds 3]
+Usage:  .venv/bin/python benchmarks/bench_recovery.py [--tokens 1000000] [--rounds 3]
             [--out bench-recovery.json] [--pg-url postgresql://...  ('' skips PostgreSQL)]
 """
 

@@ -17,7 +17,7 @@ tool NAME with ``{"q": "x"}`` (streamed as OpenAI streams tool-call deltas). A b
 ``upstream_usage`` (any JSON value) is sent as the reply's ``usage``, as an odd upstream might.
 * ``/with/<header>/<value>/v1/chat/completions`` -- as if the request carried that header.
 
-Run ``python scripts/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
+Run ``python tests/upstreams/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
 ready and serves until SIGTERM/SIGINT. In-process: ``up = await serve(...)``.
 """
 

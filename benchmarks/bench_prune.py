@@ -12,7 +12,7 @@ prune call (its counting included). Afterwards the old rows must be gone, the
 recent ones intact, and the table's on-disk size is recorded (deleted rows leave
 dead tuples until VACUUM; dropped partitions free their files at once).
 
-Usage:  .venv/bin/python scripts/bench_prune.py --pg-url postgresql://postgres@127.0.0.1/postgres
+Usage:  .venv/bin/python benchmarks/bench_prune.py --pg-url postgresql://postgres@127.0.0.1/postgres
             [--tokens 10000000] [--batch 500] [--out bench-prune.json]
 """
 

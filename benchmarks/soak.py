@@ -27,9 +27,9 @@ loadgen_cpu_util nears 1.0 the latencies include the load generator's own lag.
 Setup (matplotlib is in the optional `bench` group):
     .venv/bin/pip install -e '.[test,bench]'
 Usage:
-    .venv/bin/python scripts/soak.py --streams N [--minutes 30] [--out soak.json]
+    .venv/bin/python benchmarks/soak.py --streams N [--minutes 30] [--out soak.json]
         [--png soak.png] [--database-url postgresql://...]
-A short check:  .venv/bin/python scripts/soak.py --minutes 2 --streams 100 --interval 5
+A short check:  .venv/bin/python benchmarks/soak.py --minutes 2 --streams 100 --interval 5
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import uvloop
-from bench import (
+from benchkit import (
     EDGE,
     JSON_HEADERS,
     TOKEN_MARK,
@@ -62,6 +62,8 @@ from bench import (
     Proc,
     chat_body,
     log_tail,
+    machine_busy_s,
+    machine_info,
     new_session,
     pct,
     proc_cpu_s,
@@ -70,7 +72,6 @@ from bench import (
     stop_proc,
     wait_ready,
 )
-from benchkit import machine_busy_s, machine_info
 
 MODEL = "gpt-paced"
 PACKAGES = ("aiohttp", "uvicorn", "uvloop", "orjson", "sqlalchemy", "aiosqlite", "asyncpg")

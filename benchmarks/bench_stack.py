@@ -9,7 +9,7 @@ subprocess. The machine is small and noisy, so every stack runs in the same
 invocation, interleaved round by round (rotating order), and results are
 medians; ratios are medians of per-round paired ratios.
 
-Usage:  .venv/bin/python scripts/bench_stack.py [--rounds 7] [--out bench-stack.json]
+Usage:  .venv/bin/python benchmarks/bench_stack.py [--rounds 7] [--out bench-stack.json]
 The ``serve`` and ``client`` sub-commands are internal (run as subprocesses).
 """
 

@@ -1,0 +1,110 @@
+"""Gateway fixtures: a real socket, real uvicorn, a real WAL (see served_gateway.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+import uvicorn
+from policies import circuit_policy, retry_policy, wal_policy
+from pydantic import SecretStr
+from served_gateway import (
+    MAX_BODY_BYTES,
+    UNREACHABLE_KEY,
+    UNREACHABLE_MODEL,
+    Served,
+    _QuietServer,
+)
+
+from llmsvc.config import ProviderConfig
+from llmsvc.errors import WalFatal
+from llmsvc.gateway import rejections
+from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.breaker import Breakers
+from llmsvc.gateway.journal import Journal
+from llmsvc.gateway.router import Router
+from llmsvc.providers import build_provider
+from llmsvc.wal.segment import instance_id
+from llmsvc.wal.writer import WalWriter
+
+
+@pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A port bound but not listening: connecting to it is refused, and nobody else gets it."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    try:
+        yield sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.fixture
+async def served(
+    tmp_path: Path, refused_port: int, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Served]:
+    # Each test has the rejected-request log's budget to itself, whatever ran the same second.
+    monkeypatch.setattr(rejections, "_budget", rejections._Budget())
+    wal_dir = tmp_path / "wal"
+    wal_dir.mkdir()
+    wal_id = instance_id(wal_dir)
+    fatal: list[WalFatal] = []
+    writer = WalWriter(wal_dir, wal_id, wal_policy())
+    writer.open(asyncio.get_running_loop(), fatal.append)
+
+    configs = [
+        ProviderConfig(name="mock", kind="mock", models=["mock"]),
+        ProviderConfig(
+            name="far",
+            kind="openai",
+            base_url=f"http://127.0.0.1:{refused_port}/v1",
+            api_key=SecretStr(UNREACHABLE_KEY),
+            models=[UNREACHABLE_MODEL],
+            timeout_seconds=5,
+        ),
+    ]
+    providers = {c.name: build_provider(c) for c in configs}
+    gateway = Gateway(
+        Journal(writer),
+        Router(configs, providers, Breakers(circuit_policy())),
+        max_body_bytes=MAX_BODY_BYTES,
+        policy=retry_policy(),
+    )
+
+    listener = socket.socket()
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", 0))
+    host, port = listener.getsockname()
+    config = uvicorn.Config(
+        gateway,
+        http="httptools",
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=2,
+    )
+    server = _QuietServer(config)
+    task = asyncio.create_task(server.serve(sockets=[listener]))
+    try:
+        async with asyncio.timeout(5):
+            while not server.started:
+                if task.done():
+                    task.result()  # raises why it did not start
+                    pytest.fail("uvicorn stopped before it started")
+                await asyncio.sleep(0.01)
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            yield Served(
+                f"http://{host}:{port}", host, port, gateway, writer, wal_dir, wal_id, session
+            )
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, timeout=10)
+        listener.close()
+        for provider in providers.values():
+            await provider.close()
+        await writer.close()
+    assert not fatal, f"the WAL failed: {fatal}"

@@ -1,0 +1,191 @@
+"""One chat completion over HTTP: what the client is sent is what the WAL holds.
+
+Good input streams what the mock sends; a provider that refuses connections is a 502
+journaled as failed; a start record the WAL cannot take is refused, not journaled.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+import anyio
+import orjson
+import pytest
+from served_gateway import (
+    MESSAGES,
+    UNREACHABLE_KEY,
+    UNREACHABLE_MODEL,
+    Served,
+    _assert_nothing_recorded,
+    _by_type,
+    _chat,
+    _error,
+    _events,
+    _post,
+)
+
+from llmsvc.errors import ClientError
+from llmsvc.gateway.attribution import Attribution
+from llmsvc.gateway.chat import Exchange
+from llmsvc.gateway.errors import describe
+from llmsvc.gateway.request import ChatRequest
+from llmsvc.providers.mock import token
+from llmsvc.wal.codec import RecordType
+
+
+async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_once(
+    served: Served, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The backstop behind the depth limit: an exchange given a body too deep to encode
+    journals nothing, logs its one request line and raises what errors.py makes a 400."""
+    data = _chat()
+    for _ in range(300):
+        data["payload"] = {"k": data.get("payload")}
+    gateway = served.gateway
+    sent: list[Any] = []
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    async def receive() -> Any:
+        return {"type": "http.request", "body": b""}
+
+    exchange = Exchange(
+        gateway.journal, gateway.router, gateway.policy, data,
+        ChatRequest.model_validate(data), uuid.uuid4(), "corr", send, receive, lambda: False,
+        caller=None, attribution=Attribution(),
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
+        await exchange.run(anyio.CancelScope())
+
+    assert "cannot be journaled" in str(raised.value)
+    assert describe(raised.value)[0] == 400
+    assert (exchange.status, sent) == ("failed", [])
+    assert [(r.levelno, r.getMessage().split()[0]) for r in caplog.records] == [
+        (logging.INFO, "request")
+    ]
+    await _assert_nothing_recorded(served)
+
+
+async def test_stream_sends_role_tokens_finish_usage_done_and_journals_them(
+    served: Served,
+) -> None:
+    correlation = uuid.uuid4()
+    body = {
+        "model": "mock",
+        "messages": MESSAGES,
+        "stream": True,
+        "max_tokens": 5,
+        "stream_options": {"include_usage": True},
+    }
+    status, headers, raw = await _post(served, body, **{"X-Correlation-ID": str(correlation)})
+    assert status == 200, raw
+    assert headers["Content-Type"] == "text/event-stream"
+    request_id = uuid.UUID(headers["X-Request-ID"])
+    assert headers["X-Correlation-ID"] == str(correlation)
+
+    events = _events(raw)
+    assert events[-1] == b"[DONE]"
+    chunks = [orjson.loads(e) for e in events[:-1]]
+    assert {c["id"] for c in chunks} == {f"chatcmpl-{request_id.hex}"}
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == "mock" for c in chunks)
+    role, *tokens, finish, usage = chunks
+    assert role["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [t["choices"][0]["delta"]["content"] for t in tokens] == [token(i) for i in range(5)]
+    assert all(t["choices"][0]["finish_reason"] is None for t in tokens)
+    assert finish["choices"][0]["delta"] == {}
+    assert finish["choices"][0]["finish_reason"] == "length"
+    assert usage["choices"] == []
+    assert usage["usage"] == {"prompt_tokens": 2, "completion_tokens": 5, "total_tokens": 7}
+
+    records = await served.records()
+    [start] = _by_type(records, RecordType.REQUEST_START)
+    assert start["id"] == str(request_id)
+    assert start["correlation_id"] == str(correlation)
+    assert start["messages"] == MESSAGES
+    [attempt] = _by_type(records, RecordType.ATTEMPT_START)
+    journaled = _by_type(records, RecordType.TOKEN)
+    assert [(aid, seq, text) for aid, seq, text, _ in journaled] == [
+        (uuid.UUID(attempt["id"]).bytes, i, token(i)) for i in range(5)
+    ]
+    [end] = _by_type(records, RecordType.REQUEST_END)
+    assert end["status"] == "completed"
+    assert end["completion_tokens"] == 5
+
+
+async def test_stream_without_limit_or_usage_sends_default_tokens_and_stop(
+    served: Served,
+) -> None:
+    status, headers, raw = await _post(
+        served, {"model": "mock", "messages": MESSAGES, "stream": True}
+    )
+    assert status == 200, raw
+    uuid.UUID(headers["X-Correlation-ID"])  # one is made up when the client sends none
+    events = _events(raw)
+    assert events[-1] == b"[DONE]"
+    role, *tokens, finish = [orjson.loads(e) for e in events[:-1]]
+    assert "role" in role["choices"][0]["delta"]
+    assert [t["choices"][0]["delta"]["content"] for t in tokens] == [token(i) for i in range(16)]
+    assert finish["choices"][0]["finish_reason"] == "stop"
+    assert "usage" not in finish
+
+
+async def test_non_streaming_returns_a_completion_with_usage(served: Served) -> None:
+    correlation = str(uuid.uuid4())
+    body = {"model": "mock", "messages": MESSAGES, "max_tokens": 3}
+    status, headers, raw = await _post(served, body, **{"X-Correlation-ID": correlation})
+    assert status == 200, raw
+    assert headers["Content-Type"] == "application/json"
+    assert headers["X-Correlation-ID"] == correlation
+    request_id = uuid.UUID(headers["X-Request-ID"])
+    doc = orjson.loads(raw)
+    assert doc["object"] == "chat.completion"
+    assert doc["id"] == f"chatcmpl-{request_id.hex}"
+    [choice] = doc["choices"]
+    assert choice["message"] == {"role": "assistant", "content": token(0) + token(1) + token(2)}
+    assert choice["finish_reason"] == "length"
+    assert doc["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
+    records = await served.records()
+    [end] = _by_type(records, RecordType.REQUEST_END)
+    assert end["id"] == str(request_id)
+    assert end["status"] == "completed"
+
+
+async def test_explicit_null_mock_delay_is_the_default_delay(served: Served) -> None:
+    """`null` passes validation (the field is optional), so the provider must accept it too."""
+    body = {"model": "mock", "messages": MESSAGES, "max_tokens": 2, "mock_delay_ms": None}
+    status, _, raw = await _post(served, body)
+    assert status == 200, raw
+    assert orjson.loads(raw)["choices"][0]["message"]["content"] == token(0) + token(1)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "stream"])
+async def test_unreachable_provider_is_502_without_the_key_and_journaled_failed(
+    served: Served, stream: bool
+) -> None:
+    body = {"model": UNREACHABLE_MODEL, "messages": MESSAGES, "stream": stream}
+    status, _, raw = await _post(served, body)
+    error = _error(status, raw, 502)
+    assert error["type"] == "upstream_error"
+    assert error["code"] == "upstream_unreachable"
+    assert "far" in error["message"]
+    assert UNREACHABLE_KEY not in raw.decode()
+
+    records = await served.records()
+    [start] = _by_type(records, RecordType.REQUEST_START)
+    # A connect error is transient: tried again once (the default), then given up.
+    starts = _by_type(records, RecordType.ATTEMPT_START)
+    assert [a["attempt_no"] for a in starts] == [1, 2]
+    ends = _by_type(records, RecordType.ATTEMPT_END)
+    assert [e["id"] for e in ends] == [a["id"] for a in starts]
+    for attempt_end in ends:
+        assert attempt_end["status"] == "failed"
+        assert attempt_end["error_code"] == "upstream_unreachable"
+        assert attempt_end["token_count"] == 0
+    [request_end] = _by_type(records, RecordType.REQUEST_END)
+    assert request_end["id"] == start["id"]
+    assert request_end["status"] == "failed"
+    assert request_end["provider"] == "far"
+    assert UNREACHABLE_KEY not in orjson.dumps([body for _, body in records]).decode()
