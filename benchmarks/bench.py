@@ -48,7 +48,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,7 @@ from benchkit import (
     write_report,
 )
 
+from llmsvc.config import Settings
 from llmsvc.gateway.journal import Journal
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher
@@ -338,7 +339,9 @@ async def phase_wal(tmp: Path, rounds: int, seconds: float, tasks: int) -> dict[
 
 async def wal_appends(tmp: Path, mode: str, seconds: float, tasks: int) -> dict[str, float]:
     wal_dir = Path(tempfile.mkdtemp(prefix=f"wal-{mode}-", dir=tmp))
-    writer = WalWriter(wal_dir, uuid.uuid4(), sync=mode)
+    # commit_delay 0: the writer alone, each batch taken at once, as this phase always measured it
+    policy = replace(Settings().wal_policy(), sync=mode, commit_delay=0.0)
+    writer = WalWriter(wal_dir, uuid.uuid4(), policy)
     fatal: list[BaseException] = []
     writer.open(asyncio.get_running_loop(), fatal.append)
     appends, batches, stop = 0, 0, False
@@ -376,7 +379,7 @@ async def wal_appends(tmp: Path, mode: str, seconds: float, tasks: int) -> dict[
 async def prewrite_wal(wal_dir: Path, streams: int, tokens: int) -> tuple[uuid.UUID, Any]:
     """A WAL as the gateway writes it: per stream a start, token batches, the two ends."""
     instance = uuid.uuid4()
-    writer = WalWriter(wal_dir, instance, sync="write")
+    writer = WalWriter(wal_dir, instance, replace(Settings().wal_policy(), sync="write"))
     writer.open(asyncio.get_running_loop(), lambda exc: None)
     journal = Journal(writer)
     fut: asyncio.Future[int] | None = None
@@ -407,7 +410,7 @@ async def flush_once(url: str, wal_dir: Path, instance: uuid.UUID, end: Any) -> 
         if engine.dialect.name == "postgresql":  # SQLite gets a new file each round
             async with engine.begin() as conn:
                 await conn.exec_driver_sql(f"TRUNCATE {TOKEN_TABLES}")
-        flusher = Flusher(engine, wal_dir, instance, lambda: end)
+        flusher = Flusher(engine, wal_dir, instance, lambda: end, Settings().flush_policy())
         await flusher.start()
         cpu0, t0 = time.process_time(), time.perf_counter()
         drained = await flusher.drain(within=180)

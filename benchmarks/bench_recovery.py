@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,7 @@ from benchkit import (
     write_report,
 )
 
+from llmsvc.config import Settings
 from llmsvc.gateway.journal import Journal
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher, load_checkpoint
@@ -84,7 +86,7 @@ async def journal_and_crash(wal_dir: Path, tokens: int) -> tuple[uuid.UUID, Posi
     Returns the instance id, the writer's final position and the number of streams.
     """
     instance = uuid.uuid4()
-    writer = WalWriter(wal_dir, instance, sync="write")
+    writer = WalWriter(wal_dir, instance, replace(Settings().wal_policy(), sync="write"))
     writer.open(asyncio.get_running_loop(), lambda exc: None)
     journal = Journal(writer)
     streams = -(-tokens // TOKENS_PER_STREAM)
@@ -117,7 +119,7 @@ async def recover_once(
     shutil.rmtree(wal_dir, ignore_errors=True)
     shutil.copytree(pristine, wal_dir)  # the flusher deletes segments it has committed
     engine = create_engine(url)
-    writer = WalWriter(wal_dir, instance, sync="write")
+    writer = WalWriter(wal_dir, instance, replace(Settings().wal_policy(), sync="write"))
     try:
         await upgrade_to_head(engine)
         t_open = time.perf_counter()
@@ -125,7 +127,7 @@ async def recover_once(
         open_s = time.perf_counter() - t_open
         if writer.end != final:
             raise RuntimeError(f"reopened WAL ends at {writer.end}, written to {final}")
-        flusher = Flusher(engine, wal_dir, instance, lambda: writer.end)
+        flusher = Flusher(engine, wal_dir, instance, lambda: writer.end, Settings().flush_policy())
         busy0, cpu0, t0 = machine_busy_s(), time.process_time(), time.perf_counter()
         await flusher.start()
         drained = await flusher.drain(within=float("inf"))

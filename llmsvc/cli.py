@@ -807,7 +807,13 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
                 engine,
                 "restore",
                 lambda: backup.restore(
-                    engine, settings.backup_dir, settings.wal_dir, args.file, replay
+                    engine,
+                    settings.backup_dir,
+                    settings.wal_dir,
+                    args.file,
+                    replay,
+                    settings.wal_policy(),
+                    settings.flush_policy(),
                 ),
                 None,
             )

@@ -3,13 +3,17 @@
 Sources, strongest first: `LLMSVC_*` environment variables, then the TOML
 file named by `LLMSVC_CONFIG`, then the embedded defaults (SQLite and the WAL
 under `$XDG_STATE_HOME/llmsvc`, HTTP on 127.0.0.1:8080, the mock provider).
+The settings are the only defaults: the parts take typed policies built from
+them here (`Settings.retry_policy()`, ...) and have no defaults of their own.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import random
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -86,6 +90,54 @@ class Price(BaseModel):
 
     input_per_million: float = Field(ge=0)
     output_per_million: float = Field(ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """How hard one request tries: retries per target, their backoff, and time bounds."""
+
+    retries: int
+    backoff: float  # seconds before the first retry; doubled each time
+    backoff_max: float
+    retry_after_max: float  # a longer Retry-After moves on to the next target
+    first_token_timeout: float
+    attempt_timeout: float
+    request_timeout: float  # all attempts of one request together
+
+    def delay(self, retry: int, retry_after: float | None) -> float | None:
+        """Seconds to wait before retry `retry + 1`, or None to move on to the next target."""
+        if retry_after is not None and retry_after > self.retry_after_max:
+            return None
+        jittered = min(self.backoff_max, self.backoff * 2**retry) * (0.5 + random.random() / 2)
+        return float(max(jittered, retry_after or 0.0))
+
+
+@dataclass(frozen=True, slots=True)
+class CircuitPolicy:
+    """When a provider's circuit opens, and for how long (`gateway.breaker`)."""
+
+    threshold: int  # consecutive failures
+    cooldown: float  # seconds open before a probe
+    window: int  # recent calls whose failure rate opens it
+
+
+@dataclass(frozen=True, slots=True)
+class WalPolicy:
+    """How the WAL writer commits and when it starts a new segment (`wal.writer`)."""
+
+    sync: Literal["write", "fsync"]
+    fsync_interval: float  # seconds between fdatasyncs with sync "write"
+    commit_delay: float  # seconds the writer gathers appends under load
+    segment_max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class FlushPolicy:
+    """How often and how much the flusher moves into the store (`store.flusher`)."""
+
+    interval: float  # seconds between flushes that found less than a batch
+    batch_records: int
+    timeout: float | None  # the longest one flush may wait for the database; None: no bound
 
 
 class Settings(BaseSettings):
@@ -283,6 +335,39 @@ class Settings(BaseSettings):
             + self.shutdown_drain_seconds
             + self.shutdown_job_seconds
             + SHUTDOWN_CLOSES * self.shutdown_close_seconds
+        )
+
+    def retry_policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            retries=self.retries_per_target,
+            backoff=self.retry_backoff_ms / 1000,
+            backoff_max=self.retry_backoff_max_ms / 1000,
+            retry_after_max=self.retry_after_max_seconds,
+            first_token_timeout=self.first_token_timeout_seconds,
+            attempt_timeout=self.attempt_timeout_seconds,
+            request_timeout=self.request_timeout_seconds,
+        )
+
+    def circuit_policy(self) -> CircuitPolicy:
+        return CircuitPolicy(
+            threshold=self.circuit_failure_threshold,
+            cooldown=self.circuit_cooldown_seconds,
+            window=self.circuit_window,
+        )
+
+    def wal_policy(self) -> WalPolicy:
+        return WalPolicy(
+            sync=self.wal_sync,
+            fsync_interval=self.wal_fsync_interval_ms / 1000,
+            commit_delay=self.wal_commit_delay_us / 1e6,
+            segment_max_bytes=self.wal_segment_max_bytes,
+        )
+
+    def flush_policy(self) -> FlushPolicy:
+        return FlushPolicy(
+            interval=self.flush_interval_ms / 1000,
+            batch_records=self.flush_batch_records,
+            timeout=self.database_timeout_seconds,
         )
 
     def secrets(self) -> list[str]:

@@ -144,13 +144,7 @@ class Daemon:
         self.notifier.status("booting: opening the WAL")
         metrics = Metrics()
         self.writer = writer = WalWriter(
-            s.wal_dir,
-            instance,
-            sync=s.wal_sync,
-            fsync_interval=s.wal_fsync_interval_ms / 1000,
-            commit_delay=s.wal_commit_delay_us / 1e6,
-            segment_max_bytes=s.wal_segment_max_bytes,
-            on_fsync=metrics.wal_fsync.observe,
+            s.wal_dir, instance, s.wal_policy(), on_fsync=metrics.wal_fsync.observe
         )
         hint = read_checkpoint(s.wal_dir)
         repairs = writer.open(asyncio.get_running_loop(), self._on_fatal, hint)

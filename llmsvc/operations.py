@@ -26,7 +26,7 @@ from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.attribution import deployment_fields
 from llmsvc.gateway.breaker import Breakers, Circuit
 from llmsvc.gateway.journal import Journal
-from llmsvc.gateway.router import RetryPolicy, Router
+from llmsvc.gateway.router import Router
 from llmsvc.keytable import KeyTable
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
@@ -86,13 +86,8 @@ class Operations:
         self.job_runs: dict[str, dict[str, Any]] = {}  # this instance's last run of each job
         self.circuits_storing: set[asyncio.Task[None]] = set()
         self.providers: dict[str, Provider] = {p.name: build_provider(p) for p in s.providers}
-        breakers = Breakers(
-            s.circuit_failure_threshold,
-            s.circuit_cooldown_seconds,
-            s.circuit_window,
-            on_change=self._circuit_changed,
-        )
-        self.router = Router(s.providers, self.providers, s.routes, breakers, s.prices)
+        breakers = Breakers(s.circuit_policy(), on_change=self._circuit_changed)
+        self.router = Router(s.providers, self.providers, breakers, s.routes, s.prices)
         self.switches = Switches(engine, self.router, set(self.providers), s.wal_dir)
         self.switches.load_local()
         self.keys: KeyTable | None = None
@@ -115,15 +110,7 @@ class Operations:
             wal_status=self.wal_status,
             metrics=metrics,
             describe=self.describe,
-            policy=RetryPolicy(
-                retries=s.retries_per_target,
-                backoff=s.retry_backoff_ms / 1000,
-                backoff_max=s.retry_backoff_max_ms / 1000,
-                retry_after_max=s.retry_after_max_seconds,
-                first_token_timeout=s.first_token_timeout_seconds,
-                attempt_timeout=s.attempt_timeout_seconds,
-                request_timeout=s.request_timeout_seconds,
-            ),
+            policy=s.retry_policy(),
             keys=self.keys,
             limiter=self.limiter,
         )
@@ -140,10 +127,8 @@ class Operations:
             s.wal_dir,
             self.instance,
             lambda: self.flush_to or self.writer.end,
-            interval=s.flush_interval_ms / 1000,
-            batch_records=s.flush_batch_records,
+            s.flush_policy(),
             on_batch=self.metrics.batch_flushed,
-            timeout=s.database_timeout_seconds,
         )
 
     # -- what operators read ------------------------------------------------------------

@@ -187,7 +187,7 @@ class Supervisor:
                 if lock is not None:
                     lock.acquire()
                 try:
-                    replayed = await replay_wal(engine, wal_dir)
+                    replayed = await replay_wal(engine, wal_dir, s.wal_policy(), s.flush_policy())
                 finally:
                     if lock is not None:
                         lock.release()

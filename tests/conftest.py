@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from policies import wal_policy
 from postgres import (
     SKIP_REASON,
     PostgresCluster,
@@ -91,8 +92,8 @@ async def open_writer(wal_dir: Path, wal_id: uuid.UUID) -> AsyncIterator[OpenWri
     writers: list[WalWriter] = []
     unexpected: list[WalFatal] = []
 
-    def _open(*, on_fatal: Callable[[WalFatal], None] | None = None, **settings: Any) -> WalWriter:
-        writer = WalWriter(wal_dir, wal_id, **settings)
+    def _open(*, on_fatal: Callable[[WalFatal], None] | None = None, **changes: Any) -> WalWriter:
+        writer = WalWriter(wal_dir, wal_id, wal_policy(**changes))
         writer.open(asyncio.get_running_loop(), on_fatal or unexpected.append)
         writers.append(writer)
         return writer

@@ -23,9 +23,11 @@ import pytest
 import sqlalchemy as sa
 from conftest import OpenWriter
 from daemon_process import CAUGHT_UP, DaemonProcess, daemon_env
+from policies import circuit_policy, flush_policy, retry_policy, wal_policy
 
 from llmsvc.config import ProviderConfig
 from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.breaker import Breakers
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
 from llmsvc.metrics import Metrics, WalStatus
@@ -83,7 +85,7 @@ async def test_backlog_bytes_are_the_frames_after_the_checkpoint_across_segments
     sizes = frame_sizes(wal_dir, wal_id)
     assert len(sizes) == writer.end.lsn - 1
 
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, batch_records=7)
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy(batch_records=7))
     try:
         await flusher.start()
         assert flusher.backlog_bytes() == sum(sizes)
@@ -129,8 +131,8 @@ async def test_a_log_that_ends_before_the_checkpoint_has_no_backlog_until_new_re
             sa.insert(wal_checkpoints),
             {"instance_id": wal_id, "lsn": checkpoint, "updated_at": datetime.now(UTC)},
         )
-    writer = WalWriter(wal_dir, wal_id, segment_max_bytes=1024)
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end)
+    writer = WalWriter(wal_dir, wal_id, wal_policy(segment_max_bytes=1024))
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy())
     try:
         if flusher_first:
             await flusher.start()
@@ -181,8 +183,8 @@ def test_metrics_read_the_wal_status_at_each_scrape() -> None:
 
 def _gateway(writer: Any, status: Callable[[], WalStatus]) -> Gateway:
     config = ProviderConfig(name="mock", kind="mock", models=["mock"])
-    router = Router([config], {"mock": build_provider(config)})
-    return Gateway(Journal(writer), router, 4096, wal_status=status)
+    router = Router([config], {"mock": build_provider(config)}, Breakers(circuit_policy()))
+    return Gateway(Journal(writer), router, 4096, retry_policy(), wal_status=status)
 
 
 async def _post_chat(gateway: Gateway) -> tuple[int, dict[str, Any]]:

@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 import pytest
+from policies import flush_policy, wal_policy
 from private_state import assert_private
 
 import llmsvc
@@ -202,7 +203,7 @@ class Journaled:
         wal_dir = self.cli.state / "journal-wal"
         wal_dir.mkdir()
         wal_id = instance_id(wal_dir)
-        writer = WalWriter(wal_dir, wal_id)
+        writer = WalWriter(wal_dir, wal_id, wal_policy())
         writer.open(asyncio.get_running_loop(), lambda exc: None)
         journal = Journal(writer)
         ended = {
@@ -235,7 +236,7 @@ class Journaled:
             await asyncio.sleep(0.002)  # distinct created_at
         await last
         engine = create_engine(f"sqlite+aiosqlite:///{self.cli.db}")
-        flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, interval=0.01)
+        flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy(interval=0.01))
         try:
             await flusher.start()
             assert await flusher.drain(10)

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,11 +15,24 @@ from llmsvc.config import (
     CONFIG_VARIABLE,
     TEST_VARIABLES,
     WORKER_INDEX_VARIABLE,
+    CircuitPolicy,
+    FlushPolicy,
     ProviderConfig,
+    RetryPolicy,
     Settings,
+    WalPolicy,
     load_settings,
 )
 from llmsvc.errors import ConfigError
+from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.breaker import Breakers
+from llmsvc.gateway.chat import Exchange
+from llmsvc.gateway.journal import Journal
+from llmsvc.gateway.router import Router
+from llmsvc.keytable import KeyTable
+from llmsvc.limits import Limiter
+from llmsvc.store.flusher import Flusher
+from llmsvc.wal.writer import WalWriter
 
 SECRET = "sk-do-not-print-0123456789"
 
@@ -67,6 +83,67 @@ def test_metrics_and_backlog_settings_come_from_the_environment(
     monkeypatch.setenv("LLMSVC_WAL_BACKLOG_LIMIT_BYTES", "4096")
     s = load_settings()
     assert (s.metrics_host, s.metrics_port, s.wal_backlog_limit_bytes) == ("0.0.0.0", 0, 4096)
+
+
+def test_policies_carry_the_settings_in_the_units_the_parts_take() -> None:
+    s = Settings(
+        retries_per_target=2,
+        retry_backoff_ms=300,
+        retry_backoff_max_ms=4000,
+        retry_after_max_seconds=7,
+        first_token_timeout_seconds=30,
+        attempt_timeout_seconds=600,
+        request_timeout_seconds=1200,
+        circuit_failure_threshold=4,
+        circuit_cooldown_seconds=15,
+        circuit_window=12,
+        wal_sync="fsync",
+        wal_fsync_interval_ms=20,
+        wal_commit_delay_us=250,
+        wal_segment_max_bytes=1024 * 1024,
+        flush_interval_ms=70,
+        flush_batch_records=1000,
+        database_timeout_seconds=3,
+    )
+    assert s.retry_policy() == RetryPolicy(
+        retries=2,
+        backoff=0.3,
+        backoff_max=4.0,
+        retry_after_max=7,
+        first_token_timeout=30,
+        attempt_timeout=600,
+        request_timeout=1200,
+    )
+    assert s.circuit_policy() == CircuitPolicy(threshold=4, cooldown=15, window=12)
+    assert s.wal_policy() == WalPolicy(
+        sync="fsync", fsync_interval=0.02, commit_delay=0.00025, segment_max_bytes=1024 * 1024
+    )
+    assert s.flush_policy() == FlushPolicy(interval=0.07, batch_records=1000, timeout=3)
+
+
+@pytest.mark.parametrize("policy", [RetryPolicy, CircuitPolicy, WalPolicy, FlushPolicy])
+def test_policies_have_no_defaults_of_their_own(policy: type[Any]) -> None:
+    defaulted = [
+        f.name
+        for f in dataclasses.fields(policy)
+        if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+    ]
+    assert defaulted == []  # the settings are the only defaults
+
+
+@pytest.mark.parametrize(
+    "part",
+    [Router, Breakers, Exchange, Gateway, Journal, Limiter, KeyTable, WalWriter, Flusher],
+    ids=lambda part: part.__name__,
+)
+def test_parts_repeat_no_setting_as_a_default(part: type[Any]) -> None:
+    literal = {
+        name: parameter.default
+        for name, parameter in inspect.signature(part).parameters.items()
+        if isinstance(parameter.default, int | float | str)
+        and not isinstance(parameter.default, bool)
+    }
+    assert literal == {}  # a bound or a default belongs in Settings, passed in as a policy
 
 
 def test_without_xdg_state_home_state_is_under_home(

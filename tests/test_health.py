@@ -20,6 +20,7 @@ from daemon_process import (
     run_async,
     run_cli,
 )
+from policies import wal_policy
 
 from llmsvc import __version__
 from llmsvc.gateway.journal import Journal
@@ -33,7 +34,7 @@ JOBS = ["prune", "backup", "backup-cleanup", "wal-housekeeping", "gap-scan"]
 
 async def journal_backlog(wal_dir: Path, tokens: int) -> None:
     """What a crash leaves: `tokens` journaled tokens the database has not seen."""
-    writer = WalWriter(wal_dir, instance_id(wal_dir))
+    writer = WalWriter(wal_dir, instance_id(wal_dir), wal_policy())
     writer.open(asyncio.get_running_loop(), lambda exc: None)
     journal = Journal(writer)
     for _ in range(tokens // 1000):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from daemon_process import DaemonProcess, daemon_env, get_json, read_store, run_cli
+from policies import wal_policy
 from postgres import sqlalchemy_url
 from test_outage import Clients, openai_client, stream
 
@@ -75,7 +76,7 @@ def test_a_metadata_key_holding_u0000_is_stored_and_every_later_request_flows(
 
 async def _journal_poison_then_a_stream(wal_dir: Path) -> uuid.UUID:
     """An earlier run's WAL: a start record that is no request at all, then a whole request."""
-    writer = WalWriter(wal_dir, instance_id(wal_dir))
+    writer = WalWriter(wal_dir, instance_id(wal_dir), wal_policy())
     writer.open(asyncio.get_running_loop(), lambda exc: None)
     journal = Journal(writer)
     poison = codec.encode_json(codec.RecordType.REQUEST_START, {"id": "not-a-uuid", "ts": 1})

@@ -18,6 +18,7 @@ import orjson
 import pytest
 import sqlalchemy as sa
 from daemon_process import daemon_env, run_cli
+from policies import flush_policy, wal_policy
 
 from llmsvc.callers import Caller
 from llmsvc.gateway.attribution import Attribution, record_fields
@@ -95,7 +96,7 @@ async def _journal(database_url: str, wal_dir: Path) -> dict[str, uuid.UUID]:
                 ],
             )  # fmt: skip
         wal_id = instance_id(wal_dir)
-        writer = WalWriter(wal_dir, wal_id)
+        writer = WalWriter(wal_dir, wal_id, wal_policy())
         writer.open(asyncio.get_running_loop(), lambda exc: None)
         journal = Journal(writer, {"environment": "staging", "version": "1.2.3"})
         ids = {}
@@ -115,7 +116,7 @@ async def _journal(database_url: str, wal_dir: Path) -> dict[str, uuid.UUID]:
                 error=None,
             )
         await last
-        flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, interval=0.01)
+        flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy(interval=0.01))
         await flusher.start()
         assert await flusher.drain(10)
         await flusher.close()

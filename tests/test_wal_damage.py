@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from daemon_process import DaemonProcess, daemon_env, read_store, run_async, run_cli
+from policies import wal_policy
 
 from llmsvc.gateway.journal import Journal
 from llmsvc.wal.segment import HEADER_SIZE, encode_header, instance_id, list_segments
@@ -31,7 +32,7 @@ ATTEMPT = {r: uuid.UUID(int=r.int << 8) for r in (A, B, C, D)}
 
 async def journal_one_record_a_segment(wal_dir: Path) -> dict[str, int]:
     """Four requests, every record in a segment of its own; returns each record's LSN by name."""
-    writer = WalWriter(wal_dir, instance_id(wal_dir), segment_max_bytes=1)
+    writer = WalWriter(wal_dir, instance_id(wal_dir), wal_policy(segment_max_bytes=1))
     writer.open(asyncio.get_running_loop(), lambda exc: None)
     journal = Journal(writer)
     lsns: dict[str, int] = {}

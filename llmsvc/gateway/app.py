@@ -16,6 +16,7 @@ import anyio
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmsvc.callers import Caller
+from llmsvc.config import RetryPolicy
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
 from llmsvc.gateway.attribution import read_attribution
 from llmsvc.gateway.chat import Exchange
@@ -31,7 +32,7 @@ from llmsvc.gateway.request import (
     request_id,
     request_id_header,
 )
-from llmsvc.gateway.router import RetryPolicy, Router
+from llmsvc.gateway.router import Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
@@ -61,11 +62,11 @@ class Gateway:
         journal: Journal,
         router: Router,
         max_body_bytes: int,
+        policy: RetryPolicy,
         *,
         wal_status: Callable[[], WalStatus] | None = None,
         metrics: Metrics | None = None,
         describe: Callable[[], dict[str, Any]] | None = None,
-        policy: RetryPolicy | None = None,
         keys: KeyTable | None = None,
         limiter: Limiter | None = None,
     ) -> None:
@@ -73,7 +74,7 @@ class Gateway:
         self.keys = keys  # with auth = "keys": every /v1/* request needs one of them
         self.limiter = limiter  # rate limits and budgets of callers (llmsvc.limits)
         self.router = router
-        self.policy = policy if policy is not None else RetryPolicy()
+        self.policy = policy
         self.max_body_bytes = max_body_bytes
         self.wal_status = wal_status
         self.describe = describe  # the daemon's parts, for /api/health's detail

@@ -15,6 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from llmsvc.config import CircuitPolicy
+
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 
 Changed = Callable[[str, "Circuit"], None]
@@ -33,13 +35,12 @@ class Circuit:
 class Breakers:
     def __init__(
         self,
-        threshold: int,
-        cooldown: float,
-        window: int,
+        policy: CircuitPolicy,
         on_change: Changed | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.threshold, self.cooldown, self.window = threshold, cooldown, window
+        self.threshold, self.cooldown = policy.threshold, policy.cooldown
+        self.window = policy.window
         self.on_change = on_change
         self.clock = clock
         self.circuits: dict[str, Circuit] = {}

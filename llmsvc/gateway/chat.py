@@ -19,6 +19,7 @@ from typing import Any
 import anyio
 
 from llmsvc.callers import Caller
+from llmsvc.config import RetryPolicy
 from llmsvc.errors import (
     LlmsvcError,
     ModelNotAllowed,
@@ -32,7 +33,7 @@ from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import describe, error_event
 from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ChatRequest, ClientGone
-from llmsvc.gateway.router import RetryPolicy, Router, Target
+from llmsvc.gateway.router import Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
 from llmsvc.logs import logger
 from llmsvc.providers.base import Reply, ToolCallDeltas
@@ -183,7 +184,7 @@ class Exchange:
                 self.who,
             )
             with scope:
-                await self._try_targets()
+                await self.router.try_targets(self)
             if scope.cancelled_caught and not self.ended:
                 stopped = ServiceUnavailable("llmsvc shut down before the reply ended")
                 await self._end("interrupted", error=str(stopped), error_code="shutdown")
@@ -200,46 +201,11 @@ class Exchange:
         finally:
             self._log()
 
-    async def _try_targets(self) -> None:
-        """Each target in turn; a transient failure before the first token is retried
-        (backoff with jitter, Retry-After honoured), then the next target is tried. After
-        the first token nothing is retried: the client already has part of this reply."""
-        skipped: list[str] = []
-        failed: ProviderError | None = None
-        loop = asyncio.get_running_loop()
-        self.request_deadline = loop.time() + self.policy.request_timeout
-        for target in self.targets:
-            for retry in range(self.policy.retries + 1):
-                if loop.time() >= self.request_deadline:
-                    skipped.append(
-                        f"request_timeout_seconds ({self.policy.request_timeout:g} s) spent"
-                    )
-                    break
-                why = self.router.unavailable(target)
-                if why is not None:
-                    self.refusals.append((target.provider.name, why[0]))
-                    skipped.append(why[1])
-                    break
-                try:
-                    await self._attempt(target)
-                    return
-                except ProviderError as exc:
-                    if self.seq or self.tool_seq or self.started or not exc.retryable:
-                        raise
-                    failed = exc
-                    await self._end_attempt(exc)
-                after = failed.retry_after if isinstance(failed, ProviderUnavailable) else None
-                delay = self.policy.delay(retry, after)
-                if delay is None or retry == self.policy.retries:
-                    break
-                if loop.time() + delay >= self.request_deadline:
-                    break  # no time for this target's retry: perhaps the next target's first try
-                await asyncio.sleep(delay)
-        if failed is not None:
-            raise failed  # every target failed: the client hears the last failure
-        raise ServiceUnavailable(f"no provider can serve {self.model!r}: " + "; ".join(skipped))
+    def replied(self) -> bool:
+        """Whether part of the reply was journaled or sent: then nothing is retried."""
+        return bool(self.seq or self.tool_seq or self.started)
 
-    async def _attempt(self, target: Target) -> None:
+    async def attempt(self, target: Target) -> None:
         """One call to one provider, journaled as an attempt, with its breaker told."""
         name = target.provider.name
         self.target, self.attempt_no = target, self.attempt_no + 1
@@ -296,7 +262,7 @@ class Exchange:
         if self.bound is not None:
             self.bound.reschedule(self.deadline)
 
-    async def _end_attempt(self, exc: ProviderError) -> None:
+    async def end_attempt(self, exc: ProviderError) -> None:
         """Journal a failed attempt that will be retried or followed by another target."""
         fields = self._attempt_fields("failed", None, str(exc), exc.code, exc.status)
         self.attempts.append((self.target.provider.name, self.target.model, "failed", exc.code))

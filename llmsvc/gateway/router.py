@@ -4,38 +4,20 @@ A public model name is either a route from configuration (`routes`: an
 ordered list of provider:model targets, e.g. a fallback from one provider to
 another) or, failing that, a model some provider lists itself (the first such
 provider serves it). A target is skipped while its provider is disabled by
-an operator or its circuit is open.
+an operator or its circuit is open. The router also runs the tries of one
+request: retries of a target, then the next target (`try_targets`).
 """
 
 from __future__ import annotations
 
-import random
+import asyncio
 from dataclasses import dataclass
+from typing import Protocol
 
-from llmsvc.config import Price, ProviderConfig
-from llmsvc.errors import UnknownModel
+from llmsvc.config import Price, ProviderConfig, RetryPolicy
+from llmsvc.errors import ProviderError, ProviderUnavailable, ServiceUnavailable, UnknownModel
 from llmsvc.gateway.breaker import Breakers
 from llmsvc.providers.base import Provider
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """How hard one request tries: retries per target, their backoff, and time bounds."""
-
-    retries: int = 1
-    backoff: float = 0.2  # seconds before the first retry; doubled each time
-    backoff_max: float = 5.0
-    retry_after_max: float = 10.0  # a longer Retry-After moves on to the next target
-    first_token_timeout: float = 60.0
-    attempt_timeout: float = 900.0
-    request_timeout: float = 1800.0  # all attempts of one request together
-
-    def delay(self, retry: int, retry_after: float | None) -> float | None:
-        """Seconds to wait before retry `retry + 1`, or None to move on to the next target."""
-        if retry_after is not None and retry_after > self.retry_after_max:
-            return None
-        jittered = min(self.backoff_max, self.backoff * 2**retry) * (0.5 + random.random() / 2)
-        return float(max(jittered, retry_after or 0.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,18 +26,34 @@ class Target:
     model: str
 
 
+class Request(Protocol):
+    """What the retry loop needs of the request it serves (`chat.Exchange`)."""
+
+    model: str
+    targets: list[Target]
+    policy: RetryPolicy
+    refusals: list[tuple[str, str]]  # provider, code: targets skipped, not called
+    request_deadline: float  # loop time all attempts together must end by
+
+    def replied(self) -> bool: ...
+
+    async def attempt(self, target: Target) -> None: ...
+
+    async def end_attempt(self, exc: ProviderError) -> None: ...
+
+
 class Router:
     def __init__(
         self,
         configs: list[ProviderConfig],
         providers: dict[str, Provider],
+        breakers: Breakers,
         routes: dict[str, list[str]] | None = None,
-        breakers: Breakers | None = None,
         prices: dict[str, Price] | None = None,
     ) -> None:
         self.disabled: set[str] = set()  # providers an operator turned off (provider_status)
         self.prices = prices or {}
-        self.breakers = breakers if breakers is not None else Breakers(5, 30.0, 20)
+        self.breakers = breakers
         self.routes: dict[str, list[Target]] = {}
         for public, targets in (routes or {}).items():
             self.routes[public] = [
@@ -74,6 +72,45 @@ class Router:
                 f"the model {model!r} is not served here; GET /v1/models lists the models",
                 param="model",
             ) from None
+
+    async def try_targets(self, request: Request) -> None:
+        """Each target in turn; a transient failure before the first token is retried
+        (backoff with jitter, Retry-After honoured), then the next target is tried. After
+        the first token nothing is retried: the client already has part of this reply."""
+        skipped: list[str] = []
+        failed: ProviderError | None = None
+        loop = asyncio.get_running_loop()
+        request.request_deadline = loop.time() + request.policy.request_timeout
+        for target in request.targets:
+            for retry in range(request.policy.retries + 1):
+                if loop.time() >= request.request_deadline:
+                    skipped.append(
+                        f"request_timeout_seconds ({request.policy.request_timeout:g} s) spent"
+                    )
+                    break
+                why = self.unavailable(target)
+                if why is not None:
+                    request.refusals.append((target.provider.name, why[0]))
+                    skipped.append(why[1])
+                    break
+                try:
+                    await request.attempt(target)
+                    return
+                except ProviderError as exc:
+                    if request.replied() or not exc.retryable:
+                        raise
+                    failed = exc
+                    await request.end_attempt(exc)
+                after = failed.retry_after if isinstance(failed, ProviderUnavailable) else None
+                delay = request.policy.delay(retry, after)
+                if delay is None or retry == request.policy.retries:
+                    break
+                if loop.time() + delay >= request.request_deadline:
+                    break  # no time for this target's retry: perhaps the next target's first try
+                await asyncio.sleep(delay)
+        if failed is not None:
+            raise failed  # every target failed: the client hears the last failure
+        raise ServiceUnavailable(f"no provider can serve {request.model!r}: " + "; ".join(skipped))
 
     def unavailable(self, target: Target) -> tuple[str, str] | None:
         """Why `target` cannot be called now, as (error code, words), or None (claiming a

@@ -26,7 +26,7 @@ import shutil
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,6 +37,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc import private
+from llmsvc.config import FlushPolicy, WalPolicy
 from llmsvc.errors import LlmsvcError, WalLocked
 from llmsvc.logs import logger
 from llmsvc.maintenance import kept
@@ -358,7 +359,13 @@ async def exclusive(engine: AsyncEngine, wal_dir: Path, force: bool) -> AsyncIte
 
 
 async def restore(
-    engine: AsyncEngine, backup_dir: Path, wal_dir: Path, name: str, replay: bool
+    engine: AsyncEngine,
+    backup_dir: Path,
+    wal_dir: Path,
+    name: str,
+    replay: bool,
+    wal: WalPolicy,
+    flush: FlushPolicy,
 ) -> JobResult:
     """Restore a backup into the store, then (`replay`) replay this host's WAL journaled since.
 
@@ -367,7 +374,7 @@ async def restore(
     described, kept_found = await restore_database(engine, backup_dir, name)
     found: dict[str, Any] = {"restored": name, "created": described.created, "replayed": 0}
     if replay:
-        found.update(await replay_wal(engine, wal_dir))
+        found.update(await replay_wal(engine, wal_dir, wal, flush))
     else:
         log.warning("restore: a daemon holds the WAL; restart it to replay the WAL")
         found["replay"] = "left to the running daemon's restart"
@@ -385,15 +392,21 @@ async def _daemon_sessions(engine: AsyncEngine) -> int:
         return int(await conn.scalar(query, {"name": DAEMON_APPLICATION}) or 0)
 
 
-async def replay_wal(engine: AsyncEngine, wal_dir: Path) -> dict[str, Any]:
-    """Replay this instance's WAL from the store's checkpoint, as a boot does."""
+async def replay_wal(
+    engine: AsyncEngine, wal_dir: Path, wal: WalPolicy, flush: FlushPolicy
+) -> dict[str, Any]:
+    """Replay this instance's WAL from the store's checkpoint, as a boot does.
+
+    Each flush waits for the database as long as it takes (no `timeout`): nothing is
+    served meanwhile, and a bound would only cut a slow batch off to read it again.
+    """
     if not (wal_dir / INSTANCE_FILE).exists():
         return {"replayed": 0, "checkpoint": 0}
     instance = instance_id(wal_dir)
     checkpoint = await load_checkpoint(engine, instance)
-    writer = WalWriter(wal_dir, instance)
+    writer = WalWriter(wal_dir, instance, wal)
     repairs = writer.open(asyncio.get_running_loop(), lambda exc: None, checkpoint)
-    flusher = Flusher(engine, wal_dir, instance, lambda: writer.end)
+    flusher = Flusher(engine, wal_dir, instance, lambda: writer.end, replace(flush, timeout=None))
     try:
         result = await replay(flusher, wal_dir)
     finally:

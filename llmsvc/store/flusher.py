@@ -25,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from llmsvc.config import FlushPolicy
 from llmsvc.local import write_checkpoint
 from llmsvc.logs import logger
 from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
@@ -194,19 +195,17 @@ class Flusher:
         wal_dir: Path,
         instance_id: uuid.UUID,
         end: Callable[[], Position],
+        policy: FlushPolicy,
         *,
-        interval: float = 0.05,
-        batch_records: int = 50_000,
         on_batch: Callable[[int, float], None] | None = None,
-        timeout: float | None = None,
     ) -> None:
         self.engine = engine
         self.wal_dir = wal_dir
         self.instance_id = instance_id
         self.reader = WalReader(wal_dir, instance_id)
         self.end = end
-        self.interval = interval
-        self.batch_records = batch_records
+        self.interval = policy.interval
+        self.batch_records = policy.batch_records
         self.checkpoint = 0
         self.committed = Position(0, 0, 1)  # where the first uncommitted record starts
         self.database_ok = True
@@ -214,7 +213,7 @@ class Flusher:
         self._pending_end = self.committed
         self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
-        self.timeout = timeout  # the longest one flush may wait for the database
+        self.timeout = policy.timeout
         # Since when (monotonic) the database has not answered: the start of the flush under
         # way, or of the first of the flushes that timed out since it last answered.
         self.waiting_since: float | None = None

@@ -28,6 +28,7 @@ import uuid
 from collections.abc import Callable
 from pathlib import Path
 
+from llmsvc.config import WalPolicy
 from llmsvc.errors import WalFatal, WalFull
 from llmsvc.logs import logger
 from llmsvc.wal.reader import Position
@@ -71,20 +72,17 @@ class WalWriter:
         self,
         wal_dir: Path,
         instance_id: uuid.UUID,
+        policy: WalPolicy,
         *,
-        sync: str = "write",
-        fsync_interval: float = 0.1,
-        commit_delay: float = 0.0,
-        segment_max_bytes: int = 100 * 1024 * 1024,
         on_fsync: Callable[[float], None] | None = None,
     ) -> None:
         self.wal_dir = wal_dir
         self.instance_id = instance_id
-        self.sync = sync
-        self.fsync_interval = fsync_interval
-        self.commit_delay = commit_delay
+        self.sync = policy.sync
+        self.fsync_interval = policy.fsync_interval
+        self.commit_delay = policy.commit_delay
         self._last_write = 0.0  # monotonic time the previous batch was written
-        self.segment_max_bytes = segment_max_bytes
+        self.segment_max_bytes = policy.segment_max_bytes
         self.end = Position(0, 0, 1)  # published to the loop after each batch
         self.appended_lsn = 0
         self.appended_records = 0  # written since open (for metrics; any thread)

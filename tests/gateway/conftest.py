@@ -10,6 +10,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 import uvicorn
+from policies import circuit_policy, retry_policy, wal_policy
 from pydantic import SecretStr
 from served_gateway import (
     MAX_BODY_BYTES,
@@ -23,6 +24,7 @@ from llmsvc.config import ProviderConfig
 from llmsvc.errors import WalFatal
 from llmsvc.gateway import rejections
 from llmsvc.gateway.app import Gateway
+from llmsvc.gateway.breaker import Breakers
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
 from llmsvc.providers import build_provider
@@ -51,7 +53,7 @@ async def served(
     wal_dir.mkdir()
     wal_id = instance_id(wal_dir)
     fatal: list[WalFatal] = []
-    writer = WalWriter(wal_dir, wal_id)
+    writer = WalWriter(wal_dir, wal_id, wal_policy())
     writer.open(asyncio.get_running_loop(), fatal.append)
 
     configs = [
@@ -66,7 +68,12 @@ async def served(
         ),
     ]
     providers = {c.name: build_provider(c) for c in configs}
-    gateway = Gateway(Journal(writer), Router(configs, providers), max_body_bytes=MAX_BODY_BYTES)
+    gateway = Gateway(
+        Journal(writer),
+        Router(configs, providers, Breakers(circuit_policy())),
+        max_body_bytes=MAX_BODY_BYTES,
+        policy=retry_policy(),
+    )
 
     listener = socket.socket()
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from policies import circuit_policy, retry_policy
+
 from llmsvc.gateway.breaker import CLOSED, HALF_OPEN, OPEN, Breakers, Circuit
-from llmsvc.gateway.router import RetryPolicy
 
 
 class Clock:
@@ -18,7 +19,8 @@ def breakers(clock: Clock, changes: list[str]) -> Breakers:
     def changed(name: str, circuit: Circuit) -> None:
         changes.append(f"{name}:{circuit.state}")
 
-    return Breakers(threshold=3, cooldown=10, window=10, on_change=changed, clock=clock)
+    policy = circuit_policy(threshold=3, cooldown=10, window=10)
+    return Breakers(policy, on_change=changed, clock=clock)
 
 
 def test_consecutive_failures_open_then_one_probe_then_closed() -> None:
@@ -84,7 +86,7 @@ def test_circuits_are_per_provider_and_a_restored_one_resumes() -> None:
 
 
 def test_retry_delays_grow_with_jitter_honour_retry_after_and_give_up_past_the_cap() -> None:
-    policy = RetryPolicy(retries=3, backoff=0.1, backoff_max=0.3, retry_after_max=5)
+    policy = retry_policy(retries=3, backoff=0.1, backoff_max=0.3, retry_after_max=5)
     for retry, ceiling in ((0, 0.1), (1, 0.2), (2, 0.3), (3, 0.3)):
         delay = policy.delay(retry, None)
         assert delay is not None

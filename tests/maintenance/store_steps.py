@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 
 import sqlalchemy as sa
+from policies import flush_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.gateway.journal import Journal
@@ -17,7 +18,7 @@ from llmsvc.wal.writer import WalWriter
 
 async def flush(engine: AsyncEngine, wal_dir: Path, wal_id: uuid.UUID, writer: WalWriter) -> None:
     """Everything `writer` journaled, committed by a real Flusher."""
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end)
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy())
     await flusher.start()
     assert await flusher.drain(10)
     await flusher.close()

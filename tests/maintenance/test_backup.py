@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 import sqlalchemy as sa
+from policies import flush_policy, wal_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_steps import flush, journal_attempt
 
@@ -82,12 +83,16 @@ async def test_restore_brings_back_the_backup_and_replays_the_wal_journaled_sinc
         await conn.execute(sa.delete(llm_requests))
 
     async with backups.exclusive(engine, wal_dir, force=False) as replay:
-        result = (await backups.restore(engine, target, wal_dir, made.found["file"], replay)).found
+        result = (
+            await backups.restore(
+                engine, target, wal_dir, made.found["file"], replay, wal_policy(), flush_policy()
+            )
+        ).found
 
     assert await token_rows(engine) == everything  # both phases, each token once
     assert result["replayed"] == writer.end.lsn - 1 - made.found["checkpoints"][str(wal_id)]
     assert "missing" not in result
-    again = await backups.replay_wal(engine, wal_dir)
+    again = await backups.replay_wal(engine, wal_dir, wal_policy(), flush_policy())
     assert again["replayed"] == 0
     assert await token_rows(engine) == everything
 
@@ -104,7 +109,9 @@ async def test_restore_refuses_while_a_daemon_holds_the_wal_unless_forced(
             async with backups.exclusive(engine, wal_dir, force=False):
                 raise AssertionError("not refused")
         async with backups.exclusive(engine, wal_dir, force=True) as replay:
-            forced = await backups.restore(engine, target, wal_dir, made.found["file"], replay)
+            forced = await backups.restore(
+                engine, target, wal_dir, made.found["file"], replay, wal_policy(), flush_policy()
+            )
     finally:
         lock.release()
     assert replay is False
@@ -132,7 +139,9 @@ async def test_restore_keeps_the_provider_switches_keys_and_teams_in_force(
     in_force = await keys.list_keys(engine), await keys.list_teams(engine)
 
     async with backups.exclusive(engine, wal_dir, force=False) as replay:
-        result = await backups.restore(engine, target, wal_dir, made.found["file"], replay)
+        result = await backups.restore(
+            engine, target, wal_dir, made.found["file"], replay, wal_policy(), flush_policy()
+        )
 
     states = await provider_states(engine)
     assert {name: row["enabled"] for name, row in states.items()} == {
@@ -168,7 +177,9 @@ async def test_a_store_that_cannot_be_read_is_restored_with_the_backups_switches
             await conn.exec_driver_sql(f"DROP TABLE {table}")
 
     async with backups.exclusive(engine, wal_dir, force=False) as replay:
-        result = await backups.restore(engine, target, wal_dir, made.found["file"], replay)
+        result = await backups.restore(
+            engine, target, wal_dir, made.found["file"], replay, wal_policy(), flush_policy()
+        )
 
     assert result.found["kept"].startswith("nothing: the store could not be read")
     assert "the backup's provider switches, keys and teams are in force" in result.found["kept"]

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from policies import wal_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_steps import delete_seqs, flush, journal_attempt
 
@@ -110,7 +111,7 @@ def test_llmsvc_check_exits_1_naming_the_gap_and_keeps_a_history(tmp_path: Path)
         wal_dir = tmp_path / "llmsvc" / "wal"
         wal_dir.mkdir(parents=True)
         wal_id = instance_id(wal_dir)
-        writer = WalWriter(wal_dir, wal_id)
+        writer = WalWriter(wal_dir, wal_id, wal_policy())
         writer.open(asyncio.get_running_loop(), lambda exc: None)
         attempt = await journal_attempt(writer, 8)
         await flush(engine, wal_dir, wal_id, writer)

@@ -7,6 +7,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from policies import flush_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_steps import flush, journal_attempt
 
@@ -31,7 +32,7 @@ async def test_segments_wholly_below_the_checkpoint_are_removed_but_never_the_ne
     last_of = {s.path.name: nxt.first_lsn - 1 for s, nxt in itertools.pairwise(segments)}
     newest = segments[-1].path.name
 
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, batch_records=20)
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy(batch_records=20))
     await flusher.start()
     removed: list[str] = []
     while not flusher.caught_up:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from policies import flush_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, OpenWriter
 
@@ -51,9 +52,9 @@ async def make_flusher(
     """Flushers following `writer` into `engine`; started by the test, closed at teardown."""
     flushers: list[Flusher] = []
 
-    def _make(**settings: Any) -> Flusher:
-        settings.setdefault("interval", 0.01)
-        flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, **settings)
+    def _make(**changes: Any) -> Flusher:
+        changes.setdefault("interval", 0.01)
+        flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy(**changes))
         flushers.append(flusher)
         return flusher
 

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+from policies import flush_policy, wal_policy
 from postgres import PostgresCluster, sqlalchemy_url
 from store_streams import EPOCH, Stream, assert_stored, dump, stored_checkpoint, texts, token_keys
 
@@ -39,11 +40,11 @@ async def test_records_journaled_during_a_postgres_outage_arrive_once_after_it(
     wal_dir = tmp_path / "wal"
     wal_dir.mkdir()
     wal_id = instance_id(wal_dir)
-    writer = WalWriter(wal_dir, wal_id)
+    writer = WalWriter(wal_dir, wal_id, wal_policy())
     fatal: list[BaseException] = []
     writer.open(asyncio.get_running_loop(), fatal.append)
     journal = Journal(writer)
-    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, interval=0.02)
+    flusher = Flusher(engine, wal_dir, wal_id, lambda: writer.end, flush_policy(interval=0.02))
     task: asyncio.Task[None] | None = None
     try:
         await upgrade_to_head(engine)

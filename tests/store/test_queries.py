@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from policies import flush_policy, wal_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, Stream, texts
 
@@ -39,7 +40,7 @@ async def other_journal(tmp_path: Path) -> AsyncIterator[Journal]:
     """A second daemon's journal, with its own WAL directory and instance id."""
     wal_dir = tmp_path / "other-wal"
     wal_dir.mkdir()
-    writer = WalWriter(wal_dir, instance_id(wal_dir))
+    writer = WalWriter(wal_dir, instance_id(wal_dir), wal_policy())
     fatal: list[BaseException] = []
     writer.open(asyncio.get_running_loop(), fatal.append)
     try:
@@ -102,7 +103,9 @@ async def test_open_work_ignores_streaming_requests_of_other_instances(
 
 async def _flush_other(journal: Journal, engine: AsyncEngine) -> None:
     writer = journal.writer
-    flusher = Flusher(engine, writer.wal_dir, writer.instance_id, lambda: writer.end)
+    flusher = Flusher(
+        engine, writer.wal_dir, writer.instance_id, lambda: writer.end, flush_policy()
+    )
     try:
         await flusher.start()
         assert await flusher.drain(10)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
+from policies import wal_policy
 from wal_records import OpenWriter, ReadLog, records_of, token
 
 from llmsvc.errors import WalFatal
@@ -120,7 +121,7 @@ async def reopen(
 
     def _open(checkpoint: int) -> tuple[WalWriter, Repairs]:
         caplog.clear()
-        writer = WalWriter(wal_dir, wal_id, segment_max_bytes=SEGMENT_MAX)
+        writer = WalWriter(wal_dir, wal_id, wal_policy(segment_max_bytes=SEGMENT_MAX))
         repairs = writer.open(asyncio.get_running_loop(), fatals.append, checkpoint)
         writers.append(writer)
         return writer, repairs
@@ -350,7 +351,7 @@ async def foreign(tmp_path: Path) -> tuple[uuid.UUID, bytes]:
     other_dir = tmp_path / "other"
     other_dir.mkdir()
     other_id = uuid.uuid4()
-    writer = WalWriter(other_dir, other_id)
+    writer = WalWriter(other_dir, other_id, wal_policy())
     writer.open(asyncio.get_running_loop(), lambda exc: None)
     for seq in range(1, 8):
         await writer.append(token(seq, "foreign"))

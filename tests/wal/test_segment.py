@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from crc32c import crc32c
+from policies import wal_policy
 from wal_records import token
 
 from llmsvc.errors import WalLocked
@@ -123,7 +124,7 @@ async def test_a_segment_copied_from_another_instance_is_never_replayed(
     with pytest.raises(Corruption, match="belongs to instance"):
         await reader.seek(1)
     await reader.close()
-    writer = WalWriter(wal_dir, wal_id)
+    writer = WalWriter(wal_dir, wal_id, wal_policy())
     repairs = writer.open(asyncio.get_running_loop(), lambda exc: None)
     await writer.close()
 

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from policies import wal_policy
 from wal_records import OpenWriter, records_of, token
 
 from llmsvc.errors import WalFull
@@ -99,7 +100,7 @@ async def test_a_full_disk_refuses_appends_cuts_nothing_journaled_and_recovers_b
     wal_dir = small_disk / "wal"
     wal_dir.mkdir()
     wal_id = instance_id(wal_dir)
-    writer = WalWriter(wal_dir, wal_id, sync=sync)
+    writer = WalWriter(wal_dir, wal_id, wal_policy(sync=sync))
     writer.open(asyncio.get_running_loop(), lambda exc: pytest.fail(f"fatal: {exc}"))
     filler = _fill(small_disk, leave=64 * 1024)
 
@@ -145,7 +146,7 @@ async def test_closing_while_full_logs_the_held_records_it_could_not_write(
 ) -> None:
     wal_dir = small_disk / "wal"
     wal_dir.mkdir()
-    writer = WalWriter(wal_dir, instance_id(wal_dir))
+    writer = WalWriter(wal_dir, instance_id(wal_dir), wal_policy())
     writer.open(asyncio.get_running_loop(), lambda exc: pytest.fail(f"fatal: {exc}"))
     _fill(small_disk, leave=16 * 1024)
     await _until_full(writer)
@@ -163,7 +164,7 @@ async def test_a_rotation_postponed_by_a_full_disk_leaves_no_temp_file(
     wal_dir = small_disk / "wal"
     wal_dir.mkdir()
     wal_id = instance_id(wal_dir)
-    writer = WalWriter(wal_dir, wal_id)
+    writer = WalWriter(wal_dir, wal_id, wal_policy())
     writer.open(asyncio.get_running_loop(), lambda exc: pytest.fail(f"fatal: {exc}"))
     first = token(1)
     await asyncio.shield(writer.append(first))
