@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from llmsvc import __version__, logs
 from llmsvc.config import Settings, load_settings, worker_index
-from llmsvc.errors import ClientError, ConfigError, LlmsvcError, NotFound
+from llmsvc.errors import BackupError, ClientError, ConfigError, LlmsvcError, NotFound
 from llmsvc.maintenance import backup, consistency, retention
 from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table, prune_job
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
@@ -798,7 +798,7 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     """A refusal (a daemon uses the database) is a usage error, not a run: nothing was tried."""
     try:
         backup.backup_path(settings.backup_dir, args.file)
-    except backup.BackupError as exc:
+    except BackupError as exc:
         raise UsageError(str(exc)) from None
 
     async def restore(engine: Any) -> JobResult | None:

@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.admin.openapi import document
 from llmsvc.config import Settings
-from llmsvc.errors import ClientError, MethodNotAllowed, NotFound, Unauthorized
+from llmsvc.errors import BackupError, ClientError, MethodNotAllowed, NotFound, Unauthorized
 from llmsvc.gateway.errors import reject, send_json
 from llmsvc.gateway.request import parse_body, read_body, request_id_header
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
@@ -241,7 +241,7 @@ class AdminApi:
         body = await self._body(scope, receive, RestoreBody)
         try:
             backup.backup_path(self.ops.settings.backup_dir, body.file)  # no way out of backup_dir
-        except backup.BackupError as exc:
+        except BackupError as exc:
             raise ClientError(str(exc), param="file") from None
         return 200, await self.ops.restore(body.file)
 

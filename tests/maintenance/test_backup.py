@@ -16,9 +16,10 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_steps import flush, journal_attempt
 
+from llmsvc.errors import BackupError
 from llmsvc.maintenance import backup as backups
+from llmsvc.maintenance import pgtools
 from llmsvc.maintenance.backup import (
-    BackupError,
     RestoreRefused,
     backup,
     backup_path,
@@ -198,7 +199,7 @@ async def test_the_password_reaches_pg_dump_in_its_environment_never_its_argumen
 ) -> None:
     secret = f"pw-{uuid.uuid4().hex}"
     seen = tmp_path / "seen"
-    real_tool = backups.pg_tool
+    real_tool = pgtools.pg_tool
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(
         "import json, os, sys\n"
@@ -213,7 +214,7 @@ async def test_the_password_reaches_pg_dump_in_its_environment_never_its_argumen
         script.chmod(0o700)
         return str(script)
 
-    monkeypatch.setattr(backups, "pg_tool", logged)
+    monkeypatch.setattr(pgtools, "pg_tool", logged)
     user, at, rest = database_url.partition("://")[2].partition("@")
     with_password = f"postgresql+asyncpg://{user.split(':')[0]}:{secret}@{rest}"
     as_user = create_engine(with_password)  # the test cluster trusts local logins
@@ -237,7 +238,7 @@ async def test_a_failed_backup_is_a_failed_run_with_the_tools_message(
     failing = tmp_path / "pg_dump"
     failing.write_text('#!/bin/sh\necho "pg_dump: error: connection refused" >&2\nexit 1\n')
     failing.chmod(0o700)
-    monkeypatch.setattr(backups, "pg_tool", lambda name: str(failing))
+    monkeypatch.setattr(pgtools, "pg_tool", lambda name: str(failing))
 
     result = await run_job(engine, "backup", lambda: backup(engine, tmp_path / "b"), None)
 
