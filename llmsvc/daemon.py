@@ -61,7 +61,7 @@ from llmsvc.keytable import KeyTable
 from llmsvc.limits import Limiter
 from llmsvc.local import read_checkpoint
 from llmsvc.logs import logger
-from llmsvc.maintenance.backup import replay, restore_database
+from llmsvc.maintenance.backup import restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
 from llmsvc.maintenance.jobs import INSTANCE_JOBS, job_table
 from llmsvc.maintenance.retention import ensure_partitions
@@ -74,6 +74,7 @@ from llmsvc.status import iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error, migrate
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.queries import open_work, set_provider_circuit, stored_reply
+from llmsvc.store.replay import replay
 from llmsvc.supervisor import shared_port_socket
 from llmsvc.switches import Switches
 from llmsvc.systemd import Notifier
@@ -263,8 +264,10 @@ class Daemon:
             self.keys_follower = asyncio.create_task(self.keys.follow(self.stopping), name="keys")
         await step("reading the checkpoint", self._load_checkpoint)
         behind = self.boot_end.lsn - 1 - self.flusher.checkpoint
-        await step(f"replaying {behind} WAL records", lambda: self.flusher.drain(float("inf")))
-        log.info("boot: wal replayed", records=behind, checkpoint=self.flusher.checkpoint)
+        await step(
+            f"replaying {behind} WAL records",
+            lambda: replay(self.flusher, "boot", self.flusher.checkpoint),
+        )
         interrupted = await step(
             "marking requests the last run left open interrupted", self._interrupt_open_work
         )
@@ -444,7 +447,7 @@ class Daemon:
         await self.engine.dispose()  # SQLite: no connection of ours may hold the file meanwhile
         described, kept = await restore_database(self.maintenance, self.settings.backup_dir, name)
         self.flusher = self._new_flusher()  # starts at the restored checkpoint
-        replayed = await replay(self.flusher, self.settings.wal_dir)
+        replayed = await replay(self.flusher, "restore")
         found = {"restored": name, "created": described.created, **replayed, **kept}
         return JobResult(rows=replayed["replayed"], found=found)
 

@@ -57,8 +57,8 @@ from llmsvc.config import (
 )
 from llmsvc.errors import LlmsvcError
 from llmsvc.logs import logger
-from llmsvc.maintenance.backup import replay_wal
 from llmsvc.store.engine import create_engine, migrate
+from llmsvc.store.replay import replay_wal
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import INSTANCE_FILE, WalLock, lock_holder
 
@@ -211,7 +211,7 @@ class Supervisor:
                 if lock is not None:
                     lock.acquire()
                 try:
-                    replayed = await replay_wal(engine, wal_dir)
+                    replayed = await replay_wal(engine, wal_dir, "supervisor")
                 finally:
                     if lock is not None:
                         lock.release()

@@ -9,7 +9,7 @@ verified and the WAL checkpoints it contains. The PostgreSQL tools are run
 by `pgtools`, which hands them the password in their environment.
 
 A restore brings the database back to the backup, whose checkpoints rewind
-with it; replaying this instance's WAL from there (the same flusher as at
+with it; replaying this instance's WAL from there (`store.replay`, as at
 boot) adds everything journaled since. WAL housekeeping keeps the segments
 after the newest verified backup's checkpoint for exactly that. The provider
 switches, keys and teams in force are kept (`kept`): operational state, not data.
@@ -40,10 +40,9 @@ from llmsvc.logs import logger
 from llmsvc.maintenance import kept, pgtools
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.engine import DAEMON_APPLICATION
-from llmsvc.store.flusher import Flusher, load_checkpoint
+from llmsvc.store.replay import replay_wal
 from llmsvc.store.schema import metadata, wal_checkpoints
-from llmsvc.wal.segment import INSTANCE_FILE, WalLock, instance_id, list_segments
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal.segment import WalLock
 
 log = logger(__name__)
 
@@ -314,7 +313,7 @@ async def restore(
     described, kept_found = await restore_database(engine, backup_dir, name)
     found: dict[str, Any] = {"restored": name, "created": described.created, "replayed": 0}
     if replay:
-        found.update(await replay_wal(engine, wal_dir))
+        found.update(await replay_wal(engine, wal_dir, "restore"))
     else:
         log.warning("restore: a daemon holds the WAL; restart it to replay the WAL")
         found["replay"] = "left to the running daemon's restart"
@@ -330,49 +329,3 @@ async def _daemon_sessions(engine: AsyncEngine) -> int:
     )
     async with engine.connect() as conn:
         return int(await conn.scalar(query, {"name": DAEMON_APPLICATION}) or 0)
-
-
-async def replay_wal(engine: AsyncEngine, wal_dir: Path) -> dict[str, Any]:
-    """Replay this instance's WAL from the store's checkpoint, as a boot does."""
-    if not (wal_dir / INSTANCE_FILE).exists():
-        return {"replayed": 0, "checkpoint": 0}
-    instance = instance_id(wal_dir)
-    checkpoint = await load_checkpoint(engine, instance)
-    writer = WalWriter(wal_dir, instance)
-    repairs = writer.open(asyncio.get_running_loop(), lambda exc: None, checkpoint)
-    flusher = Flusher(engine, wal_dir, instance, lambda: writer.end)
-    try:
-        result = await replay(flusher, wal_dir)
-    finally:
-        await flusher.close()
-        await writer.close()
-    if not repairs.clean:
-        result["wal_repairs"] = repairs.as_dict()
-    return result
-
-
-async def replay(flusher: Flusher, wal_dir: Path) -> dict[str, Any]:
-    """Start a new `flusher` at the restored checkpoint and drain the WAL into the store.
-
-    Returns what was replayed and, if the WAL no longer reaches back to the
-    checkpoint (an older backup restored), the LSNs that are gone.
-    """
-    segments = list_segments(wal_dir)
-    await flusher.start()
-    checkpoint = flusher.checkpoint
-    first = segments[0].first_lsn if segments else checkpoint + 1
-    await flusher.drain(within=float("inf"))
-    result: dict[str, Any] = {
-        "replayed": flusher.checkpoint - checkpoint,
-        "checkpoint": flusher.checkpoint,
-    }
-    if first > checkpoint + 1:
-        result["missing"] = [checkpoint + 1, first - 1]
-        log.error(
-            "restore: WAL records %d..%d are gone (removed before this backup was the newest): "
-            "the store holds the backup and what the WAL kept after them",
-            checkpoint + 1,
-            first - 1,
-        )
-    log.info("restore: wal replayed", records=result["replayed"], checkpoint=flusher.checkpoint)
-    return result

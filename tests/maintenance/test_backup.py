@@ -30,6 +30,7 @@ from llmsvc.maintenance.runs import history, run_job
 from llmsvc.store import keys
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine
 from llmsvc.store.queries import provider_states, set_provider_enabled
+from llmsvc.store.replay import replay_wal
 from llmsvc.store.schema import api_keys, llm_requests, llm_token_log
 from llmsvc.wal.segment import WalLock
 
@@ -88,7 +89,7 @@ async def test_restore_brings_back_the_backup_and_replays_the_wal_journaled_sinc
     assert await token_rows(engine) == everything  # both phases, each token once
     assert result["replayed"] == writer.end.lsn - 1 - made.found["checkpoints"][str(wal_id)]
     assert "missing" not in result
-    again = await backups.replay_wal(engine, wal_dir)
+    again = await replay_wal(engine, wal_dir, "restore")
     assert again["replayed"] == 0
     assert await token_rows(engine) == everything
 
