@@ -63,7 +63,7 @@ from llmsvc.local import read_checkpoint
 from llmsvc.logs import logger
 from llmsvc.maintenance.backup import restore_database
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
-from llmsvc.maintenance.jobs import INSTANCE_JOBS, job_table
+from llmsvc.maintenance.jobs import INSTANCE_JOBS, job_table, schedules
 from llmsvc.maintenance.retention import ensure_partitions
 from llmsvc.maintenance.runs import Job, JobResult, record_run, run_job
 from llmsvc.maintenance.scheduler import Scheduler
@@ -281,7 +281,7 @@ class Daemon:
         await step("checking the store", self._check)
         self.jobs = job_table(s, self.maintenance, self.instance, self.writer)
         if not self.stopping.is_set():  # no jobs to start in a shutdown
-            self.scheduler = Scheduler(s.schedules(), self._run_job, s.job_misfire_grace_seconds)
+            self.scheduler = Scheduler(schedules(s), self._run_job, s.job_misfire_grace_seconds)
             self.scheduler.start()
         self.catch_up.done()
         log.info("boot: caught up with the database")

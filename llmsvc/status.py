@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmsvc import __version__
 from llmsvc.maintenance.backup import newest_verified
+from llmsvc.maintenance.jobs import schedules
 from llmsvc.metrics import DaemonState
 from llmsvc.wal.segment import list_segments
 
@@ -82,7 +83,7 @@ def describe(daemon: Daemon) -> dict[str, Any]:
                 "next_run": iso(scheduler.next_runs().get(name)) if scheduler else None,
                 **daemon.job_runs.get(name, {"last_run": None, "last_status": None}),
             }
-            for name, schedule in daemon.settings.schedules().items()
+            for name, schedule in schedules(daemon.settings).items()
         },
         "last_backup": backup
         and {
