@@ -20,7 +20,7 @@ from typing import Any
 from llmsvc.gateway.breaker import CLOSED
 from llmsvc.logs import logger
 from llmsvc.maintenance.consistency import as_result, check_and_repair, format_ranges
-from llmsvc.maintenance.jobs import job_table
+from llmsvc.maintenance.jobs import job_table, schedules
 from llmsvc.maintenance.retention import ensure_partitions
 from llmsvc.maintenance.runs import record_run
 from llmsvc.maintenance.scheduler import Scheduler
@@ -28,6 +28,7 @@ from llmsvc.operations import Operations
 from llmsvc.store.engine import migrate
 from llmsvc.store.flusher import load_checkpoint
 from llmsvc.store.queries import open_work, stored_reply
+from llmsvc.store.replay import replay
 from llmsvc.tokens import count_completion, count_prompt
 
 log = logger(__name__)
@@ -61,8 +62,10 @@ class CatchUpSteps:
             self._follow("keys no longer followed", ops.keys.follow(stopping), "keys")
         await step("reading the checkpoint", self._load_checkpoint)
         behind = self.boot_end.lsn - 1 - flusher.checkpoint
-        await step(f"replaying {behind} WAL records", lambda: flusher.drain(float("inf")))
-        log.info("boot: wal replayed", records=behind, checkpoint=flusher.checkpoint)
+        await step(
+            f"replaying {behind} WAL records",
+            lambda: replay(flusher, "boot", flusher.checkpoint),
+        )
         interrupted = await step(
             "marking requests the last run left open interrupted", self._interrupt_open_work
         )
@@ -78,7 +81,7 @@ class CatchUpSteps:
         await step("checking the store", self._check)
         ops.jobs = job_table(s, ops.maintenance, ops.instance, ops.writer)
         if not stopping.is_set():  # no jobs to start in a shutdown
-            ops.scheduler = Scheduler(s.schedules(), ops.run_job, s.job_misfire_grace_seconds)
+            ops.scheduler = Scheduler(schedules(s), ops.run_job, s.job_misfire_grace_seconds)
             ops.scheduler.start()
         ops.catch_up.done()
         log.info("boot: caught up with the database")

@@ -25,9 +25,17 @@ from pydantic import ValidationError
 
 from llmsvc import __version__, logs
 from llmsvc.config import Settings, load_settings, worker_index
-from llmsvc.errors import ClientError, ConfigError, LlmsvcError, NotFound
+from llmsvc.errors import BackupError, ClientError, ConfigError, LlmsvcError, NotFound
 from llmsvc.maintenance import backup, consistency, retention
-from llmsvc.maintenance.jobs import INSTANCE_JOBS, JOB_NAMES, job_table, prune_job
+from llmsvc.maintenance.jobs import (
+    INSTANCE_JOBS,
+    JOB_NAMES,
+    backup_job,
+    job_table,
+    prune_job,
+    restore_job,
+    schedules,
+)
 from llmsvc.maintenance.runs import Job, JobResult, history, last_runs, record_run, run_job
 from llmsvc.maintenance.scheduler import next_run
 from llmsvc.store import keys
@@ -710,7 +718,7 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     runs = _with_store(settings, last_runs)
     now = datetime.now().astimezone()
     jobs = []
-    for name, schedule in settings.schedules().items():
+    for name, schedule in schedules(settings).items():
         last = runs.get(name, {}).get("last")
         last_ok = runs.get(name, {}).get("last_ok")
         jobs.append(
@@ -774,9 +782,7 @@ def cmd_prune(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def cmd_backup(settings: Settings, args: argparse.Namespace) -> int:
-    return _run_by_hand(
-        settings, args, "backup", lambda engine: lambda: backup.backup(engine, settings.backup_dir)
-    )
+    return _run_by_hand(settings, args, "backup", lambda engine: backup_job(settings, engine))
 
 
 def cmd_backups(settings: Settings, args: argparse.Namespace) -> int:
@@ -798,25 +804,13 @@ def cmd_restore(settings: Settings, args: argparse.Namespace) -> int:
     """A refusal (a daemon uses the database) is a usage error, not a run: nothing was tried."""
     try:
         backup.backup_path(settings.backup_dir, args.file)
-    except backup.BackupError as exc:
+    except BackupError as exc:
         raise UsageError(str(exc)) from None
 
     async def restore(engine: Any) -> JobResult | None:
         async with backup.exclusive(engine, settings.wal_dir, args.force) as replay:
-            return await run_job(
-                engine,
-                "restore",
-                lambda: backup.restore(
-                    engine,
-                    settings.backup_dir,
-                    settings.wal_dir,
-                    args.file,
-                    replay,
-                    settings.wal_policy(),
-                    settings.flush_policy(),
-                ),
-                None,
-            )
+            job = restore_job(settings, engine, args.file, replay)
+            return await run_job(engine, "restore", job, None)
 
     try:
         result = _with_store(settings, restore, "create")

@@ -270,16 +270,6 @@ class Settings(BaseSettings):
             cron_trigger(expression)
         return expression
 
-    def schedules(self) -> dict[str, str]:
-        """Each maintenance job's cron line by job name; empty when it runs only from the CLI."""
-        return {
-            "prune": self.prune_schedule,
-            "backup": self.backup_schedule,
-            "backup-cleanup": self.backup_cleanup_schedule,
-            "wal-housekeeping": self.wal_housekeeping_schedule,
-            "gap-scan": self.gap_scan_schedule,
-        }
-
     @model_validator(mode="after")
     def _default_provider(self) -> Settings:
         """With no provider configured, serve the model `mock` so a new user can try it."""

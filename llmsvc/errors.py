@@ -33,6 +33,10 @@ class StoreError(LlmsvcError):
     """The SQL store failed or is unreachable."""
 
 
+class BackupError(LlmsvcError):
+    """A backup or restore could not be made; the message says why."""
+
+
 class ProviderError(LlmsvcError):
     """An upstream provider call failed.
 

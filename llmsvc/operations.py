@@ -30,7 +30,7 @@ from llmsvc.gateway.router import Router
 from llmsvc.keytable import KeyTable
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
-from llmsvc.maintenance.backup import replay, restore_database
+from llmsvc.maintenance.backup import restore_database
 from llmsvc.maintenance.jobs import INSTANCE_JOBS
 from llmsvc.maintenance.runs import Job, JobResult, run_job
 from llmsvc.maintenance.scheduler import Scheduler
@@ -41,6 +41,7 @@ from llmsvc.status import CatchUp, iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error
 from llmsvc.store.flusher import Flusher
 from llmsvc.store.queries import set_provider_circuit
+from llmsvc.store.replay import replay
 from llmsvc.switches import Switches
 from llmsvc.wal.reader import Position
 from llmsvc.wal.repair import Repairs
@@ -277,7 +278,7 @@ class Operations:
         await self.engine.dispose()  # SQLite: no connection of ours may hold the file meanwhile
         described, kept = await restore_database(self.maintenance, self.settings.backup_dir, name)
         self.flusher = self.new_flusher()  # starts at the restored checkpoint
-        replayed = await replay(self.flusher, self.settings.wal_dir)
+        replayed = await replay(self.flusher, "restore")
         found = {"restored": name, "created": described.created, **replayed, **kept}
         return JobResult(rows=replayed["replayed"], found=found)
 

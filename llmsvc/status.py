@@ -23,6 +23,7 @@ from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.router import Router
 from llmsvc.logs import logger
 from llmsvc.maintenance.backup import newest_verified
+from llmsvc.maintenance.jobs import schedules
 from llmsvc.maintenance.scheduler import Scheduler
 from llmsvc.metrics import DaemonState, WalStatus
 from llmsvc.store.engine import describe_error
@@ -162,7 +163,7 @@ def describe(daemon: Running) -> dict[str, Any]:
                 "next_run": iso(scheduler.next_runs().get(name)) if scheduler is not None else None,
                 **daemon.job_runs.get(name, {"last_run": None, "last_status": None}),
             }
-            for name, schedule in daemon.settings.schedules().items()
+            for name, schedule in schedules(daemon.settings).items()
         },
         "last_backup": backup
         and {

@@ -56,10 +56,10 @@ from llmsvc.config import (
 )
 from llmsvc.errors import LlmsvcError
 from llmsvc.logs import logger
-from llmsvc.maintenance.backup import replay_wal
 from llmsvc.serving import shared_port_socket
 from llmsvc.status import why
 from llmsvc.store.engine import create_engine, migrate
+from llmsvc.store.replay import replay_wal
 from llmsvc.systemd import Notifier
 from llmsvc.wal.segment import INSTANCE_FILE, WalLock, lock_holder
 
@@ -187,7 +187,9 @@ class Supervisor:
                 if lock is not None:
                     lock.acquire()
                 try:
-                    replayed = await replay_wal(engine, wal_dir, s.wal_policy(), s.flush_policy())
+                    replayed = await replay_wal(
+                        engine, wal_dir, "supervisor", s.wal_policy(), s.flush_policy()
+                    )
                 finally:
                     if lock is not None:
                         lock.release()

@@ -21,13 +21,13 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.admin.openapi import document
 from llmsvc.config import Settings
-from llmsvc.errors import ClientError, MethodNotAllowed, NotFound, Unauthorized
+from llmsvc.errors import BackupError, ClientError, MethodNotAllowed, NotFound, Unauthorized
 from llmsvc.gateway.errors import reject, send_json
 from llmsvc.gateway.request import parse_body, read_body, request_id_header
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.logs import logger
 from llmsvc.maintenance import backup, retention
-from llmsvc.maintenance.jobs import prune_job
+from llmsvc.maintenance.jobs import backup_job, prune_job
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.store import keys
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
@@ -238,8 +238,8 @@ class AdminApi:
         return _result(await self.ops.run_by_hand("prune", job))
 
     async def backup(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
-        engine, target = self.ops.maintenance, self.ops.settings.backup_dir
-        return _result(await self.ops.run_by_hand("backup", lambda: backup.backup(engine, target)))
+        job = backup_job(self.ops.settings, self.ops.maintenance)
+        return _result(await self.ops.run_by_hand("backup", job))
 
     async def backups(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
         listed = backup.list_backups(self.ops.settings.backup_dir)
@@ -249,7 +249,7 @@ class AdminApi:
         body = await self._body(scope, receive, RestoreBody)
         try:
             backup.backup_path(self.ops.settings.backup_dir, body.file)  # no way out of backup_dir
-        except backup.BackupError as exc:
+        except BackupError as exc:
             raise ClientError(str(exc), param="file") from None
         return 200, await self.ops.restore(body.file)
 

@@ -5,11 +5,11 @@ verified with `pg_restore --list`; SQLite is copied with its online backup
 API and verified with `PRAGMA integrity_check`. Each backup is one file in
 `backup_dir`, mode 0600, named by its UTC time, with a `.json` beside it
 holding what `llmsvc backups` lists and what a restore needs: whether it was
-verified and the WAL checkpoints it contains. The password is handed to the
-PostgreSQL tools in their environment, never on their command line.
+verified and the WAL checkpoints it contains. The PostgreSQL tools are run
+by `pgtools`, which hands them the password in their environment.
 
 A restore brings the database back to the backup, whose checkpoints rewind
-with it; replaying this instance's WAL from there (the same flusher as at
+with it; replaying this instance's WAL from there (`store.replay`, as at
 boot) adds everything journaled since. WAL housekeeping keeps the segments
 after the newest verified backup's checkpoint for exactly that. The provider
 switches, keys and teams in force are kept (`kept`): operational state, not data.
@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import glob
 import itertools
 import os
-import shutil
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -38,25 +36,20 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc import private
 from llmsvc.config import FlushPolicy, WalPolicy
-from llmsvc.errors import LlmsvcError, WalLocked
+from llmsvc.errors import BackupError, WalLocked
 from llmsvc.logs import logger
-from llmsvc.maintenance import kept
+from llmsvc.maintenance import kept, pgtools
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.engine import DAEMON_APPLICATION
-from llmsvc.store.flusher import Flusher, load_checkpoint
+from llmsvc.store.replay import replay_wal
 from llmsvc.store.schema import metadata, wal_checkpoints
-from llmsvc.wal.segment import INSTANCE_FILE, WalLock, instance_id, list_segments
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal.segment import WalLock
 
 log = logger(__name__)
 
 PREFIX = "llmsvc-"
 SUFFIXES = {"postgresql": ".dump", "sqlite": ".sqlite3"}
 TIME_FORMAT = "%Y%m%dT%H%M%SZ"
-
-
-class BackupError(LlmsvcError):
-    """A backup or restore could not be made; the message says why."""
 
 
 @dataclass
@@ -114,8 +107,8 @@ async def backup(engine: AsyncEngine, backup_dir: Path) -> JobResult:
     error = ""
     try:
         if kind == "postgresql":
-            await _run_pg("pg_dump", engine, "--format=custom", f"--file={partial}")
-            listing = await _run_pg("pg_restore", None, "--list", str(partial))
+            await pgtools.run("pg_dump", engine, "--format=custom", f"--file={partial}")
+            listing = await pgtools.run("pg_restore", None, "--list", str(partial))
             if "TABLE DATA" not in listing or "llm_requests" not in listing:
                 error = "pg_restore --list does not show the llmsvc tables"
         else:
@@ -203,26 +196,7 @@ async def restore_database(
     return described, await kept.write_back(engine, in_force)
 
 
-# -- PostgreSQL tools -----------------------------------------------------------------
-
-
-def pg_tool(name: str) -> str:
-    """The newest installed server version's tool (it can dump older servers), else PATH's."""
-    versions = glob.glob(f"/usr/lib/postgresql/*/bin/{name}")
-    if versions:
-        return max(versions, key=lambda p: int(Path(p).parts[-3]))
-    found = shutil.which(name)
-    if found is None:
-        raise BackupError(f"{name} not found: install the PostgreSQL client tools")
-    return found
-
-
-async def _run_pg(tool: str, engine: AsyncEngine | None, *args: str) -> str:
-    """Run a PostgreSQL tool to its end; its output, or BackupError with its last message."""
-    proc = await _start_pg(tool, engine, *args)
-    out, err = await proc.communicate()
-    _check_exit(tool, proc, err)
-    return out.decode(errors="replace")
+# -- PostgreSQL -------------------------------------------------------------------------
 
 
 async def _restore_pg(engine: AsyncEngine, path: Path) -> None:
@@ -233,8 +207,8 @@ async def _restore_pg(engine: AsyncEngine, path: Path) -> None:
     transaction: a restore that fails leaves the database as it was.
     """
     tables = ", ".join([*metadata.tables, "alembic_version"])
-    source = await _start_pg("pg_restore", None, "--no-owner", "--file=-", str(path))
-    sink = await _start_pg(
+    source = await pgtools.start("pg_restore", None, "--no-owner", "--file=-", str(path))
+    sink = await pgtools.start(
         "psql",
         engine,
         "--single-transaction",
@@ -252,36 +226,8 @@ async def _restore_pg(engine: AsyncEngine, path: Path) -> None:
     sink.stdin.close()
     _, source_err = await source.communicate()
     _, sink_err = await sink.communicate()
-    _check_exit("pg_restore", source, source_err)
-    _check_exit("psql", sink, sink_err)
-
-
-async def _start_pg(
-    tool: str, engine: AsyncEngine | None, *args: str, stdin: int = asyncio.subprocess.DEVNULL
-) -> asyncio.subprocess.Process:
-    """Start a PostgreSQL tool, pointed at the store if given; the password only in its env."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-    argv = [pg_tool(tool), *args]
-    if engine is not None:
-        url = engine.url
-        if url.password:
-            env["PGPASSWORD"] = str(url.password)
-        argv += [f"--dbname={url.database}", f"--host={url.host or 'localhost'}"]
-        argv += [f"--port={url.port or 5432}", f"--username={url.username or 'postgres'}"]
-        argv.append("--no-password")
-    return await asyncio.create_subprocess_exec(
-        *argv,
-        env=env,
-        stdin=stdin,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-
-
-def _check_exit(tool: str, proc: asyncio.subprocess.Process, err: bytes) -> None:
-    if proc.returncode != 0:
-        lines = err.decode(errors="replace").strip().splitlines() or ["(no message)"]
-        raise BackupError(f"{tool} exited {proc.returncode}: {lines[-1]}")
+    pgtools.check_exit("pg_restore", source, source_err)
+    pgtools.check_exit("psql", sink, sink_err)
 
 
 # -- SQLite -----------------------------------------------------------------------------
@@ -374,7 +320,7 @@ async def restore(
     described, kept_found = await restore_database(engine, backup_dir, name)
     found: dict[str, Any] = {"restored": name, "created": described.created, "replayed": 0}
     if replay:
-        found.update(await replay_wal(engine, wal_dir, wal, flush))
+        found.update(await replay_wal(engine, wal_dir, "restore", wal, flush))
     else:
         log.warning("restore: a daemon holds the WAL; restart it to replay the WAL")
         found["replay"] = "left to the running daemon's restart"
@@ -390,55 +336,3 @@ async def _daemon_sessions(engine: AsyncEngine) -> int:
     )
     async with engine.connect() as conn:
         return int(await conn.scalar(query, {"name": DAEMON_APPLICATION}) or 0)
-
-
-async def replay_wal(
-    engine: AsyncEngine, wal_dir: Path, wal: WalPolicy, flush: FlushPolicy
-) -> dict[str, Any]:
-    """Replay this instance's WAL from the store's checkpoint, as a boot does.
-
-    Each flush waits for the database as long as it takes (no `timeout`): nothing is
-    served meanwhile, and a bound would only cut a slow batch off to read it again.
-    """
-    if not (wal_dir / INSTANCE_FILE).exists():
-        return {"replayed": 0, "checkpoint": 0}
-    instance = instance_id(wal_dir)
-    checkpoint = await load_checkpoint(engine, instance)
-    writer = WalWriter(wal_dir, instance, wal)
-    repairs = writer.open(asyncio.get_running_loop(), lambda exc: None, checkpoint)
-    flusher = Flusher(engine, wal_dir, instance, lambda: writer.end, replace(flush, timeout=None))
-    try:
-        result = await replay(flusher, wal_dir)
-    finally:
-        await flusher.close()
-        await writer.close()
-    if not repairs.clean:
-        result["wal_repairs"] = repairs.as_dict()
-    return result
-
-
-async def replay(flusher: Flusher, wal_dir: Path) -> dict[str, Any]:
-    """Start a new `flusher` at the restored checkpoint and drain the WAL into the store.
-
-    Returns what was replayed and, if the WAL no longer reaches back to the
-    checkpoint (an older backup restored), the LSNs that are gone.
-    """
-    segments = list_segments(wal_dir)
-    await flusher.start()
-    checkpoint = flusher.checkpoint
-    first = segments[0].first_lsn if segments else checkpoint + 1
-    await flusher.drain(within=float("inf"))
-    result: dict[str, Any] = {
-        "replayed": flusher.checkpoint - checkpoint,
-        "checkpoint": flusher.checkpoint,
-    }
-    if first > checkpoint + 1:
-        result["missing"] = [checkpoint + 1, first - 1]
-        log.error(
-            "wal records %d..%d are gone (removed before this backup was the newest): "
-            "the store holds the backup and what the WAL kept after them",
-            checkpoint + 1,
-            first - 1,
-        )
-    log.info("wal replayed", dir=wal_dir, records=result["replayed"], checkpoint=flusher.checkpoint)
-    return result

@@ -8,6 +8,7 @@ is reported with its id and the missing seq ranges, never hidden.
 `check_and_repair` first refills such holes from the WAL segments still on
 disk, so only what the WAL no longer holds is reported. Each run is stored in
 `maintenance_runs` (job `check` at boot and by hand, `gap-scan` on schedule).
+The SQL it runs is the store's (`store.consistency_queries`).
 """
 
 from __future__ import annotations
@@ -25,17 +26,21 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import WalError
 from llmsvc.logs import logger
 from llmsvc.maintenance.runs import JobResult
-from llmsvc.store.batch import TOKEN_ROWS, Token
+from llmsvc.store.batch import Token
+from llmsvc.store.consistency_queries import (
+    count_mismatches,
+    insert_tokens,
+    open_requests,
+    seq_holes,
+)
 from llmsvc.store.engine import schema_revision
-from llmsvc.store.flusher import TOKEN_WRITERS, load_checkpoint
+from llmsvc.store.flusher import load_checkpoint
 from llmsvc.store.queries import dead_letters
-from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 from llmsvc.wal.codec import RecordType, decode_token
 from llmsvc.wal.errors import Corruption
 from llmsvc.wal.reader import scan_segment, verify_log
@@ -101,24 +106,11 @@ class Report:
 
 async def find_gaps(engine: AsyncEngine) -> list[Gap]:
     """Holes in each attempt's seqs, found by comparing every seq with the one before (LAG)."""
-    seq = llm_token_log.c.seq
-    ordered = sa.select(
-        llm_token_log.c.attempt_id,
-        seq,
-        sa.func.lag(seq).over(partition_by=llm_token_log.c.attempt_id, order_by=seq).label("prev"),
-    ).subquery()
-    holes = sa.select(ordered.c.attempt_id, ordered.c.prev, ordered.c.seq).where(
-        sa.or_(
-            sa.and_(ordered.c.prev.is_(None), ordered.c.seq > 0),
-            ordered.c.seq - ordered.c.prev > 1,
-        )
-    )
     gaps: dict[str, Gap] = {}
-    async with engine.connect() as conn:
-        for attempt_id, prev, after in await conn.execute(holes):
-            start = 0 if prev is None else prev + 1
-            gap = gaps.setdefault(str(attempt_id), Gap(str(attempt_id), []))
-            gap.missing.append((start, after - 1))
+    for attempt_id, prev, after in await seq_holes(engine):
+        start = 0 if prev is None else prev + 1
+        gap = gaps.setdefault(str(attempt_id), Gap(str(attempt_id), []))
+        gap.missing.append((start, after - 1))
     return list(gaps.values())
 
 
@@ -128,22 +120,11 @@ async def find_count_mismatches(engine: AsyncEngine) -> list[CountMismatch]:
     Seqs missing after the last stored one are no hole to LAG; the recorded
     count is what tells them, so they are named here as `missing_tail`.
     """
-    stored = sa.func.count(llm_token_log.c.seq)
-    query = (
-        sa.select(
-            llm_attempts.c.id, llm_attempts.c.token_count, stored, sa.func.max(llm_token_log.c.seq)
-        )
-        .outerjoin(llm_token_log, llm_token_log.c.attempt_id == llm_attempts.c.id)
-        .where(llm_attempts.c.token_count.is_not(None))
-        .group_by(llm_attempts.c.id, llm_attempts.c.token_count)
-        .having(stored != llm_attempts.c.token_count)
-    )
     mismatches = []
-    async with engine.connect() as conn:
-        for aid, recorded, n, last in await conn.execute(query):
-            tail = (0 if last is None else int(last) + 1, int(recorded) - 1)
-            missing_tail = tail if tail[0] <= tail[1] else None
-            mismatches.append(CountMismatch(str(aid), int(recorded), int(n), missing_tail))
+    for aid, recorded, n, last in await count_mismatches(engine):
+        tail = (0 if last is None else int(last) + 1, int(recorded) - 1)
+        missing_tail = tail if tail[0] <= tail[1] else None
+        mismatches.append(CountMismatch(str(aid), int(recorded), int(n), missing_tail))
     return mismatches
 
 
@@ -210,13 +191,7 @@ async def run_check(engine: AsyncEngine, wal_dir: Path | None) -> Report:
                 f"{wal.backlog} journaled records are not in the database: "
                 "start the daemon to replay them"
             )
-    async with engine.connect() as conn:
-        report.open_requests = int(
-            await conn.scalar(
-                sa.select(sa.func.count()).where(llm_requests.c.status == "streaming")
-            )
-            or 0
-        )
+    report.open_requests = await open_requests(engine)
     report.gaps = await find_gaps(engine)
     report.mismatches = await find_count_mismatches(engine)
     for gap in report.gaps:
@@ -275,7 +250,7 @@ async def check_and_repair(
     if missing and wal_dir is not None:
         tokens = await asyncio.to_thread(read_missing_tokens, wal_dir, missing)
     if tokens:
-        inserted = await refill(engine, tokens)
+        inserted = await insert_tokens(engine, tokens)
         seqs: dict[str, list[int]] = {}
         for aid, seq, _text, _us in tokens:
             seqs.setdefault(str(uuid.UUID(bytes=aid)), []).append(seq)
@@ -331,27 +306,6 @@ def read_missing_tokens(wal_dir: Path, missing: dict[str, Ranges]) -> list[Token
         except (OSError, Corruption) as exc:
             log.warning("refill: WAL segment skipped", segment=segment.path.name, error=exc)
     return [found[key] for key in sorted(found)]
-
-
-async def refill(engine: AsyncEngine, tokens: list[Token]) -> dict[str, int]:
-    """Insert journaled tokens in one transaction, as the flusher would; rows added per attempt.
-
-    The insert ignores rows that exist, so a refill is idempotent and safe
-    beside a running flusher.
-    """
-    dialect = engine.dialect.name
-    ids = sorted({uuid.UUID(bytes=token[0]) for token in tokens})
-    count = (
-        sa.select(llm_token_log.c.attempt_id, sa.func.count())
-        .where(llm_token_log.c.attempt_id.in_(ids))
-        .group_by(llm_token_log.c.attempt_id)
-    )
-    async with engine.begin() as conn:
-        # Counting first also opens the driver-level transaction the raw insert joins.
-        before = {aid: int(n) for aid, n in await conn.execute(count)}
-        await TOKEN_WRITERS[dialect](conn, TOKEN_ROWS[dialect](tokens))
-        after = {aid: int(n) for aid, n in await conn.execute(count)}
-    return {str(aid): after.get(aid, 0) - before.get(aid, 0) for aid in ids}
 
 
 def _as_ranges(seqs: list[int]) -> list[list[int]]:

@@ -17,9 +17,10 @@ from policies import flush_policy, wal_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_steps import flush, journal_attempt
 
+from llmsvc.errors import BackupError
 from llmsvc.maintenance import backup as backups
+from llmsvc.maintenance import pgtools
 from llmsvc.maintenance.backup import (
-    BackupError,
     RestoreRefused,
     backup,
     backup_path,
@@ -30,6 +31,7 @@ from llmsvc.maintenance.runs import history, run_job
 from llmsvc.store import keys
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine
 from llmsvc.store.queries import provider_states, set_provider_enabled
+from llmsvc.store.replay import replay_wal
 from llmsvc.store.schema import api_keys, llm_requests, llm_token_log
 from llmsvc.wal.segment import WalLock
 
@@ -92,7 +94,7 @@ async def test_restore_brings_back_the_backup_and_replays_the_wal_journaled_sinc
     assert await token_rows(engine) == everything  # both phases, each token once
     assert result["replayed"] == writer.end.lsn - 1 - made.found["checkpoints"][str(wal_id)]
     assert "missing" not in result
-    again = await backups.replay_wal(engine, wal_dir, wal_policy(), flush_policy())
+    again = await replay_wal(engine, wal_dir, "restore", wal_policy(), flush_policy())
     assert again["replayed"] == 0
     assert await token_rows(engine) == everything
 
@@ -209,7 +211,7 @@ async def test_the_password_reaches_pg_dump_in_its_environment_never_its_argumen
 ) -> None:
     secret = f"pw-{uuid.uuid4().hex}"
     seen = tmp_path / "seen"
-    real_tool = backups.pg_tool
+    real_tool = pgtools.pg_tool
     wrapper = tmp_path / "wrapper.py"
     wrapper.write_text(
         "import json, os, sys\n"
@@ -224,7 +226,7 @@ async def test_the_password_reaches_pg_dump_in_its_environment_never_its_argumen
         script.chmod(0o700)
         return str(script)
 
-    monkeypatch.setattr(backups, "pg_tool", logged)
+    monkeypatch.setattr(pgtools, "pg_tool", logged)
     user, at, rest = database_url.partition("://")[2].partition("@")
     with_password = f"postgresql+asyncpg://{user.split(':')[0]}:{secret}@{rest}"
     as_user = create_engine(with_password)  # the test cluster trusts local logins
@@ -248,7 +250,7 @@ async def test_a_failed_backup_is_a_failed_run_with_the_tools_message(
     failing = tmp_path / "pg_dump"
     failing.write_text('#!/bin/sh\necho "pg_dump: error: connection refused" >&2\nexit 1\n')
     failing.chmod(0o700)
-    monkeypatch.setattr(backups, "pg_tool", lambda name: str(failing))
+    monkeypatch.setattr(pgtools, "pg_tool", lambda name: str(failing))
 
     result = await run_job(engine, "backup", lambda: backup(engine, tmp_path / "b"), None)
 
