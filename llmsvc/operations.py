@@ -42,9 +42,7 @@ from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_erro
 from llmsvc.store.flusher import Flusher
 from llmsvc.store.queries import set_provider_circuit
 from llmsvc.switches import Switches
-from llmsvc.wal.reader import Position
-from llmsvc.wal.repair import Repairs
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import Position, Repairs, WalWriter
 
 log = logger(__name__)
 

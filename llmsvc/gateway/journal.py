@@ -16,15 +16,15 @@ from typing import Any
 import orjson
 
 from llmsvc.errors import BodyTooLarge, ClientError
-from llmsvc.wal.codec import (
-    FRAME,
+from llmsvc.wal import (
     MAX_PAYLOAD,
     RecordType,
+    WalWriter,
     encode_json,
     encode_token,
     encode_tool_delta,
+    fits,
 )
-from llmsvc.wal.writer import WalWriter
 
 
 def now_us() -> int:
@@ -70,7 +70,7 @@ class Journal:
             record = encode_json(RecordType.REQUEST_START, body)
         except orjson.JSONEncodeError as exc:
             raise ClientError(f"the request cannot be journaled: {exc}") from None
-        if len(record) > FRAME.size + MAX_PAYLOAD:  # it would read back as damage
+        if not fits(record):
             raise BodyTooLarge(
                 f"the request is {len(record)} bytes as a WAL record; the WAL takes {MAX_PAYLOAD}"
             )

@@ -44,8 +44,7 @@ from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.engine import DAEMON_APPLICATION
 from llmsvc.store.flusher import Flusher, load_checkpoint
 from llmsvc.store.schema import metadata, wal_checkpoints
-from llmsvc.wal.segment import INSTANCE_FILE, WalLock, instance_id, list_segments
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import WalLock, WalWriter, instance_id, list_segments, read_instance_id
 
 log = logger(__name__)
 
@@ -387,7 +386,7 @@ async def _daemon_sessions(engine: AsyncEngine) -> int:
 
 async def replay_wal(engine: AsyncEngine, wal_dir: Path) -> dict[str, Any]:
     """Replay this instance's WAL from the store's checkpoint, as a boot does."""
-    if not (wal_dir / INSTANCE_FILE).exists():
+    if read_instance_id(wal_dir) is None:
         return {"replayed": 0, "checkpoint": 0}
     instance = instance_id(wal_dir)
     checkpoint = await load_checkpoint(engine, instance)

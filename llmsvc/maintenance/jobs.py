@@ -12,7 +12,7 @@ from llmsvc.config import Settings
 from llmsvc.maintenance import backup, consistency, retention
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.maintenance.wal_housekeeping import housekeep
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import WalWriter
 
 JOB_NAMES = ("prune", "backup", "backup-cleanup", "wal-housekeeping", "gap-scan")
 INSTANCE_JOBS = frozenset({"wal-housekeeping"})  # work on one instance's own WAL: each runs them

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from llmsvc.wal.codec import RecordType, decode_json, decode_token
+from llmsvc.wal import RecordType, decode_json, decode_token
 
 Token = tuple[bytes, int, str, int]  # attempt id, seq, text, timestamp µs
 Row = tuple[Any, ...]

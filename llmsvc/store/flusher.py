@@ -37,8 +37,7 @@ from llmsvc.store.schema import (
     llm_tool_calls,
     wal_checkpoints,
 )
-from llmsvc.wal.reader import Position, WalReader
-from llmsvc.wal.segment import HEADER_SIZE, list_segments
+from llmsvc.wal import HEADER_SIZE, Position, WalReader, list_segments
 
 log = logger(__name__)
 

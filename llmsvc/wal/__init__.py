@@ -39,3 +39,52 @@ an older segment, another instance's or an unreadable file) goes to
 `quarantine/`; LSNs missing above the database checkpoint are reported as
 lost and skipped. Nothing is deleted and nothing invalid is replayed.
 """
+
+from llmsvc.wal.codec import (
+    MAX_PAYLOAD,
+    RecordType,
+    decode_json,
+    decode_token,
+    encode_json,
+    encode_token,
+    encode_tool_delta,
+    fits,
+)
+from llmsvc.wal.reader import Position, WalReader, scan_log, verify_log
+from llmsvc.wal.repair import QUARANTINE_DIR, Repairs, quarantined
+from llmsvc.wal.segment import (
+    HEADER_SIZE,
+    Segment,
+    WalLock,
+    instance_id,
+    list_segments,
+    lock_holder,
+    read_instance_id,
+)
+from llmsvc.wal.writer import WalWriter
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_PAYLOAD",
+    "QUARANTINE_DIR",
+    "Position",
+    "RecordType",
+    "Repairs",
+    "Segment",
+    "WalLock",
+    "WalReader",
+    "WalWriter",
+    "decode_json",
+    "decode_token",
+    "encode_json",
+    "encode_token",
+    "encode_tool_delta",
+    "fits",
+    "instance_id",
+    "list_segments",
+    "lock_holder",
+    "quarantined",
+    "read_instance_id",
+    "scan_log",
+    "verify_log",
+]

@@ -54,6 +54,11 @@ def encode_tool_delta(attempt_id: bytes, seq: int, ts_us: int, delta: dict[str, 
     )
 
 
+def fits(frame: bytes) -> bool:
+    """Whether `frame` reads back as a record: a payload over MAX_PAYLOAD reads as damage."""
+    return len(frame) - FRAME.size <= MAX_PAYLOAD
+
+
 def decode_token(payload: bytes) -> tuple[bytes, int, str, int]:
     """(attempt id, seq, text, timestamp µs): the order of the token log's columns."""
     attempt_id, seq, ts_us = TOKEN_HEAD.unpack_from(payload)

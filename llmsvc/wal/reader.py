@@ -25,6 +25,7 @@ from llmsvc.wal.segment import (
     Segment,
     check_header,
     list_segments,
+    read_instance_id,
 )
 
 # Decoding a chunk makes two objects a record (~40 MiB for 8 MiB of tokens), and CPython
@@ -81,6 +82,22 @@ def scan_segment(
                 return Scan(segment, records, end, size, decoded.stop)
             offset += decoded.end
             carry = buf[decoded.end :]
+
+
+def scan_log(wal_dir: Path, on_records: Callable[[list[tuple[int, bytes]]], None]) -> None:
+    """Hand every valid record of every segment still on disk to `on_records` (refill).
+
+    Blocking reads. A segment that cannot be read is skipped with a warning,
+    so what it held stays missing rather than guessed at.
+    """
+    instance = read_instance_id(wal_dir)
+    if instance is None:
+        return
+    for segment in list_segments(wal_dir):
+        try:
+            scan_segment(segment, instance, on_records=on_records)
+        except (OSError, Corruption) as exc:
+            log.warning("refill: WAL segment skipped", segment=segment.path.name, error=exc)
 
 
 class WalReader:
@@ -207,11 +224,10 @@ def verify_log(wal_dir: Path) -> list[SegmentCheck]:
     Reads only; a torn tail of the newest segment is reported as such (the
     next boot cuts it off), damage anywhere else is corruption.
     """
-    id_file = wal_dir / INSTANCE_FILE
     segments = list_segments(wal_dir)
     if not segments:
         return []
-    instance_id = uuid.UUID(id_file.read_text().strip()) if id_file.exists() else None
+    instance_id = read_instance_id(wal_dir)
     checks: list[SegmentCheck] = []
     expected: int | None = segments[0].first_lsn  # None after a segment not read to its end
     for i, segment in enumerate(segments):
