@@ -35,6 +35,7 @@ from llmsvc.store.queries import dead_letters
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 from llmsvc.wal import (
     QUARANTINE_DIR,
+    Damage,
     RecordType,
     Repairs,
     decode_token,
@@ -172,7 +173,8 @@ def wal_state(wal_dir: Path) -> tuple[WalState, uuid.UUID | None]:
     state.last_lsn = checks[-1].first_lsn + checks[-1].records - 1
     for check in checks:
         writing = state.daemon_running and check is checks[-1]
-        if check.problem and not (writing and check.problem.startswith("torn tail")):
+        expected_tail = check.damage is Damage.TORN_TAIL and check.missing is None
+        if check.problem and not (writing and expected_tail):
             state.damage.append(f"WAL segment {check.name}: {check.problem}")
     return state, instance
 

@@ -50,6 +50,7 @@ from llmsvc.wal.codec import (
     encode_tool_delta,
     fits,
 )
+from llmsvc.wal.errors import Damage
 from llmsvc.wal.reader import Position, WalReader, scan_log, verify_log
 from llmsvc.wal.repair import QUARANTINE_DIR, Repairs, quarantined
 from llmsvc.wal.segment import (
@@ -67,6 +68,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_PAYLOAD",
     "QUARANTINE_DIR",
+    "Damage",
     "Position",
     "RecordType",
     "Repairs",

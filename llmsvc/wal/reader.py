@@ -18,7 +18,7 @@ import aiofiles
 
 from llmsvc.logs import logger
 from llmsvc.wal.codec import FRAME, Stop, decode
-from llmsvc.wal.errors import Corruption
+from llmsvc.wal.errors import Corruption, Damage
 from llmsvc.wal.segment import (
     HEADER_SIZE,
     INSTANCE_FILE,
@@ -216,13 +216,16 @@ class SegmentCheck:
     records: int
     bytes: int
     problem: str  # empty when the segment is whole and in sequence
+    missing: tuple[int, int] | None = None  # LSNs missing before it (a segment is gone)
+    damage: Damage | None = None  # what is wrong inside it, if it could be checked
 
 
 def verify_log(wal_dir: Path) -> list[SegmentCheck]:
     """Check every segment's header and frames, and that LSNs run on between segments.
 
     Reads only; a torn tail of the newest segment is reported as such (the
-    next boot cuts it off), damage anywhere else is corruption.
+    next boot cuts it off), damage anywhere else is corruption. Damage kinds
+    are repair's, as the segment stands now (repair alone can tell an overlap).
     """
     segments = list_segments(wal_dir)
     if not segments:
@@ -233,9 +236,10 @@ def verify_log(wal_dir: Path) -> list[SegmentCheck]:
     for i, segment in enumerate(segments):
         size = segment.path.stat().st_size
         problems = []
+        missing, damage = None, None
         if expected is not None and segment.first_lsn != expected:
-            missing = f"{expected}..{segment.first_lsn - 1}"
-            problems.append(f"records {missing} are missing (a segment is gone)")
+            missing = (expected, segment.first_lsn - 1)
+            problems.append(f"records {expected}..{missing[1]} are missing (a segment is gone)")
         records = 0
         if instance_id is None:
             problems.append(f"no {INSTANCE_FILE} file: cannot check segment headers")
@@ -245,13 +249,20 @@ def verify_log(wal_dir: Path) -> list[SegmentCheck]:
                 records = scan.records
                 if scan.stop is not Stop.END:
                     newest = i == len(segments) - 1
+                    damage = Damage.TORN_TAIL if newest else Damage.CORRUPT
                     kind = "torn tail (cut off at next boot)" if newest else "corruption"
                     problems.append(f"{kind} at byte {scan.end}: {scan.stop.name.lower()}")
             except Corruption as exc:
+                damage = Damage.BAD_HEADER
                 problems.append(exc.reason)
             except OSError as exc:
+                damage = Damage.UNREADABLE
                 problems.append(f"unreadable: {exc.strerror or exc}")
         problem = "; ".join(problems)
-        checks.append(SegmentCheck(segment.path.name, segment.first_lsn, records, size, problem))
+        checks.append(
+            SegmentCheck(
+                segment.path.name, segment.first_lsn, records, size, problem, missing, damage
+            )
+        )
         expected = None if problem else segment.first_lsn + records
     return checks
