@@ -8,6 +8,7 @@ binary payload; the rarer lifecycle records carry JSON.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -37,7 +38,7 @@ def encode(rtype: RecordType, payload: bytes) -> bytes:
     return FRAME.pack(len(payload), crc32c(payload, _SEED[rtype]), rtype) + payload
 
 
-def encode_json(rtype: RecordType, body: dict[str, Any]) -> bytes:
+def encode_json(rtype: RecordType, body: Mapping[str, Any]) -> bytes:
     return encode(rtype, orjson.dumps(body))
 
 
