@@ -56,9 +56,14 @@ from llmsvc.store.queries import (
     request_detail,
 )
 from llmsvc.tokens import DELTAS, ESTIMATE, TOKENIZER
-from llmsvc.wal.codec import RecordType, decode_json, decode_token
-from llmsvc.wal.reader import WalReader, verify_log
-from llmsvc.wal.segment import INSTANCE_FILE
+from llmsvc.wal import (
+    RecordType,
+    WalReader,
+    decode_json,
+    decode_token,
+    read_instance_id,
+    verify_log,
+)
 
 EXIT_FAILURE, EXIT_USAGE = 1, 2
 SINCE_HELP = "only requests since then: a duration back (30m, 24h, 7d, 2w) or an ISO date/time"
@@ -862,8 +867,7 @@ def _print_run(args: argparse.Namespace, name: str, result: JobResult | None) ->
 
 def _local_instance(settings: Settings) -> uuid.UUID | None:
     """This host's WAL instance id, if it has a WAL (read, never created)."""
-    id_file = settings.wal_dir / INSTANCE_FILE
-    return uuid.UUID(id_file.read_text().strip()) if id_file.exists() else None
+    return read_instance_id(settings.wal_dir)
 
 
 def _print_table(table: Sequence[tuple[str, ...]]) -> None:
@@ -890,12 +894,12 @@ def cmd_wal_verify(settings: Settings, args: argparse.Namespace) -> int:
 def cmd_wal_dump(settings: Settings, args: argparse.Namespace) -> int:
     if args.start < 1 or args.limit < 1:
         raise UsageError("--from and --limit must be at least 1")
-    id_file = settings.wal_dir / INSTANCE_FILE
-    if not id_file.exists():
+    instance = read_instance_id(settings.wal_dir)
+    if instance is None:
         raise LlmsvcError(f"no WAL in {settings.wal_dir}")
 
     async def read() -> list[tuple[int, bytes]]:
-        reader = WalReader(settings.wal_dir, uuid.UUID(id_file.read_text().strip()))
+        reader = WalReader(settings.wal_dir, instance)
         try:
             await reader.seek(args.start)
             return await reader.read(None, args.limit)

@@ -50,8 +50,7 @@ from llmsvc.operations import Operations
 from llmsvc.serving import HttpServer, start_metrics, tune_gc
 from llmsvc.status import CatchUp
 from llmsvc.systemd import Notifier
-from llmsvc.wal.segment import WalLock, instance_id
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import WalLock, WalWriter, instance_id
 
 log = logger(__name__)
 

@@ -28,7 +28,7 @@ import orjson
 
 from llmsvc import private
 from llmsvc.logs import logger
-from llmsvc.wal.segment import list_segments
+from llmsvc.wal import list_segments
 
 log = logger(__name__)
 

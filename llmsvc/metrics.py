@@ -40,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from llmsvc import __version__
 from llmsvc.logs import logger
+from llmsvc.wal import Damage
 
 log = logger(__name__)
 
@@ -55,7 +56,6 @@ HTTP_REFUSAL_REASONS = (
     "body_timeout",
 )
 LOOP_PROBE_SECONDS = 0.1
-WAL_DAMAGE_KINDS = ("torn_tail", "corrupt", "bad_header", "unreadable", "overlap")
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,7 +230,7 @@ class Metrics:
             ["kind"],
             registry=self.registry,
         )
-        for kind in WAL_DAMAGE_KINDS:
+        for kind in Damage:
             self.wal_damage.labels(kind=kind)
         self.wal_lost_records = Counter(
             "llmsvc_wal_lost_records",

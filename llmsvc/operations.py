@@ -43,9 +43,7 @@ from llmsvc.store.flusher import Flusher
 from llmsvc.store.queries import set_provider_circuit
 from llmsvc.store.replay import replay
 from llmsvc.switches import Switches
-from llmsvc.wal.reader import Position
-from llmsvc.wal.repair import Repairs
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import Position, Repairs, WalWriter
 
 log = logger(__name__)
 

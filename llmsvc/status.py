@@ -28,8 +28,7 @@ from llmsvc.maintenance.scheduler import Scheduler
 from llmsvc.metrics import DaemonState, WalStatus
 from llmsvc.store.engine import describe_error
 from llmsvc.store.flusher import Flusher
-from llmsvc.wal.segment import list_segments
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import WalWriter, list_segments
 
 log = logger(__name__)
 

@@ -61,7 +61,7 @@ from llmsvc.status import why
 from llmsvc.store.engine import create_engine, migrate
 from llmsvc.store.replay import replay_wal
 from llmsvc.systemd import Notifier
-from llmsvc.wal.segment import INSTANCE_FILE, WalLock, lock_holder
+from llmsvc.wal import WalLock, lock_holder, read_instance_id
 
 log = logger(__name__)
 
@@ -236,10 +236,10 @@ class Supervisor:
     def _unowned_wal_dirs(self) -> list[Path]:
         """wal_dir's own WAL (from workers = 1) and those of workers beyond `workers`."""
         wal_dir, workers = self.settings.wal_dir, self.settings.workers
-        found = [wal_dir] if (wal_dir / INSTANCE_FILE).exists() else []
+        found = [wal_dir] if read_instance_id(wal_dir) is not None else []
         for path in sorted(wal_dir.glob("worker-*")):
             index = path.name.removeprefix("worker-")
-            if index.isdigit() and int(index) >= workers and (path / INSTANCE_FILE).exists():
+            if index.isdigit() and int(index) >= workers and read_instance_id(path) is not None:
                 found.append(path)
         return found
 

@@ -15,6 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 from llmsvc.callers import Caller
 from llmsvc.errors import ClientError
 from llmsvc.gateway.request import METADATA_KEYS, ChatRequest, Metadata
+from llmsvc.wal import Deployment, Sender
 
 METADATA_HEADER = b"x-llmsvc-metadata"
 SESSION_HEADER = b"x-llmsvc-session-id"
@@ -86,10 +87,10 @@ def _header_text(raw: bytes, name: bytes) -> str:
         raise ClientError(f"the {name.decode()} header is not UTF-8") from None
 
 
-def record_fields(caller: Caller | None, who: Attribution) -> dict[str, Any]:
+def record_fields(caller: Caller | None, who: Attribution) -> Sender:
     """The request start record's attribution, only the fields present: a start record
     of a request with none stays as small as before."""
-    fields: dict[str, Any] = {}
+    fields: Sender = {}
     if caller is not None:
         fields["key_id"] = str(caller.key_id)
         if caller.team_id is not None:
@@ -103,7 +104,11 @@ def record_fields(caller: Caller | None, who: Attribution) -> dict[str, Any]:
     return fields
 
 
-def deployment_fields(environment: str, version: str) -> dict[str, str]:
+def deployment_fields(environment: str, version: str) -> Deployment:
     """The deployment's part of every start record (`deployment_*` settings); empty: left out."""
-    fields = {"environment": environment, "version": version}
-    return {name: value for name, value in fields.items() if value}
+    fields: Deployment = {}
+    if environment:
+        fields["environment"] = environment
+    if version:
+        fields["version"] = version
+    return fields

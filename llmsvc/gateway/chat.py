@@ -38,6 +38,7 @@ from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, comple
 from llmsvc.logs import logger
 from llmsvc.providers.base import Reply, ToolCallDeltas
 from llmsvc.tokens import PROVIDER, count_completion, count_prompt
+from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
 
 log = logger(__name__)
 
@@ -158,7 +159,7 @@ class Exchange:
         self.prompt_source: str | None = None  # provider, tokenizer or deltas (llmsvc.tokens)
         self.completion_source: str | None = None
         self.error_code: str | None = None
-        self.status = "streaming"
+        self.status: Status = "streaming"
         self.began = time.monotonic()
         self.began_us = now_us()  # the clock first_token_us is on
         self.headers = [
@@ -343,7 +344,7 @@ class Exchange:
         if gone:  # the write found the client gone: the reply was journaled, not received
             await self._correct_end("interrupted", reply, "client disconnected")
 
-    async def _correct_end(self, status: str, reply: Reply, error: str) -> None:
+    async def _correct_end(self, status: Status, reply: Reply, error: str) -> None:
         """Journal the attempt's and the request's ends again with another status, usage kept.
 
         The ends go into the same WAL batch as the reply (one disk write on the
@@ -399,7 +400,7 @@ class Exchange:
 
     def _end_records(
         self,
-        status: str,
+        status: Status,
         reply: Reply | None = None,
         *,
         error: str | None = None,
@@ -417,19 +418,19 @@ class Exchange:
 
     def _end_fields(
         self,
-        status: str,
+        status: Status,
         reply: Reply | None,
         error: str | None,
         error_code: str | None,
         http_status: int | None,
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
+    ) -> tuple[AttemptEndFields, RequestEndFields]:
         self.error_code = error_code
         prompt, completion = self._count(reply)
         self.cost = self.router.cost(
             self.target.provider.name, self.target.model, prompt, completion
         )
         attempt = self._attempt_fields(status, reply, error, error_code, http_status)
-        request = {
+        request: RequestEndFields = {
             "status": status,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
@@ -472,12 +473,12 @@ class Exchange:
 
     def _attempt_fields(
         self,
-        status: str,
+        status: Status,
         reply: Reply | None,
         error: str | None,
         error_code: str | None,
         http_status: int | None,
-    ) -> dict[str, Any]:
+    ) -> AttemptEndFields:
         return {
             "status": status,
             "http_status": reply.http_status if reply else http_status,
@@ -491,7 +492,7 @@ class Exchange:
 
     async def _end(
         self,
-        status: str,
+        status: Status,
         *,
         error: str,
         error_code: str | None = None,
@@ -508,7 +509,7 @@ class Exchange:
         except WalFatal:
             pass  # the daemon is exiting; the next boot marks this request interrupted
 
-    async def _hold_end(self, status: str, *, error: str, error_code: str | None) -> None:
+    async def _hold_end(self, status: Status, *, error: str, error_code: str | None) -> None:
         """The WAL refused a record: end the request in memory, written when space returns.
 
         What reached the log decides what the end says: nothing at all if the

@@ -11,20 +11,28 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
+from typing import Any, Unpack
 
 import orjson
 
 from llmsvc.errors import BodyTooLarge, ClientError
-from llmsvc.wal.codec import (
-    FRAME,
+from llmsvc.wal import (
     MAX_PAYLOAD,
+    AttemptEnd,
+    AttemptEndFields,
+    AttemptStart,
+    Deployment,
     RecordType,
+    RequestEnd,
+    RequestEndFields,
+    RequestStart,
+    Sender,
+    WalWriter,
     encode_json,
     encode_token,
     encode_tool_delta,
+    fits,
 )
-from llmsvc.wal.writer import WalWriter
 
 
 def now_us() -> int:
@@ -34,7 +42,7 @@ def now_us() -> int:
 class Journal:
     """`deployment`: fields every request start record carries (environment, version)."""
 
-    def __init__(self, writer: WalWriter, deployment: dict[str, str] | None = None) -> None:
+    def __init__(self, writer: WalWriter, deployment: Deployment | None = None) -> None:
         self.writer = writer
         self.deployment = deployment or {}
 
@@ -46,7 +54,7 @@ class Journal:
         stream: bool,
         messages: list[Any],
         params: dict[str, Any],
-        attribution: dict[str, Any] | None = None,
+        attribution: Sender | None = None,
     ) -> asyncio.Future[int]:
         """Queue the start, with who sent it (gateway/attribution.py's `record_fields`); its
         future says whether it reached the log, if anyone asks.
@@ -55,7 +63,7 @@ class Journal:
         and max_body_bytes its size, so this is the backstop): refused before anything of
         the request is journaled.
         """
-        body = {
+        body: RequestStart = {
             "id": str(request_id),
             "correlation_id": correlation_id,
             "model": model,
@@ -70,7 +78,7 @@ class Journal:
             record = encode_json(RecordType.REQUEST_START, body)
         except orjson.JSONEncodeError as exc:
             raise ClientError(f"the request cannot be journaled: {exc}") from None
-        if len(record) > FRAME.size + MAX_PAYLOAD:  # it would read back as damage
+        if not fits(record):
             raise BodyTooLarge(
                 f"the request is {len(record)} bytes as a WAL record; the WAL takes {MAX_PAYLOAD}"
             )
@@ -84,7 +92,7 @@ class Journal:
         provider: str,
         model: str,
     ) -> None:
-        body = {
+        body: AttemptStart = {
             "id": str(attempt_id),
             "request_id": str(request_id),
             "attempt_no": attempt_no,
@@ -109,25 +117,33 @@ class Journal:
             *[encode_tool_delta(attempt_id, first_seq + i, ts, d) for i, d in enumerate(deltas)]
         )
 
-    def attempt_end(self, attempt_id: uuid.UUID, **fields: Any) -> asyncio.Future[int]:
-        return self.writer.append(_end(RecordType.ATTEMPT_END, attempt_id, fields))
+    def attempt_end(
+        self, attempt_id: uuid.UUID, **fields: Unpack[AttemptEndFields]
+    ) -> asyncio.Future[int]:
+        return self.writer.append(_attempt_end(attempt_id, fields))
 
-    def request_end(self, request_id: uuid.UUID, **fields: Any) -> asyncio.Future[int]:
-        return self.writer.append(_end(RecordType.REQUEST_END, request_id, fields))
+    def request_end(
+        self, request_id: uuid.UUID, **fields: Unpack[RequestEndFields]
+    ) -> asyncio.Future[int]:
+        return self.writer.append(_request_end(request_id, fields))
 
     def hold_ends(
         self,
         attempt_id: uuid.UUID | None,
-        attempt_fields: dict[str, Any],
+        attempt_fields: AttemptEndFields,
         request_id: uuid.UUID,
-        request_fields: dict[str, Any],
+        request_fields: RequestEndFields,
     ) -> None:
         """An attempt's (if still open) and its request's end, kept while the disk is full."""
-        attempt = (
-            [] if attempt_id is None else [_end(RecordType.ATTEMPT_END, attempt_id, attempt_fields)]
-        )
-        self.writer.hold(*attempt, _end(RecordType.REQUEST_END, request_id, request_fields))
+        attempt = [] if attempt_id is None else [_attempt_end(attempt_id, attempt_fields)]
+        self.writer.hold(*attempt, _request_end(request_id, request_fields))
 
 
-def _end(rtype: RecordType, record_id: uuid.UUID, fields: dict[str, Any]) -> bytes:
-    return encode_json(rtype, {"id": str(record_id), "ts": now_us(), **fields})
+def _attempt_end(attempt_id: uuid.UUID, fields: AttemptEndFields) -> bytes:
+    body: AttemptEnd = {"id": str(attempt_id), "ts": now_us(), **fields}
+    return encode_json(RecordType.ATTEMPT_END, body)
+
+
+def _request_end(request_id: uuid.UUID, fields: RequestEndFields) -> bytes:
+    body: RequestEnd = {"id": str(request_id), "ts": now_us(), **fields}
+    return encode_json(RecordType.REQUEST_END, body)

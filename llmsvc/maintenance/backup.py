@@ -43,7 +43,7 @@ from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.engine import DAEMON_APPLICATION
 from llmsvc.store.replay import replay_wal
 from llmsvc.store.schema import metadata, wal_checkpoints
-from llmsvc.wal.segment import WalLock
+from llmsvc.wal import WalLock
 
 log = logger(__name__)
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import fcntl
 import multiprocessing
-import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +27,6 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import WalError
-from llmsvc.logs import logger
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.batch import Token
 from llmsvc.store.consistency_queries import (
@@ -41,13 +38,19 @@ from llmsvc.store.consistency_queries import (
 from llmsvc.store.engine import schema_revision
 from llmsvc.store.flusher import load_checkpoint
 from llmsvc.store.queries import dead_letters
-from llmsvc.wal.codec import RecordType, decode_token
-from llmsvc.wal.errors import Corruption
-from llmsvc.wal.reader import scan_segment, verify_log
-from llmsvc.wal.repair import QUARANTINE_DIR, Repairs, quarantined
-from llmsvc.wal.segment import INSTANCE_FILE, LOCK_FILE, list_segments
-
-log = logger(__name__)
+from llmsvc.wal import (
+    QUARANTINE_DIR,
+    Damage,
+    RecordType,
+    Repairs,
+    decode_token,
+    list_segments,
+    lock_holder,
+    quarantined,
+    read_instance_id,
+    scan_log,
+    verify_log,
+)
 
 Ranges = list[tuple[int, int]]  # inclusive seq ranges
 
@@ -139,36 +142,22 @@ def wal_state(wal_dir: Path) -> tuple[WalState, uuid.UUID | None]:
     A running daemon owns the directory and may be writing the newest
     segment, so an unfinished frame at its end is not damage then.
     """
-    state = WalState(daemon_running=_locked(wal_dir / LOCK_FILE))
+    state = WalState(daemon_running=lock_holder(wal_dir) is not None)
     if not wal_dir.is_dir():
         return state, None
     state.quarantined = quarantined(wal_dir)
     checks = verify_log(wal_dir)
-    id_file = wal_dir / INSTANCE_FILE
-    if not checks or not id_file.exists():
+    instance = read_instance_id(wal_dir)
+    if not checks or instance is None:
         return state, None
     state.segments = len(checks)
     state.last_lsn = checks[-1].first_lsn + checks[-1].records - 1
     for check in checks:
         writing = state.daemon_running and check is checks[-1]
-        if check.problem and not (writing and check.problem.startswith("torn tail")):
+        expected_tail = check.damage is Damage.TORN_TAIL and check.missing is None
+        if check.problem and not (writing and expected_tail):
             state.damage.append(f"WAL segment {check.name}: {check.problem}")
-    return state, uuid.UUID(id_file.read_text().strip())
-
-
-def _locked(lock_file: Path) -> bool:
-    """Whether a daemon holds the WAL directory's lock."""
-    try:
-        fd = os.open(lock_file, os.O_RDONLY)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    return False
+    return state, instance
 
 
 async def run_check(engine: AsyncEngine, wal_dir: Path | None) -> Report:
@@ -283,10 +272,6 @@ def read_missing_tokens(wal_dir: Path, missing: dict[str, Ranges]) -> list[Token
     Blocking reads: run it in a worker thread. A segment that cannot be read
     is skipped, so its tokens stay reported as missing rather than guessed at.
     """
-    id_file = wal_dir / INSTANCE_FILE
-    if not id_file.exists():
-        return []
-    instance = uuid.UUID(id_file.read_text().strip())
     wanted = {uuid.UUID(aid).bytes: ranges for aid, ranges in missing.items()}
     found: dict[tuple[bytes, int], Token] = {}
 
@@ -300,11 +285,7 @@ def read_missing_tokens(wal_dir: Path, missing: dict[str, Ranges]) -> list[Token
             if any(a <= seq <= b for a, b in wanted[aid]):
                 found.setdefault((aid, seq), token)
 
-    for segment in list_segments(wal_dir):
-        try:
-            scan_segment(segment, instance, on_records=keep)
-        except (OSError, Corruption) as exc:
-            log.warning("refill: WAL segment skipped", segment=segment.path.name, error=exc)
+    scan_log(wal_dir, keep)
     return [found[key] for key in sorted(found)]
 
 

@@ -20,7 +20,7 @@ from llmsvc.config import Settings
 from llmsvc.maintenance import backup, consistency, retention
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.maintenance.wal_housekeeping import housekeep
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import WalWriter
 
 Build = Callable[[Settings, AsyncEngine, uuid.UUID | None, WalWriter | None], Job]
 

@@ -20,8 +20,7 @@ from llmsvc.logs import logger
 from llmsvc.maintenance.backup import newest_verified
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.flusher import load_checkpoint
-from llmsvc.wal.segment import HEADER_SIZE, Segment, list_segments
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import HEADER_SIZE, Segment, WalWriter, list_segments
 
 log = logger(__name__)
 

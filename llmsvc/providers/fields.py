@@ -13,7 +13,7 @@ import orjson
 
 from llmsvc.errors import ProviderError
 from llmsvc.logs import logger
-from llmsvc.wal.codec import MAX_PAYLOAD
+from llmsvc.wal import MAX_PAYLOAD
 
 log = logger(__name__)
 

@@ -11,29 +11,40 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from llmsvc.wal.codec import RecordType, decode_json, decode_token
+from llmsvc.wal import (
+    AttemptEnd,
+    AttemptStart,
+    RecordType,
+    RequestEnd,
+    RequestStart,
+    Status,
+    decode_json,
+    decode_token,
+)
 
 Token = tuple[bytes, int, str, int]  # attempt id, seq, text, timestamp µs
 Row = tuple[Any, ...]
 
-REQUEST_END_FIELDS: tuple[str, ...] = (
+# The columns an end record fills (`_request_end`, `_attempt_end`): the flusher's updates.
+REQUEST_END_COLUMNS: tuple[str, ...] = (
     "status",
     "ended_at",
     "prompt_tokens",
     "completion_tokens",
     "cost",
 )
-REQUEST_END_FIELDS += ("provider", "error", "prompt_tokens_source", "completion_tokens_source")
-ATTEMPT_END_FIELDS: tuple[str, ...] = (
+REQUEST_END_COLUMNS += ("provider", "error", "prompt_tokens_source", "completion_tokens_source")
+ATTEMPT_END_COLUMNS: tuple[str, ...] = (
     "status",
     "first_token_at",
     "ended_at",
     "http_status",
     "error_code",
 )
-ATTEMPT_END_FIELDS += ("error_message", "prompt_tokens", "completion_tokens", "token_count")
+ATTEMPT_END_COLUMNS += ("error_message", "prompt_tokens", "completion_tokens", "token_count")
+STREAMING: Status = "streaming"  # a row's status until its end record arrives
 # Who sent a request: columns from its start record's fields, absent in records from
 # before attribution (NULL) and present only when known (gateway/attribution.py).
 ATTRIBUTION_COLUMNS: tuple[str, ...] = ("key_id", "team_id", "end_user", "metadata")
@@ -84,13 +95,19 @@ def build_batch(
             continue
         body = decode_json(payload)
         if rtype == RecordType.REQUEST_START:
-            batch.requests[uuid.UUID(body["id"])] = _request_row(body, instance_id)
+            batch.requests[uuid.UUID(body["id"])] = _request_row(
+                cast(RequestStart, body), instance_id
+            )
         elif rtype == RecordType.ATTEMPT_START:
-            batch.attempts[uuid.UUID(body["id"])] = _attempt_row(body)
+            batch.attempts[uuid.UUID(body["id"])] = _attempt_row(cast(AttemptStart, body))
         elif rtype == RecordType.ATTEMPT_END:
-            _end(batch.attempts, batch.attempt_ends, body, ATTEMPT_END_FIELDS)
+            _end(
+                batch.attempts, batch.attempt_ends, body["id"], _attempt_end(cast(AttemptEnd, body))
+            )
         elif rtype == RecordType.REQUEST_END:
-            _end(batch.requests, batch.request_ends, body, REQUEST_END_FIELDS)
+            _end(
+                batch.requests, batch.request_ends, body["id"], _request_end(cast(RequestEnd, body))
+            )
     for attempt in batch.attempts.values():
         if attempt["request_id"] not in batch.requests:
             batch.stand_ins[attempt["request_id"]] = _stand_in_row(attempt, instance_id)
@@ -100,18 +117,18 @@ def build_batch(
     return batch
 
 
-def _request_row(body: dict[str, Any], instance_id: uuid.UUID) -> dict[str, Any]:
+def _request_row(body: RequestStart, instance_id: uuid.UUID) -> dict[str, Any]:
     return {
         "id": uuid.UUID(body["id"]),
         "instance_id": instance_id,
         "correlation_id": body["correlation_id"],  # as the client sent it; older WALs: a UUID
         "model": body["model"],
         "stream": body["stream"],
-        "status": "streaming",
+        "status": STREAMING,
         "messages": body["messages"],
         "params": body["params"],
         "created_at": utc(body["ts"]),
-        **dict.fromkeys(REQUEST_END_FIELDS[1:]),
+        **dict.fromkeys(REQUEST_END_COLUMNS[1:]),
         "key_id": _uuid(body.get("key_id")),
         "team_id": _uuid(body.get("team_id")),
         "end_user": body.get("user"),
@@ -152,11 +169,11 @@ def _stand_in_row(attempt: dict[str, Any], instance_id: uuid.UUID) -> dict[str, 
         "correlation_id": str(uuid.UUID(int=0)),
         "model": attempt["model"],
         "stream": True,
-        "status": "streaming",
+        "status": STREAMING,
         "messages": [],
         "params": {},
         "created_at": attempt["started_at"],
-        **dict.fromkeys(REQUEST_END_FIELDS[1:]),
+        **dict.fromkeys(REQUEST_END_COLUMNS[1:]),
         **dict.fromkeys(ATTRIBUTION_COLUMNS),
         "error": LOST_START,
     }
@@ -168,30 +185,57 @@ LOST_START = (
 )
 
 
-def _attempt_row(body: dict[str, Any]) -> dict[str, Any]:
+def _attempt_row(body: AttemptStart) -> dict[str, Any]:
     return {
         "id": uuid.UUID(body["id"]),
         "request_id": uuid.UUID(body["request_id"]),
         "attempt_no": body["attempt_no"],
         "provider": body["provider"],
         "model": body["model"],
-        "status": "streaming",
+        "status": STREAMING,
         "started_at": utc(body["ts"]),
-        **dict.fromkeys(ATTEMPT_END_FIELDS[1:]),
+        **dict.fromkeys(ATTEMPT_END_COLUMNS[1:]),
+    }
+
+
+def _request_end(body: RequestEnd) -> dict[str, Any]:
+    """The REQUEST_END_COLUMNS an end fills; fields an older version did not write are NULL."""
+    return {
+        "status": body.get("status"),
+        "ended_at": utc(body["ts"]),
+        "prompt_tokens": body.get("prompt_tokens"),
+        "completion_tokens": body.get("completion_tokens"),
+        "cost": body.get("cost"),
+        "provider": body.get("provider"),
+        "error": body.get("error"),
+        "prompt_tokens_source": body.get("prompt_tokens_source"),
+        "completion_tokens_source": body.get("completion_tokens_source"),
+    }
+
+
+def _attempt_end(body: AttemptEnd) -> dict[str, Any]:
+    """The ATTEMPT_END_COLUMNS an end fills, as `_request_end`."""
+    return {
+        "status": body.get("status"),
+        "first_token_at": utc(body.get("first_token_ts")),
+        "ended_at": utc(body["ts"]),
+        "http_status": body.get("http_status"),
+        "error_code": body.get("error_code"),
+        "error_message": body.get("error_message"),
+        "prompt_tokens": body.get("prompt_tokens"),
+        "completion_tokens": body.get("completion_tokens"),
+        "token_count": body.get("token_count"),
     }
 
 
 def _end(
     started: dict[uuid.UUID, dict[str, Any]],
     ends: list[dict[str, Any]],
-    body: dict[str, Any],
-    fields: tuple[str, ...],
+    record_id: str,
+    values: dict[str, Any],
 ) -> None:
-    values = {name: body.get(name) for name in fields}
-    values["ended_at"] = utc(body["ts"])
-    if "first_token_at" in values:
-        values["first_token_at"] = utc(body.get("first_token_ts"))
-    key = uuid.UUID(body["id"])
+    """Complete the row started in this batch, or update the one flushed before."""
+    key = uuid.UUID(record_id)
     if key in started:
         started[key].update(values)
     else:

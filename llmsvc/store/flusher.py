@@ -28,7 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from llmsvc.config import FlushPolicy
 from llmsvc.local import write_checkpoint
 from llmsvc.logs import logger
-from llmsvc.store.batch import ATTEMPT_END_FIELDS, REQUEST_END_FIELDS, Batch, Row, build_batch
+from llmsvc.store.batch import ATTEMPT_END_COLUMNS, REQUEST_END_COLUMNS, Batch, Row, build_batch
 from llmsvc.store.engine import describe_error
 from llmsvc.store.refusals import Undecodable, dead_letter_row, fit_batch, refused
 from llmsvc.store.schema import (
@@ -38,8 +38,7 @@ from llmsvc.store.schema import (
     llm_tool_calls,
     wal_checkpoints,
 )
-from llmsvc.wal.reader import Position, WalReader
-from llmsvc.wal.segment import HEADER_SIZE, list_segments
+from llmsvc.wal import HEADER_SIZE, Position, WalReader, list_segments
 
 log = logger(__name__)
 
@@ -129,7 +128,9 @@ async def write_batch(
                 _insert(conn, llm_tool_calls).on_conflict_do_nothing(), batch.tool_rows
             )
         if batch.attempt_ends:
-            await conn.execute(_update_by_key(llm_attempts, ATTEMPT_END_FIELDS), batch.attempt_ends)
+            await conn.execute(
+                _update_by_key(llm_attempts, ATTEMPT_END_COLUMNS), batch.attempt_ends
+            )
         if batch.request_ends:
             await conn.execute(_REQUEST_END, batch.request_ends)
         if dead_letters:
@@ -139,7 +140,7 @@ async def write_batch(
 
 
 # A request's end keeps an error already there (a stand-in's) when it brings none.
-_REQUEST_END = _update_by_key(llm_requests, REQUEST_END_FIELDS).values(
+_REQUEST_END = _update_by_key(llm_requests, REQUEST_END_COLUMNS).values(
     error=sa.func.coalesce(sa.bindparam("error"), llm_requests.c.error)
 )
 

@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 from llmsvc.store.batch import Batch
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_tool_calls
-from llmsvc.wal.codec import RecordType, decode_json, decode_token
+from llmsvc.wal import RecordType, decode_json, decode_token
 
 # SQLSTATE classes of PostgreSQL errors about the data itself: 22 data exception (out of
 # range, untranslatable character, too long), 23 integrity constraint violation.

@@ -19,8 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmsvc.config import FlushPolicy, WalPolicy
 from llmsvc.logs import logger
 from llmsvc.store.flusher import Flusher, load_checkpoint
-from llmsvc.wal.segment import INSTANCE_FILE, instance_id, list_segments
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal import WalWriter, instance_id, list_segments, read_instance_id
 
 log = logger(__name__)
 
@@ -33,7 +32,7 @@ async def replay_wal(
     Each flush waits for the database as long as it takes (no `timeout`): nothing is
     served meanwhile, and a bound would only cut a slow batch off to read it again.
     """
-    if not (wal_dir / INSTANCE_FILE).exists():
+    if read_instance_id(wal_dir) is None:
         return {"replayed": 0, "checkpoint": 0}
     instance = instance_id(wal_dir)
     checkpoint = await load_checkpoint(engine, instance)

@@ -16,8 +16,6 @@ metadata = sa.MetaData()
 Json = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
 Timestamp = sa.DateTime(timezone=True)
 
-REQUEST_STATUSES = ("streaming", "completed", "failed", "interrupted")
-
 llm_requests = sa.Table(
     "llm_requests",
     metadata,

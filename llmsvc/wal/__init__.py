@@ -17,7 +17,8 @@ followed by frames, little-endian::
 LSNs number records from 1 across segments; a record's LSN is its segment's
 first LSN plus its index in the segment, so a missing segment shows as a gap
 in the names. Token records (type 3) carry `attempt id (16) | seq u32 |
-timestamp µs i64 | UTF-8 text`; the others carry a JSON object.
+timestamp µs i64 | UTF-8 text`; the others carry a JSON object (`records.py`
+types each lifecycle body).
 
 Guarantees
 ----------
@@ -38,4 +39,79 @@ is copied to `<segment>.broken` and cut off; damage elsewhere (a bad frame in
 an older segment, another instance's or an unreadable file) goes to
 `quarantine/`; LSNs missing above the database checkpoint are reported as
 lost and skipped. Nothing is deleted and nothing invalid is replayed.
+
+The rest of llmsvc imports from this package only, never its modules: `__all__`
+is the WAL's public face (the format's records, the directory's identity, lock
+and segments, verify and refill's reads, the writer and the flusher's reader).
 """
+
+from llmsvc.wal.codec import (
+    MAX_PAYLOAD,
+    RecordType,
+    decode_json,
+    decode_token,
+    encode_json,
+    encode_token,
+    encode_tool_delta,
+    fits,
+)
+from llmsvc.wal.errors import Damage
+from llmsvc.wal.reader import Position, WalReader, scan_log, verify_log
+from llmsvc.wal.records import (
+    AttemptEnd,
+    AttemptEndFields,
+    AttemptStart,
+    Deployment,
+    RequestEnd,
+    RequestEndFields,
+    RequestStart,
+    Sender,
+    Status,
+)
+from llmsvc.wal.repair import QUARANTINE_DIR, Repairs, quarantined
+from llmsvc.wal.segment import (
+    HEADER_SIZE,
+    Segment,
+    WalLock,
+    instance_id,
+    list_segments,
+    lock_holder,
+    read_instance_id,
+)
+from llmsvc.wal.writer import WalWriter
+
+__all__ = [
+    "HEADER_SIZE",
+    "MAX_PAYLOAD",
+    "QUARANTINE_DIR",
+    "AttemptEnd",
+    "AttemptEndFields",
+    "AttemptStart",
+    "Damage",
+    "Deployment",
+    "Position",
+    "RecordType",
+    "Repairs",
+    "RequestEnd",
+    "RequestEndFields",
+    "RequestStart",
+    "Segment",
+    "Sender",
+    "Status",
+    "WalLock",
+    "WalReader",
+    "WalWriter",
+    "decode_json",
+    "decode_token",
+    "encode_json",
+    "encode_token",
+    "encode_tool_delta",
+    "fits",
+    "instance_id",
+    "list_segments",
+    "lock_holder",
+    "quarantined",
+    "read_instance_id",
+    "scan_log",
+    "verify_log",
+]

@@ -8,6 +8,7 @@ binary payload; the rarer lifecycle records carry JSON.
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Any
@@ -37,7 +38,7 @@ def encode(rtype: RecordType, payload: bytes) -> bytes:
     return FRAME.pack(len(payload), crc32c(payload, _SEED[rtype]), rtype) + payload
 
 
-def encode_json(rtype: RecordType, body: dict[str, Any]) -> bytes:
+def encode_json(rtype: RecordType, body: Mapping[str, Any]) -> bytes:
     return encode(rtype, orjson.dumps(body))
 
 
@@ -52,6 +53,11 @@ def encode_tool_delta(attempt_id: bytes, seq: int, ts_us: int, delta: dict[str, 
     return encode(
         RecordType.TOOL_DELTA, TOKEN_HEAD.pack(attempt_id, seq, ts_us) + orjson.dumps(delta)
     )
+
+
+def fits(frame: bytes) -> bool:
+    """Whether `frame` reads back as a record: a payload over MAX_PAYLOAD reads as damage."""
+    return len(frame) - FRAME.size <= MAX_PAYLOAD
 
 
 def decode_token(payload: bytes) -> tuple[bytes, int, str, int]:

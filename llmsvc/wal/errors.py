@@ -1,8 +1,19 @@
-"""WAL errors that say where the log stopped being readable."""
+"""WAL errors that say where the log stopped being readable, and the kinds of damage."""
 
+from enum import StrEnum
 from pathlib import Path
 
 from llmsvc.errors import WalError
+
+
+class Damage(StrEnum):
+    """What is wrong with a segment: repair's findings, verify's, the check's and the metric's."""
+
+    TORN_TAIL = "torn_tail"  # the newest segment ends in an unfinished write: a crash, cut off
+    CORRUPT = "corrupt"  # a frame fails its checks where no crash explains it
+    BAD_HEADER = "bad_header"  # not this instance's segment, or not a segment at all
+    UNREADABLE = "unreadable"  # the file cannot be read
+    OVERLAP = "overlap"  # its first LSN is inside the segment before it
 
 
 class Corruption(WalError):
@@ -16,7 +27,3 @@ class Corruption(WalError):
         self.segment = segment
         self.offset = offset
         self.reason = reason
-
-
-class TornTail(Corruption):
-    """An incomplete or zero-filled last write: expected after a crash, safe to cut off."""

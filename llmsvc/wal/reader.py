@@ -18,13 +18,14 @@ import aiofiles
 
 from llmsvc.logs import logger
 from llmsvc.wal.codec import FRAME, Stop, decode
-from llmsvc.wal.errors import Corruption
+from llmsvc.wal.errors import Corruption, Damage
 from llmsvc.wal.segment import (
     HEADER_SIZE,
     INSTANCE_FILE,
     Segment,
     check_header,
     list_segments,
+    read_instance_id,
 )
 
 # Decoding a chunk makes two objects a record (~40 MiB for 8 MiB of tokens), and CPython
@@ -81,6 +82,22 @@ def scan_segment(
                 return Scan(segment, records, end, size, decoded.stop)
             offset += decoded.end
             carry = buf[decoded.end :]
+
+
+def scan_log(wal_dir: Path, on_records: Callable[[list[tuple[int, bytes]]], None]) -> None:
+    """Hand every valid record of every segment still on disk to `on_records` (refill).
+
+    Blocking reads. A segment that cannot be read is skipped with a warning,
+    so what it held stays missing rather than guessed at.
+    """
+    instance = read_instance_id(wal_dir)
+    if instance is None:
+        return
+    for segment in list_segments(wal_dir):
+        try:
+            scan_segment(segment, instance, on_records=on_records)
+        except (OSError, Corruption) as exc:
+            log.warning("refill: WAL segment skipped", segment=segment.path.name, error=exc)
 
 
 class WalReader:
@@ -199,27 +216,30 @@ class SegmentCheck:
     records: int
     bytes: int
     problem: str  # empty when the segment is whole and in sequence
+    missing: tuple[int, int] | None = None  # LSNs missing before it (a segment is gone)
+    damage: Damage | None = None  # what is wrong inside it, if it could be checked
 
 
 def verify_log(wal_dir: Path) -> list[SegmentCheck]:
     """Check every segment's header and frames, and that LSNs run on between segments.
 
     Reads only; a torn tail of the newest segment is reported as such (the
-    next boot cuts it off), damage anywhere else is corruption.
+    next boot cuts it off), damage anywhere else is corruption. Damage kinds
+    are repair's, as the segment stands now (repair alone can tell an overlap).
     """
-    id_file = wal_dir / INSTANCE_FILE
     segments = list_segments(wal_dir)
     if not segments:
         return []
-    instance_id = uuid.UUID(id_file.read_text().strip()) if id_file.exists() else None
+    instance_id = read_instance_id(wal_dir)
     checks: list[SegmentCheck] = []
     expected: int | None = segments[0].first_lsn  # None after a segment not read to its end
     for i, segment in enumerate(segments):
         size = segment.path.stat().st_size
         problems = []
+        missing, damage = None, None
         if expected is not None and segment.first_lsn != expected:
-            missing = f"{expected}..{segment.first_lsn - 1}"
-            problems.append(f"records {missing} are missing (a segment is gone)")
+            missing = (expected, segment.first_lsn - 1)
+            problems.append(f"records {expected}..{missing[1]} are missing (a segment is gone)")
         records = 0
         if instance_id is None:
             problems.append(f"no {INSTANCE_FILE} file: cannot check segment headers")
@@ -229,13 +249,20 @@ def verify_log(wal_dir: Path) -> list[SegmentCheck]:
                 records = scan.records
                 if scan.stop is not Stop.END:
                     newest = i == len(segments) - 1
+                    damage = Damage.TORN_TAIL if newest else Damage.CORRUPT
                     kind = "torn tail (cut off at next boot)" if newest else "corruption"
                     problems.append(f"{kind} at byte {scan.end}: {scan.stop.name.lower()}")
             except Corruption as exc:
+                damage = Damage.BAD_HEADER
                 problems.append(exc.reason)
             except OSError as exc:
+                damage = Damage.UNREADABLE
                 problems.append(f"unreadable: {exc.strerror or exc}")
         problem = "; ".join(problems)
-        checks.append(SegmentCheck(segment.path.name, segment.first_lsn, records, size, problem))
+        checks.append(
+            SegmentCheck(
+                segment.path.name, segment.first_lsn, records, size, problem, missing, damage
+            )
+        )
         expected = None if problem else segment.first_lsn + records
     return checks

@@ -23,7 +23,7 @@ from typing import Any
 from llmsvc import private
 from llmsvc.logs import logger
 from llmsvc.wal.codec import Stop
-from llmsvc.wal.errors import Corruption
+from llmsvc.wal.errors import Corruption, Damage
 from llmsvc.wal.reader import Scan, scan_segment
 from llmsvc.wal.segment import Segment, fsync_dir, list_segments
 
@@ -37,7 +37,7 @@ class Finding:
     """One thing repair found in a segment and what it did about it."""
 
     segment: str
-    kind: str  # torn_tail, corrupt, unreadable, bad_header, overlap
+    kind: Damage
     reason: str
     action: str  # cut, quarantined
     kept: str  # where the cut bytes or the file went, relative to the WAL directory
@@ -58,9 +58,9 @@ class Repairs:
         return not self.findings and not self.lost
 
     def counts(self) -> dict[str, int]:
-        counts = {kind: 0 for kind in ("torn_tail", "corrupt", "quarantined")}
+        counts = {kind: 0 for kind in (Damage.TORN_TAIL.value, Damage.CORRUPT.value, "quarantined")}
         for finding in self.findings:
-            if finding.kind in ("torn_tail", "corrupt"):
+            if finding.kind in (Damage.TORN_TAIL, Damage.CORRUPT):
                 counts[finding.kind] += 1
             if finding.action == "quarantined":
                 counts["quarantined"] += 1
@@ -83,28 +83,29 @@ def repair_log(wal_dir: Path, instance_id: uuid.UUID, checkpoint: int) -> Repair
     """
     repairs = Repairs()
     kept: list[Scan] = []  # the segments left in the log, as scanned
-    verdicts: list[tuple[Segment, Scan | None, str, str]] = []  # scan, or why it must go
+    verdicts: list[tuple[Segment, Scan | tuple[Damage, str]]] = []  # scan, or why it must go
     for segment in list_segments(wal_dir):
-        scan, kind, reason = None, "", ""
+        verdict: Scan | tuple[Damage, str]
         try:
-            scan = scan_segment(segment, instance_id)
+            verdict = scan_segment(segment, instance_id)
         except Corruption as exc:
-            kind, reason = "bad_header", exc.reason
+            verdict = Damage.BAD_HEADER, exc.reason
         except OSError as exc:
-            kind, reason = "unreadable", exc.strerror or str(exc)
-        if scan and kept and segment.first_lsn < kept[-1].segment.first_lsn + kept[-1].records:
-            kind = "overlap"
-            reason = f"its first LSN {segment.first_lsn} is inside {kept[-1].segment.path.name}"
-            scan = None
-        if scan:
-            kept.append(scan)
-        verdicts.append((segment, scan, kind, reason))
+            verdict = Damage.UNREADABLE, exc.strerror or str(exc)
+        if isinstance(verdict, Scan):
+            last = kept[-1] if kept else None
+            if last and segment.first_lsn < last.segment.first_lsn + last.records:
+                inside = f"its first LSN {segment.first_lsn} is inside {last.segment.path.name}"
+                verdict = Damage.OVERLAP, inside
+            else:
+                kept.append(verdict)
+        verdicts.append((segment, verdict))
     # Act in log order once the log's newest segment is known: a stray file may sort last.
-    for segment, scan, kind, reason in verdicts:
-        if scan is None:
-            repairs.findings.append(_quarantine(segment, kind, reason))
-        elif scan.stop is not Stop.END:
-            repairs.findings.append(_cut(scan, newest=scan is kept[-1]))
+    for segment, verdict in verdicts:
+        if not isinstance(verdict, Scan):
+            repairs.findings.append(_quarantine(segment, *verdict))
+        elif verdict.stop is not Stop.END:
+            repairs.findings.append(_cut(verdict, newest=verdict is kept[-1]))
     expected = checkpoint + 1  # the first LSN the database does not hold
     for scan in kept:
         segment, records = scan.segment, scan.records
@@ -154,7 +155,7 @@ def _cut(scan: Scan, newest: bool) -> Finding:
     fsync_dir(path.parent)
     finding = Finding(
         path.name,
-        "torn_tail" if torn else "corrupt",
+        Damage.TORN_TAIL if torn else Damage.CORRUPT,
         scan.stop.name.lower(),
         "cut",
         str(aside.relative_to(path.parent)),
@@ -175,7 +176,7 @@ def _cut(scan: Scan, newest: bool) -> Finding:
     return finding
 
 
-def _quarantine(segment: Segment, kind: str, reason: str) -> Finding:
+def _quarantine(segment: Segment, kind: Damage, reason: str) -> Finding:
     """Move a whole segment file into quarantine/, out of the log's way."""
     path = segment.path
     target = _free_name(_quarantine_dir(path.parent) / path.name)

@@ -128,11 +128,10 @@ def instance_id(wal_dir: Path) -> uuid.UUID:
     The database keys the checkpoint by it, so a restarted daemon resumes its
     own log and several daemons can share one database.
     """
+    found = read_instance_id(wal_dir)
+    if found is not None:
+        return found
     path = wal_dir / INSTANCE_FILE
-    try:
-        return uuid.UUID(path.read_text().strip())
-    except FileNotFoundError:
-        pass
     new = uuid.uuid4()
     tmp = path.with_suffix(".tmp")
     fd = private.open_file(tmp, os.O_WRONLY | os.O_TRUNC)
@@ -144,6 +143,15 @@ def instance_id(wal_dir: Path) -> uuid.UUID:
     os.rename(tmp, path)
     fsync_dir(wal_dir)
     return new
+
+
+def read_instance_id(wal_dir: Path) -> uuid.UUID | None:
+    """The directory's instance id, or None if it has none (read, never created): the one
+    place the file is parsed, so readers (`llmsvc wal`, `llmsvc check`) make no log."""
+    try:
+        return uuid.UUID((wal_dir / INSTANCE_FILE).read_text().strip())
+    except FileNotFoundError:
+        return None
 
 
 def lock_holder(wal_dir: Path) -> int | None:

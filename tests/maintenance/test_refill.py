@@ -233,7 +233,7 @@ async def test_a_segment_that_fails_its_header_check_is_skipped_not_trusted(
     damaged[0] ^= 0xFF  # the magic
     segment.write_bytes(damaged)
 
-    with caplog.at_level(logging.WARNING, logger="llmsvc.maintenance.consistency"):
+    with caplog.at_level(logging.WARNING, logger="llmsvc.wal.reader"):
         report, repaired = await check_and_repair(engine, wal_dir)
 
     assert repaired == {}

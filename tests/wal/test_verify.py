@@ -37,6 +37,7 @@ async def test_a_whole_log_verifies_clean_with_lsns_running_on(
     checks = verify_log(wal_dir)
     assert len(checks) > 2
     assert [c.problem for c in checks] == [""] * len(checks)
+    assert [(c.missing, c.damage) for c in checks] == [(None, None)] * len(checks)
     assert sum(c.records for c in checks) == 400
     for before, after in itertools.pairwise(checks):
         assert after.first_lsn == before.first_lsn + before.records
@@ -54,6 +55,7 @@ async def test_damage_in_an_older_segment_is_corruption_at_its_byte(
         f.write(bytes([byte[0] ^ 0xFF]))
     checks = {c.name: c for c in verify_log(wal_dir)}
     assert checks[older.path.name].problem.startswith("corruption at byte ")
+    assert checks[older.path.name].damage == "corrupt"
     assert [name for name, c in checks.items() if c.problem] == [older.path.name]
 
 
@@ -68,6 +70,8 @@ async def test_a_missing_middle_segment_names_the_missing_lsns(
     assert checks[after.path.name].problem == (
         f"records {gone.first_lsn}..{after.first_lsn - 1} are missing (a segment is gone)"
     )
+    assert checks[after.path.name].missing == (gone.first_lsn, after.first_lsn - 1)
+    assert checks[after.path.name].damage is None
 
 
 async def test_a_torn_tail_of_the_newest_segment_is_reported_as_torn(
@@ -80,6 +84,7 @@ async def test_a_torn_tail_of_the_newest_segment_is_reported_as_torn(
     (check,) = verify_log(wal_dir)
     assert check.records == 50
     assert check.problem.startswith("torn tail (cut off at next boot) at byte ")
+    assert check.damage == "torn_tail"
 
 
 def _llmsvc(wal_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
