@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-DOCS = ["README.md", "BENCHMARKS.md", "CHANGELOG.md", "docs/DECISIONS.md"]
+DOCS = ["README.md", "BENCHMARKS.md", "CHANGELOG.md", "docs/DECISIONS.md", "docs/ARCHITECTURE.md"]
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 HEADING = re.compile(r"^#{1,6} (.+)$", re.MULTILINE)
 
