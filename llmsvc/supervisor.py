@@ -113,6 +113,7 @@ class Supervisor:
         self.unowned: list[Path] = []  # WALs no worker owns, not replayed yet
         self.replay_at = 0.0  # monotonic time of the next try at them
         self.replay_failed = False  # the last try failed (logged once until one succeeds)
+        self.holder: socket.socket | None = None  # the shared port, held once the boot got it
 
     def run(self) -> int:
         """Boot, keep the workers running until a signal, drain them; return the exit code."""
@@ -130,7 +131,7 @@ class Supervisor:
         finally:
             for worker in self.workers:
                 worker.notify.close()
-            if hasattr(self, "holder"):
+            if self.holder is not None:
                 self.holder.close()
             self.notifier.close()
             self.lock.release()
@@ -142,8 +143,8 @@ class Supervisor:
         if self.unowned:
             self.notifier.status("booting: replaying the WALs no worker owns")
             self._replay_unowned()
-        self.holder = self._hold_port()
-        self.port: int = self.holder.getsockname()[1]
+        self.holder = holder = self._hold_port()
+        self.port: int = holder.getsockname()[1]
         log.info("boot: port held", host=self.settings.host, port=self.port)
         for index in range(self.settings.workers):
             self.workers.append(self._slot(index))
