@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +107,7 @@ async def test_a_reading_engine_changes_nothing(database_url: str) -> None:
 async def test_only_create_makes_a_sqlite_store(tmp_path: Path) -> None:
     """A command pointed at the wrong path must not leave an empty database (or folder) there."""
     missing = tmp_path / "elsewhere" / "llmsvc.db"
+    before = set(threading.enumerate())
     for access in ("read", "write"):
         absent = create_engine(f"sqlite+aiosqlite:///{missing}", access=access)
         try:
@@ -114,4 +116,8 @@ async def test_only_create_makes_a_sqlite_store(tmp_path: Path) -> None:
                     pass
         finally:
             await absent.dispose()
+    # aiosqlite's thread of a connection that failed to open outlives it: let it end while
+    # this loop runs, or it posts to a closed loop and fails the next test.
+    for thread in set(threading.enumerate()) - before:
+        await asyncio.to_thread(thread.join, 10)
     assert not missing.parent.exists()
