@@ -36,7 +36,7 @@ from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
 from llmsvc.logs import logger
-from llmsvc.providers.base import Reply, ToolCallDeltas
+from llmsvc.providers.base import RefusalDeltas, Reply, ToolCallDeltas
 from llmsvc.tokens import PROVIDER, count_completion, count_prompt
 from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
 
@@ -284,6 +284,11 @@ class Exchange:
                 if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
                     await self._send_chunk(encoder, await self._journal_tools(texts, encoder))
                     continue
+                if isinstance(texts, RefusalDeltas):  # rarer: sent, not journaled (DECISIONS)
+                    if self.first_token_us is None:
+                        self._first_token()
+                    await self._send_chunk(encoder, encoder.refusal(texts))
+                    continue
                 fut = self._journal_tokens(aid, texts)
                 if self.first_token_us is None:
                     self._first_token()
@@ -315,10 +320,10 @@ class Exchange:
     async def _whole(self, reply: Reply) -> None:
         texts: list[str] = []
         async for batch in reply.batches():
-            if not isinstance(batch, ToolCallDeltas):
+            if not isinstance(batch, ToolCallDeltas | RefusalDeltas):  # tokens, not those
                 texts.extend(batch)
         content = "".join(texts)
-        if content or reply.tool_calls:
+        if content or reply.tool_calls or reply.refusal:
             self.first_token_us = now_us()
         if content:
             self._journal_tokens(self.attempt_id.bytes, [content])
@@ -335,6 +340,7 @@ class Exchange:
             reply.finish_reason or "stop",
             *self._usage(),
             reply.tool_calls,
+            reply.refusal,
         )
         await fut
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
