@@ -284,15 +284,13 @@ class Exchange:
                 if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
                     await self._send_chunk(encoder, await self._journal_tools(texts, encoder))
                     continue
-                if isinstance(texts, RefusalDeltas):  # rarer: sent, not journaled (DECISIONS)
-                    if self.first_token_us is None:
-                        self._first_token()
-                    await self._send_chunk(encoder, encoder.refusal(texts))
-                    continue
-                fut = self._journal_tokens(aid, texts)
+                fut = self._journal_tokens(
+                    aid, texts
+                )  # a refusal's words too: the client gets them
                 if self.first_token_us is None:
                     self._first_token()
-                frame = encoder.tokens(texts)
+                refused = isinstance(texts, RefusalDeltas)  # rare: sent as delta.refusal
+                frame = encoder.refusal(texts) if refused else encoder.tokens(texts)
                 await fut
                 self.unconfirmed = (None, 0)
                 await self._send_chunk(encoder, frame)
@@ -327,6 +325,8 @@ class Exchange:
             self.first_token_us = now_us()
         if content:
             self._journal_tokens(self.attempt_id.bytes, [content])
+        if reply.refusal:  # stored as the reply's text, after any content
+            self._journal_tokens(self.attempt_id.bytes, [reply.refusal])
         if reply.tool_calls:
             self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
             self.tool_seq = len(reply.tool_calls)

@@ -207,6 +207,8 @@ async def test_an_upstreams_refusal_reaches_the_sdk_whole(served_upstream: Serve
     message = reply.choices[0].message
     assert (message.refusal, message.content) == (REFUSAL, None)
     assert reply.choices[0].finish_reason == "stop"
+    journaled = _by_type(await served_upstream.records(), RecordType.TOKEN)
+    assert [text for _, _, text, _ in journaled] == [REFUSAL]  # what the client got, stored
 
 
 async def test_an_upstreams_refusal_deltas_are_streamed_as_delta_refusal(
@@ -224,3 +226,6 @@ async def test_an_upstreams_refusal_deltas_are_streamed_as_delta_refusal(
     assert "".join(d.refusal or "" for d in deltas) == REFUSAL
     assert "".join(d.content or "" for d in deltas) == ""
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    journaled = _by_type(await served_upstream.records(), RecordType.TOKEN)
+    assert "".join(text for _, _, text, _ in journaled) == REFUSAL  # journaled before it was sent
+    assert [seq for _, seq, _, _ in journaled] == list(range(len(journaled)))
