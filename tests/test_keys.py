@@ -126,9 +126,14 @@ def test_a_key_limited_to_some_models_gets_403_for_others_and_lists_only_its_own
         with pytest.raises(openai.PermissionDeniedError) as raised:
             chat(daemon, key["secret"], "other")
         listed = models(daemon, key["secret"])
+        with client(daemon, key["secret"]) as sdk:
+            retrieved = sdk.models.retrieve("mock")
+            with pytest.raises(openai.NotFoundError) as hidden:
+                sdk.models.retrieve("other")  # served, but not to this key
         assert daemon.stop() == 0
     assert raised.value.code == "model_not_allowed"
-    assert listed == ["mock"]
+    assert listed == [retrieved.id] == ["mock"]
+    assert hidden.value.code == "model_not_found"
     assert "key=only-mock" in daemon.log
 
 

@@ -70,6 +70,7 @@ def test_the_document_covers_every_route(daemon: DaemonProcess) -> None:
     assert set(doc["paths"]) >= {
         "/v1/chat/completions",
         "/v1/models",
+        "/v1/models/{model}",
         "/api/health",
         "/api/ready",
         "/api/metrics",

@@ -126,6 +126,23 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
             "/v1/models": {
                 "get": {"summary": "The models served", "responses": {"200": _json("")}}
             },
+            "/v1/models/{model}": {
+                "get": {
+                    "summary": "One model served, as listed",
+                    "parameters": [
+                        {
+                            "name": "model",
+                            "in": "path",
+                            "required": True,
+                            "schema": {"type": "string"},
+                        }
+                    ],
+                    "responses": {
+                        "200": _json("the model"),
+                        "404": _error("the model is not served here (or not to this key)"),
+                    },
+                }
+            },
             "/api/health": {
                 "get": {"summary": "Liveness with detail", "responses": {"200": _json("")}}
             },

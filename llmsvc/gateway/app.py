@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from llmsvc.callers import Caller
 from llmsvc.config import RetryPolicy
-from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable
+from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable, UnknownModel
 from llmsvc.gateway.attribution import read_attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import reject, send_error, send_json
@@ -45,6 +45,9 @@ log = logger(__name__)
 
 Scope = MutableMapping[str, Any]
 Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
+# `GET /v1/models/{model}`: every path under the prefix is that one route; the rest is the id.
+MODEL_PREFIX = "/v1/models/"
+MODEL_ROUTE = MODEL_PREFIX + "{model}"
 
 
 class Gateway:
@@ -87,9 +90,11 @@ class Gateway:
         self.inflight: set[anyio.CancelScope] = set()
         self.idle = asyncio.Event()
         self.idle.set()
+        self.created = int(time.time())  # every model's `created`: when this gateway was built
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/models": {"GET": self.list_models},
+            MODEL_ROUTE: {"GET": self.retrieve_model},
             "/api/health": {"GET": self.health},
             "/api/ready": {"GET": self.ready},
             "/api/metrics": {"GET": self.prometheus},
@@ -103,7 +108,8 @@ class Gateway:
             if self.keys is not None and scope["path"].startswith("/v1/"):
                 # Before the route is looked up: a caller without a key learns nothing.
                 scope[CALLER] = self.keys.authenticate(dict(scope["headers"]))
-            methods = self.routes.get(scope["path"])
+            path = scope["path"]
+            methods = self.routes.get(MODEL_ROUTE if path.startswith(MODEL_PREFIX) else path)
             if methods is None:
                 raise NotFound(f"no route {scope['path']}")
             handler = methods.get(scope["method"])
@@ -188,11 +194,21 @@ class Gateway:
         caller: Caller | None = scope.get(CALLER)
         allowed = caller.models if caller is not None else None
         models = [
-            {"id": name, "object": "model", "created": 0, "owned_by": "llmsvc"}
-            for name in self.router.models()
-            if allowed is None or name in allowed
+            self._model(name) for name in self.router.models() if allowed is None or name in allowed
         ]
         await send_json(send, 200, {"object": "list", "data": models}, [request_id_header(scope)])
+
+    async def retrieve_model(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """One model as listed; one not served, or not the caller's to use, is not found."""
+        name = scope["path"][len(MODEL_PREFIX) :]
+        caller: Caller | None = scope.get(CALLER)
+        allowed = caller.models if caller is not None else None
+        if name not in self.router.models() or (allowed is not None and name not in allowed):
+            raise UnknownModel(f"the model {name!r} is not served here; GET /v1/models lists them")
+        await send_json(send, 200, self._model(name), [request_id_header(scope)])
+
+    def _model(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": self.created, "owned_by": "llmsvc"}
 
     async def health(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         """Liveness with detail: 200 while the process serves HTTP at all; `status` says how."""

@@ -36,7 +36,7 @@ from llmsvc.gateway.request import ChatRequest, ClientGone
 from llmsvc.gateway.router import Router, Target
 from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
 from llmsvc.logs import logger
-from llmsvc.providers.base import Reply, ToolCallDeltas
+from llmsvc.providers.base import RefusalDeltas, Reply, ToolCallDeltas
 from llmsvc.tokens import PROVIDER, count_completion, count_prompt
 from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
 
@@ -284,10 +284,13 @@ class Exchange:
                 if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
                     await self._send_chunk(encoder, await self._journal_tools(texts, encoder))
                     continue
-                fut = self._journal_tokens(aid, texts)
+                fut = self._journal_tokens(
+                    aid, texts
+                )  # a refusal's words too: the client gets them
                 if self.first_token_us is None:
                     self._first_token()
-                frame = encoder.tokens(texts)
+                refused = isinstance(texts, RefusalDeltas)  # rare: sent as delta.refusal
+                frame = encoder.refusal(texts) if refused else encoder.tokens(texts)
                 await fut
                 self.unconfirmed = (None, 0)
                 await self._send_chunk(encoder, frame)
@@ -315,13 +318,15 @@ class Exchange:
     async def _whole(self, reply: Reply) -> None:
         texts: list[str] = []
         async for batch in reply.batches():
-            if not isinstance(batch, ToolCallDeltas):
+            if not isinstance(batch, ToolCallDeltas | RefusalDeltas):  # tokens, not those
                 texts.extend(batch)
         content = "".join(texts)
-        if content or reply.tool_calls:
+        if content or reply.tool_calls or reply.refusal:
             self.first_token_us = now_us()
         if content:
             self._journal_tokens(self.attempt_id.bytes, [content])
+        if reply.refusal:  # stored as the reply's text, after any content
+            self._journal_tokens(self.attempt_id.bytes, [reply.refusal])
         if reply.tool_calls:
             self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
             self.tool_seq = len(reply.tool_calls)
@@ -335,6 +340,7 @@ class Exchange:
             reply.finish_reason or "stop",
             *self._usage(),
             reply.tool_calls,
+            reply.refusal,
         )
         await fut
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import orjson
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -53,6 +54,19 @@ Metadata = Annotated[
 ]
 
 
+def _integral(value: Any) -> Any:
+    """An integral float (3.0) as the int it is, as OpenAI takes it; 3.5 stays a float and
+    is refused by the strict int check that follows, naming the field."""
+    if type(value) is float and value.is_integer():
+        return int(value)
+    return value
+
+
+Integer = Annotated[int, BeforeValidator(_integral)]
+# The integer fields whose integral floats are forwarded as ints (an upstream may not take 3.0).
+INTEGER_FIELDS = ("max_tokens", "max_completion_tokens", "n", "seed", "top_logprobs")
+
+
 class ClientGone(Exception):
     """The client closed the connection; nothing more can be sent to it."""
 
@@ -89,10 +103,12 @@ class ChatRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
-    max_completion_tokens: int | None = Field(default=None, ge=1, le=1_000_000)
+    max_tokens: Integer | None = Field(default=None, ge=1, le=1_000_000)
+    max_completion_tokens: Integer | None = Field(default=None, ge=1, le=1_000_000)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    n: int | None = None  # one choice per request: see _one_choice
+    n: Integer | None = None  # one choice per request: see _one_choice
+    seed: Integer | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # int64, as OpenAI's
+    top_logprobs: Integer | None = Field(default=None, ge=0, le=20)
     mock_delay_ms: float | None = Field(default=None, ge=0, le=60_000)
     # Attribution (gateway/attribution.py): `user` and `metadata` are OpenAI's own fields and
     # go to the provider as sent; `session_id` is llmsvc's and does not.
@@ -131,8 +147,14 @@ async def read_body(receive: ASGIReceive, headers: dict[bytes, bytes], limit: in
 
 
 def parse_chat(body: bytes) -> tuple[dict[str, Any], ChatRequest]:
-    """The body as a dict (to forward) and validated (to rely on); ClientError names the field."""
-    return parse_body(body, ChatRequest)
+    """The body as a dict (to forward) and validated (to rely on); ClientError names the field.
+
+    Integral floats of integer fields are forwarded as the ints they were validated as."""
+    data, request = parse_body(body, ChatRequest)
+    for name in INTEGER_FIELDS:
+        if data.get(name) is not None:
+            data[name] = getattr(request, name)
+    return data, request
 
 
 def parse_body(body: bytes, model: type[Body]) -> tuple[dict[str, Any], Body]:

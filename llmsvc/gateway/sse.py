@@ -48,6 +48,16 @@ class ChunkEncoder:
             + b'},"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
+    def refusal(self, texts: list[str]) -> bytes:
+        """A chunk per refusal text, `delta.refusal` as OpenAI streams it (the rare path)."""
+        return b"".join(
+            self._head
+            + b'{"refusal":'
+            + orjson.dumps(text)
+            + b'},"logprobs":null,"finish_reason":null}]}\n\n'
+            for text in texts
+        )
+
     def role(self) -> bytes:
         return (
             self._head
@@ -98,11 +108,14 @@ def completion_body(
     completion_tokens: int | None,
     counted: dict[str, str] | None = None,
     tool_calls: list[dict[str, Any]] | None = None,
+    refusal: str | None = None,
 ) -> bytes:
-    """A whole (non-streaming) chat.completion object."""
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if tool_calls:
+    """A whole (non-streaming) chat.completion object; its message always has `refusal`
+    (OpenAI's schema requires it, null unless the model declined)."""
+    message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": refusal}
+    if tool_calls or refusal:
         message["content"] = content or None
+    if tool_calls:
         message["tool_calls"] = [openai_tool_call(call) for call in tool_calls]
     return orjson.dumps(
         {

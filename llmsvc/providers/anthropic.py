@@ -34,11 +34,15 @@ from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
 
 DEFAULT_MAX_TOKENS = 4096
+# Every stop reason becomes one of OpenAI's finish reasons (a client's SDK may check the
+# enum); one not named here, such as `pause_turn`, ended the reply without a fault: `stop`.
 FINISH = {
     "end_turn": "stop",
     "stop_sequence": "stop",
     "max_tokens": "length",
+    "model_context_window_exceeded": "length",
     "tool_use": "tool_calls",
+    "refusal": "content_filter",
 }
 PASSED = ("temperature", "top_p", "top_k")
 
@@ -114,10 +118,10 @@ def to_anthropic(body: dict[str, Any], model: str, stream: bool) -> dict[str, An
 
 
 def finish_reason(stop_reason: Any) -> str | None:
-    """Anthropic's stop reason in OpenAI's words."""
+    """Anthropic's stop reason in OpenAI's words, always one of OpenAI's finish reasons."""
     if not isinstance(stop_reason, str):
         return None
-    return FINISH.get(stop_reason, stop_reason)
+    return FINISH.get(stop_reason, "stop")
 
 
 def _text(content: Any) -> str:

@@ -19,7 +19,12 @@ class ToolCallDeltas(list[dict[str, Any]]):
     """
 
 
-Batch = list[str] | ToolCallDeltas  # what Reply.batches yields
+class RefusalDeltas(list[str]):
+    """A batch of an OpenAI upstream's `delta.refusal` texts: the model declining, in words
+    that are not the reply's content. Rare, and told apart as tool calls are."""
+
+
+Batch = list[str] | ToolCallDeltas | RefusalDeltas  # what Reply.batches yields
 
 
 class Reply(Protocol):
@@ -30,6 +35,7 @@ class Reply(Protocol):
     completion_tokens: int | None
     http_status: int | None
     tool_calls: list[dict[str, Any]]  # a whole (non-streaming) reply's calls, flat
+    refusal: str | None  # a whole reply's `message.refusal`, as the upstream sent it
 
     def batches(self) -> AsyncIterator[Batch]:
         """Token texts as they arrive, grouped by upstream read (and ToolCallDeltas)."""

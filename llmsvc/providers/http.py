@@ -47,6 +47,7 @@ class HttpReply:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.tool_calls: list[dict[str, Any]] = []
+        self.refusal: str | None = None
 
     async def batches(self) -> AsyncIterator[Batch]:
         try:

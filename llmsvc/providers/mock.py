@@ -34,6 +34,7 @@ class MockReply:
         self.completion_tokens: int | None = None
         self.finish_reason: str | None = None
         self.tool_calls: list[dict[str, Any]] = []
+        self.refusal: str | None = None
 
     async def batches(self) -> AsyncIterator[Batch]:
         if self.delay:

@@ -14,7 +14,7 @@ import orjson
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
-from llmsvc.providers.base import Batch, ToolCallDeltas
+from llmsvc.providers.base import Batch, RefusalDeltas, ToolCallDeltas
 from llmsvc.providers.fields import count, error_text, items, obj, short_text, tool_delta
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
@@ -26,6 +26,7 @@ class OpenAIReply(HttpReply):
         while chunk := await self._read():
             texts: list[str] = []
             tools = ToolCallDeltas()
+            refusals = RefusalDeltas()
             for data in splitter.feed(chunk):
                 if data == b"[DONE]":
                     done = True
@@ -50,6 +51,8 @@ class OpenAIReply(HttpReply):
                             texts.append(content if type(content) is str else self._text(content))
                         if delta.get("tool_calls"):  # rare: parsed only when present
                             tools.extend(self._calls(delta["tool_calls"], ordinal=False))
+                        if delta.get("refusal"):  # rare, as tool calls
+                            refusals.append(self._text(delta["refusal"]))
                     if choice.get("finish_reason"):
                         self.finish_reason = short_text(
                             self.name, "finish_reason", choice["finish_reason"]
@@ -58,6 +61,8 @@ class OpenAIReply(HttpReply):
                 yield texts
             if tools:
                 yield tools
+            if refusals:
+                yield refusals
         if not done:
             raise ProviderUnavailable(
                 f"{self.name}: the upstream ended the stream without [DONE]",
@@ -70,6 +75,8 @@ class OpenAIReply(HttpReply):
         self._usage(body.get("usage"))
         message = obj(choice.get("message"))
         self.tool_calls = self._calls(message.get("tool_calls"), ordinal=True)
+        refusal = message.get("refusal")
+        self.refusal = self._text(refusal) if refusal else None
         content = message.get("content")
         return self._text(content) if content else ""
 
@@ -81,7 +88,7 @@ class OpenAIReply(HttpReply):
         )
 
     def _text(self, content: Any) -> str:
-        """Content as text; a reply whose content is anything else is not one a client can get."""
+        """Content (or a refusal) as text; anything else is not a reply a client can get."""
         if isinstance(content, str):
             return content
         raise ProviderError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -16,9 +17,11 @@ from served_gateway import (
     MAX_BODY_BYTES,
     UNREACHABLE_KEY,
     UNREACHABLE_MODEL,
+    UPSTREAM_MODEL,
     Served,
     _QuietServer,
 )
+from upstreams.openai_upstream import Upstream
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import WalFatal
@@ -47,15 +50,6 @@ def refused_port() -> Iterator[int]:
 async def served(
     tmp_path: Path, refused_port: int, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[Served]:
-    # Each test has the rejected-request log's budget to itself, whatever ran the same second.
-    monkeypatch.setattr(rejections, "_budget", rejections._Budget())
-    wal_dir = tmp_path / "wal"
-    wal_dir.mkdir()
-    wal_id = instance_id(wal_dir)
-    fatal: list[WalFatal] = []
-    writer = WalWriter(wal_dir, wal_id, wal_policy())
-    writer.open(asyncio.get_running_loop(), fatal.append)
-
     configs = [
         ProviderConfig(name="mock", kind="mock", models=["mock"]),
         ProviderConfig(
@@ -67,6 +61,36 @@ async def served(
             timeout_seconds=5,
         ),
     ]
+    async with _serve(tmp_path, configs, monkeypatch) as served:
+        yield served
+
+
+@pytest.fixture
+async def served_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Served]:
+    """A gateway whose one provider, `oai` (model UPSTREAM_MODEL), is the fake OpenAI upstream
+    (tests/upstreams/openai_upstream.py), served in the test's own event loop."""
+    async with Upstream() as upstream:
+        await upstream.start()
+        config = ProviderConfig(
+            name="oai", kind="openai", base_url=upstream.base_url, models=[UPSTREAM_MODEL]
+        )
+        async with _serve(tmp_path, [config], monkeypatch) as served:
+            yield served
+
+
+@contextlib.asynccontextmanager
+async def _serve(
+    tmp_path: Path, configs: list[ProviderConfig], monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Served]:
+    # Each test has the rejected-request log's budget to itself, whatever ran the same second.
+    monkeypatch.setattr(rejections, "_budget", rejections._Budget())
+    wal_dir = tmp_path / "wal"
+    wal_dir.mkdir()
+    wal_id = instance_id(wal_dir)
+    fatal: list[WalFatal] = []
+    writer = WalWriter(wal_dir, wal_id, wal_policy())
+    writer.open(asyncio.get_running_loop(), fatal.append)
+
     providers = {c.name: build_provider(c) for c in configs}
     gateway = Gateway(
         Journal(writer),

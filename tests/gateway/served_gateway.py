@@ -3,7 +3,8 @@
 `served` (conftest.py) builds what the daemon builds (WalWriter, Journal, Router, Gateway)
 minus the store, and serves it with uvicorn on 127.0.0.1 in the test's event
 loop. Two providers: the mock (model `mock`) and an OpenAI-kind provider whose
-port is bound but never listening, so every call to it is refused.
+port is bound but never listening, so every call to it is refused. `served_upstream`
+serves one provider instead: the fake OpenAI upstream, in the same loop.
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ UNREACHABLE_KEY = "sk-unreachable-0123456789abcdef"
 
 
 UNREACHABLE_MODEL = "far-model"
+
+
+UPSTREAM_MODEL = "gpt-test"  # the fake OpenAI upstream's model (`served_upstream`)
 
 
 class _QuietServer(uvicorn.Server):

@@ -12,6 +12,7 @@ import re
 import uuid
 from typing import Any
 
+import openai
 import orjson
 import pytest
 from served_gateway import (
@@ -34,7 +35,7 @@ from llmsvc.providers.mock import token
 from llmsvc.wal.codec import RecordType
 
 
-@pytest.mark.parametrize("path", ["/", "/v1/chat", "/v1/chat/completions/", "/v1/models/mock"])
+@pytest.mark.parametrize("path", ["/", "/v1/chat", "/v1/chat/completions/", "/v1/model/mock"])
 async def test_unknown_path_is_404_and_records_nothing(served: Served, path: str) -> None:
     async with served.session.post(served.url + path, json={"model": "mock"}) as r:
         error = _error(r.status, await r.read(), 404)
@@ -43,7 +44,12 @@ async def test_unknown_path_is_404_and_records_nothing(served: Served, path: str
     await _assert_nothing_recorded(served)
 
 
-WRONG_METHODS = [("GET", CHAT, "POST"), ("PUT", CHAT, "POST"), ("POST", "/v1/models", "GET")]
+WRONG_METHODS = [
+    ("GET", CHAT, "POST"),
+    ("PUT", CHAT, "POST"),
+    ("POST", "/v1/models", "GET"),
+    ("POST", "/v1/models/mock", "GET"),
+]
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), WRONG_METHODS)
@@ -127,6 +133,25 @@ async def test_models_lists_every_routed_model(served: Served) -> None:
     assert doc["object"] == "list"
     assert [m["id"] for m in doc["data"]] == ["mock", UNREACHABLE_MODEL]
     assert all(m["object"] == "model" for m in doc["data"])
+    assert all(m["created"] == served.gateway.created > 0 for m in doc["data"])
+    await _assert_nothing_recorded(served)
+
+
+async def test_a_model_is_retrieved_through_the_sdk_as_listed(served: Served) -> None:
+    """`client.models.retrieve()` calls GET /v1/models/{model}; the id may hold slashes."""
+    client = openai.AsyncOpenAI(base_url=served.url + "/v1", api_key="x", max_retries=0)
+    async with client:
+        listed = (await client.models.list()).data
+        retrieved = await client.models.retrieve("mock")
+        with pytest.raises(openai.NotFoundError) as missing:
+            await client.models.retrieve("vendor/no-such-model")
+    assert retrieved == listed[0]
+    assert (retrieved.id, retrieved.object, retrieved.owned_by) == ("mock", "model", "llmsvc")
+    assert retrieved.created == served.gateway.created
+    error = missing.value.body
+    assert isinstance(error, dict)
+    assert (error["code"], error["param"]) == ("model_not_found", None)
+    assert "'vendor/no-such-model' is not served" in error["message"]
     await _assert_nothing_recorded(served)
 
 

@@ -11,12 +11,14 @@ import uuid
 from typing import Any
 
 import anyio
+import openai
 import orjson
 import pytest
 from served_gateway import (
     MESSAGES,
     UNREACHABLE_KEY,
     UNREACHABLE_MODEL,
+    UPSTREAM_MODEL,
     Served,
     _assert_nothing_recorded,
     _by_type,
@@ -144,7 +146,9 @@ async def test_non_streaming_returns_a_completion_with_usage(served: Served) -> 
     assert doc["object"] == "chat.completion"
     assert doc["id"] == f"chatcmpl-{request_id.hex}"
     [choice] = doc["choices"]
-    assert choice["message"] == {"role": "assistant", "content": token(0) + token(1) + token(2)}
+    content = token(0) + token(1) + token(2)
+    # `refusal` is required (nullable) in OpenAI's schema: null unless the model declined.
+    assert choice["message"] == {"role": "assistant", "content": content, "refusal": None}
     assert choice["finish_reason"] == "length"
     assert doc["usage"] == {"prompt_tokens": 2, "completion_tokens": 3, "total_tokens": 5}
     records = await served.records()
@@ -189,3 +193,39 @@ async def test_unreachable_provider_is_502_without_the_key_and_journaled_failed(
     assert request_end["status"] == "failed"
     assert request_end["provider"] == "far"
     assert UNREACHABLE_KEY not in orjson.dumps([body for _, body in records]).decode()
+
+
+REFUSAL = "I cannot help with that."
+
+
+async def test_an_upstreams_refusal_reaches_the_sdk_whole(served_upstream: Served) -> None:
+    client = openai.AsyncOpenAI(base_url=served_upstream.url + "/v1", api_key="x", max_retries=0)
+    async with client:
+        reply = await client.chat.completions.create(
+            model=UPSTREAM_MODEL, messages=[{"role": "user", "content": f"refuse:{REFUSAL}"}]
+        )
+    message = reply.choices[0].message
+    assert (message.refusal, message.content) == (REFUSAL, None)
+    assert reply.choices[0].finish_reason == "stop"
+    journaled = _by_type(await served_upstream.records(), RecordType.TOKEN)
+    assert [text for _, _, text, _ in journaled] == [REFUSAL]  # what the client got, stored
+
+
+async def test_an_upstreams_refusal_deltas_are_streamed_as_delta_refusal(
+    served_upstream: Served,
+) -> None:
+    client = openai.AsyncOpenAI(base_url=served_upstream.url + "/v1", api_key="x", max_retries=0)
+    async with client:
+        stream = await client.chat.completions.create(
+            model=UPSTREAM_MODEL,
+            messages=[{"role": "user", "content": f"refuse:{REFUSAL}"}],
+            stream=True,
+        )
+        chunks = [chunk async for chunk in stream]
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.refusal or "" for d in deltas) == REFUSAL
+    assert "".join(d.content or "" for d in deltas) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    journaled = _by_type(await served_upstream.records(), RecordType.TOKEN)
+    assert "".join(text for _, _, text, _ in journaled) == REFUSAL  # journaled before it was sent
+    assert [seq for _, seq, _, _ in journaled] == list(range(len(journaled)))

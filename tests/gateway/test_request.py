@@ -31,6 +31,7 @@ from served_gateway import (
 from llmsvc.errors import ClientError
 from llmsvc.gateway.request import (
     CORRELATION_MAX,
+    INTEGER_FIELDS,
     MAX_DEPTH,
     correlation_id,
     parse_chat,
@@ -119,9 +120,11 @@ def test_a_body_past_the_parsers_own_limit_is_not_valid_json() -> None:
     [b"18446744073709551616", b"-9223372036854775809", b"1" * 300, b"1e-400", b"-0.0"],
 )
 def test_numbers_past_64_bits_parse_as_floats_the_wal_can_encode(literal: bytes) -> None:
-    data, _ = parse_chat(b'{"model":"m","messages":[{"role":"user"}],"seed":' + literal + b"}")
+    """In a field llmsvc does not read (passed as sent); `seed` itself is an int64."""
+    body = b'{"model":"m","messages":[{"role":"user"}],"logit_bias":{"1":' + literal + b"}}"
+    data, _ = parse_chat(body)
 
-    assert orjson.loads(orjson.dumps(data))["seed"] == data["seed"]
+    assert orjson.loads(orjson.dumps(data))["logit_bias"] == data["logit_bias"]
 
 
 @pytest.mark.parametrize(
@@ -278,6 +281,12 @@ INVALID_FIELDS = {
     "max_tokens-negative": (_chat(max_tokens=-1), "max_tokens"),
     "max_tokens-zero": (_chat(max_tokens=0), "max_tokens"),
     "max_tokens-str": (_chat(max_tokens="5"), "max_tokens"),
+    "max_tokens-fraction": (_chat(max_tokens=3.5), "max_tokens"),
+    "max_tokens-true": (_chat(max_tokens=True), "max_tokens"),
+    "max_completion_tokens-fraction": (_chat(max_completion_tokens=2.5), "max_completion_tokens"),
+    "seed-fraction": (_chat(seed=1.5), "seed"),
+    "seed-past-64-bits": (_chat(seed=2.0**64), "seed"),
+    "top_logprobs-fraction": (_chat(top_logprobs=0.5), "top_logprobs"),
     "max_completion_tokens-negative": (_chat(max_completion_tokens=-3), "max_completion_tokens"),
     "temperature-9": (_chat(temperature=9), "temperature"),
     "temperature-str": (_chat(temperature="hot"), "temperature"),
@@ -288,6 +297,23 @@ INVALID_FIELDS = {
         "stream_options.include_usage",
     ),
 }
+
+
+@pytest.mark.parametrize("field", INTEGER_FIELDS)
+def test_an_integral_float_is_taken_for_an_integer_field_and_forwarded_as_an_int(
+    field: str,
+) -> None:
+    """OpenAI takes 3.0 where it wants an integer; an upstream that does not gets 3."""
+    data, request = parse_chat(orjson.dumps(_chat(**{field: 1.0})))
+    assert (type(data[field]), data[field], getattr(request, field)) == (int, 1, 1)
+
+
+async def test_an_integral_max_tokens_streams_that_many_tokens(served: Served) -> None:
+    status, _, raw = await _post(served, _chat(max_tokens=3.0))
+    assert status == 200, raw
+    doc = orjson.loads(raw)
+    assert doc["usage"]["completion_tokens"] == 3
+    assert doc["choices"][0]["finish_reason"] == "length"
 
 
 @pytest.mark.parametrize(("body", "field"), list(INVALID_FIELDS.values()), ids=list(INVALID_FIELDS))

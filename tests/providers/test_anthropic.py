@@ -100,9 +100,12 @@ def test_tool_calls_and_results_become_tool_use_and_tool_result_blocks() -> None
 @pytest.mark.parametrize(
     ("stop", "finish"),
     [("end_turn", "stop"), ("stop_sequence", "stop"), ("max_tokens", "length"),
-     ("tool_use", "tool_calls"), (None, None)],
+     ("tool_use", "tool_calls"), ("refusal", "content_filter"),
+     ("model_context_window_exceeded", "length"), ("pause_turn", "stop"),
+     ("a_reason_from_the_future", "stop"), (None, None)],
 )  # fmt: skip
 def test_stop_reasons_become_openai_finish_reasons(stop: str | None, finish: str | None) -> None:
+    """Every one is a value of OpenAI's finish_reason enum, whatever Anthropic adds."""
     assert finish_reason(stop) == finish
 
 

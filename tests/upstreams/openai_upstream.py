@@ -15,6 +15,8 @@ Reply content is deterministic: ``max_tokens`` (default 16) tokens, token ``i`` 
 With ``tools`` in the body and a last user message ``call:NAME``, the reply calls the
 tool NAME with ``{"q": "x"}`` (streamed as OpenAI streams tool-call deltas). A body field
 ``upstream_usage`` (any JSON value) is sent as the reply's ``usage``, as an odd upstream might.
+A last user message ``refuse:TEXT`` is declined: the reply is ``refusal`` TEXT, no content
+(streamed as ``delta.refusal`` chunks, a word each).
 * ``/with/<header>/<value>/v1/chat/completions`` -- as if the request carried that header.
 
 Run ``python tests/upstreams/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
@@ -143,6 +145,15 @@ def _tool_call(body: dict[str, Any]) -> str | None:
     content = last.get("content") if isinstance(last, dict) else None
     if body.get("tools") and isinstance(content, str) and content.startswith("call:"):
         return content[5:].strip()
+    return None
+
+
+def _refusal(body: dict[str, Any]) -> str | None:
+    """A last user message `refuse:TEXT` asks to be declined with TEXT."""
+    last = body["messages"][-1] if body["messages"] else {}
+    content = last.get("content") if isinstance(last, dict) else None
+    if isinstance(content, str) and content.startswith("refuse:"):
+        return content[7:].strip()
     return None
 
 
@@ -391,6 +402,40 @@ class Upstream:
         await resp.write_eof()
         return resp
 
+    async def _refusal_reply(
+        self, request: web.Request, body: dict[str, Any], text: str
+    ) -> web.StreamResponse:
+        """A reply that declines with `text`, as OpenAI sends a refusal, streamed or not."""
+        cid, created, model = _new_id(), int(time.time()), body["model"]
+        usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": None, "refusal": text}
+            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
+            return web.json_response(
+                {"id": cid, "object": "chat.completion", "created": created, "model": model,
+                 "choices": [choice], "usage": usage},
+                dumps=lambda v: orjson.dumps(v).decode(),
+            )  # fmt: skip
+        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
+
+        words = [word + " " for word in text.split(" ")]
+        words[-1] = words[-1][:-1]
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(chunk({"role": "assistant", "content": None, "refusal": None}))
+        for word in words:
+            await resp.write(chunk({"refusal": word}))
+        await resp.write(chunk({}, "stop"))
+        await resp.write(
+            b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n"
+        )
+        await resp.write_eof(_DONE)
+        return resp
+
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``: deterministic completion, streamed or not."""
         if (denied := self._check_auth(request)) is not None:
@@ -408,6 +453,8 @@ class Upstream:
             )
         if (tool := _tool_call(body)) is not None:
             return await self._tool_reply(request, body, tool)
+        if (refusal := _refusal(body)) is not None:
+            return await self._refusal_reply(request, body, refusal)
         prompt_tokens = count_prompt_tokens(body["messages"])
         usage: Any = {
             "prompt_tokens": prompt_tokens,
