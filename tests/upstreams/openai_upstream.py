@@ -110,6 +110,31 @@ def _new_id() -> str:
     return f"chatcmpl-{_ID_PREFIX}{next(_ID_COUNTER):012d}"
 
 
+def _canned_whole(
+    body: dict[str, Any], message: dict[str, Any], finish: str, usage: dict[str, int]
+) -> web.Response:
+    """A whole chat completion of one choice, as OpenAI answers one."""
+    choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
+    doc = {"id": _new_id(), "object": "chat.completion", "created": int(time.time()),
+           "model": body["model"], "choices": [choice], "usage": usage}  # fmt: skip
+    return web.json_response(doc, dumps=lambda v: orjson.dumps(v).decode())
+
+
+class _CannedChunks:
+    """The SSE chunks of one streamed completion, as OpenAI frames them."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.head = {"id": _new_id(), "object": "chat.completion.chunk",
+                     "created": int(time.time()), "model": body["model"]}  # fmt: skip
+
+    def __call__(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return b"data: " + orjson.dumps({**self.head, "choices": [choice]}) + b"\n\n"
+
+    def usage(self, usage: dict[str, int]) -> bytes:
+        return b"data: " + orjson.dumps({**self.head, "choices": [], "usage": usage}) + b"\n\n"
+
+
 def _parse_fail(value: str | None) -> tuple[int | None, int | None]:
     """Parse ``X-Upstream-Fail`` into (status, after_n)."""
     if not value:
@@ -358,7 +383,6 @@ class Upstream:
         self, request: web.Request, body: dict[str, Any], name: str
     ) -> web.StreamResponse:
         """A reply that calls tool `name` with {"q": "x"}, as OpenAI streams one or not."""
-        cid, created, model = _new_id(), int(time.time()), body["model"]
         call = {"id": "call_test", "type": "function", "function": {"name": name}}
         usage = {"prompt_tokens": 1, "completion_tokens": 5, "total_tokens": 6}
         if not body.get("stream"):
@@ -367,23 +391,8 @@ class Upstream:
                 "content": None,
                 "tool_calls": [{**call, "function": {"name": name, "arguments": '{"q": "x"}'}}],
             }
-            choice = {
-                "index": 0,
-                "message": message,
-                "logprobs": None,
-                "finish_reason": "tool_calls",
-            }
-            return web.json_response(
-                {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                 "choices": [choice], "usage": usage},
-                dumps=lambda v: orjson.dumps(v).decode(),
-            )  # fmt: skip
-        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
-
+            return _canned_whole(body, message, "tool_calls", usage)
+        chunk = _CannedChunks(body)
         deltas = [
             chunk({"role": "assistant", "content": None}),
             chunk(
@@ -392,7 +401,7 @@ class Upstream:
             chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"q"'}}]}),
             chunk({"tool_calls": [{"index": 0, "function": {"arguments": ': "x"}'}}]}),
             chunk({}, "tool_calls"),
-            b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n",
+            chunk.usage(usage),
             _DONE,
         ]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -406,22 +415,11 @@ class Upstream:
         self, request: web.Request, body: dict[str, Any], text: str
     ) -> web.StreamResponse:
         """A reply that declines with `text`, as OpenAI sends a refusal, streamed or not."""
-        cid, created, model = _new_id(), int(time.time()), body["model"]
         usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
         if not body.get("stream"):
             message = {"role": "assistant", "content": None, "refusal": text}
-            choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "stop"}
-            return web.json_response(
-                {"id": cid, "object": "chat.completion", "created": created, "model": model,
-                 "choices": [choice], "usage": usage},
-                dumps=lambda v: orjson.dumps(v).decode(),
-            )  # fmt: skip
-        head = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model}
-
-        def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
-
+            return _canned_whole(body, message, "stop", usage)
+        chunk = _CannedChunks(body)
         words = [word + " " for word in text.split(" ")]
         words[-1] = words[-1][:-1]
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -430,9 +428,7 @@ class Upstream:
         for word in words:
             await resp.write(chunk({"refusal": word}))
         await resp.write(chunk({}, "stop"))
-        await resp.write(
-            b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n"
-        )
+        await resp.write(chunk.usage(usage))
         await resp.write_eof(_DONE)
         return resp
 
