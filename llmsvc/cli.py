@@ -48,6 +48,7 @@ from llmsvc.store.engine import (
     sqlite_path,
     upgrade_to_head,
 )
+from llmsvc.store.keys import utc
 from llmsvc.store.queries import (
     RequestDetail,
     acknowledge_dead_letters,
@@ -982,26 +983,20 @@ def _json_default(value: Any) -> str:
     raise TypeError(f"cannot print {type(value).__name__} as JSON")
 
 
-def _utc(value: datetime) -> datetime:
-    """A time in UTC: SQLite's come back naive (stored as UTC), PostgreSQL's in the
-    session's zone, the scheduler's in the host's."""
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
 def _time(value: datetime | None) -> str:
     """A time in a table, whose header says (UTC)."""
-    return _utc(value).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
+    return utc(value).strftime("%Y-%m-%d %H:%M:%S") if value else "-"
 
 
 def _seconds(start: datetime | None, end: datetime | None) -> str:
     if not start or not end:
         return "-"
-    return f"{(_utc(end) - _utc(start)).total_seconds():.2f}"
+    return f"{(utc(end) - utc(start)).total_seconds():.2f}"
 
 
 def _plain(value: Any) -> str:
     if isinstance(value, datetime):
-        return _utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
+        return utc(value).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + " UTC"
     if isinstance(value, list | dict):
         return orjson.dumps(value).decode()
     return "-" if value is None else str(value)

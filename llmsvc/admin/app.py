@@ -31,6 +31,7 @@ from llmsvc.maintenance.jobs import backup_job, prune_job
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.store import keys
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
+from llmsvc.store.keys import utc
 from llmsvc.store.queries import find_requests, recent_requests, request_detail, token_summary
 
 log = logger(__name__)
@@ -356,9 +357,8 @@ def _plain(value: Any) -> Any:
         return [_plain(v) for v in value]
     if isinstance(value, uuid.UUID):
         return str(value)
-    if isinstance(value, datetime):  # SQLite's come back naive: every time stored is UTC
-        at = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-        return at.isoformat()
+    if isinstance(value, datetime):
+        return utc(value).isoformat()
     if hasattr(value, "isoformat"):  # a day
         return value.isoformat()
     return value

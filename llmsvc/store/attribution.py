@@ -16,6 +16,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.errors import NotFound
+from llmsvc.store.keys import utc
 from llmsvc.store.schema import api_keys, llm_requests, teams
 
 SpendBy = Literal["key", "team", "user", "model", "day"]
@@ -48,7 +49,7 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         raise ValueError(
             f"{text!r} is neither a duration (30m, 24h, 7d, 2w) nor an ISO date or time"
         ) from None
-    return at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)
+    return utc(at)
 
 
 async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElement[bool]]:

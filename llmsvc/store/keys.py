@@ -13,7 +13,7 @@ import hashlib
 import secrets
 import uuid
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, overload
 
 import sqlalchemy as sa
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -101,10 +101,10 @@ def expiry(value: str) -> datetime:
         raise ValueError(f"{value!r} is not an ISO 8601 date or time (2026-12-31)") from None
     if len(value) <= 10:  # a date alone
         when = datetime.combine(date.fromisoformat(value), datetime.min.time())
-    when = when if when.tzinfo else when.replace(tzinfo=UTC)
+    when = utc(when)
     if when <= datetime.now(UTC):
         raise ValueError(f"{value!r} is in the past")
-    return when.astimezone(UTC)
+    return when
 
 
 # -- teams ------------------------------------------------------------------------------
@@ -267,11 +267,16 @@ def budget_needs_period_or_400(budget: float | None, period: str | None) -> None
         raise ClientError(str(exc), param="budget_period") from None
 
 
+@overload
+def utc(value: datetime) -> datetime: ...
+@overload
+def utc(value: None) -> None: ...
 def utc(value: datetime | None) -> datetime | None:
-    """SQLite gives back naive times; every time stored here is UTC."""
-    if value is None or value.tzinfo is not None:
-        return value
-    return value.replace(tzinfo=UTC)
+    """A time in UTC. Naive ones are UTC already: SQLite gives back stored times naive, and
+    llmsvc reads a time given without a zone as UTC; PostgreSQL's come in the session's zone."""
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _named(table: sa.Table, name: str) -> sa.ColumnElement[bool]:
