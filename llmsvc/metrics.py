@@ -352,12 +352,12 @@ class Metrics:
         seconds: float,
         first_token_seconds: float | None,
         attempts: Sequence[tuple[str, str, str, str | None]] = (),
-        refusals: Sequence[tuple[str, str]] = (),
+        skipped: Sequence[tuple[str, str]] = (),
     ) -> None:
         """One request ended: called once per request, never per token.
 
         `attempts` is each provider attempt's (provider, upstream model, status,
-        error code); `refusals` each provider skipped without a call (provider,
+        error code); `skipped` each provider skipped without a call (provider,
         `provider_disabled` or `circuit_open`), counted as that provider's errors
         too. Labels stay bounded: every name comes from configuration.
         """
@@ -366,7 +366,7 @@ class Metrics:
             self.attempts.labels(name, upstream, outcome).inc()
             if code:
                 self.provider_errors.labels(name, code).inc()
-        for name, code in refusals:
+        for name, code in skipped:
             self.provider_errors.labels(name, code).inc()
         if prompt_tokens:
             self.prompt_tokens.labels(provider, model).inc(prompt_tokens)

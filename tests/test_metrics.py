@@ -85,7 +85,7 @@ def test_a_provider_skipped_without_a_call_counts_as_that_providers_error() -> N
     metrics.request_done(
         "a", "m", "failed", "service_unavailable", None, 0, 0.01, None,
         attempts=[("b", "m", "failed", "upstream_error")],
-        refusals=[("a", "provider_disabled")],
+        skipped=[("a", "provider_disabled")],
     )  # fmt: skip
     assert (
         value("llmsvc_provider_errors_total", {"provider": "a", "code": "provider_disabled"}) == 1

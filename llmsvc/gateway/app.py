@@ -186,7 +186,7 @@ class Gateway:
             time.monotonic() - exchange.began,
             (first - exchange.began_us) / 1e6 if first is not None else None,
             exchange.attempts,
-            exchange.refusals,
+            exchange.skipped,
         )
 
     async def list_models(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:

@@ -82,12 +82,12 @@ class Exchange:
         "prompt_source",
         "prompt_tokens",
         "receive",
-        "refusals",
         "request_deadline",
         "request_id",
         "router",
         "send",
         "seq",
+        "skipped",
         "start_fut",
         "started",
         "status",
@@ -138,7 +138,7 @@ class Exchange:
         self.attempt_no = 0
         self.attempt_open = False  # an attempt is started and not yet ended in the journal
         self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
-        self.refusals: list[tuple[str, str]] = []  # provider, code: targets skipped, not called
+        self.skipped: list[tuple[str, str]] = []  # provider, code: targets skipped, not called
         self.correlation_id = correlation_id
         self.who = record_fields(caller, attribution)  # for the start record
         self.created = int(time.time())
@@ -284,9 +284,7 @@ class Exchange:
                 if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
                     await self._send_chunk(encoder, await self._journal_tools(texts, encoder))
                     continue
-                fut = self._journal_tokens(
-                    aid, texts
-                )  # a refusal's words too: the client gets them
+                fut = self._journal_tokens(aid, texts)  # a refusal too: the client gets it
                 if self.first_token_us is None:
                     self._first_token()
                 refused = isinstance(texts, RefusalDeltas)  # rare: sent as delta.refusal

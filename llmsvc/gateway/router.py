@@ -32,7 +32,7 @@ class Request(Protocol):
     model: str
     targets: list[Target]
     policy: RetryPolicy
-    refusals: list[tuple[str, str]]  # provider, code: targets skipped, not called
+    skipped: list[tuple[str, str]]  # provider, code: targets skipped, not called
     request_deadline: float  # loop time all attempts together must end by
 
     def replied(self) -> bool: ...
@@ -90,7 +90,7 @@ class Router:
                     break
                 why = self.unavailable(target)
                 if why is not None:
-                    request.refusals.append((target.provider.name, why[0]))
+                    request.skipped.append((target.provider.name, why[0]))
                     skipped.append(why[1])
                     break
                 try:
