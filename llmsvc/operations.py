@@ -25,6 +25,7 @@ from llmsvc.errors import Conflict, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.attribution import deployment_fields
 from llmsvc.gateway.breaker import Breakers, Circuit
+from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
 from llmsvc.keytable import KeyTable
@@ -112,6 +113,12 @@ class Operations:
             policy=s.retry_policy(),
             keys=self.keys,
             limiter=self.limiter,
+            conversations=Conversations(
+                engine,
+                lambda: self.flusher.checkpoint,
+                lambda: self.writer.end.lsn - 1,
+                timeout,
+            ),
         )
         for finding in repairs.findings:
             metrics.wal_damage.labels(kind=finding.kind).inc()

@@ -20,6 +20,7 @@ from llmsvc.config import RetryPolicy
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable, UnknownModel
 from llmsvc.gateway.attribution import read_attribution
 from llmsvc.gateway.chat import Exchange
+from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.errors import reject, send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
@@ -33,7 +34,7 @@ from llmsvc.gateway.request import (
     request_id_header,
 )
 from llmsvc.gateway.router import Router
-from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.gateway.sse import ASGIReceive, ASGISend, ChatWire
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
@@ -72,8 +73,10 @@ class Gateway:
         describe: Callable[[], dict[str, Any]] | None = None,
         keys: KeyTable | None = None,
         limiter: Limiter | None = None,
+        conversations: Conversations | None = None,
     ) -> None:
         self.journal = journal
+        self.conversations = conversations  # stored turns to continue (responses, sessions)
         self.keys = keys  # with auth = "keys": every /v1/* request needs one of them
         self.limiter = limiter  # rate limits and budgets of callers (llmsvc.limits)
         self.router = router
@@ -135,12 +138,14 @@ class Gateway:
         body = await read_body(receive, headers, self.max_body_bytes)
         data, request = parse_chat(body)
         attribution = read_attribution(data, request, headers)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
         exchange = Exchange(
             self.journal,
             self.router,
             self.policy,
             data,
-            request,
+            request.model,
+            request.stream,
             request_id(scope),
             correlation_id(headers),
             send,
@@ -148,6 +153,9 @@ class Gateway:
             closed_check(scope),
             caller=scope.get(CALLER),
             attribution=attribution,
+            wire=lambda rid, created: ChatWire(
+                f"chatcmpl-{rid}", created, request.model, include_usage
+            ),
         )
         if exchange.caller is not None and self.limiter is not None:
             exchange.headers += self.limiter.admit(exchange.caller)  # or 429, nothing journaled

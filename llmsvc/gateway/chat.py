@@ -1,4 +1,5 @@
-"""One chat completion: journal it, call the provider, forward what was journaled.
+"""One request to a provider, whatever API it came by: journal it, call the provider,
+forward what was journaled through the request's wire (gateway/wire.py).
 
 Every token batch is appended to the WAL and its batch future awaited before
 the batch is written to the client socket: whatever the client received, the
@@ -30,13 +31,14 @@ from llmsvc.errors import (
     WalFull,
 )
 from llmsvc.gateway.attribution import Attribution, record_fields
-from llmsvc.gateway.errors import describe, error_event
+from llmsvc.gateway.errors import describe
 from llmsvc.gateway.journal import Journal, now_us
-from llmsvc.gateway.request import ChatRequest, ClientGone
+from llmsvc.gateway.request import ClientGone
 from llmsvc.gateway.router import Router, Target
-from llmsvc.gateway.sse import DONE, ASGIReceive, ASGISend, ChunkEncoder, completion_body
+from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.gateway.wire import Usage, Wire
 from llmsvc.logs import logger
-from llmsvc.providers.base import RefusalDeltas, Reply, ToolCallDeltas
+from llmsvc.providers.base import Native, RefusalDeltas, Reply, ToolCallDeltas
 from llmsvc.tokens import PROVIDER, count_completion, count_prompt
 from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
 
@@ -54,6 +56,7 @@ class Exchange:
     """
 
     __slots__ = (
+        "api",
         "attempt_id",
         "attempt_no",
         "attempt_open",
@@ -74,9 +77,10 @@ class Exchange:
         "error_code",
         "first_token_us",
         "headers",
-        "include_usage",
         "journal",
         "model",
+        "native",
+        "params",
         "pieces",
         "policy",
         "prompt_source",
@@ -97,6 +101,7 @@ class Exchange:
         "tool_seq",
         "unconfirmed",
         "who",
+        "wire",
     )
 
     def __init__(
@@ -105,7 +110,8 @@ class Exchange:
         router: Router,
         policy: RetryPolicy,
         data: dict[str, Any],
-        request: ChatRequest,
+        model: str,
+        stream: bool,
         request_id: uuid.UUID,
         correlation_id: str,
         send: ASGISend,
@@ -114,10 +120,16 @@ class Exchange:
         *,
         caller: Caller | None,
         attribution: Attribution,
+        wire: Callable[[str, int], Wire],
+        api: str = "chat",
+        native: Native | None = None,
     ) -> None:
-        if caller is not None and caller.models is not None and request.model not in caller.models:
+        """`data`: the request as a chat completion (what a provider without `native`'s API
+        is sent); `native`: the body as the client sent it in another API, forwarded as is
+        to a provider that speaks that API. `wire(request_id_hex, created)` renders replies."""
+        if caller is not None and caller.models is not None and model not in caller.models:
             raise ModelNotAllowed(
-                f"the key {caller.key_name!r} may not use the model {request.model!r}; "
+                f"the key {caller.key_name!r} may not use the model {model!r}; "
                 f"it may use {', '.join(sorted(caller.models))}",
                 param="model",
             )
@@ -125,11 +137,14 @@ class Exchange:
         self.caller = caller  # who sent it (None with `auth = "none"`)
         self.router = router
         self.policy = policy
-        self.targets = router.targets(request.model)  # UnknownModel before anything is journaled
+        self.targets = router.targets(model)  # UnknownModel before anything is journaled
         self.target = self.targets[0]  # the one being tried
         self.data = data
-        self.model, self.stream = request.model, request.stream
-        self.include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        self.model, self.stream, self.api, self.native = model, stream, api, native
+        # What the start record keeps besides the messages: the body as the client sent it.
+        skip = ("model", "messages") if native is None else ("model",)
+        source = data if native is None else native.body
+        self.params = {k: v for k, v in source.items() if k not in skip}
         self.send = send
         self.receive = receive
         self.closed = closed  # the connection is known gone (a write failed), asked at once
@@ -142,6 +157,7 @@ class Exchange:
         self.correlation_id = correlation_id
         self.who = record_fields(caller, attribution)  # for the start record
         self.created = int(time.time())
+        self.wire = wire(request_id.hex, self.created)
         self.started = False  # response headers sent
         self.ended = False  # end records journaled
         self.seq = 0  # tokens journaled
@@ -167,13 +183,8 @@ class Exchange:
             (b"x-correlation-id", correlation_id.encode()),
         ]
 
-    @property
-    def completion_id(self) -> str:
-        return f"chatcmpl-{self.request_id.hex}"
-
     async def run(self, scope: anyio.CancelScope) -> None:
         """Serve the request; the cancel scope is how shutdown interrupts it."""
-        params = {k: v for k, v in self.data.items() if k not in ("model", "messages")}
         try:
             self.start_fut = self.journal.request_start(
                 self.request_id,
@@ -181,8 +192,9 @@ class Exchange:
                 self.model,
                 self.stream,
                 self.data["messages"],
-                params,
+                self.params,
                 self.who,
+                self.api,
             )
             with scope:
                 await self.router.try_targets(self)
@@ -191,7 +203,7 @@ class Exchange:
                 await self._end("interrupted", error=str(stopped), error_code="shutdown")
                 if not self.started:
                     raise stopped  # still a plain HTTP 503
-                await self._send_final(error_event(stopped) + DONE)
+                await self._send_final(self.wire.failure(describe(stopped)[1]))
         except ClientGone:
             await self._end("interrupted", error="client disconnected")
         except LlmsvcError as exc:
@@ -240,7 +252,9 @@ class Exchange:
             async with asyncio.timeout_at(
                 min(first, self.deadline) if self.stream else self.deadline
             ) as self.bound:
-                reply = await target.provider.open(self.data, target.model, self.stream)
+                reply = await target.provider.open(
+                    self.data, target.model, self.stream, self.native
+                )
                 try:
                     if self.stream:
                         await self._stream(reply)
@@ -271,7 +285,7 @@ class Exchange:
         await self.journal.attempt_end(self.attempt_id, **fields)
 
     async def _stream(self, reply: Reply) -> None:
-        encoder = ChunkEncoder(self.completion_id, self.created, self.model)
+        wire = self.wire
         aid = self.attempt_id.bytes
         # uvicorn drops sends to a closed connection silently: a disconnect is
         # seen by receive(), which returns once the body has been read, or at
@@ -282,28 +296,26 @@ class Exchange:
                 if gone.done():
                     raise ClientGone
                 if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
-                    await self._send_chunk(encoder, await self._journal_tools(texts, encoder))
+                    await self._send_chunk(await self._journal_tools(texts), reply)
                     continue
                 fut = self._journal_tokens(aid, texts)  # a refusal too: the client gets it
                 if self.first_token_us is None:
                     self._first_token()
                 refused = isinstance(texts, RefusalDeltas)  # rare: sent as delta.refusal
-                frame = encoder.refusal(texts) if refused else encoder.tokens(texts)
+                frame = wire.refusal(texts) if refused else wire.tokens(texts)
                 await fut
                 self.unconfirmed = (None, 0)
-                await self._send_chunk(encoder, frame)
+                await self._send_chunk(frame, reply)
             if gone.done() or self.closed():  # a one-batch reply meets no check above
                 raise ClientGone
             fut = self._end_records("completed", reply)
-            tail = encoder.finish(reply.finish_reason or "stop")
-            if self.include_usage:
-                tail += encoder.usage(*self._usage())
+            tail = wire.closing(reply.finish_reason or "stop", self._usage())
             await fut
-            await self._send_chunk(encoder, tail + DONE, more=False)
+            await self._send_chunk(tail, reply, more=False)
         finally:
             gone.cancel()
 
-    async def _journal_tools(self, deltas: ToolCallDeltas, encoder: ChunkEncoder) -> bytes:
+    async def _journal_tools(self, deltas: ToolCallDeltas) -> bytes:
         """Journal tool-call deltas and return their client chunk, once they are durable."""
         fut = self.journal.tool_deltas(self.attempt_id.bytes, self.tool_seq, deltas)
         self.tool_seq += len(deltas)
@@ -311,7 +323,7 @@ class Exchange:
         if self.first_token_us is None:
             self._first_token()
         await fut
-        return encoder.tool_calls(deltas)
+        return self.wire.tool_calls(deltas)
 
     async def _whole(self, reply: Reply) -> None:
         texts: list[str] = []
@@ -330,15 +342,8 @@ class Exchange:
             self.tool_seq = len(reply.tool_calls)
             self.pieces.append(tool_texts(reply.tool_calls))
         fut = self._end_records("completed", reply)
-        body = completion_body(
-            self.completion_id,
-            self.created,
-            self.model,
-            content,
-            reply.finish_reason or "stop",
-            *self._usage(),
-            reply.tool_calls,
-            reply.refusal,
+        body = self.wire.whole(
+            content, reply.finish_reason or "stop", self._usage(), reply.tool_calls, reply.refusal
         )
         await fut
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
@@ -368,10 +373,10 @@ class Exchange:
         self.unconfirmed = (fut, len(texts))
         return fut
 
-    async def _send_chunk(self, encoder: ChunkEncoder, frame: bytes, more: bool = True) -> None:
+    async def _send_chunk(self, frame: bytes, reply: Reply, more: bool = True) -> None:
         if not self.started:
             await self._start(SSE_HEADERS)
-            frame = encoder.role() + frame
+            frame = self.wire.opening(reply.prompt_tokens) + frame
         await self.send({"type": "http.response.body", "body": frame, "more_body": more})
 
     async def _start(self, headers: list[tuple[bytes, bytes]]) -> None:
@@ -400,7 +405,7 @@ class Exchange:
             )
         if not self.started:
             raise exc
-        await self._send_final(error_event(exc) + DONE)
+        await self._send_final(self.wire.failure(describe(exc)[1]))
 
     def _end_records(
         self,
@@ -469,11 +474,11 @@ class Exchange:
         self.prompt_tokens, self.completion_tokens = prompt, completion
         return prompt, completion
 
-    def _usage(self) -> tuple[int | None, int | None, dict[str, str] | None]:
+    def _usage(self) -> Usage:
         """What the client's `usage` says: the stored counts, and how llmsvc got any it counted."""
         sources = {"prompt_tokens": self.prompt_source, "completion_tokens": self.completion_source}
         counted = {k: v for k, v in sources.items() if v is not None and v != PROVIDER}
-        return self.prompt_tokens, self.completion_tokens, counted or None
+        return Usage(self.prompt_tokens, self.completion_tokens, counted or None)
 
     def _attempt_fields(
         self,

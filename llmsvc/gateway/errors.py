@@ -57,11 +57,6 @@ def _error(message: str, kind: str, code: str, param: str | None = None) -> dict
     return {"message": message, "type": kind, "param": param, "code": code}
 
 
-def error_event(exc: BaseException) -> bytes:
-    """An error as an SSE event, for failures after the stream has begun."""
-    return b"data: " + orjson.dumps({"error": describe(exc)[1]}) + b"\n\n"
-
-
 async def reject(scope: MutableMapping[str, Any], send: ASGISend, exc: BaseException) -> None:
     """Answer a request refused before anything of it was served, with its X-Request-ID, and
     log it (a served request logs its own line)."""

@@ -55,9 +55,10 @@ class Journal:
         messages: list[Any],
         params: dict[str, Any],
         attribution: Sender | None = None,
+        api: str = "chat",
     ) -> asyncio.Future[int]:
-        """Queue the start, with who sent it (gateway/attribution.py's `record_fields`); its
-        future says whether it reached the log, if anyone asks.
+        """Queue the start, with who sent it (gateway/attribution.py's `record_fields`) and the
+        API it came by; its future says whether it reached the log, if anyone asks.
 
         A body the WAL cannot encode or hold is the client's (parse_body bounds its depth
         and max_body_bytes its size, so this is the backstop): refused before anything of
@@ -70,6 +71,7 @@ class Journal:
             "stream": stream,
             "messages": messages,
             "params": params,
+            "api": api,
             "ts": now_us(),
             **self.deployment,
             **(attribution or {}),

@@ -1,4 +1,4 @@
-"""Rendering chat-completion chunks for the client as SSE frames.
+"""Chat completions' wire: chunks as SSE frames, and the whole `chat.completion` body.
 
 The parts of a chunk that never change within a response are rendered once;
 per token only the JSON-escaped text is new, and a whole batch of tokens
@@ -12,14 +12,21 @@ from typing import Any
 
 import orjson
 
+from llmsvc.gateway.wire import Usage
+
 ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE = b"data: [DONE]\n\n"
 
 
-class ChunkEncoder:
-    def __init__(self, completion_id: str, created: int, model: str) -> None:
+class ChatWire:
+    """A chat completion's chunks; `include_usage`: the client's `stream_options` asked for a
+    last chunk with the usage."""
+
+    def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
+        self.completion_id, self.created, self.model = completion_id, created, model
+        self.include_usage = include_usage
         head = orjson.dumps(
             {
                 "id": completion_id,
@@ -58,26 +65,45 @@ class ChunkEncoder:
             for text in texts
         )
 
-    def role(self) -> bytes:
+    def opening(self, prompt_tokens: int | None) -> bytes:
         return (
             self._head
             + b'{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}\n\n'
         )
 
-    def finish(self, reason: str) -> bytes:
-        return (
-            self._head + b'{},"logprobs":null,"finish_reason":' + orjson.dumps(reason) + b"}]}\n\n"
+    def closing(self, finish_reason: str, usage: Usage) -> bytes:
+        frame = (
+            self._head
+            + b'{},"logprobs":null,"finish_reason":'
+            + orjson.dumps(finish_reason)
+            + b"}]}\n\n"
         )
+        if self.include_usage:
+            head = self._head[: -len(b'{"index":0,"delta":')]
+            frame += head + b'],"usage":' + orjson.dumps(_usage(*usage)) + b"}\n\n"
+        return frame + DONE
 
-    def usage(
+    def failure(self, error: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps({"error": error}) + b"\n\n" + DONE
+
+    def whole(
         self,
-        prompt_tokens: int | None,
-        completion_tokens: int | None,
-        counted: dict[str, str] | None = None,
+        content: str,
+        finish_reason: str,
+        usage: Usage,
+        tool_calls: list[dict[str, Any]],
+        refusal: str | None,
     ) -> bytes:
-        head = self._head[: -len(b'{"index":0,"delta":')]
-        usage = _usage(prompt_tokens, completion_tokens, counted)
-        return head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
+        return completion_body(
+            self.completion_id,
+            self.created,
+            self.model,
+            content,
+            finish_reason,
+            *usage,
+            tool_calls,
+            refusal,
+        )
 
 
 def _usage(

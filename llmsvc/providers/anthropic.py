@@ -19,7 +19,7 @@ import orjson
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
-from llmsvc.providers.base import Batch, ToolCallDeltas
+from llmsvc.providers.base import Batch, Native, ToolCallDeltas
 from llmsvc.providers.fields import (
     arguments,
     count,
@@ -257,7 +257,9 @@ class AnthropicProvider(HttpProvider):
         if config.api_key is not None:
             self.headers["x-api-key"] = config.api_key.get_secret_value()
 
-    async def open(self, body: dict[str, Any], model: str, stream: bool) -> AnthropicReply:
+    async def open(
+        self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
+    ) -> AnthropicReply:
         try:
             payload = to_anthropic(body, model, stream)
         except (AttributeError, KeyError, TypeError) as exc:  # a field of the wrong shape

@@ -8,6 +8,7 @@ its own: what the client is told is the gateway's business.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 
@@ -25,6 +26,16 @@ class RefusalDeltas(list[str]):
 
 
 Batch = list[str] | ToolCallDeltas | RefusalDeltas  # what Reply.batches yields
+
+
+@dataclass(frozen=True, slots=True)
+class Native:
+    """A client's body in an API other than chat completions (`responses`, `messages`,
+    `embeddings`): a provider that speaks that API is sent it as is, with its own model name;
+    one that does not is sent the request's chat-completion form instead."""
+
+    api: str
+    body: dict[str, Any]
 
 
 class Reply(Protocol):
@@ -47,8 +58,13 @@ class Reply(Protocol):
 class Provider(Protocol):
     name: str
 
-    async def open(self, body: dict[str, Any], model: str, stream: bool) -> Reply:
-        """Start the call; raise ProviderError if the upstream refuses before any token."""
+    async def open(
+        self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
+    ) -> Reply:
+        """Start the call; raise ProviderError if the upstream refuses before any token.
+
+        `body` is a chat-completion body; `native`, when given, the client's own body in
+        another API, which the provider sends instead if it speaks that API."""
         ...
 
     async def close(self) -> None: ...

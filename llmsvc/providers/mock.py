@@ -12,7 +12,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from llmsvc.config import ProviderConfig
-from llmsvc.providers.base import Batch
+from llmsvc.providers.base import Batch, Native
 
 WORDS = ("The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog.")
 DEFAULT_TOKENS = 16
@@ -56,7 +56,9 @@ class MockProvider:
         self.name = config.name
         self.delay_ms = config.token_delay_ms
 
-    async def open(self, body: dict[str, Any], model: str, stream: bool) -> MockReply:
+    async def open(
+        self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
+    ) -> MockReply:
         limit = body.get("max_completion_tokens") or body.get("max_tokens")
         delay_ms = body.get("mock_delay_ms")
         if delay_ms is None:

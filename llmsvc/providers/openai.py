@@ -14,7 +14,7 @@ import orjson
 
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
-from llmsvc.providers.base import Batch, RefusalDeltas, ToolCallDeltas
+from llmsvc.providers.base import Batch, Native, RefusalDeltas, ToolCallDeltas
 from llmsvc.providers.fields import count, error_text, items, obj, short_text, tool_delta
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
@@ -117,7 +117,9 @@ class OpenAIProvider(HttpProvider):
         if config.api_key is not None:
             self.headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
 
-    async def open(self, body: dict[str, Any], model: str, stream: bool) -> OpenAIReply:
+    async def open(
+        self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
+    ) -> OpenAIReply:
         payload = {k: v for k, v in body.items() if k != "mock_delay_ms"}
         payload["model"], payload["stream"] = model, stream
         if stream:

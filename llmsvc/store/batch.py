@@ -136,6 +136,7 @@ def _request_row(body: RequestStart, instance_id: uuid.UUID) -> dict[str, Any]:
         "session_id": body.get("session_id"),
         "environment": body.get("environment"),
         "version": body.get("version"),
+        "api": body.get("api"),
     }
 
 
@@ -175,6 +176,7 @@ def _stand_in_row(attempt: dict[str, Any], instance_id: uuid.UUID) -> dict[str, 
         "created_at": attempt["started_at"],
         **dict.fromkeys(REQUEST_END_COLUMNS[1:]),
         **dict.fromkeys(ATTRIBUTION_COLUMNS),
+        "api": None,
         "error": LOST_START,
     }
 

@@ -49,6 +49,10 @@ llm_requests = sa.Table(
     # vocabulary here, counted with OpenAI's newest) or `deltas` (one per delta).
     sa.Column("prompt_tokens_source", sa.String(16)),
     sa.Column("completion_tokens_source", sa.String(16)),
+    # The API it came in by (migration 0008): chat, responses, messages or embeddings; NULL
+    # in rows from before, all chat completions. `deleted_at`: a client deleted the response.
+    sa.Column("api", sa.String(16)),
+    sa.Column("deleted_at", Timestamp),
 )
 
 
@@ -157,6 +161,19 @@ llm_dead_letters = sa.Table(
     sa.Column("acknowledged_at", Timestamp),
 )
 
+# Sessions clients create (migration 0008); a session's messages are those of the requests
+# naming it in `llm_requests.session_id`. `key_id`: the key that created it, the only one
+# that may use it (NULL without keys). Expired sessions are pruned by the scheduler.
+llm_sessions = sa.Table(
+    "llm_sessions",
+    metadata,
+    sa.Column("id", sa.String(64), primary_key=True),
+    sa.Column("key_id", sa.Uuid),
+    sa.Column("metadata", Json),
+    sa.Column("created_at", Timestamp, nullable=False),
+    sa.Column("expires_at", Timestamp),
+)
+
 provider_status = sa.Table(
     "provider_status",
     metadata,
@@ -209,6 +226,8 @@ sa.Index("ix_llm_requests_status", llm_requests.c.status)
 sa.Index("ix_llm_requests_correlation_id", llm_requests.c.correlation_id)
 sa.Index("ix_llm_requests_key_created", llm_requests.c.key_id, llm_requests.c.created_at)
 sa.Index("ix_llm_requests_team_created", llm_requests.c.team_id, llm_requests.c.created_at)
+sa.Index("ix_llm_requests_session_created", llm_requests.c.session_id, llm_requests.c.created_at)
+sa.Index("ix_llm_sessions_expires_at", llm_sessions.c.expires_at)
 sa.Index("ix_api_keys_updated_at", api_keys.c.updated_at)
 sa.Index("ix_llm_attempts_request_id", llm_attempts.c.request_id)
 sa.Index("ix_maintenance_runs_job_started", maintenance_runs.c.job, maintenance_runs.c.started_at)

@@ -11,7 +11,7 @@ readers `.get` every end field but `id` and `ts`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Required, TypedDict
+from typing import Any, Literal, NotRequired, Required, TypedDict
 
 # A request's or an attempt's state: `streaming` until its end record gives another.
 # A Literal, not an Enum: it is stored, logged, a metric label and a JSON key as text.
@@ -42,6 +42,7 @@ class RequestStart(Deployment, Sender):
     stream: bool
     messages: list[Any]
     params: dict[str, Any]
+    api: NotRequired[str]  # chat, responses, messages or embeddings; absent in older records: chat
     ts: int  # µs since the epoch, as every record's
 
 

@@ -32,7 +32,7 @@ from llmsvc.errors import ClientError
 from llmsvc.gateway.attribution import Attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import describe
-from llmsvc.gateway.request import ChatRequest
+from llmsvc.gateway.sse import ChatWire
 from llmsvc.providers.mock import token
 from llmsvc.wal.codec import RecordType
 
@@ -56,8 +56,9 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
 
     exchange = Exchange(
         gateway.journal, gateway.router, gateway.policy, data,
-        ChatRequest.model_validate(data), uuid.uuid4(), "corr", send, receive, lambda: False,
+        data["model"], False, uuid.uuid4(), "corr", send, receive, lambda: False,
         caller=None, attribution=Attribution(),
+        wire=lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, data["model"], False),
     )  # fmt: skip
     with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
         await exchange.run(anyio.CancelScope())

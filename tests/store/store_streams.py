@@ -139,6 +139,8 @@ def assert_stored(
         **dict.fromkeys(ATTRIBUTION_COLUMNS),  # journaled with no caller and no attribution
         "prompt_tokens_source": None,
         "completion_tokens_source": None,
+        "api": "chat",
+        "deleted_at": None,
     }
     assert {
         k: v for k, v in attempt.items() if k not in ("started_at", "first_token_at", "ended_at")
