@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from llmsvc.callers import Caller
 from llmsvc.config import RetryPolicy
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable, UnknownModel
-from llmsvc.gateway.attribution import read_attribution
+from llmsvc.gateway.attribution import Attribution, read_attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.errors import reject, send_error, send_json
@@ -35,9 +35,11 @@ from llmsvc.gateway.request import (
 )
 from llmsvc.gateway.router import Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend, ChatWire
+from llmsvc.gateway.wire import Wire
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
+from llmsvc.providers.base import Native
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
@@ -126,26 +128,62 @@ class Gateway:
             await reject(scope, send, exc)
 
     async def chat_completions(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        headers, body = await self.admit(scope, receive)
+        data, request = parse_chat(body)
+        attribution = read_attribution(data, request, headers)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        model = request.model
+        await self.serve(
+            self.exchange(
+                scope,
+                receive,
+                send,
+                headers,
+                data,
+                model,
+                request.stream,
+                attribution,
+                lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
+            )
+        )
+
+    async def admit(self, scope: Scope, receive: ASGIReceive) -> tuple[dict[bytes, bytes], bytes]:
+        """A request to a provider, admitted: its headers and body. Refused while paused,
+        draining or over the backlog limit, before the body is read (nothing is journaled)."""
         if self.paused is not None:
             raise ServiceUnavailable(self.paused)
         if self.draining:
             self._refused_shutdown.inc()
             raise ServiceUnavailable(SHUTTING_DOWN)
         if self.wal_status is not None and (wal := self.wal_status()).over_limit:
-            self._refused_backlog.inc()  # before the body is read: nothing is journaled
+            self._refused_backlog.inc()
             raise ServiceUnavailable(backlog_refusal(wal))
         headers = dict(scope["headers"])
-        body = await read_body(receive, headers, self.max_body_bytes)
-        data, request = parse_chat(body)
-        attribution = read_attribution(data, request, headers)
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        return headers, await read_body(receive, headers, self.max_body_bytes)
+
+    def exchange(
+        self,
+        scope: Scope,
+        receive: ASGIReceive,
+        send: ASGISend,
+        headers: dict[bytes, bytes],
+        data: dict[str, Any],
+        model: str,
+        stream: bool,
+        attribution: Attribution,
+        wire: Callable[[str, int], Wire],
+        api: str = "chat",
+        native: Native | None = None,
+    ) -> Exchange:
+        """An admitted request's exchange (chat.py), its caller's rate limits applied (a 429
+        before anything is journaled)."""
         exchange = Exchange(
             self.journal,
             self.router,
             self.policy,
             data,
-            request.model,
-            request.stream,
+            model,
+            stream,
             request_id(scope),
             correlation_id(headers),
             send,
@@ -153,12 +191,17 @@ class Gateway:
             closed_check(scope),
             caller=scope.get(CALLER),
             attribution=attribution,
-            wire=lambda rid, created: ChatWire(
-                f"chatcmpl-{rid}", created, request.model, include_usage
-            ),
+            wire=wire,
+            api=api,
+            native=native,
         )
         if exchange.caller is not None and self.limiter is not None:
-            exchange.headers += self.limiter.admit(exchange.caller)  # or 429, nothing journaled
+            exchange.headers += self.limiter.admit(exchange.caller)
+        return exchange
+
+    async def serve(self, exchange: Exchange) -> None:
+        """Run the exchange as an open request (shutdown waits for it, then interrupts it),
+        then count it and charge its caller."""
         cancel = anyio.CancelScope()
         self.inflight.add(cancel)
         self.idle.clear()
@@ -168,7 +211,7 @@ class Gateway:
             if exchange.started:  # too late for a status line: the connection just closes
                 log.exception("request failed mid-response", request_id=exchange.request_id)
             else:
-                await send_error(send, exc, exchange.headers)
+                await send_error(exchange.send, exc, exchange.headers)
         finally:
             self.inflight.discard(cancel)
             if not self.inflight:
