@@ -144,6 +144,7 @@ class Gateway:
                 request.stream,
                 attribution,
                 lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
+                "chat",
             )
         )
 
@@ -172,7 +173,7 @@ class Gateway:
         stream: bool,
         attribution: Attribution,
         wire: Callable[[str, int], Wire],
-        api: str = "chat",
+        api: str,
         native: Native | None = None,
     ) -> Exchange:
         """An admitted request's exchange (chat.py), its caller's rate limits applied (a 429

@@ -121,7 +121,7 @@ class Exchange:
         caller: Caller | None,
         attribution: Attribution,
         wire: Callable[[str, int], Wire],
-        api: str = "chat",
+        api: str,
         native: Native | None = None,
     ) -> None:
         """`data`: the request as a chat completion (what a provider without `native`'s API

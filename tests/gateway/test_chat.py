@@ -59,6 +59,7 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
         data["model"], False, uuid.uuid4(), "corr", send, receive, lambda: False,
         caller=None, attribution=Attribution(),
         wire=lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, data["model"], False),
+        api="chat",
     )  # fmt: skip
     with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
         await exchange.run(anyio.CancelScope())
