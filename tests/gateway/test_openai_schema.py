@@ -20,6 +20,10 @@ from served_gateway import (
     _post,
 )
 
+from llmsvc.errors import BudgetExceeded, ProviderUnavailable, RateLimited
+from llmsvc.gateway.errors import describe
+from llmsvc.gateway.sse import ChatWire
+
 COMPLETION = "CreateChatCompletionResponse"
 CHUNK = "CreateChatCompletionStreamResponse"
 ERROR = "ErrorResponse"
@@ -197,3 +201,29 @@ async def test_an_unknown_path_and_an_unknown_model_id_are_valid_errors(served: 
         async with served.session.get(served.url + path) as r:
             assert r.status == 404
             assert_valid(await r.json(), ERROR)
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RateLimited("over the key's requests per minute", kind="requests", headers=[]),
+        BudgetExceeded("the key's budget is spent", kind="insufficient_quota", headers=[]),
+        ProviderUnavailable("the upstream is rate limited", status=429),
+    ],
+    ids=["rate-limited", "budget-spent", "upstream-429"],
+)
+def test_a_429_body_is_valid(exc: Exception) -> None:
+    """A served 429 needs keys with limits in a store, or an upstream steered per request;
+    its body is the one `describe` builds, checked here."""
+    status, error = describe(exc)
+    assert status == 429
+    assert_valid({"error": error}, ERROR)
+
+
+def test_the_event_that_ends_a_failed_stream_is_a_valid_error() -> None:
+    """After the first chunk an error can only be an SSE event: `data: {"error": ...}`."""
+    wire = ChatWire("chatcmpl-1", 1, "mock", include_usage=False)
+    _, error = describe(ProviderUnavailable("the upstream dropped the stream"))
+    frame, done = _events(wire.failure(error))
+    assert done == b"[DONE]"
+    assert_valid(orjson.loads(frame), ERROR)

