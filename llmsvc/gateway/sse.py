@@ -33,7 +33,6 @@ class ChatWire:
                 "object": "chat.completion.chunk",
                 "created": created,
                 "model": model,
-                "system_fingerprint": None,
             }
         )[:-1]
         self._head = b"data: " + head + b',"choices":[{"index":0,"delta":'
@@ -149,7 +148,6 @@ def completion_body(
             "object": "chat.completion",
             "created": created,
             "model": model,
-            "system_fingerprint": None,
             "choices": [
                 {
                     "index": 0,
