@@ -75,11 +75,24 @@ class ProviderConfig(BaseModel):
     timeout_seconds: float = Field(default=600.0, gt=0, description="idle between tokens")
     connect_timeout_seconds: float = Field(default=10.0, gt=0)
     anthropic_version: str = "2023-06-01"  # anthropic only: the API version header
+    responses: bool = Field(
+        default=False,
+        description="openai only: the upstream serves /v1/responses, so Responses requests "
+        "are forwarded natively rather than translated to chat completions",
+    )
 
     @model_validator(mode="after")
     def _needs_base_url(self) -> ProviderConfig:
         if self.kind != "mock" and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"provider {self.name!r}: base_url must be an http(s) URL")
+        return self
+
+    @model_validator(mode="after")
+    def _responses_is_openai_only(self) -> ProviderConfig:
+        if self.responses and self.kind != "openai":
+            raise ValueError(
+                f"provider {self.name!r}: responses is for kind openai only, not {self.kind!r}"
+            )
         return self
 
 

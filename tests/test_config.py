@@ -284,6 +284,9 @@ def test_bad_environment_value_names_the_field(
         ('[[providers]]\nname = "p"\nkind = "openai"\nmodels = ["m"]\n', "base_url"),
         ('[[providers]]\nname = "p"\nkind = "openai"\nbase_url = "ftp://x"\nmodels = ["m"]\n',
          "base_url"),
+        ('[[providers]]\nname = "p"\nkind = "anthropic"\nbase_url = "http://x"\nmodels = ["m"]\n'
+         'responses = true\n', "providers[0] (in {file}): provider 'p': responses is for kind "
+         "openai only, not 'anthropic'"),
         ('[[providers]]\nname = "has space"\nkind = "mock"\nmodels = ["m"]\n', "providers[0].name"),
         ('[[providers]]\nname = "a"\nkind = "mock"\nmodels = ["m"]\n'
          '[[providers]]\nname = "a"\nkind = "mock"\nmodels = ["n"]\n',
@@ -297,6 +300,7 @@ def test_bad_environment_value_names_the_field(
         "provider-unknown-key",
         "openai-without-base_url",
         "openai-ftp-base_url",
+        "responses-on-anthropic",
         "provider-name",
         "duplicate-provider-names",
     ],

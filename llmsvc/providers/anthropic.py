@@ -249,7 +249,8 @@ def _block(event: dict[str, Any]) -> int:
 
 class AnthropicProvider(HttpProvider):
     def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config, config.base_url.rstrip("/") + "/v1/messages", upstream_error)
+        super().__init__(config, upstream_error)
+        self.url = config.base_url.rstrip("/") + "/v1/messages"
         self.headers = {
             "content-type": "application/json",
             "anthropic-version": config.anthropic_version,
@@ -269,7 +270,7 @@ class AnthropicProvider(HttpProvider):
                 status=400,
                 code="invalid_request",
             ) from exc
-        response = await self.post(payload, self.headers)
+        response = await self.post(self.url, payload, self.headers)
         return AnthropicReply(self.name, response, stream, self.idle_timeout)
 
 

@@ -1,6 +1,6 @@
 """What the HTTP adapters share: one pooled session, the POST, and a reply's error handling.
 
-An adapter subclasses `HttpProvider` (its URL, headers, body translation and
+An adapter subclasses `HttpProvider` (its URLs, headers, body translation and
 error shape) and `HttpReply` (how a stream's events and a whole body become
 token batches); transport failures become `ProviderUnavailable` here, once.
 
@@ -125,9 +125,8 @@ class HttpReply:
 
 
 class HttpProvider:
-    def __init__(self, config: ProviderConfig, url: str, error_of: ErrorOf) -> None:
+    def __init__(self, config: ProviderConfig, error_of: ErrorOf) -> None:
         self.name = config.name
-        self.url = url
         self.error_of = error_of
         self.idle_timeout = config.timeout_seconds
         self.timeout = aiohttp.ClientTimeout(
@@ -145,9 +144,10 @@ class HttpProvider:
         return self._session
 
     async def post(
-        self, payload: dict[str, Any], headers: dict[str, str]
+        self, url: str, payload: dict[str, Any], headers: dict[str, str]
     ) -> aiohttp.ClientResponse:
-        """POST the body; a 200 response to read, else the upstream's error as ProviderError."""
+        """POST the body to `url` (one adapter may serve more than one API); a 200 response
+        to read, else the upstream's error as ProviderError."""
         try:
             data = orjson.dumps(payload)
         except orjson.JSONEncodeError as exc:  # e.g. tool-call arguments parsed too deep
@@ -158,7 +158,7 @@ class HttpProvider:
             ) from None
         try:
             async with asyncio.timeout(self.idle_timeout):  # waiting for the response is silence
-                response = await self._client().post(self.url, data=data, headers=headers)
+                response = await self._client().post(url, data=data, headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ProviderUnavailable(
                 f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",

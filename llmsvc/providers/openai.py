@@ -1,7 +1,9 @@
 """Any OpenAI-compatible upstream: OpenAI, vLLM, Ollama's /v1, llama.cpp's server.
 
 The client's body is forwarded as it came, with the upstream's model name and,
-when streaming, `stream_options.include_usage` so usage is always recorded.
+when streaming, `stream_options.include_usage` so usage is always recorded. A
+provider with `responses = true` is sent Responses requests natively
+(openai_responses.py); any other is sent their chat-completion form.
 Upstream events are parsed with orjson, no SDK objects: this is the hot path.
 """
 
@@ -17,6 +19,7 @@ from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, Native, RefusalDeltas, ToolCallDeltas
 from llmsvc.providers.fields import count, error_text, items, obj, short_text, tool_delta
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
+from llmsvc.providers.openai_responses import ResponsesReply, responses_payload
 from llmsvc.providers.sse import SseSplitter
 
 
@@ -112,20 +115,28 @@ class OpenAIReply(HttpReply):
 
 class OpenAIProvider(HttpProvider):
     def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config, config.base_url.rstrip("/") + "/chat/completions", upstream_error)
+        super().__init__(config, upstream_error)
+        base_url = config.base_url.rstrip("/")
+        self.chat_url = base_url + "/chat/completions"
+        # Set only when the upstream serves the Responses API: Responses requests go there.
+        self.responses_url = base_url + "/responses" if config.responses else None
         self.headers = {"Content-Type": "application/json"}
         if config.api_key is not None:
             self.headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
 
     async def open(
         self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
-    ) -> OpenAIReply:
+    ) -> OpenAIReply | ResponsesReply:
+        if self.responses_url is not None and native is not None and native.api == "responses":
+            payload = responses_payload(native.body, model, stream)
+            response = await self.post(self.responses_url, payload, self.headers)
+            return ResponsesReply(self.name, response, stream, self.idle_timeout, upstream_error)
         payload = {k: v for k, v in body.items() if k != "mock_delay_ms"}
         payload["model"], payload["stream"] = model, stream
         if stream:
             options = body.get("stream_options") or {}
             payload["stream_options"] = {**options, "include_usage": True}
-        response = await self.post(payload, self.headers)
+        response = await self.post(self.chat_url, payload, self.headers)
         return OpenAIReply(self.name, response, stream, self.idle_timeout)
 
 

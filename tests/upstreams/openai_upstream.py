@@ -19,6 +19,14 @@ A last user message ``refuse:TEXT`` is declined: the reply is ``refusal`` TEXT, 
 (streamed as ``delta.refusal`` chunks, a word each).
 * ``/with/<header>/<value>/v1/chat/completions`` -- as if the request carried that header.
 
+``POST /v1/responses`` speaks OpenAI's Responses API (``event:``/``data:`` frames, streamed or
+not) with the same content and triggers, the last user text of ``input`` standing for the last
+user message: ``max_output_tokens`` tokens (16 when absent; given, the response is
+``incomplete`` as chat's finish is ``length``), ``call:NAME`` with ``tools``, ``refuse:TEXT``,
+``status:<code>`` and ``after:<n>``, and ``X-Upstream-Fail: failed:<n>``: ``n`` tokens, then a
+``response.failed`` event (Responses only). The bodies it was sent are kept in
+``Upstream.responses_received``; ``/with/<header>/<value>/v1/responses`` steers as above.
+
 Run ``python tests/upstreams/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
 ready and serves until SIGTERM/SIGINT. In-process: ``up = await serve(...)``.
 """
@@ -46,6 +54,8 @@ DEFAULT_MODELS: tuple[str, ...] = ("gpt-test",)
 DEFAULT_MAX_TOKENS = 16
 DELAY_HEADER = "X-Upstream-Token-Delay-Ms"
 FAIL_HEADER = "X-Upstream-Fail"
+
+SERVER_ERROR = "The server had an error while processing your request. Sorry about that!"
 
 _ID_PREFIX = os.urandom(6).hex()
 _ID_COUNTER = itertools.count()
@@ -135,19 +145,20 @@ class _CannedChunks:
         return b"data: " + orjson.dumps({**self.head, "choices": [], "usage": usage}) + b"\n\n"
 
 
-def _parse_fail(value: str | None) -> tuple[int | None, int | None]:
-    """Parse ``X-Upstream-Fail`` into (status, after_n)."""
+def _parse_fail(value: str | None, failed: bool = False) -> tuple[int | None, int | None, bool]:
+    """Parse ``X-Upstream-Fail`` into (status, after_n, then response.failed); ``failed:<n>``
+    only where `failed` is allowed (the Responses API has that event, chat has not)."""
     if not value:
-        return None, None
+        return None, None, False
     kind, _, arg = value.strip().partition(":")
     try:
         n = int(arg)
     except ValueError:
         n = -1
     if kind == "status" and 400 <= n <= 599:
-        return n, None
-    if kind == "after" and n >= 0:
-        return None, n
+        return n, None, False
+    if kind in ("after", "failed") and n >= 0 and (kind == "after" or failed):
+        return None, n, kind == "failed"
     raise _BadRequest(f"Invalid {FAIL_HEADER} header: {value!r}.")
 
 
@@ -164,21 +175,24 @@ def _parse_delay(value: str | None, default: float) -> float:
     return ms / 1000.0
 
 
-def _tool_call(body: dict[str, Any]) -> str | None:
-    """With `tools`, a last user message `call:NAME` asks for a call of NAME."""
+def _last_message(body: dict[str, Any]) -> str | None:
+    """A chat body's last message's text, where the triggers below are read."""
     last = body["messages"][-1] if body["messages"] else {}
     content = last.get("content") if isinstance(last, dict) else None
-    if body.get("tools") and isinstance(content, str) and content.startswith("call:"):
-        return content[5:].strip()
+    return content if isinstance(content, str) else None
+
+
+def _tool_call(body: dict[str, Any], last: str | None) -> str | None:
+    """With `tools`, a last user text `call:NAME` asks for a call of NAME."""
+    if body.get("tools") and last is not None and last.startswith("call:"):
+        return last[5:].strip()
     return None
 
 
-def _refusal(body: dict[str, Any]) -> str | None:
-    """A last user message `refuse:TEXT` asks to be declined with TEXT."""
-    last = body["messages"][-1] if body["messages"] else {}
-    content = last.get("content") if isinstance(last, dict) else None
-    if isinstance(content, str) and content.startswith("refuse:"):
-        return content[7:].strip()
+def _refusal(last: str | None) -> str | None:
+    """A last user text `refuse:TEXT` asks to be declined with TEXT."""
+    if last is not None and last.startswith("refuse:"):
+        return last[7:].strip()
     return None
 
 
@@ -294,6 +308,163 @@ class _StreamBuilder:
         return self.head + b'],"usage":' + orjson.dumps(usage) + b"}\n\n"
 
 
+def _parse_responses_body(raw: bytes) -> tuple[dict[str, Any], int, bool]:
+    """Validate a Responses body; return (body, n_tokens, max_output_tokens_given)."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _BadRequest("We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise _BadRequest("Invalid request body: expected a JSON object.")
+    if not isinstance(body.get("model"), str):
+        raise _BadRequest(
+            "Missing required parameter: 'model'.", param="model", code="missing_required_parameter"
+        )
+    if not isinstance(body.get("input"), str | list):
+        raise _BadRequest(
+            "Missing required parameter: 'input'.", param="input", code="missing_required_parameter"
+        )
+    limit = body.get("max_output_tokens")
+    if limit is None:
+        return body, DEFAULT_MAX_TOKENS, False
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 0:
+        raise _BadRequest(
+            "Invalid 'max_output_tokens': expected a non-negative integer.",
+            param="max_output_tokens",
+            code="invalid_value",
+        )
+    return body, limit, True
+
+
+def _input_texts(body: dict[str, Any]) -> list[str]:
+    """The texts of a Responses `input`: a string, or its messages' strings and input_text parts."""
+    if isinstance(body["input"], str):
+        return [body["input"]]
+    texts = []
+    for item in body["input"]:
+        content = item.get("content") if isinstance(item, dict) else None
+        if isinstance(content, str):
+            texts.append(content)
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+    return texts
+
+
+def _last_user_input(body: dict[str, Any]) -> str | None:
+    """The last user text of a Responses `input`, where the triggers are read."""
+    if isinstance(body["input"], str):
+        return body["input"]
+    users = [
+        item for item in body["input"] if isinstance(item, dict) and item.get("role") == "user"
+    ]
+    texts = _input_texts({"input": users[-1:]})
+    return texts[-1] if texts else None
+
+
+def _responses_usage(input_tokens: int, output_tokens: int) -> dict[str, Any]:
+    return {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}  # fmt: skip
+
+
+def _response_doc(
+    body: dict[str, Any], output: list[dict[str, Any]], usage: Any, limited: bool
+) -> dict[str, Any]:
+    """A finished Responses `response` object, as OpenAI answers one (and ends a stream with)."""
+    return {
+        "id": f"resp_{_new_id()[9:]}", "object": "response", "created_at": int(time.time()),
+        "status": "incomplete" if limited else "completed", "background": False, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if limited else None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": body["model"], "output": output, "parallel_tool_calls": True,
+        "previous_response_id": None, "reasoning": {"effort": None, "summary": None},
+        "store": body.get("store", True), "temperature": 1.0,
+        "text": {"format": {"type": "text"}, "verbosity": "medium"},
+        "tool_choice": body.get("tool_choice", "auto"), "tools": body.get("tools", []),
+        "top_p": 1.0, "truncation": "disabled", "usage": usage, "user": None, "metadata": {},
+    }  # fmt: skip
+
+
+def _message_item(part: dict[str, Any], status: str) -> dict[str, Any]:
+    return {"id": f"msg_{_new_id()[9:]}", "type": "message", "status": status,
+            "content": [part], "role": "assistant"}  # fmt: skip
+
+
+class _ResponseEvents:
+    """The SSE frames of one streamed response, as OpenAI sends them: `event:` and `data:`,
+    numbered by `sequence_number`, each flagged whether it is a delta (a token)."""
+
+    def __init__(self) -> None:
+        self.frames: list[tuple[bytes, bool]] = []
+        self._seq = itertools.count()
+
+    def frame(self, kind: str, **fields: Any) -> bytes:
+        data = orjson.dumps({"type": kind, "sequence_number": next(self._seq), **fields})
+        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+
+    def add(self, kind: str, token: bool = False, **fields: Any) -> None:
+        """Append an event; `token`: it carries one delta (pacing and failures count these)."""
+        self.frames.append((self.frame(kind, **fields), token))
+
+    def build(self, doc: dict[str, Any], pieces: list[list[str]]) -> list[tuple[bytes, bool]]:
+        """The events of `doc` (finished), its items' deltas being `pieces` (one list an item)."""
+        started = {
+            **doc,
+            "status": "in_progress",
+            "incomplete_details": None,
+            "output": [],
+            "usage": None,
+        }
+        self.add("response.created", response=started)
+        self.add("response.in_progress", response=started)
+        for i, (item, parts) in enumerate(zip(doc["output"], pieces, strict=True)):
+            ids = {"item_id": item["id"], "output_index": i}
+            if item["type"] == "function_call":
+                self.add(
+                    "response.output_item.added",
+                    output_index=i,
+                    item={**item, "status": "in_progress", "arguments": ""},
+                )
+                for part in parts:
+                    self.add("response.function_call_arguments.delta", True, **ids, delta=part)
+                self.add(
+                    "response.function_call_arguments.done", **ids, arguments=item["arguments"]
+                )
+            else:
+                self.add(
+                    "response.output_item.added",
+                    output_index=i,
+                    item={**item, "status": "in_progress", "content": []},
+                )
+                done = item["content"][0]
+                text = done["type"] == "output_text"
+                key, kind = ("text", "output_text") if text else ("refusal", "refusal")
+                extra = {"logprobs": []} if text else {}
+                self.add(
+                    "response.content_part.added", **ids, content_index=0, part={**done, key: ""}
+                )
+                for part in parts:
+                    self.add(
+                        f"response.{kind}.delta", True, **ids, content_index=0, delta=part, **extra
+                    )
+                self.add(
+                    f"response.{kind}.done", **ids, content_index=0, **{key: done[key]}, **extra
+                )
+                self.add("response.content_part.done", **ids, content_index=0, part=done)
+            self.add("response.output_item.done", output_index=i, item=item)
+        end = "response.incomplete" if doc["status"] == "incomplete" else "response.completed"
+        self.add(end, response=doc)
+        return self.frames
+
+    def failed(self, doc: dict[str, Any]) -> bytes:
+        """A `response.failed` event ending the stream, as when the model errs mid-reply."""
+        error = {"code": "server_error", "message": SERVER_ERROR}
+        failed = {**doc, "status": "failed", "error": error, "incomplete_details": None}
+        return self.frame("response.failed", response={**failed, "usage": None})
+
+
 class Upstream:
     """The fake provider: holds config and the aiohttp app; one instance per server."""
 
@@ -320,6 +491,9 @@ class Upstream:
         self.app.router.add_get("/v1/models", self.handle_models)
         self.app.router.add_post("/v1/chat/completions", self.handle_chat)
         self.app.router.add_post("/with/{header}/{value}/v1/chat/completions", self.handle_steered)
+        self.app.router.add_post("/v1/responses", self.handle_responses)
+        self.app.router.add_post("/with/{header}/{value}/v1/responses", self.handle_steered)
+        self.responses_received: list[dict[str, Any]] = []  # the bodies /v1/responses was sent
         self._runner: web.AppRunner | None = None
         self.host = ""
         self.port = 0
@@ -377,7 +551,10 @@ class Upstream:
         configure one provider per failure mode by base URL alone.
         """
         header, value = request.match_info["header"], request.match_info["value"]
-        return await self.handle_chat(request.clone(headers={**request.headers, header: value}))
+        steered = request.clone(headers={**request.headers, header: value})
+        if request.path.endswith("/responses"):
+            return await self.handle_responses(steered)
+        return await self.handle_chat(steered)
 
     async def _tool_reply(
         self, request: web.Request, body: dict[str, Any], name: str
@@ -432,24 +609,93 @@ class Upstream:
         await resp.write_eof(_DONE)
         return resp
 
+    async def handle_responses(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/responses``: the same deterministic replies in the Responses API's
+        shapes, a whole `response` object or its events."""
+        if (denied := self._check_auth(request)) is not None:
+            return denied
+        try:
+            fail_status, fail_after, failed = _parse_fail(request.headers.get(FAIL_HEADER), True)
+            delay = _parse_delay(request.headers.get(DELAY_HEADER), self.token_delay_ms)
+            body, n, limited = _parse_responses_body(await request.read())
+        except _BadRequest as e:
+            return error_response(e.status, e.message, e.param, e.code)
+        self.responses_received.append(body)
+        if fail_status is not None:
+            return error_response(fail_status, SERVER_ERROR)
+        last = _last_user_input(body)
+        instructions = body.get("instructions")
+        prompt = [*_input_texts(body), instructions if isinstance(instructions, str) else ""]
+        prompt_tokens = sum(len(text.split()) for text in prompt)
+        if (tool := _tool_call(body, last)) is not None:
+            call = {
+                "id": f"fc_{_new_id()[9:]}",
+                "type": "function_call",
+                "status": "completed",
+                "arguments": '{"q": "x"}',
+                "call_id": "call_test",
+                "name": tool,
+            }
+            output, pieces, usage = [call], [['{"q"', ': "x"}']], _responses_usage(1, 5)
+            limited = False
+        elif (refusal := _refusal(last)) is not None:
+            words = [word + " " for word in refusal.split(" ")]
+            words[-1] = words[-1][:-1]
+            output = [_message_item({"type": "refusal", "refusal": refusal}, "completed")]
+            pieces, usage, limited = [words], _responses_usage(1, 2), False
+        else:
+            tokens = [token(i) for i in range(n)]
+            text = {
+                "type": "output_text",
+                "annotations": [],
+                "logprobs": [],
+                "text": "".join(tokens),
+            }
+            output = [_message_item(text, "incomplete" if limited else "completed")]
+            pieces, usage = [tokens], _responses_usage(prompt_tokens, n)
+        doc = _response_doc(body, output, body.get("upstream_usage", usage), limited)
+        if not body.get("stream"):
+            if fail_after is not None:
+                return await _drop(request, web.Response())
+            return web.Response(body=orjson.dumps(doc), content_type="application/json")
+        events = _ResponseEvents()
+        frames = events.build(doc, pieces)
+        resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+        resp.content_type = "text/event-stream"
+        resp.charset = "utf-8"
+        await resp.prepare(request)
+        sent = 0
+        try:
+            for frame, token_frame in frames:
+                if token_frame and sent == fail_after:
+                    if not failed:
+                        return await _drop(request, resp)
+                    await resp.write_eof(events.failed(doc))
+                    return resp
+                if token_frame and delay > 0:
+                    await asyncio.sleep(delay)
+                sent += token_frame
+                await resp.write(frame)
+            await resp.write_eof()
+        except ConnectionError:
+            pass  # the client went away mid-stream
+        return resp
+
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``: deterministic completion, streamed or not."""
         if (denied := self._check_auth(request)) is not None:
             return denied
         try:
-            fail_status, fail_after = _parse_fail(request.headers.get(FAIL_HEADER))
+            fail_status, fail_after, _ = _parse_fail(request.headers.get(FAIL_HEADER))
             delay = _parse_delay(request.headers.get(DELAY_HEADER), self.token_delay_ms)
             body, n, limited = _parse_body(await request.read())
         except _BadRequest as e:
             return error_response(e.status, e.message, e.param, e.code)
         if fail_status is not None:
-            return error_response(
-                fail_status,
-                "The server had an error while processing your request. Sorry about that!",
-            )
-        if (tool := _tool_call(body)) is not None:
+            return error_response(fail_status, SERVER_ERROR)
+        if (tool := _tool_call(body, _last_message(body))) is not None:
             return await self._tool_reply(request, body, tool)
-        if (refusal := _refusal(body)) is not None:
+        if (refusal := _refusal(_last_message(body))) is not None:
             return await self._refusal_reply(request, body, refusal)
         prompt_tokens = count_prompt_tokens(body["messages"])
         usage: Any = {

@@ -296,3 +296,60 @@ def test_prebuilt_stream_matches_per_token_events(n: int) -> None:
     if n:
         last = json.loads(sb.content(n - 1)[len(b"data: ") :])
         assert last["choices"][0]["delta"]["content"] == up_mod.token(n - 1)
+
+
+TOOLS: list[Any] = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+
+
+def _without_ids(output: list[Any]) -> list[dict[str, Any]]:
+    """Output items as dicts, without their ids (new per response) or the None fields (the
+    SDK's stream helper adds `parsed` ones)."""
+    return [{k: v for k, v in item.model_dump(exclude_none=True).items() if k != "id"}
+            for item in output]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("text", "tools"),
+    [("say hi", []), ("call:lookup", TOOLS), ("refuse:no way", [])],
+    ids=["text", "tool-call", "refusal"],
+)
+async def test_responses_streamed_add_up_to_the_whole_response(
+    client: openai.AsyncOpenAI, text: str, tools: list[Any]
+) -> None:
+    """The SDK's stream helper checks each event against the response it builds."""
+    ask: dict[str, Any] = {"model": "gpt-test", "input": text, "tools": tools}
+    whole = await client.responses.create(**ask)
+    async with client.responses.stream(**ask) as stream:
+        events = [event async for event in stream]
+        final = await stream.get_final_response()
+
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert (events[0].type, events[-1].type) == ("response.created", "response.completed")
+    assert (whole.status, final.status) == ("completed", "completed")
+    assert _without_ids(final.output) == _without_ids(whole.output)
+    assert final.usage == whole.usage
+    assert whole.output_text == (up_mod.expected_content(16) if text == "say hi" else "")
+
+
+async def test_responses_failed_after_n_tokens(upstream: Any) -> None:
+    """``failed:N`` sends N text deltas, then ``response.failed``, each frame `event:` then
+    `data:` of that type."""
+    body = {"model": "gpt-test", "input": "hi", "stream": True}
+    headers = {"Authorization": f"Bearer {KEY}", "X-Upstream-Fail": "failed:2"}
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(f"{upstream.base_url}/responses", json=body, headers=headers) as r,
+    ):
+        assert r.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+        raw = await r.read()
+    frames = [frame.split(b"\n") for frame in raw.removesuffix(b"\n\n").split(b"\n\n")]
+    events = [orjson.loads(data.removeprefix(b"data: ")) for _, data in frames]
+    assert [name.removeprefix(b"event: ").decode() for name, _ in frames] == [
+        e["type"] for e in events
+    ]
+    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == [
+        "t0 ",
+        "t1 ",
+    ]
+    assert events[-1]["type"] == "response.failed"
+    assert events[-1]["response"]["error"]["code"] == "server_error"
