@@ -15,6 +15,7 @@ import orjson
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, Native, RefusalDeltas, ToolCallDeltas
+from llmsvc.providers.embeddings import EMBEDDINGS, OpenAIEmbeddingsReply, inputs
 from llmsvc.providers.fields import count, error_text, items, obj, short_text, tool_delta
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
@@ -112,14 +113,18 @@ class OpenAIReply(HttpReply):
 
 class OpenAIProvider(HttpProvider):
     def __init__(self, config: ProviderConfig) -> None:
-        super().__init__(config, config.base_url.rstrip("/") + "/chat/completions", upstream_error)
+        base = config.base_url.rstrip("/")
+        super().__init__(config, base + "/chat/completions", upstream_error)
+        self.embeddings_url = base + "/embeddings"
         self.headers = {"Content-Type": "application/json"}
         if config.api_key is not None:
             self.headers["Authorization"] = f"Bearer {config.api_key.get_secret_value()}"
 
     async def open(
         self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
-    ) -> OpenAIReply:
+    ) -> HttpReply:
+        if native is not None and native.api == EMBEDDINGS:
+            return await self._embed(native.body, model)
         payload = {k: v for k, v in body.items() if k != "mock_delay_ms"}
         payload["model"], payload["stream"] = model, stream
         if stream:
@@ -127,6 +132,14 @@ class OpenAIProvider(HttpProvider):
             payload["stream_options"] = {**options, "include_usage": True}
         response = await self.post(payload, self.headers)
         return OpenAIReply(self.name, response, stream, self.idle_timeout)
+
+    async def _embed(self, body: dict[str, Any], model: str) -> OpenAIEmbeddingsReply:
+        """The client's embeddings body, sent as is with the upstream's model name, asking
+        for floats: the gateway encodes base64 itself, from the vectors it may store."""
+        payload = {**body, "model": model, "encoding_format": "float"}
+        response = await self.post(payload, self.headers, self.embeddings_url)
+        expected = len(inputs(body["input"]))
+        return OpenAIEmbeddingsReply(self.name, response, self.idle_timeout, expected)
 
 
 def upstream_error(
