@@ -80,8 +80,13 @@ def _token(value: Any) -> bool:
 
 def parse_embeddings(body: bytes) -> tuple[dict[str, Any], EmbeddingsRequest]:
     """The body as a dict (sent to the provider) and validated; ClientError names the field.
-    An integral float `dimensions` is sent as the int it was validated as."""
+
+    An integral float `dimensions` is sent as the int it was validated as. `stream` (false)
+    and `metadata` (llmsvc's attribution here) are taken out: OpenAI's embeddings take
+    neither."""
     data, request = parse_body(body, EmbeddingsRequest)
+    data.pop("stream", None)
+    data.pop("metadata", None)
     if request.dimensions is not None:
         data["dimensions"] = request.dimensions
     return data, request

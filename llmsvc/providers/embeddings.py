@@ -21,6 +21,10 @@ from llmsvc.providers.fields import count, items, obj
 from llmsvc.providers.http import HttpReply
 
 EMBEDDINGS = "embeddings"  # the `Native.api` of an embeddings request
+FLOAT32_MAX = 3.4028234663852886e38  # a value past it has no base64 (float32) form
+# Characters of one value in a reply's text at most (`-1.2345678901234567e-38,`): what bounds
+# the values a reply may have, its text being journaled as one record.
+VALUE_CHARS = 25
 
 
 def inputs(value: Any) -> list[Any]:
@@ -54,9 +58,9 @@ class OpenAIEmbeddingsReply(HttpReply):
             item = obj(item)
             index, vector = item.get("index"), item.get("embedding")
             if type(index) is not int or not 0 <= index < self.expected or vectors[index]:
-                raise self._malformed(f"an embedding's index {index!r} is not one of the inputs'")
+                raise self._malformed(f"an embedding's index {index!r} is out of range or repeated")
             if not isinstance(vector, list) or not vector or not all(number(x) for x in vector):
-                raise self._malformed("an embedding is not a non-empty array of numbers")
+                raise self._malformed("an embedding is not a non-empty array of float32 numbers")
             vectors[index] = vector
         if not all(vectors):
             raise self._malformed(f"{self.expected} inputs were sent but not as many embeddings")
@@ -69,5 +73,5 @@ class OpenAIEmbeddingsReply(HttpReply):
 
 
 def number(value: Any) -> bool:
-    """A JSON number, not a bool (which Python counts as an int)."""
-    return type(value) is float or type(value) is int
+    """A JSON number a float32 holds (base64 is float32), not a bool (Python's int)."""
+    return (type(value) is float or type(value) is int) and -FLOAT32_MAX <= value <= FLOAT32_MAX

@@ -19,8 +19,10 @@ from typing import Any
 import orjson
 
 from llmsvc.config import ProviderConfig
+from llmsvc.errors import ProviderError
 from llmsvc.providers.base import Batch, Native
-from llmsvc.providers.embeddings import EMBEDDINGS, inputs, vectors_text
+from llmsvc.providers.embeddings import EMBEDDINGS, VALUE_CHARS, inputs, vectors_text
+from llmsvc.providers.fields import UPSTREAM_MAX_BYTES
 
 WORDS = ("The", "quick", "brown", "fox", "jumps", "over", "the", "lazy", "dog.")
 DEFAULT_TOKENS = 16
@@ -90,9 +92,17 @@ def vector(value: str | list[int], dimensions: int) -> list[float]:
 
 
 def embed(body: dict[str, Any]) -> MockVectors:
-    """An embeddings body's mock reply; its usage is the inputs' words (or token ids)."""
+    """An embeddings body's mock reply; its usage is the inputs' words (or token ids). One
+    larger than an upstream's reply may be is refused, as that would be, before it is made."""
     texts = inputs(body["input"])
     dimensions = body.get("dimensions") or DEFAULT_DIMENSIONS
+    if len(texts) * dimensions * VALUE_CHARS > UPSTREAM_MAX_BYTES:
+        raise ProviderError(
+            f"mock: {len(texts)} vectors of {dimensions} dimensions are more than a reply may "
+            f"hold ({UPSTREAM_MAX_BYTES} bytes); ask for fewer inputs or dimensions",
+            status=400,
+            code="upstream_too_large",
+        )
     words = sum(len(t.split()) if isinstance(t, str) else len(t) for t in texts)
     return MockVectors(vectors_text([vector(t, dimensions) for t in texts]), words)
 

@@ -119,6 +119,19 @@ async def test_an_integral_float_dimensions_goes_upstream_as_an_int(
     assert orjson.loads(raw)["data"][0]["embedding"] == expected_embedding("x", 3)
 
 
+async def test_fields_openai_does_not_take_on_embeddings_stay_with_llmsvc(
+    served_upstream: Served,
+) -> None:
+    """The fake upstream refuses fields OpenAI's embeddings do not take, as OpenAI does."""
+    body = {"model": UPSTREAM_MODEL, "input": "x", "stream": False, "user": "u",
+            "metadata": {"team": "a"}, "session_id": "s1"}  # fmt: skip
+    status, raw = await post(served_upstream, body)
+    assert status == 200, raw
+    [start] = _by_type(await served_upstream.records(), RecordType.REQUEST_START)
+    assert start["params"] == {"input": "x", "user": "u"}
+    assert (start["metadata"], start["session_id"]) == ({"team": "a"}, "s1")
+
+
 async def test_without_upstream_usage_the_input_is_counted(served_upstream: Served) -> None:
     body = {"model": UPSTREAM_MODEL, "input": ["hello world", "again"], "upstream_usage": None}
     status, raw = await post(served_upstream, body)
@@ -128,6 +141,12 @@ async def test_without_upstream_usage_the_input_is_counted(served_upstream: Serv
     [end] = _by_type(await served_upstream.records(), RecordType.REQUEST_END)
     assert (end["prompt_tokens"], end["prompt_tokens_source"]) == (counted, source)
     assert source == "estimate"  # no vocabulary is known for gpt-test
+
+
+async def test_the_mock_refuses_more_vectors_than_a_reply_may_hold(served: Served) -> None:
+    body = {"model": "mock", "input": ["a"] * 21, "dimensions": 65_536}
+    status, raw = await post(served, body)
+    assert _error(status, raw, 400)["code"] == "upstream_too_large"
 
 
 async def test_an_unknown_model_is_404_and_nothing_is_journaled(served: Served) -> None:

@@ -54,6 +54,8 @@ except ImportError:  # pragma: no cover - uvloop is optional (e.g. on Windows)
 DEFAULT_MODELS: tuple[str, ...] = ("gpt-test",)
 DEFAULT_MAX_TOKENS = 16
 DEFAULT_DIMENSIONS = 8  # of an embedding
+# What OpenAI's embeddings take (it refuses any other field), and this fake's usage steering.
+EMBEDDING_FIELDS = {"model", "input", "dimensions", "encoding_format", "user", "upstream_usage"}
 DELAY_HEADER = "X-Upstream-Token-Delay-Ms"
 FAIL_HEADER = "X-Upstream-Fail"
 
@@ -568,6 +570,8 @@ def _embedding_inputs(raw: bytes) -> tuple[dict[str, Any], list[Any]]:
         raise _BadRequest("We could not parse the JSON body of your request.") from None
     if not isinstance(body, dict) or not isinstance(body.get("model"), str):
         raise _BadRequest("you must provide a model parameter", param="model")
+    for name in body.keys() - EMBEDDING_FIELDS:
+        raise _BadRequest(f"Unrecognized request argument supplied: {name}")
     value = body.get("input")
     if isinstance(value, str) or (
         isinstance(value, list) and value and all(isinstance(v, int) for v in value)
