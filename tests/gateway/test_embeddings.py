@@ -13,7 +13,14 @@ from typing import Any
 import openai
 import orjson
 import pytest
-from served_gateway import UPSTREAM_MODEL, Served, _assert_nothing_recorded, _by_type, _error
+from served_gateway import (
+    UNREACHABLE_MODEL,
+    UPSTREAM_MODEL,
+    Served,
+    _assert_nothing_recorded,
+    _by_type,
+    _error,
+)
 from upstreams.openai_upstream import expected_embedding
 
 from llmsvc.config import ProviderConfig
@@ -89,6 +96,23 @@ async def test_the_journal_holds_an_embeddings_request_and_its_vectors_only_if_a
         assert tokens == [(uuid.UUID(attempt["id"]).bytes, 0, orjson.dumps(vectors).decode())]
     else:
         assert tokens == []
+
+
+async def test_a_provider_that_cannot_be_reached_is_retried_then_the_next_target_embeds(
+    served: Served,
+) -> None:
+    router = served.gateway.router
+    router.routes["emb"] = [*router.targets(UNREACHABLE_MODEL), *router.targets("mock")]
+    status, raw = await post(served, {"model": "emb", "input": "hi", "encoding_format": "float"})
+    assert status == 200, raw
+    assert orjson.loads(raw)["data"][0]["embedding"] == vector("hi", 16)
+    records = await served.records()
+    attempts = [
+        (a["provider"], a["attempt_no"]) for a in _by_type(records, RecordType.ATTEMPT_START)
+    ]
+    assert attempts == [("far", 1), ("far", 2), ("mock", 3)]
+    ends = [e["status"] for e in _by_type(records, RecordType.ATTEMPT_END)]
+    assert ends == ["failed", "failed", "completed"]
 
 
 async def test_the_upstream_is_sent_the_body_natively_and_its_vectors_reach_the_sdk(
