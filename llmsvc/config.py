@@ -190,6 +190,9 @@ class Settings(BaseSettings):
     flush_interval_ms: int = Field(default=50, ge=1, le=60_000)
     flush_batch_records: int = Field(default=50_000, ge=1)
     max_body_bytes: int = Field(default=4 * MiB, ge=1024)
+    # Journal and store embeddings' vectors (one token row of JSON text per request); off,
+    # an embeddings request is stored with its input, usage and cost, not its vectors.
+    store_embeddings: bool = False
     # HTTP limits, per daemon process (each worker has its own).
     max_header_bytes: int = Field(default=64 * 1024, ge=1024, le=16 * MiB)
     request_header_timeout_seconds: float = Field(default=10, gt=0, le=3600)

@@ -113,6 +113,7 @@ class Operations:
             policy=s.retry_policy(),
             keys=self.keys,
             limiter=self.limiter,
+            store_embeddings=s.store_embeddings,
             conversations=Conversations(
                 engine,
                 lambda: self.flusher.checkpoint,

@@ -80,6 +80,17 @@ def count_prompt(model: str, messages: list[Any]) -> tuple[int, str]:
     return count, source
 
 
+def count_input(model: str, inputs: list[str | list[int]]) -> tuple[int, str]:
+    """Tokens of an embeddings request's inputs (texts encoded, token lists as long as they
+    are), and how they were counted."""
+    encoding, source = encoding_for(model), TOKENIZER
+    if encoding is None:
+        encoding, source = _estimate_encoding(), ESTIMATE
+    return sum(
+        len(encoding.encode_ordinary(i)) if isinstance(i, str) else len(i) for i in inputs
+    ), source
+
+
 @functools.cache
 def _estimate_encoding() -> Any:
     with warnings.catch_warnings():

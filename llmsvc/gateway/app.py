@@ -21,6 +21,7 @@ from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable, Unknow
 from llmsvc.gateway.attribution import Attribution, read_attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.conversations import Conversations
+from llmsvc.gateway.embeddings import EmbeddingsWire, parse_embeddings
 from llmsvc.gateway.errors import reject, send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
@@ -40,6 +41,7 @@ from llmsvc.limits import Limiter
 from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers.base import Native
+from llmsvc.providers.embeddings import EMBEDDINGS
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
@@ -76,8 +78,10 @@ class Gateway:
         keys: KeyTable | None = None,
         limiter: Limiter | None = None,
         conversations: Conversations | None = None,
+        store_embeddings: bool = False,
     ) -> None:
         self.journal = journal
+        self.store_embeddings = store_embeddings  # journal embeddings' vectors (a setting)
         self.conversations = conversations  # stored turns to continue (responses, sessions)
         self.keys = keys  # with auth = "keys": every /v1/* request needs one of them
         self.limiter = limiter  # rate limits and budgets of callers (llmsvc.limits)
@@ -98,6 +102,7 @@ class Gateway:
         self.created = int(time.time())  # every model's `created`: when this gateway was built
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/embeddings": {"POST": self.embeddings},
             "/v1/models": {"GET": self.list_models},
             MODEL_ROUTE: {"GET": self.retrieve_model},
             "/api/health": {"GET": self.health},
@@ -148,6 +153,30 @@ class Gateway:
             )
         )
 
+    async def embeddings(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """`POST /v1/embeddings`: sent natively (a provider without the API refuses it), never
+        streamed; its messages are none and its vectors stored only with `store_embeddings`."""
+        headers, body = await self.admit(scope, receive)
+        data, request = parse_embeddings(body)
+        attribution = read_attribution(data, request, headers)
+        model, encoding_format = request.model, request.encoding_format
+        await self.serve(
+            self.exchange(
+                scope,
+                receive,
+                send,
+                headers,
+                {"messages": []},
+                model,
+                False,
+                attribution,
+                lambda rid, created: EmbeddingsWire(model, encoding_format),
+                api=EMBEDDINGS,
+                native=Native(EMBEDDINGS, data),
+                store_content=self.store_embeddings,
+            )
+        )
+
     async def admit(self, scope: Scope, receive: ASGIReceive) -> tuple[dict[bytes, bytes], bytes]:
         """A request to a provider, admitted: its headers and body. Refused while paused,
         draining or over the backlog limit, before the body is read (nothing is journaled)."""
@@ -175,6 +204,7 @@ class Gateway:
         wire: Callable[[str, int], Wire],
         api: str,
         native: Native | None = None,
+        store_content: bool = True,
     ) -> Exchange:
         """An admitted request's exchange (chat.py), its caller's rate limits applied (a 429
         before anything is journaled)."""
@@ -195,6 +225,7 @@ class Gateway:
             wire=wire,
             api=api,
             native=native,
+            store_content=store_content,
         )
         if exchange.caller is not None and self.limiter is not None:
             exchange.headers += self.limiter.admit(exchange.caller)

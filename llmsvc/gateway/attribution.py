@@ -8,13 +8,13 @@ after any crash a row's attribution is as complete as its tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
 from llmsvc.callers import Caller
 from llmsvc.errors import ClientError
-from llmsvc.gateway.request import METADATA_KEYS, ChatRequest, Metadata
+from llmsvc.gateway.request import METADATA_KEYS, Metadata
 from llmsvc.wal import Deployment, Sender
 
 METADATA_HEADER = b"x-llmsvc-metadata"
@@ -33,8 +33,21 @@ class Attribution:
     session_id: str | None = None
 
 
+class Attributed(Protocol):
+    """A validated request body of any API that carries attribution fields."""
+
+    @property
+    def user(self) -> str | None: ...
+
+    @property
+    def metadata(self) -> dict[str, str] | None: ...
+
+    @property
+    def session_id(self) -> str | None: ...
+
+
 def read_attribution(
-    data: dict[str, Any], request: ChatRequest, headers: dict[bytes, bytes]
+    data: dict[str, Any], request: Attributed, headers: dict[bytes, bytes]
 ) -> Attribution:
     """The body's `user`, `metadata` and `session_id` with the `x-llmsvc-*` headers.
 

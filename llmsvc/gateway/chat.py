@@ -39,7 +39,8 @@ from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.gateway.wire import Usage, Wire
 from llmsvc.logs import logger
 from llmsvc.providers.base import Native, RefusalDeltas, Reply, ToolCallDeltas
-from llmsvc.tokens import PROVIDER, count_completion, count_prompt
+from llmsvc.providers.embeddings import EMBEDDINGS, inputs
+from llmsvc.tokens import PROVIDER, count_completion, count_input, count_prompt
 from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
 
 log = logger(__name__)
@@ -95,6 +96,7 @@ class Exchange:
         "start_fut",
         "started",
         "status",
+        "store_content",
         "stream",
         "target",
         "targets",
@@ -123,10 +125,13 @@ class Exchange:
         wire: Callable[[str, int], Wire],
         api: str,
         native: Native | None = None,
+        store_content: bool = True,
     ) -> None:
         """`data`: the request as a chat completion (what a provider without `native`'s API
         is sent); `native`: the body as the client sent it in another API, forwarded as is
-        to a provider that speaks that API. `wire(request_id_hex, created)` renders replies."""
+        to a provider that speaks that API. `wire(request_id_hex, created)` renders replies.
+        `store_content` False: a whole reply's content is sent and not journaled, for
+        embeddings' vectors, which are data and stored only if asked (`store_embeddings`)."""
         if caller is not None and caller.models is not None and model not in caller.models:
             raise ModelNotAllowed(
                 f"the key {caller.key_name!r} may not use the model {model!r}; "
@@ -141,6 +146,7 @@ class Exchange:
         self.target = self.targets[0]  # the one being tried
         self.data = data
         self.model, self.stream, self.api, self.native = model, stream, api, native
+        self.store_content = store_content
         # What the start record keeps besides the messages: the body as the client sent it.
         skip = ("model", "messages") if native is None else ("model",)
         source = data if native is None else native.body
@@ -333,7 +339,7 @@ class Exchange:
         content = "".join(texts)
         if content or reply.tool_calls or reply.refusal:
             self.first_token_us = now_us()
-        if content:
+        if content and self.store_content:
             self._journal_tokens(self.attempt_id.bytes, [content])
         if reply.refusal:  # stored as the reply's text, after any content
             self._journal_tokens(self.attempt_id.bytes, [reply.refusal])
@@ -470,9 +476,16 @@ class Exchange:
                 model, self.pieces, self.seq + self.tool_seq
             )
         if prompt is None:
-            prompt, self.prompt_source = count_prompt(model, self.data["messages"])
+            prompt, self.prompt_source = self._count_prompt(model)
         self.prompt_tokens, self.completion_tokens = prompt, completion
         return prompt, completion
+
+    def _count_prompt(self, model: str) -> tuple[int, str]:
+        """The prompt counted here: the messages, or the input of an embeddings request,
+        which has no messages."""
+        if self.native is not None and self.native.api == EMBEDDINGS:
+            return count_input(model, inputs(self.native.body["input"]))
+        return count_prompt(model, self.data["messages"])
 
     def _usage(self) -> Usage:
         """What the client's `usage` says: the stored counts, and how llmsvc got any it counted."""

@@ -20,6 +20,7 @@ import orjson
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, Native, ToolCallDeltas
+from llmsvc.providers.embeddings import EMBEDDINGS
 from llmsvc.providers.fields import (
     arguments,
     count,
@@ -261,6 +262,13 @@ class AnthropicProvider(HttpProvider):
     async def open(
         self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
     ) -> AnthropicReply:
+        if native is not None and native.api == EMBEDDINGS:
+            raise ProviderError(
+                f"{self.name}: Anthropic has no embeddings API; route the model to an "
+                "OpenAI-compatible provider",
+                status=400,
+                code="unsupported_api",
+            )
         try:
             payload = to_anthropic(body, model, stream)
         except (AttributeError, KeyError, TypeError) as exc:  # a field of the wrong shape

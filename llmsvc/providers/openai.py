@@ -17,6 +17,7 @@ import orjson
 from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, Native, RefusalDeltas, ToolCallDeltas
+from llmsvc.providers.embeddings import EMBEDDINGS, OpenAIEmbeddingsReply, inputs
 from llmsvc.providers.fields import count, error_text, items, obj, short_text, tool_delta
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.openai_responses import ResponsesReply, responses_payload
@@ -118,6 +119,7 @@ class OpenAIProvider(HttpProvider):
         super().__init__(config, upstream_error)
         base_url = config.base_url.rstrip("/")
         self.chat_url = base_url + "/chat/completions"
+        self.embeddings_url = base_url + "/embeddings"
         # Set only when the upstream serves the Responses API: Responses requests go there.
         self.responses_url = base_url + "/responses" if config.responses else None
         self.headers = {"Content-Type": "application/json"}
@@ -126,7 +128,9 @@ class OpenAIProvider(HttpProvider):
 
     async def open(
         self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
-    ) -> OpenAIReply | ResponsesReply:
+    ) -> HttpReply:
+        if native is not None and native.api == EMBEDDINGS:
+            return await self._embed(native.body, model)
         if self.responses_url is not None and native is not None and native.api == "responses":
             payload = responses_payload(native.body, model, stream)
             response = await self.post(self.responses_url, payload, self.headers)
@@ -138,6 +142,14 @@ class OpenAIProvider(HttpProvider):
             payload["stream_options"] = {**options, "include_usage": True}
         response = await self.post(self.chat_url, payload, self.headers)
         return OpenAIReply(self.name, response, stream, self.idle_timeout)
+
+    async def _embed(self, body: dict[str, Any], model: str) -> OpenAIEmbeddingsReply:
+        """The client's embeddings body, sent as is with the upstream's model name, asking
+        for floats: the gateway encodes base64 itself, from the vectors it may store."""
+        payload = {**body, "model": model, "encoding_format": "float"}
+        response = await self.post(self.embeddings_url, payload, self.headers)
+        expected = len(inputs(body["input"]))
+        return OpenAIEmbeddingsReply(self.name, response, self.idle_timeout, expected)
 
 
 def upstream_error(

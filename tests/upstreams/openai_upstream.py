@@ -27,6 +27,12 @@ user message: ``max_output_tokens`` tokens (16 when absent; given, the response 
 ``response.failed`` event (Responses only). The bodies it was sent are kept in
 ``Upstream.responses_received``; ``/with/<header>/<value>/v1/responses`` steers as above.
 
+``POST /v1/embeddings`` answers as OpenAI does: one vector per input
+(``expected_embedding``: ``dimensions`` long, default 8, values k/128 drawn from a hash of the
+input), floats or base64 of little-endian float32 per ``encoding_format``, and usage counting
+words (or token ids; ``upstream_usage`` replaces it, as for chat). ``X-Upstream-Fail:
+status:<code>`` applies to it too.
+
 Run ``python tests/upstreams/openai_upstream.py --port 0``; it prints ``LISTENING <port>`` once
 ready and serves until SIGTERM/SIGINT. In-process: ``up = await serve(...)``.
 """
@@ -35,9 +41,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import itertools
 import os
 import signal
+import struct
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -52,6 +61,9 @@ except ImportError:  # pragma: no cover - uvloop is optional (e.g. on Windows)
 
 DEFAULT_MODELS: tuple[str, ...] = ("gpt-test",)
 DEFAULT_MAX_TOKENS = 16
+DEFAULT_DIMENSIONS = 8  # of an embedding
+# What OpenAI's embeddings take (it refuses any other field), and this fake's usage steering.
+EMBEDDING_FIELDS = {"model", "input", "dimensions", "encoding_format", "user", "upstream_usage"}
 DELAY_HEADER = "X-Upstream-Token-Delay-Ms"
 FAIL_HEADER = "X-Upstream-Fail"
 
@@ -84,6 +96,13 @@ def count_prompt_tokens(messages: Sequence[Any]) -> int:
         for m in messages
         if isinstance(m, dict) and isinstance(m.get("content"), str)
     )
+
+
+def expected_embedding(value: str | list[int], dimensions: int = DEFAULT_DIMENSIONS) -> list[float]:
+    """The vector the upstream answers for one input: values k/128, exact in float32."""
+    seed = value.encode() if isinstance(value, str) else orjson.dumps(value)
+    raw = hashlib.shake_256(b"upstream:" + seed).digest(dimensions)
+    return [(b - 128) / 128 for b in raw]
 
 
 class _BadRequest(Exception):
@@ -494,6 +513,7 @@ class Upstream:
         self.app.router.add_post("/v1/responses", self.handle_responses)
         self.app.router.add_post("/with/{header}/{value}/v1/responses", self.handle_steered)
         self.responses_received: list[dict[str, Any]] = []  # the bodies /v1/responses was sent
+        self.app.router.add_post("/v1/embeddings", self.handle_embeddings)
         self._runner: web.AppRunner | None = None
         self.host = ""
         self.port = 0
@@ -681,6 +701,29 @@ class Upstream:
             pass  # the client went away mid-stream
         return resp
 
+    async def handle_embeddings(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/embeddings``: one deterministic vector per input, in OpenAI's wire format."""
+        if (denied := self._check_auth(request)) is not None:
+            return denied
+        try:
+            fail_status, _, _ = _parse_fail(request.headers.get(FAIL_HEADER))
+            body, inputs = _embedding_inputs(await request.read())
+        except _BadRequest as e:
+            return error_response(e.status, e.message, e.param, e.code)
+        if fail_status is not None:
+            return error_response(fail_status, "The server had an error processing your request.")
+        dimensions = body.get("dimensions", DEFAULT_DIMENSIONS)
+        data = []
+        for i, value in enumerate(inputs):
+            vector: Any = expected_embedding(value, dimensions)
+            if body.get("encoding_format") == "base64":
+                vector = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+            data.append({"object": "embedding", "index": i, "embedding": vector})
+        tokens = sum(len(v.split()) if isinstance(v, str) else len(v) for v in inputs)
+        usage = body.get("upstream_usage", {"prompt_tokens": tokens, "total_tokens": tokens})
+        doc = {"object": "list", "data": data, "model": body["model"], "usage": usage}
+        return web.Response(body=orjson.dumps(doc), content_type="application/json")
+
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``: deterministic completion, streamed or not."""
         if (denied := self._check_auth(request)) is not None:
@@ -763,6 +806,35 @@ class Upstream:
         except ConnectionError:
             pass  # the client went away mid-stream (e.g. a cancelled request)
         return resp
+
+
+def _embedding_inputs(raw: bytes) -> tuple[dict[str, Any], list[Any]]:
+    """Validate an embeddings body as OpenAI does (the parts this fake needs); its inputs."""
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise _BadRequest("We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+        raise _BadRequest("you must provide a model parameter", param="model")
+    for name in body.keys() - EMBEDDING_FIELDS:
+        raise _BadRequest(f"Unrecognized request argument supplied: {name}")
+    value = body.get("input")
+    if isinstance(value, str) or (
+        isinstance(value, list) and value and all(isinstance(v, int) for v in value)
+    ):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(v for v in value):
+        raise _BadRequest("'$.input' is invalid.", param="input", code="invalid_value")
+    if body.get("encoding_format", "float") not in ("float", "base64"):
+        raise _BadRequest(
+            "Invalid value for 'encoding_format'.", param="encoding_format", code="invalid_value"
+        )
+    dimensions = body.get("dimensions", DEFAULT_DIMENSIONS)
+    if type(dimensions) is not int or dimensions < 1:
+        raise _BadRequest(
+            "Invalid value for 'dimensions'.", param="dimensions", code="invalid_value"
+        )
+    return body, value
 
 
 async def _drop(request: web.Request, resp: web.StreamResponse) -> web.StreamResponse:

@@ -145,6 +145,31 @@ async def test_models(client: openai.AsyncOpenAI) -> None:
     assert models.data[0].owned_by == "upstream"
 
 
+async def test_embeddings_in_floats_and_base64(client: openai.AsyncOpenAI, upstream: Any) -> None:
+    encoded = await client.embeddings.create(model="e", input=["a b", "c"], dimensions=4)
+    floats = await client.embeddings.create(model="e", input=[5, 6], encoding_format="float")
+    assert [d.embedding for d in encoded.data] == [
+        up_mod.expected_embedding("a b", 4),
+        up_mod.expected_embedding("c", 4),
+    ]
+    assert (encoded.usage.prompt_tokens, encoded.usage.total_tokens) == (3, 3)
+    assert floats.data[0].embedding == up_mod.expected_embedding([5, 6])
+    with pytest.raises(openai.BadRequestError) as refused:
+        await client.embeddings.create(model="e", input="a", extra_body={"stream": False})
+    assert "stream" in refused.value.message
+    async with aiohttp.ClientSession() as session:
+        body = {"model": "e", "input": "a", "encoding_format": "float"}
+        headers = {"Authorization": f"Bearer {KEY}"}
+        async with session.post(upstream.base_url + "/embeddings", json=body, headers=headers) as r:
+            doc = orjson.loads(await r.read())
+    assert doc == {
+        "object": "list",
+        "data": [{"object": "embedding", "index": 0, "embedding": up_mod.expected_embedding("a")}],
+        "model": "e",
+        "usage": {"prompt_tokens": 1, "total_tokens": 1},
+    }
+
+
 async def test_wrong_key(upstream: Any) -> None:
     async with openai.AsyncOpenAI(
         base_url=upstream.base_url, api_key="sk-wrong", max_retries=0
