@@ -6,6 +6,8 @@ checked against the component schema OpenAI's OpenAPI document gives it (tests/o
 
 from __future__ import annotations
 
+import base64
+import struct
 from typing import Any
 
 import orjson
@@ -227,3 +229,30 @@ def test_the_event_that_ends_a_failed_stream_is_a_valid_error() -> None:
     frame, done = _events(wire.failure(error))
     assert done == b"[DONE]"
     assert_valid(orjson.loads(frame), ERROR)
+
+
+async def _embeddings(gateway: Served, model: str, encoding: str) -> None:
+    """A list of inputs embedded, the answer checked against OpenAI's schema. The schema types
+    `embedding` as the float list only, though OpenAI answers `base64` with a string of
+    little-endian float32s: such an answer is checked with its strings decoded."""
+    body = {"model": model, "input": ["one", "two words"], "encoding_format": encoding}
+    async with gateway.session.post(gateway.url + "/v1/embeddings", json=body) as r:
+        assert r.status == 200, await r.read()
+        doc: dict[str, Any] = await r.json()
+    if encoding == "base64":
+        for item in doc["data"]:
+            raw = base64.b64decode(item["embedding"], validate=True)
+            item["embedding"] = list(struct.unpack(f"<{len(raw) // 4}f", raw))
+    assert_valid(doc, "CreateEmbeddingResponse")
+    assert [d["index"] for d in doc["data"]] == [0, 1]
+    assert all(len(d["embedding"]) > 0 for d in doc["data"])
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+async def test_the_mocks_embeddings_are_valid(served: Served, encoding: str) -> None:
+    await _embeddings(served, "mock", encoding)
+
+
+@pytest.mark.parametrize("encoding", ["float", "base64"])
+async def test_an_upstreams_embeddings_are_valid(served_upstream: Served, encoding: str) -> None:
+    await _embeddings(served_upstream, UPSTREAM_MODEL, encoding)
