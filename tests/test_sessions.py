@@ -145,8 +145,10 @@ def test_a_session_carries_its_conversation_across_turns_and_a_restart(
                 client.chat.completions.create(
                     model="gpt-test", messages=[FIRST], extra_body={"session_id": session}
                 )
-            status, kept = session_call(daemon, "POST", body={"ttl_seconds": 3600})
-            assert status == 201, kept
+            # As README.md shows it: the SDK's own POST, the body as JSON, the answer a dict.
+            kept = client.post("/sessions", cast_to=object, body={"ttl_seconds": 3600})
+            assert isinstance(kept, dict)
+            assert kept["expires_at"] - kept["created_at"] == 3600
 
     ids, labels = stored(database_url)
     assert ids == {kept["id"]}
