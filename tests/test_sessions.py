@@ -3,8 +3,9 @@ SQLite and PostgreSQL.
 
 A session made by POST carries its conversation: the second turn's provider is
 sent the first turn and its reply (the upstream counts every word it was sent
-as `prompt_tokens`), GET shows the conversation, a restart keeps it, DELETE
-ends it, and the `prune-sessions` job deletes a session once it has expired.
+as `prompt_tokens`), a failed turn adds nothing, GET shows the conversation, a
+restart keeps it, DELETE ends it, and the `prune-sessions` job deletes a
+session once it has expired.
 """
 
 from __future__ import annotations
@@ -87,14 +88,13 @@ def test_a_session_carries_its_conversation_across_turns_and_a_restart(
     database_url: str, tmp_path: Path
 ) -> None:
     with UpstreamProcess(api_key=KEY) as upstream:
+        failing = upstream.steered_url("X-Upstream-Fail", "status:500")
         providers = [
-            {
-                "name": "upstream",
-                "kind": "openai",
-                "base_url": upstream.base_url,
-                "api_key": KEY,
-                "models": ["gpt-test"],
-            }
+            {"name": name, "kind": "openai", "base_url": url, "api_key": KEY, "models": [model]}
+            for name, url, model in [
+                ("upstream", upstream.base_url, "gpt-test"),
+                ("upstream-500", failing, "gpt-500"),
+            ]
         ]
         env = daemon_env(database_url, tmp_path / "wal", providers=json.dumps(providers))
         with DaemonProcess(env) as daemon, client_for(daemon) as client:
@@ -124,6 +124,10 @@ def test_a_session_carries_its_conversation_across_turns_and_a_restart(
             usage = chunks[-1].usage
             assert usage is not None
             assert usage.prompt_tokens == 3 + 4 + 2  # the provider was sent the first turn too
+            with pytest.raises(openai.InternalServerError):  # a failed turn adds nothing
+                client.chat.completions.create(
+                    model="gpt-500", messages=[FIRST], extra_body={"session_id": session}
+                )
             conversation = [
                 FIRST,
                 {"role": "assistant", "content": "t0 t1 t2 t3 "},
@@ -152,7 +156,7 @@ def test_a_session_carries_its_conversation_across_turns_and_a_restart(
 
     ids, labels = stored(database_url)
     assert ids == {kept["id"]}
-    assert labels == [session, session]  # the deleted session's requests stay in the audit log
+    assert labels == [session] * 3  # the deleted session's requests stay in the audit log
 
     add_expired(database_url, "sess_expired")
     ran = run_cli(env, "jobs", "run", "prune-sessions")
