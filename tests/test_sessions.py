@@ -161,5 +161,5 @@ def test_a_session_carries_its_conversation_across_turns_and_a_restart(
     add_expired(database_url, "sess_expired")
     ran = run_cli(env, "jobs", "run", "prune-sessions")
     assert ran.returncode == 0, ran.stdout + ran.stderr
-    assert ran.stdout.startswith("prune-sessions: ok")
+    assert ran.stdout.startswith("prune-sessions: ok  rows=1")
     assert stored(database_url)[0] == {kept["id"]}

@@ -278,11 +278,13 @@ class Gateway:
         await send_json(send, 200, self._model(name), [request_id_header(scope)])
 
     def session_store(self) -> Sessions:
+        """The sessions, or a 503 from a gateway built without a store (some tests')."""
         if self.sessions is None:
             raise ServiceUnavailable("sessions need llmsvc's store, and this gateway has none")
         return self.sessions
 
     async def create_session(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """`POST /v1/sessions` (gateway/sessions.py has the rest of the session routes' logic)."""
         body = await read_body(receive, dict(scope["headers"]), self.max_body_bytes)
         session = await self.session_store().create(body, scope.get(CALLER))
         await send_json(send, 201, session, [request_id_header(scope)])

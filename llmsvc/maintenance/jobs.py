@@ -111,8 +111,7 @@ def _prune_sessions(engine: AsyncEngine) -> Job:
     """Sessions past their `expires_at` deleted; their requests stay until retention's prune."""
 
     async def prune_sessions() -> JobResult:
-        removed = await sessions.prune_sessions(engine, datetime.now(UTC))
-        return JobResult(rows=removed, idle=not removed)
+        return JobResult(rows=await sessions.prune_sessions(engine, datetime.now(UTC)))
 
     return prune_sessions
 
