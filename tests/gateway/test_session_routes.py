@@ -1,8 +1,9 @@
 """`/v1/sessions` over a real socket, on a real SQLite store: shapes, bounds and errors.
 
-Chat turns through a session, their history and a restart are end to end, in
-tests/test_sessions.py; here the store never holds a turn, so every session's
-messages are empty.
+Chat turns through a session, their history and a restart are end to end in a
+daemon process (tests/test_sessions.py); here the store never holds a turn,
+so every session's messages are empty. (Not named test_sessions.py: pytest
+takes test modules by their base name.)
 """
 
 from __future__ import annotations
