@@ -18,12 +18,13 @@ import pytest
 from served_gateway import Served, _assert_nothing_recorded, _by_type, _chat, _error, _post
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from llmsvc.callers import Caller
 from llmsvc.config import SessionTtl
 from llmsvc.errors import NotFound
 from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.sessions import Sessions
+from llmsvc.keytable import KeyTable
 from llmsvc.store.engine import create_engine, upgrade_to_head
+from llmsvc.store.keys import KeySpec, create_key
 from llmsvc.store.sessions import Session, create_session, prune_sessions
 from llmsvc.wal.codec import RecordType
 
@@ -174,19 +175,32 @@ async def test_without_a_store_sessions_are_unavailable(served: Served) -> None:
     assert status == 200, raw
 
 
-async def test_only_the_key_that_made_a_session_may_use_it(engine: AsyncEngine) -> None:
-    journaled = lambda: 0  # noqa: E731
-    sessions = Sessions(Conversations(engine, journaled, journaled, 1), TTL)
-    owner = Caller(uuid.uuid4(), "owner")
-    made = await sessions.create(b"", owner)
-    assert (await sessions.retrieve(made["id"], owner))["id"] == made["id"]
-    for other in (Caller(uuid.uuid4(), "other"), None):
-        for use in (sessions.retrieve, sessions.history, sessions.delete):
-            with pytest.raises(NotFound, match=made["id"]):
-                await use(made["id"], other)
-    await sessions.delete(made["id"], owner)
-    with pytest.raises(NotFound):
-        await sessions.retrieve(made["id"], owner)
+async def test_only_the_key_that_made_a_session_may_use_it(
+    served_sessions: Served, engine: AsyncEngine
+) -> None:
+    """With `auth = "keys"`: to another key the session does not exist, for every use."""
+    secrets = [(await create_key(engine, KeySpec(name=name)))[1] for name in ("owner", "other")]
+    keys = KeyTable(engine, served_sessions.wal_dir)
+    await keys.read()
+    served_sessions.gateway.keys = keys
+    owner, other = ({"Authorization": f"Bearer {secret}"} for secret in secrets)
+
+    async def as_key(key: dict[str, str], method: str, path: str) -> tuple[int, bytes]:
+        url = served_sessions.url + path
+        async with served_sessions.session.request(method, url, headers=key) as r:
+            return r.status, await r.read()
+
+    status, raw = await as_key(owner, "POST", "/v1/sessions")
+    assert status == 201, raw
+    path = "/v1/sessions/" + orjson.loads(raw)["id"]
+    for method in ("GET", "DELETE"):
+        status, raw = await as_key(other, method, path)
+        _error(status, raw, 404)
+    status, _, raw = await _post(served_sessions, _chat(session_id=path[-37:]), **other)
+    _error(status, raw, 404)
+    await _assert_nothing_recorded(served_sessions)
+    assert (await as_key(owner, "GET", path))[0] == 200
+    assert (await as_key(owner, "DELETE", path))[0] == 204
 
 
 async def test_an_expired_session_is_gone_before_the_prune_and_pruned_after(
