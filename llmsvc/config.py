@@ -31,6 +31,7 @@ from llmsvc.config_errors import Sources, describe, unknown_variables, unparsabl
 from llmsvc.errors import ConfigError
 
 MiB = 1024 * 1024
+DAY = 24 * 3600  # seconds
 CONFIG_VARIABLE = "LLMSVC_CONFIG"
 WORKER_INDEX_VARIABLE = "LLMSVC_WORKER_INDEX"
 # The waits bounded by shutdown_close_seconds in one shutdown: the catch-up's end, the
@@ -153,6 +154,14 @@ class FlushPolicy:
     timeout: float | None  # the longest one flush may wait for the database; None: no bound
 
 
+@dataclass(frozen=True, slots=True)
+class SessionTtl:
+    """A session's lifetime in seconds when a client gives none, and the longest it may ask."""
+
+    default: int
+    max: int
+
+
 class Settings(BaseSettings):
     """Every setting llmsvc has, validated at load."""
 
@@ -212,6 +221,7 @@ class Settings(BaseSettings):
     backup_cleanup_schedule: str = "30 2 * * *"
     wal_housekeeping_schedule: str = "* * * * *"
     gap_scan_schedule: str = "0 * * * *"
+    prune_sessions_schedule: str = "15 * * * *"  # expired sessions (POST /v1/sessions) deleted
     job_misfire_grace_seconds: int = Field(default=3600, ge=1)
     retention_days: int = Field(default=180, ge=1)
     prune_batch_requests: int = Field(default=500, ge=1)
@@ -219,6 +229,10 @@ class Settings(BaseSettings):
     backup_dir: Path = Path()
     backup_retention_days: int = Field(default=30, ge=1)
     wal_segment_max_age_seconds: int = Field(default=3600, ge=1)
+    # A session's lifetime (POST /v1/sessions) when its `ttl_seconds` is left out, and the
+    # longest one a client may ask for.
+    session_ttl_seconds: int = Field(default=7 * DAY, ge=1)
+    session_ttl_max_seconds: int = Field(default=365 * DAY, ge=1)
     providers: list[ProviderConfig] = Field(default_factory=list)
     # Public model name -> ordered targets "provider:upstream-model", tried in turn.
     routes: dict[str, list[str]] = Field(default_factory=dict)
@@ -278,6 +292,7 @@ class Settings(BaseSettings):
         "backup_cleanup_schedule",
         "wal_housekeeping_schedule",
         "gap_scan_schedule",
+        "prune_sessions_schedule",
     )
     @classmethod
     def _cron(cls, expression: str) -> str:
@@ -316,6 +331,18 @@ class Settings(BaseSettings):
                 "65535; lower metrics_port"
             )
         return self
+
+    @model_validator(mode="after")
+    def _session_ttl_within_max(self) -> Settings:
+        if self.session_ttl_seconds > self.session_ttl_max_seconds:
+            raise ValueError(
+                f"session_ttl_seconds: {self.session_ttl_seconds} is over "
+                f"session_ttl_max_seconds={self.session_ttl_max_seconds}"
+            )
+        return self
+
+    def session_ttl(self) -> SessionTtl:
+        return SessionTtl(self.session_ttl_seconds, self.session_ttl_max_seconds)
 
     @classmethod
     def settings_customise_sources(

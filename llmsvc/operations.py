@@ -28,6 +28,7 @@ from llmsvc.gateway.breaker import Breakers, Circuit
 from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
+from llmsvc.gateway.sessions import Sessions
 from llmsvc.keytable import KeyTable
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
@@ -103,6 +104,9 @@ class Operations:
         self.journal = Journal(
             writer, deployment_fields(s.deployment_environment, s.deployment_version)
         )
+        conversations = Conversations(
+            engine, lambda: self.flusher.checkpoint, lambda: self.writer.end.lsn - 1, timeout
+        )
         self.gateway = Gateway(
             self.journal,
             self.router,
@@ -114,12 +118,8 @@ class Operations:
             keys=self.keys,
             limiter=self.limiter,
             store_embeddings=s.store_embeddings,
-            conversations=Conversations(
-                engine,
-                lambda: self.flusher.checkpoint,
-                lambda: self.writer.end.lsn - 1,
-                timeout,
-            ),
+            conversations=conversations,
+            sessions=Sessions(conversations, s.session_ttl()),
         )
         for finding in repairs.findings:
             metrics.wal_damage.labels(kind=finding.kind).inc()

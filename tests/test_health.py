@@ -29,7 +29,7 @@ from llmsvc.wal.writer import WalWriter
 
 pytestmark = pytest.mark.timeout(120)
 
-JOBS = ["prune", "backup", "backup-cleanup", "wal-housekeeping", "gap-scan"]
+JOBS = ["prune", "backup", "backup-cleanup", "wal-housekeeping", "gap-scan", "prune-sessions"]
 
 
 async def journal_backlog(wal_dir: Path, tokens: int) -> None:

@@ -71,6 +71,8 @@ def test_the_document_covers_every_route(daemon: DaemonProcess) -> None:
         "/v1/chat/completions",
         "/v1/models",
         "/v1/models/{model}",
+        "/v1/sessions",
+        "/v1/sessions/{id}",
         "/api/health",
         "/api/ready",
         "/api/metrics",

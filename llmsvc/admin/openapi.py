@@ -14,6 +14,7 @@ from pydantic import BaseModel
 
 from llmsvc import __version__
 from llmsvc.gateway.request import ChatRequest
+from llmsvc.gateway.sessions import SessionBody
 from llmsvc.store.attribution import SPEND_BY
 
 REF = "#/components/schemas/{model}"
@@ -46,7 +47,7 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
             "properties": {"error": {"type": "object"}},
         }
     }
-    models: list[type[BaseModel]] = [ChatRequest, *admin_models]
+    models: list[type[BaseModel]] = [ChatRequest, SessionBody, *admin_models]
     for model in models:
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
@@ -66,6 +67,7 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
     team = {"name": "team", "in": "path", "required": True, "schema": {"type": "string"}}
     no_key = _error("no such key (by name or id)")
     no_team = _error("no such team (by name or id)")
+    no_session = _error("no such session: unknown, expired, deleted, or another key's")
 
     def query(name: str, description: str, schema: dict[str, Any] | None = None) -> Any:
         return {
@@ -110,7 +112,10 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                             "content": {"application/json": {}, "text/event-stream": {}},
                         },
                         "400": _error("the body is not a valid chat request"),
-                        "404": _error("the model is not served here"),
+                        "404": _error(
+                            "the model is not served here, or the session named (an id from "
+                            "POST /v1/sessions) does not exist"
+                        ),
                         "408": _error("the request did not arrive within its timeout"),
                         "413": _error("the body is larger than max_body_bytes"),
                         "414": _error("the request line is longer than max_header_bytes"),
@@ -142,6 +147,30 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                         "404": _error("the model is not served here (or not to this key)"),
                     },
                 }
+            },
+            "/v1/sessions": {
+                "post": {
+                    "summary": "A new session: chat requests naming it carry its conversation",
+                    "requestBody": _body(SessionBody, required=False),
+                    "responses": {
+                        "201": _json("the session"),
+                        "400": _error("the body is not a valid session"),
+                        "503": _error("the database cannot answer now"),
+                    },
+                }
+            },
+            "/v1/sessions/{id}": {
+                "parameters": [
+                    {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+                ],
+                "get": {
+                    "summary": "The session and its conversation so far",
+                    "responses": {"200": _json("the session, with `messages`"), "404": no_session},
+                },
+                "delete": {
+                    "summary": "End the session (its requests stay in the audit log)",
+                    "responses": {"204": {"description": "deleted"}, "404": no_session},
+                },
             },
             "/api/health": {
                 "get": {"summary": "Liveness with detail", "responses": {"200": _json("")}}

@@ -35,6 +35,7 @@ from llmsvc.gateway.request import (
     request_id_header,
 )
 from llmsvc.gateway.router import Router
+from llmsvc.gateway.sessions import Sessions, is_session
 from llmsvc.gateway.sse import ASGIReceive, ASGISend, ChatWire
 from llmsvc.gateway.wire import Wire
 from llmsvc.limits import Limiter
@@ -50,9 +51,21 @@ log = logger(__name__)
 
 Scope = MutableMapping[str, Any]
 Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
-# `GET /v1/models/{model}`: every path under the prefix is that one route; the rest is the id.
+# Routes with an id in the path: every path under a prefix is that prefix's one route, and
+# the rest of the path is the id.
 MODEL_PREFIX = "/v1/models/"
 MODEL_ROUTE = MODEL_PREFIX + "{model}"
+SESSION_PREFIX = "/v1/sessions/"
+SESSION_ROUTE = SESSION_PREFIX + "{id}"
+PREFIX_ROUTES = {MODEL_PREFIX: MODEL_ROUTE, SESSION_PREFIX: SESSION_ROUTE}
+
+
+def route_of(path: str) -> str:
+    """The route table's key for a path: its prefix's route, or the path itself."""
+    for prefix, route in PREFIX_ROUTES.items():
+        if path.startswith(prefix):
+            return route
+    return path
 
 
 class Gateway:
@@ -79,10 +92,12 @@ class Gateway:
         limiter: Limiter | None = None,
         conversations: Conversations | None = None,
         store_embeddings: bool = False,
+        sessions: Sessions | None = None,
     ) -> None:
         self.journal = journal
         self.store_embeddings = store_embeddings  # journal embeddings' vectors (a setting)
         self.conversations = conversations  # stored turns to continue (responses, sessions)
+        self.sessions = sessions  # /v1/sessions and chat's session_id naming one of them
         self.keys = keys  # with auth = "keys": every /v1/* request needs one of them
         self.limiter = limiter  # rate limits and budgets of callers (llmsvc.limits)
         self.router = router
@@ -105,6 +120,8 @@ class Gateway:
             "/v1/embeddings": {"POST": self.embeddings},
             "/v1/models": {"GET": self.list_models},
             MODEL_ROUTE: {"GET": self.retrieve_model},
+            "/v1/sessions": {"POST": self.create_session},
+            SESSION_ROUTE: {"GET": self.retrieve_session, "DELETE": self.delete_session},
             "/api/health": {"GET": self.health},
             "/api/ready": {"GET": self.ready},
             "/api/metrics": {"GET": self.prometheus},
@@ -118,8 +135,7 @@ class Gateway:
             if self.keys is not None and scope["path"].startswith("/v1/"):
                 # Before the route is looked up: a caller without a key learns nothing.
                 scope[CALLER] = self.keys.authenticate(dict(scope["headers"]))
-            path = scope["path"]
-            methods = self.routes.get(MODEL_ROUTE if path.startswith(MODEL_PREFIX) else path)
+            methods = self.routes.get(route_of(scope["path"]))
             if methods is None:
                 raise NotFound(f"no route {scope['path']}")
             handler = methods.get(scope["method"])
@@ -136,6 +152,9 @@ class Gateway:
         headers, body = await self.admit(scope, receive)
         data, request = parse_chat(body)
         attribution = read_attribution(data, request, headers)
+        if is_session(attribution.session_id):
+            history = await self.session_store().history(attribution.session_id, scope.get(CALLER))
+            data["messages"] = [*history, *data["messages"]]
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         model = request.model
         await self.serve(
@@ -289,6 +308,31 @@ class Gateway:
         if name not in self.router.models() or (allowed is not None and name not in allowed):
             raise UnknownModel(f"the model {name!r} is not served here; GET /v1/models lists them")
         await send_json(send, 200, self._model(name), [request_id_header(scope)])
+
+    def session_store(self) -> Sessions:
+        """The sessions, or a 503 from a gateway built without a store (some tests')."""
+        if self.sessions is None:
+            raise ServiceUnavailable("sessions need llmsvc's store, and this gateway has none")
+        return self.sessions
+
+    async def create_session(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """`POST /v1/sessions` (gateway/sessions.py has the rest of the session routes' logic)."""
+        body = await read_body(receive, dict(scope["headers"]), self.max_body_bytes)
+        session = await self.session_store().create(body, scope.get(CALLER))
+        await send_json(send, 201, session, [request_id_header(scope)])
+
+    async def retrieve_session(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        session_id = scope["path"][len(SESSION_PREFIX) :]
+        session = await self.session_store().retrieve(session_id, scope.get(CALLER))
+        await send_json(send, 200, session, [request_id_header(scope)])
+
+    async def delete_session(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        session_id = scope["path"][len(SESSION_PREFIX) :]
+        await self.session_store().delete(session_id, scope.get(CALLER))
+        await send(
+            {"type": "http.response.start", "status": 204, "headers": [request_id_header(scope)]}
+        )
+        await send({"type": "http.response.body", "body": b""})
 
     def _model(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "llmsvc"}

@@ -20,6 +20,7 @@ from llmsvc.config import Settings
 from llmsvc.maintenance import backup, consistency, retention
 from llmsvc.maintenance.runs import Job, JobResult
 from llmsvc.maintenance.wal_housekeeping import housekeep
+from llmsvc.store import sessions
 from llmsvc.wal import WalWriter
 
 Build = Callable[[Settings, AsyncEngine, uuid.UUID | None, WalWriter | None], Job]
@@ -106,6 +107,15 @@ def _wal_housekeeping(
     return wal_housekeeping
 
 
+def _prune_sessions(engine: AsyncEngine) -> Job:
+    """Sessions past their `expires_at` deleted; their requests stay until retention's prune."""
+
+    async def prune_sessions() -> JobResult:
+        return JobResult(rows=await sessions.prune_sessions(engine, datetime.now(UTC)))
+
+    return prune_sessions
+
+
 JOBS: dict[str, Kind] = {
     "prune": Kind(lambda s: s.prune_schedule, lambda s, engine, *_: prune_job(s, engine)),
     "backup": Kind(lambda s: s.backup_schedule, lambda s, engine, *_: backup_job(s, engine)),
@@ -114,6 +124,9 @@ JOBS: dict[str, Kind] = {
         lambda s: s.wal_housekeeping_schedule, _wal_housekeeping, own_instance=True
     ),
     "gap-scan": Kind(lambda s: s.gap_scan_schedule, lambda s, engine, *_: _gap_scan(s, engine)),
+    "prune-sessions": Kind(
+        lambda s: s.prune_sessions_schedule, lambda s, engine, *_: _prune_sessions(engine)
+    ),
 }
 JOB_NAMES = tuple(JOBS)
 INSTANCE_JOBS = frozenset(name for name, kind in JOBS.items() if kind.own_instance)

@@ -42,6 +42,7 @@ def test_jobs_lists_every_job_with_its_schedule_and_next_and_last_runs(
         "backup-cleanup",
         "wal-housekeeping",
         "gap-scan",
+        "prune-sessions",
     ]
     assert all(job["next_run"] and job["last_run"] is None for job in before)
     assert ran.startswith("gap-scan: ok")
