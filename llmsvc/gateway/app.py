@@ -18,12 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from llmsvc.callers import Caller
 from llmsvc.config import RetryPolicy
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable, UnknownModel
-from llmsvc.gateway.attribution import Attribution, read_attribution
+from llmsvc.gateway.attribution import Attribution, attribution, read_attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.conversations import Conversations
+from llmsvc.gateway.count_tokens import count_tokens
 from llmsvc.gateway.errors import reject, send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
+from llmsvc.gateway.messages import CountRequest, chat_body, parse_messages
+from llmsvc.gateway.messages_wire import MessagesWire
 from llmsvc.gateway.request import (
     CALLER,
     ClientGone,
@@ -40,6 +43,7 @@ from llmsvc.limits import Limiter
 from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers.base import Native
+from llmsvc.tokens import count_prompt
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
@@ -98,6 +102,8 @@ class Gateway:
         self.created = int(time.time())  # every model's `created`: when this gateway was built
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_message_tokens},
             "/v1/models": {"GET": self.list_models},
             MODEL_ROUTE: {"GET": self.retrieve_model},
             "/api/health": {"GET": self.health},
@@ -146,6 +152,45 @@ class Gateway:
                 lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
             )
         )
+
+    async def messages(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """Anthropic's Messages API (gateway/messages.py, messages_wire.py); an Anthropic
+        provider is sent the client's body, any other its chat-completion form."""
+        headers, body = await self.admit(scope, receive)
+        native, request = parse_messages(body)
+        data = chat_body(native, request)
+        user = request.metadata.user_id if request.metadata is not None else None
+        model = request.model
+        await self.serve(
+            self.exchange(
+                scope,
+                receive,
+                send,
+                headers,
+                data,
+                model,
+                request.stream,
+                attribution(user, None, None, headers),
+                lambda rid, _created: MessagesWire(
+                    f"msg_{rid}", model, lambda: count_prompt(model, data["messages"])[0]
+                ),
+                api="messages",
+                native=Native("messages", native),
+            )
+        )
+
+    async def count_message_tokens(
+        self, scope: Scope, receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        """A Messages body's input tokens (gateway/count_tokens.py); not a generation."""
+        headers = dict(scope["headers"])
+        native, request = parse_messages(
+            await read_body(receive, headers, self.max_body_bytes), CountRequest
+        )
+        answer = await count_tokens(
+            self.router, scope.get(CALLER), native, chat_body(native, request)
+        )
+        await send_json(send, 200, answer, [request_id_header(scope)])
 
     async def admit(self, scope: Scope, receive: ASGIReceive) -> tuple[dict[bytes, bytes], bytes]:
         """A request to a provider, admitted: its headers and body. Refused while paused,
@@ -211,7 +256,7 @@ class Gateway:
             if exchange.started:  # too late for a status line: the connection just closes
                 log.exception("request failed mid-response", request_id=exchange.request_id)
             else:
-                await send_error(exchange.send, exc, exchange.headers)
+                await send_error(exchange.send, exc, exchange.headers, exchange.api)
         finally:
             self.inflight.discard(cancel)
             if not self.inflight:

@@ -1,7 +1,10 @@
-"""The one place that turns an exception into an HTTP status and OpenAI error JSON.
+"""The one place that turns an exception into an HTTP status and error JSON.
 
 Before the first response byte an error is a status and a JSON body; after it,
-an SSE error event (the status line is already gone).
+an SSE error event (the status line is already gone). The body is OpenAI's
+`{"error": {...}}`, except under `/v1/messages`, whose clients (the anthropic
+SDK, Claude Code) read Anthropic's `{"type": "error", "error": {"type", "message"}}`;
+the status is the same in both.
 """
 
 from __future__ import annotations
@@ -53,6 +56,46 @@ def describe(exc: BaseException) -> tuple[int, dict[str, Any]]:
     )
 
 
+MESSAGES_PATH = "/v1/messages"  # Anthropic's API: its paths' errors are in Anthropic's shape
+# Anthropic's error type for each status llmsvc answers with; any other 4xx is the request's
+# fault, any other 5xx the service's.
+ANTHROPIC_TYPES = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+# A failure after a stream began has no status: its OpenAI error type says which it was.
+ANTHROPIC_STREAM_TYPES = {
+    "invalid_request_error": "invalid_request_error",
+    "service_unavailable": "overloaded_error",
+}
+
+
+def api_of(path: str) -> str:
+    """Which API's error shape a path's answers use: `messages` or `chat` (OpenAI's)."""
+    return "messages" if path.startswith(MESSAGES_PATH) else "chat"
+
+
+def error_body(api: str, status: int, error: dict[str, Any]) -> dict[str, Any]:
+    """The JSON body of an error answer, in the shape of the request's API."""
+    if api != "messages":
+        return {"error": error}
+    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error["message"]}}
+
+
+def anthropic_stream_error(error: dict[str, Any]) -> dict[str, Any]:
+    """A begun Messages stream's `error` event data, from the OpenAI error object: an
+    Anthropic upstream's own error type where it was one, else what llmsvc's type means."""
+    kind = error["code"]
+    if kind not in ANTHROPIC_TYPES.values() and kind != "api_error":
+        kind = ANTHROPIC_STREAM_TYPES.get(error["type"], "api_error")
+    return {"type": "error", "error": {"type": kind, "message": error["message"]}}
+
+
 def _error(message: str, kind: str, code: str, param: str | None = None) -> dict[str, Any]:
     return {"message": message, "type": kind, "param": param, "code": code}
 
@@ -70,13 +113,17 @@ async def reject(scope: MutableMapping[str, Any], send: ASGISend, exc: BaseExcep
         request_id(scope),
         scope.get(CALLER),
     )
-    await send_error(send, exc, [request_id_header(scope)])
+    await send_error(send, exc, [request_id_header(scope)], api_of(scope.get("path", "")))
 
 
 async def send_error(
-    send: ASGISend, exc: BaseException, headers: list[tuple[bytes, bytes]] | None = None
+    send: ASGISend,
+    exc: BaseException,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    api: str = "chat",
 ) -> None:
-    """The error as a whole response; `headers` carry the request's X-Request-ID."""
+    """The error as a whole response in the shape of `api` (`api_of`); `headers` carry the
+    request's X-Request-ID."""
     status, error = describe(exc)
     if status == 503 and isinstance(exc, sa.exc.DBAPIError | ConnectionError | TimeoutError):
         log.warning("database unavailable to a request", error=describe_error(exc))
@@ -86,7 +133,7 @@ async def send_error(
         headers = [*(headers or []), (b"allow", exc.allow.encode())]
     if isinstance(exc, RateLimited):
         headers = [*(headers or []), *exc.headers]
-    await send_json(send, status, {"error": error}, headers)
+    await send_json(send, status, error_body(api, status, error), headers)
 
 
 async def send_json(

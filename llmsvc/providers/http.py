@@ -145,9 +145,10 @@ class HttpProvider:
         return self._session
 
     async def post(
-        self, payload: dict[str, Any], headers: dict[str, str]
+        self, payload: dict[str, Any], headers: dict[str, str], url: str | None = None
     ) -> aiohttp.ClientResponse:
-        """POST the body; a 200 response to read, else the upstream's error as ProviderError."""
+        """POST the body (to `url`, else the provider's URL); a 200 response to read, else the
+        upstream's error as ProviderError."""
         try:
             data = orjson.dumps(payload)
         except orjson.JSONEncodeError as exc:  # e.g. tool-call arguments parsed too deep
@@ -158,7 +159,7 @@ class HttpProvider:
             ) from None
         try:
             async with asyncio.timeout(self.idle_timeout):  # waiting for the response is silence
-                response = await self._client().post(self.url, data=data, headers=headers)
+                response = await self._client().post(url or self.url, data=data, headers=headers)
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise ProviderUnavailable(
                 f"{self.name}: cannot reach the upstream: {exc or type(exc).__name__}",
