@@ -63,6 +63,7 @@ ANTHROPIC_TYPES = {
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
+    413: "request_too_large",
     429: "rate_limit_error",
     503: "overloaded_error",
     529: "overloaded_error",
@@ -158,14 +159,15 @@ async def send_json(
     await send({"type": "http.response.body", "body": data})
 
 
-def closing_response(exc: BaseException, request: uuid.UUID) -> bytes:
-    """A whole HTTP/1.1 error response that closes the connection, as raw bytes.
+def closing_response(exc: BaseException, request: uuid.UUID, api: str = "chat") -> bytes:
+    """A whole HTTP/1.1 error response that closes the connection, as raw bytes, in the shape
+    of `api` (`api_of`).
 
     For the HTTP protocol (gateway/http_protocol.py), which refuses a
     connection or a request before any ASGI call exists to send through.
     """
     status, error = describe(exc)
-    body = orjson.dumps({"error": error})
+    body = orjson.dumps(error_body(api, status, error))
     head = (
         f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
         "content-type: application/json\r\n"

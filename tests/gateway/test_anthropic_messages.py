@@ -325,6 +325,10 @@ async def test_routes_under_messages_answer_in_anthropics_shape(served: Served) 
             "type": "error",
             "error": {"type": "not_found_error", "message": "no route /v1/messages/nope"},
         }
+    big = {"model": "mock", "max_tokens": 1, "messages": [{"role": "user", "content": "x" * 5000}]}
+    async with served.session.post(served.url + "/v1/messages", json=big) as r:
+        assert r.status == 413
+        assert (await r.json())["error"]["type"] == "request_too_large"
 
 
 async def test_count_tokens_for_another_kind_is_llmsvcs_tokenizer_count(served: Served) -> None:
