@@ -14,10 +14,17 @@ provider as sent and left out of the chat form.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from llmsvc.errors import ClientError
 from llmsvc.gateway.request import Integer, parse_body
@@ -34,6 +41,19 @@ PASSED_BLOCKS = frozenset(
     }
 )
 CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # Anthropic's -> OpenAI's
+
+
+def _content(value: Any) -> Any:
+    """A string or a list of blocks (objects), checked in one step so that an error names the
+    field, not a member of a union; the blocks are checked by their type later."""
+    if isinstance(value, str) or (
+        isinstance(value, list) and all(isinstance(block, dict) for block in value)
+    ):
+        return value
+    raise ValueError("must be a string or a list of content blocks")
+
+
+Content = Annotated[Any, BeforeValidator(_content)]
 
 
 class _Strict(BaseModel):
@@ -78,7 +98,7 @@ class ToolUseBlock(_Strict):
 class ToolResultBlock(_Strict):
     type: Literal["tool_result"]
     tool_use_id: str = Field(min_length=1)
-    content: str | list[dict[str, Any]] | None = None
+    content: Content | None = None
     is_error: bool | None = None
 
 
@@ -93,7 +113,7 @@ RESULT_BLOCKS = ("text", "image")  # what a tool result's content may hold
 
 class Message(_Strict):
     role: Literal["user", "assistant"]
-    content: str | list[dict[str, Any]]
+    content: Content
 
 
 class Tool(_Strict):
@@ -120,7 +140,7 @@ class MessagesRequest(_Strict):
     model: str = Field(min_length=1, max_length=200)
     max_tokens: Integer = Field(ge=1, le=1_000_000)
     messages: list[Message] = Field(min_length=1)
-    system: str | list[dict[str, Any]] | None = None
+    system: Content | None = None
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     stop_sequences: list[str] | None = None

@@ -51,6 +51,7 @@ class MessagesWire:
         self.open: int | None = None  # the block open now, if any
         self.text_block: int | None = None  # the open block, if it is text
         self.tool_blocks: dict[int, int] = {}  # a tool call's index -> its block
+        self.tool_ids: dict[int, str | None] = {}  # a tool call's index -> its id
         self.deltas = 0  # text and tool deltas sent: an output count if nothing better is known
         self.prompt_tokens: int | None = None  # the input_tokens message_start told
 
@@ -86,12 +87,14 @@ class MessagesWire:
     def tool_calls(self, deltas: list[dict[str, Any]]) -> bytes:
         frame = b""
         for delta in deltas:
-            call = delta.get("index", 0)
+            call, call_id = delta.get("index", 0), delta.get("id")
             block = self.tool_blocks.get(call)
-            if block is None or delta.get("id"):  # a new call: a block of its own
+            # A new call gets a block of its own; an upstream may repeat a call's id.
+            if block is None or (call_id and call_id != self.tool_ids.get(call)):
+                self.tool_ids[call] = call_id
                 start: dict[str, Any] = {
                     "type": "tool_use",
-                    "id": delta.get("id") or "",
+                    "id": call_id or "",
                     "name": delta.get("name") or "",
                     "input": {},
                 }
@@ -105,7 +108,7 @@ class MessagesWire:
         return frame
 
     def refusal(self, texts: list[str]) -> bytes:
-        """A refusal is text to an Anthropic client (`stop_reason` says `refusal`)."""
+        """A refusal is text to an Anthropic client: its API has no other place for one."""
         return self.tokens(texts)
 
     def closing(self, finish_reason: str, usage: Usage) -> bytes:

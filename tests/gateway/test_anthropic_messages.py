@@ -339,3 +339,49 @@ async def test_count_tokens_for_another_kind_is_llmsvcs_tokenizer_count(served: 
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
     assert counted.input_tokens == count_prompt("mock", messages)[0]
     assert served.writer.appended_lsn == 0  # not a generation: nothing journaled
+
+
+async def test_claude_codes_beta_requests_and_images_reach_the_chat_form(served: Served) -> None:
+    """The SDK's beta client adds `?beta=true` and an `anthropic-beta` header, as Claude Code
+    does; images become OpenAI `image_url` parts."""
+    content: list[Any] = [
+        {"type": "text", "text": "what is this", "cache_control": {"type": "ephemeral"}},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}},
+        {"type": "image", "source": {"type": "url", "url": "http://127.0.0.1/a.png"}},
+    ]
+    async with client(served) as sdk:
+        message = await sdk.beta.messages.create(
+            model="mock",
+            max_tokens=2,
+            messages=[{"role": "user", "content": content}],
+            betas=["interleaved-thinking-2025-05-14"],
+        )
+    assert message.content[0].text == token(0) + token(1)
+    (start,) = _by_type(await served.records(), RecordType.REQUEST_START)
+    assert start["messages"] == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "what is this"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}},
+                {"type": "image_url", "image_url": {"url": "http://127.0.0.1/a.png"}},
+            ],
+        }
+    ]
+    assert start["params"]["messages"][0]["content"] == content  # as the client sent it
+
+
+async def test_a_refusal_is_sent_as_journaled_text(served_upstream: Served) -> None:
+    async with (
+        client(served_upstream) as sdk,
+        sdk.messages.stream(
+            model=UPSTREAM_MODEL,
+            max_tokens=5,
+            messages=[{"role": "user", "content": "refuse:I will not do that"}],
+        ) as stream,
+    ):
+        texts = [text async for text in stream.text_stream]
+        final = await stream.get_final_message()
+    assert "".join(texts) == "I will not do that"
+    assert final.content[0].text == "I will not do that"
+    assert_batches_of(texts, await stored_texts(served_upstream))
