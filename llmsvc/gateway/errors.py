@@ -68,6 +68,10 @@ ANTHROPIC_TYPES = {
     503: "overloaded_error",
     529: "overloaded_error",
 }
+# Every error type Anthropic's API names: an upstream's own, in a stream, is passed on.
+ANTHROPIC_ERROR_TYPES = frozenset(
+    {"invalid_request_error", "api_error", "timeout_error", *ANTHROPIC_TYPES.values()}
+)
 # A failure after a stream began has no status: its OpenAI error type says which it was.
 ANTHROPIC_STREAM_TYPES = {
     "invalid_request_error": "invalid_request_error",
@@ -84,15 +88,20 @@ def error_body(api: str, status: int, error: dict[str, Any]) -> dict[str, Any]:
     """The JSON body of an error answer, in the shape of the request's API."""
     if api != "messages":
         return {"error": error}
-    kind = ANTHROPIC_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
-    return {"type": "error", "error": {"type": kind, "message": error["message"]}}
+    return anthropic_error(error, status)
 
 
-def anthropic_stream_error(error: dict[str, Any]) -> dict[str, Any]:
-    """A begun Messages stream's `error` event data, from the OpenAI error object: an
-    Anthropic upstream's own error type where it was one, else what llmsvc's type means."""
-    kind = error["code"]
-    if kind not in ANTHROPIC_TYPES.values() and kind != "api_error":
+def anthropic_error(error: dict[str, Any], status: int | None = None) -> dict[str, Any]:
+    """An OpenAI error object in Anthropic's shape, its type the status's. A failure after a
+    stream began has no status: its type is an Anthropic upstream's own error event's, else
+    what the OpenAI type means. (A whole answer's status is llmsvc's, e.g. 502 for an
+    upstream's 401, so an upstream's type is not passed on there.)"""
+    if status is not None:
+        default = "invalid_request_error" if status < 500 else "api_error"
+        kind = ANTHROPIC_TYPES.get(status, default)
+    elif error["code"] in ANTHROPIC_ERROR_TYPES:
+        kind = error["code"]
+    else:
         kind = ANTHROPIC_STREAM_TYPES.get(error["type"], "api_error")
     return {"type": "error", "error": {"type": kind, "message": error["message"]}}
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from llmsvc.gateway.errors import anthropic_stream_error
+from llmsvc.gateway.errors import anthropic_error
 from llmsvc.gateway.wire import Usage
 
 # The OpenAI finish reasons (what providers' replies say) in Anthropic's words.
@@ -123,7 +123,7 @@ class MessagesWire:
         )
 
     def failure(self, error: dict[str, Any]) -> bytes:
-        return event("error", anthropic_stream_error(error))
+        return event("error", anthropic_error(error))
 
     def whole(
         self,

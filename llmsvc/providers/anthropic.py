@@ -273,9 +273,11 @@ class AnthropicProvider(HttpProvider):
         self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
     ) -> AnthropicReply:
         """A Messages client's own body is forwarded as sent (this provider's model name and
-        `stream` set); a chat body is translated (`to_anthropic`). The reply reads the same."""
+        `stream` set, llmsvc's `mock_delay_ms` left out); a chat body is translated
+        (`to_anthropic`). The reply reads the same."""
         if native is not None and native.api == "messages":
-            payload = {**native.body, "model": model, "stream": stream}
+            payload = {k: v for k, v in native.body.items() if k != "mock_delay_ms"}
+            payload["model"], payload["stream"] = model, stream
             response = await self.post(payload, self.headers)
             return AnthropicReply(self.name, response, stream, self.idle_timeout)
         try:
