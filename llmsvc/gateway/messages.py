@@ -111,12 +111,14 @@ BLOCKS: dict[str, type[_Strict]] = {
 RESULT_BLOCKS = ("text", "image")  # what a tool result's content may hold
 
 
-class Message(_Strict):
+class Turn(_Strict):
+    """One message: a user's or the assistant's turn."""
+
     role: Literal["user", "assistant"]
     content: Content
 
 
-class Tool(_Strict):
+class ToolSpec(_Strict):
     name: str = Field(min_length=1, max_length=128)
     description: str | None = None
     input_schema: dict[str, Any] | None = None  # server tools (`type`) have none
@@ -128,7 +130,7 @@ class ToolChoice(_Strict):
     disable_parallel_tool_use: bool | None = None
 
 
-class Metadata(BaseModel):
+class UserMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: str | None = Field(default=None, max_length=256)
@@ -139,15 +141,15 @@ class MessagesRequest(_Strict):
 
     model: str = Field(min_length=1, max_length=200)
     max_tokens: Integer = Field(ge=1, le=1_000_000)
-    messages: list[Message] = Field(min_length=1)
+    messages: list[Turn] = Field(min_length=1)
     system: Content | None = None
-    tools: list[Tool] | None = None
+    tools: list[ToolSpec] | None = None
     tool_choice: ToolChoice | None = None
     stop_sequences: list[str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=1)
     top_p: float | None = Field(default=None, ge=0, le=1)
     top_k: Integer | None = Field(default=None, ge=0)
-    metadata: Metadata | None = None
+    metadata: UserMetadata | None = None
     stream: bool = False
     mock_delay_ms: float | None = Field(default=None, ge=0, le=60_000)  # llmsvc's mock only
 
