@@ -69,6 +69,8 @@ def test_the_document_covers_every_route(daemon: DaemonProcess) -> None:
         doc = json.loads(response.read())
     assert set(doc["paths"]) >= {
         "/v1/chat/completions",
+        "/v1/messages",
+        "/v1/messages/count_tokens",
         "/v1/models",
         "/v1/models/{model}",
         "/v1/sessions",

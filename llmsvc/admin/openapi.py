@@ -13,6 +13,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from llmsvc import __version__
+from llmsvc.gateway.messages import CountRequest, MessagesRequest
 from llmsvc.gateway.request import ChatRequest
 from llmsvc.gateway.sessions import SessionBody
 from llmsvc.store.attribution import SPEND_BY
@@ -47,7 +48,13 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
             "properties": {"error": {"type": "object"}},
         }
     }
-    models: list[type[BaseModel]] = [ChatRequest, SessionBody, *admin_models]
+    models: list[type[BaseModel]] = [
+        ChatRequest,
+        MessagesRequest,
+        CountRequest,
+        SessionBody,
+        *admin_models,
+    ]
     for model in models:
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
@@ -125,6 +132,37 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                             "not taking requests now (draining, paused, backlog, disk full, "
                             "max_connections)"
                         ),
+                    },
+                }
+            },
+            "/v1/messages": {
+                "post": {
+                    "summary": "An Anthropic Messages reply, journaled before it is sent; errors "
+                    "in Anthropic's shape",
+                    "parameters": attribution_headers,
+                    "requestBody": _body(MessagesRequest),
+                    "responses": {
+                        "200": {
+                            "description": "the message, or its SSE stream of Anthropic's events",
+                            "content": {"application/json": {}, "text/event-stream": {}},
+                        },
+                        "400": _error("the body is not a valid Messages request"),
+                        "404": _error("the model is not served here"),
+                        "413": _error("the body is larger than max_body_bytes"),
+                        "502": _error("the provider failed"),
+                        "503": _error("not taking requests now"),
+                    },
+                }
+            },
+            "/v1/messages/count_tokens": {
+                "post": {
+                    "summary": "A Messages body's input tokens (not a generation: not stored)",
+                    "requestBody": _body(CountRequest),
+                    "responses": {
+                        "200": _json("`input_tokens`"),
+                        "400": _error("the body is not a valid Messages request"),
+                        "404": _error("the model is not served here"),
+                        "502": _error("the provider failed"),
                     },
                 }
             },

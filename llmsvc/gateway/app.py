@@ -18,13 +18,16 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from llmsvc.callers import Caller
 from llmsvc.config import RetryPolicy
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable, UnknownModel
-from llmsvc.gateway.attribution import Attribution, read_attribution
+from llmsvc.gateway.attribution import Attribution, attribution, read_attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.conversations import Conversations
+from llmsvc.gateway.count_tokens import count_tokens
 from llmsvc.gateway.embeddings import EmbeddingsWire, parse_embeddings
 from llmsvc.gateway.errors import reject, send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
+from llmsvc.gateway.messages import CountRequest, chat_body, parse_messages
+from llmsvc.gateway.messages_wire import MessagesWire
 from llmsvc.gateway.request import (
     CALLER,
     ClientGone,
@@ -43,6 +46,7 @@ from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers.base import Native
 from llmsvc.providers.embeddings import EMBEDDINGS
+from llmsvc.tokens import count_prompt
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
@@ -118,6 +122,8 @@ class Gateway:
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/embeddings": {"POST": self.embeddings},
+            "/v1/messages": {"POST": self.messages},
+            "/v1/messages/count_tokens": {"POST": self.count_message_tokens},
             "/v1/models": {"GET": self.list_models},
             MODEL_ROUTE: {"GET": self.retrieve_model},
             "/v1/sessions": {"POST": self.create_session},
@@ -196,6 +202,45 @@ class Gateway:
             )
         )
 
+    async def messages(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """Anthropic's Messages API (gateway/messages.py, messages_wire.py); an Anthropic
+        provider is sent the client's body, any other its chat-completion form."""
+        headers, body = await self.admit(scope, receive)
+        native, request = parse_messages(body)
+        data = chat_body(native, request)
+        user = request.metadata.user_id if request.metadata is not None else None
+        model = request.model
+        await self.serve(
+            self.exchange(
+                scope,
+                receive,
+                send,
+                headers,
+                data,
+                model,
+                request.stream,
+                attribution(user, None, None, headers),
+                lambda rid, _created: MessagesWire(
+                    f"msg_{rid}", model, lambda: count_prompt(model, data["messages"])[0]
+                ),
+                api="messages",
+                native=Native("messages", native),
+            )
+        )
+
+    async def count_message_tokens(
+        self, scope: Scope, receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        """A Messages body's input tokens (gateway/count_tokens.py); not a generation."""
+        headers = dict(scope["headers"])
+        native, request = parse_messages(
+            await read_body(receive, headers, self.max_body_bytes), CountRequest
+        )
+        answer = await count_tokens(
+            self.router, scope.get(CALLER), native, chat_body(native, request)
+        )
+        await send_json(send, 200, answer, [request_id_header(scope)])
+
     async def admit(self, scope: Scope, receive: ASGIReceive) -> tuple[dict[bytes, bytes], bytes]:
         """A request to a provider, admitted: its headers and body. Refused while paused,
         draining or over the backlog limit, before the body is read (nothing is journaled)."""
@@ -262,7 +307,7 @@ class Gateway:
             if exchange.started:  # too late for a status line: the connection just closes
                 log.exception("request failed mid-response", request_id=exchange.request_id)
             else:
-                await send_error(exchange.send, exc, exchange.headers)
+                await send_error(exchange.send, exc, exchange.headers, exchange.api)
         finally:
             self.inflight.discard(cancel)
             if not self.inflight:

@@ -58,7 +58,18 @@ def read_attribution(
     fields it does not know.
     """
     data.pop("session_id", None)
-    metadata = dict(request.metadata or {})
+    return attribution(request.user, request.metadata, request.session_id, headers)
+
+
+def attribution(
+    user: str | None,
+    body_metadata: dict[str, str] | None,
+    session: str | None,
+    headers: dict[bytes, bytes],
+) -> Attribution:
+    """What a body said about who a request is for, merged with the `x-llmsvc-*` headers
+    (as `read_attribution` describes); for every API's body."""
+    metadata = dict(body_metadata or {})
     raw = headers.get(METADATA_HEADER)
     if raw is not None:
         metadata.update(_header_metadata(raw))
@@ -68,7 +79,6 @@ def read_attribution(
                 f"together are {len(metadata)}; at most {METADATA_KEYS} are allowed",
                 param="metadata",
             )
-    session = request.session_id
     raw = headers.get(SESSION_HEADER)
     if raw is not None:
         session = _header_text(raw, SESSION_HEADER)
@@ -77,7 +87,7 @@ def read_attribution(
                 f"the {SESSION_HEADER.decode()} header is {len(session)} characters; "
                 f"at most {SESSION_MAX} are allowed"
             )
-    return Attribution(request.user or None, metadata or None, session or None)
+    return Attribution(user or None, metadata or None, session or None)
 
 
 def _header_metadata(raw: bytes) -> dict[str, str]:

@@ -31,7 +31,7 @@ from llmsvc.errors import (
     ServiceUnavailable,
     UriTooLong,
 )
-from llmsvc.gateway.errors import closing_response, describe
+from llmsvc.gateway.errors import api_of, closing_response, describe
 from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import CALLER, request_id
 
@@ -284,8 +284,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             return
         if exc is not None:
             request = request_id(scope) if scope is not None else uuid.uuid4()
-            self._log_rejection(exc, request, scope)
-            self.transport.write(closing_response(exc, request))
+            path = self._log_rejection(exc, request, scope)
+            self.transport.write(closing_response(exc, request, api_of(path)))
         self.transport.write_eof()
         if self.flow is not None:  # uvicorn may have paused reading (a pipelined request)
             self.flow.resume_reading()
@@ -293,7 +293,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _log_rejection(
         self, exc: LlmsvcError, request: uuid.UUID, scope: MutableMapping[str, Any] | None
-    ) -> None:
+    ) -> str:
+        """Log the refusal; return the request's path (what the answer's shape depends on)."""
         status, error = describe(exc)
         if scope is not None:
             method, path, caller = scope.get("method", ""), scope.get("path", ""), scope.get(CALLER)
@@ -301,6 +302,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             # the URL's path only: a query string may carry what no log should
             method, path, caller = "", self.url.partition(b"?")[0].decode("latin-1"), None
         log_rejection(method, path, status, error["code"], error["message"], request, caller)
+        return str(path)
 
     def _closed(self) -> bool:
         """The client will get nothing more here: the connection is closing, or was refused."""

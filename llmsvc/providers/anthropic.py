@@ -46,6 +46,17 @@ FINISH = {
     "refusal": "content_filter",
 }
 PASSED = ("temperature", "top_p", "top_k")
+# Fields of a Messages body that count_tokens refuses: they shape a reply, not the prompt.
+COUNT_DROPS = (
+    "max_tokens",
+    "stream",
+    "stop_sequences",
+    "temperature",
+    "top_p",
+    "top_k",
+    "metadata",
+    "mock_delay_ms",
+)
 
 
 def to_anthropic(body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
@@ -252,6 +263,7 @@ class AnthropicProvider(HttpProvider):
     def __init__(self, config: ProviderConfig) -> None:
         super().__init__(config, upstream_error)
         self.url = config.base_url.rstrip("/") + "/v1/messages"
+        self.count_url = self.url + "/count_tokens"
         self.headers = {
             "content-type": "application/json",
             "anthropic-version": config.anthropic_version,
@@ -262,6 +274,14 @@ class AnthropicProvider(HttpProvider):
     async def open(
         self, body: dict[str, Any], model: str, stream: bool, native: Native | None = None
     ) -> AnthropicReply:
+        """A Messages client's own body is forwarded as sent (this provider's model name and
+        `stream` set, llmsvc's `mock_delay_ms` left out); a chat body is translated
+        (`to_anthropic`). The reply reads the same."""
+        if native is not None and native.api == "messages":
+            payload = {k: v for k, v in native.body.items() if k != "mock_delay_ms"}
+            payload["model"], payload["stream"] = model, stream
+            response = await self.post(self.url, payload, self.headers)
+            return AnthropicReply(self.name, response, stream, self.idle_timeout)
         if native is not None and native.api == EMBEDDINGS:
             raise ProviderError(
                 f"{self.name}: Anthropic has no embeddings API; route the model to an "
@@ -280,6 +300,21 @@ class AnthropicProvider(HttpProvider):
             ) from exc
         response = await self.post(self.url, payload, self.headers)
         return AnthropicReply(self.name, response, stream, self.idle_timeout)
+
+    async def count_tokens(self, body: dict[str, Any], model: str) -> Any:
+        """The upstream's `/v1/messages/count_tokens` answer for a Messages body (as sent, with
+        this provider's model name): the JSON it sent, or its error as a ProviderError."""
+        payload = {k: v for k, v in body.items() if k not in COUNT_DROPS}
+        payload["model"] = model
+        response = await self.post(self.count_url, payload, self.headers)
+        try:
+            return orjson.loads(await response.read())
+        except orjson.JSONDecodeError as exc:
+            raise ProviderError(
+                f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
+            ) from exc
+        finally:
+            response.release()
 
 
 def upstream_error(

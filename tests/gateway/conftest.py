@@ -11,9 +11,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 import uvicorn
+from aiohttp import web
 from policies import circuit_policy, retry_policy, wal_policy
 from pydantic import SecretStr
 from served_gateway import (
+    ANTHROPIC_MODEL,
     MAX_BODY_BYTES,
     UNREACHABLE_KEY,
     UNREACHABLE_MODEL,
@@ -21,6 +23,7 @@ from served_gateway import (
     Served,
     _QuietServer,
 )
+from upstreams import anthropic_upstream
 from upstreams.openai_upstream import Upstream
 
 from llmsvc.config import ProviderConfig
@@ -76,6 +79,32 @@ async def served_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> As
         )
         async with _serve(tmp_path, [config], monkeypatch) as served:
             yield served
+
+
+@pytest.fixture
+async def served_anthropic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Served, anthropic_upstream.Upstream]]:
+    """A gateway whose one provider, `claude` (model ANTHROPIC_MODEL), is the fake Anthropic
+    upstream (tests/upstreams/anthropic_upstream.py), served in the test's own event loop;
+    and that upstream, which keeps the bodies it was sent."""
+    upstream = anthropic_upstream.Upstream(UNREACHABLE_KEY)
+    runner = web.AppRunner(upstream.app, access_log=None, shutdown_timeout=0.25)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        config = ProviderConfig(
+            name="claude",
+            kind="anthropic",
+            base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
+            api_key=SecretStr(UNREACHABLE_KEY),
+            models=[ANTHROPIC_MODEL],
+        )
+        async with _serve(tmp_path, [config], monkeypatch) as served:
+            yield served, upstream
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

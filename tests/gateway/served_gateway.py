@@ -22,7 +22,7 @@ import orjson
 import uvicorn
 
 from llmsvc.gateway.app import Gateway
-from llmsvc.wal.codec import RecordType, decode_json, decode_token
+from llmsvc.wal.codec import TOKEN_HEAD, RecordType, decode_json, decode_token
 from llmsvc.wal.reader import WalReader
 from llmsvc.wal.writer import WalWriter
 
@@ -36,6 +36,9 @@ UNREACHABLE_MODEL = "far-model"
 
 
 UPSTREAM_MODEL = "gpt-test"  # the fake OpenAI upstream's model (`served_upstream`)
+
+
+ANTHROPIC_MODEL = "claude-test"  # the fake Anthropic upstream's model (`served_anthropic`)
 
 
 class _QuietServer(uvicorn.Server):
@@ -69,13 +72,17 @@ class Served:
                 raw += batch
         finally:
             await reader.close()
-        return [
-            (
-                RecordType(rtype),
-                decode_token(payload) if rtype == RecordType.TOKEN else decode_json(payload),
-            )
-            for rtype, payload in raw
-        ]
+        return [(RecordType(rtype), _decode(RecordType(rtype), payload)) for rtype, payload in raw]
+
+
+def _decode(rtype: RecordType, payload: bytes) -> Any:
+    """A token as its tuple, a tool-call delta as (attempt id, seq, delta, ts), else JSON."""
+    if rtype == RecordType.TOKEN:
+        return decode_token(payload)
+    if rtype == RecordType.TOOL_DELTA:
+        attempt_id, seq, ts_us = TOKEN_HEAD.unpack_from(payload)
+        return attempt_id, seq, orjson.loads(payload[TOKEN_HEAD.size :]), ts_us
+    return decode_json(payload)
 
 
 CHAT = "/v1/chat/completions"

@@ -20,6 +20,11 @@ error body; `/with/fail/error-after:<n>/v1/messages` streams n tokens, then an
 `/with/usage/<JSON>/v1/messages` sends that JSON value (URL-encoded in the path) as
 every `usage` the reply carries, as an odd upstream might.
 
+`POST /v1/messages/count_tokens` answers `{"input_tokens": N}` (a word a token, as
+`input_tokens` is counted) and refuses the fields Anthropic's endpoint refuses. Every
+body it accepted is kept, in order, in `requests` (messages) and `counted` (count_tokens),
+so a test can check what llmsvc forwarded.
+
 Usage:  python tests/upstreams/anthropic_upstream.py [--port 0] [--api-key KEY]
         (prints LISTENING <port>)
 """
@@ -67,9 +72,11 @@ class Upstream:
         self.api_key = api_key
         self.app = web.Application()
         self.app.router.add_post("/v1/messages", self.messages)
+        self.app.router.add_post("/v1/messages/count_tokens", self.count_tokens)
         self.app.router.add_post("/with/fail/{how}/v1/messages", self.messages)
         self.app.router.add_post("/with/usage/{usage:[^/]+}/v1/messages", self.messages)
         self.requests: list[dict[str, Any]] = []
+        self.counted: list[dict[str, Any]] = []
 
     def check(self, request: web.Request, body: Any) -> web.Response | None:
         if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
@@ -94,6 +101,19 @@ class Upstream:
         if any(r not in ("user", "assistant") for r in roles):
             return error(400, "invalid_request_error", "messages: role must be user or assistant")
         return None
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        body = orjson.loads(await request.read())
+        refused = self.check(request, {"max_tokens": 1, **body})
+        if refused is not None:
+            return refused
+        for field in ("max_tokens", "stream", "stop_sequences", "temperature", "metadata"):
+            if field in body:
+                return error(
+                    400, "invalid_request_error", f"{field}: Extra inputs are not permitted"
+                )
+        self.counted.append(body)
+        return web.json_response({"input_tokens": sum(len(t.split()) for t in self.texts_of(body))})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
         try:
