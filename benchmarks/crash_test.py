@@ -6,9 +6,11 @@ and per iteration, on one PostgreSQL database and one WAL directory kept across
 iterations (a real restart reuses both):
 
 1. start `llmsvc run` and wait for `ready`;
-2. run `--clients` threads, each looping over streaming chat requests to the mock
-   provider (random `max_tokens` 50..300, random `mock_delay_ms` 2..10) with the
-   `openai` SDK, recording the request id (`x-request-id`) and every token received;
+2. run `--clients` threads, each looping over streaming requests to the mock
+   provider (random `max_tokens` 50..300, random `mock_delay_ms` 2..10), recording the
+   request id (`x-request-id`) and every token received. Each request goes by one of
+   `--apis` at random: chat completions and Responses with the `openai` SDK, Anthropic
+   Messages with the `anthropic` SDK; a token is a text delta of whichever API;
 3. SIGKILL the daemon at a random moment 0.3..2 s in; clients end on the lost
    connection, keeping what they got;
 4. start the daemon again (its boot replays the WAL and marks in-flight requests
@@ -34,7 +36,7 @@ Usage:  .venv/bin/python benchmarks/crash_test.py --database-url postgresql://..
             --pg-url postgresql://user@host:port/postgres   (creates and drops a scratch DB) |
             --sqlite   (a scratch SQLite file)
             [--iterations 25] [--clients 20] [--sync write|fsync|both] [--seed N]
-            [--keys N [--teams M]] [--out crash.json]
+            [--keys N [--teams M]] [--apis chat,responses,messages] [--out crash.json]
 """
 
 from __future__ import annotations
@@ -52,12 +54,14 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+import anthropic
 import asyncpg
 import openai
 
@@ -70,6 +74,7 @@ from daemon_process import DaemonProcess, Stored, daemon_env, read_store, run_cl
 from llmsvc.providers.mock import token as mock_token  # noqa: E402
 
 MESSAGES: list[Any] = [{"role": "user", "content": "crash me"}]
+APIS = ("chat", "responses", "messages")  # the streaming APIs a client may call
 SETTLED = {"completed", "failed", "interrupted"}
 CLIENT_JOIN_TIMEOUT = 30.0
 
@@ -138,12 +143,14 @@ class Client(threading.Thread):
         base_url: str,
         rng: random.Random,
         stop: threading.Event,
+        apis: tuple[str, ...],
         key: crash_keys.Key | None = None,
     ) -> None:
         super().__init__(daemon=True)
         self.base_url = base_url
         self.rng = rng
         self.stop = stop
+        self.apis = apis
         self.key = key  # None: `auth = "none"`, the mock model only
         self.seen: list[Seen] = []
         self.ended_by: str | None = None
@@ -154,44 +161,116 @@ class Client(threading.Thread):
         client = openai.OpenAI(
             base_url=f"{self.base_url}/v1", api_key=api_key, max_retries=0, timeout=30
         )
-        keyed: dict[str, Any] = {} if self.key is None else {
-            "stream_options": {"include_usage": True}
-        }  # fmt: skip
+        messages = anthropic.Anthropic(
+            base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30
+        )
         try:
             while not self.stop.is_set():
                 max_tokens = self.rng.randint(50, 300)
                 delay_ms = self.rng.randint(2, 10)
                 model = "mock" if self.key is None else self.rng.choice(crash_keys.MODELS)
+                api = self.rng.choice(self.apis)
                 current: Seen | None = None
                 try:
-                    raw = client.chat.completions.with_raw_response.create(
-                        model=model,
-                        messages=MESSAGES,
-                        max_tokens=max_tokens,
-                        stream=True,
-                        extra_body={"mock_delay_ms": delay_ms},
-                        **keyed,
-                    )
-                    current = Seen(
-                        raw.headers["x-request-id"], None if self.key is None else self.key.name
-                    )
+                    if api == "messages":
+                        request_id, pieces = messages_stream(messages, model, max_tokens, delay_ms)
+                    elif api == "responses":
+                        request_id, pieces = responses_stream(client, model, max_tokens, delay_ms)
+                    else:
+                        request_id, pieces = chat_stream(
+                            client, model, max_tokens, delay_ms, self.key is not None
+                        )
+                    current = Seen(request_id, None if self.key is None else self.key.name)
                     self.seen.append(current)
-                    for chunk in raw.parse():
-                        for choice in chunk.choices:
-                            if choice.delta.content:
-                                current.tokens.append(choice.delta.content)
-                        if chunk.usage is not None:
-                            current.usage = chunk.usage.completion_tokens
+                    for text, usage in pieces:
+                        if text:
+                            current.tokens.append(text)
+                        if usage is not None:
+                            current.usage = usage
                     current.finished = True
                 except Exception as exc:  # the daemon died: keep what we got, stop
                     if current is not None:
                         current.error = repr(exc)
-                    if isinstance(exc, openai.APIStatusError):
+                    if isinstance(exc, openai.APIStatusError | anthropic.APIStatusError):
                         self.refused = f"{exc.status_code} {exc.message}"
                     self.ended_by = type(exc).__name__
                     return
         finally:
             client.close()
+            messages.close()
+
+
+Pieces = Iterator[tuple[str | None, int | None]]  # (a text delta, the completion tokens told)
+
+
+def chat_stream(
+    client: openai.OpenAI, model: str, max_tokens: int, delay_ms: int, usage: bool
+) -> tuple[str, Pieces]:
+    """A streamed chat completion; with `usage` its last chunk tells the completion tokens."""
+    options: dict[str, Any] = {"stream_options": {"include_usage": True}} if usage else {}
+    raw = client.chat.completions.with_raw_response.create(
+        model=model,
+        messages=MESSAGES,
+        max_tokens=max_tokens,
+        stream=True,
+        extra_body={"mock_delay_ms": delay_ms},
+        **options,
+    )
+
+    def pieces() -> Pieces:
+        for chunk in raw.parse():
+            for choice in chunk.choices:
+                yield choice.delta.content, None
+            if chunk.usage is not None:
+                yield None, chunk.usage.completion_tokens
+
+    return raw.headers["x-request-id"], pieces()
+
+
+def responses_stream(
+    client: openai.OpenAI, model: str, max_tokens: int, delay_ms: int
+) -> tuple[str, Pieces]:
+    """A streamed Responses call: its `response.output_text.delta` events, and the output
+    tokens `response.completed` tells."""
+    raw = client.responses.with_raw_response.create(
+        model=model,
+        input="crash me",
+        max_output_tokens=max_tokens,
+        stream=True,
+        extra_body={"mock_delay_ms": delay_ms},
+    )
+
+    def pieces() -> Pieces:
+        for event in raw.parse():
+            if event.type == "response.output_text.delta":
+                yield event.delta, None
+            elif event.type == "response.completed" and event.response.usage is not None:
+                yield None, event.response.usage.output_tokens
+
+    return raw.headers["x-request-id"], pieces()
+
+
+def messages_stream(
+    client: anthropic.Anthropic, model: str, max_tokens: int, delay_ms: int
+) -> tuple[str, Pieces]:
+    """A streamed Anthropic Messages call: its text deltas, and the output tokens its
+    `message_delta` tells."""
+    raw = client.messages.with_raw_response.create(
+        model=model,
+        max_tokens=max_tokens,
+        messages=MESSAGES,
+        stream=True,
+        extra_body={"mock_delay_ms": delay_ms},
+    )
+
+    def pieces() -> Pieces:
+        for event in raw.parse():
+            if event.type == "content_block_delta" and event.delta.type == "text_delta":
+                yield event.delta.text, None
+            elif event.type == "message_delta":
+                yield None, event.usage.output_tokens
+
+    return raw.headers["x-request-id"], pieces()
 
 
 # -- verification ------------------------------------------------------------------------
@@ -347,6 +426,7 @@ def run_mode(
                 daemon.base_url,
                 random.Random(rng.getrandbits(64)),
                 stop,
+                args.apis,
                 None if callers is None else callers.keys[i % len(callers.keys)],
             )
             for i in range(args.clients)
@@ -448,6 +528,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "max_extra": args.max_extra,
             "keys": args.keys,
             "teams": args.teams if args.keys else 0,
+            "apis": list(args.apis),
         },
         "modes": {},
     }
@@ -494,8 +575,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--keys", type=int, default=0, help='callers\' keys, with auth = "keys" (default 0: none)'
     )
     p.add_argument("--teams", type=int, default=2, help="teams the keys are spread over")
+    p.add_argument(
+        "--apis",
+        type=lambda text: tuple(text.split(",")),
+        default=("chat",),
+        help=f"the streaming APIs clients call, comma-separated, of {','.join(APIS)}",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    if not args.apis or set(args.apis) - set(APIS):
+        p.error(f"--apis takes a comma-separated list of {', '.join(APIS)}")
     url = r"^(postgres(ql)?(\+asyncpg)?|sqlite\+aiosqlite)://"
     if args.database_url and not re.match(url, args.database_url):
         p.error("--database-url must be a postgresql:// or sqlite+aiosqlite:/// URL")
