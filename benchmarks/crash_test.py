@@ -128,6 +128,7 @@ class Seen:
     """One request as a client saw it."""
 
     request_id: str
+    api: str
     key: str | None = None  # the key's name, with `--keys`
     tokens: list[str] = field(default_factory=list)
     finished: bool = False  # the stream ended normally (the daemon said it was done)
@@ -180,7 +181,7 @@ class Client(threading.Thread):
                         request_id, pieces = chat_stream(
                             client, model, max_tokens, delay_ms, self.key is not None
                         )
-                    current = Seen(request_id, None if self.key is None else self.key.name)
+                    current = Seen(request_id, api, None if self.key is None else self.key.name)
                     self.seen.append(current)
                     for text, usage in pieces:
                         if text:
@@ -291,6 +292,7 @@ class Tally:
     max_extra_for_one_request: int = 0
     marked_interrupted: int = 0
     statuses: dict[str, int] = field(default_factory=dict)
+    requests_by_api: dict[str, int] = field(default_factory=dict)
     kill_after_s: list[float] = field(default_factory=list)
     restart_ready_s: list[float] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -315,6 +317,7 @@ def verify(
 
     for item in seen:
         tally.requests_checked += 1
+        tally.requests_by_api[item.api] = tally.requests_by_api.get(item.api, 0) + 1
         tally.tokens_checked += len(item.tokens)
         if item.finished:
             tally.requests_finished_by_client += 1
@@ -489,6 +492,7 @@ def run_mode(
         "max_extra_for_one_request": tally.max_extra_for_one_request,
         "marked_interrupted_at_boot": tally.marked_interrupted,
         "statuses_of_checked_requests": tally.statuses,
+        "requests_by_api": tally.requests_by_api,
         "kill_after_s": tally.kill_after_s,
         "restart_ready_s": tally.restart_ready_s,
         "seconds": round(time.monotonic() - began, 2),
