@@ -33,6 +33,15 @@ from llmsvc.gateway.request import (
     request_id,
     request_id_header,
 )
+from llmsvc.gateway.responses import (
+    chat_body,
+    forwardable,
+    get_response,
+    input_items_page,
+    parse_responses,
+    previous_history,
+)
+from llmsvc.gateway.responses_wire import ResponsesWire, echoed, stored_object
 from llmsvc.gateway.router import Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend, ChatWire
 from llmsvc.gateway.wire import Wire
@@ -40,6 +49,7 @@ from llmsvc.limits import Limiter
 from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers.base import Native
+from llmsvc.store.conversations import delete_response
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
@@ -51,6 +61,29 @@ Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
 # `GET /v1/models/{model}`: every path under the prefix is that one route; the rest is the id.
 MODEL_PREFIX = "/v1/models/"
 MODEL_ROUTE = MODEL_PREFIX + "{model}"
+# `/v1/responses/{id}` and `/v1/responses/{id}/input_items`: the id is the fourth path segment.
+RESPONSE_PREFIX = "/v1/responses/"
+RESPONSE_ROUTE = RESPONSE_PREFIX + "{id}"
+INPUT_ITEMS = "/input_items"
+INPUT_ITEMS_ROUTE = RESPONSE_ROUTE + INPUT_ITEMS
+
+
+def route(path: str) -> str:
+    """The route table's key for a path: a path with an id in it is its route's pattern."""
+    if path.startswith(MODEL_PREFIX):
+        return MODEL_ROUTE
+    if path.startswith(RESPONSE_PREFIX):
+        rest = path[len(RESPONSE_PREFIX) :]
+        if rest and "/" not in rest:
+            return RESPONSE_ROUTE
+        if rest.endswith(INPUT_ITEMS) and rest.count("/") == 1 and rest != INPUT_ITEMS:
+            return INPUT_ITEMS_ROUTE
+    return path
+
+
+def response_id_in(scope: Scope) -> str:
+    """The `{id}` of a `/v1/responses/{id}...` path."""
+    return str(scope["path"].split("/")[3])
 
 
 class Gateway:
@@ -98,6 +131,9 @@ class Gateway:
         self.created = int(time.time())  # every model's `created`: when this gateway was built
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
+            "/v1/responses": {"POST": self.responses},
+            RESPONSE_ROUTE: {"GET": self.retrieve_response, "DELETE": self.delete_response},
+            INPUT_ITEMS_ROUTE: {"GET": self.response_input_items},
             "/v1/models": {"GET": self.list_models},
             MODEL_ROUTE: {"GET": self.retrieve_model},
             "/api/health": {"GET": self.health},
@@ -114,7 +150,7 @@ class Gateway:
                 # Before the route is looked up: a caller without a key learns nothing.
                 scope[CALLER] = self.keys.authenticate(dict(scope["headers"]))
             path = scope["path"]
-            methods = self.routes.get(MODEL_ROUTE if path.startswith(MODEL_PREFIX) else path)
+            methods = self.routes.get(route(path))
             if methods is None:
                 raise NotFound(f"no route {scope['path']}")
             handler = methods.get(scope["method"])
@@ -147,6 +183,56 @@ class Gateway:
             )
         )
 
+    async def responses(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """`POST /v1/responses`: a chat completion to a provider without the Responses API, the
+        body itself (its history resolved) to one with it; the client's body is the params."""
+        headers, body = await self.admit(scope, receive)
+        client, request = parse_responses(body)
+        attribution = read_attribution(client, request, headers)
+        history = []
+        if request.previous_response_id is not None:
+            history = await previous_history(
+                self.conversations, request.previous_response_id, scope.get(CALLER)
+            )
+        model, fields = request.model, echoed(client)
+        await self.serve(
+            self.exchange(
+                scope,
+                receive,
+                send,
+                headers,
+                chat_body(request, history),
+                model,
+                request.stream,
+                attribution,
+                lambda rid, created: ResponsesWire(rid, created, model, fields),
+                api="responses",
+                native=Native("responses", forwardable(client, history)),
+                params={k: v for k, v in client.items() if k != "model"},
+            )
+        )
+
+    async def retrieve_response(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        found = await get_response(self.conversations, response_id_in(scope), scope.get(CALLER))
+        await send_json(send, 200, stored_object(found), [request_id_header(scope)])
+
+    async def delete_response(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """Marks the stored response deleted, once the store holds all of it."""
+        response_id = response_id_in(scope)
+        found = await get_response(self.conversations, response_id, scope.get(CALLER))
+        assert self.conversations is not None  # a response was found in it
+        await self.conversations.caught_up()
+        await delete_response(self.conversations.engine, found.request["id"])
+        body = {"id": response_id, "object": "response", "deleted": True}
+        await send_json(send, 200, body, [request_id_header(scope)])
+
+    async def response_input_items(
+        self, scope: Scope, receive: ASGIReceive, send: ASGISend
+    ) -> None:
+        found = await get_response(self.conversations, response_id_in(scope), scope.get(CALLER))
+        page = input_items_page(found, scope.get("query_string", b""))
+        await send_json(send, 200, page, [request_id_header(scope)])
+
     async def admit(self, scope: Scope, receive: ASGIReceive) -> tuple[dict[bytes, bytes], bytes]:
         """A request to a provider, admitted: its headers and body. Refused while paused,
         draining or over the backlog limit, before the body is read (nothing is journaled)."""
@@ -174,6 +260,7 @@ class Gateway:
         wire: Callable[[str, int], Wire],
         api: str = "chat",
         native: Native | None = None,
+        params: dict[str, Any] | None = None,
     ) -> Exchange:
         """An admitted request's exchange (chat.py), its caller's rate limits applied (a 429
         before anything is journaled)."""
@@ -194,6 +281,7 @@ class Gateway:
             wire=wire,
             api=api,
             native=native,
+            params=params,
         )
         if exchange.caller is not None and self.limiter is not None:
             exchange.headers += self.limiter.admit(exchange.caller)

@@ -8,13 +8,13 @@ after any crash a row's attribution is as complete as its tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import TypeAdapter, ValidationError
 
 from llmsvc.callers import Caller
 from llmsvc.errors import ClientError
-from llmsvc.gateway.request import METADATA_KEYS, ChatRequest, Metadata
+from llmsvc.gateway.request import METADATA_KEYS, Metadata
 from llmsvc.wal import Deployment, Sender
 
 METADATA_HEADER = b"x-llmsvc-metadata"
@@ -22,6 +22,17 @@ SESSION_HEADER = b"x-llmsvc-session-id"
 SESSION_MAX = 200
 
 _metadata = TypeAdapter(Metadata)
+
+
+class Attributed(Protocol):
+    """A validated body's attribution fields, whichever API it came by."""
+
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def metadata(self) -> dict[str, str] | None: ...
+    @property
+    def session_id(self) -> str | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,7 +45,7 @@ class Attribution:
 
 
 def read_attribution(
-    data: dict[str, Any], request: ChatRequest, headers: dict[bytes, bytes]
+    data: dict[str, Any], request: Attributed, headers: dict[bytes, bytes]
 ) -> Attribution:
     """The body's `user`, `metadata` and `session_id` with the `x-llmsvc-*` headers.
 

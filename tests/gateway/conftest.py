@@ -11,9 +11,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 import uvicorn
+from aiohttp import web
 from policies import circuit_policy, retry_policy, wal_policy
 from pydantic import SecretStr
 from served_gateway import (
+    ANTHROPIC_MODEL,
     MAX_BODY_BYTES,
     UNREACHABLE_KEY,
     UNREACHABLE_MODEL,
@@ -21,6 +23,7 @@ from served_gateway import (
     Served,
     _QuietServer,
 )
+from upstreams import anthropic_upstream
 from upstreams.openai_upstream import Upstream
 
 from llmsvc.config import ProviderConfig
@@ -76,6 +79,30 @@ async def served_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> As
         )
         async with _serve(tmp_path, [config], monkeypatch) as served:
             yield served
+
+
+@pytest.fixture
+async def served_anthropic(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[Served]:
+    """A gateway whose one provider, `claude` (model ANTHROPIC_MODEL), is the fake Anthropic
+    upstream (tests/upstreams/anthropic_upstream.py), served in the test's own event loop."""
+    runner = web.AppRunner(anthropic_upstream.Upstream(None).app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        config = ProviderConfig(
+            name="claude",
+            kind="anthropic",
+            base_url=f"http://127.0.0.1:{runner.addresses[0][1]}",
+            api_key=SecretStr("sk-ant-test"),
+            models=[ANTHROPIC_MODEL],
+        )
+        async with _serve(tmp_path, [config], monkeypatch) as served:
+            yield served
+    finally:
+        await runner.cleanup()
 
 
 @contextlib.asynccontextmanager

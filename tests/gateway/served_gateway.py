@@ -38,6 +38,9 @@ UNREACHABLE_MODEL = "far-model"
 UPSTREAM_MODEL = "gpt-test"  # the fake OpenAI upstream's model (`served_upstream`)
 
 
+ANTHROPIC_MODEL = "claude-test"  # the fake Anthropic upstream's model (`served_anthropic`)
+
+
 class _QuietServer(uvicorn.Server):
     """uvicorn without its signal handlers: pytest owns the process's signals."""
 
@@ -69,13 +72,17 @@ class Served:
                 raw += batch
         finally:
             await reader.close()
-        return [
-            (
-                RecordType(rtype),
-                decode_token(payload) if rtype == RecordType.TOKEN else decode_json(payload),
-            )
-            for rtype, payload in raw
-        ]
+        return [(RecordType(rtype), _decoded(rtype, payload)) for rtype, payload in raw]
+
+
+def _decoded(rtype: int, payload: bytes) -> Any:
+    """A record's body: a token tuple, a tool delta's (its delta a dict), or the JSON."""
+    if rtype == RecordType.TOKEN:
+        return decode_token(payload)
+    if rtype == RecordType.TOOL_DELTA:
+        attempt, seq, delta, ts = decode_token(payload)
+        return attempt, seq, orjson.loads(delta), ts
+    return decode_json(payload)
 
 
 CHAT = "/v1/chat/completions"
