@@ -60,6 +60,20 @@ def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
             assert got.usage.output_tokens == 4
             items = client.responses.input_items.list(second.id)
             assert [(i.type, i.role) for i in items.data] == [("message", "user")]
+            listed = client.responses.create(
+                model="mock",
+                input=[
+                    {"role": "user", "content": "find x"},
+                    {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+                    {"type": "function_call_output", "call_id": "c1", "output": "3"},
+                ],
+                max_output_tokens=1,
+            )
+            pages = client.responses.input_items.list(listed.id, limit=2, order="asc")
+            assert [i.type for i in pages] == ["message", "function_call", "function_call_output"]
+            assert pages.has_more  # the first page of two
+            newest = client.responses.input_items.list(listed.id, limit=1)  # desc by default
+            assert [i.type for i in newest.data] == ["function_call_output"]
             hidden = client.responses.create(model="mock", input="x", store=False)
             with pytest.raises(openai.NotFoundError):
                 client.responses.retrieve(hidden.id)

@@ -4,6 +4,7 @@ delta a client gets is the journal's."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -240,3 +241,33 @@ async def test_bad_input_is_a_400_naming_the_field(
     assert isinstance(error, dict)
     assert error["param"] == param, error
     await _assert_nothing_recorded(served)
+
+
+async def test_a_stream_cut_by_shutdown_ends_with_response_failed(
+    served: Served, sdk: Client
+) -> None:
+    stream = await sdk(served).responses.create(
+        model="mock",
+        input="hello there",
+        max_output_tokens=1000,
+        stream=True,
+        extra_body={"mock_delay_ms": 5},
+    )
+    events = []
+    stopping = None
+    async for event in stream:
+        events.append(event)
+        if event.type == "response.output_text.delta" and stopping is None:
+            stopping = asyncio.create_task(served.gateway.finish_requests(0, 5))
+    assert stopping is not None
+    assert await stopping == 1
+    last = events[-1]
+    assert last.type == "response.failed"
+    assert last.response.status == "failed"
+    assert last.response.error is not None
+    assert "shut down" in last.response.error.message
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    assert deltas == await journaled_text(served)
+    [message] = last.response.output
+    assert message.status == "incomplete"
+    assert message.content[0].text == "".join(deltas)
