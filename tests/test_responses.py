@@ -4,15 +4,33 @@ across a restart, and a SIGKILL mid-stream that loses and doubles no delta a cli
 
 from __future__ import annotations
 
+import json
 import threading
 import uuid
 from pathlib import Path
 
 import openai
 import pytest
-from daemon_process import DaemonProcess, client_for, daemon_env, read_store_after
+from daemon_process import (
+    DaemonProcess,
+    client_for,
+    daemon_env,
+    read_store_after,
+    run_cli,
+)
 
 from llmsvc.providers.mock import token
+
+
+def new_key(env: dict[str, str], name: str) -> str:
+    """A new key's secret (made before the daemon starts: it reads its keys then)."""
+    done = run_cli(env, "keys", "create", name, "--json")
+    assert done.returncode == 0, done.stderr
+    return str(json.loads(done.stdout)["secret"])
+
+
+def keyed(daemon: DaemonProcess, secret: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key=secret, max_retries=0)
 
 
 def request_id(response_id: str) -> str:
@@ -36,10 +54,12 @@ def streamed(
 def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
     database_url: str, tmp_path: Path
 ) -> None:
-    env = daemon_env(database_url, tmp_path / "wal")
+    env = daemon_env(database_url, tmp_path / "wal", auth="keys")
+    assert run_cli(env, "migrate").returncode == 0
+    one, two = new_key(env, "one"), new_key(env, "two")
     with DaemonProcess(env) as daemon:
-        daemon.wait_caught_up()  # the store's schema is made as the daemon catches up
-        with client_for(daemon) as client:
+        daemon.wait_caught_up()  # its keys are read from the database by then
+        with keyed(daemon, one) as client:
             first = client.responses.create(
                 model="mock", input="hello there", instructions="be brief", max_output_tokens=3
             )
@@ -79,7 +99,16 @@ def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
                 client.responses.retrieve(hidden.id)
         assert daemon.stop() == 0, daemon.log
 
-    with DaemonProcess(env, port=daemon.port) as daemon, client_for(daemon) as client:
+    with (
+        DaemonProcess(env, port=daemon.port) as daemon,
+        keyed(daemon, two) as other,
+        keyed(daemon, one) as client,
+    ):
+        daemon.wait_caught_up()  # its keys are read from the database by then
+        with pytest.raises(openai.NotFoundError):  # another key's response is not found
+            other.responses.retrieve(second.id)
+        with pytest.raises(openai.BadRequestError, match="not found"):
+            other.responses.create(model="mock", input="on", previous_response_id=second.id)
         third = client.responses.create(
             model="mock", input="more", previous_response_id=second.id, max_output_tokens=2
         )
