@@ -250,11 +250,11 @@ def chat_body(request: ResponsesRequest, history: list[dict[str, Any]]) -> dict[
         ]
         if request.parallel_tool_calls is not None:
             data["parallel_tool_calls"] = request.parallel_tool_calls
-    choice = request.tool_choice
-    if isinstance(choice, FunctionChoice):
-        data["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
-    elif choice is not None:
-        data["tool_choice"] = choice
+        choice = request.tool_choice  # chat completions take it only with tools
+        if isinstance(choice, FunctionChoice):
+            data["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
+        elif choice is not None:
+            data["tool_choice"] = choice
     passed = {
         "max_tokens": request.max_output_tokens,
         "temperature": request.temperature,
@@ -271,7 +271,7 @@ def history_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     items: list[dict[str, Any]] = []
     for message in messages:
         role, content = message["role"], message.get("content")
-        text = content if isinstance(content, str) else _parts_text(content)
+        text = content if isinstance(content, str) else ""  # a stored turn's is text or null
         if role == "tool":
             items.append(
                 {
@@ -298,13 +298,6 @@ def history_items(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
             part = {"type": "input_text", "text": text}
             items.append({"type": "message", "role": role, "content": [part]})
     return items
-
-
-def _parts_text(content: Any) -> str:
-    """A chat message's content parts as text (their `text` fields)."""
-    if not isinstance(content, list):
-        return ""
-    return "".join(p["text"] for p in content if isinstance(p, dict) and "text" in p)
 
 
 def forwardable(client: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:

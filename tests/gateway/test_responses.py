@@ -19,6 +19,7 @@ from served_gateway import (
 )
 from upstreams.openai_upstream import expected_content
 
+from llmsvc.gateway.responses import forwardable
 from llmsvc.providers.mock import token
 from llmsvc.wal.codec import RecordType
 
@@ -271,3 +272,45 @@ async def test_a_stream_cut_by_shutdown_ends_with_response_failed(
     [message] = last.response.output
     assert message.status == "incomplete"
     assert message.content[0].text == "".join(deltas)
+
+
+def test_a_continued_body_forwards_its_history_as_input_items() -> None:
+    """The body a Responses upstream gets: the stored turn as items, then the client's input,
+    without previous_response_id (the upstream never saw that response)."""
+    history = [
+        {"role": "user", "content": "find x"},
+        {
+            "role": "assistant",
+            "content": "looking",
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+        {"role": "assistant", "content": "x is 3"},
+    ]
+    client = {"model": "m", "input": "thanks", "previous_response_id": "resp_1", "store": True}
+    assert forwardable(client, history) == {
+        "model": "m",
+        "store": True,
+        "input": [
+            {
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": "find x"}],
+            },
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "looking", "annotations": []}],
+            },
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": "c1", "output": "3"},
+            {
+                "type": "message",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": "x is 3", "annotations": []}],
+            },
+            {"type": "message", "role": "user", "content": "thanks"},
+        ],
+    }
