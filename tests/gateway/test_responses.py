@@ -5,6 +5,7 @@ delta a client gets is the journal's."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -217,9 +218,14 @@ async def test_an_anthropic_upstream_streams_text_and_calls_tools(
     called = await sdk(served_anthropic).responses.create(
         model=ANTHROPIC_MODEL, input="call:lookup", tools=TOOLS
     )
-    assert [(c.type, getattr(c, "name", None)) for c in called.output] == [
-        ("function_call", "lookup")
-    ]
+    async with sdk(served_anthropic).responses.stream(
+        model=ANTHROPIC_MODEL, input="call:lookup", tools=TOOLS
+    ) as stream:
+        streamed = await stream.get_final_response()
+    for response in (called, streamed):
+        [call] = response.output
+        assert call.type == "function_call"
+        assert (call.name, json.loads(call.arguments)) == ("lookup", {"q": "x"})
 
 
 @pytest.mark.parametrize(
