@@ -71,9 +71,9 @@ def response_object(
     output: list[dict[str, Any]],
     usage: Usage | None,
     error: dict[str, Any] | None = None,
+    incomplete: str | None = None,
 ) -> dict[str, Any]:
-    """A `response` object in OpenAI's shape."""
-    incomplete = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    """A `response` object in OpenAI's shape; `incomplete`: why it is (INCOMPLETE)."""
     return {
         "id": response_id,
         "object": "response",
@@ -81,7 +81,7 @@ def response_object(
         "status": status,
         "background": False,
         "error": error,
-        "incomplete_details": incomplete,
+        "incomplete_details": {"reason": incomplete} if incomplete else None,
         "model": model,
         "output": output,
         "reasoning": {"effort": None, "summary": None},
@@ -130,8 +130,8 @@ def whole_output(
     return output
 
 
-def response_status(finish_reason: str) -> str:
-    return "incomplete" if finish_reason == "length" else "completed"
+# The finish reasons that make a response `incomplete`, and the reason it then gives.
+INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 
 
 class ResponsesWire:
@@ -153,7 +153,11 @@ class ResponsesWire:
         return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
     def _response(
-        self, status: str, usage: Usage | None = None, error: dict[str, Any] | None = None
+        self,
+        status: str,
+        usage: Usage | None = None,
+        error: dict[str, Any] | None = None,
+        incomplete: str | None = None,
     ) -> dict[str, Any]:
         return response_object(
             self.response_id,
@@ -164,6 +168,7 @@ class ResponsesWire:
             self.output,
             usage,
             error,
+            incomplete,
         )
 
     def opening(self, prompt_tokens: int | None) -> bytes:
@@ -297,12 +302,11 @@ class ResponsesWire:
         return frames
 
     def closing(self, finish_reason: str, usage: Usage) -> bytes:
-        status = response_status(finish_reason)
-        frames = self._begin() + self._close_item(
-            "incomplete" if status == "incomplete" else "completed"
-        )
-        kind = "response.incomplete" if status == "incomplete" else "response.completed"
-        return frames + self._event(kind, response=self._response(status, usage))
+        incomplete = INCOMPLETE.get(finish_reason)
+        status = "incomplete" if incomplete else "completed"
+        frames = self._begin() + self._close_item(status)
+        response = self._response(status, usage, incomplete=incomplete)
+        return frames + self._event(f"response.{status}", response=response)
 
     def failure(self, error: dict[str, Any]) -> bytes:
         if self.open is not None:
@@ -322,9 +326,10 @@ class ResponsesWire:
         tool_calls: list[dict[str, Any]],
         refusal: str | None,
     ) -> bytes:
-        status = response_status(finish_reason)
+        incomplete = INCOMPLETE.get(finish_reason)
+        status = "incomplete" if incomplete else "completed"
         self.output = whole_output(self.rid, content, tool_calls, refusal, status)
-        return orjson.dumps(self._response(status, usage))
+        return orjson.dumps(self._response(status, usage, incomplete=incomplete))
 
 
 # A stored request's status as a response's; `interrupted` and `failed` are both `failed`.
