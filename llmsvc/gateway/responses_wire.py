@@ -189,6 +189,11 @@ class ResponsesWire:
         assert self.open is not None
         return {"item_id": self.open["id"], "output_index": len(self.output) - 1}
 
+    def _part_where(self) -> dict[str, Any]:
+        """Where the open part is: its item and its index in the item's content."""
+        assert self.open is not None
+        return {**self._where(), "content_index": len(self.open["content"]) - 1}
+
     def _open_part(self, kind: str) -> bytes:
         """The message item and a part of `kind` (output_text or refusal) open to stream into."""
         frames = self._begin()
@@ -211,10 +216,7 @@ class ResponsesWire:
             self.part = empty if kind == "output_text" else {"type": "refusal", "refusal": ""}
             self.open["content"].append(self.part)
             frames += self._event(
-                "response.content_part.added",
-                **self._where(),
-                content_index=len(self.open["content"]) - 1,
-                part=self.part,
+                "response.content_part.added", **self._part_where(), part=self.part
             )
         return frames
 
@@ -222,8 +224,7 @@ class ResponsesWire:
         if self.part is None or self.open is None:
             return b""
         text, self.pieces = "".join(self.pieces), []
-        index = len(self.open["content"]) - 1
-        where = {**self._where(), "content_index": index}
+        where = self._part_where()
         if self.part["type"] == "output_text":
             self.part["text"] = text
             done = self._event("response.output_text.done", **where, text=text, logprobs=[])
@@ -254,27 +255,17 @@ class ResponsesWire:
         return frames
 
     def tokens(self, texts: list[str]) -> bytes:
-        frames = self._open_part("output_text")
-        delta = "".join(texts)
-        self.pieces.append(delta)
-        return frames + self._event(
-            "response.output_text.delta",
-            **self._where(),
-            content_index=len(self.open["content"]) - 1 if self.open else 0,
-            delta=delta,
-            logprobs=[],
-        )
+        """One delta event per journaled batch."""
+        return self._part_delta("output_text", "response.output_text.delta", texts, logprobs=[])
 
     def refusal(self, texts: list[str]) -> bytes:
-        frames = self._open_part("refusal")
+        return self._part_delta("refusal", "response.refusal.delta", texts)
+
+    def _part_delta(self, kind: str, event: str, texts: list[str], **extra: Any) -> bytes:
+        frames = self._open_part(kind)
         delta = "".join(texts)
         self.pieces.append(delta)
-        return frames + self._event(
-            "response.refusal.delta",
-            **self._where(),
-            content_index=len(self.open["content"]) - 1 if self.open else 0,
-            delta=delta,
-        )
+        return frames + self._event(event, **self._part_where(), delta=delta, **extra)
 
     def tool_calls(self, deltas: list[dict[str, Any]]) -> bytes:
         frames = self._begin()
