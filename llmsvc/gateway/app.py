@@ -33,23 +33,16 @@ from llmsvc.gateway.request import (
     request_id,
     request_id_header,
 )
-from llmsvc.gateway.responses import (
-    chat_body,
-    forwardable,
-    get_response,
-    input_items_page,
-    parse_responses,
-    previous_history,
-)
-from llmsvc.gateway.responses_wire import ResponsesWire, echoed, stored_object
+from llmsvc.gateway.responses import chat_body, forwardable, parse_responses, previous_history
+from llmsvc.gateway.responses_wire import ResponsesWire, echoed
 from llmsvc.gateway.router import Router
 from llmsvc.gateway.sse import ASGIReceive, ASGISend, ChatWire
+from llmsvc.gateway.stored_responses import StoredResponses
 from llmsvc.gateway.wire import Wire
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers.base import Native
-from llmsvc.store.conversations import delete_response
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
@@ -79,11 +72,6 @@ def route(path: str) -> str:
         if rest.endswith(INPUT_ITEMS) and rest.count("/") == 1 and rest != INPUT_ITEMS:
             return INPUT_ITEMS_ROUTE
     return path
-
-
-def response_id_in(scope: Scope) -> str:
-    """The `{id}` of a `/v1/responses/{id}...` path."""
-    return str(scope["path"].split("/")[3])
 
 
 class Gateway:
@@ -129,11 +117,12 @@ class Gateway:
         self.idle = asyncio.Event()
         self.idle.set()
         self.created = int(time.time())  # every model's `created`: when this gateway was built
+        stored = StoredResponses(conversations)
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/responses": {"POST": self.responses},
-            RESPONSE_ROUTE: {"GET": self.retrieve_response, "DELETE": self.delete_response},
-            INPUT_ITEMS_ROUTE: {"GET": self.response_input_items},
+            RESPONSE_ROUTE: {"GET": stored.retrieve, "DELETE": stored.delete},
+            INPUT_ITEMS_ROUTE: {"GET": stored.input_items},
             "/v1/models": {"GET": self.list_models},
             MODEL_ROUTE: {"GET": self.retrieve_model},
             "/api/health": {"GET": self.health},
@@ -211,27 +200,6 @@ class Gateway:
                 params={k: v for k, v in client.items() if k != "model"},
             )
         )
-
-    async def retrieve_response(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        found = await get_response(self.conversations, response_id_in(scope), scope.get(CALLER))
-        await send_json(send, 200, stored_object(found), [request_id_header(scope)])
-
-    async def delete_response(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        """Marks the stored response deleted, once the store holds all of it."""
-        response_id = response_id_in(scope)
-        found = await get_response(self.conversations, response_id, scope.get(CALLER))
-        assert self.conversations is not None  # a response was found in it
-        await self.conversations.caught_up()
-        await delete_response(self.conversations.engine, found.request["id"])
-        body = {"id": response_id, "object": "response", "deleted": True}
-        await send_json(send, 200, body, [request_id_header(scope)])
-
-    async def response_input_items(
-        self, scope: Scope, receive: ASGIReceive, send: ASGISend
-    ) -> None:
-        found = await get_response(self.conversations, response_id_in(scope), scope.get(CALLER))
-        page = input_items_page(found, scope.get("query_string", b""))
-        await send_json(send, 200, page, [request_id_header(scope)])
 
     async def admit(self, scope: Scope, receive: ASGIReceive) -> tuple[dict[bytes, bytes], bytes]:
         """A request to a provider, admitted: its headers and body. Refused while paused,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import uuid
 from typing import Annotated, Any, Literal
-from urllib.parse import parse_qs
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -311,59 +310,3 @@ def forwardable(client: dict[str, Any], history: list[dict[str, Any]]) -> dict[s
             given = [{"type": "message", "role": "user", "content": given}]
         body["input"] = [*history_items(history), *given]
     return body
-
-
-def input_items(response_hex: str, given: str | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """A response's input as OpenAI lists it: each item whole, with an id (its own, or one
-    made from the response's and its place)."""
-    raw = [{"role": "user", "content": given}] if isinstance(given, str) else given
-    listed = []
-    for n, item in enumerate(raw):
-        kind = item.get("type", "message")
-        made = {"message": "msg", "function_call": "fc", "function_call_output": "fco"}[kind]
-        entry: dict[str, Any] = {
-            "id": item.get("id") or f"{made}_{response_hex}_in{n}",
-            "type": kind,
-            "status": "completed",
-        }
-        if kind == "message":
-            role, content = item["role"], item["content"]
-            part = "output_text" if role == "assistant" else "input_text"
-            parts = [{"type": part, "text": content}] if isinstance(content, str) else content
-            if role == "assistant":
-                parts = [{**p, "type": "output_text", "annotations": []} for p in parts]
-            entry.update(role=role, content=parts)
-        else:
-            entry.update({k: v for k, v in item.items() if k not in ("id", "type", "status")})
-        listed.append(entry)
-    return listed
-
-
-def input_items_page(turn: Turn, query: bytes) -> dict[str, Any]:
-    """`GET /v1/responses/{id}/input_items`: the response's input items, a page of them as
-    `order` (desc by default, as OpenAI's), `limit` (1 to 100, 20) and `after` (an id) ask."""
-    asked = parse_qs(query.decode("latin-1"))
-    order = asked.get("order", ["desc"])[0]
-    if order not in ("asc", "desc"):
-        raise ClientError("order: must be 'asc' or 'desc'", param="order")
-    raw_limit = asked.get("limit", ["20"])[0]
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 100:
-        raise ClientError("limit: must be an integer from 1 to 100", param="limit")
-    limit = int(raw_limit)
-    items = input_items(turn.request["id"].hex, turn.request["params"]["input"])
-    if order == "desc":
-        items.reverse()
-    after = asked.get("after", [None])[0]
-    if after is not None:
-        ids = [item["id"] for item in items]
-        if after not in ids:
-            raise ClientError(f"after: no input item {after!r} in this response", param="after")
-        items = items[ids.index(after) + 1 :]
-    page = items[:limit]
-    return {
-        "object": "list",
-        "data": page,
-        "first_id": page[0]["id"] if page else None,
-        "last_id": page[-1]["id"] if page else None,
-        "has_more": len(items) > limit,
-    }
