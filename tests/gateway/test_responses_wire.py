@@ -226,6 +226,17 @@ async def test_an_anthropic_upstream_streams_text_and_calls_tools(
         [call] = response.output
         assert call.type == "function_call"
         assert (call.name, json.loads(call.arguments)) == ("lookup", {"q": "x"})
+    answered = await sdk(served_anthropic).responses.create(
+        model=ANTHROPIC_MODEL,
+        input=[
+            {"role": "user", "content": "call:lookup"},
+            {"type": "function_call", "call_id": call.call_id, "name": "lookup", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": call.call_id, "output": "x is 3"},
+        ],
+        tools=TOOLS,
+        max_output_tokens=2,
+    )
+    assert answered.output_text == "w0 w1 "  # tool_use and tool_result blocks, as Anthropic takes
 
 
 @pytest.mark.parametrize(
