@@ -74,6 +74,8 @@ def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
             assert "".join(deltas) == "".join(token(i) for i in range(4)) == second.output_text
             got = client.responses.retrieve(second.id)
             assert got.output_text == second.output_text
+            assert [item.id for item in got.output] == [item.id for item in second.output]
+            assert got.usage == second.usage  # the stored counts, as the stream's end said
             assert got.previous_response_id == first.id
             assert got.status == "completed"  # the store has no finish reason: see report
             assert got.usage is not None
