@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from llmsvc import __version__
 from llmsvc.gateway.messages import CountRequest, MessagesRequest
 from llmsvc.gateway.request import ChatRequest
+from llmsvc.gateway.responses import ResponsesRequest
 from llmsvc.gateway.sessions import SessionBody
 from llmsvc.store.attribution import SPEND_BY
 
@@ -53,6 +54,7 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
         MessagesRequest,
         CountRequest,
         SessionBody,
+        ResponsesRequest,
         *admin_models,
     ]
     for model in models:
@@ -73,6 +75,13 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
     key = {"name": "key", "in": "path", "required": True, "schema": {"type": "string"}}
     team = {"name": "team", "in": "path", "required": True, "schema": {"type": "string"}}
     no_key = _error("no such key (by name or id)")
+    no_response = _error("no such response stored (or deleted, or not this key's)")
+    response_id = {
+        "name": "response_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
     no_team = _error("no such team (by name or id)")
     no_session = _error("no such session: unknown, expired, deleted, or another key's")
 
@@ -163,6 +172,54 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                         "400": _error("the body is not a valid Messages request"),
                         "404": _error("the model is not served here"),
                         "502": _error("the provider failed"),
+                    },
+                }
+            },
+            "/v1/responses": {
+                "post": {
+                    "summary": "An OpenAI response, journaled before it is sent",
+                    "parameters": attribution_headers,
+                    "requestBody": _body(ResponsesRequest),
+                    "responses": {
+                        "200": {
+                            "description": "the response, or its SSE stream of events",
+                            "content": {"application/json": {}, "text/event-stream": {}},
+                        },
+                        "400": _error(
+                            "the body is not a valid Responses request, or its "
+                            "previous_response_id names no stored response"
+                        ),
+                        "404": _error("the model is not served here"),
+                        "502": _error("the provider failed"),
+                        "503": _error("not taking requests now, or the store is not reachable"),
+                    },
+                }
+            },
+            "/v1/responses/{response_id}": {
+                "get": {
+                    "summary": "A stored response, rebuilt from the store",
+                    "parameters": [response_id],
+                    "responses": {"200": _json("the response"), "404": no_response},
+                },
+                "delete": {
+                    "summary": "Delete a stored response: it is no longer read or continued",
+                    "parameters": [response_id],
+                    "responses": {"200": _json("deleted"), "404": no_response},
+                },
+            },
+            "/v1/responses/{response_id}/input_items": {
+                "get": {
+                    "summary": "A stored response's input items, a page at a time",
+                    "parameters": [
+                        response_id,
+                        query("order", "asc or desc (the default)"),
+                        query("limit", "1 to 100 items (20)"),
+                        query("after", "the id of the item the page starts after"),
+                    ],
+                    "responses": {
+                        "200": _json("a list of input items"),
+                        "400": _error("a bad order, limit or after"),
+                        "404": no_response,
                     },
                 }
             },

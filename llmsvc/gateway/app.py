@@ -26,7 +26,7 @@ from llmsvc.gateway.embeddings import EmbeddingsWire, parse_embeddings
 from llmsvc.gateway.errors import reject, send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
-from llmsvc.gateway.messages import CountRequest, chat_body, parse_messages
+from llmsvc.gateway.messages import CountRequest, messages_as_chat, parse_messages
 from llmsvc.gateway.messages_wire import MessagesWire
 from llmsvc.gateway.request import (
     CALLER,
@@ -37,9 +37,17 @@ from llmsvc.gateway.request import (
     request_id,
     request_id_header,
 )
+from llmsvc.gateway.responses import (
+    forwardable,
+    parse_responses,
+    previous_history,
+    responses_as_chat,
+)
+from llmsvc.gateway.responses_wire import ResponsesWire, echoed
 from llmsvc.gateway.router import Router
 from llmsvc.gateway.sessions import Sessions, is_session
 from llmsvc.gateway.sse import ASGIReceive, ASGISend, ChatWire
+from llmsvc.gateway.stored_responses import StoredResponses
 from llmsvc.gateway.wire import Wire
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
@@ -55,20 +63,32 @@ log = logger(__name__)
 
 Scope = MutableMapping[str, Any]
 Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
-# Routes with an id in the path: every path under a prefix is that prefix's one route, and
-# the rest of the path is the id.
+# Routes with an id in the path (see route_of).
 MODEL_PREFIX = "/v1/models/"
 MODEL_ROUTE = MODEL_PREFIX + "{model}"
 SESSION_PREFIX = "/v1/sessions/"
 SESSION_ROUTE = SESSION_PREFIX + "{id}"
-PREFIX_ROUTES = {MODEL_PREFIX: MODEL_ROUTE, SESSION_PREFIX: SESSION_ROUTE}
+RESPONSE_PREFIX = "/v1/responses/"
+RESPONSE_ROUTE = RESPONSE_PREFIX + "{id}"
+INPUT_ITEMS = "/input_items"
+INPUT_ITEMS_ROUTE = RESPONSE_ROUTE + INPUT_ITEMS
+# The routes with an id in their path: (prefix, suffix, route). An id holds no "/"; a model's
+# name may (`org/model`), so every path under MODEL_PREFIX is that route.
+ID_ROUTES = (
+    (MODEL_PREFIX, "", MODEL_ROUTE),
+    (SESSION_PREFIX, "", SESSION_ROUTE),
+    (RESPONSE_PREFIX, "", RESPONSE_ROUTE),
+    (RESPONSE_PREFIX, INPUT_ITEMS, INPUT_ITEMS_ROUTE),
+)
 
 
 def route_of(path: str) -> str:
-    """The route table's key for a path: its prefix's route, or the path itself."""
-    for prefix, route in PREFIX_ROUTES.items():
-        if path.startswith(prefix):
-            return route
+    """The route table's key for a path: the pattern of a route with an id, or the path."""
+    for prefix, suffix, route in ID_ROUTES:
+        if path.startswith(prefix) and path.endswith(suffix):
+            key = path[len(prefix) : len(path) - len(suffix)]
+            if key and (route == MODEL_ROUTE or "/" not in key):
+                return route
     return path
 
 
@@ -119,11 +139,15 @@ class Gateway:
         self.idle = asyncio.Event()
         self.idle.set()
         self.created = int(time.time())  # every model's `created`: when this gateway was built
+        stored = StoredResponses(conversations)
         self.routes: dict[str, dict[str, Handler]] = {
             "/v1/chat/completions": {"POST": self.chat_completions},
             "/v1/embeddings": {"POST": self.embeddings},
             "/v1/messages": {"POST": self.messages},
             "/v1/messages/count_tokens": {"POST": self.count_message_tokens},
+            "/v1/responses": {"POST": self.responses},
+            RESPONSE_ROUTE: {"GET": stored.retrieve, "DELETE": stored.delete},
+            INPUT_ITEMS_ROUTE: {"GET": stored.input_items},
             "/v1/models": {"GET": self.list_models},
             MODEL_ROUTE: {"GET": self.retrieve_model},
             "/v1/sessions": {"POST": self.create_session},
@@ -207,7 +231,7 @@ class Gateway:
         provider is sent the client's body, any other its chat-completion form."""
         headers, body = await self.admit(scope, receive)
         native, request = parse_messages(body)
-        data = chat_body(native, request)
+        data = messages_as_chat(native, request)
         user = request.metadata.user_id if request.metadata is not None else None
         model = request.model
         await self.serve(
@@ -237,9 +261,38 @@ class Gateway:
             await read_body(receive, headers, self.max_body_bytes), CountRequest
         )
         answer = await count_tokens(
-            self.router, scope.get(CALLER), native, chat_body(native, request)
+            self.router, scope.get(CALLER), native, messages_as_chat(native, request)
         )
         await send_json(send, 200, answer, [request_id_header(scope)])
+
+    async def responses(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        """`POST /v1/responses`: a chat completion to a provider without the Responses API, the
+        body itself (its history resolved) to one with it; the client's body is the params."""
+        headers, body = await self.admit(scope, receive)
+        client, request = parse_responses(body)
+        attribution = read_attribution(client, request, headers)
+        history = []
+        if request.previous_response_id is not None:
+            history = await previous_history(
+                self.conversations, request.previous_response_id, scope.get(CALLER)
+            )
+        model, fields = request.model, echoed(client)
+        await self.serve(
+            self.exchange(
+                scope,
+                receive,
+                send,
+                headers,
+                responses_as_chat(request, history),
+                model,
+                request.stream,
+                attribution,
+                lambda rid, created: ResponsesWire(rid, created, model, fields),
+                api="responses",
+                native=Native("responses", forwardable(client, history)),
+                params={k: v for k, v in client.items() if k != "model"},
+            )
+        )
 
     async def admit(self, scope: Scope, receive: ASGIReceive) -> tuple[dict[bytes, bytes], bytes]:
         """A request to a provider, admitted: its headers and body. Refused while paused,
@@ -269,6 +322,7 @@ class Gateway:
         api: str,
         native: Native | None = None,
         store_content: bool = True,
+        params: dict[str, Any] | None = None,
     ) -> Exchange:
         """An admitted request's exchange (chat.py), its caller's rate limits applied (a 429
         before anything is journaled)."""
@@ -290,6 +344,7 @@ class Gateway:
             api=api,
             native=native,
             store_content=store_content,
+            params=params,
         )
         if exchange.caller is not None and self.limiter is not None:
             exchange.headers += self.limiter.admit(exchange.caller)

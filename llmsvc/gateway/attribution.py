@@ -24,6 +24,17 @@ SESSION_MAX = 200
 _metadata = TypeAdapter(Metadata)
 
 
+class Attributed(Protocol):
+    """A validated body's attribution fields, whichever API it came by."""
+
+    @property
+    def user(self) -> str | None: ...
+    @property
+    def metadata(self) -> dict[str, str] | None: ...
+    @property
+    def session_id(self) -> str | None: ...
+
+
 @dataclass(frozen=True, slots=True)
 class Attribution:
     """What the client said about who a request is for; None where it said nothing."""
@@ -31,19 +42,6 @@ class Attribution:
     end_user: str | None = None
     metadata: dict[str, str] | None = None
     session_id: str | None = None
-
-
-class Attributed(Protocol):
-    """A validated request body of any API that carries attribution fields."""
-
-    @property
-    def user(self) -> str | None: ...
-
-    @property
-    def metadata(self) -> dict[str, str] | None: ...
-
-    @property
-    def session_id(self) -> str | None: ...
 
 
 def read_attribution(

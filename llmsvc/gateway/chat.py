@@ -126,12 +126,15 @@ class Exchange:
         api: str,
         native: Native | None = None,
         store_content: bool = True,
+        params: dict[str, Any] | None = None,
     ) -> None:
         """`data`: the request as a chat completion (what a provider without `native`'s API
         is sent); `native`: the body as the client sent it in another API, forwarded as is
         to a provider that speaks that API. `wire(request_id_hex, created)` renders replies.
         `store_content` False: a whole reply's content is sent and not journaled, for
-        embeddings' vectors, which are data and stored only if asked (`store_embeddings`)."""
+        embeddings' vectors, which are data and stored only if asked (`store_embeddings`).
+        `params`: what the start record keeps when the client's body is not `native`'s (a
+        Responses body whose `previous_response_id` the forwarded one has resolved)."""
         if caller is not None and caller.models is not None and model not in caller.models:
             raise ModelNotAllowed(
                 f"the key {caller.key_name!r} may not use the model {model!r}; "
@@ -150,7 +153,9 @@ class Exchange:
         # What the start record keeps besides the messages: the body as the client sent it.
         skip = ("model", "messages") if native is None else ("model",)
         source = data if native is None else native.body
-        self.params = {k: v for k, v in source.items() if k not in skip}
+        self.params = (
+            params if params is not None else {k: v for k, v in source.items() if k not in skip}
+        )
         self.send = send
         self.receive = receive
         self.closed = closed  # the connection is known gone (a write failed), asked at once

@@ -203,7 +203,7 @@ def _validate(model: type[_Strict], value: dict[str, Any], where: str) -> _Stric
         raise ClientError(f"{field}: {err['msg']}", param=field) from None
 
 
-def chat_body(data: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
+def messages_as_chat(data: dict[str, Any], request: MessagesRequest) -> dict[str, Any]:
     """The request as a chat completion: what a provider that does not speak Messages gets."""
     messages: list[dict[str, Any]] = []
     if request.system:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import sqlalchemy as sa
@@ -78,3 +79,14 @@ async def latest_turn(engine: AsyncEngine, session_id: str) -> Turn | None:
             .limit(1)
         )
     return None if newest is None else await turn(engine, newest)
+
+
+async def delete_response(engine: AsyncEngine, request_id: uuid.UUID) -> None:
+    """Mark the request deleted (`DELETE /v1/responses/{id}`): the row stays, for the operator's
+    records and spend, and is no longer a client's to read or continue."""
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.update(llm_requests)
+            .where(llm_requests.c.id == request_id)
+            .values(deleted_at=datetime.now(UTC))
+        )
