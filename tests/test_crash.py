@@ -1,5 +1,8 @@
 """benchmarks/crash_test.py, short: SIGKILL the daemon under streaming clients, a few times a mode.
 
+Clients stream by every streaming API (chat completions, Responses, Anthropic Messages), each
+held to the same check.
+
 The full run (25 iterations, 20 clients) is the script's default; this keeps it runnable and
 holds the promise on every suite run: no token a client received is lost or stored twice,
 and, with callers' keys (`--keys`), every key's and team's spend is the sum over its stored
@@ -17,6 +20,7 @@ from typing import Any
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "crash_test.py"
+APIS = ("chat", "responses", "messages")
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -44,6 +48,7 @@ def assert_nothing_lost(mode: dict[str, Any], iterations: int, least_requests: i
     assert mode["requests_checked"] >= least_requests
     assert mode["tokens_checked"] > 0
     assert mode["marked_interrupted_at_boot"] > 0  # the restart's boot did the recovery
+    assert set(mode["requests_by_api"]) == set(APIS)  # every streaming API was checked
 
 
 def test_kill_9_under_keys_loses_and_duplicates_nothing_and_keeps_spend_exact(
@@ -54,6 +59,7 @@ def test_kill_9_under_keys_loses_and_duplicates_nothing_and_keeps_spend_exact(
         ["--database-url", postgres_url],
         "fsync",  # SQLite's run below covers "write"; the suite's time is short
         *("--iterations", "2", "--clients", "8", "--seed", "4", "--keys", "4", "--teams", "2"),
+        *("--apis", ",".join(APIS)),
     )
     counted: dict[str, int] = {}
     for mode in report["modes"].values():
@@ -78,6 +84,7 @@ def test_kill_9_under_keys_on_sqlite_keeps_spend_exact(tmp_path: Path) -> None:
         "write",  # the default; PostgreSQL's run covers both, and the suite's time is short
         *("--iterations", "1", "--clients", "6", "--seed", "5", "--keys", "3", "--teams", "2"),
         *("--kill-min", "1.0"),  # one kill a mode: late enough for the clients to have begun
+        *("--apis", ",".join(APIS)),
     )
     for mode in report["modes"].values():
         assert_nothing_lost(mode, 1, 1)
