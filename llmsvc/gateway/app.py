@@ -8,6 +8,7 @@ hot path has no room for that.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
@@ -18,43 +19,31 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from llmsvc.callers import Caller
 from llmsvc.config import RetryPolicy
 from llmsvc.errors import MethodNotAllowed, NotFound, ServiceUnavailable, UnknownModel
-from llmsvc.gateway.attribution import Attribution, attribution, read_attribution
+from llmsvc.gateway import endpoints
+from llmsvc.gateway.attribution import Attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.conversations import Conversations
-from llmsvc.gateway.count_tokens import count_tokens
-from llmsvc.gateway.embeddings import EmbeddingsWire, parse_embeddings
+from llmsvc.gateway.endpoints import SESSION_PREFIX
 from llmsvc.gateway.errors import reject, send_error, send_json
 from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
-from llmsvc.gateway.messages import CountRequest, messages_as_chat, parse_messages
-from llmsvc.gateway.messages_wire import MessagesWire
 from llmsvc.gateway.request import (
     CALLER,
     ClientGone,
     correlation_id,
-    parse_chat,
     read_body,
     request_id,
     request_id_header,
 )
-from llmsvc.gateway.responses import (
-    forwardable,
-    parse_responses,
-    previous_history,
-    responses_as_chat,
-)
-from llmsvc.gateway.responses_wire import ResponsesWire, echoed
 from llmsvc.gateway.router import Router
-from llmsvc.gateway.sessions import Sessions, is_session
-from llmsvc.gateway.sse import ASGIReceive, ASGISend, ChatWire
+from llmsvc.gateway.sessions import Sessions
+from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.gateway.stored_responses import StoredResponses
 from llmsvc.gateway.wire import Wire
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers.base import Native
-from llmsvc.providers.embeddings import EMBEDDINGS
-from llmsvc.tokens import count_prompt
 
 if TYPE_CHECKING:
     from llmsvc.keytable import KeyTable
@@ -63,10 +52,10 @@ log = logger(__name__)
 
 Scope = MutableMapping[str, Any]
 Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
+Endpoint = Callable[[endpoints.Gateway, Scope, ASGIReceive, ASGISend], Awaitable[None]]
 # Routes with an id in the path (see route_of).
 MODEL_PREFIX = "/v1/models/"
 MODEL_ROUTE = MODEL_PREFIX + "{model}"
-SESSION_PREFIX = "/v1/sessions/"
 SESSION_ROUTE = SESSION_PREFIX + "{id}"
 RESPONSE_PREFIX = "/v1/responses/"
 RESPONSE_ROUTE = RESPONSE_PREFIX + "{id}"
@@ -140,18 +129,25 @@ class Gateway:
         self.idle.set()
         self.created = int(time.time())  # every model's `created`: when this gateway was built
         stored = StoredResponses(conversations)
+
+        def on(endpoint: Endpoint) -> Handler:
+            return functools.partial(endpoint, self)
+
         self.routes: dict[str, dict[str, Handler]] = {
-            "/v1/chat/completions": {"POST": self.chat_completions},
-            "/v1/embeddings": {"POST": self.embeddings},
-            "/v1/messages": {"POST": self.messages},
-            "/v1/messages/count_tokens": {"POST": self.count_message_tokens},
-            "/v1/responses": {"POST": self.responses},
+            "/v1/chat/completions": {"POST": on(endpoints.chat_completions)},
+            "/v1/embeddings": {"POST": on(endpoints.embeddings)},
+            "/v1/messages": {"POST": on(endpoints.messages)},
+            "/v1/messages/count_tokens": {"POST": on(endpoints.count_message_tokens)},
+            "/v1/responses": {"POST": on(endpoints.responses)},
             RESPONSE_ROUTE: {"GET": stored.retrieve, "DELETE": stored.delete},
             INPUT_ITEMS_ROUTE: {"GET": stored.input_items},
             "/v1/models": {"GET": self.list_models},
             MODEL_ROUTE: {"GET": self.retrieve_model},
-            "/v1/sessions": {"POST": self.create_session},
-            SESSION_ROUTE: {"GET": self.retrieve_session, "DELETE": self.delete_session},
+            "/v1/sessions": {"POST": on(endpoints.create_session)},
+            SESSION_ROUTE: {
+                "GET": on(endpoints.retrieve_session),
+                "DELETE": on(endpoints.delete_session),
+            },
             "/api/health": {"GET": self.health},
             "/api/ready": {"GET": self.ready},
             "/api/metrics": {"GET": self.prometheus},
@@ -177,122 +173,6 @@ class Gateway:
             return
         except Exception as exc:  # errors.py maps it: 4xx for client errors, 500 otherwise
             await reject(scope, send, exc)
-
-    async def chat_completions(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        headers, body = await self.admit(scope, receive)
-        data, request = parse_chat(body)
-        attribution = read_attribution(data, request, headers)
-        if is_session(attribution.session_id):
-            history = await self.session_store().history(attribution.session_id, scope.get(CALLER))
-            data["messages"] = [*history, *data["messages"]]
-        include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        model = request.model
-        await self.serve(
-            self.exchange(
-                scope,
-                receive,
-                send,
-                headers,
-                data,
-                model,
-                request.stream,
-                attribution,
-                lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
-                "chat",
-            )
-        )
-
-    async def embeddings(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        """`POST /v1/embeddings`: sent natively (a provider without the API refuses it), never
-        streamed; its messages are none and its vectors stored only with `store_embeddings`."""
-        headers, body = await self.admit(scope, receive)
-        data, request = parse_embeddings(body)
-        attribution = read_attribution(data, request, headers)
-        model, encoding_format = request.model, request.encoding_format
-        await self.serve(
-            self.exchange(
-                scope,
-                receive,
-                send,
-                headers,
-                {"messages": []},
-                model,
-                False,
-                attribution,
-                lambda rid, created: EmbeddingsWire(model, encoding_format),
-                api=EMBEDDINGS,
-                native=Native(EMBEDDINGS, data),
-                store_content=self.store_embeddings,
-            )
-        )
-
-    async def messages(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        """Anthropic's Messages API (gateway/messages.py, messages_wire.py); an Anthropic
-        provider is sent the client's body, any other its chat-completion form."""
-        headers, body = await self.admit(scope, receive)
-        native, request = parse_messages(body)
-        data = messages_as_chat(native, request)
-        user = request.metadata.user_id if request.metadata is not None else None
-        model = request.model
-        await self.serve(
-            self.exchange(
-                scope,
-                receive,
-                send,
-                headers,
-                data,
-                model,
-                request.stream,
-                attribution(user, None, None, headers),
-                lambda rid, _created: MessagesWire(
-                    f"msg_{rid}", model, lambda: count_prompt(model, data["messages"])[0]
-                ),
-                api="messages",
-                native=Native("messages", native),
-            )
-        )
-
-    async def count_message_tokens(
-        self, scope: Scope, receive: ASGIReceive, send: ASGISend
-    ) -> None:
-        """A Messages body's input tokens (gateway/count_tokens.py); not a generation."""
-        headers = dict(scope["headers"])
-        native, request = parse_messages(
-            await read_body(receive, headers, self.max_body_bytes), CountRequest
-        )
-        answer = await count_tokens(
-            self.router, scope.get(CALLER), native, messages_as_chat(native, request)
-        )
-        await send_json(send, 200, answer, [request_id_header(scope)])
-
-    async def responses(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        """`POST /v1/responses`: a chat completion to a provider without the Responses API, the
-        body itself (its history resolved) to one with it; the client's body is the params."""
-        headers, body = await self.admit(scope, receive)
-        client, request = parse_responses(body)
-        attribution = read_attribution(client, request, headers)
-        history = []
-        if request.previous_response_id is not None:
-            history = await previous_history(
-                self.conversations, request.previous_response_id, scope.get(CALLER)
-            )
-        model, fields = request.model, echoed(client)
-        await self.serve(
-            self.exchange(
-                scope,
-                receive,
-                send,
-                headers,
-                responses_as_chat(request, history),
-                model,
-                request.stream,
-                attribution,
-                lambda rid, created: ResponsesWire(rid, created, model, fields),
-                api="responses",
-                native=Native("responses", forwardable(client, history)),
-                params={k: v for k, v in client.items() if k != "model"},
-            )
-        )
 
     async def admit(self, scope: Scope, receive: ASGIReceive) -> tuple[dict[bytes, bytes], bytes]:
         """A request to a provider, admitted: its headers and body. Refused while paused,
@@ -408,31 +288,6 @@ class Gateway:
         if name not in self.router.models() or (allowed is not None and name not in allowed):
             raise UnknownModel(f"the model {name!r} is not served here; GET /v1/models lists them")
         await send_json(send, 200, self._model(name), [request_id_header(scope)])
-
-    def session_store(self) -> Sessions:
-        """The sessions, or a 503 from a gateway built without a store (some tests')."""
-        if self.sessions is None:
-            raise ServiceUnavailable("sessions need llmsvc's store, and this gateway has none")
-        return self.sessions
-
-    async def create_session(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        """`POST /v1/sessions` (gateway/sessions.py has the rest of the session routes' logic)."""
-        body = await read_body(receive, dict(scope["headers"]), self.max_body_bytes)
-        session = await self.session_store().create(body, scope.get(CALLER))
-        await send_json(send, 201, session, [request_id_header(scope)])
-
-    async def retrieve_session(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        session_id = scope["path"][len(SESSION_PREFIX) :]
-        session = await self.session_store().retrieve(session_id, scope.get(CALLER))
-        await send_json(send, 200, session, [request_id_header(scope)])
-
-    async def delete_session(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
-        session_id = scope["path"][len(SESSION_PREFIX) :]
-        await self.session_store().delete(session_id, scope.get(CALLER))
-        await send(
-            {"type": "http.response.start", "status": 204, "headers": [request_id_header(scope)]}
-        )
-        await send({"type": "http.response.body", "body": b""})
 
     def _model(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "llmsvc"}
