@@ -18,6 +18,7 @@ from daemon_process import (
     read_store_after,
     run_cli,
 )
+from openai_schema import assert_valid
 
 from llmsvc.providers.mock import token
 
@@ -73,6 +74,11 @@ def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
             )
             assert "".join(deltas) == "".join(token(i) for i in range(4)) == second.output_text
             got = client.responses.retrieve(second.id)
+            for raw in (  # as OpenAI's published schema has them
+                client.responses.with_raw_response.retrieve(second.id),
+                client.responses.with_raw_response.create(model="mock", input="hi"),
+            ):
+                assert_valid(json.loads(raw.text), "Response")
             assert got.output_text == second.output_text
             assert [item.id for item in got.output] == [item.id for item in second.output]
             assert got.usage == second.usage  # the stored counts, as the stream's end said
@@ -92,6 +98,8 @@ def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
                 max_output_tokens=1,
             )
             pages = client.responses.input_items.list(listed.id, limit=2, order="asc")
+            raw_items = client.responses.input_items.with_raw_response.list(listed.id)
+            assert_valid(json.loads(raw_items.text), "ResponseItemList")
             assert [i.type for i in pages] == ["message", "function_call", "function_call_output"]
             assert pages.has_more  # the first page of two
             newest = client.responses.input_items.list(listed.id, limit=1)  # desc by default

@@ -18,6 +18,7 @@ import orjson
 from llmsvc.errors import BodyTooLarge, ClientError
 from llmsvc.wal import (
     MAX_PAYLOAD,
+    Api,
     AttemptEnd,
     AttemptEndFields,
     AttemptStart,
@@ -33,6 +34,8 @@ from llmsvc.wal import (
     encode_tool_delta,
     fits,
 )
+
+CHAT_API_FIELD = Api()  # a chat start says nothing of its API: its bytes stay as they were
 
 
 def now_us() -> int:
@@ -71,10 +74,10 @@ class Journal:
             "stream": stream,
             "messages": messages,
             "params": params,
-            "api": api,
             "ts": now_us(),
             **self.deployment,
             **(attribution or {}),
+            **(CHAT_API_FIELD if api == "chat" else Api(api=api)),
         }
         try:
             record = encode_json(RecordType.REQUEST_START, body)

@@ -28,13 +28,14 @@ DEFAULTS: dict[str, Any] = {
     "tools": [],
     "top_p": 1.0,
     "truncation": "disabled",
-    "user": None,
 }
 
 
 def echoed(params: dict[str, Any]) -> dict[str, Any]:
     """The request's fields a `response` object repeats, from the body as the client sent it."""
     fields = {k: params[k] if params.get(k) is not None else v for k, v in DEFAULTS.items()}
+    if params.get("user") is not None:  # OpenAI's schema has it a string when present
+        fields["user"] = params["user"]
     fields["tools"] = [
         {"description": None, "parameters": None, "strict": True, **tool}
         for tool in fields["tools"]
@@ -44,14 +45,15 @@ def echoed(params: dict[str, Any]) -> dict[str, Any]:
 
 def usage_object(usage: Usage) -> dict[str, Any]:
     """The Responses usage: the stored counts, a count nobody knows null (never 0), and
-    `llmsvc_counted` naming the counts llmsvc made itself."""
+    `llmsvc_counted` naming the counts llmsvc made itself. No provider llmsvc reads reports
+    cached or reasoning tokens apart: those details are 0, as OpenAI's schema wants integers."""
     prompt, completion, counted = usage
     total = prompt + completion if prompt is not None and completion is not None else None
     body: dict[str, Any] = {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": None},
+        "input_tokens_details": {"cached_tokens": 0},
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": None},
+        "output_tokens_details": {"reasoning_tokens": 0},
         "total_tokens": total,
     }
     if counted:
@@ -73,8 +75,9 @@ def response_object(
     error: dict[str, Any] | None = None,
     incomplete: str | None = None,
 ) -> dict[str, Any]:
-    """A `response` object in OpenAI's shape; `incomplete`: why it is (INCOMPLETE)."""
-    return {
+    """A `response` object in OpenAI's shape; `incomplete`: why it is (INCOMPLETE). A response
+    under way has no `usage` yet (the schema has no null for it)."""
+    response = {
         "id": response_id,
         "object": "response",
         "created_at": created,
@@ -87,14 +90,16 @@ def response_object(
         "reasoning": {"effort": None, "summary": None},
         "service_tier": "default",
         **fields,
-        "usage": usage_object(usage) if usage is not None else None,
     }
+    if usage is not None:
+        response["usage"] = usage_object(usage)
+    return response
 
 
 def message_item(item_id: str, status: str, text: str, refusal: str | None) -> dict[str, Any]:
     content: list[dict[str, Any]] = []
     if text or not refusal:
-        content.append({"type": "output_text", "text": text, "annotations": []})
+        content.append({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
     if refusal:
         content.append({"type": "refusal", "refusal": refusal})
     return {
@@ -212,7 +217,7 @@ class ResponsesWire:
             frames += self._event("response.output_item.added", output_index=n, item=self.open)
         if self.part is None or self.part["type"] != kind:
             frames += self._close_part()
-            empty = {"type": "output_text", "text": "", "annotations": []}
+            empty = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
             self.part = empty if kind == "output_text" else {"type": "refusal", "refusal": ""}
             self.open["content"].append(self.part)
             frames += self._event(
@@ -245,6 +250,7 @@ class ResponsesWire:
             frames += self._event(
                 "response.function_call_arguments.done",
                 **where,
+                name=self.open["name"],
                 arguments=self.open["arguments"],
             )
         self.open["status"] = status

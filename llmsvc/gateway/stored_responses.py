@@ -69,7 +69,9 @@ def input_items(response_hex: str, given: str | list[dict[str, Any]]) -> list[di
             part = "output_text" if role == "assistant" else "input_text"
             parts = [{"type": part, "text": content}] if isinstance(content, str) else content
             if role == "assistant":
-                parts = [{**p, "type": "output_text", "annotations": []} for p in parts]
+                parts = [
+                    {**p, "type": "output_text", "annotations": [], "logprobs": []} for p in parts
+                ]
             entry.update(role=role, content=parts)
         else:
             entry.update({k: v for k, v in item.items() if k not in ("id", "type", "status")})

@@ -136,7 +136,7 @@ def _request_row(body: RequestStart, instance_id: uuid.UUID) -> dict[str, Any]:
         "session_id": body.get("session_id"),
         "environment": body.get("environment"),
         "version": body.get("version"),
-        "api": body.get("api"),
+        "api": body.get("api", "chat"),
     }
 
 

@@ -58,6 +58,7 @@ from llmsvc.wal.codec import (
 from llmsvc.wal.errors import Damage
 from llmsvc.wal.reader import Position, WalReader, scan_log, verify_log
 from llmsvc.wal.records import (
+    Api,
     AttemptEnd,
     AttemptEndFields,
     AttemptStart,
@@ -84,6 +85,7 @@ __all__ = [
     "HEADER_SIZE",
     "MAX_PAYLOAD",
     "QUARANTINE_DIR",
+    "Api",
     "AttemptEnd",
     "AttemptEndFields",
     "AttemptStart",

@@ -11,7 +11,7 @@ readers `.get` every end field but `id` and `ts`.
 
 from __future__ import annotations
 
-from typing import Any, Literal, NotRequired, Required, TypedDict
+from typing import Any, Literal, Required, TypedDict
 
 # A request's or an attempt's state: `streaming` until its end record gives another.
 # A Literal, not an Enum: it is stored, logged, a metric label and a JSON key as text.
@@ -35,14 +35,20 @@ class Sender(TypedDict, total=False):
     session_id: str
 
 
-class RequestStart(Deployment, Sender):
+class Api(TypedDict, total=False):
+    """The API a request came by, written only when not chat completions (older records have
+    none, and a chat start's bytes stay as they were): responses, messages or embeddings."""
+
+    api: str
+
+
+class RequestStart(Deployment, Sender, Api):
     id: str
     correlation_id: str
     model: str
     stream: bool
     messages: list[Any]
     params: dict[str, Any]
-    api: NotRequired[str]  # chat, responses, messages or embeddings; absent in older records: chat
     ts: int  # µs since the epoch, as every record's
 
 

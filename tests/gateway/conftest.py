@@ -82,6 +82,26 @@ async def served_upstream(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> As
 
 
 @pytest.fixture
+async def served_responses(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[Served, Upstream]]:
+    """A gateway whose one provider, `oai` (model UPSTREAM_MODEL), is the fake OpenAI upstream
+    with `responses = true`: Responses requests go to its `/v1/responses` as the client sent
+    them; and that upstream, which keeps the bodies it was sent there."""
+    async with Upstream() as upstream:
+        await upstream.start()
+        config = ProviderConfig(
+            name="oai",
+            kind="openai",
+            base_url=upstream.base_url,
+            models=[UPSTREAM_MODEL],
+            responses=True,
+        )
+        async with _serve(tmp_path, [config], monkeypatch) as served:
+            yield served, upstream
+
+
+@pytest.fixture
 async def served_anthropic(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> AsyncIterator[tuple[Served, anthropic_upstream.Upstream]]:
