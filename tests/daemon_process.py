@@ -130,6 +130,10 @@ class _Output:
         self._pipe.close()
 
 
+# The free port picked for a daemon was taken by another process before the daemon bound it.
+PORT_TAKEN = "address already in use"
+
+
 class DaemonProcess:
     """`llmsvc run` as a child process: started, waited for until `ready`, signalled.
 
@@ -141,6 +145,7 @@ class DaemonProcess:
         self, env: dict[str, str], port: int | None = None, command: list[str] | None = None
     ) -> None:
         self.port = port or free_port()
+        self.port_chosen = port is None  # another process may take a free port first: retried
         self.env = {**env, "LLMSVC_PORT": str(self.port)}
         self.command = command or [str(LLMSVC), "run"]
         self.proc: subprocess.Popen[str] | None = None
@@ -174,6 +179,11 @@ class DaemonProcess:
                 raise AssertionError(f"llmsvc not ready in {READY_TIMEOUT}s:\n{self.log}") from None
             if found is None:
                 code = self.wait(EXIT_TIMEOUT)
+                if self.port_chosen and PORT_TAKEN in self.log:
+                    self.port_chosen = False  # once: a second race is a problem of its own
+                    self.port = free_port()
+                    self.env["LLMSVC_PORT"] = str(self.port)
+                    return self.start(wait_ready)
                 raise AssertionError(f"llmsvc exited {code} before ready:\n{self.log}")
         return self
 

@@ -198,6 +198,9 @@ def test_a_non_retryable_upstream_error_reaches_the_client_without_a_retry(
     ]
 
 
+COOLDOWN = 10  # seconds: a restart on a loaded machine fits in it, and the probe waits it out
+
+
 def test_the_circuit_opens_skips_the_provider_survives_a_restart_and_closes_on_a_probe(
     sqlite_url: str, tmp_path: Path
 ) -> None:
@@ -212,11 +215,12 @@ def test_the_circuit_opens_skips_the_provider_survives_a_restart_and_closes_on_a
             ],
             routes={"gpt-fast": ["flaky:gpt-test", "up:gpt-test"]},
             circuit_failure_threshold=2,
-            circuit_cooldown_seconds=4,
+            circuit_cooldown_seconds=COOLDOWN,
         )
         with DaemonProcess(env) as daemon:
             daemon.wait_caught_up()  # the circuit's state is stored from here on
             opened, _, _ = streamed(daemon, "gpt-fast")  # two failures: the circuit opens
+            opened_at = time.monotonic()
             skipped, _, _ = streamed(daemon, "gpt-fast")  # open: flaky is not called
             _, health = get_json(f"{daemon.base_url}/api/health")
             assert daemon.stop() == 0
@@ -232,10 +236,13 @@ def test_the_circuit_opens_skips_the_provider_survives_a_restart_and_closes_on_a
             again.wait_caught_up()  # stored circuits are resumed as the daemon catches up
             _, health = get_json(f"{again.base_url}/api/health")
             still, _, _ = streamed(again, "gpt-fast")  # resumed open after the restart
-            time.sleep(4.2)  # the cool-down: the next request is the probe, and it works
+            restarted_within = time.monotonic() - opened_at
+            # The rest of the cool-down, counted from the opening: the next request probes.
+            time.sleep(max(0.0, opened_at + COOLDOWN + 0.2 - time.monotonic()))
             probe, tokens, _ = streamed(again, "gpt-fast")
             _, after = get_json(f"{again.base_url}/api/health")
             assert again.stop() == 0
+    assert restarted_within < COOLDOWN, "the restart outlasted the cool-down: nothing to resume"
     assert {p["name"]: p["circuit"] for p in health["providers"]}["flaky"] == "open"
     assert [a[1] for a in attempts(sqlite_url, still)] == ["up"]
     assert attempts(sqlite_url, probe) == [(1, "flaky", "completed", 200, "")]
