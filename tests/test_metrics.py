@@ -32,15 +32,15 @@ def test_job_runs_are_counted_by_status_timed_and_the_last_success_kept() -> Non
     metrics.job_finished("backup", "failed", 2.0)
     metrics.job_finished("prune", "skipped", 0.01)
 
-    assert value("llmsvc_job_runs_total", {"job": "backup", "status": "ok"}) == 1
-    assert value("llmsvc_job_runs_total", {"job": "backup", "status": "failed"}) == 1
-    assert value("llmsvc_job_duration_seconds_count", {"job": "backup"}) == 2
-    assert value("llmsvc_job_duration_seconds_sum", {"job": "backup"}) == 2.5
-    last_ok = value("llmsvc_job_last_success_timestamp_seconds", {"job": "backup"})
+    assert value("llmsvc_job_runs_total", {"job_name": "backup", "status": "ok"}) == 1
+    assert value("llmsvc_job_runs_total", {"job_name": "backup", "status": "failed"}) == 1
+    assert value("llmsvc_job_duration_seconds_count", {"job_name": "backup"}) == 2
+    assert value("llmsvc_job_duration_seconds_sum", {"job_name": "backup"}) == 2.5
+    last_ok = value("llmsvc_job_last_success_timestamp_seconds", {"job_name": "backup"})
     assert last_ok is not None
     assert before <= last_ok <= time.time()
     # A run that did not end ok leaves no success time behind.
-    assert value("llmsvc_job_last_success_timestamp_seconds", {"job": "prune"}) is None
+    assert value("llmsvc_job_last_success_timestamp_seconds", {"job_name": "prune"}) is None
 
 
 def test_wal_damage_counters_are_exported_at_zero_before_any_damage() -> None:
