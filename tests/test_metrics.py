@@ -64,8 +64,10 @@ def _value(families: dict[str, Any], sample: str, **labels: str) -> float:
 
 
 def test_build_process_and_python_figures_are_on_the_registry() -> None:
-    value = Metrics().registry.get_sample_value
-    labels = {"version": __version__, "python": platform.python_version()}
+    metrics = Metrics()
+    metrics.describe_build("postgresql")
+    value = metrics.registry.get_sample_value
+    labels = {"version": __version__, "python": platform.python_version(), "database": "postgresql"}
     assert value("llmsvc_build_info", labels) == 1
     assert (value("process_resident_memory_bytes") or 0) > 0
     assert (value("process_open_fds") or 0) > 0
@@ -148,7 +150,8 @@ def test_the_daemon_exports_requests_tokens_latency_wal_and_flush_figures(
     assert _value(families, "llmsvc_provider_errors_total", **disabled) == 1
     assert _value(families, "llmsvc_requests_total", **mock, status="failed") == 1
     assert _value(families, "llmsvc_event_loop_lag_seconds_count") >= 1  # probed every 0.1 s
-    assert _value(families, "llmsvc_build_info", version=__version__) == 1
+    assert _value(families, "llmsvc_build_info", version=__version__, database="sqlite") == 1
+    assert _value(families, "llmsvc_flush_duration_seconds_count") >= 1
     assert _value(families, "process_resident_memory_bytes") > 0  # the daemon's own process
     assert _value(families, "process_start_time_seconds") > 0
 
