@@ -202,12 +202,12 @@ class Metrics:
         # on its own metrics port (docs/DECISIONS.md, Workers).
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        Gauge(
+        self.build_info = Gauge(
             "llmsvc_build_info",
-            "always 1; the labels say which llmsvc and Python this process runs",
-            ["version", "python"],
+            "always 1; the labels say which llmsvc, Python and database this process runs",
+            ["version", "python", "database"],
             registry=self.registry,
-        ).labels(__version__, platform.python_version()).set(1)
+        )
         self.requests_refused = Counter(
             "llmsvc_requests_refused",
             "chat completion requests refused with 503, by reason",
@@ -238,24 +238,25 @@ class Metrics:
             registry=self.registry,
         )
 
+        # `job_name`, not `job`: Prometheus gives every scraped series its target's `job`.
         self.job_runs = Counter(
             "llmsvc_job_runs",
             "maintenance job runs on this instance, by job and status (ok, problems, failed, "
             "skipped)",
-            ["job", "status"],
+            ["job_name", "status"],
             registry=self.registry,
         )
         self.job_duration = Histogram(
             "llmsvc_job_duration_seconds",
             "how long maintenance job runs took",
-            ["job"],
+            ["job_name"],
             buckets=(0.01, 0.1, 1, 10, 60, 300, 1800, 7200),
             registry=self.registry,
         )
         self.job_last_success = Gauge(
             "llmsvc_job_last_success_timestamp_seconds",
             "when a run of the job last ended ok on this instance (Unix time)",
-            ["job"],
+            ["job_name"],
             registry=self.registry,
         )
 
@@ -317,6 +318,12 @@ class Metrics:
             buckets=(1, 10, 100, 1000, 5000, 10_000, 25_000, 50_000, 100_000),
             registry=self.registry,
         )
+        self.flush_duration = Histogram(
+            "llmsvc_flush_duration_seconds",
+            "how long each flush took: building its batch and committing it",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=self.registry,
+        )
         self.loop_lag = Histogram(
             "llmsvc_event_loop_lag_seconds",
             "how late the event loop ran a timer: its backlog of ready work",
@@ -375,22 +382,27 @@ class Metrics:
         if first_token_seconds is not None:
             self.time_to_first_token.labels(provider, model).observe(first_token_seconds)
 
+    def describe_build(self, database: str) -> None:
+        """Export `llmsvc_build_info` once the store is known: `database` is its dialect."""
+        self.build_info.labels(__version__, platform.python_version(), database).set(1)
+
     def http_refusal(self, reason: str) -> None:
         """A connection or request an HTTP limit refused (gateway/http_protocol.py)."""
         self.http_refused.labels(reason=reason).inc()
 
     def batch_flushed(self, records: int, seconds: float) -> None:
         self.flush_batch.observe(records)
+        self.flush_duration.observe(seconds)
         self.flushed_records.inc(records)
 
     def watch_daemon(self, state: Callable[[], DaemonState]) -> None:
         self.registry.register(_DaemonCollector(state))
 
     def job_finished(self, job: str, status: str, seconds: float) -> None:
-        self.job_runs.labels(job=job, status=status).inc()
-        self.job_duration.labels(job=job).observe(seconds)
+        self.job_runs.labels(job_name=job, status=status).inc()
+        self.job_duration.labels(job_name=job).observe(seconds)
         if status == "ok":
-            self.job_last_success.labels(job=job).set_to_current_time()
+            self.job_last_success.labels(job_name=job).set_to_current_time()
 
     def watch(self, status: Callable[[], WalStatus]) -> None:
         """Export the WAL's state, read from `status` at each scrape."""

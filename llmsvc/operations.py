@@ -75,6 +75,7 @@ class Operations:
             s.database_url, DAEMON_APPLICATION, timeout, per_command=True
         )
         self.maintenance = create_engine(s.database_url, DAEMON_APPLICATION, timeout)
+        metrics.describe_build(engine.dialect.name)
         self.writer, self.metrics, self.catch_up = writer, metrics, catch_up
         self.repairs = repairs  # what the WAL's open found and repaired
         self.fatal = fatal  # the WAL error stopping the daemon, if one is

@@ -32,15 +32,15 @@ def test_job_runs_are_counted_by_status_timed_and_the_last_success_kept() -> Non
     metrics.job_finished("backup", "failed", 2.0)
     metrics.job_finished("prune", "skipped", 0.01)
 
-    assert value("llmsvc_job_runs_total", {"job": "backup", "status": "ok"}) == 1
-    assert value("llmsvc_job_runs_total", {"job": "backup", "status": "failed"}) == 1
-    assert value("llmsvc_job_duration_seconds_count", {"job": "backup"}) == 2
-    assert value("llmsvc_job_duration_seconds_sum", {"job": "backup"}) == 2.5
-    last_ok = value("llmsvc_job_last_success_timestamp_seconds", {"job": "backup"})
+    assert value("llmsvc_job_runs_total", {"job_name": "backup", "status": "ok"}) == 1
+    assert value("llmsvc_job_runs_total", {"job_name": "backup", "status": "failed"}) == 1
+    assert value("llmsvc_job_duration_seconds_count", {"job_name": "backup"}) == 2
+    assert value("llmsvc_job_duration_seconds_sum", {"job_name": "backup"}) == 2.5
+    last_ok = value("llmsvc_job_last_success_timestamp_seconds", {"job_name": "backup"})
     assert last_ok is not None
     assert before <= last_ok <= time.time()
     # A run that did not end ok leaves no success time behind.
-    assert value("llmsvc_job_last_success_timestamp_seconds", {"job": "prune"}) is None
+    assert value("llmsvc_job_last_success_timestamp_seconds", {"job_name": "prune"}) is None
 
 
 def test_wal_damage_counters_are_exported_at_zero_before_any_damage() -> None:
@@ -64,8 +64,10 @@ def _value(families: dict[str, Any], sample: str, **labels: str) -> float:
 
 
 def test_build_process_and_python_figures_are_on_the_registry() -> None:
-    value = Metrics().registry.get_sample_value
-    labels = {"version": __version__, "python": platform.python_version()}
+    metrics = Metrics()
+    metrics.describe_build("postgresql")
+    value = metrics.registry.get_sample_value
+    labels = {"version": __version__, "python": platform.python_version(), "database": "postgresql"}
     assert value("llmsvc_build_info", labels) == 1
     assert (value("process_resident_memory_bytes") or 0) > 0
     assert (value("process_open_fds") or 0) > 0
@@ -148,7 +150,8 @@ def test_the_daemon_exports_requests_tokens_latency_wal_and_flush_figures(
     assert _value(families, "llmsvc_provider_errors_total", **disabled) == 1
     assert _value(families, "llmsvc_requests_total", **mock, status="failed") == 1
     assert _value(families, "llmsvc_event_loop_lag_seconds_count") >= 1  # probed every 0.1 s
-    assert _value(families, "llmsvc_build_info", version=__version__) == 1
+    assert _value(families, "llmsvc_build_info", version=__version__, database="sqlite") == 1
+    assert _value(families, "llmsvc_flush_duration_seconds_count") >= 1
     assert _value(families, "process_resident_memory_bytes") > 0  # the daemon's own process
     assert _value(families, "process_start_time_seconds") > 0
 

@@ -457,7 +457,10 @@ def test_worker_k_serves_metrics_on_metrics_port_plus_k(sqlite_url: str, wal_dir
         assert daemon.stop() == 0, daemon.log
     assert f"worker-0 llmsvc.serving boot: metrics port={port} " in daemon.log
     assert f"worker-1 llmsvc.serving boot: metrics port={port + 1} " in daemon.log
-    assert all(b"llmsvc_" in page for page in pages)
+    # Each page is one worker's own: its build, store and process, for Prometheus to sum.
+    for page in pages:
+        assert b'database="sqlite"' in page
+        assert b"\nprocess_resident_memory_bytes " in page
 
 
 def test_a_worker_that_cannot_boot_fails_the_start_with_exit_1(
