@@ -36,6 +36,7 @@ pytestmark = pytest.mark.timeout(120)
 TRACE_ID = "0af7651916cd43dd8448eb211c80319c"
 CLIENT_SPAN_ID = "b7ad6b7169203331"
 TRACEPARENT = f"00-{TRACE_ID}-{CLIENT_SPAN_ID}-01"
+UNSAMPLED_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"  # the client records none of it
 
 
 class Collector:
@@ -161,6 +162,7 @@ def test_a_request_and_its_attempts_are_spans_of_the_clients_trace(
     ) as daemon:
         request_id, text = chat(daemon, {"traceparent": TRACEPARENT, "x-correlation-id": "c-1"})
         untraced_id, _ = chat(daemon, {})
+        chat(daemon, {"traceparent": f"00-{UNSAMPLED_TRACE_ID}-{CLIENT_SPAN_ID}-00"})
         assert daemon.stop() == 0, daemon.log  # the spans left are exported on the way out
     assert text == "t0 t1 t2 "
     assert secret not in daemon.log
@@ -214,6 +216,12 @@ def test_a_request_and_its_attempts_are_spans_of_the_clients_trace(
     ]
     assert untraced.trace_id.hex() != TRACE_ID
     assert untraced.parent_span_id == b""  # a trace of its own
+
+    # An unsampled trace is passed on, unsampled, and none of its spans is exported.
+    assert not [s for s in spans.values() if s.trace_id.hex() == UNSAMPLED_TRACE_ID]
+    passed_on = [tp for tp in sent if UNSAMPLED_TRACE_ID in tp]
+    assert len(passed_on) == 1
+    assert passed_on[0].endswith("-00")
 
 
 @pytest.mark.parametrize("collector_is", ["refusing", "silent"])
