@@ -150,6 +150,8 @@ class Daemon:
         repairs = writer.open(asyncio.get_running_loop(), self._on_fatal, hint)
         args = (s, self.worker, instance, writer, repairs, metrics, self.catch_up)
         self.ops = ops = Operations(*args, fatal=lambda: self.fatal)
+        if ops.tracing is not None:
+            log.info("boot: spans exported", endpoint=s.otel_endpoint, service=s.otel_service_name)
         self.steps = CatchUpSteps(ops, self.stopping)
         await ops.flusher.start(hint)  # for the backlog's figures: nothing is flushed yet
 
