@@ -163,6 +163,9 @@ def test_a_request_and_its_attempts_are_spans_of_the_clients_trace(
         request_id, text = chat(daemon, {"traceparent": TRACEPARENT, "x-correlation-id": "c-1"})
         untraced_id, _ = chat(daemon, {})
         chat(daemon, {"traceparent": f"00-{UNSAMPLED_TRACE_ID}-{CLIENT_SPAN_ID}-00"})
+        sdk = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="-", max_retries=0)
+        with sdk:
+            embedded = sdk.embeddings.with_raw_response.create(model="fallback", input="hi")
         assert daemon.stop() == 0, daemon.log  # the spans left are exported on the way out
     assert text == "t0 t1 t2 "
     assert secret not in daemon.log
@@ -222,6 +225,16 @@ def test_a_request_and_its_attempts_are_spans_of_the_clients_trace(
     passed_on = [tp for tp in sent if UNSAMPLED_TRACE_ID in tp]
     assert len(passed_on) == 1
     assert passed_on[0].endswith("-00")
+
+    [embedding] = [
+        s
+        for s in spans.values()
+        if s.kind == Span.SPAN_KIND_SERVER
+        and attributes(s.attributes)["llmsvc.request_id"] == embedded.headers["x-request-id"]
+    ]
+    assert embedding.name == "embeddings fallback"
+    said = attributes(embedding.attributes)
+    assert (said["gen_ai.operation.name"], said["llmsvc.api"]) == ("embeddings", "embeddings")
 
 
 @pytest.mark.parametrize("collector_is", ["refusing", "silent"])
