@@ -33,6 +33,9 @@ Usage:  .venv/bin/python benchmarks/bench.py [--quick] [--out bench.json]
         .venv/bin/python benchmarks/bench.py --auth-compare [--limit-accuracy] [--quick]
             (keys and rate limits: S1 with auth none and keys; a key's rpm across 2 workers;
             see benchmarks/bench_limits.py)
+        .venv/bin/python benchmarks/bench.py --otel-compare [--quick]
+            (OpenTelemetry: S1 with tracing off, exporting, and exporting to a dead collector;
+            see benchmarks/bench_otel.py)
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from typing import Any
 
 import asyncpg
 import bench_limits
+import bench_otel
 import bench_scale
 import sqlalchemy as sa
 import uvloop
@@ -693,6 +697,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--rpm", type=int, default=600, help="the key's requests a minute")
     limits.add_argument("--burst", type=int, help="the key's burst (default the rpm)")
     limits.add_argument("--window", type=float, help="seconds offered at 3x the rpm")
+    otel = p.add_argument_group("OpenTelemetry (benchmarks/bench_otel.py)")
+    otel.add_argument("--otel-compare", action="store_true", help="S1, spans off and exported")
     args = p.parse_args(argv)
     if args.window is None:
         args.window = 5.0 if args.quick else 30.0
@@ -722,6 +728,8 @@ def main(argv: list[str] | None = None) -> None:
         report = uvloop.run(bench_scale.run(args))
     elif args.auth_compare or args.limit_accuracy:
         report = uvloop.run(bench_limits.run(args))
+    elif args.otel_compare:
+        report = uvloop.run(bench_otel.run(args))
     else:
         report = uvloop.run(bench(args))
     write_report(report, args.out)

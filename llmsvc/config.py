@@ -35,8 +35,9 @@ DAY = 24 * 3600  # seconds
 CONFIG_VARIABLE = "LLMSVC_CONFIG"
 WORKER_INDEX_VARIABLE = "LLMSVC_WORKER_INDEX"
 # The waits bounded by shutdown_close_seconds in one shutdown: the catch-up's end, the
-# flusher's end and its cancel, each of three followers' end and cancel, two pools.
-SHUTDOWN_CLOSES = 11
+# flusher's end and its cancel, each of three followers' end and cancel, two pools, the
+# export of the spans left (with otel_endpoint).
+SHUTDOWN_CLOSES = 12
 TEST_VARIABLES = "LLMSVC_TEST_"  # the test suite's own (tests/postgres.py, scripts/test)
 
 
@@ -252,6 +253,16 @@ class Settings(BaseSettings):
     # Empty: not recorded. The version defaults to llmsvc's own.
     deployment_environment: str = Field(default="", max_length=100)
     deployment_version: str = Field(default=__version__, max_length=100)
+    # OpenTelemetry spans, per request and per attempt: unset, none are made. An OTLP/HTTP
+    # collector's base URL (spans are sent to <otel_endpoint>/v1/traces).
+    otel_endpoint: str | None = None
+    otel_service_name: str = Field(default="llmsvc", min_length=1, max_length=100)
+    # Headers sent with every export (a collector's credentials): secrets, never logged.
+    otel_headers: dict[str, SecretStr] = Field(default_factory=dict)
+    # The longest one export waits for the collector (in the exporter's own thread).
+    otel_export_timeout_seconds: float = Field(default=10, gt=0, le=600)
+    # Spans waiting for export; past this many, new spans are dropped.
+    otel_queue_spans: int = Field(default=2048, ge=1, le=1_000_000)
 
     @field_validator("database_url")
     @classmethod
@@ -275,6 +286,13 @@ class Settings(BaseSettings):
         if drivers[scheme] == "sqlite+aiosqlite" and path not in ("", ":memory:"):
             _absolute(Path(path), f"; for /{path} write {scheme}:////{path}")
         return f"{drivers[scheme]}://{rest}"
+
+    @field_validator("otel_endpoint")
+    @classmethod
+    def _otel_url(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(("http://", "https://")):
+            raise ValueError("must be an http(s) URL, such as http://127.0.0.1:4318")
+        return url
 
     @field_validator("wal_dir")
     @classmethod
@@ -408,6 +426,7 @@ class Settings(BaseSettings):
         found = [p.api_key.get_secret_value() for p in self.providers if p.api_key]
         if self.admin_token is not None:
             found.append(self.admin_token.get_secret_value())
+        found += [value.get_secret_value() for value in self.otel_headers.values()]
         creds = self.database_url.partition("://")[2].rpartition("@")[0]
         if ":" in creds:
             found.append(creds.split(":", 1)[1])

@@ -17,7 +17,8 @@ takes writes and no task died of a bug; a database stall is logged, never a
 reason to stop. A fatal WAL error stops the daemon (exit 1).
 
 Shutdown: refuse new requests (503) → let open ones finish within
-`shutdown_grace_seconds`, interrupt the rest → stop the HTTP server → let the
+`shutdown_grace_seconds`, interrupt the rest → stop the HTTP server → export
+the spans left (with `otel_endpoint`, within `shutdown_close_seconds`) → let the
 catch-up finish → sync the WAL → drain it into the database (the catch-up and
 the drain together within `shutdown_drain_seconds`) → stop the scheduler →
 close the metrics port → stop following the database → close pools. Every
@@ -149,6 +150,8 @@ class Daemon:
         repairs = writer.open(asyncio.get_running_loop(), self._on_fatal, hint)
         args = (s, self.worker, instance, writer, repairs, metrics, self.catch_up)
         self.ops = ops = Operations(*args, fatal=lambda: self.fatal)
+        if ops.tracing is not None:
+            log.info("boot: spans exported", endpoint=s.otel_endpoint, service=s.otel_service_name)
         self.steps = CatchUpSteps(ops, self.stopping)
         await ops.flusher.start(hint)  # for the backlog's figures: nothing is flushed yet
 
@@ -173,6 +176,9 @@ class Daemon:
         for provider in ops.providers.values() if ops is not None else ():
             with _step(f"provider {provider.name} closed"):
                 await provider.close()
+        if ops is not None and ops.tracing is not None:  # every request's spans have ended
+            with _step("tracing stopped"):
+                await ops.tracing.close(close)
         deadline = time.monotonic() + s.shutdown_drain_seconds
         if steps is not None and steps.task is not None:  # it may journal: before the WAL closes
             with _step("catch-up ended"):

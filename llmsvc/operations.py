@@ -29,6 +29,7 @@ from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
 from llmsvc.gateway.sessions import Sessions
+from llmsvc.gateway.tracing import Tracing
 from llmsvc.keytable import KeyTable
 from llmsvc.limits import Limiter
 from llmsvc.logs import logger
@@ -105,6 +106,8 @@ class Operations:
         self.journal = Journal(
             writer, deployment_fields(s.deployment_environment, s.deployment_version)
         )
+        # Spans of requests and attempts, exported to an OTLP collector: only when one is set.
+        self.tracing = Tracing(s, instance) if s.otel_endpoint is not None else None
         conversations = Conversations(
             engine, lambda: self.flusher.checkpoint, lambda: self.writer.end.lsn - 1, timeout
         )
@@ -121,6 +124,7 @@ class Operations:
             store_embeddings=s.store_embeddings,
             conversations=conversations,
             sessions=Sessions(conversations, s.session_ttl()),
+            tracing=self.tracing,
         )
         for finding in repairs.findings:
             metrics.wal_damage.labels(kind=finding.kind).inc()

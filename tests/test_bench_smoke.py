@@ -154,6 +154,19 @@ def test_the_keys_and_rate_limit_modes_run_and_report_their_figures(tmp_path: Pa
     assert len(run["stored_by_worker"]) == 2  # both workers served
 
 
+def test_the_opentelemetry_mode_runs_and_every_span_reaches_the_receiver(tmp_path: Path) -> None:
+    out = tmp_path / "otel.json"
+    cmd = [sys.executable, str(SCRIPT), "--otel-compare", "--quick", "--pg-url", ""]
+    cmd += ["--out", str(out), "--tmp-dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
+    otel = json.loads(out.read_text())["otel_compare_nonstream_c1"]
+    for key in ("direct_p50_ms", "otel_off_p50_ms", "otel_on_p50_ms", "otel_dead_p50_ms"):
+        assert positive(otel[key]), key
+    assert isinstance(otel["added_p50_otel_on_over_off"], float)
+    assert otel["spans_received"] == otel["spans_expected_otel_on"]  # two per request
+
+
 def test_the_peer_comparison_runs_and_reports_its_figures(tmp_path: Path) -> None:
     """benchmarks/bench_peers.py with the repository's own relay as the one peer."""
     out = tmp_path / "peers.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import json
 import os
 import re
 from pathlib import Path
@@ -263,6 +264,8 @@ def test_database_url_gets_the_async_driver(
         ("LLMSVC_REQUEST_BODY_TIMEOUT_SECONDS", "-1", "request_body_timeout_seconds"),
         ("LLMSVC_KEEPALIVE_TIMEOUT_SECONDS", "0.5", "keepalive_timeout_seconds"),
         ("LLMSVC_MAX_CONNECTIONS", "0", "max_connections"),
+        ("LLMSVC_OTEL_ENDPOINT", "127.0.0.1:4318", "otel_endpoint"),
+        ("LLMSVC_OTEL_QUEUE_SPANS", "0", "otel_queue_spans"),
     ],
 )
 def test_bad_environment_value_names_the_field(
@@ -363,6 +366,13 @@ def test_api_key_never_appears_in_the_error(
         load_settings()
     assert SECRET not in str(refused.value)
     assert SECRET not in repr(refused.value)
+
+
+def test_otel_headers_are_secrets_masked_in_logs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLMSVC_OTEL_HEADERS", json.dumps({"Authorization": f"Basic {SECRET}"}))
+    settings = load_settings()
+    assert f"Basic {SECRET}" in settings.secrets()
+    assert SECRET not in repr(settings)
 
 
 def test_api_key_in_bad_environment_json_never_appears_in_the_error(

@@ -46,6 +46,7 @@ from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers.base import Native
 
 if TYPE_CHECKING:
+    from llmsvc.gateway.tracing import Tracing
     from llmsvc.keytable import KeyTable
 
 log = logger(__name__)
@@ -106,8 +107,10 @@ class Gateway:
         conversations: Conversations | None = None,
         store_embeddings: bool = False,
         sessions: Sessions | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.journal = journal
+        self.tracing = tracing  # spans of requests and attempts (otel_endpoint); None: off
         self.store_embeddings = store_embeddings  # journal embeddings' vectors (a setting)
         self.conversations = conversations  # stored turns to continue (responses, sessions)
         self.sessions = sessions  # /v1/sessions and chat's session_id naming one of them
@@ -228,6 +231,15 @@ class Gateway:
         )
         if exchange.caller is not None and self.limiter is not None:
             exchange.headers += self.limiter.admit(exchange.caller)
+        if self.tracing is not None:
+            exchange.trace = self.tracing.request(
+                api,
+                model,
+                exchange.request_id,
+                exchange.correlation_id,
+                headers.get(b"traceparent"),
+                headers.get(b"tracestate"),
+            )
         return exchange
 
     async def serve(self, exchange: Exchange) -> None:

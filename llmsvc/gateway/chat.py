@@ -15,7 +15,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -40,8 +40,12 @@ from llmsvc.gateway.wire import Usage, Wire
 from llmsvc.logs import logger
 from llmsvc.providers.base import Native, RefusalDeltas, Reply, ToolCallDeltas
 from llmsvc.providers.embeddings import EMBEDDINGS, inputs
+from llmsvc.providers.http import TRACEPARENT
 from llmsvc.tokens import PROVIDER, count_completion, count_input, count_prompt
 from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
+
+if TYPE_CHECKING:
+    from llmsvc.gateway.tracing import RequestTrace
 
 log = logger(__name__)
 
@@ -101,6 +105,7 @@ class Exchange:
         "target",
         "targets",
         "tool_seq",
+        "trace",
         "unconfirmed",
         "who",
         "wire",
@@ -187,6 +192,7 @@ class Exchange:
         self.completion_source: str | None = None
         self.error_code: str | None = None
         self.status: Status = "streaming"
+        self.trace: RequestTrace | None = None  # its spans, when tracing is on (gateway/tracing)
         self.began = time.monotonic()
         self.began_us = now_us()  # the clock first_token_us is on
         self.headers = [
@@ -223,6 +229,15 @@ class Exchange:
             log.exception("request failed", request_id=self.request_id)
             await self._fail(exc)
         finally:
+            if self.trace is not None:
+                self.trace.ended(
+                    self.status,
+                    self.error_code,
+                    self.target.provider.name,
+                    self.target.model,
+                    self.prompt_tokens,
+                    self.completion_tokens,
+                )
             self._log()
 
     def replied(self) -> bool:
@@ -239,6 +254,10 @@ class Exchange:
             self.attempt_id, self.request_id, self.attempt_no, name, target.model
         )
         settled = False
+        traced = None
+        if self.trace is not None:  # the upstream call carries the attempt span's context
+            no, aid = self.attempt_no, self.attempt_id
+            traced = TRACEPARENT.set(self.trace.attempt_started(no, aid, name, target.model))
         try:
             await self._call(target)
             self.router.breakers.success(name)
@@ -251,6 +270,8 @@ class Exchange:
         finally:
             if not settled:
                 self.router.breakers.release(name)
+            if traced is not None:
+                TRACEPARENT.reset(traced)
 
     async def _call(self, target: Target) -> None:
         """The provider call, bounded: until the first token by `first_token_timeout` (when
@@ -293,6 +314,8 @@ class Exchange:
         fields = self._attempt_fields("failed", None, str(exc), exc.code, exc.status)
         self.attempts.append((self.target.provider.name, self.target.model, "failed", exc.code))
         self.attempt_open = False
+        if self.trace is not None:
+            self.trace.attempt_ended(fields, None)
         await self.journal.attempt_end(self.attempt_id, **fields)
 
     async def _stream(self, reply: Reply) -> None:
@@ -434,6 +457,8 @@ class Exchange:
             self.attempt_open = False
             self.attempts.append((self.target.provider.name, self.target.model, status, error_code))
             self.journal.attempt_end(self.attempt_id, **attempt)
+            if self.trace is not None:
+                self.trace.attempt_ended(attempt, reply.finish_reason if reply else None)
         return self.journal.request_end(self.request_id, **request)
 
     def _end_fields(

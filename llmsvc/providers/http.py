@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
 
@@ -25,6 +26,12 @@ from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch
 from llmsvc.providers.fields import UPSTREAM_MAX_BYTES, TooLarge
+
+# The W3C `traceparent` of the attempt under way, set by the gateway while tracing is on
+# (gateway/tracing.py): sent upstream so the provider's spans join the request's trace.
+# A context variable, so each adapter's `open` keeps one signature and the header is added
+# here, where every upstream POST is made.
+TRACEPARENT: ContextVar[str | None] = ContextVar("llmsvc_upstream_traceparent", default=None)
 
 ErrorOf = Callable[[str, int | None, Any, Mapping[str, str] | None], ProviderError]
 
@@ -156,6 +163,9 @@ class HttpProvider:
                 status=400,
                 code="invalid_request",
             ) from None
+        traceparent = TRACEPARENT.get()
+        if traceparent is not None:
+            headers = {**headers, "traceparent": traceparent}
         try:
             async with asyncio.timeout(self.idle_timeout):  # waiting for the response is silence
                 response = await self._client().post(url, data=data, headers=headers)

@@ -513,6 +513,7 @@ class Upstream:
         self.app.router.add_post("/v1/responses", self.handle_responses)
         self.app.router.add_post("/with/{header}/{value}/v1/responses", self.handle_steered)
         self.responses_received: list[dict[str, Any]] = []  # the bodies /v1/responses was sent
+        self.chat_headers: list[dict[str, str]] = []  # the headers of each chat request
         self.app.router.add_post("/v1/embeddings", self.handle_embeddings)
         self._runner: web.AppRunner | None = None
         self.host = ""
@@ -726,6 +727,7 @@ class Upstream:
 
     async def handle_chat(self, request: web.Request) -> web.StreamResponse:
         """``POST /v1/chat/completions``: deterministic completion, streamed or not."""
+        self.chat_headers.append(dict(request.headers))
         if (denied := self._check_auth(request)) is not None:
             return denied
         try:
