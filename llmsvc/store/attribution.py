@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.errors import NotFound
 from llmsvc.store.keys import utc
-from llmsvc.store.schema import api_keys, llm_requests, teams
+from llmsvc.store.schema import api_keys, llm_attempts, llm_requests, teams
 
 SpendBy = Literal["key", "team", "user", "model", "day"]
 SPEND_BY: tuple[SpendBy, ...] = ("key", "team", "user", "model", "day")
@@ -35,6 +35,10 @@ class RequestFilter:
     metadata: tuple[tuple[str, str], ...] = ()  # every pair must match
     since: datetime | None = None
     correlation_id: str | None = None  # as the client sent it in X-Correlation-ID
+    until: datetime | None = None  # created before this time
+    status: str | None = None
+    model: str | None = None  # as the client asked for it
+    provider: str | None = None  # any of its attempts went to this provider
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -69,6 +73,18 @@ async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElemen
         conditions.append(r.created_at >= f.since.astimezone(UTC))
     if f.correlation_id is not None:
         conditions.append(correlated(f.correlation_id))
+    if f.until is not None:
+        conditions.append(r.created_at < f.until.astimezone(UTC))
+    if f.status is not None:
+        conditions.append(r.status == f.status)
+    if f.model is not None:
+        conditions.append(r.model == f.model)
+    if f.provider is not None:
+        attempts = llm_attempts.c
+        tried = sa.select(attempts.id).where(
+            attempts.request_id == r.id, attempts.provider == f.provider
+        )
+        conditions.append(tried.exists())
     return conditions
 
 
