@@ -131,6 +131,23 @@ def test_a_prompt_of_markup_is_shown_as_text(seeded: Seeded, page: Page) -> None
     assert page.evaluate("window.pwned") is None
 
 
+def test_usage_sums_requests_and_tokens_per_model_and_day_or_per_user(
+    seeded: Seeded, page: Page
+) -> None:
+    log_in(page, seeded.daemon)
+    page.click("nav >> text=Usage")
+    rows = page.locator("table.usage tbody tr")
+    expect(rows).to_have_count(1)  # one day, one model
+    cells = rows.locator("td")
+    assert [cells.nth(n).inner_text() for n in (1, 2, 4)] == ["mock", "3", str(6 + 4 + 3)]
+    page.select_option("select[name=by]", "user")
+    page.uncheck("input[name=daily]")
+    page.click("form.filters button")
+    expect(rows).to_have_count(3)
+    users = {rows.nth(n).locator("td").nth(0).inner_text() for n in range(3)}
+    assert users == {"alice", "mallory", "(none)"}
+
+
 def _enabled(seeded: Seeded) -> bool:
     code, body = admin_call(seeded.daemon, "GET", "/api/admin/providers", None, TOKEN)
     assert code == 200

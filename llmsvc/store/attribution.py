@@ -115,26 +115,28 @@ def names() -> tuple[sa.Join, list[sa.ColumnElement[Any]]]:
 
 
 async def spend(
-    engine: AsyncEngine, by: SpendBy, since: datetime | None = None
+    engine: AsyncEngine, by: SpendBy, since: datetime | None = None, daily: bool = False
 ) -> list[dict[str, Any]]:
     """Requests, prompt and completion tokens and cost per group, the costliest first
     (by day: in date order). `group` is the key's or team's id, the user, the model or the
-    UTC date; `name` the key's or team's name where there is one."""
+    UTC date; `name` the key's or team's name where there is one. `daily`: per UTC date
+    (`day`) and group, in date order."""
     r = llm_requests.c
     joined, (key_name, team_name) = names()
+    day = _utc_date(engine.dialect.name)
     group: sa.ColumnElement[Any] = {
         "key": r.key_id,
         "team": r.team_id,
         "user": r.end_user,
         "model": r.model,
-        "day": r.created_at,  # replaced below: the date is the dialect's
+        "day": day,
     }[by]
-    if by == "day":
-        group = _utc_date(engine.dialect.name)
     name = {"key": key_name, "team": team_name}.get(by)
+    per_day = daily and by != "day"
     cost = sa.func.sum(r.cost)
     query = (
         sa.select(
+            *([day.label("day")] if per_day else []),
             group.label("group"),
             (sa.null() if name is None else name).label("name"),
             sa.func.count().label("requests"),
@@ -143,14 +145,15 @@ async def spend(
             cost.label("cost"),
         )
         .select_from(joined if by in ("key", "team") else llm_requests)
-        .group_by(group, *([] if name is None else [name]))
+        .group_by(*([day] if per_day else []), group, *([] if name is None else [name]))
     )
     if since is not None:
         query = query.where(r.created_at >= since.astimezone(UTC))
     if by == "day":
         query = query.order_by(group)
     else:
-        query = query.order_by(sa.func.coalesce(cost, 0).desc(), sa.func.count().desc(), group)
+        costliest = [sa.func.coalesce(cost, 0).desc(), sa.func.count().desc(), group]
+        query = query.order_by(*([day] if per_day else []), *costliest)
     async with engine.connect() as conn:
         return [dict(row._mapping) for row in await conn.execute(query)]
 

@@ -27,7 +27,7 @@ from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import read_body, request_id
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.logs import logger
-from llmsvc.store.attribution import RequestFilter, parse_since
+from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
 from llmsvc.store.keys import utc
 from llmsvc.store.queries import find_requests, recent_requests, request_detail, token_times
 
@@ -137,6 +137,8 @@ class Console:
             return 200, body, "application/json", []
         if found := re.fullmatch(r"/requests/([^/]+)", path):
             return await self._request(found[1], csrf)
+        if path == "/usage":
+            return await self._usage(scope, csrf)
         if path == "/health":
             return _html(200, pages.health(self.ops.health(), csrf))
         raise NotFound(f"no console page {path}")
@@ -190,6 +192,17 @@ class Console:
             rows = rows[:PAGE_SIZE]
             older = f"{utc(rows[-1]['created_at']).isoformat()}_{rows[-1]['id']}"
         return _html(200, pages.requests(rows, given, older, csrf))
+
+    async def _usage(self, scope: Scope, csrf: str) -> Page:
+        query = _query(scope)
+        by = query.get("by") or "model"
+        if by not in SPEND_BY:
+            raise ClientError(f"by must be one of {', '.join(SPEND_BY)}", param="by")
+        since = query.get("since", "7d")
+        daily = bool(query.get("daily", "1" if "by" not in query else ""))
+        start = _time({"since": since} if since else {}, "since")  # empty: since the start
+        rows = await spend(self.ops.engine, by, start, daily)
+        return _html(200, pages.usage(rows, by, since, daily, csrf))
 
     async def _request(self, given: str, csrf: str) -> Page:
         found = await find_requests(self.ops.engine, given)

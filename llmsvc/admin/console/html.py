@@ -42,7 +42,8 @@ def page(title: str, body: str, csrf: str | None = None) -> str:
     nav = ""
     if csrf is not None:
         nav = (
-            f'<nav><a href="{BASE}requests">Requests</a> <a href="{BASE}health">Health</a>'
+            f'<nav><a href="{BASE}requests">Requests</a> <a href="{BASE}usage">Usage</a> '
+            f'<a href="{BASE}health">Health</a>'
             f'<form method="post" action="{BASE}logout" class="logout">'
             f'<input type="hidden" name="csrf" value="{e(csrf)}">'
             '<button type="submit">Log out</button></form></nav>'

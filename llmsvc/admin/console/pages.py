@@ -7,6 +7,7 @@ from urllib.parse import quote, urlencode
 
 from llmsvc.admin.console.html import BASE, button_form, cost, e, millis, page, pretty, table, when
 from llmsvc.admin.console.timeline import timeline_svg
+from llmsvc.store.attribution import SPEND_BY
 from llmsvc.store.keys import utc
 from llmsvc.store.queries import RequestDetail
 
@@ -156,6 +157,37 @@ def request(detail: RequestDetail, times: dict[Any, list[Any]], csrf: str) -> st
         f"<h2>Attempts</h2>{attempts}<h2>Token timeline</h2>{charts}"
     )
     return page("Request", body, csrf)
+
+
+def usage(rows: list[dict[str, Any]], by: str, since: str, daily: bool, csrf: str) -> str:
+    """Requests, tokens and cost per group (key, team, user, model or day), per day or not."""
+    choices = "".join(
+        f'<option value="{b}"{" selected" if b == by else ""}>{b}</option>' for b in SPEND_BY
+    )
+    form = (
+        f'<form method="get" action="{BASE}usage" class="filters">'
+        f'<label>by <select name="by">{choices}</select></label>'
+        f'<label>since <input name="since" value="{e(since)}" placeholder="24h, 7d or ISO">'
+        f'</label><label>per day <input type="checkbox" name="daily" value="1"'
+        f'{" checked" if daily else ""}></label><button type="submit">Show</button></form>'
+    )
+    per_day = daily and by != "day"
+    body = [
+        [
+            *([e(r["day"])] if per_day else []),
+            e(r["name"] or r["group"] or "(none)"),
+            e(r["requests"]),
+            e(r["prompt_tokens"]),
+            e(r["completion_tokens"]),
+            e(cost(r["cost"])),
+        ]
+        for r in rows
+    ]
+    headings = [*(["day (UTC)"] if per_day else []), by, "requests", "prompt tokens"]
+    listing = table([*headings, "completion tokens", "cost"], body, "usage")
+    if not rows:
+        listing = '<p class="empty">No requests in this time.</p>'
+    return page("Usage and spend", form + listing, csrf)
 
 
 def health(report: dict[str, Any], csrf: str) -> str:
