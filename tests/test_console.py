@@ -2,8 +2,10 @@
 
 Login (a wrong token refused), the request list and its filters, a request with its
 token timeline, a provider switched off and on, CSRF and Origin refusals, a prompt
-that is markup shown as text, logout. A failed test leaves a screenshot in
-test-artifacts/console/.
+that is markup shown as text, usage, a replay, logout. A failed test leaves a
+screenshot in test-artifacts/console/. The replay adds a request to the shared
+daemon: its test comes after those that count the seeded three (each pytest-xdist
+worker runs its share of a module in file order).
 """
 
 from __future__ import annotations
@@ -146,6 +148,29 @@ def test_usage_sums_requests_and_tokens_per_model_and_day_or_per_user(
     expect(rows).to_have_count(3)
     users = {rows.nth(n).locator("td").nth(0).inner_text() for n in range(3)}
     assert users == {"alice", "mallory", "(none)"}
+
+
+def test_a_replay_goes_through_the_gateway_and_is_shown_beside_the_original(
+    seeded: Seeded, page: Page
+) -> None:
+    base = seeded.daemon.base_url
+    log_in(page, seeded.daemon)
+    page.goto(f"{base}/console/requests/{seeded.plain}")
+    page.fill("form.replay input[name=model]", "no-such-model")
+    page.click("form.replay button")
+    expect(page.locator("p.error")).to_contain_text("the gateway answered the replay with 404")
+    page.goto(f"{base}/console/requests/{seeded.plain}")
+    page.click("form.replay button")  # to the original's model
+    expect(page.locator(".compare h3").first).to_contain_text("Original: mock")
+    replayed = page.url.rsplit("/", 1)[1]
+    assert replayed != seeded.plain
+    original, again = page.locator(".compare pre.reply").all_inner_texts()
+    assert again == original
+    code, shown = admin_call(seeded.daemon, "GET", f"/api/admin/requests/{replayed}", None, TOKEN)
+    assert code == 200
+    assert shown["request"]["metadata"] == {"replay_of": seeded.plain}
+    assert (shown["request"]["stream"], shown["request"]["end_user"]) == (False, "alice")
+    assert shown["request"]["status"] == "completed"  # stored whole before the page showed
 
 
 def _enabled(seeded: Seeded) -> bool:

@@ -23,6 +23,7 @@ from llmsvc.admin.console.app import CONSOLE, Console
 from llmsvc.admin.openapi import document
 from llmsvc.config import Settings
 from llmsvc.errors import BackupError, ClientError, MethodNotAllowed, NotFound, Unauthorized
+from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.errors import reject, send_json
 from llmsvc.gateway.request import parse_body, read_body, request_id_header
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
@@ -51,6 +52,7 @@ class Operations(Protocol):
     settings: Settings
     engine: AsyncEngine
     maintenance: AsyncEngine  # for maintenance work: no per-command bound, a pool of its own
+    gateway: Gateway  # the console sends replays through it
 
     def health(self) -> dict[str, Any]:
         """`/api/health`'s body: status, reason and every part's state."""

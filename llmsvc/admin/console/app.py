@@ -20,8 +20,10 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.admin.console import pages
+from llmsvc.admin.console.replay import replay
 from llmsvc.admin.console.session import COOKIE, LIFETIME_SECONDS, Sessions, same_origin
 from llmsvc.errors import ClientError, Forbidden, MethodNotAllowed, NotFound, Unauthorized
+from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import read_body, request_id
@@ -29,7 +31,13 @@ from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.logs import logger
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
 from llmsvc.store.keys import utc
-from llmsvc.store.queries import find_requests, recent_requests, request_detail, token_times
+from llmsvc.store.queries import (
+    RequestDetail,
+    find_requests,
+    recent_requests,
+    request_detail,
+    token_times,
+)
 
 log = logger(__name__)
 
@@ -58,6 +66,9 @@ class ConsoleOps(Protocol):
 
     @property
     def engine(self) -> AsyncEngine: ...
+
+    @property
+    def gateway(self) -> Gateway: ...  # replays are sent through it
 
     def health(self) -> dict[str, Any]: ...
 
@@ -120,9 +131,11 @@ class Console:
             return _redirect("login")
         csrf = self.sessions.csrf(cookie)
         if method == "POST":
-            await self._form(scope, receive, cookie)
+            form = await self._form(scope, receive, cookie)
             if path == "/logout":
                 return _redirect("login", [_set_cookie(scope, "", 0)])
+            if found := re.fullmatch(r"/requests/([^/]+)/replay", path):
+                return await self._replay(scope, found[1], form)
             if found := re.fullmatch(r"/providers/([^/]+)/(enable|disable)", path):
                 await self._switch(found[1], found[2] == "enable")
                 return _redirect("health")
@@ -193,6 +206,13 @@ class Console:
             older = f"{utc(rows[-1]['created_at']).isoformat()}_{rows[-1]['id']}"
         return _html(200, pages.requests(rows, given, older, csrf))
 
+    async def _replay(self, scope: Scope, given: str, form: dict[str, str]) -> Page:
+        original = await self._detail(given)
+        model = form.get("model", "")
+        new = await replay(self.ops.gateway, scope, original, model, form.get("api_key", ""))
+        log.info("console: a request replayed", original=original.request["id"], replay=new)
+        return _redirect(f"requests/{new}")
+
     async def _usage(self, scope: Scope, csrf: str) -> Page:
         query = _query(scope)
         by = query.get("by") or "model"
@@ -205,12 +225,21 @@ class Console:
         return _html(200, pages.usage(rows, by, since, daily, csrf))
 
     async def _request(self, given: str, csrf: str) -> Page:
+        detail = await self._detail(given)
+        times = await token_times(self.ops.engine, [a["id"] for a in detail.attempts])
+        original = None
+        if replay_of := (detail.request["metadata"] or {}).get("replay_of"):
+            found = await find_requests(self.ops.engine, replay_of)
+            original = await request_detail(self.ops.engine, found[0]) if found else None
+        return _html(200, pages.request(detail, times, original, csrf))
+
+    async def _detail(self, given: str) -> RequestDetail:
+        """A request by its id or the one correlation id it was sent with (else NotFound)."""
         found = await find_requests(self.ops.engine, given)
         detail = await request_detail(self.ops.engine, found[0]) if len(found) == 1 else None
         if detail is None:
             raise NotFound(f"no request with the id or correlation id {given!r} in the store")
-        times = await token_times(self.ops.engine, [a["id"] for a in detail.attempts])
-        return _html(200, pages.request(detail, times, csrf))
+        return detail
 
     def _error(self, scope: Scope, exc: Exception, cookie: str | None) -> Page:
         status, error = describe(exc)

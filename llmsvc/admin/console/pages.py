@@ -84,8 +84,14 @@ def _tokens(row: dict[str, Any]) -> str:
     return f"{prompt or 0} + {completion or 0}"
 
 
-def request(detail: RequestDetail, times: dict[Any, list[Any]], csrf: str) -> str:
-    """The prompt, the reply as stored, every attempt, and each attempt's token timeline."""
+def request(
+    detail: RequestDetail,
+    times: dict[Any, list[Any]],
+    original: RequestDetail | None,
+    csrf: str,
+) -> str:
+    """The prompt, the reply as stored, every attempt, and each attempt's token timeline;
+    for a replay, its reply beside the original's; for a chat request, the replay form."""
     r = detail.request
     facts = [
         ("id", r["id"]),
@@ -113,13 +119,7 @@ def request(detail: RequestDetail, times: dict[Any, list[Any]], csrf: str) -> st
         for m in (detail.request["messages"] or [])
         if isinstance(m, dict)
     )
-    last = detail.attempts[-1] if detail.attempts else None
-    reply = '<p class="empty">No attempt stored.</p>'
-    if last is not None:
-        calls = detail.tool_calls.get(last["id"], [])
-        reply = f'<pre class="reply">{e(detail.texts.get(last["id"], ""))}</pre>' + (
-            f'<h3>Tool calls</h3><pre class="tool-calls">{pretty(calls)}</pre>' if calls else ""
-        )
+    reply = _reply(detail)
     attempt_rows = [
         [
             e(a["attempt_no"]),
@@ -152,11 +152,38 @@ def request(detail: RequestDetail, times: dict[Any, list[Any]], csrf: str) -> st
         )
         or '<p class="empty">No tokens stored.</p>'
     )
+    if original is not None:
+        o = original.request
+        reply = (
+            '<div class="compare"><div><h3>Original: '
+            f'<a href="{BASE}requests/{o["id"]}">{e(o["model"])}</a></h3>{_reply(original)}</div>'
+            f"<div><h3>Replay: {e(r['model'])}</h3>{reply}</div></div>"
+        )
+    replay = ""
+    if (r["api"] or "chat") == "chat":
+        replay = (
+            f'<h2>Replay</h2><form method="post" action="{BASE}requests/{r["id"]}/replay" '
+            f'class="filters replay"><input type="hidden" name="csrf" value="{e(csrf)}">'
+            f'<label>model <input name="model" value="{e(r["model"])}" required></label>'
+            '<label>API key (when keys are required) <input type="password" name="api_key" '
+            'autocomplete="off"></label><button type="submit">Send again</button></form>'
+        )
     body = (
         f'<dl class="facts">{dl}</dl>{raw}<h2>Prompt</h2>{messages}<h2>Reply</h2>{reply}'
-        f"<h2>Attempts</h2>{attempts}<h2>Token timeline</h2>{charts}"
+        f"<h2>Attempts</h2>{attempts}<h2>Token timeline</h2>{charts}{replay}"
     )
     return page("Request", body, csrf)
+
+
+def _reply(detail: RequestDetail) -> str:
+    """The last attempt's text and tool calls, as stored."""
+    last = detail.attempts[-1] if detail.attempts else None
+    if last is None:
+        return '<p class="empty">No attempt stored.</p>'
+    calls = detail.tool_calls.get(last["id"], [])
+    return f'<pre class="reply">{e(detail.texts.get(last["id"], ""))}</pre>' + (
+        f'<h3>Tool calls</h3><pre class="tool-calls">{pretty(calls)}</pre>' if calls else ""
+    )
 
 
 def usage(rows: list[dict[str, Any]], by: str, since: str, daily: bool, csrf: str) -> str:
