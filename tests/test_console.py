@@ -171,6 +171,10 @@ def test_a_replay_goes_through_the_gateway_and_is_shown_beside_the_original(
     assert shown["request"]["metadata"] == {"replay_of": seeded.plain}
     assert (shown["request"]["stream"], shown["request"]["end_user"]) == (False, "alice")
     assert shown["request"]["status"] == "completed"  # stored whole before the page showed
+    page.goto(f"{base}/console/requests?metadata=replay_of:{seeded.plain}")
+    expect(page.locator("table.requests tbody a")).to_have_attribute(
+        "href", f"/console/requests/{replayed}"
+    )
 
 
 def _enabled(seeded: Seeded) -> bool:

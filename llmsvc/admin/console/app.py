@@ -192,6 +192,7 @@ class Console:
             key=given.get("key"),
             team=given.get("team"),
             user=given.get("user"),
+            metadata=_pair(given.get("metadata")),
             since=_time(given, "since"),
             correlation_id=given.get("correlation_id"),
             until=_time(given, "until"),
@@ -306,6 +307,16 @@ def _time(given: dict[str, str], name: str) -> datetime | None:
         return parse_since(given[name]) if name in given else None
     except ValueError as exc:
         raise ClientError(f"{name}: {exc}", param=name) from None
+
+
+def _pair(text: str | None) -> tuple[tuple[str, str], ...]:
+    """`metadata=key:value`: one pair the request's metadata must hold."""
+    if text is None:
+        return ()
+    name, sep, value = text.partition(":")
+    if not sep or not name:
+        raise ClientError(f"metadata={text!r}: give it as key:value", param="metadata")
+    return ((name, value),)
 
 
 def _cursor(query: dict[str, str]) -> tuple[datetime, uuid.UUID] | None:

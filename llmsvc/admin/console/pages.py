@@ -11,7 +11,11 @@ from llmsvc.store.attribution import SPEND_BY
 from llmsvc.store.keys import utc
 from llmsvc.store.queries import RequestDetail
 
-FILTERS = ("status", "model", "provider", "key", "team", "user", "correlation_id", "since", "until")
+FILTERS = (
+    *("status", "model", "provider", "key", "team", "user", "metadata", "correlation_id"),
+    *("since", "until"),
+)
+HINTS = {"since": "24h, 7d or ISO", "until": "24h, 7d or ISO", "metadata": "key:value"}
 STATUSES = ("", "streaming", "completed", "failed", "interrupted")  # wal.records.Status
 
 
@@ -43,10 +47,10 @@ def requests(
             )
             fields.append(f'<label>status <select name="status">{options}</select></label>')
         else:
-            hint = ' placeholder="24h, 7d or ISO"' if name in ("since", "until") else ""
+            shown = f' placeholder="{HINTS[name]}"' if name in HINTS else ""
             fields.append(
                 f"<label>{name.replace('_', ' ')} "
-                f'<input name="{name}" value="{e(value)}"{hint}></label>'
+                f'<input name="{name}" value="{e(value)}"{shown}></label>'
             )
     form = (
         f'<form method="get" action="{BASE}requests" class="filters">{"".join(fields)}'
