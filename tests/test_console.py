@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from urllib.parse import quote
 
 import pytest
 from browser import ARTIFACTS, TOKEN, XSS_PROMPT, chat, chromium, log_in
@@ -103,6 +104,14 @@ def test_the_request_list_is_newest_first_and_filters(seeded: Seeded, page: Page
     expect(page.locator("p.empty")).to_have_text("No requests match.")
     page.goto(f"{seeded.daemon.base_url}/console/requests?since=yesterday")
     expect(page.locator("p.error")).to_contain_text("since: 'yesterday' is neither")
+    # The next page starts after a row's (created_at, id), as the "older" link gives it.
+    _, shown = admin_call(seeded.daemon, "GET", f"/api/admin/requests/{seeded.traced}", None, TOKEN)
+    cursor = quote(f"{shown['request']['created_at']}_{seeded.traced}")
+    page.goto(f"{seeded.daemon.base_url}/console/requests?before={cursor}")
+    expect(links).to_have_count(2)
+    assert links.first.get_attribute("href") == f"/console/requests/{seeded.markup}"
+    page.goto(f"{seeded.daemon.base_url}/console/requests?before=nonsense")
+    expect(page.locator("p.error")).to_contain_text("before: not a page's cursor")
 
 
 def test_a_request_shows_its_reply_attempts_and_a_timeline_mark_per_token(
