@@ -26,7 +26,7 @@ from llmsvc.errors import ClientError, Forbidden, MethodNotAllowed, NotFound, Un
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.rejections import log_rejection
-from llmsvc.gateway.request import read_body, request_id
+from llmsvc.gateway.request import ClientGone, read_body, request_id, request_id_header
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.logs import logger
 from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
@@ -97,6 +97,8 @@ class Console:
             if cookie is not None and not self.sessions.valid(cookie):
                 cookie = None
             answer = await self._route(scope, receive, cookie)
+        except ClientGone:
+            return  # nobody to answer
         except Exception as exc:
             answer = self._error(scope, exc, cookie)
         status, body, kind, headers = answer
@@ -108,6 +110,7 @@ class Console:
                     (b"content-type", kind.encode()),
                     (b"content-length", str(len(body)).encode()),
                     *SECURITY_HEADERS,
+                    request_id_header(scope),
                     *headers,
                 ],
             }
