@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from policies import flush_policy, wal_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, Stream, texts
@@ -27,6 +29,7 @@ from llmsvc.store.queries import (
     request_detail,
     token_times,
 )
+from llmsvc.store.schema import llm_requests
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
 
@@ -231,6 +234,24 @@ async def test_requests_are_paged_by_keyset_and_filtered_by_status_model_provide
     times = await token_times(engine, [streams[0].attempt_id, uuid.uuid4()])
     assert [len(found) for found in times.values()] == [2, 0]
     assert times[streams[0].attempt_id] == sorted(times[streams[0].attempt_id])
+
+
+async def test_requests_made_in_the_same_microsecond_are_paged_by_id(
+    engine: AsyncEngine,
+) -> None:
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    ids = sorted((uuid.uuid4() for _ in range(3)), reverse=True)
+    row = {"instance_id": uuid.uuid4(), "model": "m", "stream": False, "status": "completed",
+           "messages": [], "params": {}, "created_at": at}  # fmt: skip
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.insert(llm_requests), [{**row, "id": i, "correlation_id": str(i)} for i in ids]
+        )
+    paged, before = [], None
+    while page := await recent_requests(engine, 1, before=before):
+        paged += [r["id"] for r in page]
+        before = (page[-1]["created_at"], page[-1]["id"])
+    assert paged == ids
 
 
 async def test_requests_are_found_by_id_or_by_the_correlation_id_they_were_sent_with(
