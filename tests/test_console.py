@@ -196,6 +196,9 @@ def _enabled(seeded: Seeded) -> bool:
 def test_a_provider_is_switched_off_and_on(seeded: Seeded, page: Page) -> None:
     log_in(page, seeded.daemon)
     page.click("nav >> text=Health")
+    expect(page.locator("table.jobs")).to_contain_text("wal-housekeeping")
+    expect(page.locator("table.wal")).to_contain_text("backlog_records")
+    expect(page.locator("p.empty")).to_have_text("None in backup_dir.")  # no backup yet
     row = page.locator("table.providers tbody tr")
     row.locator("button", has_text="Disable").click()
     expect(row.locator("td").nth(1)).to_have_text("disabled")

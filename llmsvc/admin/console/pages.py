@@ -248,6 +248,11 @@ def health(report: dict[str, Any], csrf: str) -> str:
         [e(name), e(job["schedule"]), e(job["last_run"]), e(job["last_status"]), e(job["next_run"])]
         for name, job in (report.get("scheduler") or {}).items()
     ]
+    last = report.get("last_backup")
+    backup = '<p class="empty">None in backup_dir.</p>'
+    if last:
+        made = f"{e(last['file'])}, {e(last['created'])}, {e(last['size'])} bytes"
+        backup = f'<p class="backup">{made}</p>'
     body = (
         f'<p>Status: <span class="status {e(report["status"])}">{e(report["status"])}</span> '
         f"{e(report.get('reason', ''))}</p>"
@@ -257,5 +262,6 @@ def health(report: dict[str, Any], csrf: str) -> str:
         f"<h2>WAL</h2>{table(['', ''], backlog, 'wal')}"
         f"<h2>Jobs</h2>"
         f"{table(['job', 'schedule', 'last run', 'last status', 'next run'], jobs, 'jobs')}"
+        f"<h2>Last backup</h2>{backup}"
     )
     return page("Health", body, csrf)
