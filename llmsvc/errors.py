@@ -135,6 +135,14 @@ class Unauthorized(ClientError):
     code = "unauthorized"
 
 
+class Forbidden(ClientError):
+    """Who asks is known, but not this way: a console form posted without its session's CSRF
+    token, or from a page of another origin."""
+
+    status = 403
+    code = "forbidden"
+
+
 class InvalidApiKey(ClientError):
     """A `/v1/*` request with no key, or one unknown, revoked or expired (`auth = "keys"`)."""
 

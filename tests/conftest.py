@@ -128,3 +128,12 @@ def umask_022() -> Iterator[None]:
         yield
     finally:
         os.umask(previous)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Each phase's report on its test item (`item.outcome_call`), for fixtures that keep
+    evidence of a failure (the browser tests' screenshots)."""
+    report = yield
+    setattr(item, f"outcome_{report.when}", report)
+    return report

@@ -69,12 +69,18 @@ def env(sqlite_url: str, tmp_path: Path) -> dict[str, str]:
     )
 
 
-def test_without_a_token_configured_the_admin_api_is_off(sqlite_url: str, tmp_path: Path) -> None:
+def test_without_a_token_configured_the_admin_api_and_console_are_off(
+    sqlite_url: str, tmp_path: Path
+) -> None:
     with DaemonProcess(daemon_env(sqlite_url, tmp_path / "wal")) as daemon:
         code, body = call(daemon, "GET", "/api/admin/status")
+        with pytest.raises(urllib.error.HTTPError) as console:
+            urllib.request.urlopen(f"{daemon.base_url}/console/", timeout=10)
         assert daemon.stop() == 0
     assert code == 404
     assert "admin API is off" in body["error"]["message"]
+    assert console.value.code == 404  # the console too, saying how to turn it on
+    assert "the console is off: set admin_token" in console.value.read().decode()
 
 
 def test_a_missing_or_wrong_token_is_401_whether_or_not_the_route_exists(

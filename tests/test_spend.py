@@ -23,6 +23,7 @@ from policies import flush_policy, wal_policy
 from llmsvc.callers import Caller
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.journal import Journal
+from llmsvc.store.attribution import spend
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher
 from llmsvc.store.schema import api_keys, llm_requests, teams
@@ -260,3 +261,30 @@ def test_spend_prints_a_table_costliest_first_with_names(journaled: Journaled) -
         ["ads", "1", "30", "15", "0.300000"],
         ["-", "2", "3", "3", "-"],
     ]
+
+
+async def test_spend_per_day_splits_each_group_by_utc_date_in_date_order(
+    journaled: Journaled,
+) -> None:
+    engine = create_engine(journaled.env["LLMSVC_DATABASE_URL"])
+    try:
+        daily = await spend(engine, "model", daily=True)
+        whole = await spend(engine, "model")
+        by_day = await spend(engine, "day", daily=True)  # already per day: as without
+    finally:
+        await engine.dispose()
+    today = datetime.now(UTC).date()
+    days = [row["day"] for row in daily]
+    assert days == sorted(days)
+    assert set(days) == {(today - timedelta(days=3)).isoformat(), today.isoformat()}
+    summed: dict[str, list[int]] = {}
+    for row in daily:
+        totals = summed.setdefault(row["group"], [0, 0, 0])
+        for n, field in enumerate(("requests", "prompt_tokens", "completion_tokens")):
+            totals[n] += row[field]
+    assert summed == {
+        row["group"]: [row["requests"], row["prompt_tokens"], row["completion_tokens"]]
+        for row in whole
+    }
+    assert [row["group"] for row in by_day] == [(today - timedelta(days=3)).isoformat(),
+                                                today.isoformat()]  # fmt: skip

@@ -19,9 +19,11 @@ from urllib.parse import parse_qs
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from llmsvc.admin.console.app import CONSOLE, Console
 from llmsvc.admin.openapi import document
 from llmsvc.config import Settings
 from llmsvc.errors import BackupError, ClientError, MethodNotAllowed, NotFound, Unauthorized
+from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.errors import reject, send_json
 from llmsvc.gateway.request import parse_body, read_body, request_id_header
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
@@ -50,6 +52,7 @@ class Operations(Protocol):
     settings: Settings
     engine: AsyncEngine
     maintenance: AsyncEngine  # for maintenance work: no per-command bound, a pool of its own
+    gateway: Gateway  # the console sends replays through it
 
     def health(self) -> dict[str, Any]:
         """`/api/health`'s body: status, reason and every part's state."""
@@ -89,6 +92,7 @@ class AdminApi:
         self._token = token.encode() if token else None
         self.ops = ops
         self.openapi = document(ADMIN_BODIES)
+        self.console = Console(token, ops, self.request_body)
         self.routes: list[tuple[re.Pattern[str], dict[str, Handler]]] = [
             (re.compile(r"status"), {"GET": self.status}),
             (re.compile(r"requests"), {"GET": self.requests}),
@@ -123,6 +127,9 @@ class AdminApi:
                 await reject(scope, send, MethodNotAllowed("/openapi.json takes GET", allow="GET"))
                 return
             await send_json(send, 200, self.openapi, [request_id_header(scope)])
+            return
+        if scope["type"] == "http" and (path + "/").startswith(CONSOLE):
+            await self.console(scope, receive, send)
             return
         if scope["type"] != "http" or not (path + "/").startswith(PREFIX):
             await self.app(scope, receive, send)
@@ -189,8 +196,10 @@ class AdminApi:
         return 200, {"by": by, "spend": _plain(rows)}
 
     async def request(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
+        return 200, await self.request_body(match["id"])
+
+    async def request_body(self, given: str) -> dict[str, Any]:
         """One request by its id or, as `llmsvc show`, by the correlation id it was sent with."""
-        given = match["id"]
         found = await find_requests(self.ops.engine, given)
         if not found:
             raise NotFound(f"no request with the id or correlation id {given!r} in the store")
@@ -208,7 +217,8 @@ class AdminApi:
             {**attempt, "tokens": summary.get(attempt["id"], {"stored": 0})}
             for attempt in detail.attempts
         ]
-        return 200, _plain({"request": request, "attempts": attempts})
+        body: dict[str, Any] = _plain({"request": request, "attempts": attempts})
+        return body
 
     async def providers(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
         return 200, {"providers": self.ops.health()["providers"]}

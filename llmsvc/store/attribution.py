@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.errors import NotFound
 from llmsvc.store.keys import utc
-from llmsvc.store.schema import api_keys, llm_requests, teams
+from llmsvc.store.schema import api_keys, llm_attempts, llm_requests, teams
 
 SpendBy = Literal["key", "team", "user", "model", "day"]
 SPEND_BY: tuple[SpendBy, ...] = ("key", "team", "user", "model", "day")
@@ -35,6 +35,10 @@ class RequestFilter:
     metadata: tuple[tuple[str, str], ...] = ()  # every pair must match
     since: datetime | None = None
     correlation_id: str | None = None  # as the client sent it in X-Correlation-ID
+    until: datetime | None = None  # created before this time
+    status: str | None = None
+    model: str | None = None  # as the client asked for it
+    provider: str | None = None  # any of its attempts went to this provider
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -69,6 +73,18 @@ async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElemen
         conditions.append(r.created_at >= f.since.astimezone(UTC))
     if f.correlation_id is not None:
         conditions.append(correlated(f.correlation_id))
+    if f.until is not None:
+        conditions.append(r.created_at < f.until.astimezone(UTC))
+    if f.status is not None:
+        conditions.append(r.status == f.status)
+    if f.model is not None:
+        conditions.append(r.model == f.model)
+    if f.provider is not None:
+        attempts = llm_attempts.c
+        tried = sa.select(attempts.id).where(
+            attempts.request_id == r.id, attempts.provider == f.provider
+        )
+        conditions.append(tried.exists())
     return conditions
 
 
@@ -99,26 +115,28 @@ def names() -> tuple[sa.Join, list[sa.ColumnElement[Any]]]:
 
 
 async def spend(
-    engine: AsyncEngine, by: SpendBy, since: datetime | None = None
+    engine: AsyncEngine, by: SpendBy, since: datetime | None = None, daily: bool = False
 ) -> list[dict[str, Any]]:
     """Requests, prompt and completion tokens and cost per group, the costliest first
     (by day: in date order). `group` is the key's or team's id, the user, the model or the
-    UTC date; `name` the key's or team's name where there is one."""
+    UTC date; `name` the key's or team's name where there is one. `daily`: per UTC date
+    (`day`) and group, in date order."""
     r = llm_requests.c
     joined, (key_name, team_name) = names()
+    day = _utc_date(engine.dialect.name)
     group: sa.ColumnElement[Any] = {
         "key": r.key_id,
         "team": r.team_id,
         "user": r.end_user,
         "model": r.model,
-        "day": r.created_at,  # replaced below: the date is the dialect's
+        "day": day,
     }[by]
-    if by == "day":
-        group = _utc_date(engine.dialect.name)
     name = {"key": key_name, "team": team_name}.get(by)
+    per_day = daily and by != "day"
     cost = sa.func.sum(r.cost)
     query = (
         sa.select(
+            *([day.label("day")] if per_day else []),
             group.label("group"),
             (sa.null() if name is None else name).label("name"),
             sa.func.count().label("requests"),
@@ -127,14 +145,15 @@ async def spend(
             cost.label("cost"),
         )
         .select_from(joined if by in ("key", "team") else llm_requests)
-        .group_by(group, *([] if name is None else [name]))
+        .group_by(*([day] if per_day else []), group, *([] if name is None else [name]))
     )
     if since is not None:
         query = query.where(r.created_at >= since.astimezone(UTC))
     if by == "day":
         query = query.order_by(group)
     else:
-        query = query.order_by(sa.func.coalesce(cost, 0).desc(), sa.func.count().desc(), group)
+        costliest = [sa.func.coalesce(cost, 0).desc(), sa.func.count().desc(), group]
+        query = query.order_by(*([day] if per_day else []), *costliest)
     async with engine.connect() as conn:
         return [dict(row._mapping) for row in await conn.execute(query)]
 

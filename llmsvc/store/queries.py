@@ -12,6 +12,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.store.attribution import RequestFilter, correlated, names, where
+from llmsvc.store.keys import utc
 from llmsvc.store.schema import (
     llm_attempts,
     llm_dead_letters,
@@ -23,10 +24,14 @@ from llmsvc.store.schema import (
 
 
 async def recent_requests(
-    engine: AsyncEngine, limit: int, only: RequestFilter | None = None
+    engine: AsyncEngine,
+    limit: int,
+    only: RequestFilter | None = None,
+    before: tuple[datetime, uuid.UUID] | None = None,
 ) -> list[dict[str, Any]]:
-    """The newest requests (of those `only` lets through), newest first, with their total
-    token counts and who sent them.
+    """The newest requests (of those `only` lets through, older than the (created_at, id)
+    `before`: a page's keyset), newest first, with their total token counts, who sent
+    them, how many attempts they took and when the first token arrived.
 
     A request not ended yet (or ended without counts) still shows what is stored: the
     provider of its last attempt, and `deltas_stored`, the token and tool-call deltas the
@@ -48,6 +53,18 @@ async def recent_requests(
         .scalar_subquery()
         for table in (llm_token_log, llm_tool_calls)
     ]
+    attempt_count = (
+        sa.select(sa.func.count())
+        .where(attempts.request_id == llm_requests.c.id)
+        .scalar_subquery()
+        .label("attempts")
+    )
+    first_token_at = (
+        sa.select(sa.func.min(attempts.first_token_at))
+        .where(attempts.request_id == llm_requests.c.id)
+        .scalar_subquery()
+        .label("first_token_at")
+    )
     query = (
         sa.select(
             llm_requests.c.id,
@@ -71,11 +88,17 @@ async def recent_requests(
             llm_requests.c.end_user,
             llm_requests.c.session_id,
             llm_requests.c["metadata"],
+            attempt_count,
+            first_token_at,
         )
         .select_from(joined)
-        .order_by(llm_requests.c.created_at.desc())
+        .order_by(llm_requests.c.created_at.desc(), llm_requests.c.id.desc())
         .limit(limit)
     )
+    if before is not None:
+        at, request_id = utc(before[0]), before[1]
+        created = llm_requests.c.created_at
+        query = query.where((created < at) | ((created == at) & (llm_requests.c.id < request_id)))
     async with engine.connect() as conn:
         if only is not None:
             query = query.where(*await where(conn, only))
@@ -378,3 +401,20 @@ async def spend_since(engine: AsyncEngine, scope: str, owner: uuid.UUID, since: 
     )
     async with engine.connect() as conn:
         return float(await conn.scalar(query) or 0.0)
+
+
+async def token_times(
+    engine: AsyncEngine, attempt_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[datetime]]:
+    """Per attempt: when each stored token arrived (its row's time), in seq order."""
+    t = llm_token_log.c
+    query = (
+        sa.select(t.attempt_id, t.created_at)
+        .where(t.attempt_id.in_(attempt_ids))
+        .order_by(t.attempt_id, t.seq)
+    )
+    times: dict[uuid.UUID, list[datetime]] = {a: [] for a in attempt_ids}
+    async with engine.connect() as conn:
+        for attempt_id, created_at in await conn.execute(query):
+            times[attempt_id].append(created_at)
+    return times

@@ -8,9 +8,11 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from policies import flush_policy, wal_policy
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, Stream, texts
@@ -18,13 +20,16 @@ from store_streams import MakeFlusher, Stream, texts
 from llmsvc.gateway.journal import Journal
 from llmsvc.store.attribution import RequestFilter
 from llmsvc.store.flusher import Flusher
+from llmsvc.store.keys import utc
 from llmsvc.store.queries import (
     OpenWork,
     find_requests,
     open_work,
     recent_requests,
     request_detail,
+    token_times,
 )
+from llmsvc.store.schema import llm_requests
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
 
@@ -181,6 +186,72 @@ async def test_recent_requests_show_what_is_stored_of_requests_not_counted(
         4,
         None,  # counted: nothing more to show
     )
+
+
+async def test_requests_are_paged_by_keyset_and_filtered_by_status_model_provider_and_time(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    """The console's list: pages follow on without a gap or a repeat, and each row says how
+    many attempts it took and when its first token came."""
+    streams = [
+        Stream(texts(2), model="small" if n % 2 else "large", provider=f"p{n % 3}")
+        for n in range(7)
+    ]
+    for stream in streams:
+        await stream.journal_whole(journal)
+        await asyncio.sleep(0.002)  # distinct created_at
+    failed = Stream(texts(0), model="small", provider="p1")
+    failed.start(journal)
+    journal.request_end(failed.request_id, status="failed", error="upstream gone")
+    await asyncio.shield(journal.writer.append())
+    await _flush(make_flusher)
+
+    newest_first = [failed.request_id, *(s.request_id for s in reversed(streams))]
+    paged, before = [], None
+    while page := await recent_requests(engine, 3, before=before):
+        paged += [row["id"] for row in page]
+        before = (page[-1]["created_at"], page[-1]["id"])
+    assert paged == newest_first
+    rows = await recent_requests(engine, 10)
+    assert {row["attempts"] for row in rows} == {1}
+    assert all(row["first_token_at"] is not None for row in rows if row["id"] != failed.request_id)
+
+    def ids(rows: list[dict[str, object]]) -> list[object]:
+        return [row["id"] for row in rows]
+
+    assert ids(await recent_requests(engine, 10, RequestFilter(status="failed"))) == [
+        failed.request_id
+    ]
+    small = RequestFilter(model="small", status="completed")
+    assert ids(await recent_requests(engine, 10, small)) == [
+        s.request_id for s in reversed(streams) if s.model == "small"
+    ]
+    assert ids(await recent_requests(engine, 10, RequestFilter(provider="p2"))) == [
+        s.request_id for s in reversed(streams) if s.provider == "p2"
+    ]
+    cut = utc(rows[3]["created_at"])  # SQLite gives it back naive
+    assert ids(await recent_requests(engine, 10, RequestFilter(until=cut))) == newest_first[4:]
+    times = await token_times(engine, [streams[0].attempt_id, uuid.uuid4()])
+    assert [len(found) for found in times.values()] == [2, 0]
+    assert times[streams[0].attempt_id] == sorted(times[streams[0].attempt_id])
+
+
+async def test_requests_made_in_the_same_microsecond_are_paged_by_id(
+    engine: AsyncEngine,
+) -> None:
+    at = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=UTC)
+    ids = sorted((uuid.uuid4() for _ in range(3)), reverse=True)
+    row = {"instance_id": uuid.uuid4(), "model": "m", "stream": False, "status": "completed",
+           "messages": [], "params": {}, "created_at": at}  # fmt: skip
+    async with engine.begin() as conn:
+        await conn.execute(
+            sa.insert(llm_requests), [{**row, "id": i, "correlation_id": str(i)} for i in ids]
+        )
+    paged, before = [], None
+    while page := await recent_requests(engine, 1, before=before):
+        paged += [r["id"] for r in page]
+        before = (page[-1]["created_at"], page[-1]["id"])
+    assert paged == ids
 
 
 async def test_requests_are_found_by_id_or_by_the_correlation_id_they_were_sent_with(
