@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from llmsvc.errors import NotFound
@@ -68,7 +69,7 @@ async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElemen
     if f.user is not None:
         conditions.append(r.end_user == f.user)
     for name, value in f.metadata:
-        conditions.append(r["metadata"][name].as_string() == value)
+        conditions.append(_holds(conn.dialect.name, name, value))
     if f.since is not None:
         conditions.append(r.created_at >= f.since.astimezone(UTC))
     if f.correlation_id is not None:
@@ -86,6 +87,16 @@ async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElemen
         )
         conditions.append(tried.exists())
     return conditions
+
+
+def _holds(dialect: str, name: str, value: str) -> sa.ColumnElement[bool]:
+    """Requests whose metadata holds `name: value`. Metadata values are strings, so on
+    PostgreSQL JSONB containment says the same, and the GIN index answers it (0009)."""
+    column = llm_requests.c["metadata"]
+    holds: sa.ColumnElement[bool] = column[name].as_string() == value
+    if dialect == "postgresql":
+        holds = sa.type_coerce(column, postgresql.JSONB).contains({name: value})
+    return holds
 
 
 def correlated(correlation_id: str) -> sa.ColumnElement[bool]:
@@ -162,6 +173,7 @@ def _utc_date(dialect: str) -> sa.ColumnElement[Any]:
     """A request's UTC date as `YYYY-MM-DD` text; SQLite holds times as UTC text already."""
     created = llm_requests.c.created_at
     if dialect == "postgresql":
+        # Migration 0009's statistics on this expression make PostgreSQL group by hashing.
         # Literal constants: bound ones differ between SELECT and GROUP BY for PostgreSQL.
         utc: sa.ColumnElement[str] = sa.literal_column("'UTC'")
         day: sa.ColumnElement[str] = sa.literal_column("'YYYY-MM-DD'")

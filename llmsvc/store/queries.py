@@ -96,9 +96,12 @@ async def recent_requests(
         .limit(limit)
     )
     if before is not None:
-        at, request_id = utc(before[0]), before[1]
-        created = llm_requests.c.created_at
-        query = query.where((created < at) | ((created == at) & (llm_requests.c.id < request_id)))
+        # A row comparison, so the (created_at, id) index starts at the cursor on PostgreSQL.
+        created, request_id = llm_requests.c.created_at, llm_requests.c.id
+        cursor = sa.tuple_(
+            sa.literal(utc(before[0]), created.type), sa.literal(before[1], request_id.type)
+        )
+        query = query.where(sa.tuple_(created, request_id) < cursor)
     async with engine.connect() as conn:
         if only is not None:
             query = query.where(*await where(conn, only))

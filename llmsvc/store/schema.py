@@ -221,9 +221,18 @@ maintenance_slots = sa.Table(
     sa.Column("claimed_at", Timestamp, nullable=False),
 )
 
-sa.Index("ix_llm_requests_created_at", llm_requests.c.created_at)
+sa.Index("ix_llm_requests_created_id", llm_requests.c.created_at, llm_requests.c.id)
 sa.Index("ix_llm_requests_status", llm_requests.c.status)
 sa.Index("ix_llm_requests_correlation_id", llm_requests.c.correlation_id)
+sa.Index("ix_llm_requests_model_created", llm_requests.c.model, llm_requests.c.created_at)
+sa.Index("ix_llm_requests_user_created", llm_requests.c.end_user, llm_requests.c.created_at)
+# PostgreSQL only (migration 0009): what the metadata filter's containment test uses.
+sa.Index(
+    "ix_llm_requests_metadata",
+    llm_requests.c["metadata"],
+    postgresql_using="gin",
+    postgresql_ops={"metadata": "jsonb_path_ops"},
+).ddl_if(dialect="postgresql")
 sa.Index("ix_llm_requests_key_created", llm_requests.c.key_id, llm_requests.c.created_at)
 sa.Index("ix_llm_requests_team_created", llm_requests.c.team_id, llm_requests.c.created_at)
 sa.Index("ix_llm_requests_session_created", llm_requests.c.session_id, llm_requests.c.created_at)
