@@ -197,3 +197,27 @@ def test_the_peer_comparison_runs_and_reports_its_figures(tmp_path: Path) -> Non
     assert ours["tokens_received"] == ours["tokens_stored"] == 1500
     assert relay_got["streams_by_ending"]["cut"] == 1
     assert relay_got["tokens_received"] < 1500
+
+
+def test_the_console_bench_fills_a_store_and_times_every_page(tmp_path: Path, pg_url: str) -> None:
+    """benchmarks/bench_console.py on 2,000 requests: filled, migrated, every page answered."""
+    if not pg_url:
+        pytest.skip("the console bench needs PostgreSQL")
+    out = tmp_path / "console.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "bench_console.py"), "--pg-url", pg_url]
+    cmd += ["--db", unique_dbname("llmsvc_bench_console"), "--requests", "2000", "--tokens", "5"]
+    cmd += ["--repeats", "1", "--out", str(out), "--tmp-dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
+    report = json.loads(out.read_text())
+
+    assert report["store"]["requests"] == 2000
+    assert report["store"]["attempts"] == 2200  # a tenth with a failed attempt first
+    assert report["store"]["token_rows"] == 10_000
+    assert report["migrated"]["from"] is None
+    assert report["daemon_exit"] == 0
+    assert {"requests_deep_page", "filter_metadata", "request_with_timeline", "health"} <= set(
+        report["pages"]
+    )
+    for name, page in report["pages"].items():
+        assert 0 < page["median_ms"] <= page["max_ms"], name
