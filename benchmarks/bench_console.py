@@ -6,7 +6,7 @@ teams and 5,000 users, a tenth of them with a second attempt, and `--tokens` tok
 per request's last attempt in the token log's daily partitions; then ANALYZE. A real
 daemon is started on it with an admin token, the console is logged in to over HTTP (form
 POST, cookie) and every page is fetched `--repeats` times: median and max. A few values
-are rare on purpose (one model, one user, one tenant in the metadata) so a filter that
+are rare on purpose (one model, provider, user and tenant in the metadata) so a filter that
 finds few rows shows what an index is missing.
 
 Before/after a migration in one session: run once with `--keep`, then again with
@@ -86,7 +86,7 @@ def fill_statements(requests: int, tokens: int, start: datetime, span_s: float) 
                 '{{"max_tokens": {tokens}}}'::jsonb,
                 {at}, {at} + interval '1200 milliseconds',
                 20 + g % 50, {tokens}, (20 + g % 50 + {tokens}) * 0.000002,
-                'provider-' || (g % {PROVIDERS}),
+                CASE WHEN {rare} THEN 'provider-rare' ELSE 'provider-' || (g % {PROVIDERS}) END,
                 CASE WHEN g % 100 = 7 THEN 'upstream 500' END,
                 {uuid_sql(3, f"g % {KEYS}")}, {uuid_sql(4, f"g % {KEYS} % {TEAMS}")},
                 CASE WHEN {rare} THEN 'user-rare' ELSE 'user-' || (g % {USERS}) END,
@@ -99,8 +99,7 @@ def fill_statements(requests: int, tokens: int, start: datetime, span_s: float) 
                 started_at, first_token_at, ended_at, http_status, prompt_tokens,
                 completion_tokens, token_count)
             SELECT {uuid_sql(2, "g * 2")}, {uuid_sql(1, "g")},
-                CASE WHEN g % 10 = 3 THEN 2 ELSE 1 END,
-                'provider-' || (g % {PROVIDERS}), 'upstream-model', r.status,
+                CASE WHEN g % 10 = 3 THEN 2 ELSE 1 END, r.provider, 'upstream-model', r.status,
                 r.created_at + interval '100 milliseconds',
                 r.created_at + interval '250 milliseconds', r.ended_at, 200,
                 r.prompt_tokens, r.completion_tokens, {tokens}
@@ -249,6 +248,7 @@ def pages(console: Console, deep: str, request_id: str, tokens: int) -> dict[str
         "filter_model": f"requests?{q({'model': 'model-7'})}",
         "filter_model_rare": f"requests?{q({'model': 'model-rare'})}",
         "filter_provider": f"requests?{q({'provider': 'provider-3'})}",
+        "filter_provider_rare": f"requests?{q({'provider': 'provider-rare'})}",
         "filter_key": f"requests?{q({'key': 'key-42'})}",
         "filter_team": f"requests?{q({'team': 'team-4'})}",
         "filter_user": f"requests?{q({'user': 'user-1234'})}",

@@ -8,6 +8,8 @@ rows (BENCHMARKS.md, "Console on a large store"); only what was slow there:
   created_at alone (it serves everything that one did);
 - a filter on a model or a user that few requests have walked the whole table newest
   first: `(model, created_at)` and `(end_user, created_at)`;
+- a provider that few attempts went to: the filter's EXISTS made PostgreSQL read every
+  attempt; `llm_attempts (provider, request_id)` finds them;
 - the same for a metadata pair (PostgreSQL only: a GIN index over `llm_requests.metadata`,
   which the filter's containment test uses; SQLite has no index for it);
 - usage per day (PostgreSQL only): without statistics on the UTC date the planner took
@@ -16,7 +18,7 @@ rows (BENCHMARKS.md, "Console on a large store"); only what was slow there:
   there are, so it aggregates in a hash table instead: 30 days by model, 495 → 252 ms.
 
 Building them locks `llm_requests` against writes (reads go on). On the 1M/50M store the
-whole migration took 3.4 s (the ANALYZE included). A daemon migrates at boot, before it
+whole migration took 4.1 s (the ANALYZE included). A daemon migrates at boot, before it
 serves; other instances on the same database keep serving (their records wait in their
 WAL) while their flushers wait for the lock. CREATE INDEX CONCURRENTLY would spare them
 those seconds, but it cannot run in the migration's transaction, which also holds the
@@ -45,6 +47,7 @@ def upgrade() -> None:
     op.drop_index("ix_llm_requests_created_at", "llm_requests")
     op.create_index("ix_llm_requests_model_created", "llm_requests", ["model", "created_at"])
     op.create_index("ix_llm_requests_user_created", "llm_requests", ["end_user", "created_at"])
+    op.create_index("ix_llm_attempts_provider_request", "llm_attempts", ["provider", "request_id"])
     if op.get_bind().dialect.name == "postgresql":
         op.create_index(
             "ix_llm_requests_metadata",
@@ -64,6 +67,7 @@ def downgrade() -> None:
     if op.get_bind().dialect.name == "postgresql":
         op.execute("DROP STATISTICS llm_requests_usage_groups")
         op.drop_index("ix_llm_requests_metadata", "llm_requests")
+    op.drop_index("ix_llm_attempts_provider_request", "llm_attempts")
     op.drop_index("ix_llm_requests_user_created", "llm_requests")
     op.drop_index("ix_llm_requests_model_created", "llm_requests")
     op.create_index("ix_llm_requests_created_at", "llm_requests", ["created_at"])

@@ -239,4 +239,5 @@ sa.Index("ix_llm_requests_session_created", llm_requests.c.session_id, llm_reque
 sa.Index("ix_llm_sessions_expires_at", llm_sessions.c.expires_at)
 sa.Index("ix_api_keys_updated_at", api_keys.c.updated_at)
 sa.Index("ix_llm_attempts_request_id", llm_attempts.c.request_id)
+sa.Index("ix_llm_attempts_provider_request", llm_attempts.c.provider, llm_attempts.c.request_id)
 sa.Index("ix_maintenance_runs_job_started", maintenance_runs.c.job, maintenance_runs.c.started_at)
