@@ -260,7 +260,7 @@ def pages(console: Console, deep: str, request_id: str, tokens: int) -> dict[str
         "filter_model_and_user": f"requests?{q({'model': 'model-4', 'user': 'user-1234'})}",
         "request_with_timeline": f"requests/{request_id}",
         "usage_default": "usage",
-        "usage_model_daily_30d": f"usage?{q({'by': 'model', 'since': '30d', 'daily': '1'})}",
+        "usage_model_daily_30d": f"usage?{q({'by': 'model', 'since': '30d', 'per': 'day'})}",
         "usage_key_7d": f"usage?{q({'by': 'key', 'since': '7d'})}",
         "usage_team_30d": f"usage?{q({'by': 'team', 'since': '30d'})}",
         "usage_day_30d": f"usage?{q({'by': 'day', 'since': '30d'})}",

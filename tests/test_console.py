@@ -150,9 +150,9 @@ def test_usage_sums_requests_and_tokens_per_model_and_day_or_per_user(
     rows = page.locator("table.usage tbody tr")
     expect(rows).to_have_count(1)  # one day, one model
     cells = rows.locator("td")
-    assert [cells.nth(n).inner_text() for n in (1, 2, 4)] == ["mock", "3", str(6 + 4 + 3)]
+    assert [cells.nth(n).inner_text() for n in (1, 2, 5)] == ["mock", "3", str(6 + 4 + 3)]
     page.select_option("select[name=by]", "user")
-    page.uncheck("input[name=daily]")
+    page.select_option("select[name=per]", "")
     page.click("form.filters button")
     expect(rows).to_have_count(3)
     users = {rows.nth(n).locator("td").nth(0).inner_text() for n in range(3)}

@@ -8,6 +8,7 @@ the `llmsvc` command as an operator runs it.
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -268,9 +269,10 @@ async def test_spend_per_day_splits_each_group_by_utc_date_in_date_order(
 ) -> None:
     engine = create_engine(journaled.env["LLMSVC_DATABASE_URL"])
     try:
-        daily = await spend(engine, "model", daily=True)
+        daily = await spend(engine, "model", per="day")
         whole = await spend(engine, "model")
-        by_day = await spend(engine, "day", daily=True)  # already per day: as without
+        by_day = await spend(engine, "day", per="day")  # already per day: as without
+        hourly = await spend(engine, "provider", per="hour")
     finally:
         await engine.dispose()
     today = datetime.now(UTC).date()
@@ -288,3 +290,10 @@ async def test_spend_per_day_splits_each_group_by_utc_date_in_date_order(
     }
     assert [row["group"] for row in by_day] == [(today - timedelta(days=3)).isoformat(),
                                                 today.isoformat()]  # fmt: skip
+    hours = [row["day"] for row in hourly]  # per UTC hour, by the provider that served each
+    assert hours == sorted(hours)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:00", hour) for hour in hours)
+    assert {hour[:10] for hour in hours} == set(days)
+    assert sum(row["requests"] for row in hourly) == sum(row["requests"] for row in whole)
+    assert sum(row["errors"] for row in hourly) == sum(row["errors"] for row in whole)
+    assert all(0 <= row["errors"] <= row["requests"] for row in hourly)

@@ -20,8 +20,10 @@ from llmsvc.errors import NotFound
 from llmsvc.store.keys import utc
 from llmsvc.store.schema import api_keys, llm_attempts, llm_requests, teams
 
-SpendBy = Literal["key", "team", "user", "model", "day"]
-SPEND_BY: tuple[SpendBy, ...] = ("key", "team", "user", "model", "day")
+SpendBy = Literal["key", "team", "user", "model", "provider", "day"]
+SPEND_BY: tuple[SpendBy, ...] = ("key", "team", "user", "model", "provider", "day")
+Bucket = Literal["day", "hour"]  # the time buckets spend may split each group into
+BUCKETS: tuple[Bucket, ...] = ("day", "hour")
 _DURATION = re.compile(r"(\d+)([mhdw])")
 _UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
@@ -126,56 +128,62 @@ def names() -> tuple[sa.Join, list[sa.ColumnElement[Any]]]:
 
 
 async def spend(
-    engine: AsyncEngine, by: SpendBy, since: datetime | None = None, daily: bool = False
+    engine: AsyncEngine, by: SpendBy, since: datetime | None = None, per: Bucket | None = None
 ) -> list[dict[str, Any]]:
-    """Requests, prompt and completion tokens and cost per group, the costliest first
-    (by day: in date order). `group` is the key's or team's id, the user, the model or the
-    UTC date; `name` the key's or team's name where there is one. `daily`: per UTC date
-    (`day`) and group, in date order."""
+    """Requests (and `errors`, those that did not complete), prompt and completion tokens and
+    cost per group, the costliest first (by day: in date order). `group` is the key's or
+    team's id, the user, the model, the provider that served it or the UTC date; `name` the
+    key's or team's name where there is one. `per`: each group split per UTC day or hour
+    (`day`: `YYYY-MM-DD` or `YYYY-MM-DD HH:00`), in time order."""
     r = llm_requests.c
     joined, (key_name, team_name) = names()
-    day = _utc_date(engine.dialect.name)
     group: sa.ColumnElement[Any] = {
         "key": r.key_id,
         "team": r.team_id,
         "user": r.end_user,
         "model": r.model,
-        "day": day,
+        "provider": r.provider,
+        "day": _utc_bucket(engine.dialect.name, "day"),
     }[by]
     name = {"key": key_name, "team": team_name}.get(by)
-    per_day = daily and by != "day"
+    bucket = None if per is None or (by == "day" and per == "day") else per
+    when = [] if bucket is None else [_utc_bucket(engine.dialect.name, bucket)]
     cost = sa.func.sum(r.cost)
     query = (
         sa.select(
-            *([day.label("day")] if per_day else []),
+            *[w.label("day") for w in when],
             group.label("group"),
             (sa.null() if name is None else name).label("name"),
             sa.func.count().label("requests"),
+            sa.func.sum(sa.case((r.status == "completed", 0), else_=1)).label("errors"),
             sa.func.coalesce(sa.func.sum(r.prompt_tokens), 0).label("prompt_tokens"),
             sa.func.coalesce(sa.func.sum(r.completion_tokens), 0).label("completion_tokens"),
             cost.label("cost"),
         )
         .select_from(joined if by in ("key", "team") else llm_requests)
-        .group_by(*([day] if per_day else []), group, *([] if name is None else [name]))
+        .group_by(*when, group, *([] if name is None else [name]))
     )
     if since is not None:
         query = query.where(r.created_at >= since.astimezone(UTC))
     if by == "day":
-        query = query.order_by(group)
+        query = query.order_by(*when, group)
     else:
         costliest = [sa.func.coalesce(cost, 0).desc(), sa.func.count().desc(), group]
-        query = query.order_by(*([day] if per_day else []), *costliest)
+        query = query.order_by(*when, *costliest)
     async with engine.connect() as conn:
         return [dict(row._mapping) for row in await conn.execute(query)]
 
 
-def _utc_date(dialect: str) -> sa.ColumnElement[Any]:
-    """A request's UTC date as `YYYY-MM-DD` text; SQLite holds times as UTC text already."""
+def _utc_bucket(dialect: str, bucket: Bucket) -> sa.ColumnElement[Any]:
+    """A request's UTC day (`YYYY-MM-DD`) or hour (`YYYY-MM-DD HH:00`) as text; SQLite holds
+    times as UTC text already."""
     created = llm_requests.c.created_at
     if dialect == "postgresql":
-        # Migration 0009's statistics on this expression make PostgreSQL group by hashing.
+        # Migration 0009's statistics on the day's expression make PostgreSQL group by hashing.
         # Literal constants: bound ones differ between SELECT and GROUP BY for PostgreSQL.
         utc: sa.ColumnElement[str] = sa.literal_column("'UTC'")
-        day: sa.ColumnElement[str] = sa.literal_column("'YYYY-MM-DD'")
-        return sa.func.to_char(sa.func.timezone(utc, created), day)
-    return sa.func.date(created)
+        shape = "'YYYY-MM-DD'" if bucket == "day" else "'YYYY-MM-DD HH24:00'"
+        return sa.func.to_char(sa.func.timezone(utc, created), sa.literal_column(shape))
+    if bucket == "day":
+        return sa.func.date(created)
+    return sa.func.strftime(sa.literal_column("'%Y-%m-%d %H:00'"), created)

@@ -29,7 +29,7 @@ from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import ClientGone, read_body, request_id, request_id_header
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.logs import logger
-from llmsvc.store.attribution import SPEND_BY, RequestFilter, parse_since, spend
+from llmsvc.store.attribution import BUCKETS, SPEND_BY, RequestFilter, parse_since, spend
 from llmsvc.store.keys import utc
 from llmsvc.store.queries import (
     RequestDetail,
@@ -223,10 +223,12 @@ class Console:
         if by not in SPEND_BY:
             raise ClientError(f"by must be one of {', '.join(SPEND_BY)}", param="by")
         since = query.get("since", "7d")
-        daily = bool(query.get("daily", "1" if "by" not in query else ""))
+        per = query.get("per", "day" if "by" not in query else "") or None
+        if per not in (None, *BUCKETS):
+            raise ClientError(f"per must be empty or one of {', '.join(BUCKETS)}", param="per")
         start = _time({"since": since} if since else {}, "since")  # empty: since the start
-        rows = await spend(self.ops.engine, by, start, daily)
-        return _html(200, pages.usage(rows, by, since, daily, csrf))
+        rows = await spend(self.ops.engine, by, start, per)
+        return _html(200, pages.usage(rows, by, since, per, csrf))
 
     async def _request(self, given: str, csrf: str) -> Page:
         detail = await self._detail(given)

@@ -7,7 +7,7 @@ from urllib.parse import quote, urlencode
 
 from llmsvc.admin.console.html import BASE, button_form, cost, e, millis, page, pretty, table, when
 from llmsvc.admin.console.timeline import timeline_svg
-from llmsvc.store.attribution import SPEND_BY
+from llmsvc.store.attribution import BUCKETS, SPEND_BY
 from llmsvc.store.keys import utc
 from llmsvc.store.queries import RequestDetail
 
@@ -190,31 +190,37 @@ def _reply(detail: RequestDetail) -> str:
     )
 
 
-def usage(rows: list[dict[str, Any]], by: str, since: str, daily: bool, csrf: str) -> str:
-    """Requests, tokens and cost per group (key, team, user, model or day), per day or not."""
+def usage(rows: list[dict[str, Any]], by: str, since: str, per: str | None, csrf: str) -> str:
+    """Requests, errors, tokens and cost per group (key, team, user, model, provider or day),
+    split per UTC day or hour or not."""
     choices = "".join(
         f'<option value="{b}"{" selected" if b == by else ""}>{b}</option>' for b in SPEND_BY
+    )
+    buckets = "".join(
+        f'<option value="{b}"{" selected" if b == (per or "") else ""}>{b or "whole"}</option>'
+        for b in ("", *BUCKETS)
     )
     form = (
         f'<form method="get" action="{BASE}usage" class="filters">'
         f'<label>by <select name="by">{choices}</select></label>'
         f'<label>since <input name="since" value="{e(since)}" placeholder="24h, 7d or ISO">'
-        f'</label><label>per day <input type="checkbox" name="daily" value="1"'
-        f'{" checked" if daily else ""}></label><button type="submit">Show</button></form>'
+        f'</label><label>per <select name="per">{buckets}</select></label>'
+        '<button type="submit">Show</button></form>'
     )
-    per_day = daily and by != "day"
+    split = per is not None and not (by == "day" and per == "day")
     body = [
         [
-            *([e(r["day"])] if per_day else []),
+            *([e(r["day"])] if split else []),
             e(r["name"] or r["group"] or "(none)"),
             e(r["requests"]),
+            e(r["errors"]),
             e(r["prompt_tokens"]),
             e(r["completion_tokens"]),
             e(cost(r["cost"])),
         ]
         for r in rows
     ]
-    headings = [*(["day (UTC)"] if per_day else []), by, "requests", "prompt tokens"]
+    headings = [*([f"{per} (UTC)"] if split else []), by, "requests", "errors", "prompt tokens"]
     listing = table([*headings, "completion tokens", "cost"], body, "usage")
     if not rows:
         listing = '<p class="empty">No requests in this time.</p>'
