@@ -37,6 +37,7 @@ from benchkit import (
     add,
     chat_body,
     chat_url,
+    close_report,
     log,
     log_tail,
     machine_busy_s,
@@ -269,8 +270,4 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         if not args.keep_tmp:
             shutil.rmtree(tmp, ignore_errors=True)
-    wall = time.perf_counter() - started
-    report["machine"]["busy_cores_mean"] = round((machine_busy_s() - busy0) / wall, 2)
-    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
-    report["wall_s"] = round(wall, 1)
-    return report
+    return close_report(report, started, busy0)

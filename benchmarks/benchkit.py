@@ -71,6 +71,16 @@ def machine_busy_s() -> float:
     return (sum(ticks) - ticks[3] - ticks[4]) / CLK_TCK  # minus idle and iowait
 
 
+def close_report(report: dict[str, Any], started: float, busy0: float) -> dict[str, Any]:
+    """The report with how busy the machine was over the run (`machine_busy_s` at its start:
+    `busy0`), its load at the end and the run's wall time (`started`: perf_counter)."""
+    wall = time.perf_counter() - started
+    report["machine"]["busy_cores_mean"] = round((machine_busy_s() - busy0) / wall, 2)
+    report["machine"]["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    report["wall_s"] = round(wall, 1)
+    return report
+
+
 def fs_type(path: Path) -> str:
     """The filesystem the WAL lives on: fsync on tmpfs would be free and the figure void."""
     best, kind = "", "?"

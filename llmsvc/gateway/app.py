@@ -191,7 +191,7 @@ class Gateway:
         headers = dict(scope["headers"])
         return headers, await read_body(receive, headers, self.max_body_bytes)
 
-    def exchange(
+    async def serve(
         self,
         scope: Scope,
         receive: ASGIReceive,
@@ -206,9 +206,9 @@ class Gateway:
         native: Native | None = None,
         store_content: bool = True,
         params: dict[str, Any] | None = None,
-    ) -> Exchange:
-        """An admitted request's exchange (chat.py), its caller's rate limits applied (a 429
-        before anything is journaled)."""
+    ) -> None:
+        """Serve an admitted request through its exchange (chat.py), its caller's rate limits
+        applied first (a 429 before anything is journaled)."""
         exchange = Exchange(
             self.journal,
             self.router,
@@ -240,9 +240,9 @@ class Gateway:
                 headers.get(b"traceparent"),
                 headers.get(b"tracestate"),
             )
-        return exchange
+        await self._run(exchange)
 
-    async def serve(self, exchange: Exchange) -> None:
+    async def _run(self, exchange: Exchange) -> None:
         """Run the exchange as an open request (shutdown waits for it, then interrupts it),
         then count it and charge its caller."""
         cancel = anyio.CancelScope()

@@ -12,7 +12,6 @@ from typing import Any, Protocol
 
 from llmsvc.errors import ServiceUnavailable
 from llmsvc.gateway.attribution import Attribution, attribution, read_attribution
-from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.count_tokens import count_tokens
 from llmsvc.gateway.embeddings import EmbeddingsWire, parse_embeddings
@@ -39,7 +38,7 @@ Scope = MutableMapping[str, Any]
 
 
 class Gateway(Protocol):
-    """What an endpoint asks of the gateway (app.py): admission, an exchange, serving it."""
+    """What an endpoint asks of the gateway (app.py): admission, then serving an exchange."""
 
     router: Router
     conversations: Conversations | None
@@ -51,7 +50,7 @@ class Gateway(Protocol):
         """The admitted request's headers and body."""
         ...
 
-    def exchange(
+    async def serve(
         self,
         scope: Scope,
         receive: ASGIReceive,
@@ -66,9 +65,9 @@ class Gateway(Protocol):
         native: Native | None = None,
         store_content: bool = True,
         params: dict[str, Any] | None = None,
-    ) -> Exchange: ...
-
-    async def serve(self, exchange: Exchange) -> None: ...
+    ) -> None:
+        """Serve the admitted request through an exchange with this wire."""
+        ...
 
 
 SESSION_PREFIX = "/v1/sessions/"
@@ -86,18 +85,16 @@ async def chat_completions(
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     model = request.model
     await gateway.serve(
-        gateway.exchange(
-            scope,
-            receive,
-            send,
-            headers,
-            data,
-            model,
-            request.stream,
-            attribution,
-            lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
-            "chat",
-        )
+        scope,
+        receive,
+        send,
+        headers,
+        data,
+        model,
+        request.stream,
+        attribution,
+        lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
+        "chat",
     )
 
 
@@ -109,20 +106,18 @@ async def embeddings(gateway: Gateway, scope: Scope, receive: ASGIReceive, send:
     attribution = read_attribution(data, request, headers)
     model, encoding_format = request.model, request.encoding_format
     await gateway.serve(
-        gateway.exchange(
-            scope,
-            receive,
-            send,
-            headers,
-            {"messages": []},
-            model,
-            False,
-            attribution,
-            lambda rid, created: EmbeddingsWire(model, encoding_format),
-            api=EMBEDDINGS,
-            native=Native(EMBEDDINGS, data),
-            store_content=gateway.store_embeddings,
-        )
+        scope,
+        receive,
+        send,
+        headers,
+        {"messages": []},
+        model,
+        False,
+        attribution,
+        lambda rid, created: EmbeddingsWire(model, encoding_format),
+        api=EMBEDDINGS,
+        native=Native(EMBEDDINGS, data),
+        store_content=gateway.store_embeddings,
     )
 
 
@@ -135,21 +130,19 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
     user = request.metadata.user_id if request.metadata is not None else None
     model = request.model
     await gateway.serve(
-        gateway.exchange(
-            scope,
-            receive,
-            send,
-            headers,
-            data,
-            model,
-            request.stream,
-            attribution(user, None, None, headers),
-            lambda rid, _created: MessagesWire(
-                f"msg_{rid}", model, lambda: count_prompt(model, data["messages"])[0]
-            ),
-            api="messages",
-            native=Native("messages", native),
-        )
+        scope,
+        receive,
+        send,
+        headers,
+        data,
+        model,
+        request.stream,
+        attribution(user, None, None, headers),
+        lambda rid, _created: MessagesWire(
+            f"msg_{rid}", model, lambda: count_prompt(model, data["messages"])[0]
+        ),
+        api="messages",
+        native=Native("messages", native),
     )
 
 
@@ -180,20 +173,18 @@ async def responses(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: 
         )
     model, fields = request.model, echoed(client)
     await gateway.serve(
-        gateway.exchange(
-            scope,
-            receive,
-            send,
-            headers,
-            responses_as_chat(request, history),
-            model,
-            request.stream,
-            attribution,
-            lambda rid, created: ResponsesWire(rid, created, model, fields),
-            api="responses",
-            native=Native("responses", forwardable(client, history)),
-            params={k: v for k, v in client.items() if k != "model"},
-        )
+        scope,
+        receive,
+        send,
+        headers,
+        responses_as_chat(request, history),
+        model,
+        request.stream,
+        attribution,
+        lambda rid, created: ResponsesWire(rid, created, model, fields),
+        api="responses",
+        native=Native("responses", forwardable(client, history)),
+        params={k: v for k, v in client.items() if k != "model"},
     )
 
 
