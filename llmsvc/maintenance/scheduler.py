@@ -70,19 +70,26 @@ class Scheduler:
         self._running.add(task)
         try:
             await self._run(name, self._slots.pop(name))
+        except asyncio.CancelledError:
+            # Only `shutdown` cancels a run, and has logged it; raised on, the
+            # cancellation would reach APScheduler, which logs it as a crash.
+            return
         finally:
             self._running.discard(task)
 
     async def shutdown(self, grace: float) -> None:
-        """Stop firing; give running jobs `grace` seconds, then cancel them."""
-        self._scheduler.shutdown(wait=False)
+        """Stop firing; give running jobs `grace` seconds, then cancel them.
+
+        APScheduler's own shutdown cancels running jobs at once, so it comes last.
+        """
+        self._scheduler.pause()
         running = list(self._running)
-        if not running:
-            return
-        _done, pending = await asyncio.wait(running, timeout=grace)
-        for task in pending:
-            log.warning("scheduler: job cancelled by shutdown", task=task.get_name())
-            task.cancel()
-        for task in pending:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        if running:
+            _done, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                log.warning("scheduler: job cancelled by shutdown", task=task.get_name())
+                task.cancel()
+            for task in pending:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._scheduler.shutdown(wait=False)

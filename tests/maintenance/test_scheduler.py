@@ -108,3 +108,40 @@ def test_two_daemons_on_one_database_run_each_scheduled_slot_exactly_once(
     # Both daemons fired the slots: the one that lost a claim said so.
     taken = "job slot taken by another instance job=gap-scan"
     assert taken in first.log + second.log
+
+
+@pytest.mark.timeout(30)
+async def test_a_run_cancelled_by_shutdown_is_a_warning_not_a_crash(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A job held up by a stalled database is cancelled at shutdown: a warning, no traceback."""
+    started = asyncio.Event()
+
+    async def run(job: str, slot: datetime) -> None:
+        started.set()
+        await asyncio.Event().wait()  # a database that never answers
+
+    scheduler = Scheduler({"gap-scan": "* * * * * *"}, run, misfire_grace=60)  # every second
+    scheduler.start()
+    await asyncio.wait_for(started.wait(), timeout=5)
+    await scheduler.shutdown(grace=0.1)
+    await asyncio.sleep(0.1)  # the executor's done-callback runs after the task ends
+    assert "job cancelled by shutdown" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+@pytest.mark.timeout(30)
+async def test_a_run_that_ends_within_the_grace_is_let_finish() -> None:
+    started, finished = asyncio.Event(), asyncio.Event()
+
+    async def run(job: str, slot: datetime) -> None:
+        started.set()
+        await asyncio.sleep(0.3)
+        finished.set()
+
+    scheduler = Scheduler({"gap-scan": "* * * * * *"}, run, misfire_grace=60)
+    scheduler.start()
+    await asyncio.wait_for(started.wait(), timeout=5)
+    await scheduler.shutdown(grace=5)
+    assert finished.is_set()
