@@ -174,6 +174,15 @@ llm_sessions = sa.Table(
     sa.Column("expires_at", Timestamp),
 )
 
+# Console sessions ended by logging out (migration 0010): the SHA-256 of the cookie's nonce,
+# never the cookie, until the cookie would have expired anyway; every worker refuses them.
+console_logouts = sa.Table(
+    "console_logouts",
+    metadata,
+    sa.Column("nonce_hash", sa.String(64), primary_key=True),
+    sa.Column("expires_at", Timestamp, nullable=False),
+)
+
 provider_status = sa.Table(
     "provider_status",
     metadata,
@@ -237,6 +246,7 @@ sa.Index("ix_llm_requests_key_created", llm_requests.c.key_id, llm_requests.c.cr
 sa.Index("ix_llm_requests_team_created", llm_requests.c.team_id, llm_requests.c.created_at)
 sa.Index("ix_llm_requests_session_created", llm_requests.c.session_id, llm_requests.c.created_at)
 sa.Index("ix_llm_sessions_expires_at", llm_sessions.c.expires_at)
+sa.Index("ix_console_logouts_expires_at", console_logouts.c.expires_at)
 sa.Index("ix_api_keys_updated_at", api_keys.c.updated_at)
 sa.Index("ix_llm_attempts_request_id", llm_attempts.c.request_id)
 sa.Index("ix_llm_attempts_provider_request", llm_attempts.c.provider, llm_attempts.c.request_id)

@@ -118,6 +118,7 @@ async def test_upgrade_to_head_creates_the_store_tables_and_checkpoints(
         "teams",
         "api_keys",
         "llm_sessions",
+        "console_logouts",
         "alembic_version",
     }
     assert current == head == NEWEST

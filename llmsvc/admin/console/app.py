@@ -1,7 +1,8 @@
 """The console's routes under `/console/`: login, the pages, and the few actions.
 
-Pages need a session cookie (`session.Sessions`); without one a GET is sent to
-the login form and a POST refused. Every POST also needs its session's CSRF
+Pages need a session cookie (`session.Sessions`) that was not logged out (the
+store's `console_logouts`, shared by every worker); without one a GET is sent
+to the login form and a POST refused. Every POST also needs its session's CSRF
 token in the form and an Origin of this server. With no `admin_token`
 configured the console is off: every path is 404, saying how to turn it on.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
-from datetime import datetime
+from datetime import UTC, datetime
 from importlib.resources import files
 from typing import Any, Protocol
 from urllib.parse import parse_qs
@@ -30,6 +31,7 @@ from llmsvc.gateway.request import ClientGone, read_body, request_id, request_id
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
 from llmsvc.logs import logger
 from llmsvc.store.attribution import BUCKETS, SPEND_BY, RequestFilter, parse_since, spend
+from llmsvc.store.console_logouts import console_session_ended, end_console_session
 from llmsvc.store.keys import utc
 from llmsvc.store.queries import (
     RequestDetail,
@@ -93,9 +95,8 @@ class Console:
         try:
             if self.sessions is None:
                 raise NotFound("the console is off: set admin_token to turn it on")
-            cookie = _cookie(scope)
-            if cookie is not None and not self.sessions.valid(cookie):
-                cookie = None
+            given = _cookie(scope)
+            cookie = given if given is not None and await self._live(given) else None
             answer = await self._route(scope, receive, cookie)
         except ClientGone:
             return  # nobody to answer
@@ -136,7 +137,7 @@ class Console:
         if method == "POST":
             form = await self._form(scope, receive, cookie)
             if path == "/logout":
-                return _redirect("login", [_set_cookie(scope, "", 0)])
+                return await self._logout(scope, cookie)
             if found := re.fullmatch(r"/requests/([^/]+)/replay", path):
                 return await self._replay(scope, found[1], form)
             if found := re.fullmatch(r"/providers/([^/]+)/(enable|disable)", path):
@@ -171,6 +172,22 @@ class Console:
         log.info("console: an operator logged in")
         cookie = self.sessions.open()
         return _redirect("requests", [_set_cookie(scope, cookie, LIFETIME_SECONDS)])
+
+    async def _live(self, cookie: str) -> bool:
+        """Signed, not expired, and not logged out (in any worker: the store says)."""
+        assert self.sessions is not None
+        if not self.sessions.valid(cookie):
+            return False
+        nonce_hash, _ = self.sessions.ended_as(cookie)
+        return not await console_session_ended(self.ops.engine, nonce_hash)
+
+    async def _logout(self, scope: Scope, cookie: str) -> Page:
+        """The session ends in the store, for every worker, then in the browser."""
+        assert self.sessions is not None
+        nonce_hash, expires_at = self.sessions.ended_as(cookie)
+        await end_console_session(self.ops.engine, nonce_hash, expires_at, datetime.now(UTC))
+        log.info("console: an operator logged out")
+        return _redirect("login", [_set_cookie(scope, "", 0)])
 
     async def _form(self, scope: Scope, receive: ASGIReceive, cookie: str) -> dict[str, str]:
         """A POST's form, once it proved to come from this session's own page (Forbidden)."""

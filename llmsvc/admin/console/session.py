@@ -2,8 +2,9 @@
 
 The cookie holds an expiry and a random nonce signed with a key derived from the
 admin token, never the token itself: every worker sharing the port checks it
-alike, and changing the admin token ends every session. The CSRF token is a
-second signature of the same cookie value, so a form carries proof of the
+alike, and changing the admin token ends every session. Logging out ends one
+session in every worker through a row in the store (`ended_as`). The CSRF token
+is a second signature of the same cookie value, so a form carries proof of the
 session without the session's value being readable by a page's script.
 """
 
@@ -13,6 +14,7 @@ import hashlib
 import hmac
 import secrets
 import time
+from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 COOKIE = "llmsvc_console"
@@ -50,6 +52,13 @@ class Sessions:
 
     def csrf_matches(self, cookie: str, given: str) -> bool:
         return hmac.compare_digest(given, self.csrf(cookie))
+
+    @staticmethod
+    def ended_as(cookie: str) -> tuple[str, datetime]:
+        """A valid cookie's row once logged out: the SHA-256 of its nonce (the store never
+        holds a cookie) and its expiry, after which the signature check refuses it anyway."""
+        expiry, nonce, _signature = cookie.split(".")
+        return hashlib.sha256(nonce.encode()).hexdigest(), datetime.fromtimestamp(int(expiry), UTC)
 
     def _sign(self, purpose: str, value: str) -> str:
         return hmac.new(self._key, f"{purpose}\0{value}".encode(), hashlib.sha256).hexdigest()
