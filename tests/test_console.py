@@ -154,6 +154,11 @@ def test_usage_sums_requests_and_tokens_per_model_and_day_or_per_user(
     expect(rows).to_have_count(1)  # one day, one model
     cells = rows.locator("td")
     assert [cells.nth(n).inner_text() for n in (1, 2, 5)] == ["mock", "3", str(6 + 4 + 3)]
+    tokens = page.locator("svg.chart.tokens rect.bar")  # one day's bar, all the mock's
+    expect(tokens).to_have_count(1)
+    expect(tokens.locator("title")).to_contain_text(" · mock: ")
+    expect(page.locator("svg.chart.requests rect.bar.done title")).to_contain_text(": 3")
+    expect(page.locator("svg.chart text.legend").first).to_have_text("mock")
     page.select_option("select[name=by]", "user")
     page.select_option("select[name=per]", "")
     page.click("form.filters button")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from llmsvc.admin.console.charts import usage_charts
 from llmsvc.admin.console.html import BASE, button_form, cost, e, millis, page, pretty, table, when
 from llmsvc.admin.console.timeline import timeline_svg
 from llmsvc.store.attribution import BUCKETS, SPEND_BY
@@ -213,7 +214,7 @@ def _reply(detail: RequestDetail) -> str:
 
 def usage(rows: list[dict[str, Any]], by: str, since: str, per: str | None, csrf: str) -> str:
     """Requests, errors, tokens and cost per group (key, team, user, model, provider or day),
-    split per UTC day or hour or not."""
+    split per UTC day or hour or not; split in time (or by day), charted above the table."""
     choices = "".join(
         f'<option value="{b}"{" selected" if b == by else ""}>{b}</option>' for b in SPEND_BY
     )
@@ -243,9 +244,14 @@ def usage(rows: list[dict[str, Any]], by: str, since: str, per: str | None, csrf
     ]
     headings = [*([f"{per} (UTC)"] if split else []), by, "requests", "errors", "prompt tokens"]
     listing = table([*headings, "completion tokens", "cost"], body, "usage")
+    charts = ""
     if not rows:
         listing = '<p class="empty">No requests in this time.</p>'
-    return page("Usage and spend", form + listing, csrf)
+    elif (bucket := per or ("day" if by == "day" else None)) is not None:
+        charts = f'<div class="charts">{usage_charts(rows, by, bucket)}</div>'
+    else:
+        charts = '<p class="empty">Choose per day or hour to chart usage over time.</p>'
+    return page("Usage and spend", form + charts + listing, csrf)
 
 
 def health(report: dict[str, Any], csrf: str) -> str:
