@@ -2,8 +2,8 @@
 
 Login (a wrong token refused), the request list and its filters, a request with its
 token timeline, a provider switched off and on, CSRF and Origin refusals, a prompt
-that is markup shown as text, usage, a replay, logout. A failed test leaves a
-screenshot in test-artifacts/console/. The replay adds a request to the shared
+that is markup shown as text, usage, a replay pinned to a provider target, logout. A
+failed test leaves a screenshot in test-artifacts/console/. The replay adds a request to the shared
 daemon: its test comes after those that count the seeded three (each pytest-xdist
 worker runs its share of a module in file order).
 """
@@ -21,6 +21,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 pytestmark = pytest.mark.timeout(120)
 
+PINNED = "mock:mock-large"  # a target of the route `large`, and no public name itself
+
 
 class Seeded:
     def __init__(self, daemon: DaemonProcess) -> None:
@@ -33,7 +35,8 @@ class Seeded:
 @pytest.fixture(scope="module")
 def seeded(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Seeded]:
     base = tmp_path_factory.mktemp("console")
-    env = daemon_env(f"sqlite+aiosqlite:///{base / 'llmsvc.db'}", base / "wal", admin_token=TOKEN)
+    env = daemon_env(f"sqlite+aiosqlite:///{base / 'llmsvc.db'}", base / "wal", admin_token=TOKEN,
+                     routes=json.dumps({"large": [PINNED]}))  # fmt: skip
     with DaemonProcess(env) as daemon:
         daemon.wait_caught_up()
         yield Seeded(daemon)
@@ -151,6 +154,11 @@ def test_usage_sums_requests_and_tokens_per_model_and_day_or_per_user(
     expect(rows).to_have_count(1)  # one day, one model
     cells = rows.locator("td")
     assert [cells.nth(n).inner_text() for n in (1, 2, 5)] == ["mock", "3", str(6 + 4 + 3)]
+    tokens = page.locator("svg.chart.tokens rect.bar")  # one day's bar, all the mock's
+    expect(tokens).to_have_count(1)
+    expect(tokens.locator("title")).to_contain_text(" · mock: ")
+    expect(page.locator("svg.chart.requests rect.bar.done title")).to_contain_text(": 3")
+    expect(page.locator("svg.chart text.legend").first).to_have_text("mock")
     page.select_option("select[name=by]", "user")
     page.select_option("select[name=per]", "")
     page.click("form.filters button")
@@ -159,27 +167,35 @@ def test_usage_sums_requests_and_tokens_per_model_and_day_or_per_user(
     assert users == {"alice", "mallory", "(none)"}
 
 
-def test_a_replay_goes_through_the_gateway_and_is_shown_beside_the_original(
+def test_a_replay_pinned_to_a_provider_target_is_shown_beside_the_original(
     seeded: Seeded, page: Page
 ) -> None:
     base = seeded.daemon.base_url
     log_in(page, seeded.daemon)
     page.goto(f"{base}/console/requests/{seeded.plain}")
-    page.fill("form.replay input[name=model]", "no-such-model")
+    action = f"{base}/console/requests/{seeded.plain}/replay"
+    csrf = page.locator("form.replay input[name=csrf]").get_attribute("value")
+    unknown = page.request.post(action, headers={"Origin": base},
+                                form={"csrf": csrf or "", "target": "mock:nowhere"})  # fmt: skip
+    assert unknown.status == 400
+    assert "mock:nowhere&#x27; is neither a route nor a provider:model target" in unknown.text()
+    assert page.input_value("form.replay select[name=target]") == "mock"  # the original's
+    page.select_option("form.replay select[name=target]", PINNED)
     page.click("form.replay button")
-    expect(page.locator("p.error")).to_contain_text("the gateway answered the replay with 404")
-    page.goto(f"{base}/console/requests/{seeded.plain}")
-    page.click("form.replay button")  # to the original's model
     expect(page.locator(".compare h3").first).to_contain_text("Original: mock")
+    expect(page.locator(".compare h3").last).to_have_text(f"Replay: {PINNED} on mock")
     replayed = page.url.rsplit("/", 1)[1]
     assert replayed != seeded.plain
     original, again = page.locator(".compare pre.reply").all_inner_texts()
     assert again == original
     code, shown = admin_call(seeded.daemon, "GET", f"/api/admin/requests/{replayed}", None, TOKEN)
     assert code == 200
-    assert shown["request"]["metadata"] == {"replay_of": seeded.plain}
-    assert (shown["request"]["stream"], shown["request"]["end_user"]) == (False, "alice")
-    assert shown["request"]["status"] == "completed"  # stored whole before the page showed
+    request, (attempt,) = shown["request"], shown["attempts"]
+    assert request["metadata"] == {"replay_of": seeded.plain, "replay_target": PINNED}
+    went = (request["provider"], attempt["provider"], attempt["model"])
+    assert went == ("mock", "mock", "mock-large")
+    assert (request["stream"], request["end_user"]) == (False, "alice")
+    assert request["status"] == "completed"  # stored whole before the page showed
     page.goto(f"{base}/console/requests?metadata=replay_of:{seeded.plain}")
     expect(page.locator("table.requests tbody a")).to_have_attribute(
         "href", f"/console/requests/{replayed}"

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -21,6 +22,8 @@ import sqlalchemy as sa
 from daemon_process import daemon_env, run_cli
 from policies import flush_policy, wal_policy
 
+from llmsvc.admin.console import charts
+from llmsvc.admin.console.charts import AXIS_Y, TOP, usage_charts
 from llmsvc.callers import Caller
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.journal import Journal
@@ -297,3 +300,57 @@ async def test_spend_per_day_splits_each_group_by_utc_date_in_date_order(
     assert sum(row["requests"] for row in hourly) == sum(row["requests"] for row in whole)
     assert sum(row["errors"] for row in hourly) == sum(row["errors"] for row in whole)
     assert all(0 <= row["errors"] <= row["requests"] for row in hourly)
+
+
+SVG = "{http://www.w3.org/2000/svg}"
+
+
+def _bars(html: str) -> dict[str, dict[tuple[str, str], float]]:
+    """Each chart's bar heights by (bucket, series), as the console's usage page draws them."""
+    charts: dict[str, dict[tuple[str, str], float]] = {}
+    for svg in ET.fromstring(f"<div>{html}</div>").iter(f"{SVG}svg"):
+        bars = charts.setdefault(svg.attrib["class"].split()[1], {})
+        for rect in svg.iter(f"{SVG}rect"):
+            title = rect.find(f"{SVG}title")
+            if title is not None:  # a bar; a legend's swatch has none
+                bucket, _, rest = (title.text or "").partition(" · ")
+                bars[bucket, rest.rpartition(":")[0]] = float(rect.attrib["height"])
+    return charts
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_usage_charts_draw_each_days_totals_to_scale_stacked_by_group(
+    journaled: Journaled, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Today: r1, r2, r4 and r5 (failed here), 51 tokens, $0.3; three days ago r3 alone, 45
+    tokens, $0.3. The tallest bucket fills the plot; the others are to its scale."""
+    engine = create_engine(journaled.env["LLMSVC_DATABASE_URL"])
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(sa.update(llm_requests)
+                               .where(llm_requests.c.id == journaled.ids["r5"])
+                               .values(status="failed"))  # fmt: skip
+        rows = await spend(engine, "model", per="day")
+    finally:
+        await engine.dispose()
+    today = datetime.now(UTC).date()
+    now, then = today.isoformat(), (today - timedelta(days=3)).isoformat()
+    plot = AXIS_Y - TOP
+    drawn = _bars(usage_charts(rows, "model", "day"))
+    assert drawn["tokens"] == pytest.approx({
+        (then, "gpt-a"): plot * 45 / 51,
+        (now, "gpt-a"): plot * (15 + 2) / 51,
+        (now, "gpt-b"): plot * (30 + 4) / 51,
+    }, abs=0.01)  # fmt: skip
+    assert drawn["requests"] == pytest.approx({
+        (then, "completed"): plot * 1 / 4,
+        (now, "completed"): plot * 3 / 4,
+        (now, "errors"): plot * 1 / 4,
+    }, abs=0.01)  # fmt: skip
+    assert drawn["cost"] == pytest.approx({(then, "cost"): plot, (now, "cost"): plot}, abs=0.01)
+    monkeypatch.setattr(charts, "TOP_GROUPS", 1)  # gpt-a has more tokens: gpt-b is "other"
+    html = usage_charts(rows, "model", "day")
+    assert set(_bars(html)["tokens"]) == {(then, "gpt-a"), (now, "gpt-a"), (now, "other")}
+    legend = [t.text for t in ET.fromstring(f"<div>{html}</div>").iter(f"{SVG}text")
+              if t.get("class") == "legend"]  # fmt: skip
+    assert legend[:2] == ["gpt-a", "other"]

@@ -29,6 +29,7 @@ from llmsvc.gateway.http_protocol import closed_check
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.request import (
     CALLER,
+    PINNED,
     ClientGone,
     correlation_id,
     read_body,
@@ -208,7 +209,8 @@ class Gateway:
         params: dict[str, Any] | None = None,
     ) -> None:
         """Serve an admitted request through its exchange (chat.py), its caller's rate limits
-        applied first (a 429 before anything is journaled)."""
+        applied first (a 429 before anything is journaled); to the scope's pinned target, if
+        the console's replay set one (`PINNED`), else along its model's route."""
         exchange = Exchange(
             self.journal,
             self.router,
@@ -228,6 +230,7 @@ class Gateway:
             native=native,
             store_content=store_content,
             params=params,
+            pinned=scope.get(PINNED),
         )
         if exchange.caller is not None and self.limiter is not None:
             exchange.headers += self.limiter.admit(exchange.caller)

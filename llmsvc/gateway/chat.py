@@ -132,6 +132,7 @@ class Exchange:
         native: Native | None = None,
         store_content: bool = True,
         params: dict[str, Any] | None = None,
+        pinned: Target | None = None,
     ) -> None:
         """`data`: the request as a chat completion (what a provider without `native`'s API
         is sent); `native`: the body as the client sent it in another API, forwarded as is
@@ -139,18 +140,22 @@ class Exchange:
         `store_content` False: a whole reply's content is sent and not journaled, for
         embeddings' vectors, which are data and stored only if asked (`store_embeddings`).
         `params`: what the start record keeps when the client's body is not `native`'s (a
-        Responses body whose `previous_response_id` the forwarded one has resolved)."""
-        if caller is not None and caller.models is not None and model not in caller.models:
+        Responses body whose `previous_response_id` the forwarded one has resolved).
+        `pinned`: the one target to try instead of the model's route (the console's replay;
+        the operator chose it, so a key's model allowlist does not apply)."""
+        allowed = caller.models if caller is not None and pinned is None else None
+        if caller is not None and allowed is not None and model not in allowed:
             raise ModelNotAllowed(
                 f"the key {caller.key_name!r} may not use the model {model!r}; "
-                f"it may use {', '.join(sorted(caller.models))}",
+                f"it may use {', '.join(sorted(allowed))}",
                 param="model",
             )
         self.journal = journal
         self.caller = caller  # who sent it (None with `auth = "none"`)
         self.router = router
         self.policy = policy
-        self.targets = router.targets(model)  # UnknownModel before anything is journaled
+        # UnknownModel before anything is journaled
+        self.targets = [pinned] if pinned is not None else router.targets(model)
         self.target = self.targets[0]  # the one being tried
         self.data = data
         self.model, self.stream, self.api, self.native = model, stream, api, native

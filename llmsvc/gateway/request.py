@@ -31,6 +31,9 @@ _PAIRS = bytes.maketrans(b"[]{}", b"()()")
 
 REQUEST_ID = "llmsvc.request_id"  # the scope key of the request's id (`request_id`)
 CALLER = "llmsvc.caller"  # the scope key of an authenticated request's `Caller`
+# The scope key of a `router.Target` the request must go to instead of its model's route. Only
+# the console's replay sets it, in the scope it builds in process: no HTTP client can.
+PINNED = "llmsvc.target"
 # An X-Correlation-ID is stored and searched as sent: visible ASCII, at most this long. Every
 # trace id format in use fits (a UUID is 36, a W3C traceparent 55, AWS's X-Amzn-Trace-Id ~80);
 # no spaces, so it stays one field in a log line and a table.

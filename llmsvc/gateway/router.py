@@ -73,6 +73,11 @@ class Router:
                 param="model",
             ) from None
 
+    def pinnable(self) -> dict[str, Target]:
+        """Every target some public name routes to, by its `provider:model` name: what the
+        console's replay may pin a request to (routes and allowlists not applied)."""
+        return {f"{t.provider.name}:{t.model}": t for ts in self.routes.values() for t in ts}
+
     async def try_targets(self, request: Request) -> None:
         """Each target in turn; a transient failure before the first token is retried
         (backoff with jitter, Retry-After honoured), then the next target is tried. After

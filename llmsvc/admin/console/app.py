@@ -21,7 +21,7 @@ import orjson
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.admin.console import pages
-from llmsvc.admin.console.replay import replay
+from llmsvc.admin.console.replay import choices, replay
 from llmsvc.admin.console.session import COOKIE, LIFETIME_SECONDS, Sessions, same_origin
 from llmsvc.errors import ClientError, Forbidden, MethodNotAllowed, NotFound, Unauthorized
 from llmsvc.gateway.app import Gateway
@@ -229,9 +229,10 @@ class Console:
 
     async def _replay(self, scope: Scope, given: str, form: dict[str, str]) -> Page:
         original = await self._detail(given)
-        model = form.get("model", "")
-        new = await replay(self.ops.gateway, scope, original, model, form.get("api_key", ""))
-        log.info("console: a request replayed", original=original.request["id"], replay=new)
+        target = form.get("target", "")
+        new = await replay(self.ops.gateway, scope, original, target, form.get("api_key", ""))
+        log.info("console: a request replayed", original=original.request["id"], replay=new,
+                 target=target.strip())  # fmt: skip
         return _redirect(f"requests/{new}")
 
     async def _usage(self, scope: Scope, csrf: str) -> Page:
@@ -254,7 +255,8 @@ class Console:
         if replay_of := (detail.request["metadata"] or {}).get("replay_of"):
             found = await find_requests(self.ops.engine, replay_of)
             original = await request_detail(self.ops.engine, found[0]) if found else None
-        return _html(200, pages.request(detail, times, original, csrf))
+        routes, targets = choices(self.ops.gateway.router)
+        return _html(200, pages.request(detail, times, original, routes, targets, csrf))
 
     async def _detail(self, given: str) -> RequestDetail:
         """A request by its id or the one correlation id it was sent with (else NotFound)."""

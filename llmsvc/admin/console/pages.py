@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote, urlencode
 
+from llmsvc.admin.console.charts import usage_charts
 from llmsvc.admin.console.html import BASE, button_form, cost, e, millis, page, pretty, table, when
 from llmsvc.admin.console.timeline import timeline_svg
 from llmsvc.store.attribution import BUCKETS, SPEND_BY
@@ -92,10 +93,14 @@ def request(
     detail: RequestDetail,
     times: dict[Any, list[Any]],
     original: RequestDetail | None,
+    routes: list[str],
+    targets: list[tuple[str, bool]],
     csrf: str,
 ) -> str:
     """The prompt, the reply as stored, every attempt, and each attempt's token timeline;
-    for a replay, its reply beside the original's; for a chat request, the replay form."""
+    for a replay, its reply beside the original's; for a chat request, the replay form (to
+    one of the `routes`, or pinned to one of the provider:model `targets`, each with whether
+    its provider is disabled)."""
     r = detail.request
     facts = [
         ("id", r["id"]),
@@ -161,14 +166,14 @@ def request(
         reply = (
             '<div class="compare"><div><h3>Original: '
             f'<a href="{BASE}requests/{o["id"]}">{e(o["model"])}</a></h3>{_reply(original)}</div>'
-            f"<div><h3>Replay: {e(r['model'])}</h3>{reply}</div></div>"
+            f"<div><h3>Replay: {e(r['model'])} on {e(r['provider'])}</h3>{reply}</div></div>"
         )
     replay = ""
     if (r["api"] or "chat") == "chat":
         replay = (
             f'<h2>Replay</h2><form method="post" action="{BASE}requests/{r["id"]}/replay" '
             f'class="filters replay"><input type="hidden" name="csrf" value="{e(csrf)}">'
-            f'<label>model <input name="model" value="{e(r["model"])}" required></label>'
+            f"<label>to {_replay_select(r['model'], routes, targets)}</label>"
             '<label>API key (when keys are required) <input type="password" name="api_key" '
             'autocomplete="off"></label><button type="submit">Send again</button></form>'
         )
@@ -177,6 +182,23 @@ def request(
         f"<h2>Attempts</h2>{attempts}<h2>Token timeline</h2>{charts}{replay}"
     )
     return page("Request", body, csrf)
+
+
+def _replay_select(model: str, routes: list[str], targets: list[tuple[str, bool]]) -> str:
+    """The routes (the original's model chosen), then the provider:model targets to pin."""
+
+    def option(value: str, label: str) -> str:
+        chosen = " selected" if value == model else ""
+        return f'<option value="{e(value)}"{chosen}>{e(label)}</option>'
+
+    routed = "".join(option(name, name) for name in routes)
+    pinned = "".join(
+        option(name, f"{name} (provider disabled)" if off else name) for name, off in targets
+    )
+    return (
+        f'<select name="target" required><optgroup label="Routes">{routed}</optgroup>'
+        f'<optgroup label="Pinned to a provider:model">{pinned}</optgroup></select>'
+    )
 
 
 def _reply(detail: RequestDetail) -> str:
@@ -192,7 +214,7 @@ def _reply(detail: RequestDetail) -> str:
 
 def usage(rows: list[dict[str, Any]], by: str, since: str, per: str | None, csrf: str) -> str:
     """Requests, errors, tokens and cost per group (key, team, user, model, provider or day),
-    split per UTC day or hour or not."""
+    split per UTC day or hour or not; split in time (or by day), charted above the table."""
     choices = "".join(
         f'<option value="{b}"{" selected" if b == by else ""}>{b}</option>' for b in SPEND_BY
     )
@@ -222,9 +244,14 @@ def usage(rows: list[dict[str, Any]], by: str, since: str, per: str | None, csrf
     ]
     headings = [*([f"{per} (UTC)"] if split else []), by, "requests", "errors", "prompt tokens"]
     listing = table([*headings, "completion tokens", "cost"], body, "usage")
+    charts = ""
     if not rows:
         listing = '<p class="empty">No requests in this time.</p>'
-    return page("Usage and spend", form + listing, csrf)
+    elif (bucket := per or ("day" if by == "day" else None)) is not None:
+        charts = f'<div class="charts">{usage_charts(rows, by, bucket)}</div>'
+    else:
+        charts = '<p class="empty">Choose per day or hour to chart usage over time.</p>'
+    return page("Usage and spend", form + charts + listing, csrf)
 
 
 def health(report: dict[str, Any], csrf: str) -> str:
