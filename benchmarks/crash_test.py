@@ -9,8 +9,10 @@ iterations (a real restart reuses both):
 2. run `--clients` threads, each looping over streaming requests to the mock
    provider (random `max_tokens` 50..300, random `mock_delay_ms` 2..10), recording the
    request id (`x-request-id`) and every token received. Each request goes by one of
-   `--apis` at random: chat completions and Responses with the `openai` SDK, Anthropic
-   Messages with the `anthropic` SDK; a token is a text delta of whichever API;
+   `--apis` in turn, client i starting at the i-th, so every API is in flight from the
+   first moment (a random pick could miss one in a short run): chat completions and
+   Responses with the `openai` SDK, Anthropic Messages with the `anthropic` SDK; a token
+   is a text delta of whichever API;
 3. SIGKILL the daemon at a random moment 0.3..2 s in; clients end on the lost
    connection, keeping what they got;
 4. start the daemon again (its boot replays the WAL and marks in-flight requests
@@ -44,6 +46,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import itertools
 import json
 import random
 import re
@@ -147,6 +150,7 @@ class Client(threading.Thread):
         apis: tuple[str, ...],
         key: crash_keys.Key | None = None,
     ) -> None:
+        """`apis`: the APIs to take in turn, this client's first one first."""
         super().__init__(daemon=True)
         self.base_url = base_url
         self.rng = rng
@@ -166,11 +170,13 @@ class Client(threading.Thread):
             base_url=self.base_url, api_key=api_key, max_retries=0, timeout=30
         )
         try:
-            while not self.stop.is_set():
+            for sent in itertools.count():
+                if self.stop.is_set():
+                    break
                 max_tokens = self.rng.randint(50, 300)
                 delay_ms = self.rng.randint(2, 10)
                 model = "mock" if self.key is None else self.rng.choice(crash_keys.MODELS)
-                api = self.rng.choice(self.apis)
+                api = self.apis[sent % len(self.apis)]
                 current: Seen | None = None
                 try:
                     if api == "messages":
@@ -429,7 +435,7 @@ def run_mode(
                 daemon.base_url,
                 random.Random(rng.getrandbits(64)),
                 stop,
-                args.apis,
+                args.apis[i % len(args.apis) :] + args.apis[: i % len(args.apis)],
                 None if callers is None else callers.keys[i % len(callers.keys)],
             )
             for i in range(args.clients)
