@@ -33,6 +33,9 @@ Usage:  .venv/bin/python benchmarks/bench.py [--quick] [--out bench.json]
         .venv/bin/python benchmarks/bench.py --auth-compare [--limit-accuracy] [--quick]
             (keys and rate limits: S1 with auth none and keys; a key's rpm across 2 workers;
             see benchmarks/bench_limits.py)
+        .venv/bin/python benchmarks/bench.py --floor [--quick]
+            (the hot path against its floor: issue 19's table, each figure beside its
+            reference in one run; see benchmarks/bench_floor.py)
         .venv/bin/python benchmarks/bench.py --otel-compare [--quick]
             (OpenTelemetry: S1 with tracing off, exporting, and exporting to a dead collector;
             see benchmarks/bench_otel.py)
@@ -57,6 +60,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import bench_floor
 import bench_limits
 import bench_otel
 import bench_scale
@@ -697,13 +701,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     limits.add_argument("--rpm", type=int, default=600, help="the key's requests a minute")
     limits.add_argument("--burst", type=int, help="the key's burst (default the rpm)")
     limits.add_argument("--window", type=float, help="seconds offered at 3x the rpm")
+    floor = p.add_argument_group("the hot path against its floor (benchmarks/bench_floor.py)")
+    floor.add_argument("--floor", action="store_true", help="issue 19's table, one run")
     otel = p.add_argument_group("OpenTelemetry (benchmarks/bench_otel.py)")
     otel.add_argument("--otel-compare", action="store_true", help="S1, spans off and exported")
     args = p.parse_args(argv)
     if args.window is None:
         args.window = 5.0 if args.quick else 30.0
-    if args.scale:
-        return args  # bench_scale.configure sets the rest
+    if args.scale or args.floor:
+        return args  # bench_scale.configure (or bench_floor's) sets the rest
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 3)
     args.latency_n = 30 if quick else 300
@@ -726,6 +732,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.scale:
         report = uvloop.run(bench_scale.run(args))
+    elif args.floor:
+        report = uvloop.run(bench_floor.run(args))
     elif args.auth_compare or args.limit_accuracy:
         report = uvloop.run(bench_limits.run(args))
     elif args.otel_compare:

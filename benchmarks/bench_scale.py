@@ -257,13 +257,12 @@ async def phase_paced(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         procs.append(daemon := await start_daemon(tmp, "daemon-paced", args.database_url, up, {}))
         sides = [Side("direct", None), Side("relay", relay), Side("daemon", daemon)]
         ports = {"direct": up.port, "relay": relay.port, "daemon": daemon.port}
-        stream_s = args.paced_tokens * args.paced_delay_ms / 1000
         for n in args.paced_streams:
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in sides}
             for r in range(args.rounds):
                 for side in rotated(sides, r):
                     port, seconds = ports[side.name], args.paced_seconds
-                    load = _load(port, n, args.paced_tokens, seconds, stream_s)
+                    load = _load(port, n, args.paced_tokens, seconds, args.paced_stagger_s)
                     got = await measured(side, up, args.database_url, load)
                     runs[side.name].append(got)
                     log(
@@ -503,8 +502,7 @@ async def phase_throttled(args: argparse.Namespace, tmp: Path) -> dict[str, Any]
 
         sampler = asyncio.create_task(sample())
         window = asyncio.create_task(throttle_window())
-        stream_s = args.paced_tokens * args.paced_delay_ms / 1000
-        stats, _ = await streams_for(d.port, n, args.paced_tokens, seconds, stream_s)
+        stats, _ = await streams_for(d.port, n, args.paced_tokens, seconds, args.paced_stagger_s)
         await window
         end_of_load = time.perf_counter() - t0
         while True:
@@ -541,6 +539,8 @@ def configure(args: argparse.Namespace) -> None:
     args.paced_streams = [int(x) for x in args.paced_streams_sweep.split(",")]
     args.paced_delay_ms, args.paced_tokens = 20.0, (10 if quick else 200)
     args.paced_seconds = 0.5 if quick else 8.0
+    # starts spread over one stream's length, so the streams overlap evenly
+    args.paced_stagger_s = args.paced_tokens * args.paced_delay_ms / 1000
     args.instant_workers = [int(x) for x in args.workers_sweep.split(",")]
     args.instant_seconds = 0.5 if quick else 6.0
     args.open_streams = 50 if quick else 5000

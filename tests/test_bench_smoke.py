@@ -91,15 +91,23 @@ def test_bench_runs_and_reports_every_figure(tmp_path: Path, pg_url: str) -> Non
             assert verdict["reached"] is not None, name
 
 
-def test_the_scale_scenarios_run_and_report_their_figures(tmp_path: Path) -> None:
-    out = tmp_path / "scale.json"
-    cmd = [sys.executable, str(SCRIPT), "--scale", "--quick", "--out", str(out)]
-    cmd += ["--tmp-dir", str(tmp_path), "--paced-streams-sweep", "4", "--workers-sweep", "1,2"]
+def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
+    """`--floor`: latency at three concurrencies, paced, open and instant streams, one table."""
+    out = tmp_path / "floor.json"
+    cmd = [sys.executable, str(SCRIPT), "--floor", "--quick", "--out", str(out)]
+    cmd += ["--tmp-dir", str(tmp_path), "--pg-url", ""]
     res = subprocess.run(cmd, capture_output=True, timeout=240)
     assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
     report = json.loads(out.read_text())
 
-    paced = report["paced"]["streams_4"]
+    for c in (1, 4, 16):
+        latency = report["latency"][f"c{c}"]
+        for q in ("p50", "p99"):
+            assert positive(latency[f"direct_{q}_ms"])
+            assert positive(latency[f"daemon_{q}_ms"])
+            assert isinstance(latency[f"added_{q}_ms"], float)
+
+    paced = report["paced"]["streams_20"]
     for side in ("direct", "relay", "daemon"):
         assert paced[f"{side}_errors"] == 0, paced[f"{side}_first_errors"]
         assert positive(paced[f"{side}_tokens_per_s"]), side
@@ -109,18 +117,36 @@ def test_the_scale_scenarios_run_and_report_their_figures(tmp_path: Path) -> Non
     assert isinstance(paced["added_ttft_p50_ms"], float)
     assert non_negative(paced["daemon_drain_s"])
 
-    instant = report["instant"]
-    for side in ("daemon_w1", "daemon_w2"):
-        assert instant[f"{side}_errors"] == 0
-        assert positive(instant[f"{side}_cpu_us_per_token"]), side
-        assert positive(instant[f"{side}_share_of_direct_tokens_per_s"]), side
-
     opened = report["open"]
     for side in ("daemon", "direct"):
         assert (opened[side]["streams"], opened[side]["errors"]) == (50, 0), opened[side]
         assert opened[side]["most_open_at_once"] > 0
     assert positive(opened["daemon"]["loop_lag_probes"])
     assert positive(opened["daemon"]["loop_lag_p99_le_s"])
+
+    assert report["instant"]["daemon_w1_errors"] == 0
+    assert positive(report["instant"]["daemon_w1_cpu_us_per_token"])
+
+    rows = report["table"]
+    assert len(rows) == 7  # three latency rows, paced CPU, TTFT, memory, instant
+    assert all(row["llmsvc"] is not None and isinstance(row["met"], bool) for row in rows)
+    assert "| non-streaming c=16, added p50 / p99 (ms) |" in res.stderr.decode()
+
+
+def test_the_scale_scenarios_run_and_report_their_figures(tmp_path: Path) -> None:
+    """Two workers and a throttled database; paced, open and instant streams are the floor's."""
+    out = tmp_path / "scale.json"
+    cmd = [sys.executable, str(SCRIPT), "--scale", "--quick", "--out", str(out)]
+    cmd += ["--tmp-dir", str(tmp_path), "--scale-phases", "instant,throttled"]
+    cmd += ["--workers-sweep", "2"]
+    res = subprocess.run(cmd, capture_output=True, timeout=240)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
+    report = json.loads(out.read_text())
+
+    instant = report["instant"]
+    assert instant["daemon_w2_errors"] == 0
+    assert positive(instant["daemon_w2_cpu_us_per_token"])
+    assert positive(instant["daemon_w2_share_of_direct_tokens_per_s"])
 
     throttled = report["throttled"]
     assert throttled["errors"] == 0

@@ -1,0 +1,210 @@
+"""The hot path against its floor: every figure of issue 19, each beside its reference.
+
+Run as ``benchmarks/bench.py --floor``. Each row is a ratio or a difference
+measured in one run, with the reference interleaved in the same rounds, so the
+rows hold on any machine (this one is shared and noisy):
+
+1. non-streaming added latency p50 and p99 at concurrency 1, 4 and 16: the
+   daemon in front of the fast upstream against that upstream called directly;
+2. paced streams (300 at 50 tokens/s, arriving at once): daemon CPU per token
+   against `relay_floor.py` (a raw TCP relay that neither parses nor stores);
+3. the same runs' added time to first token, daemon and relay;
+4. resident memory per open stream (5,000 open at 1 token/s), daemon against
+   the upstream serving them directly;
+5. an instant upstream, c=100 with 1000-token replies: daemon CPU per token
+   including the flush (no reference: the target is absolute).
+
+The scenarios are bench_scale's; this module picks their sizes, adds the
+latency at several concurrencies, and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import bench_scale
+from benchkit import (
+    MODEL,
+    PACKAGES,
+    Raw,
+    add,
+    chat_body,
+    chat_url,
+    close_report,
+    complete,
+    log,
+    machine_busy_s,
+    machine_info,
+    new_session,
+    pct,
+    per_round,
+    processes,
+    rotated,
+    spawn_upstream,
+    summary,
+)
+from benchkit import Endpoint as Target
+
+CONCURRENCIES = (1, 4, 16)
+# Issue 19's targets: added ms, a ratio to the relay, ms, KiB and µs, each an upper bound.
+TARGETS = {
+    "latency_p50": 0.3,  # ms added at every concurrency
+    "latency_p99": 1.0,
+    "paced_cpu_over_relay": 2.0,
+    "paced_added_ttft_p50_ms": 10.0,
+    "open_rss_kib_per_stream": 16.0,
+    "instant_cpu_us_per_token": 4.0,
+}
+
+
+async def phase_latency(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    """Whole replies, direct and through the daemon interleaved, at each concurrency."""
+    out: dict[str, Any] = {}
+    with processes() as procs:
+        procs.append(up := spawn_upstream(tmp, "upstream-latency", 0.0))
+        daemon = await bench_scale.start_daemon(tmp, "daemon-latency", args.database_url, up, {})
+        procs.append(daemon)
+        sessions = [new_session(), new_session()]
+        try:
+            direct = Target("direct", chat_url(up), sessions[0], MODEL)
+            via = Target(
+                "daemon", f"http://127.0.0.1:{daemon.port}/v1/chat/completions", sessions[1], MODEL
+            )
+            body = chat_body(MODEL, 16, stream=False)
+            for target in (direct, via):  # warm both paths: imports, pools, caches
+                await _requests(target, body, 16, 64)
+            for c in CONCURRENCIES:
+                raw: Raw = {}
+                for r in range(args.rounds):
+                    for target in rotated([direct, via], r):
+                        lats = await _requests(target, body, c, args.latency_n)
+                        add(raw, f"{target.name}_p50_ms", pct(lats, 0.5) * 1e3)
+                        add(raw, f"{target.name}_p99_ms", pct(lats, 0.99) * 1e3)
+                    for q in ("p50", "p99"):
+                        added = raw[f"daemon_{q}_ms"][-1] - raw[f"direct_{q}_ms"][-1]
+                        add(raw, f"added_{q}_ms", added)
+                out[f"c{c}"] = {**summary(raw), "per_round": per_round(raw)}
+                log(f"latency c={c}: added p50 {out[f'c{c}']['added_p50_ms']} ms "
+                    f"p99 {out[f'c{c}']['added_p99_ms']} ms")  # fmt: skip
+        finally:
+            for session in sessions:
+                await session.close()
+    out["requests_per_round"] = args.latency_n
+    return out
+
+
+async def _requests(target: Target, body: bytes, concurrency: int, n: int) -> list[float]:
+    """`n` whole requests from `concurrency` clients at once; each one's latency."""
+    lats: list[float] = []
+
+    async def client(count: int) -> None:
+        for _ in range(count):
+            lats.append(await complete(target, body))
+
+    await asyncio.gather(*(client(n // concurrency) for _ in range(concurrency)))
+    return lats
+
+
+def configure(args: argparse.Namespace) -> None:
+    """bench_scale's scenarios at the issue's sizes; `--quick` shrinks them to seconds."""
+    args.paced_streams_sweep = "20" if args.quick else "300"
+    args.workers_sweep = "1"
+    bench_scale.configure(args)
+    args.paced_stagger_s = 0.0  # the streams arrive at once
+    args.latency_n = 32 if args.quick else 2000
+
+
+def table(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's rows: the figure, its reference from the same run, the target, met."""
+    rows: list[dict[str, Any]] = []
+
+    def row(figure: str, ours: Any, reference: str, target: str, met: bool | None) -> None:
+        rows.append(dict(figure=figure, llmsvc=ours, reference=reference, target=target, met=met))
+
+    latency = report["latency"]
+    for c in CONCURRENCIES:
+        got = latency[f"c{c}"]
+        p50, p99 = got["added_p50_ms"], got["added_p99_ms"]
+        row(
+            f"non-streaming c={c}, added p50 / p99 (ms)",
+            f"+{p50} / +{p99}",
+            f"direct p50 {got['direct_p50_ms']} / p99 {got['direct_p99_ms']}",
+            f"<= +{TARGETS['latency_p50']} / +{TARGETS['latency_p99']}",
+            p50 is not None
+            and p99 is not None
+            and p50 <= TARGETS["latency_p50"]
+            and p99 <= TARGETS["latency_p99"],
+        )
+    paced = next(iter(report["paced"].values()))
+    ratio = paced.get("daemon_over_relay_cpu")
+    row(
+        f"paced, {paced['streams']} streams at 50 tokens/s: CPU per token (µs)",
+        paced.get("daemon_cpu_us_per_token"),
+        f"relay_floor.py {paced.get('relay_cpu_us_per_token')} (ratio {ratio})",
+        f"<= {TARGETS['paced_cpu_over_relay']}x the relay",
+        ratio is not None and ratio <= TARGETS["paced_cpu_over_relay"],
+    )
+    relay_added = _added(paced, "relay")
+    row(
+        f"added time to first token, {paced['streams']} paced streams at once, p50 (ms)",
+        paced.get("added_ttft_p50_ms"),
+        f"relay_floor.py +{relay_added}",
+        f"<= +{TARGETS['paced_added_ttft_p50_ms']}",
+        (paced.get("added_ttft_p50_ms") or 1e9) <= TARGETS["paced_added_ttft_p50_ms"],
+    )
+    opened = report["open"]
+    per_stream = opened["daemon"]["rss_kib_per_open_stream"]
+    row(
+        f"resident memory per open stream, {opened['streams']} open (KiB)",
+        per_stream,
+        f"the upstream directly {opened['direct']['rss_kib_per_open_stream']}",
+        f"<= {TARGETS['open_rss_kib_per_stream']}",
+        per_stream is not None and per_stream <= TARGETS["open_rss_kib_per_stream"],
+    )
+    instant = report["instant"].get("daemon_w1_cpu_us_per_token")
+    row(
+        "instant upstream, CPU per token including the flush (µs)",
+        instant,
+        "-",
+        f"<= {TARGETS['instant_cpu_us_per_token']}",
+        instant is not None and instant <= TARGETS["instant_cpu_us_per_token"],
+    )
+    return rows
+
+
+def _added(paced: dict[str, Any], side: str) -> float | None:
+    hop, direct = paced.get(f"{side}_ttft_p50_ms"), paced.get("direct_ttft_p50_ms")
+    return None if hop is None or direct is None else round(hop - direct, 3)
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    lines = ["| figure | llmsvc | reference (same run) | target | met |", "|---|---|---|---|---|"]
+    for r in rows:
+        cells = [r["figure"], r["llmsvc"], r["reference"], r["target"], "yes" if r["met"] else "no"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
+    log("\n" + "\n".join(lines))
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    configure(args)
+    started, busy0 = time.perf_counter(), machine_busy_s()
+    tmp = Path(tempfile.mkdtemp(prefix="llmsvc-floor-", dir=args.tmp_dir))
+    report: dict[str, Any] = {"machine": machine_info(tmp, PACKAGES)}
+    try:
+        log("floor: latency")
+        report["latency"] = await phase_latency(args, tmp)
+        for name in ("paced", "open", "instant"):
+            log(f"floor: {name}")
+            report[name] = await getattr(bench_scale, f"phase_{name}")(args, tmp)
+    finally:
+        if not args.keep_tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+    report["table"] = table(report)
+    print_table(report["table"])
+    return close_report(report, started, busy0)
