@@ -56,6 +56,7 @@ from llmsvc.store.queries import (
     recent_requests,
     request_detail,
 )
+from llmsvc.store.search import SCAN
 from llmsvc.tokens import DELTAS, ESTIMATE, TOKENIZER
 from llmsvc.wal import (
     RecordType,
@@ -151,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--since", metavar="WHEN", help=SINCE_HELP)
     status.add_argument(
         "--correlation-id", metavar="ID", help="only requests sent with this X-Correlation-ID"
+    )
+    status.add_argument(
+        "--text",
+        metavar="WORDS",
+        help=f"only requests whose reply holds WORDS, any case (reads at most {SCAN:,} replies)",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(command=cmd_status)
@@ -512,8 +518,15 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             raise UsageError(f"--metadata {pair!r}: give it as KEY=VALUE")
         pairs.append((name, value))
     since = None if args.since is None else _since(args.since)
-    only = RequestFilter(args.key, args.team, args.user, tuple(pairs), since, args.correlation_id)
-    rows = _with_store(settings, lambda engine: recent_requests(engine, args.limit, only))
+    given = (args.key, args.team, args.user, tuple(pairs), since, args.correlation_id)
+    only = RequestFilter(*given, text=args.text or None)
+    listing = _with_store(settings, lambda engine: recent_requests(engine, args.limit, only))
+    rows = listing.rows
+    if (searched := listing.searched) is not None:  # on stderr: --json prints the rows alone
+        older = "older ones were not read" if searched.resume else "none older"
+        span = f" created {_time(searched.newest)} to {_time(searched.oldest)}"
+        read = f"{searched.requests} requests{span if searched.requests else ''}"
+        print(f"searched the replies of {read}; {older}", file=sys.stderr)
     if args.json:
         sys.stdout.buffer.write(_json(rows) + b"\n")
         return 0
