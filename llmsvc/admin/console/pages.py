@@ -17,7 +17,9 @@ FILTERS = (
     *("since", "until", "text"),
 )
 HINTS = {
-    **{"since": "24h, 7d or ISO", "until": "24h, 7d or ISO", "metadata": "key:value"},
+    "since": "24h, 7d or ISO",
+    "until": "24h, 7d or ISO",
+    "metadata": "key:value",
     "text": "in the reply",
 }
 STATUSES = ("", "streaming", "completed", "failed", "interrupted")  # wal.records.Status
