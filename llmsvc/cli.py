@@ -56,7 +56,7 @@ from llmsvc.store.queries import (
     recent_requests,
     request_detail,
 )
-from llmsvc.store.search import SCAN
+from llmsvc.store.search import SCAN, Searched
 from llmsvc.tokens import DELTAS, ESTIMATE, TOKENIZER
 from llmsvc.wal import (
     RecordType,
@@ -522,13 +522,9 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     only = RequestFilter(*given, text=args.text or None)
     listing = _with_store(settings, lambda engine: recent_requests(engine, args.limit, only))
     rows = listing.rows
-    if (searched := listing.searched) is not None:  # on stderr: --json prints the rows alone
-        older = "older ones were not read" if searched.resume else "none older"
-        span = f" created {_time(searched.newest)} to {_time(searched.oldest)}"
-        read = f"{searched.requests} requests{span if searched.requests else ''}"
-        print(f"searched the replies of {read}; {older}", file=sys.stderr)
     if args.json:
         sys.stdout.buffer.write(_json(rows) + b"\n")
+        _how_far(listing.searched)
         return 0
     head = ("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "KEY", "TEAM", "STATUS")
     table = [(*head, "TOKENS", "COST", "SECONDS")]
@@ -558,7 +554,19 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if rows and any(row["cost"] is not None for row in rows):  # only with a price table
         total = sum(row["cost"] or 0 for row in rows)
         print(f"cost of these {len(rows)} requests: {total:.6f}")
+    _how_far(listing.searched)
     return 0
+
+
+def _how_far(searched: Searched | None) -> None:
+    """After a search of replies, how far it read; on stderr, so --json prints rows alone."""
+    if searched is None:
+        return
+    read = f"{searched.requests} requests"
+    if searched.requests:
+        read += f" created {_time(searched.oldest)} to {_time(searched.newest)} UTC"
+    older = "older ones were not read" if searched.resume else "none older"
+    print(f"searched the replies of {read}; {older}", file=sys.stderr)
 
 
 def cmd_spend(settings: Settings, args: argparse.Namespace) -> int:
