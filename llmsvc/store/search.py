@@ -21,6 +21,7 @@ from llmsvc.store.keys import utc
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log
 
 SCAN = 2000  # requests whose replies one search reads: bounds a page's time on any store
+FIRST = 250  # of them read first: a common text fills its page there, sparing the rest
 # A token's row is written after its request's, on the same daemon; the slack covers a
 # clock stepped back, and lets PostgreSQL skip the token log's older daily partitions.
 CLOCK_SLACK = timedelta(days=1)
@@ -53,16 +54,19 @@ async def search_replies(
     ).all()
     if not candidates:
         return [], Searched(0, None, None, None)
-    since = utc(candidates[-1].created_at) - CLOCK_SLACK
-    matching = await _matching(conn, text, [c.id for c in candidates], since)
     found: list[uuid.UUID] = []
     read = 0
-    for _, request_id in candidates:
-        read += 1
-        if request_id in matching:
-            found.append(request_id)
-            if len(found) == limit:
-                break
+    for part in (candidates[:FIRST], candidates[FIRST:]):
+        if not part or (found and len(found) >= limit):  # the first part filled the page
+            break
+        since = utc(part[-1].created_at) - CLOCK_SLACK
+        matching = await _matching(conn, text, [c.id for c in part], since)
+        for _, request_id in part:
+            read += 1
+            if request_id in matching:
+                found.append(request_id)
+                if len(found) == limit:
+                    break
     last = candidates[read - 1]
     older_left = read < len(candidates) or len(candidates) == SCAN
     resume = (utc(last.created_at), last.id) if older_left else None
