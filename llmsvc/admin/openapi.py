@@ -313,6 +313,11 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                         ),
                         since,
                         query("correlation_id", "the X-Correlation-ID they were sent with"),
+                        query(
+                            "text",
+                            "in the reply, ignoring case; reads at most 2,000 replies and "
+                            "adds `searched`: how many it read and whether older were left",
+                        ),
                         query("limit", "how many (default 20)", {"type": "integer"}),
                     ],
                     responses={
