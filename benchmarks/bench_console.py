@@ -7,7 +7,10 @@ per request's last attempt in the token log's daily partitions; then ANALYZE. A 
 daemon is started on it with an admin token, the console is logged in to over HTTP (form
 POST, cookie) and every page is fetched `--repeats` times: median and max. A few values
 are rare on purpose (one model, provider, user and tenant in the metadata) so a filter that
-finds few rows shows what an index is missing.
+finds few rows shows what an index is missing. A search of the replies' text is timed where
+it finds every request, where it finds none (it reads as many replies as one search may: the
+worst case), on the page after that one, and with the rare model (its candidates are spread
+over every day's partition of the token log).
 
 Before/after a migration in one session: run once with `--keep`, then again with
 `--reuse` on the same database: the store is migrated to head first (the time is
@@ -239,6 +242,9 @@ def pages(console: Console, deep: str, request_id: str, tokens: int) -> dict[str
     _, detail = console.get(f"requests/{request_id}")
     assert f"{tokens} tokens" in detail, "the request page shows no timeline of its tokens"
     q = urllib.parse.urlencode
+    # A text no reply holds is a search's worst case: it reads all the replies it may.
+    _, nowhere = console.get(f"requests?{q({'text': 'no reply says this'})}")
+    assert 'class="searched"' in nowhere, "the search does not say how far it read"
     return {
         "requests": "requests",
         "requests_page_2": older_link(first),
@@ -258,6 +264,12 @@ def pages(console: Console, deep: str, request_id: str, tokens: int) -> dict[str
         "filter_correlation_id": f"requests?{q({'correlation_id': 'corr-4242'})}",
         "filter_time_range": f"requests?{q(window)}",
         "filter_model_and_user": f"requests?{q({'model': 'model-4', 'user': 'user-1234'})}",
+        "filter_text_found": f"requests?{q({'text': 'TOK TOK'})}",
+        "filter_text_nowhere": f"requests?{q({'text': 'no reply says this'})}",
+        "filter_text_nowhere_older": older_link(nowhere),
+        "filter_text_nowhere_model_rare": (
+            f"requests?{q({'text': 'no reply says this', 'model': 'model-rare'})}"
+        ),
         "request_with_timeline": f"requests/{request_id}",
         "usage_default": "usage",
         "usage_model_daily_30d": f"usage?{q({'by': 'model', 'since': '30d', 'per': 'day'})}",
@@ -319,7 +331,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         report.update(asyncio.run(prepare(url, args)))
         env = daemon_env(url, tmp / "wal", admin_token=TOKEN)
         with DaemonProcess(env) as daemon:
-            daemon.wait_caught_up(timeout=120)
+            daemon.wait_caught_up(timeout=600)  # boot checks every token row
             console = Console(daemon.base_url)
             request_id = f"00000000-0000-4000-8001-{args.requests // 2:012x}"
             paths = pages(console, report.pop("deep_cursor"), request_id, args.tokens)

@@ -56,6 +56,7 @@ from llmsvc.store.queries import (
     recent_requests,
     request_detail,
 )
+from llmsvc.store.search import SCAN, Searched
 from llmsvc.tokens import DELTAS, ESTIMATE, TOKENIZER
 from llmsvc.wal import (
     RecordType,
@@ -151,6 +152,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("--since", metavar="WHEN", help=SINCE_HELP)
     status.add_argument(
         "--correlation-id", metavar="ID", help="only requests sent with this X-Correlation-ID"
+    )
+    status.add_argument(
+        "--text",
+        metavar="WORDS",
+        help=f"only requests whose reply holds WORDS, any case (reads at most {SCAN:,} replies)",
     )
     status.add_argument("--json", action="store_true", help="print JSON")
     status.set_defaults(command=cmd_status)
@@ -512,10 +518,13 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
             raise UsageError(f"--metadata {pair!r}: give it as KEY=VALUE")
         pairs.append((name, value))
     since = None if args.since is None else _since(args.since)
-    only = RequestFilter(args.key, args.team, args.user, tuple(pairs), since, args.correlation_id)
-    rows = _with_store(settings, lambda engine: recent_requests(engine, args.limit, only))
+    given = (args.key, args.team, args.user, tuple(pairs), since, args.correlation_id)
+    only = RequestFilter(*given, text=args.text or None)
+    listing = _with_store(settings, lambda engine: recent_requests(engine, args.limit, only))
+    rows = listing.rows
     if args.json:
         sys.stdout.buffer.write(_json(rows) + b"\n")
+        _how_far(listing.searched)
         return 0
     head = ("CREATED (UTC)", "REQUEST ID", "MODEL", "PROVIDER", "KEY", "TEAM", "STATUS")
     table = [(*head, "TOKENS", "COST", "SECONDS")]
@@ -545,7 +554,19 @@ def cmd_status(settings: Settings, args: argparse.Namespace) -> int:
     if rows and any(row["cost"] is not None for row in rows):  # only with a price table
         total = sum(row["cost"] or 0 for row in rows)
         print(f"cost of these {len(rows)} requests: {total:.6f}")
+    _how_far(listing.searched)
     return 0
+
+
+def _how_far(searched: Searched | None) -> None:
+    """After a search of replies, how far it read; on stderr, so --json prints rows alone."""
+    if searched is None:
+        return
+    read = f"{searched.requests} requests"
+    if searched.requests:
+        read += f" created {_time(searched.oldest)} to {_time(searched.newest)} UTC"
+    older = "older ones were not read" if searched.resume else "none older"
+    print(f"searched the replies of {read}; {older}", file=sys.stderr)
 
 
 def cmd_spend(settings: Settings, args: argparse.Namespace) -> int:

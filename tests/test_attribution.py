@@ -96,6 +96,10 @@ def test_streamed_and_whole_requests_store_who_sent_them(
         path = f"/api/admin/requests?correlation_id={CORRELATION}"
         status, body = admin_call(daemon, "GET", path, None, TOKEN)
         assert (status, [r["id"] for r in body["requests"]]) == (200, [whole_id])
+        path = "/api/admin/requests?text=QUICK+brown&user=user-2"  # in the reply, any case
+        status, body = admin_call(daemon, "GET", path, None, TOKEN)
+        assert (status, [r["id"] for r in body["requests"]]) == (200, [streamed_id])
+        assert (body["searched"]["requests"], body["searched"]["older_unread"]) == (1, False)
         status, body = admin_call(daemon, "GET", "/api/admin/spend?by=user", None, TOKEN)
         assert status == 200, body
         spent = {r["group"]: (r["requests"], r["completion_tokens"]) for r in body["spend"]}

@@ -11,13 +11,18 @@ worker runs its share of a module in file order).
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from urllib.parse import quote
 
 import pytest
 from browser import ARTIFACTS, TOKEN, XSS_PROMPT, chat, chromium, log_in
 from daemon_process import DaemonProcess, admin_call, daemon_env
 from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from llmsvc.admin.console import pages
+from llmsvc.store.search import Searched
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -115,6 +120,28 @@ def test_the_request_list_is_newest_first_and_filters(seeded: Seeded, page: Page
     assert links.first.get_attribute("href") == f"/console/requests/{seeded.markup}"
     page.goto(f"{seeded.daemon.base_url}/console/requests?before=nonsense")
     expect(page.locator("p.error")).to_contain_text("before: not a page's cursor")
+    page.goto(f"{seeded.daemon.base_url}/console/requests")
+    page.fill("input[name=text]", "FOX JUMPS")  # in the reply, across two tokens, any case
+    page.click("form.filters button")
+    expect(links).to_have_count(1)
+    assert links.get_attribute("href") == f"/console/requests/{seeded.plain}"
+    expect(page.locator("p.searched")).to_contain_text("Searched the replies of all 3 requests")
+    expect(page.locator("a.older")).to_have_count(0)  # all read: nothing older to search
+
+
+def test_a_search_that_read_its_bound_says_so_and_links_on_from_the_last_one_read() -> None:
+    at = datetime(2026, 12, 5, 10, tzinfo=UTC)
+    last = uuid.uuid4()
+    searched = Searched(2000, at + timedelta(hours=1), at, (at, last))
+    given = {"text": "50%", "model": "m"}
+    shown = pages.requests([], given, f"{at.isoformat()}_{last}", searched, "csrf")
+    assert (
+        '<p class="searched">Searched the replies of 2,000 requests that the other filters let '
+        "through (created 2026-12-05 11:00:00.000 down to 2026-12-05 10:00:00.000 UTC); older "
+        "ones were not read.</p>"
+    ) in shown
+    link = f"text=50%25&amp;model=m&amp;before={quote(at.isoformat())}_{last}"
+    assert f'href="/console/requests?{link}">Search older requests →</a>' in shown
 
 
 def test_a_request_shows_its_reply_attempts_and_a_timeline_mark_per_token(

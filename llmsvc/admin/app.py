@@ -181,10 +181,16 @@ class AdminApi:
             raise ClientError(f"limit must be a whole number 1..{MAX_LIMIT}", param="limit")
         only = RequestFilter(
             _one(query, "key"), _one(query, "team"), _one(query, "user"), tuple(pairs),
-            _since(query), _one(query, "correlation_id"),
+            _since(query), _one(query, "correlation_id"), text=_one(query, "text") or None,
         )  # fmt: skip
-        rows = await recent_requests(self.ops.engine, int(limit), only)
-        return 200, {"requests": _plain(rows)}
+        listing = await recent_requests(self.ops.engine, int(limit), only)
+        body = {"requests": _plain(listing.rows)}
+        if (searched := listing.searched) is not None:  # how far the replies were read
+            body["searched"] = _plain(
+                {k: v for k, v in vars(searched).items() if k != "resume"}
+                | {"older_unread": searched.resume is not None}
+            )
+        return 200, body
 
     async def spend(self, scope: Scope, receive: ASGIReceive, match: re.Match[str]) -> Any:
         """Requests, tokens and cost per key, team, user, model or day, as `llmsvc spend`."""

@@ -18,6 +18,7 @@ from llmsvc.gateway.request import ChatRequest
 from llmsvc.gateway.responses import ResponsesRequest
 from llmsvc.gateway.sessions import SessionBody
 from llmsvc.store.attribution import SPEND_BY
+from llmsvc.store.search import SCAN
 
 REF = "#/components/schemas/{model}"
 
@@ -313,6 +314,11 @@ def document(admin_models: list[type[BaseModel]]) -> dict[str, Any]:
                         ),
                         since,
                         query("correlation_id", "the X-Correlation-ID they were sent with"),
+                        query(
+                            "text",
+                            f"in the reply, ignoring case; reads at most {SCAN:,} replies and "
+                            "adds `searched`: how many it read and whether older were left",
+                        ),
                         query("limit", "how many (default 20)", {"type": "integer"}),
                     ],
                     responses={

@@ -42,6 +42,7 @@ class RequestFilter:
     status: str | None = None
     model: str | None = None  # as the client asked for it
     provider: str | None = None  # any of its attempts went to this provider
+    text: str | None = None  # in an attempt's reply, ignoring case: a bounded search (search.py)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
@@ -60,8 +61,9 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
 
 
 async def where(conn: AsyncConnection, f: RequestFilter) -> list[sa.ColumnElement[bool]]:
-    """The conditions on `llm_requests` for a filter; NotFound for a key or team name
-    that names nothing (an empty answer would hide the typo)."""
+    """The conditions on `llm_requests` for a filter, but `text` (no column holds a reply:
+    `search.search_replies` reads them); NotFound for a key or team name that names nothing
+    (an empty answer would hide the typo)."""
     r = llm_requests.c
     conditions: list[sa.ColumnElement[bool]] = []
     if f.key is not None:

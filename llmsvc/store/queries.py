@@ -21,6 +21,16 @@ from llmsvc.store.schema import (
     llm_tool_calls,
     provider_status,
 )
+from llmsvc.store.search import Searched, search_replies
+
+
+@dataclass
+class Listing:
+    """Requests, newest first, and how far a search of their replies read (None when `text`
+    was not asked for: then the rows are all that match, up to the limit)."""
+
+    rows: list[dict[str, Any]]
+    searched: Searched | None = None
 
 
 async def recent_requests(
@@ -28,10 +38,11 @@ async def recent_requests(
     limit: int,
     only: RequestFilter | None = None,
     before: tuple[datetime, uuid.UUID] | None = None,
-) -> list[dict[str, Any]]:
+) -> Listing:
     """The newest requests (of those `only` lets through, older than the (created_at, id)
     `before`: a page's keyset), newest first, with their total token counts, who sent
-    them, how many attempts they took and when the first token arrived.
+    them, how many attempts they took and when the first token arrived. With `only.text`
+    the replies of a bounded number of them are read (`search.search_replies`).
 
     A request not ended yet (or ended without counts) still shows what is stored: the
     provider of its last attempt, and `deltas_stored`, the token and tool-call deltas the
@@ -95,17 +106,23 @@ async def recent_requests(
         .order_by(llm_requests.c.created_at.desc(), llm_requests.c.id.desc())
         .limit(limit)
     )
+    conditions: list[sa.ColumnElement[bool]] = []
     if before is not None:
         # A row comparison, so the (created_at, id) index starts at the cursor on PostgreSQL.
         created, request_id = llm_requests.c.created_at, llm_requests.c.id
         cursor = sa.tuple_(
             sa.literal(utc(before[0]), created.type), sa.literal(before[1], request_id.type)
         )
-        query = query.where(sa.tuple_(created, request_id) < cursor)
+        conditions.append(sa.tuple_(created, request_id) < cursor)
+    searched = None
     async with engine.connect() as conn:
         if only is not None:
-            query = query.where(*await where(conn, only))
-        return [dict(row._mapping) for row in await conn.execute(query)]
+            conditions += await where(conn, only)
+        if only is not None and only.text is not None:
+            found, searched = await search_replies(conn, only.text, conditions, limit)
+            conditions = [llm_requests.c.id.in_(found)]
+        rows = [dict(row._mapping) for row in await conn.execute(query.where(*conditions))]
+    return Listing(rows, searched)
 
 
 @dataclass

@@ -10,6 +10,7 @@ import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -18,10 +19,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, Stream, texts
 
 from llmsvc.gateway.journal import Journal
+from llmsvc.store import search
 from llmsvc.store.attribution import RequestFilter
 from llmsvc.store.flusher import Flusher
 from llmsvc.store.keys import utc
 from llmsvc.store.queries import (
+    Listing,
     OpenWork,
     find_requests,
     open_work,
@@ -134,10 +137,10 @@ async def test_recent_requests_are_newest_first_and_limited(
     await _flush(make_flusher)
 
     newest_first = [s.request_id for s in reversed(streams)]
-    everything = await recent_requests(engine, 10)
+    everything = (await recent_requests(engine, 10)).rows
     assert [r["id"] for r in everything] == newest_first
-    assert [r["id"] for r in await recent_requests(engine, 3)] == newest_first[:3]
-    assert await recent_requests(engine, 0) == []
+    assert [r["id"] for r in (await recent_requests(engine, 3)).rows] == newest_first[:3]
+    assert (await recent_requests(engine, 0)).rows == []
 
     latest = everything[0]
     assert latest["model"] == "model-4"
@@ -172,7 +175,7 @@ async def test_recent_requests_show_what_is_stored_of_requests_not_counted(
     await ended.journal_whole(journal)
     await _flush(make_flusher)
 
-    rows = {row["id"]: row for row in await recent_requests(engine, 10)}
+    rows = {row["id"]: row for row in (await recent_requests(engine, 10)).rows}
     assert (rows[retried.request_id]["provider"], rows[retried.request_id]["deltas_stored"]) == (
         "backup",
         2 + 3 + 1,
@@ -208,16 +211,16 @@ async def test_requests_are_paged_by_keyset_and_filtered_by_status_model_provide
 
     newest_first = [failed.request_id, *(s.request_id for s in reversed(streams))]
     paged, before = [], None
-    while page := await recent_requests(engine, 3, before=before):
+    while page := (await recent_requests(engine, 3, before=before)).rows:
         paged += [row["id"] for row in page]
         before = (page[-1]["created_at"], page[-1]["id"])
     assert paged == newest_first
-    rows = await recent_requests(engine, 10)
+    rows = (await recent_requests(engine, 10)).rows
     assert {row["attempts"] for row in rows} == {1}
     assert all(row["first_token_at"] is not None for row in rows if row["id"] != failed.request_id)
 
-    def ids(rows: list[dict[str, object]]) -> list[object]:
-        return [row["id"] for row in rows]
+    def ids(listing: Listing) -> list[object]:
+        return [row["id"] for row in listing.rows]
 
     assert ids(await recent_requests(engine, 10, RequestFilter(status="failed"))) == [
         failed.request_id
@@ -248,7 +251,7 @@ async def test_requests_made_in_the_same_microsecond_are_paged_by_id(
             sa.insert(llm_requests), [{**row, "id": i, "correlation_id": str(i)} for i in ids]
         )
     paged, before = [], None
-    while page := await recent_requests(engine, 1, before=before):
+    while page := (await recent_requests(engine, 1, before=before)).rows:
         paged += [r["id"] for r in page]
         before = (page[-1]["created_at"], page[-1]["id"])
     assert paged == ids
@@ -276,9 +279,63 @@ async def test_requests_are_found_by_id_or_by_the_correlation_id_they_were_sent_
     assert await find_requests(engine, "not-sent-by-anyone") == []
 
     only = RequestFilter(correlation_id=str(first.correlation_id))
-    rows = await recent_requests(engine, 10, only)
+    rows = (await recent_requests(engine, 10, only)).rows
     assert [row["id"] for row in rows] == [second.request_id, first.request_id]
-    assert await recent_requests(engine, 10, RequestFilter(correlation_id="trace-7")) == []
+    assert (await recent_requests(engine, 10, RequestFilter(correlation_id="trace-7"))).rows == []
+
+
+async def test_a_search_of_replies_reads_a_bounded_number_and_says_where_to_go_on(
+    engine: AsyncEngine,
+    journal: Journal,
+    make_flusher: MakeFlusher,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A reply is its tokens joined in seq order, matched ignoring case, `%` and `_` as
+    written; a search reads at most SCAN requests and resumes after the last it read."""
+    oldest = Stream(["The qu", "ick Br", "own fox"])
+    wild = Stream(["Save 1", "% now", " on a_c"], model="wild")
+    plain = Stream(["100 percent ", "abc"], model="wild")
+    oldest.start(journal)
+    oldest.tokens(journal, 1, 3)  # stored after the first token: seq, not arrival, orders
+    oldest.tokens(journal, 0, 1)
+    await asyncio.shield(oldest.end(journal))
+    for stream in (wild, plain):
+        await asyncio.sleep(0.002)  # distinct created_at
+        await stream.journal_whole(journal)
+    await _flush(make_flusher)
+
+    async def found(
+        text: str, limit: int = 10, model: str | None = None, before: Any = None
+    ) -> Listing:
+        return await recent_requests(engine, limit, RequestFilter(model=model, text=text), before)
+
+    def ids(listing: Listing) -> list[uuid.UUID]:
+        return [row["id"] for row in listing.rows]
+
+    def read(listing: Listing) -> tuple[int, uuid.UUID | None]:
+        """How many replies the search read, and the request it would resume after."""
+        assert listing.searched is not None
+        resume = listing.searched.resume
+        return listing.searched.requests, None if resume is None else resume[1]
+
+    assert ids(await found("QUICK brown")) == [oldest.request_id]  # across tokens, any case
+    assert ids(await found("1% NOW")) == [wild.request_id]
+    assert ids(await found("1%")) == [wild.request_id]  # not a LIKE wildcard
+    assert ids(await found("a_c")) == [wild.request_id]
+    assert ids(await found("E", model="wild")) == [plain.request_id, wild.request_id]
+    nowhere = await found("zebra")
+    assert (ids(nowhere), read(nowhere)) == ([], (3, None))  # all read: none older left
+    assert (await recent_requests(engine, 10)).searched is None
+
+    monkeypatch.setattr(search, "SCAN", 2)
+    monkeypatch.setattr(search, "FIRST", 1)  # read in two parts, the newest alone first
+    first = await found("fox")
+    assert (ids(first), read(first)) == ([], (2, wild.request_id))
+    assert first.searched is not None
+    rest = await found("fox", before=first.searched.resume)
+    assert (ids(rest), read(rest)) == ([oldest.request_id], (1, None))
+    full = await found(" ", limit=1)  # a full page: it stops at the match it ends on
+    assert (ids(full), read(full)) == ([plain.request_id], (1, plain.request_id))
 
 
 async def test_request_detail_assembles_each_attempts_text_in_seq_order(

@@ -219,13 +219,16 @@ class Console:
             status=given.get("status"),
             model=given.get("model"),
             provider=given.get("provider"),
+            text=given.get("text"),
         )
-        rows = await recent_requests(self.ops.engine, PAGE_SIZE + 1, only, _cursor(query))
-        older = None
-        if len(rows) > PAGE_SIZE:
-            rows = rows[:PAGE_SIZE]
+        listing = await recent_requests(self.ops.engine, PAGE_SIZE + 1, only, _cursor(query))
+        rows, searched, older = listing.rows, listing.searched, None
+        if len(rows) > PAGE_SIZE:  # a full page: the next starts after its last row
+            rows, searched = rows[:PAGE_SIZE], None
             older = f"{utc(rows[-1]['created_at']).isoformat()}_{rows[-1]['id']}"
-        return _html(200, pages.requests(rows, given, older, csrf))
+        elif searched is not None and searched.resume is not None:  # after the last one read
+            older = f"{searched.resume[0].isoformat()}_{searched.resume[1]}"
+        return _html(200, pages.requests(rows, given, older, searched, csrf))
 
     async def _replay(self, scope: Scope, given: str, form: dict[str, str]) -> Page:
         original = await self._detail(given)

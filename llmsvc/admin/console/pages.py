@@ -11,12 +11,18 @@ from llmsvc.admin.console.timeline import timeline_svg
 from llmsvc.store.attribution import BUCKETS, SPEND_BY
 from llmsvc.store.keys import utc
 from llmsvc.store.queries import RequestDetail
+from llmsvc.store.search import Searched
 
 FILTERS = (
     *("status", "model", "provider", "key", "team", "user", "metadata", "correlation_id"),
-    *("since", "until"),
+    *("since", "until", "text"),
 )
-HINTS = {"since": "24h, 7d or ISO", "until": "24h, 7d or ISO", "metadata": "key:value"}
+HINTS = {
+    "since": "24h, 7d or ISO",
+    "until": "24h, 7d or ISO",
+    "metadata": "key:value",
+    "text": "in the reply",
+}
 STATUSES = ("", "streaming", "completed", "failed", "interrupted")  # wal.records.Status
 
 
@@ -35,9 +41,14 @@ def error(status: int, message: str, csrf: str | None) -> str:
 
 
 def requests(
-    rows: list[dict[str, Any]], given: dict[str, str], older: str | None, csrf: str
+    rows: list[dict[str, Any]],
+    given: dict[str, str],
+    older: str | None,
+    searched: Searched | None,
+    csrf: str,
 ) -> str:
-    """The list, its filter form (as given) and a link to the next, older page."""
+    """The list, its filter form (as given) and a link to the next, older page; after a
+    search of replies that ended before a full page, how far it read."""
     fields = []
     for name in FILTERS:
         value = given.get(name, "")
@@ -78,8 +89,22 @@ def requests(
     more = ""
     if older is not None:
         query = urlencode({**{k: v for k, v in given.items() if v}, "before": older})
-        more = f'<p><a class="older" href="{BASE}requests?{e(query)}">Older requests →</a></p>'
+        label = "Older requests →" if searched is None else "Search older requests →"
+        more = f'<p><a class="older" href="{BASE}requests?{e(query)}">{label}</a></p>'
+    if searched is not None:
+        more = _searched(searched, len(given) > 1) + more
     return page("Requests", form + listing + more, csrf)
+
+
+def _searched(searched: Searched, filtered: bool) -> str:
+    """How far a search of replies read, so that an empty page is not taken for "nowhere"."""
+    which = " that the other filters let through" if filtered else ""
+    read = f"{searched.requests:,} requests{which}"
+    if searched.requests:
+        read += f" (created {when(searched.newest)} down to {when(searched.oldest)} UTC)"
+    if searched.resume is None:
+        return f'<p class="searched">Searched the replies of all {read}.</p>'
+    return f'<p class="searched">Searched the replies of {read}; older ones were not read.</p>'
 
 
 def _tokens(row: dict[str, Any]) -> str:
