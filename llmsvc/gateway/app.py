@@ -264,7 +264,7 @@ class Gateway:
                 self.idle.set()
             self._count(exchange)
             if exchange.caller is not None and self.limiter is not None:
-                tokens = (exchange.prompt_tokens or 0) + (exchange.completion_tokens or 0)
+                tokens = (exchange.counts.prompt or 0) + (exchange.counts.completion or 0)
                 lsn = self.journal.writer.end.lsn - 1  # at or after the request's end record
                 self.limiter.charge(exchange.caller, tokens, exchange.cost, lsn)
 
@@ -278,7 +278,7 @@ class Gateway:
             exchange.model,
             exchange.status,
             exchange.error_code,
-            exchange.prompt_tokens,
+            exchange.counts.prompt,
             exchange.seq,
             time.monotonic() - exchange.began,
             (first - exchange.began_us) / 1e6 if first is not None else None,

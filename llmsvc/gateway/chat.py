@@ -30,18 +30,17 @@ from llmsvc.errors import (
     WalFatal,
     WalFull,
 )
+from llmsvc.gateway.accounting import Counts, count, prompt_counter, tool_texts
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ClientGone
 from llmsvc.gateway.router import Router, Target
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
-from llmsvc.gateway.wire import Usage, Wire
+from llmsvc.gateway.wire import Wire
 from llmsvc.logs import logger
 from llmsvc.providers.base import Native, RefusalDeltas, Reply, ToolCallDeltas
-from llmsvc.providers.embeddings import EMBEDDINGS, inputs
 from llmsvc.providers.http import TRACEPARENT
-from llmsvc.tokens import PROVIDER, count_completion, count_input, count_prompt
 from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
 
 if TYPE_CHECKING:
@@ -71,10 +70,9 @@ class Exchange:
         "bound",
         "caller",
         "closed",
-        "completion_source",
-        "completion_tokens",
         "correlation_id",
         "cost",
+        "counts",
         "created",
         "data",
         "deadline",
@@ -88,8 +86,6 @@ class Exchange:
         "params",
         "pieces",
         "policy",
-        "prompt_source",
-        "prompt_tokens",
         "receive",
         "request_deadline",
         "request_id",
@@ -190,11 +186,8 @@ class Exchange:
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
         self.pieces: list[list[str]] = []  # this attempt's journaled texts, counted if need be
-        self.prompt_tokens: int | None = None  # as the provider reported them, else counted
-        self.completion_tokens: int | None = None
+        self.counts = Counts()  # as the provider reported them, else counted at the end
         self.cost: float | None = None
-        self.prompt_source: str | None = None  # provider, tokenizer or deltas (llmsvc.tokens)
-        self.completion_source: str | None = None
         self.error_code: str | None = None
         self.status: Status = "streaming"
         self.trace: RequestTrace | None = None  # its spans, when tracing is on (gateway/tracing)
@@ -240,8 +233,8 @@ class Exchange:
                     self.error_code,
                     self.target.provider.name,
                     self.target.model,
-                    self.prompt_tokens,
-                    self.completion_tokens,
+                    self.counts.prompt,
+                    self.counts.completion,
                 )
             self._log()
 
@@ -348,7 +341,7 @@ class Exchange:
             if gone.done() or self.closed():  # a one-batch reply meets no check above
                 raise ClientGone
             fut = self._end_records("completed", reply)
-            tail = wire.closing(reply.finish_reason or "stop", self._usage())
+            tail = wire.closing(reply.finish_reason or "stop", self.counts.usage())
             await fut
             await self._send_chunk(tail, reply, more=False)
         finally:
@@ -381,9 +374,8 @@ class Exchange:
             self.tool_seq = len(reply.tool_calls)
             self.pieces.append(tool_texts(reply.tool_calls))
         fut = self._end_records("completed", reply)
-        body = self.wire.whole(
-            content, reply.finish_reason or "stop", self._usage(), reply.tool_calls, reply.refusal
-        )
+        finish, usage = reply.finish_reason or "stop", self.counts.usage()
+        body = self.wire.whole(content, finish, usage, reply.tool_calls, reply.refusal)
         await fut
         await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
         await self.send({"type": "http.response.body", "body": body, "more_body": True})
@@ -475,58 +467,24 @@ class Exchange:
         http_status: int | None,
     ) -> tuple[AttemptEndFields, RequestEndFields]:
         self.error_code = error_code
-        prompt, completion = self._count(reply)
-        self.cost = self.router.cost(
-            self.target.provider.name, self.target.model, prompt, completion
-        )
+        model = self.target.model
+        prompt_of = prompt_counter(self.data, self.native)
+        counted = count(reply, self.pieces, self.seq + self.tool_seq, model, prompt_of)
+        self.counts = counted
+        prompt, completion = counted.prompt, counted.completion
+        self.cost = self.router.cost(self.target.provider.name, model, prompt, completion)
         attempt = self._attempt_fields(status, reply, error, error_code, http_status)
         request: RequestEndFields = {
             "status": status,
             "prompt_tokens": prompt,
             "completion_tokens": completion,
-            "prompt_tokens_source": self.prompt_source,
-            "completion_tokens_source": self.completion_source,
+            "prompt_tokens_source": counted.prompt_source,
+            "completion_tokens_source": counted.completion_source,
             "cost": self.cost,
             "provider": self.target.provider.name,
             "error": error,
         }
         return attempt, request
-
-    def _count(self, reply: Reply | None) -> tuple[int | None, int | None]:
-        """The request's tokens: the provider's usage where it sent one, else counted here.
-
-        Counted once, at the end, from the pieces the attempt journaled; a request that
-        received nothing and has no usage is left uncounted (nothing is known billed).
-        """
-        prompt = reply.prompt_tokens if reply else None
-        completion = reply.completion_tokens if reply else None
-        self.prompt_source = PROVIDER if prompt is not None else None
-        self.completion_source = PROVIDER if completion is not None else None
-        if reply is None and not self.pieces:
-            self.prompt_tokens = self.completion_tokens = None
-            return None, None
-        model = self.target.model
-        if completion is None:
-            completion, self.completion_source = count_completion(
-                model, self.pieces, self.seq + self.tool_seq
-            )
-        if prompt is None:
-            prompt, self.prompt_source = self._count_prompt(model)
-        self.prompt_tokens, self.completion_tokens = prompt, completion
-        return prompt, completion
-
-    def _count_prompt(self, model: str) -> tuple[int, str]:
-        """The prompt counted here: the messages, or the input of an embeddings request,
-        which has no messages."""
-        if self.native is not None and self.native.api == EMBEDDINGS:
-            return count_input(model, inputs(self.native.body["input"]))
-        return count_prompt(model, self.data["messages"])
-
-    def _usage(self) -> Usage:
-        """What the client's `usage` says: the stored counts, and how llmsvc got any it counted."""
-        sources = {"prompt_tokens": self.prompt_source, "completion_tokens": self.completion_source}
-        counted = {k: v for k, v in sources.items() if v is not None and v != PROVIDER}
-        return Usage(self.prompt_tokens, self.completion_tokens, counted or None)
 
     def _attempt_fields(
         self,
@@ -599,14 +557,9 @@ class Exchange:
             provider=self.target.provider.name,
             stream=self.stream,
             status=self.status,
-            prompt_tokens=self.prompt_tokens,
-            completion_tokens=self.completion_tokens,
+            prompt_tokens=self.counts.prompt,
+            completion_tokens=self.counts.completion,
             deltas=self.seq,  # content pieces sent and stored (a whole reply is one)
             latency_ms=round((time.monotonic() - self.began) * 1000, 1),
             error=self.error_code,
         )
-
-
-def tool_texts(deltas: list[dict[str, Any]]) -> list[str]:
-    """The text of tool-call deltas that a tokenizer counts: names and arguments."""
-    return [(d.get("name") or "") + (d.get("arguments") or "") for d in deltas]
