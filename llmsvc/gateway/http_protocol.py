@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import resource
+import sys
 import uuid
 from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
+from httptools import HttpParserCallbackError, HttpParserError
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
@@ -89,6 +91,21 @@ def connection_bound(wanted: int, descriptors: int) -> int:
     if descriptors == resource.RLIM_INFINITY:
         return wanted
     return max(1, min(wanted, (descriptors - RESERVED_DESCRIPTORS - REFUSING_MAX) // 2))
+
+
+def not_http(exc: BaseException | None) -> str:
+    """What is wrong with a request the parser refused, in words a client can act on.
+
+    uvicorn calls `send_400_response` from its `except HttpParserError` and passes
+    only a fixed message; the parser's reason (llhttp's, a fixed string such as
+    "Transfer-Encoding can't be present with Content-Length" or "Invalid
+    character in chunk size", never the client's bytes) is the exception's.
+    A callback's failure names uvicorn's code, not the request: left out.
+    """
+    reason = "the request is not valid HTTP/1.1"
+    if isinstance(exc, HttpParserError) and not isinstance(exc, HttpParserCallbackError):
+        return f"{reason}: {exc}"
+    return reason
 
 
 def closed_check(scope: Mapping[str, Any]) -> Callable[[], bool]:
@@ -262,7 +279,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         in the middle of another response, which it would corrupt."""
         serving = self._serving
         midway = serving is not None and serving.response_started and not serving.response_complete
-        self._linger(None if midway else ClientError("the request is not valid HTTP/1.1"))
+        self._linger(None if midway else ClientError(not_http(sys.exception())))
 
     # -- closing -----------------------------------------------------------------------
 

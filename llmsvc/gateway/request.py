@@ -165,7 +165,7 @@ def parse_body(body: bytes, model: type[Body]) -> tuple[dict[str, Any], Body]:
     try:
         data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ClientError(f"the request body is not valid JSON: {exc}") from None
+        raise ClientError(f"the request body is not valid JSON: {not_json(body, exc)}") from None
     if too_deep(body, MAX_DEPTH):
         raise ClientError(f"the request body nests JSON deeper than {MAX_DEPTH} levels")
     if not isinstance(data, dict):
@@ -177,6 +177,16 @@ def parse_body(body: bytes, model: type[Body]) -> tuple[dict[str, Any], Body]:
         where = ".".join(str(part) for part in err["loc"])
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise ClientError(f"{where}: {err['msg']}{more}", param=where) from None
+
+
+def not_json(body: bytes, exc: orjson.JSONDecodeError) -> str:
+    """Why orjson refused a body. For bytes that are not UTF-8 it says "surrogates not
+    allowed" at char 0 whatever they are; the first such byte and its offset say which."""
+    try:
+        body.decode()
+    except UnicodeDecodeError as bad:
+        return f"it is not UTF-8 (byte 0x{body[bad.start]:02x} at offset {bad.start})"
+    return str(exc)
 
 
 def too_deep(body: bytes, limit: int) -> bool:

@@ -258,6 +258,17 @@ async def test_malformed_json_is_400_and_records_nothing(served: Served, body: b
     await _assert_nothing_recorded(served)
 
 
+@pytest.mark.parametrize(
+    ("body", "offset"),
+    [(b"\xff\xfe", 0), (b'{"model":"m","messages":[{"role":"user","content":"h\xffi"}]}', 52)],
+    ids=["bare", "in-content"],
+)
+def test_a_body_that_is_not_utf8_is_named_with_its_first_bad_byte(body: bytes, offset: int) -> None:
+    """orjson says "surrogates not allowed" at char 0 for any such byte; this says which."""
+    with pytest.raises(ClientError, match=rf"not UTF-8 \(byte 0xff at offset {offset}\)"):
+        parse_chat(body)
+
+
 @pytest.mark.parametrize("body", [[1, 2], "chat", 42, None], ids=["list", "str", "int", "null"])
 async def test_body_that_is_not_an_object_is_400_and_records_nothing(
     served: Served, body: Any
