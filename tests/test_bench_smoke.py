@@ -106,6 +106,7 @@ def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
             assert positive(latency[f"direct_{q}_ms"])
             assert positive(latency[f"daemon_{q}_ms"])
             assert isinstance(latency[f"added_{q}_ms"], float)
+        assert positive(latency["daemon_cpu_us_per_request"])
 
     paced = report["paced"]["streams_20"]
     for side in ("direct", "relay", "daemon"):
