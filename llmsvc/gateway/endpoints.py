@@ -71,6 +71,9 @@ class Gateway(Protocol):
 
 
 SESSION_PREFIX = "/v1/sessions/"
+# KEEP_LEAN: a generating endpoint's frame lives as long as its reply, an open stream's
+# minutes, so before serving it drops the raw body and the validated model, keeping only
+# what serving takes: with thousands of streams open, a long prompt's bytes add up.
 
 
 async def chat_completions(
@@ -83,7 +86,8 @@ async def chat_completions(
         history = await session_store(gateway).history(attribution.session_id, scope.get(CALLER))
         data["messages"] = [*history, *data["messages"]]
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
-    model = request.model
+    model, stream = request.model, request.stream
+    del body, request  # see KEEP_LEAN
     await gateway.serve(
         scope,
         receive,
@@ -91,7 +95,7 @@ async def chat_completions(
         headers,
         data,
         model,
-        request.stream,
+        stream,
         attribution,
         lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
         "chat",
@@ -105,6 +109,7 @@ async def embeddings(gateway: Gateway, scope: Scope, receive: ASGIReceive, send:
     data, request = parse_embeddings(body)
     attribution = read_attribution(data, request, headers)
     model, encoding_format = request.model, request.encoding_format
+    del body, request  # see KEEP_LEAN
     await gateway.serve(
         scope,
         receive,
@@ -128,7 +133,8 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
     native, request = parse_messages(body)
     data = messages_as_chat(native, request)
     user = request.metadata.user_id if request.metadata is not None else None
-    model = request.model
+    model, stream = request.model, request.stream
+    del body, request  # see KEEP_LEAN
     await gateway.serve(
         scope,
         receive,
@@ -136,7 +142,7 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
         headers,
         data,
         model,
-        request.stream,
+        stream,
         attribution(user, None, None, headers),
         lambda rid, _created: MessagesWire(
             f"msg_{rid}", model, lambda: count_prompt(model, data["messages"])[0]
@@ -171,15 +177,17 @@ async def responses(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: 
         history = await previous_history(
             gateway.conversations, request.previous_response_id, scope.get(CALLER)
         )
-    model, fields = request.model, echoed(client)
+    model, fields, stream = request.model, echoed(client), request.stream
+    chat = responses_as_chat(request, history)
+    del body, request  # see KEEP_LEAN
     await gateway.serve(
         scope,
         receive,
         send,
         headers,
-        responses_as_chat(request, history),
+        chat,
         model,
-        request.stream,
+        stream,
         attribution,
         lambda rid, created: ResponsesWire(rid, created, model, fields),
         api="responses",
