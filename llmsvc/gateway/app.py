@@ -195,7 +195,6 @@ class Gateway:
     async def serve(
         self,
         scope: Scope,
-        receive: ASGIReceive,
         send: ASGISend,
         headers: dict[bytes, bytes],
         data: dict[str, Any],
@@ -221,7 +220,6 @@ class Gateway:
             request_id(scope),
             correlation_id(headers),
             send,
-            receive,
             closed_check(scope),
             caller=scope.get(CALLER),
             attribution=attribution,

@@ -36,7 +36,7 @@ from llmsvc.gateway.errors import describe
 from llmsvc.gateway.journal import Journal, now_us
 from llmsvc.gateway.request import ClientGone
 from llmsvc.gateway.router import Router, Target
-from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.gateway.sse import ASGISend
 from llmsvc.gateway.wire import Wire
 from llmsvc.logs import logger
 from llmsvc.providers.base import Native, RefusalDeltas, Reply, ToolCallDeltas
@@ -86,7 +86,6 @@ class Exchange:
         "params",
         "pieces",
         "policy",
-        "receive",
         "request_deadline",
         "request_id",
         "router",
@@ -118,7 +117,6 @@ class Exchange:
         request_id: uuid.UUID,
         correlation_id: str,
         send: ASGISend,
-        receive: ASGIReceive,
         closed: Callable[[], bool],
         *,
         caller: Caller | None,
@@ -163,7 +161,6 @@ class Exchange:
             params if params is not None else {k: v for k, v in source.items() if k not in skip}
         )
         self.send = send
-        self.receive = receive
         self.closed = closed  # the connection is known gone (a write failed), asked at once
         self.request_id = request_id
         self.attempt_id = uuid.uuid4()
@@ -319,33 +316,27 @@ class Exchange:
     async def _stream(self, reply: Reply) -> None:
         wire = self.wire
         aid = self.attempt_id.bytes
-        # uvicorn drops sends to a closed connection silently: a disconnect is
-        # seen by receive(), which returns once the body has been read, or at
-        # once by `closed`, which the end of the reply asks.
-        gone = asyncio.ensure_future(self.receive())
-        try:
-            async for texts in reply.batches():
-                if gone.done():
-                    raise ClientGone
-                if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
-                    await self._send_chunk(await self._journal_tools(texts), reply)
-                    continue
-                fut = self._journal_tokens(aid, texts)  # a refusal too: the client gets it
-                if self.first_token_us is None:
-                    self._first_token()
-                refused = isinstance(texts, RefusalDeltas)  # rare: sent as delta.refusal
-                frame = wire.refusal(texts) if refused else wire.tokens(texts)
-                await fut
-                self.unconfirmed = (None, 0)
-                await self._send_chunk(frame, reply)
-            if gone.done() or self.closed():  # a one-batch reply meets no check above
+        closed = self.closed  # asked at each batch: uvicorn drops sends to a closed connection
+        async for texts in reply.batches():
+            if closed():
                 raise ClientGone
-            fut = self._end_records("completed", reply)
-            tail = wire.closing(reply.finish_reason or "stop", self.counts.usage())
+            if isinstance(texts, ToolCallDeltas):  # rare: tool calls, not tokens
+                await self._send_chunk(await self._journal_tools(texts), reply)
+                continue
+            fut = self._journal_tokens(aid, texts)  # a refusal too: the client gets it
+            if self.first_token_us is None:
+                self._first_token()
+            refused = isinstance(texts, RefusalDeltas)  # rare: sent as delta.refusal
+            frame = wire.refusal(texts) if refused else wire.tokens(texts)
             await fut
-            await self._send_chunk(tail, reply, more=False)
-        finally:
-            gone.cancel()
+            self.unconfirmed = (None, 0)
+            await self._send_chunk(frame, reply)
+        if closed():  # a one-batch reply meets no check above
+            raise ClientGone
+        fut = self._end_records("completed", reply)
+        tail = wire.closing(reply.finish_reason or "stop", self.counts.usage())
+        await fut
+        await self._send_chunk(tail, reply, more=False)
 
     async def _journal_tools(self, deltas: ToolCallDeltas) -> bytes:
         """Journal tool-call deltas and return their client chunk, once they are durable."""

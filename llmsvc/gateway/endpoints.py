@@ -53,7 +53,6 @@ class Gateway(Protocol):
     async def serve(
         self,
         scope: Scope,
-        receive: ASGIReceive,
         send: ASGISend,
         headers: dict[bytes, bytes],
         data: dict[str, Any],
@@ -90,7 +89,6 @@ async def chat_completions(
     del body, request  # see KEEP_LEAN
     await gateway.serve(
         scope,
-        receive,
         send,
         headers,
         data,
@@ -112,7 +110,6 @@ async def embeddings(gateway: Gateway, scope: Scope, receive: ASGIReceive, send:
     del body, request  # see KEEP_LEAN
     await gateway.serve(
         scope,
-        receive,
         send,
         headers,
         {"messages": []},
@@ -137,7 +134,6 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
     del body, request  # see KEEP_LEAN
     await gateway.serve(
         scope,
-        receive,
         send,
         headers,
         data,
@@ -182,7 +178,6 @@ async def responses(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: 
     del body, request  # see KEEP_LEAN
     await gateway.serve(
         scope,
-        receive,
         send,
         headers,
         chat,

@@ -112,7 +112,9 @@ def closed_check(scope: Mapping[str, Any]) -> Callable[[], bool]:
     """Whether the request's connection is known closed, asked synchronously.
 
     ASGI's http.disconnect arrives loop iterations after a write found the
-    connection gone; this answers at once. Under another server it says never.
+    connection gone; this answers at once, with no task per stream to wait on
+    receive(). A stream asks it at each batch (chat.Exchange). Under another
+    server it says never, and a stream runs to its end.
     """
     extension = (scope.get("extensions") or {}).get(CONNECTION) or {}
     check: Callable[[], bool] | None = extension.get("closed")

@@ -51,12 +51,9 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
     async def send(message: Any) -> None:
         sent.append(message)
 
-    async def receive() -> Any:
-        return {"type": "http.request", "body": b""}
-
     exchange = Exchange(
         gateway.journal, gateway.router, gateway.policy, data,
-        data["model"], False, uuid.uuid4(), "corr", send, receive, lambda: False,
+        data["model"], False, uuid.uuid4(), "corr", send, lambda: False,
         caller=None, attribution=Attribution(),
         wire=lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, data["model"], False),
         api="chat",
