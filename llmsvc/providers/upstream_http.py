@@ -147,7 +147,7 @@ class Response:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self._connection.finished(reusable=self._done and self._error is None)
+        self._connection.finished()
 
     async def _wait(self) -> None:
         """Wait for the connection to bring something; only this counts as silence, not the
@@ -257,12 +257,13 @@ class Connection(asyncio.Protocol):
         self.transport.write(head + body)
         return self.response
 
-    def finished(self, reusable: bool) -> None:
-        """The response was released: back to the pool, or closed."""
+    def finished(self) -> None:
+        """The response was released: back to the pool if its message ended and left the
+        connection open for another (`keep_alive`, set only then), else closed."""
         self.response = None
         if self._paused:
             self.resume()
-        if reusable and self.keep_alive and not self.closed:
+        if self.keep_alive and not self.closed:
             self.pool.idle(self)
         else:
             self.abort()
