@@ -93,6 +93,25 @@ class Response:
     """One response as it arrives: `status` and `headers` once `post` returns it, the body
     by `read` (as it comes) or `body` (whole), then `release`, always."""
 
+    __slots__ = (
+        "_buffered",
+        "_chunks",
+        "_connection",
+        "_done",
+        "_error",
+        "_head",
+        "_inflate",
+        "_loop",
+        "_maybe_raw",
+        "_released",
+        "_silence",
+        "_timer",
+        "_waiter",
+        "_waiting_since",
+        "headers",
+        "status",
+    )
+
     def __init__(self, connection: Connection, silence: float) -> None:
         self.status = 0
         self.headers = Headers()
@@ -212,7 +231,9 @@ class Response:
         self._buffered += len(data)
         if self._buffered > READ_AHEAD:
             self._connection.pause()
-        self._wake()
+        waiter = self._waiter  # _wake, inlined: this is every token's path
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _inflated(self, data: bytes) -> bytes:
         assert self._inflate is not None
@@ -236,6 +257,20 @@ class Response:
 
 class Connection(asyncio.Protocol):
     """One upstream connection: its bytes go through the parser to the response under way."""
+
+    __slots__ = (
+        "_paused",
+        "_until_close",
+        "closed",
+        "idle_since",
+        "keep_alive",
+        "loop",
+        "origin",
+        "parser",
+        "pool",
+        "response",
+        "transport",
+    )
 
     def __init__(self, pool: UpstreamClient, origin: Origin, loop: asyncio.AbstractEventLoop):
         self.pool = pool
