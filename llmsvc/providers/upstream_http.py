@@ -350,6 +350,10 @@ class Connection(asyncio.Protocol):
 
     # httptools' callbacks
 
+    def on_message_begin(self) -> None:
+        if self.response is None or self.response._done:  # only one response per request
+            raise UpstreamError("the upstream sent a response nobody asked for")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None
         self.response.headers.add(name.decode("latin-1"), value.decode("latin-1"))

@@ -131,6 +131,22 @@ async def test_an_idle_connection_is_reused_and_one_the_server_closed_is_not(ser
         await client.close()
 
 
+async def test_a_connection_that_answers_twice_is_not_reused(serve: Serve) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(answer(b"asked") + answer(b"not asked"))  # one request, two replies
+            await writer.drain()
+
+    server = await serve(handler)
+    client = UpstreamClient(5, 5, tls=False)
+    try:
+        assert await whole(await client.post(server.url, b"{}", {})) == b"asked"
+        assert await whole(await client.post(server.url, b"{}", {})) == b"asked"
+        assert server.connections == 2
+    finally:
+        await client.close()
+
+
 @pytest.mark.parametrize(
     ("encoding", "compress"),
     [
