@@ -40,7 +40,8 @@ REQ_BODY = orjson.dumps(
     {"model": "m-1", "messages": [{"role": "user", "content": "hello there"}], "stream": False}
 )
 SERVERS = ("uvicorn_asgi", "uvicorn_starlette", "aiohttp_web")
-CLIENTS = ("aiohttp_iter_any", "httpx_aiter_raw", "httpx_aiter_bytes")
+# llmsvc_read: llmsvc's own upstream client (providers/upstream_http.py), which replaced aiohttp's
+CLIENTS = ("aiohttp_iter_any", "httpx_aiter_raw", "httpx_aiter_bytes", "llmsvc_read")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SCRIPT = os.path.abspath(__file__)
 
@@ -305,6 +306,29 @@ async def client_main(variant: str, port: int, n_small: int, n_burst: int, n_pac
             return n
 
         close: Callable[[], Awaitable[None]] = session.close
+    elif lib == "llmsvc":
+        from llmsvc.providers.upstream_http import UpstreamClient
+
+        upstream = UpstreamClient(10, 60, tls=False)
+
+        async def small() -> None:
+            r = await upstream.post(base + "/small", REQ_BODY, hdr)
+            try:
+                orjson.loads(await r.body(1 << 24))
+            finally:
+                r.release()
+
+        async def stream(path: str) -> int:
+            n = 0
+            r = await upstream.post(base + path, REQ_BODY, hdr)
+            try:
+                while chunk := await r.read():
+                    n += len(chunk)
+            finally:
+                r.release()
+            return n
+
+        close = upstream.close
     else:
         import httpx
 

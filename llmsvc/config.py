@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import random
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,20 @@ class ProviderConfig(BaseModel):
     def _needs_base_url(self) -> ProviderConfig:
         if self.kind != "mock" and not self.base_url.startswith(("http://", "https://")):
             raise ValueError(f"provider {self.name!r}: base_url must be an http(s) URL")
+        return self
+
+    @model_validator(mode="after")
+    def _fits_a_request_head(self) -> ProviderConfig:
+        """What goes into an upstream request's head holds no control character (nor the URL
+        a space): a line break there would end a header and start one the upstream obeys."""
+        if re.search(r"[\x00-\x20\x7f]", self.base_url):
+            raise ValueError(
+                f"provider {self.name!r}: base_url holds a control character or a space"
+            )
+        key = self.api_key.get_secret_value() if self.api_key is not None else ""
+        for field, value in (("api_key", key), ("anthropic_version", self.anthropic_version)):
+            if re.search(r"[\x00-\x1f\x7f]", value):
+                raise ValueError(f"provider {self.name!r}: {field} holds a control character")
         return self
 
     @model_validator(mode="after")

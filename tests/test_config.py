@@ -355,8 +355,17 @@ def test_config_that_is_a_directory_is_refused(
         f'name = "p"\nkind = "mock"\nmodels = []\napi_key = "{SECRET}"\n',
         f'name = "p"\nkind = "mock"\nmodels = ["m"]\napi_key = "{SECRET}"\napi_kye = "{SECRET}"\n',
         f'name = "p"\nkind = "mock"\nmodels = ["m"]\napi_key = ["{SECRET}"]\n',
+        f'name = "p"\nkind = "mock"\nmodels = ["m"]\napi_key = "{SECRET}\\r\\nx-injected: 1"\n',
     ],
-    ids=["bad-kind", "no-base_url", "key-as-base_url", "no-models", "typo-key", "key-list"],
+    ids=[
+        "bad-kind",
+        "no-base_url",
+        "key-as-base_url",
+        "no-models",
+        "typo-key",
+        "key-list",
+        "key-with-a-line-break",
+    ],
 )
 def test_api_key_never_appears_in_the_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, provider: str

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from llmsvc.config import ProviderConfig
@@ -22,6 +21,8 @@ from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, Native, ToolCallDeltas
 from llmsvc.providers.embeddings import EMBEDDINGS
 from llmsvc.providers.fields import (
+    UPSTREAM_MAX_BYTES,
+    TooLarge,
     arguments,
     count,
     error_text,
@@ -33,6 +34,7 @@ from llmsvc.providers.fields import (
 )
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.sse import SseSplitter
+from llmsvc.providers.upstream_http import Response, UpstreamError
 
 DEFAULT_MAX_TOKENS = 4096
 # Every stop reason becomes one of OpenAI's finish reasons (a client's SDK may check the
@@ -171,15 +173,13 @@ def _arguments(arguments: Any) -> Any:
 
 
 class AnthropicReply(HttpReply):
-    def __init__(
-        self, name: str, response: aiohttp.ClientResponse, stream: bool, idle_timeout: float
-    ) -> None:
-        super().__init__(name, response, stream, idle_timeout)
+    def __init__(self, name: str, response: Response, stream: bool) -> None:
+        super().__init__(name, response, stream)
         self._tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
 
     async def _events(self) -> AsyncIterator[Batch]:
         splitter, stopped = SseSplitter(), False
-        while chunk := await self._read():
+        while chunk := await self.response.read():
             texts: list[str] = []
             tools = ToolCallDeltas()
             for data in splitter.feed(chunk):
@@ -281,7 +281,7 @@ class AnthropicProvider(HttpProvider):
             payload = {k: v for k, v in native.body.items() if k != "mock_delay_ms"}
             payload["model"], payload["stream"] = model, stream
             response = await self.post(self.url, payload, self.headers)
-            return AnthropicReply(self.name, response, stream, self.idle_timeout)
+            return AnthropicReply(self.name, response, stream)
         if native is not None and native.api == EMBEDDINGS:
             raise ProviderError(
                 f"{self.name}: Anthropic has no embeddings API; route the model to an "
@@ -299,7 +299,7 @@ class AnthropicProvider(HttpProvider):
                 code="invalid_request",
             ) from exc
         response = await self.post(self.url, payload, self.headers)
-        return AnthropicReply(self.name, response, stream, self.idle_timeout)
+        return AnthropicReply(self.name, response, stream)
 
     async def count_tokens(self, body: dict[str, Any], model: str) -> Any:
         """The upstream's `/v1/messages/count_tokens` answer for a Messages body (as sent, with
@@ -308,11 +308,20 @@ class AnthropicProvider(HttpProvider):
         payload["model"] = model
         response = await self.post(self.count_url, payload, self.headers)
         try:
-            return orjson.loads(await response.read())
+            return orjson.loads(await response.body(UPSTREAM_MAX_BYTES))
+        except UpstreamError as exc:
+            raise ProviderUnavailable(
+                f"{self.name}: the upstream's answer broke: {exc}", code="upstream_stream_broken"
+            ) from exc
         except orjson.JSONDecodeError as exc:
             raise ProviderError(
                 f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
             ) from exc
+        except TooLarge as exc:
+            raise ProviderError(
+                f"{self.name}: the upstream's answer is too large: {exc}",
+                code="upstream_too_large",
+            ) from None
         finally:
             response.release()
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from typing import Any, cast
 
-import aiohttp
 import orjson
 
 from llmsvc.errors import ProviderError
 from llmsvc.providers.fields import count, items, obj
 from llmsvc.providers.http import HttpReply
+from llmsvc.providers.upstream_http import Response
 
 EMBEDDINGS = "embeddings"  # the `Native.api` of an embeddings request
 FLOAT32_MAX = 3.4028234663852886e38  # a value past it has no base64 (float32) form
@@ -42,10 +42,8 @@ def vectors_text(vectors: list[list[float]]) -> str:
 class OpenAIEmbeddingsReply(HttpReply):
     """An OpenAI-compatible upstream's whole `/embeddings` body (never a stream)."""
 
-    def __init__(
-        self, name: str, response: aiohttp.ClientResponse, idle_timeout: float, expected: int
-    ) -> None:
-        super().__init__(name, response, False, idle_timeout)
+    def __init__(self, name: str, response: Response, expected: int) -> None:
+        super().__init__(name, response, False)
         self.expected = expected  # inputs sent: one vector each comes back
         self.completion_tokens = 0  # embeddings complete nothing: the request costs its input
 

@@ -27,7 +27,7 @@ from llmsvc.providers.sse import SseSplitter
 class OpenAIReply(HttpReply):
     async def _events(self) -> AsyncIterator[Batch]:
         splitter, done = SseSplitter(), False
-        while chunk := await self._read():
+        while chunk := await self.response.read():
             texts: list[str] = []
             tools = ToolCallDeltas()
             refusals = RefusalDeltas()
@@ -134,14 +134,14 @@ class OpenAIProvider(HttpProvider):
         if self.responses_url is not None and native is not None and native.api == "responses":
             payload = responses_payload(native.body, model, stream)
             response = await self.post(self.responses_url, payload, self.headers)
-            return ResponsesReply(self.name, response, stream, self.idle_timeout, upstream_error)
+            return ResponsesReply(self.name, response, stream, upstream_error)
         payload = {k: v for k, v in body.items() if k != "mock_delay_ms"}
         payload["model"], payload["stream"] = model, stream
         if stream:
             options = body.get("stream_options") or {}
             payload["stream_options"] = {**options, "include_usage": True}
         response = await self.post(self.chat_url, payload, self.headers)
-        return OpenAIReply(self.name, response, stream, self.idle_timeout)
+        return OpenAIReply(self.name, response, stream)
 
     async def _embed(self, body: dict[str, Any], model: str) -> OpenAIEmbeddingsReply:
         """The client's embeddings body, sent as is with the upstream's model name, asking
@@ -149,7 +149,7 @@ class OpenAIProvider(HttpProvider):
         payload = {**body, "model": model, "encoding_format": "float"}
         response = await self.post(self.embeddings_url, payload, self.headers)
         expected = len(inputs(body["input"]))
-        return OpenAIEmbeddingsReply(self.name, response, self.idle_timeout, expected)
+        return OpenAIEmbeddingsReply(self.name, response, expected)
 
 
 def upstream_error(

@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any, TypeGuard
 
-import aiohttp
 import orjson
 
 from llmsvc.errors import ProviderError, ProviderUnavailable
@@ -20,6 +19,7 @@ from llmsvc.providers.base import Batch, RefusalDeltas, ToolCallDeltas
 from llmsvc.providers.fields import count, items, obj, tool_delta
 from llmsvc.providers.http import ErrorOf, HttpReply
 from llmsvc.providers.sse import SseSplitter
+from llmsvc.providers.upstream_http import Response
 
 
 def responses_payload(body: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
@@ -34,12 +34,11 @@ class ResponsesReply(HttpReply):
     def __init__(
         self,
         name: str,
-        response: aiohttp.ClientResponse,
+        response: Response,
         stream: bool,
-        idle_timeout: float,
         error_of: ErrorOf,
     ) -> None:
-        super().__init__(name, response, stream, idle_timeout)
+        super().__init__(name, response, stream)
         self.error_of = error_of
         # A call's ordinal by its item's `id` and by its `output_index`: argument deltas
         # name both, and an upstream may fill in only one.
@@ -48,7 +47,7 @@ class ResponsesReply(HttpReply):
 
     async def _events(self) -> AsyncIterator[Batch]:
         splitter, done = SseSplitter(), False
-        while chunk := await self._read():
+        while chunk := await self.response.read():
             texts: list[str] = []
             tools = ToolCallDeltas()
             refusals = RefusalDeltas()
