@@ -347,7 +347,7 @@ async def phase_open(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         for side in (Side("daemon", daemon), Side("direct", None)):
             port = daemon.port if side.proc else up.port
             watched = daemon if side.proc else up
-            await asyncio.sleep(2)  # let the idle figures settle
+            await asyncio.sleep(args.open_settle_s)  # let the idle figures settle
             idle_rss, idle_fds = tree_rss_kib(watched.pid), open_fds(watched.pid)
             lag0 = await loop_lag_buckets(daemon) if side.proc else {}
             samples: list[tuple[float, int, int, int]] = []  # t, open streams, rss KiB, fds
@@ -547,6 +547,7 @@ def configure(args: argparse.Namespace) -> None:
     args.open_delay_ms = 1000.0  # quick: 3 s of streams, so the 1 s samples see them open
     args.open_tokens = 3 if quick else 60
     args.open_stagger_s = 0.5 if quick else 10.0
+    args.open_settle_s = 0.5 if quick else 2.0
     args.throttle_streams = 20 if quick else 200
     args.throttle_seconds = 3.0 if quick else 45.0
 
