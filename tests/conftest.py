@@ -24,8 +24,10 @@ from postgres import (
     sqlalchemy_url,
     unique_dbname,
 )
+from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import WalFatal
+from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
 
@@ -137,3 +139,14 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     report = yield
     setattr(item, f"outcome_{report.when}", report)
     return report
+
+
+@pytest.fixture
+async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
+    """A store migrated to head, on SQLite and on PostgreSQL."""
+    engine = create_engine(database_url)
+    try:
+        await upgrade_to_head(engine)
+        yield engine
+    finally:
+        await engine.dispose()

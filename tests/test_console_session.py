@@ -6,7 +6,6 @@ real PostgreSQL store: the store, not a worker's memory, is what ends a session.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 from urllib.parse import urlencode
@@ -18,7 +17,6 @@ from llmsvc.admin.console.app import Console
 from llmsvc.admin.console.session import COOKIE, LIFETIME_SECONDS, Sessions, same_origin
 from llmsvc.gateway.app import Gateway
 from llmsvc.store.console_logouts import console_session_ended, end_console_session
-from llmsvc.store.engine import create_engine, upgrade_to_head
 
 TOKEN = b"admin-token-0123456789"
 NOW = 1_800_000_000.0
@@ -100,16 +98,6 @@ class _StoreOnly:
 
     async def set_provider_enabled(self, name: str, enabled: bool) -> None:
         self.switched.append((name, enabled))
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    engine = create_engine(database_url)
-    try:
-        await upgrade_to_head(engine)
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 async def _ask(

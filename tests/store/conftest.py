@@ -13,20 +13,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from store_streams import MakeFlusher, OpenWriter
 
 from llmsvc.gateway.journal import Journal
-from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher
 from llmsvc.wal.writer import WalWriter
-
-
-@pytest.fixture
-async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
-    """A store migrated to head, on SQLite and on PostgreSQL."""
-    engine = create_engine(database_url)
-    try:
-        await upgrade_to_head(engine)
-        yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture
