@@ -81,6 +81,7 @@ from benchkit import (
     complete,
     free_port,
     identifier,
+    latency_rounds,
     log,
     log_tail,
     machine_busy_s,
@@ -140,23 +141,10 @@ class Stack:
 
 async def phase_latency(stack: Stack, rounds: int, n: int) -> dict[str, Any]:
     """Non-streaming, one request at a time: what the daemon's hop adds to a call."""
-    raw: Raw = {}
-    eps = [stack.direct, stack.via]
-    bodies = {ep.name: chat_body(ep.model, 16, stream=False) for ep in eps}
-    for r in range(rounds):
-        for ep in rotated(eps, r):
-            cpu0 = proc_cpu_s(stack.daemon.pid)
-            lats = [await complete(ep, bodies[ep.name]) for _ in range(n)]
-            add(raw, f"{ep.name}_p50_ms", pct(lats, 0.5) * 1e3)
-            add(raw, f"{ep.name}_p99_ms", pct(lats, 0.99) * 1e3)
-            if ep is stack.via:  # the flush of these requests may land in the next round
-                add(
-                    raw,
-                    "daemon_cpu_us_per_request",
-                    (proc_cpu_s(stack.daemon.pid) - cpu0) / n * 1e6,
-                )
-        for q in ("p50", "p99"):
-            add(raw, f"added_{q}_ms", raw[f"daemon_{q}_ms"][-1] - raw[f"direct_{q}_ms"][-1])
+    body = chat_body(MODEL, 16, stream=False)
+    raw = await latency_rounds(
+        stack.direct, stack.via, body, rounds, n, 1, lambda: proc_cpu_s(stack.daemon.pid)
+    )
     return {"requests_per_round": n, "rounds": rounds, **summary(raw), "per_round": per_round(raw)}
 
 

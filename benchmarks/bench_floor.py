@@ -21,7 +21,7 @@ latency at several concurrencies, and prints the table.
 from __future__ import annotations
 
 import argparse
-import asyncio
+import functools
 import shutil
 import tempfile
 import time
@@ -32,20 +32,17 @@ import bench_scale
 from benchkit import (
     MODEL,
     PACKAGES,
-    Raw,
-    add,
     chat_body,
     chat_url,
     close_report,
     complete,
+    latency_rounds,
     log,
     machine_busy_s,
     machine_info,
     new_session,
-    pct,
     per_round,
     processes,
-    rotated,
     spawn_upstream,
     summary,
 )
@@ -77,22 +74,14 @@ async def phase_latency(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 "daemon", f"http://127.0.0.1:{daemon.port}/v1/chat/completions", sessions[1], MODEL
             )
             body = chat_body(MODEL, 16, stream=False)
+            daemon_cpu_s = functools.partial(bench_scale.tree_cpu_s, daemon.pid)
             for target in (direct, via):  # warm both paths: imports, pools, caches
-                await _requests(target, body, 16, 64)
+                for _ in range(64):
+                    await complete(target, body)
             for c in CONCURRENCIES:
-                raw: Raw = {}
-                for r in range(args.rounds):
-                    for target in rotated([direct, via], r):
-                        cpu0 = bench_scale.tree_cpu_s(daemon.pid)
-                        lats = await _requests(target, body, c, args.latency_n)
-                        if target is via:  # its flush may land in the next run: a small share
-                            cpu = bench_scale.tree_cpu_s(daemon.pid) - cpu0
-                            add(raw, "daemon_cpu_us_per_request", cpu / len(lats) * 1e6)
-                        add(raw, f"{target.name}_p50_ms", pct(lats, 0.5) * 1e3)
-                        add(raw, f"{target.name}_p99_ms", pct(lats, 0.99) * 1e3)
-                    for q in ("p50", "p99"):
-                        added = raw[f"daemon_{q}_ms"][-1] - raw[f"direct_{q}_ms"][-1]
-                        add(raw, f"added_{q}_ms", added)
+                raw = await latency_rounds(
+                    direct, via, body, args.rounds, args.latency_n, c, daemon_cpu_s
+                )
                 out[f"c{c}"] = {**summary(raw), "per_round": per_round(raw)}
                 log(f"latency c={c}: added p50 {out[f'c{c}']['added_p50_ms']} ms "
                     f"p99 {out[f'c{c}']['added_p99_ms']} ms")  # fmt: skip
@@ -101,18 +90,6 @@ async def phase_latency(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 await session.close()
     out["requests_per_round"] = args.latency_n
     return out
-
-
-async def _requests(target: Target, body: bytes, concurrency: int, n: int) -> list[float]:
-    """`n` whole requests from `concurrency` clients at once; each one's latency."""
-    lats: list[float] = []
-
-    async def client(count: int) -> None:
-        for _ in range(count):
-            lats.append(await complete(target, body))
-
-    await asyncio.gather(*(client(n // concurrency) for _ in range(concurrency)))
-    return lats
 
 
 def configure(args: argparse.Namespace) -> None:

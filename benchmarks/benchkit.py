@@ -23,7 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -378,6 +378,42 @@ async def complete(ep: Endpoint, body: bytes) -> float:
     if resp.status != 200 or b'"content":"t0 ' not in data:
         raise RuntimeError(f"{ep.name}: HTTP {resp.status}: {data[:300]!r}")
     return elapsed
+
+
+async def latency_rounds(
+    direct: Endpoint,
+    via: Endpoint,
+    body: bytes,
+    rounds: int,
+    n: int,
+    concurrency: int,
+    daemon_cpu_s: Callable[[], float],
+) -> Raw:
+    """Whole requests, directly and through the daemon (`via`) in interleaved rounds, `n` a
+    round from `concurrency` clients at once: each side's p50 and p99, what the daemon adds,
+    and its CPU per request (the flush of a round's requests may land in the next)."""
+    raw: Raw = {}
+    for r in range(rounds):
+        for ep in rotated([direct, via], r):
+            cpu0 = daemon_cpu_s()
+            lats: list[float] = []
+
+            async def client(ep: Endpoint = ep, lats: list[float] = lats) -> None:
+                for _ in range(n // concurrency):
+                    lats.append(await complete(ep, body))
+
+            await asyncio.gather(*(client() for _ in range(concurrency)))
+            add(raw, f"{ep.name}_p50_ms", pct(lats, 0.5) * 1e3)
+            add(raw, f"{ep.name}_p99_ms", pct(lats, 0.99) * 1e3)
+            if ep is via:
+                add(raw, "daemon_cpu_us_per_request", (daemon_cpu_s() - cpu0) / len(lats) * 1e6)
+        for q in ("p50", "p99"):
+            add(
+                raw,
+                f"added_{q}_ms",
+                raw[f"{via.name}_{q}_ms"][-1] - raw[f"{direct.name}_{q}_ms"][-1],
+            )
+    return raw
 
 
 @dataclass
