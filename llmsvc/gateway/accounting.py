@@ -43,6 +43,8 @@ def count(
     count_prompt_of: PromptCounter,
 ) -> Counts:
     """The counts of an attempt that journaled `pieces` (`deltas` of them, tool calls too)."""
+    if reply is None and not pieces:
+        return Counts()
     prompt = reply.prompt_tokens if reply else None
     completion = reply.completion_tokens if reply else None
     counts = Counts(
@@ -51,8 +53,6 @@ def count(
         PROVIDER if prompt is not None else None,
         PROVIDER if completion is not None else None,
     )
-    if reply is None and not pieces:
-        return Counts()
     if completion is None:
         counts.completion, counts.completion_source = count_completion(model, pieces, deltas)
     if prompt is None:

@@ -137,11 +137,15 @@ class Exchange:
         Responses body whose `previous_response_id` the forwarded one has resolved).
         `pinned`: the one target to try instead of the model's route (the console's replay;
         the operator chose it, so a key's model allowlist does not apply)."""
-        allowed = caller.models if caller is not None and pinned is None else None
-        if caller is not None and allowed is not None and model not in allowed:
+        if (
+            pinned is None
+            and caller is not None
+            and caller.models is not None
+            and model not in caller.models
+        ):
             raise ModelNotAllowed(
                 f"the key {caller.key_name!r} may not use the model {model!r}; "
-                f"it may use {', '.join(sorted(allowed))}",
+                f"it may use {', '.join(sorted(caller.models))}",
                 param="model",
             )
         self.journal = journal
