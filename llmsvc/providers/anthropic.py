@@ -22,7 +22,6 @@ from llmsvc.providers.base import Batch, Native, ToolCallDeltas
 from llmsvc.providers.embeddings import EMBEDDINGS
 from llmsvc.providers.fields import (
     UPSTREAM_MAX_BYTES,
-    TooLarge,
     arguments,
     count,
     error_text,
@@ -32,9 +31,9 @@ from llmsvc.providers.fields import (
     short_text,
     tool_delta,
 )
-from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
+from llmsvc.providers.http import HttpProvider, HttpReply, reading, retry_after
 from llmsvc.providers.sse import SseSplitter
-from llmsvc.providers.upstream_http import Response, UpstreamError
+from llmsvc.providers.upstream_http import Response
 
 DEFAULT_MAX_TOKENS = 4096
 # Every stop reason becomes one of OpenAI's finish reasons (a client's SDK may check the
@@ -308,20 +307,8 @@ class AnthropicProvider(HttpProvider):
         payload["model"] = model
         response = await self.post(self.count_url, payload, self.headers)
         try:
-            return orjson.loads(await response.body(UPSTREAM_MAX_BYTES))
-        except UpstreamError as exc:
-            raise ProviderUnavailable(
-                f"{self.name}: the upstream's answer broke: {exc}", code="upstream_stream_broken"
-            ) from exc
-        except orjson.JSONDecodeError as exc:
-            raise ProviderError(
-                f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
-            ) from exc
-        except TooLarge as exc:
-            raise ProviderError(
-                f"{self.name}: the upstream's answer is too large: {exc}",
-                code="upstream_too_large",
-            ) from None
+            with reading(self.name):
+                return orjson.loads(await response.body(UPSTREAM_MAX_BYTES))
         finally:
             response.release()
 

@@ -10,8 +10,9 @@ and each gap in its body (upstream_http.py keeps one timer per response for it).
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from typing import Any
@@ -36,6 +37,25 @@ ERROR_BODY_MAX = 64 * 1024
 ErrorOf = Callable[[str, int | None, Any, Mapping[str, str] | None], ProviderError]
 
 
+@contextlib.contextmanager
+def reading(name: str) -> Iterator[None]:
+    """Reading an upstream's reply: its failures as the provider errors a client is told."""
+    try:
+        yield
+    except UpstreamError as exc:
+        raise ProviderUnavailable(
+            f"{name}: the upstream stream broke: {exc}", code="upstream_stream_broken"
+        ) from exc
+    except orjson.JSONDecodeError as exc:
+        raise ProviderError(
+            f"{name}: the upstream sent malformed JSON", code="upstream_malformed"
+        ) from exc
+    except TooLarge as exc:
+        raise ProviderError(
+            f"{name}: the upstream's reply is too large: {exc}", code="upstream_too_large"
+        ) from None
+
+
 class HttpReply:
     """A call under way: `batches` reads the stream (or the whole body) and always releases."""
 
@@ -52,31 +72,20 @@ class HttpReply:
 
     async def batches(self) -> AsyncIterator[Batch]:
         try:
-            if self.stream:
-                async for batch in self._events():
-                    yield batch
-            else:
-                reply = orjson.loads(await self.response.body(UPSTREAM_MAX_BYTES))
-                if not isinstance(reply, dict):
-                    raise ProviderError(
-                        f"{self.name}: the upstream's reply is not a JSON object",
-                        code="upstream_malformed",
-                    )
-                content = self._whole(reply)
-                if content:
-                    yield [content]
-        except UpstreamError as exc:
-            raise ProviderUnavailable(
-                f"{self.name}: the upstream stream broke: {exc}", code="upstream_stream_broken"
-            ) from exc
-        except orjson.JSONDecodeError as exc:
-            raise ProviderError(
-                f"{self.name}: the upstream sent malformed JSON", code="upstream_malformed"
-            ) from exc
-        except TooLarge as exc:
-            raise ProviderError(
-                f"{self.name}: the upstream's reply is too large: {exc}", code="upstream_too_large"
-            ) from None
+            with reading(self.name):
+                if self.stream:
+                    async for batch in self._events():
+                        yield batch
+                else:
+                    reply = orjson.loads(await self.response.body(UPSTREAM_MAX_BYTES))
+                    if not isinstance(reply, dict):
+                        raise ProviderError(
+                            f"{self.name}: the upstream's reply is not a JSON object",
+                            code="upstream_malformed",
+                        )
+                    content = self._whole(reply)
+                    if content:
+                        yield [content]
         finally:
             self.response.release()
 
