@@ -55,6 +55,7 @@ from llmsvc.store.queries import (
     find_requests,
     recent_requests,
     request_detail,
+    stopped,
 )
 from llmsvc.store.search import SCAN, Searched
 from llmsvc.tokens import DELTAS, ESTIMATE, TOKENIZER
@@ -665,7 +666,7 @@ def cmd_show(settings: Settings, args: argparse.Namespace) -> int:
         print(
             f"\nattempt {attempt['attempt_no']}: {attempt['provider']}/{attempt['model']} "
             f"{attempt['status']} tokens={attempt['token_count']} "
-            f"http={attempt['http_status'] or '-'}"
+            f"http={attempt['http_status'] or '-'} stop={stopped(attempt) or '-'}"
         )
         if attempt["error_message"]:
             print(f"  error: {attempt['error_code']}: {attempt['error_message']}")

@@ -83,7 +83,10 @@ def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
             assert [item.id for item in got.output] == [item.id for item in second.output]
             assert got.usage == second.usage  # the stored counts, as the stream's end said
             assert got.previous_response_id == first.id
-            assert got.status == "completed"  # the store has no finish reason: see report
+            assert got.status == second.status == "incomplete"  # cut at max_output_tokens
+            assert got.incomplete_details == second.incomplete_details
+            assert got.incomplete_details is not None
+            assert got.incomplete_details.reason == "max_output_tokens"
             assert got.usage is not None
             assert got.usage.output_tokens == 4
             items = client.responses.input_items.list(second.id)

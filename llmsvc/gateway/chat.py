@@ -498,6 +498,8 @@ class Exchange:
             "completion_tokens": reply.completion_tokens if reply else None,
             "token_count": self.seq,
             "first_token_ts": self.first_token_us,
+            "finish_reason": reply.finish_reason if reply else None,
+            "stop_reason": reply.stop_reason if reply else None,
         }
 
     async def _end(

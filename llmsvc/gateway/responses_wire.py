@@ -340,6 +340,10 @@ def stored_object(turn: Turn) -> dict[str, Any]:
     row = turn.request
     rid = row["id"].hex
     status = STORED_STATUS.get(row["status"], "failed")
+    finish = turn.attempts[-1]["finish_reason"] if turn.attempts else None
+    incomplete = INCOMPLETE.get(finish) if status == "completed" and finish else None
+    if incomplete:
+        status = "incomplete"
     sources = {
         "prompt_tokens": row["prompt_tokens_source"],
         "completion_tokens": row["completion_tokens_source"],
@@ -358,4 +362,5 @@ def stored_object(turn: Turn) -> dict[str, Any]:
         whole_output(rid, turn.reply, turn.tool_calls, None, status),
         usage if turn.ended else None,
         error,
+        incomplete=incomplete,
     )

@@ -206,7 +206,7 @@ class AnthropicReply(HttpReply):
                     usage = obj(obj(event.get("message")).get("usage"))
                     self.prompt_tokens = count(self.name, "input_tokens", usage.get("input_tokens"))
                 elif kind == "message_delta":
-                    self.finish_reason = self._finish(obj(event.get("delta")).get("stop_reason"))
+                    self._finish(obj(event.get("delta")).get("stop_reason"))
                     usage = obj(event.get("usage"))
                     self.completion_tokens = count(
                         self.name, "output_tokens", usage.get("output_tokens")
@@ -228,7 +228,7 @@ class AnthropicReply(HttpReply):
             )
 
     def _whole(self, body: dict[str, Any]) -> str:
-        self.finish_reason = self._finish(body.get("stop_reason"))
+        self._finish(body.get("stop_reason"))
         usage = obj(body.get("usage"))
         self.prompt_tokens = count(self.name, "input_tokens", usage.get("input_tokens"))
         self.completion_tokens = count(self.name, "output_tokens", usage.get("output_tokens"))
@@ -240,8 +240,9 @@ class AnthropicReply(HttpReply):
         ]
         return "".join(self._text(b.get("text", "")) for b in blocks if b.get("type") == "text")
 
-    def _finish(self, stop_reason: Any) -> str | None:
-        return finish_reason(short_text(self.name, "stop_reason", stop_reason))
+    def _finish(self, stop_reason: Any) -> None:
+        self.stop_reason = short_text(self.name, "stop_reason", stop_reason)
+        self.finish_reason = finish_reason(self.stop_reason)
 
     def _text(self, text: Any) -> str:
         """A text block's text; a reply whose text is anything else is not one a client can get."""

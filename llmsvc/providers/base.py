@@ -41,7 +41,8 @@ class Native:
 class Reply(Protocol):
     """One provider call under way: token batches, then how it ended."""
 
-    finish_reason: str | None
+    finish_reason: str | None  # one of OpenAI's (fields.FINISH_REASONS), whatever the upstream
+    stop_reason: str | None  # the upstream's own word for why it stopped, as it sent it
     prompt_tokens: int | None
     completion_tokens: int | None
     http_status: int | None

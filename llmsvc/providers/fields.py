@@ -19,6 +19,9 @@ log = logger(__name__)
 
 INT4_MAX = 2**31 - 1  # the store's integer columns
 FINISH_REASON_MAX = 64  # characters; OpenAI's longest is 14
+# OpenAI's finish reasons. A reply's `finish_reason` is always one of them, whatever the
+# upstream said: an OpenAI SDK refuses any other. The upstream's own word is its `stop_reason`.
+FINISH_REASONS = ("stop", "length", "tool_calls", "content_filter", "function_call")
 # A whole reply's body, or one stream event: the text it carries is journaled as one
 # record, and a record past the WAL's MAX_PAYLOAD would read back as damage.
 UPSTREAM_MAX_BYTES = MAX_PAYLOAD // 2

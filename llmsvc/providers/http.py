@@ -65,6 +65,7 @@ class HttpReply:
         self.stream = stream
         self.http_status: int | None = response.status
         self.finish_reason: str | None = None
+        self.stop_reason: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.tool_calls: list[dict[str, Any]] = []

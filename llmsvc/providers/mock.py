@@ -44,6 +44,7 @@ class MockReply:
         self.prompt_tokens: int | None = prompt_tokens
         self.completion_tokens: int | None = None
         self.finish_reason: str | None = None
+        self.stop_reason: str | None = None
         self.tool_calls: list[dict[str, Any]] = []
         self.refusal: str | None = None
 
@@ -56,7 +57,7 @@ class MockReply:
             for start in range(0, self.count, BATCH):
                 yield [token(i) for i in range(start, min(start + BATCH, self.count))]
         self.completion_tokens = self.count
-        self.finish_reason = "length" if self.limited else "stop"
+        self.finish_reason = self.stop_reason = "length" if self.limited else "stop"
 
     async def aclose(self) -> None:
         return None
@@ -71,6 +72,7 @@ class MockVectors:
         self.prompt_tokens: int | None = prompt_tokens
         self.completion_tokens: int | None = 0
         self.finish_reason: str | None = None
+        self.stop_reason: str | None = None
         self.tool_calls: list[dict[str, Any]] = []
         self.refusal: str | None = None
 

@@ -18,7 +18,15 @@ from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, Native, RefusalDeltas, ToolCallDeltas
 from llmsvc.providers.embeddings import EMBEDDINGS, OpenAIEmbeddingsReply, inputs
-from llmsvc.providers.fields import count, error_text, items, obj, short_text, tool_delta
+from llmsvc.providers.fields import (
+    FINISH_REASONS,
+    count,
+    error_text,
+    items,
+    obj,
+    short_text,
+    tool_delta,
+)
 from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
 from llmsvc.providers.openai_responses import ResponsesReply, responses_payload
 from llmsvc.providers.sse import SseSplitter
@@ -58,9 +66,7 @@ class OpenAIReply(HttpReply):
                         if delta.get("refusal"):  # rare, as tool calls
                             refusals.append(self._text(delta["refusal"]))
                     if choice.get("finish_reason"):
-                        self.finish_reason = short_text(
-                            self.name, "finish_reason", choice["finish_reason"]
-                        )
+                        self._finish(choice["finish_reason"])
             if texts:
                 yield texts
             if tools:
@@ -75,7 +81,7 @@ class OpenAIReply(HttpReply):
 
     def _whole(self, body: dict[str, Any]) -> str:
         choice = obj((items(body.get("choices")) or [{}])[0])
-        self.finish_reason = short_text(self.name, "finish_reason", choice.get("finish_reason"))
+        self._finish(choice.get("finish_reason"))
         self._usage(body.get("usage"))
         message = obj(choice.get("message"))
         self.tool_calls = self._calls(message.get("tool_calls"), ordinal=True)
@@ -83,6 +89,14 @@ class OpenAIReply(HttpReply):
         self.refusal = self._text(refusal) if refusal else None
         content = message.get("content")
         return self._text(content) if content else ""
+
+    def _finish(self, reason: Any) -> None:
+        """An OpenAI-compatible server's finish reason is passed on if it is OpenAI's (vLLM's
+        `abort` is not, nor is any other server's own word): else `stop`, the plain end."""
+        self.stop_reason = short_text(self.name, "finish_reason", reason)
+        if self.stop_reason is not None:
+            known = self.stop_reason in FINISH_REASONS
+            self.finish_reason = self.stop_reason if known else "stop"
 
     def _usage(self, usage: Any) -> None:
         usage = obj(usage)

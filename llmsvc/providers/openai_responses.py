@@ -16,7 +16,7 @@ import orjson
 
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch, RefusalDeltas, ToolCallDeltas
-from llmsvc.providers.fields import count, items, obj, tool_delta
+from llmsvc.providers.fields import count, items, obj, short_text, tool_delta
 from llmsvc.providers.http import ErrorOf, HttpReply
 from llmsvc.providers.sse import SseSplitter
 from llmsvc.providers.upstream_http import Response
@@ -135,12 +135,15 @@ class ResponsesReply(HttpReply):
         return "".join(texts)
 
     def _ended(self, response: dict[str, Any], called: bool) -> None:
-        """Usage and a chat-completion finish reason from the final `response` object."""
+        """Usage and a chat-completion finish reason from the final `response` object; its
+        own stop reason is its status, or why it is incomplete."""
         usage = obj(response.get("usage"))
         self.prompt_tokens = count(self.name, "input_tokens", usage.get("input_tokens"))
         self.completion_tokens = count(self.name, "output_tokens", usage.get("output_tokens"))
+        self.stop_reason = short_text(self.name, "status", response.get("status"))
         if response.get("status") == "incomplete":
             reason = obj(response.get("incomplete_details")).get("reason")
+            self.stop_reason = short_text(self.name, "incomplete_details.reason", reason)
             self.finish_reason = "content_filter" if reason == "content_filter" else "length"
         else:
             self.finish_reason = "tool_calls" if called else "stop"

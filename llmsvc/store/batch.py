@@ -44,6 +44,7 @@ ATTEMPT_END_COLUMNS: tuple[str, ...] = (
     "error_code",
 )
 ATTEMPT_END_COLUMNS += ("error_message", "prompt_tokens", "completion_tokens", "token_count")
+ATTEMPT_END_COLUMNS += ("finish_reason", "stop_reason")
 STREAMING: Status = "streaming"  # a row's status until its end record arrives
 # Who sent a request: columns from its start record's fields, absent in records from
 # before attribution (NULL) and present only when known (gateway/attribution.py).
@@ -227,6 +228,8 @@ def _attempt_end(body: AttemptEnd) -> dict[str, Any]:
         "prompt_tokens": body.get("prompt_tokens"),
         "completion_tokens": body.get("completion_tokens"),
         "token_count": body.get("token_count"),
+        "finish_reason": body.get("finish_reason"),
+        "stop_reason": body.get("stop_reason"),
     }
 
 

@@ -203,6 +203,13 @@ async def request_detail(engine: AsyncEngine, request_id: uuid.UUID) -> RequestD
     )
 
 
+def stopped(attempt: dict[str, Any]) -> str:
+    """Why an attempt stopped, as its client was told, and the upstream's own word after it
+    when that differs (`content_filter (refusal)`); "" for one that got no reply."""
+    told, own = attempt["finish_reason"], attempt["stop_reason"]
+    return (told or "") + (f" ({own})" if own and own != told else "")
+
+
 def assemble_tool_calls(deltas: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Stored deltas, in seq order, as whole calls: id and name as first given, arguments
     concatenated, by call index."""

@@ -115,6 +115,8 @@ llm_attempts = sa.Table(
     sa.Column("prompt_tokens", sa.Integer),
     sa.Column("completion_tokens", sa.Integer),
     sa.Column("token_count", sa.Integer),
+    sa.Column("finish_reason", sa.String(64)),  # one of OpenAI's, as the client was told
+    sa.Column("stop_reason", sa.String(64)),  # the upstream's own word (migration 0011)
 )
 
 # On PostgreSQL this table is range-partitioned by `created_at`, one partition a day

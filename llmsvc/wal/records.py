@@ -72,6 +72,8 @@ class AttemptEndFields(TypedDict, total=False):
     completion_tokens: int | None
     token_count: int
     first_token_ts: int | None
+    finish_reason: str | None  # as the client was told: one of OpenAI's
+    stop_reason: str | None  # as the upstream said it (Anthropic's `refusal`, say)
 
 
 class AttemptEnd(AttemptEndFields):

@@ -168,6 +168,27 @@ def test_streaming_through_the_openai_sdk(daemon: DaemonProcess, sqlite_url: str
         "completed",
     )
     assert (attempt["prompt_tokens"], attempt["completion_tokens"]) == (2, 6)
+    assert (attempt["finish_reason"], attempt["stop_reason"]) == ("length", "max_tokens")
+
+
+def test_a_refusal_is_content_filter_to_the_client_and_refusal_on_the_attempt(
+    daemon: DaemonProcess, sqlite_url: str
+) -> None:
+    """OpenAI's enum has no `refusal`: the client is told `content_filter`, and the attempt
+    row keeps both, so the operator still sees Anthropic's own word."""
+    raw = client(daemon).chat.completions.with_raw_response.create(
+        model="claude-test",
+        messages=[{"role": "user", "content": "refuse this"}],
+        max_tokens=6,
+        stream=True,
+    )
+    chunks = list(raw.parse())
+    tokens = [c.delta.content for chunk in chunks for c in chunk.choices if c.delta.content]
+    finishes = [c.finish_reason for chunk in chunks for c in chunk.choices if c.finish_reason]
+    assert (tokens, finishes) == (["w0 ", "w1 "], ["content_filter"])
+    request_id = raw.headers["x-request-id"]
+    attempt = read_store_after(sqlite_url, request_id).only_attempt(request_id)
+    assert (attempt["finish_reason"], attempt["stop_reason"]) == ("content_filter", "refusal")
 
 
 def test_non_streaming_with_a_stop_sequence(daemon: DaemonProcess, sqlite_url: str) -> None:

@@ -408,3 +408,22 @@ def test_arguments_written_back_past_the_upstream_limit_are_refused() -> None:
         arguments("up", ["x" * UPSTREAM_MAX_BYTES])
 
     assert raised.value.code == "upstream_too_large"
+
+
+@pytest.mark.parametrize(
+    ("sent", "told"),
+    [("stop", "stop"), ("length", "length"), ("tool_calls", "tool_calls"),
+     ("content_filter", "content_filter"), ("abort", "stop"), ("eos_token", "stop")],
+)  # fmt: skip
+@pytest.mark.parametrize("stream", [True, False])
+async def test_an_openai_compatible_finish_reason_outside_openais_enum_is_told_as_stop(
+    canned: Canned, sent: str, told: str, stream: bool
+) -> None:
+    """vLLM's `abort` or a server's own word would fail the SDK's enum: the client is told
+    `stop`, and the reply keeps the word as its stop reason for the attempt row."""
+    if stream:
+        reply, _ = await call(canned, "openai", events=[openai_chunk({"content": "hi"}, sent)])
+    else:
+        reply, _ = await call(canned, "openai", whole=openai_whole({"content": "hi"}, {}, sent))
+
+    assert (reply.finish_reason, reply.stop_reason) == (told, sent)

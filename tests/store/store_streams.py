@@ -85,6 +85,8 @@ class Stream:
             completion_tokens=len(self.texts),
             token_count=len(self.texts),
             first_token_ts=self.first_token_us,
+            finish_reason="content_filter",
+            stop_reason="refusal",
         )
         return journal.request_end(
             self.request_id,
@@ -157,6 +159,8 @@ def assert_stored(
         "prompt_tokens": stream.prompt_tokens,
         "completion_tokens": len(stream.texts),
         "token_count": len(stream.texts),
+        "finish_reason": "content_filter",
+        "stop_reason": "refusal",
     }
     assert [(t["seq"], t["text"]) for t in tokens] == list(enumerate(stream.texts))
 

@@ -11,7 +11,8 @@ as many as `max_tokens`, cut at the first stop sequence it contains. With
 `content_block_stop`, `message_delta` (stop reason, output tokens),
 `message_stop`. With `tools` and the last user text starting `call:NAME`, the
 reply is one `tool_use` block calling NAME with `{"q": "x"}`, its input
-streamed as `input_json_delta`s.
+streamed as `input_json_delta`s. A last user text starting `refuse` stops after two
+tokens with stop reason `refusal`, as Claude's safety stop does.
 
 Steering by path, as tests/daemon_process.py does for the OpenAI upstream:
 `/with/fail/status:<code>/v1/messages` answers that status with an Anthropic
@@ -46,6 +47,14 @@ OPENAI_ONLY = ("n", "frequency_penalty", "presence_penalty", "logprobs", "respon
 
 def sse(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def last_text(body: dict[str, Any]) -> str:
+    """The text of the last message, a string or its text blocks joined."""
+    content = body["messages"][-1]["content"]
+    if isinstance(content, str):
+        return content
+    return "".join(block.get("text", "") for block in content if block.get("type") == "text")
 
 
 def error(status: int, kind: str, message: str) -> web.Response:
@@ -239,6 +248,8 @@ class Upstream:
     @staticmethod
     def reply(body: dict[str, Any]) -> tuple[list[str], str]:
         texts = [f"w{i} " for i in range(int(body["max_tokens"]))]
+        if last_text(body).startswith("refuse"):
+            return texts[:2], "refusal"  # Claude's safety stop, after what it had said
         for n, text in enumerate(texts):
             if any(stop in text for stop in body.get("stop_sequences") or ()):
                 return texts[:n], "stop_sequence"
@@ -246,14 +257,12 @@ class Upstream:
 
     @staticmethod
     def tool_call(body: dict[str, Any]) -> dict[str, Any] | None:
-        last = body["messages"][-1]
-        content = last["content"]
-        text = (
-            content
-            if isinstance(content, str)
-            else "".join(block.get("text", "") for block in content if block.get("type") == "text")
-        )
-        if body.get("tools") and last["role"] == "user" and text.startswith("call:"):
+        text = last_text(body)
+        if (
+            body.get("tools")
+            and body["messages"][-1]["role"] == "user"
+            and text.startswith("call:")
+        ):
             return {
                 "type": "tool_use",
                 "id": "toolu_test",

@@ -10,7 +10,7 @@ from llmsvc.admin.console.html import BASE, button_form, cost, e, millis, page, 
 from llmsvc.admin.console.timeline import timeline_svg
 from llmsvc.store.attribution import BUCKETS, SPEND_BY
 from llmsvc.store.keys import utc
-from llmsvc.store.queries import RequestDetail
+from llmsvc.store.queries import RequestDetail, stopped
 from llmsvc.store.search import Searched
 
 FILTERS = (
@@ -161,6 +161,7 @@ def request(
             e(a["model"]),
             e(a["status"]),
             e(a["http_status"]),
+            e(stopped(a)),
             e(" ".join(x for x in (a["error_code"], a["error_message"]) if x)),
             e(when(a["started_at"])),
             e(millis(r["created_at"], a["first_token_at"])),
@@ -169,7 +170,7 @@ def request(
         ]
         for a in detail.attempts
     ]
-    headings = ["#", "provider", "model", "status", "HTTP", "error", "started", "TTFT"]
+    headings = ["#", "provider", "model", "status", "HTTP", "stop", "error", "started", "TTFT"]
     attempts = table([*headings, "duration", "tokens stored"], attempt_rows, "attempts")
     charts = (
         "".join(
