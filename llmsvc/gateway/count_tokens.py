@@ -18,13 +18,14 @@ from llmsvc.callers import Caller
 from llmsvc.errors import ModelNotAllowed, ProviderError
 from llmsvc.gateway.router import Router
 from llmsvc.providers.anthropic import AnthropicProvider
+from llmsvc.providers.base import Native
 from llmsvc.tokens import count_prompt
 
 
 async def count_tokens(
-    router: Router, caller: Caller | None, body: dict[str, Any], chat: dict[str, Any]
+    router: Router, caller: Caller | None, native: Native, chat: dict[str, Any]
 ) -> dict[str, Any]:
-    """`{"input_tokens": N}` for the Messages `body` (`chat`: its chat-completion form)."""
+    """`{"input_tokens": N}` for the Messages body (`chat`: its chat-completion form)."""
     model = chat["model"]
     if caller is not None and caller.models is not None and model not in caller.models:
         raise ModelNotAllowed(
@@ -33,7 +34,7 @@ async def count_tokens(
     targets = router.targets(model)  # UnknownModel for one not served
     for target in targets:
         if isinstance(target.provider, AnthropicProvider):
-            answer = await target.provider.count_tokens(body, target.model)
+            answer = await target.provider.count_tokens(native, target.model)
             tokens = answer.get("input_tokens") if isinstance(answer, dict) else None
             if type(tokens) is not int:
                 raise ProviderError(

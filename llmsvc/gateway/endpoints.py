@@ -16,7 +16,7 @@ from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.count_tokens import count_tokens
 from llmsvc.gateway.embeddings import EmbeddingsWire, parse_embeddings
 from llmsvc.gateway.errors import send_json
-from llmsvc.gateway.messages import CountRequest, messages_as_chat, parse_messages
+from llmsvc.gateway.messages import CountRequest, beta_headers, messages_as_chat, parse_messages
 from llmsvc.gateway.messages_wire import MessagesWire
 from llmsvc.gateway.request import CALLER, parse_chat, read_body, request_id_header
 from llmsvc.gateway.responses import (
@@ -144,7 +144,7 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
             f"msg_{rid}", model, lambda: count_prompt(model, data["messages"])[0]
         ),
         api="messages",
-        native=Native("messages", native),
+        native=Native("messages", native, beta_headers(headers)),
     )
 
 
@@ -156,9 +156,9 @@ async def count_message_tokens(
     native, request = parse_messages(
         await read_body(receive, headers, gateway.max_body_bytes), CountRequest
     )
-    answer = await count_tokens(
-        gateway.router, scope.get(CALLER), native, messages_as_chat(native, request)
-    )
+    chat = messages_as_chat(native, request)
+    forwarded = Native("messages", native, beta_headers(headers))
+    answer = await count_tokens(gateway.router, scope.get(CALLER), forwarded, chat)
     await send_json(send, 200, answer, [request_id_header(scope)])
 
 

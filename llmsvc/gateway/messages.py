@@ -160,6 +160,13 @@ class CountRequest(MessagesRequest):
     max_tokens: Integer = Field(default=1, ge=1, le=1_000_000)
 
 
+def beta_headers(headers: dict[bytes, bytes]) -> tuple[tuple[str, str], ...]:
+    """The client's `anthropic-beta` header, which an Anthropic provider is sent as it came:
+    a beta's fields in the body (Claude Code's, say) are refused upstream without it."""
+    beta = headers.get(b"anthropic-beta")
+    return (("anthropic-beta", beta.decode("latin-1")),) if beta else ()
+
+
 def parse_messages(
     body: bytes, model: type[MessagesRequest] = MessagesRequest
 ) -> tuple[dict[str, Any], MessagesRequest]:

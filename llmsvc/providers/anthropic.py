@@ -280,7 +280,7 @@ class AnthropicProvider(HttpProvider):
         if native is not None and native.api == "messages":
             payload = {k: v for k, v in native.body.items() if k != "mock_delay_ms"}
             payload["model"], payload["stream"] = model, stream
-            response = await self.post(self.url, payload, self.headers)
+            response = await self.post(self.url, payload, {**self.headers, **dict(native.headers)})
             return AnthropicReply(self.name, response, stream)
         if native is not None and native.api == EMBEDDINGS:
             raise ProviderError(
@@ -301,12 +301,13 @@ class AnthropicProvider(HttpProvider):
         response = await self.post(self.url, payload, self.headers)
         return AnthropicReply(self.name, response, stream)
 
-    async def count_tokens(self, body: dict[str, Any], model: str) -> Any:
+    async def count_tokens(self, native: Native, model: str) -> Any:
         """The upstream's `/v1/messages/count_tokens` answer for a Messages body (as sent, with
         this provider's model name): the JSON it sent, or its error as a ProviderError."""
-        payload = {k: v for k, v in body.items() if k not in COUNT_DROPS}
+        payload = {k: v for k, v in native.body.items() if k not in COUNT_DROPS}
         payload["model"] = model
-        response = await self.post(self.count_url, payload, self.headers)
+        headers = {**self.headers, **dict(native.headers)}
+        response = await self.post(self.count_url, payload, headers)
         try:
             with reading(self.name):
                 return orjson.loads(await response.body(UPSTREAM_MAX_BYTES))

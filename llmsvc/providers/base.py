@@ -32,10 +32,12 @@ Batch = list[str] | ToolCallDeltas | RefusalDeltas  # what Reply.batches yields
 class Native:
     """A client's body in an API other than chat completions (`responses`, `messages`,
     `embeddings`): a provider that speaks that API is sent it as is, with its own model name;
-    one that does not is sent the request's chat-completion form instead."""
+    one that does not is sent the request's chat-completion form instead. `headers`: the
+    client's headers of that API that such a provider is sent too (Anthropic's betas)."""
 
     api: str
     body: dict[str, Any]
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 class Reply(Protocol):

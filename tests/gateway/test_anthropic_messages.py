@@ -222,9 +222,35 @@ async def test_an_anthropic_provider_is_sent_the_clients_body_as_is(
     assert upstream.counted == [
         {"model": ANTHROPIC_MODEL, "messages": body["messages"], "system": body["system"]}
     ]
+    assert upstream.betas == [None] * 4  # no beta asked for, none sent
     stored = await stored_texts(served)
     assert stored[0] == whole.content[0].text  # a whole reply is one piece
     assert_batches_of(texts, stored[1:])
+
+
+async def test_an_anthropic_provider_is_sent_the_clients_betas(
+    served_anthropic: tuple[Served, AnthropicUpstream],
+) -> None:
+    """Claude Code calls the beta namespace (`?beta=true`, an `anthropic-beta` header): a beta's
+    body fields are refused upstream unless its header comes along."""
+    served, upstream = served_anthropic
+    betas = ["context-management-2025-06-27", "interleaved-thinking-2025-05-14"]
+    messages: Any = [{"role": "user", "content": "hi"}]
+    async with client(served) as sdk:
+        async with sdk.beta.messages.stream(
+            model=ANTHROPIC_MODEL, max_tokens=2, messages=messages, betas=betas
+        ) as stream:
+            texts = [text async for text in stream.text_stream]
+        counted = await sdk.beta.messages.count_tokens(
+            model=ANTHROPIC_MODEL, messages=messages, betas=betas[:1]
+        )
+    assert "".join(texts) == "w0 w1 "
+    assert counted.input_tokens == 1
+    streamed_betas, counted_betas = upstream.betas
+    assert streamed_betas == ",".join(betas)
+    assert counted_betas is not None  # the SDK adds its token-counting beta to ours
+    assert betas[0] in counted_betas.split(",")
+    assert_batches_of(texts, await stored_texts(served))
 
 
 async def test_a_failure_mid_stream_is_an_anthropic_error_event_after_journaled_text(

@@ -24,7 +24,7 @@ every `usage` the reply carries, as an odd upstream might.
 `POST /v1/messages/count_tokens` answers `{"input_tokens": N}` (a word a token, as
 `input_tokens` is counted) and refuses the fields Anthropic's endpoint refuses. Every
 body it accepted is kept, in order, in `requests` (messages) and `counted` (count_tokens),
-so a test can check what llmsvc forwarded.
+and its `anthropic-beta` header in `betas`, so a test can check what llmsvc forwarded.
 
 Usage:  python tests/upstreams/anthropic_upstream.py [--port 0] [--api-key KEY]
         (prints LISTENING <port>)
@@ -86,6 +86,7 @@ class Upstream:
         self.app.router.add_post("/with/usage/{usage:[^/]+}/v1/messages", self.messages)
         self.requests: list[dict[str, Any]] = []
         self.counted: list[dict[str, Any]] = []
+        self.betas: list[str | None] = []  # each accepted request's anthropic-beta header
 
     def check(self, request: web.Request, body: Any) -> web.Response | None:
         if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
@@ -122,6 +123,7 @@ class Upstream:
                     400, "invalid_request_error", f"{field}: Extra inputs are not permitted"
                 )
         self.counted.append(body)
+        self.betas.append(request.headers.get("anthropic-beta"))
         return web.json_response({"input_tokens": sum(len(t.split()) for t in self.texts_of(body))})
 
     async def messages(self, request: web.Request) -> web.StreamResponse:
@@ -133,6 +135,7 @@ class Upstream:
         if refused is not None:
             return refused
         self.requests.append(body)
+        self.betas.append(request.headers.get("anthropic-beta"))
         how = request.match_info.get("how", "")
         if how.startswith("status:"):
             status = int(how.split(":")[1])
