@@ -9,6 +9,7 @@ opens it. What already exists is left as the operator made it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -40,5 +41,11 @@ def open_file(path: Path | str, flags: int) -> int:
 
 
 def create_file(path: Path | str) -> None:
-    """Create an empty 0600 file unless one is there (its contents and mode are kept)."""
-    os.close(open_file(path, os.O_WRONLY))
+    """Create an empty 0600 file unless one is there (its contents and mode are kept).
+
+    One that is there is not opened: closing any descriptor of a file drops every
+    POSIX lock this process holds on it, and SQLite's locks on a database in use are
+    those (another process could then take itself for the last user and delete the
+    `-wal` our connections still write to)."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE))

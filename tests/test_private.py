@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sqlite3
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -60,3 +63,30 @@ async def test_the_sqlite_database_and_its_side_files_are_private(tmp_path: Path
             ]
     finally:
         await engine.dispose()
+
+
+def test_an_engine_made_beside_open_connections_leaves_their_sqlite_locks(tmp_path: Path) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process holds on it. An
+    engine made while this process's connections use the database (the flusher's own) once
+    opened the file to create it: another process's connection then closed as if it were
+    the last, and deleted the WAL this process's connections went on writing to."""
+    path = tmp_path / "llmsvc.db"
+    ours = sqlite3.connect(path)
+    ours.execute("PRAGMA journal_mode=WAL")
+    ours.execute("CREATE TABLE t (x)")
+    ours.execute("INSERT INTO t VALUES (1)")
+    ours.commit()
+    ours.execute("SELECT * FROM t").fetchall()  # it holds its shared lock from here on
+
+    create_engine(f"sqlite+aiosqlite:///{path}")
+    other = "import sqlite3, sys; c = sqlite3.connect(sys.argv[1]); c.execute('SELECT 1')"
+    other += "; c.close()"
+    subprocess.run([sys.executable, "-c", other, str(path)], check=True)
+
+    assert Path(f"{path}-wal").exists()  # not taken for the last connection's to delete
+    ours.execute("INSERT INTO t VALUES (2)")
+    ours.commit()
+    theirs = sqlite3.connect(path)
+    assert theirs.execute("SELECT count(*) FROM t").fetchone() == (2,)  # our commit is seen
+    theirs.close()
+    ours.close()
