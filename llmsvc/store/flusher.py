@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
 import uuid
@@ -43,10 +44,16 @@ from llmsvc.wal import HEADER_SIZE, Position, WalReader, list_segments
 log = logger(__name__)
 
 
-def _insert(conn: AsyncConnection, table: sa.Table) -> Any:
+def _insert(dialect: str, table: sa.Table) -> Any:
     """The dialect's INSERT, which has ON CONFLICT (SQLAlchemy's generic one does not)."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table)
+    return (postgresql if dialect == "postgresql" else sqlite).insert(table)
+
+
+@functools.cache
+def _ignoring(dialect: str, table: sa.Table) -> Any:
+    """INSERT … ON CONFLICT DO NOTHING into `table`, built once per dialect: building it
+    (and its cache key) each time took more CPU than a small batch's rows."""
+    return _insert(dialect, table).on_conflict_do_nothing()
 
 
 def _update_by_key(table: sa.Table, fields: tuple[str, ...]) -> Any:
@@ -107,26 +114,21 @@ async def write_batch(
     async with engine.begin() as conn:
         # The checkpoint goes first: it also opens the driver-level transaction
         # that the raw token insert below joins.
+        dialect = conn.dialect.name
         await conn.execute(
-            _upsert_checkpoint(conn),
+            _upsert_checkpoint(dialect),
             {"instance_id": instance_id, "lsn": batch.last_lsn, "updated_at": datetime.now(UTC)},
         )
         if batch.requests:
-            await conn.execute(
-                _insert(conn, llm_requests).on_conflict_do_nothing(), list(batch.requests.values())
-            )
+            await conn.execute(_ignoring(dialect, llm_requests), list(batch.requests.values()))
         if batch.stand_ins:
             await _insert_stand_ins(conn, batch)
         if batch.attempts:
-            await conn.execute(
-                _insert(conn, llm_attempts).on_conflict_do_nothing(), list(batch.attempts.values())
-            )
+            await conn.execute(_ignoring(dialect, llm_attempts), list(batch.attempts.values()))
         if batch.token_rows:
-            await TOKEN_WRITERS[conn.dialect.name](conn, batch.token_rows)
+            await TOKEN_WRITERS[dialect](conn, batch.token_rows)
         if batch.tool_rows:  # rare: tool calls, a statement of their own
-            await conn.execute(
-                _insert(conn, llm_tool_calls).on_conflict_do_nothing(), batch.tool_rows
-            )
+            await conn.execute(_ignoring(dialect, llm_tool_calls), batch.tool_rows)
         if batch.attempt_ends:
             await conn.execute(
                 _update_by_key(llm_attempts, ATTEMPT_END_COLUMNS), batch.attempt_ends
@@ -134,9 +136,7 @@ async def write_batch(
         if batch.request_ends:
             await conn.execute(_REQUEST_END, batch.request_ends)
         if dead_letters:
-            await conn.execute(
-                _insert(conn, llm_dead_letters).on_conflict_do_nothing(), dead_letters
-            )
+            await conn.execute(_ignoring(dialect, llm_dead_letters), dead_letters)
 
 
 # A request's end keeps an error already there (a stand-in's) when it brings none.
@@ -147,7 +147,7 @@ _REQUEST_END = _update_by_key(llm_requests, REQUEST_END_COLUMNS).values(
 
 async def _insert_stand_ins(conn: AsyncConnection, batch: Batch) -> None:
     """Insert a stand-in for each request that has no row; log the ones that were needed."""
-    stmt = _insert(conn, llm_requests).values(list(batch.stand_ins.values()))
+    stmt = _insert(conn.dialect.name, llm_requests).values(list(batch.stand_ins.values()))
     inserted = await conn.execute(stmt.on_conflict_do_nothing().returning(llm_requests.c.id))
     for (request_id,) in inserted:
         log.error(
@@ -156,8 +156,9 @@ async def _insert_stand_ins(conn: AsyncConnection, batch: Batch) -> None:
         )
 
 
-def _upsert_checkpoint(conn: AsyncConnection) -> Any:
-    stmt = _insert(conn, wal_checkpoints)
+@functools.cache
+def _upsert_checkpoint(dialect: str) -> Any:
+    stmt = _insert(dialect, wal_checkpoints)
     return stmt.on_conflict_do_update(
         index_elements=["instance_id"],
         set_={"lsn": stmt.excluded.lsn, "updated_at": stmt.excluded.updated_at},
