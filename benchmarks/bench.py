@@ -39,6 +39,9 @@ Usage:  .venv/bin/python benchmarks/bench.py [--quick] [--out bench.json]
         .venv/bin/python benchmarks/bench.py --otel-compare [--quick]
             (OpenTelemetry: S1 with tracing off, exporting, and exporting to a dead collector;
             see benchmarks/bench_otel.py)
+        .venv/bin/python benchmarks/bench.py --tail-compare [--quick] [--rounds N]
+            (the c=1 tail: S1 beside daemons that flush differently, 1,500 requests a
+            round; see benchmarks/bench_tail.py)
 """
 
 from __future__ import annotations
@@ -64,10 +67,10 @@ import bench_floor
 import bench_limits
 import bench_otel
 import bench_scale
+import bench_tail
 import sqlalchemy as sa
 import uvloop
 from benchkit import (
-    MESSAGES,
     MODEL,
     PACKAGES,
     Endpoint,
@@ -92,6 +95,7 @@ from benchkit import (
     per_round,
     pg_drop_scratch,
     pg_scratch,
+    prewrite_wal,
     proc_cpu_s,
     processes,
     rnd,
@@ -109,7 +113,6 @@ from benchkit import (
 )
 
 from llmsvc.config import Settings
-from llmsvc.gateway.journal import Journal
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher
 from llmsvc.wal.codec import encode_token
@@ -370,32 +373,6 @@ async def wal_appends(tmp: Path, mode: str, seconds: float, tasks: int) -> dict[
         "group_commits_per_s": batches / wall,
         "cpu_us_per_append": cpu / appends * 1e6,
     }
-
-
-async def prewrite_wal(wal_dir: Path, streams: int, tokens: int) -> tuple[uuid.UUID, Any]:
-    """A WAL as the gateway writes it: per stream a start, token batches, the two ends."""
-    instance = uuid.uuid4()
-    writer = WalWriter(wal_dir, instance, replace(Settings().wal_policy(), sync="write"))
-    writer.open(asyncio.get_running_loop(), lambda exc: None)
-    journal = Journal(writer)
-    fut: asyncio.Future[int] | None = None
-    for s in range(streams):
-        request, attempt = uuid.uuid4(), uuid.uuid4()
-        journal.request_start(request, uuid.uuid4(), MODEL, True, MESSAGES, {"max_tokens": tokens})
-        journal.attempt_start(attempt, request, 1, "upstream", MODEL)
-        for first in range(0, tokens, 50):
-            texts = [f"t{i} " for i in range(first, min(tokens, first + 50))]
-            journal.tokens(attempt.bytes, first, texts)
-        journal.attempt_end(
-            attempt, status="completed", http_status=200, token_count=tokens, first_token_ts=None
-        )
-        fut = journal.request_end(request, status="completed", completion_tokens=tokens)
-        if s % 20 == 19:
-            await asyncio.shield(fut)
-    if fut is not None:
-        await asyncio.shield(fut)
-    await writer.close()
-    return instance, writer.end
 
 
 async def flush_once(url: str, wal_dir: Path, instance: uuid.UUID, end: Any) -> dict[str, float]:
@@ -693,6 +670,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     floor.add_argument("--floor", action="store_true", help="issue 19's table, one run")
     otel = p.add_argument_group("OpenTelemetry (benchmarks/bench_otel.py)")
     otel.add_argument("--otel-compare", action="store_true", help="S1, spans off and exported")
+    tail = p.add_argument_group("the c=1 tail (benchmarks/bench_tail.py)")
+    tail.add_argument("--tail-compare", action="store_true", help="S1, flush variants")
     args = p.parse_args(argv)
     if args.window is None:
         args.window = 5.0 if args.quick else 30.0
@@ -700,7 +679,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         return args  # bench_scale.configure (or bench_floor's) sets the rest
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 3)
-    args.latency_n = 30 if quick else 300
+    # the tail is the slowest 1%: a round of 1,500 holds 15 requests of it
+    args.latency_n = (30 if quick else 1500) if args.tail_compare else (30 if quick else 300)
     args.ttft_n = 10 if quick else 100
     # ~4-7 s of load per run through the daemon: long enough that a flusher falling behind
     # shows up as a growing backlog (drain time), not hidden by a short burst
@@ -726,6 +706,8 @@ def main(argv: list[str] | None = None) -> None:
         report = uvloop.run(bench_limits.run(args))
     elif args.otel_compare:
         report = uvloop.run(bench_otel.run(args))
+    elif args.tail_compare:
+        report = uvloop.run(bench_tail.run(args))
     else:
         report = uvloop.run(bench(args))
     write_report(report, args.out)

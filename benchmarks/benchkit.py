@@ -23,8 +23,9 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -33,6 +34,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 import asyncpg
+
+from llmsvc.config import Settings
+from llmsvc.gateway.journal import Journal
+from llmsvc.wal.writer import WalWriter
 
 ROOT = Path(__file__).resolve().parent.parent
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -524,3 +529,30 @@ async def wait_drained(
         if elapsed > limit_s:
             return None, seen
         await asyncio.sleep(0.01)
+
+
+# --------------------------------------------------------------------------- WAL
+async def prewrite_wal(wal_dir: Path, streams: int, tokens: int) -> tuple[uuid.UUID, Any]:
+    """A WAL as the gateway writes it: per stream a start, token batches, the two ends."""
+    instance = uuid.uuid4()
+    writer = WalWriter(wal_dir, instance, replace(Settings().wal_policy(), sync="write"))
+    writer.open(asyncio.get_running_loop(), lambda exc: None)
+    journal = Journal(writer)
+    fut: asyncio.Future[int] | None = None
+    for s in range(streams):
+        request, attempt = uuid.uuid4(), uuid.uuid4()
+        journal.request_start(request, uuid.uuid4(), MODEL, True, MESSAGES, {"max_tokens": tokens})
+        journal.attempt_start(attempt, request, 1, "upstream", MODEL)
+        for first in range(0, tokens, 50):
+            texts = [f"t{i} " for i in range(first, min(tokens, first + 50))]
+            journal.tokens(attempt.bytes, first, texts)
+        journal.attempt_end(
+            attempt, status="completed", http_status=200, token_count=tokens, first_token_ts=None
+        )
+        fut = journal.request_end(request, status="completed", completion_tokens=tokens)
+        if s % 20 == 19:
+            await asyncio.shield(fut)
+    if fut is not None:
+        await asyncio.shield(fut)
+    await writer.close()
+    return instance, writer.end

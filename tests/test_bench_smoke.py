@@ -194,6 +194,25 @@ def test_the_opentelemetry_mode_runs_and_every_span_reaches_the_receiver(tmp_pat
     assert otel["spans_received"] == otel["spans_expected_otel_on"]  # two per request
 
 
+def test_the_tail_mode_runs_every_flush_variant_beside_the_upstream(tmp_path: Path) -> None:
+    out = tmp_path / "tail.json"
+    cmd = [sys.executable, str(SCRIPT), "--tail-compare", "--quick", "--pg-url", ""]
+    cmd += ["--out", str(out), "--tmp-dir", str(tmp_path)]
+    res = subprocess.run(cmd, capture_output=True, timeout=120)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
+    tail = json.loads(out.read_text())["tail_compare_nonstream_c1"]
+    assert positive(tail["direct_p99_ms"])
+    for name in ("flushing", "flush_idle", "flush_10ms", "flush_200ms"):
+        assert positive(tail[f"{name}_p99_ms"]), name
+        assert positive(tail[f"{name}_cpu_us_per_request"]), name
+        assert 0 <= tail[f"{name}_over_2ms_pct"] <= 100, name
+    batches = json.loads(out.read_text())["flush_batch_costs"]
+    assert batches["records"] == 5 * batches["requests"]  # start, attempt, token, two ends
+    per_record = list(batches["cpu_us_per_record"].values())
+    assert len(per_record) == 4
+    assert all(positive(us) for us in per_record)
+
+
 def test_the_peer_comparison_runs_and_reports_its_figures(tmp_path: Path) -> None:
     """benchmarks/bench_peers.py with the repository's own relay as the one peer."""
     out = tmp_path / "peers.json"
