@@ -267,3 +267,28 @@ def test_the_console_bench_fills_a_store_and_times_every_page(tmp_path: Path, pg
     )
     for name, page in report["pages"].items():
         assert 0 < page["median_ms"] <= page["max_ms"], name
+
+
+def test_a_profile_is_summed_by_the_innermost_part_of_each_main_thread_sample(
+    tmp_path: Path,
+) -> None:
+    """benchmarks/profile_parts.py over a py-spy raw file: other threads are left out, and a
+    sample in logging under the exchange counts as logging, not as the exchange."""
+    loop = "thread (1): MainThread;<module> (llmsvc:8);run_forever (loop.c:1)"
+    exchange = "Exchange.run (llmsvc/gateway/chat.py:216)"
+    raw = tmp_path / "daemon.raw"
+    raw.write_text(
+        f"{loop} 5\n"
+        f"{loop};{exchange} 3\n"
+        f"{loop};{exchange};FieldLogger.log (llmsvc/logs.py:74) 2\n"
+        "thread (2): wal-writer;WalWriter._run (llmsvc/wal/writer.py:254) 40\n"
+    )
+    script = SCRIPT.parent / "profile_parts.py"
+    res = subprocess.run([sys.executable, str(script), str(raw)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.splitlines() == [
+        "main-thread samples: 10",
+        " 50.0 %  loop internals (syscalls, callbacks in C)",
+        " 30.0 %  exchange bookkeeping",
+        " 20.0 %  logging (the access line)",
+    ]
