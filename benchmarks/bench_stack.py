@@ -41,7 +41,7 @@ REQ_BODY = orjson.dumps(
 )
 SERVERS = ("uvicorn_asgi", "uvicorn_starlette", "aiohttp_web")
 # llmsvc_read: llmsvc's own upstream client (providers/upstream_http.py), which replaced aiohttp's
-CLIENTS = ("aiohttp_iter_any", "httpx_aiter_raw", "httpx_aiter_bytes", "llmsvc_read")
+CLIENTS = ("aiohttp_iter_any", "httpx2_aiter_raw", "httpx2_aiter_bytes", "llmsvc_read")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 SCRIPT = os.path.abspath(__file__)
 
@@ -330,9 +330,9 @@ async def client_main(variant: str, port: int, n_small: int, n_burst: int, n_pac
 
         close = upstream.close
     else:
-        import httpx
+        import httpx2
 
-        client = httpx.AsyncClient(limits=httpx.Limits(max_connections=64), timeout=60)
+        client = httpx2.AsyncClient(limits=httpx2.Limits(max_connections=64), timeout=60)
 
         async def small() -> None:
             r = await client.post(base + "/small", content=REQ_BODY, headers=hdr)
@@ -436,7 +436,7 @@ def machine_info() -> dict[str, Any]:
     """nproc, CPU model and library versions, so figures can be compared across machines."""
     with open("/proc/cpuinfo") as f:
         model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
-    pkgs = ("uvicorn", "httptools", "uvloop", "starlette", "aiohttp", "httpx", "orjson")
+    pkgs = ("uvicorn", "httptools", "uvloop", "starlette", "aiohttp", "httpx2", "orjson")
     return {
         "nproc": len(os.sched_getaffinity(0)),
         "cpu_model": model,
