@@ -478,7 +478,7 @@ async def through_daemon(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         rows = await open_token_rows(database_url)
         direct_session, daemon_session = new_session(), new_session()
         try:
-            base = f"http://127.0.0.1:{daemon.port}/v1/chat/completions"
+            base = chat_url(daemon)
             stack = Stack(
                 daemon=daemon,
                 upstream=up,

@@ -70,9 +70,7 @@ async def phase_latency(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         sessions = [new_session(), new_session()]
         try:
             direct = Target("direct", chat_url(up), sessions[0], MODEL)
-            via = Target(
-                "daemon", f"http://127.0.0.1:{daemon.port}/v1/chat/completions", sessions[1], MODEL
-            )
+            via = Target("daemon", chat_url(daemon), sessions[1], MODEL)
             body = chat_body(MODEL, 16, stream=False)
             daemon_cpu_s = functools.partial(bench_scale.tree_cpu_s, daemon.pid)
             for target in (direct, via):  # warm both paths: imports, pools, caches

@@ -115,7 +115,7 @@ async def auth_compare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             providers = [upstream_provider("fast", up, MODEL)]
             procs.append(daemon := spawn_daemon(home, url, providers, settings=settings))
             await wait_ready(daemon)
-            targets[auth] = (f"http://127.0.0.1:{daemon.port}/v1/chat/completions", secret)
+            targets[auth] = (chat_url(daemon), secret)
         body = chat_body(MODEL, 16, stream=False)
         async with aiohttp.ClientSession() as session:
             for url, secret in targets.values():  # warm every path
@@ -207,7 +207,7 @@ async def accuracy_on(
     try:
         await wait_ready(daemon)
         await asyncio.sleep(2.5)  # every worker has read the key table
-        url = f"http://127.0.0.1:{daemon.port}/v1/chat/completions"
+        url = chat_url(daemon)
         rate = args.rpm / 60
         # At 3x the rate the burst is spent when 3rt = burst + rt: the window starts then.
         spend_s = burst / (2 * rate)

@@ -37,11 +37,9 @@ from benchkit import (
     per_round,
     processes,
     rotated,
-    spawn_daemon,
     spawn_upstream,
+    start_variants,
     summary,
-    upstream_provider,
-    wait_ready,
 )
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceRequest,
@@ -103,17 +101,12 @@ async def otel_compare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     try:
         with processes() as procs:
             procs.append(up := spawn_upstream(tmp, "upstream", 0.0))
-            targets = {"direct": chat_url(up)}
-            for name in DAEMONS:
-                home = tmp / name
-                home.mkdir()
-                url = args.database_url or f"sqlite:///{home / 'llmsvc.db'}"
-                endpoint = endpoints[name]
-                settings = {"LLMSVC_OTEL_ENDPOINT": endpoint} if endpoint else {}
-                providers = [upstream_provider("fast", up, MODEL)]
-                procs.append(daemon := spawn_daemon(home, url, providers, settings=settings))
-                await wait_ready(daemon)
-                targets[name] = f"http://127.0.0.1:{daemon.port}/v1/chat/completions"
+            variants = {
+                name: {"LLMSVC_OTEL_ENDPOINT": url} if (url := endpoints[name]) else {}
+                for name in DAEMONS
+            }
+            daemons = await start_variants(tmp, args.database_url, up, variants, procs)
+            targets = {"direct": chat_url(up)} | {n: chat_url(d) for n, d in daemons.items()}
             body = chat_body(MODEL, 16, stream=False)
             async with aiohttp.ClientSession() as session:
                 for url in targets.values():  # warm every path

@@ -48,11 +48,9 @@ from benchkit import (
     processes,
     rnd,
     rotated,
-    spawn_daemon,
     spawn_upstream,
+    start_variants,
     summary,
-    upstream_provider,
-    wait_ready,
 )
 
 from llmsvc.config import Settings
@@ -75,17 +73,9 @@ async def tail_compare(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
     raw: Raw = {}
     with processes() as procs:
         procs.append(up := spawn_upstream(tmp, "upstream", 0.0))
-        targets = {"direct": chat_url(up)}
-        cpu = {}
-        for name, settings in VARIANTS.items():
-            home = tmp / name
-            home.mkdir()
-            url = args.database_url or f"sqlite:///{home / 'llmsvc.db'}"
-            providers = [upstream_provider("fast", up, MODEL)]
-            procs.append(daemon := spawn_daemon(home, url, providers, settings=settings))
-            await wait_ready(daemon)
-            targets[name] = f"http://127.0.0.1:{daemon.port}/v1/chat/completions"
-            cpu[name] = functools.partial(tree_cpu_s, daemon.pid)
+        daemons = await start_variants(tmp, args.database_url, up, VARIANTS, procs)
+        targets = {"direct": chat_url(up)} | {n: chat_url(d) for n, d in daemons.items()}
+        cpu = {name: functools.partial(tree_cpu_s, d.pid) for name, d in daemons.items()}
         body = chat_body(MODEL, 16, stream=False)
         async with aiohttp.ClientSession() as session:
             for url in targets.values():  # warm every path

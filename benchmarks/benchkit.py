@@ -298,6 +298,28 @@ def spawn_daemon(
     return Proc("daemon", popen, port, logfile)
 
 
+async def start_variants(
+    tmp: Path,
+    database_url: str,
+    upstream: Proc,
+    variants: dict[str, dict[str, str]],
+    procs: list[Proc],
+) -> dict[str, Proc]:
+    """One ready daemon per variant in front of `upstream`, each with its own home (and
+    SQLite file, unless `database_url` is given) and its LLMSVC_* settings; each is also
+    added to `procs`, so `processes()` stops it."""
+    daemons = {}
+    for name, settings in variants.items():
+        home = tmp / name
+        home.mkdir()
+        url = database_url or f"sqlite:///{home / 'llmsvc.db'}"
+        providers = [upstream_provider("fast", upstream, MODEL)]
+        procs.append(daemon := spawn_daemon(home, url, providers, settings=settings))
+        await wait_ready(daemon)
+        daemons[name] = daemon
+    return daemons
+
+
 async def wait_ready(proc: Proc, limit_s: float = 60) -> None:
     """Until the daemon serves and its boot's catch-up with the database is done: a benchmark
     measures the steady state, with the store migrated and the previous WAL replayed."""
@@ -345,8 +367,9 @@ def upstream_provider(name: str, up: Proc, model: str) -> dict[str, Any]:
     }
 
 
-def chat_url(up: Proc) -> str:
-    return f"http://127.0.0.1:{up.port}/v1/chat/completions"
+def chat_url(proc: Proc) -> str:
+    """Chat completions on the upstream or a daemon."""
+    return f"http://127.0.0.1:{proc.port}/v1/chat/completions"
 
 
 # --------------------------------------------------------------------------- load generator
