@@ -107,7 +107,9 @@ async def whole(response: Response) -> bytes:
         response.release()
 
 
-async def test_an_idle_connection_is_reused_and_one_the_server_closed_is_not(serve: Serve) -> None:
+async def test_an_idle_connection_is_reused_and_one_the_server_closed_is_not(
+    serve: Serve, client: UpstreamClient
+) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         for n in range(2):  # two replies, then the server closes the idle connection
             if await read_request(reader) is None:
@@ -116,35 +118,29 @@ async def test_an_idle_connection_is_reused_and_one_the_server_closed_is_not(ser
             await writer.drain()
 
     server = await serve(handler)
-    client = UpstreamClient(5, 5, tls=False)
-    try:
-        assert await whole(await client.post(server.url, b"{}", {})) == b"reply 0"
-        assert await whole(await client.post(server.url, b"{}", {})) == b"reply 1"
-        assert server.connections == 1
-        await server.ended[0].wait()
-        # until the client has read the close (a wait, not a timing assertion)
-        while client._idle.get(next(iter(client._idle))):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
-        assert await whole(await client.post(server.url, b"{}", {})) == b"reply 0"
-        assert server.connections == 2
-    finally:
-        await client.close()
+    assert await whole(await client.post(server.url, b"{}", {})) == b"reply 0"
+    assert await whole(await client.post(server.url, b"{}", {})) == b"reply 1"
+    assert server.connections == 1
+    await server.ended[0].wait()
+    # until the client has read the close (a wait, not a timing assertion)
+    while client._idle.get(next(iter(client._idle))):  # noqa: ASYNC110
+        await asyncio.sleep(0.01)
+    assert await whole(await client.post(server.url, b"{}", {})) == b"reply 0"
+    assert server.connections == 2
 
 
-async def test_a_connection_that_answers_twice_is_not_reused(serve: Serve) -> None:
+async def test_a_connection_that_answers_twice_is_not_reused(
+    serve: Serve, client: UpstreamClient
+) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while await read_request(reader) is not None:
             writer.write(answer(b"asked") + answer(b"not asked"))  # one request, two replies
             await writer.drain()
 
     server = await serve(handler)
-    client = UpstreamClient(5, 5, tls=False)
-    try:
-        assert await whole(await client.post(server.url, b"{}", {})) == b"asked"
-        assert await whole(await client.post(server.url, b"{}", {})) == b"asked"
-        assert server.connections == 2
-    finally:
-        await client.close()
+    assert await whole(await client.post(server.url, b"{}", {})) == b"asked"
+    assert await whole(await client.post(server.url, b"{}", {})) == b"asked"
+    assert server.connections == 2
 
 
 @pytest.mark.parametrize(
@@ -156,7 +152,7 @@ async def test_a_connection_that_answers_twice_is_not_reused(serve: Serve) -> No
     ],
 )
 async def test_a_chunked_compressed_body_reads_whole(
-    serve: Serve, encoding: str, compress: Callable[[bytes], bytes]
+    serve: Serve, client: UpstreamClient, encoding: str, compress: Callable[[bytes], bytes]
 ) -> None:
     text = b"".join(b'data: {"n": %d}\n\n' % n for n in range(500))
     packed = compress(text)
@@ -175,16 +171,14 @@ async def test_a_chunked_compressed_body_reads_whole(
         await until_closed(reader)
 
     server = await serve(handler)
-    client = UpstreamClient(5, 5, tls=False)
-    try:
-        response = await client.post(server.url, b"{}", {})
-        assert response.headers["CONTENT-ENCODING"] == encoding
-        assert await whole(response) == text
-    finally:
-        await client.close()
+    response = await client.post(server.url, b"{}", {})
+    assert response.headers["CONTENT-ENCODING"] == encoding
+    assert await whole(response) == text
 
 
-async def test_a_body_read_until_close_ends_with_the_connection(serve: Serve) -> None:
+async def test_a_body_read_until_close_ends_with_the_connection(
+    serve: Serve, client: UpstreamClient
+) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\n\r\nno length, ")
@@ -192,12 +186,8 @@ async def test_a_body_read_until_close_ends_with_the_connection(serve: Serve) ->
         writer.write(b"no chunks")
 
     server = await serve(handler)
-    client = UpstreamClient(5, 5, tls=False)
-    try:
-        assert await whole(await client.post(server.url, b"{}", {})) == b"no length, no chunks"
-        assert not any(client._idle.values())  # its end was the connection's
-    finally:
-        await client.close()
+    assert await whole(await client.post(server.url, b"{}", {})) == b"no length, no chunks"
+    assert not any(client._idle.values())  # its end was the connection's
 
 
 async def test_a_silence_mid_stream_fails_the_read_after_what_came(serve: Serve) -> None:
@@ -220,33 +210,29 @@ async def test_a_silence_mid_stream_fails_the_read_after_what_came(serve: Serve)
         await client.close()
 
 
-async def test_a_cancelled_read_closes_its_connection(serve: Serve) -> None:
+async def test_a_cancelled_read_closes_its_connection(serve: Serve, client: UpstreamClient) -> None:
     async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\nhalf")
         await until_closed(reader)
 
     server = await serve(handler)
-    client = UpstreamClient(5, 5, tls=False)
-    try:
-        response = await client.post(server.url, b"{}", {})
+    response = await client.post(server.url, b"{}", {})
 
-        async def read_all() -> None:
-            try:
-                while await response.read():
-                    pass
-            finally:
-                response.release()
+    async def read_all() -> None:
+        try:
+            while await response.read():
+                pass
+        finally:
+            response.release()
 
-        reading = asyncio.create_task(read_all())
-        await asyncio.sleep(0)
-        reading.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await reading
-        await server.ended[0].wait()  # the upstream saw its client go
-        assert not any(client._idle.values())
-    finally:
-        await client.close()
+    reading = asyncio.create_task(read_all())
+    await asyncio.sleep(0)
+    reading.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reading
+    await server.ended[0].wait()  # the upstream saw its client go
+    assert not any(client._idle.values())
 
 
 async def test_an_error_reply_is_read_and_its_retry_after_found_in_any_case(serve: Serve) -> None:
@@ -269,6 +255,14 @@ async def test_an_error_reply_is_read_and_its_retry_after_found_in_any_case(serv
         assert (refused.value.status, refused.value.retry_after) == (429, 7.0)
     finally:
         await provider.close()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[UpstreamClient]:
+    """A plain-HTTP client with 5 s timeouts, closed after the test."""
+    client = UpstreamClient(5, 5, tls=False)
+    yield client
+    await client.close()
 
 
 @pytest.fixture(scope="module")
