@@ -130,15 +130,14 @@ async def write_batch(
         if batch.tool_rows:  # rare: tool calls, a statement of their own
             await conn.execute(_ignoring(dialect, llm_tool_calls), batch.tool_rows)
         if batch.attempt_ends:
-            await conn.execute(
-                _update_by_key(llm_attempts, ATTEMPT_END_COLUMNS), batch.attempt_ends
-            )
+            await conn.execute(_ATTEMPT_END, batch.attempt_ends)
         if batch.request_ends:
             await conn.execute(_REQUEST_END, batch.request_ends)
         if dead_letters:
             await conn.execute(_ignoring(dialect, llm_dead_letters), dead_letters)
 
 
+_ATTEMPT_END = _update_by_key(llm_attempts, ATTEMPT_END_COLUMNS)
 # A request's end keeps an error already there (a stand-in's) when it brings none.
 _REQUEST_END = _update_by_key(llm_requests, REQUEST_END_COLUMNS).values(
     error=sa.func.coalesce(sa.bindparam("error"), llm_requests.c.error)
