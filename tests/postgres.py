@@ -287,10 +287,11 @@ class PostgresCluster(PostgresServer):
         but nothing answers, as with a storage freeze or a partition without a
         reset. SIGCONT comes whatever happens in the block.
         """
-        pids = self.pids()
+        pids = self.pids()  # the postmaster first: stopped, it forks no new backend
         try:
             for pid in pids:
-                os.kill(pid, signal.SIGSTOP)
+                with contextlib.suppress(ProcessLookupError):  # a backend that ended since
+                    os.kill(pid, signal.SIGSTOP)
             yield
         finally:
             for pid in pids:
