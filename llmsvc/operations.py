@@ -42,6 +42,7 @@ from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
 from llmsvc.status import CatchUp, iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error
+from llmsvc.store.flush_process import ChildConfig
 from llmsvc.store.flusher import Flusher
 from llmsvc.store.queries import set_provider_circuit
 from llmsvc.store.replay import replay
@@ -141,6 +142,21 @@ class Operations:
             lambda: self.flush_to or self.writer.end,
             s.flush_policy(),
             on_batch=self.metrics.batch_flushed,
+            process=self._flush_process_config() if s.flush_process else None,
+        )
+
+    def _flush_process_config(self) -> ChildConfig:
+        s = self.settings
+        name = "flusher" if self.worker is None else f"worker-{self.worker} flusher"
+        return ChildConfig(
+            database_url=s.database_url,
+            timeout=s.database_timeout_seconds,
+            wal_dir=str(s.wal_dir),
+            instance=str(self.instance),
+            log_level=s.log_level,
+            log_json=s.log_format == "json",
+            secrets=s.secrets(),
+            process=name,
         )
 
     # -- what operators read ------------------------------------------------------------

@@ -31,6 +31,7 @@ from llmsvc.local import write_checkpoint
 from llmsvc.logs import logger
 from llmsvc.store.batch import ATTEMPT_END_COLUMNS, REQUEST_END_COLUMNS, Batch, Row, build_batch
 from llmsvc.store.engine import describe_error
+from llmsvc.store.flush_process import ChildConfig, FlushFailed, FlushProcess, FlushProcessGone
 from llmsvc.store.refusals import Undecodable, dead_letter_row, fit_batch, refused
 from llmsvc.store.schema import (
     llm_attempts,
@@ -42,6 +43,8 @@ from llmsvc.store.schema import (
 from llmsvc.wal import HEADER_SIZE, Position, WalReader, list_segments
 
 log = logger(__name__)
+
+RESTART_SECONDS = 5.0  # between starts of a flush process that ended
 
 
 def _insert(dialect: str, table: sa.Table) -> Any:
@@ -199,6 +202,7 @@ class Flusher:
         policy: FlushPolicy,
         *,
         on_batch: Callable[[int, float], None] | None = None,
+        process: ChildConfig | None = None,
     ) -> None:
         self.engine = engine
         self.wal_dir = wal_dir
@@ -214,11 +218,14 @@ class Flusher:
         self._pending_end = self.committed
         self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
+        # `run` writes its batches in a flush process started with this, when given.
+        self.process_config = process
+        self.process: FlushProcess | None = None
+        self._start_process_at = 0.0  # monotonic time: not before it, after one ended
         self.timeout = policy.timeout
         # Since when (monotonic) the database has not answered: the start of the flush under
         # way, or of the first of the flushes that timed out since it last answered.
         self.waiting_since: float | None = None
-        self._reread: Position | None = None  # read from here again: a flush was cut off
         self._hinted = (0, 0.0)  # (lsn, monotonic time) of the last local checkpoint copy
         self.on_batch = on_batch  # told each committed batch's records and seconds (metrics)
         self.errors = 0  # failed batch writes (metrics)
@@ -247,8 +254,17 @@ class Flusher:
         A batch the database refuses for what a record holds is split until
         that record is found (`_isolate`); a batch that fails for any other
         reason (the database is away) is retried whole, and raises here.
+        The flush process, while there is one, writes batches no record of
+        which was refused; the rest are written here.
         """
+        started = time.perf_counter()
+        if self._pending is None and self.process is not None:
+            n = await self._flush_by_process(self.process, started)
+            if n is not None:
+                return n
         if self._pending is None:
+            if self.reader.position != self.committed:  # a read cut off, or the process's
+                await self.reader.resume(self.committed)
             records = await self.reader.read(self.end(), self.batch_records)
             last_lsn = self.reader.position.lsn - 1
             if not records and last_lsn <= self.checkpoint:
@@ -258,7 +274,6 @@ class Flusher:
             self._pending = Pending(records, last_lsn - len(records) + 1, last_lsn)
             self._pending_end = self.reader.position
         pending = self._pending
-        started = time.perf_counter()
         try:
             if pending.batch is None:  # built once: an outage retries the same rows
                 pending.batch = await self._build(pending.records, pending.last_lsn)
@@ -268,14 +283,60 @@ class Flusher:
                 self._failed(exc)
                 raise
             await self._isolate(pending, exc)
-        if self.on_batch is not None:
-            self.on_batch(pending.count, time.perf_counter() - started)
         self._pending = None
-        self.committed = self._pending_end
+        return self._committed(pending.count, self._pending_end, started)
+
+    def _committed(self, count: int, end: Position, started: float) -> int:
+        """A batch of `count` records, up to `end`, committed with the checkpoint."""
+        if self.on_batch is not None:
+            self.on_batch(count, time.perf_counter() - started)
+        self.committed = end
         self.last_flush, self.last_error = time.time(), None
         if self.checkpoint >= self.end().lsn - 1:
             self.caught_up_at = self.last_flush
-        return pending.count
+        return count
+
+    async def _flush_by_process(self, process: FlushProcess, started: float) -> int | None:
+        """The next batch, written by the flush process; None when this one is for the
+        daemon to write: a record of it was refused, or the process has ended."""
+        try:
+            reply = await process.flush(
+                self.committed, self.end(), self.batch_records, self.checkpoint
+            )
+        except FlushProcessGone as exc:
+            log.error("flush: the flush process ended, flushing in the daemon", error=str(exc))
+            await self._stop_process(RESTART_SECONDS)
+            return None
+        except FlushFailed as exc:
+            self.last_check = time.time()
+            self._failed(exc)
+            raise
+        if "refused" in reply:
+            return None
+        if "last_lsn" not in reply:
+            return 0
+        self.last_check = time.time()
+        self.checkpoint = reply["last_lsn"]
+        return self._committed(reply["records"], Position(*reply["end"]), started)
+
+    async def _keep_process(self) -> None:
+        """Start the flush process if it is wanted and not running (nor just ended)."""
+        config = self.process_config
+        if config is None or self.process is not None:
+            return
+        if time.monotonic() < self._start_process_at:
+            return
+        try:
+            self.process = await FlushProcess.start(config)
+        except OSError as exc:
+            log.error("flush: the flush process did not start, flushing in the daemon", error=exc)
+            self._start_process_at = time.monotonic() + RESTART_SECONDS
+
+    async def _stop_process(self, restart_after: float = 0.0) -> None:
+        process, self.process = self.process, None
+        self._start_process_at = time.monotonic() + restart_after
+        if process is not None:
+            await process.close()
 
     async def _build(self, records: list[tuple[int, bytes]], last_lsn: int) -> Batch:
         """Rows from records: CPU work, on a worker thread. Whatever fails here fails for what
@@ -373,7 +434,7 @@ class Flusher:
         self.last_refusal = f"lsn {lsn} ({row['record_type']}): {reason}"
 
     def _failed(self, exc: BaseException) -> None:
-        self.last_error, self.errors = describe_error(exc), self.errors + 1
+        self.last_error, self.errors = _describe(exc), self.errors + 1
 
     def backlog_bytes(self) -> int:
         """WAL record bytes journaled but not committed: what a long outage piles up.
@@ -412,21 +473,25 @@ class Flusher:
     async def run(self) -> None:
         """Flush until stopped; on failure log once per outage and retry with backoff."""
         backoff = self.interval
-        while not self._stop.is_set():
-            was_ok = self.database_ok
-            try:
-                n = await self._flush(self.timeout)
-            except Exception:
-                if was_ok:
-                    log.error("flush failed, records wait in the WAL", error=self.last_error)
-                backoff = min(backoff * 2, 5.0)
-                await self._sleep(backoff)
-                continue
-            if not was_ok:
-                log.info("flush recovered", checkpoint=self.checkpoint)
-                backoff = self.interval
-            if n < self.batch_records:
-                await self._sleep(self.interval)
+        try:
+            while not self._stop.is_set():
+                await self._keep_process()
+                was_ok = self.database_ok
+                try:
+                    n = await self._flush(self.timeout)
+                except Exception:
+                    if was_ok:
+                        log.error("flush failed, records wait in the WAL", error=self.last_error)
+                    backoff = min(backoff * 2, 5.0)
+                    await self._sleep(backoff)
+                    continue
+                if not was_ok:
+                    log.info("flush recovered", checkpoint=self.checkpoint)
+                    backoff = self.interval
+                if n < self.batch_records:
+                    await self._sleep(self.interval)
+        finally:
+            await self._stop_process()
 
     async def drain(self, within: float) -> bool:
         """Flush until every journaled record is committed or `within` seconds pass.
@@ -450,30 +515,20 @@ class Flusher:
         return self.caught_up
 
     async def _flush(self, bound: float | None) -> int:
-        """`flush_once` given up after `bound` seconds; `waiting_since` shows a stall meanwhile.
-
-        A flush cut off (by the bound, or a cancel) after it read records but before
-        it held them as its batch would skip them: the next reads them again.
-        """
-        if self._reread is not None:
-            await self.reader.seek(self._reread.lsn)
-            self._reread = None
-        before = self.reader.position if self._pending is None else None
+        """`flush_once` given up after `bound` seconds; `waiting_since` shows a stall meanwhile."""
         if self.waiting_since is None:
             self.waiting_since = time.monotonic()
         try:
             async with asyncio.timeout(bound) as scope:
                 n = await self.flush_once()
         except BaseException as exc:
-            if before is not None and self._pending is None and self.reader.position != before:
-                self._reread = before
             if not isinstance(exc, Exception):
                 raise
             if scope.expired():
                 self.errors += 1  # flush_once counts the failures it sees itself
                 self.last_error = f"no answer within {bound:.0f} s"
             else:
-                self.last_error = describe_error(exc)
+                self.last_error = _describe(exc)
             if not isinstance(exc, TimeoutError):  # it answered, with an error
                 self.waiting_since = None
             self.database_ok = False
@@ -500,3 +555,8 @@ class Flusher:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
+
+
+def _describe(exc: BaseException) -> str:
+    """A failure in a line: the flush process's is described there already."""
+    return str(exc) if isinstance(exc, FlushFailed) else describe_error(exc)

@@ -127,6 +127,16 @@ class WalReader:
         if self._segment is None:
             self.position = Position(0, 0, lsn)
 
+    async def resume(self, position: Position) -> None:
+        """Position the reader at a position a reader of this log reported, without reading
+        up to it; `seek` when its segment is gone."""
+        held = [s for s in list_segments(self.wal_dir) if s.first_lsn == position.segment]
+        if not held:
+            await self.seek(position.lsn)
+            return
+        await self._enter(held[0])
+        self.position = position
+
     async def read(self, end: Position | None, max_records: int) -> list[tuple[int, bytes]]:
         """Return up to `max_records` records after the position and advance past them.
 

@@ -1,0 +1,115 @@
+"""The flush process's side: reads a batch from the WAL, builds its rows and writes them.
+
+Run by `flush_process.FlushProcess` as `python -m llmsvc.store.flush_child`.
+It decides nothing: the daemon's flusher says where each batch starts, where
+the log ends and how many records it may take, and keeps every decision
+about what an answer means. This side only does the batch's CPU work, so that
+it runs beside the serving process and not on its GIL. It reads one JSON
+line per request on stdin and answers with one on stdout; its log goes to
+the daemon's stderr.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import os
+import signal
+import sys
+import uuid
+from dataclasses import astuple, dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from llmsvc import logs
+from llmsvc.store.batch import Batch, build_batch
+from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error
+from llmsvc.store.flusher import write_batch
+from llmsvc.store.refusals import refused
+from llmsvc.wal import Position, WalReader
+
+PR_SET_PDEATHSIG = 1
+
+
+@dataclass(slots=True)
+class Read:
+    """A batch read and not yet committed: retried as it is while the database is away."""
+
+    start: Position
+    records: list[tuple[int, bytes]]
+    last_lsn: int
+    end: Position  # where the record after the batch starts
+    batch: Batch | None = None
+
+
+class BatchWriter:
+    """Writes the batch each request names, one transaction each, as the flusher would."""
+
+    def __init__(self, engine: AsyncEngine, wal_dir: Path, instance_id: uuid.UUID) -> None:
+        self.engine = engine
+        self.instance_id = instance_id
+        self.reader = WalReader(wal_dir, instance_id)
+        self.read: Read | None = None
+
+    async def flush(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer `{"records": n, "last_lsn", "end"}`, or `refused` / `failed` with the cause."""
+        start = Position(*request["start"])
+        if self.read is None or self.read.start != start:
+            self.read = None
+            if self.reader.position != start:
+                await self.reader.resume(start)
+            records = await self.reader.read(Position(*request["end"]), request["max_records"])
+            last_lsn = self.reader.position.lsn - 1
+            if not records and last_lsn <= request["checkpoint"]:
+                return {"records": 0}
+            self.read = Read(start, records, last_lsn, self.reader.position)
+        read = self.read
+        try:
+            if read.batch is None:
+                dialect = self.engine.dialect.name
+                read.batch = build_batch(read.records, read.last_lsn, self.instance_id, dialect)
+            await write_batch(self.engine, read.batch, self.instance_id)
+        except Exception as exc:
+            if read.batch is None or refused(exc):  # the daemon's flusher finds the records
+                self.read = None
+                return {"refused": f"{type(exc).__name__}: {exc}"}
+            return {"failed": describe_error(exc), "timed_out": isinstance(exc, TimeoutError)}
+        self.read = None
+        return {"records": len(read.records), "last_lsn": read.last_lsn, "end": astuple(read.end)}
+
+
+async def serve() -> None:
+    """Read the configuration line, then answer requests until stdin closes."""
+    loop = asyncio.get_running_loop()
+    stdin = asyncio.StreamReader(limit=1024 * 1024)
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
+    line = await stdin.readline()
+    if not line:  # the daemon is gone already
+        return
+    config = orjson.loads(line)
+    logs.configure(config["log_level"], config["log_json"], config["secrets"], config["process"])
+    engine = create_engine(
+        config["database_url"], DAEMON_APPLICATION, config["timeout"], True, access="write"
+    )
+    writer = BatchWriter(engine, Path(config["wal_dir"]), uuid.UUID(config["instance"]))
+    try:
+        while line := await stdin.readline():
+            reply = await writer.flush(orjson.loads(line))
+            os.write(sys.stdout.fileno(), orjson.dumps(reply) + b"\n")
+    finally:
+        await writer.reader.close()
+        await engine.dispose()
+
+
+def main() -> None:
+    # Killed with the daemon: a batch it was writing is one transaction, rolled back.
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    uvloop.run(serve())
+
+
+if __name__ == "__main__":
+    main()

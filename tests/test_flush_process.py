@@ -1,0 +1,154 @@
+"""The flush process: the daemon's batches written by a child process of its own.
+
+Real `llmsvc run` processes on a real SQLite file (which both processes write),
+the official `openai` SDK, real SIGSTOP, SIGCONT and SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_process import (
+    DaemonProcess,
+    Stream,
+    client_for,
+    daemon_env,
+    get_json,
+    read_store,
+    read_store_after,
+)
+
+from llmsvc.providers.mock import token as mock_token
+
+pytestmark = pytest.mark.timeout(90)
+
+MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
+CHILD = "llmsvc.store.flush_child"
+
+
+def flush_processes(pid: int) -> list[int]:
+    """The children of `pid` running the flush process."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            try:
+                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
+            except FileNotFoundError:
+                continue
+            if CHILD.encode() in cmdline.split(b"\0"):
+                found.append(int(child))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"
+
+
+def wait_until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (found := check()):
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.05)
+    return found
+
+
+def the_flush_process(daemon: DaemonProcess) -> int:
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    (child,) = wait_until(lambda: flush_processes(pid), "a flush process")
+    return int(child)
+
+
+@pytest.fixture
+def env(sqlite_url: str, tmp_path: Path) -> dict[str, str]:
+    return daemon_env(sqlite_url, tmp_path / "wal", database_timeout_seconds=1)
+
+
+def ask(daemon: DaemonProcess) -> str:
+    """One whole request; its request id."""
+    raw = client_for(daemon).chat.completions.with_raw_response.create(
+        model="mock", messages=MESSAGES
+    )
+    return raw.headers["x-request-id"]
+
+
+def test_the_daemons_batches_are_written_by_its_flush_process(
+    env: dict[str, str], sqlite_url: str
+) -> None:
+    with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up()
+        child = the_flush_process(daemon)
+        _, health = get_json(f"{daemon.base_url}/api/health")
+        assert health["database"]["flush_process"] == child
+
+        os.kill(child, signal.SIGSTOP)  # the daemon's own writes would go on meanwhile
+        try:
+            held = ask(daemon)
+            time.sleep(2.0)  # 40 flush intervals, and the bound of one flush twice over
+            assert held not in {str(r) for r in read_store(sqlite_url).requests}
+        finally:
+            os.kill(child, signal.SIGCONT)
+        read_store_after(sqlite_url, held)  # stored once the flush process goes on
+        assert flush_processes(daemon.proc.pid) == [child]  # type: ignore[union-attr]
+        assert daemon.stop() == 0, daemon.log
+    assert not alive(child)
+
+
+def test_a_flush_process_that_is_killed_loses_nothing_and_is_replaced(
+    env: dict[str, str], sqlite_url: str
+) -> None:
+    with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up()
+        first = the_flush_process(daemon)
+        stream = Stream(daemon, 120, 20).start()
+        stream.wait_for_tokens(20)
+        os.kill(first, signal.SIGKILL)
+        daemon.wait_for_log("the flush process ended, flushing in the daemon")
+        during = ask(daemon)
+        read_store_after(sqlite_url, during)  # written by the daemon meanwhile
+        second = wait_until(
+            lambda: [p for p in flush_processes(daemon.proc.pid) if p != first],  # type: ignore[union-attr]
+            "a new flush process",
+        )[0]
+        stream.wait_done()
+        after = ask(daemon)
+        read_store_after(sqlite_url, after)
+        _, health = get_json(f"{daemon.base_url}/api/health")
+        assert health["database"]["flush_process"] == second
+        assert daemon.stop() == 0, daemon.log
+    assert stream.error is None
+    stored = read_store(sqlite_url)
+    assert stored.texts(stream.request_id) == [mock_token(i) for i in range(120)]
+    assert stored.request(stream.request_id)["status"] == "completed"
+
+
+def test_the_flush_process_dies_with_the_daemon(env: dict[str, str]) -> None:
+    with DaemonProcess(env) as daemon:
+        child = the_flush_process(daemon)
+        daemon.kill()
+    wait_until(lambda: not alive(child), "the flush process gone after its daemon's SIGKILL", 5)
+
+
+def test_flush_process_false_writes_every_batch_in_the_daemon(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    env = daemon_env(sqlite_url, tmp_path / "wal", flush_process=False)
+    with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up()
+        request_id = ask(daemon)
+        read_store_after(sqlite_url, request_id)
+        assert daemon.proc is not None
+        assert flush_processes(daemon.proc.pid) == []
+        _, health = get_json(f"{daemon.base_url}/api/health")
+        assert health["database"]["flush_process"] is None
+        assert daemon.stop() == 0, daemon.log
