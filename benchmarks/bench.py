@@ -146,7 +146,13 @@ async def phase_latency(stack: Stack, rounds: int, n: int) -> dict[str, Any]:
     """Non-streaming, one request at a time: what the daemon's hop adds to a call."""
     body = chat_body(MODEL, 16, stream=False)
     raw = await latency_rounds(
-        stack.direct, stack.via, body, rounds, n, 1, lambda: proc_cpu_s(stack.daemon.pid)
+        stack.direct,
+        stack.via,
+        body,
+        rounds,
+        n,
+        1,
+        lambda: bench_scale.tree_cpu_s(stack.daemon.pid),
     )
     return {"requests_per_round": n, "rounds": rounds, **summary(raw), "per_round": per_round(raw)}
 
@@ -194,15 +200,15 @@ async def measure_run(
     """One timed run; through the daemon it also waits for the flush and reads its CPU."""
     via_daemon = ep.name.startswith("daemon")
     since = datetime.now(UTC)
-    pids = [stack.daemon.pid, upstream.pid]
-    daemon0, upstream0 = proc_cpu_s(stack.daemon.pid), proc_cpu_s(upstream.pid)
+    pids = [*bench_scale.tree_pids(stack.daemon.pid), upstream.pid]  # its flush process too
+    daemon0, upstream0 = bench_scale.tree_cpu_s(stack.daemon.pid), proc_cpu_s(upstream.pid)
     loop0 = proc_cpu_s(stack.daemon.pid, stack.daemon.pid)  # the main thread: the event loop
     ours0, busy0 = ours_cpu_s(pids), machine_busy_s()
     lg0, t0 = time.process_time(), time.perf_counter()
     got = await load()
     t_stop = time.perf_counter()
     wall = t_stop - t0
-    daemon_load = proc_cpu_s(stack.daemon.pid) - daemon0
+    daemon_load = bench_scale.tree_cpu_s(stack.daemon.pid) - daemon0
     others = (machine_busy_s() - busy0) - (ours_cpu_s(pids) - ours0)
     out: dict[str, float | None] = {
         "tokens_per_s": got.tokens / wall,
@@ -217,7 +223,7 @@ async def measure_run(
         drain, seen = await wait_drained(stack.rows, since, got.tokens, t_stop, limit_s=120)
         if drain is None:
             log(f"{ep.name}: drain timed out, {seen} of {got.tokens} token rows after 120 s")
-        total = proc_cpu_s(stack.daemon.pid) - daemon0
+        total = bench_scale.tree_cpu_s(stack.daemon.pid) - daemon0
         loop = proc_cpu_s(stack.daemon.pid, stack.daemon.pid) - loop0
         out |= {
             "cpu_us_per_token": total / got.tokens * 1e6,
@@ -518,7 +524,7 @@ async def through_daemon(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
             await direct_session.close()
             await daemon_session.close()
             await rows.close()
-        cpu_total = proc_cpu_s(daemon.pid)
+        cpu_total = bench_scale.tree_cpu_s(daemon.pid)
         code = await asyncio.to_thread(stop_proc, daemon.popen)
         out["daemon"] = {
             "database": "sqlite" if database_url.startswith("sqlite") else "postgresql",

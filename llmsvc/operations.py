@@ -11,6 +11,7 @@ a restore swaps its flusher.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import uuid
 from collections.abc import Callable
@@ -149,6 +150,7 @@ class Operations:
         s = self.settings
         name = "flusher" if self.worker is None else f"worker-{self.worker} flusher"
         return ChildConfig(
+            daemon_pid=os.getpid(),
             database_url=s.database_url,
             timeout=s.database_timeout_seconds,
             wal_dir=str(s.wal_dir),

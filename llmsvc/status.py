@@ -144,7 +144,7 @@ def describe(daemon: Running) -> dict[str, Any]:
             "last_error": flusher.last_error or daemon.catch_up.error,  # boot's, until caught up
             "refused_records": dict(flusher.refused),
             "last_refusal": flusher.last_refusal,
-            "flush_process": flusher.process.pid if flusher.process is not None else None,
+            "flush_process": flusher.writing_process(),
         },
         "wal": {
             "segments": len(segments),

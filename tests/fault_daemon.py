@@ -44,8 +44,14 @@ def inject_fsync_failure(trigger: Path) -> None:
 
 
 def inject_flush_hang(trigger: Path) -> None:
-    """Make every flush hang, as on a database that stopped answering, while `trigger` exists."""
+    """Make every flush hang, as on a database that stopped answering, while `trigger` exists.
+
+    The patch is this process's, so the flusher writes here, not from its flush process
+    (test_stall.py stalls a real PostgreSQL under the flush process).
+    """
     from llmsvc.store import flusher
+
+    os.environ["LLMSVC_FLUSH_PROCESS"] = "false"
 
     real = flusher.write_batch
 

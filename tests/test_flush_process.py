@@ -6,8 +6,11 @@ the official `openai` SDK, real SIGSTOP, SIGCONT and SIGKILL.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -62,11 +65,23 @@ def wait_until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> An
     return found
 
 
-def the_flush_process(daemon: DaemonProcess) -> int:
+def writing_process(daemon: DaemonProcess) -> int | None:
+    """The flush process health says writes the batches, if one does."""
+    pid: int | None = get_json(f"{daemon.base_url}/api/health")[1]["database"]["flush_process"]
+    return pid
+
+
+def the_flush_process(daemon: DaemonProcess, other_than: int = 0) -> int:
+    """The daemon's flush process (not `other_than`), once it writes the batches."""
+
+    def new() -> int | None:
+        pid = writing_process(daemon)
+        return pid if pid != other_than else None
+
+    child: int = wait_until(new, "a flush process writing the batches")
     assert daemon.proc is not None
-    pid = daemon.proc.pid
-    (child,) = wait_until(lambda: flush_processes(pid), "a flush process")
-    return int(child)
+    assert flush_processes(daemon.proc.pid) == [child]
+    return child
 
 
 @pytest.fixture
@@ -88,8 +103,6 @@ def test_the_daemons_batches_are_written_by_its_flush_process(
     with DaemonProcess(env) as daemon:
         daemon.wait_caught_up()
         child = the_flush_process(daemon)
-        _, health = get_json(f"{daemon.base_url}/api/health")
-        assert health["database"]["flush_process"] == child
 
         os.kill(child, signal.SIGSTOP)  # the daemon's own writes would go on meanwhile
         try:
@@ -102,6 +115,7 @@ def test_the_daemons_batches_are_written_by_its_flush_process(
         assert flush_processes(daemon.proc.pid) == [child]  # type: ignore[union-attr]
         assert daemon.stop() == 0, daemon.log
     assert not alive(child)
+    assert "Traceback" not in daemon.log
 
 
 def test_a_flush_process_that_is_killed_loses_nothing_and_is_replaced(
@@ -116,17 +130,14 @@ def test_a_flush_process_that_is_killed_loses_nothing_and_is_replaced(
         daemon.wait_for_log("the flush process ended, flushing in the daemon")
         during = ask(daemon)
         read_store_after(sqlite_url, during)  # written by the daemon meanwhile
-        second = wait_until(
-            lambda: [p for p in flush_processes(daemon.proc.pid) if p != first],  # type: ignore[union-attr]
-            "a new flush process",
-        )[0]
+        second = the_flush_process(daemon, other_than=first)
         stream.wait_done()
         after = ask(daemon)
         read_store_after(sqlite_url, after)
-        _, health = get_json(f"{daemon.base_url}/api/health")
-        assert health["database"]["flush_process"] == second
+        assert writing_process(daemon) == second
         assert daemon.stop() == 0, daemon.log
     assert stream.error is None
+    assert "Traceback" not in daemon.log
     stored = read_store(sqlite_url)
     assert stored.texts(stream.request_id) == [mock_token(i) for i in range(120)]
     assert stored.request(stream.request_id)["status"] == "completed"
@@ -149,6 +160,30 @@ def test_flush_process_false_writes_every_batch_in_the_daemon(
         read_store_after(sqlite_url, request_id)
         assert daemon.proc is not None
         assert flush_processes(daemon.proc.pid) == []
-        _, health = get_json(f"{daemon.base_url}/api/health")
-        assert health["database"]["flush_process"] is None
+        assert writing_process(daemon) is None
         assert daemon.stop() == 0, daemon.log
+
+
+def test_a_flush_process_whose_daemon_died_before_it_started_exits_and_writes_nothing(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Its daemon is gone before the child could ask to die with it: it must not write
+    (a restarted daemon may be replaying the same WAL)."""
+    config = {
+        "daemon_pid": 1,  # not its parent: the one it was started by has died
+        "database_url": sqlite_url,
+        "timeout": 1.0,
+        "wal_dir": str(tmp_path / "wal"),
+        "instance": "00000000-0000-0000-0000-000000000001",
+        "log_level": "INFO",
+        "log_json": False,
+        "secrets": [],
+        "process": "flusher",
+    }
+    request = {"start": [1, 36, 1], "end": [1, 100, 3], "max_records": 10, "checkpoint": 0}
+    lines = b"".join(json.dumps(line).encode() + b"\n" for line in (config, request))
+    done = subprocess.run(
+        [sys.executable, "-m", CHILD], input=lines, capture_output=True, timeout=30
+    )
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")
+    assert not Path(sqlite_url.split("///", 1)[1]).exists()

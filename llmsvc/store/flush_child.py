@@ -83,7 +83,7 @@ class BatchWriter:
 
 
 async def serve() -> None:
-    """Read the configuration line, then answer requests until stdin closes."""
+    """Read the configuration line, say it is ready, then answer requests until stdin closes."""
     loop = asyncio.get_running_loop()
     stdin = asyncio.StreamReader(limit=1024 * 1024)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
@@ -91,15 +91,21 @@ async def serve() -> None:
     if not line:  # the daemon is gone already
         return
     config = orjson.loads(line)
+    if os.getppid() != config["daemon_pid"]:  # it died before `main` tied this one to it
+        return
     logs.configure(config["log_level"], config["log_json"], config["secrets"], config["process"])
     engine = create_engine(
         config["database_url"], DAEMON_APPLICATION, config["timeout"], True, access="write"
     )
     writer = BatchWriter(engine, Path(config["wal_dir"]), uuid.UUID(config["instance"]))
     try:
+        os.write(sys.stdout.fileno(), b'{"ready": true}\n')
         while line := await stdin.readline():
             reply = await writer.flush(orjson.loads(line))
-            os.write(sys.stdout.fileno(), orjson.dumps(reply) + b"\n")
+            try:
+                os.write(sys.stdout.fileno(), orjson.dumps(reply) + b"\n")
+            except BrokenPipeError:  # the daemon closed its end: it is stopping
+                return
     finally:
         await writer.reader.close()
         await engine.dispose()

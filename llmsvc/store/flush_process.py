@@ -30,6 +30,7 @@ class ChildConfig:
     """What the child needs to open the store and the log, sent on its stdin (the database
     URL may hold a password: never in its arguments or environment)."""
 
+    daemon_pid: int
     database_url: str
     timeout: float | None
     wal_dir: str
@@ -58,6 +59,7 @@ class FlushProcess:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.pid = proc.pid
+        self.ready = False  # it has opened the store and the log: until then the daemon flushes
         self._asked: asyncio.Future[dict[str, Any]] | None = None  # the request in flight
         self._replies = asyncio.create_task(self._read_replies(), name="flush-process-replies")
 
@@ -73,7 +75,6 @@ class FlushProcess:
         )
         assert proc.stdin is not None
         proc.stdin.write(orjson.dumps(asdict(config)) + b"\n")
-        log.info("flush process started", pid=proc.pid)
         return cls(proc)
 
     @property
@@ -110,6 +111,9 @@ class FlushProcess:
     async def _read_replies(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
+        if await stdout.readline():
+            self.ready = True
+            log.info("flush process ready", pid=self.pid)
         while line := await stdout.readline():
             if self._asked is not None and not self._asked.done():
                 self._asked.set_result(orjson.loads(line))

@@ -258,7 +258,7 @@ class Flusher:
         which was refused; the rest are written here.
         """
         started = time.perf_counter()
-        if self._pending is None and self.process is not None:
+        if self._pending is None and self.process is not None and self.process.ready:
             n = await self._flush_by_process(self.process, started)
             if n is not None:
                 return n
@@ -303,9 +303,7 @@ class Flusher:
             reply = await process.flush(
                 self.committed, self.end(), self.batch_records, self.checkpoint
             )
-        except FlushProcessGone as exc:
-            log.error("flush: the flush process ended, flushing in the daemon", error=str(exc))
-            await self._stop_process(RESTART_SECONDS)
+        except FlushProcessGone:  # `_keep_process` replaces it
             return None
         except FlushFailed as exc:
             self.last_check = time.time()
@@ -319,11 +317,26 @@ class Flusher:
         self.checkpoint = reply["last_lsn"]
         return self._committed(reply["records"], Position(*reply["end"]), started)
 
+    def writing_process(self) -> int | None:
+        """The pid of the flush process if it is the one writing batches now."""
+        process = self.process
+        return process.pid if process is not None and process.ready and process.alive else None
+
     async def _keep_process(self) -> None:
-        """Start the flush process if it is wanted and not running (nor just ended)."""
+        """Start the flush process if it is wanted and not running; replace one that ended
+        (not at once: one that cannot run would be started in a loop)."""
         config = self.process_config
-        if config is None or self.process is not None:
+        if config is None:
             return
+        if self.process is not None:
+            if self.process.alive:
+                return
+            log.error(
+                "flush: the flush process ended, flushing in the daemon",
+                pid=self.process.pid,
+                code=self.process.proc.returncode,
+            )
+            await self._stop_process(RESTART_SECONDS)
         if time.monotonic() < self._start_process_at:
             return
         try:
