@@ -233,6 +233,7 @@ class Proc:
     popen: subprocess.Popen[bytes]
     port: int
     log: Path
+    flush_process: bool = False  # a daemon whose batches its flush process writes
 
     @property
     def pid(self) -> int:
@@ -295,7 +296,8 @@ def spawn_daemon(
     logfile = tmp / "daemon.log"
     with logfile.open("wb") as err:
         popen = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err)
-    return Proc("daemon", popen, port, logfile)
+    flush_process = env.get("LLMSVC_FLUSH_PROCESS", "true") != "false"
+    return Proc("daemon", popen, port, logfile, flush_process)
 
 
 async def start_variants(
@@ -321,12 +323,13 @@ async def start_variants(
 
 
 async def wait_ready(proc: Proc, limit_s: float = 60) -> None:
-    """Until the daemon serves and its boot's catch-up with the database is done: a benchmark
-    measures the steady state, with the store migrated and the previous WAL replayed."""
+    """Until the daemon serves, its boot's catch-up with the database is done and its flush
+    process writes the batches: a benchmark measures the steady state, with the store
+    migrated and the previous WAL replayed."""
     deadline = time.monotonic() + limit_s
-    while not all(
-        line in read_bytes(proc.log) for line in (b"ready host=", b"boot: caught up with the")
-    ):
+    lines = [b"ready host=", b"boot: caught up with the"]
+    lines += [b"flush process ready"] if proc.flush_process else []
+    while not all(line in read_bytes(proc.log) for line in lines):
         if proc.popen.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"the daemon did not become ready:\n{log_tail(proc.log)}")
         await asyncio.sleep(0.05)

@@ -297,6 +297,7 @@ class Tally:
     extra_stored_tokens: int = 0
     max_extra_for_one_request: int = 0
     marked_interrupted: int = 0
+    killed_with_flush_process: int = 0  # kills while the flush process wrote the batches
     statuses: dict[str, int] = field(default_factory=dict)
     requests_by_api: dict[str, int] = field(default_factory=dict)
     kill_after_s: list[float] = field(default_factory=list)
@@ -446,6 +447,7 @@ def run_mode(
         tally.kill_after_s.append(round(kill_after, 3))
         time.sleep(kill_after)
         code = daemon.kill()
+        tally.killed_with_flush_process += "flush process ready" in daemon.log
         if code != -signal.SIGKILL:
             tally.fail(iteration, "daemon did not die of SIGKILL", returncode=code)
         stop.set()
@@ -497,6 +499,7 @@ def run_mode(
         "extra_stored_tokens": tally.extra_stored_tokens,
         "max_extra_for_one_request": tally.max_extra_for_one_request,
         "marked_interrupted_at_boot": tally.marked_interrupted,
+        "killed_with_flush_process": tally.killed_with_flush_process,
         "statuses_of_checked_requests": tally.statuses,
         "requests_by_api": tally.requests_by_api,
         "kill_after_s": tally.kill_after_s,
