@@ -22,14 +22,10 @@ import socket
 import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -37,6 +33,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import llmsvc
 from llmsvc import private
 from llmsvc.errors import StoreError
+
+if TYPE_CHECKING:  # alembic is imported where it is used: the flush process never migrates,
+    from alembic.config import Config  # and importing it was a sixth of that process's start
 
 DAEMON_APPLICATION = "llmsvc daemon"
 
@@ -174,6 +173,8 @@ def migrations_dir() -> Path:
 
 
 def _alembic_config(connection: Connection | None = None) -> Config:
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     config.attributes["connection"] = connection
@@ -204,6 +205,8 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
             await conn.execute(sa.select(sa.func.pg_advisory_xact_lock(MIGRATION_LOCK)))
         else:  # the driver begins no transaction for DDL: a migration cut off would leave half
             await conn.exec_driver_sql("BEGIN IMMEDIATE")
+        from alembic import command
+
         await conn.run_sync(lambda sync: command.upgrade(_alembic_config(sync), "head"))
 
 
@@ -239,6 +242,9 @@ def open_lock_file(database: str, name: str) -> int:
 
 async def schema_revision(engine: AsyncEngine) -> tuple[str | None, str]:
     """The database's current revision and the newest one this code knows."""
+    from alembic.runtime.migration import MigrationContext
+    from alembic.script import ScriptDirectory
+
     head = ScriptDirectory.from_config(_alembic_config()).get_current_head() or ""
     async with engine.connect() as conn:
         current = await conn.run_sync(
