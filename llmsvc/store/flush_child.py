@@ -58,16 +58,14 @@ class BatchWriter:
     async def flush(self, request: dict[str, Any]) -> dict[str, Any]:
         """Answer `{"records": n, "last_lsn", "end"}`, or `refused` / `failed` with the cause."""
         start = Position(*request["start"])
-        if self.read is None or self.read.start != start:
-            self.read = None
-            if self.reader.position != start:
-                await self.reader.resume(start)
-            records = await self.reader.read(Position(*request["end"]), request["max_records"])
-            last_lsn = self.reader.position.lsn - 1
-            if not records and last_lsn <= request["checkpoint"]:
-                return {"records": 0}
-            self.read = Read(start, records, last_lsn, self.reader.position)
-        read = self.read
+        try:
+            read = self.read if self.read is not None and self.read.start == start else None
+            read = read or await self._read(start, request)
+        except Exception as exc:  # the log cannot be read: the flusher retries, as its own read
+            return {"failed": describe_error(exc), "timed_out": False}
+        self.read = read
+        if read is None:
+            return {"records": 0}
         try:
             if read.batch is None:
                 dialect = self.engine.dialect.name
@@ -76,10 +74,21 @@ class BatchWriter:
         except Exception as exc:
             if read.batch is None or refused(exc):  # the daemon's flusher finds the records
                 self.read = None
-                return {"refused": f"{type(exc).__name__}: {exc}"}
+                return {"refused": describe_error(exc)}
             return {"failed": describe_error(exc), "timed_out": isinstance(exc, TimeoutError)}
         self.read = None
         return {"records": len(read.records), "last_lsn": read.last_lsn, "end": astuple(read.end)}
+
+    async def _read(self, start: Position, request: dict[str, Any]) -> Read | None:
+        """The batch from `start`; None when there is nothing to commit, not even a
+        checkpoint moved past LSNs repair found lost."""
+        if self.reader.position != start:
+            await self.reader.resume(start)
+        records = await self.reader.read(Position(*request["end"]), request["max_records"])
+        last_lsn = self.reader.position.lsn - 1
+        if not records and last_lsn <= request["checkpoint"]:
+            return None
+        return Read(start, records, last_lsn, self.reader.position)
 
 
 async def serve() -> None:
