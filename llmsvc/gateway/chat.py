@@ -30,7 +30,7 @@ from llmsvc.errors import (
     WalFatal,
     WalFull,
 )
-from llmsvc.gateway.accounting import Counts, count, prompt_counter, tool_texts
+from llmsvc.gateway.accounting import Counts, Pieces, count, prompt_counter, tool_texts
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.journal import Journal, now_us
@@ -186,7 +186,7 @@ class Exchange:
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
-        self.pieces: list[list[str]] = []  # this attempt's journaled texts, counted if need be
+        self.pieces = Pieces()  # this attempt's journaled texts, counted if need be
         self.counts = Counts()  # as the provider reported them, else counted at the end
         self.cost: float | None = None
         self.error_code: str | None = None
@@ -248,7 +248,7 @@ class Exchange:
         name = target.provider.name
         self.target, self.attempt_no = target, self.attempt_no + 1
         self.attempt_id, self.first_token_us, self.attempt_open = uuid.uuid4(), None, True
-        self.tool_seq, self.pieces = 0, []
+        self.tool_seq, self.pieces = 0, Pieces()
         self.journal.attempt_start(
             self.attempt_id, self.request_id, self.attempt_no, name, target.model
         )
@@ -346,7 +346,7 @@ class Exchange:
         """Journal tool-call deltas and return their client chunk, once they are durable."""
         fut = self.journal.tool_deltas(self.attempt_id.bytes, self.tool_seq, deltas)
         self.tool_seq += len(deltas)
-        self.pieces.append(tool_texts(deltas))
+        self.pieces.add(tool_texts(deltas))
         if self.first_token_us is None:
             self._first_token()
         await fut
@@ -367,7 +367,7 @@ class Exchange:
         if reply.tool_calls:
             self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
             self.tool_seq = len(reply.tool_calls)
-            self.pieces.append(tool_texts(reply.tool_calls))
+            self.pieces.add(tool_texts(reply.tool_calls))
         fut = self._end_records("completed", reply)
         finish, usage = reply.finish_reason or "stop", self.counts.usage()
         body = self.wire.whole(content, finish, usage, reply.tool_calls, reply.refusal)
@@ -395,7 +395,7 @@ class Exchange:
         """Append a token batch; counted as journaled unless the WAL refuses it later."""
         fut = self.journal.tokens(attempt_id, self.seq, texts)
         self.seq += len(texts)
-        self.pieces.append(texts)  # a reference: the per-token path does no counting
+        self.pieces.add(texts)  # kept, not counted: the per-token path does no counting
         self.unconfirmed = (fut, len(texts))
         return fut
 
@@ -536,7 +536,7 @@ class Exchange:
             return
         if batch is not None and batch.exception() is not None:
             self.seq -= tokens
-            self.pieces.pop()  # the refused batch's texts, appended last
+            self.pieces.drop_last()  # the refused batch's texts, added last
         self.unconfirmed = (None, 0)
         attempt, request = self._end_fields(status, None, error, error_code, None)
         held = self.attempt_id if self.attempt_open else None
