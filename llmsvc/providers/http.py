@@ -139,6 +139,7 @@ class HttpProvider:
             finally:
                 response.release()
             raise self.error_of(self.name, response.status, detail, response.headers)
+        response.drop_headers()  # only an error's are read (its Retry-After, its id)
         return response
 
     async def close(self) -> None:

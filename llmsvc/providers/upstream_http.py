@@ -156,6 +156,13 @@ class Response:
                 raise TooLarge(f"the body is over {limit} bytes")
         return bytes(body)
 
+    def drop_headers(self) -> None:
+        """Forget the headers once nobody will read them: a stream keeps its response for
+        minutes, and an upstream's 10-20 headers (rate limits, ids, cookies) cost 1-4 KiB
+        a stream. The body's framing and encoding were read from them at the head; a
+        chunked body's trailers, if any, land in the empty ones left (104 bytes)."""
+        self.headers = Headers()
+
     def release(self) -> None:
         """Give the connection back to the pool if the body was read to its end and the
         server keeps it open; close it otherwise (a half-read reply's rest would be read as
