@@ -335,6 +335,7 @@ class Exchange:
             await fut
             self.unconfirmed = (None, 0)
             await self._send_chunk(frame, reply)
+            del texts, fut, frame  # the wait for the next batch holds nothing of this one
         if closed():  # a one-batch reply meets no check above
             raise ClientGone
         fut = self._end_records("completed", reply)
