@@ -41,7 +41,7 @@ from llmsvc.gateway.wire import Wire
 from llmsvc.logs import logger
 from llmsvc.providers.base import Native, RefusalDeltas, Reply, ToolCallDeltas
 from llmsvc.providers.http import TRACEPARENT
-from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
+from llmsvc.wal import AttemptEndFields, RequestEndFields, Sender, Status
 
 if TYPE_CHECKING:
     from llmsvc.gateway.tracing import RequestTrace
@@ -161,7 +161,7 @@ class Exchange:
         # What the start record keeps besides the messages: the body as the client sent it.
         skip = ("model", "messages") if native is None else ("model",)
         source = data if native is None else native.body
-        self.params = (
+        self.params: dict[str, Any] | None = (
             params if params is not None else {k: v for k, v in source.items() if k not in skip}
         )
         self.send = send
@@ -173,7 +173,7 @@ class Exchange:
         self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
         self.skipped: list[tuple[str, str]] = []  # provider, code: targets skipped, not called
         self.correlation_id = correlation_id
-        self.who = record_fields(caller, attribution)  # for the start record
+        self.who: Sender | None = record_fields(caller, attribution)  # for the start record
         self.created = int(time.time())
         self.wire = wire(request_id.hex, self.created)
         self.started = False  # response headers sent
@@ -194,13 +194,21 @@ class Exchange:
         self.trace: RequestTrace | None = None  # its spans, when tracing is on (gateway/tracing)
         self.began = time.monotonic()
         self.began_us = now_us()  # the clock first_token_us is on
-        self.headers = [
+        self.headers: list[tuple[bytes, bytes]] = []  # more for the response (rate limits)
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """The ids every answer carries, and `headers`; made when the answer starts, not kept
+        for the stream's life."""
+        return [
             (b"x-request-id", str(self.request_id).encode()),
-            (b"x-correlation-id", correlation_id.encode()),
+            (b"x-correlation-id", self.correlation_id.encode()),
+            *self.headers,
         ]
 
     async def run(self, scope: anyio.CancelScope) -> None:
         """Serve the request; the cancel scope is how shutdown interrupts it."""
+        params, who = self.params or {}, self.who
+        self.params = self.who = None  # only the start record has them; a stream lives long
         try:
             self.start_fut = self.journal.request_start(
                 self.request_id,
@@ -208,10 +216,11 @@ class Exchange:
                 self.model,
                 self.stream,
                 self.data["messages"],
-                self.params,
-                self.who,
+                params,
+                who,
                 self.api,
             )
+            del params, who
             with scope:
                 await self.router.try_targets(self)
             if scope.cancelled_caught and not self.ended:
@@ -409,7 +418,11 @@ class Exchange:
     async def _start(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
         await self.send(
-            {"type": "http.response.start", "status": 200, "headers": headers + self.headers}
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": headers + self.response_headers(),
+            }
         )
 
     async def _send_final(self, frame: bytes) -> None:
