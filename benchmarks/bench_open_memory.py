@@ -1,10 +1,10 @@
 """Resident memory per open stream, two llmsvc trees side by side: `bench_scale.py`'s `open`
 scenario (5,000 streams at 1 token/s, plateau minus idle), interleaved.
 
-One upstream; the upstream called directly, a daemon running a base tree (e.g. a worktree of
-main) and a daemon running this tree, each measured in turn, the order rotated each round,
-so the comparison is made in one run on one machine state. The base daemon imports llmsvc
-from `--base` (PYTHONPATH); both use this tree's virtualenv and packages.
+The upstream called directly, a daemon running a base tree (e.g. a worktree of main) and a
+daemon running this tree, each measured in turn on freshly started processes, the order
+rotated each round, so the comparison is made in one run on one machine state. The base
+daemon imports llmsvc from `--base` (PYTHONPATH); both use this tree's virtualenv and packages.
 
 Usage:  .venv/bin/python benchmarks/bench_open_memory.py --base /path/to/main --out x.json
         [--rounds 2] [--streams 5000] [--tokens 60] [--stagger-s 10]
@@ -104,26 +104,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     runs: dict[str, list[dict[str, Any]]] = {"direct": [], "daemon_base": [], "daemon_branch": []}
     started = time.perf_counter()
-    with processes() as procs:
-        procs.append(up := spawn_upstream(tmp, "upstream-slow", 1000.0))
-        base_env = {"PYTHONPATH": str(base)}
-        procs.append(old := await start_daemon(tmp, "daemon-base", "", up, base_env))
-        procs.append(new := await start_daemon(tmp, "daemon-branch", "", up, {}))
-        sides = {
-            "direct": (Side("direct", None), up, up.port),
-            "daemon_base": (Side("daemon_base", old), old, old.port),
-            "daemon_branch": (Side("daemon_branch", new), new, new.port),
-        }
-        for r in range(args.rounds):
-            for name in rotated(list(sides), r):
-                side, watched, port = sides[name]
-                got = await open_run(args, side, watched, port, up)
-                runs[name].append(got)
-                log(
-                    f"round {r} {name}: served {got['streams']} errors {got['errors']} "
-                    f"rss/stream {got['rss_kib_per_open_stream']} KiB "
-                    f"(idle {got['idle_rss_mib']} MiB, plateau {got['plateau_rss_mib']} MiB)"
-                )
+    base_env = {"PYTHONPATH": str(base)}
+    for r in range(args.rounds):
+        for name in rotated(list(runs), r):
+            # Fresh processes for every measure: memory freed after a run is not given back
+            # to the system, so a second run's "idle" would already hold the first's peak.
+            with processes() as procs:
+                procs.append(up := spawn_upstream(tmp, f"upstream-{r}-{name}", 1000.0))
+                watched, side = up, Side("direct", None)
+                if name != "direct":
+                    home = f"{name}-{r}"
+                    env = base_env if name == "daemon_base" else {}
+                    procs.append(watched := await start_daemon(tmp, home, "", up, env))
+                    side = Side(name, watched)
+                got = await open_run(args, side, watched, watched.port, up)
+            runs[name].append(got)
+            log(
+                f"round {r} {name}: served {got['streams']} errors {got['errors']} "
+                f"rss/stream {got['rss_kib_per_open_stream']} KiB "
+                f"(idle {got['idle_rss_mib']} MiB, plateau {got['plateau_rss_mib']} MiB)"
+            )
     for name, side_runs in runs.items():
         values = [r["rss_kib_per_open_stream"] for r in side_runs if r["rss_kib_per_open_stream"]]
         report[name] = {
