@@ -92,6 +92,7 @@ class HttpServer:
             http=protocol_class(limits),
             ws="none",
             lifespan="off",
+            interface="asgi3",  # AdminApi's call returns the awaitable; not detected as ASGI 3
             log_config=None,
             access_log=False,
             server_header=False,

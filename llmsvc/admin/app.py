@@ -120,19 +120,26 @@ class AdminApi:
             ),
         ]
 
-    async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+    def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> Awaitable[None]:
+        """The gateway's own call for its routes (uvicorn awaits it: `interface="asgi3"` in
+        serving.py), so a stream's minutes hold no frame of this one; else `_serve`'s."""
         path = scope.get("path", "")
-        if scope["type"] == "http" and path == "/openapi.json":
+        if scope["type"] == "http" and (
+            path == "/openapi.json" or (path + "/").startswith((CONSOLE, PREFIX))
+        ):
+            return self._serve(scope, receive, send)
+        return self.app(scope, receive, send)
+
+    async def _serve(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+        path = scope.get("path", "")
+        if path == "/openapi.json":
             if scope["method"] != "GET":
                 await reject(scope, send, MethodNotAllowed("/openapi.json takes GET", allow="GET"))
                 return
             await send_json(send, 200, self.openapi, [request_id_header(scope)])
             return
-        if scope["type"] == "http" and (path + "/").startswith(CONSOLE):
+        if (path + "/").startswith(CONSOLE):
             await self.console(scope, receive, send)
-            return
-        if scope["type"] != "http" or not (path + "/").startswith(PREFIX):
-            await self.app(scope, receive, send)
             return
         try:
             if self._token is None:

@@ -7,7 +7,7 @@ uncounted: nothing is known billed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +17,47 @@ from llmsvc.providers.embeddings import EMBEDDINGS, inputs
 from llmsvc.tokens import PROVIDER, count_completion, count_input, count_prompt
 
 PromptCounter = Callable[[str], tuple[int, str]]  # model -> (tokens, how they were counted)
+JOIN_EVERY = 16  # texts kept apart before they are joined into one
+
+
+class Pieces:
+    """An attempt's journaled texts, in order: what is counted at its end if the provider
+    sends no usage.
+
+    A stream holds them for minutes, a token at a time: kept as the batches came, each
+    token cost its own list and str (~150 bytes; a 60-token reply 9 KiB). Here every
+    JOIN_EVERY texts become one str, so a reply costs about its characters. The last
+    batch stays apart: the WAL may yet refuse it (`drop_last`).
+    """
+
+    __slots__ = ("_joined", "_last", "_texts")
+
+    def __init__(self) -> None:
+        self._texts: list[str] = []
+        self._joined = 0  # _texts[:_joined] are joined runs; the rest single texts
+        self._last = 0  # texts of the last batch added
+
+    def add(self, texts: list[str]) -> None:
+        """Keep a batch's texts (a batch of tokens, or of tool-call texts)."""
+        kept, joined = self._texts, self._joined
+        if len(kept) - joined >= JOIN_EVERY:  # the batches before this one: not refusable
+            kept[joined:] = ["".join(kept[joined:])]
+            self._joined = joined + 1
+        kept.extend(texts)
+        self._last = len(texts)
+
+    def drop_last(self) -> None:
+        """Forget the last batch added (the WAL refused it); once, after that batch."""
+        if self._last:
+            del self._texts[-self._last :]
+        self._last = 0
+
+    def __bool__(self) -> bool:
+        return bool(self._texts)
+
+    def __iter__(self) -> Iterator[list[str]]:
+        """One list of every text, in order: what tokens.count_completion joins."""
+        yield self._texts
 
 
 @dataclass(slots=True)
@@ -37,7 +78,7 @@ class Counts:
 
 def count(
     reply: Reply | None,
-    pieces: list[list[str]],
+    pieces: Pieces,
     deltas: int,
     model: str,
     count_prompt_of: PromptCounter,

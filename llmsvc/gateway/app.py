@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Coroutine, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -192,7 +192,7 @@ class Gateway:
         headers = dict(scope["headers"])
         return headers, await read_body(receive, headers, self.max_body_bytes)
 
-    async def serve(
+    def serve(
         self,
         scope: Scope,
         send: ASGISend,
@@ -206,10 +206,14 @@ class Gateway:
         native: Native | None = None,
         store_content: bool = True,
         params: dict[str, Any] | None = None,
-    ) -> None:
+    ) -> Coroutine[Any, Any, None]:
         """Serve an admitted request through its exchange (chat.py), its caller's rate limits
         applied first (a 429 before anything is journaled); to the scope's pinned target, if
-        the console's replay set one (`PINNED`), else along its model's route."""
+        the console's replay set one (`PINNED`), else along its model's route.
+
+        Not a coroutine itself: it returns the exchange's run to await, so no frame of it
+        (its arguments, the wire's factory) outlives the request's start; see KEEP_LEAN in
+        endpoints.py."""
         exchange = Exchange(
             self.journal,
             self.router,
@@ -241,7 +245,7 @@ class Gateway:
                 headers.get(b"traceparent"),
                 headers.get(b"tracestate"),
             )
-        await self._run(exchange)
+        return self._run(exchange)
 
     async def _run(self, exchange: Exchange) -> None:
         """Run the exchange as an open request (shutdown waits for it, then interrupts it),
@@ -255,7 +259,7 @@ class Gateway:
             if exchange.started:  # too late for a status line: the connection just closes
                 log.exception("request failed mid-response", request_id=exchange.request_id)
             else:
-                await send_error(exchange.send, exc, exchange.headers, exchange.api)
+                await send_error(exchange.send, exc, exchange.response_headers(), exchange.api)
         finally:
             self.inflight.discard(cancel)
             if not self.inflight:

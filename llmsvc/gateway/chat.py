@@ -30,7 +30,7 @@ from llmsvc.errors import (
     WalFatal,
     WalFull,
 )
-from llmsvc.gateway.accounting import Counts, count, prompt_counter, tool_texts
+from llmsvc.gateway.accounting import Counts, Pieces, count, prompt_counter, tool_texts
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.journal import Journal, now_us
@@ -41,7 +41,7 @@ from llmsvc.gateway.wire import Wire
 from llmsvc.logs import logger
 from llmsvc.providers.base import Native, RefusalDeltas, Reply, ToolCallDeltas
 from llmsvc.providers.http import TRACEPARENT
-from llmsvc.wal import AttemptEndFields, RequestEndFields, Status
+from llmsvc.wal import AttemptEndFields, RequestEndFields, Sender, Status
 
 if TYPE_CHECKING:
     from llmsvc.gateway.tracing import RequestTrace
@@ -161,7 +161,7 @@ class Exchange:
         # What the start record keeps besides the messages: the body as the client sent it.
         skip = ("model", "messages") if native is None else ("model",)
         source = data if native is None else native.body
-        self.params = (
+        self.params: dict[str, Any] | None = (
             params if params is not None else {k: v for k, v in source.items() if k not in skip}
         )
         self.send = send
@@ -173,7 +173,7 @@ class Exchange:
         self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
         self.skipped: list[tuple[str, str]] = []  # provider, code: targets skipped, not called
         self.correlation_id = correlation_id
-        self.who = record_fields(caller, attribution)  # for the start record
+        self.who: Sender | None = record_fields(caller, attribution)  # for the start record
         self.created = int(time.time())
         self.wire = wire(request_id.hex, self.created)
         self.started = False  # response headers sent
@@ -186,7 +186,7 @@ class Exchange:
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
-        self.pieces: list[list[str]] = []  # this attempt's journaled texts, counted if need be
+        self.pieces = Pieces()  # this attempt's journaled texts, counted if need be
         self.counts = Counts()  # as the provider reported them, else counted at the end
         self.cost: float | None = None
         self.error_code: str | None = None
@@ -194,13 +194,21 @@ class Exchange:
         self.trace: RequestTrace | None = None  # its spans, when tracing is on (gateway/tracing)
         self.began = time.monotonic()
         self.began_us = now_us()  # the clock first_token_us is on
-        self.headers = [
+        self.headers: list[tuple[bytes, bytes]] = []  # more for the response (rate limits)
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """The ids every answer carries, and `headers`; made when the answer starts, not kept
+        for the stream's life."""
+        return [
             (b"x-request-id", str(self.request_id).encode()),
-            (b"x-correlation-id", correlation_id.encode()),
+            (b"x-correlation-id", self.correlation_id.encode()),
+            *self.headers,
         ]
 
     async def run(self, scope: anyio.CancelScope) -> None:
         """Serve the request; the cancel scope is how shutdown interrupts it."""
+        params, who = self.params or {}, self.who
+        self.params = self.who = None  # only the start record has them; a stream lives long
         try:
             self.start_fut = self.journal.request_start(
                 self.request_id,
@@ -208,10 +216,11 @@ class Exchange:
                 self.model,
                 self.stream,
                 self.data["messages"],
-                self.params,
-                self.who,
+                params,
+                who,
                 self.api,
             )
+            del params, who
             with scope:
                 await self.router.try_targets(self)
             if scope.cancelled_caught and not self.ended:
@@ -248,7 +257,7 @@ class Exchange:
         name = target.provider.name
         self.target, self.attempt_no = target, self.attempt_no + 1
         self.attempt_id, self.first_token_us, self.attempt_open = uuid.uuid4(), None, True
-        self.tool_seq, self.pieces = 0, []
+        self.tool_seq, self.pieces = 0, Pieces()
         self.journal.attempt_start(
             self.attempt_id, self.request_id, self.attempt_no, name, target.model
         )
@@ -335,6 +344,7 @@ class Exchange:
             await fut
             self.unconfirmed = (None, 0)
             await self._send_chunk(frame, reply)
+            del texts, fut, frame  # the wait for the next batch holds nothing of this one
         if closed():  # a one-batch reply meets no check above
             raise ClientGone
         fut = self._end_records("completed", reply)
@@ -346,7 +356,7 @@ class Exchange:
         """Journal tool-call deltas and return their client chunk, once they are durable."""
         fut = self.journal.tool_deltas(self.attempt_id.bytes, self.tool_seq, deltas)
         self.tool_seq += len(deltas)
-        self.pieces.append(tool_texts(deltas))
+        self.pieces.add(tool_texts(deltas))
         if self.first_token_us is None:
             self._first_token()
         await fut
@@ -367,7 +377,7 @@ class Exchange:
         if reply.tool_calls:
             self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
             self.tool_seq = len(reply.tool_calls)
-            self.pieces.append(tool_texts(reply.tool_calls))
+            self.pieces.add(tool_texts(reply.tool_calls))
         fut = self._end_records("completed", reply)
         finish, usage = reply.finish_reason or "stop", self.counts.usage()
         body = self.wire.whole(content, finish, usage, reply.tool_calls, reply.refusal)
@@ -395,7 +405,7 @@ class Exchange:
         """Append a token batch; counted as journaled unless the WAL refuses it later."""
         fut = self.journal.tokens(attempt_id, self.seq, texts)
         self.seq += len(texts)
-        self.pieces.append(texts)  # a reference: the per-token path does no counting
+        self.pieces.add(texts)  # kept, not counted: the per-token path does no counting
         self.unconfirmed = (fut, len(texts))
         return fut
 
@@ -408,7 +418,11 @@ class Exchange:
     async def _start(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True
         await self.send(
-            {"type": "http.response.start", "status": 200, "headers": headers + self.headers}
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": headers + self.response_headers(),
+            }
         )
 
     async def _send_final(self, frame: bytes) -> None:
@@ -536,7 +550,7 @@ class Exchange:
             return
         if batch is not None and batch.exception() is not None:
             self.seq -= tokens
-            self.pieces.pop()  # the refused batch's texts, appended last
+            self.pieces.drop_last()  # the refused batch's texts, added last
         self.unconfirmed = (None, 0)
         attempt, request = self._end_fields(status, None, error, error_code, None)
         held = self.attempt_id if self.attempt_open else None

@@ -72,7 +72,8 @@ class Gateway(Protocol):
 SESSION_PREFIX = "/v1/sessions/"
 # KEEP_LEAN: a generating endpoint's frame lives as long as its reply, an open stream's
 # minutes, so before serving it drops the raw body and the validated model, keeping only
-# what serving takes: with thousands of streams open, a long prompt's bytes add up.
+# what serving takes: with thousands of streams open, a long prompt's bytes add up. The
+# request's headers (a client SDK sends a dozen or more) go once the exchange is made.
 
 
 async def chat_completions(
@@ -87,7 +88,7 @@ async def chat_completions(
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     model, stream = request.model, request.stream
     del body, request  # see KEEP_LEAN
-    await gateway.serve(
+    serving = gateway.serve(
         scope,
         send,
         headers,
@@ -98,6 +99,8 @@ async def chat_completions(
         lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
         "chat",
     )
+    del headers  # see KEEP_LEAN
+    await serving
 
 
 async def embeddings(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
@@ -108,7 +111,7 @@ async def embeddings(gateway: Gateway, scope: Scope, receive: ASGIReceive, send:
     attribution = read_attribution(data, request, headers)
     model, encoding_format = request.model, request.encoding_format
     del body, request  # see KEEP_LEAN
-    await gateway.serve(
+    serving = gateway.serve(
         scope,
         send,
         headers,
@@ -121,6 +124,8 @@ async def embeddings(gateway: Gateway, scope: Scope, receive: ASGIReceive, send:
         native=Native(EMBEDDINGS, data),
         store_content=gateway.store_embeddings,
     )
+    del headers  # see KEEP_LEAN
+    await serving
 
 
 async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
@@ -132,7 +137,7 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
     user = request.metadata.user_id if request.metadata is not None else None
     model, stream = request.model, request.stream
     del body, request  # see KEEP_LEAN
-    await gateway.serve(
+    serving = gateway.serve(
         scope,
         send,
         headers,
@@ -146,6 +151,8 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
         api="messages",
         native=Native("messages", native, beta_headers(headers)),
     )
+    del headers  # see KEEP_LEAN
+    await serving
 
 
 async def count_message_tokens(
@@ -176,7 +183,7 @@ async def responses(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: 
     model, fields, stream = request.model, echoed(client), request.stream
     chat = responses_as_chat(request, history)
     del body, request  # see KEEP_LEAN
-    await gateway.serve(
+    serving = gateway.serve(
         scope,
         send,
         headers,
@@ -189,6 +196,8 @@ async def responses(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: 
         native=Native("responses", forwardable(client, history)),
         params={k: v for k, v in client.items() if k != "model"},
     )
+    del headers  # see KEEP_LEAN
+    await serving
 
 
 def session_store(gateway: Gateway) -> Sessions:

@@ -18,11 +18,15 @@ ASGISend = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE = b"data: [DONE]\n\n"
+OPEN_CHOICE = b'},"logprobs":null,"finish_reason":null}]}\n\n'  # a delta chunk's end
 
 
 class ChatWire:
     """A chat completion's chunks; `include_usage`: the client's `stream_options` asked for a
-    last chunk with the usage."""
+    last chunk with the usage. One lives as long as its stream: slots, and only the two
+    prerendered heads every token needs."""
+
+    __slots__ = ("_head", "_prefix", "completion_id", "created", "include_usage", "model")
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         self.completion_id, self.created, self.model = completion_id, created, model
@@ -37,31 +41,22 @@ class ChatWire:
         )[:-1]
         self._head = b"data: " + head + b',"choices":[{"index":0,"delta":'
         self._prefix = self._head + b'{"content":'
-        self._suffix = b'},"logprobs":null,"finish_reason":null}]}\n\n'
-        self._between = self._suffix + self._prefix
 
     def tokens(self, texts: list[str]) -> bytes:
-        dumps = orjson.dumps
-        return self._prefix + self._between.join([dumps(t) for t in texts]) + self._suffix
+        dumps, prefix = orjson.dumps, self._prefix
+        if len(texts) == 1:  # a paced stream's every batch
+            return prefix + dumps(texts[0]) + OPEN_CHOICE
+        return prefix + (OPEN_CHOICE + prefix).join([dumps(t) for t in texts]) + OPEN_CHOICE
 
     def tool_calls(self, deltas: list[dict[str, Any]]) -> bytes:
         """A chunk of tool-call deltas in OpenAI's shape (the rare path: built with orjson)."""
         calls = orjson.dumps([openai_tool_call(d) for d in deltas])
-        return (
-            self._head
-            + b'{"tool_calls":'
-            + calls
-            + b'},"logprobs":null,"finish_reason":null}]}\n\n'
-        )
+        return self._head + b'{"tool_calls":' + calls + OPEN_CHOICE
 
     def refusal(self, texts: list[str]) -> bytes:
         """A chunk per refusal text, `delta.refusal` as OpenAI streams it (the rare path)."""
         return b"".join(
-            self._head
-            + b'{"refusal":'
-            + orjson.dumps(text)
-            + b'},"logprobs":null,"finish_reason":null}]}\n\n'
-            for text in texts
+            self._head + b'{"refusal":' + orjson.dumps(text) + OPEN_CHOICE for text in texts
         )
 
     def opening(self, prompt_tokens: int | None) -> bytes:

@@ -177,46 +177,17 @@ class AnthropicReply(HttpReply):
         self._tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
 
     async def _events(self) -> AsyncIterator[Batch]:
+        """The stream's batches, a read's worth each; between reads (a token's wait) the
+        frame holds nothing of the last read (its bytes and parsed events)."""
         splitter, stopped = SseSplitter(), False
         while chunk := await self.response.read():
-            texts: list[str] = []
-            tools = ToolCallDeltas()
-            for data in splitter.feed(chunk):
-                event = orjson.loads(data)
-                if not isinstance(event, dict):
-                    continue
-                kind = event.get("type")
-                if kind == "content_block_delta":
-                    delta = obj(event.get("delta"))
-                    text = delta.get("text")
-                    if delta.get("type") == "text_delta" and text:
-                        texts.append(text if type(text) is str else self._text(text))
-                    elif delta.get("type") == "input_json_delta":
-                        ordinal = self._tool_index.get(_block(event), 0)
-                        args = arguments(self.name, delta.get("partial_json"))
-                        tools.append({"index": ordinal, "arguments": args})
-                elif kind == "content_block_start":
-                    block = obj(event.get("content_block"))
-                    if block.get("type") == "tool_use":
-                        index = _block(event)
-                        ordinal = self._tool_index.setdefault(index, len(self._tool_index))
-                        call_id, name = block.get("id"), block.get("name")
-                        tools.append(tool_delta(self.name, ordinal, ordinal, call_id, name, ""))
-                elif kind == "message_start":
-                    usage = obj(obj(event.get("message")).get("usage"))
-                    self.prompt_tokens = count(self.name, "input_tokens", usage.get("input_tokens"))
-                elif kind == "message_delta":
-                    self._finish(obj(event.get("delta")).get("stop_reason"))
-                    usage = obj(event.get("usage"))
-                    self.completion_tokens = count(
-                        self.name, "output_tokens", usage.get("output_tokens")
-                    )
-                elif kind == "message_stop":
-                    stopped = True
-                elif kind == "error":
-                    if texts:  # what came before the error still goes out (and is journaled)
-                        yield texts
-                    raise upstream_error(self.name, None, event)
+            texts, tools, error, ended = self._parse(splitter.feed(chunk))
+            del chunk
+            stopped = stopped or ended
+            if error is not None:
+                if texts:  # what came before the error still goes out (and is journaled)
+                    yield texts
+                raise upstream_error(self.name, None, error)
             if texts:
                 yield texts
             if tools:
@@ -226,6 +197,53 @@ class AnthropicReply(HttpReply):
                 f"{self.name}: the upstream ended the stream without message_stop",
                 code="upstream_stream_broken",
             )
+
+    def _parse(
+        self, events: list[bytes]
+    ) -> tuple[list[str], ToolCallDeltas | None, dict[str, Any] | None, bool]:
+        """One read's events: its texts, its tool-call deltas (made only when present), the
+        error event that ends the stream if any (what follows it is not read), and whether
+        message_stop came."""
+        texts: list[str] = []
+        tools: ToolCallDeltas | None = None
+        stopped = False
+        for data in events:
+            event = orjson.loads(data)
+            if not isinstance(event, dict):
+                continue
+            kind = event.get("type")
+            if kind == "content_block_delta":
+                delta = obj(event.get("delta"))
+                text = delta.get("text")
+                if delta.get("type") == "text_delta" and text:
+                    texts.append(text if type(text) is str else self._text(text))
+                elif delta.get("type") == "input_json_delta":
+                    ordinal = self._tool_index.get(_block(event), 0)
+                    args = arguments(self.name, delta.get("partial_json"))
+                    tools = tools if tools is not None else ToolCallDeltas()
+                    tools.append({"index": ordinal, "arguments": args})
+            elif kind == "content_block_start":
+                block = obj(event.get("content_block"))
+                if block.get("type") == "tool_use":
+                    index = _block(event)
+                    ordinal = self._tool_index.setdefault(index, len(self._tool_index))
+                    call_id, name = block.get("id"), block.get("name")
+                    tools = tools if tools is not None else ToolCallDeltas()
+                    tools.append(tool_delta(self.name, ordinal, ordinal, call_id, name, ""))
+            elif kind == "message_start":
+                usage = obj(obj(event.get("message")).get("usage"))
+                self.prompt_tokens = count(self.name, "input_tokens", usage.get("input_tokens"))
+            elif kind == "message_delta":
+                self._finish(obj(event.get("delta")).get("stop_reason"))
+                usage = obj(event.get("usage"))
+                self.completion_tokens = count(
+                    self.name, "output_tokens", usage.get("output_tokens")
+                )
+            elif kind == "message_stop":
+                stopped = True
+            elif kind == "error":
+                return texts, tools, event, stopped
+        return texts, tools, None, stopped
 
     def _whole(self, body: dict[str, Any]) -> str:
         self._finish(body.get("stop_reason"))

@@ -37,23 +37,30 @@ ERROR_BODY_MAX = 64 * 1024
 ErrorOf = Callable[[str, int | None, Any, Mapping[str, str] | None], ProviderError]
 
 
+READ_ERRORS = (UpstreamError, orjson.JSONDecodeError, TooLarge)
+
+
+def read_error(name: str, exc: Exception) -> ProviderError:
+    """A failure reading an upstream's reply (one of READ_ERRORS) as the provider error a
+    client is told; raised `from` the failure, but for a size, which says it all."""
+    if isinstance(exc, UpstreamError):
+        return ProviderUnavailable(
+            f"{name}: the upstream stream broke: {exc}", code="upstream_stream_broken"
+        )
+    if isinstance(exc, orjson.JSONDecodeError):
+        return ProviderError(f"{name}: the upstream sent malformed JSON", code="upstream_malformed")
+    return ProviderError(
+        f"{name}: the upstream's reply is too large: {exc}", code="upstream_too_large"
+    )
+
+
 @contextlib.contextmanager
 def reading(name: str) -> Iterator[None]:
     """Reading an upstream's reply: its failures as the provider errors a client is told."""
     try:
         yield
-    except UpstreamError as exc:
-        raise ProviderUnavailable(
-            f"{name}: the upstream stream broke: {exc}", code="upstream_stream_broken"
-        ) from exc
-    except orjson.JSONDecodeError as exc:
-        raise ProviderError(
-            f"{name}: the upstream sent malformed JSON", code="upstream_malformed"
-        ) from exc
-    except TooLarge as exc:
-        raise ProviderError(
-            f"{name}: the upstream's reply is too large: {exc}", code="upstream_too_large"
-        ) from None
+    except READ_ERRORS as exc:
+        raise read_error(name, exc) from (None if isinstance(exc, TooLarge) else exc)
 
 
 class HttpReply:
@@ -72,21 +79,24 @@ class HttpReply:
         self.refusal: str | None = None
 
     async def batches(self) -> AsyncIterator[Batch]:
+        """The reply's batches; `reading`'s translation of failures is inlined, not entered,
+        as its generator frame would stay open as long as the stream."""
         try:
-            with reading(self.name):
-                if self.stream:
-                    async for batch in self._events():
-                        yield batch
-                else:
-                    reply = orjson.loads(await self.response.body(UPSTREAM_MAX_BYTES))
-                    if not isinstance(reply, dict):
-                        raise ProviderError(
-                            f"{self.name}: the upstream's reply is not a JSON object",
-                            code="upstream_malformed",
-                        )
-                    content = self._whole(reply)
-                    if content:
-                        yield [content]
+            if self.stream:
+                async for batch in self._events():
+                    yield batch
+            else:
+                reply = orjson.loads(await self.response.body(UPSTREAM_MAX_BYTES))
+                if not isinstance(reply, dict):
+                    raise ProviderError(
+                        f"{self.name}: the upstream's reply is not a JSON object",
+                        code="upstream_malformed",
+                    )
+                content = self._whole(reply)
+                if content:
+                    yield [content]
+        except READ_ERRORS as exc:
+            raise read_error(self.name, exc) from (None if isinstance(exc, TooLarge) else exc)
         finally:
             self.response.release()
 
@@ -139,6 +149,7 @@ class HttpProvider:
             finally:
                 response.release()
             raise self.error_of(self.name, response.status, detail, response.headers)
+        response.drop_headers()  # only an error's are read (its Retry-After, its id)
         return response
 
     async def close(self) -> None:

@@ -34,39 +34,18 @@ from llmsvc.providers.sse import SseSplitter
 
 class OpenAIReply(HttpReply):
     async def _events(self) -> AsyncIterator[Batch]:
+        """The stream's batches, a read's worth each. Between reads (a token's wait, on a
+        paced stream) its frame holds nothing of the last read: its bytes and parsed events
+        (~1.5 KiB) would otherwise stay for the whole wait, on every open stream."""
         splitter, done = SseSplitter(), False
         while chunk := await self.response.read():
-            texts: list[str] = []
-            tools = ToolCallDeltas()
-            refusals = RefusalDeltas()
-            for data in splitter.feed(chunk):
-                if data == b"[DONE]":
-                    done = True
-                    continue
-                event = orjson.loads(data)
-                if not isinstance(event, dict):
-                    continue
-                if "error" in event:
-                    if texts:  # what came before the error still goes out (and is journaled)
-                        yield texts
-                    raise upstream_error(self.name, None, event)
-                if event.get("usage"):
-                    self._usage(event["usage"])
-                choices = event.get("choices")
-                for choice in choices if isinstance(choices, list) else ():
-                    if not isinstance(choice, dict):
-                        continue
-                    delta = choice.get("delta")
-                    if isinstance(delta, dict):
-                        content = delta.get("content")
-                        if content:
-                            texts.append(content if type(content) is str else self._text(content))
-                        if delta.get("tool_calls"):  # rare: parsed only when present
-                            tools.extend(self._calls(delta["tool_calls"], ordinal=False))
-                        if delta.get("refusal"):  # rare, as tool calls
-                            refusals.append(self._text(delta["refusal"]))
-                    if choice.get("finish_reason"):
-                        self._finish(choice["finish_reason"])
+            texts, tools, refusals, error, ended = self._parse(splitter.feed(chunk))
+            del chunk
+            done = done or ended
+            if error is not None:
+                if texts:  # what came before the error still goes out (and is journaled)
+                    yield texts
+                raise upstream_error(self.name, None, error)
             if texts:
                 yield texts
             if tools:
@@ -78,6 +57,46 @@ class OpenAIReply(HttpReply):
                 f"{self.name}: the upstream ended the stream without [DONE]",
                 code="upstream_stream_broken",
             )
+
+    def _parse(
+        self, events: list[bytes]
+    ) -> tuple[list[str], ToolCallDeltas | None, RefusalDeltas | None, dict[str, Any] | None, bool]:
+        """One read's events: its texts, tool-call deltas and refusals (those two made only
+        when present, as they rarely are), the error event that ends the stream if any (what
+        follows it is not read), and whether [DONE] came."""
+        texts: list[str] = []
+        tools: ToolCallDeltas | None = None
+        refusals: RefusalDeltas | None = None
+        done = False
+        for data in events:
+            if data == b"[DONE]":
+                done = True
+                continue
+            event = orjson.loads(data)
+            if not isinstance(event, dict):
+                continue
+            if "error" in event:
+                return texts, tools, refusals, event, done
+            if event.get("usage"):
+                self._usage(event["usage"])
+            choices = event.get("choices")
+            for choice in choices if isinstance(choices, list) else ():
+                if not isinstance(choice, dict):
+                    continue
+                delta = choice.get("delta")
+                if isinstance(delta, dict):
+                    content = delta.get("content")
+                    if content:
+                        texts.append(content if type(content) is str else self._text(content))
+                    if delta.get("tool_calls"):  # rare: parsed only when present
+                        tools = tools if tools is not None else ToolCallDeltas()
+                        tools.extend(self._calls(delta["tool_calls"], ordinal=False))
+                    if delta.get("refusal"):  # rare, as tool calls
+                        refusals = refusals if refusals is not None else RefusalDeltas()
+                        refusals.append(self._text(delta["refusal"]))
+                if choice.get("finish_reason"):
+                    self._finish(choice["finish_reason"])
+        return texts, tools, refusals, None, done
 
     def _whole(self, body: dict[str, Any]) -> str:
         choice = obj((items(body.get("choices")) or [{}])[0])

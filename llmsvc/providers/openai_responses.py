@@ -46,47 +46,56 @@ class ResponsesReply(HttpReply):
         self._ordinals = 0
 
     async def _events(self) -> AsyncIterator[Batch]:
+        """The stream's batches, a read's worth each; between reads (a token's wait) the
+        frame holds nothing of the last read (its bytes and parsed events)."""
         splitter, done = SseSplitter(), False
         while chunk := await self.response.read():
-            texts: list[str] = []
-            tools = ToolCallDeltas()
-            refusals = RefusalDeltas()
-            for data in splitter.feed(chunk):
-                event = orjson.loads(data)
-                if not isinstance(event, dict):
-                    continue
-                kind = event.get("type")
-                if kind == "response.output_text.delta":
-                    if delta := event.get("delta"):
-                        texts.append(self._text(delta))
-                elif kind == "response.function_call_arguments.delta":
-                    tools.append(self._arguments(event))
-                elif kind == "response.output_item.added":
-                    if (call := self._call_added(event)) is not None:
-                        tools.append(call)
-                elif kind == "response.refusal.delta":
-                    if delta := event.get("delta"):
-                        refusals.append(self._text(delta))
-                elif kind in ("response.completed", "response.incomplete"):
-                    self._ended(obj(event.get("response")), self._ordinals > 0)
-                    done = True
-                elif kind in ("response.failed", "error"):
-                    # what came before the error still goes out (and is journaled)
-                    for batch in (texts, tools, refusals):
-                        if batch:
-                            yield batch
-                    raise self._failure(event)
-            if texts:
-                yield texts
-            if tools:
-                yield tools
-            if refusals:
-                yield refusals
+            batches, failure, ended = self._parse(splitter.feed(chunk))
+            del chunk
+            done = done or ended
+            while batches:  # popped: none stays referenced through the next read
+                yield batches.pop(0)
+            if failure is not None:  # what came before it went out (and is journaled)
+                raise self._failure(failure)
         if not done:
             raise ProviderUnavailable(
                 f"{self.name}: the upstream ended the stream without response.completed",
                 code="upstream_stream_broken",
             )
+
+    def _parse(self, events: list[bytes]) -> tuple[list[Batch], dict[str, Any] | None, bool]:
+        """One read's events: its non-empty batches (texts, tool-call deltas, refusals), the
+        failure event that ends the stream if any (what follows it is not read), and whether
+        the response completed."""
+        texts: list[str] = []
+        tools = ToolCallDeltas()
+        refusals = RefusalDeltas()
+        failure: dict[str, Any] | None = None
+        done = False
+        for data in events:
+            event = orjson.loads(data)
+            if not isinstance(event, dict):
+                continue
+            kind = event.get("type")
+            if kind == "response.output_text.delta":
+                if delta := event.get("delta"):
+                    texts.append(self._text(delta))
+            elif kind == "response.function_call_arguments.delta":
+                tools.append(self._arguments(event))
+            elif kind == "response.output_item.added":
+                if (call := self._call_added(event)) is not None:
+                    tools.append(call)
+            elif kind == "response.refusal.delta":
+                if delta := event.get("delta"):
+                    refusals.append(self._text(delta))
+            elif kind in ("response.completed", "response.incomplete"):
+                self._ended(obj(event.get("response")), self._ordinals > 0)
+                done = True
+            elif kind in ("response.failed", "error"):
+                failure = event
+                break
+        batches: list[Batch] = [batch for batch in (texts, tools, refusals) if batch]
+        return batches, failure, done
 
     def _call_added(self, event: dict[str, Any]) -> dict[str, Any] | None:
         """A function call's first delta (its id and name), numbered; None for other items."""

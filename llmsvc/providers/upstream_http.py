@@ -138,7 +138,11 @@ class Response:
                 raise self._error
             if self._done:
                 return b""
-            await self._wait()
+            waiter = self._arm()
+            try:
+                await waiter
+            finally:
+                self._disarm()
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
@@ -156,6 +160,13 @@ class Response:
                 raise TooLarge(f"the body is over {limit} bytes")
         return bytes(body)
 
+    def drop_headers(self) -> None:
+        """Forget the headers once nobody will read them: a stream keeps its response for
+        minutes, and an upstream's 10-20 headers (rate limits, ids, cookies) cost 1-4 KiB
+        a stream. The body's framing and encoding were read from them at the head; a
+        chunked body's trailers, if any, land in the empty ones left (104 bytes)."""
+        self.headers = Headers()
+
     def release(self) -> None:
         """Give the connection back to the pool if the body was read to its end and the
         server keeps it open; close it otherwise (a half-read reply's rest would be read as
@@ -168,23 +179,28 @@ class Response:
             self._timer = None
         self._connection.finished()
 
-    async def _wait(self) -> None:
-        """Wait for the connection to bring something; only this counts as silence, not the
-        time a slow client takes to accept what came before."""
+    def _arm(self) -> asyncio.Future[None]:
+        """A wait for the connection to bring something, its silence timer armed; only this
+        counts as silence, not the time a slow client takes to accept what came before.
+        Awaited in the caller's frame, then `_disarm`ed: no coroutine of its own per wait."""
         self._waiter = waiter = self._loop.create_future()
         self._waiting_since = now = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(now + self._silence, self._silent)
-        try:
-            await waiter
-        finally:
-            self._waiter = self._waiting_since = None
+        return waiter
+
+    def _disarm(self) -> None:
+        self._waiter = self._waiting_since = None
 
     async def _wait_head(self) -> None:
         while not self._head:
             if self._error is not None:
                 raise self._error
-            await self._wait()
+            waiter = self._arm()
+            try:
+                await waiter
+            finally:
+                self._disarm()
 
     def _silent(self) -> None:
         """The silence timer: fail a wait that has lasted `silence`, else move on to the

@@ -5,13 +5,18 @@ Its bounds themselves are met by a real daemon over real sockets in tests/test_h
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import re
+import sys
 
 import pytest
 from httptools import HttpParserCallbackError, HttpParserError
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.flow_control import FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
-from llmsvc.gateway.http_protocol import not_http
+from llmsvc.gateway.http_lean import LeanEvent, Pipeline
+from llmsvc.gateway.http_protocol import BoundedHttpProtocol, not_http
 
 
 def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
@@ -33,6 +38,63 @@ def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
     )
     for hook in ("connection_made", "connection_lost", "eof_received", "on_message_begin"):
         assert hook in HttpToolsProtocol.__dict__, hook
+
+
+def test_uvicorn_still_uses_its_events_and_pipeline_only_as_the_lean_ones_can() -> None:
+    """LeanEvent and Pipeline stand in for uvicorn's asyncio.Events and deque: every use of
+    them in uvicorn must be one they have."""
+    assert "self._is_writable_event = asyncio.Event()" in inspect.getsource(FlowControl)
+    assert "message_event=asyncio.Event()" in inspect.getsource(
+        HttpToolsProtocol.on_headers_complete
+    )
+    sources = inspect.getsource(FlowControl) + inspect.getsource(RequestResponseCycle)
+    for used in re.findall(r"(?:_is_writable_event|message_event)\.(\w+)", sources):
+        assert hasattr(LeanEvent, used), used
+    protocol = inspect.getsource(HttpToolsProtocol)
+    for used in re.findall(r"self\.pipeline\.(\w+)", protocol):
+        assert hasattr(Pipeline, used), used
+
+
+def test_a_connection_keeps_its_dict_under_the_shared_keys_bound() -> None:
+    """Past 29 fields an instance's dict stops sharing its keys: 1,584 bytes a connection
+    instead of 296. The bounded protocol's own fields are slots, so uvicorn's fit."""
+    uvicorn_fields = set(
+        re.findall(r"self\.(\w+)(?:: [^=]+)? = ", inspect.getsource(HttpToolsProtocol))
+    )
+    assert "_head_bytes" in BoundedHttpProtocol.__slots__
+    assert len(uvicorn_fields) <= 29, sorted(uvicorn_fields)
+    assert sys.getsizeof(LeanEvent()) <= 56
+
+
+async def test_a_lean_event_wakes_its_waiters_as_an_asyncio_event_does() -> None:
+    for event in (asyncio.Event(), LeanEvent()):
+        assert not event.is_set()
+        waiters = [asyncio.create_task(event.wait()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        event.set()
+        assert event.is_set()
+        assert await asyncio.gather(*waiters) == [True, True]
+        assert await event.wait() is True  # set: at once
+        event.clear()
+        waiter = asyncio.create_task(event.wait())
+        await asyncio.sleep(0)
+        waiter.cancel()  # a cancelled waiter leaves no trace
+        with pytest.raises(asyncio.CancelledError):
+            await waiter
+        event.set()
+    assert LeanEvent(True).is_set()
+
+
+def test_a_pipeline_queues_in_the_order_a_deque_does() -> None:
+    pipeline = Pipeline()
+    first, second = object(), object()
+    pipeline.appendleft(first)  # type: ignore[arg-type]
+    pipeline.appendleft(second)  # type: ignore[arg-type]
+    assert pipeline.pop() is first
+    assert pipeline
+    assert pipeline.pop() is second
+    assert not pipeline
 
 
 @pytest.mark.parametrize(

@@ -256,3 +256,14 @@ async def test_the_mocks_embeddings_are_valid(served: Served, encoding: str) -> 
 @pytest.mark.parametrize("encoding", ["float", "base64"])
 async def test_an_upstreams_embeddings_are_valid(served_upstream: Served, encoding: str) -> None:
     await _embeddings(served_upstream, UPSTREAM_MODEL, encoding)
+
+
+def test_a_batch_of_tokens_is_the_chunks_of_its_tokens_back_to_back() -> None:
+    """A read of several tokens becomes one write: the same bytes as a chunk per token."""
+    wire = ChatWire("chatcmpl-1", 1, "mock", include_usage=False)
+    texts = ["a", ' "b"\n', "ç"]
+    assert wire.tokens(texts) == b"".join(wire.tokens([t]) for t in texts)
+    frames = wire.tokens(texts).split(b"\n\n")[:-1]
+    assert [orjson.loads(f.removeprefix(b"data: "))["choices"][0]["delta"] for f in frames] == [
+        {"content": t} for t in texts
+    ]

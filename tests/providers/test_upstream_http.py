@@ -313,3 +313,29 @@ async def test_tls_checks_the_certificate_against_the_trusted_cas(
         assert [batch async for batch in reply.batches()] == [["over ", "tls"]]
     finally:
         await trusting.close()
+
+
+async def test_headers_dropped_mid_body_leave_the_body_and_its_trailers_whole(
+    serve: Serve, client: UpstreamClient
+) -> None:
+    """A stream drops its response's headers after the head (HttpProvider.post): the body
+    still reads to its end, trailers and all, and the connection is reused."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Ratelimit: 9\r\n"
+                b"Trailer: X-Checksum\r\n\r\n"
+            )
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            writer.write(b"5\r\nhello\r\n0\r\nX-Checksum: 1\r\n\r\n")
+
+    server = await serve(handler)
+    for _ in range(2):
+        response = await client.post(server.url, b"{}", {})
+        assert response.headers["x-ratelimit"] == "9"
+        response.drop_headers()
+        assert "x-ratelimit" not in response.headers
+        assert await whole(response) == b"hello"
+    assert server.connections == 1
