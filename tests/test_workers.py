@@ -476,7 +476,9 @@ def test_a_worker_that_cannot_boot_fails_the_start_with_exit_1(
     assert code == 1, daemon.log
     assert "boot: worker-1 exited before it was ready code=1; stopping" in daemon.log
     assert "ready host=" not in daemon.log
-    assert "shutdown: worker-0 exited code=0" in daemon.log
+    # Stopped by the supervisor: cleanly, or by the SIGTERM itself when it came while worker-0,
+    # booting beside worker-1, was still importing (its handlers not yet installed; seen in CI).
+    assert re.search(r"shutdown: worker-0 exited code=(0|-15)\n", daemon.log), daemon.log
     assert "worker-1 llmsvc.daemon shutdown: done exit_code=1 reason=boot failed: " in daemon.log
     last = daemon.log.splitlines()[-1]
     assert last.endswith("supervisor shutdown: done exit_code=1 reason=worker-1 failed to boot")
