@@ -108,16 +108,24 @@ async def serve() -> None:
     )
     writer = BatchWriter(engine, Path(config["wal_dir"]), uuid.UUID(config["instance"]))
     try:
-        os.write(sys.stdout.fileno(), b'{"ready": true}\n')
+        if not _answer({"ready": True}):
+            return
         while line := await stdin.readline():
-            reply = await writer.flush(orjson.loads(line))
-            try:
-                os.write(sys.stdout.fileno(), orjson.dumps(reply) + b"\n")
-            except BrokenPipeError:  # the daemon closed its end: it is stopping
+            if not _answer(await writer.flush(orjson.loads(line))):
                 return
     finally:
         await writer.reader.close()
         await engine.dispose()
+
+
+def _answer(reply: dict[str, Any]) -> bool:
+    """Write one line to the daemon; False when it has closed its end. A daemon on its way
+    out closes it before its death kills this process: no traceback for that."""
+    try:
+        os.write(sys.stdout.fileno(), orjson.dumps(reply) + b"\n")
+    except BrokenPipeError:
+        return False
+    return True
 
 
 def main() -> None:
