@@ -422,7 +422,7 @@ def run_mode(
     wal_dir = work / f"wal-{sync}" / "wal"
     wal_dir.parent.mkdir(parents=True, exist_ok=True)
     keyed = {} if callers is None else crash_keys.settings()
-    env = daemon_env(database_url, wal_dir, wal_sync=sync, **keyed)
+    env = daemon_env(database_url, wal_dir, wal_sync=sync, flush_process=True, **keyed)
     tally = Tally()
     spend = crash_keys.SpendTally(checked=callers.checked) if callers else None
     began = time.monotonic()

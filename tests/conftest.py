@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import daemon_process
 import pytest
 from policies import wal_policy
 from postgres import (
@@ -117,6 +118,12 @@ def own_cluster() -> Iterator[PostgresCluster]:
         yield cluster
     finally:
         cluster.cleanup()
+
+
+@pytest.fixture
+def flush_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test's daemons write their batches through the flush process (`daemon_env`)."""
+    monkeypatch.setattr(daemon_process, "FLUSH_PROCESS", True)
 
 
 @pytest.fixture

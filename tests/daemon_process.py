@@ -62,17 +62,25 @@ def fetch_json(request: urllib.request.Request, timeout: float) -> tuple[int, di
             return exc.code, orjson.loads(exc.read())
 
 
+FLUSH_PROCESS = False  # daemon_env's default for `flush_process`; see there
+
+
 def daemon_env(database_url: str, wal_dir: Path, **settings: Any) -> dict[str, str]:
     """The environment for `llmsvc`: this one without any LLMSVC_* setting, plus the given.
 
     `settings` are setting names (`shutdown_grace_seconds=0.5`); the state folder points
     into the WAL's parent so a default never lands in the developer's home.
+
+    The flush process is off unless `FLUSH_PROCESS` is set (the modules that test the flush
+    path set it for each of their tests) or a test passes `flush_process`: it is the
+    default, but each daemon's child costs ~0.6 s of CPU to start, a minute of the suite.
     """
     env = {k: v for k, v in os.environ.items() if not k.startswith("LLMSVC_")}
     env["XDG_STATE_HOME"] = str(wal_dir.parent / "state")
     env["LLMSVC_DATABASE_URL"] = database_url
     env["LLMSVC_WAL_DIR"] = str(wal_dir)
     env["LLMSVC_METRICS_PORT"] = "0"  # any free port: test daemons run side by side
+    env["LLMSVC_FLUSH_PROCESS"] = str(FLUSH_PROCESS).lower()
     for name, value in settings.items():
         env[f"LLMSVC_{name.upper()}"] = str(value)
     return env

@@ -29,7 +29,7 @@ from daemon_process import (
 
 from llmsvc.providers.mock import token as mock_token
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("flush_process")]
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 CHILD = "llmsvc.store.flush_child"

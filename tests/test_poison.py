@@ -27,7 +27,7 @@ from llmsvc.wal import codec
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
 
-pytestmark = pytest.mark.timeout(90)
+pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("flush_process")]
 
 
 def _post_raw(daemon: DaemonProcess, body: bytes) -> tuple[int, str]:

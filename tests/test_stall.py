@@ -33,7 +33,7 @@ from test_workers import systemd_for, two_free_ports, worker_pid
 from llmsvc.config import Settings
 from llmsvc.providers.mock import token as mock_token
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.timeout(120), pytest.mark.usefixtures("flush_process")]
 
 STALLED = "the database has not answered for "
 
