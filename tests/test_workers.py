@@ -43,7 +43,7 @@ from llmsvc.providers.mock import token as mock_token
 from llmsvc.supervisor import Supervisor
 from llmsvc.wal.segment import WalLock
 
-pytestmark = [pytest.mark.timeout(180), pytest.mark.usefixtures("flush_process")]
+pytestmark = pytest.mark.timeout(180)
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 TOKEN = "admin-token-for-the-workers-test"
