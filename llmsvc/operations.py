@@ -214,8 +214,11 @@ class Operations:
         return f"the database is unreachable: {error}" if error else None
 
     async def close_pools(self, within: float) -> None:
-        """Close the pools' connections; drop them (the process ends) if the database is away."""
-        close = self.database_problem() is None
+        """Close the pools' connections; drop them (the process ends) if the database is away,
+        or if a call of ours is still unanswered: a stall too young to be reported would make
+        closing wait out `within`, and the pool log a traceback for the close cut off."""
+        waits = (self.flusher.waiting_since, self.switches.waiting_since)
+        close = all(since is None for since in waits) and self.database_problem() is None
         for engine in (self.engine, self.maintenance):
             try:
                 await asyncio.wait_for(engine.dispose(close=close), within)
