@@ -57,6 +57,17 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def policies(pid: int) -> set[int]:
+    """The scheduling policies of the threads of `pid`."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            found.add(os.sched_getscheduler(int(task.name)))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+    return found
+
+
 def wait_until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
     deadline = time.monotonic() + timeout
     while not (found := check()):
@@ -116,6 +127,48 @@ def test_the_daemons_batches_are_written_by_its_flush_process(
         assert daemon.stop() == 0, daemon.log
     assert not alive(child)
     assert "Traceback" not in daemon.log
+
+
+def test_the_flush_process_yields_the_cpu_and_is_raised_when_its_answer_is_late(
+    env: dict[str, str], sqlite_url: str
+) -> None:
+    with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up()
+        child = the_flush_process(daemon)
+        assert daemon.proc is not None
+        assert os.getsid(child) == os.getsid(daemon.proc.pid)  # the daemon's autogroup
+        assert os.getpgid(child) == child  # out of the terminal's Ctrl-C
+        read_store_after(sqlite_url, ask(daemon))
+        idle = {os.SCHED_IDLE}
+        wait_until(lambda: policies(child) == idle, "every thread of the flush process idle")
+
+        os.kill(child, signal.SIGSTOP)  # its answer is late, as when starved of CPU
+        try:
+            held = ask(daemon)
+            raised = {os.SCHED_OTHER}
+            wait_until(lambda: policies(child) == raised, "the late flush process raised", 5)
+        finally:
+            os.kill(child, signal.SIGCONT)
+        read_store_after(sqlite_url, held)
+        wait_until(lambda: policies(child) == idle, "the flush process idle again next batch")
+        assert daemon.stop() == 0, daemon.log
+    assert f"flush process ready pid={child} yields_cpu=True" in daemon.log
+
+
+def test_only_a_flush_process_that_can_be_raised_again_yields_the_cpu() -> None:
+    """Without CAP_SYS_NICE or an RLIMIT_NICE of 20 a SCHED_IDLE process could not be
+    raised, and would starve while the serving process is busy: it must not yield."""
+    assert os.geteuid() == 0, "run the suite as root: setpriv needs it to drop privileges"
+    probe = "from llmsvc.store.flush_priority import can_yield; print(can_yield())"
+    as_root = subprocess.run([sys.executable, "-c", probe], capture_output=True, timeout=30)
+    assert as_root.stdout == b"True\n", as_root.stderr
+    unprivileged = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+    unprivileged += ["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"]
+    source = Path(__file__).parents[1]  # importable by `nobody`: a path, no installed package
+    command = [*unprivileged, sys.executable, "-c", f"import sys; sys.path[:0] = ['{source}']; "]
+    command[-1] += probe
+    done = subprocess.run(command, capture_output=True, timeout=30)
+    assert (done.stdout, done.stderr) == (b"False\n", b"")
 
 
 def test_a_flush_process_that_is_killed_loses_nothing_and_is_replaced(

@@ -4,9 +4,9 @@ Run by `flush_process.FlushProcess` as `python -m llmsvc.store.flush_child`.
 It decides nothing: the daemon's flusher says where each batch starts, where
 the log ends and how many records it may take, and keeps every decision
 about what an answer means. This side only does the batch's CPU work, so that
-it runs beside the serving process and not on its GIL. It reads one JSON
-line per request on stdin and answers with one on stdout; its log goes to
-the daemon's stderr.
+it runs beside the serving process and not on its GIL, at a priority that
+yields to it (`flush_priority.py`). It reads one JSON line per request on
+stdin and answers with one on stdout; its log goes to the daemon's stderr.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from llmsvc import logs
 from llmsvc.store.batch import Batch, build_batch
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error
+from llmsvc.store.flush_priority import can_yield, set_policy
 from llmsvc.store.flusher import write_batch
 from llmsvc.store.refusals import refused
 from llmsvc.wal import Position, WalReader
@@ -107,10 +108,13 @@ async def serve() -> None:
         config["database_url"], DAEMON_APPLICATION, config["timeout"], True, access="write"
     )
     writer = BatchWriter(engine, Path(config["wal_dir"]), uuid.UUID(config["instance"]))
+    yields = can_yield()
     try:
-        if not _answer({"ready": True}):
+        if not _answer({"ready": True, "yields": yields}):
             return
         while line := await stdin.readline():
+            if yields and os.sched_getscheduler(0) != os.SCHED_IDLE:  # at start, or raised
+                set_policy(os.getpid(), os.SCHED_IDLE)
             if not _answer(await writer.flush(orjson.loads(line))):
                 return
     finally:
@@ -131,6 +135,10 @@ def _answer(reply: dict[str, Any]) -> bool:
 def main() -> None:
     # Killed with the daemon: a batch it was writing is one transaction, rolled back.
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # A terminal's Ctrl-C is the daemon's to handle. A process group, not a session of its
+    # own: a new session is a new scheduler autogroup, which competes with the daemon's as
+    # an equal whatever this process's policy is.
+    os.setpgid(0, 0)
     uvloop.run(serve())
 
 

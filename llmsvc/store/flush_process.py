@@ -3,7 +3,8 @@
 A flush's CPU (reading records, building rows, SQLAlchemy and the driver)
 came in bursts on the serving process's one GIL, in front of the requests
 that arrived meanwhile: the p99 tail at c=1 (BENCHMARKS.md, "The tail side
-by side"). The child (`flush_child.py`) does that work on the other core.
+by side"). The child (`flush_child.py`) does that work on the other core,
+yielding to this process (`flush_priority.py`).
 At most one request is in flight: one the flusher stopped waiting for (its
 bound passed) is waited for again by the next flush, never sent twice.
 """
@@ -11,6 +12,8 @@ bound passed) is waited for again by the next flush, never sent twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import sys
 from dataclasses import asdict, astuple, dataclass
 from typing import Any
@@ -18,6 +21,7 @@ from typing import Any
 import orjson
 
 from llmsvc.logs import logger
+from llmsvc.store.flush_priority import CLAIM_SECONDS, set_policy
 from llmsvc.wal import Position
 
 log = logger(__name__)
@@ -60,6 +64,7 @@ class FlushProcess:
         self.proc = proc
         self.pid = proc.pid
         self.ready = False  # it has opened the store and the log: until then the daemon flushes
+        self.yields = False  # it runs as SCHED_IDLE, and is raised when an answer is late
         self._asked: asyncio.Future[dict[str, Any]] | None = None  # the request in flight
         self._replies = asyncio.create_task(self._read_replies(), name="flush-process-replies")
 
@@ -71,7 +76,6 @@ class FlushProcess:
             "llmsvc.store.flush_child",
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            start_new_session=True,  # a terminal's Ctrl-C is the daemon's to handle
         )
         assert proc.stdin is not None
         proc.stdin.write(orjson.dumps(asdict(config)) + b"\n")
@@ -102,18 +106,34 @@ class FlushProcess:
             assert self.proc.stdin is not None
             self.proc.stdin.write(orjson.dumps(request) + b"\n")
             self._asked = asyncio.get_running_loop().create_future()
+        if self.yields and not self._asked.done():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._asked), CLAIM_SECONDS)
+            if not self._asked.done():
+                self._claim()
         reply = await asyncio.shield(self._asked)
         self._asked = None
         if "failed" in reply:
             raise (FlushTimedOut if reply["timed_out"] else FlushFailed)(reply["failed"])
         return reply
 
+    def _claim(self) -> None:
+        """Raise the child to SCHED_OTHER: its answer is late, and SCHED_IDLE would leave it
+        no CPU while the serving process takes all of it. It lowers itself again next batch."""
+        try:
+            set_policy(self.pid, os.SCHED_OTHER)
+        except FileNotFoundError:  # it has ended: `_read_replies` sees that
+            pass
+        except OSError as exc:
+            log.warning("flush process: its priority could not be raised", error=str(exc))
+
     async def _read_replies(self) -> None:
         stdout = self.proc.stdout
         assert stdout is not None
-        if await stdout.readline():
+        if line := await stdout.readline():
+            self.yields = orjson.loads(line)["yields"]
             self.ready = True
-            log.info("flush process ready", pid=self.pid)
+            log.info("flush process ready", pid=self.pid, yields_cpu=self.yields)
         while line := await stdout.readline():
             if self._asked is not None and not self._asked.done():
                 self._asked.set_result(orjson.loads(line))
