@@ -11,7 +11,7 @@ event is a failure of the upstream mid-stream, `ping` is ignored.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -31,8 +31,7 @@ from llmsvc.providers.fields import (
     short_text,
     tool_delta,
 )
-from llmsvc.providers.http import HttpProvider, HttpReply, reading, retry_after
-from llmsvc.providers.sse import SseSplitter
+from llmsvc.providers.http import HttpProvider, HttpReply, nonempty, reading, retry_after
 from llmsvc.providers.upstream_http import Response
 
 DEFAULT_MAX_TOKENS = 4096
@@ -172,38 +171,14 @@ def _arguments(arguments: Any) -> Any:
 
 
 class AnthropicReply(HttpReply):
+    END_EVENT = "message_stop"
+
     def __init__(self, name: str, response: Response, stream: bool) -> None:
         super().__init__(name, response, stream)
         self._tool_index: dict[int, int] = {}  # content block index -> tool call ordinal
 
-    async def _events(self) -> AsyncIterator[Batch]:
-        """The stream's batches, a read's worth each; between reads (a token's wait) the
-        frame holds nothing of the last read (its bytes and parsed events)."""
-        splitter, stopped = SseSplitter(), False
-        while chunk := await self.response.read():
-            texts, tools, error, ended = self._parse(splitter.feed(chunk))
-            del chunk
-            stopped = stopped or ended
-            if error is not None:
-                if texts:  # what came before the error still goes out (and is journaled)
-                    yield texts
-                raise upstream_error(self.name, None, error)
-            if texts:
-                yield texts
-            if tools:
-                yield tools
-        if not stopped:
-            raise ProviderUnavailable(
-                f"{self.name}: the upstream ended the stream without message_stop",
-                code="upstream_stream_broken",
-            )
-
-    def _parse(
-        self, events: list[bytes]
-    ) -> tuple[list[str], ToolCallDeltas | None, dict[str, Any] | None, bool]:
-        """One read's events: its texts, its tool-call deltas (made only when present), the
-        error event that ends the stream if any (what follows it is not read), and whether
-        message_stop came."""
+    def _parse(self, events: list[bytes]) -> tuple[list[Batch], dict[str, Any] | None, bool]:
+        """Texts, then tool-call deltas (made only when present)."""
         texts: list[str] = []
         tools: ToolCallDeltas | None = None
         stopped = False
@@ -242,8 +217,11 @@ class AnthropicReply(HttpReply):
             elif kind == "message_stop":
                 stopped = True
             elif kind == "error":
-                return texts, tools, event, stopped
-        return texts, tools, None, stopped
+                return nonempty(texts, tools), event, stopped
+        return nonempty(texts, tools), None, stopped
+
+    def _failure(self, event: dict[str, Any]) -> ProviderError:
+        return upstream_error(self.name, None, event)
 
     def _whole(self, body: dict[str, Any]) -> str:
         self._finish(body.get("stop_reason"))

@@ -23,6 +23,7 @@ from llmsvc.config import ProviderConfig
 from llmsvc.errors import ProviderError, ProviderUnavailable
 from llmsvc.providers.base import Batch
 from llmsvc.providers.fields import UPSTREAM_MAX_BYTES, TooLarge
+from llmsvc.providers.sse import SseSplitter
 from llmsvc.providers.upstream_http import Response, UpstreamClient, UpstreamError
 
 # The W3C `traceparent` of the attempt under way, set by the gateway while tracing is on
@@ -63,6 +64,11 @@ def reading(name: str) -> Iterator[None]:
         raise read_error(name, exc) from (None if isinstance(exc, TooLarge) else exc)
 
 
+def nonempty(*batches: Batch | None) -> list[Batch]:
+    """A read's batches that hold something, in order: what `HttpReply._parse` returns."""
+    return [batch for batch in batches if batch]
+
+
 class HttpReply:
     """A call under way: `batches` reads the stream (or the whole body) and always releases."""
 
@@ -100,7 +106,34 @@ class HttpReply:
         finally:
             self.response.release()
 
-    def _events(self) -> AsyncIterator[Batch]:
+    END_EVENT = ""  # what the upstream sends last: a stream that ends without it was cut off
+
+    async def _events(self) -> AsyncIterator[Batch]:
+        """The stream's batches, a read's worth each. Between reads (a token's wait, on a
+        paced stream) its frame holds nothing of the last read: its bytes and parsed events
+        (~1.5 KiB) would otherwise stay for the whole wait, on every open stream."""
+        splitter, done = SseSplitter(), False
+        while chunk := await self.response.read():
+            batches, failure, ended = self._parse(splitter.feed(chunk))
+            del chunk
+            done = done or ended
+            while batches:  # popped: none stays referenced through the next read
+                yield batches.pop(0)
+            if failure is not None:  # what came before it went out (and is journaled)
+                raise self._failure(failure)
+        if not done:
+            raise ProviderUnavailable(
+                f"{self.name}: the upstream ended the stream without {self.END_EVENT}",
+                code="upstream_stream_broken",
+            )
+
+    def _parse(self, events: list[bytes]) -> tuple[list[Batch], dict[str, Any] | None, bool]:
+        """One read's events: its non-empty batches, the failure event that ends the stream
+        if any (what follows it is not read), and whether the end event came."""
+        raise NotImplementedError
+
+    def _failure(self, event: dict[str, Any]) -> ProviderError:
+        """A failure event as the upstream's error (no HTTP status: the reply had begun)."""
         raise NotImplementedError
 
     def _whole(self, body: dict[str, Any]) -> str:

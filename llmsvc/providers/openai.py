@@ -9,7 +9,7 @@ Upstream events are parsed with orjson, no SDK objects: this is the hot path.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -27,43 +27,16 @@ from llmsvc.providers.fields import (
     short_text,
     tool_delta,
 )
-from llmsvc.providers.http import HttpProvider, HttpReply, retry_after
+from llmsvc.providers.http import HttpProvider, HttpReply, nonempty, retry_after
 from llmsvc.providers.openai_responses import ResponsesReply, responses_payload
-from llmsvc.providers.sse import SseSplitter
 
 
 class OpenAIReply(HttpReply):
-    async def _events(self) -> AsyncIterator[Batch]:
-        """The stream's batches, a read's worth each. Between reads (a token's wait, on a
-        paced stream) its frame holds nothing of the last read: its bytes and parsed events
-        (~1.5 KiB) would otherwise stay for the whole wait, on every open stream."""
-        splitter, done = SseSplitter(), False
-        while chunk := await self.response.read():
-            texts, tools, refusals, error, ended = self._parse(splitter.feed(chunk))
-            del chunk
-            done = done or ended
-            if error is not None:
-                if texts:  # what came before the error still goes out (and is journaled)
-                    yield texts
-                raise upstream_error(self.name, None, error)
-            if texts:
-                yield texts
-            if tools:
-                yield tools
-            if refusals:
-                yield refusals
-        if not done:
-            raise ProviderUnavailable(
-                f"{self.name}: the upstream ended the stream without [DONE]",
-                code="upstream_stream_broken",
-            )
+    END_EVENT = "[DONE]"
 
-    def _parse(
-        self, events: list[bytes]
-    ) -> tuple[list[str], ToolCallDeltas | None, RefusalDeltas | None, dict[str, Any] | None, bool]:
-        """One read's events: its texts, tool-call deltas and refusals (those two made only
-        when present, as they rarely are), the error event that ends the stream if any (what
-        follows it is not read), and whether [DONE] came."""
+    def _parse(self, events: list[bytes]) -> tuple[list[Batch], dict[str, Any] | None, bool]:
+        """Texts, then tool-call deltas and refusals (those two made only when present, as
+        they rarely are)."""
         texts: list[str] = []
         tools: ToolCallDeltas | None = None
         refusals: RefusalDeltas | None = None
@@ -76,7 +49,7 @@ class OpenAIReply(HttpReply):
             if not isinstance(event, dict):
                 continue
             if "error" in event:
-                return texts, tools, refusals, event, done
+                return nonempty(texts, tools, refusals), event, done
             if event.get("usage"):
                 self._usage(event["usage"])
             choices = event.get("choices")
@@ -96,7 +69,10 @@ class OpenAIReply(HttpReply):
                         refusals.append(self._text(delta["refusal"]))
                 if choice.get("finish_reason"):
                     self._finish(choice["finish_reason"])
-        return texts, tools, refusals, None, done
+        return nonempty(texts, tools, refusals), None, done
+
+    def _failure(self, event: dict[str, Any]) -> ProviderError:
+        return upstream_error(self.name, None, event)
 
     def _whole(self, body: dict[str, Any]) -> str:
         choice = obj((items(body.get("choices")) or [{}])[0])

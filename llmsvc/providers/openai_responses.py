@@ -9,16 +9,14 @@ objects: this is the hot path.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any, TypeGuard
 
 import orjson
 
-from llmsvc.errors import ProviderError, ProviderUnavailable
+from llmsvc.errors import ProviderError
 from llmsvc.providers.base import Batch, RefusalDeltas, ToolCallDeltas
 from llmsvc.providers.fields import count, items, obj, short_text, tool_delta
-from llmsvc.providers.http import ErrorOf, HttpReply
-from llmsvc.providers.sse import SseSplitter
+from llmsvc.providers.http import ErrorOf, HttpReply, nonempty
 from llmsvc.providers.upstream_http import Response
 
 
@@ -30,6 +28,8 @@ def responses_payload(body: dict[str, Any], model: str, stream: bool) -> dict[st
 class ResponsesReply(HttpReply):
     """A Responses call under way; function calls are numbered 0, 1, ... in the order the
     upstream adds them, as a chat completion's `tool_calls` are."""
+
+    END_EVENT = "response.completed"
 
     def __init__(
         self,
@@ -44,24 +44,6 @@ class ResponsesReply(HttpReply):
         # name both, and an upstream may fill in only one.
         self._calls: dict[str | int, int] = {}
         self._ordinals = 0
-
-    async def _events(self) -> AsyncIterator[Batch]:
-        """The stream's batches, a read's worth each; between reads (a token's wait) the
-        frame holds nothing of the last read (its bytes and parsed events)."""
-        splitter, done = SseSplitter(), False
-        while chunk := await self.response.read():
-            batches, failure, ended = self._parse(splitter.feed(chunk))
-            del chunk
-            done = done or ended
-            while batches:  # popped: none stays referenced through the next read
-                yield batches.pop(0)
-            if failure is not None:  # what came before it went out (and is journaled)
-                raise self._failure(failure)
-        if not done:
-            raise ProviderUnavailable(
-                f"{self.name}: the upstream ended the stream without response.completed",
-                code="upstream_stream_broken",
-            )
 
     def _parse(self, events: list[bytes]) -> tuple[list[Batch], dict[str, Any] | None, bool]:
         """One read's events: its non-empty batches (texts, tool-call deltas, refusals), the
@@ -94,8 +76,7 @@ class ResponsesReply(HttpReply):
             elif kind in ("response.failed", "error"):
                 failure = event
                 break
-        batches: list[Batch] = [batch for batch in (texts, tools, refusals) if batch]
-        return batches, failure, done
+        return nonempty(texts, tools, refusals), failure, done
 
     def _call_added(self, event: dict[str, Any]) -> dict[str, Any] | None:
         """A function call's first delta (its id and name), numbered; None for other items."""
