@@ -7,7 +7,8 @@ rows hold on any machine (this one is shared and noisy):
 1. non-streaming added latency p50 and p99 at concurrency 1, 4 and 16: the
    daemon in front of the fast upstream against that upstream called directly;
 2. paced streams (300 at 50 tokens/s, arriving at once): daemon CPU per token
-   against `relay_floor.py` (a raw TCP relay that neither parses nor stores);
+   against `relay_floor.py` (a raw TCP relay that neither parses nor stores), and
+   beside `journal_floor.py` (the same relay journaling every token in the WAL);
 3. the same runs' added time to first token, daemon and relay;
 4. resident memory per open stream (5,000 open at 1 token/s), daemon against
    the upstream serving them directly;
@@ -126,7 +127,9 @@ def table(report: dict[str, Any]) -> list[dict[str, Any]]:
     row(
         f"paced, {paced['streams']} streams at 50 tokens/s: CPU per token (µs)",
         paced.get("daemon_cpu_us_per_token"),
-        f"relay_floor.py {paced.get('relay_cpu_us_per_token')} (ratio {ratio})",
+        f"relay_floor.py {paced.get('relay_cpu_us_per_token')} (ratio {ratio}); "
+        f"journal_floor.py {paced.get('journal_cpu_us_per_token')} "
+        f"(ratio {paced.get('daemon_over_journal_cpu')})",
         f"<= {TARGETS['paced_cpu_over_relay']}x the relay",
         ratio is not None and ratio <= TARGETS["paced_cpu_over_relay"],
     )

@@ -5,7 +5,9 @@ whose tokens arrive one at a time, so every scenario but `instant` uses an
 upstream that waits before each token (each token its own socket write). Each
 is measured side by side, in one run, with the upstream called directly and,
 for the paced one, through `relay_floor.py`: a TCP relay on raw uvloop
-protocols that neither parses nor stores, the floor any Python hop pays here.
+protocols that neither parses nor stores, the floor any Python hop pays here;
+and through `journal_floor.py`, the same relay journaling every token into
+llmsvc's WAL from its protocol callbacks, the floor of a durable one.
 The load comes from `loadgen.py` (raw protocols, kept-alive connections), so
 the client's own cost stays small next to the daemon's.
 
@@ -74,6 +76,7 @@ from loadgen import StreamStats, connect, request_bytes
 
 PATH = "/v1/chat/completions"
 RELAY_SCRIPT = ROOT / "benchmarks" / "relay_floor.py"
+JOURNAL_SCRIPT = ROOT / "benchmarks" / "journal_floor.py"
 PAGE_KIB = 4
 
 
@@ -110,17 +113,21 @@ def open_fds(pid: int) -> int:
     return sum(len(list(Path(f"/proc/{p}/fd").iterdir())) for p in tree_pids(pid))
 
 
-def spawn_relay(tmp: Path, upstream: Proc) -> Proc:
-    logfile = tmp / "relay.log"
-    cmd = [sys.executable, str(RELAY_SCRIPT), "--upstream-port", str(upstream.port)]
+def spawn_relay(tmp: Path, upstream: Proc, journaled: bool = False) -> Proc:
+    """`relay_floor.py` in front of `upstream`, or `journal_floor.py` if `journaled`."""
+    name = "journal" if journaled else "relay"
+    logfile = tmp / f"{name}.log"
+    script = JOURNAL_SCRIPT if journaled else RELAY_SCRIPT
+    cmd = [sys.executable, str(script), "--upstream-port", str(upstream.port)]
+    cmd += ["--wal-dir", str(tmp / "journal-wal")] if journaled else []
     with logfile.open("wb") as err:
         popen = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err)
     assert popen.stdout is not None
     line = popen.stdout.readline()
     if not line.startswith(b"LISTENING "):
         stop_proc(popen)
-        raise RuntimeError(f"the relay did not start:\n{log_tail(logfile)}")
-    return Proc("relay", popen, int(line.split()[1]), logfile)
+        raise RuntimeError(f"the {name} relay did not start:\n{log_tail(logfile)}")
+    return Proc(name, popen, int(line.split()[1]), logfile)
 
 
 async def start_daemon(
@@ -169,7 +176,7 @@ def lag_quantile_bound(before: dict[float, float], after: dict[float, float], q:
 # --------------------------------------------------------------------------- load
 @dataclass
 class Side:
-    """One way to reach the upstream: directly, through the relay, or through a daemon."""
+    """One way to reach the upstream: directly, through a relay, or through a daemon."""
 
     name: str
     proc: Proc | None  # the hop's process (None: direct)
@@ -249,14 +256,16 @@ def median_of(runs: list[dict[str, Any]], key: str) -> float | None:
 
 # --------------------------------------------------------------------------- the scenarios
 async def phase_paced(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    """N streams at 50 tokens/s each, N swept; direct, relay and daemon interleaved."""
+    """N streams at 50 tokens/s each, N swept; direct, both relays and daemon interleaved."""
     results: dict[str, Any] = {}
     with processes() as procs:
         procs.append(up := spawn_upstream(tmp, "upstream-paced", args.paced_delay_ms))
         procs.append(relay := spawn_relay(tmp, up))
+        procs.append(journal := spawn_relay(tmp, up, journaled=True))
         procs.append(daemon := await start_daemon(tmp, "daemon-paced", args.database_url, up, {}))
-        sides = [Side("direct", None), Side("relay", relay), Side("daemon", daemon)]
-        ports = {"direct": up.port, "relay": relay.port, "daemon": daemon.port}
+        hops = (relay, journal, daemon)
+        sides = [Side("direct", None), *(Side(hop.name, hop) for hop in hops)]
+        ports = {"direct": up.port} | {hop.name: hop.port for hop in hops}
         for n in args.paced_streams:
             runs: dict[str, list[dict[str, Any]]] = {s.name: [] for s in sides}
             for r in range(args.rounds):
@@ -290,9 +299,10 @@ def _paced_summary(n: int, runs: dict[str, list[dict[str, Any]]]) -> dict[str, A
     for q in ("p50", "p99"):
         d, v = out[f"direct_ttft_{q}_ms"], out[f"daemon_ttft_{q}_ms"]
         out[f"added_ttft_{q}_ms"] = None if d is None or v is None else round(v - d, 3)
-    relay, daemon = out.get("relay_cpu_us_per_token"), out.get("daemon_cpu_us_per_token")
-    if relay and daemon:
-        out["daemon_over_relay_cpu"] = round(daemon / relay, 2)
+    daemon = out.get("daemon_cpu_us_per_token")
+    for floor in ("relay", "journal"):
+        if (cpu := out.get(f"{floor}_cpu_us_per_token")) and daemon:
+            out[f"daemon_over_{floor}_cpu"] = round(daemon / cpu, 2)
     out["per_round"] = runs
     return out
 

@@ -7,13 +7,19 @@ runnable as the daemon changes, so the real run is never the first to find it br
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
+from daemon_process import UpstreamProcess
 from postgres import opted_out, unique_dbname
+
+from llmsvc.wal import HEADER_SIZE
+from llmsvc.wal.codec import RecordType, decode, decode_token
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
@@ -109,12 +115,13 @@ def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
         assert positive(latency["daemon_cpu_us_per_request"])
 
     paced = report["paced"]["streams_20"]
-    for side in ("direct", "relay", "daemon"):
+    for side in ("direct", "relay", "journal", "daemon"):
         assert paced[f"{side}_errors"] == 0, paced[f"{side}_first_errors"]
         assert positive(paced[f"{side}_tokens_per_s"]), side
         assert positive(paced[f"{side}_ttft_p50_ms"]), side
     assert positive(paced["daemon_cpu_us_per_token"])
     assert non_negative(paced["relay_cpu_us_per_token"])  # CPU comes in 10 ms ticks: maybe 0
+    assert non_negative(paced["journal_cpu_us_per_token"])
     assert isinstance(paced["added_ttft_p50_ms"], float)
     assert non_negative(paced["daemon_drain_s"])
 
@@ -132,6 +139,34 @@ def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
     assert len(rows) == 7  # three latency rows, paced CPU, TTFT, memory, instant
     assert all(row["llmsvc"] is not None and isinstance(row["met"], bool) for row in rows)
     assert "| non-streaming c=16, added p50 / p99 (ms) |" in res.stderr.decode()
+
+
+def test_the_journal_floor_relays_each_token_once_it_is_in_its_wal(tmp_path: Path) -> None:
+    """The floor the daemon is measured against stores what it relays, as the daemon does."""
+    script = SCRIPT.parent / "journal_floor.py"
+    wal = tmp_path / "wal"
+    with UpstreamProcess(token_delay_ms=1) as upstream:
+        cmd = [sys.executable, str(script), "--upstream-port", str(upstream.port)]
+        with subprocess.Popen([*cmd, "--wal-dir", str(wal)], stdout=subprocess.PIPE) as relay:
+            try:
+                assert relay.stdout is not None
+                port = int(relay.stdout.readline().split()[1])
+                client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
+                messages: Any = [{"role": "user", "content": "hi"}]
+                chunks = client.chat.completions.create(
+                    model="m", messages=messages, stream=True, max_tokens=7
+                )
+                received = [c.choices[0].delta.content for c in chunks if c.choices]
+                client.close()
+            finally:
+                relay.send_signal(signal.SIGTERM)
+            assert relay.wait(10) == 0
+    [segment] = wal.glob("*.wal")
+    decoded = decode(segment.read_bytes(), HEADER_SIZE)
+    texts = [decode_token(payload)[2] for kind, payload in decoded.records]
+    assert {kind for kind, _ in decoded.records} == {RecordType.TOKEN}
+    assert texts == [text for text in received if text]
+    assert len(texts) == 7
 
 
 def test_the_scale_scenarios_run_and_report_their_figures(tmp_path: Path) -> None:
