@@ -12,7 +12,6 @@ bound passed) is waited for again by the next flush, never sent twice.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import sys
 from dataclasses import asdict, astuple, dataclass
@@ -62,7 +61,6 @@ class FlushProcess:
 
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
-        self.pid = proc.pid
         self.ready = False  # it has opened the store and the log: until then the daemon flushes
         self.yields = False  # it runs as SCHED_IDLE, and is raised when an answer is late
         self._asked: asyncio.Future[dict[str, Any]] | None = None  # the request in flight
@@ -80,6 +78,10 @@ class FlushProcess:
         assert proc.stdin is not None
         proc.stdin.write(orjson.dumps(asdict(config)) + b"\n")
         return cls(proc)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
     @property
     def alive(self) -> bool:
@@ -106,11 +108,8 @@ class FlushProcess:
             assert self.proc.stdin is not None
             self.proc.stdin.write(orjson.dumps(request) + b"\n")
             self._asked = asyncio.get_running_loop().create_future()
-        if self.yields and not self._asked.done():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(asyncio.shield(self._asked), CLAIM_SECONDS)
-            if not self._asked.done():
-                self._claim()
+        if self.yields and not (await asyncio.wait({self._asked}, timeout=CLAIM_SECONDS))[0]:
+            self._claim()
         reply = await asyncio.shield(self._asked)
         self._asked = None
         if "failed" in reply:
