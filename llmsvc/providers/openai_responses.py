@@ -46,12 +46,11 @@ class ResponsesReply(HttpReply):
         self._ordinals = 0
 
     def _parse(self, events: list[bytes]) -> tuple[list[Batch], dict[str, Any] | None, bool]:
-        """One read's events: its non-empty batches (texts, tool-call deltas, refusals), the
-        failure event that ends the stream if any (what follows it is not read), and whether
-        the response completed."""
+        """Texts, then tool-call deltas and refusals (those two made only when present, as
+        they rarely are)."""
         texts: list[str] = []
-        tools = ToolCallDeltas()
-        refusals = RefusalDeltas()
+        tools: ToolCallDeltas | None = None
+        refusals: RefusalDeltas | None = None
         failure: dict[str, Any] | None = None
         done = False
         for data in events:
@@ -63,12 +62,15 @@ class ResponsesReply(HttpReply):
                 if delta := event.get("delta"):
                     texts.append(self._text(delta))
             elif kind == "response.function_call_arguments.delta":
+                tools = tools if tools is not None else ToolCallDeltas()
                 tools.append(self._arguments(event))
             elif kind == "response.output_item.added":
                 if (call := self._call_added(event)) is not None:
+                    tools = tools if tools is not None else ToolCallDeltas()
                     tools.append(call)
             elif kind == "response.refusal.delta":
                 if delta := event.get("delta"):
+                    refusals = refusals if refusals is not None else RefusalDeltas()
                     refusals.append(self._text(delta))
             elif kind in ("response.completed", "response.incomplete"):
                 self._ended(obj(event.get("response")), self._ordinals > 0)
