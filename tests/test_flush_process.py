@@ -6,13 +6,14 @@ the official `openai` SDK, real SIGSTOP, SIGCONT and SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,16 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
+
+
+@contextlib.contextmanager
+def stopped(pid: int) -> Iterator[None]:
+    """The process held with SIGSTOP for the block, then let go on with SIGCONT."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def policies(pid: int) -> set[int]:
@@ -115,13 +126,10 @@ def test_the_daemons_batches_are_written_by_its_flush_process(
         daemon.wait_caught_up()
         child = the_flush_process(daemon)
 
-        os.kill(child, signal.SIGSTOP)  # the daemon's own writes would go on meanwhile
-        try:
+        with stopped(child):  # the daemon's own writes would go on meanwhile
             held = ask(daemon)
             time.sleep(2.0)  # 40 flush intervals, and the bound of one flush twice over
             assert held not in {str(r) for r in read_store(sqlite_url).requests}
-        finally:
-            os.kill(child, signal.SIGCONT)
         read_store_after(sqlite_url, held)  # stored once the flush process goes on
         assert flush_processes(daemon.proc.pid) == [child]  # type: ignore[union-attr]
         assert daemon.stop() == 0, daemon.log
@@ -142,13 +150,10 @@ def test_the_flush_process_yields_the_cpu_and_is_raised_when_its_answer_is_late(
         idle = {os.SCHED_IDLE}
         wait_until(lambda: policies(child) == idle, "every thread of the flush process idle")
 
-        os.kill(child, signal.SIGSTOP)  # its answer is late, as when starved of CPU
-        try:
+        with stopped(child):  # its answer is late, as when starved of CPU
             held = ask(daemon)
             raised = {os.SCHED_OTHER}
             wait_until(lambda: policies(child) == raised, "the late flush process raised", 5)
-        finally:
-            os.kill(child, signal.SIGCONT)
         read_store_after(sqlite_url, held)
         wait_until(lambda: policies(child) == idle, "the flush process idle again next batch")
         assert daemon.stop() == 0, daemon.log
