@@ -3,11 +3,19 @@
 Appends from the event loop go into a shared buffer; the writer thread swaps
 the buffer out, writes it with one write(2) (and one fdatasync in `fsync`
 mode), then wakes every waiter of that batch with one call into the loop. The
-loop never blocks on the disk, and the cost of a syscall is shared by every
-stream that appended meanwhile. Under load (the previous batch was written
-less than `commit_delay` ago) the thread waits that long before taking a
-batch, so many streams' tokens share one thread hop; an idle log is written
-at once.
+cost of a syscall is shared by every stream that appended meanwhile. Under
+load (the previous batch was written less than `commit_delay` ago) the thread
+waits that long before taking a batch, so many streams' tokens share one
+thread hop; an idle log is written at once.
+
+In `write` mode an append that finds the thread idle is written by the loop
+itself, and its future is done when `append` returns: a small write(2) to the
+page cache costs a few µs, the hop to the thread and back ~85 µs (BENCHMARKS.md,
+"How long an append waits"). Anything unusual goes to the thread: a batch it
+is writing or about to, a large one, a rotation, a full disk, a failed write
+(retried there, where the disk's errors are handled). A write that hangs
+(a frozen filesystem) then hangs the loop, which the systemd watchdog sees as
+it sees a stuck writer thread: no more pings.
 
 A full disk is survivable, a failed fsync is not. When write(2) reports
 ENOSPC the partial batch is cut off, that batch and everything queued behind
@@ -45,6 +53,7 @@ log = logger(__name__)
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 FULL_RETRY_SECONDS = 1.0
 FULL_MIN_FREE_BYTES = 64 * 1024  # what must be free before writing is tried again
+INLINE_MAX_BYTES = 64 * 1024  # the most the loop writes itself; a larger batch goes to the thread
 
 
 class BatchFuture(asyncio.Future[int]):
@@ -91,6 +100,7 @@ class WalWriter:
         self._buf = bytearray()
         self._count = 0
         self._woken = False  # the thread was asked to write the pending batch
+        self._idle = False  # the thread waits for work, so the loop may write (`write` mode)
         self._fut: BatchFuture | None = None
         self._closing = False
         self._rotate_wanted = False
@@ -189,12 +199,43 @@ class WalWriter:
                 self._buf += frame
             self._count += len(frames)
             self.appended_lsn += len(frames)
+            if wake and self._idle and self.sync == "write" and not self._woken:
+                done = self._write_inline()
+                if done is not None:
+                    return done
             fut = self._fut
             if fut is None:
                 fut = self._fut = BatchFuture(loop=self._loop)
             if wake and not self._woken:
                 self._woken = True
                 self._cond.notify()
+        return fut
+
+    def _write_inline(self) -> asyncio.Future[int] | None:
+        """Write the pending batch on the loop (the thread is idle, `_cond` held) and return its
+        future, done; None leaves the batch to the thread."""
+        buf = self._buf
+        if len(buf) > INLINE_MAX_BYTES or self._rotate_wanted or self._closing:
+            return None
+        fut = self._fut
+        if fut is None:
+            fut = self._fut = BatchFuture(loop=self._loop)
+        try:
+            self._write(buf)
+        except OSError as exc:
+            if exc.errno in DISK_FULL:  # cut off; the thread meets the full disk and refuses
+                return None
+            self._fail(exc, None)  # as on the thread: the batch is refused, the daemon stops
+            return fut
+        self._lsn += self._count
+        self.appended_records += self._count
+        self._buf, self._fut, self._count = bytearray(), None, 0
+        self._last_write = time.monotonic()
+        self.end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
+        if self._offset >= self.segment_max_bytes:  # the thread rotates before the next write
+            self._rotate_wanted = self._woken = True
+            self._cond.notify()
+        fut.set_result(self._lsn)
         return fut
 
     async def close(self) -> None:
@@ -251,7 +292,9 @@ class WalWriter:
                     rotate = False
                 else:
                     while not self._woken and not self._closing:
+                        self._idle = True
                         self._cond.wait()
+                    self._idle = False
                     if time.monotonic() - self._last_write < self.commit_delay:
                         self._cond.wait(self.commit_delay)  # appenders see _woken: no notify
                     if self._closing and not self._count and self._fut is None:
@@ -261,6 +304,9 @@ class WalWriter:
                     self._buf, self._fut, self._count, self._woken = bytearray(), None, 0, False
             self._writing_since = time.monotonic()
             try:
+                if buf and self._offset >= self.segment_max_bytes:  # the loop's write filled it
+                    self._rotate(self.end)
+                    rotate = False  # what was asked, and the batch starts the new segment
                 if buf:
                     self._write(buf)
             except OSError as exc:
@@ -399,6 +445,7 @@ class WalWriter:
                 fut.exception()  # a batch of unawaited start records is not an unseen error
 
     def _resolve(self, fut: asyncio.Future[int] | None, end: Position) -> None:
-        self.end = end
+        if end.lsn >= self.end.lsn:  # the loop may have written a later batch meanwhile
+            self.end = end
         if fut is not None and not fut.done():
             fut.set_result(end.lsn - 1)

@@ -1,4 +1,4 @@
-"""The WAL writer: group commit, rotation, reopening, torn tails and fatal I/O errors."""
+"""The WAL writer: group commit, the loop's own writes, rotation, torn tails, I/O faults."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from llmsvc.errors import WalFatal
 from llmsvc.wal import codec
 from llmsvc.wal.reader import scan_segment
 from llmsvc.wal.segment import HEADER_SIZE, check_header, list_segments, segment_name
-from llmsvc.wal.writer import WalWriter
+from llmsvc.wal.writer import INLINE_MAX_BYTES, WalWriter
 
 SYNC_MODES = ["write", "fsync"]
 TOKEN_SIZE = len(token(0))
@@ -54,11 +54,10 @@ async def test_appends_from_many_tasks_are_read_back_in_append_order(
     assert await read_log() == records_of(appended)
 
 
-@pytest.mark.parametrize("sync", SYNC_MODES)
-async def test_appends_issued_before_awaiting_are_committed_in_few_batches(
-    sync: str, open_writer: OpenWriter, read_log: ReadLog
+async def test_appends_issued_before_awaiting_are_committed_in_few_batches_in_fsync_mode(
+    open_writer: OpenWriter, read_log: ReadLog
 ) -> None:
-    writer = open_writer(sync=sync)
+    writer = open_writer(sync="fsync")
     frames = [token(lsn) for lsn in range(1, 1001)]
 
     futures = [writer.append(frame) for frame in frames]
@@ -72,10 +71,41 @@ async def test_appends_issued_before_awaiting_are_committed_in_few_batches(
     assert await read_log() == records_of(frames)
 
 
-async def test_under_load_appends_wait_the_commit_delay_to_share_one_batch(
+async def test_in_write_mode_an_idle_thread_leaves_each_append_to_the_loop_done_at_once(
     open_writer: OpenWriter, read_log: ReadLog
 ) -> None:
-    writer = open_writer(sync="write", commit_delay=0.5)
+    writer = open_writer(sync="write")
+    frames = [token(lsn) for lsn in range(1, 201)]
+
+    futures = [writer.append(frame) for frame in frames]
+
+    assert [fut.result() for fut in futures] == list(range(1, 201))  # done before any await
+    assert writer.end.lsn == 201
+    await writer.close()
+    assert await read_log() == records_of(frames)
+
+
+async def test_in_write_mode_an_append_behind_a_batch_for_the_thread_joins_it_in_order(
+    open_writer: OpenWriter, read_log: ReadLog
+) -> None:
+    writer = open_writer(sync="write")
+    queued = writer.queue(token(1))  # nobody waits: kept for the next batch
+    large = codec.encode_token(uuid.UUID(int=2).bytes, 0, 0, "x" * (INLINE_MAX_BYTES + 1))
+
+    big = writer.append(large)  # too large for the loop: the thread writes it
+    small = writer.append(token(3))
+
+    assert not big.done()
+    assert small is big is queued  # written after it, in its batch
+    assert await asyncio.wait_for(small, 5) == 3
+    await writer.close()
+    assert await read_log() == records_of([token(1), large, token(3)])
+
+
+async def test_in_fsync_mode_appends_under_load_wait_the_commit_delay_to_share_one_batch(
+    open_writer: OpenWriter, read_log: ReadLog
+) -> None:
+    writer = open_writer(sync="fsync", commit_delay=0.5)
     assert await writer.append(token(1)) == 1  # an idle log: written at once
 
     # Right after a write the thread waits the delay: appends spread over it share a batch.
