@@ -107,11 +107,14 @@ class Journal:
         }
         self.writer.queue(encode_json(RecordType.ATTEMPT_START, body))
 
-    def tokens(self, attempt_id: bytes, first_seq: int, texts: list[str]) -> asyncio.Future[int]:
+    def tokens(
+        self, attempt_id: bytes, first_seq: int, texts: list[str], soon: bool = False
+    ) -> asyncio.Future[int]:
+        """`soon`: written at the end of this loop round, with every other batch appended in
+        it (`WalWriter.append_soon`), rather than at once."""
         ts = now_us()
-        return self.writer.append(
-            *[encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
-        )
+        frames = [encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
+        return self.writer.append_soon(*frames) if soon else self.writer.append(*frames)
 
     def tool_deltas(
         self, attempt_id: bytes, first_seq: int, deltas: list[dict[str, Any]]

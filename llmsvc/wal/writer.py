@@ -12,10 +12,14 @@ In `write` mode an append that finds the thread idle is written by the loop
 itself, and its future is done when `append` returns: a small write(2) to the
 page cache costs a few µs, the hop to the thread and back ~85 µs (BENCHMARKS.md,
 "How long an append waits"). Anything unusual goes to the thread: a batch it
-is writing or about to, a large one, a rotation, a full disk, a failed write
-(retried there, where the disk's errors are handled). A write that hangs
-(a frozen filesystem) then hangs the loop, which the systemd watchdog sees as
-it sees a stuck writer thread: no more pings.
+is writing or about to, a large one, one that fills the segment (the thread
+rotates), a full disk (the cut-off batch is written again there, and refused).
+A failed write on the loop is fatal, as on the thread. A write that hangs (a
+frozen filesystem) then hangs the loop, which the systemd watchdog sees as it
+sees a stuck writer thread: no more pings.
+
+`append_soon` is the loop's own group commit: what a loop round appends is
+written at its end, in one write(2).
 
 A full disk is survivable, a failed fsync is not. When write(2) reports
 ENOSPC the partial batch is cut off, that batch and everything queued behind
@@ -101,6 +105,7 @@ class WalWriter:
         self._count = 0
         self._woken = False  # the thread was asked to write the pending batch
         self._idle = False  # the thread waits for work, so the loop may write (`write` mode)
+        self._round_end = False  # `append_soon` has asked the loop to write at its round's end
         self._fut: BatchFuture | None = None
         self._closing = False
         self._rotate_wanted = False
@@ -162,6 +167,22 @@ class WalWriter:
         """
         return self._put(frames, wake=True)
 
+    def append_soon(self, *frames: bytes) -> asyncio.Future[int]:
+        """`append`, but written at the end of this loop round, with everything else appended
+        in it: streams read in one round share one write(2), as the thread's group commit
+        has them share one, without the hop. For callbacks that go on from the batch
+        future's done callback rather than a task's await (chat.Exchange's pump)."""
+        fut = self._put(frames, wake=False)
+        if not self._round_end:
+            self._round_end = True
+            self._loop.call_soon(self._end_round)  # type: ignore[union-attr]
+        return fut
+
+    def _end_round(self) -> None:
+        self._round_end = False
+        if self._fut is not None and self._failed is None and self.full is None:
+            self._put((), wake=True)  # at once if the thread is idle, else by it
+
     def queue(self, *frames: bytes) -> asyncio.Future[int]:
         """Queue frames nobody waits on now, without waking the writer thread.
 
@@ -215,7 +236,11 @@ class WalWriter:
         """Write the pending batch on the loop (the thread is idle, `_cond` held) and return its
         future, done; None leaves the batch to the thread."""
         buf = self._buf
-        if len(buf) > INLINE_MAX_BYTES or self._rotate_wanted or self._closing:
+        if (
+            len(buf) > INLINE_MAX_BYTES
+            or self._offset + len(buf) >= self.segment_max_bytes  # the thread writes and rotates
+            or self._closing
+        ):
             return None
         fut = self._fut
         if fut is None:
@@ -232,9 +257,6 @@ class WalWriter:
         self._buf, self._fut, self._count = bytearray(), None, 0
         self._last_write = time.monotonic()
         self.end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
-        if self._offset >= self.segment_max_bytes:  # the thread rotates before the next write
-            self._rotate_wanted = self._woken = True
-            self._cond.notify()
         fut.set_result(self._lsn)
         return fut
 
@@ -304,9 +326,6 @@ class WalWriter:
                     self._buf, self._fut, self._count, self._woken = bytearray(), None, 0, False
             self._writing_since = time.monotonic()
             try:
-                if buf and self._offset >= self.segment_max_bytes:  # the loop's write filled it
-                    self._rotate(self.end)
-                    rotate = False  # what was asked, and the batch starts the new segment
                 if buf:
                     self._write(buf)
             except OSError as exc:
