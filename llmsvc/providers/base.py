@@ -7,7 +7,7 @@ its own: what the client is told is the gateway's business.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -54,6 +54,14 @@ class Reply(Protocol):
     def batches(self) -> AsyncIterator[Batch]:
         """Token texts as they arrive, grouped by upstream read (and ToolCallDeltas)."""
         ...
+
+    def pump(self, take: Callable[[Batch], bool], stopped: Callable[[], None]) -> bool:
+        """Between two batches of a stream: hand the next ones to `take` as they arrive,
+        until it refuses one, the reply ends or fails (then `stopped` is called and `batches`
+        goes on); False if this reply does not pump (it is then read by `batches` only)."""
+        ...
+
+    def unpump(self) -> None: ...
 
     async def aclose(self) -> None: ...
 

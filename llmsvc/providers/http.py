@@ -83,6 +83,12 @@ class HttpReply:
         self.completion_tokens: int | None = None
         self.tool_calls: list[dict[str, Any]] = []
         self.refusal: str | None = None
+        self._splitter = SseSplitter()
+        self._pending: list[Batch] = []  # parsed, not yet handed over
+        self._done = False  # the end event came
+        self._broken: Exception | None = None  # raised once the pending batches are out
+        self._take: Callable[[Batch], bool] | None = None  # while pumping
+        self._stopped: Callable[[], None] | None = None
 
     async def batches(self) -> AsyncIterator[Batch]:
         """The reply's batches; `reading`'s translation of failures is inlined, not entered,
@@ -109,23 +115,72 @@ class HttpReply:
     END_EVENT = ""  # what the upstream sends last: a stream that ends without it was cut off
 
     async def _events(self) -> AsyncIterator[Batch]:
-        """The stream's batches, a read's worth each. Between reads (a token's wait, on a
-        paced stream) its frame holds nothing of the last read: its bytes and parsed events
-        (~1.5 KiB) would otherwise stay for the whole wait, on every open stream."""
-        splitter, done = SseSplitter(), False
-        while chunk := await self.response.read():
-            batches, failure, ended = self._parse(splitter.feed(chunk))
+        """The stream's batches, a read's worth each, and what a pump left (`pump`). Between
+        reads (a token's wait, on a paced stream) nothing of the last read stays referenced:
+        its bytes and parsed events (~1.5 KiB) would otherwise stay for the whole wait, on
+        every open stream."""
+        while True:
+            while self._pending:  # popped: none stays referenced through the next read
+                yield self._pending.pop(0)
+            if self._broken is not None:  # what came before it went out (and is journaled)
+                raise self._broken
+            if not (chunk := await self.response.read()):
+                break
+            self._read(chunk)
             del chunk
-            done = done or ended
-            while batches:  # popped: none stays referenced through the next read
-                yield batches.pop(0)
-            if failure is not None:  # what came before it went out (and is journaled)
-                raise self._failure(failure)
-        if not done:
+        if not self._done:
             raise ProviderUnavailable(
                 f"{self.name}: the upstream ended the stream without {self.END_EVENT}",
                 code="upstream_stream_broken",
             )
+
+    def _read(self, chunk: bytes) -> None:
+        """Parse one read into the pending batches; a failure event, or bytes that do not
+        parse, end the stream once those are handed over. What the parse raises is kept and
+        raised by `batches`, in the task: a pump parses in the connection's callback."""
+        try:
+            batches, failure, ended = self._parse(self._splitter.feed(chunk))
+        except READ_ERRORS as exc:
+            self._broken = read_error(self.name, exc)
+            self._broken.__cause__ = exc
+            return
+        except Exception as exc:  # ProviderError (content that is not text, say), or a bug
+            self._broken = exc
+            return
+        self._pending += batches
+        self._done = self._done or ended
+        if failure is not None:
+            self._broken = self._failure(failure)
+
+    def pump(self, take: Callable[[Batch], bool], stopped: Callable[[], None]) -> bool:
+        """Hand each batch to `take` in the connection's callback as its read arrives, with no
+        task switch; the first it refuses, a failure or the end stops the pump and calls
+        `stopped`, and `batches` goes on from there. False if this reply cannot pump now (a
+        whole reply, or something already arrived for `batches`)."""
+        if not self.stream or self._pending or self._broken is not None:
+            return False
+        if not self.response.sink(self._pumped, self._stop):
+            return False
+        self._take, self._stopped = take, stopped
+        return True
+
+    def unpump(self) -> None:
+        self._take = self._stopped = None
+        self.response.unsink()
+
+    def _pumped(self, chunk: bytes) -> None:
+        self._read(chunk)
+        pending = self._pending
+        while pending and (take := self._take) is not None and take(pending[0]):
+            pending.pop(0)
+        if pending or self._broken is not None:
+            self._stop()
+
+    def _stop(self) -> None:
+        stopped = self._stopped
+        self.unpump()
+        if stopped is not None:
+            stopped()
 
     def _parse(self, events: list[bytes]) -> tuple[list[Batch], dict[str, Any] | None, bool]:
         """One read's events: its non-empty batches, the failure event that ends the stream

@@ -13,7 +13,7 @@ import asyncio
 import hashlib
 import math
 from array import array
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import orjson
@@ -35,7 +35,20 @@ def token(i: int) -> str:
     return f"{WORDS[i % len(WORDS)]} "
 
 
-class MockReply:
+class InProcess:
+    """A reply made in this process: nothing to close, no connection callback to pump from."""
+
+    def pump(self, take: Callable[[Batch], bool], stopped: Callable[[], None]) -> bool:
+        return False
+
+    def unpump(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        return None
+
+
+class MockReply(InProcess):
     def __init__(self, count: int, delay: float, prompt_tokens: int, limited: bool) -> None:
         self.http_status: int | None = 200
         self.count = count
@@ -59,11 +72,8 @@ class MockReply:
         self.completion_tokens = self.count
         self.finish_reason = self.stop_reason = "length" if self.limited else "stop"
 
-    async def aclose(self) -> None:
-        return None
 
-
-class MockVectors:
+class MockVectors(InProcess):
     """An embeddings reply: its vectors as one text (providers/embeddings.py)."""
 
     def __init__(self, text: str, prompt_tokens: int) -> None:
@@ -78,9 +88,6 @@ class MockVectors:
 
     async def batches(self) -> AsyncIterator[Batch]:
         yield [self.text]
-
-    async def aclose(self) -> None:
-        return None
 
 
 def vector(value: str | list[int], dimensions: int) -> list[float]:

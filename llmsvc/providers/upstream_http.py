@@ -24,7 +24,7 @@ import asyncio
 import functools
 import ssl
 import zlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -105,6 +105,8 @@ class Response:
         "_maybe_raw",
         "_released",
         "_silence",
+        "_sink",
+        "_sink_stopped",
         "_timer",
         "_waiter",
         "_waiting_since",
@@ -129,6 +131,25 @@ class Response:
         self._inflate: zlib._Decompress | None = None
         self._maybe_raw = False  # a deflate body not yet told zlib-wrapped or raw
         self._released = False
+        self._sink: Callable[[bytes], None] | None = None
+        self._sink_stopped: Callable[[], None] | None = None
+
+    def sink(self, data: Callable[[bytes], None], stopped: Callable[[], None]) -> bool:
+        """Hand the body's bytes to `data` in the connection's callback as they arrive, not to
+        `read`, until `unsink`; the end or a failure unsinks and calls `stopped` (then `read`
+        tells which). The silence timer runs from each arrival as it runs from each wait.
+        False if `read` has something to return already (bytes, the end, a failure)."""
+        if self._chunks or self._done or self._error is not None:
+            return False
+        self._sink, self._sink_stopped = data, stopped
+        self._waiting_since = now = self._loop.time()
+        if self._timer is None:
+            self._timer = self._loop.call_at(now + self._silence, self._silent)
+        return True
+
+    def unsink(self) -> None:
+        self._sink = self._sink_stopped = None
+        self._waiting_since = None
 
     async def read(self) -> bytes:
         """What arrived since the last read, waiting for some; b"" once the body ended. Bytes
@@ -217,6 +238,9 @@ class Response:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+        if (stopped := self._sink_stopped) is not None:
+            self.unsink()
+            stopped()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None and not self._done:
@@ -243,6 +267,10 @@ class Response:
             data = self._inflated(data)
             if not data:
                 return
+        if self._sink is not None:
+            self._waiting_since = self._loop.time()
+            self._sink(data)
+            return
         self._chunks.append(data)
         self._buffered += len(data)
         if self._buffered > READ_AHEAD:
