@@ -32,6 +32,12 @@ carries its key and team and the token counts and cost its stored tokens make, a
 the end of a mode that `llmsvc spend --by key|team`, the budgets' query and the sum
 over the rows agree, each request a client got back counted once under its key.
 
+With `--upstream MS` the clients' model is served by an OpenAI-compatible upstream process
+(tests/upstreams/openai_upstream.py, every token MS apart) through an `openai` provider
+instead of the mock: the path a real provider's stream takes, its tokens journaled and
+written from the upstream connection's callback (chat.Exchange's pump). Messages requests
+reach it as chat completions.
+
 Exit status 1 on any lost or duplicated token or any other failure.
 
 Usage:  .venv/bin/python benchmarks/crash_test.py --database-url postgresql://... |
@@ -45,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import itertools
 import json
@@ -57,7 +64,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -72,9 +79,22 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
 import crash_keys  # noqa: E402
-from daemon_process import DaemonProcess, Stored, daemon_env, read_store, run_cli  # noqa: E402
+from daemon_process import (  # noqa: E402
+    DaemonProcess,
+    Stored,
+    UpstreamProcess,
+    daemon_env,
+    read_store,
+    run_cli,
+)
 
 from llmsvc.providers.mock import token as mock_token  # noqa: E402
+
+
+def upstream_token(i: int) -> str:
+    """The i-th token (0-based) tests/upstreams/openai_upstream.py sends."""
+    return f"t{i} "
+
 
 MESSAGES: list[Any] = [{"role": "user", "content": "crash me"}]
 APIS = ("chat", "responses", "messages")  # the streaming APIs a client may call
@@ -133,10 +153,20 @@ class Seen:
     request_id: str
     api: str
     key: str | None = None  # the key's name, with `--keys`
-    tokens: list[str] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)  # its text deltas, as they came
     finished: bool = False  # the stream ended normally (the daemon said it was done)
     error: str | None = None
     usage: int | None = None  # completion tokens the usage chunk told, with `--keys`
+
+    @property
+    def received(self) -> list[str]:
+        """The tokens its deltas hold. A Responses or Messages delta carries a whole batch
+        (an upstream read), which may hold several; every token of the mock and of the test
+        upstream ends in its one space, so the text splits back into them exactly."""
+        text = "".join(self.tokens)
+        tokens = re.findall(r"[^ ]* ", text)
+        rest = text[sum(map(len, tokens)) :]
+        return [*tokens, rest] if rest else tokens
 
 
 class Client(threading.Thread):
@@ -149,9 +179,12 @@ class Client(threading.Thread):
         stop: threading.Event,
         apis: tuple[str, ...],
         key: crash_keys.Key | None = None,
+        model: str = "mock",
     ) -> None:
-        """`apis`: the APIs to take in turn, this client's first one first."""
+        """`apis`: the APIs to take in turn, this client's first one first; `model`: the one
+        asked for without a key."""
         super().__init__(daemon=True)
+        self.model = model
         self.base_url = base_url
         self.rng = rng
         self.stop = stop
@@ -175,7 +208,7 @@ class Client(threading.Thread):
                     break
                 max_tokens = self.rng.randint(50, 300)
                 delay_ms = self.rng.randint(2, 10)
-                model = "mock" if self.key is None else self.rng.choice(crash_keys.MODELS)
+                model = self.model if self.key is None else self.rng.choice(crash_keys.MODELS)
                 api = self.apis[sent % len(self.apis)]
                 current: Seen | None = None
                 try:
@@ -315,6 +348,7 @@ def verify(
     seen: list[Seen],
     env: dict[str, str],
     max_extra: int,
+    token_of: Callable[[int], str],
 ) -> Stored:
     store = read_store(database_url)
     for request in store.requests.values():
@@ -323,9 +357,10 @@ def verify(
             tally.fail(iteration, "unsettled status", request_id=str(request["id"]), status=status)
 
     for item in seen:
+        received = item.received
         tally.requests_checked += 1
         tally.requests_by_api[item.api] = tally.requests_by_api.get(item.api, 0) + 1
-        tally.tokens_checked += len(item.tokens)
+        tally.tokens_checked += len(received)
         if item.finished:
             tally.requests_finished_by_client += 1
         else:
@@ -333,9 +368,9 @@ def verify(
         rid = uuid.UUID(item.request_id)
         request = store.requests.get(rid)
         if request is None:
-            tally.tokens_lost += len(item.tokens)
+            tally.tokens_lost += len(received)
             tally.fail(iteration, "request missing", request_id=item.request_id,
-                       received=len(item.tokens))  # fmt: skip
+                       received=len(received))  # fmt: skip
             continue
         status = request["status"]
         tally.statuses[status] = tally.statuses.get(status, 0) + 1
@@ -344,7 +379,7 @@ def verify(
             tally.fail(iteration, "not exactly one attempt", request_id=item.request_id,
                        attempts=len(attempts))  # fmt: skip
             if not attempts:
-                tally.tokens_lost += len(item.tokens)
+                tally.tokens_lost += len(received)
                 continue
         rows = [row for attempt in attempts for row in store.tokens.get(attempt["id"], [])]
         seqs = [seq for seq, _ in rows]
@@ -361,7 +396,7 @@ def verify(
             tally.fail(iteration, "gap in seqs", request_id=item.request_id,
                        missing_seqs=missing[:20])  # fmt: skip
         # What the client received must be the store's first tokens, exactly.
-        got = item.tokens
+        got = received
         same = 0
         while same < min(len(got), len(texts)) and got[same] == texts[same]:
             same += 1
@@ -376,8 +411,8 @@ def verify(
         extra = max(0, len(texts) - len(got))
         tally.extra_stored_tokens += extra
         tally.max_extra_for_one_request = max(tally.max_extra_for_one_request, extra)
-        if texts != [mock_token(i) for i in range(len(texts))]:
-            tally.fail(iteration, "stored tokens are not the mock's", request_id=item.request_id)
+        if texts != [token_of(i) for i in range(len(texts))]:
+            tally.fail(iteration, "stored tokens are not the ones sent", request_id=item.request_id)
         if item.finished:
             if extra or status != "completed":
                 tally.fail(iteration, "finished stream not stored whole and completed",
@@ -418,11 +453,17 @@ def run_mode(
     args: argparse.Namespace,
     rng: random.Random,
     callers: Callers | None,
+    upstream: UpstreamProcess | None,
 ) -> dict[str, Any]:
     wal_dir = work / f"wal-{sync}" / "wal"
     wal_dir.parent.mkdir(parents=True, exist_ok=True)
-    keyed = {} if callers is None else crash_keys.settings()
-    env = daemon_env(database_url, wal_dir, wal_sync=sync, flush_process=True, **keyed)
+    settings = {} if callers is None else crash_keys.settings()
+    model, token_of = "mock", mock_token
+    if upstream is not None:
+        model, token_of = "paced", upstream_token
+        provider = {"name": "up", "kind": "openai", "base_url": upstream.base_url}
+        settings["providers"] = json.dumps([{**provider, "models": [model]}])
+    env = daemon_env(database_url, wal_dir, wal_sync=sync, flush_process=True, **settings)
     tally = Tally()
     spend = crash_keys.SpendTally(checked=callers.checked) if callers else None
     began = time.monotonic()
@@ -438,6 +479,7 @@ def run_mode(
                 stop,
                 args.apis[i % len(args.apis) :] + args.apis[: i % len(args.apis)],
                 None if callers is None else callers.keys[i % len(callers.keys)],
+                model,
             )
             for i in range(args.clients)
         ]
@@ -469,7 +511,7 @@ def run_mode(
         if found := re.search(r"marked interrupted count=(\d+)", again.log):
             tally.marked_interrupted += int(found.group(1))
 
-        store = verify(tally, iteration, database_url, seen, env, args.max_extra)
+        store = verify(tally, iteration, database_url, seen, env, args.max_extra, token_of)
         if callers is not None and spend is not None:
             sent = {uuid.UUID(s.request_id): (str(s.key), s.usage if s.finished else None)
                     for s in seen}  # fmt: skip
@@ -542,6 +584,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "keys": args.keys,
             "teams": args.teams if args.keys else 0,
             "apis": list(args.apis),
+            "upstream_token_delay_ms": args.upstream,
         },
         "modes": {},
     }
@@ -550,8 +593,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.keys:
             env = daemon_env(database_url, work / "cli" / "wal")
             callers = Callers(crash_keys.create_callers(env, args.keys, args.teams))
-        for sync in modes:
-            report["modes"][sync] = run_mode(sync, database_url, work, args, rng, callers)
+        with contextlib.ExitStack() as stack:
+            upstream = None
+            if args.upstream is not None:
+                upstream = stack.enter_context(UpstreamProcess(token_delay_ms=args.upstream))
+            for sync in modes:
+                report["modes"][sync] = run_mode(
+                    sync, database_url, work, args, rng, callers, upstream
+                )
     finally:
         shutil.rmtree(work, ignore_errors=True)
         if scratch is not None:
@@ -594,8 +643,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=("chat",),
         help=f"the streaming APIs clients call, comma-separated, of {','.join(APIS)}",
     )
+    p.add_argument(
+        "--upstream",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="serve the clients' model by an OpenAI-compatible upstream process, a token "
+        "every MS, instead of the mock",
+    )
     p.add_argument("--out", type=Path, default=None, help="also write the JSON here")
     args = p.parse_args(argv)
+    if args.upstream is not None and (args.keys or args.upstream <= 0):
+        p.error("--upstream takes a positive pace in ms, and does not go with --keys")
     if not args.apis or set(args.apis) - set(APIS):
         p.error(f"--apis takes a comma-separated list of {', '.join(APIS)}")
     url = r"^(postgres(ql)?(\+asyncpg)?|sqlite\+aiosqlite)://"

@@ -9,6 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import re
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -160,6 +162,60 @@ def test_every_token_a_client_received_is_stored_once_in_order(
     assert "boot: wal replayed records=0 " in again.log
     assert "marked interrupted count=0" in again.log
     assert "boot: consistency check ok gaps=0 count_mismatches=0" in again.log
+
+
+def test_a_client_that_stops_reading_mid_stream_gets_every_token_in_order_later(
+    env: dict[str, str], database_url: str
+) -> None:
+    """Tokens are written to a reading client from the upstream connection's callback; one
+    that stops reading makes the daemon wait for it (its socket buffers fill), and what it
+    reads later is the whole reply, in order, as stored."""
+    n = 3000  # ~600 KB of frames at 2 ms a token: far past what the sockets buffer
+    body = json.dumps(
+        {"model": "gpt-test", "messages": MESSAGES, "max_tokens": n, "stream": True}
+    ).encode()
+    with DaemonProcess(env) as daemon:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(("127.0.0.1", daemon.port))
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+            f"\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        )
+        sock.sendall(head.encode() + body)
+        first = sock.recv(4096)
+        assert first.startswith(b"HTTP/1.1 200"), first
+        time.sleep(3)  # not reading while the upstream sends most of the reply
+        raw = bytearray(first)
+        while chunk := sock.recv(65536):
+            raw += chunk
+        sock.close()
+        assert daemon.stop() == 0, daemon.log
+
+    head_end = raw.index(b"\r\n\r\n") + 4
+    headers = bytes(raw[:head_end]).lower()
+    assert b"transfer-encoding: chunked" in headers
+    events = [json.loads(line[6:]) for line in dechunk(bytes(raw[head_end:])).split(b"\n\n")
+              if line.startswith(b"data: {")]  # fmt: skip
+    tokens = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    tokens = [t for t in tokens if t]
+    assert "".join(tokens) == upstream_text(n)
+    request_id = uuid.UUID(events[0]["id"].removeprefix("chatcmpl-"))
+    stored = read_store(database_url)
+    assert stored.request(request_id)["status"] == "completed"
+    assert stored.texts(request_id) == tokens
+
+
+def dechunk(body: bytes) -> bytes:
+    """An HTTP/1.1 chunked body's data, checked to end with its last chunk."""
+    out, at = bytearray(), 0
+    while True:
+        line_end = body.index(b"\r\n", at)
+        size = int(body[at:line_end], 16)
+        if size == 0:
+            return bytes(out)
+        out += body[line_end + 2 : line_end + 2 + size]
+        at = line_end + 2 + size + 2
 
 
 def test_status_and_show_list_what_clients_received(env: dict[str, str], database_url: str) -> None:

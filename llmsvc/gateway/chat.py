@@ -39,7 +39,7 @@ from llmsvc.gateway.router import Router, Target
 from llmsvc.gateway.sse import ASGISend
 from llmsvc.gateway.wire import Wire
 from llmsvc.logs import logger
-from llmsvc.providers.base import Native, RefusalDeltas, Reply, ToolCallDeltas
+from llmsvc.providers.base import Batch, Native, RefusalDeltas, Reply, ToolCallDeltas
 from llmsvc.providers.http import TRACEPARENT
 from llmsvc.wal import AttemptEndFields, RequestEndFields, Sender, Status
 
@@ -80,12 +80,14 @@ class Exchange:
         "error_code",
         "first_token_us",
         "headers",
+        "held",
         "journal",
         "model",
         "native",
         "params",
         "pieces",
         "policy",
+        "pumped",
         "request_deadline",
         "request_id",
         "router",
@@ -104,6 +106,7 @@ class Exchange:
         "unconfirmed",
         "who",
         "wire",
+        "write",
     )
 
     def __init__(
@@ -118,6 +121,7 @@ class Exchange:
         correlation_id: str,
         send: ASGISend,
         closed: Callable[[], bool],
+        write: Callable[[bytes], bool],
         *,
         caller: Caller | None,
         attribution: Attribution,
@@ -166,6 +170,9 @@ class Exchange:
         )
         self.send = send
         self.closed = closed  # the connection is known gone (a write failed), asked at once
+        self.write = write  # a piece of the streamed body written now, if the client reads
+        self.pumped: asyncio.Future[None] | None = None  # woken when the pump stops
+        self.held: bytes | None = None  # a pumped batch's frame, journaled or about to be, unsent
         self.request_id = request_id
         self.attempt_id = uuid.uuid4()
         self.attempt_no = 0
@@ -345,12 +352,63 @@ class Exchange:
             self.unconfirmed = (None, 0)
             await self._send_chunk(frame, reply)
             del texts, fut, frame  # the wait for the next batch holds nothing of this one
+            await self._pump(reply)
         if closed():  # a one-batch reply meets no check above
             raise ClientGone
         fut = self._end_records("completed", reply)
         tail = wire.closing(reply.finish_reason or "stop", self.counts.usage())
         await fut
         await self._send_chunk(tail, reply, more=False)
+
+    async def _pump(self, reply: Reply) -> None:
+        """Let the upstream connection's callback journal and write the next batches itself
+        (`_take`), with no task switch per read, until something needs this task: a batch
+        that is not plain tokens, a second batch while one is `held`, a client to wait for,
+        the end, a failure. Then `batches` goes on where the pump stopped, after the held
+        batch is sent here once its WAL write is done (or its refusal raised)."""
+        self.pumped = woken = asyncio.get_running_loop().create_future()
+        try:
+            if reply.pump(self._take, self._pump_stopped):
+                await woken
+        finally:
+            reply.unpump()
+            self.pumped = None
+        fut = self.unconfirmed[0]
+        if self.held is not None and fut is not None:
+            await fut  # `_journaled` runs first, and may send it
+        if self.held is not None:  # the client was not reading
+            frame, self.held = self.held, None
+            await self._send_chunk(frame, reply)
+
+    def _take(self, texts: Batch) -> bool:
+        """One batch, in the upstream connection's callback: journaled with the other streams'
+        batches of this loop round, and `held` until `_journaled` writes it to the client.
+        False leaves it to the task: not plain tokens, the client gone, a batch already held,
+        or a WAL that refuses appends (the task meets the refusal again)."""
+        if isinstance(texts, ToolCallDeltas | RefusalDeltas) or self.held or self.closed():
+            return False
+        try:
+            fut = self._journal_tokens(self.attempt_id.bytes, texts, soon=True)
+        except LlmsvcError:
+            return False
+        self.held = self.wire.tokens(texts)
+        fut.add_done_callback(self._journaled)
+        return True
+
+    def _journaled(self, fut: asyncio.Future[int]) -> None:
+        """The held batch's WAL write is done: write it to the client now if it reads, else
+        (or if the WAL refused it) wake the task to send it or fail."""
+        if fut.exception() is None:
+            self.unconfirmed = (None, 0)
+            if self.held is not None and self.write(self.held):
+                self.held = None
+                return
+        self._pump_stopped()
+
+    def _pump_stopped(self) -> None:
+        woken = self.pumped
+        if woken is not None and not woken.done():
+            woken.set_result(None)
 
     async def _journal_tools(self, deltas: ToolCallDeltas) -> bytes:
         """Journal tool-call deltas and return their client chunk, once they are durable."""
@@ -401,9 +459,12 @@ class Exchange:
         self.journal.attempt_end(self.attempt_id, **attempt)
         await self.journal.request_end(self.request_id, **request)
 
-    def _journal_tokens(self, attempt_id: bytes, texts: list[str]) -> asyncio.Future[int]:
-        """Append a token batch; counted as journaled unless the WAL refuses it later."""
-        fut = self.journal.tokens(attempt_id, self.seq, texts)
+    def _journal_tokens(
+        self, attempt_id: bytes, texts: list[str], soon: bool = False
+    ) -> asyncio.Future[int]:
+        """Append a token batch; counted as journaled unless the WAL refuses it later. `soon`:
+        written at the end of this loop round (`WalWriter.append_soon`)."""
+        fut = self.journal.tokens(attempt_id, self.seq, texts, soon)
         self.seq += len(texts)
         self.pieces.add(texts)  # kept, not counted: the per-token path does no counting
         self.unconfirmed = (fut, len(texts))

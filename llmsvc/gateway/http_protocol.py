@@ -19,6 +19,7 @@ events and its pipeline queue are http_lean.py's.
 from __future__ import annotations
 
 import asyncio
+import functools
 import resource
 import sys
 import uuid
@@ -43,7 +44,8 @@ from llmsvc.gateway.http_lean import LeanEvent, Pipeline
 from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import CALLER, request_id
 
-CONNECTION = "llmsvc.connection"  # scope["extensions"] key: {"closed": () -> bool}
+# scope["extensions"] key: {"closed": () -> bool, "write": (bytes) -> bool}
+CONNECTION = "llmsvc.connection"
 RESERVED_DESCRIPTORS = 128  # kept from clients: the WAL, the database pool, jobs, logs
 REFUSING_MAX = 64  # connections past the bound being answered 503 at once; more are just closed
 LINGER_SECONDS = 1.0  # how long an answered, closing connection's input is read and dropped
@@ -128,6 +130,24 @@ def closed_check(scope: Mapping[str, Any]) -> Callable[[], bool]:
 
 
 def _never() -> bool:
+    return False
+
+
+def body_writer(scope: Mapping[str, Any]) -> Callable[[bytes], bool]:
+    """Write a streamed response's next piece of body at once, from any callback, or say it
+    cannot (False: the client is not reading, the connection is closing, the body is not
+    chunked); the caller then sends it by ASGI's `send`, which waits for the client.
+
+    It is what uvicorn's `send` does for such a piece, without a coroutine: a stream's
+    tokens are written from the upstream connection's callback (chat.Exchange's pump).
+    Under another server it always says it cannot.
+    """
+    extension = (scope.get("extensions") or {}).get(CONNECTION) or {}
+    write: Callable[[bytes], bool] | None = extension.get("write")
+    return write if write is not None else _cannot
+
+
+def _cannot(body: bytes) -> bool:
     return False
 
 
@@ -261,6 +281,8 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         # Its app has not run yet, so nothing waits on the event: only its state carries over.
         cycle.message_event = LeanEvent(cycle.message_event.is_set())  # type: ignore[assignment]
         self._serving = cycle
+        extension = cycle.scope["extensions"][CONNECTION]
+        extension["write"] = functools.partial(self._write_body, cycle)
         if self._in_body and cycle is self.cycle:  # its body is still to come
             self._set_timer(self.limits.body_timeout, self._body_late)
         super()._start_asgi_task(cycle, app)
@@ -334,6 +356,20 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             method, path, caller = "", self.url.partition(b"?")[0].decode("latin-1"), None
         log_rejection(method, path, status, error["code"], error["message"], request, caller)
         return str(path)
+
+    def _write_body(self, cycle: RequestResponseCycle, body: bytes) -> bool:
+        """`body_writer`'s write: uvicorn's chunk of a started chunked body, when its `send`
+        would write it without waiting."""
+        if (
+            cycle.chunked_encoding is not True
+            or cycle.response_complete
+            or cycle.disconnected
+            or cycle.flow.write_paused
+            or self._lingering
+        ):
+            return False
+        self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
+        return True
 
     def _closed(self) -> bool:
         """The client will get nothing more here: the connection is closing, or was refused."""

@@ -40,6 +40,18 @@ def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
         assert hook in HttpToolsProtocol.__dict__, hook
 
 
+def test_uvicorn_still_writes_a_chunked_body_as_the_pumps_direct_write_does() -> None:
+    """`body_writer` writes a streamed chunk itself when uvicorn's `send` would not wait
+    (gateway/http_protocol.py): the fields it reads and the bytes it copies must be send's."""
+    send = inspect.getsource(RequestResponseCycle.send)
+    assert "if self.flow.write_paused and not self.disconnected:" in send
+    assert "if self.disconnected:" in send
+    assert "elif not self.response_complete:" in send
+    assert "self.chunked_encoding = True" in send
+    assert 'content = [b"%x\\r\\n" % len(body), body, b"\\r\\n"]' in send
+    assert 'self.transport.write(b"".join(content))' in send
+
+
 def test_uvicorn_still_uses_its_events_and_pipeline_only_as_the_lean_ones_can() -> None:
     """LeanEvent and Pipeline stand in for uvicorn's asyncio.Events and deque: every use of
     them in uvicorn must be one they have."""
