@@ -10,6 +10,7 @@ import os
 import re
 import socket
 import uuid
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -86,20 +87,40 @@ def responses(data: bytes) -> list[int]:
 
 def read_response(sock: socket.socket) -> bytes:
     """One response, whole (by its content-length or to its last chunk), leaving the
-    connection open; what arrives after it is lost."""
-    data = b""
+    connection open; bytes that came after it (the next pipelined answer) are kept for the
+    next call on this socket."""
+    data = _UNREAD.pop(sock, b"")
     while b"\r\n\r\n" not in data:
         data += _more(sock)
     head, _, body = data.partition(b"\r\n\r\n")
     lowered = head.lower()
     if b"transfer-encoding: chunked" in lowered:
-        while not body.endswith(b"\r\n0\r\n\r\n"):
+        while (end := _chunked_end(body)) is None:
             body += _more(sock)
     else:
-        length = int(lowered.split(b"content-length: ")[1].split(b"\r\n")[0])
-        while len(body) < length:
+        end = int(lowered.split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(body) < end:
             body += _more(sock)
-    return head + b"\r\n\r\n" + body
+    if body[end:]:
+        _UNREAD[sock] = body[end:]
+    return head + b"\r\n\r\n" + body[:end]
+
+
+_UNREAD: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
+def _chunked_end(body: bytes) -> int | None:
+    """Where a chunked body (no trailers) ends, or None if its last chunk has not come."""
+    at = 0
+    while (eol := body.find(b"\r\n", at)) >= 0:
+        size = int(body[at:eol].split(b";")[0], 16)
+        end = eol + 2 + size + 2
+        if len(body) < end:
+            return None
+        if size == 0:
+            return end
+        at = end
+    return None
 
 
 def _more(sock: socket.socket) -> bytes:
