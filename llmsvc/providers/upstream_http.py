@@ -142,9 +142,7 @@ class Response:
         if self._chunks or self._done or self._error is not None:
             return False
         self._sink, self._sink_stopped = data, stopped
-        self._waiting_since = now = self._loop.time()
-        if self._timer is None:
-            self._timer = self._loop.call_at(now + self._silence, self._silent)
+        self._silence_from_now()
         return True
 
     def unsink(self) -> None:
@@ -205,10 +203,14 @@ class Response:
         counts as silence, not the time a slow client takes to accept what came before.
         Awaited in the caller's frame, then `_disarm`ed: no coroutine of its own per wait."""
         self._waiter = waiter = self._loop.create_future()
+        self._silence_from_now()
+        return waiter
+
+    def _silence_from_now(self) -> None:
+        """A silence counts from now; the one timer is armed if it is not."""
         self._waiting_since = now = self._loop.time()
         if self._timer is None:
             self._timer = self._loop.call_at(now + self._silence, self._silent)
-        return waiter
 
     def _disarm(self) -> None:
         self._waiter = self._waiting_since = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import orjson
 import pytest
@@ -115,109 +116,103 @@ async def opened(upstream: Upstream, silence: float = 5.0) -> tuple[OpenAIProvid
     return provider, reply
 
 
-async def test_reads_while_pumping_go_to_take_in_order_and_batches_ends_after(
-    upstream: Upstream,
-) -> None:
-    provider, reply = await opened(upstream)
+@dataclass
+class Pumped:
+    """A reply whose first batch `batches` gave, pumped since by `taker`."""
+
+    provider: OpenAIProvider
+    reply: Reply
+    batches: AsyncIterator[Batch]
+    taker: Taker
+
+    async def stopped(self) -> None:
+        """Until the pump stops by itself; then it is taken off, as the exchange does."""
+        await asyncio.wait_for(self.taker.stopped.wait(), 5)
+        self.reply.unpump()
+
+
+async def pumping(upstream: Upstream, taker: Taker, silence: float = 5.0) -> Pumped:
+    provider, reply = await opened(upstream, silence)
     batches = reply.batches()
     await upstream.send(event("a"))
     assert await anext(batches) == ["a"]
-    taker = Taker()
-
     assert reply.pump(taker.take, taker.stop)
+    return Pumped(provider, reply, batches, taker)
+
+
+async def test_reads_while_pumping_go_to_take_in_order_and_batches_ends_after(
+    upstream: Upstream,
+) -> None:
+    pumped = await pumping(upstream, taker := Taker())
+
     for count, text in enumerate(("b", "c", "d"), start=1):
         await upstream.send(event(text))
         await taker.has(count)
     assert not taker.stopped.is_set()
     await upstream.send(end=True)
-    await asyncio.wait_for(taker.stopped.wait(), 5)
-    reply.unpump()
+    await pumped.stopped()
 
     assert taker.taken == [["b"], ["c"], ["d"]]
-    assert [batch async for batch in batches] == []  # ended with [DONE]: no error
-    await provider.close()
+    assert [batch async for batch in pumped.batches] == []  # ended with [DONE]: no error
+    await pumped.provider.close()
 
 
 async def test_a_refused_batch_stops_the_pump_and_batches_goes_on_from_it(
     upstream: Upstream,
 ) -> None:
-    provider, reply = await opened(upstream)
-    batches = reply.batches()
-    await upstream.send(event("a"))
-    assert await anext(batches) == ["a"]
-    taker = Taker(refuse=["no"])
+    pumped = await pumping(upstream, taker := Taker(refuse=["no"]))
 
-    assert reply.pump(taker.take, taker.stop)
     await upstream.send(event("b"))
     await taker.has(1)
     await upstream.send(event("no") + event("ignored in the same read"))
-    await asyncio.wait_for(taker.stopped.wait(), 5)
-    reply.unpump()
+    await pumped.stopped()
     await upstream.send(event("after"), end=True)
 
-    rest = [batch async for batch in batches]
+    rest = [batch async for batch in pumped.batches]
     assert rest == [["no", "ignored in the same read"], ["after"]]
     assert taker.taken == [["b"]]
-    await provider.close()
+    await pumped.provider.close()
 
 
 async def test_a_failure_event_while_pumping_is_raised_by_batches_after_what_came_before(
     upstream: Upstream,
 ) -> None:
-    provider, reply = await opened(upstream)
-    batches = reply.batches()
-    await upstream.send(event("a"))
-    assert await anext(batches) == ["a"]
-    taker = Taker()
+    pumped = await pumping(upstream, taker := Taker())
 
-    assert reply.pump(taker.take, taker.stop)
     failure = b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n'
     await upstream.send(event("b") + failure)
-    await asyncio.wait_for(taker.stopped.wait(), 5)
-    reply.unpump()
+    await pumped.stopped()
 
     assert taker.taken == [["b"]]
     with pytest.raises(ProviderError, match="overloaded"):
-        await anext(batches)
-    await provider.close()
+        await anext(pumped.batches)
+    await pumped.provider.close()
 
 
 async def test_content_that_is_not_text_while_pumping_is_raised_by_batches(
     upstream: Upstream,
 ) -> None:
-    provider, reply = await opened(upstream)
-    batches = reply.batches()
-    await upstream.send(event("a"))
-    assert await anext(batches) == ["a"]
-    taker = Taker()
+    pumped = await pumping(upstream, Taker())
 
-    assert reply.pump(taker.take, taker.stop)
     bad = {"choices": [{"index": 0, "delta": {"content": {"not": "text"}}}]}
     await upstream.send(b"data: " + orjson.dumps(bad) + b"\n\n")
-    await asyncio.wait_for(taker.stopped.wait(), 5)
-    reply.unpump()
+    await pumped.stopped()
 
     with pytest.raises(ProviderError, match="content that is not text"):
-        await anext(batches)
-    await provider.close()
+        await anext(pumped.batches)
+    await pumped.provider.close()
 
 
 async def test_a_silence_while_pumping_fails_after_timeout_seconds(upstream: Upstream) -> None:
-    provider, reply = await opened(upstream, silence=0.3)
-    batches = reply.batches()
-    await upstream.send(event("a"))
-    assert await anext(batches) == ["a"]
-    taker = Taker()
+    pumped = await pumping(upstream, taker := Taker(), silence=0.3)
 
-    assert reply.pump(taker.take, taker.stop)
     await upstream.send(event("b"))  # a read while pumping moves the silence's start
     await taker.has(1)
-    await asyncio.wait_for(taker.stopped.wait(), 5)
-    reply.unpump()
+    await pumped.stopped()
 
     with pytest.raises(ProviderUnavailable, match=r"no data for 0.3 s \(timeout_seconds\)"):
-        await anext(batches)
-    await provider.close()
+        await anext(pumped.batches)
+    await pumped.provider.close()
 
 
 async def test_a_reply_with_bytes_waiting_for_batches_does_not_pump(upstream: Upstream) -> None:
