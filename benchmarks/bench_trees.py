@@ -1,0 +1,113 @@
+"""CPU per streamed token, llmsvc trees side by side: which change moved it, in one run.
+
+Each tree runs its own daemon (SQLite, the defaults) in front of one shared upstream;
+the load goes to each in turn, the order turned each round. Per run a daemon is measured
+over a window in the middle of the load, after the start's burst: its CPU and its flush
+process's, per token the clients got in that window. Nothing is drained after the window,
+so a flush running behind counts in a later window, not this one.
+
+`paced`: 300 streams at 50 tokens/s (200-token replies, arriving at once), the shape of
+issue 19's paced row. `instant`: 100 streams of 1000-token replies from an upstream that
+writes each reply at once.
+
+Usage:  .venv/bin/python benchmarks/bench_trees.py --tree base=/path/to/worktree
+            --tree new=. [--load paced|instant] [--rounds 3] --out x.json
+A tree is imported from its path (PYTHONPATH) with this tree's virtualenv and packages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench_open_memory import commit_of
+from bench_scale import start_daemon, streams_for, tree_cpu_s
+from benchkit import PACKAGES, log, machine_info, processes, rotated, spawn_upstream
+
+LOADS = {  # token delay (ms), streams, tokens per reply
+    "paced": (20.0, 300, 200),
+    "instant": (0.0, 100, 1000),
+}
+WARM_S, WINDOW_S, COOL_S = 4.0, 8.0, 2.0  # the window: after the start's burst, before the end
+
+
+async def one_run(port: int, pid: int, load: str) -> dict[str, Any]:
+    """The load on one daemon; its CPU per token and the clients' TTFT over the window."""
+    _, streams, tokens = LOADS[load]
+    run = asyncio.create_task(streams_for(port, streams, tokens, WARM_S + WINDOW_S + 2, 0.0))
+    await asyncio.sleep(WARM_S)
+    cpu0 = tree_cpu_s(pid)
+    await asyncio.sleep(WINDOW_S)
+    cpu = tree_cpu_s(pid) - cpu0
+    stats, wall = await run
+    in_window = stats.tokens / wall * WINDOW_S  # the clients' rate held over the window
+    return {
+        "cpu_us_per_token": round(cpu / in_window * 1e6, 2),
+        "tokens_per_s": round(stats.tokens / wall),
+        "ttft_p50_ms": round(statistics.median(stats.ttfts) * 1e3, 1) if stats.ttfts else None,
+        "errors": len(stats.errors),
+    }
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    trees: dict[str, Path] = args.trees
+    delay_ms, streams, tokens = LOADS[args.load]
+    tmp = Path(tempfile.mkdtemp(prefix="llmsvc-trees-"))
+    report: dict[str, Any] = {
+        "machine": machine_info(tmp, PACKAGES),
+        "load": {"name": args.load, "token_delay_ms": delay_ms, "streams": streams},
+        "tokens_per_reply": tokens,
+        "window_s": WINDOW_S,
+        "trees": {
+            name: {"path": str(path), "commit": commit_of(path)} for name, path in trees.items()
+        },
+    }
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
+    started = time.perf_counter()
+    with processes() as procs:
+        procs.append(up := spawn_upstream(tmp, "upstream", delay_ms))
+        daemons = {}
+        for name, path in trees.items():
+            env = {"PYTHONPATH": str(path)}
+            procs.append(daemon := await start_daemon(tmp, name, "", up, env))
+            daemons[name] = daemon
+        for r in range(args.rounds):
+            for name in rotated(list(trees), r):
+                got = await one_run(daemons[name].port, daemons[name].pid, args.load)
+                runs[name].append(got)
+                log(f"round {r} {name}: {got}")
+                await asyncio.sleep(COOL_S)
+    for name, tree_runs in runs.items():
+        report["trees"][name]["runs"] = tree_runs
+        report["trees"][name]["cpu_us_per_token_median"] = statistics.median(
+            r["cpu_us_per_token"] for r in tree_runs
+        )
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    return report
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tree", action="append", required=True, help="name=path, two or more")
+    p.add_argument("--load", choices=sorted(LOADS), default="paced")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    if len(args.tree) < 2 or any("=" not in tree for tree in args.tree):
+        p.error("--tree takes name=path, at least twice")
+    named = (tree.split("=", 1) for tree in args.tree)
+    args.trees = {name: Path(path).resolve() for name, path in named}
+    report = asyncio.run(run(args))
+    args.out.write_text(json.dumps(report, indent=1) + "\n")
+    for name, tree in report["trees"].items():
+        log(f"{name} ({tree['commit']}): {tree['cpu_us_per_token_median']} us/token")
+
+
+if __name__ == "__main__":
+    main()
