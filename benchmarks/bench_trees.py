@@ -10,6 +10,10 @@ so a flush running behind counts in a later window, not this one.
 issue 19's paced row. `instant`: 100 streams of 1000-token replies from an upstream that
 writes each reply at once.
 
+With `--drained` a run is measured whole instead, until the store holds every token the
+clients got (bench_scale's `measured`, as `bench.py --floor` measures its rows): the flush
+process's whole share counts, the start's burst too.
+
 Usage:  .venv/bin/python benchmarks/bench_trees.py --tree base=/path/to/worktree
             --tree new=. [--load paced|instant] [--rounds 3] --out x.json
 A tree is imported from its path (PYTHONPATH) with this tree's virtualenv and packages.
@@ -27,14 +31,24 @@ from pathlib import Path
 from typing import Any
 
 from bench_open_memory import commit_of
-from bench_scale import start_daemon, streams_for, tree_cpu_s
-from benchkit import PACKAGES, log, machine_info, processes, rotated, spawn_upstream
+from bench_scale import Side, measured, start_daemon, streams_for, tree_cpu_s
+from benchkit import PACKAGES, Proc, log, machine_info, processes, rotated, spawn_upstream
 
 LOADS = {  # token delay (ms), streams, tokens per reply
     "paced": (20.0, 300, 200),
     "instant": (0.0, 100, 1000),
 }
 WARM_S, WINDOW_S, COOL_S = 4.0, 8.0, 2.0  # the window: after the start's burst, before the end
+
+
+async def drained_run(daemon: Proc, up: Proc, load: str) -> dict[str, Any]:
+    """The load on one daemon, measured whole until its store holds every token."""
+    _, streams, tokens = LOADS[load]
+    seconds = WARM_S + WINDOW_S
+    load_it = lambda: streams_for(daemon.port, streams, tokens, seconds, 0)  # noqa: E731
+    got = await measured(Side("daemon", daemon), up, "", load_it)
+    keep = ("cpu_us_per_token", "tokens_per_s", "ttft_p50_ms", "errors", "drain_s")
+    return {key: got[key] for key in keep}
 
 
 async def one_run(port: int, pid: int, load: str) -> dict[str, Any]:
@@ -63,7 +77,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "machine": machine_info(tmp, PACKAGES),
         "load": {"name": args.load, "token_delay_ms": delay_ms, "streams": streams},
         "tokens_per_reply": tokens,
-        "window_s": WINDOW_S,
+        "window_s": None if args.drained else WINDOW_S,
         "trees": {
             name: {"path": str(path), "commit": commit_of(path)} for name, path in trees.items()
         },
@@ -79,7 +93,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             daemons[name] = daemon
         for r in range(args.rounds):
             for name in rotated(list(trees), r):
-                got = await one_run(daemons[name].port, daemons[name].pid, args.load)
+                daemon = daemons[name]
+                if args.drained:
+                    got = await drained_run(daemon, up, args.load)
+                else:
+                    got = await one_run(daemon.port, daemon.pid, args.load)
                 runs[name].append(got)
                 log(f"round {r} {name}: {got}")
                 await asyncio.sleep(COOL_S)
@@ -97,6 +115,7 @@ def main() -> None:
     p.add_argument("--tree", action="append", required=True, help="name=path, two or more")
     p.add_argument("--load", choices=sorted(LOADS), default="paced")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--drained", action="store_true", help="whole runs, until stored")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if len(args.tree) < 2 or any("=" not in tree for tree in args.tree):
