@@ -366,10 +366,11 @@ class Exchange:
         that is not plain tokens, a second batch while one is `held`, a client to wait for,
         the end, a failure. Then `batches` goes on where the pump stopped, after the held
         batch is sent here once its WAL write is done (or its refusal raised)."""
+        if not reply.pump(self._take, self._pump_stopped):  # it calls back on later reads
+            return
         self.pumped = woken = asyncio.get_running_loop().create_future()
         try:
-            if reply.pump(self._take, self._pump_stopped):
-                await woken
+            await woken
         finally:
             reply.unpump()
             self.pumped = None
