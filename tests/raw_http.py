@@ -95,8 +95,9 @@ def read_response(sock: socket.socket) -> bytes:
     head, _, body = data.partition(b"\r\n\r\n")
     lowered = head.lower()
     if b"transfer-encoding: chunked" in lowered:
-        while (end := _chunked_end(body)) is None:
+        while (whole := dechunk(body)) is None:
             body += _more(sock)
+        end = whole[1]
     else:
         end = int(lowered.split(b"content-length: ")[1].split(b"\r\n")[0])
         while len(body) < end:
@@ -109,16 +110,18 @@ def read_response(sock: socket.socket) -> bytes:
 _UNREAD: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
 
 
-def _chunked_end(body: bytes) -> int | None:
-    """Where a chunked body (no trailers) ends, or None if its last chunk has not come."""
-    at = 0
+def dechunk(body: bytes) -> tuple[bytes, int] | None:
+    """A chunked body's data and where the body ends (no trailers), or None if its last chunk
+    has not come."""
+    data, at = bytearray(), 0
     while (eol := body.find(b"\r\n", at)) >= 0:
         size = int(body[at:eol].split(b";")[0], 16)
         end = eol + 2 + size + 2
         if len(body) < end:
             return None
         if size == 0:
-            return end
+            return bytes(data), end
+        data += body[eol + 2 : eol + 2 + size]
         at = end
     return None
 

@@ -20,6 +20,7 @@ from typing import Any
 import openai
 import pytest
 from daemon_process import DaemonProcess, UpstreamProcess, daemon_env, read_store, run_cli
+from raw_http import dechunk
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -195,7 +196,9 @@ def test_a_client_that_stops_reading_mid_stream_gets_every_token_in_order_later(
     head_end = raw.index(b"\r\n\r\n") + 4
     headers = bytes(raw[:head_end]).lower()
     assert b"transfer-encoding: chunked" in headers
-    events = [json.loads(line[6:]) for line in dechunk(bytes(raw[head_end:])).split(b"\n\n")
+    whole = dechunk(bytes(raw[head_end:]))
+    assert whole is not None, "the body did not end with its last chunk"
+    events = [json.loads(line[6:]) for line in whole[0].split(b"\n\n")
               if line.startswith(b"data: {")]  # fmt: skip
     tokens = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
     tokens = [t for t in tokens if t]
@@ -204,18 +207,6 @@ def test_a_client_that_stops_reading_mid_stream_gets_every_token_in_order_later(
     stored = read_store(database_url)
     assert stored.request(request_id)["status"] == "completed"
     assert stored.texts(request_id) == tokens
-
-
-def dechunk(body: bytes) -> bytes:
-    """An HTTP/1.1 chunked body's data, checked to end with its last chunk."""
-    out, at = bytearray(), 0
-    while True:
-        line_end = body.index(b"\r\n", at)
-        size = int(body[at:line_end], 16)
-        if size == 0:
-            return bytes(out)
-        out += body[line_end + 2 : line_end + 2 + size]
-        at = line_end + 2 + size + 2
 
 
 def test_status_and_show_list_what_clients_received(env: dict[str, str], database_url: str) -> None:
