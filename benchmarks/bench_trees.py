@@ -1,4 +1,4 @@
-"""CPU per streamed token, llmsvc trees side by side: which change moved it, in one run.
+"""CPU per streamed token or per request, llmsvc trees side by side, in one run.
 
 Each tree runs its own daemon (SQLite, the defaults) in front of one shared upstream;
 the load goes to each in turn, the order turned each round. Per run a daemon is measured
@@ -8,7 +8,9 @@ so a flush running behind counts in a later window, not this one.
 
 `paced`: 300 streams at 50 tokens/s (200-token replies, arriving at once), the shape of
 issue 19's paced row. `instant`: 100 streams of 1000-token replies from an upstream that
-writes each reply at once.
+writes each reply at once. `whole`: 16 clients each sending one non-streaming request after
+another (16-token replies), measured per request: the CPU that sets the latency rows once
+requests overlap, and the clients' p50 and p99 over the window.
 
 With `--drained` a run is measured whole instead, until the store holds every token the
 clients got (bench_scale's `measured`, as `bench.py --floor` measures its rows): the flush
@@ -32,12 +34,28 @@ from typing import Any
 
 from bench_open_memory import commit_of
 from bench_scale import Side, measured, start_daemon, streams_for, tree_cpu_s
-from benchkit import PACKAGES, Proc, log, machine_info, processes, rotated, spawn_upstream
+from benchkit import (
+    MODEL,
+    PACKAGES,
+    Endpoint,
+    Proc,
+    chat_body,
+    complete,
+    log,
+    machine_info,
+    new_session,
+    pct,
+    processes,
+    rotated,
+    spawn_upstream,
+)
 
 LOADS = {  # token delay (ms), streams, tokens per reply
     "paced": (20.0, 300, 200),
     "instant": (0.0, 100, 1000),
+    "whole": (0.0, 16, 16),  # clients, not streams
 }
+FIGURE = {"paced": "cpu_us_per_token", "instant": "cpu_us_per_token", "whole": "cpu_us_per_request"}
 WARM_S, WINDOW_S, COOL_S = 4.0, 8.0, 2.0  # the window: after the start's burst, before the end
 
 
@@ -69,6 +87,37 @@ async def one_run(port: int, pid: int, load: str) -> dict[str, Any]:
     }
 
 
+async def whole_run(port: int, pid: int) -> dict[str, Any]:
+    """Non-streaming requests on one daemon; its CPU per request and the clients' latency
+    over the window."""
+    _, clients, tokens = LOADS["whole"]
+    body = chat_body(MODEL, tokens, False)
+    latencies: list[float] = []
+    counting = False
+    stop = time.monotonic() + WARM_S + WINDOW_S + 2
+
+    async def client(ep: Endpoint) -> None:
+        while time.monotonic() < stop:
+            took = await complete(ep, body)
+            if counting:
+                latencies.append(took)
+
+    async with new_session() as session:
+        ep = Endpoint("daemon", f"http://127.0.0.1:{port}/v1/chat/completions", session, MODEL)
+        load = asyncio.gather(*(client(ep) for _ in range(clients)))
+        await asyncio.sleep(WARM_S)
+        cpu0, counting = tree_cpu_s(pid), True
+        await asyncio.sleep(WINDOW_S)
+        cpu, counting, n = tree_cpu_s(pid) - cpu0, False, len(latencies)
+        await load
+    return {
+        "cpu_us_per_request": round(cpu / n * 1e6, 1),
+        "requests_per_s": round(n / WINDOW_S),
+        "p50_ms": round(pct(latencies, 0.5) * 1e3, 3),
+        "p99_ms": round(pct(latencies, 0.99) * 1e3, 3),
+    }
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     trees: dict[str, Path] = args.trees
     delay_ms, streams, tokens = LOADS[args.load]
@@ -94,18 +143,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         for r in range(args.rounds):
             for name in rotated(list(trees), r):
                 daemon = daemons[name]
-                if args.drained:
+                if args.load == "whole":
+                    got = await whole_run(daemon.port, daemon.pid)
+                elif args.drained:
                     got = await drained_run(daemon, up, args.load)
                 else:
                     got = await one_run(daemon.port, daemon.pid, args.load)
                 runs[name].append(got)
                 log(f"round {r} {name}: {got}")
                 await asyncio.sleep(COOL_S)
+    figure = FIGURE[args.load]
     for name, tree_runs in runs.items():
         report["trees"][name]["runs"] = tree_runs
-        report["trees"][name]["cpu_us_per_token_median"] = statistics.median(
-            r["cpu_us_per_token"] for r in tree_runs
-        )
+        report["trees"][name][f"{figure}_median"] = statistics.median(r[figure] for r in tree_runs)
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -120,12 +170,15 @@ def main() -> None:
     args = p.parse_args()
     if len(args.tree) < 2 or any("=" not in tree for tree in args.tree):
         p.error("--tree takes name=path, at least twice")
+    if args.drained and args.load == "whole":
+        p.error("--drained measures streams: not with --load whole")
     named = (tree.split("=", 1) for tree in args.tree)
     args.trees = {name: Path(path).resolve() for name, path in named}
     report = asyncio.run(run(args))
     args.out.write_text(json.dumps(report, indent=1) + "\n")
+    figure = FIGURE[args.load]
     for name, tree in report["trees"].items():
-        log(f"{name} ({tree['commit']}): {tree['cpu_us_per_token_median']} us/token")
+        log(f"{name} ({tree['commit']}): {figure} {tree[f'{figure}_median']}")
 
 
 if __name__ == "__main__":
