@@ -33,7 +33,7 @@ from llmsvc.errors import (
 from llmsvc.gateway.accounting import Counts, Pieces, count, prompt_counter, tool_texts
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import describe
-from llmsvc.gateway.journal import Journal, now_us
+from llmsvc.gateway.journal import Journal, When, now_us
 from llmsvc.gateway.request import ClientGone
 from llmsvc.gateway.router import Router, Target
 from llmsvc.gateway.sse import ASGISend
@@ -50,6 +50,7 @@ log = logger(__name__)
 
 SSE_HEADERS = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
 JSON_HEADERS = [(b"content-type", b"application/json")]
+NO_ATTEMPT = uuid.UUID(int=0)  # an exchange's attempt id before it calls a provider
 
 
 class Exchange:
@@ -174,7 +175,7 @@ class Exchange:
         self.pumped: asyncio.Future[None] | None = None  # woken when the pump stops
         self.held: bytes | None = None  # a pumped batch's frame, journaled or about to be, unsent
         self.request_id = request_id
-        self.attempt_id = uuid.uuid4()
+        self.attempt_id = NO_ATTEMPT  # each attempt's own, from the first
         self.attempt_no = 0
         self.attempt_open = False  # an attempt is started and not yet ended in the journal
         self.attempts: list[tuple[str, str, str, str | None]] = []  # provider, model, status, code
@@ -389,7 +390,7 @@ class Exchange:
         if isinstance(texts, ToolCallDeltas | RefusalDeltas) or self.held or self.closed():
             return False
         try:
-            fut = self._journal_tokens(self.attempt_id.bytes, texts, soon=True)
+            fut = self._journal_tokens(self.attempt_id.bytes, texts, "round")
         except LlmsvcError:
             return False
         self.held = self.wire.tokens(texts)
@@ -429,12 +430,12 @@ class Exchange:
         content = "".join(texts)
         if content or reply.tool_calls or reply.refusal:
             self.first_token_us = now_us()
-        if content and self.store_content:
-            self._journal_tokens(self.attempt_id.bytes, [content])
+        if content and self.store_content:  # the ends' append below writes these too
+            self._journal_tokens(self.attempt_id.bytes, [content], "next")
         if reply.refusal:  # stored as the reply's text, after any content
-            self._journal_tokens(self.attempt_id.bytes, [reply.refusal])
+            self._journal_tokens(self.attempt_id.bytes, [reply.refusal], "next")
         if reply.tool_calls:
-            self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls)
+            self.journal.tool_deltas(self.attempt_id.bytes, 0, reply.tool_calls, "next")
             self.tool_seq = len(reply.tool_calls)
             self.pieces.add(tool_texts(reply.tool_calls))
         fut = self._end_records("completed", reply)
@@ -457,15 +458,14 @@ class Exchange:
         attempt, request = self._end_fields(status, reply, error, "client_gone", None)
         self.status = status
         self.attempts[-1] = (*self.attempts[-1][:2], status, "client_gone")
-        self.journal.attempt_end(self.attempt_id, **attempt)
-        await self.journal.request_end(self.request_id, **request)
+        await self.journal.ends(self.attempt_id, attempt, self.request_id, request)
 
     def _journal_tokens(
-        self, attempt_id: bytes, texts: list[str], soon: bool = False
+        self, attempt_id: bytes, texts: list[str], when: When = "now"
     ) -> asyncio.Future[int]:
-        """Append a token batch; counted as journaled unless the WAL refuses it later. `soon`:
-        written at the end of this loop round (`WalWriter.append_soon`)."""
-        fut = self.journal.tokens(attempt_id, self.seq, texts, soon)
+        """Append a token batch; counted as journaled unless the WAL refuses it later. `when`:
+        how soon it is written (journal.When)."""
+        fut = self.journal.tokens(attempt_id, self.seq, texts, when)
         self.seq += len(texts)
         self.pieces.add(texts)  # kept, not counted: the per-token path does no counting
         self.unconfirmed = (fut, len(texts))
@@ -521,13 +521,13 @@ class Exchange:
         """Journal the open attempt's end and the request's; the reply, if any, gives usage."""
         self.ended, self.status = True, status
         attempt, request = self._end_fields(status, reply, error, error_code, http_status)
+        ended = self.attempt_id if self.attempt_open else None
         if self.attempt_open:
             self.attempt_open = False
             self.attempts.append((self.target.provider.name, self.target.model, status, error_code))
-            self.journal.attempt_end(self.attempt_id, **attempt)
             if self.trace is not None:
                 self.trace.attempt_ended(attempt, reply.finish_reason if reply else None)
-        return self.journal.request_end(self.request_id, **request)
+        return self.journal.ends(ended, attempt, self.request_id, request)
 
     def _end_fields(
         self,

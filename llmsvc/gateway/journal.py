@@ -3,7 +3,9 @@
 Appends return the writer's batch future; awaiting it waits until the
 records are journaled (a waiter's cancellation never cancels it). Records of
 one request are appended in order, so waiting for the last one covers all;
-the start records, which nobody waits on, do not wake the writer thread.
+the start records, which nobody waits on, do not wake the writer thread, and
+records appended `when="next"` wait for the append right after them: a whole
+reply's text and its ends are one write(2), not three.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any, Unpack
+from typing import Any, Literal, Unpack
 
 import orjson
 
@@ -35,6 +37,10 @@ from llmsvc.wal import (
     fits,
 )
 
+# How soon an append is written: at once ("now", WalWriter.append), at the end of this loop
+# round with every other batch appended in it ("round", append_soon), or with the next
+# append ("next", queue), which the caller makes right after.
+When = Literal["now", "round", "next"]
 CHAT_API_FIELD = Api()  # a chat start says nothing of its API: its bytes stay as they were
 
 
@@ -108,22 +114,26 @@ class Journal:
         self.writer.queue(encode_json(RecordType.ATTEMPT_START, body))
 
     def tokens(
-        self, attempt_id: bytes, first_seq: int, texts: list[str], soon: bool = False
+        self, attempt_id: bytes, first_seq: int, texts: list[str], when: When = "now"
     ) -> asyncio.Future[int]:
-        """`soon`: written at the end of this loop round, with every other batch appended in
-        it (`WalWriter.append_soon`), rather than at once."""
         ts = now_us()
         frames = [encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
-        return self.writer.append_soon(*frames) if soon else self.writer.append(*frames)
+        return self._append(frames, when)
 
     def tool_deltas(
-        self, attempt_id: bytes, first_seq: int, deltas: list[dict[str, Any]]
+        self, attempt_id: bytes, first_seq: int, deltas: list[dict[str, Any]], when: When = "now"
     ) -> asyncio.Future[int]:
         """Tool-call deltas, numbered in their own seq space per attempt (tokens keep theirs)."""
         ts = now_us()
-        return self.writer.append(
-            *[encode_tool_delta(attempt_id, first_seq + i, ts, d) for i, d in enumerate(deltas)]
-        )
+        frames = [encode_tool_delta(attempt_id, first_seq + i, ts, d) for i, d in enumerate(deltas)]
+        return self._append(frames, when)
+
+    def _append(self, frames: list[bytes], when: When) -> asyncio.Future[int]:
+        if when == "now":
+            return self.writer.append(*frames)
+        if when == "round":
+            return self.writer.append_soon(*frames)
+        return self.writer.queue(*frames)
 
     def attempt_end(
         self, attempt_id: uuid.UUID, **fields: Unpack[AttemptEndFields]
@@ -134,6 +144,17 @@ class Journal:
         self, request_id: uuid.UUID, **fields: Unpack[RequestEndFields]
     ) -> asyncio.Future[int]:
         return self.writer.append(_request_end(request_id, fields))
+
+    def ends(
+        self,
+        attempt_id: uuid.UUID | None,
+        attempt_fields: AttemptEndFields,
+        request_id: uuid.UUID,
+        request_fields: RequestEndFields,
+    ) -> asyncio.Future[int]:
+        """An attempt's end (if still open; None if not) and its request's, in one append."""
+        attempt = [] if attempt_id is None else [_attempt_end(attempt_id, attempt_fields)]
+        return self.writer.append(*attempt, _request_end(request_id, request_fields))
 
     def hold_ends(
         self,
