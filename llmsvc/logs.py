@@ -23,22 +23,29 @@ from typing import Any
 import orjson
 
 MASK = "***"
-# Credentials a message might carry even when they are not ours to know.
-PATTERNS = re.compile(r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}|(://[^:/@\s]+:)[^@\s]+(@)")
-CALLER_KEYS = re.compile(r"sk-llmsvc-[A-Za-z0-9_-]{8,}")  # a caller's secret (store/keys.py)
+# Credentials a message might carry even when they are not ours to know: a bearer token, a
+# URL's password, a caller's secret (store/keys.py); one pass over each line.
+PATTERNS = re.compile(
+    r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}|(://[^:/@\s]+:)[^@\s]+(@)|sk-llmsvc-[A-Za-z0-9_-]{8,}"
+)
 
 
 class Event:
     """A log message with its fields: `text key=value …` to any handler, keys apart in JSON."""
 
-    __slots__ = ("fields", "text")
+    __slots__ = ("_line", "fields", "text")
 
     def __init__(self, text: str, fields: Mapping[str, object]) -> None:
         self.text = text
         self.fields = fields
+        self._line: str | None = None
 
     def __str__(self) -> str:
-        return self.text + "".join(f" {key}={value}" for key, value in self.fields.items())
+        """Made once: the redaction filter and the formatter both ask for it."""
+        if self._line is None:
+            fields = self.fields.items()
+            self._line = self.text + "".join([f" {key}={value}" for key, value in fields])
+        return self._line
 
     def masked(self, mask: Callable[[str], str]) -> Event:
         """The text and every field that is not a number masked (numbers hold no secret)."""
@@ -109,8 +116,14 @@ class Redact(logging.Filter):
     def mask(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, MASK)
-        text = CALLER_KEYS.sub(MASK, text)
-        return PATTERNS.sub(lambda m: f"{m[1]}{MASK}" if m[1] else f"{m[2]}{MASK}{m[3]}", text)
+        return PATTERNS.sub(_masked, text)
+
+
+def _masked(match: re.Match[str]) -> str:
+    """A bearer token's or a URL password's match keeps what names it; a caller's secret goes."""
+    if match[1]:
+        return f"{match[1]}{MASK}"
+    return f"{match[2]}{MASK}{match[3]}" if match[2] else MASK
 
 
 class JsonFormatter(logging.Formatter):
@@ -161,3 +174,7 @@ def configure(
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # No line shows the caller's source line, thread or process: logging's documented
+    # switches skip finding them for every record (a request's access line is one).
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
