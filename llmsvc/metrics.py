@@ -23,6 +23,7 @@ import platform
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar, cast
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -36,6 +37,7 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.registry import Collector
 
 from llmsvc import __version__
@@ -43,6 +45,7 @@ from llmsvc.logs import logger
 from llmsvc.wal import Damage
 
 log = logger(__name__)
+M = TypeVar("M", bound=MetricWrapperBase)
 
 # `*_created` series double every counter and histogram for a value nobody alerts on.
 disable_created_metrics()  # type: ignore[no-untyped-call]
@@ -335,6 +338,7 @@ class Metrics:
             "WAL records committed to the database",
             registry=self.registry,
         )
+        self._children: dict[tuple[object, ...], MetricWrapperBase] = {}  # see _series
 
     async def watch_loop(self, interval: float = LOOP_PROBE_SECONDS) -> None:
         """Measure the event loop's lag for as long as it runs: how late a timer fires.
@@ -368,19 +372,29 @@ class Metrics:
         `provider_disabled` or `circuit_open`), counted as that provider's errors
         too. Labels stay bounded: every name comes from configuration.
         """
-        self.requests.labels(provider, model, status).inc()
+        series = self._series
+        series(self.requests, provider, model, status).inc()
         for name, upstream, outcome, code in attempts:
-            self.attempts.labels(name, upstream, outcome).inc()
+            series(self.attempts, name, upstream, outcome).inc()
             if code:
-                self.provider_errors.labels(name, code).inc()
+                series(self.provider_errors, name, code).inc()
         for name, code in skipped:
-            self.provider_errors.labels(name, code).inc()
+            series(self.provider_errors, name, code).inc()
         if prompt_tokens:
-            self.prompt_tokens.labels(provider, model).inc(prompt_tokens)
-        self.completion_tokens.labels(provider, model).inc(completion_tokens)
-        self.request_duration.labels(provider, model).observe(seconds)
+            series(self.prompt_tokens, provider, model).inc(prompt_tokens)
+        series(self.completion_tokens, provider, model).inc(completion_tokens)
+        series(self.request_duration, provider, model).observe(seconds)
         if first_token_seconds is not None:
-            self.time_to_first_token.labels(provider, model).observe(first_token_seconds)
+            series(self.time_to_first_token, provider, model).observe(first_token_seconds)
+
+    def _series(self, metric: M, *values: str) -> M:
+        """`metric.labels(*values)`, looked up once: `labels` costs ~1.5 µs, and a request
+        would call it six times. Bounded: every label value comes from configuration."""
+        key = (metric, *values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return cast(M, child)
 
     def describe_build(self, database: str) -> None:
         """Export `llmsvc_build_info` once the store is known: `database` is its dialect."""
