@@ -33,6 +33,7 @@ from llmsvc.errors import (
 from llmsvc.gateway.accounting import Counts, Pieces, count, prompt_counter, tool_texts
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import describe
+from llmsvc.gateway.http_protocol import ReplyWriter
 from llmsvc.gateway.journal import Journal, When, now_us
 from llmsvc.gateway.request import ClientGone
 from llmsvc.gateway.router import Router, Target
@@ -108,6 +109,7 @@ class Exchange:
         "who",
         "wire",
         "write",
+        "write_reply",
     )
 
     def __init__(
@@ -123,6 +125,7 @@ class Exchange:
         send: ASGISend,
         closed: Callable[[], bool],
         write: Callable[[bytes], bool],
+        write_reply: ReplyWriter,
         *,
         caller: Caller | None,
         attribution: Attribution,
@@ -172,6 +175,7 @@ class Exchange:
         self.send = send
         self.closed = closed  # the connection is known gone (a write failed), asked at once
         self.write = write  # a piece of the streamed body written now, if the client reads
+        self.write_reply = write_reply  # a whole reply written in one write, if it can be
         self.pumped: asyncio.Future[None] | None = None  # woken when the pump stops
         self.held: bytes | None = None  # a pumped batch's frame, journaled or about to be, unsent
         self.request_id = request_id
@@ -442,11 +446,15 @@ class Exchange:
         finish, usage = reply.finish_reason or "stop", self.counts.usage()
         body = self.wire.whole(content, finish, usage, reply.tool_calls, reply.refusal)
         await fut
-        await self._start([*JSON_HEADERS, (b"content-length", str(len(body)).encode())])
-        await self.send({"type": "http.response.body", "body": body, "more_body": True})
-        gone = self.closed()
-        await self.send({"type": "http.response.body", "body": b""})
-        if gone:  # the write found the client gone: the reply was journaled, not received
+        headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
+        self.started = True
+        taken = self.write_reply(200, headers + self.response_headers(), body)  # in one write
+        if taken is None:  # it could not: by ASGI
+            await self._start(headers)
+            await self.send({"type": "http.response.body", "body": body, "more_body": True})
+            taken = not self.closed()
+            await self.send({"type": "http.response.body", "body": b""})
+        if not taken:  # the write found the client gone: the reply was journaled, not received
             await self._correct_end("interrupted", reply, "client disconnected")
 
     async def _correct_end(self, status: Status, reply: Reply, error: str) -> None:

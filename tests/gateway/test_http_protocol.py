@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import re
 import sys
 
@@ -16,7 +17,7 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from llmsvc.gateway.http_lean import LeanEvent, Pipeline
-from llmsvc.gateway.http_protocol import BoundedHttpProtocol, not_http
+from llmsvc.gateway.http_protocol import BoundedHttpProtocol, not_http, whole_response
 
 
 def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
@@ -50,6 +51,55 @@ def test_uvicorn_still_writes_a_chunked_body_as_the_pumps_direct_write_does() ->
     assert "self.chunked_encoding = True" in send
     assert 'content = [b"%x\\r\\n" % len(body), body, b"\\r\\n"]' in send
     assert 'self.transport.write(b"".join(content))' in send
+
+
+class _Recording:
+    """A transport that keeps what is written to it."""
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(bytes(data))
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def test_a_whole_reply_is_the_bytes_uvicorns_send_writes_in_two() -> None:
+    """`reply_writer` writes a whole response's head and body in one write on a connection
+    kept alive: byte for byte what uvicorn's `send` writes for the same start and body, its
+    default headers included."""
+    transport = _Recording()
+    cycle = RequestResponseCycle(
+        scope={"method": "POST"},  # type: ignore[typeddict-item]
+        transport=transport,  # type: ignore[arg-type]
+        flow=FlowControl(transport),  # type: ignore[arg-type]
+        logger=logging.getLogger("test"),
+        access_logger=logging.getLogger("test"),
+        access_log=False,
+        default_headers=[(b"date", b"Sun, 06 Dec 2026 16:00:00 GMT")],
+        message_event=asyncio.Event(),
+        expect_100_continue=False,
+        keep_alive=True,
+        on_response=lambda: None,
+    )
+    body = b'{"id":"chatcmpl-1"}'
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", b"0b6c2b1e-5b1f-4d55-9a0c-3f1d1e6e8a11"),
+    ]
+    await cycle.send({"type": "http.response.start", "status": 200, "headers": headers})
+    await cycle.send({"type": "http.response.body", "body": body})
+
+    assert len(transport.written) == 2
+    assert b"".join(transport.written) == whole_response(200, cycle.default_headers + headers, body)
+    assert not transport.closed
 
 
 def test_uvicorn_still_uses_its_events_and_pipeline_only_as_the_lean_ones_can() -> None:
