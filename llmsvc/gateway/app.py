@@ -128,7 +128,7 @@ class Gateway:
         self._refused_backlog = self.metrics.requests_refused.labels(reason="backlog")
         self._refused_shutdown = self.metrics.requests_refused.labels(reason="shutdown")
         self.draining = False
-        self.inflight: set[anyio.CancelScope] = set()
+        self.inflight: set[Exchange] = set()
         self.idle = asyncio.Event()
         self.idle.set()
         self.created = int(time.time())  # every model's `created`: when this gateway was built
@@ -252,18 +252,17 @@ class Gateway:
     async def _run(self, exchange: Exchange) -> None:
         """Run the exchange as an open request (shutdown waits for it, then interrupts it),
         then count it and charge its caller."""
-        cancel = anyio.CancelScope()
-        self.inflight.add(cancel)
+        self.inflight.add(exchange)
         self.idle.clear()
         try:
-            await exchange.run(cancel)
+            await exchange.run()
         except Exception as exc:
             if exchange.started:  # too late for a status line: the connection just closes
                 log.exception("request failed mid-response", request_id=exchange.request_id)
             else:
                 await send_error(exchange.send, exc, exchange.response_headers(), exchange.api)
         finally:
-            self.inflight.discard(cancel)
+            self.inflight.discard(exchange)
             if not self.inflight:
                 self.idle.set()
             self._count(exchange)
@@ -407,8 +406,8 @@ class Gateway:
                     seconds_left=round(left, 1),
                 )
         interrupted = len(self.inflight)
-        for cancel in list(self.inflight):
-            cancel.cancel()
+        for exchange in list(self.inflight):
+            exchange.interrupt()
         with anyio.move_on_after(ends_within):  # each interrupted request journals its end
             await self.idle.wait()
         return interrupted

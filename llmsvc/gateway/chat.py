@@ -12,12 +12,11 @@ until space returns.
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 import uuid
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
-
-import anyio
 
 from llmsvc.callers import Caller
 from llmsvc.config import RetryPolicy
@@ -71,6 +70,7 @@ class Exchange:
         "began_us",
         "bound",
         "caller",
+        "calls",
         "closed",
         "correlation_id",
         "cost",
@@ -195,6 +195,7 @@ class Exchange:
         self.deadline = 0.0  # loop time the current attempt must end by
         self.request_deadline = float("inf")  # and the request as a whole
         self.bound: asyncio.Timeout | None = None  # its timer, moved at the first token
+        self.calls: asyncio.Timeout | None = None  # the provider calls' scope, while they run
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
@@ -217,8 +218,15 @@ class Exchange:
             *self.headers,
         ]
 
-    async def run(self, scope: anyio.CancelScope) -> None:
-        """Serve the request; the cancel scope is how shutdown interrupts it."""
+    def interrupt(self) -> None:
+        """Shutdown's: cancel the provider calls now; the request journals its end as
+        interrupted, and a begun reply gets a last frame. Nothing once they are over."""
+        calls = self.calls
+        if calls is not None and not calls.expired():
+            calls.reschedule(-math.inf)  # due now: cancels the task at the loop's next round
+
+    async def run(self) -> None:
+        """Serve the request; `interrupt` is how shutdown ends it early."""
         params, who = self.params or {}, self.who
         self.params = self.who = None  # only the start record has them; a stream lives long
         try:
@@ -233,9 +241,16 @@ class Exchange:
                 self.api,
             )
             del params, who
-            with scope:
-                await self.router.try_targets(self)
-            if scope.cancelled_caught and not self.ended:
+            self.calls = calls = asyncio.timeout(None)
+            try:
+                async with calls:
+                    await self.router.try_targets(self)
+            except TimeoutError:
+                if not calls.expired():  # not the interruption's
+                    raise
+            finally:
+                self.calls = None
+            if calls.expired() and not self.ended:
                 stopped = ServiceUnavailable("llmsvc shut down before the reply ended")
                 await self._end("interrupted", error=str(stopped), error_code="shutdown")
                 if not self.started:

@@ -10,7 +10,6 @@ import logging
 import uuid
 from typing import Any
 
-import anyio
 import openai
 import orjson
 import pytest
@@ -60,7 +59,7 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
         api="chat",
     )  # fmt: skip
     with caplog.at_level(logging.INFO), pytest.raises(ClientError) as raised:
-        await exchange.run(anyio.CancelScope())
+        await exchange.run()
 
     assert "cannot be journaled" in str(raised.value)
     assert describe(raised.value)[0] == 400
