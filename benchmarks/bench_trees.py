@@ -10,14 +10,19 @@ so a flush running behind counts in a later window, not this one.
 issue 19's paced row. `instant`: 100 streams of 1000-token replies from an upstream that
 writes each reply at once. `whole`: 16 clients each sending one non-streaming request after
 another (16-token replies), measured per request: the CPU that sets the latency rows once
-requests overlap, and the clients' p50 and p99 over the window.
+requests overlap (the daemon's with its flush process, and the serving process's alone),
+and the clients' p50 and p99 over the window.
+
+With `--pin` each daemon's serving process (every thread) runs on a CPU of its own, and
+its flush process, the upstream and the load on the others, so the serving process does
+not share its core's caches with the load it is measured under.
 
 With `--drained` a run is measured whole instead, until the store holds every token the
 clients got (bench_scale's `measured`, as `bench.py --floor` measures its rows): the flush
 process's whole share counts, the start's burst too.
 
 Usage:  .venv/bin/python benchmarks/bench_trees.py --tree base=/path/to/worktree
-            --tree new=. [--load paced|instant] [--rounds 3] --out x.json
+            --tree new=. [--load paced|instant|whole] [--pin] [--rounds 3] --out x.json
 A tree is imported from its path (PYTHONPATH) with this tree's virtualenv and packages.
 """
 
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_open_memory import commit_of
-from bench_scale import Side, measured, start_daemon, streams_for, tree_cpu_s
+from bench_scale import Side, measured, start_daemon, streams_for, tree_cpu_s, tree_pids
 from benchkit import (
     MODEL,
     PACKAGES,
@@ -45,6 +51,7 @@ from benchkit import (
     machine_info,
     new_session,
     pct,
+    proc_cpu_s,
     processes,
     rotated,
     spawn_upstream,
@@ -106,16 +113,38 @@ async def whole_run(port: int, pid: int) -> dict[str, Any]:
         ep = Endpoint("daemon", f"http://127.0.0.1:{port}/v1/chat/completions", session, MODEL)
         load = asyncio.gather(*(client(ep) for _ in range(clients)))
         await asyncio.sleep(WARM_S)
-        cpu0, counting = tree_cpu_s(pid), True
+        cpu0, own0, counting = tree_cpu_s(pid), proc_cpu_s(pid), True
         await asyncio.sleep(WINDOW_S)
-        cpu, counting, n = tree_cpu_s(pid) - cpu0, False, len(latencies)
+        cpu, own = tree_cpu_s(pid) - cpu0, proc_cpu_s(pid) - own0
+        counting, n = False, len(latencies)
         await load
     return {
         "cpu_us_per_request": round(cpu / n * 1e6, 1),
+        "serving_cpu_us_per_request": round(own / n * 1e6, 1),  # the flush process's not counted
         "requests_per_s": round(n / WINDOW_S),
         "p50_ms": round(pct(latencies, 0.5) * 1e3, 3),
         "p99_ms": round(pct(latencies, 0.99) * 1e3, 3),
     }
+
+
+def pin(daemons: list[Proc], others: list[Proc]) -> None:
+    """Each daemon's own process on the last CPU, its flush process, `others` and this
+    process on the rest. Threads started later inherit their starter's CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    own, rest = set(cpus[-1:]), set(cpus[:-1])
+    for daemon in daemons:
+        pids = tree_pids(daemon.pid)
+        _pin_threads(pids[0], own)
+        for child in pids[1:]:
+            _pin_threads(child, rest)
+    for proc in others:
+        _pin_threads(proc.pid, rest)
+    os.sched_setaffinity(0, rest)
+
+
+def _pin_threads(pid: int, cpus: set[int]) -> None:
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        os.sched_setaffinity(int(task.name), cpus)
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -127,6 +156,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "load": {"name": args.load, "token_delay_ms": delay_ms, "streams": streams},
         "tokens_per_reply": tokens,
         "window_s": None if args.drained else WINDOW_S,
+        "pinned": args.pin,
         "trees": {
             name: {"path": str(path), "commit": commit_of(path)} for name, path in trees.items()
         },
@@ -140,6 +170,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             env = {"PYTHONPATH": str(path)}
             procs.append(daemon := await start_daemon(tmp, name, "", up, env))
             daemons[name] = daemon
+        if args.pin:
+            pin(list(daemons.values()), [up])
         for r in range(args.rounds):
             for name in rotated(list(trees), r):
                 daemon = daemons[name]
@@ -166,10 +198,13 @@ def main() -> None:
     p.add_argument("--load", choices=sorted(LOADS), default="paced")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--drained", action="store_true", help="whole runs, until stored")
+    p.add_argument("--pin", action="store_true", help="each daemon on a CPU of its own")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if len(args.tree) < 2 or any("=" not in tree for tree in args.tree):
         p.error("--tree takes name=path, at least twice")
+    if args.pin and len(os.sched_getaffinity(0)) < 2:
+        p.error("--pin needs two CPUs or more")
     if args.drained and args.load == "whole":
         p.error("--drained measures streams: not with --load whole")
     named = (tree.split("=", 1) for tree in args.tree)
