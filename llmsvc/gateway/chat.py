@@ -175,7 +175,7 @@ class Exchange:
         self.send = send
         self.closed = closed  # the connection is known gone (a write failed), asked at once
         self.write = write  # a piece of the streamed body written now, if the client reads
-        self.write_reply = write_reply  # a whole reply written in one write, if it can be
+        self.write_reply = write_reply  # the head with the first body in one write, if it can
         self.pumped: asyncio.Future[None] | None = None  # woken when the pump stops
         self.held: bytes | None = None  # a pumped batch's frame, journaled or about to be, unsent
         self.request_id = request_id
@@ -462,8 +462,7 @@ class Exchange:
         body = self.wire.whole(content, finish, usage, reply.tool_calls, reply.refusal)
         await fut
         headers = [*JSON_HEADERS, (b"content-length", str(len(body)).encode())]
-        self.started = True
-        taken = self.write_reply(200, headers + self.response_headers(), body)  # in one write
+        taken = self._write_start(headers, body, more=False)
         if taken is None:  # it could not: by ASGI
             await self._start(headers)
             await self.send({"type": "http.response.body", "body": body, "more_body": True})
@@ -496,9 +495,18 @@ class Exchange:
 
     async def _send_chunk(self, frame: bytes, reply: Reply, more: bool = True) -> None:
         if not self.started:
-            await self._start(SSE_HEADERS)
             frame = self.wire.opening(reply.prompt_tokens) + frame
+            if more and self._write_start(SSE_HEADERS, frame, more) is not None:
+                return  # a client gone is found at the next batch (`closed`)
+            await self._start(SSE_HEADERS)
         await self.send({"type": "http.response.body", "body": frame, "more_body": more})
+
+    def _write_start(
+        self, headers: list[tuple[bytes, bytes]], body: bytes, more: bool
+    ) -> bool | None:
+        """The response's head and first body in one write (`http_protocol.reply_writer`)."""
+        self.started = True
+        return self.write_reply(200, headers + self.response_headers(), body, more)
 
     async def _start(self, headers: list[tuple[bytes, bytes]]) -> None:
         self.started = True

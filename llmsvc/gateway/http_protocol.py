@@ -156,14 +156,18 @@ def _cannot(body: bytes) -> bool:
     return False
 
 
-ReplyWriter = Callable[[int, list[tuple[bytes, bytes]], bytes], bool | None]
+# (status, headers, body, more): see reply_writer
+ReplyWriter = Callable[[int, list[tuple[bytes, bytes]], bytes, bool], bool | None]
+CHUNKED = (b"transfer-encoding", b"chunked")
 
 
 def reply_writer(scope: Mapping[str, Any]) -> ReplyWriter:
-    """Write a whole response (status, headers with its content-length, body) at once in one
-    write(2) and say whether the connection took it (False: the write found the client
-    gone); or say it cannot (None: it was begun, the client is not reading, the connection
-    is closing), and the caller sends it by ASGI's `send`.
+    """Write a response's head with its first body at once in one write(2): the whole body
+    (`more` False; its content-length among the headers), or a streamed body's first chunk
+    (`more` True; the rest goes by `body_writer` or `send`). Say whether the connection took
+    it (False: the write found the client gone), or that it cannot (None: it was begun, the
+    client is not reading, the connection is closing), and the caller sends it by ASGI's
+    `send`.
 
     uvicorn's `send` writes the head and the body apart, each a syscall that wakes the
     client (BENCHMARKS.md, "CPU per request"). Under another server it always says it cannot.
@@ -173,13 +177,14 @@ def reply_writer(scope: Mapping[str, Any]) -> ReplyWriter:
     return write if write is not None else _cannot_reply
 
 
-def _cannot_reply(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+def _cannot_reply(status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool) -> None:
     return None
 
 
-def whole_response(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """A response's bytes as uvicorn's `send` writes them for its start and one whole body on
-    a connection kept alive; the headers are given lower-case, as valid names and values."""
+def response_bytes(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
+    """A response's head and `body` as uvicorn's `send` writes them for its start and first
+    body on a connection kept alive; the headers are given lower-case, as valid names and
+    values, and `body` as encoded (a chunk of a chunked body with its framing)."""
     content = [STATUS_LINE[status]]
     for name, value in headers:
         content += (name, b": ", value, b"\r\n")
@@ -408,9 +413,9 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         return True
 
     def _write_reply(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes
+        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool
     ) -> bool | None:
-        """`reply_writer`'s write: what uvicorn's `send` does for a start and a whole body, in
+        """`reply_writer`'s write: what uvicorn's `send` does for a start and a first body, in
         one write, for the request whose app runs (with pipelining, the oldest unanswered).
 
         Not on a connection that closes after it: a client that half-closed may have gone,
@@ -426,13 +431,20 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             or self._lingering
         ):
             return None
-        cycle.response_started = cycle.response_complete = True
+        cycle.response_started = True
         cycle.waiting_for_100_continue = False
         head = cycle.default_headers + headers
-        self.transport.write(whole_response(status, head, body))
+        if more:
+            cycle.chunked_encoding = True
+            head.append(CHUNKED)
+            body = b"%x\r\n%b\r\n" % (len(body), body)
+        else:
+            cycle.response_complete = True
+        self.transport.write(response_bytes(status, head, body))
         taken = not self.transport.is_closing()
-        cycle.message_event.set()
-        cycle.on_response()
+        if not more:
+            cycle.message_event.set()
+            cycle.on_response()
         return taken
 
     def _closed(self) -> bool:

@@ -53,7 +53,7 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
     exchange = Exchange(
         gateway.journal, gateway.router, gateway.policy, data,
         data["model"], False, uuid.uuid4(), "corr", send, lambda: False, lambda body: False,
-        lambda status, headers, body: None,
+        lambda status, headers, body, more: None,
         caller=None, attribution=Attribution(),
         wire=lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, data["model"], False),
         api="chat",

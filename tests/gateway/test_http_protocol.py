@@ -17,7 +17,12 @@ from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from llmsvc.gateway.http_lean import LeanEvent, Pipeline
-from llmsvc.gateway.http_protocol import BoundedHttpProtocol, not_http, whole_response
+from llmsvc.gateway.http_protocol import (
+    CHUNKED,
+    BoundedHttpProtocol,
+    not_http,
+    response_bytes,
+)
 
 
 def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
@@ -70,10 +75,13 @@ class _Recording:
         return self.closed
 
 
-async def test_a_whole_reply_is_the_bytes_uvicorns_send_writes_in_two() -> None:
-    """`reply_writer` writes a whole response's head and body in one write on a connection
-    kept alive: byte for byte what uvicorn's `send` writes for the same start and body, its
-    default headers included."""
+@pytest.mark.parametrize("more", [False, True], ids=["whole", "streamed"])
+async def test_a_head_and_first_body_are_the_bytes_uvicorns_send_writes_in_two(
+    more: bool,
+) -> None:
+    """`reply_writer` writes a response's head and its first body in one write on a
+    connection kept alive: byte for byte what uvicorn's `send` writes for the same start and
+    body, its default headers included; a streamed one as the first chunk of a chunked body."""
     transport = _Recording()
     cycle = RequestResponseCycle(
         scope={"method": "POST"},  # type: ignore[typeddict-item]
@@ -88,17 +96,18 @@ async def test_a_whole_reply_is_the_bytes_uvicorns_send_writes_in_two() -> None:
         keep_alive=True,
         on_response=lambda: None,
     )
-    body = b'{"id":"chatcmpl-1"}'
-    headers = [
-        (b"content-type", b"application/json"),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", b"0b6c2b1e-5b1f-4d55-9a0c-3f1d1e6e8a11"),
-    ]
+    body = b'data: {"id":"chatcmpl-1"}\n\n' if more else b'{"id":"chatcmpl-1"}'
+    headers = [(b"content-type", b"text/event-stream" if more else b"application/json")]
+    if not more:
+        headers.append((b"content-length", str(len(body)).encode()))
+    headers.append((b"x-request-id", b"0b6c2b1e-5b1f-4d55-9a0c-3f1d1e6e8a11"))
     await cycle.send({"type": "http.response.start", "status": 200, "headers": headers})
-    await cycle.send({"type": "http.response.body", "body": body})
+    await cycle.send({"type": "http.response.body", "body": body, "more_body": more})
 
     assert len(transport.written) == 2
-    assert b"".join(transport.written) == whole_response(200, cycle.default_headers + headers, body)
+    head = cycle.default_headers + headers + ([CHUNKED] if more else [])
+    sent = b"%x\r\n%b\r\n" % (len(body), body) if more else body
+    assert b"".join(transport.written) == response_bytes(200, head, sent)
     assert not transport.closed
 
 
