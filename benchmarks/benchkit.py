@@ -419,13 +419,15 @@ async def latency_rounds(
     n: int,
     concurrency: int,
     daemon_cpu_s: Callable[[], float],
+    also: Sequence[Endpoint] = (),
 ) -> Raw:
     """Whole requests, directly and through the daemon (`via`) in interleaved rounds, `n` a
     round from `concurrency` clients at once: each side's p50 and p99, what the daemon adds,
-    and its CPU per request (the flush of a round's requests may land in the next)."""
+    and its CPU per request (the flush of a round's requests may land in the next). `also`:
+    further hops (a relay) measured in the same rounds, each with what it adds."""
     raw: Raw = {}
     for r in range(rounds):
-        for ep in rotated([direct, via], r):
+        for ep in rotated([direct, via, *also], r):
             cpu0 = daemon_cpu_s()
             lats: list[float] = []
 
@@ -439,11 +441,10 @@ async def latency_rounds(
             if ep is via:
                 add(raw, "daemon_cpu_us_per_request", (daemon_cpu_s() - cpu0) / len(lats) * 1e6)
         for q in ("p50", "p99"):
-            add(
-                raw,
-                f"added_{q}_ms",
-                raw[f"{via.name}_{q}_ms"][-1] - raw[f"{direct.name}_{q}_ms"][-1],
-            )
+            direct_ms = raw[f"{direct.name}_{q}_ms"][-1]
+            add(raw, f"added_{q}_ms", raw[f"{via.name}_{q}_ms"][-1] - direct_ms)
+            for hop in also:
+                add(raw, f"{hop.name}_added_{q}_ms", raw[f"{hop.name}_{q}_ms"][-1] - direct_ms)
     return raw
 
 

@@ -22,7 +22,10 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("logging (the access line)", ("logging/__init__", "llmsvc/logs.py")),
     ("the flusher, on the loop", ("llmsvc/store/", "sqlalchemy/")),
     ("journal and WAL append", ("llmsvc/wal/", "llmsvc/gateway/journal.py")),
-    ("client write (ASGI send, or the pump's)", ("RequestResponseCycle.send", "._write_body")),
+    (
+        "client write (ASGI send, or llmsvc's own)",
+        ("RequestResponseCycle.send", "._write_body", "._write_reply"),
+    ),
     ("wire encoding", ("gateway/sse.py", "gateway/wire.py", "_wire.py")),
     ("upstream read and parse", ("llmsvc/providers/",)),
     (

@@ -111,7 +111,9 @@ def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
         for q in ("p50", "p99"):
             assert positive(latency[f"direct_{q}_ms"])
             assert positive(latency[f"daemon_{q}_ms"])
+            assert positive(latency[f"relay_{q}_ms"])
             assert isinstance(latency[f"added_{q}_ms"], float)
+            assert isinstance(latency[f"relay_added_{q}_ms"], float)
         assert positive(latency["daemon_cpu_us_per_request"])
 
     paced = report["paced"]["streams_20"]
