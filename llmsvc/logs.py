@@ -24,9 +24,11 @@ import orjson
 
 MASK = "***"
 # Credentials a message might carry even when they are not ours to know: a bearer token, a
-# URL's password, a caller's secret (store/keys.py); one pass over each line.
+# URL's password, a caller's secret (store/keys.py); one pass over each line that could hold
+# one (`_suspect`: the pass costs ~9 µs on a request's access line, the test ~0.5).
 PATTERNS = re.compile(
-    r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}|(://[^:/@\s]+:)[^@\s]+(@)|sk-llmsvc-[A-Za-z0-9_-]{8,}"
+    r"(?i)(bearer\s+)[A-Za-z0-9._~+/=-]{8,}|(://[^:/@\s]+:)[^@\s]+(@)"
+    r"|(?-i:sk-llmsvc-)[A-Za-z0-9_-]{8,}"
 )
 
 
@@ -116,7 +118,12 @@ class Redact(logging.Filter):
     def mask(self, text: str) -> str:
         for secret in self.secrets:
             text = text.replace(secret, MASK)
-        return PATTERNS.sub(_masked, text)
+        return PATTERNS.sub(_masked, text) if _suspect(text) else text
+
+
+def _suspect(text: str) -> bool:
+    """Whether `text` holds what each of PATTERNS' matches must begin with."""
+    return "://" in text or "sk-llmsvc-" in text or "bearer" in text.lower()
 
 
 def _masked(match: re.Match[str]) -> str:

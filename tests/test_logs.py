@@ -38,6 +38,7 @@ def test_secrets_bearer_tokens_and_url_passwords_are_masked_in_text_args_and_tra
         record("Authorization: Bearer abcdefgh12345678 sent"),
         record("connect to postgresql://llmsvc:hunter2@db:5432/x failed"),
         failed,
+        record("authorization: BEARER abcdefgh87654321 sent"),  # any case
     ]
     for r in lines:
         assert redact.filter(r)
@@ -50,6 +51,7 @@ def test_secrets_bearer_tokens_and_url_passwords_are_masked_in_text_args_and_tra
     assert "Bearer ***" in json.loads(text[1])["message"]
     assert "postgresql://llmsvc:***@db:5432/x" in json.loads(text[2])["message"]
     assert "bad key ***" in json.loads(text[3])["exception"]
+    assert json.loads(text[4])["message"] == "authorization: BEARER *** sent"
     assert {"time", "level", "logger", "message"} <= set(json.loads(text[0]))
 
 

@@ -49,7 +49,7 @@ from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import CALLER, request_id
 
 # scope["extensions"] key: {"closed": () -> bool, "write": (bytes) -> bool,
-# "reply": (status, headers, body) -> bool}
+# "reply": (status, headers, body, more) -> bool | None}
 CONNECTION = "llmsvc.connection"
 RESERVED_DESCRIPTORS = 128  # kept from clients: the WAL, the database pool, jobs, logs
 REFUSING_MAX = 64  # connections past the bound being answered 503 at once; more are just closed
@@ -164,10 +164,10 @@ CHUNKED = (b"transfer-encoding", b"chunked")
 def reply_writer(scope: Mapping[str, Any]) -> ReplyWriter:
     """Write a response's head with its first body at once in one write(2): the whole body
     (`more` False; its content-length among the headers), or a streamed body's first chunk
-    (`more` True; the rest goes by `body_writer` or `send`). Say whether the connection took
-    it (False: the write found the client gone), or that it cannot (None: it was begun, the
-    client is not reading, the connection is closing), and the caller sends it by ASGI's
-    `send`.
+    (`more` True, never empty: that chunk would end the body; the rest goes by `body_writer`
+    or `send`). Say whether the connection took it (False: the write found the client gone),
+    or that it cannot (None: it was begun, the client is not reading, the connection is
+    closing), and the caller sends it by ASGI's `send`.
 
     uvicorn's `send` writes the head and the body apart, each a syscall that wakes the
     client (BENCHMARKS.md, "CPU per request"). Under another server it always says it cannot.
