@@ -496,7 +496,7 @@ class Exchange:
     async def _send_chunk(self, frame: bytes, reply: Reply, more: bool = True) -> None:
         if not self.started:
             frame = self.wire.opening(reply.prompt_tokens) + frame
-            if more and self._write_start(SSE_HEADERS, frame, more) is not None:
+            if more and self._write_start(SSE_HEADERS, frame, True) is not None:
                 return  # a client gone is found at the next batch (`closed`)
             await self._start(SSE_HEADERS)
         await self.send({"type": "http.response.body", "body": frame, "more_body": more})

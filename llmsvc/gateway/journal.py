@@ -153,8 +153,7 @@ class Journal:
         request_fields: RequestEndFields,
     ) -> asyncio.Future[int]:
         """An attempt's end (if still open; None if not) and its request's, in one append."""
-        attempt = [] if attempt_id is None else [_attempt_end(attempt_id, attempt_fields)]
-        return self.writer.append(*attempt, _request_end(request_id, request_fields))
+        return self.writer.append(*_ends(attempt_id, attempt_fields, request_id, request_fields))
 
     def hold_ends(
         self,
@@ -163,9 +162,18 @@ class Journal:
         request_id: uuid.UUID,
         request_fields: RequestEndFields,
     ) -> None:
-        """An attempt's (if still open) and its request's end, kept while the disk is full."""
-        attempt = [] if attempt_id is None else [_attempt_end(attempt_id, attempt_fields)]
-        self.writer.hold(*attempt, _request_end(request_id, request_fields))
+        """`ends`, kept in memory while the disk is full (WalWriter.hold)."""
+        self.writer.hold(*_ends(attempt_id, attempt_fields, request_id, request_fields))
+
+
+def _ends(
+    attempt_id: uuid.UUID | None,
+    attempt_fields: AttemptEndFields,
+    request_id: uuid.UUID,
+    request_fields: RequestEndFields,
+) -> list[bytes]:
+    attempt = [] if attempt_id is None else [_attempt_end(attempt_id, attempt_fields)]
+    return [*attempt, _request_end(request_id, request_fields)]
 
 
 def _attempt_end(attempt_id: uuid.UUID, fields: AttemptEndFields) -> bytes:
