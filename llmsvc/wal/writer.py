@@ -326,6 +326,8 @@ class WalWriter:
                     self._buf, self._fut, self._count, self._woken = bytearray(), None, 0, False
             self._writing_since = time.monotonic()
             try:
+                if rotate and self._offset > HEADER_SIZE:
+                    self._rotate()  # before the batch: what was written when it was asked
                 if buf:
                     self._write(buf)
             except OSError as exc:
@@ -340,11 +342,9 @@ class WalWriter:
                     self._fdatasync()
                 self._lsn += count
                 self.appended_records += count
+                if self._offset >= self.segment_max_bytes:
+                    self._rotate()
                 end = Position(self._segment.first_lsn, self._offset, self._lsn + 1)
-                if self._offset >= self.segment_max_bytes or (
-                    rotate and self._offset > HEADER_SIZE
-                ):
-                    end = self._rotate(end)
             except OSError as exc:
                 self._fail(exc, fut)
                 return
@@ -406,8 +406,8 @@ class WalWriter:
             self.appended_lsn = self._lsn
         log.info("wal writable again", held_records_written=written)
 
-    def _rotate(self, end: Position) -> Position:
-        """Seal the full segment (fdatasync) and continue in a new one.
+    def _rotate(self) -> None:
+        """Seal the live segment (fdatasync) and continue in a new one.
 
         With no room for the new segment the old one simply grows; the next
         batch's write finds the disk full.
@@ -418,7 +418,7 @@ class WalWriter:
             if exc.errno not in DISK_FULL:
                 raise
             log.warning("wal rotation postponed: %s", exc.strerror)
-            return end
+            return
         with self._fd_lock:
             self._fdatasync()
             os.close(self._fd)
@@ -427,7 +427,6 @@ class WalWriter:
             self._offset = HEADER_SIZE
             self.segment_opened = time.monotonic()
         log.info("wal rotated", segment=self._segment.path.name)
-        return Position(self._segment.first_lsn, self._offset, self._lsn + 1)
 
     def _sync_loop(self) -> None:
         """In `write` mode, bound what a power loss can take to one interval."""

@@ -138,6 +138,21 @@ async def test_rotation_starts_segments_named_by_their_first_lsn_and_reads_acros
     assert await read_log() == records_of(frames)
 
 
+async def test_an_asked_rotation_seals_what_was_written_before_a_batch_appended_meanwhile(
+    open_writer: OpenWriter, read_log: ReadLog, wal_dir: Path
+) -> None:
+    writer = open_writer(sync="fsync", commit_delay=0.5)
+    assert await writer.append(token(1)) == 1
+
+    writer.rotate()  # the thread wakes, then waits the commit delay after that write
+    late = writer.append(token(2))  # arrives before the thread takes the batch
+    assert await asyncio.wait_for(late, 5) == 2
+    await writer.close()
+
+    assert [s.first_lsn for s in list_segments(wal_dir)] == [1, 2]
+    assert await read_log() == records_of([token(1), token(2)])
+
+
 async def test_a_segment_file_left_unfinished_by_a_crash_is_removed_at_open(
     open_writer: OpenWriter, read_log: ReadLog, wal_dir: Path
 ) -> None:
