@@ -19,7 +19,8 @@ killed, and so replaced: it pings while its event loop and WAL work, whatever
 the database does.
 
 SIGTERM / SIGINT: forwarded to every worker; the supervisor waits for all to
-drain and exits 0, or 1 if one did not exit cleanly. A second signal is
+drain and exits 0, or 1 if one did not exit cleanly (one the signal itself
+killed was still booting, before its handlers: that is clean). A second signal is
 forwarded too: the workers exit at once, as a single daemon does, and so
 (exit 1) does the supervisor once they are gone.
 A worker that fails before all were first ready is a boot failure: the others
@@ -368,7 +369,9 @@ class Supervisor:
                     worker.proc.wait()
                 if (code := worker.proc.poll()) is not None:
                     running.remove(worker)
-                    clean = clean and code == 0
+                    # Killed by the signal itself: it came before the worker's handler did,
+                    # so the worker was still booting and had nothing to drain.
+                    clean = clean and code in (0, -self._signal)
                     log.info("shutdown: %s exited", worker.name, code=code)
         for worker in self.workers:
             if worker.proc is None and worker.ever_ready:

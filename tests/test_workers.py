@@ -207,6 +207,18 @@ def test_sigterm_drains_every_worker_and_exits_0(
     assert last.endswith("supervisor shutdown: done exit_code=0 reason=SIGTERM received"), last
 
 
+def test_sigterm_while_the_workers_boot_stops_them_and_exits_0(
+    sqlite_url: str, wal_dir: Path
+) -> None:
+    daemon = DaemonProcess(daemon_env(sqlite_url, wal_dir, workers=2)).start(wait_ready=False)
+    daemon.wait_for_log(r"worker-1 started pid=", 30)
+    daemon.signal(signal.SIGTERM)  # the workers are still importing: no handler of their own yet
+    assert daemon.wait() == 0, daemon.log
+    assert re.search(r"shutdown: worker-1 exited code=(0|-15)\n", daemon.log), daemon.log
+    last = daemon.log.splitlines()[-1]
+    assert last.endswith("supervisor shutdown: done exit_code=0 reason=SIGTERM received"), last
+
+
 def test_a_second_signal_exits_at_once_and_the_next_start_replays(
     env: dict[str, str], database_url: str, wal_dir: Path
 ) -> None:
@@ -390,7 +402,7 @@ def test_the_supervisor_alone_tells_systemd_once_every_worker_is_ready(
     sqlite_url: str, wal_dir: Path, tmp_path: Path
 ) -> None:
     env = daemon_env(sqlite_url, wal_dir, workers=2)
-    with systemd_for(env, tmp_path, 400_000) as systemd, DaemonProcess(env) as daemon:
+    with systemd_for(env, tmp_path, 1_000_000) as systemd, DaemonProcess(env) as daemon:
         ready = systemd.wait_for("READY")
         pings = systemd.count("WATCHDOG", 1.5)
         daemon.signal(signal.SIGTERM)
