@@ -33,6 +33,7 @@ from llmsvc.gateway.accounting import Counts, Pieces, count, prompt_counter, too
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.http_protocol import ReplyWriter
+from llmsvc.gateway.ids import new_id
 from llmsvc.gateway.journal import Journal, When, now_us
 from llmsvc.gateway.request import ClientGone
 from llmsvc.gateway.router import Router, Target
@@ -283,7 +284,7 @@ class Exchange:
         """One call to one provider, journaled as an attempt, with its breaker told."""
         name = target.provider.name
         self.target, self.attempt_no = target, self.attempt_no + 1
-        self.attempt_id, self.first_token_us, self.attempt_open = uuid.uuid4(), None, True
+        self.attempt_id, self.first_token_us, self.attempt_open = new_id(), None, True
         self.tool_seq, self.pieces = 0, Pieces()
         self.journal.attempt_start(
             self.attempt_id, self.request_id, self.attempt_no, name, target.model

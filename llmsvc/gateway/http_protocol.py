@@ -45,6 +45,7 @@ from llmsvc.errors import (
 )
 from llmsvc.gateway.errors import api_of, closing_response, describe
 from llmsvc.gateway.http_lean import LeanEvent, Pipeline
+from llmsvc.gateway.ids import new_id
 from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import CALLER, request_id
 
@@ -377,7 +378,7 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         if self.transport.is_closing():
             return
         if exc is not None:
-            request = request_id(scope) if scope is not None else uuid.uuid4()
+            request = request_id(scope) if scope is not None else new_id()
             path = self._log_rejection(exc, request, scope)
             self.transport.write(closing_response(exc, request, api_of(path)))
         self.transport.write_eof()

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 from llmsvc.errors import BodyTooLarge, ClientError
+from llmsvc.gateway.ids import new_id
 from llmsvc.gateway.sse import ASGIReceive
 
 Body = TypeVar("Body", bound=BaseModel)
@@ -222,7 +223,7 @@ def request_id(scope: MutableMapping[str, Any]) -> uuid.UUID:
     it as X-Request-ID, errors included, and its log lines name it."""
     made: uuid.UUID | None = scope.get(REQUEST_ID)
     if made is None:
-        made = scope[REQUEST_ID] = uuid.uuid4()
+        made = scope[REQUEST_ID] = new_id()
     return made
 
 
@@ -242,7 +243,7 @@ def correlation_id(headers: dict[bytes, bytes]) -> str:
     """
     raw = headers.get(b"x-correlation-id")
     if raw is None:
-        return trace_id(headers.get(b"traceparent")) or str(uuid.uuid4())
+        return trace_id(headers.get(b"traceparent")) or str(new_id())
     if not 0 < len(raw) <= CORRELATION_MAX:
         problem = f"is {len(raw)} bytes long"
     elif raw.translate(None, VISIBLE_ASCII):
