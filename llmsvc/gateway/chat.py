@@ -31,6 +31,7 @@ from llmsvc.errors import (
 )
 from llmsvc.gateway.accounting import Counts, Pieces, count, prompt_counter, tool_texts
 from llmsvc.gateway.attribution import Attribution, record_fields
+from llmsvc.gateway.deadline import Deadline
 from llmsvc.gateway.errors import describe
 from llmsvc.gateway.http_protocol import ReplyWriter
 from llmsvc.gateway.ids import new_id
@@ -85,6 +86,7 @@ class Exchange:
         "headers",
         "held",
         "journal",
+        "loop",
         "model",
         "native",
         "params",
@@ -104,6 +106,7 @@ class Exchange:
         "stream",
         "target",
         "targets",
+        "task",
         "tool_seq",
         "trace",
         "unconfirmed",
@@ -195,8 +198,10 @@ class Exchange:
         self.tool_seq = 0  # tool-call deltas journaled, this attempt
         self.deadline = 0.0  # loop time the current attempt must end by
         self.request_deadline = float("inf")  # and the request as a whole
-        self.bound: asyncio.Timeout | None = None  # its timer, moved at the first token
-        self.calls: asyncio.Timeout | None = None  # the provider calls' scope, while they run
+        self.bound: Deadline | None = None  # its timer, moved at the first token
+        self.calls: Deadline | None = None  # the provider calls' scope, while they run
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop and task serving it,
+        self.task: asyncio.Task[Any] | None = None  # once it runs
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
@@ -242,9 +247,12 @@ class Exchange:
                 self.api,
             )
             del params, who
-            self.calls = calls = asyncio.timeout(None)
+            self.loop = loop = asyncio.get_running_loop()
+            self.task = task = asyncio.current_task(loop)
+            assert task is not None
+            self.calls = calls = Deadline(loop, task, None)
             try:
-                async with calls:
+                with calls:
                     await self.router.try_targets(self)
             except TimeoutError:
                 if not calls.expired():  # not the interruption's
@@ -313,12 +321,14 @@ class Exchange:
         """The provider call, bounded: until the first token by `first_token_timeout` (when
         streaming), and as a whole by `attempt_timeout`. One timer for both, moved when the
         first token arrives: nothing per token."""
-        loop = asyncio.get_running_loop()
+        loop, task = self.loop, self.task
+        assert loop is not None
+        assert task is not None
         self.deadline = min(loop.time() + self.policy.attempt_timeout, self.request_deadline)
         first = loop.time() + self.policy.first_token_timeout
         try:
-            async with asyncio.timeout_at(
-                min(first, self.deadline) if self.stream else self.deadline
+            with Deadline(
+                loop, task, min(first, self.deadline) if self.stream else self.deadline
             ) as self.bound:
                 reply = await target.provider.open(
                     self.data, target.model, self.stream, self.native
@@ -389,7 +399,8 @@ class Exchange:
         batch is sent here once its WAL write is done (or its refusal raised)."""
         if not reply.pump(self._take, self._pump_stopped):  # it calls back on later reads
             return
-        self.pumped = woken = asyncio.get_running_loop().create_future()
+        assert self.loop is not None
+        self.pumped = woken = self.loop.create_future()
         try:
             await woken
         finally:

@@ -34,6 +34,7 @@ class Request(Protocol):
     policy: RetryPolicy
     skipped: list[tuple[str, str]]  # provider, code: targets skipped, not called
     request_deadline: float  # loop time all attempts together must end by
+    loop: asyncio.AbstractEventLoop | None  # the loop serving it, once it runs
 
     def replied(self) -> bool: ...
 
@@ -84,7 +85,8 @@ class Router:
         the first token nothing is retried: the client already has part of this reply."""
         skipped: list[str] = []
         failed: ProviderError | None = None
-        loop = asyncio.get_running_loop()
+        loop = request.loop
+        assert loop is not None
         request.request_deadline = loop.time() + request.policy.request_timeout
         for target in request.targets:
             for retry in range(request.policy.retries + 1):

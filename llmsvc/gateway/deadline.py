@@ -1,0 +1,76 @@
+"""A task's movable deadline, as `asyncio.timeout_at` keeps one, for a loop and task in hand.
+
+Python 3.11's `asyncio.timeout` looks up the running loop and task when made, entered
+and moved: each lookup is a getpid(2). A request bounds its provider calls twice (the
+shutdown's interruption, the attempt's deadline) and paid six of those syscalls for
+it (strace, BENCHMARKS.md). This is the same contract with both lookups done once,
+by the request: expiry cancels the task, and the cancellation leaves the `with` as
+TimeoutError unless something else cancelled the task too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from types import TracebackType
+from typing import Any
+
+
+class Deadline:
+    """`with Deadline(loop, task, when):` bounds the block, run by `task`, by loop time
+    `when` (None: unbounded until moved). Entering and leaving await nothing: a plain `with`."""
+
+    __slots__ = ("_cancelling", "_expired", "_handle", "_inside", "_loop", "_task", "_when")
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float | None
+    ) -> None:
+        self._loop, self._task, self._when = loop, task, when
+        self._handle: asyncio.Handle | None = None
+        self._inside = self._expired = False
+        self._cancelling = 0  # the task's pending cancellations when the block began
+
+    def __enter__(self) -> Deadline:
+        self._inside = True
+        self._cancelling = self._task.cancelling()
+        self.reschedule(self._when)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._inside = False
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        if (
+            self._expired
+            and exc_type is asyncio.CancelledError
+            and self._task.uncancel() <= self._cancelling
+        ):
+            raise TimeoutError from exc
+
+    def reschedule(self, when: float | None) -> None:
+        """Move the deadline (None: none); one already past expires at the loop's next round.
+        Nothing once the block is left or the deadline expired."""
+        if not self._inside or self._expired:
+            return
+        if self._handle is not None:
+            self._handle.cancel()
+        self._when = when
+        if when is None:
+            self._handle = None
+        elif when <= self._loop.time():
+            self._handle = self._loop.call_soon(self._expire)
+        else:
+            self._handle = self._loop.call_at(when, self._expire)
+
+    def expired(self) -> bool:
+        return self._expired
+
+    def _expire(self) -> None:
+        self._handle = None
+        self._expired = True
+        self._task.cancel()
