@@ -18,19 +18,27 @@ def _here() -> tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]:
     return loop, task
 
 
+async def _bounded(bound: Deadline, move_to: float | None = None, wait: float = 5) -> None:
+    """Sleep `wait` s inside `bound`, moved to `move_to` first if given."""
+    with bound:
+        if move_to is not None:
+            bound.reschedule(move_to)
+        await asyncio.sleep(wait)
+
+
 async def test_a_deadline_that_passes_ends_the_block_with_timeout_error() -> None:
     loop, task = _here()
+    bound = Deadline(loop, task, loop.time() + 0.01)
     with pytest.raises(TimeoutError):
-        with Deadline(loop, task, loop.time() + 0.01) as bound:
-            await asyncio.sleep(5)
+        await _bounded(bound)
     assert bound.expired()
     assert task.cancelling() == 0  # its own cancellation taken back
 
 
 async def test_a_block_done_in_time_is_untouched_and_leaves_no_timer() -> None:
     loop, task = _here()
-    with Deadline(loop, task, loop.time() + 0.05) as bound:
-        await asyncio.sleep(0)
+    bound = Deadline(loop, task, loop.time() + 0.05)
+    await _bounded(bound, wait=0)
     await asyncio.sleep(0.1)  # past the deadline: nothing cancels the task now
     assert not bound.expired()
 
@@ -47,9 +55,9 @@ async def test_moved_later_it_waits_and_moved_to_none_it_never_expires() -> None
 
 async def test_moved_to_the_past_it_expires_at_the_next_round() -> None:
     loop, task = _here()
-    with pytest.raises(TimeoutError), Deadline(loop, task, None) as bound:
-        bound.reschedule(-math.inf)
-        await asyncio.sleep(5)
+    bound = Deadline(loop, task, None)
+    with pytest.raises(TimeoutError):
+        await _bounded(bound, move_to=-math.inf)
     assert bound.expired()
     bound.reschedule(loop.time() + 0.01)  # left: moving it does nothing
     await asyncio.sleep(0.05)
@@ -84,14 +92,19 @@ async def test_another_cancellation_stays_a_cancellation() -> None:
 
 async def test_nested_the_outer_expiry_is_the_outers_and_the_inner_is_the_inners() -> None:
     loop, task = _here()
-    with pytest.raises(TimeoutError), Deadline(loop, task, None) as outer:
-        with Deadline(loop, task, loop.time() + 5) as inner:
-            outer.reschedule(-math.inf)
-            await asyncio.sleep(5)
+    outer, inner = Deadline(loop, task, None), Deadline(loop, task, loop.time() + 5)
+
+    async def outer_expires() -> None:
+        with outer:
+            await _bounded(inner, move_to=None)
+
+    loop.call_soon(outer.reschedule, -math.inf)  # once both are entered
+    with pytest.raises(TimeoutError):
+        await outer_expires()
     assert (outer.expired(), inner.expired()) == (True, False)
 
-    with Deadline(loop, task, None) as outer:
-        with pytest.raises(TimeoutError), Deadline(loop, task, loop.time() + 0.01) as inner:
-            await asyncio.sleep(5)
+    outer, inner = Deadline(loop, task, None), Deadline(loop, task, loop.time() + 0.01)
+    with outer, pytest.raises(TimeoutError):
+        await _bounded(inner)
     assert (outer.expired(), inner.expired()) == (False, True)
     assert task.cancelling() == 0
