@@ -247,7 +247,8 @@ class Exchange:
                 self.api,
             )
             del params, who
-            self.loop = loop = asyncio.get_running_loop()
+            # Looked up once (see gateway/deadline.py); the journal's futures are the loop's.
+            self.loop = loop = self.start_fut.get_loop()
             self.task = task = asyncio.current_task(loop)
             assert task is not None
             self.calls = calls = Deadline(loop, task, None)
