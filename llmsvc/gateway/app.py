@@ -252,6 +252,7 @@ class Gateway:
     async def _run(self, exchange: Exchange) -> None:
         """Run the exchange as an open request (shutdown waits for it, then interrupts it),
         then count it and charge its caller."""
+        exchange.crowded = bool(self.inflight)
         self.inflight.add(exchange)
         self.idle.clear()
         try:

@@ -78,6 +78,7 @@ class Exchange:
         "cost",
         "counts",
         "created",
+        "crowded",
         "data",
         "deadline",
         "ended",
@@ -214,6 +215,9 @@ class Exchange:
         self.began = time.monotonic()
         self.began_us = now_us()  # the clock first_token_us is on
         self.headers: list[tuple[bytes, bytes]] = []  # more for the response (rate limits)
+        # Others were open when it began: its ends wait for the loop round's end, to share
+        # one WAL write with theirs. Alone, it writes them at once (a round's wait is its own).
+        self.crowded = False
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         """The ids every answer carries, and `headers`; made when the answer starts, not kept
@@ -571,7 +575,9 @@ class Exchange:
             self.attempts.append((self.target.provider.name, self.target.model, status, error_code))
             if self.trace is not None:
                 self.trace.attempt_ended(attempt, reply.finish_reason if reply else None)
-        return self.journal.ends(ended, attempt, self.request_id, request)
+        return self.journal.ends(
+            ended, attempt, self.request_id, request, "round" if self.crowded else "now"
+        )
 
     def _end_fields(
         self,

@@ -151,9 +151,10 @@ class Journal:
         attempt_fields: AttemptEndFields,
         request_id: uuid.UUID,
         request_fields: RequestEndFields,
+        when: When = "now",
     ) -> asyncio.Future[int]:
         """An attempt's end (if still open; None if not) and its request's, in one append."""
-        return self.writer.append(*_ends(attempt_id, attempt_fields, request_id, request_fields))
+        return self._append(_ends(attempt_id, attempt_fields, request_id, request_fields), when)
 
     def hold_ends(
         self,
