@@ -328,6 +328,10 @@ class WalWriter:
             try:
                 if rotate and self._offset > HEADER_SIZE:
                     self._rotate()  # before the batch: what was written when it was asked
+            except OSError as exc:  # its fdatasync failed: fatal, as every fsync's failure is
+                self._fail(exc, fut)
+                return
+            try:
                 if buf:
                     self._write(buf)
             except OSError as exc:

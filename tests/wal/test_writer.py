@@ -331,6 +331,24 @@ async def test_failed_fsync_is_fatal_for_the_batch_and_every_later_append(
         writer.append(token(3))
 
 
+async def test_a_failed_fsync_sealing_an_asked_rotation_is_fatal_for_the_batch_behind_it(
+    open_writer: OpenWriter,
+) -> None:
+    fatals: list[WalFatal] = []
+    writer = open_writer(sync="fsync", commit_delay=0.5, on_fatal=fatals.append)
+    assert await writer.append(token(1)) == 1
+    _replace_fd(writer, os.devnull, os.O_WRONLY)  # the seal's fdatasync(2) gives EINVAL
+
+    writer.rotate()  # the thread waits the commit delay: the append below joins its batch
+    batch = writer.append(token(2))
+
+    with pytest.raises(WalFatal, match=segment_name(1)):
+        await asyncio.wait_for(batch, 5)
+    assert fatals == [batch.exception()]
+    with pytest.raises(WalFatal):
+        writer.append(token(3))
+
+
 async def test_failed_write_is_fatal_and_acknowledged_records_survive_a_restart(
     open_writer: OpenWriter, read_log: ReadLog, wal_dir: Path
 ) -> None:
