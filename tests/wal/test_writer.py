@@ -314,32 +314,17 @@ def _replace_fd(writer: WalWriter, path: str | Path, flags: int) -> None:
         os.close(fd)
 
 
+@pytest.mark.parametrize("rotation", [False, True], ids=["batch", "sealing-an-asked-rotation"])
 async def test_failed_fsync_is_fatal_for_the_batch_and_every_later_append(
-    open_writer: OpenWriter,
-) -> None:
-    fatals: list[WalFatal] = []
-    writer = open_writer(sync="fsync", on_fatal=fatals.append)
-    assert await writer.append(token(1)) == 1
-    _replace_fd(writer, os.devnull, os.O_WRONLY)  # write(2) works, fdatasync(2) gives EINVAL
-
-    batch = writer.append(token(2))
-
-    with pytest.raises(WalFatal, match=segment_name(1)):
-        await asyncio.wait_for(batch, 5)
-    assert fatals == [batch.exception()]
-    with pytest.raises(WalFatal):
-        writer.append(token(3))
-
-
-async def test_a_failed_fsync_sealing_an_asked_rotation_is_fatal_for_the_batch_behind_it(
-    open_writer: OpenWriter,
+    open_writer: OpenWriter, rotation: bool
 ) -> None:
     fatals: list[WalFatal] = []
     writer = open_writer(sync="fsync", commit_delay=0.5, on_fatal=fatals.append)
     assert await writer.append(token(1)) == 1
-    _replace_fd(writer, os.devnull, os.O_WRONLY)  # the seal's fdatasync(2) gives EINVAL
+    _replace_fd(writer, os.devnull, os.O_WRONLY)  # write(2) works, fdatasync(2) gives EINVAL
 
-    writer.rotate()  # the thread waits the commit delay: the append below joins its batch
+    if rotation:  # the thread waits the commit delay: the append below joins the seal's batch
+        writer.rotate()
     batch = writer.append(token(2))
 
     with pytest.raises(WalFatal, match=segment_name(1)):
