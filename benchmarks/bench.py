@@ -686,7 +686,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     quick = args.quick
     args.rounds = args.rounds or (1 if quick else 3)
     # the tail is the slowest 1%: a round of 1,500 holds 15 requests of it
-    args.latency_n = (30 if quick else 1500) if args.tail_compare else (30 if quick else 300)
+    # A quick tail run reads CPU per request: enough requests to span /proc's 10 ms ticks.
+    args.latency_n = (300 if quick else 1500) if args.tail_compare else (30 if quick else 300)
     args.ttft_n = 10 if quick else 100
     # ~4-7 s of load per run through the daemon: long enough that a flusher falling behind
     # shows up as a growing backlog (drain time), not hidden by a short burst
