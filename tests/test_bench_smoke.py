@@ -141,6 +141,13 @@ def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
     assert len(rows) == 7  # three latency rows, paced CPU, TTFT, memory, instant
     assert all(row["llmsvc"] is not None and isinstance(row["met"], bool) for row in rows)
     assert "| non-streaming c=16, added p50 / p99 (ms) |" in res.stderr.decode()
+    proposed = report["proposed"]  # c=4 and c=16 beyond the relay, paced over the journal floor
+    assert [row["figure"].split(",")[0] for row in proposed] == [
+        "non-streaming c=4",
+        "non-streaming c=16",
+        "paced",
+    ]
+    assert all(row["llmsvc"] is not None and isinstance(row["met"], bool) for row in proposed)
 
 
 def test_the_journal_floor_relays_each_token_once_it_is_in_its_wal(tmp_path: Path) -> None:
