@@ -87,7 +87,6 @@ class Exchange:
         "headers",
         "held",
         "journal",
-        "loop",
         "model",
         "native",
         "params",
@@ -201,8 +200,7 @@ class Exchange:
         self.request_deadline = float("inf")  # and the request as a whole
         self.bound: Deadline | None = None  # its timer, moved at the first token
         self.calls: Deadline | None = None  # the provider calls' scope, while they run
-        self.loop: asyncio.AbstractEventLoop | None = None  # the loop and task serving it,
-        self.task: asyncio.Task[Any] | None = None  # once it runs
+        self.task: asyncio.Task[Any] | None = None  # the task serving it, once it runs
         self.start_fut: asyncio.Future[int] | None = None
         self.unconfirmed: tuple[asyncio.Future[int] | None, int] = (None, 0)  # last token batch
         self.first_token_us: int | None = None
@@ -218,6 +216,12 @@ class Exchange:
         # Others were open when it began: its ends wait for the loop round's end, to share
         # one WAL write with theirs. Alone, it writes them at once (a round's wait is its own).
         self.crowded = False
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop serving it, its task's: only while it runs."""
+        assert self.task is not None
+        return self.task.get_loop()
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         """The ids every answer carries, and `headers`; made when the answer starts, not kept
@@ -252,10 +256,9 @@ class Exchange:
             )
             del params, who
             # Looked up once (see gateway/deadline.py); the journal's futures are the loop's.
-            self.loop = loop = self.start_fut.get_loop()
-            self.task = task = asyncio.current_task(loop)
+            self.task = task = asyncio.current_task(self.start_fut.get_loop())
             assert task is not None
-            self.calls = calls = Deadline(loop, task, None)
+            self.calls = calls = Deadline(task, None)
             try:
                 with calls:
                     await self.router.try_targets(self)
@@ -326,14 +329,14 @@ class Exchange:
         """The provider call, bounded: until the first token by `first_token_timeout` (when
         streaming), and as a whole by `attempt_timeout`. One timer for both, moved when the
         first token arrives: nothing per token."""
-        loop, task = self.loop, self.task
-        assert loop is not None
+        task = self.task
         assert task is not None
+        loop = task.get_loop()
         self.deadline = min(loop.time() + self.policy.attempt_timeout, self.request_deadline)
         first = loop.time() + self.policy.first_token_timeout
         try:
             with Deadline(
-                loop, task, min(first, self.deadline) if self.stream else self.deadline
+                task, min(first, self.deadline) if self.stream else self.deadline
             ) as self.bound:
                 reply = await target.provider.open(
                     self.data, target.model, self.stream, self.native
@@ -404,7 +407,6 @@ class Exchange:
         batch is sent here once its WAL write is done (or its refusal raised)."""
         if not reply.pump(self._take, self._pump_stopped):  # it calls back on later reads
             return
-        assert self.loop is not None
         self.pumped = woken = self.loop.create_future()
         try:
             await woken

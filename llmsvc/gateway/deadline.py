@@ -3,9 +3,9 @@
 Python 3.11's `asyncio.timeout` looks up the running loop and task when made, entered
 and moved: each lookup is a getpid(2). A request bounds its provider calls twice (the
 shutdown's interruption, the attempt's deadline) and paid six of those syscalls for
-it (strace, BENCHMARKS.md). This is the same contract with both lookups done once,
-by the request: expiry cancels the task, and the cancellation leaves the `with` as
-TimeoutError unless something else cancelled the task too.
+it (strace, BENCHMARKS.md). This is the same contract for a task the request looked up
+once (its loop is the task's): expiry cancels the task, and the cancellation leaves the
+`with` as TimeoutError unless something else cancelled the task too.
 """
 
 from __future__ import annotations
@@ -16,15 +16,13 @@ from typing import Any
 
 
 class Deadline:
-    """`with Deadline(loop, task, when):` bounds the block, run by `task`, by loop time
+    """`with Deadline(task, when):` bounds the block, run by `task`, by its loop's time
     `when` (None: unbounded until moved). Entering and leaving await nothing: a plain `with`."""
 
-    __slots__ = ("_cancelling", "_expired", "_handle", "_inside", "_loop", "_task", "_when")
+    __slots__ = ("_cancelling", "_expired", "_handle", "_inside", "_task", "_when")
 
-    def __init__(
-        self, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any], when: float | None
-    ) -> None:
-        self._loop, self._task, self._when = loop, task, when
+    def __init__(self, task: asyncio.Task[Any], when: float | None) -> None:
+        self._task, self._when = task, when
         self._handle: asyncio.Handle | None = None
         self._inside = self._expired = False
         self._cancelling = 0  # the task's pending cancellations when the block began
@@ -60,12 +58,13 @@ class Deadline:
         if self._handle is not None:
             self._handle.cancel()
         self._when = when
+        loop = self._task.get_loop()
         if when is None:
             self._handle = None
-        elif when <= self._loop.time():
-            self._handle = self._loop.call_soon(self._expire)
+        elif when <= loop.time():
+            self._handle = loop.call_soon(self._expire)
         else:
-            self._handle = self._loop.call_at(when, self._expire)
+            self._handle = loop.call_at(when, self._expire)
 
     def expired(self) -> bool:
         return self._expired

@@ -34,7 +34,9 @@ class Request(Protocol):
     policy: RetryPolicy
     skipped: list[tuple[str, str]]  # provider, code: targets skipped, not called
     request_deadline: float  # loop time all attempts together must end by
-    loop: asyncio.AbstractEventLoop | None  # the loop serving it, once it runs
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop: ...  # the loop serving it, while it runs
 
     def replied(self) -> bool: ...
 
@@ -86,7 +88,6 @@ class Router:
         skipped: list[str] = []
         failed: ProviderError | None = None
         loop = request.loop
-        assert loop is not None
         request.request_deadline = loop.time() + request.policy.request_timeout
         for target in request.targets:
             for retry in range(request.policy.retries + 1):

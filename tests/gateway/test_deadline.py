@@ -28,7 +28,7 @@ async def _bounded(bound: Deadline, move_to: float | None = None, wait: float = 
 
 async def test_a_deadline_that_passes_ends_the_block_with_timeout_error() -> None:
     loop, task = _here()
-    bound = Deadline(loop, task, loop.time() + 0.01)
+    bound = Deadline(task, loop.time() + 0.01)
     with pytest.raises(TimeoutError):
         await _bounded(bound)
     assert bound.expired()
@@ -37,7 +37,7 @@ async def test_a_deadline_that_passes_ends_the_block_with_timeout_error() -> Non
 
 async def test_a_block_done_in_time_is_untouched_and_leaves_no_timer() -> None:
     loop, task = _here()
-    bound = Deadline(loop, task, loop.time() + 0.05)
+    bound = Deadline(task, loop.time() + 0.05)
     await _bounded(bound, wait=0)
     await asyncio.sleep(0.1)  # past the deadline: nothing cancels the task now
     assert not bound.expired()
@@ -45,7 +45,7 @@ async def test_a_block_done_in_time_is_untouched_and_leaves_no_timer() -> None:
 
 async def test_moved_later_it_waits_and_moved_to_none_it_never_expires() -> None:
     loop, task = _here()
-    with Deadline(loop, task, loop.time() + 0.02) as bound:
+    with Deadline(task, loop.time() + 0.02) as bound:
         bound.reschedule(loop.time() + 0.2)
         await asyncio.sleep(0.05)
         bound.reschedule(None)
@@ -55,7 +55,7 @@ async def test_moved_later_it_waits_and_moved_to_none_it_never_expires() -> None
 
 async def test_moved_to_the_past_it_expires_at_the_next_round() -> None:
     loop, task = _here()
-    bound = Deadline(loop, task, None)
+    bound = Deadline(task, None)
     with pytest.raises(TimeoutError):
         await _bounded(bound, move_to=-math.inf)
     assert bound.expired()
@@ -68,7 +68,7 @@ async def test_another_cancellation_stays_a_cancellation() -> None:
 
     async def bounded(started: asyncio.Event) -> None:
         loop, task = _here()
-        with Deadline(loop, task, loop.time() + 5) as bound:
+        with Deadline(task, loop.time() + 5) as bound:
             bounds.append(bound)
             started.set()
             await asyncio.sleep(5)
@@ -92,7 +92,7 @@ async def test_another_cancellation_stays_a_cancellation() -> None:
 
 async def test_nested_the_outer_expiry_is_the_outers_and_the_inner_is_the_inners() -> None:
     loop, task = _here()
-    outer, inner = Deadline(loop, task, None), Deadline(loop, task, loop.time() + 5)
+    outer, inner = Deadline(task, None), Deadline(task, loop.time() + 5)
 
     async def outer_expires() -> None:
         with outer:
@@ -103,7 +103,7 @@ async def test_nested_the_outer_expiry_is_the_outers_and_the_inner_is_the_inners
         await outer_expires()
     assert (outer.expired(), inner.expired()) == (True, False)
 
-    outer, inner = Deadline(loop, task, None), Deadline(loop, task, loop.time() + 0.01)
+    outer, inner = Deadline(task, None), Deadline(task, loop.time() + 0.01)
     with outer, pytest.raises(TimeoutError):
         await _bounded(inner)
     assert (outer.expired(), inner.expired()) == (False, True)
