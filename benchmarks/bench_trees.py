@@ -17,12 +17,17 @@ With `--pin` each daemon's serving process (every thread) runs on a CPU of its o
 its flush process, the upstream and the load on the others, so the serving process does
 not share its core's caches with the load it is measured under.
 
+With `--pg-url` each tree stores into a scratch database of its own on that PostgreSQL
+server (made and dropped here), and a run also counts the store's own work over the
+window: the CPU of the server's backends serving that database, and the WAL it wrote.
+
 With `--drained` a run is measured whole instead, until the store holds every token the
 clients got (bench_scale's `measured`, as `bench.py --floor` measures its rows): the flush
 process's whole share counts, the start's burst too.
 
 Usage:  .venv/bin/python benchmarks/bench_trees.py --tree base=/path/to/worktree
-            --tree new=. [--load paced|instant|whole] [--pin] [--rounds 3] --out x.json
+            --tree new=. [--load paced|instant|whole] [--pin] [--rounds 3]
+            [--pg-url postgresql://user@host/db] --out x.json
 A tree is imported from its path (PYTHONPATH) with this tree's virtualenv and packages.
 """
 
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -38,6 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from bench_open_memory import commit_of
 from bench_scale import Side, measured, start_daemon, streams_for, tree_cpu_s, tree_pids
 from benchkit import (
@@ -51,6 +58,9 @@ from benchkit import (
     machine_info,
     new_session,
     pct,
+    pg_drop_scratch,
+    pg_scratch,
+    plain_pg_url,
     proc_cpu_s,
     processes,
     rotated,
@@ -76,22 +86,48 @@ async def drained_run(daemon: Proc, up: Proc, load: str) -> dict[str, Any]:
     return {key: got[key] for key in keep}
 
 
-async def one_run(port: int, pid: int, load: str) -> dict[str, Any]:
-    """The load on one daemon; its CPU per token and the clients' TTFT over the window."""
+class Store:
+    """A PostgreSQL store's own work for one database: its backends' CPU and the server's WAL."""
+
+    def __init__(self, conn: asyncpg.Connection, database: str) -> None:
+        self.conn, self.database = conn, database
+
+    async def sample(self) -> tuple[float, int]:
+        """The backends' CPU seconds so far and the server's WAL bytes (PostgreSQL 14+)."""
+        pids = await self.conn.fetch(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1", self.database
+        )
+        cpu = 0.0
+        for row in pids:
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                cpu += proc_cpu_s(row["pid"])
+        wal = await self.conn.fetchval("SELECT wal_bytes FROM pg_stat_wal")
+        return cpu, int(wal)
+
+
+async def one_run(port: int, pid: int, load: str, store: Store | None) -> dict[str, Any]:
+    """The load on one daemon; its CPU per token and the clients' TTFT over the window,
+    and with a PostgreSQL `store` the store's CPU and WAL bytes per token."""
     _, streams, tokens = LOADS[load]
     run = asyncio.create_task(streams_for(port, streams, tokens, WARM_S + WINDOW_S + 2, 0.0))
     await asyncio.sleep(WARM_S)
     cpu0 = tree_cpu_s(pid)
+    store0 = await store.sample() if store else (0.0, 0)
     await asyncio.sleep(WINDOW_S)
     cpu = tree_cpu_s(pid) - cpu0
+    store1 = await store.sample() if store else (0.0, 0)
     stats, wall = await run
     in_window = stats.tokens / wall * WINDOW_S  # the clients' rate held over the window
-    return {
+    got = {
         "cpu_us_per_token": round(cpu / in_window * 1e6, 2),
         "tokens_per_s": round(stats.tokens / wall),
         "ttft_p50_ms": round(statistics.median(stats.ttfts) * 1e3, 1) if stats.ttfts else None,
         "errors": len(stats.errors),
     }
+    if store:
+        got["store_cpu_us_per_token"] = round((store1[0] - store0[0]) / in_window * 1e6, 2)
+        got["store_wal_bytes_per_token"] = round((store1[1] - store0[1]) / in_window, 1)
+    return got
 
 
 async def whole_run(port: int, pid: int) -> dict[str, Any]:
@@ -147,6 +183,43 @@ def _pin_threads(pid: int, cpus: set[int]) -> None:
         os.sched_setaffinity(int(task.name), cpus)
 
 
+async def rounds(
+    args: argparse.Namespace,
+    tmp: Path,
+    runs: dict[str, list[dict[str, Any]]],
+    scratch: dict[str, str],
+    admin: asyncpg.Connection | None,
+) -> None:
+    """A daemon per tree (storing into its `scratch` database with `admin`), the load on each
+    in turn, `args.rounds` times; each run's figures appended to its tree's `runs`."""
+    stores: dict[str, Store] = {}
+    with processes() as procs:
+        procs.append(up := spawn_upstream(tmp, "upstream", LOADS[args.load][0]))
+        daemons = {}
+        for name, path in args.trees.items():
+            url = ""
+            if admin is not None:
+                url = await pg_scratch(args.pg_url, scratch[name])
+                stores[name] = Store(admin, scratch[name])
+            env = {"PYTHONPATH": str(path)}
+            procs.append(daemon := await start_daemon(tmp, name, url, up, env))
+            daemons[name] = daemon
+        if args.pin:
+            pin(list(daemons.values()), [up])
+        for r in range(args.rounds):
+            for name in rotated(list(args.trees), r):
+                daemon = daemons[name]
+                if args.load == "whole":
+                    got = await whole_run(daemon.port, daemon.pid)
+                elif args.drained:
+                    got = await drained_run(daemon, up, args.load)
+                else:
+                    got = await one_run(daemon.port, daemon.pid, args.load, stores.get(name))
+                runs[name].append(got)
+                log(f"round {r} {name}: {got}")
+                await asyncio.sleep(COOL_S)
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     trees: dict[str, Path] = args.trees
     delay_ms, streams, tokens = LOADS[args.load]
@@ -157,37 +230,29 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_reply": tokens,
         "window_s": None if args.drained else WINDOW_S,
         "pinned": args.pin,
+        "store": "postgresql" if args.pg_url else "sqlite",
         "trees": {
             name: {"path": str(path), "commit": commit_of(path)} for name, path in trees.items()
         },
     }
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     started = time.perf_counter()
-    with processes() as procs:
-        procs.append(up := spawn_upstream(tmp, "upstream", delay_ms))
-        daemons = {}
-        for name, path in trees.items():
-            env = {"PYTHONPATH": str(path)}
-            procs.append(daemon := await start_daemon(tmp, name, "", up, env))
-            daemons[name] = daemon
-        if args.pin:
-            pin(list(daemons.values()), [up])
-        for r in range(args.rounds):
-            for name in rotated(list(trees), r):
-                daemon = daemons[name]
-                if args.load == "whole":
-                    got = await whole_run(daemon.port, daemon.pid)
-                elif args.drained:
-                    got = await drained_run(daemon, up, args.load)
-                else:
-                    got = await one_run(daemon.port, daemon.pid, args.load)
-                runs[name].append(got)
-                log(f"round {r} {name}: {got}")
-                await asyncio.sleep(COOL_S)
+    scratch = {name: f"llmsvc_trees_{name}" for name in trees} if args.pg_url else {}
+    admin = await asyncpg.connect(plain_pg_url(args.pg_url)) if args.pg_url else None
+    try:
+        await rounds(args, tmp, runs, scratch, admin)
+    finally:
+        if admin is not None:
+            await admin.close()
+            for database in scratch.values():
+                await pg_drop_scratch(args.pg_url, database)
     figure = FIGURE[args.load]
     for name, tree_runs in runs.items():
         report["trees"][name]["runs"] = tree_runs
-        report["trees"][name][f"{figure}_median"] = statistics.median(r[figure] for r in tree_runs)
+        for key in (figure, "store_cpu_us_per_token", "store_wal_bytes_per_token"):
+            if key in tree_runs[0]:
+                median = statistics.median(r[key] for r in tree_runs)
+                report["trees"][name][f"{key}_median"] = median
     report["wall_s"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -199,6 +264,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--drained", action="store_true", help="whole runs, until stored")
     p.add_argument("--pin", action="store_true", help="each daemon on a CPU of its own")
+    p.add_argument("--pg-url", default="", help="a PostgreSQL server to store into (scratch DBs)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if len(args.tree) < 2 or any("=" not in tree for tree in args.tree):
@@ -207,13 +273,15 @@ def main() -> None:
         p.error("--pin needs two CPUs or more")
     if args.drained and args.load == "whole":
         p.error("--drained measures streams: not with --load whole")
+    if args.pg_url and (args.drained or args.load == "whole"):
+        p.error("--pg-url counts the store per streamed token: not with --drained or whole")
     named = (tree.split("=", 1) for tree in args.tree)
     args.trees = {name: Path(path).resolve() for name, path in named}
     report = asyncio.run(run(args))
     args.out.write_text(json.dumps(report, indent=1) + "\n")
-    figure = FIGURE[args.load]
     for name, tree in report["trees"].items():
-        log(f"{name} ({tree['commit']}): {figure} {tree[f'{figure}_median']}")
+        medians = {k[: -len("_median")]: v for k, v in tree.items() if k.endswith("_median")}
+        log(f"{name} ({tree['commit']}): {medians}")
 
 
 if __name__ == "__main__":
