@@ -111,7 +111,11 @@ class Operations:
         # Spans of requests and attempts, exported to an OTLP collector: only when one is set.
         self.tracing = Tracing(s, instance) if s.otel_endpoint is not None else None
         conversations = Conversations(
-            engine, lambda: self.flusher.checkpoint, lambda: self.writer.end.lsn - 1, timeout
+            engine,
+            lambda: self.flusher.checkpoint,
+            lambda: self.writer.end.lsn - 1,
+            lambda: self.flusher.hurry(),
+            timeout,
         )
         self.gateway = Gateway(
             self.journal,

@@ -144,6 +144,26 @@ def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
         assert daemon.stop() == 0, daemon.log
 
 
+def test_a_continued_conversation_hurries_the_flush_instead_of_waiting_its_interval(
+    database_url: str, tmp_path: Path
+) -> None:
+    """An agent's next turn asks for the one just answered: with a minute between flushes
+    and a 5 s bound on waiting for the store, it is answered, not refused."""
+    env = daemon_env(
+        database_url, tmp_path / "wal", flush_interval_ms=60_000, database_timeout_seconds=5
+    )
+    with DaemonProcess(env) as daemon, client_for(daemon) as client:
+        daemon.wait_caught_up()
+        first = client.responses.create(model="mock", input="hello", max_output_tokens=2)
+        second = client.responses.create(
+            model="mock", input="and then", previous_response_id=first.id, max_output_tokens=3
+        )
+        assert second.previous_response_id == first.id
+        assert second.output_text == "".join(token(i) for i in range(3))
+        assert client.responses.retrieve(second.id).output_text == second.output_text
+        assert daemon.stop() == 0, daemon.log
+
+
 def test_a_stream_killed_mid_way_keeps_each_delta_sent_once_in_order(
     database_url: str, tmp_path: Path
 ) -> None:

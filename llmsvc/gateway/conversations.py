@@ -3,7 +3,9 @@
 A reply is journaled before the client has it, and stored by the flusher a
 moment later, so a client continuing a conversation at once can ask for a
 turn the database does not hold yet. A turn not found, or found not ended, is
-asked for again once the store holds everything journaled before the ask.
+asked for again once the store holds everything journaled before the ask; the
+flusher is hurried for it, so an agent's next turn waits for one flush, not
+for the flush interval as well.
 """
 
 from __future__ import annotations
@@ -21,19 +23,22 @@ POLL_SECONDS = 0.005  # how often the store's progress is looked at while waitin
 
 
 class Conversations:
-    """`stored()`: the last LSN the store holds; `journaled()`: the last the WAL holds; a wait
-    for the store is bounded by `wait_seconds` (a database down is a 503, saying why)."""
+    """`stored()`: the last LSN the store holds; `journaled()`: the last the WAL holds;
+    `hurry()` asks the flusher to flush now; a wait for the store is bounded by
+    `wait_seconds` (a database down is a 503, saying why)."""
 
     def __init__(
         self,
         engine: AsyncEngine,
         stored: Callable[[], int],
         journaled: Callable[[], int],
+        hurry: Callable[[], None],
         wait_seconds: float,
     ) -> None:
         self.engine = engine
         self.stored = stored
         self.journaled = journaled
+        self.hurry = hurry
         self.wait_seconds = wait_seconds
 
     async def caught_up(self) -> None:
@@ -41,6 +46,7 @@ class Conversations:
         target = self.journaled()
         if self.stored() >= target:
             return
+        self.hurry()
         try:
             async with asyncio.timeout(self.wait_seconds):
                 # Polled, not signalled: the checkpoint moves in several places (a batch, a

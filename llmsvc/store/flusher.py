@@ -218,6 +218,7 @@ class Flusher:
         self._pending_end = self.committed
         self._sealed: tuple[int, dict[int, int]] = (0, {})  # (below, {segment: size})
         self._stop = asyncio.Event()
+        self._wake = asyncio.Event()  # ends the interval's wait: `hurry` or `stop`
         # `run` writes its batches in a flush process started with this, when given.
         self.process_config = process
         self.process: FlushProcess | None = None
@@ -502,7 +503,7 @@ class Flusher:
                     log.info("flush recovered", checkpoint=self.checkpoint)
                     backoff = self.interval
                 if n < self.batch_records:
-                    await self._sleep(self.interval)
+                    await self._idle()
         finally:
             await self._stop_process()
 
@@ -559,8 +560,13 @@ class Flusher:
             write_checkpoint(self.wal_dir, self.checkpoint)
             self._hinted = (self.checkpoint, now)
 
+    def hurry(self) -> None:
+        """Flush now, not after the interval: a request waits to read what was journaled."""
+        self._wake.set()
+
     def stop(self) -> None:
         self._stop.set()
+        self._wake.set()
 
     async def close(self) -> None:
         await self.reader.close()
@@ -568,6 +574,12 @@ class Flusher:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _idle(self) -> None:
+        """The interval between flushes that found less than a batch, or until `hurry`."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), self.interval)
+        self._wake.clear()
 
 
 def _describe(exc: BaseException) -> str:

@@ -41,7 +41,7 @@ async def served_sessions(served: Served, engine: AsyncEngine) -> Served:
     """The served gateway with sessions in a real store; no flusher: the store holds no turn,
     and is caught up with the WAL by definition."""
     journaled = lambda: served.writer.end.lsn - 1  # noqa: E731
-    conversations = Conversations(engine, journaled, journaled, wait_seconds=1)
+    conversations = Conversations(engine, journaled, journaled, lambda: None, wait_seconds=1)
     served.gateway.sessions = Sessions(conversations, TTL)
     return served
 
@@ -202,7 +202,7 @@ async def test_an_expired_session_is_gone_before_the_prune_and_pruned_after(
     engine: AsyncEngine,
 ) -> None:
     journaled = lambda: 0  # noqa: E731
-    sessions = Sessions(Conversations(engine, journaled, journaled, 1), TTL)
+    sessions = Sessions(Conversations(engine, journaled, journaled, lambda: None, 1), TTL)
     now = datetime.now(UTC)
     expired = Session(
         "sess_expired", None, None, now - timedelta(hours=2), now - timedelta(hours=1)
