@@ -336,3 +336,22 @@ def test_a_profile_is_summed_by_the_innermost_part_of_each_main_thread_sample(
         " 30.0 %  exchange bookkeeping",
         " 20.0 %  logging (the access line)",
     ]
+
+
+def test_the_token_index_bench_reports_every_case(tmp_path: Path) -> None:
+    """benchmarks/bench_token_index.py with a few thousand tokens: every case, its figures,
+    and an index that costs written bytes beyond its table's."""
+    out = tmp_path / "token-index.json"
+    cmd = [sys.executable, str(SCRIPT.parent / "bench_token_index.py")]
+    cmd += ["--tokens", "3000", "--rounds", "1", "--out", str(out)]
+    res = subprocess.run(cmd, capture_output=True, timeout=60)
+    assert res.returncode == 0, res.stderr.decode(errors="replace")[-4000:]
+    cases = json.loads(out.read_text())["cases"]
+    assert len(cases) == 6
+    for figures in cases.values():
+        assert positive(figures["cpu_us_per_token"])
+        assert positive(figures["bytes_written_per_token"])
+    for rounds in (2, 8):
+        indexed = cases[f"time-ordered ids, indexed, {rounds} rounds/commit"]
+        bare = cases[f"time-ordered ids, no index, {rounds} rounds/commit"]
+        assert bare["bytes_written_per_token"] < indexed["bytes_written_per_token"]
