@@ -116,6 +116,7 @@ class Operations:
             lambda: self.writer.end.lsn - 1,
             lambda: self.flusher.hurry(),
             timeout,
+            others_flush=None if worker is None else s.flush_interval_ms / 1000,
         )
         self.gateway = Gateway(
             self.journal,

@@ -152,6 +152,36 @@ def test_two_workers_serve_one_port_streams_and_not(database_url: str, wal_dir: 
     assert len(re.findall(r"worker-\d llmsvc\.daemon shutdown: done exit_code=0", daemon.log)) == 2
 
 
+def test_a_response_continued_at_once_on_the_other_worker_finds_its_turn(
+    database_url: str, wal_dir: Path
+) -> None:
+    """Each continuation goes on a new connection, so the kernel may give it to the worker
+    that did not answer the turn it continues; that worker's flusher rests a second, and
+    the worker that has the turn cannot be hurried from the other: the turn is looked for
+    until the other's flush has had its interval."""
+    env = daemon_env(database_url, wal_dir, workers=2, flush_interval_ms=1000)
+    pairs: list[tuple[str, str]] = []
+    with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up(2)
+        for n in range(8):
+            with client_for(daemon) as client:
+                first = client.responses.create(
+                    model="mock", input=f"turn {n}", max_output_tokens=2
+                )
+            with client_for(daemon) as client:
+                second = client.responses.create(
+                    model="mock", input="and on", previous_response_id=first.id, max_output_tokens=3
+                )
+            assert second.previous_response_id == first.id
+            assert second.output_text == "".join(mock_token(i) for i in range(3))
+            pairs.append((first.id, second.id))
+        assert daemon.stop() == 0, daemon.log
+    ids = [str(uuid.UUID(hex=r.removeprefix("resp_"))) for pair in pairs for r in pair]
+    where = served_by(database_url, wal_dir, ids)
+    crossed = [p for p in pairs if len({where[str(uuid.UUID(hex=r[5:]))] for r in p}) == 2]
+    assert crossed, f"no continuation reached the other worker: {where}"
+
+
 def test_a_killed_worker_loses_nothing_and_the_other_keeps_serving(
     env: dict[str, str], database_url: str, wal_dir: Path
 ) -> None:
