@@ -38,6 +38,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -242,6 +243,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     try:
         await rounds(args, tmp, runs, scratch, admin)
     finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # the daemons' WALs and SQLite files
         if admin is not None:
             await admin.close()
             for database in scratch.values():
