@@ -429,6 +429,11 @@ def read_store_after(database_url: str, request_id: str, timeout: float = 10.0) 
         time.sleep(0.05)
 
 
+def response_request_id(response_id: str) -> str:
+    """The request id a `/v1/responses` id (`resp_<hex>`) names."""
+    return str(uuid.UUID(hex=response_id.removeprefix("resp_")))
+
+
 def client_for(daemon: DaemonProcess) -> openai.OpenAI:
     """An SDK client of its own: a new connection (with workers, the kernel picks one)."""
     return openai.OpenAI(

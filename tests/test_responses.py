@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import threading
-import uuid
 from pathlib import Path
 
 import openai
@@ -16,6 +15,7 @@ from daemon_process import (
     client_for,
     daemon_env,
     read_store_after,
+    response_request_id,
     run_cli,
 )
 from openai_schema import assert_valid
@@ -32,10 +32,6 @@ def new_key(env: dict[str, str], name: str) -> str:
 
 def keyed(daemon: DaemonProcess, secret: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key=secret, max_retries=0)
-
-
-def request_id(response_id: str) -> str:
-    return str(uuid.UUID(hex=response_id.removeprefix("resp_")))
 
 
 def streamed(
@@ -125,7 +121,8 @@ def test_responses_are_stored_retrieved_deleted_and_continued_across_a_restart(
         third = client.responses.create(
             model="mock", input="more", previous_response_id=second.id, max_output_tokens=2
         )
-        stored = read_store_after(database_url, request_id(third.id)).request(request_id(third.id))
+        third_id = response_request_id(third.id)
+        stored = read_store_after(database_url, third_id).request(third_id)
         assert stored["api"] == "responses"
         assert stored["params"]["previous_response_id"] == second.id
         assert stored["messages"] == [  # the first's instructions are not carried over
@@ -200,7 +197,7 @@ def test_a_stream_killed_mid_way_keeps_each_delta_sent_once_in_order(
     assert ended.wait(30)
     with DaemonProcess(env, port=daemon.port) as again:
         again.wait_caught_up()
-        rid = request_id(response_ids[0])
+        rid = response_request_id(response_ids[0])
         store = read_store_after(database_url, rid)
         assert store.request(rid)["status"] == "interrupted"
         stored = store.texts(rid)

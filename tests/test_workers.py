@@ -32,6 +32,7 @@ from daemon_process import (
     client_for,
     daemon_env,
     read_store,
+    response_request_id,
     run_async,
     run_cli,
 )
@@ -152,10 +153,6 @@ def test_two_workers_serve_one_port_streams_and_not(database_url: str, wal_dir: 
     assert len(re.findall(r"worker-\d llmsvc\.daemon shutdown: done exit_code=0", daemon.log)) == 2
 
 
-def request_id_of(response_id: str) -> str:
-    return str(uuid.UUID(hex=response_id.removeprefix("resp_")))
-
-
 def test_a_response_continued_at_once_on_the_other_worker_finds_its_turn(
     database_url: str, wal_dir: Path
 ) -> None:
@@ -180,7 +177,7 @@ def test_a_response_continued_at_once_on_the_other_worker_finds_its_turn(
                     )
                 assert second.previous_response_id == first.id
                 assert second.output_text == "".join(mock_token(i) for i in range(3))
-                pairs.append((request_id_of(first.id), request_id_of(second.id)))
+                pairs.append((response_request_id(first.id), response_request_id(second.id)))
             where = served_by(database_url, wal_dir, [r for pair in pairs for r in pair])
             if any(where[a] != where[b] for a, b in pairs):
                 break

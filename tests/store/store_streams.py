@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -226,3 +227,11 @@ async def set_checkpoint(engine: AsyncEngine, instance_id: uuid.UUID, lsn: int) 
             .values(lsn=lsn)
         )
         assert result.rowcount == 1
+
+
+async def wait_for(condition: Callable[[], bool], within: float, what: str) -> None:
+    """Poll until `condition` holds, failing the test past `within` seconds."""
+    began = time.monotonic()
+    while not condition():
+        assert time.monotonic() - began < within, f"not {what} after {within}s"
+        await asyncio.sleep(0.02)

@@ -26,10 +26,10 @@ from store_streams import (
     stored_checkpoint,
     texts,
     token_keys,
+    wait_for,
 )
 
 from llmsvc.gateway.journal import Journal
-from llmsvc.store.flusher import Flusher
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, wal_checkpoints
 from llmsvc.wal import codec
 from llmsvc.wal.segment import list_segments
@@ -88,14 +88,6 @@ async def test_checkpoint_follows_each_drain_to_the_last_journaled_lsn(
     assert len(await token_keys(engine)) == 29
 
 
-async def _caught_up(flusher: Flusher) -> None:
-    for _ in range(1000):  # 10 s
-        if flusher.caught_up:
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("the flusher did not catch up within 10 s")
-
-
 async def test_a_hurried_flusher_stores_what_was_journaled_without_waiting_its_interval(
     engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
 ) -> None:
@@ -104,12 +96,13 @@ async def test_a_hurried_flusher_stores_what_was_journaled_without_waiting_its_i
     await Stream(texts(3)).journal_whole(journal)
     task = asyncio.create_task(flusher.run())
     try:
-        await _caught_up(flusher)  # the first flush; then it idles for its hour
+        # the first flush; then it idles for its hour
+        await wait_for(lambda: flusher.caught_up, 10, "caught up")
         await Stream(texts(4)).journal_whole(journal)
         await asyncio.sleep(0.2)
         assert not flusher.caught_up
         flusher.hurry()
-        await _caught_up(flusher)
+        await wait_for(lambda: flusher.caught_up, 10, "caught up once hurried")
         assert len(await token_keys(engine)) == 7
         flusher.stop()  # ends the next idle wait at once too
         async with asyncio.timeout(10):

@@ -6,30 +6,28 @@ Uses a cluster of its own, so stopping it disturbs no other test.
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 from policies import flush_policy, wal_policy
 from postgres import PostgresCluster, sqlalchemy_url
-from store_streams import EPOCH, Stream, assert_stored, dump, stored_checkpoint, texts, token_keys
+from store_streams import (
+    EPOCH,
+    Stream,
+    assert_stored,
+    dump,
+    stored_checkpoint,
+    texts,
+    token_keys,
+    wait_for,
+)
 
 from llmsvc.gateway.journal import Journal
 from llmsvc.store.engine import create_engine, upgrade_to_head
 from llmsvc.store.flusher import Flusher
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
-
-
-async def _wait_for(condition: Callable[[], bool], within: float, what: str) -> float:
-    """Poll until `condition` holds; return how long it took."""
-    began = time.monotonic()
-    while not condition():
-        assert time.monotonic() - began < within, f"not {what} after {within}s"
-        await asyncio.sleep(0.02)
-    return time.monotonic() - began
 
 
 @pytest.mark.timeout(60)
@@ -53,13 +51,13 @@ async def test_records_journaled_during_a_postgres_outage_arrive_once_after_it(
 
         before = Stream(texts(10, "before"))
         await before.journal_whole(journal)
-        await _wait_for(lambda: flusher.caught_up, 5, "caught up before the outage")
+        await wait_for(lambda: flusher.caught_up, 5, "caught up before the outage")
 
         await asyncio.to_thread(own_cluster.stop, "immediate")
         during = Stream(texts(30, "during"))
         during.start(journal)
         await asyncio.shield(during.tokens(journal, 0, 10))
-        await _wait_for(lambda: not flusher.database_ok, 5, "reporting the outage")
+        await wait_for(lambda: not flusher.database_ok, 5, "reporting the outage")
         await asyncio.shield(during.tokens(journal, 10))
         await asyncio.shield(during.end(journal))
         after = Stream(texts(7, "after"))
@@ -69,7 +67,7 @@ async def test_records_journaled_during_a_postgres_outage_arrive_once_after_it(
         assert not flusher.caught_up
 
         await asyncio.to_thread(own_cluster.start)
-        await _wait_for(lambda: flusher.caught_up, 10, "caught up after the outage")
+        await wait_for(lambda: flusher.caught_up, 10, "caught up after the outage")
         assert flusher.database_ok
         flusher.stop()
         await asyncio.wait_for(task, 5)
