@@ -203,6 +203,8 @@ class Daemon:
                 await end_task(task, close, close)  # it ends when it sees `stopping`
         for task in list(ops.circuits_storing) if ops is not None else ():
             task.cancel()
+        if ops is not None and ops.siblings is not None:  # answered the others until drained
+            ops.siblings.close()
         if ops is not None:
             with _step("database closed"):
                 await ops.close_pools(close)

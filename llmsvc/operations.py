@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from llmsvc import status
-from llmsvc.config import Settings
+from llmsvc.config import Settings, worker_wal_dir
 from llmsvc.errors import Conflict, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.attribution import deployment_fields
@@ -41,6 +41,7 @@ from llmsvc.maintenance.scheduler import Scheduler
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
+from llmsvc.siblings import Siblings, socket_path
 from llmsvc.status import CatchUp, iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error
 from llmsvc.store.flush_process import ChildConfig
@@ -110,13 +111,24 @@ class Operations:
         )
         # Spans of requests and attempts, exported to an OTLP collector: only when one is set.
         self.tracing = Tracing(s, instance) if s.otel_endpoint is not None else None
+        # With other workers, each asks the others to store their WALs before it reads a
+        # conversation, and answers theirs (`llmsvc.siblings`).
+        self.siblings: Siblings | None = None
+        if worker is not None:
+            others = [worker_wal_dir(s.wal_dir.parent, k) for k in range(s.workers) if k != worker]
+            self.siblings = Siblings(
+                socket_path(s.wal_dir),
+                [socket_path(path) for path in others],
+                lambda: conversations.caught_up(),
+                timeout,
+            )
         conversations = Conversations(
             engine,
             lambda: self.flusher.checkpoint,
             lambda: self.writer.end.lsn - 1,
             lambda: self.flusher.hurry(),
             timeout,
-            others_flush=None if worker is None else s.flush_interval_ms / 1000,
+            others=None if self.siblings is None else self.siblings.others_caught_up,
         )
         self.gateway = Gateway(
             self.journal,

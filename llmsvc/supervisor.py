@@ -58,6 +58,7 @@ from llmsvc.config import (
 from llmsvc.errors import LlmsvcError
 from llmsvc.logs import logger
 from llmsvc.serving import shared_port_socket
+from llmsvc.siblings import socket_path
 from llmsvc.status import why
 from llmsvc.store.engine import create_engine, migrate
 from llmsvc.store.replay import replay_wal
@@ -251,7 +252,8 @@ class Supervisor:
         sock.bind("\0" + name)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.setblocking(False)
-        private.make_dirs(worker_wal_dir(self.settings.wal_dir, index))
+        wal_dir = private.make_dirs(worker_wal_dir(self.settings.wal_dir, index))
+        socket_path(wal_dir)  # the worker binds it: a path too long fails the boot here, once
         return Worker(index, sock, "@" + name)
 
     def _start(self, worker: Worker) -> None:

@@ -25,7 +25,7 @@ LAYERS = [
     {"gateway"},
     {"providers"},
     {"keytable", "limits"},
-    {"follow"},
+    {"follow", "siblings"},
     {"store"},
     {"local", "metrics"},
     {"wal"},

@@ -8,6 +8,7 @@ has its own WAL directory, so its own instance id on the request's row.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -157,10 +158,9 @@ def test_a_response_continued_at_once_on_the_other_worker_finds_its_turn(
     database_url: str, wal_dir: Path
 ) -> None:
     """Each continuation goes on a new connection, so the kernel may give it to the worker
-    that did not answer the turn it continues; that worker's flusher rests a second, and
-    the worker that has the turn cannot be hurried from the other: the turn is looked for
-    until the other's flush has had its interval. Turns go on, 8 at a time, until one
-    continuation is seen to have reached the other worker."""
+    that did not answer the turn it continues; the flushers rest a second, so that turn is
+    found only because the worker asks the other to store its WAL first. Turns go on, 8
+    at a time, until one continuation is seen to have reached the other worker."""
     env = daemon_env(database_url, wal_dir, workers=2, flush_interval_ms=1000)
     with DaemonProcess(env) as daemon:
         daemon.wait_caught_up(2)
@@ -183,6 +183,50 @@ def test_a_response_continued_at_once_on_the_other_worker_finds_its_turn(
                 break
         else:
             raise AssertionError("24 continuations all went to the worker of their turn")
+        assert daemon.stop() == 0, daemon.log
+
+
+def test_a_session_continued_at_once_on_the_other_worker_is_sent_its_newest_turn(
+    database_url: str, wal_dir: Path
+) -> None:
+    """A session's turns, each on a new connection: a turn the kernel gives to the other
+    worker than the one that answered the turn before is sent that turn too, though the
+    flushers rest a second. Sessions of three turns go on until such a turn is seen."""
+    env = daemon_env(database_url, wal_dir, workers=2, flush_interval_ms=1000)
+    reply = "".join(mock_token(i) for i in range(2))
+    with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up(2)
+        for _ in range(4):
+            turns: list[tuple[str, int]] = []  # request id, turn number
+            for _ in range(3):
+                status, made = admin_call(daemon, "POST", "/v1/sessions", {}, None)
+                assert status == 201, made
+                for n in range(3):
+                    with client_for(daemon) as client:
+                        completion = client.chat.completions.create(
+                            model="mock",
+                            messages=[{"role": "user", "content": f"turn {n}"}],
+                            max_tokens=2,
+                            extra_body={"session_id": made["id"]},
+                        )
+                    assert completion.choices[0].message.content == reply
+                    turns.append((completion.id.removeprefix("chatcmpl-"), n))
+            where = served_by(database_url, wal_dir, [request for request, _ in turns])
+            requests = read_store(database_url).requests
+            for request, n in turns:
+                history = []
+                for earlier in range(n):
+                    history += [
+                        {"role": "user", "content": f"turn {earlier}"},
+                        {"role": "assistant", "content": reply},
+                    ]
+                sent = requests[uuid.UUID(request)]["messages"]
+                assert sent == [*history, {"role": "user", "content": f"turn {n}"}]
+            crossed = [(a, b) for (a, n), (b, _) in itertools.pairwise(turns) if n < 2]
+            if any(where[a] != where[b] for a, b in crossed):
+                break
+        else:
+            raise AssertionError("every turn went to the worker of the turn before it")
         assert daemon.stop() == 0, daemon.log
 
 
@@ -528,6 +572,18 @@ def test_a_worker_that_cannot_boot_fails_the_start_with_exit_1(
     assert "worker-1 llmsvc.daemon shutdown: done exit_code=1 reason=boot failed: " in daemon.log
     last = daemon.log.splitlines()[-1]
     assert last.endswith("supervisor shutdown: done exit_code=1 reason=worker-1 failed to boot")
+
+
+def test_a_wal_dir_too_long_for_the_workers_sockets_fails_the_boot_naming_it(
+    sqlite_url: str, tmp_path: Path
+) -> None:
+    """Each worker's socket for the others' questions lies in its WAL directory, and a Unix
+    socket's path has 107 bytes at most: the supervisor says so before starting any."""
+    wal_dir = tmp_path / ("w" * (100 - len(str(tmp_path))))
+    daemon = DaemonProcess(daemon_env(sqlite_url, wal_dir, workers=2)).start(wait_ready=False)
+    assert daemon.wait() == 1, daemon.log
+    assert f"boot failed: wal_dir is too long for workers: {wal_dir}/worker-0/hurry" in daemon.log
+    assert "worker-0 started" not in daemon.log
 
 
 def test_a_worker_that_stops_pinging_its_watchdog_is_killed_and_replaced(

@@ -7,18 +7,17 @@ asked for again once the store holds everything journaled before the ask; the
 flusher is hurried for it, so an agent's next turn waits for one flush, not
 for the flush interval as well.
 
-A worker of a supervisor cannot see or hurry the others' WALs, and a client
-continuing on a new connection may reach another worker than the one that
-answered: a turn asked for by id and still missing is looked for again until
-another worker's flusher has had its interval and a grace to store it.
+A worker of a supervisor cannot see the others' WALs, and a client continuing
+on a new connection may reach another worker than the one that answered: with
+other workers, a conversation is read once their stores have caught up too
+(`llmsvc.siblings`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -26,15 +25,13 @@ from llmsvc.errors import ServiceUnavailable
 from llmsvc.store.conversations import Turn, latest_turn, turn
 
 POLL_SECONDS = 0.005  # how often the store's progress is looked at while waiting for it
-OTHERS_POLL_SECONDS = 0.02  # how often a turn another worker may hold is looked for
-OTHERS_GRACE_SECONDS = 1.0  # beyond their flush interval: a flush under load
 
 
 class Conversations:
     """`stored()`: the last LSN the store holds; `journaled()`: the last the WAL holds;
     `hurry()` asks the flusher to flush now; a wait for the store is bounded by
-    `wait_seconds` (a database down is a 503, saying why); `others_flush` is the
-    other workers' flush interval, or None without other workers."""
+    `wait_seconds` (a database down is a 503, saying why); `others()` waits for the
+    other workers' stores to catch up with their WALs (None without other workers)."""
 
     def __init__(
         self,
@@ -43,14 +40,14 @@ class Conversations:
         journaled: Callable[[], int],
         hurry: Callable[[], None],
         wait_seconds: float,
-        others_flush: float | None = None,
+        others: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
         self.stored = stored
         self.journaled = journaled
         self.hurry = hurry
         self.wait_seconds = wait_seconds
-        self.others_flush = others_flush
+        self.others = others
 
     async def caught_up(self) -> None:
         """Return once the store holds every record journaled before this call."""
@@ -71,20 +68,22 @@ class Conversations:
             ) from None
 
     async def turn(self, request_id: uuid.UUID) -> Turn | None:
-        """The request as a turn, as the store holds it once caught up (and, with other
-        workers, once theirs have had their flush); None if never made."""
+        """The request as a turn, as the store holds it once caught up (with other workers,
+        theirs too); None if never made."""
         found = await turn(self.engine, request_id)
         if found is None or not found.ended:
-            await self.caught_up()
+            await self.all_caught_up()
             found = await turn(self.engine, request_id)
-        if self.others_flush is not None:
-            give_up = time.monotonic() + self.others_flush + OTHERS_GRACE_SECONDS
-            while (found is None or not found.ended) and time.monotonic() < give_up:
-                await asyncio.sleep(OTHERS_POLL_SECONDS)
-                found = await turn(self.engine, request_id)
         return found
 
     async def latest_turn(self, session_id: str) -> Turn | None:
         """The session's newest completed turn, with every turn journaled so far stored."""
-        await self.caught_up()
+        await self.all_caught_up()
         return await latest_turn(self.engine, session_id)
+
+    async def all_caught_up(self) -> None:
+        """`caught_up`, and with other workers, theirs at the same time."""
+        if self.others is None:
+            await self.caught_up()
+        else:
+            await asyncio.gather(self.caught_up(), self.others())
