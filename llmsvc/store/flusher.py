@@ -258,6 +258,8 @@ class Flusher:
         The flush process, while there is one, writes batches no record of
         which was refused; the rest are written here.
         """
+        if self.caught_up:  # nothing journaled past the checkpoint: no read, no round trip
+            return 0
         started = time.perf_counter()
         if self._pending is None and self.process is not None and self.process.ready:
             n = await self._flush_by_process(self.process, started)
