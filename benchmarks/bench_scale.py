@@ -219,6 +219,7 @@ async def measured(
     load generator; through a daemon, its CPU runs until the run's rows are all stored."""
     since = datetime.now(UTC)
     hop0 = tree_cpu_s(side.proc.pid) if side.proc else 0.0
+    own0 = proc_cpu_s(side.proc.pid) if side.proc else 0.0
     up0, lg0 = proc_cpu_s(upstream.pid), time.process_time()
     stats, wall = await load()
     tokens = max(stats.tokens, 1)
@@ -242,6 +243,8 @@ async def measured(
         out["drain_s"] = drain
     if side.proc is not None:
         out["cpu_us_per_token"] = (tree_cpu_s(side.proc.pid) - hop0) / tokens * 1e6
+        # The hop's own process: a daemon's flush process is the difference.
+        out["serving_cpu_us_per_token"] = (proc_cpu_s(side.proc.pid) - own0) / tokens * 1e6
     return out
 
 
@@ -333,8 +336,9 @@ async def phase_instant(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
                 )
     out: dict[str, Any] = {"concurrency": 100, "tokens_per_reply": 1000}
     for name, side_runs in runs.items():
-        for key in ("tokens_per_s", "cpu_us_per_token", "drain_s", "errors"):
+        for key in ("tokens_per_s", "cpu_us_per_token", "serving_cpu_us_per_token", "drain_s"):
             out[f"{name}_{key}"] = median_of(side_runs, key)
+        out[f"{name}_errors"] = median_of(side_runs, "errors")
         if name != "direct":
             ratios = [
                 d["tokens_per_s"] / x["tokens_per_s"]

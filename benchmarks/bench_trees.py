@@ -83,7 +83,8 @@ async def drained_run(daemon: Proc, up: Proc, load: str) -> dict[str, Any]:
     seconds = WARM_S + WINDOW_S
     load_it = lambda: streams_for(daemon.port, streams, tokens, seconds, 0)  # noqa: E731
     got = await measured(Side("daemon", daemon), up, "", load_it)
-    keep = ("cpu_us_per_token", "tokens_per_s", "ttft_p50_ms", "errors", "drain_s")
+    keep = ("cpu_us_per_token", "serving_cpu_us_per_token", "tokens_per_s", "ttft_p50_ms")
+    keep += ("errors", "drain_s")
     return {key: got[key] for key in keep}
 
 
@@ -112,15 +113,16 @@ async def one_run(port: int, pid: int, load: str, store: Store | None) -> dict[s
     _, streams, tokens = LOADS[load]
     run = asyncio.create_task(streams_for(port, streams, tokens, WARM_S + WINDOW_S + 2, 0.0))
     await asyncio.sleep(WARM_S)
-    cpu0 = tree_cpu_s(pid)
+    cpu0, own0 = tree_cpu_s(pid), proc_cpu_s(pid)
     store0 = await store.sample() if store else (0.0, 0)
     await asyncio.sleep(WINDOW_S)
-    cpu = tree_cpu_s(pid) - cpu0
+    cpu, own = tree_cpu_s(pid) - cpu0, proc_cpu_s(pid) - own0
     store1 = await store.sample() if store else (0.0, 0)
     stats, wall = await run
     in_window = stats.tokens / wall * WINDOW_S  # the clients' rate held over the window
     got = {
         "cpu_us_per_token": round(cpu / in_window * 1e6, 2),
+        "serving_cpu_us_per_token": round(own / in_window * 1e6, 2),  # the flush process's not
         "tokens_per_s": round(stats.tokens / wall),
         "ttft_p50_ms": round(statistics.median(stats.ttfts) * 1e3, 1) if stats.ttfts else None,
         "errors": len(stats.errors),
