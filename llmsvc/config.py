@@ -35,6 +35,7 @@ MiB = 1024 * 1024
 DAY = 24 * 3600  # seconds
 CONFIG_VARIABLE = "LLMSVC_CONFIG"
 WORKER_INDEX_VARIABLE = "LLMSVC_WORKER_INDEX"
+WORKER_GROUP_VARIABLE = "LLMSVC_WORKER_GROUP"
 # The waits bounded by shutdown_close_seconds in one shutdown: the catch-up's end, the
 # flusher's end and its cancel, each of three followers' end and cancel, two pools, the
 # export of the spans left (with otel_endpoint).
@@ -513,8 +514,19 @@ def worker_index() -> int | None:
     return int(index) if index.isdigit() else None
 
 
+def worker_group() -> str:
+    """What a supervisor's workers share in the names of their sockets to each other: set in
+    each worker's environment, as its index is."""
+    return os.environ.get(WORKER_GROUP_VARIABLE, "")
+
+
 def worker_environment(
-    settings: Settings, index: int, port: int, notify_socket: str, watchdog_usec: int | None
+    settings: Settings,
+    index: int,
+    group: str,
+    port: int,
+    notify_socket: str,
+    watchdog_usec: int | None,
 ) -> dict[str, str]:
     """Worker `index`'s environment: this one, with its own WAL dir and the port held for all.
 
@@ -528,6 +540,7 @@ def worker_environment(
         if k not in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
     }
     env[WORKER_INDEX_VARIABLE] = str(index)
+    env[WORKER_GROUP_VARIABLE] = group
     env["LLMSVC_WAL_DIR"] = str(worker_wal_dir(settings.wal_dir, index))
     env["LLMSVC_PORT"] = str(port)
     env["NOTIFY_SOCKET"] = notify_socket
@@ -550,7 +563,10 @@ def load_settings(**overrides: Any) -> Settings:
         )
     sources = Sources(os.environ, config_file)
     unknown = unknown_variables(
-        sources, Settings.model_fields, (CONFIG_VARIABLE, WORKER_INDEX_VARIABLE), TEST_VARIABLES
+        sources,
+        Settings.model_fields,
+        (CONFIG_VARIABLE, WORKER_INDEX_VARIABLE, WORKER_GROUP_VARIABLE),
+        TEST_VARIABLES,
     )
     if unknown:
         raise ConfigError(

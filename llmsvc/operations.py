@@ -21,7 +21,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from llmsvc import status
-from llmsvc.config import Settings, worker_wal_dir
+from llmsvc.config import Settings, worker_group
 from llmsvc.errors import Conflict, WalFatal
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.attribution import deployment_fields
@@ -41,7 +41,7 @@ from llmsvc.maintenance.scheduler import Scheduler
 from llmsvc.metrics import Metrics, WalStatus
 from llmsvc.providers import build_provider
 from llmsvc.providers.base import Provider
-from llmsvc.siblings import Siblings, socket_path
+from llmsvc.siblings import Siblings, address
 from llmsvc.status import CatchUp, iso
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error
 from llmsvc.store.flush_process import ChildConfig
@@ -115,10 +115,10 @@ class Operations:
         # conversation, and answers theirs (`llmsvc.siblings`).
         self.siblings: Siblings | None = None
         if worker is not None:
-            others = [worker_wal_dir(s.wal_dir.parent, k) for k in range(s.workers) if k != worker]
+            group = worker_group()
             self.siblings = Siblings(
-                socket_path(s.wal_dir),
-                [socket_path(path) for path in others],
+                address(group, worker),
+                [address(group, k) for k in range(s.workers) if k != worker],
                 lambda: conversations.caught_up(),
                 timeout,
             )

@@ -6,9 +6,12 @@ answered its last turn: that turn may still be in the other's WAL. So before rea
 conversation a worker asks each other worker to store everything it has journaled, and
 waits for their answers; each answers once its store holds what its WAL held when asked.
 
-A question and its answer are one datagram each, on a Unix socket per worker in its
-private WAL directory (0600, as the directory is 0700). A worker that is not running
-cannot be asked: what it journaled is stored by its replacement when it boots.
+A question and its answer are one datagram each, on a Unix socket per worker in the
+abstract namespace (no file, no path to outgrow), named after the supervisor's group
+(its pid and a random part) and the worker's index. Any local process can send to such
+a name, so a datagram whose sender is not of this user is dropped, by the credentials
+the kernel attaches. A worker that is not running cannot be asked: what it journaled is
+stored by its replacement when it boots.
 """
 
 from __future__ import annotations
@@ -17,29 +20,31 @@ import asyncio
 import contextlib
 import os
 import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
 
-from llmsvc.errors import LlmsvcError, ServiceUnavailable
+from llmsvc.errors import ServiceUnavailable
 from llmsvc.logs import logger
 
 log = logger(__name__)
 
-SOCKET_NAME = "hurry"
-MAX_PATH_BYTES = 107  # sun_path's 108 bytes, less the terminating NUL
-ASK, DONE = b"?", b"!"  # then the question's 8-byte nonce
+UCRED = struct.Struct("iII")  # struct ucred: the sender's pid, uid, gid
+ASK, DONE = b"?", b"!"  # then the question's nonce
 NONCE_BYTES = 8
 
 
-def socket_path(wal_dir: Path) -> Path:
-    """A worker's socket, in its own WAL directory; LlmsvcError if the path is too long."""
-    path = wal_dir / SOCKET_NAME
-    if len(os.fsencode(path)) > MAX_PATH_BYTES:
-        raise LlmsvcError(
-            f"wal_dir is too long for workers: {path} is over the {MAX_PATH_BYTES} bytes a "
-            "Unix socket's path may have; use a shorter wal_dir"
-        )
-    return path
+def address(group: str, index: int) -> bytes:
+    """Worker `index`'s socket name in the abstract namespace (the leading NUL)."""
+    return f"\0llmsvc-{group}-worker-{index}-hurry".encode()
+
+
+def sender(ancillary: list[tuple[int, int, bytes]]) -> tuple[int, int] | None:
+    """The pid and uid the kernel attached to a datagram (SO_PASSCRED), if it did."""
+    for level, kind, data in ancillary:
+        if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+            pid, uid, _ = UCRED.unpack(data[: UCRED.size])
+            return pid, uid
+    return None
 
 
 class Siblings:
@@ -51,23 +56,22 @@ class Siblings:
 
     def __init__(
         self,
-        own: Path,
-        others: Iterable[Path],
+        own: bytes,
+        others: Iterable[bytes],
         caught_up: Callable[[], Awaitable[None]],
         wait_seconds: float,
     ) -> None:
-        self.others = [str(path) for path in others]
+        self.others = list(others)
         self.caught_up = caught_up
         self.wait_seconds = wait_seconds
+        self._uid = os.getuid()
         self._loop = asyncio.get_running_loop()
-        self._asked: dict[bytes, tuple[asyncio.Future[None], set[str]]] = {}
+        self._asked: dict[bytes, tuple[asyncio.Future[None], set[bytes]]] = {}
         self._answering: set[asyncio.Task[None]] = set()
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
-            with contextlib.suppress(FileNotFoundError):
-                own.unlink()  # a predecessor's: this worker holds the WAL's lock
-            self._sock.bind(str(own))
-            os.chmod(own, 0o600)
+            self._sock.bind(own)
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             self._sock.setblocking(False)
         except OSError:
             self._sock.close()
@@ -78,16 +82,16 @@ class Siblings:
         """Return once every other running worker's store holds what its WAL held when
         asked; ServiceUnavailable if one has not answered within `wait_seconds`."""
         nonce = os.urandom(NONCE_BYTES)
-        waiting: set[str] = set()
-        for path in self.others:
+        waiting: set[bytes] = set()
+        for other in self.others:
             try:
-                self._sock.sendto(ASK + nonce, path)
-            except (FileNotFoundError, ConnectionRefusedError):
+                self._sock.sendto(ASK + nonce, other)
+            except ConnectionRefusedError:
                 continue  # not running
             except BlockingIOError:  # its queue is full: it is answering many already
-                log.warning("workers: a worker too busy to be asked", socket=path)
+                log.warning("workers: a worker too busy to be asked", worker=other[1:].decode())
                 continue
-            waiting.add(path)
+            waiting.add(other)
         if not waiting:
             return
         answered = self._loop.create_future()
@@ -114,21 +118,26 @@ class Siblings:
     def _readable(self) -> None:
         while True:
             try:
-                data, sender = self._sock.recvfrom(1 + NONCE_BYTES)
+                data, ancillary, _, name = self._sock.recvmsg(
+                    1 + NONCE_BYTES, socket.CMSG_SPACE(UCRED.size)
+                )
             except (BlockingIOError, InterruptedError):
                 return
-            kind, nonce = data[:1], data[1:]  # `sender`: a worker's socket path (str)
-            if kind == ASK and sender:
-                task = self._loop.create_task(self._answer(nonce, sender))
+            ids = sender(ancillary)
+            if ids is None or ids[1] != self._uid or not isinstance(name, bytes):
+                continue  # another user's process, or a sender with no name to answer
+            kind, nonce = data[:1], data[1:]
+            if kind == ASK:
+                task = self._loop.create_task(self._answer(nonce, name))
                 self._answering.add(task)
                 task.add_done_callback(self._answering.discard)
             elif kind == DONE and nonce in self._asked:
                 answered, waiting = self._asked[nonce]
-                waiting.discard(sender)
+                waiting.discard(name)
                 if not waiting and not answered.done():
                     answered.set_result(None)
 
-    async def _answer(self, nonce: bytes, asker: str) -> None:
+    async def _answer(self, nonce: bytes, asker: bytes) -> None:
         """Answer once this worker's store holds its WAL as it is now; no answer if it does not
         within its bound (the asker's own bound says so to its client)."""
         try:

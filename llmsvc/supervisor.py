@@ -39,7 +39,6 @@ import secrets
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
@@ -58,7 +57,7 @@ from llmsvc.config import (
 from llmsvc.errors import LlmsvcError
 from llmsvc.logs import logger
 from llmsvc.serving import shared_port_socket
-from llmsvc.siblings import socket_path
+from llmsvc.siblings import UCRED, sender
 from llmsvc.status import why
 from llmsvc.store.engine import create_engine, migrate
 from llmsvc.store.replay import replay_wal
@@ -77,7 +76,6 @@ REPLAY_SECONDS = 5.0  # one try at the WALs no worker owns, and the pause before
 ORPHAN_SECONDS = 5.0  # how long a crashed supervisor's worker gets to exit, per signal
 PR_SET_PDEATHSIG = 1
 # The last line of `llmsvc run`, a supervisor's or a single daemon's, whatever ended it.
-UCRED = struct.Struct("iII")  # struct ucred: the sender's pid, uid, gid
 
 
 @dataclass
@@ -116,6 +114,7 @@ class Supervisor:
         self.replay_at = 0.0  # monotonic time of the next try at them
         self.replay_failed = False  # the last try failed (logged once until one succeeds)
         self.holder: socket.socket | None = None  # the shared port, held once the boot got it
+        self.group = f"{os.getpid()}-{secrets.token_hex(8)}"  # in its workers' socket names
 
     def run(self) -> int:
         """Boot, keep the workers running until a signal, drain them; return the exit code."""
@@ -252,13 +251,17 @@ class Supervisor:
         sock.bind("\0" + name)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
         sock.setblocking(False)
-        wal_dir = private.make_dirs(worker_wal_dir(self.settings.wal_dir, index))
-        socket_path(wal_dir)  # the worker binds it: a path too long fails the boot here, once
+        private.make_dirs(worker_wal_dir(self.settings.wal_dir, index))
         return Worker(index, sock, "@" + name)
 
     def _start(self, worker: Worker) -> None:
         env = worker_environment(
-            self.settings, worker.index, self.port, worker.notify_name, self.watchdog_usec
+            self.settings,
+            worker.index,
+            self.group,
+            self.port,
+            worker.notify_name,
+            self.watchdog_usec,
         )
         worker.proc = subprocess.Popen(
             [sys.executable, "-m", "llmsvc", "run"],
@@ -302,15 +305,8 @@ class Supervisor:
                 data, ancillary, _, _ = worker.notify.recvmsg(4096, socket.CMSG_SPACE(UCRED.size))
             except BlockingIOError:
                 return
-            pid = next(
-                (
-                    UCRED.unpack(cdata[: UCRED.size])[0]
-                    for level, kind, cdata in ancillary
-                    if (level, kind) == (socket.SOL_SOCKET, socket.SCM_CREDENTIALS)
-                ),
-                None,
-            )
-            if worker.proc is None or pid != worker.proc.pid:
+            ids = sender(ancillary)
+            if worker.proc is None or ids is None or ids[0] != worker.proc.pid:
                 continue
             lines = data.decode(errors="replace").splitlines()
             if "READY=1" in lines:

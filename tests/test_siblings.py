@@ -1,24 +1,27 @@
 """Workers asking each other to store their WALs (`llmsvc.siblings`): real Unix sockets in
-real directories, on a real event loop; each worker's own catch-up is a gate the test
-opens, as the store catching up would."""
+the abstract namespace, on a real event loop, and a real process of another user; each
+worker's own catch-up is a gate the test opens, as its store catching up would."""
 
 from __future__ import annotations
 
 import asyncio
-import stat
+import os
+import secrets
+import socket
 import time
-from pathlib import Path
 
 import pytest
 
-from llmsvc.errors import LlmsvcError, ServiceUnavailable
-from llmsvc.siblings import MAX_PATH_BYTES, Siblings, socket_path
+from llmsvc.errors import ServiceUnavailable
+from llmsvc.siblings import ASK, Siblings, address
+
+NOBODY = 65534
 
 
 class Worker:
     """A worker's siblings endpoint whose store catches up when the test says so."""
 
-    def __init__(self, own: Path, others: list[Path], wait_seconds: float = 5.0) -> None:
+    def __init__(self, own: bytes, others: list[bytes], wait_seconds: float = 5.0) -> None:
         self.stored = asyncio.Event()
         self.asked = 0
         self.siblings = Siblings(own, others, self.caught_up, wait_seconds)
@@ -32,15 +35,13 @@ class Worker:
             raise ServiceUnavailable("the store has not caught up") from None
 
 
-def paths(tmp_path: Path, n: int) -> list[Path]:
-    dirs = [tmp_path / f"worker-{k}" for k in range(n)]
-    for directory in dirs:
-        directory.mkdir(mode=0o700)
-    return [socket_path(directory) for directory in dirs]
+def names(n: int) -> list[bytes]:
+    group = secrets.token_hex(8)  # tests run side by side
+    return [address(group, k) for k in range(n)]
 
 
-async def test_a_worker_waits_until_every_other_has_stored_its_wal(tmp_path: Path) -> None:
-    a, b, c = paths(tmp_path, 3)
+async def test_a_worker_waits_until_every_other_has_stored_its_wal() -> None:
+    a, b, c = names(3)
     asker = Worker(a, [b, c])
     others = [Worker(b, [a, c]), Worker(c, [a, b])]
     try:
@@ -58,36 +59,35 @@ async def test_a_worker_waits_until_every_other_has_stored_its_wal(tmp_path: Pat
             worker.siblings.close()
 
 
-async def test_a_worker_that_is_not_running_is_not_waited_for(tmp_path: Path) -> None:
-    a, b = paths(tmp_path, 2)
+async def test_a_worker_that_is_not_running_is_not_waited_for() -> None:
+    a, b = names(2)
     asker = Worker(a, [b])
     try:
         started = time.monotonic()
         await asker.siblings.others_caught_up()
-        assert time.monotonic() - started < 0.5
         gone = Worker(b, [a])
-        gone.siblings.close()  # its socket file stays, nobody reads it
+        gone.siblings.close()
         await asker.siblings.others_caught_up()
+        assert time.monotonic() - started < 0.5
     finally:
         asker.siblings.close()
 
 
-async def test_a_worker_whose_store_does_not_catch_up_is_a_503_naming_the_bound(
-    tmp_path: Path,
-) -> None:
-    a, b = paths(tmp_path, 2)
+async def test_a_worker_whose_store_does_not_catch_up_is_a_503_naming_the_bound() -> None:
+    a, b = names(2)
     asker, stuck = Worker(a, [b], wait_seconds=0.3), Worker(b, [a])
     try:
         with pytest.raises(ServiceUnavailable, match=r"0\.3 s \(database_timeout_seconds\)"):
             await asker.siblings.others_caught_up()
+        assert stuck.asked == 1
     finally:
         asker.siblings.close()
         stuck.siblings.close()
 
 
-async def test_answers_are_matched_to_their_question(tmp_path: Path) -> None:
+async def test_answers_are_matched_to_their_question() -> None:
     """Two questions at once: each returns once its own answer came."""
-    a, b = paths(tmp_path, 2)
+    a, b = names(2)
     asker, other = Worker(a, [b]), Worker(b, [a])
     try:
         first = asyncio.create_task(asker.siblings.others_caught_up())
@@ -103,18 +103,28 @@ async def test_answers_are_matched_to_their_question(tmp_path: Path) -> None:
         other.siblings.close()
 
 
-async def test_the_socket_is_private_and_a_stale_one_is_replaced(tmp_path: Path) -> None:
-    (a,) = paths(tmp_path, 1)
-    a.write_bytes(b"")  # left by a worker that died
+async def test_a_question_from_another_users_process_is_not_answered() -> None:
+    """Any local process can send to a name in the abstract namespace; only this user's
+    are taken. The suite runs as root, so a forked child can send as nobody."""
+    (a,) = names(1)
     worker = Worker(a, [])
+    worker.stored.set()
     try:
-        assert stat.S_ISSOCK(a.stat().st_mode)
-        assert stat.S_IMODE(a.stat().st_mode) == 0o600
+        for user in (NOBODY, os.getuid()):
+            pid = os.fork()
+            if pid == 0:  # the child: send one question as `user`, nothing else
+                code = 1
+                try:
+                    os.setuid(user)
+                    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                    sock.bind(b"\0" + secrets.token_hex(8).encode())
+                    sock.sendto(ASK + b"12345678", a)
+                    code = 0
+                finally:
+                    os._exit(code)
+            _, status = await asyncio.to_thread(os.waitpid, pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+            await asyncio.sleep(0.2)
+            assert worker.asked == (0 if user == NOBODY else 1)
     finally:
         worker.siblings.close()
-
-
-def test_a_wal_dir_too_long_for_a_socket_is_refused_naming_it(tmp_path: Path) -> None:
-    deep = tmp_path / ("d" * (MAX_PATH_BYTES - len(str(tmp_path))))
-    with pytest.raises(LlmsvcError, match="wal_dir is too long for workers"):
-        socket_path(deep)

@@ -574,18 +574,6 @@ def test_a_worker_that_cannot_boot_fails_the_start_with_exit_1(
     assert last.endswith("supervisor shutdown: done exit_code=1 reason=worker-1 failed to boot")
 
 
-def test_a_wal_dir_too_long_for_the_workers_sockets_fails_the_boot_naming_it(
-    sqlite_url: str, tmp_path: Path
-) -> None:
-    """Each worker's socket for the others' questions lies in its WAL directory, and a Unix
-    socket's path has 107 bytes at most: the supervisor says so before starting any."""
-    wal_dir = tmp_path / ("w" * (100 - len(str(tmp_path))))
-    daemon = DaemonProcess(daemon_env(sqlite_url, wal_dir, workers=2)).start(wait_ready=False)
-    assert daemon.wait() == 1, daemon.log
-    assert f"boot failed: wal_dir is too long for workers: {wal_dir}/worker-0/hurry" in daemon.log
-    assert "worker-0 started" not in daemon.log
-
-
 def test_a_worker_that_stops_pinging_its_watchdog_is_killed_and_replaced(
     sqlite_url: str, wal_dir: Path, tmp_path: Path
 ) -> None:
