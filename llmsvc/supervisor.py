@@ -75,7 +75,6 @@ HURRY_SECONDS = 5.0  # after a second signal: how long workers get to exit befor
 REPLAY_SECONDS = 5.0  # one try at the WALs no worker owns, and the pause before the next
 ORPHAN_SECONDS = 5.0  # how long a crashed supervisor's worker gets to exit, per signal
 PR_SET_PDEATHSIG = 1
-# The last line of `llmsvc run`, a supervisor's or a single daemon's, whatever ended it.
 
 
 @dataclass
@@ -264,7 +263,7 @@ class Supervisor:
             self.watchdog_usec,
         )
         worker.proc = subprocess.Popen(
-            [sys.executable, "-m", "llmsvc", "run"],
+            [sys.executable, "-P", "-m", "llmsvc", "run"],  # -P: not the cwd's llmsvc
             env=env,
             stdin=subprocess.DEVNULL,
             process_group=0,  # a terminal's Ctrl-C reaches the supervisor only; it forwards

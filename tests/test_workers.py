@@ -230,6 +230,28 @@ def test_a_session_continued_at_once_on_the_other_worker_is_sent_its_newest_turn
         assert daemon.stop() == 0, daemon.log
 
 
+def test_workers_and_their_flush_processes_run_the_installed_llmsvc_whatever_the_cwd(
+    sqlite_url: str, wal_dir: Path
+) -> None:
+    """`python -m` puts the working directory first on sys.path, so a folder named llmsvc
+    there (a source checkout, or anyone's who can write to it) would be what a worker or a
+    flush process runs."""
+    decoy = wal_dir.parent / "llmsvc"  # DaemonProcess runs llmsvc in wal_dir's parent
+    decoy.mkdir()
+    (decoy / "__init__.py").write_text("raise SystemExit('the llmsvc of the working directory')\n")
+    env = daemon_env(sqlite_url, wal_dir, workers=2, flush_process=True)
+    with DaemonProcess(env) as daemon:
+        daemon.wait_caught_up(2)
+        stream = Stream(daemon, 5, 0).start()
+        stream.wait_done()
+        assert stream.error is None
+        daemon.wait_for_log(r"worker-1 llmsvc\.store\.flush_process flush process ready")
+        daemon.wait_for_log(r"worker-0 llmsvc\.store\.flush_process flush process ready")
+        assert daemon.stop() == 0, daemon.log
+    assert "the llmsvc of the working directory" not in daemon.log
+    assert read_store(sqlite_url).texts(stream.request_id) == [mock_token(i) for i in range(5)]
+
+
 def test_a_killed_worker_loses_nothing_and_the_other_keeps_serving(
     env: dict[str, str], database_url: str, wal_dir: Path
 ) -> None:

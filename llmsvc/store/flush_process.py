@@ -70,6 +70,7 @@ class FlushProcess:
     async def start(cls, config: ChildConfig) -> FlushProcess:
         proc = await asyncio.create_subprocess_exec(
             sys.executable,
+            "-P",  # `-m` would put the working directory, and any llmsvc in it, first
             "-m",
             "llmsvc.store.flush_child",
             stdin=asyncio.subprocess.PIPE,
