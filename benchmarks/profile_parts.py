@@ -4,9 +4,15 @@ Each sample counts for the innermost frame that belongs to a part in PARTS;
 one with none below uvloop's `run_forever` is the loop's own work (socket
 reads and writes, epoll, callbacks in C). Record a profile with
 
-    py-spy record --threads -r 200 -f raw -o daemon.raw -p <daemon pid> -d 20
+    py-spy record --nonblocking --threads -r 200 -f raw -o daemon.raw -p <daemon pid> -d 20
 
 under load, then:  python benchmarks/profile_parts.py daemon.raw[.gz]
+
+`--nonblocking` matters under paced streams: py-spy otherwise stops the daemon for
+each sample, a batch's WAL write then ends after the next upstream read, and the
+pump hands that read to the task: the profile shows the task's path carrying the
+tokens the pump carries when nothing watches (BENCHMARKS.md, "Conversations across
+workers"). Its idle threads may count as busy: read the main thread.
 """
 
 from __future__ import annotations
