@@ -26,28 +26,22 @@ from pathlib import Path
 from typing import Any
 
 import openai
-from bench_open_memory import commit_of
 from benchkit import (
     PACKAGES,
     Proc,
+    commit_of,
     machine_info,
     pct,
     processes,
     rotated,
     spawn_daemon,
+    tree_arg,
     wait_ready,
     write_report,
 )
 
 MOCK = [{"name": "mock", "kind": "mock", "models": ["mock"]}]
 UNKNOWN = "resp_" + "0" * 32
-
-
-def tree_arg(text: str) -> tuple[str, Path]:
-    name, _, path = text.partition("=")
-    if not name or not path:
-        raise argparse.ArgumentTypeError(f"{text!r}: want name=path")
-    return name, Path(path).resolve()
 
 
 def turns(daemon: Proc, n: int) -> dict[str, float]:

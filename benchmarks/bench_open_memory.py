@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -38,6 +37,7 @@ from benchkit import (
     MODEL,
     PACKAGES,
     chat_body,
+    commit_of,
     log,
     machine_info,
     processes,
@@ -47,13 +47,6 @@ from benchkit import (
 from loadgen import StreamStats, request_bytes
 
 HERE = Path(__file__).resolve().parents[1]
-
-
-def commit_of(tree: Path) -> str:
-    done = subprocess.run(
-        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    return done.stdout.strip() or "?"
 
 
 async def open_run(

@@ -46,7 +46,6 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from bench_open_memory import commit_of
 from bench_scale import Side, measured, start_daemon, streams_for, tree_cpu_s, tree_pids
 from benchkit import (
     MODEL,
@@ -54,6 +53,7 @@ from benchkit import (
     Endpoint,
     Proc,
     chat_body,
+    commit_of,
     complete,
     log,
     machine_info,
@@ -66,6 +66,7 @@ from benchkit import (
     processes,
     rotated,
     spawn_upstream,
+    tree_arg,
 )
 
 LOADS = {  # token delay (ms), streams, tokens per reply
@@ -263,7 +264,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tree", action="append", required=True, help="name=path, two or more")
+    p.add_argument(
+        "--tree", type=tree_arg, action="append", required=True, help="name=path, two or more"
+    )
     p.add_argument("--load", choices=sorted(LOADS), default="paced")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--drained", action="store_true", help="whole runs, until stored")
@@ -271,7 +274,7 @@ def main() -> None:
     p.add_argument("--pg-url", default="", help="a PostgreSQL server to store into (scratch DBs)")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
-    if len(args.tree) < 2 or any("=" not in tree for tree in args.tree):
+    if len(args.tree) < 2:
         p.error("--tree takes name=path, at least twice")
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         p.error("--pin needs two CPUs or more")
@@ -279,8 +282,7 @@ def main() -> None:
         p.error("--drained measures streams: not with --load whole")
     if args.pg_url and (args.drained or args.load == "whole"):
         p.error("--pg-url counts the store per streamed token: not with --drained or whole")
-    named = (tree.split("=", 1) for tree in args.tree)
-    args.trees = {name: Path(path).resolve() for name, path in named}
+    args.trees = dict(args.tree)
     report = asyncio.run(run(args))
     args.out.write_text(json.dumps(report, indent=1) + "\n")
     for name, tree in report["trees"].items():

@@ -97,6 +97,22 @@ def fs_type(path: Path) -> str:
     return kind
 
 
+def commit_of(tree: Path) -> str:
+    """The short commit a tree's checkout is at ("?" outside a git checkout)."""
+    done = subprocess.run(
+        ["git", "-C", str(tree), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    )
+    return done.stdout.strip() or "?"
+
+
+def tree_arg(text: str) -> tuple[str, Path]:
+    """`--tree name=path` (argparse's type): the name and the tree's resolved path."""
+    name, _, path = text.partition("=")
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"{text!r}: want name=path")
+    return name, Path(path).resolve()
+
+
 def machine_info(tmp: Path, packages: tuple[str, ...]) -> dict[str, Any]:
     """What the figures depend on, so runs on different machines can be compared."""
     with open("/proc/cpuinfo") as f:
