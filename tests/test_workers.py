@@ -72,6 +72,13 @@ def served_by(database_url: str, wal_dir: Path, request_ids: list[str]) -> dict[
         time.sleep(0.1)
 
 
+def one_crossed(database_url: str, wal_dir: Path, pairs: list[tuple[str, str]]) -> bool:
+    """Whether some pair's second request went to another worker than its first (read once
+    both are flushed): a continuation that reached the other worker."""
+    where = served_by(database_url, wal_dir, [r for pair in pairs for r in pair])
+    return any(where[a] != where[b] for a, b in pairs)
+
+
 def worker_pid(supervisor: DaemonProcess, index: int) -> int:
     """The pid of worker `index` now, from the supervisor's last `started` line for it."""
     pids = re.findall(rf"worker-{index} started pid=(\d+)", supervisor.log)
@@ -178,8 +185,7 @@ def test_a_response_continued_at_once_on_the_other_worker_finds_its_turn(
                 assert second.previous_response_id == first.id
                 assert second.output_text == "".join(mock_token(i) for i in range(3))
                 pairs.append((response_request_id(first.id), response_request_id(second.id)))
-            where = served_by(database_url, wal_dir, [r for pair in pairs for r in pair])
-            if any(where[a] != where[b] for a, b in pairs):
+            if one_crossed(database_url, wal_dir, pairs):
                 break
         else:
             raise AssertionError("24 continuations all went to the worker of their turn")
@@ -211,7 +217,8 @@ def test_a_session_continued_at_once_on_the_other_worker_is_sent_its_newest_turn
                         )
                     assert completion.choices[0].message.content == reply
                     turns.append((completion.id.removeprefix("chatcmpl-"), n))
-            where = served_by(database_url, wal_dir, [request for request, _ in turns])
+            continued = [(a, b) for (a, n), (b, _) in itertools.pairwise(turns) if n < 2]
+            crossed = one_crossed(database_url, wal_dir, continued)  # and every turn flushed
             requests = read_store(database_url).requests
             for request, n in turns:
                 history = []
@@ -222,8 +229,7 @@ def test_a_session_continued_at_once_on_the_other_worker_is_sent_its_newest_turn
                     ]
                 sent = requests[uuid.UUID(request)]["messages"]
                 assert sent == [*history, {"role": "user", "content": f"turn {n}"}]
-            crossed = [(a, b) for (a, n), (b, _) in itertools.pairwise(turns) if n < 2]
-            if any(where[a] != where[b] for a, b in crossed):
+            if crossed:
                 break
         else:
             raise AssertionError("every turn went to the worker of the turn before it")
