@@ -423,9 +423,11 @@ class Exchange:
     def _take(self, texts: Batch) -> bool:
         """One batch, in the upstream connection's callback: journaled with the other streams'
         batches of this loop round, and `held` until `_journaled` writes it to the client.
-        False leaves it to the task: not plain tokens, the client gone, a batch already held,
+        False leaves it to the task: not plain tokens, the client gone, a batch still held,
         or a WAL that refuses appends (the task meets the refusal again)."""
-        if isinstance(texts, ToolCallDeltas | RefusalDeltas) or self.held or self.closed():
+        if isinstance(texts, ToolCallDeltas | RefusalDeltas) or self.closed():
+            return False
+        if self.held is not None and not self._release_held():
             return False
         try:
             fut = self._journal_tokens(self.attempt_id.bytes, texts, "round")
@@ -435,9 +437,23 @@ class Exchange:
         fut.add_done_callback(self._journaled)
         return True
 
+    def _release_held(self) -> bool:
+        """Write the held batch now if its WAL write is done and the client reads: the next
+        read can come before the write's done callback runs (the loop polls before it runs
+        the callbacks of the round before), and on a busy loop a fifth of a paced stream's
+        batches did, each then sent by the task (BENCHMARKS.md, "The pump's misses")."""
+        fut = self.unconfirmed[0]
+        if fut is None or not fut.done():
+            return False
+        self._journaled(fut)
+        return self.held is None
+
     def _journaled(self, fut: asyncio.Future[int]) -> None:
         """The held batch's WAL write is done: write it to the client now if it reads, else
-        (or if the WAL refused it) wake the task to send it or fail."""
+        (or if the WAL refused it) wake the task to send it or fail. Nothing if `_take`
+        already released it (`fut` is no longer the batch unconfirmed)."""
+        if fut is not self.unconfirmed[0]:
+            return
         if fut.exception() is None:
             self.unconfirmed = (None, 0)
             if self.held is not None and self.write(self.held):

@@ -6,6 +6,7 @@ journaled as failed; a start record the WAL cannot take is refused, not journale
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from typing import Any
@@ -31,6 +32,7 @@ from llmsvc.errors import ClientError
 from llmsvc.gateway.attribution import Attribution
 from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.errors import describe
+from llmsvc.gateway.ids import new_id
 from llmsvc.gateway.sse import ChatWire
 from llmsvc.providers.mock import token
 from llmsvc.wal.codec import RecordType
@@ -68,6 +70,62 @@ async def test_a_start_record_the_wal_cannot_encode_is_a_client_error_logged_onc
         (logging.INFO, "request")
     ]
     await _assert_nothing_recorded(served)
+
+
+async def test_a_pumped_batch_already_journaled_is_written_when_the_next_read_comes_first(
+    served: Served,
+) -> None:
+    """A stream's next read can arrive after its held batch's WAL write and before that
+    write's done callback runs: the held batch then goes to the client at once and the pump
+    takes the next, which reaches the client only once its own write is done."""
+    gateway, data = served.gateway, _chat()
+    writer = gateway.journal.writer
+    written: list[tuple[bytes, int]] = []  # each frame, with the WAL's next LSN as it went
+
+    def write(body: bytes) -> bool:
+        written.append((body, writer.end.lsn))
+        return True
+
+    exchange = Exchange(
+        gateway.journal, gateway.router, gateway.policy, data,
+        data["model"], True, uuid.uuid4(), "corr", _no_send, lambda: False, write,
+        lambda status, headers, body, more: None,
+        caller=None, attribution=Attribution(),
+        wire=lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, data["model"], True),
+        api="chat",
+    )  # fmt: skip
+    exchange.attempt_id = new_id()
+    loop = asyncio.get_running_loop()
+    assert exchange._take(["a"])
+    first = exchange.unconfirmed[0]
+    assert first is not None
+    taken: asyncio.Future[tuple[bool, asyncio.Future[int] | None]] = loop.create_future()
+
+    def next_read() -> None:  # after the round's WAL write, before its done callbacks
+        assert first.done(), "the round's write is not done on the loop"
+        assert written == []
+        taken.set_result((exchange._take(["b"]), exchange.unconfirmed[0]))
+
+    loop.call_soon(next_read)
+    took, second = await taken
+    assert took
+    assert second is not None
+    assert second is not first
+    await second
+    for _ in range(3):  # the done callbacks of both writes
+        await asyncio.sleep(0)
+
+    wire = exchange.wire
+    assert [body for body, _ in written] == [wire.tokens(["a"]), wire.tokens(["b"])]
+    assert written[0][1] > first.result()  # each after its WAL write: the next LSN is past it
+    assert written[1][1] > second.result()
+    assert exchange.held is None
+    records = await served.records()
+    assert [text for _a, _s, text, _t in _by_type(records, RecordType.TOKEN)] == ["a", "b"]
+
+
+async def _no_send(message: Any) -> None:
+    raise AssertionError(f"sent by the task, not the pump: {message}")
 
 
 async def test_stream_sends_role_tokens_finish_usage_done_and_journals_them(
