@@ -46,6 +46,11 @@ class Pieces:
         kept.extend(texts)
         self._last = len(texts)
 
+    def join_last(self, texts: list[str]) -> None:
+        """Keep texts as part of the last batch: journaled into its WAL write, refused with it."""
+        self._texts.extend(texts)
+        self._last += len(texts)
+
     def drop_last(self) -> None:
         """Forget the last batch added (the WAL refused it); once, after that batch."""
         if self._last:

@@ -423,12 +423,20 @@ class Exchange:
     def _take(self, texts: Batch) -> bool:
         """One batch, in the upstream connection's callback: journaled with the other streams'
         batches of this loop round, and `held` until `_journaled` writes it to the client.
-        False leaves it to the task: not plain tokens, the client gone, a batch still held,
-        or a WAL that refuses appends (the task meets the refusal again)."""
+        False leaves it to the task: not plain tokens, the client gone, a held batch the
+        client is not reading or whose write is under way, or a WAL that refuses appends
+        (the task meets the refusal again).
+
+        The stream's next read can come while a batch is held: before that batch's WAL write
+        (two reads in one loop round) or after it, before the write's done callback runs
+        (the loop polls before it runs the callbacks of the round before). On a busy loop
+        a fifth of a paced stream's batches came so, and the task sent each at several times
+        the pump's cost (BENCHMARKS.md, "The pump's misses"). The held batch is written at
+        once in the second case, and joined by this one in the first."""
         if isinstance(texts, ToolCallDeltas | RefusalDeltas) or self.closed():
             return False
         if self.held is not None and not self._release_held():
-            return False
+            return self._join_held(texts)
         try:
             fut = self._journal_tokens(self.attempt_id.bytes, texts, "round")
         except LlmsvcError:
@@ -438,15 +446,29 @@ class Exchange:
         return True
 
     def _release_held(self) -> bool:
-        """Write the held batch now if its WAL write is done and the client reads: the next
-        read can come before the write's done callback runs (the loop polls before it runs
-        the callbacks of the round before), and on a busy loop a fifth of a paced stream's
-        batches did, each then sent by the task (BENCHMARKS.md, "The pump's misses")."""
+        """Write the held batch now if its WAL write is done and the client reads."""
         fut = self.unconfirmed[0]
         if fut is None or not fut.done():
             return False
         self._journaled(fut)
         return self.held is None
+
+    def _join_held(self, texts: list[str]) -> bool:
+        """Journal `texts` into the held batch's WAL write if that is still gathering, and
+        hold their frame after its own: the one write and its done callback cover both."""
+        fut, count = self.unconfirmed
+        if fut is None or self.held is None:
+            return False
+        try:
+            if not self.journal.join_tokens(fut, self.attempt_id.bytes, self.seq, texts):
+                return False
+        except LlmsvcError:
+            return False
+        self.seq += len(texts)
+        self.pieces.join_last(texts)
+        self.unconfirmed = (fut, count + len(texts))
+        self.held += self.wire.tokens(texts)
+        return True
 
     def _journaled(self, fut: asyncio.Future[int]) -> None:
         """The held batch's WAL write is done: write it to the client now if it reads, else

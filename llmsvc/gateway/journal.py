@@ -120,6 +120,15 @@ class Journal:
         frames = [encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
         return self._append(frames, when)
 
+    def join_tokens(
+        self, batch: asyncio.Future[int], attempt_id: bytes, first_seq: int, texts: list[str]
+    ) -> bool:
+        """`tokens` appended to the WAL batch `batch` stands for, written with it (the same
+        future), if that batch is still gathering; False, nothing appended, once it is not."""
+        ts = now_us()
+        frames = [encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
+        return self.writer.append_to(batch, *frames)
+
     def tool_deltas(
         self, attempt_id: bytes, first_seq: int, deltas: list[dict[str, Any]], when: When = "now"
     ) -> asyncio.Future[int]:

@@ -178,6 +178,16 @@ class WalWriter:
             self._loop.call_soon(self._end_round)  # type: ignore[union-attr]
         return fut
 
+    def append_to(self, fut: asyncio.Future[int], *frames: bytes) -> bool:
+        """Append frames to the batch `fut` stands for if it is still gathering (none of it
+        taken to be written), so one write holds them all or none; False, nothing appended,
+        once it is taken. For a stream whose next read comes before its batch is written."""
+        with self._cond:
+            if fut is not self._fut:
+                return False
+            self._put(frames, wake=False)
+            return True
+
     def _end_round(self) -> None:
         self._round_end = False
         if self._fut is not None and self._failed is None and self.full is None:

@@ -38,6 +38,17 @@ def test_the_last_batch_is_dropped_whole_and_only_it() -> None:
     assert texts_of(pieces).endswith(f"{JOIN_EVERY * 2 - 1},")
 
 
+def test_texts_joined_to_the_last_batch_are_dropped_with_it() -> None:
+    """A stream's read journaled into the held batch's WAL write is refused with it."""
+    pieces = Pieces()
+    for i in range(JOIN_EVERY):
+        pieces.add([f"{i},"])
+    pieces.add(["held "])
+    pieces.join_last(["joined ", "read"])
+    pieces.drop_last()
+    assert texts_of(pieces) == "".join(f"{i}," for i in range(JOIN_EVERY))
+
+
 def test_a_long_reply_costs_about_its_characters() -> None:
     """A token a batch, as a paced stream journals them: ~150 bytes a token kept as they
     came, about the text's own size here."""

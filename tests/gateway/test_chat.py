@@ -78,23 +78,7 @@ async def test_a_pumped_batch_already_journaled_is_written_when_the_next_read_co
     """A stream's next read can arrive after its held batch's WAL write and before that
     write's done callback runs: the held batch then goes to the client at once and the pump
     takes the next, which reaches the client only once its own write is done."""
-    gateway, data = served.gateway, _chat()
-    writer = gateway.journal.writer
-    written: list[tuple[bytes, int]] = []  # each frame, with the WAL's next LSN as it went
-
-    def write(body: bytes) -> bool:
-        written.append((body, writer.end.lsn))
-        return True
-
-    exchange = Exchange(
-        gateway.journal, gateway.router, gateway.policy, data,
-        data["model"], True, uuid.uuid4(), "corr", _no_send, lambda: False, write,
-        lambda status, headers, body, more: None,
-        caller=None, attribution=Attribution(),
-        wire=lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, data["model"], True),
-        api="chat",
-    )  # fmt: skip
-    exchange.attempt_id = new_id()
+    exchange, written = _pumping(served)
     loop = asyncio.get_running_loop()
     assert exchange._take(["a"])
     first = exchange.unconfirmed[0]
@@ -122,6 +106,53 @@ async def test_a_pumped_batch_already_journaled_is_written_when_the_next_read_co
     assert exchange.held is None
     records = await served.records()
     assert [text for _a, _s, text, _t in _by_type(records, RecordType.TOKEN)] == ["a", "b"]
+
+
+async def test_a_pumped_batch_read_before_the_held_one_is_written_joins_its_wal_write(
+    served: Served,
+) -> None:
+    """Two reads of a stream in one loop round: the second is journaled into the first's WAL
+    write and goes to the client with it, in one write, once that write is done."""
+    exchange, written = _pumping(served)
+    assert exchange._take(["a"])
+    first = exchange.unconfirmed[0]
+    assert exchange._take(["b"])
+
+    assert exchange.unconfirmed == (first, 2)
+    assert written == []
+    assert first is not None
+    await first
+    await asyncio.sleep(0)  # its done callback
+
+    wire = exchange.wire
+    assert [body for body, _ in written] == [wire.tokens(["a"]) + wire.tokens(["b"])]
+    assert written[0][1] > first.result() == 2
+    assert (exchange.held, exchange.unconfirmed, exchange.seq) == (None, (None, 0), 2)
+    records = await served.records()
+    assert [text for _a, _s, text, _t in _by_type(records, RecordType.TOKEN)] == ["a", "b"]
+
+
+def _pumping(served: Served) -> tuple[Exchange, list[tuple[bytes, int]]]:
+    """A streaming exchange whose pump writes to a list: each frame, with the WAL's next LSN
+    as it went (a frame's records are journaled when that is past them)."""
+    gateway, data = served.gateway, _chat()
+    writer = gateway.journal.writer
+    written: list[tuple[bytes, int]] = []
+
+    def write(body: bytes) -> bool:
+        written.append((body, writer.end.lsn))
+        return True
+
+    exchange = Exchange(
+        gateway.journal, gateway.router, gateway.policy, data,
+        data["model"], True, uuid.uuid4(), "corr", _no_send, lambda: False, write,
+        lambda status, headers, body, more: None,
+        caller=None, attribution=Attribution(),
+        wire=lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, data["model"], True),
+        api="chat",
+    )  # fmt: skip
+    exchange.attempt_id = new_id()
+    return exchange, written
 
 
 async def _no_send(message: Any) -> None:

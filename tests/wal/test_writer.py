@@ -102,6 +102,21 @@ async def test_in_write_mode_an_append_behind_a_batch_for_the_thread_joins_it_in
     assert await read_log() == records_of([token(1), large, token(3)])
 
 
+async def test_append_to_joins_a_gathering_batch_and_refuses_one_taken_to_be_written(
+    open_writer: OpenWriter, read_log: ReadLog
+) -> None:
+    writer = open_writer(sync="write")
+    gathering = writer.append_soon(token(1))  # written at the loop round's end
+
+    assert writer.append_to(gathering, token(2), token(3))
+    assert not gathering.done()
+    assert await gathering == 3  # one write, all three
+    assert not writer.append_to(gathering, token(4))  # written: nothing appended
+    assert await writer.append(token(4)) == 4
+    await writer.close()
+    assert await read_log() == records_of([token(1), token(2), token(3), token(4)])
+
+
 async def test_in_fsync_mode_appends_under_load_wait_the_commit_delay_to_share_one_batch(
     open_writer: OpenWriter, read_log: ReadLog
 ) -> None:
