@@ -7,11 +7,13 @@ process's, per token the clients got in that window. Nothing is drained after th
 so a flush running behind counts in a later window, not this one.
 
 `paced`: 300 streams at 50 tokens/s (200-token replies, arriving at once), the shape of
-issue 19's paced row. `instant`: 100 streams of 1000-token replies from an upstream that
-writes each reply at once. `whole`: 16 clients each sending one non-streaming request after
-another (16-token replies), measured per request: the CPU that sets the latency rows once
-requests overlap (the daemon's with its flush process, and the serving process's alone),
-and the clients' p50 and p99 over the window.
+issue 19's paced row. `saturated`: the same with 500 streams, more than the serving process
+keeps up with on this machine: how the pump fares on a loop that falls behind (its tokens a
+second say as much as its CPU per token). `instant`: 100 streams of 1000-token replies from
+an upstream that writes each reply at once. `whole`: 16 clients each sending one
+non-streaming request after another (16-token replies), measured per request: the CPU that
+sets the latency rows once requests overlap (the daemon's with its flush process, and the
+serving process's alone), and the clients' p50 and p99 over the window.
 
 With `--pin` each daemon's serving process (every thread) runs on a CPU of its own, and
 its flush process, the upstream and the load on the others, so the serving process does
@@ -26,7 +28,7 @@ clients got (bench_scale's `measured`, as `bench.py --floor` measures its rows):
 process's whole share counts, the start's burst too.
 
 Usage:  .venv/bin/python benchmarks/bench_trees.py --tree base=/path/to/worktree
-            --tree new=. [--load paced|instant|whole] [--pin] [--rounds 3]
+            --tree new=. [--load paced|saturated|instant|whole] [--pin] [--rounds 3]
             [--pg-url postgresql://user@host/db] --out x.json
 A tree is imported from its path (PYTHONPATH) with this tree's virtualenv and packages.
 """
@@ -71,10 +73,16 @@ from benchkit import (
 
 LOADS = {  # token delay (ms), streams, tokens per reply
     "paced": (20.0, 300, 200),
+    "saturated": (20.0, 500, 200),
     "instant": (0.0, 100, 1000),
     "whole": (0.0, 16, 16),  # clients, not streams
 }
-FIGURE = {"paced": "cpu_us_per_token", "instant": "cpu_us_per_token", "whole": "cpu_us_per_request"}
+FIGURE = {
+    "paced": "cpu_us_per_token",
+    "saturated": "cpu_us_per_token",
+    "instant": "cpu_us_per_token",
+    "whole": "cpu_us_per_request",
+}
 WARM_S, WINDOW_S, COOL_S = 4.0, 8.0, 2.0  # the window: after the start's burst, before the end
 
 
@@ -254,7 +262,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     figure = FIGURE[args.load]
     for name, tree_runs in runs.items():
         report["trees"][name]["runs"] = tree_runs
-        for key in (figure, "store_cpu_us_per_token", "store_wal_bytes_per_token"):
+        for key in (figure, "tokens_per_s", "store_cpu_us_per_token", "store_wal_bytes_per_token"):
             if key in tree_runs[0]:
                 median = statistics.median(r[key] for r in tree_runs)
                 report["trees"][name][f"{key}_median"] = median

@@ -179,11 +179,14 @@ class WalWriter:
         return fut
 
     def append_to(self, fut: asyncio.Future[int], *frames: bytes) -> bool:
-        """Append frames to the batch `fut` stands for if it is still gathering (none of it
-        taken to be written), so one write holds them all or none; False, nothing appended,
-        once it is taken. For a stream whose next read comes before its batch is written."""
+        """Append frames to the batch `fut` stands for if it is still gathering in this loop
+        round (not yet asked to be written), so one write holds them all or none; False,
+        nothing appended, once it is asked. For a stream whose next read comes in the round
+        its batch was appended in. Past the round it would gather for as long as the thread
+        is busy (an fsync, a stalled disk), and the log would run that far ahead of the
+        clients."""
         with self._cond:
-            if fut is not self._fut:
+            if fut is not self._fut or self._woken:
                 return False
             self._put(frames, wake=False)
             return True

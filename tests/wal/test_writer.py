@@ -117,6 +117,21 @@ async def test_append_to_joins_a_gathering_batch_and_refuses_one_taken_to_be_wri
     assert await read_log() == records_of([token(1), token(2), token(3), token(4)])
 
 
+async def test_append_to_refuses_a_batch_asked_to_be_written_before_the_thread_takes_it(
+    open_writer: OpenWriter, read_log: ReadLog
+) -> None:
+    writer = open_writer(sync="fsync", commit_delay=0.5)
+    assert await writer.append(token(1)) == 1  # the thread now waits the delay before a batch
+    asked = writer.append_soon(token(2))
+    await asyncio.sleep(0)  # the round ends: the thread is asked to write it
+
+    assert not writer.append_to(asked, token(3))
+    assert not asked.done()
+    assert await asyncio.wait_for(asked, 5) == 2
+    await writer.close()
+    assert await read_log() == records_of([token(1), token(2)])
+
+
 async def test_in_fsync_mode_appends_under_load_wait_the_commit_delay_to_share_one_batch(
     open_writer: OpenWriter, read_log: ReadLog
 ) -> None:
