@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -55,6 +54,7 @@ from llmsvc.config import (
     worker_wal_dir,
 )
 from llmsvc.errors import LlmsvcError
+from llmsvc.lifetime import die_with_parent
 from llmsvc.logs import logger
 from llmsvc.serving import shared_port_socket
 from llmsvc.siblings import UCRED, sender
@@ -74,7 +74,6 @@ KILL_MARGIN_SECONDS = 5.0  # a worker still there this long past its shutdown's 
 HURRY_SECONDS = 5.0  # after a second signal: how long workers get to exit before they are killed
 REPLAY_SECONDS = 5.0  # one try at the WALs no worker owns, and the pause before the next
 ORPHAN_SECONDS = 5.0  # how long a crashed supervisor's worker gets to exit, per signal
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass
@@ -414,4 +413,4 @@ def _is_worker_of(pid: int, wal_dir: Path) -> bool:
 
 def _die_with_parent() -> None:
     """In the worker, before exec: SIGTERM it (a drain) if the supervisor dies unannounced."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    die_with_parent(signal.SIGTERM)

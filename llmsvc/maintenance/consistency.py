@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import multiprocessing
+import os
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.errors import WalError
+from llmsvc.lifetime import die_with
 from llmsvc.maintenance.runs import JobResult
 from llmsvc.store.batch import Token
 from llmsvc.store.consistency_queries import (
@@ -323,7 +325,9 @@ async def in_child_process(fn: Callable[..., T], *args: Any) -> T:
     once per scan and takes none of the loop's time.
     """
     context = multiprocessing.get_context("spawn")  # no fork of a threaded process
-    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=context)
+    pool = concurrent.futures.ProcessPoolExecutor(
+        1, mp_context=context, initializer=die_with, initargs=(os.getpid(),)
+    )
     try:
         return await asyncio.get_running_loop().run_in_executor(pool, fn, *args)
     finally:

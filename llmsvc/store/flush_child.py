@@ -12,7 +12,6 @@ stdin and answers with one on stdout; its log goes to the daemon's stderr.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import os
 import signal
 import sys
@@ -26,14 +25,13 @@ import uvloop
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc import logs
+from llmsvc.lifetime import die_with_parent
 from llmsvc.store.batch import Batch, build_batch
 from llmsvc.store.engine import DAEMON_APPLICATION, create_engine, describe_error
 from llmsvc.store.flush_priority import can_yield, set_policy
 from llmsvc.store.flusher import write_batch
 from llmsvc.store.refusals import refused
 from llmsvc.wal import Position, WalReader
-
-PR_SET_PDEATHSIG = 1
 
 
 @dataclass(slots=True)
@@ -134,7 +132,7 @@ def _answer(reply: dict[str, Any]) -> bool:
 
 def main() -> None:
     # Killed with the daemon: a batch it was writing is one transaction, rolled back.
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    die_with_parent(signal.SIGKILL)
     # A terminal's Ctrl-C is the daemon's to handle. A process group, not a session of its
     # own: a new session is a new scheduler autogroup, which competes with the daemon's as
     # an equal whatever this process's policy is.

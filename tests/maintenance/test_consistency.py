@@ -5,8 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -146,3 +148,54 @@ async def test_the_wal_is_scanned_in_a_child_process_with_the_same_findings(
     in_child, here = await in_child_process(wal_state, wal_dir), wal_state(wal_dir)
     assert in_child == here
     assert (in_child[0].last_lsn, in_child[1]) == (20 + 4, wal_id)
+
+
+def test_a_scan_child_ends_when_its_daemon_is_killed_outright() -> None:
+    """A daemon killed (SIGKILL, the OOM killer) mid-scan leaves no child behind, holding
+    its output and reading its WAL: it was found left over by the crash harness."""
+    scan = (
+        "import asyncio, time\n"
+        "from llmsvc.maintenance.consistency import in_child_process\n"
+        "asyncio.run(in_child_process(time.sleep, 60))\n"
+    )
+    daemon = subprocess.Popen([sys.executable, "-c", scan])
+    try:
+        child = _wait_for(lambda: _child_running(daemon.pid, "spawn_main"))
+    finally:
+        daemon.kill()
+        daemon.wait()
+    try:
+        assert _wait_for(lambda: not _alive(child)), f"scan child {child} outlived its daemon"
+    finally:
+        if _alive(child):
+            os.kill(child, signal.SIGKILL)
+
+
+def _wait_for(check: Any, seconds: float = 20) -> Any:
+    deadline = time.monotonic() + seconds
+    while not (found := check()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return found
+
+
+def _child_running(parent: int, marker: str) -> int | None:
+    """A child of `parent` whose command line holds `marker`, if one runs."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+                cmdline = (entry / "cmdline").read_bytes()
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == parent and marker.encode() in cmdline:
+                return int(entry.name)
+    return None
+
+
+def _alive(pid: int) -> bool:
+    """Running, not gone and not a zombie left for its new parent to reap."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
