@@ -428,11 +428,12 @@ class Exchange:
         (the task meets the refusal again).
 
         The stream's next read can come while a batch is held: before that batch's WAL write
-        (two reads in one loop round) or after it, before the write's done callback runs
-        (the loop polls before it runs the callbacks of the round before). On a busy loop
-        a fifth of a paced stream's batches came so, and the task sent each at several times
-        the pump's cost (BENCHMARKS.md, "The pump's misses"). The held batch is written at
-        once in the second case, and joined by this one in the first."""
+        (two reads in one loop round, or the writer's thread yet to take the batch) or after
+        it, before the write's done callback runs (the loop polls before it runs the
+        callbacks of the round before). On a busy loop a third of a paced stream's batches
+        came so, and the task sent each at several times the pump's cost (BENCHMARKS.md,
+        "The pump's misses"). The held batch is written at once in the second case, and
+        joined by this one in the first (`WalWriter.append_to` says when it can be)."""
         if isinstance(texts, ToolCallDeltas | RefusalDeltas) or self.closed():
             return False
         if self.held is not None and not self._release_held():

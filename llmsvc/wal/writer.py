@@ -179,14 +179,14 @@ class WalWriter:
         return fut
 
     def append_to(self, fut: asyncio.Future[int], *frames: bytes) -> bool:
-        """Append frames to the batch `fut` stands for if it is still gathering in this loop
-        round (not yet asked to be written), so one write holds them all or none; False,
-        nothing appended, once it is asked. For a stream whose next read comes in the round
-        its batch was appended in. Past the round it would gather for as long as the thread
-        is busy (an fsync, a stalled disk), and the log would run that far ahead of the
-        clients."""
+        """Append frames to the batch `fut` stands for if it is still gathering, so one write
+        holds them all or none; False, nothing appended, once the thread took it, or in
+        `fsync` mode once the thread was asked to write it: such a batch waits for the
+        fdatasync before it, and would gather for as long as that takes (a stalled disk),
+        the log running that far ahead of the clients. For a stream whose next read comes
+        before its batch is written (chat.Exchange's pump)."""
         with self._cond:
-            if fut is not self._fut or self._woken:
+            if fut is not self._fut or (self._woken and self.sync == "fsync"):
                 return False
             self._put(frames, wake=False)
             return True
