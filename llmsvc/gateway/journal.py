@@ -116,18 +116,14 @@ class Journal:
     def tokens(
         self, attempt_id: bytes, first_seq: int, texts: list[str], when: When = "now"
     ) -> asyncio.Future[int]:
-        ts = now_us()
-        frames = [encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
-        return self._append(frames, when)
+        return self._append(_token_frames(attempt_id, first_seq, texts), when)
 
     def join_tokens(
         self, batch: asyncio.Future[int], attempt_id: bytes, first_seq: int, texts: list[str]
     ) -> bool:
         """`tokens` appended to the WAL batch `batch` stands for, written with it (the same
         future), if that batch is still gathering; False, nothing appended, once it is not."""
-        ts = now_us()
-        frames = [encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
-        return self.writer.append_to(batch, *frames)
+        return self.writer.append_to(batch, *_token_frames(attempt_id, first_seq, texts))
 
     def tool_deltas(
         self, attempt_id: bytes, first_seq: int, deltas: list[dict[str, Any]], when: When = "now"
@@ -194,3 +190,9 @@ def _attempt_end(attempt_id: uuid.UUID, fields: AttemptEndFields) -> bytes:
 def _request_end(request_id: uuid.UUID, fields: RequestEndFields) -> bytes:
     body: RequestEnd = {"id": str(request_id), "ts": now_us(), **fields}
     return encode_json(RecordType.REQUEST_END, body)
+
+
+def _token_frames(attempt_id: bytes, first_seq: int, texts: list[str]) -> list[bytes]:
+    """A batch's token records, numbered from `first_seq`, with one time: the read's."""
+    ts = now_us()
+    return [encode_token(attempt_id, first_seq + i, ts, text) for i, text in enumerate(texts)]
