@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from daemon_process import (
     read_store,
     read_store_after,
 )
+from processes import alive, children, wait_until
 
 from llmsvc.providers.mock import token as mock_token
 
@@ -34,28 +35,6 @@ pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("flush_process")]
 
 MESSAGES: list[Any] = [{"role": "user", "content": "hello"}]
 CHILD = "llmsvc.store.flush_child"
-
-
-def flush_processes(pid: int) -> list[int]:
-    """The children of `pid` running the flush process."""
-    found = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            try:
-                cmdline = Path(f"/proc/{child}/cmdline").read_bytes()
-            except FileNotFoundError:
-                continue
-            if CHILD.encode() in cmdline.split(b"\0"):
-                found.append(int(child))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state != "Z"
 
 
 @contextlib.contextmanager
@@ -79,14 +58,6 @@ def policies(pid: int) -> set[int]:
     return found
 
 
-def wait_until(check: Callable[[], Any], what: str, timeout: float = 15.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (found := check()):
-        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
-        time.sleep(0.05)
-    return found
-
-
 def writing_process(daemon: DaemonProcess) -> int | None:
     """The flush process health says writes the batches, if one does."""
     pid: int | None = get_json(f"{daemon.base_url}/api/health")[1]["database"]["flush_process"]
@@ -102,7 +73,7 @@ def the_flush_process(daemon: DaemonProcess, other_than: int = 0) -> int:
 
     child: int = wait_until(new, "a flush process writing the batches")
     assert daemon.proc is not None
-    assert flush_processes(daemon.proc.pid) == [child]
+    assert children(daemon.proc.pid, CHILD) == [child]
     return child
 
 
@@ -131,7 +102,7 @@ def test_the_daemons_batches_are_written_by_its_flush_process(
             time.sleep(2.0)  # 40 flush intervals, and the bound of one flush twice over
             assert held not in {str(r) for r in read_store(sqlite_url).requests}
         read_store_after(sqlite_url, held)  # stored once the flush process goes on
-        assert flush_processes(daemon.proc.pid) == [child]  # type: ignore[union-attr]
+        assert children(daemon.proc.pid, CHILD) == [child]  # type: ignore[union-attr]
         assert daemon.stop() == 0, daemon.log
     assert not alive(child)
     assert "Traceback" not in daemon.log
@@ -218,7 +189,7 @@ def test_flush_process_false_writes_every_batch_in_the_daemon(
         request_id = ask(daemon)
         read_store_after(sqlite_url, request_id)
         assert daemon.proc is not None
-        assert flush_processes(daemon.proc.pid) == []
+        assert children(daemon.proc.pid, CHILD) == []
         assert writing_process(daemon) is None
         assert daemon.stop() == 0, daemon.log
 

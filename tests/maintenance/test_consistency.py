@@ -8,13 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from policies import wal_policy
+from processes import alive, children, wait_until
 from sqlalchemy.ext.asyncio import AsyncEngine
 from store_steps import delete_seqs, flush, journal_attempt
 
@@ -160,42 +160,12 @@ def test_a_scan_child_ends_when_its_daemon_is_killed_outright() -> None:
     )
     daemon = subprocess.Popen([sys.executable, "-c", scan])
     try:
-        child = _wait_for(lambda: _child_running(daemon.pid, "spawn_main"))
+        [child] = wait_until(lambda: children(daemon.pid, "spawn_main"), "the scan's child", 20)
     finally:
         daemon.kill()
         daemon.wait()
     try:
-        assert _wait_for(lambda: not _alive(child)), f"scan child {child} outlived its daemon"
+        wait_until(lambda: not alive(child), f"scan child {child} gone with its daemon", 20)
     finally:
-        if _alive(child):
+        if alive(child):
             os.kill(child, signal.SIGKILL)
-
-
-def _wait_for(check: Any, seconds: float = 20) -> Any:
-    deadline = time.monotonic() + seconds
-    while not (found := check()) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return found
-
-
-def _child_running(parent: int, marker: str) -> int | None:
-    """A child of `parent` whose command line holds `marker`, if one runs."""
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
-                cmdline = (entry / "cmdline").read_bytes()
-            except (OSError, IndexError, ValueError):
-                continue
-            if ppid == parent and marker.encode() in cmdline:
-                return int(entry.name)
-    return None
-
-
-def _alive(pid: int) -> bool:
-    """Running, not gone and not a zombie left for its new parent to reap."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
