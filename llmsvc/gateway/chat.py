@@ -436,8 +436,9 @@ class Exchange:
         joined by this one in the first (`WalWriter.append_to` says when it can be)."""
         if isinstance(texts, ToolCallDeltas | RefusalDeltas) or self.closed():
             return False
-        if self.held is not None and not self._release_held():
-            return self._join_held(texts)
+        held = self.held
+        if held is not None and not self._release_held():
+            return self._join_held(held, texts)
         try:
             fut = self._journal_tokens(self.attempt_id.bytes, texts, "round")
         except LlmsvcError:
@@ -454,11 +455,11 @@ class Exchange:
         self._journaled(fut)
         return self.held is None
 
-    def _join_held(self, texts: list[str]) -> bool:
-        """Journal `texts` into the held batch's WAL write if that is still gathering, and
-        hold their frame after its own: the one write and its done callback cover both."""
+    def _join_held(self, held: bytes, texts: list[str]) -> bool:
+        """Journal `texts` into the WAL write of the `held` batch if that is still gathering,
+        and hold their frame after its own: the one write and its done callback cover both."""
         fut, count = self.unconfirmed
-        if fut is None or self.held is None:
+        if fut is None:
             return False
         try:
             if not self.journal.join_tokens(fut, self.attempt_id.bytes, self.seq, texts):
@@ -468,7 +469,7 @@ class Exchange:
         self.seq += len(texts)
         self.pieces.join_last(texts)
         self.unconfirmed = (fut, count + len(texts))
-        self.held += self.wire.tokens(texts)
+        self.held = held + self.wire.tokens(texts)
         return True
 
     def _journaled(self, fut: asyncio.Future[int]) -> None:
