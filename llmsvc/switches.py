@@ -52,7 +52,6 @@ class Switches:
         A database that does not store it refuses the switch (503): made here only, it
         would be undone by the next read, and by the other instances never made.
         """
-        self.made += 1
         try:
             await set_provider_enabled(self.engine, name, enabled)
         except Exception as exc:
@@ -60,6 +59,9 @@ class Switches:
                 f"the switch is not made: the database did not store it ({describe_error(exc)}); "
                 "try again once it answers"
             ) from None
+        # Counted once stored: a read that began earlier may hold rows from before the commit,
+        # and one that begins later sees the switch.
+        self.made += 1
         disabled = self.router.disabled - {name} if enabled else self.router.disabled | {name}
         self._take(disabled)
         log.info("provider %s by an operator", "enabled" if enabled else "disabled", provider=name)
