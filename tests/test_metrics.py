@@ -6,6 +6,7 @@ import asyncio
 import platform
 import sys
 import time
+import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
@@ -17,7 +18,7 @@ from daemon_process import DaemonProcess, admin_call, daemon_env
 from prometheus_client.parser import text_string_to_metric_families
 
 from llmsvc import __version__
-from llmsvc.metrics import Metrics
+from llmsvc.metrics import Metrics, MetricsServer
 
 MESSAGES: list[Any] = [{"role": "user", "content": "count"}]
 ADMIN = "admin-" + uuid.uuid4().hex
@@ -49,6 +50,20 @@ def test_wal_damage_counters_are_exported_at_zero_before_any_damage() -> None:
     for kind in ("torn_tail", "corrupt", "bad_header", "unreadable", "overlap"):
         assert value("llmsvc_wal_damage_total", {"kind": kind}) == 0
     assert value("llmsvc_wal_lost_records_total") == 0
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost"])
+def test_the_metrics_server_serves_the_registry_and_stop_closes_its_port(host: str) -> None:
+    metrics = Metrics()
+    metrics.job_finished("backup", "ok", 0.5)
+    server = MetricsServer.start(metrics.registry, host, 0)
+    url = f"http://{host}:{server.port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    assert _value(_families(text), "llmsvc_job_runs_total", job_name="backup", status="ok") == 1
+    server.stop()
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=10)
 
 
 def _families(text: str) -> dict[str, Any]:
