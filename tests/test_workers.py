@@ -11,6 +11,7 @@ import contextlib
 import itertools
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -38,7 +39,6 @@ from daemon_process import (
     run_cli,
 )
 from fake_systemd import FakeSystemd
-from postgres import free_port
 
 from llmsvc.config import Settings
 from llmsvc.providers.mock import token as mock_token
@@ -552,12 +552,16 @@ def test_raising_workers_from_1_replays_the_single_daemons_wal_first(
 
 
 def two_free_ports() -> int:
-    """A port p such that p and p + 1 are both free now."""
+    """A port p such that p and p + 1 are both free now, from below the ephemeral range: a
+    port in it may meanwhile become the source port of any connection made on the machine
+    (a client's to PostgreSQL, say), and the worker's bind would then fail."""
+    lowest_ephemeral = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     for _ in range(50):
-        port = free_port()
-        with socket.socket() as probe:
+        port = random.randrange(10_000, lowest_ephemeral - 1)
+        with socket.socket() as first, socket.socket() as second:
             try:
-                probe.bind(("127.0.0.1", port + 1))
+                first.bind(("127.0.0.1", port))
+                second.bind(("127.0.0.1", port + 1))
             except OSError:
                 continue
         return port
