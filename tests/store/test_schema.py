@@ -150,6 +150,32 @@ async def test_upgrade_to_head_twice_changes_nothing_and_keeps_rows(database_url
     assert kept == [(instance, 42)]
 
 
+async def test_a_store_at_head_is_not_upgraded_again_and_an_older_one_is(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each boot of each worker migrates: at head, alembic's upgrade is not run at all."""
+    upgrades: list[str] = []
+    real = command.upgrade
+
+    def counted(config: Any, revision: str) -> None:
+        upgrades.append(revision)
+        real(config, revision)
+
+    monkeypatch.setattr(command, "upgrade", counted)
+    engine = create_engine(database_url)
+    try:
+        await upgrade_to_head(engine)
+        await upgrade_to_head(engine)
+        assert upgrades == ["head"]
+        async with engine.begin() as conn:
+            await conn.run_sync(lambda sync: command.downgrade(_alembic_config(sync), "0010"))
+        await upgrade_to_head(engine)
+        assert upgrades == ["head", "head"]
+        assert await schema_revision(engine) == (NEWEST, NEWEST)
+    finally:
+        await engine.dispose()
+
+
 async def test_migrated_schema_matches_the_tables_the_code_uses(database_url: str) -> None:
     """schema.py (what queries and the flusher use) and the migrations must not drift apart."""
     engine = create_engine(database_url)
