@@ -442,12 +442,14 @@ class MetricsServer:
     @classmethod
     def start(cls, registry: CollectorRegistry, host: str, port: int) -> MetricsServer:
         """Listen on host:port (0 picks a free port); OSError if it cannot."""
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        # Resolved as start_http_server does: a name to its address, IPv6 to an IPv6 socket.
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, address = found[0][0], str(found[0][4][0])
 
         class Server(ThreadingWSGIServer):
-            address_family = family  # an IPv6 host needs an IPv6 socket
+            address_family = family
 
-        server = make_server(host, port, make_wsgi_app(registry), Server, _QuietHandler)
+        server = make_server(address, port, make_wsgi_app(registry), Server, _QuietHandler)
         thread = threading.Thread(
             target=server.serve_forever, args=(cls.POLL_SECONDS,), name="metrics", daemon=True
         )
