@@ -52,13 +52,13 @@ def request_id_of(daemon: DaemonProcess, path: str, token: str) -> uuid.UUID:
 
 
 def chat(daemon: DaemonProcess, tokens: int = 4, correlation_id: str | None = None) -> str:
-    client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0)
     headers = {} if correlation_id is None else {"X-Correlation-ID": correlation_id}
-    raw = client.chat.completions.with_raw_response.create(
-        model="mock", messages=MESSAGES, max_tokens=tokens, stream=True, extra_headers=headers
-    )
-    for _chunk in raw.parse():
-        pass
+    with openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="-", max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model="mock", messages=MESSAGES, max_tokens=tokens, stream=True, extra_headers=headers
+        )
+        for _chunk in raw.parse():
+            pass
     return str(raw.headers["x-request-id"])
 
 

@@ -71,21 +71,22 @@ def test_json_logs_carry_one_line_per_request_and_never_a_secret(
             sqlite_url, tmp_path / "wal", providers=providers, log_format="json", admin_token=ADMIN
         )
         with DaemonProcess(env) as daemon:
-            client = openai.OpenAI(
-                base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0
-            )
             correlation = str(uuid.uuid4())
-            raw = client.chat.completions.with_raw_response.create(
-                model="gpt-test",
-                messages=MESSAGES,
-                max_tokens=5,
-                stream=True,
-                extra_headers={"X-Correlation-ID": correlation},
-            )
-            request_id = raw.headers["x-request-id"]
-            assert len([c for c in raw.parse() if c.choices and c.choices[0].delta.content]) == 5
-            with pytest.raises(openai.APIStatusError):
-                client.chat.completions.create(model="gpt-denied", messages=MESSAGES)
+            with openai.OpenAI(
+                base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0
+            ) as client:
+                raw = client.chat.completions.with_raw_response.create(
+                    model="gpt-test",
+                    messages=MESSAGES,
+                    max_tokens=5,
+                    stream=True,
+                    extra_headers={"X-Correlation-ID": correlation},
+                )
+                request_id = raw.headers["x-request-id"]
+                deltas = [c for c in raw.parse() if c.choices and c.choices[0].delta.content]
+                assert len(deltas) == 5
+                with pytest.raises(openai.APIStatusError):
+                    client.chat.completions.create(model="gpt-denied", messages=MESSAGES)
             assert daemon.stop() == 0
 
     lines = [line for line in daemon.log.splitlines() if line.strip()]

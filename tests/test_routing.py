@@ -50,18 +50,18 @@ def env_for(
 
 def streamed(daemon: DaemonProcess, model: str, n: int = 5) -> tuple[str, list[str], str]:
     """(request id, tokens received, error text) of one streamed request."""
-    client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0)
-    raw = client.chat.completions.with_raw_response.create(
-        model=model, messages=MESSAGES, max_tokens=n, stream=True
-    )
     tokens, error = [], ""
-    try:
-        for chunk in raw.parse():
-            for choice in chunk.choices:
-                if choice.delta.content:
-                    tokens.append(choice.delta.content)
-    except openai.APIError as exc:
-        error = str(exc)
+    with openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0) as client:
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=MESSAGES, max_tokens=n, stream=True
+        )
+        try:
+            for chunk in raw.parse():
+                for choice in chunk.choices:
+                    if choice.delta.content:
+                        tokens.append(choice.delta.content)
+        except openai.APIError as exc:
+            error = str(exc)
     return raw.headers["x-request-id"], tokens, error
 
 
@@ -183,8 +183,10 @@ def test_a_non_retryable_upstream_error_reaches_the_client_without_a_retry(
     env = failing_first(upstream, sqlite_url, tmp_path, "refuses", f"status:{status}")
     client_error = None
     with DaemonProcess(env) as daemon:
-        client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0)
-        with pytest.raises(openai.APIStatusError) as refused:
+        with (
+            openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0) as client,
+            pytest.raises(openai.APIStatusError) as refused,
+        ):
             client.chat.completions.create(model="gpt-fast", messages=MESSAGES)
         client_error = refused.value
         assert daemon.stop() == 0
@@ -270,8 +272,10 @@ def test_with_every_target_unavailable_the_client_gets_503_naming_why(
             headers={"Authorization": "Bearer admin-token-0123456789"},
         )
         urllib.request.urlopen(disable, timeout=5).close()
-        client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0)
-        with pytest.raises(openai.APIStatusError) as refused:
+        with (
+            openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="x", max_retries=0) as client,
+            pytest.raises(openai.APIStatusError) as refused,
+        ):
             client.chat.completions.create(model="gpt-fast", messages=MESSAGES)
         assert daemon.stop() == 0
     assert refused.value.status_code == 503

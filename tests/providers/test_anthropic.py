@@ -230,8 +230,8 @@ def test_an_error_event_mid_stream_ends_the_stream_and_the_store_keeps_what_was_
 
 
 def test_an_invalid_request_is_a_400_with_anthropics_message(daemon: DaemonProcess) -> None:
-    with pytest.raises(openai.BadRequestError, match="steered 400"):
-        client(daemon).chat.completions.create(
+    with client(daemon) as sdk, pytest.raises(openai.BadRequestError, match="steered 400"):
+        sdk.chat.completions.create(
             model="claude-bad", messages=[{"role": "user", "content": "go"}]
         )
 
