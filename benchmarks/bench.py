@@ -359,7 +359,10 @@ async def wal_appends(tmp: Path, mode: str, seconds: float, tasks: int) -> dict[
             fut = writer.append(encode_token(attempt, seq, time.time_ns() // 1000, "tok "))
             if fut is not last:  # every append of one group commit shares one future
                 batches, last = batches + 1, fut
-            await asyncio.shield(fut)
+            if fut.done():  # written on the loop itself (`write` mode, the thread idle): awaiting
+                await asyncio.sleep(0)  # it would not yield, and the stop timer would wait
+            else:
+                await asyncio.shield(fut)
             seq += 1
             appends += 1
 
