@@ -213,9 +213,9 @@ async def upgrade_to_head(engine: AsyncEngine) -> None:
 
 
 def _upgrade(sync: Connection) -> None:
-    from alembic import command
-
     if _current_revision(sync) != _head_revision():
+        from alembic import command
+
         command.upgrade(_alembic_config(sync), "head")
 
 
