@@ -119,21 +119,22 @@ def test_the_daemon_exports_requests_tokens_latency_wal_and_flush_figures(
     env = daemon_env(sqlite_url, tmp_path / "wal", metrics_port=0, admin_token=ADMIN)
     with DaemonProcess(env) as daemon:
         port = int(daemon.wait_for_log(r"boot: metrics port=(\d+)").group(1))
-        client = openai.OpenAI(base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0)
-        streamed = client.chat.completions.create(
-            model="mock", messages=MESSAGES, max_tokens=7, stream=True
-        )
-        assert len([c for c in streamed if c.choices and c.choices[0].delta.content]) == 7
-        whole = client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=5)
-        assert whole.choices[0].message.content
-        # A request refused because an operator switched its provider off is that provider's
-        # error too, though no attempt was made.
-        daemon.wait_caught_up()
-        switched = admin_call(daemon, "POST", "/api/admin/providers/mock/disable", None, ADMIN)
-        assert switched[0] == 200, switched
-        with pytest.raises(openai.APIStatusError) as refused:
-            client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=5)
-        client.close()  # its socket closed now, not by a later collection of the traceback
+        with openai.OpenAI(
+            base_url=f"{daemon.base_url}/v1", api_key="unused", max_retries=0
+        ) as client:
+            streamed = client.chat.completions.create(
+                model="mock", messages=MESSAGES, max_tokens=7, stream=True
+            )
+            assert len([c for c in streamed if c.choices and c.choices[0].delta.content]) == 7
+            whole = client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=5)
+            assert whole.choices[0].message.content
+            # A request refused because an operator switched its provider off is that provider's
+            # error too, though no attempt was made.
+            daemon.wait_caught_up()
+            switched = admin_call(daemon, "POST", "/api/admin/providers/mock/disable", None, ADMIN)
+            assert switched[0] == 200, switched
+            with pytest.raises(openai.APIStatusError) as refused:
+                client.chat.completions.create(model="mock", messages=MESSAGES, max_tokens=5)
         assert refused.value.status_code == 503
         time.sleep(0.5)  # a flush and an fsync interval
         with urllib.request.urlopen(f"{daemon.base_url}/api/metrics", timeout=5) as response:
