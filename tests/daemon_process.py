@@ -169,6 +169,7 @@ class DaemonProcess:
         return self.output.text if self.output else ""
 
     def start(self, wait_ready: bool = True) -> DaemonProcess:
+        self.returncode = None  # a process of its own: a restart, or a retry on a taken port
         self.proc = subprocess.Popen(
             self.command,
             env=self.env,
