@@ -25,7 +25,7 @@ from llmsvc.gateway.chat import Exchange
 from llmsvc.gateway.conversations import Conversations
 from llmsvc.gateway.endpoints import SESSION_PREFIX
 from llmsvc.gateway.errors import reject, send_error, send_json
-from llmsvc.gateway.http_protocol import body_writer, closed_check, reply_writer
+from llmsvc.gateway.http_request import body_writer, closed_check, reply_writer
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.request import (
     CALLER,

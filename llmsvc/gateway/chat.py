@@ -33,7 +33,7 @@ from llmsvc.gateway.accounting import Counts, Pieces, count, prompt_counter, too
 from llmsvc.gateway.attribution import Attribution, record_fields
 from llmsvc.gateway.deadline import Deadline
 from llmsvc.gateway.errors import describe
-from llmsvc.gateway.http_protocol import ReplyWriter
+from llmsvc.gateway.http_request import ReplyWriter
 from llmsvc.gateway.ids import new_id
 from llmsvc.gateway.journal import Journal, When, now_us
 from llmsvc.gateway.request import ClientGone
@@ -375,7 +375,7 @@ class Exchange:
     async def _stream(self, reply: Reply) -> None:
         wire = self.wire
         aid = self.attempt_id.bytes
-        closed = self.closed  # asked at each batch: uvicorn drops sends to a closed connection
+        closed = self.closed  # asked at each batch: sends to a closed connection are dropped
         async for texts in reply.batches():
             if closed():
                 raise ClientGone
@@ -563,7 +563,7 @@ class Exchange:
     def _write_start(
         self, headers: list[tuple[bytes, bytes]], body: bytes, more: bool
     ) -> bool | None:
-        """The response's head and first body in one write (`http_protocol.reply_writer`)."""
+        """The response's head and first body in one write (`http_request.reply_writer`)."""
         self.started = True
         return self.write_reply(200, headers + self.response_headers(), body, more)
 

@@ -1,39 +1,35 @@
-"""uvicorn's httptools protocol, bounded: head size, arrival timeouts, open connections, half-close.
+"""The API port's HTTP/1.1 connections: httptools' parser, one ASGI call per request, bounded.
 
-uvicorn 0.54 (pinned; tests/gateway/test_http_protocol.py checks the hooks used here)
-lets httptools buffer a request's head without a cap (a 64 MiB header cost
-seconds of CPU and up to 123 MiB), waits forever for a request that arrives
-slowly or never, accepts connections until the descriptors run out (then
-clients get resets), and closes a connection whose client half-closed before
-answering it. Here each bound answers the client past it in words
-(gateway/errors.py renders them) and closes. Only the head path pays for it: a
-body read costs one flag test, and response writes (the per-token path) are
-uvicorn's own.
+uvicorn.Server still owns the listening sockets, the set of connections and the
+graceful stop (serving.py); this is the protocol it makes for each connection,
+and gateway/http_request.py each request's call. It was uvicorn's httptools
+protocol with its hooks overridden; owning it costs less per request and per
+open stream (BENCHMARKS.md, "llmsvc's own HTTP/1.1 protocol") and leans on no
+private code. What the daemon adds to HTTP/1.1 here:
 
-A connection lives as long as its stream, thousands at once, so it is kept
-lean: this class's own fields are slots (past 29 fields an instance's dict
-stops sharing its keys and grows from 296 to 1,584 bytes), and uvicorn's two
-events and its pipeline queue are http_lean.py's.
+- bounds, each answered in words (gateway/errors.py renders them) before the
+  connection closes: the request head's size (httptools would buffer any),
+  the head's and the body's arrival times, the open connections (past them
+  clients would get resets);
+- a client that half-closed after its requests still gets their answers.
+
+A connection lives as long as its stream, thousands at once, so it and its
+request keep their fields in slots and make no event, queue or timer they
+do not need.
 """
 
 from __future__ import annotations
 
 import asyncio
-import functools
 import resource
-import sys
+import urllib.parse
 import uuid
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar
 
-from httptools import HttpParserCallbackError, HttpParserError
-from uvicorn._types import ASGI3Application
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+import httptools
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade
 
 from llmsvc.errors import (
     ClientError,
@@ -44,18 +40,17 @@ from llmsvc.errors import (
     UriTooLong,
 )
 from llmsvc.gateway.errors import api_of, closing_response, describe
-from llmsvc.gateway.http_lean import LeanEvent, Pipeline
+from llmsvc.gateway.http_request import CONNECTION, Request
 from llmsvc.gateway.ids import new_id
 from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import CALLER, request_id
 
-# scope["extensions"] key: {"closed": () -> bool, "write": (bytes) -> bool,
-# "reply": (status, headers, body, more) -> bool | None}
-CONNECTION = "llmsvc.connection"
 RESERVED_DESCRIPTORS = 128  # kept from clients: the WAL, the database pool, jobs, logs
 REFUSING_MAX = 64  # connections past the bound being answered 503 at once; more are just closed
 LINGER_SECONDS = 1.0  # how long an answered, closing connection's input is read and dropped
 REQUEST_LINE_SLACK = 32  # the method, spaces and version around a URL
+HIGH_WATER = 65_536  # request body bytes held for the app before reading pauses
+ASGI = {"version": "3.0", "spec_version": "2.3"}
 
 
 @dataclass(frozen=True)
@@ -69,11 +64,11 @@ class HttpLimits:
     refused: Callable[[str], None]  # told the reason of each connection or request refused
 
 
-def protocol_class(limits: HttpLimits) -> type[BoundedHttpProtocol]:
-    """The class uvicorn makes each connection's protocol from, carrying this server's limits."""
+def protocol_class(limits: HttpLimits) -> type[HttpProtocol]:
+    """The class uvicorn.Server makes each connection's protocol from, carrying these limits."""
 
-    class Bounded(BoundedHttpProtocol):
-        pass
+    class Bounded(HttpProtocol):
+        __slots__ = ()
 
     Bounded.limits = limits
     Bounded.refusing = set()
@@ -110,11 +105,10 @@ def connection_bound(wanted: int, descriptors: int) -> int:
 def not_http(exc: BaseException | None) -> str:
     """What is wrong with a request the parser refused, in words a client can act on.
 
-    uvicorn calls `send_400_response` from its `except HttpParserError` and passes
-    only a fixed message; the parser's reason (llhttp's, a fixed string such as
-    "Transfer-Encoding can't be present with Content-Length" or "Invalid
-    character in chunk size", never the client's bytes) is the exception's.
-    A callback's failure names uvicorn's code, not the request: left out.
+    The parser's reason (llhttp's, a fixed string such as "Transfer-Encoding
+    can't be present with Content-Length" or "Invalid character in chunk size",
+    never the client's bytes) is the exception's. A callback's failure names
+    our code, not the request: left out.
     """
     reason = "the request is not valid HTTP/1.1"
     if isinstance(exc, HttpParserError) and not isinstance(exc, HttpParserCallbackError):
@@ -122,111 +116,101 @@ def not_http(exc: BaseException | None) -> str:
     return reason
 
 
-def closed_check(scope: Mapping[str, Any]) -> Callable[[], bool]:
-    """Whether the request's connection is known closed, asked synchronously.
+class HttpProtocol(asyncio.Protocol):
+    """One connection; its class carries the server's limits and its refusals in flight.
 
-    ASGI's http.disconnect arrives loop iterations after a write found the
-    connection gone; this answers at once, with no task per stream to wait on
-    receive(). A stream asks it at each batch (chat.Exchange). Under another
-    server it says never, and a stream runs to its end.
+    Made by uvicorn.Server with its config and state: `server_state.connections` is the
+    set its graceful stop waits on, `server_state.tasks` its apps' tasks.
     """
-    extension = (scope.get("extensions") or {}).get(CONNECTION) or {}
-    check: Callable[[], bool] | None = extension.get("closed")
-    return check if check is not None else _never
 
-
-def _never() -> bool:
-    return False
-
-
-def body_writer(scope: Mapping[str, Any]) -> Callable[[bytes], bool]:
-    """Write a streamed response's next piece of body at once, from any callback, or say it
-    cannot (False: the client is not reading, the connection is closing, the body is not
-    chunked); the caller then sends it by ASGI's `send`, which waits for the client.
-
-    It is what uvicorn's `send` does for such a piece, without a coroutine: a stream's
-    tokens are written from the upstream connection's callback (chat.Exchange's pump).
-    Under another server it always says it cannot.
-    """
-    extension = (scope.get("extensions") or {}).get(CONNECTION) or {}
-    write: Callable[[bytes], bool] | None = extension.get("write")
-    return write if write is not None else _cannot
-
-
-def _cannot(body: bytes) -> bool:
-    return False
-
-
-# (status, headers, body, more): see reply_writer
-ReplyWriter = Callable[[int, list[tuple[bytes, bytes]], bytes, bool], bool | None]
-CHUNKED = (b"transfer-encoding", b"chunked")
-
-
-def reply_writer(scope: Mapping[str, Any]) -> ReplyWriter:
-    """Write a response's head with its first body at once in one write(2): the whole body
-    (`more` False; its content-length among the headers), or a streamed body's first chunk
-    (`more` True, never empty: that chunk would end the body; the rest goes by `body_writer`
-    or `send`). Say whether the connection took it (False: the write found the client gone),
-    or that it cannot (None: it was begun, the client is not reading, the connection is
-    closing), and the caller sends it by ASGI's `send`.
-
-    uvicorn's `send` writes the head and the body apart, each a syscall that wakes the
-    client (BENCHMARKS.md, "CPU per request"). Under another server it always says it cannot.
-    """
-    extension = (scope.get("extensions") or {}).get(CONNECTION) or {}
-    write: ReplyWriter | None = extension.get("reply")
-    return write if write is not None else _cannot_reply
-
-
-def _cannot_reply(status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool) -> None:
-    return None
-
-
-def response_bytes(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
-    """A response's head and `body` as uvicorn's `send` writes them for its start and first
-    body on a connection kept alive; the headers are given lower-case, as valid names and
-    values, and `body` as encoded (a chunk of a chunked body with its framing)."""
-    content = [STATUS_LINE[status]]
-    for name, value in headers:
-        content += (name, b": ", value, b"\r\n")
-    content += (b"\r\n", body)
-    return b"".join(content)
-
-
-class BoundedHttpProtocol(HttpToolsProtocol):
-    """One connection; its class carries the server's limits and its refusals in flight."""
-
-    __slots__ = ("_head_bytes", "_in_body", "_lingering", "_serving", "_timer")
+    __slots__ = (
+        "_head_bytes",
+        "_idle",
+        "_in_body",
+        "_lingering",
+        "_timer",
+        "app",
+        "client",
+        "connections",
+        "continue_wanted",
+        "drained",
+        "headers",
+        "keepalive_timeout",
+        "loop",
+        "parser",
+        "queued",
+        "read_paused",
+        "request",
+        "scheme",
+        "server",
+        "server_state",
+        "serving",
+        "tasks",
+        "transport",
+        "url",
+        "write_paused",
+    )
 
     limits: ClassVar[HttpLimits]
-    refusing: ClassVar[set[BoundedHttpProtocol]]
+    refusing: ClassVar[set[HttpProtocol]]
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.pipeline = Pipeline()  # type: ignore[assignment]  # uvicorn's use of it, in less
-        self.url = b""  # uvicorn sets it at each request's start; a 414 may need it sooner
+    def __init__(
+        self,
+        config: Any,  # uvicorn.Config
+        server_state: Any,  # uvicorn.server.ServerState
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_running_loop()
+        self.keepalive_timeout: float = config.timeout_keep_alive
+        self.server_state = server_state
+        self.connections: set[HttpProtocol] = server_state.connections
+        self.tasks: set[asyncio.Task[None]] = server_state.tasks
+        self.parser = httptools.HttpRequestParser(self)
+        # answer a request even when bytes that cannot be parsed follow it (pipelined)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
+        self.server: tuple[str, int] | None = None
+        self.client: tuple[str, int] | None = None
+        self.scheme = "http"
+        self.url = b""  # the request line's target, as it arrives
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.continue_wanted = False
+        self.request: Request | None = None  # the newest request whose head is whole
+        self.serving: Request | None = None  # the request whose app runs
+        self.queued: list[Request] = []  # pipelined, oldest first, waiting for `serving`
+        self.read_paused = False
+        self.write_paused = False
+        self.drained: asyncio.Future[None] | None = None  # a send waiting for the client
         self._head_bytes = 0  # bytes of the request head being received
         self._in_body = False  # between a request's headers and its end
         self._lingering = False  # answered and closing: whatever still arrives is dropped
-        self._serving: RequestResponseCycle | None = None  # the request whose app runs
         self._timer: asyncio.TimerHandle | None = None  # see _set_timer
+        self._idle = False  # the timer is the keep-alive one
 
     # -- connections -------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.transport = transport
         if len(self.connections) >= self.limits.max_connections:
-            self._turn_away(transport)
+            self._turn_away()
             return
-        super().connection_made(transport)
-        self.flow._is_writable_event = LeanEvent(True)  # type: ignore[assignment]  # writable
+        self.connections.add(self)
+        self.server = _address(transport.get_extra_info("sockname"))
+        self.client = _address(transport.get_extra_info("peername"))
+        if transport.get_extra_info("sslcontext") is not None:
+            self.scheme = "https"
         self._set_timer(self.limits.header_timeout, self._head_late)  # silent ones too
 
-    def _turn_away(self, transport: asyncio.Transport) -> None:
+    def _turn_away(self) -> None:
         """Past the bound: 503 before the request is even read, then close."""
-        self.transport, self._lingering = transport, True  # no request is ever parsed
+        self._lingering = True  # no request is ever parsed
         self.limits.refused("connections")
         if len(self.refusing) >= REFUSING_MAX:
-            transport.close()  # a flood: no descriptors to spare for answers
+            self.transport.close()  # a flood: no descriptors to spare for answers
             return
         self.refusing.add(self)
         limit = self.limits.max_connections
@@ -240,33 +224,45 @@ class BoundedHttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
         self.refusing.discard(self)
-        serving = self._serving
-        if serving is not None and not serving.response_complete:
-            # uvicorn tells only the newest request; with pipelining the one served is older
-            serving.disconnected = True
-            serving.message_event.set()
-        super().connection_lost(exc)
+        self.connections.discard(self)
+        for request in (self.serving, self.request):
+            if request is not None and not request.complete:
+                request.disconnected = True
+                request.wake()
+        self.queued.clear()  # never started: nothing to tell
+        self.resume_writing()  # a waiting send returns, dropped
+        if exc is None:
+            self.transport.close()
 
-    def eof_received(self) -> bool:  # type: ignore[override]
+    def eof_received(self) -> bool:
         """A client that half-closed after its requests (`nc -N`) still gets their answers.
 
         The write side stays open until they are sent, then the connection
         closes. A request still unfinished when the input ends is dropped.
         """
-        serving = self._serving
-        if serving is None or serving.response_complete or self._lingering:
+        serving = self.serving
+        if serving is None or serving.complete or self._lingering:
             return False  # nothing to answer
-        if self._in_body and self.cycle is serving:
+        if self._in_body and self.request is serving:
             return False  # its body can never arrive: its app hears http.disconnect
         unfinished = self._in_body or self._head_bytes
-        (serving if unfinished else self.cycle).keep_alive = False
+        newest = self.request
+        (serving if unfinished or newest is None else newest).keep_alive = False
         return True
 
-    # -- the request head --------------------------------------------------------------
+    def shutdown(self) -> None:
+        """uvicorn.Server's graceful stop: close an idle connection, else after its answer."""
+        newest = self.request
+        if newest is None or newest.complete:
+            self.transport.close()
+        else:
+            newest.keep_alive = False
+
+    # -- reading -----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
         if self._in_body:
-            super().data_received(data)
+            self._feed(data)
         elif not self._lingering:
             self._head_received(data)
 
@@ -276,11 +272,13 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         Bytes of a pipelined head that arrive in one read with the end of the
         request before it are not counted: at most one read more.
         """
+        if self._idle:  # a kept-alive connection's next request begins
+            self._cancel_timer()
         room = self.limits.max_header_bytes - self._head_bytes
         head, rest = data[:room], data[room:]
         self._head_bytes += len(head)
-        super().data_received(head)
-        if self._lingering or self.transport.is_closing():  # e.g. uvicorn's 400 for bad syntax
+        self._feed(head)
+        if self._lingering or self.transport.is_closing():  # e.g. a 400 for bad syntax
             return
         if self._head_bytes >= self.limits.max_header_bytes:
             self._refuse_head()
@@ -288,6 +286,19 @@ class BoundedHttpProtocol(HttpToolsProtocol):
             self.data_received(rest)
         elif self._head_bytes and self._timer is None and not self._busy():
             self._set_timer(self.limits.header_timeout, self._head_late)
+
+    def _feed(self, data: bytes) -> None:
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade:
+            # No protocol to switch to: the request is answered as plain HTTP, then closed.
+            if self.request is not None:
+                self.request.keep_alive = False
+        except HttpParserError as exc:
+            serving = self.serving
+            midway = serving is not None and serving.started and not serving.complete
+            # none in the middle of another response, which it would corrupt
+            self._linger(None if midway else ClientError(not_http(exc)))
 
     def _refuse_head(self) -> None:
         limit = self.limits.max_header_bytes
@@ -300,6 +311,10 @@ class BoundedHttpProtocol(HttpToolsProtocol):
 
     def _head_late(self) -> None:
         self._timer = None
+        if self._idle:  # kept alive, and no next request began: closed without a word
+            self._idle = False
+            self.transport.close()
+            return
         self.limits.refused("header_timeout")
         if not self._head_bytes:
             self.transport.close()  # not a byte of a request: nothing to answer
@@ -307,57 +322,137 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         setting = f"request_header_timeout_seconds={self.limits.header_timeout:g}"
         self._linger(RequestTimeout(f"the request's head did not arrive within {setting}"))
 
+    # -- httptools' callbacks ----------------------------------------------------------
+
     def on_message_begin(self) -> None:
-        super().on_message_begin()
-        extension: dict[object, object] = {"closed": self._closed, "reply": self._write_reply}
-        self.scope["extensions"] = {CONNECTION: extension}
+        self.url = b""
+        self.headers = []
+        self.continue_wanted = False
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.continue_wanted = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._head_bytes, self._in_body = 0, True
         self._cancel_timer()
-        super().on_headers_complete()
+        parser = self.parser
+        version = parser.get_http_version()
+        url = httptools.parse_url(self.url)
+        raw_path = url.path
+        path = raw_path.decode("ascii")
+        extensions: dict[str, object] = {}
+        scope = {  # made whole at once: a dict grown key by key is resized, and kept bigger
+            "type": "http",
+            "asgi": ASGI,
+            "http_version": version,
+            "server": self.server,
+            "client": self.client,
+            "scheme": self.scheme,
+            "root_path": "",
+            "method": parser.get_method().decode("ascii"),
+            "path": urllib.parse.unquote(path) if "%" in path else path,
+            "raw_path": raw_path,
+            "query_string": url.query or b"",
+            "headers": self.headers,
+            "extensions": extensions,
+        }
+        keep_alive = version != "1.0" and parser.should_keep_alive()
+        request = Request(self, scope, keep_alive, self.continue_wanted)
+        extensions[CONNECTION] = request
+        self.request = request
+        if self._busy():
+            self.pause_reading()  # pipelined: its turn comes when the one before is answered
+            self.queued.append(request)
+        else:
+            self._start(request)
 
-    # -- the request body and the response ---------------------------------------------
-
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        # Its app has not run yet, so nothing waits on the event: only its state carries over.
-        cycle.message_event = LeanEvent(cycle.message_event.is_set())  # type: ignore[assignment]
-        self._serving = cycle
-        extension = cycle.scope["extensions"][CONNECTION]
-        extension["write"] = functools.partial(self._write_body, cycle)
-        if self._in_body and cycle is self.cycle:  # its body is still to come
-            self._set_timer(self.limits.body_timeout, self._body_late)
-        super()._start_asgi_task(cycle, app)
+    def on_body(self, body: bytes) -> None:
+        request = self.request
+        if request is None or request.complete:  # answered already (a 413): dropped
+            return
+        request.body += body
+        if len(request.body) > HIGH_WATER:
+            self.pause_reading()
+        request.wake()
 
     def on_message_complete(self) -> None:
         self._in_body = False
         self._cancel_timer()
-        super().on_message_complete()
+        request = self.request
+        if request is None or request.complete:
+            return
+        request.more_body = False
+        request.wake()
+
+    # -- the app, and the response -----------------------------------------------------
+
+    def _start(self, request: Request) -> None:
+        self.serving = request
+        if self._in_body and request is self.request:  # its body is still to come
+            self._set_timer(self.limits.body_timeout, self._body_late)
+        task = self.loop.create_task(request.run(self.app))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def response_complete(self, request: Request) -> None:
+        self.server_state.total_requests += 1
+        if not request.keep_alive:
+            self.transport.close()
+            return
+        if self.transport.is_closing():
+            return
+        self.resume_reading()
+        if self.queued:
+            self._start(self.queued.pop(0))
+        elif self._head_bytes:  # the next request's head began during this one: from now
+            self._set_timer(self.limits.header_timeout, self._head_late)
+        else:
+            self._set_timer(self.keepalive_timeout, self._head_late)
+            self._idle = True
 
     def _body_late(self) -> None:
         self._timer = None
         self.limits.refused("body_timeout")
-        if self.cycle.response_started:  # answered already (a 413): the rest is not awaited
+        request = self.request
+        if request is None or request.started:  # answered already (a 413): not awaited
             self._linger(None)
             return
         setting = f"request_body_timeout_seconds={self.limits.body_timeout:g}"
-        scope = cast(MutableMapping[str, Any], self.cycle.scope)  # as the app has it
-        self._linger(RequestTimeout(f"the request body did not arrive within {setting}"), scope)
+        self._linger(
+            RequestTimeout(f"the request body did not arrive within {setting}"), request.scope
+        )
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()
-        if self._head_bytes and not self._busy() and not self.transport.is_closing():
-            # the next request's head began during this response: its time runs from now
-            self._unset_keepalive_if_required()
-            self._set_timer(self.limits.header_timeout, self._head_late)
+    # -- flow --------------------------------------------------------------------------
 
-    def send_400_response(self, msg: str) -> None:
-        """uvicorn's answer to bytes that are not HTTP/1.1 (it has logged them), in JSON with a
-        request id like every other, and lingering rather than resetting the client; none
-        in the middle of another response, which it would corrupt."""
-        serving = self._serving
-        midway = serving is not None and serving.response_started and not serving.response_complete
-        self._linger(None if midway else ClientError(not_http(sys.exception())))
+    def pause_reading(self) -> None:
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self.drained is not None and not self.drained.done():
+            self.drained.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until the client reads again (or the connection is gone)."""
+        if self.drained is None or self.drained.done():
+            self.drained = self.loop.create_future()
+        await self.drained
 
     # -- closing -----------------------------------------------------------------------
 
@@ -371,19 +466,18 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         with unread input resets the connection, and the client may lose the answer with it.
         """
         self._lingering, self._in_body = True, False
-        serving = self._serving
-        if serving is not None and not serving.response_complete:
-            serving.disconnected = True  # its app hears http.disconnect; its sends are dropped
-            serving.message_event.set()
+        for request in (self.serving, self.request):
+            if request is not None and not request.complete:
+                request.disconnected = True  # its app hears http.disconnect; sends are dropped
+                request.wake()
         if self.transport.is_closing():
             return
         if exc is not None:
-            request = request_id(scope) if scope is not None else new_id()
-            path = self._log_rejection(exc, request, scope)
-            self.transport.write(closing_response(exc, request, api_of(path)))
+            rid = request_id(scope) if scope is not None else new_id()
+            path = self._log_rejection(exc, rid, scope)
+            self.transport.write(closing_response(exc, rid, api_of(path)))
         self.transport.write_eof()
-        if self.flow is not None:  # uvicorn may have paused reading (a pipelined request)
-            self.flow.resume_reading()
+        self.resume_reading()  # reading may be paused (a pipelined request)
         self._set_timer(LINGER_SECONDS, self.transport.close)
 
     def _log_rejection(
@@ -399,68 +493,31 @@ class BoundedHttpProtocol(HttpToolsProtocol):
         log_rejection(method, path, status, error["code"], error["message"], request, caller)
         return str(path)
 
-    def _write_body(self, cycle: RequestResponseCycle, body: bytes) -> bool:
-        """`body_writer`'s write: uvicorn's chunk of a started chunked body, when its `send`
-        would write it without waiting."""
-        if (
-            cycle.chunked_encoding is not True
-            or cycle.response_complete
-            or cycle.disconnected
-            or cycle.flow.write_paused
-            or self._lingering
-        ):
-            return False
-        self.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
-        return True
-
-    def _write_reply(
-        self, status: int, headers: list[tuple[bytes, bytes]], body: bytes, more: bool
-    ) -> bool | None:
-        """`reply_writer`'s write: what uvicorn's `send` does for a start and a first body, in
-        one write, for the request whose app runs (with pipelining, the oldest unanswered).
-
-        Not on a connection that closes after it: a client that half-closed may have gone,
-        and only a second write finds out (the first one's reset answers it).
-        """
-        cycle = self._serving
-        if (
-            cycle is None
-            or cycle.response_started
-            or not cycle.keep_alive
-            or cycle.disconnected
-            or cycle.flow.write_paused
-            or self._lingering
-        ):
-            return None
-        cycle.response_started = True
-        cycle.waiting_for_100_continue = False
-        head = cycle.default_headers + headers
-        if more:
-            cycle.chunked_encoding = True
-            head.append(CHUNKED)
-            body = b"%x\r\n%b\r\n" % (len(body), body)
-        else:
-            cycle.response_complete = True
-        self.transport.write(response_bytes(status, head, body))
-        taken = not self.transport.is_closing()
-        if not more:
-            cycle.message_event.set()
-            cycle.on_response()
-        return taken
-
-    def _closed(self) -> bool:
+    def closed(self) -> bool:
         """The client will get nothing more here: the connection is closing, or was refused."""
         return self._lingering or self.transport.is_closing()
 
+    def stalled(self) -> bool:
+        """A write now would not go out at once: the client is not reading, or is closing."""
+        return self.write_paused or self._lingering
+
     def _busy(self) -> bool:
-        return self._serving is not None and not self._serving.response_complete
+        return self.serving is not None and not self.serving.complete
 
     def _set_timer(self, seconds: float, callback: Callable[[], None]) -> None:
-        """The connection's one timer: the head's, the body's or the linger's."""
+        """The connection's one timer: the head's, the body's, the keep-alive's or the linger's."""
         self._cancel_timer()
         self._timer = self.loop.call_later(seconds, callback)
 
     def _cancel_timer(self) -> None:
+        self._idle = False
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _address(name: Any) -> tuple[str, int] | None:
+    """A socket's (host, port), as ASGI's scope has it (IPv6 names have four parts)."""
+    if isinstance(name, tuple) and len(name) >= 2:
+        return name if len(name) == 2 else name[:2]
+    return None

@@ -26,16 +26,29 @@ from served_gateway import (
 from upstreams import anthropic_upstream
 from upstreams.openai_upstream import Upstream
 
-from llmsvc.config import ProviderConfig
+from llmsvc.config import ProviderConfig, Settings
 from llmsvc.errors import WalFatal
 from llmsvc.gateway import rejections
 from llmsvc.gateway.app import Gateway
 from llmsvc.gateway.breaker import Breakers
+from llmsvc.gateway.http_protocol import HttpLimits, protocol_class
 from llmsvc.gateway.journal import Journal
 from llmsvc.gateway.router import Router
 from llmsvc.providers import build_provider
 from llmsvc.wal.segment import instance_id
 from llmsvc.wal.writer import WalWriter
+
+
+def default_limits() -> HttpLimits:
+    """The daemon's default bounds (its settings' defaults), for the served gateway."""
+    fields = Settings.model_fields
+    return HttpLimits(
+        max_header_bytes=fields["max_header_bytes"].default,
+        header_timeout=fields["request_header_timeout_seconds"].default,
+        body_timeout=fields["request_body_timeout_seconds"].default,
+        max_connections=fields["max_connections"].default,
+        refused=lambda reason: None,
+    )
 
 
 @pytest.fixture
@@ -154,7 +167,7 @@ async def _serve(
     host, port = listener.getsockname()
     config = uvicorn.Config(
         gateway,
-        http="httptools",
+        http=protocol_class(default_limits()),
         lifespan="off",
         log_config=None,
         access_log=False,

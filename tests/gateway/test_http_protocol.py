@@ -1,72 +1,50 @@
-"""The bounded HTTP protocol's footing: the uvicorn internals it overrides are still there.
+"""The HTTP/1.1 protocol on its own: bytes in, an ASGI app, bytes out.
 
-Its bounds themselves are met by a real daemon over real sockets in tests/test_http_limits.py.
+Each test drives one connection of gateway/http_protocol.py with a transport that keeps
+what is written to it, made by uvicorn.Server's own config and state as serving.py has
+them. Its bounds and hostile clients are met by a real daemon over real sockets in
+tests/test_http_limits.py and tests/test_http_hostile.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import inspect
-import logging
-import re
 import sys
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
+import uvicorn
 from httptools import HttpParserCallbackError, HttpParserError
-from uvicorn.protocols.http.flow_control import FlowControl
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.server import ServerState
 
-from llmsvc.gateway.http_lean import LeanEvent, Pipeline
-from llmsvc.gateway.http_protocol import (
+from llmsvc.gateway.http_protocol import HttpLimits, HttpProtocol, not_http, protocol_class
+from llmsvc.gateway.http_request import (
     CHUNKED,
-    BoundedHttpProtocol,
-    not_http,
+    Request,
+    body_writer,
+    reply_writer,
     response_bytes,
 )
 
-
-def test_uvicorn_still_has_the_hooks_the_bounded_protocol_overrides() -> None:
-    """gateway/http_protocol.py leans on uvicorn internals (pinned): an upgrade that moves
-    them fails here, not in production."""
-    headers_complete = inspect.getsource(HttpToolsProtocol.on_headers_complete)
-    assert "self._start_asgi_task(self.cycle, app)" in headers_complete
-    assert "on_response=self.on_response_complete" in headers_complete
-    assert "self._start_asgi_task(cycle, app)" in inspect.getsource(
-        HttpToolsProtocol.on_response_complete
-    )
-    assert "self.parser.feed_data(data)" in inspect.getsource(HttpToolsProtocol.data_received)
-    assert "self.url += url" in inspect.getsource(HttpToolsProtocol.on_url)
-    received = inspect.getsource(HttpToolsProtocol.data_received)
-    assert "self.send_400_response(msg)" in received
-    # not_http reads the parser's reason from the exception being handled
-    assert received.index("except httptools.HttpParserError:") < received.index(
-        "self.send_400_response(msg)"
-    )
-    for hook in ("connection_made", "connection_lost", "eof_received", "on_message_begin"):
-        assert hook in HttpToolsProtocol.__dict__, hook
+App = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
+DATE = (b"date", b"Sun, 06 Dec 2026 16:00:00 GMT")
 
 
-def test_uvicorn_still_writes_a_chunked_body_as_the_pumps_direct_write_does() -> None:
-    """`body_writer` writes a streamed chunk itself when uvicorn's `send` would not wait
-    (gateway/http_protocol.py): the fields it reads and the bytes it copies must be send's."""
-    send = inspect.getsource(RequestResponseCycle.send)
-    assert "if self.flow.write_paused and not self.disconnected:" in send
-    assert "if self.disconnected:" in send
-    assert "elif not self.response_complete:" in send
-    assert "self.chunked_encoding = True" in send
-    assert 'content = [b"%x\\r\\n" % len(body), body, b"\\r\\n"]' in send
-    assert 'self.transport.write(b"".join(content))' in send
-
-
-class _Recording:
+class _Recording(asyncio.Transport):
     """A transport that keeps what is written to it."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.written: list[bytes] = []
         self.closed = False
+        self.reading = True
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         self.written.append(bytes(data))
+
+    def write_eof(self) -> None:
+        pass
 
     def close(self) -> None:
         self.closed = True
@@ -74,98 +52,287 @@ class _Recording:
     def is_closing(self) -> bool:
         return self.closed
 
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"sockname": ("127.0.0.1", 8080), "peername": ("127.0.0.1", 50000)}.get(
+            name, default
+        )
+
+    def output(self) -> bytes:
+        return b"".join(self.written)
+
+
+def _connection(app: App) -> tuple[HttpProtocol, _Recording]:
+    limits = HttpLimits(
+        max_header_bytes=16_384,
+        header_timeout=5,
+        body_timeout=5,
+        max_connections=10,
+        refused=lambda reason: None,
+    )
+    config = uvicorn.Config(app, http=protocol_class(limits), lifespan="off", log_config=None)
+    state = ServerState()
+    state.default_headers = [DATE]
+    config.load()
+    protocol = config.http_protocol_class(config, state, {})  # type: ignore[call-arg]
+    assert isinstance(protocol, HttpProtocol)
+    transport = _Recording()
+    protocol.connection_made(transport)
+    return protocol, transport
+
+
+async def _served(protocol: HttpProtocol) -> None:
+    """Until every request the connection started is answered."""
+    while protocol.tasks:
+        await asyncio.gather(*protocol.tasks)
+
+
+POST = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n\r\n{}"
+HEADERS = [(b"x-request-id", b"0b6c2b1e-5b1f-4d55-9a0c-3f1d1e6e8a11")]
+
 
 @pytest.mark.parametrize("more", [False, True], ids=["whole", "streamed"])
-async def test_a_head_and_first_body_are_the_bytes_uvicorns_send_writes_in_two(
+async def test_a_head_and_first_body_in_one_write_are_the_bytes_send_writes_in_two(
     more: bool,
 ) -> None:
     """`reply_writer` writes a response's head and its first body in one write on a
-    connection kept alive: byte for byte what uvicorn's `send` writes for the same start and
-    body, its default headers included; a streamed one as the first chunk of a chunked body."""
-    transport = _Recording()
-    cycle = RequestResponseCycle(
-        scope={"method": "POST"},  # type: ignore[typeddict-item]
-        transport=transport,  # type: ignore[arg-type]
-        flow=FlowControl(transport),  # type: ignore[arg-type]
-        logger=logging.getLogger("test"),
-        access_logger=logging.getLogger("test"),
-        access_log=False,
-        default_headers=[(b"date", b"Sun, 06 Dec 2026 16:00:00 GMT")],
-        message_event=asyncio.Event(),
-        expect_100_continue=False,
-        keep_alive=True,
-        on_response=lambda: None,
-    )
+    connection kept alive: byte for byte what `send` writes for the same start and body,
+    the default headers included; a streamed one as the first chunk of a chunked body."""
     body = b'data: {"id":"chatcmpl-1"}\n\n' if more else b'{"id":"chatcmpl-1"}'
     headers = [(b"content-type", b"text/event-stream" if more else b"application/json")]
     if not more:
         headers.append((b"content-length", str(len(body)).encode()))
-    headers.append((b"x-request-id", b"0b6c2b1e-5b1f-4d55-9a0c-3f1d1e6e8a11"))
-    await cycle.send({"type": "http.response.start", "status": 200, "headers": headers})
-    await cycle.send({"type": "http.response.body", "body": body, "more_body": more})
+    headers += HEADERS
 
-    assert len(transport.written) == 2
-    head = cycle.default_headers + headers + ([CHUNKED] if more else [])
+    async def by_send(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": more})
+        await _end(send, more)
+
+    async def in_one(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        assert reply_writer(scope)(200, list(headers), body, more) is True
+        await _end(send, more)
+
+    written = []
+    for app in (by_send, in_one):
+        protocol, transport = _connection(app)
+        protocol.data_received(POST)
+        await _served(protocol)
+        written.append(transport.written)
+        assert not transport.closed
+    ends = [b"0\r\n\r\n"] if more else []
+    assert written[0][2:] == written[1][1:] == ends
+    head = [DATE, *headers, *([CHUNKED] if more else [])]
     sent = b"%x\r\n%b\r\n" % (len(body), body) if more else body
-    assert b"".join(transport.written) == response_bytes(200, head, sent)
+    assert b"".join(written[0][:2]) == written[1][0] == response_bytes(200, head, sent)
+
+
+async def _end(send: Any, more: bool) -> None:
+    if more:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def test_the_pumps_direct_write_is_the_chunk_send_writes() -> None:
+    """`body_writer` writes a streamed chunk itself when `send` would not wait: the same
+    bytes, and only into a chunked body that is still open."""
+    said: list[bool] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        write = body_writer(scope)
+        said.append(write(b"early"))  # no head yet: not a chunked body
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        await send({"type": "http.response.body", "body": b"by send", "more_body": True})
+        said.append(write(b"by write"))
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        said.append(write(b"late"))  # the body has ended
+
+    protocol, transport = _connection(app)
+    protocol.data_received(POST)
+    await _served(protocol)
+    assert said == [False, True, False]
+    assert transport.written[1:] == [b"7\r\nby send\r\n", b"8\r\nby write\r\n", b"0\r\n\r\n"]
+
+
+async def test_a_client_that_stops_reading_holds_send_and_the_direct_write() -> None:
+    """While the transport's buffer is full, `send` waits and the pump's write declines;
+    both go on when the client reads again."""
+    sent = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        protocol.pause_writing()
+        assert body_writer(scope)(b"held") is False
+        await send({"type": "http.response.body", "body": b"later", "more_body": False})
+        sent.set()
+
+    protocol, transport = _connection(app)
+    protocol.data_received(POST)
+    await asyncio.sleep(0.01)
+    assert not sent.is_set()
+    protocol.resume_writing()
+    await _served(protocol)
+    assert sent.is_set()
+    assert transport.written[-1] == b"5\r\nlater\r\n0\r\n\r\n"
+
+
+async def test_pipelined_requests_run_one_at_a_time_in_order() -> None:
+    """A second request in the same read waits for the first one's answer; reading pauses."""
+    order: list[str] = []
+    first_may_end = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        order.append(f"start {scope['path']}")
+        if scope["path"] == "/a":
+            await first_may_end.wait()
+        body = scope["path"].encode()
+        headers = [(b"content-length", b"2")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+        order.append(f"end {scope['path']}")
+
+    protocol, transport = _connection(app)
+    protocol.data_received(b"GET /a HTTP/1.1\r\nhost: x\r\n\r\nGET /b HTTP/1.1\r\nhost: x\r\n\r\n")
+    await asyncio.sleep(0.01)
+    assert order == ["start /a"]
+    assert not transport.reading
+    first_may_end.set()
+    await _served(protocol)
+    assert order == ["start /a", "end /a", "start /b", "end /b"]
+    assert transport.output().index(b"/a") < transport.output().index(b"/b")
+    assert transport.reading
+
+
+async def test_expect_100_continue_is_answered_when_the_body_is_asked_for() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert transport.written == []
+        message = await receive()
+        assert message == {"type": "http.request", "body": b"{}", "more_body": False}
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body"})
+
+    protocol, transport = _connection(app)
+    protocol.data_received(POST.replace(b"\r\n\r\n", b"\r\nexpect: 100-continue\r\n\r\n"))
+    await _served(protocol)
+    assert transport.written[0] == b"HTTP/1.1 100 Continue\r\n\r\n"
+    assert transport.written[1].startswith(b"HTTP/1.1 204 No Content\r\n")
+
+
+async def test_a_body_in_pieces_is_received_in_pieces_then_disconnect_when_the_client_goes() -> (
+    None
+):
+    messages: list[dict[str, Any]] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        messages.append(await receive())
+        messages.append(await receive())
+        messages.append(await receive())  # the body is whole: waits for news
+
+    protocol, _ = _connection(app)
+    protocol.data_received(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n\r\nab")
+    await asyncio.sleep(0)
+    protocol.data_received(b"cd")
+    await asyncio.sleep(0.01)
+    assert len(messages) == 2
+    protocol.connection_lost(None)
+    await _served(protocol)
+    assert messages == [
+        {"type": "http.request", "body": b"ab", "more_body": True},
+        {"type": "http.request", "body": b"cd", "more_body": False},
+        {"type": "http.disconnect"},
+    ]
+
+
+async def test_a_head_request_gets_headers_and_no_body() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"content-length", b"5")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"hello"})
+
+    protocol, transport = _connection(app)
+    protocol.data_received(b"HEAD / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await _served(protocol)
+    assert transport.output().endswith(b"content-length: 5\r\n\r\n")
     assert not transport.closed
 
 
-def test_uvicorn_still_uses_its_events_and_pipeline_only_as_the_lean_ones_can() -> None:
-    """LeanEvent and Pipeline stand in for uvicorn's asyncio.Events and deque: every use of
-    them in uvicorn must be one they have."""
-    assert "self._is_writable_event = asyncio.Event()" in inspect.getsource(FlowControl)
-    assert "message_event=asyncio.Event()" in inspect.getsource(
-        HttpToolsProtocol.on_headers_complete
+async def test_http_1_0_and_connection_close_are_answered_then_closed() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"x"})
+
+    for request in (
+        b"GET / HTTP/1.0\r\n\r\n",
+        b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    ):
+        protocol, transport = _connection(app)
+        protocol.data_received(request)
+        await _served(protocol)
+        assert b"\r\nconnection: close\r\n" in transport.output()
+        assert transport.closed
+
+
+@pytest.mark.parametrize("started", [False, True], ids=["before", "midway"])
+async def test_an_app_that_fails_gets_500_or_its_response_cut(
+    started: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if started:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+        raise RuntimeError("boom")
+
+    protocol, transport = _connection(app)
+    protocol.data_received(b"GET /x HTTP/1.1\r\nhost: x\r\n\r\n")
+    await _served(protocol)
+    assert transport.closed
+    assert transport.output().startswith(b"HTTP/1.1 200 OK" if started else b"HTTP/1.1 500 ")
+    assert "the app failed on GET /x" in caplog.text
+
+
+async def test_a_response_header_that_would_split_the_response_is_refused() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        headers = [(b"x-echo", b"a\r\nset-cookie: b")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+
+    protocol, transport = _connection(app)
+    protocol.data_received(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    await _served(protocol)
+    assert b"set-cookie" not in transport.output()
+    assert transport.output().startswith(b"HTTP/1.1 500 ")
+
+
+async def test_a_request_that_is_not_http_gets_400_naming_the_parsers_reason() -> None:
+    protocol, transport = _connection(_app_never_called)
+    smuggled = (
+        b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\n"
+        b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n"
     )
-    sources = inspect.getsource(FlowControl) + inspect.getsource(RequestResponseCycle)
-    for used in re.findall(r"(?:_is_writable_event|message_event)\.(\w+)", sources):
-        assert hasattr(LeanEvent, used), used
-    protocol = inspect.getsource(HttpToolsProtocol)
-    for used in re.findall(r"self\.pipeline\.(\w+)", protocol):
-        assert hasattr(Pipeline, used), used
+    protocol.data_received(smuggled)
+    await _served(protocol)
+    output = transport.output()
+    assert output.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert b"Transfer-Encoding can't be present with Content-Length" in output
+    assert not protocol.tasks
 
 
-def test_a_connection_keeps_its_dict_under_the_shared_keys_bound() -> None:
-    """Past 29 fields an instance's dict stops sharing its keys: 1,584 bytes a connection
-    instead of 296. The bounded protocol's own fields are slots, so uvicorn's fit."""
-    uvicorn_fields = set(
-        re.findall(r"self\.(\w+)(?:: [^=]+)? = ", inspect.getsource(HttpToolsProtocol))
-    )
-    assert "_head_bytes" in BoundedHttpProtocol.__slots__
-    assert len(uvicorn_fields) <= 29, sorted(uvicorn_fields)
-    assert sys.getsizeof(LeanEvent()) <= 56
+async def test_a_connection_and_its_request_keep_their_fields_in_slots() -> None:
+    """Thousands live at once, one per open stream: no per-instance dict."""
+    protocol, _ = _connection(_app_never_called)
+    for cls in (HttpProtocol, type(protocol), Request):
+        assert cls.__dictoffset__ == 0, cls
+    assert sys.getsizeof(protocol) < 400
 
 
-async def test_a_lean_event_wakes_its_waiters_as_an_asyncio_event_does() -> None:
-    for event in (asyncio.Event(), LeanEvent()):
-        assert not event.is_set()
-        waiters = [asyncio.create_task(event.wait()) for _ in range(2)]
-        await asyncio.sleep(0)
-        assert not any(w.done() for w in waiters)
-        event.set()
-        assert event.is_set()
-        assert await asyncio.gather(*waiters) == [True, True]
-        assert await event.wait() is True  # set: at once
-        event.clear()
-        waiter = asyncio.create_task(event.wait())
-        await asyncio.sleep(0)
-        waiter.cancel()  # a cancelled waiter leaves no trace
-        with pytest.raises(asyncio.CancelledError):
-            await waiter
-        event.set()
-    assert LeanEvent(True).is_set()
-
-
-def test_a_pipeline_queues_in_the_order_a_deque_does() -> None:
-    pipeline = Pipeline()
-    first, second = object(), object()
-    pipeline.appendleft(first)  # type: ignore[arg-type]
-    pipeline.appendleft(second)  # type: ignore[arg-type]
-    assert pipeline.pop() is first
-    assert pipeline
-    assert pipeline.pop() is second
-    assert not pipeline
+async def _app_never_called(scope: dict[str, Any], receive: Any, send: Any) -> None:
+    raise AssertionError("never called")
 
 
 @pytest.mark.parametrize(
@@ -180,5 +347,5 @@ def test_a_pipeline_queues_in_the_order_a_deque_does() -> None:
 def test_a_request_the_parser_refused_is_named_by_its_reason_only(
     exc: BaseException | None, said: str
 ) -> None:
-    """llhttp's reasons are fixed strings; a callback's failure is uvicorn's code."""
+    """llhttp's reasons are fixed strings; a callback's failure is our code."""
     assert not_http(exc) == f"the request is not valid HTTP/1.1{said}"
