@@ -189,6 +189,12 @@ class Request:
                     self.scope["path"],
                 )
                 self._abandon()
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """The scope stops leading back here: no cycle is left for the collector to find."""
+        self.scope["extensions"].pop(CONNECTION, None)
 
     def _abandon(self) -> None:
         transport = self.connection.transport

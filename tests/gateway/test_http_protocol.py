@@ -9,6 +9,7 @@ tests/test_http_limits.py and tests/test_http_hostile.py.
 from __future__ import annotations
 
 import asyncio
+import gc
 import sys
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -349,3 +350,49 @@ def test_a_request_the_parser_refused_is_named_by_its_reason_only(
 ) -> None:
     """llhttp's reasons are fixed strings; a callback's failure is our code."""
     assert not_http(exc) == f"the request is not valid HTTP/1.1{said}"
+
+
+async def test_a_connection_serving_a_stream_holds_no_parser_and_parses_the_next_request() -> None:
+    """Between requests a parser holds nothing: one serving a stream for minutes lets it go,
+    and the next bytes get a new one."""
+    release = asyncio.Event()
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await release.wait()
+        await send({"type": "http.response.body", "body": scope["path"].encode()})
+
+    protocol, transport = _connection(app)
+    protocol.data_received(b"GET /first HTTP/1.1\r\nhost: x\r\n\r\n")
+    await asyncio.sleep(0)
+    assert protocol.parser is None
+    release.set()
+    await _served(protocol)
+    protocol.data_received(b"GET /second HTTP/1.1\r\nhost: x\r\n\r\n")
+    await _served(protocol)
+    assert transport.output().count(b"HTTP/1.1 200 OK") == 2
+    assert transport.output().endswith(b"7\r\n/second\r\n0\r\n\r\n")
+
+
+async def test_a_closed_connection_leaves_no_cycle_for_the_collector() -> None:
+    """The daemon collects young objects rarely (serving.tune_gc): a connection and its
+    requests must go when their last reference does, not wait for the collector."""
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await receive()
+        assert reply_writer(scope)(200, [(b"content-length", b"2")], b"{}", False)
+
+    gc.collect()
+    gc.disable()
+    try:
+        protocol, transport = _connection(app)
+        protocol.data_received(POST)
+        await _served(protocol)
+        protocol.data_received(POST[:20])  # a next request begun: a parser mid-message
+        protocol.connection_lost(None)
+        del protocol, transport
+        left = [o for o in gc.get_objects() if isinstance(o, HttpProtocol | Request)]
+        assert left == []
+    finally:
+        gc.enable()
