@@ -1,8 +1,8 @@
-"""A daemon's listeners: uvicorn embedded on the API port, the port workers share, `/metrics`.
+"""A daemon's listeners: uvicorn's server on the API port, the port workers share, `/metrics`.
 
-uvicorn runs as a task on the daemon's loop, without signal handlers of its
-own (the daemon owns the signals), its HTTP protocol bounded by
-`llmsvc.gateway.http_protocol`.
+uvicorn's server runs as a task on the daemon's loop, without signal handlers of
+its own (the daemon owns the signals); the HTTP/1.1 protocol it makes for each
+connection is llmsvc's own, `llmsvc.gateway.http_protocol`.
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ class EmbeddedServer(uvicorn.Server):
 
 
 class HttpServer:
-    """The API port: uvicorn serving `app` as a task of the daemon's loop."""
+    """The API port: uvicorn's server serving `app` as a task of the daemon's loop."""
 
     def __init__(self, server: EmbeddedServer, task: asyncio.Task[None]) -> None:
         self.server = server
