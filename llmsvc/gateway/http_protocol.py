@@ -169,7 +169,7 @@ class HttpProtocol(asyncio.Protocol):
         self.keepalive_timeout: float = config.timeout_keep_alive
         self.server_state = server_state
         self.connections: set[HttpProtocol] = server_state.connections
-        self.tasks: set[asyncio.Task[None]] = server_state.tasks
+        self.tasks: set[asyncio.Future[None]] = server_state.tasks
         self.parser: httptools.HttpRequestParser | None = None  # see _feed
         self.transport: asyncio.Transport = None  # type: ignore[assignment]  # connection_made
         self.server: tuple[str, int] | None = None
@@ -414,9 +414,7 @@ class HttpProtocol(asyncio.Protocol):
         self.serving = request
         if self._in_body and request is self.request:  # its body is still to come
             self._set_timer(self.limits.body_timeout, self._body_late)
-        task = self.loop.create_task(request.run(self.app))
-        task.add_done_callback(self.tasks.discard)
-        self.tasks.add(task)
+        self.tasks.add(request.run(self.app))
 
     def response_complete(self, request: Request) -> None:
         self.server_state.total_requests += 1

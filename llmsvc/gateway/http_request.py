@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import http
 import re
-from collections.abc import Callable, Iterable, Mapping, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, MutableMapping
 from typing import Any, Protocol
 
 from llmsvc.logs import logger
@@ -115,6 +115,7 @@ class Connection(Protocol):
     transport: asyncio.Transport
     loop: asyncio.AbstractEventLoop
     server_state: Any  # uvicorn's ServerState: its default_headers
+    tasks: set[asyncio.Future[None]]  # the apps' tasks, which uvicorn's stop waits for
     serving: Request | None  # the request whose app runs
     write_paused: bool
 
@@ -169,28 +170,32 @@ class Request:
         self.chunked: bool | None = None  # None until the head says
         self.remaining = 0  # bytes of a content-length body still to send
 
-    async def run(self, app: Callable[..., Any]) -> None:
-        """Call the app; a failure answers 500 if nothing was sent yet, else cuts the response."""
-        try:
-            await app(self.scope, self.receive, self.send)
-        except asyncio.CancelledError:  # the stop's bound passed: the client is told, or cut
+    def run(self, app: Callable[..., Awaitable[None]]) -> asyncio.Future[None]:
+        """Call the app as a task of its own, seen to by `_ended` (no frame of ours waits on
+        it: a stream's task lives as long as the stream)."""
+        task = asyncio.ensure_future(app(self.scope, self.receive, self.send))
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Future[None]) -> None:
+        """A failure answers 500 if nothing was sent yet, else cuts the response; so does a
+        cancel (the stop's bound passed) and an app that returned without finishing."""
+        self.connection.tasks.discard(task)
+        self.release()
+        if task.cancelled():
             self._abandon()
-            raise
-        except Exception as exc:
+        elif (exc := task.exception()) is not None:
             log.error(
                 "the app failed on %s %s", self.scope["method"], self.scope["path"], exc_info=exc
             )
             self._abandon()
-        else:
-            if not self.complete and not self.disconnected:
-                log.error(
-                    "the app returned before completing its response to %s %s",
-                    self.scope["method"],
-                    self.scope["path"],
-                )
-                self._abandon()
-        finally:
-            self.release()
+        elif not self.complete and not self.disconnected:
+            log.error(
+                "the app returned before completing its response to %s %s",
+                self.scope["method"],
+                self.scope["path"],
+            )
+            self._abandon()
 
     def release(self) -> None:
         """The scope stops leading back here: no cycle is left for the collector to find."""
