@@ -30,7 +30,14 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
     ("journal and WAL append", ("llmsvc/wal/", "llmsvc/gateway/journal.py")),
     (
         "client write (ASGI send, or llmsvc's own)",
-        ("RequestResponseCycle.send", "._write_body", "._write_reply"),
+        (
+            "RequestResponseCycle.send",  # uvicorn's protocol, in trees before 66b64d2
+            "._write_body",
+            "._write_reply",
+            "Request.send",  # gateway/http_request.py
+            "Request.write",
+            "Request.reply",
+        ),
     ),
     ("wire encoding", ("gateway/sse.py", "gateway/wire.py", "_wire.py")),
     ("upstream read and parse", ("llmsvc/providers/",)),
@@ -41,6 +48,7 @@ PARTS: list[tuple[str, tuple[str, ...]]] = [
             "pydantic",
             "Gateway.admit",
             "http_protocol.py",
+            "http_request.py",
             "HttpToolsProtocol",
         ),
     ),
