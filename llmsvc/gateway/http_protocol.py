@@ -130,6 +130,7 @@ class HttpProtocol(asyncio.Protocol):
         "_in_message",
         "_lingering",
         "_timer",
+        "_upgrade_body",
         "app",
         "client",
         "connections",
@@ -190,6 +191,8 @@ class HttpProtocol(asyncio.Protocol):
         self._lingering = False  # answered and closing: whatever still arrives is dropped
         self._timer: asyncio.TimerHandle | None = None  # see _set_timer
         self._idle = False  # the timer is the keep-alive one
+        # after a request with `Upgrade`: bytes of its body still to come (_upgraded_body)
+        self._upgrade_body: int | None = None
 
     # -- connections -------------------------------------------------------------------
 
@@ -265,7 +268,9 @@ class HttpProtocol(asyncio.Protocol):
     # -- reading -----------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
-        if self._in_body:
+        if self._upgrade_body is not None:
+            self._upgraded_body(data)
+        elif self._in_body:
             self._feed(data)
         elif not self._lingering:
             self._head_received(data)
@@ -306,15 +311,27 @@ class HttpProtocol(asyncio.Protocol):
             parser.feed_data(data)
             if not self._in_message and self._busy():
                 self.parser = None
-        except HttpParserUpgrade:
-            # No protocol to switch to: the request is answered as plain HTTP, then closed.
-            if self.request is not None:
-                self.request.keep_alive = False
+        except HttpParserUpgrade as exc:  # what follows the request's head is not parsed
+            self._upgraded_body(data[exc.args[0] :] if exc.args else b"")
         except HttpParserError as exc:
             serving = self.serving
             midway = serving is not None and serving.started and not serving.complete
             # none in the middle of another response, which it would corrupt
             self._linger(None if midway else ClientError(not_http(exc)))
+
+    def _upgraded_body(self, data: bytes) -> None:
+        """The body of a request with `Upgrade` (curl's `--http2` on http://), by its
+        content-length: llhttp stops at such a request's head, and with no protocol to
+        switch to, it is answered as plain HTTP (RFC 9110, 7.8), then the connection
+        closes. Nothing after the body is read."""
+        if not self._upgrade_body:
+            return
+        body = data[: self._upgrade_body]
+        self._upgrade_body -= len(body)
+        if body:
+            self.on_body(body)
+        if not self._upgrade_body:
+            self.on_message_complete()
 
     def _refuse_head(self) -> None:
         limit = self.limits.max_header_bytes
@@ -380,7 +397,11 @@ class HttpProtocol(asyncio.Protocol):
             "headers": self.headers,
             "extensions": extensions,
         }
-        keep_alive = version != "1.0" and parser.should_keep_alive()
+        # no protocol to switch to: an Upgrade request is the connection's last
+        upgrade = parser.should_upgrade()
+        keep_alive = version != "1.0" and parser.should_keep_alive() and not upgrade
+        if upgrade:
+            self._upgrade_body = _content_length(self.headers)
         request = Request(self, scope, keep_alive, self.continue_wanted)
         extensions[CONNECTION] = request
         self.request = request
@@ -400,6 +421,8 @@ class HttpProtocol(asyncio.Protocol):
         request.wake()
 
     def on_message_complete(self) -> None:
+        if self._upgrade_body:  # llhttp ends an Upgrade request at its head: not yet
+            return
         self._in_message = self._in_body = False
         self._cancel_timer()
         request = self.request
@@ -530,6 +553,14 @@ class HttpProtocol(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    """A request's content-length (llhttp has checked its form), 0 if it has none."""
+    for name, value in headers:
+        if name == b"content-length":
+            return int(value)
+    return 0
 
 
 def _address(name: Any) -> tuple[str, int] | None:

@@ -397,3 +397,53 @@ async def test_a_closed_connection_leaves_no_cycle_for_the_collector() -> None:
         assert left == []
     finally:
         gc.enable()
+
+
+H2C = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nconnection: Upgrade, HTTP2-Settings\r\n"
+    b"upgrade: h2c\r\nhttp2-settings: AAMAAABkAARAAAAAAAIAAAAA\r\ncontent-length: 7\r\n\r\n"
+)
+
+
+@pytest.mark.parametrize("reads", [[H2C + b'{"a":1}'], [H2C + b'{"a"', b":1}PRI * HTTP/2.0"]])
+async def test_a_request_asking_to_upgrade_is_answered_as_http_1_1_with_its_body(
+    reads: list[bytes],
+) -> None:
+    """curl's `--http2` on http:// asks `Upgrade: h2c` with its POST. There is no protocol
+    to switch to, so the request is answered as plain HTTP/1.1 (RFC 9110, 7.8) with the
+    body llhttp leaves unparsed, and the connection closes; nothing after the body is read."""
+    bodies: list[bytes] = []
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        body, more = b"", True
+        while more:
+            message = await receive()
+            body, more = body + message["body"], message["more_body"]
+        bodies.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    protocol, transport = _connection(app)
+    for data in reads:
+        protocol.data_received(data)
+        await asyncio.sleep(0)
+    await _served(protocol)
+    assert bodies == [b'{"a":1}']
+    assert transport.output().startswith(b"HTTP/1.1 200 OK\r\n")
+    assert b"connection: close\r\n" in transport.output()
+    assert transport.closed
+
+
+async def test_a_websocket_upgrade_without_a_body_is_answered_and_closed() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        assert await receive() == {"type": "http.request", "body": b"", "more_body": False}
+        await send({"type": "http.response.start", "status": 404, "headers": []})
+        await send({"type": "http.response.body", "body": b"no"})
+
+    protocol, transport = _connection(app)
+    protocol.data_received(
+        b"GET /ws HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n\x81\x00"
+    )
+    await _served(protocol)
+    assert transport.output().startswith(b"HTTP/1.1 404 Not Found\r\n")
+    assert transport.closed
