@@ -323,8 +323,8 @@ class HttpProtocol(asyncio.Protocol):
         """The body of a request with `Upgrade` (curl's `--http2` on http://), by its
         content-length: llhttp stops at such a request's head, and with no protocol to
         switch to, it is answered as plain HTTP (RFC 9110, 7.8), then the connection
-        closes. Nothing after the body is read."""
-        if not self._upgrade_body:
+        closes. Nothing after the body is read, nor anything once the answer is lingering."""
+        if not self._upgrade_body or self._lingering:
             return
         body = data[: self._upgrade_body]
         self._upgrade_body -= len(body)
