@@ -128,7 +128,6 @@ class HttpProtocol(asyncio.Protocol):
         "_idle",
         "_in_body",
         "_in_message",
-        "_lingering",
         "_timer",
         "_upgrade_body",
         "app",
@@ -138,6 +137,7 @@ class HttpProtocol(asyncio.Protocol):
         "drained",
         "headers",
         "keepalive_timeout",
+        "lingering",
         "loop",
         "parser",
         "queued",
@@ -188,7 +188,7 @@ class HttpProtocol(asyncio.Protocol):
         self._head_bytes = 0  # bytes of the request head being received
         self._in_message = False  # between a request's first byte and its end
         self._in_body = False  # between a request's headers and its end
-        self._lingering = False  # answered and closing: whatever still arrives is dropped
+        self.lingering = False  # answered and closing: whatever still arrives is dropped
         self._timer: asyncio.TimerHandle | None = None  # see _set_timer
         self._idle = False  # the timer is the keep-alive one
         # after a request with `Upgrade`: bytes of its body still to come (_upgraded_body)
@@ -210,7 +210,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def _turn_away(self) -> None:
         """Past the bound: 503 before the request is even read, then close."""
-        self._lingering = True  # no request is ever parsed
+        self.lingering = True  # no request is ever parsed
         self.limits.refused("connections")
         if len(self.refusing) >= REFUSING_MAX:
             self.transport.close()  # a flood: no descriptors to spare for answers
@@ -228,10 +228,7 @@ class HttpProtocol(asyncio.Protocol):
         self._cancel_timer()
         self.refusing.discard(self)
         self.connections.discard(self)
-        for request in (self.serving, self.request):
-            if request is not None and not request.complete:
-                request.disconnected = True
-                request.wake()
+        self._disconnect()
         for request in self.queued:  # never started: nothing to tell
             request.release()
         self.queued.clear()
@@ -248,7 +245,7 @@ class HttpProtocol(asyncio.Protocol):
         closes. A request still unfinished when the input ends is dropped.
         """
         serving = self.serving
-        if serving is None or serving.complete or self._lingering:
+        if serving is None or serving.complete or self.lingering:
             return False  # nothing to answer
         if self._in_body and self.request is serving:
             return False  # its body can never arrive: its app hears http.disconnect
@@ -272,7 +269,7 @@ class HttpProtocol(asyncio.Protocol):
             self._upgraded_body(data)
         elif self._in_body:
             self._feed(data)
-        elif not self._lingering:
+        elif not self.lingering:
             self._head_received(data)
 
     def _head_received(self, data: bytes) -> None:
@@ -287,7 +284,7 @@ class HttpProtocol(asyncio.Protocol):
         head, rest = data[:room], data[room:]
         self._head_bytes += len(head)
         self._feed(head)
-        if self._lingering or self.transport.is_closing():  # e.g. a 400 for bad syntax
+        if self.lingering or self.transport.is_closing():  # e.g. a 400 for bad syntax
             return
         if self._head_bytes >= self.limits.max_header_bytes:
             self._refuse_head()
@@ -324,7 +321,7 @@ class HttpProtocol(asyncio.Protocol):
         content-length: llhttp stops at such a request's head, and with no protocol to
         switch to, it is answered as plain HTTP (RFC 9110, 7.8), then the connection
         closes. Nothing after the body is read, nor anything once the answer is lingering."""
-        if not self._upgrade_body or self._lingering:
+        if not self._upgrade_body or self.lingering:
             return
         body = data[: self._upgrade_body]
         self._upgrade_body -= len(body)
@@ -504,11 +501,8 @@ class HttpProtocol(asyncio.Protocol):
         refused before its head was whole has only its URL so far and a fresh id. Closing
         with unread input resets the connection, and the client may lose the answer with it.
         """
-        self._lingering, self._in_body = True, False
-        for request in (self.serving, self.request):
-            if request is not None and not request.complete:
-                request.disconnected = True  # its app hears http.disconnect; sends are dropped
-                request.wake()
+        self.lingering, self._in_body = True, False
+        self._disconnect()
         if self.transport.is_closing():
             return
         if exc is not None:
@@ -518,6 +512,13 @@ class HttpProtocol(asyncio.Protocol):
         self.transport.write_eof()
         self.resume_reading()  # reading may be paused (a pipelined request)
         self._set_timer(LINGER_SECONDS, self.transport.close)
+
+    def _disconnect(self) -> None:
+        """The requests begun here hear http.disconnect; whatever they send is dropped."""
+        for request in (self.serving, self.request):
+            if request is not None and not request.complete:
+                request.disconnected = True
+                request.wake()
 
     def _log_rejection(
         self, exc: LlmsvcError, request: uuid.UUID, scope: MutableMapping[str, Any] | None
@@ -534,11 +535,7 @@ class HttpProtocol(asyncio.Protocol):
 
     def closed(self) -> bool:
         """The client will get nothing more here: the connection is closing, or was refused."""
-        return self._lingering or self.transport.is_closing()
-
-    def stalled(self) -> bool:
-        """A write now would not go out at once: the client is not reading, or is closing."""
-        return self.write_paused or self._lingering
+        return self.lingering or self.transport.is_closing()
 
     def _busy(self) -> bool:
         return self.serving is not None and not self.serving.complete

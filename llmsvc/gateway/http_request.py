@@ -50,7 +50,7 @@ def closed_check(scope: Mapping[str, Any]) -> Callable[[], bool]:
     server it says never, and a stream runs to its end.
     """
     request = (scope.get("extensions") or {}).get(CONNECTION)
-    return request.closed if isinstance(request, Request) else _never
+    return request.connection.closed if isinstance(request, Request) else _never
 
 
 def _never() -> bool:
@@ -101,7 +101,8 @@ def _cannot_reply(status: int, headers: list[tuple[bytes, bytes]], body: bytes, 
 def response_bytes(status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> bytes:
     """A response's head and `body` as `send` writes them for its start and first body on
     a connection kept alive; the headers are given lower-case, as valid names and
-    values, and `body` as encoded (a chunk of a chunked body with its framing)."""
+    values, and `body` as encoded (a chunk of a chunked body with its framing). Unlike
+    `send`'s head, nothing here reads the headers for the framing: the caller says it."""
     content = [STATUS_LINE[status]]
     for name, value in headers:
         content += (name, b": ", value, b"\r\n")
@@ -117,7 +118,8 @@ class Connection(Protocol):
     server_state: Any  # uvicorn's ServerState: its default_headers
     tasks: set[asyncio.Future[None]]  # the apps' tasks, which uvicorn's stop waits for
     serving: Request | None  # the request whose app runs
-    write_paused: bool
+    write_paused: bool  # the client is not reading: a write now would wait in the buffer
+    lingering: bool  # answered and closing: nothing more is written
 
     def resume_reading(self) -> None: ...
 
@@ -126,8 +128,6 @@ class Connection(Protocol):
     def response_complete(self, request: Request) -> None: ...
 
     def closed(self) -> bool: ...
-
-    def stalled(self) -> bool: ...
 
 
 class Request:
@@ -306,15 +306,17 @@ class Request:
 
     # -- the extension: closed_check, body_writer, reply_writer ------------------------
 
-    def closed(self) -> bool:
-        """The client will get nothing more here: the connection is closing, or was refused."""
-        return self.connection.closed()
-
     def write(self, body: bytes) -> bool:
         """`body_writer`'s write: a chunk of a started chunked body, when `send` would write it
         without waiting."""
         connection = self.connection
-        if self.chunked is not True or self.complete or self.disconnected or connection.stalled():
+        if (
+            self.chunked is not True
+            or self.complete
+            or self.disconnected
+            or connection.write_paused
+            or connection.lingering
+        ):
             return False
         connection.transport.write(b"%x\r\n%b\r\n" % (len(body), body))
         return True
@@ -333,7 +335,8 @@ class Request:
             or not self.keep_alive
             or self.disconnected
             or connection.serving is not self
-            or connection.stalled()
+            or connection.write_paused
+            or connection.lingering
         ):
             return None
         self.started = True
