@@ -16,53 +16,50 @@ from llmsvc.providers.base import Native, Reply
 from llmsvc.providers.embeddings import EMBEDDINGS, inputs
 from llmsvc.tokens import PROVIDER, count_completion, count_input, count_prompt
 
+SURROGATES = "surrogatepass"  # a lone surrogate in a text is kept as it came, not refused
+
 PromptCounter = Callable[[str], tuple[int, str]]  # model -> (tokens, how they were counted)
-JOIN_EVERY = 16  # texts kept apart before they are joined into one
 
 
 class Pieces:
     """An attempt's journaled texts, in order: what is counted at its end if the provider
     sends no usage.
 
-    A stream holds them for minutes, a token at a time: kept as the batches came, each
-    token cost its own list and str (~150 bytes; a 60-token reply 9 KiB). Here every
-    JOIN_EVERY texts become one str, so a reply costs about its characters. The last
-    batch stays apart: the WAL may yet refuse it (`drop_last`).
+    A stream holds them for minutes, a token at a time, so they are kept as one UTF-8
+    buffer: a reply costs about its characters, not a str and a list slot per token
+    (~60 bytes each, 1 KiB of a paced stream's 18 in BENCHMARKS.md). The last batch's
+    length is kept: the WAL may yet refuse it (`drop_last`).
     """
 
-    __slots__ = ("_joined", "_last", "_texts")
+    __slots__ = ("_last", "_text")
 
     def __init__(self) -> None:
-        self._texts: list[str] = []
-        self._joined = 0  # _texts[:_joined] are joined runs; the rest single texts
-        self._last = 0  # texts of the last batch added
+        self._text = bytearray()
+        self._last = 0  # bytes of the last batch added
 
     def add(self, texts: list[str]) -> None:
         """Keep a batch's texts (a batch of tokens, or of tool-call texts)."""
-        kept, joined = self._texts, self._joined
-        if len(kept) - joined >= JOIN_EVERY:  # the batches before this one: not refusable
-            kept[joined:] = ["".join(kept[joined:])]
-            self._joined = joined + 1
-        kept.extend(texts)
-        self._last = len(texts)
+        self._last = 0
+        self.join_last(texts)
 
     def join_last(self, texts: list[str]) -> None:
         """Keep texts as part of the last batch: journaled into its WAL write, refused with it."""
-        self._texts.extend(texts)
-        self._last += len(texts)
+        piece = (texts[0] if len(texts) == 1 else "".join(texts)).encode(errors=SURROGATES)
+        self._text += piece
+        self._last += len(piece)
 
     def drop_last(self) -> None:
         """Forget the last batch added (the WAL refused it); once, after that batch."""
         if self._last:
-            del self._texts[-self._last :]
+            del self._text[-self._last :]
         self._last = 0
 
     def __bool__(self) -> bool:
-        return bool(self._texts)
+        return bool(self._text)
 
     def __iter__(self) -> Iterator[list[str]]:
-        """One list of every text, in order: what tokens.count_completion joins."""
-        yield self._texts
+        """The text as one list of one text: what tokens.count_completion joins."""
+        yield [self._text.decode(errors=SURROGATES)]
 
 
 @dataclass(slots=True)
