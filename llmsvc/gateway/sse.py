@@ -19,14 +19,15 @@ ASGIReceive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
 DONE = b"data: [DONE]\n\n"
 OPEN_CHOICE = b'},"logprobs":null,"finish_reason":null}]}\n\n'  # a delta chunk's end
+CONTENT = b'{"content":'
 
 
 class ChatWire:
     """A chat completion's chunks; `include_usage`: the client's `stream_options` asked for a
-    last chunk with the usage. One lives as long as its stream: slots, and only the two
-    prerendered heads every token needs."""
+    last chunk with the usage. One lives as long as its stream: slots, and only the
+    prerendered head every token needs; the rarer chunks cut theirs from it."""
 
-    __slots__ = ("_head", "_prefix", "completion_id", "created", "include_usage", "model")
+    __slots__ = ("_prefix", "completion_id", "created", "include_usage", "model")
 
     def __init__(self, completion_id: str, created: int, model: str, include_usage: bool) -> None:
         self.completion_id, self.created, self.model = completion_id, created, model
@@ -39,8 +40,12 @@ class ChatWire:
                 "model": model,
             }
         )[:-1]
-        self._head = b"data: " + head + b',"choices":[{"index":0,"delta":'
-        self._prefix = self._head + b'{"content":'
+        self._prefix = b"data: " + head + b',"choices":[{"index":0,"delta":' + CONTENT
+
+    @property
+    def _head(self) -> bytes:
+        """A chunk's start up to its delta's value."""
+        return self._prefix[: -len(CONTENT)]
 
     def tokens(self, texts: list[str]) -> bytes:
         dumps, prefix = orjson.dumps, self._prefix
