@@ -53,8 +53,11 @@ if TYPE_CHECKING:
 log = logger(__name__)
 
 Scope = MutableMapping[str, Any]
-Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[None]]
-Endpoint = Callable[[endpoints.Gateway, Scope, ASGIReceive, ASGISend], Awaitable[None]]
+# A handler answers, or returns the serving of a generating request (endpoints.Serving).
+Handler = Callable[[Scope, ASGIReceive, ASGISend], Awaitable[endpoints.Serving | None]]
+Endpoint = Callable[
+    [endpoints.Gateway, Scope, ASGIReceive, ASGISend], Awaitable[endpoints.Serving | None]
+]
 # Routes with an id in the path (see route_of).
 MODEL_PREFIX = "/v1/models/"
 MODEL_ROUTE = MODEL_PREFIX + "{model}"
@@ -172,7 +175,9 @@ class Gateway:
             if handler is None:
                 allow = ", ".join(methods)
                 raise MethodNotAllowed(f"{scope['path']} takes {allow}", allow=allow)
-            await handler(scope, receive, send)
+            serving = await handler(scope, receive, send)
+            if serving is not None:  # awaited here: the endpoint's frame is gone by now
+                await serving
         except ClientGone:
             return
         except Exception as exc:  # errors.py maps it: 4xx for client errors, 500 otherwise
@@ -212,7 +217,7 @@ class Gateway:
         the console's replay set one (`PINNED`), else along its model's route.
 
         Not a coroutine itself: it returns the exchange's run to await, so no frame of it
-        (its arguments, the wire's factory) outlives the request's start; see KEEP_LEAN in
+        (its arguments, the wire's factory) outlives the request's start; see `Serving` in
         endpoints.py."""
         exchange = Exchange(
             self.journal,

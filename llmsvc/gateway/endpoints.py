@@ -7,7 +7,7 @@ messages.py, embeddings.py), then hands an exchange with its API's wire to the g
 
 from __future__ import annotations
 
-from collections.abc import Callable, MutableMapping
+from collections.abc import Callable, Coroutine, MutableMapping
 from typing import Any, Protocol
 
 from llmsvc.errors import ServiceUnavailable
@@ -35,6 +35,10 @@ from llmsvc.providers.embeddings import EMBEDDINGS
 from llmsvc.tokens import count_prompt
 
 Scope = MutableMapping[str, Any]
+# A generating endpoint returns its serving for the gateway to await: an open stream lasts
+# minutes, and with thousands open the endpoint's frame would cost its raw body, validated
+# model and headers (a client SDK sends a dozen or more) for each one.
+Serving = Coroutine[Any, Any, None]
 
 
 class Gateway(Protocol):
@@ -50,7 +54,7 @@ class Gateway(Protocol):
         """The admitted request's headers and body."""
         ...
 
-    async def serve(
+    def serve(
         self,
         scope: Scope,
         send: ASGISend,
@@ -64,21 +68,17 @@ class Gateway(Protocol):
         native: Native | None = None,
         store_content: bool = True,
         params: dict[str, Any] | None = None,
-    ) -> None:
-        """Serve the admitted request through an exchange with this wire."""
+    ) -> Serving:
+        """The admitted request's serving, through an exchange with this wire."""
         ...
 
 
 SESSION_PREFIX = "/v1/sessions/"
-# KEEP_LEAN: a generating endpoint's frame lives as long as its reply, an open stream's
-# minutes, so before serving it drops the raw body and the validated model, keeping only
-# what serving takes: with thousands of streams open, a long prompt's bytes add up. The
-# request's headers (a client SDK sends a dozen or more) go once the exchange is made.
 
 
 async def chat_completions(
     gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend
-) -> None:
+) -> Serving:
     headers, body = await gateway.admit(scope, receive)
     data, request = parse_chat(body)
     attribution = read_attribution(data, request, headers)
@@ -87,8 +87,7 @@ async def chat_completions(
         data["messages"] = [*history, *data["messages"]]
     include_usage = bool(request.stream_options and request.stream_options.include_usage)
     model, stream = request.model, request.stream
-    del body, request  # see KEEP_LEAN
-    serving = gateway.serve(
+    return gateway.serve(
         scope,
         send,
         headers,
@@ -99,19 +98,18 @@ async def chat_completions(
         lambda rid, created: ChatWire(f"chatcmpl-{rid}", created, model, include_usage),
         "chat",
     )
-    del headers  # see KEEP_LEAN
-    await serving
 
 
-async def embeddings(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+async def embeddings(
+    gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend
+) -> Serving:
     """`POST /v1/embeddings`: sent natively (a provider without the API refuses it), never
     streamed; its messages are none and its vectors stored only with `store_embeddings`."""
     headers, body = await gateway.admit(scope, receive)
     data, request = parse_embeddings(body)
     attribution = read_attribution(data, request, headers)
     model, encoding_format = request.model, request.encoding_format
-    del body, request  # see KEEP_LEAN
-    serving = gateway.serve(
+    return gateway.serve(
         scope,
         send,
         headers,
@@ -124,11 +122,9 @@ async def embeddings(gateway: Gateway, scope: Scope, receive: ASGIReceive, send:
         native=Native(EMBEDDINGS, data),
         store_content=gateway.store_embeddings,
     )
-    del headers  # see KEEP_LEAN
-    await serving
 
 
-async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend) -> Serving:
     """Anthropic's Messages API (gateway/messages.py, messages_wire.py); an Anthropic
     provider is sent the client's body, any other its chat-completion form."""
     headers, body = await gateway.admit(scope, receive)
@@ -136,8 +132,7 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
     data = messages_as_chat(native, request)
     user = request.metadata.user_id if request.metadata is not None else None
     model, stream = request.model, request.stream
-    del body, request  # see KEEP_LEAN
-    serving = gateway.serve(
+    return gateway.serve(
         scope,
         send,
         headers,
@@ -151,8 +146,6 @@ async def messages(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: A
         api="messages",
         native=Native("messages", native, beta_headers(headers)),
     )
-    del headers  # see KEEP_LEAN
-    await serving
 
 
 async def count_message_tokens(
@@ -169,7 +162,9 @@ async def count_message_tokens(
     await send_json(send, 200, answer, [request_id_header(scope)])
 
 
-async def responses(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
+async def responses(
+    gateway: Gateway, scope: Scope, receive: ASGIReceive, send: ASGISend
+) -> Serving:
     """`POST /v1/responses`: a chat completion to a provider without the Responses API, the
     body itself (its history resolved) to one with it; the client's body is the params."""
     headers, body = await gateway.admit(scope, receive)
@@ -182,8 +177,7 @@ async def responses(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: 
         )
     model, fields, stream = request.model, echoed(client), request.stream
     chat = responses_as_chat(request, history)
-    del body, request  # see KEEP_LEAN
-    serving = gateway.serve(
+    return gateway.serve(
         scope,
         send,
         headers,
@@ -196,8 +190,6 @@ async def responses(gateway: Gateway, scope: Scope, receive: ASGIReceive, send: 
         native=Native("responses", forwardable(client, history)),
         params={k: v for k, v in client.items() if k != "model"},
     )
-    del headers  # see KEEP_LEAN
-    await serving
 
 
 def session_store(gateway: Gateway) -> Sessions:
