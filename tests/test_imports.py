@@ -30,7 +30,17 @@ LAYERS = [
     {"local", "metrics"},
     {"wal"},
     {"config", "systemd"},
-    {"config_errors", "errors", "lifetime", "logs", "private", "callers", "tokens", "llmsvc"},
+    {
+        "config_errors",
+        "errors",
+        "lifetime",
+        "logs",
+        "private",
+        "callers",
+        "timers",
+        "tokens",
+        "llmsvc",
+    },
 ]
 
 

@@ -5,7 +5,8 @@ and moved: each lookup is a getpid(2). A request bounds its provider calls twice
 shutdown's interruption, the attempt's deadline) and paid six of those syscalls for
 it (strace, BENCHMARKS.md). This is the same contract for a task the request looked up
 once (its loop is the task's): expiry cancels the task, and the cancellation leaves the
-`with` as TimeoutError unless something else cancelled the task too.
+`with` as TimeoutError unless something else cancelled the task too. Its timer is one of
+the loop's shared ones (llmsvc/timers.py): a stream keeps it for minutes.
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ import asyncio
 from types import TracebackType
 from typing import Any
 
+from llmsvc.timers import Timer, timers
+
 
 class Deadline:
     """`with Deadline(task, when):` bounds the block, run by `task`, by its loop's time
     `when` (None: unbounded until moved). Entering and leaving await nothing: a plain `with`."""
 
-    __slots__ = ("_cancelling", "_expired", "_handle", "_inside", "_task", "_when")
+    __slots__ = ("_cancelling", "_expired", "_inside", "_now", "_task", "_timer", "_when")
 
     def __init__(self, task: asyncio.Task[Any], when: float | None) -> None:
         self._task, self._when = task, when
-        self._handle: asyncio.Handle | None = None
+        self._timer: Timer | None = None
+        self._now: asyncio.Handle | None = None  # a deadline already past: the next round
         self._inside = self._expired = False
         self._cancelling = 0  # the task's pending cancellations when the block began
 
@@ -40,9 +44,7 @@ class Deadline:
         tb: TracebackType | None,
     ) -> None:
         self._inside = False
-        if self._handle is not None:
-            self._handle.cancel()
-            self._handle = None
+        self._disarm()
         if (
             self._expired
             and exc_type is asyncio.CancelledError
@@ -55,21 +57,28 @@ class Deadline:
         Nothing once the block is left or the deadline expired."""
         if not self._inside or self._expired:
             return
-        if self._handle is not None:
-            self._handle.cancel()
+        self._disarm()
         self._when = when
         loop = self._task.get_loop()
         if when is None:
-            self._handle = None
-        elif when <= loop.time():
-            self._handle = loop.call_soon(self._expire)
+            return
+        if when <= loop.time():  # before what the round after this one brings
+            self._now = loop.call_soon(self._expire)
         else:
-            self._handle = loop.call_at(when, self._expire)
+            self._timer = timers(loop).call_at(when, self._expire)
 
     def expired(self) -> bool:
         return self._expired
 
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            timers(self._task.get_loop()).cancel(self._timer)
+            self._timer = None
+        if self._now is not None:
+            self._now.cancel()
+            self._now = None
+
     def _expire(self) -> None:
-        self._handle = None
+        self._timer = self._now = None
         self._expired = True
         self._task.cancel()

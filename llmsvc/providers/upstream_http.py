@@ -31,6 +31,7 @@ from urllib.parse import urlsplit
 import httptools
 
 from llmsvc.providers.fields import TooLarge
+from llmsvc.timers import Timer, timers
 
 KEEPALIVE_SECONDS = 30.0  # an idle connection's life in the pool
 READ_AHEAD = 1 << 18  # bytes buffered ahead of a slow reader before the socket is paused
@@ -127,7 +128,7 @@ class Response:
         self._error: UpstreamError | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._waiting_since: float | None = None  # loop time the current wait began
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: Timer | None = None  # the silence's, one of the loop's (llmsvc/timers.py)
         self._inflate: zlib._Decompress | None = None
         self._maybe_raw = False  # a deflate body not yet told zlib-wrapped or raw
         self._released = False
@@ -194,7 +195,7 @@ class Response:
             return
         self._released = True
         if self._timer is not None:
-            self._timer.cancel()
+            timers(self._loop).cancel(self._timer)
             self._timer = None
         self._connection.finished()
 
@@ -210,7 +211,7 @@ class Response:
         """A silence counts from now; the one timer is armed if it is not."""
         self._waiting_since = now = self._loop.time()
         if self._timer is None:
-            self._timer = self._loop.call_at(now + self._silence, self._silent)
+            self._timer = timers(self._loop).call_at(now + self._silence, self._silent)
 
     def _disarm(self) -> None:
         self._waiter = self._waiting_since = None
@@ -234,7 +235,7 @@ class Response:
             self._timer = None
             self._fail(UpstreamError(f"no data for {self._silence:g} s (timeout_seconds)"))
         else:
-            self._timer = self._loop.call_at(since + self._silence, self._silent)
+            self._timer = timers(self._loop).call_at(since + self._silence, self._silent)
 
     def _wake(self) -> None:
         waiter = self._waiter

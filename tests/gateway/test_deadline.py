@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from llmsvc.gateway.deadline import Deadline
+from llmsvc.timers import timers
 
 
 def _here() -> tuple[asyncio.AbstractEventLoop, asyncio.Task[Any]]:
@@ -39,6 +40,7 @@ async def test_a_block_done_in_time_is_untouched_and_leaves_no_timer() -> None:
     loop, task = _here()
     bound = Deadline(task, loop.time() + 0.05)
     await _bounded(bound, wait=0)
+    assert len(timers(loop)) == 0
     await asyncio.sleep(0.1)  # past the deadline: nothing cancels the task now
     assert not bound.expired()
 
