@@ -399,6 +399,7 @@ class HttpProtocol(asyncio.Protocol):
         keep_alive = version != "1.0" and parser.should_keep_alive() and not upgrade
         if upgrade:
             self._upgrade_body = _content_length(self.headers)
+        self.headers = []  # the scope's now, which the app may drop (a stream lasts minutes)
         request = Request(self, scope, keep_alive, self.continue_wanted)
         extensions[CONNECTION] = request
         self.request = request
