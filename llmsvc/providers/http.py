@@ -91,13 +91,14 @@ class HttpReply:
         self._stopped: Callable[[], None] | None = None
 
     async def batches(self) -> AsyncIterator[Batch]:
-        """The reply's batches; `reading`'s translation of failures is inlined, not entered,
-        as its generator frame would stay open as long as the stream."""
+        """The reply's batches: a stream's a read's worth each, and what a pump left (`pump`);
+        a whole reply's text. One generator, `reading`'s translation of failures inlined:
+        each frame of one would stay open as long as the stream. Between a stream's reads (a
+        token's wait, on a paced stream) nothing of the last read stays referenced: its
+        bytes and parsed events (~1.5 KiB) would otherwise stay for the whole wait, on every
+        open stream."""
         try:
-            if self.stream:
-                async for batch in self._events():
-                    yield batch
-            else:
+            if not self.stream:
                 reply = orjson.loads(await self.response.body(UPSTREAM_MAX_BYTES))
                 if not isinstance(reply, dict):
                     raise ProviderError(
@@ -107,32 +108,27 @@ class HttpReply:
                 content = self._whole(reply)
                 if content:
                     yield [content]
+                return
+            while True:
+                while self._pending:  # popped: none stays referenced through the next read
+                    yield self._pending.pop(0)
+                if self._broken is not None:  # what came before it went out (and is journaled)
+                    raise self._broken
+                if not (chunk := await self.response.read()):
+                    break
+                self._read(chunk)
+                del chunk
+            if not self._done:
+                raise ProviderUnavailable(
+                    f"{self.name}: the upstream ended the stream without {self.END_EVENT}",
+                    code="upstream_stream_broken",
+                )
         except READ_ERRORS as exc:
             raise read_error(self.name, exc) from (None if isinstance(exc, TooLarge) else exc)
         finally:
             self.response.release()
 
     END_EVENT = ""  # what the upstream sends last: a stream that ends without it was cut off
-
-    async def _events(self) -> AsyncIterator[Batch]:
-        """The stream's batches, a read's worth each, and what a pump left (`pump`). Between
-        reads (a token's wait, on a paced stream) nothing of the last read stays referenced:
-        its bytes and parsed events (~1.5 KiB) would otherwise stay for the whole wait, on
-        every open stream."""
-        while True:
-            while self._pending:  # popped: none stays referenced through the next read
-                yield self._pending.pop(0)
-            if self._broken is not None:  # what came before it went out (and is journaled)
-                raise self._broken
-            if not (chunk := await self.response.read()):
-                break
-            self._read(chunk)
-            del chunk
-        if not self._done:
-            raise ProviderUnavailable(
-                f"{self.name}: the upstream ended the stream without {self.END_EVENT}",
-                code="upstream_stream_broken",
-            )
 
     def _read(self, chunk: bytes) -> None:
         """Parse one read into the pending batches; a failure event, or bytes that do not
