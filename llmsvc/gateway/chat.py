@@ -391,7 +391,13 @@ class Exchange:
             self.unconfirmed = (None, 0)
             await self._send_chunk(frame, reply)
             del texts, fut, frame  # the wait for the next batch holds nothing of this one
-            await self._pump(reply)
+            if (woken := self._pump(reply)) is not None:
+                try:
+                    await woken  # in this frame: a coroutine of its own lasts as the stream
+                finally:
+                    reply.unpump()
+                    self.pumped = None
+                await self._send_held(reply)
         if closed():  # a one-batch reply meets no check above
             raise ClientGone
         fut = self._end_records("completed", reply)
@@ -399,20 +405,20 @@ class Exchange:
         await fut
         await self._send_chunk(tail, reply, more=False)
 
-    async def _pump(self, reply: Reply) -> None:
+    def _pump(self, reply: Reply) -> asyncio.Future[None] | None:
         """Let the upstream connection's callback journal and write the next batches itself
         (`_take`), with no task switch per read, until something needs this task: a batch
         that is not plain tokens, a second batch while one is `held`, a client to wait for,
-        the end, a failure. Then `batches` goes on where the pump stopped, after the held
-        batch is sent here once its WAL write is done (or its refusal raised)."""
+        the end, a failure. Returns what wakes the task then (None: the reply cannot pump
+        now); `batches` goes on where the pump stopped, after `_send_held`."""
         if not reply.pump(self._take, self._pump_stopped):  # it calls back on later reads
-            return
-        self.pumped = woken = self.loop.create_future()
-        try:
-            await woken
-        finally:
-            reply.unpump()
-            self.pumped = None
+            return None
+        self.pumped = self.loop.create_future()
+        return self.pumped
+
+    async def _send_held(self, reply: Reply) -> None:
+        """The batch a stopped pump held, sent once its WAL write is done (or its refusal
+        raised)."""
         fut = self.unconfirmed[0]
         if self.held is not None and fut is not None:
             await fut  # `_journaled` runs first, and may send it
