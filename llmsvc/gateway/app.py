@@ -246,7 +246,7 @@ class Gateway:
             pinned=scope.get(PINNED),
         )
         if exchange.caller is not None and self.limiter is not None:
-            exchange.headers += self.limiter.admit(exchange.caller)
+            exchange.headers = self.limiter.admit(exchange.caller)
         if self.tracing is not None:
             exchange.trace = self.tracing.request(
                 api,

@@ -15,7 +15,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from llmsvc.callers import Caller
@@ -212,7 +212,7 @@ class Exchange:
         self.trace: RequestTrace | None = None  # its spans, when tracing is on (gateway/tracing)
         self.began = time.monotonic()
         self.began_us = now_us()  # the clock first_token_us is on
-        self.headers: list[tuple[bytes, bytes]] = []  # more for the response (rate limits)
+        self.headers: Sequence[tuple[bytes, bytes]] = ()  # more for the answer (rate limits)
         # Others were open when it began: its ends wait for the loop round's end, to share
         # one WAL write with theirs. Alone, it writes them at once (a round's wait is its own).
         self.crowded = False

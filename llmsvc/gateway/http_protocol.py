@@ -21,6 +21,7 @@ do not need.
 from __future__ import annotations
 
 import asyncio
+import functools
 import resource
 import urllib.parse
 import uuid
@@ -202,7 +203,7 @@ class HttpProtocol(asyncio.Protocol):
             self._turn_away()
             return
         self.connections.add(self)
-        self.server = _address(transport.get_extra_info("sockname"))
+        self.server = _listener_address(transport.get_extra_info("sockname"))
         self.client = _address(transport.get_extra_info("peername"))
         if transport.get_extra_info("sslcontext") is not None:
             self.scheme = "https"
@@ -566,3 +567,8 @@ def _address(name: Any) -> tuple[str, int] | None:
     if isinstance(name, tuple) and len(name) >= 2:
         return name if len(name) == 2 else name[:2]
     return None
+
+
+# A listener's connections share its address: one tuple, not one per connection (a stream
+# keeps its connection for minutes). Keyed by the socket's name, so a few entries at most.
+_listener_address = functools.lru_cache(maxsize=16)(_address)
