@@ -22,21 +22,27 @@ from typing import Any
 # the heap compares it in C, by time, then by scheduling (the sequence), never by callback.
 Timer = list[Any]
 COMPACT_AFTER = 64  # cancelled timers the heap may hold before a clean-up is considered
-_of_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = weakref.WeakKeyDictionary()
+# Each loop's timers, held weakly: the loop's own timer, armed while any is pending, is what
+# keeps them, so a loop dropped with timers pending goes as a loop with a `call_at` would.
+_of_loop: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, weakref.ref[Timers]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def timers(loop: asyncio.AbstractEventLoop) -> Timers:
-    """The loop's timers, made at the first use."""
-    found = _of_loop.get(loop)
+    """The loop's timers, made at the first use (again once none is pending)."""
+    held = _of_loop.get(loop)
+    found = held() if held is not None else None
     if found is None:
-        found = _of_loop[loop] = Timers(loop)
+        found = Timers(loop)
+        _of_loop[loop] = weakref.ref(found)
     return found
 
 
 class Timers:
     """One loop's timers. Not thread-safe: used from the loop, as `call_at` is."""
 
-    __slots__ = ("_armed", "_cancelled", "_handle", "_heap", "_loop", "_sequence")
+    __slots__ = ("__weakref__", "_armed", "_cancelled", "_handle", "_heap", "_loop", "_sequence")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop

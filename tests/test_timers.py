@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
+import weakref
 
 import pytest
 
@@ -111,3 +113,26 @@ def test_each_loop_has_its_own_timers() -> None:
     finally:
         first.close()
         second.close()
+
+
+def test_a_loop_dropped_with_timers_pending_is_not_kept() -> None:
+    """Nothing global keeps a loop, its timers or what their callbacks hold."""
+    loop = asyncio.new_event_loop()
+    held = object()
+    timers(loop).call_at(loop.time() + 900, lambda: print(held))
+    gone = weakref.ref(loop)
+    loop.close()
+    del loop
+    gc.collect()
+    assert gone() is None
+
+
+async def test_timers_made_again_after_none_is_pending_still_fire() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[str] = []
+    timers(loop).call_at(loop.time(), lambda: fired.append("first"))
+    await asyncio.sleep(0.01)
+    gc.collect()
+    timers(loop).call_at(loop.time() + 0.01, lambda: fired.append("second"))
+    await asyncio.sleep(0.05)
+    assert fired == ["first", "second"]
