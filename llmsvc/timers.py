@@ -20,7 +20,9 @@ from typing import Any
 
 # A timer: [when, sequence, callback]; the callback is None once cancelled or fired. A list:
 # the heap compares it in C, by time, then by scheduling (the sequence), never by callback.
+# One already due when made is not in the heap: its sequence is DUE (see `call_at`).
 Timer = list[Any]
+DUE = -1
 COMPACT_AFTER = 64  # cancelled timers the heap may hold before a clean-up is considered
 # Each loop's timers, held weakly: the loop's own timer, armed while any is pending, is what
 # keeps them, so a loop dropped with timers pending goes as a loop with a `call_at` would.
@@ -53,8 +55,15 @@ class Timers:
         self._cancelled = 0  # cancelled timers still in the heap
 
     def call_at(self, when: float, callback: Callable[[], object]) -> Timer:
-        """Call `callback` at the loop's time `when`; `cancel` the timer returned to not."""
-        timer: Timer = [when, next(self._sequence), callback]
+        """Call `callback` at the loop's time `when`; `cancel` the timer returned to not.
+
+        One already due runs at the loop's next round, before what the round after brings,
+        as `call_soon` would (a shutdown's interruption goes before later callbacks)."""
+        if when <= self._loop.time():
+            timer: Timer = [when, DUE, callback]
+            self._loop.call_soon(self._run, timer)
+            return timer
+        timer = [when, next(self._sequence), callback]
         heapq.heappush(self._heap, timer)
         if when < self._armed:
             self._arm(when)
@@ -66,6 +75,8 @@ class Timers:
         if timer[2] is None:
             return
         timer[2] = None
+        if timer[1] == DUE:  # not in the heap: `_run` finds it cancelled
+            return
         self._cancelled += 1
         if self._cancelled > COMPACT_AFTER and 2 * self._cancelled > len(self._heap):
             self._heap = [t for t in self._heap if t[2] is not None]
@@ -73,7 +84,7 @@ class Timers:
             self._cancelled = 0
 
     def __len__(self) -> int:
-        """Timers pending, cancelled ones not counted."""
+        """Timers waiting in the heap, cancelled ones not counted."""
         return len(self._heap) - self._cancelled
 
     def _arm(self, when: float) -> None:
@@ -89,16 +100,21 @@ class Timers:
         heap, due = self._heap, self._loop.time() + 0.001
         while heap and heap[0][0] <= due:
             timer = heapq.heappop(heap)
-            callback = timer[2]
-            if callback is None:
+            if timer[2] is None:
                 self._cancelled -= 1
-                continue
-            timer[2] = None
-            try:
-                callback()
-            except Exception as exc:  # as the loop treats a failing callback: told, not fatal
-                self._loop.call_exception_handler(
-                    {"message": "a timer's callback failed", "exception": exc}
-                )
+            else:
+                self._run(timer)
         if heap:
             self._arm(heap[0][0])
+
+    def _run(self, timer: Timer) -> None:
+        """Call a due timer's callback, unless it was cancelled; once."""
+        callback, timer[2] = timer[2], None
+        if callback is None:
+            return
+        try:
+            callback()
+        except Exception as exc:  # as the loop treats a failing callback: told, not fatal
+            self._loop.call_exception_handler(
+                {"message": "a timer's callback failed", "exception": exc}
+            )

@@ -136,3 +136,26 @@ async def test_timers_made_again_after_none_is_pending_still_fire() -> None:
     timers(loop).call_at(loop.time() + 0.01, lambda: fired.append("second"))
     await asyncio.sleep(0.05)
     assert fired == ["first", "second"]
+
+
+async def test_a_timer_already_due_runs_before_what_the_next_round_brings() -> None:
+    """As call_soon: it goes before a callback scheduled after it, and is not in the heap."""
+    loop = asyncio.get_running_loop()
+    fired: list[str] = []
+    timers(loop).call_at(loop.time() - 1, lambda: fired.append("due"))
+    loop.call_soon(lambda: fired.append("after"))
+    assert len(timers(loop)) == 0
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert fired == ["due", "after"]
+
+
+async def test_a_timer_already_due_can_be_cancelled() -> None:
+    loop = asyncio.get_running_loop()
+    fired: list[str] = []
+    timer = timers(loop).call_at(loop.time(), lambda: fired.append("due"))
+    timers(loop).cancel(timer)
+    timers(loop).cancel(timer)
+    await asyncio.sleep(0.01)
+    assert fired == []
+    assert len(timers(loop)) == 0

@@ -22,12 +22,11 @@ class Deadline:
     """`with Deadline(task, when):` bounds the block, run by `task`, by its loop's time
     `when` (None: unbounded until moved). Entering and leaving await nothing: a plain `with`."""
 
-    __slots__ = ("_cancelling", "_expired", "_inside", "_now", "_task", "_timer", "_when")
+    __slots__ = ("_cancelling", "_expired", "_inside", "_task", "_timer", "_when")
 
     def __init__(self, task: asyncio.Task[Any], when: float | None) -> None:
         self._task, self._when = task, when
         self._timer: Timer | None = None
-        self._now: asyncio.Handle | None = None  # a deadline already past: the next round
         self._inside = self._expired = False
         self._cancelling = 0  # the task's pending cancellations when the block began
 
@@ -59,13 +58,8 @@ class Deadline:
             return
         self._disarm()
         self._when = when
-        loop = self._task.get_loop()
-        if when is None:
-            return
-        if when <= loop.time():  # before what the round after this one brings
-            self._now = loop.call_soon(self._expire)
-        else:
-            self._timer = timers(loop).call_at(when, self._expire)
+        if when is not None:  # one already past expires at the next round (Timers.call_at)
+            self._timer = timers(self._task.get_loop()).call_at(when, self._expire)
 
     def expired(self) -> bool:
         return self._expired
@@ -74,11 +68,8 @@ class Deadline:
         if self._timer is not None:
             timers(self._task.get_loop()).cancel(self._timer)
             self._timer = None
-        if self._now is not None:
-            self._now.cancel()
-            self._now = None
 
     def _expire(self) -> None:
-        self._timer = self._now = None
+        self._timer = None
         self._expired = True
         self._task.cancel()
