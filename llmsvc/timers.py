@@ -2,7 +2,8 @@
 the earliest.
 
 An open stream keeps two deadlines for minutes: its attempt's bound (gateway/deadline.py)
-and its upstream's silence (providers/upstream_http.py). A uvloop `call_at` costs ~540
+and its upstream's silence (providers/upstream_http.py); a connection keeps one, its head's,
+body's, keep-alive's or linger's (gateway/http_protocol.py). A uvloop `call_at` costs ~540
 bytes (its handle, libuv's timer, a copy of the context, the bound method); a timer here
 costs a heap entry and the callback, ~150 bytes (BENCHMARKS.md, "What an open stream keeps").
 They fire as the loop's own would: when due, in order, in a loop callback.

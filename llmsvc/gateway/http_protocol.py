@@ -45,6 +45,7 @@ from llmsvc.gateway.http_request import CONNECTION, Request
 from llmsvc.gateway.ids import new_id
 from llmsvc.gateway.rejections import log_rejection
 from llmsvc.gateway.request import CALLER, request_id
+from llmsvc.timers import Timer, timers
 
 RESERVED_DESCRIPTORS = 128  # kept from clients: the WAL, the database pool, jobs, logs
 REFUSING_MAX = 64  # connections past the bound being answered 503 at once; more are just closed
@@ -190,7 +191,7 @@ class HttpProtocol(asyncio.Protocol):
         self._in_message = False  # between a request's first byte and its end
         self._in_body = False  # between a request's headers and its end
         self.lingering = False  # answered and closing: whatever still arrives is dropped
-        self._timer: asyncio.TimerHandle | None = None  # see _set_timer
+        self._timer: Timer | None = None  # see _set_timer
         self._idle = False  # the timer is the keep-alive one
         # after a request with `Upgrade`: bytes of its body still to come (_upgraded_body)
         self._upgrade_body: int | None = None
@@ -543,14 +544,16 @@ class HttpProtocol(asyncio.Protocol):
         return self.serving is not None and not self.serving.complete
 
     def _set_timer(self, seconds: float, callback: Callable[[], None]) -> None:
-        """The connection's one timer: the head's, the body's, the keep-alive's or the linger's."""
+        """The connection's one timer: the head's, the body's, the keep-alive's or the linger's;
+        one of the loop's shared ones (llmsvc/timers.py): an idle connection keeps it."""
         self._cancel_timer()
-        self._timer = self.loop.call_later(seconds, callback)
+        loop = self.loop
+        self._timer = timers(loop).call_at(loop.time() + seconds, callback)
 
     def _cancel_timer(self) -> None:
         self._idle = False
         if self._timer is not None:
-            self._timer.cancel()
+            timers(self.loop).cancel(self._timer)
             self._timer = None
 
 
