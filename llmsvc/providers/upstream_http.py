@@ -24,7 +24,7 @@ import asyncio
 import functools
 import ssl
 import zlib
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import NamedTuple
 from urllib.parse import urlsplit
 
@@ -72,8 +72,10 @@ class Headers(Mapping[str, str]):
 
     __slots__ = ("_values",)
 
-    def __init__(self) -> None:
+    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
         self._values: dict[str, str] = {}
+        for name, value in pairs:
+            self.add(name.decode("latin-1"), value.decode("latin-1"))
 
     def add(self, name: str, value: str) -> None:
         key = name.lower()
@@ -90,9 +92,31 @@ class Headers(Mapping[str, str]):
         return len(self._values)
 
 
+def framing(pairs: list[tuple[bytes, bytes]]) -> tuple[bool, bool, str]:
+    """Whether a head's body is chunked, whether it has a length, and its content coding
+    (comma-joined if repeated, lower case): all the head says that reading the body needs."""
+    chunked = length = False
+    codings: list[bytes] = []
+    for name, value in pairs:
+        name = name.lower()
+        if name == b"transfer-encoding":
+            chunked = chunked or b"chunked" in value.lower()
+        elif name == b"content-length":
+            length = True
+        elif name == b"content-encoding":
+            codings.append(value)
+    coding = b", ".join(codings).decode("latin-1").strip().lower() if codings else "identity"
+    return chunked, length, coding
+
+
 class Response:
     """One response as it arrives: `status` and `headers` once `post` returns it, the body
-    by `read` (as it comes) or `body` (whole), then `release`, always."""
+    by `read` (as it comes) or `body` (whole), then `release`, always.
+
+    The head's fields are kept as the parser hands them over, bytes pairs, and made into
+    `headers` only when read: the body's framing and coding are all a reply that succeeds
+    needs of them, and a provider sends 15-25 (rate limits, ids, cookies).
+    """
 
     __slots__ = (
         "_buffered",
@@ -101,6 +125,7 @@ class Response:
         "_done",
         "_error",
         "_head",
+        "_headers",
         "_inflate",
         "_loop",
         "_maybe_raw",
@@ -111,13 +136,14 @@ class Response:
         "_timer",
         "_waiter",
         "_waiting_since",
-        "headers",
+        "fields",
         "status",
     )
 
     def __init__(self, connection: Connection, silence: float) -> None:
         self.status = 0
-        self.headers = Headers()
+        self.fields: list[tuple[bytes, bytes]] = []  # the head's, as parsed
+        self._headers: Headers | None = None
         self._connection = connection
         self._loop = connection.loop
         self._silence = silence
@@ -180,12 +206,18 @@ class Response:
                 raise TooLarge(f"the body is over {limit} bytes")
         return bytes(body)
 
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            self._headers = Headers(self.fields)
+        return self._headers
+
     def drop_headers(self) -> None:
         """Forget the headers once nobody will read them: a stream keeps its response for
-        minutes, and an upstream's 10-20 headers (rate limits, ids, cookies) cost 1-4 KiB
-        a stream. The body's framing and encoding were read from them at the head; a
-        chunked body's trailers, if any, land in the empty ones left (104 bytes)."""
-        self.headers = Headers()
+        minutes, and an upstream's 10-20 headers cost 1-4 KiB a stream. The body's framing
+        and encoding were read from them at the head; a chunked body's trailers, if any,
+        land in the empty list left."""
+        self.fields, self._headers = [], None
 
     def release(self) -> None:
         """Give the connection back to the pool if the body was read to its end and the
@@ -252,9 +284,8 @@ class Response:
 
     # What the connection's parser callbacks feed it.
 
-    def _started(self, status: int) -> None:
+    def _started(self, status: int, encoding: str) -> None:
         self.status = status
-        encoding = self.headers.get("content-encoding", "identity").strip().lower()
         if encoding == "gzip":
             self._inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)
         elif encoding == "deflate":  # zlib-wrapped as the RFC says, or raw: told on arrival
@@ -403,18 +434,17 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         assert self.response is not None
-        self.response.headers.add(name.decode("latin-1"), value.decode("latin-1"))
+        self.response.fields.append((name, value))
 
     def on_headers_complete(self) -> None:
         assert self.response is not None
         status = self.parser.get_status_code()
         if status < 200:  # informational (103 Early Hints): the response proper follows
-            self.response.headers = Headers()
+            self.response.fields.clear()
             return
-        headers = self.response.headers
-        chunked = "chunked" in headers.get("transfer-encoding", "").lower()
-        self._until_close = not chunked and "content-length" not in headers
-        self.response._started(status)
+        chunked, length, encoding = framing(self.response.fields)
+        self._until_close = not chunked and not length
+        self.response._started(status, encoding)
 
     def on_body(self, body: bytes) -> None:
         assert self.response is not None

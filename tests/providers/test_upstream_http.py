@@ -176,6 +176,32 @@ async def test_a_chunked_compressed_body_reads_whole(
     assert await whole(response) == text
 
 
+async def test_repeated_fields_read_joined_and_frame_the_body_as_sent(
+    serve: Serve, client: UpstreamClient
+) -> None:
+    """The head's fields are kept raw and read into headers only when asked: a repeated
+    field reads comma-joined in any case, and the framing read from the raw pairs is the
+    one sent (chunked, and gzip in mixed case)."""
+    text = b"data: [DONE]\n\n" * 50
+    packed = gzip.compress(text)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nX-Limit: 1\r\ntransfer-encoding: Chunked\r\n"
+            b"Content-Encoding:  GZip\r\nx-limit: 2\r\n\r\n"
+            + b"%x\r\n%s\r\n0\r\n\r\n"
+            % (len(packed), packed)
+        )
+        await until_closed(reader)
+
+    server = await serve(handler)
+    response = await client.post(server.url, b"{}", {})
+    assert response.headers["X-LIMIT"] == "1, 2"
+    assert response.headers["Content-Encoding"] == "GZip"
+    assert await whole(response) == text
+
+
 async def test_a_body_read_until_close_ends_with_the_connection(
     serve: Serve, client: UpstreamClient
 ) -> None:
