@@ -39,6 +39,7 @@ from llmsvc.gateway.request import (
 from llmsvc.gateway.router import Router
 from llmsvc.gateway.sessions import Sessions
 from llmsvc.gateway.sse import ASGIReceive, ASGISend
+from llmsvc.gateway.starts import Starts
 from llmsvc.gateway.stored_responses import StoredResponses
 from llmsvc.gateway.wire import Wire
 from llmsvc.limits import Limiter
@@ -132,6 +133,7 @@ class Gateway:
         self._refused_shutdown = self.metrics.requests_refused.labels(reason="shutdown")
         self.draining = False
         self.inflight: set[Exchange] = set()
+        self.starts = Starts()
         self.idle = asyncio.Event()
         self.idle.set()
         self.created = int(time.time())  # every model's `created`: when this gateway was built
@@ -163,6 +165,8 @@ class Gateway:
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] != "http":
             return
+        if not self.starts.begin():  # a burst: this one begins in a later loop round
+            await self.starts.turn()
         request_id(scope)  # made first: an answer sent for it below by the HTTP layer has it too
         try:
             if self.keys is not None and scope["path"].startswith("/v1/"):
