@@ -13,7 +13,9 @@ second say as much as its CPU per token). `instant`: 100 streams of 1000-token r
 an upstream that writes each reply at once. `whole`: 16 clients each sending one
 non-streaming request after another (16-token replies), measured per request: the CPU that
 sets the latency rows once requests overlap (the daemon's with its flush process, and the
-serving process's alone), and the clients' p50 and p99 over the window.
+serving process's alone), and the clients' p50 and p99 over the window. `burst`: 300 streams
+at 50 tokens/s open, then 300 more arriving at once (5-token replies, new connections): the
+open streams' gaps between tokens (p99, max) and the arrivals' time to first token.
 
 With `--pin` each daemon's serving process (every thread) runs on a CPU of its own, and
 its flush process, the upstream and the load on the others, so the serving process does
@@ -28,7 +30,7 @@ clients got (bench_scale's `measured`, as `bench.py --floor` measures its rows):
 process's whole share counts, the start's burst too.
 
 Usage:  .venv/bin/python benchmarks/bench_trees.py --tree base=/path/to/worktree
-            --tree new=. [--load paced|saturated|instant|whole] [--pin] [--rounds 3]
+            --tree new=. [--load paced|saturated|instant|whole|burst] [--pin] [--rounds 3]
             [--pg-url postgresql://user@host/db] --out x.json
 A tree is imported from its path (PYTHONPATH) with this tree's virtualenv and packages.
 """
@@ -48,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from bench_scale import Side, measured, start_daemon, streams_for, tree_cpu_s, tree_pids
+from bench_scale import PATH, Side, measured, start_daemon, streams_for, tree_cpu_s, tree_pids
 from benchkit import (
     MODEL,
     PACKAGES,
@@ -70,18 +72,22 @@ from benchkit import (
     spawn_upstream,
     tree_arg,
 )
+from loadgen import StreamStats, connect, request_bytes
 
 LOADS = {  # token delay (ms), streams, tokens per reply
     "paced": (20.0, 300, 200),
     "saturated": (20.0, 500, 200),
     "instant": (0.0, 100, 1000),
     "whole": (0.0, 16, 16),  # clients, not streams
+    "burst": (20.0, 300, 200),  # the open streams; BURST more arrive at once
 }
+BURST, BURST_TOKENS, BURST_AFTER_S = 300, 5, 2.0
 FIGURE = {
     "paced": "cpu_us_per_token",
     "saturated": "cpu_us_per_token",
     "instant": "cpu_us_per_token",
     "whole": "cpu_us_per_request",
+    "burst": "open_gap_p99_ms",
 }
 WARM_S, WINDOW_S, COOL_S = 4.0, 8.0, 2.0  # the window: after the start's burst, before the end
 
@@ -175,6 +181,39 @@ async def whole_run(port: int, pid: int) -> dict[str, Any]:
     }
 
 
+async def replies_once(port: int, clients: int, tokens: int, gaps: bool) -> StreamStats:
+    """`clients` new connections at once, each streaming one reply, then closed."""
+    stats = StreamStats()
+    request = request_bytes("127.0.0.1", port, PATH, chat_body(MODEL, tokens, stream=True))
+
+    async def client() -> None:
+        conn = await connect("127.0.0.1", port, stats, gaps)
+        try:
+            await conn.stream(request, tokens)
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(client() for _ in range(clients)))
+    return stats
+
+
+async def burst_run(port: int) -> dict[str, Any]:
+    """Streams open on one daemon, then a burst of arrivals: what the open streams' clients
+    wait between tokens meanwhile, and the arrivals' first tokens."""
+    _, streams, tokens = LOADS["burst"]
+    open_run = asyncio.create_task(replies_once(port, streams, tokens, gaps=True))
+    await asyncio.sleep(BURST_AFTER_S)
+    arrivals = await replies_once(port, BURST, BURST_TOKENS, gaps=False)
+    opened = await open_run
+    return {
+        "open_gap_p99_ms": round(pct(opened.gaps, 0.99) * 1e3, 1),
+        "open_gap_max_ms": round(max(opened.gaps) * 1e3, 1),
+        "burst_ttft_p50_ms": round(pct(arrivals.ttfts, 0.5) * 1e3, 1),
+        "burst_ttft_p90_ms": round(pct(arrivals.ttfts, 0.9) * 1e3, 1),
+        "errors": len(opened.errors) + len(arrivals.errors),
+    }
+
+
 def pin(daemons: list[Proc], others: list[Proc]) -> None:
     """Each daemon's own process on the last CPU, its flush process, `others` and this
     process on the rest. Threads started later inherit their starter's CPUs."""
@@ -223,6 +262,8 @@ async def rounds(
                 daemon = daemons[name]
                 if args.load == "whole":
                     got = await whole_run(daemon.port, daemon.pid)
+                elif args.load == "burst":
+                    got = await burst_run(daemon.port)
                 elif args.drained:
                     got = await drained_run(daemon, up, args.load)
                 else:
@@ -286,10 +327,10 @@ def main() -> None:
         p.error("--tree takes name=path, at least twice")
     if args.pin and len(os.sched_getaffinity(0)) < 2:
         p.error("--pin needs two CPUs or more")
-    if args.drained and args.load == "whole":
-        p.error("--drained measures streams: not with --load whole")
-    if args.pg_url and (args.drained or args.load == "whole"):
-        p.error("--pg-url counts the store per streamed token: not with --drained or whole")
+    if args.drained and args.load in ("whole", "burst"):
+        p.error("--drained measures CPU per token: not with --load whole or burst")
+    if args.pg_url and (args.drained or args.load in ("whole", "burst")):
+        p.error("--pg-url counts the store per streamed token: not with --drained, whole or burst")
     args.trees = dict(args.tree)
     report = asyncio.run(run(args))
     args.out.write_text(json.dumps(report, indent=1) + "\n")
