@@ -1,14 +1,12 @@
 """At most a few requests begin in one loop round; the rest begin in the rounds after it.
 
 A request's set-up (validation, admission, its records, routing, the upstream's
-request) is some 150 µs of Python that runs without yielding until it waits on the
-upstream. When hundreds arrive at once, the loop would run every set-up back to back
-before it polled again: the first tokens of streams already open wait behind all of
-them, and on a cold pool no upstream request goes out until the last set-up has
-reached its connect (BENCHMARKS.md, "A burst of arrivals"). Letting PER_ROUND begin and
-the rest wait their turn, in arrival order, lets the loop poll between them: the
-upstream gets each request as its set-up ends, and the tokens that arrived meanwhile
-go out before the next few set-ups.
+request) is ~150 µs of Python that runs without yielding until it waits on the
+upstream, and the loop runs every ready callback before it polls again. 300
+arriving at once ran their set-ups back to back, ~45 ms in which open streams'
+tokens waited and, on a cold pool, no upstream request went out. Letting PER_ROUND
+begin and the rest wait their turn, in arrival order, lets the loop poll between
+them (docs/DECISIONS.md, "A burst of arrivals begins a round at a time").
 """
 
 from __future__ import annotations
