@@ -214,7 +214,8 @@ class Settings(BaseSettings):
     # The longest the daemon waits for one database call of its own (connect, flush, read).
     database_timeout_seconds: float = Field(default=10.0, ge=1, le=3600)
     # The flusher's rest between flushes that found less than a batch: how stale the store
-    # may be for a reader (docs/DECISIONS.md, "The store's writes per token").
+    # may be for a reader; four times that after a busy flush (store/flusher.py's BUSY_REST;
+    # docs/DECISIONS.md, "The store's writes per token").
     flush_interval_ms: int = Field(default=50, ge=1, le=60_000)
     flush_batch_records: int = Field(default=50_000, ge=1)
     # Write the flush's batches from a process of its own, off the serving process's CPU

@@ -45,6 +45,11 @@ from llmsvc.wal import HEADER_SIZE, Position, WalReader, list_segments
 log = logger(__name__)
 
 RESTART_SECONDS = 5.0  # between starts of a flush process that ended
+# A flush that stored BUSY_RECORDS or more found the daemon busy, and the flusher rests
+# BUSY_REST intervals, not one: each commit rewrites a page of the token index per open
+# stream, so a longer rest stores more rows per page rewritten (docs/DECISIONS.md, "The
+# store's writes per token"). A reader that needs what was journaled hurries it anyway.
+BUSY_RECORDS, BUSY_REST = 500, 4
 
 
 def _insert(dialect: str, table: sa.Table) -> Any:
@@ -505,7 +510,7 @@ class Flusher:
                     log.info("flush recovered", checkpoint=self.checkpoint)
                     backoff = self.interval
                 if n < self.batch_records:
-                    await self._idle()
+                    await self._idle(BUSY_REST if n >= BUSY_RECORDS else 1)
         finally:
             await self._stop_process()
 
@@ -577,10 +582,10 @@ class Flusher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
 
-    async def _idle(self) -> None:
-        """The interval between flushes that found less than a batch, or until `hurry`."""
+    async def _idle(self, intervals: int) -> None:
+        """The rest after a flush that found less than a batch, or until `hurry`."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), self.interval)
+            await asyncio.wait_for(self._wake.wait(), self.interval * intervals)
         self._wake.clear()
 
 

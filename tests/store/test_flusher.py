@@ -30,6 +30,7 @@ from store_streams import (
 )
 
 from llmsvc.gateway.journal import Journal
+from llmsvc.store.flusher import BUSY_RECORDS, BUSY_REST
 from llmsvc.store.schema import llm_attempts, llm_requests, llm_token_log, wal_checkpoints
 from llmsvc.wal import codec
 from llmsvc.wal.segment import list_segments
@@ -105,6 +106,38 @@ async def test_a_hurried_flusher_stores_what_was_journaled_without_waiting_its_i
         await wait_for(lambda: flusher.caught_up, 10, "caught up once hurried")
         assert len(await token_keys(engine)) == 7
         flusher.stop()  # ends the next idle wait at once too
+        async with asyncio.timeout(10):
+            await task
+    finally:
+        task.cancel()
+
+
+async def test_a_busy_flusher_rests_longer_and_a_light_one_its_interval(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    """A flush of BUSY_RECORDS or more rests BUSY_REST intervals (more rows per page of the
+    token index rewritten); a smaller one rests one: the store stays fresh when it is cheap."""
+    flusher = make_flusher(interval=3600.0)
+    await flusher.start()
+    rests: list[int] = []
+    idle = flusher._idle
+
+    async def recorded(intervals: int) -> None:
+        rests.append(intervals)
+        await idle(intervals)
+
+    flusher._idle = recorded  # type: ignore[method-assign]
+    await Stream(texts(BUSY_RECORDS)).journal_whole(journal)
+    task = asyncio.create_task(flusher.run())
+    try:
+        await wait_for(lambda: flusher.caught_up and rests, 10, "the busy flush and its rest")
+        assert rests == [BUSY_REST]
+        await Stream(texts(3)).journal_whole(journal)
+        flusher.hurry()
+        await wait_for(lambda: len(rests) == 2, 10, "the light flush and its rest")
+        assert rests == [BUSY_REST, 1]
+        assert len(await token_keys(engine)) == BUSY_RECORDS + 3
+        flusher.stop()
         async with asyncio.timeout(10):
             await task
     finally:
