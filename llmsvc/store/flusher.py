@@ -45,10 +45,10 @@ from llmsvc.wal import HEADER_SIZE, Position, WalReader, list_segments
 log = logger(__name__)
 
 RESTART_SECONDS = 5.0  # between starts of a flush process that ended
-# A flush that stored BUSY_RECORDS or more found the daemon busy, and the flusher rests
-# BUSY_REST intervals, not one: each commit rewrites a page of the token index per open
-# stream, so a longer rest stores more rows per page rewritten (docs/DECISIONS.md, "The
-# store's writes per token"). A reader that needs what was journaled hurries it anyway.
+# A flush that stored BUSY_RECORDS or more and kept up found the daemon busy, and the
+# flusher rests BUSY_REST intervals, not one: each commit rewrites a page of the token index
+# per open stream, so a longer rest stores more rows per page rewritten (docs/DECISIONS.md,
+# "The store's writes per token"). A reader that needs what was journaled hurries it anyway.
 BUSY_RECORDS, BUSY_REST = 500, 4
 
 
@@ -510,7 +510,7 @@ class Flusher:
                     log.info("flush recovered", checkpoint=self.checkpoint)
                     backoff = self.interval
                 if n < self.batch_records:
-                    await self._idle(BUSY_REST if n >= BUSY_RECORDS else 1)
+                    await self._idle(BUSY_REST if self._kept_up_busy(n) else 1)
         finally:
             await self._stop_process()
 
@@ -581,6 +581,12 @@ class Flusher:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), seconds)
+
+    def _kept_up_busy(self, n: int) -> bool:
+        """A flush of `n` records was a busy one that kept up: BUSY_RECORDS or more, and less
+        than half as many journaled meanwhile. Not a backlog being worked off (a read takes
+        a MiB of the log at most), which a longer rest would only make longer."""
+        return n >= BUSY_RECORDS and self.end().lsn - 1 - self.checkpoint < n // 2
 
     async def _idle(self, intervals: int) -> None:
         """The rest after a flush that found less than a batch, or until `hurry`."""

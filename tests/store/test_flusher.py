@@ -112,13 +112,8 @@ async def test_a_hurried_flusher_stores_what_was_journaled_without_waiting_its_i
         task.cancel()
 
 
-async def test_a_busy_flusher_rests_longer_and_a_light_one_its_interval(
-    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
-) -> None:
-    """A flush of BUSY_RECORDS or more rests BUSY_REST intervals (more rows per page of the
-    token index rewritten); a smaller one rests one: the store stays fresh when it is cheap."""
-    flusher = make_flusher(interval=3600.0)
-    await flusher.start()
+def _recording_rests(flusher: Any) -> list[int]:
+    """The intervals each rest of `flusher` is asked for, in order."""
     rests: list[int] = []
     idle = flusher._idle
 
@@ -126,17 +121,55 @@ async def test_a_busy_flusher_rests_longer_and_a_light_one_its_interval(
         rests.append(intervals)
         await idle(intervals)
 
-    flusher._idle = recorded  # type: ignore[method-assign]
+    flusher._idle = recorded
+    return rests
+
+
+async def test_a_busy_flusher_rests_longer_and_a_light_one_its_interval(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    """A flush of BUSY_RECORDS or more that kept up rests BUSY_REST intervals (more rows per
+    page of the token index rewritten); a smaller one rests one: the store stays fresh
+    where that is cheap."""
+    flusher = make_flusher(interval=3600.0)
+    await flusher.start()
+    rests = _recording_rests(flusher)
     await Stream(texts(BUSY_RECORDS)).journal_whole(journal)
     task = asyncio.create_task(flusher.run())
     try:
-        await wait_for(lambda: flusher.caught_up and rests, 10, "the busy flush and its rest")
+        await wait_for(lambda: flusher.caught_up and bool(rests), 10, "the busy flush's rest")
         assert rests == [BUSY_REST]
         await Stream(texts(3)).journal_whole(journal)
         flusher.hurry()
-        await wait_for(lambda: len(rests) == 2, 10, "the light flush and its rest")
+        await wait_for(lambda: len(rests) == 2, 10, "the light flush's rest")
         assert rests == [BUSY_REST, 1]
         assert len(await token_keys(engine)) == BUSY_RECORDS + 3
+        flusher.stop()
+        async with asyncio.timeout(10):
+            await task
+    finally:
+        task.cancel()
+
+
+async def test_a_flusher_behind_a_backlog_rests_one_interval_however_much_it_stored(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    """A read takes a MiB of the log at most: a flush of a backlog stores many records and
+    leaves more, and a longer rest would only lengthen the catching up."""
+    flusher = make_flusher(interval=3600.0)
+    await flusher.start()
+    rests = _recording_rests(flusher)
+    await Stream([f"{i:04d}" + "x" * 1000 for i in range(3000)]).journal_whole(journal)  # 3 MiB
+    task = asyncio.create_task(flusher.run())
+    try:
+        await wait_for(lambda: bool(rests), 10, "the first flush's rest")
+        assert rests == [1]
+        assert not flusher.caught_up
+        async with asyncio.timeout(10):  # the rest of the backlog, a hurried flush at a time
+            while not flusher.caught_up:
+                flusher.hurry()
+                await asyncio.sleep(0.02)
+        assert len(await token_keys(engine)) == 3000
         flusher.stop()
         async with asyncio.timeout(10):
             await task
