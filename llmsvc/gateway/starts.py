@@ -24,17 +24,17 @@ class Starts:
     __slots__ = ("_armed", "_left", "_loop", "_waiting", "_woken")
 
     def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None  # whose rounds these are
         self._left = PER_ROUND  # turns left in this round
         self._waiting: deque[asyncio.Future[None]] = deque()
         self._woken = 0  # given a turn, not yet running: nobody new goes before them
         self._armed = False  # `_next_round` is called soon
-        self._loop: asyncio.AbstractEventLoop | None = None
 
     def begin(self) -> bool:
         """Take a turn in this round if one is left and nobody waits for one."""
+        self._arm()
         if self._left and not self._waiting and not self._woken:
             self._left -= 1
-            self._arm()
             return True
         return False
 
@@ -49,10 +49,13 @@ class Starts:
                 self._woken -= 1
 
     def _arm(self) -> asyncio.AbstractEventLoop:
-        """The next round's call, once for the round: its turns are counted from then."""
-        loop = self._loop
-        if loop is None:
-            loop = self._loop = asyncio.get_running_loop()
+        """The next round's call, once for the round: its turns are counted from then. On
+        another loop than the last (a test's), the rounds start afresh: nothing of a loop
+        gone may hold back this one."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._loop, self._left, self._woken, self._armed = loop, PER_ROUND, 0, False
+            self._waiting.clear()
         if not self._armed:
             self._armed = True
             loop.call_soon(self._next_round)

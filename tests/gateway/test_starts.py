@@ -74,3 +74,23 @@ async def test_a_request_cancelled_once_given_its_turn_holds_none() -> None:
     assert woken[0].cancelled()
     assert log[PER_ROUND:] == [f"w{i}" for i in range(1, PER_ROUND)]
     assert starts.begin()
+
+
+def test_a_new_loop_starts_its_rounds_afresh() -> None:
+    """Turns taken on a loop that closed since (a test's) hold nothing back on the next:
+    its rounds, its turns and its waiters went with it."""
+    starts = Starts()
+    first = asyncio.new_event_loop()
+
+    async def burst() -> None:
+        for _ in range(PER_ROUND):
+            assert starts.begin()
+        assert not starts.begin()
+
+    first.run_until_complete(burst())
+    first.close()
+
+    async def later() -> bool:
+        return starts.begin()
+
+    assert asyncio.run(later())
