@@ -72,15 +72,14 @@ class Headers(Mapping[str, str]):
 
     __slots__ = ("_values",)
 
-    def __init__(self, pairs: Iterable[tuple[bytes, bytes]] = ()) -> None:
-        self._values: dict[str, str] = {}
+    def __init__(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """From the head's fields as the parser hands them over."""
+        values: dict[str, str] = {}
         for name, value in pairs:
-            self.add(name.decode("latin-1"), value.decode("latin-1"))
-
-    def add(self, name: str, value: str) -> None:
-        key = name.lower()
-        prior = self._values.get(key)
-        self._values[key] = value if prior is None else f"{prior}, {value}"
+            key, text = name.decode("latin-1").lower(), value.decode("latin-1")
+            prior = values.get(key)
+            values[key] = text if prior is None else f"{prior}, {text}"
+        self._values = values
 
     def __getitem__(self, name: str) -> str:
         return self._values[name.lower()]
