@@ -186,7 +186,7 @@ async def streams_for(
     port: int, streams: int, tokens: int, seconds: float, stagger_s: float, gaps: bool = False
 ) -> tuple[StreamStats, float]:
     """`streams` clients, each on its own kept-alive connection, streaming replies back to
-    back until `seconds` have passed; their starts spread over `stagger_s`."""
+    back, one at least, until `seconds` have passed; their starts spread over `stagger_s`."""
     stats = StreamStats()
     request = request_bytes("127.0.0.1", port, PATH, chat_body(MODEL, tokens, stream=True))
     t0 = time.perf_counter()
@@ -200,8 +200,10 @@ async def streams_for(
             stats.errors.append(f"connect: {exc}")
             return
         try:
-            while time.perf_counter() < t_end and not stats.errors:
+            while not stats.errors:
                 await conn.stream(request, tokens)
+                if time.perf_counter() >= t_end:
+                    break
         finally:
             conn.close()
 

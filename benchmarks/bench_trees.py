@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from bench_scale import PATH, Side, measured, start_daemon, streams_for, tree_cpu_s, tree_pids
+from bench_scale import Side, measured, start_daemon, streams_for, tree_cpu_s, tree_pids
 from benchkit import (
     MODEL,
     PACKAGES,
@@ -72,7 +72,6 @@ from benchkit import (
     spawn_upstream,
     tree_arg,
 )
-from loadgen import StreamStats, connect, request_bytes
 
 LOADS = {  # token delay (ms), streams, tokens per reply
     "paced": (20.0, 300, 200),
@@ -181,30 +180,14 @@ async def whole_run(port: int, pid: int) -> dict[str, Any]:
     }
 
 
-async def replies_once(port: int, clients: int, tokens: int, gaps: bool) -> StreamStats:
-    """`clients` new connections at once, each streaming one reply, then closed."""
-    stats = StreamStats()
-    request = request_bytes("127.0.0.1", port, PATH, chat_body(MODEL, tokens, stream=True))
-
-    async def client() -> None:
-        conn = await connect("127.0.0.1", port, stats, gaps)
-        try:
-            await conn.stream(request, tokens)
-        finally:
-            conn.close()
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    return stats
-
-
 async def burst_run(port: int) -> dict[str, Any]:
     """Streams open on one daemon, then a burst of arrivals: what the open streams' clients
     wait between tokens meanwhile, and the arrivals' first tokens."""
-    _, streams, tokens = LOADS["burst"]
-    open_run = asyncio.create_task(replies_once(port, streams, tokens, gaps=True))
+    _, streams, tokens = LOADS["burst"]  # one reply each: streams_for's least, in 0 s
+    open_run = asyncio.create_task(streams_for(port, streams, tokens, 0.0, 0.0, gaps=True))
     await asyncio.sleep(BURST_AFTER_S)
-    arrivals = await replies_once(port, BURST, BURST_TOKENS, gaps=False)
-    opened = await open_run
+    arrivals, _ = await streams_for(port, BURST, BURST_TOKENS, 0.0, 0.0)
+    opened, _ = await open_run
     return {
         "open_gap_p99_ms": round(pct(opened.gaps, 0.99) * 1e3, 1),
         "open_gap_max_ms": round(max(opened.gaps) * 1e3, 1),
