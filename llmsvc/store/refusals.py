@@ -11,6 +11,7 @@ the database takes (`fit_batch`) or, failing that, only in `llm_dead_letters`.
 from __future__ import annotations
 
 import math
+import sqlite3
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -50,6 +51,8 @@ def refused(exc: BaseException) -> bool:
         return True
     sqlstate = getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
     if isinstance(sqlstate, str) and sqlstate[:2] in DATA_SQLSTATE_CLASSES:
+        return True
+    if isinstance(cause, sqlite3.IntegrityError | sqlite3.DataError):  # from the driver itself
         return True
     if type(cause).__module__ == "sqlite3" and SQLITE_BINDING in str(cause):
         return True

@@ -102,6 +102,24 @@ async def test_an_end_with_usage_the_columns_cannot_hold_is_stored_without_it(
     assert await stored_checkpoint(engine, journal.writer.instance_id) == flusher.checkpoint
 
 
+async def test_a_start_without_a_value_its_column_needs_is_set_aside_and_the_rest_flows(
+    engine: AsyncEngine, journal: Journal, make_flusher: MakeFlusher
+) -> None:
+    """A NOT NULL column refuses the start record (on SQLite, where the flush binds through
+    the driver, as on PostgreSQL): its attempt and tokens are stored under a stand-in."""
+    odd = Stream(["a", "b"], correlation_id=None)  # type: ignore[arg-type]
+    good = await _around(journal, odd)
+    flusher = await _drain(make_flusher, batch_records=1000)
+
+    rows = await dump(engine)
+    _assert_good_stored(rows, [*good, odd])
+    request = next(r for r in rows["requests"] if r["id"] == odd.request_id)
+    assert "start record was lost" in request["error"]
+    letters = await _dead_letters(engine)
+    assert [(d["record_type"], d["outcome"]) for d in letters] == [("request_start", "set_aside")]
+    assert flusher.checkpoint == journal.writer.end.lsn - 1
+
+
 UNSTORABLE = {
     "request_start": codec.encode_json(codec.RecordType.REQUEST_START, {"id": "not-a-uuid"}),
     # a tool delta that is a list, not an object: the batch builder fails on it (AttributeError)
