@@ -29,7 +29,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from llmsvc.config import FlushPolicy
 from llmsvc.local import write_checkpoint
 from llmsvc.logs import logger
-from llmsvc.store.batch import ATTEMPT_END_COLUMNS, REQUEST_END_COLUMNS, Batch, Row, build_batch
+from llmsvc.store.batch import (
+    ATTEMPT_END_COLUMNS,
+    REQUEST_END_COLUMNS,
+    Batch,
+    Row,
+    build_batch,
+    sqlite_values,
+)
 from llmsvc.store.engine import describe_error
 from llmsvc.store.flush_process import ChildConfig, FlushFailed, FlushProcess, FlushProcessGone
 from llmsvc.store.refusals import Undecodable, dead_letter_row, fit_batch, refused
@@ -64,11 +71,23 @@ def _ignoring(dialect: str, table: sa.Table) -> Any:
     return _insert(dialect, table).on_conflict_do_nothing()
 
 
+# A request's end keeps an error already there (a stand-in's) when it brings none.
+KEPT_IF_NONE = {"llm_requests": "error"}
+
+
 def _update_by_key(table: sa.Table, fields: tuple[str, ...]) -> Any:
+    kept = KEPT_IF_NONE.get(table.name)
     return (
         sa.update(table)
         .where(table.c.id == sa.bindparam("key"))
-        .values({name: sa.bindparam(name) for name in fields})
+        .values(
+            {
+                name: sa.func.coalesce(sa.bindparam(name), table.c[name])
+                if name == kept
+                else sa.bindparam(name)
+                for name in fields
+            }
+        )
     )
 
 
@@ -88,9 +107,13 @@ ON CONFLICT DO NOTHING
 
 
 async def _tokens_sqlite(conn: AsyncConnection, rows: list[Row]) -> None:
-    """One executemany."""
+    await _executemany(conn, _SQLITE_TOKENS, rows)
+
+
+async def _executemany(conn: AsyncConnection, statement: str, rows: list[Row]) -> None:
+    """One executemany on the driver's connection, in the transaction `conn` has begun."""
     raw = await conn.get_raw_connection()
-    await raw.driver_connection.executemany(_SQLITE_TOKENS, rows)  # type: ignore[union-attr]
+    await raw.driver_connection.executemany(statement, rows)  # type: ignore[union-attr]
 
 
 async def _tokens_postgres(conn: AsyncConnection, rows: list[Row]) -> None:
@@ -128,28 +151,63 @@ async def write_batch(
             {"instance_id": instance_id, "lsn": batch.last_lsn, "updated_at": datetime.now(UTC)},
         )
         if batch.requests:
-            await conn.execute(_ignoring(dialect, llm_requests), list(batch.requests.values()))
+            await _insert_rows(conn, llm_requests, list(batch.requests.values()))
         if batch.stand_ins:
             await _insert_stand_ins(conn, batch)
         if batch.attempts:
-            await conn.execute(_ignoring(dialect, llm_attempts), list(batch.attempts.values()))
+            await _insert_rows(conn, llm_attempts, list(batch.attempts.values()))
         if batch.token_rows:
             await TOKEN_WRITERS[dialect](conn, batch.token_rows)
         if batch.tool_rows:  # rare: tool calls, a statement of their own
             await conn.execute(_ignoring(dialect, llm_tool_calls), batch.tool_rows)
         if batch.attempt_ends:
-            await conn.execute(_ATTEMPT_END, batch.attempt_ends)
+            await _update_ends(conn, llm_attempts, ATTEMPT_END_COLUMNS, batch.attempt_ends)
         if batch.request_ends:
-            await conn.execute(_REQUEST_END, batch.request_ends)
+            await _update_ends(conn, llm_requests, REQUEST_END_COLUMNS, batch.request_ends)
         if dead_letters:
             await conn.execute(_ignoring(dialect, llm_dead_letters), dead_letters)
 
 
-_ATTEMPT_END = _update_by_key(llm_attempts, ATTEMPT_END_COLUMNS)
-# A request's end keeps an error already there (a stand-in's) when it brings none.
-_REQUEST_END = _update_by_key(llm_requests, REQUEST_END_COLUMNS).values(
-    error=sa.func.coalesce(sa.bindparam("error"), llm_requests.c.error)
-)
+async def _insert_rows(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """INSERT … ON CONFLICT DO NOTHING: a row replayed from the WAL is stored once. On SQLite
+    through the driver, the values formed as SQLAlchemy would bind them (its binding cost a
+    whole request's flush more than its four inserts did)."""
+    if conn.dialect.name != "sqlite":
+        await conn.execute(_ignoring(conn.dialect.name, table), rows)
+        return
+    names = tuple(rows[0])
+    await _executemany(conn, _sqlite_insert(table.name, names), sqlite_values(table, names, rows))
+
+
+async def _update_ends(
+    conn: AsyncConnection, table: sa.Table, columns: tuple[str, ...], rows: list[dict[str, Any]]
+) -> None:
+    """Fill `columns` of the rows whose ids are the `key`s: the ends of starts flushed
+    before; on SQLite through the driver, as `_insert_rows`."""
+    if conn.dialect.name != "sqlite":
+        await conn.execute(_END_UPDATES[table.name], rows)
+        return
+    names = (*columns, "key")
+    await _executemany(conn, _sqlite_update(table.name, columns), sqlite_values(table, names, rows))
+
+
+_END_UPDATES = {
+    "llm_attempts": _update_by_key(llm_attempts, ATTEMPT_END_COLUMNS),
+    "llm_requests": _update_by_key(llm_requests, REQUEST_END_COLUMNS),
+}
+
+
+@functools.cache
+def _sqlite_insert(table: str, names: tuple[str, ...]) -> str:
+    columns, marks = ", ".join(f'"{n}"' for n in names), ", ".join("?" * len(names))
+    return f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING'
+
+
+@functools.cache
+def _sqlite_update(table: str, columns: tuple[str, ...]) -> str:
+    kept = KEPT_IF_NONE.get(table)
+    sets = ", ".join(f'"{n}" = coalesce(?, "{n}")' if n == kept else f'"{n}" = ?' for n in columns)
+    return f'UPDATE "{table}" SET {sets} WHERE "id" = ?'
 
 
 async def _insert_stand_ins(conn: AsyncConnection, batch: Batch) -> None:
