@@ -138,7 +138,8 @@ class _Output:
         self._pipe.close()
 
 
-# The free port picked for a daemon was taken by another process before the daemon bound it.
+# The free port picked for a daemon was taken by another process before the daemon bound it
+# (the OS's words, "Address already in use", in the daemon's error; read without case).
 PORT_TAKEN = "address already in use"
 
 
@@ -188,7 +189,7 @@ class DaemonProcess:
                 raise AssertionError(f"llmsvc not ready in {READY_TIMEOUT}s:\n{self.log}") from None
             if found is None:
                 code = self.wait(EXIT_TIMEOUT)
-                if self.port_chosen and PORT_TAKEN in self.log:
+                if self.port_chosen and PORT_TAKEN in self.log.lower():
                     self.port_chosen = False  # once: a second race is a problem of its own
                     self.port = free_port()
                     self.env["LLMSVC_PORT"] = str(self.port)
