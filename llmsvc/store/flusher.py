@@ -71,11 +71,13 @@ def _ignoring(dialect: str, table: sa.Table) -> Any:
     return _insert(dialect, table).on_conflict_do_nothing()
 
 
-# A request's end keeps an error already there (a stand-in's) when it brings none.
+# The columns an end record fills, by table; a request's end keeps an error already there
+# (a stand-in's) when it brings none.
+END_COLUMNS = {"llm_attempts": ATTEMPT_END_COLUMNS, "llm_requests": REQUEST_END_COLUMNS}
 KEPT_IF_NONE = {"llm_requests": "error"}
 
 
-def _update_by_key(table: sa.Table, fields: tuple[str, ...]) -> Any:
+def _update_by_key(table: sa.Table) -> Any:
     kept = KEPT_IF_NONE.get(table.name)
     return (
         sa.update(table)
@@ -85,7 +87,7 @@ def _update_by_key(table: sa.Table, fields: tuple[str, ...]) -> Any:
                 name: sa.func.coalesce(sa.bindparam(name), table.c[name])
                 if name == kept
                 else sa.bindparam(name)
-                for name in fields
+                for name in END_COLUMNS[table.name]
             }
         )
     )
@@ -161,9 +163,9 @@ async def write_batch(
         if batch.tool_rows:  # rare: tool calls, a statement of their own
             await conn.execute(_ignoring(dialect, llm_tool_calls), batch.tool_rows)
         if batch.attempt_ends:
-            await _update_ends(conn, llm_attempts, ATTEMPT_END_COLUMNS, batch.attempt_ends)
+            await _update_ends(conn, llm_attempts, batch.attempt_ends)
         if batch.request_ends:
-            await _update_ends(conn, llm_requests, REQUEST_END_COLUMNS, batch.request_ends)
+            await _update_ends(conn, llm_requests, batch.request_ends)
         if dead_letters:
             await conn.execute(_ignoring(dialect, llm_dead_letters), dead_letters)
 
@@ -179,22 +181,17 @@ async def _insert_rows(conn: AsyncConnection, table: sa.Table, rows: list[dict[s
     await _executemany(conn, _sqlite_insert(table.name, names), sqlite_values(table, names, rows))
 
 
-async def _update_ends(
-    conn: AsyncConnection, table: sa.Table, columns: tuple[str, ...], rows: list[dict[str, Any]]
-) -> None:
-    """Fill `columns` of the rows whose ids are the `key`s: the ends of starts flushed
+async def _update_ends(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
+    """Fill the END_COLUMNS of the rows whose ids are the `key`s: the ends of starts flushed
     before; on SQLite through the driver, as `_insert_rows`."""
     if conn.dialect.name != "sqlite":
         await conn.execute(_END_UPDATES[table.name], rows)
         return
-    names = (*columns, "key")
-    await _executemany(conn, _sqlite_update(table.name, columns), sqlite_values(table, names, rows))
+    names = (*END_COLUMNS[table.name], "key")
+    await _executemany(conn, _sqlite_update(table.name), sqlite_values(table, names, rows))
 
 
-_END_UPDATES = {
-    "llm_attempts": _update_by_key(llm_attempts, ATTEMPT_END_COLUMNS),
-    "llm_requests": _update_by_key(llm_requests, REQUEST_END_COLUMNS),
-}
+_END_UPDATES = {table.name: _update_by_key(table) for table in (llm_attempts, llm_requests)}
 
 
 @functools.cache
@@ -204,8 +201,9 @@ def _sqlite_insert(table: str, names: tuple[str, ...]) -> str:
 
 
 @functools.cache
-def _sqlite_update(table: str, columns: tuple[str, ...]) -> str:
+def _sqlite_update(table: str) -> str:
     kept = KEPT_IF_NONE.get(table)
+    columns = END_COLUMNS[table]
     sets = ", ".join(f'"{n}" = coalesce(?, "{n}")' if n == kept else f'"{n}" = ?' for n in columns)
     return f'UPDATE "{table}" SET {sets} WHERE "id" = ?'
 
