@@ -161,6 +161,10 @@ class Gateway:
             "/api/ready": {"GET": self.ready},
             "/api/metrics": {"GET": self.prometheus},
         }
+        # RFC 9110 section 9.3.2: HEAD is GET without the body, which the HTTP layer drops.
+        for methods in self.routes.values():
+            if "GET" in methods:
+                methods["HEAD"] = methods["GET"]
 
     async def __call__(self, scope: Scope, receive: ASGIReceive, send: ASGISend) -> None:
         if scope["type"] != "http":

@@ -47,8 +47,8 @@ async def test_unknown_path_is_404_and_records_nothing(served: Served, path: str
 WRONG_METHODS = [
     ("GET", CHAT, "POST"),
     ("PUT", CHAT, "POST"),
-    ("POST", "/v1/models", "GET"),
-    ("POST", "/v1/models/mock", "GET"),
+    ("POST", "/v1/models", "GET, HEAD"),
+    ("POST", "/v1/models/mock", "GET, HEAD"),
 ]
 
 
@@ -72,6 +72,20 @@ async def test_405_carries_the_allow_header(served: Served) -> None:
             assert r.status == 405
             allow[method, path] = r.headers.get("Allow")
     assert allow == {(method, path): allowed for method, path, allowed in WRONG_METHODS}
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/mock", "/api/health"])
+async def test_head_is_get_without_the_body(served: Served, path: str) -> None:
+    """RFC 9110 section 9.3.2: HEAD answers as GET does, with the same head and no body."""
+    async with served.session.get(served.url + path) as r:
+        got_status, body = r.status, await r.read()
+        got_type = r.headers["Content-Type"]
+    async with served.session.head(served.url + path) as r:
+        assert (r.status, r.headers["Content-Type"]) == (got_status, got_type)
+        assert int(r.headers["Content-Length"]) == len(body) > 0
+        assert await r.read() == b""
+    async with served.session.get(served.url + path) as r:  # the connection still serves
+        assert r.status == got_status
 
 
 REJECTED = [

@@ -127,7 +127,7 @@ async def test_session_routes_take_only_their_methods(served_sessions: Served) -
     assert headers["allow"] == "POST"
     status, headers, raw = await call(served_sessions, "POST", "/v1/sessions/sess_x")
     _error(status, raw, 405)
-    assert headers["allow"] == "GET, DELETE"
+    assert headers["allow"] == "GET, DELETE, HEAD"
 
 
 @pytest.mark.parametrize("where", ["body", "header"])
