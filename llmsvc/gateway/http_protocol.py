@@ -110,9 +110,12 @@ def not_http(exc: BaseException | None) -> str:
     The parser's reason (llhttp's, a fixed string such as "Transfer-Encoding
     can't be present with Content-Length" or "Invalid character in chunk size",
     never the client's bytes) is the exception's. A callback's failure names
-    our code, not the request: left out.
+    our code, not the request: left out, unless it is a refusal of the
+    request's own (a ClientError, such as a missing Host), which is said as is.
     """
     reason = "the request is not valid HTTP/1.1"
+    if isinstance(exc, HttpParserCallbackError) and isinstance(exc.__context__, ClientError):
+        return str(exc.__context__)
     if isinstance(exc, HttpParserError) and not isinstance(exc, HttpParserCallbackError):
         return f"{reason}: {exc}"
     return reason
@@ -138,6 +141,7 @@ class HttpProtocol(asyncio.Protocol):
         "continue_wanted",
         "drained",
         "headers",
+        "hosts",
         "keepalive_timeout",
         "lingering",
         "loop",
@@ -180,6 +184,7 @@ class HttpProtocol(asyncio.Protocol):
         self.scheme = "http"
         self.url = b""  # the request line's target, as it arrives
         self.headers: list[tuple[bytes, bytes]] = []
+        self.hosts = 0  # the request's Host fields: RFC 9112, 3.2 asks for exactly one
         self.continue_wanted = False
         self.request: Request | None = None  # the newest request whose head is whole
         self.serving: Request | None = None  # the request whose app runs
@@ -360,6 +365,7 @@ class HttpProtocol(asyncio.Protocol):
         self._in_message = True
         self.url = b""
         self.headers = []
+        self.hosts = 0
         self.continue_wanted = False
 
     def on_url(self, url: bytes) -> None:
@@ -369,6 +375,8 @@ class HttpProtocol(asyncio.Protocol):
         name = name.lower()
         if name == b"expect" and value.lower() == b"100-continue":
             self.continue_wanted = True
+        elif name == b"host":
+            self.hosts += 1
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -377,6 +385,11 @@ class HttpProtocol(asyncio.Protocol):
         parser = self.parser
         assert parser is not None  # called back from it
         version = parser.get_http_version()
+        if self.hosts > 1 or (self.hosts == 0 and version == "1.1"):
+            # RFC 9112, 3.2: a server MUST refuse it (two could name two different origins)
+            raise ClientError(
+                f"a request has one Host header (HTTP/1.0: at most one); it has {self.hosts}"
+            )
         url = httptools.parse_url(self.url)
         raw_path = url.path
         path = raw_path.decode("ascii")

@@ -325,6 +325,40 @@ async def test_a_request_that_is_not_http_gets_400_naming_the_parsers_reason() -
     assert not protocol.tasks
 
 
+@pytest.mark.parametrize(
+    ("head", "hosts"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", 0),
+        (b"GET / HTTP/1.1\r\nhost: a\r\nHost: b\r\n\r\n", 2),
+        (b"GET / HTTP/1.0\r\nhost: a\r\nhost: b\r\n\r\n", 2),
+    ],
+    ids=["none", "two", "two-1.0"],
+)
+async def test_a_request_without_exactly_one_host_gets_400_saying_so(
+    head: bytes, hosts: int
+) -> None:
+    """RFC 9112, 3.2: a server MUST answer 400 to an HTTP/1.1 request with no Host, and to
+    any with more than one; HTTP/1.0 had no Host to require."""
+    protocol, transport = _connection(_app_never_called)
+    protocol.data_received(head)
+    await _served(protocol)
+    output = transport.output()
+    assert output.startswith(b"HTTP/1.1 400 Bad Request\r\n")
+    assert f"one Host header (HTTP/1.0: at most one); it has {hosts}".encode() in output
+    assert not protocol.tasks
+
+
+async def test_an_http_1_0_request_needs_no_host() -> None:
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 204, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    protocol, transport = _connection(app)
+    protocol.data_received(b"GET / HTTP/1.0\r\n\r\n")
+    await _served(protocol)
+    assert transport.output().startswith(b"HTTP/1.1 204 ")
+
+
 async def test_a_connection_and_its_request_keep_their_fields_in_slots() -> None:
     """Thousands live at once, one per open stream: no per-instance dict."""
     protocol, _ = _connection(_app_never_called)
