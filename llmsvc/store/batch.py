@@ -2,8 +2,8 @@
 
 A request or attempt that starts and ends within one batch is inserted
 whole; an end whose start was flushed earlier becomes an update. Token rows
-are built in each dialect's own form; on SQLite the others are formed at
-write time as SQLAlchemy would bind them (`sqlite_values`).
+are built in each dialect's own form; the others are formed at write time as
+SQLAlchemy would bind them (`driver_values`).
 """
 
 from __future__ import annotations
@@ -289,29 +289,34 @@ def _sqlite_rows(tokens: list[Token]) -> list[Row]:
     return rows
 
 
-def sqlite_values(table: sa.Table, names: tuple[str, ...], rows: list[dict[str, Any]]) -> list[Row]:
+def driver_values(
+    dialect: str, table: sa.Table, names: tuple[str, ...], rows: list[dict[str, Any]]
+) -> list[Row]:
     """Rows of `table` as tuples of `names`, each value in the form SQLAlchemy would bind it
-    on SQLite, for an executemany without its per-row bind processing (a whole request's
-    flush costs a fifth less CPU so). A name that is not a column is the row's key: its id."""
-    forms = _sqlite_forms(table, names)
+    for the dialect's driver, for an executemany without its per-row bind processing (a
+    fifth of a whole request's flush on SQLite). A name that is not a column is the row's
+    key: its id."""
+    forms = _forms(dialect, table, names)
     return [tuple([form(row[name]) for name, form in forms]) for row in rows]
 
 
 @functools.cache
-def _sqlite_forms(
-    table: sa.Table, names: tuple[str, ...]
+def _forms(
+    dialect: str, table: sa.Table, names: tuple[str, ...]
 ) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
-    """What SQLAlchemy's SQLite types do to a value before binding it: a UUID becomes its
-    32 hex digits, a time its text with microseconds, and JSON (None too) its `json.dumps`."""
+    """What SQLAlchemy's types do to a value before the driver binds it: JSON (None too)
+    becomes its `json.dumps`; on SQLite a UUID becomes its 32 hex digits and a time its text
+    with microseconds, while asyncpg takes both as they are."""
+    on_sqlite = dialect == "sqlite"
     forms: list[tuple[str, Callable[[Any], Any]]] = []
     for name in names:
         kind = table.c[name if name in table.c else "id"].type
-        if isinstance(kind, sa.Uuid):
-            forms.append((name, _sqlite_uuid))
-        elif isinstance(kind, sa.DateTime):
-            forms.append((name, _sqlite_time))
-        elif isinstance(kind, sa.JSON):
+        if isinstance(kind, sa.JSON):
             forms.append((name, json.dumps))
+        elif on_sqlite and isinstance(kind, sa.Uuid):
+            forms.append((name, _sqlite_uuid))
+        elif on_sqlite and isinstance(kind, sa.DateTime):
+            forms.append((name, _sqlite_time))
         else:
             forms.append((name, _as_is))
     return tuple(forms)

@@ -35,7 +35,7 @@ from llmsvc.store.batch import (
     Batch,
     Row,
     build_batch,
-    sqlite_values,
+    driver_values,
 )
 from llmsvc.store.engine import describe_error
 from llmsvc.store.flush_process import ChildConfig, FlushFailed, FlushProcess, FlushProcessGone
@@ -75,22 +75,6 @@ def _ignoring(dialect: str, table: sa.Table) -> Any:
 # (a stand-in's) when it brings none.
 END_COLUMNS = {"llm_attempts": ATTEMPT_END_COLUMNS, "llm_requests": REQUEST_END_COLUMNS}
 KEPT_IF_NONE = {"llm_requests": "error"}
-
-
-def _update_by_key(table: sa.Table) -> Any:
-    kept = KEPT_IF_NONE.get(table.name)
-    return (
-        sa.update(table)
-        .where(table.c.id == sa.bindparam("key"))
-        .values(
-            {
-                name: sa.func.coalesce(sa.bindparam(name), table.c[name])
-                if name == kept
-                else sa.bindparam(name)
-                for name in END_COLUMNS[table.name]
-            }
-        )
-    )
 
 
 _SQLITE_TOKENS = (
@@ -171,41 +155,44 @@ async def write_batch(
 
 
 async def _insert_rows(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
-    """INSERT … ON CONFLICT DO NOTHING: a row replayed from the WAL is stored once. On SQLite
-    through the driver, the values formed as SQLAlchemy would bind them (its binding cost a
-    whole request's flush more than its four inserts did)."""
-    if conn.dialect.name != "sqlite":
-        await conn.execute(_ignoring(conn.dialect.name, table), rows)
-        return
-    names = tuple(rows[0])
-    await _executemany(conn, _sqlite_insert(table.name, names), sqlite_values(table, names, rows))
+    """INSERT … ON CONFLICT DO NOTHING: a row replayed from the WAL is stored once. Through the
+    driver, the values formed as SQLAlchemy would bind them (its binding cost a whole
+    request's flush more than its four inserts did)."""
+    dialect, names = conn.dialect.name, tuple(rows[0])
+    values = driver_values(dialect, table, names, rows)
+    await _executemany(conn, _insert_sql(dialect, table.name, names), values)
 
 
 async def _update_ends(conn: AsyncConnection, table: sa.Table, rows: list[dict[str, Any]]) -> None:
     """Fill the END_COLUMNS of the rows whose ids are the `key`s: the ends of starts flushed
-    before; on SQLite through the driver, as `_insert_rows`."""
-    if conn.dialect.name != "sqlite":
-        await conn.execute(_END_UPDATES[table.name], rows)
-        return
-    names = (*END_COLUMNS[table.name], "key")
-    await _executemany(conn, _sqlite_update(table.name), sqlite_values(table, names, rows))
+    before; through the driver, as `_insert_rows`."""
+    dialect, names = conn.dialect.name, (*END_COLUMNS[table.name], "key")
+    values = driver_values(dialect, table, names, rows)
+    await _executemany(conn, _update_sql(dialect, table.name), values)
 
 
-_END_UPDATES = {table.name: _update_by_key(table) for table in (llm_attempts, llm_requests)}
+def _marks(dialect: str, count: int) -> list[str]:
+    """The driver's placeholders: sqlite3's `?`, asyncpg's `$1` on."""
+    return ["?"] * count if dialect == "sqlite" else [f"${n}" for n in range(1, count + 1)]
 
 
 @functools.cache
-def _sqlite_insert(table: str, names: tuple[str, ...]) -> str:
-    columns, marks = ", ".join(f'"{n}"' for n in names), ", ".join("?" * len(names))
+def _insert_sql(dialect: str, table: str, names: tuple[str, ...]) -> str:
+    columns, marks = ", ".join(f'"{n}"' for n in names), ", ".join(_marks(dialect, len(names)))
     return f'INSERT INTO "{table}" ({columns}) VALUES ({marks}) ON CONFLICT DO NOTHING'
 
 
 @functools.cache
-def _sqlite_update(table: str) -> str:
+def _update_sql(dialect: str, table: str) -> str:
+    """UPDATE … SET each end column WHERE "id" = the key, the last value of a row."""
     kept = KEPT_IF_NONE.get(table)
     columns = END_COLUMNS[table]
-    sets = ", ".join(f'"{n}" = coalesce(?, "{n}")' if n == kept else f'"{n}" = ?' for n in columns)
-    return f'UPDATE "{table}" SET {sets} WHERE "id" = ?'
+    *marks, key = _marks(dialect, len(columns) + 1)
+    sets = ", ".join(
+        f'"{n}" = coalesce({m}, "{n}")' if n == kept else f'"{n}" = {m}'
+        for n, m in zip(columns, marks, strict=True)
+    )
+    return f'UPDATE "{table}" SET {sets} WHERE "id" = {key}'
 
 
 async def _insert_stand_ins(conn: AsyncConnection, batch: Batch) -> None:

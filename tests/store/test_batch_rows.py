@@ -1,22 +1,26 @@
-"""Rows on SQLite, written through the driver: the values SQLAlchemy itself would store."""
+"""Rows written through the driver, on SQLite and PostgreSQL: the values SQLAlchemy itself
+would store."""
 
 from __future__ import annotations
 
+import contextlib
 import random
-import sqlite3
 import uuid
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import orjson
+import pytest
 import sqlalchemy as sa
+from postgres import sqlalchemy_url, unique_dbname
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from llmsvc.store.batch import _sqlite_rows, build_batch
 from llmsvc.store.engine import create_engine, upgrade_to_head
-from llmsvc.store.flusher import _END_UPDATES, write_batch
+from llmsvc.store.flusher import END_COLUMNS, KEPT_IF_NONE, write_batch
 from llmsvc.store.schema import Timestamp, llm_attempts, llm_requests
 from llmsvc.wal import RecordType
 
@@ -39,11 +43,18 @@ def test_each_tokens_time_is_the_text_sqlalchemy_stores_for_it() -> None:
     assert [row[3][-7:] for row in rows[:3]] == [".999998", ".999999", ".000000"]
 
 
-async def test_requests_attempts_and_their_ends_are_stored_on_sqlite_as_sqlalchemy_stores_them(
-    tmp_path: Path,
+@pytest.fixture(params=["sqlite", "postgresql"])
+def dialect(request: pytest.FixtureRequest) -> str:
+    if request.param == "postgresql":
+        request.getfixturevalue("pg_cluster")  # started here, outside the test's event loop
+    return str(request.param)
+
+
+async def test_requests_attempts_and_their_ends_are_stored_as_sqlalchemy_stores_them(
+    dialect: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """The flusher writes these rows through the driver on SQLite, formed as SQLAlchemy binds
-    them: every value of every column is stored as SQLAlchemy itself would store it."""
+    """The flusher writes these rows through the driver, formed as SQLAlchemy binds them:
+    every value of every column is stored as SQLAlchemy itself would store it."""
     instance = uuid.uuid4()
     whole, later, stand_in = (str(uuid.uuid4()) for _ in range(3))
     attempts = {r: str(uuid.uuid4()) for r in (whole, later, stand_in)}
@@ -65,13 +76,11 @@ async def test_requests_attempts_and_their_ends_are_stored_on_sqlite_as_sqlalche
         _request_end(stand_in, ts + 2_000_002, status="completed"),  # keeps the stand-in's error
     ]
     batches = [
-        build_batch(first, 7, instance, "sqlite"),
-        build_batch(second, 10, instance, "sqlite"),
+        build_batch(first, 7, instance, dialect),
+        build_batch(second, 10, instance, dialect),
     ]
 
-    via_driver = await _sqlite_engine(tmp_path / "driver.db")
-    by_sqlalchemy = await _sqlite_engine(tmp_path / "sqlalchemy.db")
-    try:
+    async with _stores(dialect, tmp_path, request) as (via_driver, by_sqlalchemy):
         for batch in batches:
             await write_batch(via_driver, batch, instance)
             async with by_sqlalchemy.begin() as conn:  # what write_batch did through SQLAlchemy
@@ -87,18 +96,56 @@ async def test_requests_attempts_and_their_ends_are_stored_on_sqlite_as_sqlalche
                     (llm_requests, batch.request_ends),
                 ):
                     if ends:
-                        await conn.execute(_END_UPDATES[table.name], ends)
-    finally:
-        await via_driver.dispose()
-        await by_sqlalchemy.dispose()
+                        await conn.execute(_update_by_key(table), ends)
+        for table in (llm_requests, llm_attempts):
+            stored = await _stored(via_driver, table)
+            assert len(stored) == 3
+            assert stored == await _stored(by_sqlalchemy, table)
+        errors = [str(row) for row in await _stored(via_driver, llm_requests)]
+        assert any("upstream said 502" in e for e in errors)
+        assert any("start record was lost" in e for e in errors)
 
-    for table in (llm_requests, llm_attempts):
-        stored = _quoted(tmp_path / "driver.db", table)
-        assert len(stored) == 3
-        assert stored == _quoted(tmp_path / "sqlalchemy.db", table)
-    error = _quoted(tmp_path / "driver.db", llm_requests, "error")
-    assert "'upstream said 502'" in error
-    assert any("start record was lost" in e for e in error)
+
+def _update_by_key(table: sa.Table) -> Any:
+    """The ends' UPDATE as SQLAlchemy Core writes it: the reference the driver's must match."""
+    kept = KEPT_IF_NONE.get(table.name)
+    return (
+        sa.update(table)
+        .where(table.c.id == sa.bindparam("key"))
+        .values(
+            {
+                name: sa.func.coalesce(sa.bindparam(name), table.c[name])
+                if name == kept
+                else sa.bindparam(name)
+                for name in END_COLUMNS[table.name]
+            }
+        )
+    )
+
+
+@contextlib.asynccontextmanager
+async def _stores(
+    dialect: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> AsyncIterator[tuple[AsyncEngine, AsyncEngine]]:
+    """Two empty stores of the dialect, migrated to head."""
+    names = ("driver", "sqlalchemy")
+    if dialect == "sqlite":
+        urls = [f"sqlite+aiosqlite:///{tmp_path / name}.db" for name in names]
+    else:
+        cluster = request.getfixturevalue("pg_cluster")
+        dbs = [unique_dbname() for _ in names]
+        urls = [sqlalchemy_url(await cluster.create_database(db)) for db in dbs]
+    engines = [create_engine(url, access="create") for url in urls]
+    try:
+        for engine in engines:
+            await upgrade_to_head(engine)
+        yield engines[0], engines[1]
+    finally:
+        for engine in engines:
+            await engine.dispose()
+        if dialect != "sqlite":
+            for db in dbs:
+                await cluster.drop_database(db)
 
 
 def _start(request_id: str, ts: int, **fields: Any) -> tuple[int, bytes]:
@@ -121,16 +168,13 @@ def _request_end(request_id: str, ts: int, **fields: Any) -> tuple[int, bytes]:
     return RecordType.REQUEST_END, orjson.dumps({"id": request_id, "ts": ts, **fields})
 
 
-async def _sqlite_engine(path: Path) -> AsyncEngine:
-    engine = create_engine(f"sqlite+aiosqlite:///{path}", access="create")
-    await upgrade_to_head(engine)
-    return engine
-
-
-def _quoted(path: Path, table: sa.Table, *columns: str) -> list[tuple[str, ...]] | list[str]:
-    """Every row's values (or one column's) as SQLite's quote() gives them: type and bytes."""
-    names = columns or tuple(table.c.keys())
-    select = ", ".join(f'quote("{name}")' for name in names)
-    with sqlite3.connect(path) as db:
-        rows = db.execute(f'SELECT {select} FROM "{table.name}" ORDER BY id').fetchall()
-    return [row[0] for row in rows] if columns else rows
+async def _stored(engine: AsyncEngine, table: sa.Table) -> list[Any]:
+    """Every row's values as the database writes them as text: SQLite's quote() of each
+    column (type and bytes), PostgreSQL's row_to_json of the row."""
+    if engine.dialect.name == "sqlite":
+        select = ", ".join(f'quote("{column.name}")' for column in table.c)
+        query = f'SELECT {select} FROM "{table.name}" ORDER BY id'
+    else:
+        query = f'SELECT row_to_json(t)::text FROM "{table.name}" t ORDER BY id'
+    async with engine.connect() as conn:
+        return [tuple(row) for row in await conn.exec_driver_sql(query)]
