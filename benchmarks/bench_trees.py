@@ -23,7 +23,8 @@ not share its core's caches with the load it is measured under.
 
 With `--pg-url` each tree stores into a scratch database of its own on that PostgreSQL
 server (made and dropped here), and a run also counts the store's own work over the
-window: the CPU of the server's backends serving that database, and the WAL it wrote.
+window: the CPU of the server's backends serving that database, and (streams) the WAL it
+wrote.
 
 With `--drained` a run is measured whole instead, until the store holds every token the
 clients got (bench_scale's `measured`, as `bench.py --floor` measures its rows): the flush
@@ -147,9 +148,9 @@ async def one_run(port: int, pid: int, load: str, store: Store | None) -> dict[s
     return got
 
 
-async def whole_run(port: int, pid: int) -> dict[str, Any]:
+async def whole_run(port: int, pid: int, store: Store | None) -> dict[str, Any]:
     """Non-streaming requests on one daemon; its CPU per request and the clients' latency
-    over the window."""
+    over the window, and with a PostgreSQL `store` the store's CPU per request."""
     _, clients, tokens = LOADS["whole"]
     body = chat_body(MODEL, tokens, False)
     latencies: list[float] = []
@@ -167,17 +168,22 @@ async def whole_run(port: int, pid: int) -> dict[str, Any]:
         load = asyncio.gather(*(client(ep) for _ in range(clients)))
         await asyncio.sleep(WARM_S)
         cpu0, own0, counting = tree_cpu_s(pid), proc_cpu_s(pid), True
+        store0 = await store.sample() if store else (0.0, 0)
         await asyncio.sleep(WINDOW_S)
         cpu, own = tree_cpu_s(pid) - cpu0, proc_cpu_s(pid) - own0
         counting, n = False, len(latencies)
+        store1 = await store.sample() if store else (0.0, 0)
         await load
-    return {
+    got = {
         "cpu_us_per_request": round(cpu / n * 1e6, 1),
         "serving_cpu_us_per_request": round(own / n * 1e6, 1),  # the flush process's not counted
         "requests_per_s": round(n / WINDOW_S),
         "p50_ms": round(pct(latencies, 0.5) * 1e3, 3),
         "p99_ms": round(pct(latencies, 0.99) * 1e3, 3),
     }
+    if store:
+        got["store_cpu_us_per_request"] = round((store1[0] - store0[0]) / n * 1e6, 1)
+    return got
 
 
 async def burst_run(port: int) -> dict[str, Any]:
@@ -244,7 +250,7 @@ async def rounds(
             for name in rotated(list(args.trees), r):
                 daemon = daemons[name]
                 if args.load == "whole":
-                    got = await whole_run(daemon.port, daemon.pid)
+                    got = await whole_run(daemon.port, daemon.pid, stores.get(name))
                 elif args.load == "burst":
                     got = await burst_run(daemon.port)
                 elif args.drained:
@@ -286,7 +292,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     figure = FIGURE[args.load]
     for name, tree_runs in runs.items():
         report["trees"][name]["runs"] = tree_runs
-        for key in (figure, "tokens_per_s", "store_cpu_us_per_token", "store_wal_bytes_per_token"):
+        for key in (
+            figure,
+            "tokens_per_s",
+            "store_cpu_us_per_token",
+            "store_wal_bytes_per_token",
+            "store_cpu_us_per_request",
+        ):
             if key in tree_runs[0]:
                 median = statistics.median(r[key] for r in tree_runs)
                 report["trees"][name][f"{key}_median"] = median
@@ -312,8 +324,8 @@ def main() -> None:
         p.error("--pin needs two CPUs or more")
     if args.drained and args.load in ("whole", "burst"):
         p.error("--drained measures CPU per token: not with --load whole or burst")
-    if args.pg_url and (args.drained or args.load in ("whole", "burst")):
-        p.error("--pg-url counts the store per streamed token: not with --drained, whole or burst")
+    if args.pg_url and (args.drained or args.load == "burst"):
+        p.error("--pg-url counts the store's CPU over the window: not with --drained or burst")
     args.trees = dict(args.tree)
     report = asyncio.run(run(args))
     args.out.write_text(json.dumps(report, indent=1) + "\n")
