@@ -46,7 +46,8 @@ SCRATCH_DB = "llmsvc_bench_flush_rows"
 
 
 def records(n: int) -> list[tuple[int, bytes]]:
-    """The WAL records of the `n`th whole request, as the gateway journals them."""
+    """The WAL records of the `n`th whole request, as the gateway journals them. (llmsvc is
+    imported here and in `child` only: in the child, from the tree first on its path.)"""
     from llmsvc.wal import RecordType
     from llmsvc.wal.codec import FRAME, encode_token
 
@@ -73,9 +74,7 @@ def records(n: int) -> list[tuple[int, bytes]]:
         "model": "m",
         "ts": ts + 5,
     }
-    token = encode_token(attempt.bytes, 0, ts + 100, "a reply of sixteen tokens or so")[
-        FRAME.size :
-    ]
+    token = encode_token(attempt.bytes, 0, ts + 100, "a reply of sixteen tokens or so")
     attempt_end = {
         "id": str(attempt),
         "ts": ts + 200,
@@ -92,7 +91,7 @@ def records(n: int) -> list[tuple[int, bytes]]:
     return [
         (RecordType.REQUEST_START, orjson.dumps(start)),
         (RecordType.ATTEMPT_START, orjson.dumps(attempt_start)),
-        (RecordType.TOKEN, token),  # a record's payload: past its frame's head
+        (RecordType.TOKEN, token[FRAME.size :]),  # a record's payload: past its frame's head
         (RecordType.ATTEMPT_END, orjson.dumps(attempt_end)),
         (RecordType.REQUEST_END, orjson.dumps(request_end)),
     ]
