@@ -104,21 +104,21 @@ def connection_bound(wanted: int, descriptors: int) -> int:
     return max(1, min(wanted, (descriptors - RESERVED_DESCRIPTORS - REFUSING_MAX) // 2))
 
 
-def not_http(exc: BaseException | None) -> str:
+def not_http(exc: BaseException | None) -> ClientError:
     """What is wrong with a request the parser refused, in words a client can act on.
 
     The parser's reason (llhttp's, a fixed string such as "Transfer-Encoding
     can't be present with Content-Length" or "Invalid character in chunk size",
     never the client's bytes) is the exception's. A callback's failure names
     our code, not the request: left out, unless it is a refusal of the
-    request's own (a ClientError, such as a missing Host), which is said as is.
+    request's own (a ClientError, such as a missing Host), which is the answer.
     """
-    reason = "the request is not valid HTTP/1.1"
     if isinstance(exc, HttpParserCallbackError) and isinstance(exc.__context__, ClientError):
-        return str(exc.__context__)
+        return exc.__context__
+    reason = "the request is not valid HTTP/1.1"
     if isinstance(exc, HttpParserError) and not isinstance(exc, HttpParserCallbackError):
-        return f"{reason}: {exc}"
-    return reason
+        return ClientError(f"{reason}: {exc}")
+    return ClientError(reason)
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -321,7 +321,7 @@ class HttpProtocol(asyncio.Protocol):
             serving = self.serving
             midway = serving is not None and serving.started and not serving.complete
             # none in the middle of another response, which it would corrupt
-            self._linger(None if midway else ClientError(not_http(exc)))
+            self._linger(None if midway else not_http(exc))
 
     def _upgraded_body(self, data: bytes) -> None:
         """The body of a request with `Upgrade` (curl's `--http2` on http://), by its

@@ -384,7 +384,7 @@ def test_a_request_the_parser_refused_is_named_by_its_reason_only(
     exc: BaseException | None, said: str
 ) -> None:
     """llhttp's reasons are fixed strings; a callback's failure is our code."""
-    assert not_http(exc) == f"the request is not valid HTTP/1.1{said}"
+    assert str(not_http(exc)) == f"the request is not valid HTTP/1.1{said}"
 
 
 async def test_a_connection_serving_a_stream_holds_no_parser_and_parses_the_next_request() -> None:
