@@ -336,7 +336,12 @@ def test_a_client_that_closes_at_once_is_stored_interrupted_with_its_tokens(
         sock.sendall(chat_request(stream, tokens=5, delay_ms=20))
         sock.close()
 
-    store = stored_when_settled(database_url, 10)
+    # Every request has ended once; a reply's write that finds the client gone journals its
+    # ends again, interrupted, and a flush between the two stores `completed` for a moment.
+    # The drain stores what was journaled before the daemon exits.
+    stored_when_settled(database_url, 10)
+    assert daemon.stop() == 0, daemon.log
+    store = read_store(database_url)
 
     assert [r["status"] for r in store.requests.values()] == ["interrupted"] * 10
     for request_id, request in store.requests.items():
