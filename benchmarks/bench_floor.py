@@ -6,7 +6,8 @@ rows hold on any machine (this one is shared and noisy):
 
 1. non-streaming added latency p50 and p99 at concurrency 1, 4 and 16: the
    daemon in front of the fast upstream against that upstream called directly,
-   beside what `relay_floor.py` adds in the same rounds (the least any hop adds);
+   beside what `relay_floor.py` adds in the same rounds (the least any hop adds)
+   and what `journal_floor.py` adds (the least a hop that journals each request adds);
 2. paced streams (300 at 50 tokens/s, arriving at once): daemon CPU per token
    against `relay_floor.py` (a raw TCP relay that neither parses nor stores), and
    beside `journal_floor.py` (the same relay journaling every token in the WAL);
@@ -75,24 +76,30 @@ async def phase_latency(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
         daemon = await bench_scale.start_daemon(tmp, "daemon-latency", args.database_url, up, {})
         procs.append(daemon)
         procs.append(relay := bench_scale.spawn_relay(tmp, up))
-        sessions = [new_session(), new_session(), new_session()]
+        procs.append(journal := bench_scale.spawn_relay(tmp, up, journaled=True))
+        sessions = [new_session() for _ in range(4)]
         try:
             direct = Target("direct", chat_url(up), sessions[0], MODEL)
             via = Target("daemon", chat_url(daemon), sessions[1], MODEL)
-            hop = Target("relay", chat_url(relay), sessions[2], MODEL)
+            hops = [
+                Target("relay", chat_url(relay), sessions[2], MODEL),
+                Target("journal", chat_url(journal), sessions[3], MODEL),
+            ]
             body = chat_body(MODEL, 16, stream=False)
             daemon_cpu_s = functools.partial(bench_scale.tree_cpu_s, daemon.pid)
-            for target in (direct, via, hop):  # warm every path: imports, pools, caches
+            for target in (direct, via, *hops):  # warm every path: imports, pools, caches
                 for _ in range(64):
                     await complete(target, body)
             for c in CONCURRENCIES:
                 raw = await latency_rounds(
-                    direct, via, body, args.rounds, args.latency_n, c, daemon_cpu_s, [hop]
+                    direct, via, body, args.rounds, args.latency_n, c, daemon_cpu_s, hops
                 )
                 got = out[f"c{c}"] = {**summary(raw), "per_round": per_round(raw)}
                 log(f"latency c={c}: added p50 {got['added_p50_ms']} ms "
                     f"p99 {got['added_p99_ms']} ms; relay_floor.py "
-                    f"+{got['relay_added_p50_ms']} / +{got['relay_added_p99_ms']} ms")  # fmt: skip
+                    f"+{got['relay_added_p50_ms']} / +{got['relay_added_p99_ms']} ms; "
+                    f"journal_floor.py +{got['journal_added_p50_ms']} / "
+                    f"+{got['journal_added_p99_ms']} ms")  # fmt: skip
         finally:
             for session in sessions:
                 await session.close()
@@ -126,7 +133,9 @@ def table(report: dict[str, Any]) -> list[dict[str, Any]]:
             f"non-streaming c={c}, added p50 / p99 (ms)",
             f"+{p50} / +{p99}",
             f"direct p50 {got['direct_p50_ms']} / p99 {got['direct_p99_ms']}; relay_floor.py "
-            f"+{got.get('relay_added_p50_ms')} / +{got.get('relay_added_p99_ms')}; daemon CPU "
+            f"+{got.get('relay_added_p50_ms')} / +{got.get('relay_added_p99_ms')}; "
+            f"journal_floor.py +{got.get('journal_added_p50_ms')} / "
+            f"+{got.get('journal_added_p99_ms')}; daemon CPU "
             f"{got['daemon_cpu_us_per_request']} µs per request",
             f"<= +{TARGETS['latency_p50']} / +{TARGETS['latency_p99']}",
             p50 is not None

@@ -1,17 +1,23 @@
-"""A relay that journals every token: the floor of a durable gateway, for the benchmark.
+"""A relay that journals every request and token: the floor of a durable gateway, for the benchmark.
 
 `relay_floor.py` copies bytes and stores nothing. This relay does the least that a
-gateway keeping llmsvc's promise must do per streamed token, in the shape issue 19
-proposes for the hot path: the upstream's response is parsed as it arrives (httptools,
-the SSE events, each event's JSON), each read's token texts are appended to llmsvc's own
-WAL (`WalWriter` with the daemon's defaults: group commit, `write` sync) from the
-protocol callback, and the read's bytes go to the client once their WAL batch is
-written. No task per token, no ASGI, no re-encoding. The request direction is copied
-as `relay_floor.py` copies it, and a request's start and end records are not journaled:
-on a stream of hundreds of tokens they are a rounding error per token.
+gateway keeping llmsvc's promise must do, in the shape issue 19 proposes for the hot
+path, on llmsvc's own WAL (`WalWriter` with the daemon's defaults: group commit,
+`write` sync), all from protocol callbacks, with no task, no ASGI and no re-encoding:
 
-What it costs per paced token beside `relay_floor.py` is what journaling adds at the
-least, in Python, on this WAL: the floor a rebuilt hot path could reach.
+- a request's body is parsed (httptools, then its JSON) and its start and attempt
+  start are queued in the WAL, as the daemon queues them, while its bytes are copied
+  to the upstream as they come;
+- a stream's events are parsed as they arrive (the SSE events, each event's JSON), each
+  read's token texts appended to the WAL, and the read's bytes written to the client
+  once their WAL batch is written;
+- a whole reply is held until it is complete, its text and both ends are appended in one
+  WAL write, and it is written to the client once that write is done. A stream's ends
+  go in with its last read.
+
+What it costs beside `relay_floor.py` is what journaling adds at the least, in Python, on
+this WAL: the floor a rebuilt hot path could reach. It relays one request at a time per
+connection, as the benchmark's clients send them (no pipelining).
 
 Run ``python benchmarks/journal_floor.py --upstream-port N --wal-dir DIR``; it prints
 ``LISTENING <port>`` once ready and serves until SIGTERM.
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import signal
 import uuid
 from pathlib import Path
@@ -36,27 +43,37 @@ from llmsvc.private import make_dirs
 from llmsvc.providers.sse import SseSplitter
 from llmsvc.wal import WalWriter
 
+Started = collections.deque[tuple[uuid.UUID, uuid.UUID]]  # (request, attempt) ids, in order
+
 
 class _Upstream(asyncio.Protocol):
-    """The upstream's side of one client: parses its responses, journals their tokens and
-    writes each read to the client when the WAL batch holding its tokens is written."""
+    """The upstream's side of one client: parses its responses and writes each read to the
+    client once the WAL batch holding what it carries (tokens, a whole reply, the ends) is
+    written."""
 
-    def __init__(self, client: asyncio.Transport, journal: Journal) -> None:
+    def __init__(self, client: asyncio.Transport, journal: Journal, started: Started) -> None:
         self.client = client
         self.journal = journal
+        self.started = started
         self.parser = httptools.HttpResponseParser(self)
-        self.splitter = SseSplitter()
-        self.attempt = uuid.uuid4().bytes
-        self.seq = 0
-        self.texts: list[str] = []
         # The newest batch a read waited for: later reads write after it, in order (a done
         # future's callbacks may still be queued, so even then they go through it).
         self.last: asyncio.Future[int] | None = None
 
     def on_message_begin(self) -> None:
-        self.splitter, self.attempt, self.seq = SseSplitter(), uuid.uuid4().bytes, 0
+        self.request, self.attempt = self.started.popleft()
+        self.splitter, self.seq, self.texts = SseSplitter(), 0, list[str]()
+        self.streamed, self.whole, self.held = False, bytearray(), bytearray()
+        self.ended: asyncio.Future[int] | None = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if name.lower() == b"content-type":
+            self.streamed = value.startswith(b"text/event-stream")
 
     def on_body(self, body: bytes) -> None:
+        if not self.streamed:
+            self.whole += body
+            return
         for data in self.splitter.feed(body):
             if data == b"[DONE]":
                 continue
@@ -65,10 +82,28 @@ class _Upstream(asyncio.Protocol):
                 if content := (choice.get("delta") or {}).get("content"):
                     self.texts.append(content)
 
+    def on_message_complete(self) -> None:
+        if not self.streamed:
+            reply: Any = orjson.loads(self.whole)
+            self.texts.append(reply["choices"][0]["message"]["content"])
+        if self.texts:
+            self.journal.tokens(self.attempt.bytes, self.seq, self.texts, when="next")
+            self.seq += len(self.texts)
+            self.texts = []
+        done: Any = {"status": "completed", "token_count": self.seq}
+        self.ended = self.journal.ends(self.attempt, done, self.request, {"status": "completed"})
+
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
-        if self.texts:
-            self.last = self.journal.tokens(self.attempt, self.seq, self.texts)
+        if self.ended is None and not self.streamed:
+            self.held += data  # a whole reply (or a head not yet known to be a stream's)
+            return
+        if self.held:
+            data, self.held = bytes(self.held) + data, bytearray()
+        if self.ended is not None:
+            self.last, self.ended = self.ended, None
+        elif self.texts:
+            self.last = self.journal.tokens(self.attempt.bytes, self.seq, self.texts)
             self.seq += len(self.texts)
             self.texts = []
         if self.last is None:
@@ -81,11 +116,15 @@ class _Upstream(asyncio.Protocol):
 
 
 class _Client(asyncio.Protocol):
-    """A client's connection: its bytes are copied to its own upstream connection."""
+    """A client's connection: its bytes are copied to its own upstream connection, and each
+    request's start journaled once its body is in."""
 
     def __init__(self, upstream: tuple[str, int], journal: Journal) -> None:
         self.address = upstream
         self.journal = journal
+        self.parser = httptools.HttpRequestParser(self)
+        self.body = bytearray()
+        self.started: Started = collections.deque()
         self.pending = bytearray()  # read before the upstream connection was made
         self.upstream: asyncio.Transport | None = None
 
@@ -97,7 +136,7 @@ class _Client(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         try:
             upstream, _ = await loop.create_connection(
-                lambda: _Upstream(self.transport, self.journal), *self.address
+                lambda: _Upstream(self.transport, self.journal, self.started), *self.address
             )
         except OSError:
             self.transport.close()
@@ -107,7 +146,21 @@ class _Client(asyncio.Protocol):
             upstream.write(bytes(self.pending))
             self.pending.clear()
 
+    def on_body(self, body: bytes) -> None:
+        self.body += body
+
+    def on_message_complete(self) -> None:
+        request: Any = orjson.loads(self.body)
+        self.body.clear()
+        ids = uuid.uuid4(), uuid.uuid4()
+        messages, model = request.pop("messages"), request.pop("model")
+        stream = bool(request.pop("stream", False))
+        self.journal.request_start(ids[0], str(ids[0]), model, stream, messages, request)
+        self.journal.attempt_start(ids[1], ids[0], 1, "upstream", model)
+        self.started.append(ids)
+
     def data_received(self, data: bytes) -> None:
+        self.parser.feed_data(data)
         if self.upstream is None:
             self.pending += data
         else:

@@ -19,7 +19,7 @@ from daemon_process import UpstreamProcess
 from postgres import opted_out, unique_dbname
 
 from llmsvc.wal import HEADER_SIZE
-from llmsvc.wal.codec import RecordType, decode, decode_token
+from llmsvc.wal.codec import RecordType, decode, decode_json, decode_token
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "bench.py"
 
@@ -111,9 +111,10 @@ def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
         for q in ("p50", "p99"):
             assert positive(latency[f"direct_{q}_ms"])
             assert positive(latency[f"daemon_{q}_ms"])
-            assert positive(latency[f"relay_{q}_ms"])
             assert isinstance(latency[f"added_{q}_ms"], float)
-            assert isinstance(latency[f"relay_added_{q}_ms"], float)
+            for hop in ("relay", "journal"):
+                assert positive(latency[f"{hop}_{q}_ms"])
+                assert isinstance(latency[f"{hop}_added_{q}_ms"], float)
         assert positive(latency["daemon_cpu_us_per_request"])
 
     paced = report["paced"]["streams_20"]
@@ -150,10 +151,12 @@ def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
     assert all(row["llmsvc"] is not None and isinstance(row["met"], bool) for row in proposed)
 
 
-def test_the_journal_floor_relays_each_token_once_it_is_in_its_wal(tmp_path: Path) -> None:
-    """The floor the daemon is measured against stores what it relays, as the daemon does."""
+def test_the_journal_floor_relays_each_reply_once_it_is_in_its_wal(tmp_path: Path) -> None:
+    """The floor the daemon is measured against stores what it relays, as the daemon does: a
+    stream's tokens and a whole reply's text, each between its request's start and end."""
     script = SCRIPT.parent / "journal_floor.py"
     wal = tmp_path / "wal"
+    messages: Any = [{"role": "user", "content": "hi"}]
     with UpstreamProcess(token_delay_ms=1) as upstream:
         cmd = [sys.executable, str(script), "--upstream-port", str(upstream.port)]
         with subprocess.Popen([*cmd, "--wal-dir", str(wal)], stdout=subprocess.PIPE) as relay:
@@ -161,21 +164,24 @@ def test_the_journal_floor_relays_each_token_once_it_is_in_its_wal(tmp_path: Pat
                 assert relay.stdout is not None
                 port = int(relay.stdout.readline().split()[1])
                 client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused")
-                messages: Any = [{"role": "user", "content": "hi"}]
                 chunks = client.chat.completions.create(
                     model="m", messages=messages, stream=True, max_tokens=7
                 )
-                received = [c.choices[0].delta.content for c in chunks if c.choices]
+                streamed = [c.choices[0].delta.content for c in chunks if c.choices]
+                whole = client.chat.completions.create(model="m", messages=messages, max_tokens=5)
                 client.close()
             finally:
                 relay.send_signal(signal.SIGTERM)
             assert relay.wait(10) == 0
     [segment] = wal.glob("*.wal")
-    decoded = decode(segment.read_bytes(), HEADER_SIZE)
-    texts = [decode_token(payload)[2] for kind, payload in decoded.records]
-    assert {kind for kind, _ in decoded.records} == {RecordType.TOKEN}
-    assert texts == [text for text in received if text]
-    assert len(texts) == 7
+    records = decode(segment.read_bytes(), HEADER_SIZE).records
+    kinds = [kind for kind, _ in records]
+    starts = [RecordType.REQUEST_START, RecordType.ATTEMPT_START]
+    ends = [RecordType.ATTEMPT_END, RecordType.REQUEST_END]
+    assert kinds == [*starts, *[RecordType.TOKEN] * 7, *ends, *starts, RecordType.TOKEN, *ends]
+    texts = [decode_token(payload)[2] for kind, payload in records if kind == RecordType.TOKEN]
+    assert texts == [*(text for text in streamed if text), whole.choices[0].message.content]
+    assert [decode_json(records[i][1])["stream"] for i in (0, 11)] == [True, False]
 
 
 def test_the_scale_scenarios_run_and_report_their_figures(tmp_path: Path) -> None:
