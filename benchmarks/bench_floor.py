@@ -62,10 +62,11 @@ TARGETS = {
     "instant_cpu_us_per_token": 4.0,
 }
 # The targets BENCHMARKS.md proposes where the cannot be met by any hop on this
-# machine: at c=4 and 16 what llmsvc adds beyond a bare relay measured in the same rounds
-# (queueing on two shared cores is the relay's too), and the paced CPU against a relay
-# that journals every token (journal_floor.py) instead of one that stores nothing.
-PROPOSED = {"beyond_relay_p50": 0.3, "beyond_relay_p99": 1.0, "paced_cpu_over_journal": 1.5}
+# machine: at c=4 and 16 what llmsvc adds beyond a relay that journals each request and
+# token (journal_floor.py) measured in the same rounds, since that floor alone misses the
+# issue's bounds there, and the paced CPU against the same floor instead of a relay that
+# stores nothing.
+PROPOSED = {"beyond_journal_p50": 0.3, "beyond_journal_p99": 1.0, "paced_cpu_over_journal": 1.5}
 
 
 async def phase_latency(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
@@ -190,16 +191,16 @@ def proposed(report: dict[str, Any]) -> list[dict[str, Any]]:
     for c in CONCURRENCIES[1:]:
         got = report["latency"][f"c{c}"]
         p50, p99 = (
-            round(got[f"added_{q}_ms"] - got[f"relay_added_{q}_ms"], 3) for q in ("p50", "p99")
+            round(got[f"added_{q}_ms"] - got[f"journal_added_{q}_ms"], 3) for q in ("p50", "p99")
         )
         rows.append(
             dict(
-                figure=f"non-streaming c={c}, added beyond relay_floor.py's, p50 / p99 (ms)",
+                figure=f"non-streaming c={c}, added beyond journal_floor.py's, p50 / p99 (ms)",
                 llmsvc=f"+{p50} / +{p99}",
-                reference=f"relay_floor.py +{got['relay_added_p50_ms']} / "
-                f"+{got['relay_added_p99_ms']}",
-                target=f"<= +{PROPOSED['beyond_relay_p50']} / +{PROPOSED['beyond_relay_p99']}",
-                met=p50 <= PROPOSED["beyond_relay_p50"] and p99 <= PROPOSED["beyond_relay_p99"],
+                reference=f"journal_floor.py +{got['journal_added_p50_ms']} / "
+                f"+{got['journal_added_p99_ms']}",
+                target=f"<= +{PROPOSED['beyond_journal_p50']} / +{PROPOSED['beyond_journal_p99']}",
+                met=p50 <= PROPOSED["beyond_journal_p50"] and p99 <= PROPOSED["beyond_journal_p99"],
             )
         )
     paced = next(iter(report["paced"].values()))

@@ -142,7 +142,7 @@ def test_the_floor_table_runs_and_reports_every_row(tmp_path: Path) -> None:
     assert len(rows) == 7  # three latency rows, paced CPU, TTFT, memory, instant
     assert all(row["llmsvc"] is not None and isinstance(row["met"], bool) for row in rows)
     assert "| non-streaming c=16, added p50 / p99 (ms) |" in res.stderr.decode()
-    proposed = report["proposed"]  # c=4 and c=16 beyond the relay, paced over the journal floor
+    proposed = report["proposed"]  # c=4 and c=16 beyond the journal floor, paced over it
     assert [row["figure"].split(",")[0] for row in proposed] == [
         "non-streaming c=4",
         "non-streaming c=16",
