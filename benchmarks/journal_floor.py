@@ -1,4 +1,4 @@
-"""A relay that journals every request and token: the floor of a durable gateway, for the benchmark.
+"""A relay that journals each request and token: the floor of a durable gateway.
 
 `relay_floor.py` copies bytes and stores nothing. This relay does the least that a
 gateway keeping llmsvc's promise must do, in the shape issue 19 proposes for the hot
@@ -16,8 +16,8 @@ path, on llmsvc's own WAL (`WalWriter` with the daemon's defaults: group commit,
   go in with its last read.
 
 What it costs beside `relay_floor.py` is what journaling adds at the least, in Python, on
-this WAL: the floor a rebuilt hot path could reach. It relays one request at a time per
-connection, as the benchmark's clients send them (no pipelining).
+this WAL: the floor a rebuilt hot path could reach. It relays chat completions (a POST
+with a JSON body), one at a time per connection, as the benchmark's clients send them.
 
 Run ``python benchmarks/journal_floor.py --upstream-port N --wal-dir DIR``; it prints
 ``LISTENING <port>`` once ready and serves until SIGTERM.
@@ -41,7 +41,7 @@ from llmsvc.config import Settings
 from llmsvc.gateway.journal import Journal
 from llmsvc.private import make_dirs
 from llmsvc.providers.sse import SseSplitter
-from llmsvc.wal import WalWriter
+from llmsvc.wal import AttemptEndFields, RequestEndFields, WalWriter
 
 Started = collections.deque[tuple[uuid.UUID, uuid.UUID]]  # (request, attempt) ids, in order
 
@@ -90,8 +90,9 @@ class _Upstream(asyncio.Protocol):
             self.journal.tokens(self.attempt.bytes, self.seq, self.texts, when="next")
             self.seq += len(self.texts)
             self.texts = []
-        done: Any = {"status": "completed", "token_count": self.seq}
-        self.ended = self.journal.ends(self.attempt, done, self.request, {"status": "completed"})
+        attempt: AttemptEndFields = {"status": "completed", "token_count": self.seq}
+        request: RequestEndFields = {"status": "completed"}
+        self.ended = self.journal.ends(self.attempt, attempt, self.request, request)
 
     def data_received(self, data: bytes) -> None:
         self.parser.feed_data(data)
