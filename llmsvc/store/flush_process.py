@@ -12,6 +12,7 @@ bound passed) is waited for again by the next flush, never sent twice.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sys
 from dataclasses import asdict, astuple, dataclass
@@ -151,7 +152,9 @@ class FlushProcess:
         try:
             await asyncio.wait_for(self.proc.wait(), STOP_SECONDS)
         except TimeoutError:
-            self.proc.kill()
+            # The loop may have seen it end as the wait ran out: then there is none to kill.
+            with contextlib.suppress(ProcessLookupError):
+                self.proc.kill()
             await self.proc.wait()
         await self._replies
         if self._asked is not None and self._asked.done():
