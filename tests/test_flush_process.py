@@ -32,7 +32,7 @@ from daemon_process import (
 from processes import alive, children, wait_until
 
 from llmsvc.providers.mock import token as mock_token
-from llmsvc.store import flush_process
+from llmsvc.store.flush_process import FlushProcess
 
 pytestmark = [pytest.mark.timeout(90), pytest.mark.usefixtures("flush_process")]
 
@@ -233,14 +233,14 @@ def test_closing_a_flush_process_that_ends_as_its_wait_runs_out_raises_nothing(
     """The loop may know the child has ended before its `wait()` is done: the daemon's stop
     then found the wait run out and killed a process already gone (uvloop's ProcessLookupError),
     and the flusher ended with a traceback. A wait of 0 s makes that moment certain."""
-    monkeypatch.setattr(flush_process, "STOP_SECONDS", 0)
+    monkeypatch.setattr("llmsvc.store.flush_process.STOP_SECONDS", 0)
 
     async def close_an_ended_child() -> int | None:
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-c", "pass", stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
         await proc.wait()  # ended; a new wait() is not done before the loop runs it
-        await flush_process.FlushProcess(proc).close()
+        await FlushProcess(proc).close()
         return proc.returncode
 
     assert uvloop.run(close_an_ended_child()) == 0
