@@ -11,7 +11,7 @@ import pytest
 
 from llmsvc.store.batch import build_batch
 from llmsvc.wal import RecordType
-from llmsvc.wal.codec import encode_tool_delta
+from llmsvc.wal.codec import FRAME, encode_tool_delta
 
 REQUEST, ATTEMPT = str(uuid.uuid4()), str(uuid.uuid4())
 TS = 1_700_000_000_000_000
@@ -30,10 +30,11 @@ def _records(nul_in: str) -> list[tuple[int, bytes]]:
     attempt_end = {"id": ATTEMPT, "ts": TS + 2, "status": "failed",
                    "error_message": text("upstream error")}  # fmt: skip
     request_end = {"id": REQUEST, "ts": TS + 3, "status": "failed", "error": text("error")}
+    tool_delta = encode_tool_delta(uuid.UUID(ATTEMPT).bytes, 0, TS + 1, delta)
     return [
         (RecordType.REQUEST_START, orjson.dumps(start)),
         (RecordType.ATTEMPT_START, orjson.dumps(attempt)),
-        (RecordType.TOOL_DELTA, encode_tool_delta(uuid.UUID(ATTEMPT).bytes, 0, TS + 1, delta)[9:]),
+        (RecordType.TOOL_DELTA, tool_delta[FRAME.size :]),  # a record's payload
         (RecordType.ATTEMPT_END, orjson.dumps(attempt_end)),
         (RecordType.REQUEST_END, orjson.dumps(request_end)),
     ]
